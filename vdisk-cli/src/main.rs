@@ -1,0 +1,5 @@
+//! `vdisk`: a qemu-img compatible command line.
+fn main() {
+    eprintln!("vdisk: no subcommands yet");
+    std::process::exit(1);
+}

@@ -1,0 +1,1 @@
+//! NBD server front-end (pending).

@@ -1,0 +1,149 @@
+//! The raw format: guest offset = host offset.
+
+use super::{
+    check_range, CreateSpec, Driver, DriverOptions, Extent, ExtentKind, Format, ZeroFlags,
+};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A raw image.
+#[derive(Debug)]
+pub struct Raw {
+    storage: Arc<dyn Storage>,
+    size: AtomicU64,
+    read_only: bool,
+}
+
+impl Raw {
+    /// Opens a raw image: its size is the file's size.
+    pub fn open(storage: Arc<dyn Storage>, opts: &DriverOptions) -> Result<Raw> {
+        let size = storage.len()?;
+        Ok(Raw {
+            storage,
+            size: AtomicU64::new(size),
+            read_only: opts.read_only,
+        })
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+}
+
+/// Raw preallocation modes.
+fn preallocate(storage: &Arc<dyn Storage>, mode: &str, from: u64, to: u64) -> Result<()> {
+    match mode {
+        "off" => storage.set_len(to)?,
+        "falloc" => {
+            storage.set_len(to)?;
+            storage.allocate(from, to - from)?;
+        }
+        "full" => {
+            storage.set_len(from)?;
+            let chunk = vec![0u8; 1 << 20];
+            let mut off = from;
+            while off < to {
+                let n = (to - off).min(chunk.len() as u64) as usize;
+                storage.write_at(&chunk[..n], off)?;
+                off += n as u64;
+            }
+        }
+        other => return Err(Error::invalid(format!("Invalid parameter '{other}'"))),
+    }
+    Ok(())
+}
+
+/// Creates a raw image (`preallocation=off|falloc|full`).
+pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
+    let mut prealloc = "off".to_string();
+    for (k, v) in &spec.options {
+        match k.as_str() {
+            "preallocation" => prealloc = v.clone(),
+            "size" => {}
+            _ => return Err(Error::invalid(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    if spec.backing.is_some() {
+        return Err(Error::invalid(
+            "Backing file not supported for file format 'raw'",
+        ));
+    }
+    preallocate(storage, &prealloc, 0, spec.size)?;
+    storage.flush()?;
+    Ok(())
+}
+
+impl Driver for Raw {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        Ok(self.storage.read_at(buf, offset)?)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.size())?;
+        Ok(self.storage.write_at(buf, offset)?)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size())?;
+        if flags.may_unmap {
+            self.storage.punch_hole(offset, len)?;
+        } else {
+            self.storage.write_zeroes(offset, len)?;
+        }
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size())?;
+        Ok(self.storage.punch_hole(offset, len)?)
+    }
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        Ok(self.storage.flush()?)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(offset, len, self.size())?;
+        let (data, n) = self.storage.extent_at(offset)?;
+        // Past the end of a short file (size changed under us) the disk reads as zeroes.
+        let n = if n == 0 { len } else { n.min(len) };
+        Ok(Extent {
+            len: n,
+            kind: if data {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Zero
+            },
+            offset: Some(offset),
+            compressed: false,
+        })
+    }
+    fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        self.writable()?;
+        let cur = self.size();
+        if new_size < cur && !shrink {
+            return Err(Error::invalid(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        self.storage.set_len(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}

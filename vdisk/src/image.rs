@@ -1,0 +1,255 @@
+//! The public image API: open or create an image file with its backing chain.
+
+use crate::chain::{self, ChainExtent, ChainOptions};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Format, Repair, ZeroFlags,
+};
+use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Storage};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Format; probed from the file when `None`.
+    pub format: Option<Format>,
+    /// Open without write access.
+    pub read_only: bool,
+    /// Host cache mode (for the image and its backing files).
+    pub cache: CacheMode,
+    /// Do not open backing files (unallocated ranges read as zeroes).
+    pub no_backing: bool,
+    /// Share every permission with other processes (`-U`); read-only only.
+    pub force_share: bool,
+    /// Take QEMU-compatible image locks (default on).
+    pub locking: bool,
+    /// Format options (cache sizes...).
+    pub driver: DriverOptions,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            read_only: false,
+            cache: CacheMode::Writeback,
+            no_backing: false,
+            force_share: false,
+            locking: true,
+            driver: DriverOptions::default(),
+        }
+    }
+}
+
+/// How to create an image.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Format to create.
+    pub format: Format,
+    /// Guest size; defaults to the backing file's size.
+    pub size: Option<u64>,
+    /// Format options (`-o key=value`), uninterpreted.
+    pub options: Vec<(String, String)>,
+    /// Backing file name to record (relative to the new image's directory).
+    pub backing_file: Option<String>,
+    /// Backing format to record; probed when `None` and the backing file is opened.
+    pub backing_format: Option<Format>,
+    /// Do not open the backing file (`-u`): the size must then be given.
+    pub unsafe_backing: bool,
+}
+
+/// An open image with its backing chain. `Send + Sync`; every I/O method takes `&self`.
+#[derive(Debug)]
+pub struct Image {
+    driver: Arc<dyn Driver>,
+    path: PathBuf,
+    closed: AtomicBool,
+}
+
+impl Image {
+    /// Opens the image at `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        if opts.force_share && !opts.read_only {
+            return Err(Error::invalid(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
+        let copts = ChainOptions {
+            cache: opts.cache,
+            force_share: opts.force_share,
+            locking: opts.locking,
+            driver: opts.driver.clone(),
+        };
+        let storage = chain::open_file(path, opts.read_only, &copts)?;
+        let fmt = match opts.format {
+            Some(f) => f,
+            None => chain::probe_storage(&*storage)?,
+        };
+        let mut dopts = opts.driver.clone();
+        dopts.read_only = opts.read_only;
+        dopts.no_backing |= opts.no_backing;
+        let mut seen = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
+        let no_backing = dopts.no_backing;
+        let driver = format::open(fmt, storage, &dopts, &mut |spec: &BackingSpec| {
+            if no_backing {
+                return Err(Error::invalid("backing files are disabled for this open"));
+            }
+            chain::open_backing(path, spec, &copts, &mut seen)
+        })?;
+        Ok(Image {
+            driver,
+            path: path.to_path_buf(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Wraps an already-open driver (e.g. on a [`crate::storage::MemStorage`] in tests).
+    pub fn from_driver(driver: Arc<dyn Driver>, path: impl Into<PathBuf>) -> Image {
+        Image {
+            driver,
+            path: path.into(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Opens an image of `format` on any storage, without a backing file.
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        format: Format,
+        opts: &DriverOptions,
+    ) -> Result<Image> {
+        let mut o = opts.clone();
+        o.no_backing = true;
+        let driver = format::open(format, storage, &o, &mut |_s: &BackingSpec| {
+            Err(Error::invalid("backing files are disabled for this open"))
+        })?;
+        Ok(Image::from_driver(driver, "<storage>"))
+    }
+
+    /// Creates an image file at `path` (truncating an existing file).
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
+        let path = path.as_ref();
+        let mut backing = None;
+        let mut size = opts.size;
+        if let Some(name) = &opts.backing_file {
+            let mut fmt = opts.backing_format;
+            if !opts.unsafe_backing {
+                let bpath = chain::resolve_backing_path(path, name);
+                let bimg = Image::open(
+                    &bpath,
+                    &OpenOptions {
+                        format: fmt,
+                        read_only: true,
+                        force_share: true,
+                        ..OpenOptions::default()
+                    },
+                )
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "Could not open backing file '{}': {e}",
+                        bpath.display()
+                    ))
+                })?;
+                fmt = Some(bimg.format());
+                size = size.or(Some(bimg.size()));
+            } else if size.is_none() {
+                return Err(Error::invalid("Image creation needs a size parameter"));
+            }
+            backing = Some(BackingSpec {
+                name: name.clone(),
+                format: fmt,
+            });
+        }
+        let size = size.ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?;
+        let fo = OpenFileOptions {
+            read_only: false,
+            cache: CacheMode::Writeback,
+            lock: LockMode::for_open(false, false),
+            create: true,
+        };
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, &fo)?);
+        format::create(
+            opts.format,
+            &storage,
+            &CreateSpec {
+                size,
+                backing,
+                options: opts.options.clone(),
+            },
+        )
+    }
+
+    /// The format driver (for format-specific operations).
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+    /// The path the image was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The image's format.
+    pub fn format(&self) -> Format {
+        self.driver.format()
+    }
+    /// Guest size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+    /// Reads guest bytes.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.driver.read_at(buf, offset)
+    }
+    /// Writes guest bytes.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.driver.write_at(buf, offset)
+    }
+    /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.driver.write_zeroes(offset, len, flags)
+    }
+    /// Discards a range.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.driver.discard(offset, len)
+    }
+    /// Makes completed writes durable.
+    pub fn flush(&self) -> Result<()> {
+        self.driver.flush()
+    }
+    /// Status through the backing chain of the range starting at `offset`.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<ChainExtent> {
+        chain::block_status(&self.driver, offset, len)
+    }
+    /// Consistency check of the top image.
+    pub fn check(&self, repair: Repair) -> Result<CheckReport> {
+        self.driver.check(repair)
+    }
+    /// Backing images, top first (not including this one).
+    pub fn backing_chain(&self) -> Vec<Arc<dyn Driver>> {
+        let mut v = Vec::new();
+        let mut cur = self.driver.backing().cloned();
+        while let Some(d) = cur {
+            cur = d.backing().cloned();
+            v.push(d);
+        }
+        v
+    }
+    /// Flushes and marks the image clean; later I/O is still possible but the image
+    /// will be marked dirty again by the format if needed.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.driver.close()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!("closing {}: {e}", self.path.display());
+        }
+    }
+}

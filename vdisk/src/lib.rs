@@ -1,0 +1,20 @@
+//! vdisk: a disk-image engine for raw, qcow2 and QED images with backing chains.
+//!
+//! Layers, bottom to top:
+//! - [`storage`]: a host file (positional I/O, flush, holes, QEMU-compatible locks), or
+//!   an in-memory / fault-injecting stand-in.
+//! - [`format`]: raw, qcow2, QED drivers mapping guest offsets to host offsets.
+//! - [`chain`]: backing files (path resolution, probing, loop detection, status).
+//! - [`image`]: the public handle front-ends use.
+#![warn(missing_docs)]
+
+pub mod chain;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod storage;
+
+pub use error::{Error, Result};
+pub use format::{CheckReport, Extent, ExtentKind, Format, Repair, ZeroFlags};
+pub use image::{CreateOptions, Image, OpenOptions};
+pub use storage::CacheMode;

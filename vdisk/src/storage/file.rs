@@ -1,0 +1,417 @@
+//! A host file: pread/pwrite, fdatasync, fallocate, SEEK_DATA/SEEK_HOLE, QEMU locks.
+
+use super::lock::{self, LockMode};
+use super::{CacheMode, Storage, StorageError, StorageResult};
+use std::alloc::Layout;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// How to open a [`FileStorage`].
+#[derive(Clone, Debug)]
+pub struct OpenFileOptions {
+    /// Open without write access.
+    pub read_only: bool,
+    /// Host cache mode.
+    pub cache: CacheMode,
+    /// Image locks to take.
+    pub lock: LockMode,
+    /// Create the file (truncating it) instead of opening an existing one.
+    pub create: bool,
+}
+
+impl Default for OpenFileOptions {
+    fn default() -> Self {
+        OpenFileOptions {
+            read_only: false,
+            cache: CacheMode::Writeback,
+            lock: LockMode::for_open(false, false),
+            create: false,
+        }
+    }
+}
+
+/// O_DIRECT needs buffers, offsets and lengths aligned; 4 KiB covers every device here.
+const DIRECT_ALIGN: usize = 4096;
+/// Read-modify-write of unaligned O_DIRECT writes is serialised per stripe.
+const RMW_STRIPES: usize = 64;
+
+/// A host file used as image storage.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    cache: CacheMode,
+    rmw: Vec<Mutex<()>>,
+}
+
+/// A heap buffer aligned for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let layout =
+            Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN).expect("aligned layout");
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes, initialised by alloc_zeroed.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .expect("aligned layout");
+        // SAFETY: allocated with the same layout in new().
+        unsafe { std::alloc::dealloc(self.ptr, layout) }
+    }
+}
+
+fn aligned(x: u64) -> bool {
+    x % DIRECT_ALIGN as u64 == 0
+}
+
+impl FileStorage {
+    /// Opens (or creates) `path`.
+    pub fn open(path: &Path, opts: &OpenFileOptions) -> StorageResult<FileStorage> {
+        let name = path.display().to_string();
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.create {
+            oo.create(true).truncate(true);
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if opts.cache.direct() {
+            flags |= libc::O_DIRECT;
+        }
+        if opts.cache.write_through() && !opts.read_only {
+            flags |= libc::O_DSYNC;
+        }
+        oo.custom_flags(flags);
+        let file = oo
+            .open(path)
+            .map_err(|e| StorageError::io(format!("Could not open '{name}'"), e))?;
+        lock::apply(file.as_raw_fd(), opts.lock, &name)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            cache: opts.cache,
+            rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// The path the storage was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, what: &str, offset: u64, e: std::io::Error) -> StorageError {
+        StorageError::io(
+            format!("{what} '{}' at offset {offset}", self.path.display()),
+            e,
+        )
+    }
+
+    /// Buffered (or fully aligned direct) read; zero-fills past EOF.
+    fn pread_full(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err("Could not read", offset + done as u64, e)),
+            }
+            if self.cache.direct() && done % DIRECT_ALIGN != 0 && done < buf.len() {
+                // A short O_DIRECT read ends at EOF; anything after it is zero.
+                buf[done..].fill(0);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn pwrite_full(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.err("Could not write", offset, e))
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: plain syscall on an owned descriptor.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn direct_read(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let end = (offset + buf.len() as u64).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
+        let mut bounce = AlignedBuf::new((end - start) as usize);
+        self.pread_full(bounce.as_mut_slice(), start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn direct_write(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let end = (offset + buf.len() as u64).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
+        let mut bounce = AlignedBuf::new((end - start) as usize);
+        let partial = start != offset || end != offset + buf.len() as u64;
+        // Unaligned edges need read-modify-write; serialise it so two writers sharing an
+        // edge block cannot lose each other's bytes.
+        let _guard = if partial {
+            Some(
+                self.rmw[(start / DIRECT_ALIGN as u64) as usize % RMW_STRIPES]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            )
+        } else {
+            None
+        };
+        if partial {
+            let b = bounce.as_mut_slice();
+            self.pread_full(&mut b[..DIRECT_ALIGN], start)?;
+            let tail = b.len() - DIRECT_ALIGN;
+            if tail > 0 {
+                self.pread_full(&mut b[tail..], end - DIRECT_ALIGN as u64)?;
+            }
+        }
+        let skip = (offset - start) as usize;
+        bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        let file_len = self.len()?;
+        self.pwrite_full(bounce.as_slice(), start)?;
+        let new_end = offset + buf.len() as u64;
+        if end > file_len.max(new_end) {
+            // The aligned write padded past the intended end of file: trim it back.
+            self.file
+                .set_len(file_len.max(new_end))
+                .map_err(|e| self.err("Could not truncate", new_end, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
+        if self.cache.direct()
+            && !(aligned(offset)
+                && aligned(buf.len() as u64)
+                && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0)
+        {
+            return self.direct_read(buf, offset);
+        }
+        self.pread_full(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
+        if self.cache.direct()
+            && !(aligned(offset)
+                && aligned(buf.len() as u64)
+                && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0)
+        {
+            return self.direct_write(buf, offset);
+        }
+        self.pwrite_full(buf, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> StorageResult<()> {
+        if self.cache.direct() || bufs.len() == 1 {
+            let mut off = offset;
+            for b in bufs {
+                self.write_at(b, off)?;
+                off += b.len() as u64;
+            }
+            return Ok(());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut done = 0usize;
+        let mut first = 0usize;
+        while done < total {
+            let cnt = (iov.len() - first).min(1024);
+            // SAFETY: iov entries point into live slices borrowed for this call.
+            let r = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    iov[first..].as_ptr(),
+                    cnt as i32,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err("Could not write", offset + done as u64, e));
+            }
+            let mut n = r as usize;
+            done += n;
+            while n > 0 && first < iov.len() {
+                if n >= iov[first].iov_len {
+                    n -= iov[first].iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same slice.
+                    iov[first].iov_base =
+                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut _;
+                    iov[first].iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> StorageResult<()> {
+        if self.cache.ignore_flush() {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| StorageError::io(format!("Could not flush '{}'", self.path.display()), e))
+    }
+
+    fn len(&self) -> StorageResult<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| StorageError::io(format!("Could not stat '{}'", self.path.display()), e))
+    }
+
+    fn set_len(&self, len: u64) -> StorageResult<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| self.err("Could not truncate", len, e))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> StorageResult<()> {
+        let end = (offset + len).min(self.len()?);
+        if end <= offset {
+            return Ok(());
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            end - offset,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // No hole punching on this file system: zeroes read the same.
+                Storage::write_zeroes(self, offset, end - offset)
+            }
+            Err(e) => Err(self.err("Could not punch hole in", offset, e)),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> StorageResult<()> {
+        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) =>
+            {
+                let chunk = AlignedBuf::new(len.min(1 << 20) as usize);
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(chunk.len as u64) as usize;
+                    self.write_at(&chunk.as_slice()[..n], offset + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.err("Could not write zeroes to", offset, e)),
+        }
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> StorageResult<()> {
+        match self.fallocate(0, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let cur = self.len()?;
+                if offset + len > cur {
+                    self.set_len(offset + len)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.err("Could not allocate space in", offset, e)),
+        }
+    }
+
+    fn extent_at(&self, offset: u64) -> StorageResult<(bool, u64)> {
+        let len = self.len()?;
+        if offset >= len {
+            return Ok((false, 0));
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on an owned descriptor; we never use the file position elsewhere.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok((false, len - offset)),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len - offset)),
+                _ => Err(self.err("Could not seek data in", offset, e)),
+            };
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok((false, data.min(len) - offset));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Ok((true, len - offset));
+        }
+        Ok((true, (hole as u64).min(len).max(offset + 1) - offset))
+    }
+
+    fn alignment(&self) -> usize {
+        if self.cache.direct() {
+            DIRECT_ALIGN
+        } else {
+            1
+        }
+    }
+}

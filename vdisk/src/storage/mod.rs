@@ -1,0 +1,157 @@
+//! Storage layer: a host file (or an in-memory stand-in) addressed by byte offset.
+//!
+//! Formats only ever talk to a [`Storage`]; that is what lets the crash simulation
+//! ([`trace::TraceStorage`]) replace the real file underneath qcow2 or QED unchanged.
+
+mod file;
+pub mod lock;
+mod mem;
+pub mod trace;
+
+pub use file::{FileStorage, OpenFileOptions};
+pub use lock::{LockMode, Perm};
+pub use mem::MemStorage;
+
+use std::fmt;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An operating-system call failed.
+    #[error("{context}{}{source}", if context.is_empty() { "" } else { ": " })]
+    Io {
+        /// What was being done (file, operation, offset).
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process holds a conflicting image lock (the message matches QEMU's).
+    #[error("{0}")]
+    Locked(String),
+}
+
+impl StorageError {
+    /// Wraps an I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StorageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+    /// The errno of the failure, EIO when unknown.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StorageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            StorageError::Locked(_) => libc::EAGAIN,
+        }
+    }
+}
+
+/// Result of storage operations.
+pub type StorageResult<T> = std::result::Result<T, StorageError>;
+
+/// Host cache modes, as qemu-img's `-t` / `-T`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// O_DIRECT; flushes reach the disk.
+    None,
+    /// Page cache; flushes reach the disk (the default).
+    #[default]
+    Writeback,
+    /// Page cache; every write is followed by a flush.
+    Writethrough,
+    /// O_DIRECT and every write flushed.
+    Directsync,
+    /// Page cache and flushes ignored: fast, not crash safe.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Parses qemu's spelling (`none`, `off`, `writeback`, `writethrough`, `directsync`, `unsafe`).
+    pub fn parse(s: &str) -> Option<CacheMode> {
+        Some(match s {
+            "none" | "off" => CacheMode::None,
+            "writeback" => CacheMode::Writeback,
+            "writethrough" => CacheMode::Writethrough,
+            "directsync" => CacheMode::Directsync,
+            "unsafe" => CacheMode::Unsafe,
+            _ => return None,
+        })
+    }
+    /// Whether the file is opened with O_DIRECT.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+    /// Whether each write must be made durable before it completes.
+    pub fn write_through(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
+    }
+    /// Whether flushes are skipped.
+    pub fn ignore_flush(self) -> bool {
+        matches!(self, CacheMode::Unsafe)
+    }
+}
+
+/// A byte-addressed backing store for an image: positional I/O, flush, space management.
+///
+/// All methods take `&self`: implementations must allow concurrent calls on disjoint
+/// ranges (a file does, via pread/pwrite).
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end of the storage read as zero.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> StorageResult<()>;
+    /// Reads into several buffers from consecutive bytes starting at `offset`.
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], mut offset: u64) -> StorageResult<()> {
+        for b in bufs.iter_mut() {
+            self.read_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes several buffers to consecutive bytes starting at `offset`.
+    fn write_vectored_at(&self, bufs: &[&[u8]], mut offset: u64) -> StorageResult<()> {
+        for b in bufs {
+            self.write_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Makes every completed write durable.
+    fn flush(&self) -> StorageResult<()>;
+    /// Current size in bytes.
+    fn len(&self) -> StorageResult<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> StorageResult<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends (with zeroes).
+    fn set_len(&self, len: u64) -> StorageResult<()>;
+    /// Deallocates a range; it reads as zeroes afterwards. The size does not change.
+    fn punch_hole(&self, offset: u64, len: u64) -> StorageResult<()>;
+    /// Makes a range read as zeroes, keeping it allocated where possible. May extend.
+    fn write_zeroes(&self, offset: u64, len: u64) -> StorageResult<()> {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write_at(&chunk[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+    /// Reserves space for a range (fallocate); it reads as zeroes if it was a hole.
+    fn allocate(&self, offset: u64, len: u64) -> StorageResult<()>;
+    /// Returns whether `offset` lies in data (true) or a hole (false), and how many bytes
+    /// from `offset` share that state (clamped to the end of the storage). Storage that
+    /// cannot tell reports data.
+    fn extent_at(&self, offset: u64) -> StorageResult<(bool, u64)> {
+        let len = self.len()?;
+        Ok((true, len.saturating_sub(offset)))
+    }
+    /// The alignment O_DIRECT imposes (1 when buffered). Formats may use it to size I/O.
+    fn alignment(&self) -> usize {
+        1
+    }
+}
