@@ -1,5 +1,59 @@
-//! `vdisk`: a qemu-img compatible command line.
+//! `vdisk`: a drop-in for qemu-img (same subcommands, options, JSON and exit codes),
+//! plus `vdisk io` (qemu-io's command language) and `vdisk serve` (an NBD server).
+
+mod cmd;
+mod common;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vdisk",
+    version,
+    about = "Disk image tool: qcow2, QED and raw; qemu-img compatible"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new image.
+    Create(cmd::create::Args),
+    /// Show information about an image.
+    Info(cmd::info::Args),
+    /// Check an image for consistency (and repair it with -r).
+    Check(cmd::check::Args),
+    /// Show the allocation map of an image.
+    Map(cmd::map::Args),
+    /// Compare the guest contents of two images.
+    Compare(cmd::compare::Args),
+    /// Convert an image to another format.
+    Convert(cmd::convert::Args),
+    /// Change the size of an image.
+    Resize(cmd::resize::Args),
+    /// Run a simple I/O benchmark on an image.
+    Bench(cmd::bench::Args),
+    /// Run qemu-io style commands on an image.
+    Io(cmd::io::Args),
+    /// Serve an image over NBD (like qemu-nbd).
+    Serve(vdisk_nbd::cli::ServeArgs),
+}
+
 fn main() {
-    eprintln!("vdisk: no subcommands yet");
-    std::process::exit(1);
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Create(a) => cmd::create::run(a),
+        Command::Info(a) => cmd::info::run(a),
+        Command::Check(a) => cmd::check::run(a),
+        Command::Map(a) => cmd::map::run(a),
+        Command::Compare(a) => cmd::compare::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Resize(a) => cmd::resize::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Io(a) => cmd::io::run(a),
+        Command::Serve(a) => vdisk_nbd::cli::run(a),
+    };
+    std::process::exit(code);
 }

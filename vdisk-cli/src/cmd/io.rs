@@ -1,0 +1,15 @@
+//! `vdisk io` (pending).
+
+/// Arguments of `vdisk io`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub rest: Vec<String>,
+}
+
+/// Runs the subcommand; returns the exit code.
+pub fn run(_a: Args) -> i32 {
+    crate::common::error("io: pending");
+    1
+}
