@@ -13,7 +13,11 @@ impl Meta {
     /// Clusters without a refcount block are free. Does not reserve anything.
     pub(crate) fn find_free(&mut self, n: u64) -> Result<u64> {
         let per = self.g.rc_per_block;
-        let max_clusters = MAX_HOST_OFFSET >> self.g.cluster_bits;
+        // Refcounts claiming clusters far past the end of the file can only come from a
+        // corrupt table; bound the scan instead of walking 2^47 entries.
+        let max_clusters = (MAX_HOST_OFFSET >> self.g.cluster_bits)
+            .min((self.file_end >> self.g.cluster_bits) + n + (1 << 20))
+            .max(self.free_hint.saturating_add(n));
         let mut c = self.free_hint;
         let mut run_start = c;
         let mut run = 0u64;

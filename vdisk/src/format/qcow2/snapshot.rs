@@ -70,10 +70,15 @@ pub(crate) fn read_table(
             file_len,
         )?;
         pos += 40 + u64::from(extra) + id_len + name_len;
+        if pos > file_len {
+            return Err(Error::corrupt(format!(
+                "snapshot table entry {i} runs past the end of the file"
+            )));
+        }
         pos = pos.div_ceil(8) * 8;
         v.push(Snapshot { l1_offset, l1_size });
     }
-    if pos - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE || pos > file_len {
+    if pos - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
         return Err(Error::corrupt(
             "snapshot table runs past the end of the file or exceeds 64 MiB",
         ));
