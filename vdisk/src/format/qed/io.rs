@@ -48,8 +48,7 @@ impl Inner {
         if off == 0 {
             return Ok(None);
         }
-        let h = self.header();
-        if !table_offset_valid(&h, off, self.file_size()) {
+        if !table_offset_valid(&self.geo, off, self.file_size()) {
             return Err(Error::corrupt(format!(
                 "QED: L1 entry {l1i} points to an invalid L2 table offset {off:#x} \
                  (misaligned, inside the header, or past the end of the file)"
@@ -67,8 +66,7 @@ impl Inner {
             table::UNALLOCATED => Ok(Entry::Unallocated),
             ZERO_CLUSTER => Ok(Entry::Zero),
             v => {
-                let h = self.header();
-                if cluster_offset_valid(&h, v, self.file_size()) {
+                if cluster_offset_valid(&self.geo, v, self.file_size()) {
                     Ok(Entry::Data(v))
                 } else {
                     Err(Error::corrupt(format!(
@@ -217,6 +215,8 @@ struct NewRun {
     head_kind: Entry,
     /// Last cluster's previous state.
     tail_kind: Entry,
+    /// Whether any cluster of the run was unallocated (read the backing file).
+    any_unallocated: bool,
 }
 
 /// The allocating write of a range inside the L2 table at `l1i`; the table's lock is
@@ -240,6 +240,7 @@ fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Res
                 Some(r) if r.buf_pos + r.len == pos as usize => {
                     r.len += run.len as usize;
                     r.tail_kind = kind;
+                    r.any_unallocated |= kind == Entry::Unallocated;
                 }
                 _ => new_runs.push(NewRun {
                     guest: g,
@@ -247,6 +248,7 @@ fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Res
                     len: run.len as usize,
                     head_kind: kind,
                     tail_kind: kind,
+                    any_unallocated: kind == Entry::Unallocated,
                 }),
             },
         }
@@ -273,12 +275,15 @@ fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Res
         let size = inner.image_size();
         if head_len > 0 && r.head_kind == Entry::Unallocated {
             read_fill(inner, &mut head, head_start, size)?;
-            need_flush |= !inner.backing_is_zero(head_start);
         }
         if tail_len > 0 && r.tail_kind == Entry::Unallocated {
             read_fill(inner, &mut tail, end, size)?;
-            need_flush |= !inner.backing_is_zero(end);
         }
+        // Clusters that read backing data before must not lose it to a crash: neither
+        // the copied fill nor (for whole-cluster writes) the old contents may turn into
+        // zeroes. Clusters past the backing file's end read zeroes either way.
+        let had_backing_data = r.any_unallocated && !inner.backing_is_zero(head_start);
+        need_flush |= had_backing_data;
         let data = &buf[r.buf_pos..r.buf_pos + r.len];
         let mut iov: Vec<&[u8]> = Vec::with_capacity(3);
         if head_len > 0 {
@@ -294,7 +299,7 @@ fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Res
     // With a backing file, the copied backing data must be durable before anything
     // points at it, or a crash would lose it.
     if need_flush {
-        inner.storage.flush()?;
+        inner.flush_gate.flush(&*inner.storage)?;
     }
     set_entries(inner, l1i, |t, base| {
         let mut lo = usize::MAX;

@@ -16,6 +16,7 @@
 
 mod check;
 mod create;
+mod flush;
 pub mod header;
 mod io;
 mod need_check;
@@ -68,6 +69,11 @@ pub(crate) struct Inner {
     /// Clusters per table.
     table_clusters: u64,
     l1_offset: u64,
+    /// The header as opened: its geometry fields (cluster, table and header sizes) never
+    /// change, so offset validation reads them without locking.
+    geo: Header,
+    /// Shared flushes for allocating writes over a backing file.
+    flush_gate: flush::FlushGate,
     image_size: AtomicU64,
     /// The allocation cursor: the file's size rounded down to whole clusters, grown by
     /// every allocation.
@@ -211,6 +217,8 @@ impl Qed {
             nelems,
             table_clusters: h.table_size as u64,
             l1_offset: h.l1_table_offset,
+            geo: h.clone(),
+            flush_gate: flush::FlushGate::default(),
             image_size: AtomicU64::new(h.image_size),
             file_size: AtomicU64::new(file_size),
             l1: RwLock::new(l1),
