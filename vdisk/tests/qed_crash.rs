@@ -171,6 +171,8 @@ fn crash_run(seed: u64, with_backing: bool) {
             let r = d.check(Repair::default()).expect("check");
             assert_eq!(r.corruptions, 0, "{what}: point {k}: {r:?}");
             assert_eq!(r.check_errors, 0, "{what}: point {k}: {r:?}");
+            // The repair on open reclaimed every cluster the crash leaked.
+            assert_eq!(r.leaks, 0, "{what}: point {k}: {r:?}");
             let mut got = vec![0u8; size as usize];
             d.read_at(&mut got, 0).expect("read");
             verify(&got, &rec, k, &what);

@@ -2,86 +2,101 @@
 //!
 //! Walks L1, then every L2 table: every offset must be cluster aligned, after the
 //! header and inside the file (tables entirely), and every cluster referenced at most
-//! once. Repair zeroes invalid entries and writes the fixed tables back; leaked clusters
-//! at the end of the file are reclaimed by truncating it (QEMU never reclaims them).
-//! Leaks are only counted when every table could be read.
+//! once. Leaks are only counted when every table could be read.
+//!
+//! Repair (`errors`) zeroes invalid entries and writes the fixed tables back, as QEMU
+//! does. Repair (`leaks`) goes further than QEMU, which never reclaims leaked clusters:
+//! data clusters at the end of the file are moved down into leaked holes (copy, flush,
+//! remap, flush) and the file is truncated after the last cluster still in use, so the
+//! image is left with no leaks. After a repair the image is checked again and the
+//! report describes the result (with the `*_fixed` counts of the repair), which is what
+//! `qemu-img check -r` prints.
 
-use super::header::{cluster_offset_valid, table_offset_valid};
+use super::header::{cluster_offset_valid, table_offset_valid, Header};
 use super::need_check;
-use super::table::{self, UNALLOCATED, ZERO_CLUSTER};
+use super::table::{self, Table, UNALLOCATED, ZERO_CLUSTER};
 use super::Inner;
 use crate::error::Result;
 use crate::format::{CheckReport, Repair};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-struct Used {
-    bits: Vec<u64>,
-    n: u64,
+/// Who references a file cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    Free,
+    /// Header or L1: never moved.
+    Fixed,
+    /// Part of the L2 table named by L1 entry `l1i`.
+    Table {
+        l1i: u32,
+    },
+    /// Data cluster named by L2 entry `l2i` of the table at L1 index `l1i`.
+    Data {
+        l1i: u32,
+        l2i: u32,
+    },
+    /// Referenced more than once.
+    Shared,
 }
 
-impl Used {
-    fn new(n: u64) -> Used {
-        Used {
-            bits: vec![0; n.div_ceil(64) as usize],
-            n,
-        }
-    }
-    fn test(&self, i: u64) -> bool {
-        i < self.n && self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
-    }
-    /// Marks `count` clusters from `first`; returns how many were already marked.
-    fn mark(&mut self, first: u64, count: u64) -> u64 {
-        let mut dup = 0;
-        for i in first..first + count {
-            if i >= self.n {
-                continue;
-            }
-            if self.test(i) {
-                dup += 1;
-            }
-            self.bits[(i / 64) as usize] |= 1 << (i % 64);
-        }
-        dup
-    }
+struct Walk {
+    report: CheckReport,
+    owners: Vec<Owner>,
+    l1: Table,
+    l1_dirty: bool,
+    fixed_l2: Vec<(u64, Table)>,
 }
 
-/// Checks the image and repairs what `repair` asks for.
-pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
-    let fix = repair.errors;
-    let any_fix = repair.errors || repair.leaks;
-    if any_fix {
-        inner.writable()?;
+fn mark(owners: &mut [Owner], cluster: u64, count: u64, owner: Owner) -> u64 {
+    let mut dup = 0;
+    for c in cluster..cluster.saturating_add(count) {
+        let Some(o) = owners.get_mut(c as usize) else {
+            continue;
+        };
+        if *o == Owner::Free {
+            *o = owner;
+        } else {
+            *o = Owner::Shared;
+            dup += 1;
+        }
     }
-    let _q = inner.quiesce_exclusive();
-    let h = inner.header();
+    dup
+}
+
+fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
     let cs = inner.cluster_size;
     let file_size = inner.file_size();
     let nclusters = file_size / cs;
-    let mut used = Used::new(nclusters);
+    let mut owners = vec![Owner::Free; nclusters as usize];
     let mut r = CheckReport {
         total_clusters: Some(h.image_size.div_ceil(cs)),
-        allocated_clusters: Some(0),
-        fragmented_clusters: Some(0),
         compressed_clusters: Some(0),
         ..CheckReport::default()
     };
     let mut allocated = 0u64;
     let mut fragmented = 0u64;
-
-    r.corruptions += used.mark(h.l1_table_offset / cs, inner.table_clusters);
+    for c in 0..(h.header_size as u64).min(nclusters) {
+        owners[c as usize] = Owner::Fixed;
+    }
+    r.corruptions += mark(
+        &mut owners,
+        h.l1_table_offset / cs,
+        inner.table_clusters,
+        Owner::Fixed,
+    );
     let mut l1 = inner.l1_read().clone();
     let mut l1_dirty = false;
-    // Fixed L2 tables, written back only after the walk (and after NEED_CHECK is set).
-    let mut fixed_l2: Vec<(u64, Vec<u64>)> = Vec::new();
-    for i in 0..l1.len() {
-        let off = l1[i];
+    let mut fixed_l2 = Vec::new();
+    for (l1i, slot) in l1.iter_mut().enumerate() {
+        let off = *slot;
         if off == UNALLOCATED {
             continue;
         }
-        if !table_offset_valid(&h, off, file_size) {
+        if !table_offset_valid(h, off, file_size) {
             if fix {
-                l1[i] = 0;
+                *slot = 0;
                 l1_dirty = true;
                 r.corruptions_fixed += 1;
             } else {
@@ -89,9 +104,14 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
             }
             continue;
         }
-        let dup = used.mark(off / cs, inner.table_clusters);
+        let dup = mark(
+            &mut owners,
+            off / cs,
+            inner.table_clusters,
+            Owner::Table { l1i: l1i as u32 },
+        );
         if dup > 0 {
-            // A table sharing clusters with another structure: skip it.
+            // The table shares clusters with another structure: skip it.
             r.corruptions += dup;
             continue;
         }
@@ -105,7 +125,7 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
         };
         let mut t_dirty = false;
         let mut last = 0u64;
-        for e in t.iter_mut() {
+        for (l2i, e) in t.iter_mut().enumerate() {
             let v = *e;
             if v == UNALLOCATED || v == ZERO_CLUSTER {
                 continue;
@@ -115,7 +135,7 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
                 fragmented += 1;
             }
             last = v;
-            if !cluster_offset_valid(&h, v, file_size) {
+            if !cluster_offset_valid(h, v, file_size) {
                 if fix {
                     *e = 0;
                     t_dirty = true;
@@ -125,7 +145,11 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
                 }
                 continue;
             }
-            r.corruptions += used.mark(v / cs, 1);
+            let owner = Owner::Data {
+                l1i: l1i as u32,
+                l2i: l2i as u32,
+            };
+            r.corruptions += mark(&mut owners, v / cs, 1, owner);
         }
         if t_dirty {
             fixed_l2.push((off, t));
@@ -134,39 +158,54 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
     r.allocated_clusters = Some(allocated);
     r.fragmented_clusters = Some(fragmented);
     if r.check_errors == 0 {
-        r.leaks = (h.header_size as u64..nclusters)
-            .filter(|&c| !used.test(c))
+        r.leaks = owners
+            .iter()
+            .skip(h.header_size as usize)
+            .filter(|o| **o == Owner::Free)
             .count() as u64;
     }
-    if !any_fix {
-        return Ok(r);
+    Walk {
+        report: r,
+        owners,
+        l1,
+        l1_dirty,
+        fixed_l2,
     }
+}
 
-    // Repairs. Count the trailing leaks we can give back by truncating.
-    let mut trailing = 0u64;
-    if r.check_errors == 0 {
-        let mut c = nclusters;
-        while c > h.header_size as u64 && !used.test(c - 1) {
-            trailing += 1;
-            c -= 1;
-        }
+/// Checks the image and repairs what `repair` asks for.
+pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
+    let any_fix = repair.errors || repair.leaks;
+    if any_fix {
+        inner.writable()?;
     }
+    let _q = inner.quiesce_exclusive();
+    let h = inner.header();
+    let first = walk(inner, &h, repair.errors);
+    if !any_fix {
+        return Ok(first.report);
+    }
+    let mut r = first.report.clone();
     let file_len = inner.storage.len()?;
-    let modifies = !fixed_l2.is_empty() || l1_dirty || trailing > 0 || file_len > file_size;
-    if modifies {
+    let fixes_tables = !first.fixed_l2.is_empty() || first.l1_dirty;
+    let reclaim = repair.leaks
+        && r.check_errors == 0
+        && r.corruptions == 0
+        && (r.leaks > 0 || file_len > inner.file_size());
+    if fixes_tables || reclaim {
         let _g = need_check::begin(inner)?;
-        for (off, t) in &fixed_l2 {
+        for (off, t) in &first.fixed_l2 {
             if let Err(e) = inner.storage.write_at(&table::encode(t), *off) {
                 tracing::warn!("QED repair: writing L2 table at {off:#x}: {e}");
                 r.check_errors += 1;
             }
         }
-        if l1_dirty {
+        if first.l1_dirty {
             match inner
                 .storage
-                .write_at(&table::encode(&l1), h.l1_table_offset)
+                .write_at(&table::encode(&first.l1), h.l1_table_offset)
             {
-                Ok(()) => *inner.l1_write_lock() = l1,
+                Ok(()) => *inner.l1_write_lock() = first.l1.clone(),
                 Err(e) => {
                     tracing::warn!("QED repair: writing the L1 table: {e}");
                     r.check_errors += 1;
@@ -174,20 +213,183 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
             }
         }
         inner.l2.clear();
-        if repair.leaks && r.check_errors == 0 && (trailing > 0 || file_len > file_size) {
-            // Fixed tables must be durable before the clusters they no longer name go.
-            inner.storage.flush()?;
-            let new_size = file_size - trailing * cs;
-            inner.storage.set_len(new_size)?;
-            inner.file_size.store(new_size, Ordering::Release);
-            r.leaks -= trailing;
-            r.leaks_fixed += trailing;
+        let mut leaks_fixed = 0;
+        if reclaim && r.check_errors == 0 {
+            leaks_fixed = reclaim_leaks(inner, &h, &first.owners)?;
         }
+        inner.l2.clear();
         inner.storage.flush()?;
+        // Report the state the repair left, with what it fixed.
+        let after = walk(inner, &h, false);
+        r = CheckReport {
+            corruptions_fixed: first.report.corruptions_fixed,
+            leaks_fixed,
+            check_errors: after.report.check_errors + r.check_errors,
+            ..after.report
+        };
     }
     if r.corruptions == 0 && r.check_errors == 0 {
         need_check::set_verified(inner, true);
         need_check::mark_clean(inner)?;
     }
     Ok(r)
+}
+
+/// One planned move of a data cluster or an L2 table to a lower free place.
+#[derive(Clone, Copy, Debug)]
+enum Move {
+    Data {
+        from: u64,
+        to: u64,
+        l1i: u32,
+        l2i: u32,
+    },
+    Table {
+        to: u64,
+        l1i: u32,
+    },
+}
+
+/// Moves data clusters and L2 tables from the end of the file into leaked clusters, then
+/// truncates after the last cluster in use. Returns the number of leaked clusters
+/// reclaimed.
+fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
+    let cs = inner.cluster_size;
+    let tc = inner.table_clusters as usize;
+    let mut owners = owners.to_vec();
+    let start = h.header_size as usize;
+    let count_free = |o: &[Owner], end: usize| {
+        o.iter()
+            .take(end)
+            .skip(start)
+            .filter(|o| **o == Owner::Free)
+            .count() as u64
+    };
+    let leaks_before = count_free(&owners, owners.len());
+    let l1 = inner.l1_read().clone();
+    // Plan: repeatedly move the unit ending the file into the lowest hole that fits.
+    let mut moves: Vec<Move> = Vec::new();
+    let mut lo = start;
+    loop {
+        let Some(hi) = owners.iter().rposition(|o| *o != Owner::Free) else {
+            break;
+        };
+        while lo < owners.len() && owners[lo] != Owner::Free {
+            lo += 1;
+        }
+        if lo >= hi {
+            break;
+        }
+        match owners[hi] {
+            Owner::Data { l1i, l2i } => {
+                moves.push(Move::Data {
+                    from: hi as u64,
+                    to: lo as u64,
+                    l1i,
+                    l2i,
+                });
+                owners[lo] = owners[hi];
+                owners[hi] = Owner::Free;
+            }
+            Owner::Table { l1i } => {
+                let first = (l1[l1i as usize] / cs) as usize;
+                if first + tc != hi + 1 {
+                    break;
+                }
+                // Lowest run of `tc` free clusters below the table.
+                let mut run = None;
+                let mut i = lo;
+                while i + tc <= first {
+                    match (i..i + tc).rposition(|c| owners[c] != Owner::Free) {
+                        None => {
+                            run = Some(i);
+                            break;
+                        }
+                        Some(k) => i += k + 1,
+                    }
+                }
+                let Some(to) = run else {
+                    break;
+                };
+                moves.push(Move::Table { to: to as u64, l1i });
+                for k in 0..tc {
+                    owners[to + k] = Owner::Table { l1i };
+                    owners[first + k] = Owner::Free;
+                }
+            }
+            _ => break,
+        }
+    }
+    if !moves.is_empty() {
+        // 1. Copy data clusters (their old places stay intact until the truncation).
+        let mut buf = vec![0u8; cs as usize];
+        for m in &moves {
+            if let Move::Data { from, to, .. } = *m {
+                inner.storage.read_at(&mut buf, from * cs)?;
+                inner.storage.write_at(&buf, to * cs)?;
+            }
+        }
+        // 2. Updated tables: moved ones written to their new place, others in place.
+        let mut tables: BTreeMap<u32, Table> = BTreeMap::new();
+        for m in &moves {
+            let l1i = match *m {
+                Move::Data { l1i, .. } | Move::Table { l1i, .. } => l1i,
+            };
+            if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(l1i) {
+                e.insert(table::read_table(
+                    &*inner.storage,
+                    l1[l1i as usize],
+                    inner.nelems,
+                )?);
+            }
+        }
+        for m in &moves {
+            if let Move::Data { to, l1i, l2i, .. } = *m {
+                if let Some(t) = tables.get_mut(&l1i) {
+                    t[l2i as usize] = to * cs;
+                }
+            }
+        }
+        let mut new_l1 = l1.clone();
+        for m in &moves {
+            if let Move::Table { to, l1i, .. } = *m {
+                new_l1[l1i as usize] = to * cs;
+            }
+        }
+        // Copies and moved tables durable before anything points at them.
+        for (l1i, t) in &tables {
+            if new_l1[*l1i as usize] != l1[*l1i as usize] {
+                inner
+                    .storage
+                    .write_at(&table::encode(t), new_l1[*l1i as usize])?;
+            }
+        }
+        inner.storage.flush()?;
+        for (l1i, t) in &tables {
+            if new_l1[*l1i as usize] == l1[*l1i as usize] {
+                inner
+                    .storage
+                    .write_at(&table::encode(t), l1[*l1i as usize])?;
+            }
+        }
+        if new_l1 != l1 {
+            inner.storage.flush()?;
+            inner
+                .storage
+                .write_at(&table::encode(&new_l1), h.l1_table_offset)?;
+            *inner.l1_write_lock() = new_l1;
+        }
+    }
+    let end = owners
+        .iter()
+        .rposition(|o| *o != Owner::Free)
+        .map_or(0, |i| i as u64 + 1)
+        .max(h.header_size as u64)
+        * cs;
+    // Entries naming the old places must be durable before those clusters go.
+    inner.storage.flush()?;
+    inner.storage.set_len(end)?;
+    inner.file_size.store(end, Ordering::Release);
+    let leaks_after = count_free(&owners, (end / cs) as usize);
+    Ok(leaks_before - leaks_after)
 }
