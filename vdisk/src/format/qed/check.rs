@@ -183,6 +183,10 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
     let h = inner.header();
     let first = walk(inner, &h, repair.errors);
     if !any_fix {
+        if first.report.corruptions > 0 || first.report.check_errors > 0 {
+            // Never mark this image clean in this session.
+            need_check::set_verified(inner, false);
+        }
         return Ok(first.report);
     }
     let mut r = first.report.clone();
@@ -231,11 +235,13 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
     if r.corruptions == 0 && r.check_errors == 0 {
         need_check::set_verified(inner, true);
         need_check::mark_clean(inner)?;
+    } else {
+        need_check::set_verified(inner, false);
     }
     Ok(r)
 }
 
-/// One planned move of a data cluster or an L2 table to a lower free place.
+/// One planned move of a data cluster or an L2 table.
 #[derive(Clone, Copy, Debug)]
 enum Move {
     Data {
@@ -250,38 +256,34 @@ enum Move {
     },
 }
 
-/// Moves data clusters and L2 tables from the end of the file into leaked clusters, then
-/// truncates after the last cluster in use. Returns the number of leaked clusters
-/// reclaimed.
-fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
-    let cs = inner.cluster_size;
-    let tc = inner.table_clusters as usize;
-    let mut owners = owners.to_vec();
-    let start = h.header_size as usize;
-    let count_free = |o: &[Owner], end: usize| {
-        o.iter()
-            .take(end)
-            .skip(start)
-            .filter(|o| **o == Owner::Free)
-            .count() as u64
-    };
-    let leaks_before = count_free(&owners, owners.len());
-    let l1 = inner.l1_read().clone();
-    // Plan: repeatedly move the unit ending the file into the lowest hole that fits.
-    let mut moves: Vec<Move> = Vec::new();
-    let mut lo = start;
+fn is_free(o: Owner) -> bool {
+    o == Owner::Free
+}
+
+/// Plans one round of moves. Targets are free at the start of the round; `vacated`
+/// marks this round's sources, reusable only once the round's new references are
+/// durable.
+fn plan_round(
+    owners: &mut Vec<Owner>,
+    vacated: &mut Vec<bool>,
+    l1: &mut [u64],
+    start: usize,
+    tc: usize,
+    cs: u64,
+) -> Vec<Move> {
+    let mut moves = Vec::new();
+    let used =
+        |owners: &Vec<Owner>, vacated: &Vec<bool>, i: usize| !is_free(owners[i]) && !vacated[i];
     loop {
-        let Some(hi) = owners.iter().rposition(|o| *o != Owner::Free) else {
+        let Some(hi) = (0..owners.len()).rev().find(|&i| used(owners, vacated, i)) else {
             break;
         };
-        while lo < owners.len() && owners[lo] != Owner::Free {
-            lo += 1;
-        }
-        if lo >= hi {
-            break;
-        }
+        let lo = (start..hi).find(|&i| is_free(owners[i]) && !vacated[i]);
         match owners[hi] {
             Owner::Data { l1i, l2i } => {
+                let Some(lo) = lo else {
+                    break;
+                };
                 moves.push(Move::Data {
                     from: hi as u64,
                     to: lo as u64,
@@ -290,47 +292,107 @@ fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
                 });
                 owners[lo] = owners[hi];
                 owners[hi] = Owner::Free;
+                vacated[hi] = true;
             }
             Owner::Table { l1i } => {
-                let first = (l1[l1i as usize] / cs) as usize;
-                if first + tc != hi + 1 {
+                let s = (l1[l1i as usize] / cs) as usize;
+                if s + tc != hi + 1 {
                     break;
                 }
-                // Lowest run of `tc` free clusters below the table.
-                let mut run = None;
-                let mut i = lo;
-                while i + tc <= first {
-                    match (i..i + tc).rposition(|c| owners[c] != Owner::Free) {
-                        None => {
-                            run = Some(i);
-                            break;
-                        }
-                        Some(k) => i += k + 1,
+                // Lowest run of `tc` cells, each free or part of this table.
+                let fits = |i: usize| {
+                    (i..i + tc).all(|c| {
+                        !vacated[c] && (is_free(owners[c]) || owners[c] == Owner::Table { l1i })
+                    })
+                };
+                if let Some(i) = (start..s).find(|&i| fits(i)) {
+                    let to = if i + tc <= s {
+                        i
+                    } else {
+                        // Overlaps itself: hop past the end first; the next round brings
+                        // it down into the run (its old cells free by then).
+                        owners.len()
+                    };
+                    if to == owners.len() {
+                        owners.extend(std::iter::repeat(Owner::Free).take(tc));
+                        vacated.extend(std::iter::repeat(false).take(tc));
                     }
+                    for c in 0..tc {
+                        owners[s + c] = Owner::Free;
+                        vacated[s + c] = true;
+                    }
+                    for c in 0..tc {
+                        owners[to + c] = Owner::Table { l1i };
+                    }
+                    l1[l1i as usize] = to as u64 * cs;
+                    moves.push(Move::Table { to: to as u64, l1i });
+                    if to >= s {
+                        break;
+                    }
+                    continue;
                 }
-                let Some(to) = run else {
+                // Make room next to the table: bring the highest data cluster below it
+                // down into the lowest hole.
+                let Some(lo) = lo else {
                     break;
                 };
-                moves.push(Move::Table { to: to as u64, l1i });
-                for k in 0..tc {
-                    owners[to + k] = Owner::Table { l1i };
-                    owners[first + k] = Owner::Free;
-                }
+                let Some(d) = (lo + 1..s)
+                    .rev()
+                    .find(|&d| matches!(owners[d], Owner::Data { .. }) && !vacated[d])
+                else {
+                    break;
+                };
+                let Owner::Data { l1i, l2i } = owners[d] else {
+                    break;
+                };
+                moves.push(Move::Data {
+                    from: d as u64,
+                    to: lo as u64,
+                    l1i,
+                    l2i,
+                });
+                owners[lo] = owners[d];
+                owners[d] = Owner::Free;
+                vacated[d] = true;
             }
             _ => break,
         }
     }
-    if !moves.is_empty() {
-        // 1. Copy data clusters (their old places stay intact until the truncation).
-        let mut buf = vec![0u8; cs as usize];
-        for m in &moves {
-            if let Move::Data { from, to, .. } = *m {
-                inner.storage.read_at(&mut buf, from * cs)?;
-                inner.storage.write_at(&buf, to * cs)?;
-            }
+    moves
+}
+
+/// Moves data clusters and L2 tables from the end of the file into leaked clusters,
+/// then truncates after the last cluster in use. Returns the number of leaked clusters
+/// reclaimed. Every round is crash safe: copies go to clusters nothing references and
+/// are flushed before references switch to them; sources are reused only in a later
+/// round, after the switch is flushed.
+fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
+    let cs = inner.cluster_size;
+    let tc = inner.table_clusters as usize;
+    let start = h.header_size as usize;
+    let mut owners = owners.to_vec();
+    let count_free = |o: &[Owner], end: usize| {
+        o.iter()
+            .take(end)
+            .skip(start)
+            .filter(|o| **o == Owner::Free)
+            .count() as u64
+    };
+    let leaks_before = count_free(&owners, owners.len());
+    let disk_l1 = inner.l1_read().clone();
+    let mut l1 = disk_l1.clone();
+    let mut tables: BTreeMap<u32, Table> = BTreeMap::new();
+    let mut buf = vec![0u8; cs as usize];
+    // Each round lowers at least one unit (a hop is followed by a lower move), so this
+    // bound is never reached on a consistent image; it only guards against surprises.
+    let max_rounds = 2 * owners.len() + 8;
+    for _ in 0..max_rounds {
+        let mut vacated = vec![false; owners.len()];
+        let before_l1 = l1.clone();
+        let moves = plan_round(&mut owners, &mut vacated, &mut l1, start, tc, cs);
+        if moves.is_empty() {
+            break;
         }
-        // 2. Updated tables: moved ones written to their new place, others in place.
-        let mut tables: BTreeMap<u32, Table> = BTreeMap::new();
         for m in &moves {
             let l1i = match *m {
                 Move::Data { l1i, .. } | Move::Table { l1i, .. } => l1i,
@@ -338,47 +400,49 @@ fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
             if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(l1i) {
                 e.insert(table::read_table(
                     &*inner.storage,
-                    l1[l1i as usize],
+                    before_l1[l1i as usize],
                     inner.nelems,
                 )?);
             }
         }
+        let mut touched: Vec<u32> = Vec::new();
         for m in &moves {
-            if let Move::Data { to, l1i, l2i, .. } = *m {
+            if let Move::Data { from, to, l1i, l2i } = *m {
+                inner.storage.read_at(&mut buf, from * cs)?;
+                inner.storage.write_at(&buf, to * cs)?;
                 if let Some(t) = tables.get_mut(&l1i) {
                     t[l2i as usize] = to * cs;
                 }
+                touched.push(l1i);
             }
         }
-        let mut new_l1 = l1.clone();
+        let mut moved_tables = false;
         for m in &moves {
-            if let Move::Table { to, l1i, .. } = *m {
-                new_l1[l1i as usize] = to * cs;
-            }
-        }
-        // Copies and moved tables durable before anything points at them.
-        for (l1i, t) in &tables {
-            if new_l1[*l1i as usize] != l1[*l1i as usize] {
-                inner
-                    .storage
-                    .write_at(&table::encode(t), new_l1[*l1i as usize])?;
+            if let Move::Table { to, l1i } = *m {
+                if let Some(t) = tables.get(&l1i) {
+                    inner.storage.write_at(&table::encode(t), to * cs)?;
+                }
+                moved_tables = true;
             }
         }
         inner.storage.flush()?;
-        for (l1i, t) in &tables {
-            if new_l1[*l1i as usize] == l1[*l1i as usize] {
-                inner
-                    .storage
-                    .write_at(&table::encode(t), l1[*l1i as usize])?;
+        touched.sort_unstable();
+        touched.dedup();
+        for l1i in touched {
+            let i = l1i as usize;
+            if l1[i] == before_l1[i] {
+                if let Some(t) = tables.get(&l1i) {
+                    inner.storage.write_at(&table::encode(t), l1[i])?;
+                }
             }
         }
-        if new_l1 != l1 {
-            inner.storage.flush()?;
+        if moved_tables {
             inner
                 .storage
-                .write_at(&table::encode(&new_l1), h.l1_table_offset)?;
-            *inner.l1_write_lock() = new_l1;
+                .write_at(&table::encode(&l1), h.l1_table_offset)?;
         }
+        inner.storage.flush()?;
+        *inner.l1_write_lock() = l1.clone();
     }
     let end = owners
         .iter()
@@ -386,10 +450,9 @@ fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
         .map_or(0, |i| i as u64 + 1)
         .max(h.header_size as u64)
         * cs;
-    // Entries naming the old places must be durable before those clusters go.
-    inner.storage.flush()?;
     inner.storage.set_len(end)?;
     inner.file_size.store(end, Ordering::Release);
+    inner.storage.flush()?;
     let leaks_after = count_free(&owners, (end / cs) as usize);
-    Ok(leaks_before - leaks_after)
+    Ok(leaks_before.saturating_sub(leaks_after))
 }
