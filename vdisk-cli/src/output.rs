@@ -62,11 +62,7 @@ impl QDict {
     /// recently inserted first (QEMU inserts at the head of a bucket's list).
     fn ordered(&self) -> Vec<&(String, QValue)> {
         let mut v: Vec<(usize, &(String, QValue))> = self.entries.iter().enumerate().collect();
-        v.sort_by(|(ia, a), (ib, b)| {
-            qdict_bucket(&a.0)
-                .cmp(&qdict_bucket(&b.0))
-                .then(ib.cmp(ia))
-        });
+        v.sort_by(|(ia, a), (ib, b)| qdict_bucket(&a.0).cmp(&qdict_bucket(&b.0)).then(ib.cmp(ia)));
         v.into_iter().map(|(_, e)| e).collect()
     }
 }
@@ -178,7 +174,11 @@ pub fn size_to_str(val: u64) -> String {
     };
     let i = ((exp - 1) / 10).clamp(0, 6) as usize;
     let div = (1u64 << (i * 10)) as f64;
-    format!("{} {}B", c_format_f64("%0.3g", val as f64 / div), SUFFIXES[i])
+    format!(
+        "{} {}B",
+        c_format_f64("%0.3g", val as f64 / div),
+        SUFFIXES[i]
+    )
 }
 
 #[cfg(test)]

@@ -60,8 +60,20 @@ const fn od(
 }
 
 const QCOW2_OPTS: &[OptDesc] = &[
-    od("cluster_size", Some("65536"), true, "size", "qcow2 cluster size"),
-    od("extended_l2", Some("off"), false, "bool (on/off)", "Extended L2 tables"),
+    od(
+        "cluster_size",
+        Some("65536"),
+        true,
+        "size",
+        "qcow2 cluster size",
+    ),
+    od(
+        "extended_l2",
+        Some("off"),
+        false,
+        "bool (on/off)",
+        "Extended L2 tables",
+    ),
     od(
         "preallocation",
         None,
@@ -84,8 +96,20 @@ const QCOW2_OPTS: &[OptDesc] = &[
         "str",
         "Compatibility level (v2 [0.10] or v3 [1.1])",
     ),
-    od("backing_file", None, false, "str", "File name of a base image"),
-    od("backing_fmt", None, false, "str", "Image format of the base image"),
+    od(
+        "backing_file",
+        None,
+        false,
+        "str",
+        "File name of a base image",
+    ),
+    od(
+        "backing_fmt",
+        None,
+        false,
+        "str",
+        "Image format of the base image",
+    ),
     od(
         "data_file",
         None,
@@ -114,14 +138,38 @@ const QCOW2_OPTS: &[OptDesc] = &[
         "num",
         "Width of a reference count entry in bits",
     ),
-    od("nocow", None, false, "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
+    od(
+        "nocow",
+        None,
+        false,
+        "bool (on/off)",
+        "Turn off copy-on-write (valid only on btrfs)",
+    ),
 ];
 
 const QED_OPTS: &[OptDesc] = &[
     od("size", None, true, "size", "Virtual disk size"),
-    od("backing_file", None, false, "str", "File name of a base image"),
-    od("backing_fmt", None, false, "str", "Image format of the base image"),
-    od("cluster_size", Some("65536"), true, "size", "Cluster size (in bytes)"),
+    od(
+        "backing_file",
+        None,
+        false,
+        "str",
+        "File name of a base image",
+    ),
+    od(
+        "backing_fmt",
+        None,
+        false,
+        "str",
+        "Image format of the base image",
+    ),
+    od(
+        "cluster_size",
+        Some("65536"),
+        true,
+        "size",
+        "Cluster size (in bytes)",
+    ),
     od(
         "table_size",
         None,
@@ -136,7 +184,13 @@ const QED_OPTS: &[OptDesc] = &[
         "str",
         "Preallocation mode (allowed values: off, falloc, full)",
     ),
-    od("nocow", None, false, "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
+    od(
+        "nocow",
+        None,
+        false,
+        "bool (on/off)",
+        "Turn off copy-on-write (valid only on btrfs)",
+    ),
 ];
 
 const RAW_OPTS: &[OptDesc] = &[
@@ -148,7 +202,13 @@ const RAW_OPTS: &[OptDesc] = &[
         "str",
         "Preallocation mode (allowed values: off, falloc, full)",
     ),
-    od("nocow", None, false, "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
+    od(
+        "nocow",
+        None,
+        false,
+        "bool (on/off)",
+        "Turn off copy-on-write (valid only on btrfs)",
+    ),
 ];
 
 /// The creation options a format accepts, in qemu's print order.
@@ -213,9 +273,8 @@ pub fn validate_option_names(f: Format, opts: &[(String, String)]) -> Result<(),
 
 /// Parses the size argument of `create`, with qemu-img's messages.
 fn parse_create_size(s: &str) -> Result<u64, String> {
-    let bad_range = || {
-        "Invalid image size specified. Must be between 0 and 9223372036854775807.".to_string()
-    };
+    let bad_range =
+        || "Invalid image size specified. Must be between 0 and 9223372036854775807.".to_string();
     if s.starts_with('-') {
         return Err(bad_range());
     }
@@ -268,8 +327,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             "backing_fmt" => backing_fmt_name = Some(v.clone()),
             "size" => {
                 size = Some(
-                    vdisk::format::parse_size(v)
-                        .map_err(|_| ctx(format!("Invalid size '{v}'")))?,
+                    vdisk::format::parse_size(v).map_err(|_| ctx(format!("Invalid size '{v}'")))?,
                 )
             }
             _ => {}
@@ -279,13 +337,13 @@ fn run_inner(a: Args) -> Result<(), String> {
         size = Some(parse_create_size(s)?);
     }
     let backing_fmt = match &backing_fmt_name {
-        Some(n) => Some(
-            Format::parse(n).map_err(|_| ctx(format!("Unknown driver '{n}'")))?,
-        ),
+        Some(n) => Some(Format::parse(n).map_err(|_| ctx(format!("Unknown driver '{n}'")))?),
         None => None,
     };
     if backing.is_some() && format == Format::Raw {
-        return Err(ctx("Backing file not supported for file format 'raw'".into()));
+        return Err(ctx(
+            "Backing file not supported for file format 'raw'".into()
+        ));
     }
     if let Some(b) = &backing {
         let bpath = vdisk::chain::resolve_backing_path(Path::new(&filename), b);

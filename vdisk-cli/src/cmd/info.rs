@@ -252,7 +252,9 @@ pub fn run(a: Args) -> i32 {
         "human" => false,
         "json" => true,
         o => {
-            common::error(format!("--output must be used with human or json as argument. ({o})"));
+            common::error(format!(
+                "--output must be used with human or json as argument. ({o})"
+            ));
             return 1;
         }
     };
