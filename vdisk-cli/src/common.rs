@@ -94,24 +94,6 @@ pub fn parse_size_arg(s: &str) -> Option<u64> {
     vdisk::format::parse_size(s).ok()
 }
 
-/// Opens an image for a subcommand; errors read like qemu-img's.
-pub fn open_image(
-    filename: &str,
-    format: Option<Format>,
-    read_only: bool,
-    force_share: bool,
-    cache: CacheMode,
-) -> Result<Image, String> {
-    let opts = OpenOptions {
-        format,
-        read_only,
-        force_share,
-        cache,
-        ..OpenOptions::default()
-    };
-    open_image_with(filename, &opts)
-}
-
 /// Opens an image with full options; errors read like qemu-img's.
 pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, String> {
     if let Some(f) = opts.format {
