@@ -534,6 +534,7 @@ fn run_inner(a: Args) -> Result<(), String> {
                 read_only: true,
                 force_share: a.force_share,
                 cache: src_cache,
+                consistent_read: true,
                 ..OpenOptions::default()
             },
         )?;

@@ -43,16 +43,24 @@ struct ImageInfo {
 fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
     let d = img.driver();
     let spec = d.backing_spec();
+    // qemu's block layer counts whole 512-byte sectors: lengths are rounded up.
     let file_length = d
         .storage()
         .len()
-        .map_err(|e| format!("Could not get file length of '{filename}': {e}"))?;
+        .map_err(|e| format!("Could not get file length of '{filename}': {e}"))?
+        .div_ceil(512)
+        * 512;
+    let virtual_size = if d.format() == Format::Raw {
+        d.size().div_ceil(512) * 512
+    } else {
+        d.size()
+    };
     Ok(ImageInfo {
         filename: filename.to_string(),
         format: d.format(),
         dirty: d.is_dirty(),
         actual_size: allocated_size(Path::new(filename)),
-        virtual_size: d.size(),
+        virtual_size,
         cluster_size: d.cluster_size(),
         full_backing_filename: spec.as_ref().map(|s| {
             vdisk::chain::resolve_backing_path(Path::new(filename), &s.name)
