@@ -20,13 +20,20 @@ fn put(f: &mut std::fs::File, off: u64, bytes: &[u8]) {
 
 /// A 10 MiB qcow2 image with guest clusters 0 and 1 written (host clusters 5 and 6).
 fn qcow2_with_data(dir: &Path, name: &str) {
-    ok(qemu_img(dir, &["create", "-q", "-f", "qcow2", name, "10M"]), "create");
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", name, "10M"]),
+        "create",
+    );
     qemu_io(dir, "qcow2", name, &["write -P 1 0 128k"]);
 }
 
 /// Drops the L2 entry of guest cluster 1: its host cluster leaks.
 fn make_leak(path: &Path) {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let l1 = be64(&mut f, 40);
     let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
     put(&mut f, l2 + 8, &[0u8; 8]);
@@ -34,7 +41,11 @@ fn make_leak(path: &Path) {
 
 /// Sets the refcount of host cluster 5 (guest cluster 0's data) to zero.
 fn make_corrupt(path: &Path) {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let rt = be64(&mut f, 48);
     let rb = be64(&mut f, rt);
     put(&mut f, rb + 2 * 5, &[0, 0]);
@@ -54,7 +65,11 @@ fn same_check(dir: &Path, name: &str, extra: &[&str]) -> i32 {
         qa.push(&q_name);
         let q = qemu_img(dir, &qa);
         let v = vdisk(dir, &va);
-        assert_eq!(v.code, q.code, "check {va:?}: {}{} vs {}{}", v.out, v.err, q.out, q.err);
+        assert_eq!(
+            v.code, q.code,
+            "check {va:?}: {}{} vs {}{}",
+            v.out, v.err, q.out, q.err
+        );
         assert_eq!(v.out, q.out.replace(&q_name, name), "check {va:?}");
         r = v.code;
     }
@@ -65,12 +80,18 @@ fn same_check(dir: &Path, name: &str, extra: &[&str]) -> i32 {
 fn raw_cannot_be_checked() {
     let d = tmp();
     let dir = d.path();
-    ok(qemu_img(dir, &["create", "-q", "-f", "raw", "a.raw", "1M"]), "create");
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "a.raw", "1M"]),
+        "create",
+    );
     for out in ["human", "json"] {
         let o = format!("--output={out}");
         let v = vdisk(dir, &["check", &o, "-f", "raw", "a.raw"]);
         assert_eq!(v.code, 63);
-        assert_eq!(v.err.trim(), "vdisk: This image format does not support checks");
+        assert_eq!(
+            v.err.trim(),
+            "vdisk: This image format does not support checks"
+        );
         assert_eq!(v.out, "");
     }
 }
@@ -93,7 +114,10 @@ fn qcow2_clean_leak_corrupt() {
     assert!(q.contains("No errors were found on the image."));
 
     // An empty image: no allocation line, as qemu.
-    ok(qemu_img(dir, &["create", "-q", "-f", "qcow2", "empty.qcow2", "1M"]), "create");
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "empty.qcow2", "1M"]),
+        "create",
+    );
     assert_eq!(same_check(dir, "empty.qcow2", &[]), 0);
 
     qcow2_with_data(dir, "leak.qcow2");
@@ -101,7 +125,11 @@ fn qcow2_clean_leak_corrupt() {
     assert_eq!(same_check(dir, "leak.qcow2", &[]), 3);
     let v = vdisk(dir, &["check", "leak.qcow2"]);
     assert!(v.out.contains("1 leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data."));
-    assert!(v.err.contains("Leaked cluster 6 refcount=1 reference=0"), "{}", v.err);
+    assert!(
+        v.err.contains("Leaked cluster 6 refcount=1 reference=0"),
+        "{}",
+        v.err
+    );
 
     qcow2_with_data(dir, "bad.qcow2");
     make_corrupt(&dir.join("bad.qcow2"));
@@ -124,7 +152,10 @@ fn qcow2_repair_leaks_and_errors() {
         "{}",
         v.out
     );
-    ok(qemu_img(dir, &["check", "leak.qcow2"]), "qemu-img check after repair");
+    ok(
+        qemu_img(dir, &["check", "leak.qcow2"]),
+        "qemu-img check after repair",
+    );
 
     qcow2_with_data(dir, "bad.qcow2");
     make_corrupt(&dir.join("bad.qcow2"));
@@ -134,10 +165,28 @@ fn qcow2_repair_leaks_and_errors() {
     let v = vdisk(dir, &["check", "-r", "all", "--output=json", "bad.qcow2"]);
     assert_eq!(v.code, 0, "{}{}", v.out, v.err);
     let j = json(&v.out);
-    assert!(j["corruptions-fixed"].as_u64().unwrap_or(0) >= 1, "{}", v.out);
+    assert!(
+        j["corruptions-fixed"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        v.out
+    );
     assert!(j.get("corruptions").is_none());
-    ok(qemu_img(dir, &["check", "bad.qcow2"]), "qemu-img check after repair");
-    let c = qemu_img(dir, &["compare", "-f", "qcow2", "bad.qcow2", "-F", "qcow2", "leak.qcow2"]);
+    ok(
+        qemu_img(dir, &["check", "bad.qcow2"]),
+        "qemu-img check after repair",
+    );
+    let c = qemu_img(
+        dir,
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "bad.qcow2",
+            "-F",
+            "qcow2",
+            "leak.qcow2",
+        ],
+    );
     assert_eq!(c.code, 1, "guest cluster 1 was dropped in leak.qcow2 only");
 }
 
@@ -145,11 +194,22 @@ fn qcow2_repair_leaks_and_errors() {
 fn qed_clean_and_leaked() {
     let d = tmp();
     let dir = d.path();
-    ok(qemu_img(dir, &["create", "-q", "-f", "qed", "a.qed", "10M"]), "create");
-    qemu_io(dir, "qed", "a.qed", &["write -P 1 0 128k", "write -z 1M 64k", "write -P 2 5M 4k"]);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qed", "a.qed", "10M"]),
+        "create",
+    );
+    qemu_io(
+        dir,
+        "qed",
+        "a.qed",
+        &["write -P 1 0 128k", "write -z 1M 64k", "write -P 2 5M 4k"],
+    );
     assert_eq!(same_check(dir, "a.qed", &[]), 0);
     // Clusters past the last referenced one are leaks.
-    let f = std::fs::OpenOptions::new().write(true).open(dir.join("a.qed")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("a.qed"))
+        .unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(len + 128 * 1024).unwrap();
     drop(f);
