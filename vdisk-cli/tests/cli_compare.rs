@@ -143,3 +143,29 @@ fn qcow2_compare_against_raw() {
     );
     assert_eq!(same_compare(dir, &["top.qcow2", "base.qcow2"]), 1);
 }
+
+#[test]
+fn qed_unallocated_against_raw_zero_data() {
+    let d = tmp();
+    let dir = d.path();
+    // Unallocated in the QED image, explicit zero bytes in the raw one, then equal data.
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qed", "a.qed", "8M"]),
+        "create",
+    );
+    qemu_io(dir, "qed", "a.qed", &["write -P 5 4M 1M"]);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "b.raw", "8M"]),
+        "create",
+    );
+    qemu_io(
+        dir,
+        "raw",
+        "b.raw",
+        &["write -P 0 0 3M", "write -P 5 4M 1M"],
+    );
+    assert_eq!(same_compare(dir, &["a.qed", "b.raw"]), 0);
+    assert_eq!(same_compare(dir, &["b.raw", "a.qed"]), 0);
+    qemu_io(dir, "raw", "b.raw", &["write -P 1 2M 512"]);
+    assert_eq!(same_compare(dir, &["a.qed", "b.raw"]), 1);
+}

@@ -82,7 +82,9 @@ fn check_empty(
     let end = offset + len;
     while pos < end {
         let n = (end - pos).min(CHUNK) as usize;
-        buf.resize(n, 0);
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
         read(img, &mut buf[..n], pos, name)?;
         if let Some(s) = first_nonzero_sector(&buf[..n]) {
             crate::qprintln!(
