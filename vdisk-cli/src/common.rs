@@ -133,6 +133,24 @@ fn read_head(filename: &str) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
+/// The guest size qemu sees: its block layer counts whole 512-byte sectors, so a raw
+/// file of odd length is a little larger (the tail reads as zeroes).
+pub fn sector_size_of(img: &Image) -> u64 {
+    img.size().div_ceil(512) * 512
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes between the image's end and the end of
+/// its last 512-byte sector read as zeroes (see [`sector_size_of`]).
+pub fn read_sectors(img: &Image, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+    let size = img.size();
+    let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    if n > 0 {
+        img.read_at(&mut buf[..n], offset)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
 /// Bytes the file occupies on the host (`st_blocks * 512`), as qemu's `actual-size`.
 pub fn allocated_size(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;

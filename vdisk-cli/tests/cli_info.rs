@@ -102,7 +102,7 @@ fn qcow2_info_matches_qemu() {
                 "-f",
                 "qcow2",
                 "-o",
-                "lazy_refcounts=on,refcount_bits=8,extended_l2=on,compression_type=zstd",
+                "lazy_refcounts=on,refcount_bits=8,compression_type=zstd",
                 "v3.qcow2",
                 "1G",
             ],

@@ -50,7 +50,7 @@ enum Stop {
 }
 
 fn read(img: &Image, buf: &mut [u8], offset: u64, name: &str) -> Result<(), Stop> {
-    img.read_at(buf, offset).map_err(|e| {
+    common::read_sectors(img, buf, offset).map_err(|e| {
         Stop::Error(format!(
             "error while reading offset {offset} of {name}: {e}"
         ))
@@ -115,8 +115,8 @@ fn status(side: &Side, offset: u64, len: u64) -> Result<common::Status, Stop> {
 }
 
 fn compare(a: &Args, s1: &Side, s2: &Side, bar: &Option<ProgressBar>) -> Result<(), Stop> {
-    let size1 = s1.img.size();
-    let size2 = s2.img.size();
+    let size1 = common::sector_size_of(s1.img);
+    let size2 = common::sector_size_of(s2.img);
     if a.strict && size1 != size2 {
         crate::qprintln!(a.quiet, "Strict mode: Image size mismatch!");
         return Err(Stop::Differ);

@@ -112,6 +112,8 @@ struct Item {
 
 struct Source {
     img: Image,
+    /// Size in whole sectors, as qemu counts it.
+    size: u64,
     layers: Vec<Layer>,
     base: u64,
     name: String,
@@ -168,8 +170,19 @@ impl Job<'_> {
         let si = self.source_at(dst);
         let s = &self.sources[si];
         let local = dst - s.base;
-        let src_end = s.base + s.img.size();
+        let src_end = s.base + s.size;
         let mut len = max.min(src_end - dst);
+        if local >= s.img.size() {
+            // The tail of a partial last sector: zeroes.
+            return Ok(Segment {
+                kind: Kind::Zero,
+                src: si,
+                src_off: local,
+                dst_off: dst,
+                len,
+            });
+        }
+        len = len.min(s.img.size() - local);
         if let Some(bs) = self.target_backing_size {
             if dst < bs {
                 len = len.min(bs - dst);
@@ -255,7 +268,7 @@ impl Job<'_> {
 
     fn read(&self, seg: &Segment, buf: &mut [u8]) -> Result<(), String> {
         let s = &self.sources[seg.src];
-        s.img.read_at(buf, seg.src_off).map_err(|e| {
+        common::read_sectors(&s.img, buf, seg.src_off).map_err(|e| {
             format!(
                 "error while reading at byte {} of {}: {e}",
                 seg.src_off, s.name
@@ -538,8 +551,9 @@ fn run_inner(a: Args) -> Result<(), String> {
                 ..OpenOptions::default()
             },
         )?;
-        let size = img.size();
+        let size = common::sector_size_of(&img);
         sources.push(Source {
+            size,
             layers: layers(&img),
             img,
             base: total,

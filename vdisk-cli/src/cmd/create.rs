@@ -391,6 +391,9 @@ fn run_inner(a: Args) -> Result<(), String> {
     }
     crate::qprintln!(a.quiet, "{}", formatting_line(&filename, format, &shown));
 
+    // qemu's block layer works in whole sectors: it creates images of the size rounded
+    // up to 512 bytes (while printing the size as given).
+    let size = size.div_ceil(512) * 512;
     let co = CreateOptions {
         format,
         size: Some(size),

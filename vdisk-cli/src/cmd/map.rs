@@ -121,6 +121,22 @@ fn hex(v: u64) -> String {
 }
 
 fn entry(layers: &[Layer], offset: u64, len: u64) -> vdisk::Result<MapEntry> {
+    let top = &layers[0];
+    if offset >= top.driver.size() {
+        // The rest of a partial last sector of a raw file: qemu maps it as zeroes
+        // in the file past its end.
+        return Ok(MapEntry {
+            start: offset,
+            length: len,
+            data: false,
+            zero: true,
+            compressed: false,
+            offset: Some(offset),
+            depth: 0,
+            present: true,
+            filename: Some(top.path.display().to_string()),
+        });
+    }
     let s = chain_status(layers, offset, len, false)?;
     let filename = match s.offset {
         Some(_) => layers.get(s.depth).map(|l| l.path.display().to_string()),
@@ -197,7 +213,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         )
         .map_err(io)?;
     }
-    let mut length = img.size();
+    let mut length = common::sector_size_of(&img);
     if let Some(m) = max_len {
         length = length.min(start.saturating_add(m));
     }
