@@ -6,7 +6,7 @@
 //! it.
 
 mod commands;
-mod parse;
+pub(crate) mod parse;
 mod report;
 
 use std::io::{BufRead, IsTerminal, Write};
