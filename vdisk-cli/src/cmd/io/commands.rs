@@ -599,16 +599,12 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         println!("-b and -z cannot be specified at the same time");
         return false;
     }
-    if fua && vmstate {
-        println!("-f and -b cannot be specified at the same time");
+    if fua && (vmstate || compressed) {
+        println!("-f and -b or -c cannot be specified at the same time");
         return false;
     }
     if zero && pattern.is_some() {
-        println!("-z and -P cannot be specified at the same time");
-        return false;
-    }
-    if zero && compressed {
-        println!("-c and -z cannot be specified at the same time");
+        println!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
     if unmap && !zero {
@@ -625,9 +621,9 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
     let Some(count) = num_arg(&args[optind + 1]) else {
         return false;
     };
-    if count > REQUEST_MAX_BYTES && !zero {
+    if count > REQUEST_MAX_BYTES && !fast {
         println!(
-            "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
+            "length cannot exceed {REQUEST_MAX_BYTES} without -n, given {}",
             args[optind + 1]
         );
         return false;
@@ -704,7 +700,7 @@ fn vectored(s: &mut Session, args: &[String], write: bool, spec: &'static str) -
         return false;
     }
     if zero && pattern.is_some() {
-        println!("-z and -P cannot be specified at the same time");
+        println!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
     if unmap && !zero {
