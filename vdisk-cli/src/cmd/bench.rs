@@ -194,7 +194,7 @@ impl Runner<'_> {
             st.n -= 1;
             st.in_flight -= 1;
             let fi = self.plan.flush_interval;
-            if fi > 0 && remaining % fi == 0 {
+            if fi > 0 && remaining.is_multiple_of(fi) {
                 if self.plan.drain {
                     // Stop submitting; whoever empties the queue flushes, then resumes.
                     st.flush_blocked = true;
