@@ -476,9 +476,16 @@ fn qcow2_map_alloc_info_match_qemu_io() {
 fn read_only_and_force_share() {
     let d = tmpdir();
     let a = create(d.path(), "a.raw", "raw", false);
-    let o = vdisk_io("raw", &a, &["-r"], &s(&["write 0 512"]));
+    let cmds = s(&[
+        "write 0 512",
+        "discard 0 512",
+        "write -z 0 512",
+        "truncate 0",
+    ]);
+    let o = vdisk_io("raw", &a, &["-r"], &cmds);
     assert_eq!(o.code, 1);
-    assert_eq!(o.stdout, "write failed: Operation not permitted\n");
+    assert_eq!(o.stdout, "", "refused before running, as qemu-io does");
+    assert_eq!(o.stderr.matches("Block node is read-only").count(), 4);
     let o = vdisk_io("raw", &a, &["-r", "-U"], &s(&["read -P 0 0 512"]));
     assert_eq!(o.code, 0, "{}", o.stderr);
     // -U needs -r, as in qemu-io.

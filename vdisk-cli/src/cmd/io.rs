@@ -90,6 +90,7 @@ pub fn run(a: Args) -> i32 {
         img,
         progress: a.progress,
         quit: false,
+        read_only: a.read_only,
     };
     let mut failed = false;
     if !a.cmds.is_empty() {

@@ -25,6 +25,8 @@ pub struct Session {
     pub progress: bool,
     /// Set by `quit`: stop reading commands.
     pub quit: bool,
+    /// Opened with `-r`: commands that modify the image are refused up front.
+    pub read_only: bool,
 }
 
 type CmdFn = fn(&mut Session, &[String]) -> bool;
@@ -39,6 +41,8 @@ struct CmdInfo {
     args: &'static str,
     oneline: &'static str,
     func: CmdFn,
+    /// Modifies the image (needs write permission).
+    writes: bool,
 }
 
 const COMMANDS: &[CmdInfo] = &[
@@ -49,6 +53,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(0),
         args: "",
         oneline: "completes all outstanding aio requests",
+        writes: false,
         func: aio_flush_f,
     },
     CmdInfo {
@@ -58,6 +63,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: None,
         args: "[-Ciqrv] [-P pattern] off len [len..]",
         oneline: "asynchronously reads a number of bytes",
+        writes: false,
         func: aio_read_f,
     },
     CmdInfo {
@@ -67,6 +73,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: None,
         args: "[-Cfiqruz] [-P pattern] off len [len..]",
         oneline: "asynchronously writes a number of bytes",
+        writes: true,
         func: aio_write_f,
     },
     CmdInfo {
@@ -76,6 +83,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(2),
         args: "offset [count]",
         oneline: "checks if offset is allocated in the file",
+        writes: false,
         func: alloc_f,
     },
     CmdInfo {
@@ -85,6 +93,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: None,
         args: "[-Cq] off len",
         oneline: "discards a number of bytes at a specified offset",
+        writes: true,
         func: discard_f,
     },
     CmdInfo {
@@ -94,6 +103,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(0),
         args: "",
         oneline: "flush all in-core file state to disk",
+        writes: false,
         func: flush_f,
     },
     CmdInfo {
@@ -103,6 +113,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(1),
         args: "[command]",
         oneline: "help for one or all commands",
+        writes: false,
         func: help_f,
     },
     CmdInfo {
@@ -112,6 +123,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(0),
         args: "",
         oneline: "prints information about the current file",
+        writes: false,
         func: info_f,
     },
     CmdInfo {
@@ -121,6 +133,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(0),
         args: "",
         oneline: "gets the length of the current file",
+        writes: false,
         func: length_f,
     },
     CmdInfo {
@@ -130,6 +143,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(0),
         args: "",
         oneline: "prints the allocated areas of a file",
+        writes: false,
         func: map_f,
     },
     CmdInfo {
@@ -139,6 +153,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(0),
         args: "",
         oneline: "exit the program",
+        writes: false,
         func: quit_f,
     },
     CmdInfo {
@@ -148,6 +163,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: None,
         args: "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
         oneline: "reads a number of bytes at a specified offset",
+        writes: false,
         func: read_f,
     },
     CmdInfo {
@@ -157,6 +173,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: None,
         args: "[-Cqrv] [-P pattern] off len [len..]",
         oneline: "reads a number of bytes at a specified offset",
+        writes: false,
         func: readv_f,
     },
     CmdInfo {
@@ -166,6 +183,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(1),
         args: "",
         oneline: "waits for the given value in milliseconds",
+        writes: false,
         func: sleep_f,
     },
     CmdInfo {
@@ -175,6 +193,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: Some(3),
         args: "[-m prealloc_mode] off",
         oneline: "truncates the current file at the given offset",
+        writes: true,
         func: truncate_f,
     },
     CmdInfo {
@@ -184,6 +203,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: None,
         args: "[-bcCfnqruz] [-P pattern] off len",
         oneline: "writes a number of bytes at a specified offset",
+        writes: true,
         func: write_f,
     },
     CmdInfo {
@@ -193,6 +213,7 @@ const COMMANDS: &[CmdInfo] = &[
         argmax: None,
         args: "[-Cfqr] [-P pattern] off len [len..]",
         oneline: "writes a number of bytes at a specified offset",
+        writes: true,
         func: writev_f,
     },
 ];
@@ -235,6 +256,11 @@ pub fn run_line(s: &mut Session, line: &str) -> bool {
                 ct.argmin
             ),
         }
+        return false;
+    }
+    if ct.writes && s.read_only {
+        // qemu-io checks permissions before parsing the command's arguments.
+        eprintln!("vdisk: Block node is read-only");
         return false;
     }
     (ct.func)(s, &words)
