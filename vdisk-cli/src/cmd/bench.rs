@@ -11,6 +11,11 @@ use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 use vdisk::{CacheMode, Image, OpenOptions};
 
+/// Most worker threads one run starts: qemu's own thread pool stops at 64, and deeper
+/// queues than this only add scheduling noise on a host, while each thread costs a
+/// stack. Depth beyond it is served by this many requests in flight.
+const MAX_WORKERS: u64 = 256;
+
 /// Arguments of `vdisk bench` (qemu-img bench's options).
 #[derive(clap::Args)]
 pub struct Args {
@@ -279,7 +284,7 @@ pub fn run(a: Args) -> i32 {
         }),
         cond: Condvar::new(),
     };
-    let workers = plan.depth.min(plan.count);
+    let workers = plan.depth.min(plan.count).min(MAX_WORKERS);
     let t0 = Instant::now();
     let spawned = std::thread::scope(|sc| {
         for i in 0..workers {
