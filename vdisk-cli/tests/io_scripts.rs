@@ -520,3 +520,45 @@ fn large_request_is_chunked_with_progress() {
     let q = qemu_io("raw", &p, &s(&["read -P 0x5c 0 80M"]));
     assert!(!q.stdout.contains("failed"), "{}", q.stdout);
 }
+
+#[test]
+fn qcow2_map_counts_only_the_top_image_like_qemu_io() {
+    if !available("qcow2") {
+        return;
+    }
+    let d = tmpdir();
+    let base = create(d.path(), "base.qcow2", "qcow2", false);
+    let o = qemu_io("qcow2", &base, &s(&["write -P 1 0 64k"]));
+    assert_eq!(o.code, 0);
+    let top = d.path().join("top.qcow2");
+    let o = run(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ])
+        .arg(&top));
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let top2 = d.path().join("top2.qcow2");
+    std::fs::copy(&top, &top2).expect("copy");
+    let cmds = s(&[
+        "write -P 2 1M 64k",
+        "map",
+        "alloc 0 4M",
+        "read -P 1 0 64k",
+        "read -P 2 1M 64k",
+    ]);
+    let ours = vdisk_io("qcow2", &top, &[], &cmds);
+    let theirs = qemu_io("qcow2", &top2, &cmds);
+    assert_eq!(ours.code, 0, "{}{}", ours.stdout, ours.stderr);
+    assert_eq!(strip_timing(&ours.stdout), strip_timing(&theirs.stdout));
+    assert!(ours
+        .stdout
+        .contains("1 MiB (0x100000) bytes not allocated at offset 0 bytes (0x0)\n"));
+    compare("qcow2", &top, &top2);
+}

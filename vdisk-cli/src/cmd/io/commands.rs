@@ -858,11 +858,16 @@ fn map_f(s: &mut Session, _args: &[String]) -> bool {
     let size = s.img.size();
     let mut offset = 0u64;
     while offset < size {
-        // Merge runs with the same answer, as qemu-io does.
+        // Merge runs with the same answer, as qemu-io does. Like qemu-io, only the
+        // top image counts: ranges its backing file provides are "not allocated".
         let mut num = 0u64;
         let mut allocated = None;
         while offset + num < size {
-            let e = match s.img.block_status(offset + num, size - offset - num) {
+            let e = match s
+                .img
+                .driver()
+                .block_status(offset + num, size - offset - num)
+            {
                 Ok(e) => e,
                 Err(e) => {
                     eprintln!(
