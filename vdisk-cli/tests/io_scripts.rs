@@ -426,10 +426,19 @@ fn dump_map_alloc_info_length_match_qemu_io() {
         "length",
         "write -P 300 0 1",
         "write -z -P 1 0 1",
+        "write -s SRC 4k 8",
+        "read -v 4k 8",
         "read -C 0 512",
     ]);
+    let src = d.path().join("src");
+    std::fs::write(&src, b"abc").expect("write source");
+    let cmds: Vec<String> = cmds
+        .iter()
+        .map(|c| c.replace("SRC", &src.display().to_string()))
+        .collect();
     let ours = vdisk_io("raw", &a, &[], &cmds);
     let theirs = qemu_io("raw", &a, &cmds);
+    assert!(ours.stdout.contains("abcabcab"), "{}", ours.stdout);
     let strip = |s: &str| -> Vec<String> {
         // -C prints bytes,ops,time,...: keep the byte and op counts.
         strip_timing(s)

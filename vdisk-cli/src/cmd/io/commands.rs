@@ -201,7 +201,7 @@ const COMMANDS: &[CmdInfo] = &[
         alt: Some("w"),
         argmin: 2,
         argmax: None,
-        args: "[-bcCfnqruz] [-P pattern] off len",
+        args: "[-bcCfnqruz] [-P pattern | -s source_file] off len",
         oneline: "writes a number of bytes at a specified offset",
         writes: true,
         func: write_f,
@@ -430,17 +430,35 @@ fn no_memory() -> vdisk::Error {
 
 /// How a write fills its range.
 #[derive(Clone, Copy)]
-enum Fill {
+enum Fill<'a> {
     /// Every byte is the pattern.
     Pattern(u8),
+    /// The bytes of a file (`write -s`), repeated if the file is shorter.
+    Source(&'a [u8]),
     /// Pattern bytes, stored compressed cluster by cluster.
     Compressed(u8),
     /// `write -z`.
     Zeroes(ZeroFlags),
 }
 
-fn write_range(s: &Session, offset: u64, count: u64, fill: Fill, fua: bool) -> vdisk::Result<()> {
+fn write_range(
+    s: &Session,
+    offset: u64,
+    count: u64,
+    fill: Fill<'_>,
+    fua: bool,
+) -> vdisk::Result<()> {
     match fill {
+        Fill::Source(data) => {
+            let mut buf = alloc_buffer(count.min(CHUNK))?;
+            chunked(s, count, CHUNK, |pos, n| {
+                let piece = &mut buf[..n as usize];
+                for (i, b) in piece.iter_mut().enumerate() {
+                    *b = data[((pos + i as u64) % data.len() as u64) as usize];
+                }
+                s.img.write_at(piece, offset + pos)
+            })?;
+        }
         Fill::Pattern(p) => {
             let mut buf = alloc_buffer(count.min(CHUNK))?;
             buf.fill(p);
@@ -597,8 +615,10 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         (false, false, false, false, false);
     let (mut compressed, mut fua, mut vmstate) = (false, false, false);
     let mut pattern: Option<u8> = None;
-    let Some(optind) = getopts(args, "bcCfnpP:qruz", |c, v| {
+    let mut source: Option<String> = None;
+    let Some(optind) = getopts(args, "bcCfnpP:qrs:uz", |c, v| {
         match c {
+            's' => source = v,
             'b' => vmstate = true,
             'c' => compressed = true,
             'C' => machine = true,
@@ -629,7 +649,7 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         println!("-f and -b or -c cannot be specified at the same time");
         return false;
     }
-    if zero && pattern.is_some() {
+    if usize::from(zero) + usize::from(pattern.is_some()) + usize::from(source.is_some()) > 1 {
         println!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
@@ -659,7 +679,16 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         return false;
     }
     let p = pattern.unwrap_or(0xcd);
-    let fill = if zero {
+    let data = match &source {
+        Some(path) => match read_source(path, count) {
+            Some(d) => d,
+            None => return false,
+        },
+        None => Vec::new(),
+    };
+    let fill = if !data.is_empty() {
+        Fill::Source(&data)
+    } else if zero {
         Fill::Zeroes(ZeroFlags {
             may_unmap: unmap,
             fast,
@@ -672,11 +701,32 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
     do_write(s, offset, count, fill, fua, quiet, machine)
 }
 
+/// Reads up to `count` bytes of a `write -s` source file; prints why on failure.
+fn read_source(path: &str, count: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    let r = std::fs::File::open(path).and_then(|f| f.take(count).read_to_end(&mut data));
+    match r {
+        Err(e) => {
+            eprintln!(
+                "{path}: {}",
+                strerror(e.raw_os_error().unwrap_or(libc::EIO))
+            );
+            None
+        }
+        Ok(0) if count > 0 => {
+            eprintln!("{path}: file is empty");
+            None
+        }
+        Ok(_) => Some(data),
+    }
+}
+
 fn do_write(
     s: &Session,
     offset: u64,
     count: u64,
-    fill: Fill,
+    fill: Fill<'_>,
     fua: bool,
     quiet: bool,
     machine: bool,
