@@ -6,6 +6,14 @@
 //! next request from a shared counter, so a driver's locking is exercised the way a
 //! guest with a deep queue would.
 
+/// `println!` that ignores a closed stdout instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 use super::io::parse::{cvtnum, NumError};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -258,7 +266,7 @@ pub fn run(a: Args) -> i32 {
             return 1;
         }
     };
-    println!(
+    out!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
         plan.count,
         if plan.write { "write" } else { "read" },
@@ -268,7 +276,7 @@ pub fn run(a: Args) -> i32 {
         plan.step
     );
     if plan.flush_interval > 0 {
-        println!("Sending flush every {} requests", plan.flush_interval);
+        out!("Sending flush every {} requests", plan.flush_interval);
     }
     let runner = Runner {
         img: &img,
@@ -312,7 +320,7 @@ pub fn run(a: Args) -> i32 {
     }
     tracing::debug!("bench: {} flushes", st.flushes);
     drop(st);
-    println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
+    out!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
     if let Err(e) = img.close() {
         crate::common::error(format!("closing {}: {e}", a.filename));
         return 1;

@@ -5,6 +5,14 @@
 //! any command failed, including a `read -P` pattern mismatch, so scripts can rely on
 //! it.
 
+/// `println!` that ignores a closed stdout (`vdisk io ... | head`) instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod commands;
 pub(crate) mod parse;
 mod report;

@@ -226,7 +226,7 @@ fn find_command(name: &str) -> Option<&'static CmdInfo> {
 
 fn usage(name: &str) {
     if let Some(c) = find_command(name) {
-        println!("{} {} -- {}", c.name, c.args, c.oneline);
+        out!("{} {} -- {}", c.name, c.args, c.oneline);
     }
 }
 
@@ -294,7 +294,7 @@ fn num_arg(arg: &str) -> Option<u64> {
     match cvtnum(arg) {
         Ok(v) => Some(v),
         Err(e) => {
-            println!("{}", cvtnum_error(e, arg));
+            out!("{}", cvtnum_error(e, arg));
             None
         }
     }
@@ -303,7 +303,7 @@ fn num_arg(arg: &str) -> Option<u64> {
 fn pattern_arg(arg: &str) -> Option<u8> {
     let p = parse_pattern(arg);
     if p.is_none() {
-        println!("{arg} is not a valid pattern byte");
+        out!("{arg} is not a valid pattern byte");
     }
     p
 }
@@ -311,7 +311,7 @@ fn pattern_arg(arg: &str) -> Option<u8> {
 /// Prints `<op> failed: <strerror>` like qemu-io; library errors carrying more than
 /// an errno (corruption, a named structure) also go to stderr in full.
 fn report_error(op: &str, e: &vdisk::Error) {
-    println!("{op} failed: {}", strerror(e.errno()));
+    out!("{op} failed: {}", strerror(e.errno()));
     let detail = e.to_string();
     if !detail.is_empty() && detail != strerror(e.errno()) {
         eprintln!("vdisk: {op}: {detail}");
@@ -322,7 +322,7 @@ fn report_error(op: &str, e: &vdisk::Error) {
 fn in_range(img: &Image, offset: u64, count: u64, op: &str) -> bool {
     let size = img.size();
     if offset > size || size - offset < count {
-        println!("{op} failed: {}", strerror(libc::EIO));
+        out!("{op} failed: {}", strerror(libc::EIO));
         return false;
     }
     true
@@ -530,7 +530,7 @@ fn read_f(s: &mut Session, args: &[String]) -> bool {
         return false;
     };
     if count > REQUEST_MAX_BYTES {
-        println!(
+        out!(
             "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
             args[optind + 1]
         );
@@ -546,11 +546,11 @@ fn read_f(s: &mut Session, args: &[String]) -> bool {
         None => count.saturating_sub(start),
     };
     if start > count || len > count - start {
-        println!("pattern verification range exceeds end of read data");
+        out!("pattern verification range exceeds end of read data");
         return false;
     }
     if vmstate {
-        println!("read failed: {}", strerror(libc::ENOTSUP));
+        out!("read failed: {}", strerror(libc::ENOTSUP));
         return false;
     }
     if !in_range(&s.img, offset, count, "read") {
@@ -587,7 +587,7 @@ fn finish_read(
         }
     };
     if !ok {
-        println!(
+        out!(
             "Pattern verification failed at offset {}, {} bytes",
             offset + pstart,
             plen
@@ -642,23 +642,23 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         return false;
     }
     if vmstate && zero {
-        println!("-b and -z cannot be specified at the same time");
+        out!("-b and -z cannot be specified at the same time");
         return false;
     }
     if fua && (vmstate || compressed) {
-        println!("-f and -b or -c cannot be specified at the same time");
+        out!("-f and -b or -c cannot be specified at the same time");
         return false;
     }
     if usize::from(zero) + usize::from(pattern.is_some()) + usize::from(source.is_some()) > 1 {
-        println!("Only one of -z, -P, and -s can be specified at the same time");
+        out!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
     if unmap && !zero {
-        println!("-u requires -z to be specified");
+        out!("-u requires -z to be specified");
         return false;
     }
     if fast && !zero {
-        println!("-n requires -z to be specified");
+        out!("-n requires -z to be specified");
         return false;
     }
     let Some(offset) = num_arg(&args[optind]) else {
@@ -668,14 +668,14 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         return false;
     };
     if count > REQUEST_MAX_BYTES && !fast {
-        println!(
+        out!(
             "length cannot exceed {REQUEST_MAX_BYTES} without -n, given {}",
             args[optind + 1]
         );
         return false;
     }
     if vmstate {
-        println!("write failed: {}", strerror(libc::ENOTSUP));
+        out!("write failed: {}", strerror(libc::ENOTSUP));
         return false;
     }
     let p = pattern.unwrap_or(0xcd);
@@ -776,11 +776,11 @@ fn vectored(s: &mut Session, args: &[String], write: bool, spec: &'static str) -
         return false;
     }
     if zero && pattern.is_some() {
-        println!("Only one of -z, -P, and -s can be specified at the same time");
+        out!("Only one of -z, -P, and -s can be specified at the same time");
         return false;
     }
     if unmap && !zero {
-        println!("-u requires -z to be specified");
+        out!("-u requires -z to be specified");
         return false;
     }
     let Some(offset) = num_arg(&args[optind]) else {
@@ -792,13 +792,13 @@ fn vectored(s: &mut Session, args: &[String], write: bool, spec: &'static str) -
             return false;
         };
         if n > i32::MAX as u64 && !zero {
-            println!("too large length argument -- {a}");
+            out!("too large length argument -- {a}");
             return false;
         }
         total = total.saturating_add(n);
     }
     if total > REQUEST_MAX_BYTES && !zero {
-        println!("length cannot exceed {REQUEST_MAX_BYTES}, given {total}");
+        out!("length cannot exceed {REQUEST_MAX_BYTES}, given {total}");
         return false;
     }
     if write {
@@ -870,7 +870,7 @@ fn discard_f(s: &mut Session, args: &[String]) -> bool {
         return false;
     };
     if count > REQUEST_MAX_BYTES {
-        println!(
+        out!(
             "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
             args[optind + 1]
         );
@@ -939,7 +939,7 @@ fn map_f(s: &mut Session, _args: &[String]) -> bool {
             allocated = Some(a);
             num += e.len.min(size - offset - num);
         }
-        println!(
+        out!(
             "{} (0x{:x}) bytes {} at offset {} (0x{:x})",
             cvtstr(num as f64),
             num,
@@ -992,7 +992,7 @@ fn alloc_f(s: &mut Session, args: &[String]) -> bool {
             }
         }
     }
-    println!(
+    out!(
         "{allocated}/{count} bytes allocated at offset {}",
         cvtstr(start as f64)
     );
@@ -1003,9 +1003,9 @@ fn info_f(s: &mut Session, _args: &[String]) -> bool {
     let d = s.img.driver();
     let cluster = d.cluster_size().unwrap_or(0);
     let spec = d.format_specific();
-    println!("format name: {}", d.format());
-    println!("cluster size: {}", cvtstr(cluster as f64));
-    println!(
+    out!("format name: {}", d.format());
+    out!("cluster size: {}", cvtstr(cluster as f64));
+    out!(
         "vm state offset: {}",
         cvtstr(vm_state_offset(d.size(), cluster, &spec) as f64)
     );
@@ -1018,16 +1018,16 @@ fn info_f(s: &mut Session, _args: &[String]) -> bool {
         extended_l2,
     } = &spec
     {
-        println!("Format specific information:");
-        println!("    compat: {compat}");
-        println!("    compression type: {compression_type}");
+        out!("Format specific information:");
+        out!("    compat: {compat}");
+        out!("    compression type: {compression_type}");
         if compat != "0.10" {
-            println!("    lazy refcounts: {lazy_refcounts}");
+            out!("    lazy refcounts: {lazy_refcounts}");
         }
-        println!("    refcount bits: {refcount_bits}");
+        out!("    refcount bits: {refcount_bits}");
         if compat != "0.10" {
-            println!("    corrupt: {corrupt}");
-            println!("    extended l2: {extended_l2}");
+            out!("    corrupt: {corrupt}");
+            out!("    extended l2: {extended_l2}");
         }
     }
     true
@@ -1053,7 +1053,7 @@ fn vm_state_offset(size: u64, cluster: u64, spec: &FormatSpecific) -> u64 {
 }
 
 fn length_f(s: &mut Session, _args: &[String]) -> bool {
-    println!("{}", cvtstr(s.img.size() as f64));
+    out!("{}", cvtstr(s.img.size() as f64));
     true
 }
 
@@ -1094,7 +1094,7 @@ fn sleep_f(_s: &mut Session, args: &[String]) -> bool {
             true
         }
         Err(_) => {
-            println!("{} is not a valid number", args[1]);
+            out!("{} is not a valid number", args[1]);
             false
         }
     }
@@ -1104,19 +1104,19 @@ fn help_f(_s: &mut Session, args: &[String]) -> bool {
     match args.get(1) {
         Some(name) => match find_command(name) {
             Some(c) => {
-                println!("{} {} -- {}", c.name, c.args, c.oneline);
+                out!("{} {} -- {}", c.name, c.args, c.oneline);
                 true
             }
             None => {
-                println!("command {name} not found");
+                out!("command {name} not found");
                 false
             }
         },
         None => {
             for c in COMMANDS {
-                println!("{} {} -- {}", c.name, c.args, c.oneline);
+                out!("{} {} -- {}", c.name, c.args, c.oneline);
             }
-            println!("\nUse 'help commandname' for extended help.");
+            out!("\nUse 'help commandname' for extended help.");
             true
         }
     }

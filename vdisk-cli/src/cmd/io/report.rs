@@ -52,7 +52,7 @@ pub fn print_report(op: &str, t: Duration, offset: u64, count: u64, total: u64, 
     let secs = t.as_secs_f64().max(1e-9);
     let ops = 1.0 / secs;
     if machine {
-        println!(
+        out!(
             "{},{},{},{:.3},{:.3}",
             total,
             1,
@@ -61,8 +61,8 @@ pub fn print_report(op: &str, t: Duration, offset: u64, count: u64, total: u64, 
             ops
         );
     } else {
-        println!("{op} {total}/{count} bytes at offset {offset}");
-        println!(
+        out!("{op} {total}/{count} bytes at offset {offset}");
+        out!(
             "{}, 1 ops; {} ({}/sec and {:.4} ops/sec)",
             cvtstr(total as f64),
             timestr(t, false),
