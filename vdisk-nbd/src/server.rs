@@ -229,6 +229,12 @@ fn connection(mut stream: Stream, export: &Export, limit: Duration) {
     let _ = stream.set_nodelay();
     match handshake::negotiate(&mut stream, export, limit) {
         Ok(Outcome::Transmission(neg)) => {
+            crate::vlog!(
+                "{peer}: transmission (structured: {}, extended: {}, contexts: {:?})",
+                neg.structured,
+                neg.extended,
+                neg.contexts
+            );
             if let Err(e) = transmission::serve(stream, export, &neg) {
                 crate::vlog!("{peer}: {e}");
             }
