@@ -407,7 +407,7 @@ impl Conn<'_> {
         let mut contexts: Vec<MetaContext> = self.neg.contexts.clone();
         let mut len = r.length;
         if r.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
-            if payload.len() < 8 || (payload.len() - 8) % 4 != 0 {
+            if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(4) {
                 return Err(fail(proto::EINVAL, "malformed BLOCK_STATUS payload"));
             }
             let mut a = [0u8; 8];
