@@ -1128,3 +1128,40 @@ fn discard_and_detect_zeroes_policies() {
         allocated(&img)
     );
 }
+
+#[test]
+fn sigterm_with_clients_connected_keeps_acknowledged_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "8M");
+    let mut srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-e", "4"], &img);
+    // One client idle mid-handshake, one idle in transmission, one busy writing.
+    let _handshaking = Client::connect(srv.sock());
+    let (mut idle, _, _) = Client::negotiated(srv.sock(), true, false, &[]);
+    let (mut busy, _, _) = Client::negotiated(srv.sock(), false, false, &[]);
+    const N: u64 = 64;
+    for i in 0..N {
+        let data = vec![(i as u8) | 0x80; 65536];
+        busy.request(0, 1, i, i * 65536, 65536, &data);
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(srv.pid(), libc::SIGTERM);
+    }
+    // Collect the replies that make it out before the server hangs up.
+    let mut acked = Vec::new();
+    let mut h = [0u8; 16];
+    while busy.s.read_exact(&mut h).is_ok() {
+        assert_eq!(be32(&h), 0x67446698);
+        assert_eq!(be32(&h[4..]), 0, "write failed");
+        acked.push(be64(&h[8..]));
+    }
+    assert!(idle.closed_by_server());
+    let st = srv.wait_exit(30).expect("server exits after SIGTERM");
+    assert!(st.success(), "{st}");
+    let data = std::fs::read(&img).unwrap();
+    for i in acked {
+        let want = (i as u8) | 0x80;
+        let r = &data[(i * 65536) as usize..((i + 1) * 65536) as usize];
+        assert!(r.iter().all(|&b| b == want), "acknowledged write {i} lost");
+    }
+}
