@@ -468,6 +468,8 @@ fn qcow2_map_alloc_info_match_qemu_io() {
     let cmds = s(&[
         "write -P 1 64k 64k",
         "write -P 2 1M 128k",
+        "write -c -P 3 2M 128k",
+        "read -P 3 2M 128k",
         "map",
         "alloc 0 4M",
         "alloc 64k 64k",
@@ -479,6 +481,15 @@ fn qcow2_map_alloc_info_match_qemu_io() {
     assert_eq!(ours.code, 0, "{}{}", ours.stdout, ours.stderr);
     assert_eq!(strip_timing(&ours.stdout), strip_timing(&theirs.stdout));
     qemu_check("qcow2", &a);
+    compare("qcow2", &a, &b);
+    let o = run(Command::new("qemu-img")
+        .args(["check", "--output=json", "-f", "qcow2"])
+        .arg(&a));
+    assert!(
+        o.stdout.contains("\"compressed-clusters\": 2"),
+        "write -c stores compressed clusters: {}",
+        o.stdout
+    );
 }
 
 #[test]
