@@ -582,3 +582,10 @@ fn qcow2_map_counts_only_the_top_image_like_qemu_io() {
         .contains("1 MiB (0x100000) bytes not allocated at offset 0 bytes (0x0)\n"));
     compare("qcow2", &top, &top2);
 }
+
+#[test]
+fn qcow2_and_qed_random_scripts_with_o_direct() {
+    // Metadata and unaligned data both go through O_DIRECT's alignment handling.
+    scripts_match_qemu("qcow2", false, &["-t", "none"], 60..61);
+    scripts_match_qemu("qed", false, &["-n"], 70..71);
+}
