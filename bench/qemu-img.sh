@@ -61,12 +61,12 @@ bench_case() {
     eval "$prepare"
     local err
     if ! err=$(eval "$vcmd" 2>&1 >/dev/null); then
-        ROWS+=("| $name | vdisk failed | | | | |")
+        ROWS+=("| $name | vdisk failed | | | | | | | |")
         NOTES+=("- $name: vdisk failed: \`$(echo "$err" | head -n 2 | tr '\n' ' ')\`")
         return
     fi
     if [ -n "$check" ] && ! err=$(eval "$check" 2>&1); then
-        ROWS+=("| $name | wrong result | | | | |")
+        ROWS+=("| $name | wrong result | | | | | | | |")
         NOTES+=("- $name: vdisk result check failed: \`$(echo "$err" | head -n 2 | tr '\n' ' ')\`")
         return
     fi
@@ -78,6 +78,9 @@ bench_case() {
     vs=$(jq '.results[0].stddev' "$json")
     qm=$(jq '.results[1].mean' "$json")
     qs=$(jq '.results[1].stddev' "$json")
+    local vc qc
+    vc=$(jq '.results[0].user + .results[0].system' "$json")
+    qc=$(jq '.results[1].user + .results[1].system' "$json")
     local vr qr
     vr=$(peak_rss "$prepare" "$vcmd")
     qr=$(peak_rss "$prepare" "$qcmd")
@@ -85,7 +88,8 @@ bench_case() {
         NOTES+=("- $name: result check failed after the RSS run: \`$(echo "$err" | head -n 2 | tr '\n' ' ')\`")
     fi
     ROWS+=("$(awk -v n="$name" -v vm="$vm" -v vs="$vs" -v qm="$qm" -v qs="$qs" -v vr="$vr" -v qr="$qr" \
-        'BEGIN { printf "| %s | %.3f ± %.3f | %.3f ± %.3f | %.2f | %s | %s |", n, vm, vs, qm, qs, qm / vm, vr, qr }')")
+        -v vc="$vc" -v qc="$qc" \
+        'BEGIN { printf "| %s | %.3f ± %.3f | %.3f ± %.3f | %.2f | %.3f | %.3f | %.2f | %s | %s |", n, vm, vs, qm, qs, qm / vm, vc, qc, qc / vc, vr, qr }')")
 }
 
 echo "== making a ${SIZE_MB} MiB image, random data in about half of the 1 MiB chunks" >&2
@@ -173,8 +177,11 @@ fi
     echo "Ratio = qemu-img time / vdisk time (> 1: vdisk is faster). Load average at start"
     echo "$LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (the host is shared: expect noise)."
     echo
-    echo "| Case | vdisk s (mean ± sd) | qemu-img s (mean ± sd) | ratio | vdisk peak RSS MiB | qemu-img peak RSS MiB |"
-    echo "|---|---|---|---|---|---|"
+    echo "Wall time is what a user waits for but swings with the other jobs on the host; CPU"
+    echo "time (user + system, mean per run) is steadier and shows the work each tool does."
+    echo
+    echo "| Case | vdisk wall s (mean ± sd) | qemu-img wall s (mean ± sd) | wall ratio | vdisk CPU s | qemu-img CPU s | CPU ratio | vdisk peak RSS MiB | qemu-img peak RSS MiB |"
+    echo "|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
     if [ ${#NOTES[@]} -gt 0 ]; then
         echo
