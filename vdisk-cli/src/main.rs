@@ -34,6 +34,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Change the size of an image.
     Resize(cmd::resize::Args),
+    /// Change the backing file of an image.
+    Rebase(cmd::rebase::Args),
     /// Run a simple I/O benchmark on an image.
     Bench(cmd::bench::Args),
     /// Run qemu-io style commands on an image.
@@ -52,6 +54,7 @@ fn main() {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Resize(a) => cmd::resize::run(a),
+        Command::Rebase(a) => cmd::rebase::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),
