@@ -72,7 +72,10 @@ fn safe_rebase_keeps_contents() {
             "info",
         ));
         assert_eq!(info["backing-filename"], "b1.qcow2");
-        assert_eq!(info["backing-filename-format"], "qcow2");
+        if fmt == "qcow2" {
+            // QED records a backing format only for raw backing files.
+            assert_eq!(info["backing-filename-format"], "qcow2");
+        }
         // Removing the backing file copies everything still needed.
         ok(vdisk(dir, &["rebase", "-b", "", "top"]), "rebase to none");
         same_guest(dir);
