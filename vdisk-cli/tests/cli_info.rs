@@ -196,3 +196,52 @@ fn info_errors_like_qemu() {
         q.err.replacen("qemu-img:", "", 1)
     );
 }
+
+#[test]
+fn dirty_qcow2_info_and_check_match_qemu() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "lazy_refcounts=on",
+                "d.qcow2",
+                "4M",
+            ],
+        ),
+        "create",
+    );
+    // qemu-io killed after a write with lazy refcounts: the dirty bit stays set.
+    let mut child = std::process::Command::new("qemu-io")
+        .current_dir(dir)
+        .args(["-f", "qcow2", "d.qcow2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"write -P 1 0 64k\n").unwrap();
+    stdin.flush().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("wrote") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io exited");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    same_info(dir, &["d.qcow2"]);
+    let v = ok(vdisk(dir, &["info", "d.qcow2"]), "info");
+    assert!(v.contains("cleanly shut down: no\n"), "{v}");
+    let q = qemu_img(dir, &["check", "d.qcow2"]);
+    let v = vdisk(dir, &["check", "d.qcow2"]);
+    assert_eq!((v.code, v.out), (q.code, q.out));
+}
