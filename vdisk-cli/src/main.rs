@@ -45,7 +45,13 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Usage errors exit with 1 like qemu-img (clap's default is 2, which `compare`
+    // and `check` use for other meanings); --help and --version still exit 0.
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let code = if e.use_stderr() { 1 } else { 0 };
+        let _ = e.print();
+        std::process::exit(code);
+    });
     let code = match cli.command {
         Command::Create(a) => cmd::create::run(a),
         Command::Info(a) => cmd::info::run(a),
