@@ -517,6 +517,9 @@ fn run_inner(a: Args) -> Result<(), String> {
                 .into(),
         );
     }
+    if a.backing.is_some() && a.backing_format.is_none() && !a.no_create {
+        return Err("Use of backing file requires explicit backing format".into());
+    }
     if a.target_is_zero && !a.no_create {
         return Err("--target-is-zero requires use of -n flag".into());
     }
