@@ -66,7 +66,7 @@ fn actual_size_is_host_allocation() {
     use std::os::unix::fs::MetadataExt;
     let blocks = std::fs::metadata(dir.join("a.raw")).unwrap().blocks() * 512;
     assert_eq!(v["actual-size"].as_u64(), Some(blocks));
-    assert!(blocks >= 1 << 20 && blocks < 8 << 20);
+    assert!(((1 << 20)..(8 << 20)).contains(&blocks));
 }
 
 #[test]

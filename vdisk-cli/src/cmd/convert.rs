@@ -623,7 +623,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         sparse != 0 && !has_backing
     };
     let cluster = target.driver().cluster_size().unwrap_or(65536).max(512);
-    if a.compress && WINDOW % cluster != 0 {
+    if a.compress && !WINDOW.is_multiple_of(cluster) {
         return Err(format!(
             "cluster size {cluster} is too large for compression"
         ));

@@ -229,8 +229,8 @@ fn run_inner(a: Args) -> Result<(), String> {
     } else {
         writeln!(
             out,
-            "{:<16}{:<16}{:<16}{}",
-            "Offset", "Length", "Mapped to", "File"
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
         )
         .map_err(io)?;
     }

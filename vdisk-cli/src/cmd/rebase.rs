@@ -164,7 +164,7 @@ fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), St
                 let (i, j) = ((c - off) as usize, (ce - off) as usize);
                 if old_buf[i..j] != new_buf[i..j] {
                     let data = &old_buf[i..j];
-                    let whole = c % cluster == 0 && ce - c == cluster;
+                    let whole = c.is_multiple_of(cluster) && ce - c == cluster;
                     let r = if a.compress && whole {
                         top.write_compressed(data, c)
                     } else {
