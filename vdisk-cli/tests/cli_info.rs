@@ -245,3 +245,44 @@ fn dirty_qcow2_info_and_check_match_qemu() {
     let v = vdisk(dir, &["check", "d.qcow2"]);
     assert_eq!((v.code, v.out), (q.code, q.out));
 }
+
+#[test]
+fn missing_backing_file_errors_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                "gone.qcow2",
+                "-F",
+                "qcow2",
+                "t.qcow2",
+                "1M",
+            ],
+        ),
+        "create",
+    );
+    // info alone does not need the backing file; everything else fails like qemu-img.
+    same_info(dir, &["t.qcow2"]);
+    let cases: &[&[&str]] = &[
+        &["info", "--backing-chain", "t.qcow2"],
+        &["map", "t.qcow2"],
+        &["check", "t.qcow2"],
+        &["compare", "t.qcow2", "t.qcow2"],
+        &["convert", "-O", "raw", "t.qcow2", "o.raw"],
+    ];
+    for c in cases {
+        let q = qemu_img(dir, c);
+        let v = vdisk(dir, c);
+        assert_eq!(v.code, q.code, "{c:?}");
+        assert_eq!(v.out, q.out, "{c:?}");
+        assert_eq!(v.err.replace("vdisk:", "qemu-img:"), q.err, "{c:?}");
+    }
+}
