@@ -6,7 +6,7 @@ mod qed_util;
 use qed_util::*;
 use std::path::Path;
 use vdisk::format::DriverOptions;
-use vdisk::{CheckReport, Image, OpenOptions, Repair};
+use vdisk::{CheckReport, OpenOptions, Repair};
 
 fn qemu_create(path: &Path, size: &str, opts: &str) {
     run(
@@ -50,7 +50,7 @@ fn grow_file(path: &Path, by: u64) {
 
 fn vdisk_check(path: &Path, repair: Repair) -> CheckReport {
     let ro = !(repair.leaks || repair.errors);
-    let img = Image::open(
+    let img = open_with(
         path,
         &OpenOptions {
             read_only: ro,
@@ -60,8 +60,7 @@ fn vdisk_check(path: &Path, repair: Repair) -> CheckReport {
             },
             ..OpenOptions::default()
         },
-    )
-    .expect("open for check");
+    );
     let r = img.check(repair).expect("check");
     img.close().expect("close");
     r

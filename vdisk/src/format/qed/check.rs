@@ -241,6 +241,19 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
     Ok(r)
 }
 
+/// Reclaims every leaked cluster (caller holds the quiesce lock exclusively and an
+/// alloc guard); does nothing on an image with corruptions.
+pub(crate) fn compact_locked(inner: &Inner) -> Result<u64> {
+    let h = inner.header();
+    let w = walk(inner, &h, false);
+    if w.report.corruptions > 0 || w.report.check_errors > 0 {
+        return Ok(0);
+    }
+    let n = reclaim_leaks(inner, &h, &w.owners)?;
+    inner.l2.clear();
+    Ok(n)
+}
+
 /// One planned move of a data cluster or an L2 table.
 #[derive(Clone, Copy, Debug)]
 enum Move {
