@@ -407,6 +407,15 @@ impl Storage for FileStorage {
         Ok((true, (hole as u64).min(len).max(offset + 1) - offset))
     }
 
+    fn relock(&self, mode: LockMode) -> StorageResult<()> {
+        lock::release(self.file.as_raw_fd())?;
+        lock::apply(
+            self.file.as_raw_fd(),
+            mode,
+            &self.path.display().to_string(),
+        )
+    }
+
     fn alignment(&self) -> usize {
         if self.cache.direct() {
             DIRECT_ALIGN

@@ -25,6 +25,8 @@ impl Perm {
     pub const WRITE_UNCHANGED: Perm = Perm(4);
     /// Changing the size.
     pub const RESIZE: Perm = Perm(8);
+    /// No permission.
+    pub const NONE: Perm = Perm(0);
     /// All permissions QEMU 10 knows.
     pub const ALL: Perm = Perm(0xf);
     const NAMES: [&'static str; 4] = ["consistent read", "write", "write unchanged", "resize"];
@@ -102,6 +104,17 @@ fn held_by_other(fd: RawFd, start: i64) -> std::io::Result<bool> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Drops every QEMU lock byte held through `fd` (before taking a different set).
+pub fn release(fd: RawFd) -> StorageResult<()> {
+    for base in [PERM_BASE, SHARED_BASE] {
+        for bit in 0..4 {
+            set_lock(fd, base + bit, libc::F_UNLCK as libc::c_short)
+                .map_err(|e| StorageError::io("Failed to unlock image", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Takes QEMU-compatible locks on `fd`, failing with [`StorageError::Locked`] when another
