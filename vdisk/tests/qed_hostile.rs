@@ -185,8 +185,6 @@ fn hostile_table_entries_give_errors_naming_them() {
     let l2 = u64::from_le_bytes(good[l1..l1 + 8].try_into().expect("8")) as usize;
     // L2 entry 0 points into the header; entry 1 is misaligned; entry 2 past the end.
     let mut img = good.clone();
-    patch(&mut img, l2, &0u64.wrapping_add(0).to_le_bytes());
-    patch(&mut img, l2, &4096u64.wrapping_sub(4096).to_le_bytes());
     patch(&mut img, l2, &2048u64.to_le_bytes());
     patch(&mut img, l2 + 8, &(l2 as u64 + 12).to_le_bytes());
     patch(&mut img, l2 + 16, &(1u64 << 50).to_le_bytes());
@@ -233,7 +231,7 @@ fn exercise(d: &Qed) {
             off += n as u64;
         }
     }
-    let _ = d.block_status(0, size.min(1 << 20).max(1).min(size.max(1)));
+    let _ = d.block_status(0, size.clamp(1, 1 << 20));
     if size >= 8192 {
         let _ = d.write_at(&[3u8; 5000], 1000);
         let _ = d.write_zeroes(4096, 4096, ZeroFlags::default());

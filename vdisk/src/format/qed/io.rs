@@ -264,9 +264,12 @@ impl NewRun {
     }
 }
 
-/// Splits a range of one table into runs already allocated (returned as (buf pos, run))
-/// and runs needing new clusters.
-fn plan(inner: &Inner, buf_len: usize, guest: u64) -> Result<(Vec<(usize, Run)>, Vec<NewRun>)> {
+/// Runs already allocated, as (position in the request's buffer, run).
+type InPlace = Vec<(usize, Run)>;
+
+/// Splits a range of one table into runs already allocated and runs needing new
+/// clusters.
+fn plan(inner: &Inner, buf_len: usize, guest: u64) -> Result<(InPlace, Vec<NewRun>)> {
     let mut in_place = Vec::new();
     let mut new_runs: Vec<NewRun> = Vec::new();
     let mut pos = 0u64;
@@ -483,7 +486,7 @@ pub(crate) fn write_zeroes(
     let end = offset + len;
     // The guest size need not be a cluster multiple: its last partial cluster counts
     // as whole.
-    let aligned = |x: u64| x % cs == 0 || x == size;
+    let aligned = |x: u64| x.is_multiple_of(cs) || x == size;
     let head_end = if aligned(offset) {
         offset
     } else {

@@ -62,7 +62,7 @@ fn release_past(inner: &Arc<Inner>, new_size: u64, old_size: u64) -> Result<()> 
     let first_gone = new_size.div_ceil(cs);
     let last = old_size.div_ceil(cs);
     // Tail of the partial cluster that stays: later growth must read zeroes there.
-    if new_size % cs != 0 {
+    if !new_size.is_multiple_of(cs) {
         let (l1i, l2i) = (
             (new_size / cs) / inner.nelems,
             (new_size / cs) % inner.nelems,
