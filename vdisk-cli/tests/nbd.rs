@@ -87,10 +87,23 @@ impl Server {
         Server::start(dir, args, file, Endpoint::Tcp(free_port()))
     }
 
+    /// Starts qemu-nbd the same way, as an oracle.
+    fn qemu_nbd(dir: &Path, args: &[&str], file: &Path) -> Server {
+        let sock = dir.join(format!("qemu-{}.sock", rand::random::<u32>()));
+        Server::start_prog("qemu-nbd", dir, args, file, Endpoint::Unix(sock))
+    }
+
     fn start(dir: &Path, args: &[&str], file: &Path, ep: Endpoint) -> Server {
+        Server::start_prog(VDISK, dir, args, file, ep)
+    }
+
+    fn start_prog(prog: &str, dir: &Path, args: &[&str], file: &Path, ep: Endpoint) -> Server {
         let pid_file = dir.join(format!("serve-{}.pid", rand::random::<u32>()));
-        let mut cmd = Command::new(VDISK);
-        cmd.arg("serve").args(args);
+        let mut cmd = Command::new(prog);
+        if prog == VDISK {
+            cmd.arg("serve");
+        }
+        cmd.args(args);
         match &ep {
             Endpoint::Unix(p) => {
                 cmd.arg("-k").arg(p);
@@ -1164,4 +1177,110 @@ fn sigterm_with_clients_connected_keeps_acknowledged_writes() {
         let r = &data[(i * 65536) as usize..((i + 1) * 65536) as usize];
         assert!(r.iter().all(|&b| b == want), "acknowledged write {i} lost");
     }
+}
+
+/// `nbdinfo --map` for both contexts, from a server.
+fn maps(srv: &Server) -> String {
+    let uri = srv.uri();
+    ok("nbdinfo", &["--map", &uri]) + &ok("nbdinfo", &["--map=qemu:allocation-depth", &uri])
+}
+
+#[test]
+fn block_status_matches_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // raw with data and holes
+    let raw = raw_image(d, "base.raw", "32M");
+    qemu_io(s(&raw), "raw", &["write -P 1 0 3M", "write -P 2 20M 1M"]);
+    for (img, fmt) in [(&raw, "raw")] {
+        let args = ["-f", fmt, "-r", "-t", "-A"];
+        let ours = maps(&Server::unix(d, &args, img));
+        let theirs = maps(&Server::qemu_nbd(d, &args, img));
+        assert_eq!(ours, theirs, "maps of {}", img.display());
+        // And the data itself.
+        let a = Server::unix(d, &args, img);
+        let b = Server::qemu_nbd(d, &args, img);
+        ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &a.uri(), &b.uri()],
+        );
+    }
+}
+
+/// Writes through the server with several clients at once, then SIGTERM: the image
+/// must be clean for `qemu-img check` and equal to the same writes done by qemu-io.
+fn writes_then_sigterm(fmt: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join(format!("t.{fmt}"));
+    let reference = raw_image(d, "ref.raw", "64M");
+    ok("qemu-img", &["create", "-q", "-f", fmt, s(&img), "64M"]);
+    let mut srv = Server::unix(d, &["-f", fmt, "-t", "-e", "4", "--discard", "unmap"], &img);
+    let uri = srv.uri();
+    // Four writers at once, each on its own 16 MiB, allocating as they go.
+    let per_writer = |w: u64| -> Vec<String> {
+        let base = w * (16 << 20);
+        let mut v = Vec::new();
+        for k in 0..24u64 {
+            // Disjoint (they run concurrently), out of order, partly unaligned.
+            let i = k * 7 % 24;
+            let off = base + i * (600 << 10) + (i % 3) * 512;
+            let len = 4096 + (i % 5) * 65536;
+            v.push(format!("aio_write -P {} {off} {len}", 0x20 + w * 8 + i % 8));
+        }
+        v.push("aio_flush".into());
+        v.push(format!("write -z {} 256k", base + (15 << 20)));
+        v.push(format!("discard {} 64k", base + (15 << 20) + (512 << 10)));
+        v
+    };
+    let threads: Vec<_> = (0..4u64)
+        .map(|w| {
+            let uri = uri.clone();
+            let cmds = per_writer(w);
+            std::thread::spawn(move || {
+                let refs: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+                qemu_io(&uri, "raw", &refs);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer");
+    }
+    let st = srv.terminate();
+    assert!(st.success(), "{st}");
+    // The same writes, in the same order per area, straight into a raw reference.
+    for w in 0..4u64 {
+        let cmds: Vec<String> = per_writer(w)
+            .into_iter()
+            .filter(|c| !c.starts_with("aio_flush"))
+            .map(|c| c.replacen("aio_write", "write", 1))
+            .map(|c| {
+                if c.starts_with("discard") {
+                    c.replacen("discard", "write -z", 1)
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+        qemu_io(s(&reference), "raw", &refs);
+    }
+    if fmt != "raw" {
+        let check = tool("qemu-img", &["check", "-f", fmt, s(&img)]);
+        assert!(
+            check.status.success(),
+            "qemu-img check: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    ok(
+        "qemu-img",
+        &["compare", "-f", fmt, "-F", "raw", s(&img), s(&reference)],
+    );
+}
+
+#[test]
+fn raw_concurrent_writes_sigterm_compare() {
+    writes_then_sigterm("raw");
 }
