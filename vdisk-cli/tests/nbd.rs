@@ -664,7 +664,7 @@ fn block_status_maps_and_allocation_depth() {
     // Like qemu-nbd on a raw file: everything is local to the top layer.
     let depth = ok("nbdinfo", &["--map=qemu:allocation-depth", &srv.uri()]);
     assert_eq!(
-        depth.trim().split_whitespace().collect::<Vec<_>>(),
+        depth.split_whitespace().collect::<Vec<_>>(),
         ["0", "8388608", "1", "local"],
         "{depth}"
     );
