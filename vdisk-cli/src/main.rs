@@ -3,6 +3,7 @@
 
 mod cmd;
 mod common;
+mod output;
 
 use clap::{Parser, Subcommand};
 

@@ -7,17 +7,33 @@ use vdisk::{ExtentKind, Image, OpenOptions};
 
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn ro() -> OpenOptions {
-    OpenOptions { read_only: true, ..Default::default() }
+    OpenOptions {
+        read_only: true,
+        ..Default::default()
+    }
 }
 
 /// Reads the whole guest disk through qemu-img (the oracle).
 fn qemu_raw(img: &Path) -> Vec<u8> {
     let out = img.with_extension("oracle.raw");
-    run("qemu-img", &["convert", "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
     std::fs::read(out).unwrap()
 }
 
@@ -33,8 +49,20 @@ fn deep_mixed_chain_reads_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // raw <- qcow2 <- qed <- qcow2(v2) <- ... 12 levels, each writing its own sectors.
-    run("qemu-img", &["create", "-f", "raw", d.join("l0").to_str().unwrap(), "4M"]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4M", d.join("l0").to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &["create", "-f", "raw", d.join("l0").to_str().unwrap(), "4M"],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 4M",
+            d.join("l0").to_str().unwrap(),
+        ],
+    );
     let fmts = ["qcow2", "qed", "qcow2", "qed"];
     let mut prev = ("l0".to_string(), "raw");
     for i in 1..12 {
@@ -70,10 +98,38 @@ fn relative_backing_names_resolve_against_the_image_dir() {
     let dir = tempfile::tempdir().unwrap();
     let sub = dir.path().join("a/b");
     std::fs::create_dir_all(&sub).unwrap();
-    run("qemu-img", &["create", "-f", "qcow2", sub.join("base.qcow2").to_str().unwrap(), "1M"]);
-    run("qemu-io", &["-c", "write -P 9 0 64k", sub.join("base.qcow2").to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            sub.join("base.qcow2").to_str().unwrap(),
+            "1M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 9 0 64k",
+            sub.join("base.qcow2").to_str().unwrap(),
+        ],
+    );
     let top = sub.join("top.qcow2");
-    run("qemu-img", &["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+        ],
+    );
     // Open from another working directory by a relative-to-cwd path.
     let img = Image::open(&top, &ro()).unwrap();
     let mut b = vec![0u8; 65536];
@@ -88,20 +144,52 @@ fn short_backing_reads_zeroes_past_its_end() {
         let base = dir.path().join(format!("base-{fmt}.raw"));
         std::fs::write(&base, vec![0x77u8; 100 * 1024]).unwrap();
         let top = dir.path().join(format!("top.{fmt}"));
-        run("qemu-img", &["create", "-f", fmt, "-b", base.to_str().unwrap(), "-F", "raw", top.to_str().unwrap(), "1M"]);
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                fmt,
+                "-b",
+                base.to_str().unwrap(),
+                "-F",
+                "raw",
+                top.to_str().unwrap(),
+                "1M",
+            ],
+        );
         // A partial write into the cluster straddling the backing file's end.
-        run("qemu-io", &["-f", fmt, "-c", "write -P 3 98k 1k", top.to_str().unwrap()]);
+        run(
+            "qemu-io",
+            &["-f", fmt, "-c", "write -P 3 98k 1k", top.to_str().unwrap()],
+        );
         assert_eq!(vdisk_raw(&top), qemu_raw(&top), "{fmt}");
         // And the same write made by vdisk.
         let top2 = dir.path().join(format!("top2.{fmt}"));
-        run("qemu-img", &["create", "-f", fmt, "-b", base.to_str().unwrap(), "-F", "raw", top2.to_str().unwrap(), "1M"]);
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                fmt,
+                "-b",
+                base.to_str().unwrap(),
+                "-F",
+                "raw",
+                top2.to_str().unwrap(),
+                "1M",
+            ],
+        );
         {
             let img = Image::open(&top2, &OpenOptions::default()).unwrap();
             img.write_at(&[3u8; 1024], 98 * 1024).unwrap();
             img.flush().unwrap();
         }
         run("qemu-img", &["check", top2.to_str().unwrap()]);
-        run("qemu-img", &["compare", top.to_str().unwrap(), top2.to_str().unwrap()]);
+        run(
+            "qemu-img",
+            &["compare", top.to_str().unwrap(), top2.to_str().unwrap()],
+        );
     }
 }
 
@@ -112,14 +200,36 @@ fn backing_loops_are_detected() {
     let b = dir.path().join("b.qcow2");
     let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
     run("qemu-img", &["create", "-f", "qcow2", sa, "1M"]);
-    run("qemu-img", &["create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", sb, "1M"]);
-    run("qemu-img", &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", sa]);
+    run(
+        "qemu-img",
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", sb, "1M",
+        ],
+    );
+    run(
+        "qemu-img",
+        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", sa],
+    );
     let e = Image::open(&a, &ro()).unwrap_err();
     assert!(matches!(e, vdisk::Error::BackingLoop(_)), "{e}");
     // An image that is its own backing file.
     let c = dir.path().join("c.qed");
-    run("qemu-img", &["create", "-f", "qed", c.to_str().unwrap(), "1M"]);
-    run("qemu-img", &["rebase", "-u", "-b", "c.qed", "-F", "qed", c.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &["create", "-f", "qed", c.to_str().unwrap(), "1M"],
+    );
+    run(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "c.qed",
+            "-F",
+            "qed",
+            c.to_str().unwrap(),
+        ],
+    );
     let e = Image::open(&c, &ro()).unwrap_err();
     assert!(e.to_string().contains("loop"), "{e}");
 }
@@ -130,8 +240,28 @@ fn no_backing_option_reads_zeroes() {
     let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![0x11u8; 65536]).unwrap();
     let top = dir.path().join("top.qcow2");
-    run("qemu-img", &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top.to_str().unwrap()]);
-    let img = Image::open(&top, &OpenOptions { read_only: true, no_backing: true, ..Default::default() }).unwrap();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            top.to_str().unwrap(),
+        ],
+    );
+    let img = Image::open(
+        &top,
+        &OpenOptions {
+            read_only: true,
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut b = vec![1u8; 4096];
     img.read_at(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 0));

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use vdisk::{CreateOptions, Format, Image, OpenOptions, ZeroFlags};
 
 fn qemu_check(path: &std::path::Path) {
-    let out = Command::new("qemu-img").args(["check", path.to_str().unwrap()]).output().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "qemu-img check {}: {}{}",
@@ -18,7 +21,9 @@ fn qemu_check(path: &std::path::Path) {
 }
 
 fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    list.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Each of `threads` threads writes slot `t` of every `threads * unit` stripe, so every
@@ -78,7 +83,15 @@ fn case(format: Format, options: &[(&str, &str)], unit: usize) {
     for t in 0..4u64 {
         let img = img.clone();
         hs.push(std::thread::spawn(move || {
-            img.write_zeroes(t * (1 << 20), 64 << 10, ZeroFlags { may_unmap: t % 2 == 0, fast: false }).unwrap();
+            img.write_zeroes(
+                t * (1 << 20),
+                64 << 10,
+                ZeroFlags {
+                    may_unmap: t % 2 == 0,
+                    fast: false,
+                },
+            )
+            .unwrap();
         }));
     }
     for h in hs {
@@ -90,28 +103,53 @@ fn case(format: Format, options: &[(&str, &str)], unit: usize) {
     }
     let mut got = vec![0u8; expect.len()];
     img.read_at(&mut got, 0).unwrap();
-    assert!(got == expect, "{format} {options:?}: contents differ after concurrent writes");
+    assert!(
+        got == expect,
+        "{format} {options:?}: contents differ after concurrent writes"
+    );
     img.flush().unwrap();
     drop(img);
     if format != Format::Raw {
         qemu_check(&path);
     }
-    let img = Image::open(&path, &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let img = Image::open(
+        &path,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     img.read_at(&mut got, 0).unwrap();
-    assert!(got == expect, "{format} {options:?}: contents differ after reopen");
+    assert!(
+        got == expect,
+        "{format} {options:?}: contents differ after reopen"
+    );
 }
 
 #[test]
 fn qcow2_concurrent_allocation() {
     case(Format::Qcow2, &[], 4096);
-    case(Format::Qcow2, &[("cluster_size", "4k"), ("refcount_bits", "1")], 512);
-    case(Format::Qcow2, &[("compat", "0.10"), ("cluster_size", "512")], 512);
+    case(
+        Format::Qcow2,
+        &[("cluster_size", "4k"), ("refcount_bits", "1")],
+        512,
+    );
+    case(
+        Format::Qcow2,
+        &[("compat", "0.10"), ("cluster_size", "512")],
+        512,
+    );
 }
 
 #[test]
 fn qed_concurrent_allocation() {
     case(Format::Qed, &[], 4096);
-    case(Format::Qed, &[("cluster_size", "4k"), ("table_size", "1")], 1024);
+    case(
+        Format::Qed,
+        &[("cluster_size", "4k"), ("table_size", "1")],
+        1024,
+    );
 }
 
 #[test]

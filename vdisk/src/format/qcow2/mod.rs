@@ -1,69 +1,581 @@
-//! qcow2 (placeholder until the driver lands).
+//! qcow2 (QEMU copy-on-write v2 and v3).
+//!
+//! Layout of the driver:
+//! - [`header`]: header + extensions, parsed and serialised in one place.
+//! - `cache`: bounded LRU of metadata clusters (L2 tables, refcount blocks).
+//! - `tables`: L1/L2 lookup and update, L2 copy-on-write, metadata write-back ordering.
+//! - `refcount`: refcount entries of every width, refcount blocks and table growth.
+//! - `alloc`: free-cluster search and contiguous allocation, deferred frees.
+//! - `io`: read/write/zeroes/discard/block-status paths and the in-flight list.
+//! - `compress`: deflate/zstd clusters.
+//! - `snapshot`: the snapshot table (read only).
+//! - `check`: consistency check, repair and refcount rebuild.
+//! - `create`: image creation.
+//!
+//! Concurrency: all metadata lives in one [`Meta`] behind a mutex that is held only for
+//! metadata work; guest data I/O (reads, writes to allocated clusters, copy-on-write of
+//! new clusters) runs without it. Allocating writes register their guest clusters in
+//! the in-flight list so overlapping requests wait for them and then see the result.
+//!
+//! Crash ordering (see the reference): refcount increases and new clusters' data are
+//! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
+//! are deferred until the mapping that dropped them is durable (`pending_frees`).
+//!
+//! Default caches: the L2 cache covers the whole disk up to 32 MiB of tables (QEMU's
+//! Linux default maximum), at least 4 tables; the refcount cache holds a quarter of
+//! that, at least 4 blocks.
 
-use super::{BackingResolver, CreateSpec, DriverOptions};
+mod alloc;
+mod cache;
+mod check;
+mod compress;
+mod create;
+pub mod header;
+mod io;
+mod refcount;
+mod snapshot;
+mod tables;
+
+pub use create::create;
+
+use self::cache::Cache;
+use self::header::*;
+use self::snapshot::Snapshot;
+use super::{
+    BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
+    FormatSpecific, Repair, ZeroFlags,
+};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Offset bits of L1/L2 entries.
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1/L2 entry flag: refcount is exactly one.
+pub(crate) const COPIED: u64 = 1 << 63;
+/// L2 entry flag: compressed cluster.
+pub(crate) const COMPRESSED: u64 = 1 << 62;
+/// L2 entry flag: reads as zeroes (v3).
+pub(crate) const ZERO: u64 = 1;
+/// Refcount table entry offset bits.
+pub(crate) const REFT_OFFSET_MASK: u64 = !0x1ff;
+/// Largest host offset an entry can hold.
+pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 
 /// Whether `head` starts with the qcow2 magic.
 pub fn probe(head: &[u8]) -> bool {
     head.len() >= 8
-        && &head[..4] == b"QFI\xfb"
+        && head[..4] == MAGIC
         && matches!(
             u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
             2 | 3
         )
 }
 
-/// A qcow2 image.
+/// Fixed geometry of an open image.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geom {
+    pub cluster_bits: u32,
+    pub cs: u64,
+    /// Entries per L2 table.
+    pub l2_entries: u64,
+    pub l2_bits: u32,
+    pub rc_order: u32,
+    /// Refcount entries per block.
+    pub rc_per_block: u64,
+    pub rc_block_bits: u32,
+    pub version: u32,
+}
+
+impl Geom {
+    pub(crate) fn new(cluster_bits: u32, rc_order: u32, version: u32) -> Geom {
+        let cs = 1u64 << cluster_bits;
+        let l2_bits = cluster_bits - 3;
+        let rc_block_bits = cluster_bits + 3 - rc_order;
+        Geom {
+            cluster_bits,
+            cs,
+            l2_entries: 1 << l2_bits,
+            l2_bits,
+            rc_order,
+            rc_per_block: 1 << rc_block_bits,
+            rc_block_bits,
+            version,
+        }
+    }
+    /// Largest refcount value.
+    pub(crate) fn rc_max(&self) -> u64 {
+        if self.rc_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.rc_order)) - 1
+        }
+    }
+    /// Bit position of the sector count in a compressed L2 entry.
+    pub(crate) fn csize_shift(&self) -> u32 {
+        62 - (self.cluster_bits - 8)
+    }
+    /// L1 entries needed to map `size` bytes.
+    pub(crate) fn l1_entries_for(&self, size: u64) -> u64 {
+        size.div_ceil(self.cs).div_ceil(self.l2_entries)
+    }
+}
+
+/// All mutable metadata of an open image. Guarded by `Qcow2::meta`.
 #[derive(Debug)]
-pub struct Qcow2;
+pub(crate) struct Meta {
+    pub st: Arc<dyn Storage>,
+    pub g: Geom,
+    pub hdr: Header,
+    pub l1: Vec<u64>,
+    /// Dirty L1 entry range `[lo, hi)` not yet written.
+    pub l1_dirty: Option<(usize, usize)>,
+    pub l2: Cache,
+    pub rc_table: Vec<u64>,
+    pub rc: Cache,
+    /// Lowest cluster index that may be free.
+    pub free_hint: u64,
+    /// Guest cluster ranges `[start, end)` being allocated right now.
+    pub inflight: Vec<(u64, u64)>,
+    /// Host clusters whose mapping was dropped in cache: one refcount decrement each,
+    /// applied once the mapping change is durable.
+    pub pending_frees: Vec<u64>,
+    /// Something was written since the last flush (so a barrier must flush).
+    pub unflushed: bool,
+    /// End of the host file as far as we know (bounds table offsets).
+    pub file_end: u64,
+    /// Next free byte in the host cluster receiving compressed data (0 = none).
+    pub compress_cursor: u64,
+    pub read_only: bool,
+    /// Refuse writes (corrupt bit set).
+    pub corrupt: bool,
+    /// The header has a backing file (whether or not it was opened).
+    pub has_backing: bool,
+    pub snapshots: Vec<Snapshot>,
+    /// We set the dirty bit (lazy refcounts) and must clear it on close.
+    pub set_dirty: bool,
+}
+
+impl Meta {
+    pub(crate) fn cs(&self) -> u64 {
+        self.g.cs
+    }
+
+    /// Rewrites cluster 0 from `hdr` (preserving unknown extensions) and flushes.
+    pub(crate) fn write_header(&mut self) -> Result<()> {
+        let bytes = self.hdr.serialize()?;
+        self.st.write_at(&bytes, 0)?;
+        self.st.flush()?;
+        self.unflushed = false;
+        Ok(())
+    }
+
+    /// Sets the corrupt bit (unless read-only) and returns the error to report.
+    pub(crate) fn mark_corrupt(&mut self, msg: String) -> Error {
+        if !self.read_only && !self.corrupt {
+            tracing::error!("qcow2: marking image as corrupt: {msg}; further corruption events will be suppressed");
+            self.corrupt = true;
+            if self.g.version == 3 {
+                self.hdr.incompatible |= INCOMPAT_CORRUPT;
+                let _ = self.write_header();
+            }
+        }
+        Error::corrupt(msg)
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.corrupt {
+            return Err(Error::corrupt(
+                "qcow2 image is marked corrupt; writes are refused (run check -r all)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    storage: Arc<dyn Storage>,
+    backing: Option<Arc<dyn Driver>>,
+    backing_spec: Mutex<Option<BackingSpec>>,
+    g: Geom,
+    size: AtomicU64,
+    read_only: bool,
+    zstd: bool,
+    meta: Mutex<Meta>,
+    /// Signalled whenever an in-flight allocation finishes.
+    alloc_done: Condvar,
+    closed: AtomicBool,
+}
+
+fn default_l2_tables(g: &Geom, size: u64, opt: Option<u64>) -> usize {
+    let tables = match opt {
+        Some(bytes) => bytes / g.cs,
+        None => g.l1_entries_for(size).min((32 << 20) / g.cs),
+    };
+    tables.clamp(4, 1 << 16) as usize
+}
 
 impl Qcow2 {
-    /// Opens a qcow2 image.
+    /// Opens a qcow2 image on `storage`. The backing file (if any and not disabled)
+    /// is opened through `resolver`.
     pub fn open(
-        _s: Arc<dyn Storage>,
-        _o: &DriverOptions,
-        _b: &mut BackingResolver<'_>,
+        storage: Arc<dyn Storage>,
+        opts: &DriverOptions,
+        resolver: &mut BackingResolver<'_>,
     ) -> Result<Qcow2> {
-        Err(Error::unsupported("qcow2 driver pending"))
+        let file_len = storage.len()?;
+        let head_len = file_len.min(2 << 20) as usize;
+        if head_len < V2_HEADER_LEN {
+            return Err(Error::corrupt(format!(
+                "qcow2 image truncated: {file_len} bytes is shorter than the header"
+            )));
+        }
+        let mut head = vec![0u8; head_len];
+        storage.read_at(&mut head, 0)?;
+        let hdr = Header::parse(&head, file_len)?;
+        let g = Geom::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
+        let cs = g.cs;
+
+        if hdr.crypt_method != 0 {
+            return Err(Error::unsupported(format!(
+                "encrypted qcow2 images are not supported (crypt_method {})",
+                hdr.crypt_method
+            )));
+        }
+        let unknown = hdr.incompatible & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            let names: Vec<String> = (0..64u8)
+                .filter(|b| unknown & (1u64 << b) != 0)
+                .map(|b| match hdr.feature_name(0, b) {
+                    Some(n) => n.to_string(),
+                    None => format!("Unknown incompatible feature: {:x}", 1u64 << b),
+                })
+                .collect();
+            return Err(Error::unsupported(format!(
+                "Unsupported qcow2 feature(s): {}",
+                names.join(", ")
+            )));
+        }
+        if hdr.incompatible & INCOMPAT_DATA_FILE != 0 || hdr.has_data_file_ext {
+            return Err(Error::unsupported(
+                "qcow2 images with an external data file are not supported",
+            ));
+        }
+        if hdr.incompatible & INCOMPAT_EXTL2 != 0 {
+            return Err(Error::unsupported(
+                "qcow2 images with extended L2 entries (subclusters) are not supported",
+            ));
+        }
+        if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !opts.read_only {
+            return Err(Error::corrupt(
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        if hdr.size > (1u64 << 62) {
+            return Err(Error::corrupt(format!(
+                "qcow2 image size {} is too large",
+                hdr.size
+            )));
+        }
+        // L1 table.
+        let need_l1 = g.l1_entries_for(hdr.size);
+        if u64::from(hdr.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "Active L1 table too large: {} entries (max {})",
+                hdr.l1_size,
+                MAX_L1_BYTES / 8
+            )));
+        }
+        if u64::from(hdr.l1_size) < need_l1 {
+            return Err(Error::corrupt(format!(
+                "L1 table is too small: {} entries for a {}-byte disk (needs {need_l1})",
+                hdr.l1_size, hdr.size
+            )));
+        }
+        let l1_bytes = u64::from(hdr.l1_size) * 8;
+        validate_table("L1 table", hdr.l1_table_offset, l1_bytes, cs, file_len)?;
+        let mut l1 = vec![0u64; hdr.l1_size as usize];
+        if !l1.is_empty() {
+            let mut raw = vec![0u8; l1_bytes as usize];
+            storage.read_at(&mut raw, hdr.l1_table_offset)?;
+            for (e, c) in l1.iter_mut().zip(raw.chunks_exact(8)) {
+                *e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8]));
+            }
+        }
+        // Refcount table.
+        let rt_bytes = u64::from(hdr.refcount_table_clusters) * cs;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::corrupt(format!(
+                "Reference count table too large: {} clusters (max {} bytes)",
+                hdr.refcount_table_clusters, MAX_REFTABLE_BYTES
+            )));
+        }
+        if hdr.refcount_table_clusters == 0 {
+            return Err(Error::corrupt(
+                "Image does not contain a reference count table",
+            ));
+        }
+        validate_table(
+            "Reference count table",
+            hdr.refcount_table_offset,
+            rt_bytes,
+            cs,
+            file_len,
+        )?;
+        let mut raw = vec![0u8; rt_bytes as usize];
+        storage.read_at(&mut raw, hdr.refcount_table_offset)?;
+        let rc_table: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        drop(raw);
+        // Snapshots.
+        let snapshots = snapshot::read_table(&*storage, &hdr, &g, file_len)?;
+
+        // Backing file.
+        let has_backing = hdr.backing_file.is_some();
+        let spec = match &hdr.backing_file {
+            Some(name) => {
+                let format = match hdr.backing_format.as_deref() {
+                    None | Some("") => None,
+                    Some(f) => Some(Format::parse(f).map_err(|_| {
+                        Error::unsupported(format!(
+                            "backing file '{name}' has unsupported format '{f}'"
+                        ))
+                    })?),
+                };
+                Some(BackingSpec {
+                    name: name.clone(),
+                    format,
+                })
+            }
+            None => None,
+        };
+        let backing = match (&spec, opts.no_backing) {
+            (Some(s), false) => Some(resolver(s)?),
+            _ => None,
+        };
+
+        let l2_tables = default_l2_tables(&g, hdr.size, opts.l2_cache_size);
+        let rc_tables = match opts.refcount_cache_size {
+            Some(b) => (b / cs).clamp(4, 1 << 16) as usize,
+            None => (l2_tables / 4).max(4),
+        };
+        let zstd = hdr.compression_type == 1;
+        let size = hdr.size;
+        let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
+        let mut meta = Meta {
+            st: storage.clone(),
+            g,
+            corrupt: hdr.incompatible & INCOMPAT_CORRUPT != 0,
+            hdr,
+            l1,
+            l1_dirty: None,
+            l2: Cache::new(l2_tables),
+            rc_table,
+            rc: Cache::new(rc_tables),
+            free_hint: 0,
+            inflight: Vec::new(),
+            pending_frees: Vec::new(),
+            unflushed: false,
+            file_end: file_len,
+            compress_cursor: 0,
+            read_only: opts.read_only,
+            has_backing,
+            snapshots,
+            set_dirty: false,
+        };
+        if !opts.read_only {
+            let mut rewrite = false;
+            if meta.hdr.autoclear & !AUTOCLEAR_KNOWN != 0 {
+                meta.hdr.autoclear &= AUTOCLEAR_KNOWN;
+                rewrite = true;
+            }
+            if dirty && !opts.skip_repair {
+                check::rebuild_refcounts(&mut meta)?;
+                meta.hdr.incompatible &= !INCOMPAT_DIRTY;
+                rewrite = true;
+            }
+            if rewrite {
+                meta.write_header()?;
+            }
+        }
+        Ok(Qcow2 {
+            storage,
+            backing,
+            backing_spec: Mutex::new(spec),
+            g,
+            size: AtomicU64::new(size),
+            read_only: opts.read_only,
+            zstd,
+            meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
     }
 }
 
-impl super::Driver for Qcow2 {
-    fn format(&self) -> super::Format {
-        super::Format::Qcow2
+/// Checks a table's offset: cluster aligned, not overlapping the header, inside the file.
+pub(crate) fn validate_table(
+    what: &str,
+    offset: u64,
+    bytes: u64,
+    cs: u64,
+    file_len: u64,
+) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    if offset % cs != 0 {
+        return Err(Error::corrupt(format!(
+            "{what} offset {offset:#x} is not cluster aligned"
+        )));
+    }
+    if offset == 0 {
+        return Err(Error::corrupt(format!(
+            "{what} at offset 0 overlaps the image header"
+        )));
+    }
+    match offset.checked_add(bytes) {
+        Some(end) if end <= file_len && end <= MAX_HOST_OFFSET => Ok(()),
+        _ => Err(Error::corrupt(format!(
+            "{what} at offset {offset:#x} ({bytes} bytes) lies past the end of the file ({file_len} bytes)"
+        ))),
+    }
+}
+
+impl Driver for Qcow2 {
+    fn format(&self) -> Format {
+        Format::Qcow2
     }
     fn size(&self) -> u64 {
-        0
+        self.size.load(Ordering::Acquire)
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.g.cs)
     }
     fn storage(&self) -> &Arc<dyn Storage> {
-        unreachable!()
+        &self.storage
     }
-    fn read_at(&self, _: &mut [u8], _: u64) -> Result<()> {
-        unreachable!()
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        super::check_range(offset, buf.len() as u64, self.size())?;
+        self.do_read(buf, offset)
     }
-    fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
-        unreachable!()
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        super::check_range(offset, buf.len() as u64, self.size())?;
+        self.do_write(buf, offset)
     }
-    fn write_zeroes(&self, _: u64, _: u64, _: super::ZeroFlags) -> Result<()> {
-        unreachable!()
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.writable()?;
+        super::check_range(offset, len, self.size())?;
+        self.do_write_zeroes(offset, len, flags)
     }
-    fn discard(&self, _: u64, _: u64) -> Result<()> {
-        unreachable!()
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        super::check_range(offset, len, self.size())?;
+        self.do_discard(offset, len)
     }
     fn flush(&self) -> Result<()> {
-        unreachable!()
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.writeback()?;
+        m.unflushed = false;
+        drop(m);
+        self.storage.flush()?;
+        Ok(())
     }
-    fn block_status(&self, _: u64, _: u64) -> Result<super::Extent> {
-        unreachable!()
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        super::check_range(offset, len, self.size())?;
+        self.do_block_status(offset, len)
     }
-    fn resize(&self, _: u64, _: bool) -> Result<()> {
-        unreachable!()
+    fn backing_spec(&self) -> Option<BackingSpec> {
+        self.backing_spec
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
-}
-
-/// Creates a qcow2 image.
-pub fn create(_s: &Arc<dyn Storage>, _spec: &CreateSpec) -> Result<()> {
-    Err(Error::unsupported("qcow2 driver pending"))
+    fn backing(&self) -> Option<&Arc<dyn Driver>> {
+        self.backing.as_ref()
+    }
+    fn format_specific(&self) -> FormatSpecific {
+        let m = self.lock();
+        FormatSpecific::Qcow2 {
+            compat: if m.g.version == 2 { "0.10" } else { "1.1" }.to_string(),
+            compression_type: if self.zstd { "zstd" } else { "zlib" }.to_string(),
+            lazy_refcounts: m.hdr.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+            refcount_bits: 1 << m.g.rc_order,
+            corrupt: m.hdr.incompatible & INCOMPAT_CORRUPT != 0,
+            extended_l2: m.hdr.incompatible & INCOMPAT_EXTL2 != 0,
+        }
+    }
+    fn is_dirty(&self) -> bool {
+        self.lock().hdr.incompatible & INCOMPAT_DIRTY != 0
+    }
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        if (repair.leaks || repair.errors) && self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut m = self.lock();
+        if !self.read_only {
+            m.writeback()?;
+        }
+        check::check(&mut m, self.size(), repair)
+    }
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable()?;
+        self.do_write_compressed(buf, offset)
+    }
+    fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        self.writable()?;
+        self.do_resize(new_size, shrink)
+    }
+    fn set_backing_spec(&self, spec: Option<&BackingSpec>) -> Result<()> {
+        self.writable()?;
+        let mut m = self.lock();
+        m.check_writable()?;
+        m.hdr.backing_file = spec.map(|s| s.name.clone());
+        m.hdr.backing_format = spec.and_then(|s| s.format).map(|f| f.name().to_string());
+        m.writeback()?;
+        m.write_header()?;
+        m.has_backing = spec.is_some();
+        drop(m);
+        *self.backing_spec.lock().unwrap_or_else(|p| p.into_inner()) = spec.cloned();
+        Ok(())
+    }
+    fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.closed.store(true, Ordering::Release);
+        let mut m = self.lock();
+        m.writeback()?;
+        self.storage.flush()?;
+        m.unflushed = false;
+        if m.set_dirty {
+            m.hdr.incompatible &= !INCOMPAT_DIRTY;
+            m.write_header()?;
+            m.set_dirty = false;
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,508 @@
+//! Consistency check and repair (`qemu-img check`), and the refcount rebuild used for
+//! dirty images (lazy refcounts) and `check -r all`.
+//!
+//! References are counted in memory, one counter per cluster of the file (bounded by
+//! the file size), exactly as QEMU does: header, active L1 and its L2 tables and data
+//! (with fragmentation statistics), snapshot L1 tables and their L2 tables, the snapshot
+//! table, the refcount table and the refcount blocks.
+
+use super::header::INCOMPAT_DIRTY;
+use super::tables::entry;
+use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK, ZERO};
+use crate::error::{Error, Result};
+use crate::format::qcow2::refcount::set_entry;
+use crate::format::{CheckReport, Repair};
+
+/// Most clusters a check handles (the in-memory array is 4 bytes per cluster).
+const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+
+struct Counter {
+    refs: Vec<u32>,
+    cs: u64,
+}
+
+impl Counter {
+    fn inc(&mut self, rep: &mut CheckReport, off: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let first = off / self.cs;
+        let last = (off + size - 1) / self.cs;
+        for c in first..=last {
+            match self.refs.get_mut(c as usize) {
+                Some(r) => *r = r.saturating_add(1),
+                None => {
+                    rep.messages.push(format!(
+                        "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {size:#x}"
+                    ));
+                    rep.corruptions += 1;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn read_table(m: &Meta, off: u64, entries: u64) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; (entries * 8) as usize];
+    m.st.read_at(&mut raw, off)?;
+    Ok((0..entries as usize).map(|i| entry(&raw, i)).collect())
+}
+
+/// Counts the references of one L1 table and everything below it.
+fn count_l1(
+    m: &Meta,
+    cnt: &mut Counter,
+    rep: &mut CheckReport,
+    l1: &[u64],
+    l1_off: u64,
+    active: bool,
+) -> Result<()> {
+    let cs = m.g.cs;
+    cnt.inc(rep, l1_off, l1.len() as u64 * 8);
+    let shift = m.g.csize_shift();
+    for &l1e in l1 {
+        let l2off = l1e & OFFSET_MASK;
+        if l2off == 0 {
+            continue;
+        }
+        cnt.inc(rep, l2off, cs);
+        if l2off % cs != 0 {
+            rep.messages.push(format!(
+                "ERROR l2_offset={l2off:x}: Table is not cluster aligned; L1 entry corrupted"
+            ));
+            rep.corruptions += 1;
+            continue;
+        }
+        let l2 = read_table(m, l2off, m.g.l2_entries)?;
+        let mut next_contiguous = 0u64;
+        for &e in &l2 {
+            if e & COMPRESSED != 0 {
+                if e & COPIED != 0 {
+                    rep.messages.push(format!(
+                        "ERROR: cluster {}: copied flag must never be set for compressed clusters",
+                        (e & !COPIED) >> m.g.cluster_bits
+                    ));
+                    rep.corruptions += 1;
+                }
+                let e = e & !COPIED;
+                let nsec = ((e >> shift) & ((1u64 << (62 - shift)) - 1)) + 1;
+                let coff = e & ((1u64 << shift) - 1);
+                cnt.inc(rep, coff & !511, nsec * 512);
+                if active {
+                    rep.allocated_clusters = Some(rep.allocated_clusters.unwrap_or(0) + 1);
+                    rep.compressed_clusters = Some(rep.compressed_clusters.unwrap_or(0) + 1);
+                    rep.fragmented_clusters = Some(rep.fragmented_clusters.unwrap_or(0) + 1);
+                }
+                continue;
+            }
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let _ = ZERO;
+            if active {
+                rep.allocated_clusters = Some(rep.allocated_clusters.unwrap_or(0) + 1);
+                if next_contiguous != 0 && off != next_contiguous {
+                    rep.fragmented_clusters = Some(rep.fragmented_clusters.unwrap_or(0) + 1);
+                }
+                next_contiguous = off + cs;
+            }
+            cnt.inc(rep, off, cs);
+            if off % cs != 0 {
+                rep.messages.push(format!(
+                    "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
+                ));
+                rep.corruptions += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Counts every reference in the image. Returns the counters and whether the
+/// refcount structure itself is broken (needs a rebuild).
+fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, bool)> {
+    let cs = m.g.cs;
+    let mut cnt = Counter {
+        refs: vec![0u32; nb as usize],
+        cs,
+    };
+    let mut rebuild = false;
+    cnt.inc(rep, 0, cs);
+    let l1 = m.l1.clone();
+    count_l1(m, &mut cnt, rep, &l1, m.hdr.l1_table_offset, true)?;
+    for sn in m.snapshots.clone() {
+        let t = read_table(m, sn.l1_offset, u64::from(sn.l1_size))?;
+        count_l1(m, &mut cnt, rep, &t, sn.l1_offset, false)?;
+    }
+    if m.hdr.nb_snapshots > 0 {
+        let len = super::snapshot::table_len(&*m.st, &m.hdr)?;
+        cnt.inc(rep, m.hdr.snapshots_offset, len);
+    }
+    cnt.inc(
+        rep,
+        m.hdr.refcount_table_offset,
+        u64::from(m.hdr.refcount_table_clusters) * cs,
+    );
+    for (i, &e) in m.rc_table.iter().enumerate() {
+        let off = e & REFT_OFFSET_MASK;
+        if e % cs != 0 && off != 0 {
+            rep.messages.push(format!(
+                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+            ));
+            rep.corruptions += 1;
+            rebuild = true;
+            continue;
+        }
+        if off == 0 {
+            continue;
+        }
+        let c = off / cs;
+        if c >= nb {
+            rep.messages
+                .push(format!("ERROR refcount block {i} is outside image"));
+            rep.corruptions += 1;
+            rebuild = true;
+            continue;
+        }
+        cnt.inc(rep, off, cs);
+        if cnt.refs[c as usize] != 1 {
+            rep.messages.push(format!(
+                "ERROR refcount block {i} refcount={}",
+                cnt.refs[c as usize]
+            ));
+            rep.corruptions += 1;
+            rebuild = true;
+        }
+    }
+    Ok((cnt, rebuild))
+}
+
+/// On-disk refcount of `c`, or `None` when its block cannot be read.
+fn disk_rc(m: &mut Meta, c: u64) -> Option<u64> {
+    let bi = c >> m.g.rc_block_bits;
+    let e = m.rc_table.get(bi as usize).copied().unwrap_or(0);
+    let off = e & REFT_OFFSET_MASK;
+    if off == 0 {
+        return Some(0);
+    }
+    if e % m.g.cs != 0 || off >= m.file_end.max(m.st.len().unwrap_or(0)) {
+        return None;
+    }
+    m.rc_get(c).ok()
+}
+
+/// Runs the check (and repairs) on an image whose caches were written back.
+pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckReport> {
+    let cs = m.g.cs;
+    let file_len = m.st.len()?;
+    let nb = file_len.div_ceil(cs);
+    if nb > MAX_CHECK_CLUSTERS {
+        return Err(Error::unsupported(format!(
+            "image file too large to check ({file_len} bytes)"
+        )));
+    }
+    let mut rep = CheckReport {
+        total_clusters: Some(vsize.div_ceil(cs)),
+        allocated_clusters: Some(0),
+        fragmented_clusters: Some(0),
+        compressed_clusters: Some(0),
+        ..CheckReport::default()
+    };
+    let (mut cnt, rebuild) = calculate(m, &mut rep, nb)?;
+    let mut rebuild = rebuild;
+    let mut highest = 0u64;
+    // First pass: report.
+    let mut mismatches: Vec<(u64, u64, u64)> = Vec::new();
+    for c in 0..nb {
+        let r2 = u64::from(cnt.refs[c as usize]);
+        let Some(r1) = disk_rc(m, c) else {
+            rep.messages.push(format!(
+                "Can't get refcount for cluster {c}: Input/output error"
+            ));
+            rep.check_errors += 1;
+            continue;
+        };
+        if r1 > 0 || r2 > 0 {
+            highest = c;
+        }
+        if r1 != r2 {
+            if r1 == 0 {
+                rebuild = true;
+            }
+            mismatches.push((c, r1, r2));
+        }
+    }
+    let writable = !m.read_only;
+    if rebuild && repair.errors && writable {
+        rep.messages
+            .push("Rebuilding refcount structure".to_string());
+        let old_corruptions =
+            rep.corruptions + mismatches.iter().filter(|(_, a, b)| a < b).count() as u64;
+        let old_leaks = mismatches.iter().filter(|(_, a, b)| a > b).count() as u64;
+        rebuild_from(m, &mut cnt)?;
+        rep.corruptions = 0;
+        rep.leaks = 0;
+        rep.corruptions_fixed += old_corruptions;
+        rep.leaks_fixed += old_leaks;
+        highest = cnt
+            .refs
+            .iter()
+            .rposition(|&r| r > 0)
+            .map_or(0, |p| p as u64);
+    } else {
+        if rebuild && (repair.errors || repair.leaks) {
+            rep.messages
+                .push("ERROR need to rebuild refcount structures".to_string());
+            rep.check_errors += 1;
+        }
+        for (c, r1, r2) in mismatches {
+            let fix =
+                writable && !rebuild && ((r1 > r2 && repair.leaks) || (r1 < r2 && repair.errors));
+            let label = if fix {
+                "Repairing"
+            } else if r1 < r2 {
+                "ERROR"
+            } else {
+                "Leaked"
+            };
+            rep.messages
+                .push(format!("{label} cluster {c} refcount={r1} reference={r2}"));
+            if fix && m.rc_set(c, r2).is_ok() {
+                if r1 > r2 {
+                    rep.leaks_fixed += 1;
+                } else {
+                    rep.corruptions_fixed += 1;
+                }
+                continue;
+            }
+            if r1 < r2 {
+                rep.corruptions += 1;
+            } else {
+                rep.leaks += 1;
+            }
+        }
+        if writable && (repair.leaks || repair.errors) {
+            m.write_rc_blocks()?;
+            m.st.flush()?;
+        }
+    }
+    check_copied(m, &mut rep, repair.errors && writable)?;
+    rep.image_end_offset = Some((highest + 1) * cs);
+    if writable
+        && (repair.leaks || repair.errors)
+        && rep.corruptions == 0
+        && rep.leaks == 0
+        && rep.check_errors == 0
+        && m.hdr.incompatible & INCOMPAT_DIRTY != 0
+    {
+        m.hdr.incompatible &= !INCOMPAT_DIRTY;
+        m.set_dirty = false;
+        m.write_header()?;
+    }
+    Ok(rep)
+}
+
+/// Checks (and fixes) the COPIED flags of the active tables against refcounts.
+fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
+    let cs = m.g.cs;
+    let mut l1_changed = false;
+    for i in 0..m.l1.len() {
+        let l1e = m.l1[i];
+        let l2off = l1e & OFFSET_MASK;
+        if l2off == 0 {
+            continue;
+        }
+        let Some(rc) = disk_rc(m, l2off / cs) else {
+            continue;
+        };
+        if (rc == 1) != (l1e & COPIED != 0) {
+            rep.messages.push(format!(
+                "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}",
+                if fix { "Repairing" } else { "ERROR" }
+            ));
+            if fix {
+                m.l1[i] = if rc == 1 { l1e | COPIED } else { l1e & !COPIED };
+                l1_changed = true;
+                rep.corruptions_fixed += 1;
+            } else {
+                rep.corruptions += 1;
+            }
+        }
+        if l2off % cs != 0 {
+            continue;
+        }
+        let mut raw = vec![0u8; cs as usize];
+        m.st.read_at(&mut raw, l2off)?;
+        let mut dirty = false;
+        for j in 0..m.g.l2_entries as usize {
+            let e = entry(&raw, j);
+            if e & COMPRESSED != 0 {
+                continue;
+            }
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let Some(rc) = disk_rc(m, off / cs) else {
+                continue;
+            };
+            if (rc == 1) != (e & COPIED != 0) {
+                rep.messages.push(format!(
+                    "{} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}",
+                    if fix { "Repairing" } else { "ERROR" }
+                ));
+                if fix {
+                    let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
+                    raw[j * 8..j * 8 + 8].copy_from_slice(&ne.to_be_bytes());
+                    dirty = true;
+                    rep.corruptions_fixed += 1;
+                } else {
+                    rep.corruptions += 1;
+                }
+            }
+        }
+        if dirty {
+            m.l2.forget(l2off);
+            m.st.write_at(&raw, l2off)?;
+        }
+    }
+    if l1_changed {
+        let mut raw = Vec::with_capacity(m.l1.len() * 8);
+        for e in &m.l1 {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        m.st.write_at(&raw, m.hdr.l1_table_offset)?;
+    }
+    if fix {
+        m.st.flush()?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the refcount structure from the references (dirty image on open).
+pub(crate) fn rebuild_refcounts(m: &mut Meta) -> Result<()> {
+    let cs = m.g.cs;
+    let file_len = m.st.len()?;
+    let nb = file_len.div_ceil(cs);
+    if nb > MAX_CHECK_CLUSTERS {
+        return Err(Error::unsupported(format!(
+            "image file too large to repair ({file_len} bytes)"
+        )));
+    }
+    let mut rep = CheckReport::default();
+    let (mut cnt, _) = calculate(m, &mut rep, nb)?;
+    if rep.corruptions > 0 {
+        return Err(Error::corrupt(format!(
+            "qcow2 image is dirty and its tables are corrupt; cannot repair refcounts: {}",
+            rep.messages.join("; ")
+        )));
+    }
+    rebuild_from(m, &mut cnt)
+}
+
+/// Writes a brand-new refcount structure (blocks + table, self-describing, placed
+/// after the end of the file) from the counted references, then switches the header
+/// to it. The old structure is not referenced anymore and becomes free space.
+fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
+    let cs = m.g.cs;
+    let per = m.g.rc_per_block;
+    let max = m.g.rc_max();
+    let order = m.g.rc_order;
+    // Forget the old structure's own clusters: the new one does not reference them.
+    let rt_off = m.hdr.refcount_table_offset;
+    let rt_clusters = u64::from(m.hdr.refcount_table_clusters);
+    for k in 0..rt_clusters {
+        if let Some(r) = cnt.refs.get_mut((rt_off / cs + k) as usize) {
+            *r = r.saturating_sub(1);
+        }
+    }
+    for &e in &m.rc_table {
+        let off = e & REFT_OFFSET_MASK;
+        if off != 0 && e % cs == 0 {
+            if let Some(r) = cnt.refs.get_mut((off / cs) as usize) {
+                *r = r.saturating_sub(1);
+            }
+        }
+    }
+    let used_end = cnt
+        .refs
+        .iter()
+        .rposition(|&r| r > 0)
+        .map_or(1, |p| p as u64 + 1);
+    let start = cnt.refs.len() as u64;
+    // Fixpoint: blocks needed for [0, used_end) and for the new region itself.
+    let mut nblocks = 0u64;
+    let mut tclusters = 1u64;
+    let (blocks, table_entries) = loop {
+        let region_end = start + nblocks + tclusters;
+        let mut bis: Vec<u64> = (0..used_end.div_ceil(per))
+            .filter(|&bi| {
+                let s = (bi * per) as usize;
+                let e = (((bi + 1) * per) as usize).min(cnt.refs.len());
+                s < e && cnt.refs[s..e].iter().any(|&r| r > 0)
+            })
+            .collect();
+        for bi in start / per..=(region_end - 1) / per {
+            if !bis.contains(&bi) {
+                bis.push(bi);
+            }
+        }
+        let last_bi = bis.iter().copied().max().unwrap_or(0);
+        let entries = ((last_bi + 1) * 8).div_ceil(cs) * cs / 8;
+        let tc = (entries * 8).div_ceil(cs);
+        if bis.len() as u64 == nblocks && tc == tclusters {
+            break (bis, entries);
+        }
+        nblocks = bis.len() as u64;
+        tclusters = tc;
+    };
+    if table_entries * 8 > super::header::MAX_REFTABLE_BYTES {
+        return Err(Error::NoSpace(
+            "rebuilt refcount table would exceed 8 MiB".into(),
+        ));
+    }
+    let region_end = start + nblocks + tclusters;
+    cnt.refs.resize(region_end as usize, 0);
+    for c in start..region_end {
+        cnt.refs[c as usize] = 1;
+    }
+    let mut table = vec![0u64; table_entries as usize];
+    for (k, &bi) in blocks.iter().enumerate() {
+        let off = (start + k as u64) * cs;
+        table[bi as usize] = off;
+        let mut data = vec![0u8; cs as usize];
+        for i in 0..per {
+            let c = bi * per + i;
+            if let Some(&r) = cnt.refs.get(c as usize) {
+                if r > 0 {
+                    set_entry(&mut data, i as usize, order, u64::from(r).min(max));
+                }
+            }
+        }
+        m.st.write_at(&data, off)?;
+    }
+    let toff = (start + nblocks) * cs;
+    let mut raw = Vec::with_capacity((tclusters * cs) as usize);
+    for e in &table {
+        raw.extend_from_slice(&e.to_be_bytes());
+    }
+    raw.resize((tclusters * cs) as usize, 0);
+    m.st.write_at(&raw, toff)?;
+    m.st.flush()?;
+    let mut h = [0u8; 12];
+    h[..8].copy_from_slice(&toff.to_be_bytes());
+    h[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
+    m.st.write_at(&h, 48)?;
+    m.st.flush()?;
+    m.unflushed = false;
+    m.hdr.refcount_table_offset = toff;
+    m.hdr.refcount_table_clusters = tclusters as u32;
+    m.rc_table = table;
+    m.rc.clear();
+    m.free_hint = 0;
+    m.compress_cursor = 0;
+    m.file_end = m.file_end.max(region_end * cs);
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Image creation with QEMU's layout: header cluster, refcount table, one refcount
+//! block, then the L1 table (allocated by growing an empty image to its size, as QEMU
+//! does), then preallocated metadata/data if asked.
+
+use super::header::*;
+use super::{Geom, Qcow2, COPIED};
+use crate::error::{Error, Result};
+use crate::format::{
+    parse_bool, parse_size, BackingSpec, CreateSpec, Driver, DriverOptions, Format,
+};
+use crate::storage::Storage;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prealloc {
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+struct Opts {
+    cluster_bits: u32,
+    version: u32,
+    refcount_order: u32,
+    zstd: bool,
+    lazy: bool,
+    prealloc: Prealloc,
+    backing: Option<BackingSpec>,
+}
+
+fn parse_opts(spec: &CreateSpec) -> Result<Opts> {
+    let mut cluster_size = 65536u64;
+    let mut version: Option<u32> = None;
+    let mut refcount_bits = 16u64;
+    let mut zstd = false;
+    let mut lazy = false;
+    let mut extended_l2 = false;
+    let mut prealloc = Prealloc::Off;
+    let mut backing_file: Option<String> = None;
+    let mut backing_fmt: Option<String> = None;
+    for (k, v) in &spec.options {
+        match k.as_str() {
+            "size" => {
+                parse_size(v).map_err(|_| {
+                    Error::invalid(
+                        "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
+                    )
+                })?;
+            }
+            "cluster_size" => {
+                cluster_size = parse_size(v).map_err(|_| {
+                    Error::invalid("Cluster size must be a power of two between 512 and 2048k")
+                })?;
+            }
+            "compat" | "version" => {
+                version = Some(match v.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "Parameter 'version' does not accept value '{v}'"
+                        )))
+                    }
+                })
+            }
+            "refcount_bits" => {
+                refcount_bits = v.parse().map_err(|_| {
+                    Error::invalid(
+                        "Refcount width must be a power of two and may not exceed 64 bits",
+                    )
+                })?;
+            }
+            "compression_type" => {
+                zstd = match v.as_str() {
+                    "zlib" => false,
+                    "zstd" => true,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "Parameter 'compression-type' does not accept value '{v}'"
+                        )))
+                    }
+                }
+            }
+            "lazy_refcounts" => lazy = parse_bool(k, v)?,
+            "extended_l2" => extended_l2 = parse_bool(k, v)?,
+            "preallocation" => {
+                prealloc = match v.as_str() {
+                    "off" => Prealloc::Off,
+                    "metadata" => Prealloc::Metadata,
+                    "falloc" => Prealloc::Falloc,
+                    "full" => Prealloc::Full,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "Parameter 'preallocation' does not accept value '{v}'"
+                        )))
+                    }
+                }
+            }
+            "backing_file" => backing_file = Some(v.clone()),
+            "backing_fmt" => backing_fmt = Some(v.clone()),
+            "encryption" | "encrypt.format" | "data_file" | "data_file_raw" => {
+                return Err(Error::unsupported(format!(
+                    "qcow2 option '{k}' (encryption / external data files) is not supported"
+                )))
+            }
+            _ => return Err(Error::invalid(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
+        return Err(Error::invalid(
+            "Cluster size must be a power of two between 512 and 2048k",
+        ));
+    }
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
+        return Err(Error::invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
+    }
+    let version = version.unwrap_or(3);
+    if version == 2 {
+        if refcount_bits != 16 {
+            return Err(Error::invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
+        }
+        if lazy {
+            return Err(Error::invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+        }
+        if zstd {
+            return Err(Error::invalid("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+        }
+        if extended_l2 {
+            return Err(Error::invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+        }
+    }
+    if extended_l2 {
+        if cluster_size < 16384 {
+            return Err(Error::invalid(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ));
+        }
+        return Err(Error::unsupported(
+            "Extended L2 entries (subclusters) are not supported by this qcow2 driver",
+        ));
+    }
+    let backing = match (&spec.backing, backing_file) {
+        (Some(b), _) => Some(b.clone()),
+        (None, Some(name)) => {
+            let format = match backing_fmt {
+                Some(f) => Some(Format::parse(&f)?),
+                None => None,
+            };
+            Some(BackingSpec { name, format })
+        }
+        (None, None) => None,
+    };
+    if let Some(b) = &backing {
+        if b.format.is_none() {
+            return Err(Error::invalid(
+                "Backing file specified without backing format",
+            ));
+        }
+        if b.name.len() > MAX_BACKING_NAME as usize {
+            return Err(Error::invalid("Backing file name too long"));
+        }
+        if prealloc != Prealloc::Off {
+            return Err(Error::invalid(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            ));
+        }
+    }
+    Ok(Opts {
+        cluster_bits: cluster_size.trailing_zeros(),
+        version,
+        refcount_order: refcount_bits.trailing_zeros(),
+        zstd,
+        lazy,
+        prealloc,
+        backing,
+    })
+}
+
+/// Creates a qcow2 image on `storage` (which should be empty).
+pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
+    let o = parse_opts(spec)?;
+    let cs = 1u64 << o.cluster_bits;
+    let g = Geom::new(o.cluster_bits, o.refcount_order, o.version);
+    let l1 = g.l1_entries_for(spec.size);
+    if l1 * 8 > MAX_L1_BYTES || spec.size > (1u64 << 62) {
+        return Err(Error::invalid(format!(
+            "Image size too large for cluster size {cs}: L1 table would exceed 32 MiB"
+        )));
+    }
+    let mut h = Header {
+        version: o.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: o.cluster_bits,
+        size: 0,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 0,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible: if o.zstd { INCOMPAT_COMPRESSION } else { 0 },
+        compatible: if o.lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
+        autoclear: 0,
+        refcount_order: o.refcount_order,
+        header_length: if o.version == 3 {
+            V3_HEADER_LEN
+        } else {
+            V2_HEADER_LEN as u32
+        },
+        compression_type: u8::from(o.zstd),
+        tail: vec![0u8; (V3_HEADER_LEN - 105) as usize],
+        backing_format: o
+            .backing
+            .as_ref()
+            .and_then(|b| b.format)
+            .map(|f| f.name().to_string()),
+        features: if o.version == 3 {
+            Header::default_features()
+        } else {
+            Vec::new()
+        },
+        has_data_file_ext: false,
+        other_exts: Vec::new(),
+        backing_file: o.backing.as_ref().map(|b| b.name.clone()),
+    };
+    let head = h.serialize()?;
+    storage.set_len(0)?;
+    storage.write_at(&head, 0)?;
+    let mut rt = vec![0u8; cs as usize];
+    rt[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+    storage.write_at(&rt, cs)?;
+    let mut rb = vec![0u8; cs as usize];
+    for c in 0..3 {
+        super::refcount::set_entry(&mut rb, c, o.refcount_order, 1);
+    }
+    storage.write_at(&rb, 2 * cs)?;
+    storage.flush()?;
+
+    let img = Qcow2::open(
+        storage.clone(),
+        &DriverOptions {
+            no_backing: true,
+            ..DriverOptions::default()
+        },
+        &mut |_s: &BackingSpec| {
+            Err(Error::invalid(
+                "backing files are not opened while creating",
+            ))
+        },
+    )?;
+    img.do_resize(spec.size, false)?;
+    if o.prealloc != Prealloc::Off {
+        preallocate(&img, spec.size, o.prealloc)?;
+    }
+    img.close()?;
+    Ok(())
+}
+
+/// Maps every guest cluster to a host cluster (L2 table first, then its data, table
+/// by table, as QEMU lays it out) and reserves or writes the data area.
+fn preallocate(img: &Qcow2, size: u64, mode: Prealloc) -> Result<()> {
+    let cs = img.g.cs;
+    let total = size.div_ceil(cs);
+    let per_table = img.g.l2_entries;
+    let mut end = 0u64;
+    let mut gc = 0u64;
+    while gc < total {
+        let l1i = (gc / per_table) as usize;
+        let k = (per_table - gc % per_table).min(total - gc);
+        let mut m = img.lock();
+        m.l2_for_write(l1i)?;
+        let host = m.alloc(k)?;
+        drop(m);
+        match mode {
+            Prealloc::Falloc => img.storage.allocate(host, k * cs)?,
+            Prealloc::Full => img.storage.write_zeroes(host, k * cs)?,
+            _ => {}
+        }
+        let mut m = img.lock();
+        for i in 0..k {
+            m.set_entry(l1i, gc + i, (host + i * cs) | COPIED)?;
+        }
+        m.maybe_writeback()?;
+        end = end.max(host + k * cs);
+        gc += k;
+    }
+    let mut m = img.lock();
+    m.writeback()?;
+    if img.storage.len()? < end {
+        img.storage.set_len(end)?;
+    }
+    m.barrier()?;
+    Ok(())
+}

@@ -1,0 +1,741 @@
+//! Guest I/O: read, write (with copy-on-write and the in-flight allocation list),
+//! zeroes, discard, block status, compressed writes and resize.
+
+use super::compress;
+use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+use super::tables::{entry, set};
+use super::{Meta, Qcow2, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::error::{Error, Result};
+use crate::format::{read_backing, Driver, Extent, ExtentKind, ZeroFlags};
+
+/// What an L2 entry says about one guest cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cl {
+    /// Not allocated here: backing file (or zeroes).
+    Unalloc,
+    /// Zero flag without a host cluster.
+    Zero,
+    /// Zero flag with a preallocated host cluster.
+    ZeroAlloc(u64, bool),
+    /// Data at a host offset; `copied`: refcount is exactly 1 (writable in place).
+    Data(u64, bool),
+    /// Compressed: host byte offset and the length to read.
+    Compressed(u64, u64),
+}
+
+/// Most clusters one allocating request reserves at once.
+const MAX_ALLOC_BYTES: u64 = 32 << 20;
+
+impl Meta {
+    /// Decodes an L2 entry of guest cluster `gc`.
+    pub(crate) fn classify(&mut self, e: u64, gc: u64) -> Result<Cl> {
+        if e & COMPRESSED != 0 {
+            let shift = self.g.csize_shift();
+            let off = e & ((1u64 << shift) - 1);
+            let nsec = (e >> shift) & ((1u64 << (62 - shift)) - 1);
+            let len = (nsec + 1) * 512 - (off & 511);
+            return Ok(Cl::Compressed(off, len));
+        }
+        let off = e & OFFSET_MASK;
+        let copied = e & COPIED != 0;
+        if off != 0 && off & (self.cs() - 1) != 0 {
+            return Err(self.mark_corrupt(format!(
+                "L2 entry of guest cluster {gc} points to unaligned host offset {off:#x}"
+            )));
+        }
+        if self.g.version >= 3 && e & ZERO != 0 {
+            return Ok(if off == 0 {
+                Cl::Zero
+            } else {
+                Cl::ZeroAlloc(off, copied)
+            });
+        }
+        if off == 0 {
+            return Ok(Cl::Unalloc);
+        }
+        Ok(Cl::Data(off, copied))
+    }
+
+    /// Queues the release of whatever host clusters an old entry referenced.
+    pub(crate) fn free_entry(&mut self, cl: Cl) {
+        match cl {
+            Cl::Data(h, _) | Cl::ZeroAlloc(h, _) => self.defer_free(h),
+            Cl::Compressed(off, len) => {
+                let cs = self.cs();
+                let start = off & !511;
+                let end = start + (len + (off & 511)).div_ceil(512) * 512;
+                let mut c = start / cs;
+                while c * cs < end {
+                    self.defer_free(c * cs);
+                    c += 1;
+                }
+            }
+            Cl::Unalloc | Cl::Zero => {}
+        }
+    }
+
+    /// Whether guest cluster `gc` is being allocated by another request.
+    pub(crate) fn in_flight(&self, gc: u64) -> bool {
+        self.inflight.iter().any(|&(s, e)| gc >= s && gc < e)
+    }
+
+    fn in_flight_range(&self, s: u64, e: u64) -> bool {
+        self.inflight.iter().any(|&(a, b)| a < e && s < b)
+    }
+
+    /// With lazy refcounts, marks the image dirty before its first allocating write.
+    pub(crate) fn before_alloc(&mut self) -> Result<()> {
+        if self.hdr.compatible & COMPAT_LAZY_REFCOUNTS != 0
+            && self.hdr.incompatible & INCOMPAT_DIRTY == 0
+        {
+            self.hdr.incompatible |= INCOMPAT_DIRTY;
+            self.write_header()?;
+            self.set_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Reserves room for `len` bytes of compressed data and returns its host offset.
+    /// Several compressed clusters share a host cluster; each counts once per host
+    /// cluster it touches.
+    fn alloc_compressed(&mut self, len: u64) -> Result<u64> {
+        let cs = self.cs();
+        let cur = self.compress_cursor;
+        let (off, end) = if cur != 0 && len <= cs - cur % cs {
+            self.rc_add(cur / cs, 1)?;
+            (cur, cur + len)
+        } else {
+            let new = self.alloc(1)?;
+            if cur != 0 && new == (cur / cs + 1) * cs {
+                // The next cluster was free: let the data span into it.
+                self.rc_add(cur / cs, 1)?;
+                (cur, cur + len)
+            } else {
+                (new, new + len)
+            }
+        };
+        self.compress_cursor = if end % cs == 0 { 0 } else { end };
+        Ok(off)
+    }
+}
+
+/// A piece of a read.
+enum Src {
+    Backing(u64),
+    Zero,
+    Host(u64),
+    Compressed(u64, u64, usize),
+}
+
+impl Qcow2 {
+    fn wait_inflight<'a>(
+        &'a self,
+        mut m: std::sync::MutexGuard<'a, Meta>,
+        s: u64,
+        e: u64,
+    ) -> std::sync::MutexGuard<'a, Meta> {
+        while m.in_flight_range(s, e) {
+            m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+        }
+        m
+    }
+
+    fn read_compressed(&self, off: u64, len: u64) -> Result<Vec<u8>> {
+        let mut src = vec![0u8; len as usize];
+        self.storage.read_at(&mut src, off)?;
+        compress::decompress(&src, self.g.cs as usize, self.zstd, off)
+    }
+
+    pub(crate) fn do_read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let span = cs * self.g.l2_entries;
+        let len = buf.len() as u64;
+        let mut pos = 0u64;
+        while pos < len {
+            let cur = offset + pos;
+            let limit = (len - pos).min(span - cur % span) + pos;
+            let mut segs: Vec<(usize, usize, Src)> = Vec::new();
+            {
+                let mut m = self.lock();
+                let mut p = pos;
+                while p < limit {
+                    let g = offset + p;
+                    let gc = g / cs;
+                    let in_off = g % cs;
+                    let n = (cs - in_off).min(limit - p);
+                    let e = m.l2_entry(gc)?;
+                    let src = match m.classify(e, gc)? {
+                        Cl::Unalloc => Src::Backing(g),
+                        Cl::Zero | Cl::ZeroAlloc(..) => Src::Zero,
+                        Cl::Data(h, _) => Src::Host(h + in_off),
+                        Cl::Compressed(o, l) => Src::Compressed(o, l, in_off as usize),
+                    };
+                    let merged = match (segs.last_mut(), &src) {
+                        (Some((_, l, Src::Backing(b))), Src::Backing(x))
+                            if *b + *l as u64 == *x =>
+                        {
+                            *l += n as usize;
+                            true
+                        }
+                        (Some((_, l, Src::Zero)), Src::Zero) => {
+                            *l += n as usize;
+                            true
+                        }
+                        (Some((_, l, Src::Host(h))), Src::Host(x)) if *h + *l as u64 == *x => {
+                            *l += n as usize;
+                            true
+                        }
+                        _ => false,
+                    };
+                    if !merged {
+                        segs.push((p as usize, n as usize, src));
+                    }
+                    p += n;
+                }
+            }
+            for (start, n, src) in segs {
+                let out = &mut buf[start..start + n];
+                match src {
+                    Src::Zero => out.fill(0),
+                    Src::Backing(g) => read_backing(self.backing.as_ref(), out, g)?,
+                    Src::Host(h) => self.storage.read_at(out, h)?,
+                    Src::Compressed(o, l, in_off) => {
+                        let data = self.read_compressed(o, l)?;
+                        out.copy_from_slice(&data[in_off..in_off + n]);
+                    }
+                }
+            }
+            pos = limit;
+        }
+        Ok(())
+    }
+
+    /// Bytes `[start, end)` of guest cluster `gc` as they read now (copy-on-write source).
+    fn read_old(&self, cl: Cl, gc: u64, start: u64, out: &mut [u8]) -> Result<()> {
+        let cs = self.g.cs;
+        match cl {
+            Cl::Unalloc => read_backing(self.backing.as_ref(), out, gc * cs + start),
+            Cl::Zero | Cl::ZeroAlloc(..) => {
+                out.fill(0);
+                Ok(())
+            }
+            Cl::Data(h, _) => Ok(self.storage.read_at(out, h + start)?),
+            Cl::Compressed(o, l) => {
+                let d = self.read_compressed(o, l)?;
+                out.copy_from_slice(&d[start as usize..start as usize + out.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn do_write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let len = buf.len() as u64;
+        let mut pos = 0u64;
+        while pos < len {
+            let cur = offset + pos;
+            let gc = cur / cs;
+            let in_off = cur % cs;
+            let mut m = self.lock();
+            m.check_writable()?;
+            m = self.wait_inflight(m, gc, gc + 1);
+            let e = m.l2_entry(gc)?;
+            let cl = m.classify(e, gc)?;
+            if let Cl::Data(host, true) = cl {
+                // In-place: extend over following clusters contiguous on the host.
+                let mut n = (cs - in_off).min(len - pos);
+                let mut next = host + cs;
+                let mut g2 = gc + 1;
+                while pos + n < len {
+                    let e2 = m.l2_entry(g2)?;
+                    match m.classify(e2, g2)? {
+                        Cl::Data(h2, true) if h2 == next => {
+                            n += cs.min(len - pos - n);
+                            next += cs;
+                            g2 += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                drop(m);
+                self.storage
+                    .write_at(&buf[pos as usize..(pos + n) as usize], host + in_off)?;
+                pos += n;
+                continue;
+            }
+            // Allocating run: clusters needing a new host cluster, inside one L2 table.
+            let l1i = (gc >> self.g.l2_bits) as usize;
+            if l1i >= m.l1.len() {
+                return Err(Error::corrupt(format!(
+                    "guest cluster {gc} is beyond the L1 table ({} entries)",
+                    m.l1.len()
+                )));
+            }
+            let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
+            let last = (offset + len - 1) / cs;
+            let max_k = (MAX_ALLOC_BYTES / cs).max(1);
+            let mut olds = vec![cl];
+            let mut g2 = gc + 1;
+            while g2 <= last && g2 < table_end && (olds.len() as u64) < max_k {
+                if m.in_flight(g2) {
+                    break;
+                }
+                let e2 = m.l2_entry(g2)?;
+                let c2 = m.classify(e2, g2)?;
+                if let Cl::Data(_, true) = c2 {
+                    break;
+                }
+                olds.push(c2);
+                g2 += 1;
+            }
+            let k = olds.len() as u64;
+            m.before_alloc()?;
+            m.l2_for_write(l1i)?;
+            let host = m.alloc(k)?;
+            m.inflight.push((gc, gc + k));
+            drop(m);
+            let res = self.cow_write(buf, pos, offset, gc, k, host, &olds);
+            let mut m = self.lock();
+            if let Some(i) = m.inflight.iter().position(|&r| r == (gc, gc + k)) {
+                m.inflight.swap_remove(i);
+            }
+            let done = match res {
+                Ok(n) => m.link(l1i, gc, k, host).map(|_| n),
+                Err(e) => Err(e),
+            };
+            if done.is_err() {
+                let _ = m.unalloc(host, k);
+            }
+            self.alloc_done.notify_all();
+            pos += done?;
+            m.maybe_writeback()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the data of an allocating run with its head/tail copy-on-write in one
+    /// vectored write. Returns the guest bytes consumed.
+    #[allow(clippy::too_many_arguments)]
+    fn cow_write(
+        &self,
+        buf: &[u8],
+        pos: u64,
+        offset: u64,
+        gc: u64,
+        k: u64,
+        host: u64,
+        olds: &[Cl],
+    ) -> Result<u64> {
+        let cs = self.g.cs;
+        let cur = offset + pos;
+        let head = cur - gc * cs;
+        let run_end = (gc + k) * cs;
+        let data_end = (offset + buf.len() as u64).min(run_end);
+        let n = data_end - cur;
+        let tail = run_end - data_end;
+        let mut hbuf = vec![0u8; head as usize];
+        if head > 0 {
+            self.read_old(olds[0], gc, 0, &mut hbuf)?;
+        }
+        let mut tbuf = vec![0u8; tail as usize];
+        if tail > 0 {
+            self.read_old(olds[(k - 1) as usize], gc + k - 1, cs - tail, &mut tbuf)?;
+        }
+        let data = &buf[pos as usize..(pos + n) as usize];
+        let mut v: Vec<&[u8]> = Vec::with_capacity(3);
+        if head > 0 {
+            v.push(&hbuf);
+        }
+        v.push(data);
+        if tail > 0 {
+            v.push(&tbuf);
+        }
+        self.storage.write_vectored_at(&v, host)?;
+        Ok(n)
+    }
+
+    pub(crate) fn do_write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.g.cs;
+        let end = offset + len;
+        let first_full = offset.div_ceil(cs);
+        // The final partial cluster of the image counts as whole.
+        let size = self.size();
+        let last_full = if end == size {
+            end.div_ceil(cs)
+        } else {
+            end / cs
+        };
+        if first_full >= last_full {
+            return self.zero_partial(offset, len, flags);
+        }
+        if offset < first_full * cs {
+            self.zero_partial(offset, first_full * cs - offset, flags)?;
+        }
+        let whole_end = (last_full * cs).min(end);
+        if whole_end < end {
+            self.zero_partial(whole_end, end - whole_end, flags)?;
+        }
+        if self.g.version < 3 {
+            let has_backing = self.lock().has_backing;
+            if has_backing {
+                if flags.fast {
+                    return Err(Error::unsupported(
+                        "qcow2 v2 image with a backing file cannot write zeroes without writing data",
+                    ));
+                }
+                return self.write_zero_bytes(first_full * cs, whole_end - first_full * cs);
+            }
+            return self.set_clusters(first_full, last_full, Mode::Dealloc);
+        }
+        self.set_clusters(
+            first_full,
+            last_full,
+            if flags.may_unmap {
+                Mode::ZeroUnmap
+            } else {
+                Mode::ZeroKeep
+            },
+        )
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<()> {
+        let end = offset + len;
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        while offset < end {
+            let n = (end - offset).min(chunk.len() as u64) as usize;
+            self.do_write(&chunk[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range that does not cover whole clusters, cluster by cluster: pieces
+    /// that already read as zeroes are left alone.
+    fn zero_partial(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let cs = self.g.cs;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let n = (cs - off % cs).min(end - off);
+            let gc = off / cs;
+            let already = {
+                let mut m = self.lock();
+                let e = m.l2_entry(gc)?;
+                match m.classify(e, gc)? {
+                    Cl::Zero | Cl::ZeroAlloc(..) => true,
+                    Cl::Unalloc => self.backing.is_none() && !m.has_backing,
+                    _ => false,
+                }
+            };
+            if !already {
+                if flags.fast {
+                    return Err(Error::unsupported(
+                        "writing zeroes to part of a qcow2 cluster needs writing data",
+                    ));
+                }
+                self.write_zero_bytes(off, n)?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn do_discard(&self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let end = offset + len;
+        let first = offset.div_ceil(cs);
+        let last = if end == self.size() {
+            end.div_ceil(cs)
+        } else {
+            end / cs
+        };
+        if first >= last {
+            return Ok(());
+        }
+        let has_backing = self.lock().has_backing;
+        let mode = if self.g.version >= 3 && has_backing {
+            Mode::ZeroUnmap
+        } else {
+            Mode::Dealloc
+        };
+        self.set_clusters(first, last, mode)
+    }
+
+    /// Rewrites the L2 entries of guest clusters `[first, last)` (zero flag or
+    /// deallocation), releasing the host clusters they referenced.
+    fn set_clusters(&self, first: u64, last: u64, mode: Mode) -> Result<()> {
+        let mut gc = first;
+        while gc < last {
+            let l1i = (gc >> self.g.l2_bits) as usize;
+            let table_end = (((l1i as u64) + 1) << self.g.l2_bits).min(last);
+            let mut m = self.lock();
+            m.check_writable()?;
+            m = self.wait_inflight(m, gc, table_end);
+            if l1i >= m.l1.len() {
+                return Err(Error::corrupt(format!(
+                    "guest cluster {gc} is beyond the L1 table"
+                )));
+            }
+            let unalloc_table = m.l1[l1i] & OFFSET_MASK == 0;
+            let backing_visible = m.has_backing;
+            if unalloc_table && (mode == Mode::Dealloc || !backing_visible) {
+                gc = table_end;
+                continue;
+            }
+            let mut prepared = false;
+            let mask = self.g.l2_entries - 1;
+            for g in gc..table_end {
+                let e = m.l2_entry(g)?;
+                let cl = m.classify(e, g)?;
+                let new = match (mode, cl) {
+                    (Mode::Dealloc, _) => 0,
+                    (Mode::ZeroKeep, Cl::Data(h, true))
+                    | (Mode::ZeroKeep, Cl::ZeroAlloc(h, true)) => h | COPIED | ZERO,
+                    _ => ZERO,
+                };
+                if new == e {
+                    continue;
+                }
+                if cl == Cl::Unalloc && new == ZERO && !backing_visible {
+                    continue;
+                }
+                if !prepared {
+                    m.before_alloc()?;
+                    prepared = true;
+                }
+                let s = m.l2_for_write(l1i)?;
+                set(&mut m.l2.slot_mut(s).data, (g & mask) as usize, new);
+                m.l2_dirty(s);
+                let kept = new & OFFSET_MASK;
+                match cl {
+                    Cl::Data(h, _) | Cl::ZeroAlloc(h, _) if h == kept => {}
+                    _ => m.free_entry(cl),
+                }
+            }
+            m.maybe_writeback()?;
+            drop(m);
+            gc = table_end;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn do_block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let cs = self.g.cs;
+        let mut m = self.lock();
+        let end = offset + len;
+        let gc0 = offset / cs;
+        let e0 = m.l2_entry(gc0)?;
+        let c0 = m.classify(e0, gc0)?;
+        let in_off = offset % cs;
+        let host_of = |c: Cl| match c {
+            Cl::Data(h, _) | Cl::ZeroAlloc(h, _) => Some(h),
+            _ => None,
+        };
+        let key = |c: Cl| match c {
+            Cl::Unalloc => 0,
+            Cl::Zero | Cl::ZeroAlloc(..) => 1,
+            Cl::Data(..) => 2,
+            Cl::Compressed(..) => 3,
+        };
+        let mut n = (cs - in_off).min(len);
+        let mut gc = gc0 + 1;
+        let mut expect = host_of(c0).map(|h| h + cs);
+        // Bounded per call; callers loop.
+        let max_clusters = 4 * self.g.l2_entries;
+        while offset + n < end && gc - gc0 < max_clusters {
+            let l1i = (gc >> self.g.l2_bits) as usize;
+            let l1e = m.l1.get(l1i).copied().unwrap_or(0);
+            if l1e & OFFSET_MASK == 0 && c0 == Cl::Unalloc {
+                // A whole unallocated table.
+                let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
+                let add = (table_end * cs).min(end) - (offset + n);
+                n += add;
+                gc = table_end;
+                continue;
+            }
+            let e = m.l2_entry(gc)?;
+            let c = m.classify(e, gc)?;
+            if key(c) != key(c0) || host_of(c) != expect {
+                break;
+            }
+            n += cs.min(end - offset - n);
+            expect = expect.map(|h| h + cs);
+            gc += 1;
+        }
+        let (kind, off, compressed) = match c0 {
+            Cl::Unalloc => (ExtentKind::Unallocated, None, false),
+            Cl::Zero => (ExtentKind::Zero, None, false),
+            Cl::ZeroAlloc(h, _) => (ExtentKind::Zero, Some(h + in_off), false),
+            Cl::Data(h, _) => (ExtentKind::Data, Some(h + in_off), false),
+            Cl::Compressed(..) => (ExtentKind::Data, None, true),
+        };
+        Ok(Extent {
+            len: n,
+            kind,
+            offset: off,
+            compressed,
+        })
+    }
+
+    pub(crate) fn do_write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let size = self.size();
+        if offset % cs != 0 || offset >= size {
+            return Err(Error::invalid(format!(
+                "compressed write at offset {offset} is not cluster aligned or past the end"
+            )));
+        }
+        let want = cs.min(size - offset);
+        if buf.len() as u64 != want {
+            return Err(Error::invalid(format!(
+                "compressed writes must cover one whole cluster ({want} bytes), got {}",
+                buf.len()
+            )));
+        }
+        let full;
+        let input: &[u8] = if want < cs {
+            let mut f = vec![0u8; cs as usize];
+            f[..buf.len()].copy_from_slice(buf);
+            full = f;
+            &full
+        } else {
+            buf
+        };
+        // Compression runs without any lock so callers can use every core.
+        let Some(comp) = compress::compress(input, self.zstd)? else {
+            return self.do_write(buf, offset);
+        };
+        let gc = offset / cs;
+        let l1i = (gc >> self.g.l2_bits) as usize;
+        let mut m = self.lock();
+        m.check_writable()?;
+        m = self.wait_inflight(m, gc, gc + 1);
+        m.before_alloc()?;
+        m.l2_for_write(l1i)?;
+        let host = m.alloc_compressed(comp.len() as u64)?;
+        m.inflight.push((gc, gc + 1));
+        drop(m);
+        let res = self.storage.write_at(&comp, host);
+        let mut m = self.lock();
+        if let Some(i) = m.inflight.iter().position(|&r| r == (gc, gc + 1)) {
+            m.inflight.swap_remove(i);
+        }
+        let r = match res {
+            Ok(()) => {
+                let shift = m.g.csize_shift();
+                let nsec = ((host + comp.len() as u64 - 1) >> 9) - (host >> 9);
+                let ent = COMPRESSED | (nsec << shift) | host;
+                m.set_entry(l1i, gc, ent)
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.alloc_done.notify_all();
+        r?;
+        m.maybe_writeback()
+    }
+
+    pub(crate) fn do_resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        let cs = self.g.cs;
+        let cur = self.size();
+        if new_size == cur {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.check_writable()?;
+        if !m.snapshots.is_empty() {
+            return Err(Error::unsupported(
+                "Can't resize a qcow2 image with snapshots",
+            ));
+        }
+        if new_size < cur {
+            if !shrink {
+                return Err(Error::invalid(
+                    "Use the --shrink option to perform a shrink operation.",
+                ));
+            }
+            drop(m);
+            let first = new_size.div_ceil(cs);
+            let last = cur.div_ceil(cs);
+            if first < last {
+                self.set_clusters(first, last, Mode::Dealloc)?;
+            }
+            m = self.lock();
+        } else {
+            let need = m.g.l1_entries_for(new_size);
+            if need * 8 > super::header::MAX_L1_BYTES {
+                return Err(Error::invalid(format!(
+                    "qcow2 image size {new_size} needs an L1 table larger than 32 MiB"
+                )));
+            }
+            if need > m.l1.len() as u64 {
+                m.writeback()?;
+                let bytes = need * 8;
+                let clusters = bytes.div_ceil(cs);
+                let new_off = m.alloc(clusters)?;
+                let mut l1 = m.l1.clone();
+                l1.resize(need as usize, 0);
+                let mut raw = Vec::with_capacity((clusters * cs) as usize);
+                for e in &l1 {
+                    raw.extend_from_slice(&e.to_be_bytes());
+                }
+                raw.resize((clusters * cs) as usize, 0);
+                m.st.write_at(&raw, new_off)?;
+                m.unflushed = true;
+                m.barrier()?;
+                let old_off = m.hdr.l1_table_offset;
+                let old_clusters = (u64::from(m.hdr.l1_size) * 8).div_ceil(cs);
+                m.hdr.l1_table_offset = new_off;
+                m.hdr.l1_size = need as u32;
+                m.hdr.size = new_size;
+                m.l1 = l1;
+                m.write_header()?;
+                for i in 0..old_clusters {
+                    m.rc_add(old_off / cs + i, -1)?;
+                }
+            }
+        }
+        m.writeback()?;
+        m.barrier()?;
+        m.hdr.size = new_size;
+        m.write_header()?;
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Dealloc,
+    ZeroUnmap,
+    ZeroKeep,
+}
+
+impl Meta {
+    /// Points guest clusters `gc..gc+k` at the new host run (data already written)
+    /// and releases what they referenced before.
+    pub(crate) fn link(&mut self, l1i: usize, gc: u64, k: u64, host: u64) -> Result<()> {
+        let cs = self.cs();
+        for i in 0..k {
+            self.set_entry(l1i, gc + i, (host + i * cs) | COPIED)?;
+        }
+        Ok(())
+    }
+
+    /// Sets one L2 entry, releasing the old one's clusters.
+    pub(crate) fn set_entry(&mut self, l1i: usize, gc: u64, new: u64) -> Result<()> {
+        let s = self.l2_for_write(l1i)?;
+        let idx = (gc & (self.g.l2_entries - 1)) as usize;
+        let old = entry(&self.l2.slot(s).data, idx);
+        set(&mut self.l2.slot_mut(s).data, idx, new);
+        self.l2_dirty(s);
+        // New data (or refcounts) must be durable before this table is written.
+        self.unflushed = true;
+        let cl = self.classify(old, gc)?;
+        self.free_entry(cl);
+        Ok(())
+    }
+}

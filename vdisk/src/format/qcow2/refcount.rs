@@ -1,0 +1,311 @@
+//! Refcount entries (every width from 1 to 64 bits), refcount blocks through the
+//! cache, new refcount blocks and refcount-table growth.
+//!
+//! New structures are always self-describing and complete before anything points at
+//! them: a new block is written (and flushed) before its table entry, a new table with
+//! its blocks is flushed before the header switches to it, and the old table is only
+//! freed afterwards.
+
+use super::{Meta, MAX_HOST_OFFSET, REFT_OFFSET_MASK};
+use crate::error::{Error, Result};
+use crate::format::qcow2::header::MAX_REFTABLE_BYTES;
+
+/// Reads entry `i` of a refcount block of width `1 << order` bits.
+pub(crate) fn get_entry(block: &[u8], i: usize, order: u32) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let byte = block[i / per_byte];
+            let shift = (i % per_byte) * bits;
+            u64::from(byte >> shift) & ((1u64 << bits) - 1)
+        }
+        3 => u64::from(block[i]),
+        4 => u64::from(u16::from_be_bytes([block[2 * i], block[2 * i + 1]])),
+        5 => u64::from(u32::from_be_bytes([
+            block[4 * i],
+            block[4 * i + 1],
+            block[4 * i + 2],
+            block[4 * i + 3],
+        ])),
+        _ => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&block[8 * i..8 * i + 8]);
+            u64::from_be_bytes(a)
+        }
+    }
+}
+
+/// Writes entry `i` (the value must fit the width).
+pub(crate) fn set_entry(block: &mut [u8], i: usize, order: u32, v: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (i % per_byte) * bits;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            let b = &mut block[i / per_byte];
+            *b = (*b & !mask) | (((v as u8) << shift) & mask);
+        }
+        3 => block[i] = v as u8,
+        4 => block[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_be_bytes()),
+        5 => block[4 * i..4 * i + 4].copy_from_slice(&(v as u32).to_be_bytes()),
+        _ => block[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()),
+    }
+}
+
+impl Meta {
+    /// Host offset of refcount block `bi`, 0 if it has none (or lies beyond the table).
+    pub(crate) fn rc_block_offset(&self, bi: u64) -> u64 {
+        self.rc_table
+            .get(bi as usize)
+            .map_or(0, |e| e & REFT_OFFSET_MASK)
+    }
+
+    /// Cache slot of the refcount block at `off`, loading it (and evicting) if needed.
+    pub(crate) fn rc_slot(&mut self, off: u64) -> Result<usize> {
+        if let Some(i) = self.rc.lookup(off) {
+            return Ok(i);
+        }
+        if off % self.cs() != 0 || off >= MAX_HOST_OFFSET {
+            return Err(self.mark_corrupt(format!(
+                "Refcount block offset {off:#x} is not cluster aligned or out of range; refcount table corrupted"
+            )));
+        }
+        if self.rc.full() {
+            if let Some(v) = self.rc.victim() {
+                if self.rc.slot(v).dirty {
+                    let s = self.rc.slot(v);
+                    self.st.write_at(&s.data, s.offset)?;
+                    self.unflushed = true;
+                }
+                self.rc.remove(v);
+            }
+        }
+        let mut data = vec![0u8; self.cs() as usize];
+        self.st.read_at(&mut data, off)?;
+        Ok(self.rc.insert(off, data, false))
+    }
+
+    /// Refcount of host cluster `c`.
+    pub(crate) fn rc_get(&mut self, c: u64) -> Result<u64> {
+        let bi = c >> self.g.rc_block_bits;
+        let off = self.rc_block_offset(bi);
+        if off == 0 {
+            return Ok(0);
+        }
+        let i = self.rc_slot(off)?;
+        let idx = (c & (self.g.rc_per_block - 1)) as usize;
+        Ok(get_entry(&self.rc.slot(i).data, idx, self.g.rc_order))
+    }
+
+    /// Adds `delta` to the refcount of host cluster `c` (in cache). The block must exist
+    /// for increments; a decrement below zero is a corruption.
+    pub(crate) fn rc_add(&mut self, c: u64, delta: i64) -> Result<u64> {
+        let bi = c >> self.g.rc_block_bits;
+        let off = self.rc_block_offset(bi);
+        if off == 0 {
+            return Err(self.mark_corrupt(format!(
+                "refcount block for cluster {c} is missing while updating its refcount"
+            )));
+        }
+        let i = self.rc_slot(off)?;
+        let idx = (c & (self.g.rc_per_block - 1)) as usize;
+        let order = self.g.rc_order;
+        let max = self.g.rc_max();
+        let cur = get_entry(&self.rc.slot(i).data, idx, order);
+        let new = if delta >= 0 {
+            match cur.checked_add(delta as u64) {
+                Some(n) if n <= max => n,
+                _ => {
+                    return Err(Error::NoSpace(format!(
+                        "refcount of cluster {c} would overflow ({cur} + {delta} > {max})"
+                    )))
+                }
+            }
+        } else {
+            match cur.checked_sub(delta.unsigned_abs()) {
+                Some(n) => n,
+                None => {
+                    return Err(self.mark_corrupt(format!(
+                        "refcount of cluster {c} would drop below zero ({cur} {delta})"
+                    )))
+                }
+            }
+        };
+        let s = self.rc.slot_mut(i);
+        set_entry(&mut s.data, idx, order, new);
+        s.dirty = true;
+        if new == 0 && c < self.free_hint {
+            self.free_hint = c;
+        }
+        Ok(new)
+    }
+
+    /// Sets the refcount of `c` (repair). The block must exist.
+    pub(crate) fn rc_set(&mut self, c: u64, v: u64) -> Result<()> {
+        let cur = self.rc_get(c)?;
+        if v >= cur {
+            self.rc_add(c, (v - cur) as i64)?;
+        } else {
+            self.rc_add(c, -((cur - v) as i64))?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block.
+    pub(crate) fn write_rc_blocks(&mut self) -> Result<()> {
+        for i in self.rc.dirty() {
+            let s = self.rc.slot(i);
+            self.st.write_at(&s.data, s.offset)?;
+            self.rc.slot_mut(i).dirty = false;
+            self.unflushed = true;
+        }
+        Ok(())
+    }
+
+    fn write_rc_table_entry(&mut self, bi: u64) -> Result<()> {
+        let v = self.rc_table[bi as usize];
+        self.st
+            .write_at(&v.to_be_bytes(), self.hdr.refcount_table_offset + bi * 8)?;
+        self.unflushed = true;
+        Ok(())
+    }
+
+    /// Makes sure refcount block `bi` exists, allocating (and possibly growing the
+    /// table). May allocate clusters, so callers searching for free space search again.
+    pub(crate) fn ensure_rc_block(&mut self, bi: u64) -> Result<()> {
+        // Each round creates one block or grows the table, so this is bounded by the
+        // table size limit.
+        for _ in 0..(MAX_REFTABLE_BYTES / 8 + 2) {
+            if bi >= self.rc_table.len() as u64 {
+                self.grow_rc_table(bi)?;
+                continue;
+            }
+            if self.rc_block_offset(bi) != 0 {
+                return Ok(());
+            }
+            let c = self.find_free(1)?;
+            let cbi = c >> self.g.rc_block_bits;
+            if cbi >= self.rc_table.len() as u64 {
+                self.grow_rc_table(cbi)?;
+                continue;
+            }
+            let cs = self.cs();
+            let mut data = vec![0u8; cs as usize];
+            if self.rc_block_offset(cbi) == 0 {
+                // The new block describes itself.
+                set_entry(
+                    &mut data,
+                    (c & (self.g.rc_per_block - 1)) as usize,
+                    self.g.rc_order,
+                    1,
+                );
+                self.st.write_at(&data, c * cs)?;
+                self.st.flush()?;
+                self.rc_table[cbi as usize] = c * cs;
+                self.write_rc_table_entry(cbi)?;
+                self.rc.forget(c * cs);
+                self.file_end = self.file_end.max((c + 1) * cs);
+                continue;
+            }
+            self.rc_add(c, 1)?;
+            self.write_rc_blocks()?;
+            self.st.write_at(&data, c * cs)?;
+            self.st.flush()?;
+            self.rc_table[bi as usize] = c * cs;
+            self.write_rc_table_entry(bi)?;
+            self.rc.forget(c * cs);
+            self.file_end = self.file_end.max((c + 1) * cs);
+        }
+        Err(Error::NoSpace(
+            "could not allocate a refcount block".to_string(),
+        ))
+    }
+
+    /// Replaces the refcount table by a larger one that has an entry for block
+    /// `need_bi`, placed with its own new refcount blocks after everything the old
+    /// table covers.
+    pub(crate) fn grow_rc_table(&mut self, need_bi: u64) -> Result<()> {
+        let cs = self.cs();
+        let per = self.g.rc_per_block;
+        let old_len = self.rc_table.len() as u64;
+        let file_clusters = self.file_end.div_ceil(cs);
+        let start = (old_len * per).max(file_clusters);
+        let entries_per_cluster = cs / 8;
+        let mut new_len = (need_bi + 1).max(old_len + old_len / 2).max(1);
+        let mut nblocks = 0u64;
+        let (first_bi, tclusters) = loop {
+            let tclusters = (new_len * 8).div_ceil(cs);
+            new_len = tclusters * entries_per_cluster;
+            let total = nblocks + tclusters;
+            let first = start / per;
+            let last = (start + total - 1) / per;
+            let need_blocks = last - first + 1;
+            if need_blocks != nblocks {
+                nblocks = need_blocks;
+                continue;
+            }
+            if last >= new_len {
+                new_len = last + 1;
+                continue;
+            }
+            break (first, tclusters);
+        };
+        if new_len * 8 > MAX_REFTABLE_BYTES || (start + nblocks + tclusters) * cs > MAX_HOST_OFFSET
+        {
+            return Err(Error::NoSpace(format!(
+                "refcount table would exceed {} bytes",
+                MAX_REFTABLE_BYTES
+            )));
+        }
+        let total = nblocks + tclusters;
+        let order = self.g.rc_order;
+        // Blocks first, each counting the new clusters it covers.
+        let mut new_table = self.rc_table.clone();
+        new_table.resize(new_len as usize, 0);
+        for k in 0..nblocks {
+            let bi = first_bi + k;
+            let mut data = vec![0u8; cs as usize];
+            for c in start..start + total {
+                if c / per == bi {
+                    set_entry(&mut data, (c % per) as usize, order, 1);
+                }
+            }
+            let off = (start + k) * cs;
+            self.st.write_at(&data, off)?;
+            new_table[bi as usize] = off;
+        }
+        let mut raw = Vec::with_capacity((tclusters * cs) as usize);
+        for e in &new_table {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        raw.resize((tclusters * cs) as usize, 0);
+        let table_off = (start + nblocks) * cs;
+        self.st.write_at(&raw, table_off)?;
+        // Existing dirty blocks are still valid where they are; write them too so the
+        // new structure is complete on disk before the header points to it.
+        self.write_rc_blocks()?;
+        self.st.flush()?;
+        let mut h = [0u8; 12];
+        h[..8].copy_from_slice(&table_off.to_be_bytes());
+        h[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
+        self.st.write_at(&h, 48)?;
+        self.st.flush()?;
+        self.unflushed = false;
+        let old_off = self.hdr.refcount_table_offset;
+        let old_clusters = u64::from(self.hdr.refcount_table_clusters);
+        self.hdr.refcount_table_offset = table_off;
+        self.hdr.refcount_table_clusters = tclusters as u32;
+        self.rc_table = new_table;
+        self.file_end = self.file_end.max((start + total) * cs);
+        // The header no longer points at the old table: it can go.
+        for i in 0..old_clusters {
+            let c = old_off / cs + i;
+            if self.rc_get(c)? > 0 {
+                self.rc_add(c, -1)?;
+            }
+        }
+        Ok(())
+    }
+}

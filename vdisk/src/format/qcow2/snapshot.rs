@@ -1,0 +1,101 @@
+//! The snapshot table (read only: snapshots are not created here, but their L1 tables
+//! count in refcounts and their clusters must be copied before writing).
+
+use super::header::{Header, MAX_L1_BYTES, MAX_SNAPSHOTS};
+use super::{validate_table, Geom};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// Largest snapshot table QEMU accepts.
+const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+/// Largest extra data per snapshot QEMU accepts.
+const MAX_EXTRA: u32 = 1024;
+
+/// One snapshot's table entry (what refcounting needs).
+#[derive(Clone, Debug)]
+pub(crate) struct Snapshot {
+    /// Host offset of the snapshot's L1 table.
+    pub l1_offset: u64,
+    /// Entries of that L1 table.
+    pub l1_size: u32,
+}
+
+/// Reads and validates the snapshot table. Returns the entries and sets nothing else.
+pub(crate) fn read_table(
+    st: &dyn Storage,
+    hdr: &Header,
+    g: &Geom,
+    file_len: u64,
+) -> Result<Vec<Snapshot>> {
+    if hdr.nb_snapshots > MAX_SNAPSHOTS {
+        return Err(Error::corrupt(format!(
+            "Too many snapshots: {} (max {MAX_SNAPSHOTS})",
+            hdr.nb_snapshots
+        )));
+    }
+    if hdr.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    validate_table("Snapshot table", hdr.snapshots_offset, 40, g.cs, file_len)?;
+    let mut v = Vec::with_capacity(hdr.nb_snapshots as usize);
+    let mut pos = hdr.snapshots_offset;
+    for i in 0..hdr.nb_snapshots {
+        let mut h = [0u8; 40];
+        if pos + 40 > file_len || pos + 40 - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
+            return Err(Error::corrupt(format!(
+                "snapshot table entry {i} at offset {pos:#x} lies past the end of the file or the table size limit"
+            )));
+        }
+        st.read_at(&mut h, pos)?;
+        let l1_offset = u64::from_be_bytes(h[0..8].try_into().unwrap_or([0; 8]));
+        let l1_size = u32::from_be_bytes(h[8..12].try_into().unwrap_or([0; 4]));
+        let id_len = u16::from_be_bytes([h[12], h[13]]) as u64;
+        let name_len = u16::from_be_bytes([h[14], h[15]]) as u64;
+        let extra = u32::from_be_bytes(h[36..40].try_into().unwrap_or([0; 4]));
+        if extra > MAX_EXTRA {
+            return Err(Error::corrupt(format!(
+                "snapshot {i}: too much extra metadata ({extra} bytes)"
+            )));
+        }
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(Error::corrupt(format!(
+                "snapshot {i}: L1 table too large ({l1_size} entries)"
+            )));
+        }
+        validate_table(
+            &format!("Snapshot {i} L1 table"),
+            l1_offset,
+            u64::from(l1_size) * 8,
+            g.cs,
+            file_len,
+        )?;
+        pos += 40 + u64::from(extra) + id_len + name_len;
+        if pos > file_len {
+            return Err(Error::corrupt(format!(
+                "snapshot table entry {i} runs past the end of the file"
+            )));
+        }
+        pos = pos.div_ceil(8) * 8;
+        v.push(Snapshot { l1_offset, l1_size });
+    }
+    if pos - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
+        return Err(Error::corrupt(
+            "snapshot table runs past the end of the file or exceeds 64 MiB",
+        ));
+    }
+    Ok(v)
+}
+
+/// Size in bytes of the snapshot table (for refcounting its clusters).
+pub(crate) fn table_len(st: &dyn Storage, hdr: &Header) -> Result<u64> {
+    let mut pos = hdr.snapshots_offset;
+    for _ in 0..hdr.nb_snapshots.min(MAX_SNAPSHOTS) {
+        let mut h = [0u8; 40];
+        st.read_at(&mut h, pos)?;
+        let id_len = u16::from_be_bytes([h[12], h[13]]) as u64;
+        let name_len = u16::from_be_bytes([h[14], h[15]]) as u64;
+        let extra = u64::from(u32::from_be_bytes(h[36..40].try_into().unwrap_or([0; 4])));
+        pos = (pos + 40 + extra.min(u64::from(MAX_EXTRA)) + id_len + name_len).div_ceil(8) * 8;
+    }
+    Ok(pos - hdr.snapshots_offset)
+}
