@@ -1192,7 +1192,89 @@ fn block_status_matches_qemu_nbd() {
     // raw with data and holes
     let raw = raw_image(d, "base.raw", "32M");
     qemu_io(s(&raw), "raw", &["write -P 1 0 3M", "write -P 2 20M 1M"]);
-    for (img, fmt) in [(&raw, "raw")] {
+    // qcow2 over the raw file, qcow2 over qcow2: allocated, zero, unallocated clusters
+    let mid = d.join("mid.qcow2");
+    let top = d.join("top.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&mid),
+        ],
+    );
+    qemu_io(
+        s(&mid),
+        "qcow2",
+        &["write -P 3 1M 1M", "write -z 8M 2M", "write -P 4 24M 64k"],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
+    );
+    qemu_io(
+        s(&top),
+        "qcow2",
+        &[
+            "write -P 5 2M 128k",
+            "write -z 20M 512k",
+            "discard 24M 64k",
+            "write -P 6 31M 1M",
+        ],
+    );
+    let lone = d.join("lone.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&lone), "16M"],
+    );
+    qemu_io(
+        s(&lone),
+        "qcow2",
+        &["write -P 7 64k 64k", "write -z 1M 1M", "write -z -u 4M 1M"],
+    );
+    let qed = d.join("top.qed");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&qed),
+        ],
+    );
+    qemu_io(
+        s(&qed),
+        "qed",
+        &["write -P 8 0 64k", "write -z 8M 1M", "write -P 9 30M 2M"],
+    );
+    for (img, fmt) in [
+        (&raw, "raw"),
+        (&qed, "qed"),
+        (&mid, "qcow2"),
+        (&top, "qcow2"),
+        (&lone, "qcow2"),
+    ] {
         let args = ["-f", fmt, "-r", "-t", "-A"];
         let ours = maps(&Server::unix(d, &args, img));
         let theirs = maps(&Server::qemu_nbd(d, &args, img));
@@ -1281,6 +1363,38 @@ fn writes_then_sigterm(fmt: &str) {
 }
 
 #[test]
+fn qcow2_concurrent_writes_sigterm_check_clean() {
+    writes_then_sigterm("qcow2");
+}
+
+#[test]
 fn raw_concurrent_writes_sigterm_compare() {
     writes_then_sigterm("raw");
+}
+
+#[test]
+fn qed_concurrent_writes_sigterm_check_clean() {
+    writes_then_sigterm("qed");
+}
+
+#[test]
+fn qed_need_check_clear_after_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qed");
+    ok("qemu-img", &["create", "-q", "-f", "qed", s(&img), "16M"]);
+    let need_check = |p: &Path| {
+        let h = std::fs::read(p).unwrap();
+        let features = u64::from_le_bytes(h[16..24].try_into().unwrap());
+        features & 2 != 0
+    };
+    let mut srv = Server::unix(dir.path(), &["-f", "qed", "-t"], &img);
+    let (mut c, _, _) = Client::negotiated(srv.sock(), false, false, &[]);
+    c.request(0, 1, 1, 1 << 20, 65536, &[0x5au8; 65536]);
+    assert_eq!(c.simple(), (0, 1));
+    // An allocating write with the client still connected: the image is in use.
+    assert!(need_check(&img), "QED marks itself dirty while allocating");
+    assert!(srv.terminate().success());
+    assert!(!need_check(&img), "NEED_CHECK cleared by a clean shutdown");
+    ok("qemu-img", &["check", "-f", "qed", s(&img)]);
+    qemu_io(s(&img), "qed", &["read -P 0x5a 1M 64k"]);
 }
