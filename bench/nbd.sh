@@ -19,7 +19,7 @@ for t in qemu-nbd qemu-img nbdcopy fio python3; do
   command -v "$t" >/dev/null || { echo "bench/nbd.sh: $t is required" >&2; exit 1; }
 done
 
-cargo build --release -q -p vdisk-cli
+cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
 VDISK=$PWD/target/release/vdisk
 
 tmp=$(mktemp -d)

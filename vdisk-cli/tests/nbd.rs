@@ -1398,3 +1398,41 @@ fn qed_need_check_clear_after_sigterm() {
     ok("qemu-img", &["check", "-f", "qed", s(&img)]);
     qemu_io(s(&img), "qed", &["read -P 0x5a 1M 64k"]);
 }
+
+#[test]
+fn legacy_export_name_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "1M");
+    qemu_io(s(&img), "raw", &["write -P 0x31 0 4k"]);
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-e", "3", "-x", "e"], &img);
+    for no_zeroes in [false, true] {
+        let mut c = UnixStream::connect(srv.sock()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        let flags: u32 = if no_zeroes { 3 } else { 1 };
+        c.write_all(&flags.to_be_bytes()).unwrap();
+        let mut m = Vec::new();
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(b"e");
+        c.write_all(&m).unwrap();
+        let mut r = vec![0u8; if no_zeroes { 10 } else { 134 }];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(be64(&r), 1 << 20);
+        assert_eq!(be16(&r[8..]), 0x0d6d, "multi-conn, simple replies: no DF");
+        assert!(r[10..].iter().all(|&b| b == 0));
+        let mut cl = Client {
+            s: c,
+            extended: false,
+        };
+        cl.request(0, 0, 77, 0, 4096, &[]);
+        assert_eq!(cl.simple(), (0, 77));
+        assert!(cl.read_n(4096).iter().all(|&b| b == 0x31));
+    }
+    // A wrong name can't be refused politely with this option: the server hangs up.
+    let mut c = Client::connect(srv.sock());
+    c.option(1, b"wrong");
+    assert!(c.closed_by_server());
+}
