@@ -1436,3 +1436,114 @@ fn legacy_export_name_option() {
     c.option(1, b"wrong");
     assert!(c.closed_by_server());
 }
+
+/// Random but well-framed options and requests: every one gets a well-formed answer,
+/// the stream never loses its framing, and the server keeps serving.
+#[test]
+fn random_options_and_requests_keep_framing() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e6264);
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "4M");
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-e", "4", "-A"], &img);
+
+    // Option haggling.
+    let mut c = Client::connect(srv.sock());
+    for _ in 0..300 {
+        let opt = match rng.gen_range(0..8) {
+            0 => 3,
+            1 => 5,
+            2 => 6,
+            3 => 8,
+            4 => 9,
+            5 => 10,
+            6 => 11,
+            _ => rng.gen_range(12..1000),
+        };
+        let n = rng.gen_range(0..64);
+        let data: Vec<u8> = if rng.gen_bool(0.5) && matches!(opt, 9 | 10) {
+            Client::meta_data(
+                "",
+                &["base:allocation", "qemu:", "base:"][..rng.gen_range(0..3)],
+            )
+        } else if rng.gen_bool(0.3) && opt == 6 {
+            Client::go_data("")
+        } else {
+            (0..n).map(|_| rng.gen()).collect()
+        };
+        c.option(opt, &data);
+        loop {
+            let (o, typ, _) = c.opt_reply();
+            assert_eq!(o, opt);
+            if typ == 1 || typ & 0x8000_0000 != 0 {
+                break;
+            }
+            assert!(matches!(typ, 2..=4), "reply type {typ:#x} to option {opt}");
+        }
+    }
+    assert!(c.go("").is_ok(), "negotiation still usable");
+
+    // Transmission, in each reply style.
+    for (structured, extended) in [(false, false), (true, false), (true, true)] {
+        let meta: &[&str] = if structured {
+            &["base:allocation", "qemu:allocation-depth"]
+        } else {
+            &[]
+        };
+        let (mut c, size, _) = Client::negotiated(srv.sock(), structured, extended, meta);
+        for cookie in 0..300u64 {
+            let typ: u16 = match rng.gen_range(0..10) {
+                2 => 3, // no DISC: it ends the connection
+                t if t < 8 => t,
+                _ => rng.gen_range(8..300),
+            };
+            let flags: u16 = if rng.gen_bool(0.6) {
+                0
+            } else {
+                rng.gen::<u16>() & 0x3f
+            };
+            let offset = match rng.gen_range(0..4) {
+                0 => rng.gen_range(0..size),
+                1 => rng.gen_range(0..size / 4096) * 4096,
+                2 => size - rng.gen_range(0..8192).min(size),
+                _ => rng.gen(),
+            };
+            let has_payload = typ == 1 || (extended && flags & 0x20 != 0);
+            let length: u64 = if has_payload {
+                rng.gen_range(0..70_000)
+            } else {
+                match rng.gen_range(0..4) {
+                    0 => rng.gen_range(0..65536),
+                    1 => rng.gen_range(0..(2 << 20)),
+                    2 => rng.gen::<u32>() as u64,
+                    _ if extended => rng.gen(),
+                    _ => rng.gen::<u32>() as u64,
+                }
+            };
+            let payload: Vec<u8> = if has_payload {
+                vec![0xa5; length as usize]
+            } else {
+                Vec::new()
+            };
+            c.request(flags, typ, cookie, offset, length, &payload);
+            if structured {
+                let chunks = c.reply();
+                assert!(chunks.iter().all(|ch| ch.cookie == cookie));
+            } else {
+                let (err, ck) = c.simple();
+                assert_eq!(ck, cookie);
+                if err == 0 && typ == 0 {
+                    c.read_n(length as usize);
+                }
+            }
+        }
+        c.request(0, 0, 9999, 0, 512, &[]);
+        if structured {
+            assert_eq!(chunk_error(&c.reply()), 0);
+        } else {
+            assert_eq!(c.simple(), (0, 9999));
+            c.read_n(512);
+        }
+    }
+    ok("nbdinfo", &["--size", &srv.uri()]);
+}
