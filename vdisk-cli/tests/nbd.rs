@@ -1391,8 +1391,13 @@ fn qed_need_check_clear_after_sigterm() {
     let (mut c, _, _) = Client::negotiated(srv.sock(), false, false, &[]);
     c.request(0, 1, 1, 1 << 20, 65536, &[0x5au8; 65536]);
     assert_eq!(c.simple(), (0, 1));
-    // An allocating write with the client still connected: the image is in use.
-    assert!(need_check(&img), "QED marks itself dirty while allocating");
+    let written = Instant::now();
+    // An allocating write with the client still connected: the image is in use (the
+    // driver's idle timer cleans it after 5 s, so only look well before that).
+    let dirty = need_check(&img);
+    if written.elapsed() < Duration::from_secs(3) {
+        assert!(dirty, "QED marks itself dirty while allocating");
+    }
     assert!(srv.terminate().success());
     assert!(!need_check(&img), "NEED_CHECK cleared by a clean shutdown");
     ok("qemu-img", &["check", "-f", "qed", s(&img)]);
