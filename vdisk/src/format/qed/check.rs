@@ -241,6 +241,19 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
     Ok(r)
 }
 
+/// Reclaims every leaked cluster (caller holds the quiesce lock exclusively and an
+/// alloc guard); does nothing on an image with corruptions.
+pub(crate) fn compact_locked(inner: &Inner) -> Result<u64> {
+    let h = inner.header();
+    let w = walk(inner, &h, false);
+    if w.report.corruptions > 0 || w.report.check_errors > 0 {
+        return Ok(0);
+    }
+    let n = reclaim_leaks(inner, &h, &w.owners)?;
+    inner.l2.clear();
+    Ok(n)
+}
+
 /// One planned move of a data cluster or an L2 table.
 #[derive(Clone, Copy, Debug)]
 enum Move {
@@ -262,7 +275,8 @@ fn is_free(o: Owner) -> bool {
 
 /// Plans one round of moves. Targets are free at the start of the round; `vacated`
 /// marks this round's sources, reusable only once the round's new references are
-/// durable.
+/// durable. Linear in the file's clusters: the lowest hole only moves up, the highest
+/// used cluster and the next data cluster to bring down only move down.
 fn plan_round(
     owners: &mut Vec<Owner>,
     vacated: &mut Vec<bool>,
@@ -272,18 +286,24 @@ fn plan_round(
     cs: u64,
 ) -> Vec<Move> {
     let mut moves = Vec::new();
-    let used =
-        |owners: &Vec<Owner>, vacated: &Vec<bool>, i: usize| !is_free(owners[i]) && !vacated[i];
+    let mut lo = start;
+    let mut top = owners.len();
+    let mut data_ptr = owners.len();
     loop {
-        let Some(hi) = (0..owners.len()).rev().find(|&i| used(owners, vacated, i)) else {
+        while top > 0 && (is_free(owners[top - 1]) || vacated[top - 1]) {
+            top -= 1;
+        }
+        let Some(hi) = top.checked_sub(1) else {
             break;
         };
-        let lo = (start..hi).find(|&i| is_free(owners[i]) && !vacated[i]);
+        while lo < hi && !(is_free(owners[lo]) && !vacated[lo]) {
+            lo += 1;
+        }
+        if lo >= hi {
+            break;
+        }
         match owners[hi] {
             Owner::Data { l1i, l2i } => {
-                let Some(lo) = lo else {
-                    break;
-                };
                 moves.push(Move::Data {
                     from: hi as u64,
                     to: lo as u64,
@@ -305,18 +325,16 @@ fn plan_round(
                         !vacated[c] && (is_free(owners[c]) || owners[c] == Owner::Table { l1i })
                     })
                 };
-                if let Some(i) = (start..s).find(|&i| fits(i)) {
+                if let Some(i) = (lo..s).find(|&i| fits(i)) {
                     let to = if i + tc <= s {
                         i
                     } else {
                         // Overlaps itself: hop past the end first; the next round brings
                         // it down into the run (its old cells free by then).
-                        owners.len()
+                        owners.extend(std::iter::repeat_n(Owner::Free, tc));
+                        vacated.extend(std::iter::repeat_n(false, tc));
+                        owners.len() - tc
                     };
-                    if to == owners.len() {
-                        owners.extend(std::iter::repeat(Owner::Free).take(tc));
-                        vacated.extend(std::iter::repeat(false).take(tc));
-                    }
                     for c in 0..tc {
                         owners[s + c] = Owner::Free;
                         vacated[s + c] = true;
@@ -333,15 +351,17 @@ fn plan_round(
                 }
                 // Make room next to the table: bring the highest data cluster below it
                 // down into the lowest hole.
-                let Some(lo) = lo else {
+                data_ptr = data_ptr.min(s);
+                while data_ptr > lo + 1
+                    && !(matches!(owners[data_ptr - 1], Owner::Data { .. })
+                        && !vacated[data_ptr - 1])
+                {
+                    data_ptr -= 1;
+                }
+                if data_ptr <= lo + 1 {
                     break;
-                };
-                let Some(d) = (lo + 1..s)
-                    .rev()
-                    .find(|&d| matches!(owners[d], Owner::Data { .. }) && !vacated[d])
-                else {
-                    break;
-                };
+                }
+                let d = data_ptr - 1;
                 let Owner::Data { l1i, l2i } = owners[d] else {
                     break;
                 };
