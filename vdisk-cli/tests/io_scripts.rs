@@ -121,7 +121,8 @@ fn discard_align(fmt: &str) -> Option<u64> {
 }
 
 /// A random script plus the guest contents it must leave.
-fn random_script(rng: &mut StdRng, fmt: &str, model: &mut [u8]) -> Vec<String> {
+/// `zeroes: false` leaves out `write -z` (see `qed_overlay_partial_write_into_zeroed_cluster`).
+fn random_script(rng: &mut StdRng, fmt: &str, model: &mut [u8], zeroes: bool) -> Vec<String> {
     let mut cmds = Vec::new();
     let size = model.len() as u64;
     for _ in 0..40 {
@@ -143,6 +144,7 @@ fn random_script(rng: &mut StdRng, fmt: &str, model: &mut [u8]) -> Vec<String> {
                 cmds.push(format!("write {off} {len}"));
                 model[o..o + l].fill(0xcd);
             }
+            6 | 7 if !zeroes => {}
             6 => {
                 cmds.push(format!("write -z {off} {len}"));
                 model[o..o + l].fill(0);
@@ -217,7 +219,7 @@ fn scripts_match_qemu(fmt: &str, by_vdisk: bool, extra: &[&str], seeds: std::ops
         std::fs::copy(&a, &b).expect("copy");
         let mut rng = StdRng::seed_from_u64(seed);
         let mut model = vec![0u8; SIZE as usize];
-        let cmds = random_script(&mut rng, fmt, &mut model);
+        let cmds = random_script(&mut rng, fmt, &mut model, true);
 
         let ours = vdisk_io(fmt, &a, extra, &cmds);
         let theirs = qemu_io(fmt, &b, &cmds);
@@ -588,4 +590,115 @@ fn qcow2_and_qed_random_scripts_with_o_direct() {
     // Metadata and unaligned data both go through O_DIRECT's alignment handling.
     scripts_match_qemu("qcow2", false, &["-t", "none"], 60..61);
     scripts_match_qemu("qed", false, &["-n"], 70..71);
+}
+
+/// Scripts on an overlay whose backing file (raw, filled with 0x77) shows through
+/// wherever the overlay has not written: both tools must agree on what reads through.
+fn overlay_scripts_match_qemu(fmt: &str, seeds: std::ops::Range<u64>) {
+    if !available(fmt) {
+        return;
+    }
+    for seed in seeds {
+        let d = tmpdir();
+        let base = create(d.path(), "base.raw", "raw", false);
+        let o = qemu_io("raw", &base, &s(&["write -q -P 0x77 0 4M"]));
+        assert_eq!(o.code, 0, "{}", o.stdout);
+        let a = d.path().join("a.img");
+        let o = run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", fmt, "-b", "base.raw", "-F", "raw"])
+            .arg(&a));
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let b = d.path().join("b.img");
+        std::fs::copy(&a, &b).expect("copy");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut model = vec![0x77u8; SIZE as usize];
+        // QEMU's QED fills the rest of a zeroed cluster from the backing file on a
+        // partial write (see below), so its result cannot be the oracle there.
+        let cmds = random_script(&mut rng, fmt, &mut model, fmt != "qed");
+        let ours = vdisk_io(fmt, &a, &[], &cmds);
+        let theirs = qemu_io(fmt, &b, &cmds);
+        assert_eq!(ours.code, 0, "seed {seed}: {}{}", ours.stdout, ours.stderr);
+        assert_eq!(
+            strip_timing(&ours.stdout),
+            strip_timing(&theirs.stdout),
+            "seed {seed}: script {cmds:?}"
+        );
+        // Check each image against the model first: a mismatch then says who is wrong.
+        let q = qemu_io(fmt, &b, &verify_script(&model));
+        assert!(
+            !q.stdout.contains("failed"),
+            "seed {seed}: qemu-io's own result differs from the model: {}; script {cmds:?}",
+            q.stdout
+        );
+        let q = qemu_io(fmt, &a, &verify_script(&model));
+        assert!(
+            !q.stdout.contains("failed"),
+            "seed {seed}: image written by vdisk, read by qemu-io: {}; script {cmds:?}",
+            q.stdout
+        );
+        let v = vdisk_io(fmt, &a, &["-r"], &verify_script(&model));
+        assert!(
+            v.code == 0 && v.stdout.is_empty(),
+            "seed {seed}: image written by vdisk, read by vdisk: {}; script {cmds:?}",
+            v.stdout
+        );
+        compare(fmt, &a, &b);
+        qemu_check(fmt, &a);
+    }
+}
+
+#[test]
+fn qcow2_overlay_random_scripts_match_qemu_io() {
+    overlay_scripts_match_qemu("qcow2", 80..82);
+}
+
+#[test]
+fn qed_overlay_random_scripts_match_qemu_io() {
+    overlay_scripts_match_qemu("qed", 90..92);
+}
+
+/// QEMU 10's QED driver, writing part of a cluster that `write -z` turned into a zero
+/// cluster on an overlay, copies the rest of the cluster from the backing file: the
+/// zeroes written before read back as backing data. vdisk keeps them zero; qemu-io
+/// reading vdisk's image agrees.
+#[test]
+fn qed_overlay_partial_write_into_zeroed_cluster() {
+    if !available("qed") {
+        return;
+    }
+    let d = tmpdir();
+    let base = create(d.path(), "base.raw", "raw", false);
+    let o = qemu_io("raw", &base, &s(&["write -q -P 0x77 0 4M"]));
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    let a = d.path().join("a.qed");
+    let o = run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw"])
+        .arg(&a));
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let b = d.path().join("b.qed");
+    std::fs::copy(&a, &b).expect("copy");
+    let cmds = s(&[
+        "write -z -u 192k 128k",
+        "write -P 0x52 250000 47004",
+        "read -P 0 297004 30676",
+        "read -P 0x77 320k 64k",
+    ]);
+    let o = vdisk_io("qed", &a, &[], &cmds);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    let q = qemu_io(
+        "qed",
+        &a,
+        &s(&["read -P 0 297004 30676", "read -P 0x52 250000 47004"]),
+    );
+    assert!(!q.stdout.contains("failed"), "{}", q.stdout);
+    qemu_check("qed", &a);
+    // Documents the QEMU behaviour this test works around; if QEMU fixes it, the
+    // overlay scripts above can include `write -z` for QED again.
+    let q = qemu_io("qed", &b, &cmds);
+    if !q
+        .stdout
+        .contains("Pattern verification failed at offset 297004")
+    {
+        eprintln!("note: this qemu-io no longer copies backing data into zeroed QED clusters");
+    }
 }
