@@ -197,16 +197,14 @@ impl FileStorage {
         let mut bounce = AlignedBuf::new((end - start) as usize);
         let partial = start != offset || end != offset + buf.len() as u64;
         // Unaligned edges need read-modify-write; serialise it so two writers sharing an
-        // edge block cannot lose each other's bytes.
-        let _guard = if partial {
-            Some(
-                self.rmw[(start / DIRECT_ALIGN as u64) as usize % RMW_STRIPES]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            )
-        } else {
-            None
-        };
+        // edge block cannot lose each other's bytes. Both edge blocks count: one
+        // writer's tail block can be the next writer's head block. Stripes are taken
+        // in ascending order so two writers cannot deadlock.
+        let head = (start / DIRECT_ALIGN as u64) as usize % RMW_STRIPES;
+        let tail = ((end - DIRECT_ALIGN as u64) / DIRECT_ALIGN as u64) as usize % RMW_STRIPES;
+        let lock = |i: usize| self.rmw[i].lock().unwrap_or_else(|p| p.into_inner());
+        let _first = partial.then(|| lock(head.min(tail)));
+        let _second = (partial && head != tail).then(|| lock(head.max(tail)));
         if partial {
             let b = bounce.as_mut_slice();
             self.pread_full(&mut b[..DIRECT_ALIGN], start)?;
