@@ -229,3 +229,83 @@ fn read_bench_counts_match() {
         Some("Sending 1000 read requests, 512 bytes each, 64 in parallel (starting at offset 0, step size 512)")
     );
 }
+
+/// Deep queues of small, unaligned writes into an empty image: many requests race to
+/// allocate the same cluster, and every byte must still land, with clean metadata.
+fn racing_allocations(fmt: &str) {
+    let d = tmpdir();
+    let img = create(d.path(), "a.img", fmt, "8M");
+    // 3000-byte requests, back to back: 2048 of them cover 6000 KiB with no gaps, and
+    // each 64 KiB cluster is shared by ~22 requests in flight together.
+    let o = bench(
+        &[
+            "-w",
+            "-f",
+            fmt,
+            "-c",
+            "2048",
+            "-s",
+            "3000",
+            "-d",
+            "32",
+            "--pattern=0xe7",
+        ],
+        &img,
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let end = 2048 * 3000;
+    assert_eq!(
+        qemu_verify(fmt, &img, &[(0xe7, 0, end), (0, end, (8 << 20) - end)]),
+        ""
+    );
+    if fmt != "raw" {
+        let c = run(Command::new("qemu-img")
+            .args(["check", "-f", fmt])
+            .arg(&img));
+        assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    }
+}
+
+#[test]
+fn qcow2_racing_allocations() {
+    if available("qcow2") {
+        racing_allocations("qcow2");
+    }
+}
+
+#[test]
+fn qed_racing_allocations() {
+    if available("qed") {
+        racing_allocations("qed");
+    }
+}
+
+#[test]
+fn raw_racing_unaligned_writes_with_o_direct() {
+    let d = tmpdir();
+    let img = create(d.path(), "a.raw", "raw", "8M");
+    // Neighbouring unaligned writes share 4 KiB blocks under O_DIRECT.
+    let o = bench(
+        &[
+            "-w",
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            "-c",
+            "2048",
+            "-s",
+            "3000",
+            "-d",
+            "32",
+            "--pattern=0xe7",
+        ],
+        &img,
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let end = 2048 * 3000;
+    assert_eq!(
+        qemu_verify("raw", &img, &[(0xe7, 0, end), (0, end, (8 << 20) - end)]),
+        ""
+    );
+}
