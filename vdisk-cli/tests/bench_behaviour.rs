@@ -232,7 +232,7 @@ fn read_bench_counts_match() {
 
 /// Deep queues of small, unaligned writes into an empty image: many requests race to
 /// allocate the same cluster, and every byte must still land, with clean metadata.
-fn racing_allocations(fmt: &str) {
+fn racing_allocations(fmt: &str, cache: &str) {
     let d = tmpdir();
     let img = create(d.path(), "a.img", fmt, "8M");
     // 3000-byte requests, back to back: 2048 of them cover 6000 KiB with no gaps, and
@@ -242,6 +242,8 @@ fn racing_allocations(fmt: &str) {
             "-w",
             "-f",
             fmt,
+            "-t",
+            cache,
             "-c",
             "2048",
             "-s",
@@ -269,14 +271,16 @@ fn racing_allocations(fmt: &str) {
 #[test]
 fn qcow2_racing_allocations() {
     if available("qcow2") {
-        racing_allocations("qcow2");
+        racing_allocations("qcow2", "writeback");
+        racing_allocations("qcow2", "none");
     }
 }
 
 #[test]
 fn qed_racing_allocations() {
     if available("qed") {
-        racing_allocations("qed");
+        racing_allocations("qed", "writeback");
+        racing_allocations("qed", "none");
     }
 }
 
