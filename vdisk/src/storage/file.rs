@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 /// How to open a [`FileStorage`].
 #[derive(Clone, Debug)]
@@ -45,6 +45,17 @@ pub struct FileStorage {
     path: PathBuf,
     cache: CacheMode,
     rmw: Vec<Mutex<()>>,
+    /// O_DIRECT writes hold this shared; a padded write that must trim the file back
+    /// to its intended end holds it exclusively, so reading the length, writing and
+    /// trimming cannot interleave with another write extending the file (which the
+    /// trim would cut off).
+    extend: RwLock<()>,
+}
+
+/// Holds [`FileStorage::extend`] for the length of one direct write.
+enum ExtendGuard<'a> {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>),
 }
 
 /// A heap buffer aligned for O_DIRECT.
@@ -119,6 +130,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             cache: opts.cache,
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
+            extend: RwLock::new(()),
         })
     }
 
@@ -215,10 +227,18 @@ impl FileStorage {
         }
         let skip = (offset - start) as usize;
         bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        let new_end = offset + buf.len() as u64;
+        // Files only grow under concurrent writers, so a padded end already inside the
+        // file stays inside it; only a write padding past EOF needs the exclusive lock.
+        let may_trim = end > new_end && end > self.len()?;
+        let _extend = if may_trim {
+            ExtendGuard::Exclusive(self.extend.write().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            ExtendGuard::Shared(self.extend.read().unwrap_or_else(|p| p.into_inner()))
+        };
         let file_len = self.len()?;
         self.pwrite_full(bounce.as_slice(), start)?;
-        let new_end = offset + buf.len() as u64;
-        if end > file_len.max(new_end) {
+        if may_trim && end > file_len.max(new_end) {
             // The aligned write padded past the intended end of file: trim it back.
             self.file
                 .set_len(file_len.max(new_end))
@@ -248,6 +268,10 @@ impl Storage for FileStorage {
         {
             return self.direct_write(buf, offset);
         }
+        let _extend = self
+            .cache
+            .direct()
+            .then(|| self.extend.read().unwrap_or_else(|p| p.into_inner()));
         self.pwrite_full(buf, offset)
     }
 
