@@ -19,7 +19,7 @@ for t in qemu-nbd qemu-img nbdcopy fio python3; do
   command -v "$t" >/dev/null || { echo "bench/nbd.sh: $t is required" >&2; exit 1; }
 done
 
-cargo build --release -q -p vdisk-cli
+cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
 VDISK=$PWD/target/release/vdisk
 
 tmp=$(mktemp -d)
@@ -84,7 +84,7 @@ bench_write() {
     qemu-img create -q -f "$FMT" "$tmp/dst.$FMT" "${SIZE_MB}M"
     start_server "$kind" "$tmp/dst.$FMT"
     local t0 t1
-    t0=$(now); nbdcopy "$tmp/data.raw" "$URI"; t1=$(now)
+    t0=$(now); nbdcopy --flush "$tmp/data.raw" "$URI"; t1=$(now)
     stop_server
     best=$(python3 -c "print(max($best, $SIZE_MB/($t1-$t0)))")
   done
@@ -102,7 +102,9 @@ bench_fio() {
   stop_server
   python3 - "$tmp/fio.json" "$rw" <<'PY'
 import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
+text = open(sys.argv[1]).read()
+# fio's nbd engine prints a line before the JSON document.
+j = json.loads(text[text.index("{"):])["jobs"][0]
 side = "read" if "read" in sys.argv[2] else "write"
 print(j[side]["iops"])
 PY

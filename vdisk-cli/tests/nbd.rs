@@ -87,10 +87,23 @@ impl Server {
         Server::start(dir, args, file, Endpoint::Tcp(free_port()))
     }
 
+    /// Starts qemu-nbd the same way, as an oracle.
+    fn qemu_nbd(dir: &Path, args: &[&str], file: &Path) -> Server {
+        let sock = dir.join(format!("qemu-{}.sock", rand::random::<u32>()));
+        Server::start_prog("qemu-nbd", dir, args, file, Endpoint::Unix(sock))
+    }
+
     fn start(dir: &Path, args: &[&str], file: &Path, ep: Endpoint) -> Server {
+        Server::start_prog(VDISK, dir, args, file, ep)
+    }
+
+    fn start_prog(prog: &str, dir: &Path, args: &[&str], file: &Path, ep: Endpoint) -> Server {
         let pid_file = dir.join(format!("serve-{}.pid", rand::random::<u32>()));
-        let mut cmd = Command::new(VDISK);
-        cmd.arg("serve").args(args);
+        let mut cmd = Command::new(prog);
+        if prog == VDISK {
+            cmd.arg("serve");
+        }
+        cmd.args(args);
         match &ep {
             Endpoint::Unix(p) => {
                 cmd.arg("-k").arg(p);
@@ -651,7 +664,7 @@ fn block_status_maps_and_allocation_depth() {
     // Like qemu-nbd on a raw file: everything is local to the top layer.
     let depth = ok("nbdinfo", &["--map=qemu:allocation-depth", &srv.uri()]);
     assert_eq!(
-        depth.trim().split_whitespace().collect::<Vec<_>>(),
+        depth.split_whitespace().collect::<Vec<_>>(),
         ["0", "8388608", "1", "local"],
         "{depth}"
     );
@@ -1164,4 +1177,378 @@ fn sigterm_with_clients_connected_keeps_acknowledged_writes() {
         let r = &data[(i * 65536) as usize..((i + 1) * 65536) as usize];
         assert!(r.iter().all(|&b| b == want), "acknowledged write {i} lost");
     }
+}
+
+/// `nbdinfo --map` for both contexts, from a server.
+fn maps(srv: &Server) -> String {
+    let uri = srv.uri();
+    ok("nbdinfo", &["--map", &uri]) + &ok("nbdinfo", &["--map=qemu:allocation-depth", &uri])
+}
+
+#[test]
+fn block_status_matches_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // raw with data and holes
+    let raw = raw_image(d, "base.raw", "32M");
+    qemu_io(s(&raw), "raw", &["write -P 1 0 3M", "write -P 2 20M 1M"]);
+    // qcow2 over the raw file, qcow2 over qcow2: allocated, zero, unallocated clusters
+    let mid = d.join("mid.qcow2");
+    let top = d.join("top.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&mid),
+        ],
+    );
+    qemu_io(
+        s(&mid),
+        "qcow2",
+        &["write -P 3 1M 1M", "write -z 8M 2M", "write -P 4 24M 64k"],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
+    );
+    qemu_io(
+        s(&top),
+        "qcow2",
+        &[
+            "write -P 5 2M 128k",
+            "write -z 20M 512k",
+            "discard 24M 64k",
+            "write -P 6 31M 1M",
+        ],
+    );
+    let lone = d.join("lone.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&lone), "16M"],
+    );
+    qemu_io(
+        s(&lone),
+        "qcow2",
+        &["write -P 7 64k 64k", "write -z 1M 1M", "write -z -u 4M 1M"],
+    );
+    let qed = d.join("top.qed");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&qed),
+        ],
+    );
+    qemu_io(
+        s(&qed),
+        "qed",
+        &["write -P 8 0 64k", "write -z 8M 1M", "write -P 9 30M 2M"],
+    );
+    for (img, fmt) in [
+        (&raw, "raw"),
+        (&qed, "qed"),
+        (&mid, "qcow2"),
+        (&top, "qcow2"),
+        (&lone, "qcow2"),
+    ] {
+        let args = ["-f", fmt, "-r", "-t", "-A"];
+        let ours = maps(&Server::unix(d, &args, img));
+        let theirs = maps(&Server::qemu_nbd(d, &args, img));
+        assert_eq!(ours, theirs, "maps of {}", img.display());
+        // And the data itself.
+        let a = Server::unix(d, &args, img);
+        let b = Server::qemu_nbd(d, &args, img);
+        ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &a.uri(), &b.uri()],
+        );
+    }
+}
+
+/// Writes through the server with several clients at once, then SIGTERM: the image
+/// must be clean for `qemu-img check` and equal to the same writes done by qemu-io.
+fn writes_then_sigterm(fmt: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join(format!("t.{fmt}"));
+    let reference = raw_image(d, "ref.raw", "64M");
+    ok("qemu-img", &["create", "-q", "-f", fmt, s(&img), "64M"]);
+    let mut srv = Server::unix(d, &["-f", fmt, "-t", "-e", "4", "--discard", "unmap"], &img);
+    let uri = srv.uri();
+    // Four writers at once, each on its own 16 MiB, allocating as they go.
+    let per_writer = |w: u64| -> Vec<String> {
+        let base = w * (16 << 20);
+        let mut v = Vec::new();
+        for k in 0..24u64 {
+            // Disjoint (they run concurrently), out of order, partly unaligned.
+            let i = k * 7 % 24;
+            let off = base + i * (600 << 10) + (i % 3) * 512;
+            let len = 4096 + (i % 5) * 65536;
+            v.push(format!("aio_write -P {} {off} {len}", 0x20 + w * 8 + i % 8));
+        }
+        v.push("aio_flush".into());
+        v.push(format!("write -z {} 256k", base + (15 << 20)));
+        v.push(format!("discard {} 64k", base + (15 << 20) + (512 << 10)));
+        v
+    };
+    let threads: Vec<_> = (0..4u64)
+        .map(|w| {
+            let uri = uri.clone();
+            let cmds = per_writer(w);
+            std::thread::spawn(move || {
+                let refs: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+                qemu_io(&uri, "raw", &refs);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer");
+    }
+    let st = srv.terminate();
+    assert!(st.success(), "{st}");
+    // The same writes, in the same order per area, straight into a raw reference.
+    for w in 0..4u64 {
+        let cmds: Vec<String> = per_writer(w)
+            .into_iter()
+            .filter(|c| !c.starts_with("aio_flush"))
+            .map(|c| c.replacen("aio_write", "write", 1))
+            .map(|c| {
+                if c.starts_with("discard") {
+                    c.replacen("discard", "write -z", 1)
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+        qemu_io(s(&reference), "raw", &refs);
+    }
+    if fmt != "raw" {
+        let check = tool("qemu-img", &["check", "-f", fmt, s(&img)]);
+        assert!(
+            check.status.success(),
+            "qemu-img check: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    ok(
+        "qemu-img",
+        &["compare", "-f", fmt, "-F", "raw", s(&img), s(&reference)],
+    );
+}
+
+#[test]
+fn qcow2_concurrent_writes_sigterm_check_clean() {
+    writes_then_sigterm("qcow2");
+}
+
+#[test]
+fn raw_concurrent_writes_sigterm_compare() {
+    writes_then_sigterm("raw");
+}
+
+#[test]
+fn qed_concurrent_writes_sigterm_check_clean() {
+    writes_then_sigterm("qed");
+}
+
+#[test]
+fn qed_need_check_clear_after_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qed");
+    ok("qemu-img", &["create", "-q", "-f", "qed", s(&img), "16M"]);
+    let need_check = |p: &Path| {
+        let h = std::fs::read(p).unwrap();
+        let features = u64::from_le_bytes(h[16..24].try_into().unwrap());
+        features & 2 != 0
+    };
+    let mut srv = Server::unix(dir.path(), &["-f", "qed", "-t"], &img);
+    let (mut c, _, _) = Client::negotiated(srv.sock(), false, false, &[]);
+    c.request(0, 1, 1, 1 << 20, 65536, &[0x5au8; 65536]);
+    assert_eq!(c.simple(), (0, 1));
+    let written = Instant::now();
+    // An allocating write with the client still connected: the image is in use (the
+    // driver's idle timer cleans it after 5 s, so only look well before that).
+    let dirty = need_check(&img);
+    if written.elapsed() < Duration::from_secs(3) {
+        assert!(dirty, "QED marks itself dirty while allocating");
+    }
+    assert!(srv.terminate().success());
+    assert!(!need_check(&img), "NEED_CHECK cleared by a clean shutdown");
+    ok("qemu-img", &["check", "-f", "qed", s(&img)]);
+    qemu_io(s(&img), "qed", &["read -P 0x5a 1M 64k"]);
+}
+
+#[test]
+fn legacy_export_name_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "1M");
+    qemu_io(s(&img), "raw", &["write -P 0x31 0 4k"]);
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-e", "3", "-x", "e"], &img);
+    for no_zeroes in [false, true] {
+        let mut c = UnixStream::connect(srv.sock()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        let flags: u32 = if no_zeroes { 3 } else { 1 };
+        c.write_all(&flags.to_be_bytes()).unwrap();
+        let mut m = Vec::new();
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(b"e");
+        c.write_all(&m).unwrap();
+        let mut r = vec![0u8; if no_zeroes { 10 } else { 134 }];
+        c.read_exact(&mut r).unwrap();
+        assert_eq!(be64(&r), 1 << 20);
+        assert_eq!(be16(&r[8..]), 0x0d6d, "multi-conn, simple replies: no DF");
+        assert!(r[10..].iter().all(|&b| b == 0));
+        let mut cl = Client {
+            s: c,
+            extended: false,
+        };
+        cl.request(0, 0, 77, 0, 4096, &[]);
+        assert_eq!(cl.simple(), (0, 77));
+        assert!(cl.read_n(4096).iter().all(|&b| b == 0x31));
+    }
+    // A wrong name can't be refused politely with this option: the server hangs up.
+    let mut c = Client::connect(srv.sock());
+    c.option(1, b"wrong");
+    assert!(c.closed_by_server());
+}
+
+/// Random but well-framed options and requests: every one gets a well-formed answer,
+/// the stream never loses its framing, and the server keeps serving.
+#[test]
+fn random_options_and_requests_keep_framing() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e6264);
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "4M");
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-e", "4", "-A"], &img);
+
+    // Option haggling.
+    let mut c = Client::connect(srv.sock());
+    for _ in 0..300 {
+        let opt = match rng.gen_range(0..8) {
+            0 => 3,
+            1 => 5,
+            2 => 6,
+            3 => 8,
+            4 => 9,
+            5 => 10,
+            6 => 11,
+            _ => rng.gen_range(12..1000),
+        };
+        let n = rng.gen_range(0..64);
+        let data: Vec<u8> = if rng.gen_bool(0.5) && matches!(opt, 9 | 10) {
+            Client::meta_data(
+                "",
+                &["base:allocation", "qemu:", "base:"][..rng.gen_range(0..3)],
+            )
+        } else if rng.gen_bool(0.3) && opt == 6 {
+            Client::go_data("")
+        } else {
+            (0..n).map(|_| rng.gen()).collect()
+        };
+        c.option(opt, &data);
+        loop {
+            let (o, typ, _) = c.opt_reply();
+            assert_eq!(o, opt);
+            if typ == 1 || typ & 0x8000_0000 != 0 {
+                break;
+            }
+            assert!(matches!(typ, 2..=4), "reply type {typ:#x} to option {opt}");
+        }
+    }
+    assert!(c.go("").is_ok(), "negotiation still usable");
+
+    // Transmission, in each reply style.
+    for (structured, extended) in [(false, false), (true, false), (true, true)] {
+        let meta: &[&str] = if structured {
+            &["base:allocation", "qemu:allocation-depth"]
+        } else {
+            &[]
+        };
+        let (mut c, size, _) = Client::negotiated(srv.sock(), structured, extended, meta);
+        for cookie in 0..300u64 {
+            let typ: u16 = match rng.gen_range(0..10) {
+                2 => 3, // no DISC: it ends the connection
+                t if t < 8 => t,
+                _ => rng.gen_range(8..300),
+            };
+            let flags: u16 = if rng.gen_bool(0.6) {
+                0
+            } else {
+                rng.gen::<u16>() & 0x3f
+            };
+            let offset = match rng.gen_range(0..4) {
+                0 => rng.gen_range(0..size),
+                1 => rng.gen_range(0..size / 4096) * 4096,
+                2 => size - rng.gen_range(0..8192).min(size),
+                _ => rng.gen(),
+            };
+            let has_payload = typ == 1 || (extended && flags & 0x20 != 0);
+            let length: u64 = if has_payload {
+                rng.gen_range(0..70_000)
+            } else {
+                match rng.gen_range(0..4) {
+                    0 => rng.gen_range(0..65536),
+                    1 => rng.gen_range(0..(2 << 20)),
+                    2 => rng.gen::<u32>() as u64,
+                    _ if extended => rng.gen(),
+                    _ => rng.gen::<u32>() as u64,
+                }
+            };
+            let payload: Vec<u8> = if has_payload {
+                vec![0xa5; length as usize]
+            } else {
+                Vec::new()
+            };
+            c.request(flags, typ, cookie, offset, length, &payload);
+            if structured {
+                let chunks = c.reply();
+                assert!(chunks.iter().all(|ch| ch.cookie == cookie));
+            } else {
+                let (err, ck) = c.simple();
+                assert_eq!(ck, cookie);
+                if err == 0 && typ == 0 {
+                    c.read_n(length as usize);
+                }
+            }
+        }
+        c.request(0, 0, 9999, 0, 512, &[]);
+        if structured {
+            assert_eq!(chunk_error(&c.reply()), 0);
+        } else {
+            assert_eq!(c.simple(), (0, 9999));
+            c.read_n(512);
+        }
+    }
+    ok("nbdinfo", &["--size", &srv.uri()]);
 }

@@ -15,6 +15,7 @@ pub mod handshake;
 pub mod limiter;
 pub mod log;
 pub mod proto;
+pub mod queue;
 pub mod server;
 pub mod stream;
 pub mod transmission;

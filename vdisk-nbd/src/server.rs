@@ -146,30 +146,28 @@ impl Server {
             served_any = true;
             let id = next_id;
             next_id += 1;
-            match stream.try_clone() {
-                Ok(c) => {
-                    registry
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(id, c);
-                }
-                Err(e) => {
+            let (c, ev) = match (stream.try_clone(), ev_tx.try_clone()) {
+                (Ok(c), Ok(ev)) => (c, ev),
+                (Err(e), _) | (_, Err(e)) => {
+                    // Out of descriptors: this client is refused, the server goes on.
                     crate::vlog!("accept: {e}");
                     continue;
                 }
-            }
+            };
+            registry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, c);
             let export = self.export.clone();
             let reg = registry.clone();
-            let mut ev = ev_tx.try_clone()?;
             let limit = self.cfg.handshake_timeout;
             let h = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
+                    // Leaves the registry even if the connection code panics, so a
+                    // client slot is never lost.
+                    let _leave = Leave { reg, id, ev };
                     connection(stream, &export, limit);
-                    reg.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&id);
-                    let _ = ev.write(&[1]);
                 });
             match h {
                 Ok(h) => handles.push(h),
@@ -220,6 +218,23 @@ impl Server {
         for h in handles {
             let _ = h.join();
         }
+    }
+}
+
+/// Removes a connection from the registry and wakes the accept loop when dropped.
+struct Leave {
+    reg: Registry,
+    id: u64,
+    ev: UnixStream,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.reg
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        let _ = self.ev.write(&[1]);
     }
 }
 

@@ -10,6 +10,7 @@ use crate::export::{descriptors, Export, MetaContext};
 use crate::handshake::Negotiated;
 use crate::limiter::Limiter;
 use crate::proto::{self, Buf, HeaderError, Request};
+use crate::queue::{BufPool, PoolBuf, WorkQueue};
 use crate::stream::Stream;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
@@ -51,7 +52,7 @@ impl From<vdisk::Error> for Fail {
 /// A request ready to execute.
 struct Job {
     req: Request,
-    payload: Vec<u8>,
+    payload: PoolBuf,
     cost: u64,
 }
 
@@ -61,6 +62,7 @@ struct Conn<'a> {
     neg: &'a Negotiated,
     out: Mutex<Stream>,
     dead: AtomicBool,
+    pool: BufPool,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or the socket is
@@ -72,26 +74,30 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         neg,
         out: Mutex::new(out),
         dead: AtomicBool::new(false),
+        pool: BufPool::default(),
     };
     let limiter = Limiter::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES);
-    let (tx, rx) = crossbeam_channel::bounded::<Job>(MAX_IN_FLIGHT);
+    let queue: WorkQueue<Job> = WorkQueue::default();
     let result = std::thread::scope(|sc| {
         for _ in 0..WORKERS {
-            let rx = rx.clone();
-            let conn = &conn;
-            let limiter = &limiter;
+            let (conn, limiter, queue) = (&conn, &limiter, &queue);
             sc.spawn(move || {
-                for job in rx {
+                while let Some(job) = queue.pop() {
                     let cost = job.cost;
                     conn.execute(job);
                     limiter.release(cost);
                 }
             });
         }
-        drop(rx);
-        let mut rd = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
-        let r = conn.read_loop(&mut rd, &limiter, &tx);
-        drop(tx);
+        let r = match stream.try_clone() {
+            Ok(s) => {
+                let mut rd = BufReader::with_capacity(64 * 1024, s);
+                conn.read_loop(&mut rd, &limiter, &queue)
+            }
+            Err(e) => Err(e),
+        };
+        // Workers finish what was read, then stop.
+        queue.close();
         r
     });
     // Every reply is out (or the client is gone): hang up.
@@ -104,7 +110,7 @@ impl Conn<'_> {
         &self,
         rd: &mut impl Read,
         limiter: &Limiter,
-        tx: &crossbeam_channel::Sender<Job>,
+        queue: &WorkQueue<Job>,
     ) -> io::Result<()> {
         let ext = self.neg.extended;
         loop {
@@ -165,16 +171,13 @@ impl Conn<'_> {
                 _ => payload_len,
             };
             limiter.acquire(cost);
-            let mut payload = vec![0u8; payload_len as usize];
+            let mut payload = self.pool.get(payload_len as usize);
             if let Err(e) = rd.read_exact(&mut payload) {
                 // The client vanished mid-payload: nothing of it is acknowledged.
                 limiter.release(cost);
                 return Err(e);
             }
-            if tx.send(Job { req, payload, cost }).is_err() {
-                limiter.release(cost);
-                return Ok(());
-            }
+            queue.push(Job { req, payload, cost });
         }
     }
 
@@ -196,6 +199,7 @@ impl Conn<'_> {
             Ok(None) => {}
             Err(f) => self.reply_error(&req, &f),
         }
+        self.pool.put(job.payload);
     }
 
     /// Flags, permissions and bounds common to every command.
@@ -338,11 +342,12 @@ impl Conn<'_> {
         let img = &self.export.image;
         let len = r.length as usize;
         if !self.neg.structured {
-            let mut buf = vec![0u8; len];
+            let mut buf = self.pool.get(len);
             img.read_at(&mut buf, r.offset)?;
             let mut h = Buf::with_capacity(16);
             proto::simple_header(&mut h, 0, r.cookie);
             self.send(&[&h.0, &buf]);
+            self.pool.put(buf);
             return Ok(());
         }
         if len == 0 {
@@ -374,11 +379,15 @@ impl Conn<'_> {
             }
         }
         // Read everything before sending anything, so an error is one clean chunk.
-        let mut data: Vec<Vec<u8>> = Vec::new();
+        let mut data: Vec<PoolBuf> = Vec::new();
         for &(off, n, hole) in &segs {
             if !hole {
-                let mut b = vec![0u8; n as usize];
-                img.read_at(&mut b, off)?;
+                let mut b = self.pool.get(n as usize);
+                if let Err(e) = img.read_at(&mut b, off) {
+                    self.pool.put(b);
+                    data.into_iter().for_each(|b| self.pool.put(b));
+                    return Err(e.into());
+                }
                 data.push(b);
             }
         }
@@ -395,6 +404,7 @@ impl Conn<'_> {
                 let mut p = Buf::with_capacity(8);
                 p.u64(off);
                 self.chunk(r, flags, proto::REPLY_TYPE_OFFSET_DATA, &[&p.0, &b]);
+                self.pool.put(b);
             }
         }
         Ok(())
