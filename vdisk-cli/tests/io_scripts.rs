@@ -429,6 +429,9 @@ fn dump_map_alloc_info_length_match_qemu_io() {
         "write -P 300 0 1",
         "write -z -P 1 0 1",
         "write -s SRC 4k 8",
+        "write -c 1000 64k",
+        "write -c 0 1000",
+        "read -b 1 1",
         "read -v 4k 8",
         "read -C 0 512",
     ]);

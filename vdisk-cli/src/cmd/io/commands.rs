@@ -549,6 +549,9 @@ fn read_f(s: &mut Session, args: &[String]) -> bool {
         out!("pattern verification range exceeds end of read data");
         return false;
     }
+    if vmstate && !sector_aligned(offset, count) {
+        return false;
+    }
     if vmstate {
         out!("read failed: {}", strerror(libc::ENOTSUP));
         return false;
@@ -674,6 +677,9 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         );
         return false;
     }
+    if (vmstate || compressed) && !sector_aligned(offset, count) {
+        return false;
+    }
     if vmstate {
         out!("write failed: {}", strerror(libc::ENOTSUP));
         return false;
@@ -699,6 +705,19 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
         Fill::Pattern(p)
     };
     do_write(s, offset, count, fill, fua, quiet, machine)
+}
+
+/// VM state and compressed requests must be whole 512-byte sectors, as in qemu-io.
+fn sector_aligned(offset: u64, count: u64) -> bool {
+    if offset % 512 != 0 {
+        out!("{offset} is not a sector-aligned value for 'offset'");
+        return false;
+    }
+    if count % 512 != 0 {
+        out!("{count} is not a sector-aligned value for 'count'");
+        return false;
+    }
+    true
 }
 
 /// Reads up to `count` bytes of a `write -s` source file; prints why on failure.
