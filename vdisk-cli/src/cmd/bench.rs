@@ -14,6 +14,7 @@ macro_rules! out {
     }};
 }
 
+use super::io::buffer::IoBuf;
 use super::io::parse::{cvtnum, NumError};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -178,7 +179,16 @@ impl Runner<'_> {
     }
 
     fn worker(&self) {
-        let mut buf = vec![self.plan.pattern; self.plan.bufsize as usize];
+        let mut buf = match IoBuf::filled(self.plan.bufsize, self.plan.pattern) {
+            Ok(b) => b,
+            Err(e) => {
+                let mut st = self.lock();
+                st.error
+                    .get_or_insert(format!("cannot allocate a request buffer: {e}"));
+                self.cond.notify_all();
+                return;
+            }
+        };
         let mut st = self.lock();
         loop {
             if st.error.is_some() || st.n == st.in_flight {

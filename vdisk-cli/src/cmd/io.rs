@@ -13,6 +13,7 @@ macro_rules! out {
     }};
 }
 
+pub(crate) mod buffer;
 mod commands;
 pub(crate) mod parse;
 mod report;

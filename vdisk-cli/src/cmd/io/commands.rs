@@ -2,6 +2,7 @@
 //! command name) and returns whether it succeeded. Messages and report lines are
 //! qemu-io's, so scripts comparing output work on both tools.
 
+use super::buffer::IoBuf;
 use super::parse::{
     breakline, cvtnum, cvtnum_error, parse_pattern, strerror, Getopt, REQUEST_MAX_BYTES,
 };
@@ -13,7 +14,7 @@ use vdisk::{ExtentKind, Image, ZeroFlags};
 
 /// Bytes moved per library call on long requests: bounds memory and lets the progress
 /// bar move.
-const CHUNK: u64 = 16 << 20;
+const CHUNK: u64 = 64 << 20;
 /// Requests longer than this get a progress bar with `-p`.
 const PROGRESS_MIN: u64 = 64 << 20;
 
@@ -381,7 +382,7 @@ fn read_range(
     count: u64,
     verify: Option<Verify>,
     keep: bool,
-) -> vdisk::Result<(bool, Vec<u8>)> {
+) -> vdisk::Result<(bool, Option<IoBuf>)> {
     let mut ok = true;
     let mut check = |pos: u64, data: &[u8]| {
         if let Some(v) = verify {
@@ -403,7 +404,7 @@ fn read_range(
             s.img.read_at(piece, offset + pos)
         })?;
         check(0, &all);
-        return Ok((ok, all));
+        return Ok((ok, Some(all)));
     }
     let mut buf = alloc_buffer(count.min(CHUNK))?;
     chunked(s, count, CHUNK, |pos, n| {
@@ -412,20 +413,12 @@ fn read_range(
         check(pos, piece);
         Ok(())
     })?;
-    Ok((ok, Vec::new()))
+    Ok((ok, None))
 }
 
 /// A zeroed buffer, failing with ENOMEM instead of aborting.
-fn alloc_buffer(len: u64) -> vdisk::Result<Vec<u8>> {
-    let len = usize::try_from(len).map_err(|_| no_memory())?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| no_memory())?;
-    v.resize(len, 0);
-    Ok(v)
-}
-
-fn no_memory() -> vdisk::Error {
-    std::io::Error::from_raw_os_error(libc::ENOMEM).into()
+fn alloc_buffer(len: u64) -> vdisk::Result<IoBuf> {
+    IoBuf::new(len)
 }
 
 /// How a write fills its range.
@@ -573,7 +566,7 @@ fn read_f(s: &mut Session, args: &[String]) -> bool {
 /// Prints a read's outcome (verification, dump, report); returns success.
 #[allow(clippy::too_many_arguments)]
 fn finish_read(
-    r: vdisk::Result<(bool, Vec<u8>)>,
+    r: vdisk::Result<(bool, Option<IoBuf>)>,
     offset: u64,
     count: u64,
     pstart: u64,
@@ -599,7 +592,7 @@ fn finish_read(
     if quiet {
         return ok;
     }
-    if !data.is_empty() {
+    if let Some(data) = data {
         let out = std::io::stdout();
         let mut out = std::io::BufWriter::new(out.lock());
         if dump_buffer(&mut out, &data, offset)
