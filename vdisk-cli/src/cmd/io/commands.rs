@@ -702,11 +702,11 @@ fn write_f(s: &mut Session, args: &[String]) -> bool {
 
 /// VM state and compressed requests must be whole 512-byte sectors, as in qemu-io.
 fn sector_aligned(offset: u64, count: u64) -> bool {
-    if offset % 512 != 0 {
+    if !offset.is_multiple_of(512) {
         out!("{offset} is not a sector-aligned value for 'offset'");
         return false;
     }
-    if count % 512 != 0 {
+    if !count.is_multiple_of(512) {
         out!("{count} is not a sector-aligned value for 'count'");
         return false;
     }
