@@ -165,6 +165,17 @@ if [ $HAVE_QCOW2 = 1 ]; then
         ":" \
         "'$VDISK' bench -f qcow2 -c $NREQ4 -s 4k -d 16 '$PRE_Q'" \
         "qemu-img bench -f qcow2 -c $NREQ4 -s 4k -d 16 '$PRE_Q'"
+    # Through O_DIRECT the disk, not the page cache, sets the pace.
+    NDIRECT=$((NREQ4 / 4))
+    bench_case "bench -w 4 KiB rewrite, preallocated qcow2, -t none (-c $NDIRECT -d 16)" \
+        ":" \
+        "'$VDISK' bench -w -t none -f qcow2 -c $NDIRECT -s 4k -d 16 --pattern=0x44 '$PRE_Q'" \
+        "qemu-img bench -w -t none -f qcow2 -c $NDIRECT -s 4k -d 16 --pattern=0x44 '$PRE_Q'" \
+        "qemu-img check -q -f qcow2 '$PRE_Q' && qemu-io -f qcow2 -r -c 'read -q -P 0x44 0 $((NDIRECT * 4096))' '$PRE_Q' | (! grep -q .)"
+    bench_case "bench 4 KiB read, preallocated qcow2, -t none (-c $NDIRECT -d 16)" \
+        ":" \
+        "'$VDISK' bench -t none -f qcow2 -c $NDIRECT -s 4k -d 16 '$PRE_Q'" \
+        "qemu-img bench -t none -f qcow2 -c $NDIRECT -s 4k -d 16 '$PRE_Q'"
 fi
 
 {
