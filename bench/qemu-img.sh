@@ -57,6 +57,9 @@ peak_rss() {
 # CHECK, if given, runs after one vdisk run and one qemu-img run and must succeed.
 bench_case() {
     local name=$1 prepare=$2 vcmd=$3 qcmd=$4 check=${5:-}
+    # Write back earlier runs' dirty pages before each run, so no run pays for the
+    # previous one's data (the host's disk is shared and slow to drain).
+    prepare="$prepare && sync"
     echo "== $name" >&2
     eval "$prepare"
     local err
