@@ -1552,3 +1552,36 @@ fn random_options_and_requests_keep_framing() {
     }
     ok("nbdinfo", &["--size", &srv.uri()]);
 }
+
+#[test]
+fn reads_report_holes_after_trim_and_zeroing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "4M");
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t", "--discard", "unmap"], &img);
+    let (mut c, _, _) = Client::negotiated(srv.sock(), true, false, &[]);
+    let kinds = |c: &mut Client, cookie: u64, off: u64| -> Vec<u16> {
+        c.request(0, 0, cookie, off, 1 << 20, &[]);
+        c.reply()
+            .iter()
+            .map(|ch| ch.typ)
+            .filter(|&t| t != 0)
+            .collect()
+    };
+    c.request(0, 1, 1, 0, 2 << 20, &vec![0x99u8; 2 << 20]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(kinds(&mut c, 2, 0), vec![1], "all data");
+    assert_eq!(kinds(&mut c, 3, 1 << 20), vec![1], "all data");
+    c.request(0, 4, 4, 0, 1 << 20, &[]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(kinds(&mut c, 5, 0), vec![2], "a hole after TRIM");
+    c.request(0, 6, 6, 1 << 20, 1 << 20, &[]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(
+        kinds(&mut c, 7, 1 << 20),
+        vec![2],
+        "a hole after WRITE_ZEROES"
+    );
+    c.request(0, 1, 8, 0, 4096, &[1u8; 4096]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(kinds(&mut c, 9, 0), vec![1, 2], "data then hole");
+}
