@@ -124,7 +124,7 @@ impl Server {
         let until = Instant::now() + Duration::from_secs(20);
         while !s.pid_file.exists() {
             if let Some(st) = s.try_wait() {
-                panic!("vdisk serve exited early: {st}");
+                panic!("{prog} exited early: {st}");
             }
             assert!(
                 Instant::now() < until,
@@ -568,22 +568,36 @@ fn nbdinfo_flags_like_qemu_nbd() {
 fn exact_transmission_flags_and_export_names() {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), "a.raw", "1M");
-    for (args, structured, extended, want) in [
-        (&[][..], false, false, 0x0c6du16),
-        (&[][..], true, false, 0x0ced),
-        (&[][..], true, true, 0x1ced),
-        (&["-e", "2"][..], true, true, 0x1ded),
-        (&["-r"][..], true, false, 0x048f),
-        (&["-r"][..], true, true, 0x148f),
+    let img2 = raw_image(dir.path(), "b.raw", "1M");
+    let base: &[&str] = &["base:allocation"];
+    for (args, structured, extended, meta, want) in [
+        (&[][..], false, false, &[][..], 0x0c6du16),
+        (&[][..], true, false, &[][..], 0x0ced),
+        (&[][..], true, true, &[][..], 0x0ced),
+        (&[][..], true, true, base, 0x1ced),
+        (&["-e", "2"][..], true, true, base, 0x1ded),
+        (&["-r"][..], true, false, base, 0x048f),
+        (&["-r"][..], true, true, base, 0x148f),
+        (&["-r", "-e", "3"][..], false, false, &[][..], 0x050f),
+        (&["-A", "-e", "0"][..], true, false, base, 0x0ded),
     ] {
         let mut a = vec!["-f", "raw", "-t"];
         a.extend_from_slice(args);
         let srv = Server::unix(dir.path(), &a, &img);
-        let (_c, size, flags) = Client::negotiated(srv.sock(), structured, extended, &[]);
+        let (_c, size, flags) = Client::negotiated(srv.sock(), structured, extended, meta);
         assert_eq!(size, 1 << 20);
         assert_eq!(
             flags, want,
-            "{args:?} structured={structured} extended={extended}: {flags:#x}"
+            "{args:?} structured={structured} extended={extended} {meta:?}: {flags:#x}"
+        );
+        // qemu-nbd, same options, same negotiation: same flags (on its own copy: a
+        // writable export locks its image).
+        let q = Server::qemu_nbd(dir.path(), &a, &img2);
+        let (_qc, qsize, qflags) = Client::negotiated(q.sock(), structured, extended, meta);
+        assert_eq!(
+            (qsize, qflags),
+            (size, flags),
+            "qemu-nbd {args:?} s={structured} x={extended} {meta:?}"
         );
     }
 
