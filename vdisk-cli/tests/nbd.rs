@@ -1599,3 +1599,56 @@ fn reads_report_holes_after_trim_and_zeroing() {
     assert_eq!(chunk_error(&c.reply()), 0);
     assert_eq!(kinds(&mut c, 9, 0), vec![1, 2], "data then hole");
 }
+
+/// LIST_META_CONTEXT / SET_META_CONTEXT answers, as sorted context names.
+fn meta_answers(sock: &Path, opt: u32, queries: &[&str]) -> Result<Vec<String>, u32> {
+    let mut c = Client::connect(sock);
+    c.option(8, &[]);
+    assert_eq!(c.opt_reply().1, 1);
+    c.option(opt, &Client::meta_data("", queries));
+    let mut names = Vec::new();
+    loop {
+        let (_, typ, d) = c.opt_reply();
+        match typ {
+            1 => break,
+            4 => names.push(String::from_utf8_lossy(&d[4..]).into_owned()),
+            e => return Err(e),
+        }
+    }
+    names.sort();
+    c.option(2, &[]);
+    Ok(names)
+}
+
+#[test]
+fn meta_contexts_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "1M");
+    for args in [
+        &["-f", "raw", "-t", "-r", "-e", "0"][..],
+        &["-f", "raw", "-t", "-r", "-e", "0", "-A"][..],
+    ] {
+        let ours = Server::unix(dir.path(), args, &img);
+        let theirs = Server::qemu_nbd(dir.path(), args, &img);
+        for queries in [
+            &[][..],
+            &["base:"][..],
+            &["qemu:"][..],
+            &["base:allocation"][..],
+            &["qemu:allocation-depth"][..],
+            &["base:allocation", "qemu:allocation-depth", "x-nope:thing"][..],
+            &["base:nothing"][..],
+        ] {
+            for opt in [9u32, 10] {
+                if opt == 10 && queries.iter().any(|q| q.ends_with(':')) {
+                    continue; // wildcards are for listing only
+                }
+                assert_eq!(
+                    meta_answers(ours.sock(), opt, queries),
+                    meta_answers(theirs.sock(), opt, queries),
+                    "{args:?} option {opt} {queries:?}"
+                );
+            }
+        }
+    }
+}
