@@ -2,7 +2,7 @@
 //! detection) and the translation of the image's block status into NBD metadata.
 
 use crate::proto;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use vdisk::chain::ChainExtent;
 use vdisk::{ExtentKind, Image};
 
@@ -102,45 +102,12 @@ pub struct Export {
     pub image: Arc<Image>,
     /// Policy.
     pub cfg: ExportConfig,
-    /// A range last seen to hold data through the whole chain, `[start, end)`. Only
-    /// READ uses it, to skip status lookups: if it goes stale (a later trim or zero
-    /// write), a read still returns the right bytes, just as data instead of a hole.
-    data_hint: Mutex<(u64, u64)>,
 }
 
 impl Export {
     /// Wraps an open image.
     pub fn new(image: Arc<Image>, cfg: ExportConfig) -> Export {
-        Export {
-            image,
-            cfg,
-            data_hint: Mutex::new((0, 0)),
-        }
-    }
-
-    /// Whether `[offset, offset+len)` lies in the remembered data range.
-    pub fn known_data(&self, offset: u64, len: u64) -> bool {
-        let h = *self
-            .data_hint
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        offset >= h.0 && offset.saturating_add(len) <= h.1
-    }
-
-    /// Remembers `[start, start+len)` as data.
-    pub fn note_data(&self, start: u64, len: u64) {
-        *self
-            .data_hint
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (start, start.saturating_add(len));
-    }
-
-    /// Forgets the data range (after trims and zero writes, which may make holes).
-    pub fn forget_data(&self) {
-        *self
-            .data_hint
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (0, 0);
+        Export { image, cfg }
     }
 
     /// Guest size.

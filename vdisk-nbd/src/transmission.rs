@@ -27,8 +27,6 @@ pub const MAX_IN_FLIGHT: usize = 32;
 pub const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
 /// Status runs gathered for one BLOCK_STATUS or sparse READ.
 const MAX_RUNS: usize = 16384;
-/// How far past a read one status lookup looks, to remember a data range.
-const DATA_HINT_SPAN: u64 = 64 << 20;
 /// Largest BLOCK_STATUS payload (effect length plus a few context ids).
 const MAX_STATUS_PAYLOAD: u64 = 8 + 4 * 16;
 
@@ -297,7 +295,6 @@ impl Conn<'_> {
                 may_unmap: detect == crate::export::DetectZeroes::Unmap,
                 fast: false,
             };
-            self.export.forget_data();
             img.write_zeroes(r.offset, data.len() as u64, flags)?;
         } else if !data.is_empty() {
             img.write_at(data, r.offset)?;
@@ -312,7 +309,6 @@ impl Conn<'_> {
                     && self.export.cfg.discard == crate::export::DiscardMode::Unmap,
                 fast: r.flags & proto::CMD_FLAG_FAST_ZERO != 0,
             };
-            self.export.forget_data();
             self.export.image.write_zeroes(r.offset, r.length, flags)?;
         }
         self.fua(r)
@@ -321,7 +317,6 @@ impl Conn<'_> {
     fn trim(&self, r: &Request) -> Result<(), Fail> {
         // With --discard=ignore (qemu-nbd's default) a trim is a successful no-op.
         if r.length > 0 && self.export.cfg.discard == crate::export::DiscardMode::Unmap {
-            self.export.forget_data();
             self.export.image.discard(r.offset, r.length)?;
         }
         self.fua(r)
@@ -362,7 +357,7 @@ impl Conn<'_> {
         // Segments of the request: (offset, length, reads as zeroes).
         let mut segs: Vec<(u64, u64, bool)> = Vec::new();
         let end = r.offset + r.length;
-        if r.flags & proto::CMD_FLAG_DF == 0 && !self.all_data(r.offset, r.length) {
+        if r.flags & proto::CMD_FLAG_DF == 0 {
             if let Ok(runs) = self.export.status_runs(r.offset, r.length, MAX_RUNS) {
                 let mut pos = r.offset;
                 for e in runs {
@@ -413,22 +408,6 @@ impl Conn<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Whether a read can skip hole detection: the range is in the remembered data
-    /// range, or one status lookup reaching past it (to refresh that memory) says data.
-    fn all_data(&self, offset: u64, len: u64) -> bool {
-        if self.export.known_data(offset, len) {
-            return true;
-        }
-        let span = (self.export.size() - offset).min(DATA_HINT_SPAN).max(len);
-        match self.export.image.block_status(offset, span) {
-            Ok(e) if e.kind == ExtentKind::Data && e.len >= len => {
-                self.export.note_data(offset, e.len);
-                true
-            }
-            _ => false,
-        }
     }
 
     fn block_status(&self, r: &Request, payload: &[u8]) -> Result<(), Fail> {
