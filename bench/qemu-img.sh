@@ -30,6 +30,13 @@ trap 'rm -rf "$WORK"' EXIT
 
 ROWS=()
 NOTES=()
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# Hand-written analysis below this marker in the results file survives re-runs.
+MARKER='<!-- analysis: kept across runs -->'
+KEEP=""
+if [ -f "$OUT" ] && grep -qF "$MARKER" "$OUT"; then
+    KEEP=$(sed -n "/$MARKER/,\$p" "$OUT")
+fi
 
 # Whether vdisk can open and read an image of this format yet.
 have_fmt() {
@@ -163,7 +170,8 @@ fi
     echo "commit \`$(cd "$ROOT" && git rev-parse --short HEAD)\`, $(qemu-img --version | head -n 1),"
     echo "$(nproc) CPUs, $(uname -sr). Image size ${SIZE_MB} MiB; hyperfine, $RUNS runs per command"
     echo "(file systems warm: images are in the page cache); peak RSS from \`/usr/bin/time -v\`."
-    echo "Ratio = qemu-img time / vdisk time (> 1: vdisk is faster)."
+    echo "Ratio = qemu-img time / vdisk time (> 1: vdisk is faster). Load average at start"
+    echo "$LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (the host is shared: expect noise)."
     echo
     echo "| Case | vdisk s (mean ± sd) | qemu-img s (mean ± sd) | ratio | vdisk peak RSS MiB | qemu-img peak RSS MiB |"
     echo "|---|---|---|---|---|---|"
@@ -172,6 +180,10 @@ fi
         echo
         echo "Notes:"
         printf '%s\n' "${NOTES[@]}"
+    fi
+    if [ -n "$KEEP" ]; then
+        echo
+        echo "$KEEP"
     fi
 } >"$OUT"
 cat "$OUT"

@@ -301,3 +301,92 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
     body_zero && words.remainder().iter().all(|&b| b == 0)
 }
+
+/// Whether qemu would treat a qcow2 layer as "metadata preallocated" and ask the host
+/// file about data clusters (`BDRV_BLOCK_RECURSE`): more clusters are in use than the
+/// file has allocated on the host, by at least 10% and at least two clusters.
+///
+/// Clusters in use are counted as the union of the clusters the file has allocated
+/// (metadata is always written) and the host clusters the guest mapping references.
+pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
+    let d = &layer.driver;
+    if d.format() != Format::Qcow2 {
+        return Ok(false);
+    }
+    let Some(cs) = d.cluster_size().filter(|&c| c > 0) else {
+        return Ok(false);
+    };
+    let st = d.storage();
+    let file_len = st.len()?;
+    let Some(real) = allocated_size(&layer.path) else {
+        return Ok(false);
+    };
+    let real_clusters = real / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end_cluster = file_len.div_ceil(cs);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    // Allocated parts of the host file.
+    let mut off = 0u64;
+    while off < file_len {
+        let (data, n) = st.extent_at(off)?;
+        if n == 0 {
+            break;
+        }
+        if data {
+            ranges.push((off / cs, (off + n).div_ceil(cs)));
+        }
+        off += n;
+    }
+    // Host clusters the guest mapping references (allocated data and zero clusters).
+    let size = d.size();
+    let mut g = 0u64;
+    while g < size {
+        let e = d.block_status(g, size - g)?;
+        let n = e.len.clamp(1, size - g);
+        if let (Some(h), ExtentKind::Data | ExtentKind::Zero) = (e.offset, e.kind) {
+            ranges.push((h / cs, (h + n).div_ceil(cs)));
+        }
+        g += n;
+    }
+    ranges.sort_unstable();
+    let mut count = 0u64;
+    let mut cur: Option<(u64, u64)> = None;
+    for (a, b) in ranges {
+        let (a, b) = (a.min(end_cluster), b.min(end_cluster));
+        match cur {
+            Some((ca, cb)) if a <= cb => cur = Some((ca, cb.max(b))),
+            Some((ca, cb)) => {
+                count += cb - ca;
+                cur = Some((a, b));
+            }
+            None => cur = Some((a, b)),
+        }
+    }
+    if let Some((ca, cb)) = cur {
+        count += cb - ca;
+    }
+    Ok(count >= threshold)
+}
+
+/// Refines a data extent of a metadata-preallocated layer with the host file's own
+/// status, as qemu does: holes in the file read as zeroes (past the end of the file
+/// the whole extent does), and the extent is cut where the file's status changes.
+pub fn refine_with_file(layer: &Layer, s: &mut Status) -> vdisk::Result<()> {
+    let Some(host) = s.offset else {
+        return Ok(());
+    };
+    if !s.data || s.zero {
+        return Ok(());
+    }
+    let st = layer.driver.storage();
+    let file_len = st.len()?;
+    let (data, n) = st.extent_at(host)?;
+    let at_eof = host.saturating_add(n) >= file_len;
+    if at_eof && (n == 0 || !data) {
+        s.zero = true;
+    } else {
+        s.len = s.len.min(n.max(1));
+        s.zero = !data;
+    }
+    Ok(())
+}

@@ -142,6 +142,15 @@ fn qcow2_compare_against_raw() {
         1
     );
     assert_eq!(same_compare(dir, &["top.qcow2", "base.qcow2"]), 1);
+    // Strict mode also compares allocation.
+    ok(
+        qemu_img(dir, &["convert", "-O", "qcow2", "top.qcow2", "flat.qcow2"]),
+        "convert",
+    );
+    assert_eq!(same_compare(dir, &["-s", "top.qcow2", "flat.raw"]), 1);
+    assert_eq!(same_compare(dir, &["-s", "flat.qcow2", "top.qcow2"]), 1);
+    assert_eq!(same_compare(dir, &["-s", "flat.qcow2", "flat.qcow2"]), 0);
+    assert_eq!(same_compare(dir, &["-s", "-q", "top.qcow2", "flat.raw"]), 1);
 }
 
 #[test]

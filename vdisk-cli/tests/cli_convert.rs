@@ -174,6 +174,7 @@ fn convert_errors_like_qemu() {
         ],
         &["convert", "-O", "raw", "missing.raw", "x.raw"],
         &["convert", "-O", "raw", "a.raw"],
+        &["convert", "-O", "qcow2", "-B", "a.raw", "a.raw", "y.qcow2"],
     ];
     for c in cases {
         let q = qemu_img(dir, c);

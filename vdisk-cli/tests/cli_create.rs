@@ -196,3 +196,48 @@ fn create_help_lists_options() {
         }
     }
 }
+
+#[test]
+fn create_over_an_image_in_use_fails_and_keeps_it() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "t.qcow2", "1M"]),
+        "create",
+    );
+    qemu_io(dir, "qcow2", "t.qcow2", &["write -P 1 0 64k"]);
+    let before = std::fs::read(dir.join("t.qcow2")).unwrap();
+    let mut child = std::process::Command::new("qemu-io")
+        .current_dir(dir)
+        .args(["-f", "qcow2", "t.qcow2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"length\n").unwrap();
+    stdin.flush().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("MiB") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io exited");
+    }
+    let v = vdisk(dir, &["create", "-q", "-f", "qcow2", "t.qcow2", "1M"]);
+    let v2 = vdisk(
+        dir,
+        &["convert", "-O", "raw", "-f", "raw", "/dev/null", "t.qcow2"],
+    );
+    drop(stdin);
+    child.wait().unwrap();
+    assert_eq!(v.code, 1);
+    assert!(v.err.contains("Failed to get \"write\" lock"), "{}", v.err);
+    assert_eq!(v2.code, 1, "{}", v2.err);
+    assert_eq!(
+        std::fs::read(dir.join("t.qcow2")).unwrap(),
+        before,
+        "image destroyed"
+    );
+}

@@ -10,7 +10,19 @@ struct Holder(Child);
 
 impl Holder {
     fn new(dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
-        let mut c = Command::new("qemu-io");
+        Holder::spawn("qemu-io", dir, fmt, file, ro)
+    }
+
+    /// `vdisk io` holding the image, for the other direction.
+    fn vdisk(dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
+        Holder::spawn(env!("CARGO_BIN_EXE_vdisk"), dir, fmt, file, ro)
+    }
+
+    fn spawn(prog: &str, dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
+        let mut c = Command::new(prog);
+        if prog != "qemu-io" {
+            c.arg("io");
+        }
         c.current_dir(dir).args(["-f", fmt]);
         if ro {
             c.arg("-r");
@@ -144,4 +156,51 @@ fn qemu_io_reader_blocks_writers() {
             v.err
         );
     }
+}
+
+#[test]
+fn vdisk_holder_blocks_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "V.qcow2", "1M"]),
+        "create",
+    );
+    {
+        let _h = Holder::vdisk(dir, "qcow2", "V.qcow2", false);
+        let q = qemu_img(dir, &["info", "V.qcow2"]);
+        assert_eq!(q.code, 1);
+        assert!(
+            q.err.contains("Failed to get shared \"write\" lock\nIs another process using the image [V.qcow2]?"),
+            "{}",
+            q.err
+        );
+        let q = qemu_img(dir, &["check", "V.qcow2"]);
+        assert_eq!(q.code, 1, "{}", q.err);
+        // And vdisk itself is refused the same way.
+        let v = vdisk(dir, &["info", "V.qcow2"]);
+        assert_eq!(
+            v.err.replace("vdisk:", "qemu-img:"),
+            qemu_img(dir, &["info", "V.qcow2"]).err
+        );
+        // -U still reads.
+        ok(
+            qemu_img(dir, &["info", "-U", "V.qcow2"]),
+            "qemu-img info -U",
+        );
+        ok(vdisk(dir, &["info", "-U", "V.qcow2"]), "vdisk info -U");
+    }
+    {
+        // A read-only holder lets readers in but keeps writers out.
+        let _h = Holder::vdisk(dir, "qcow2", "V.qcow2", true);
+        ok(
+            qemu_img(dir, &["info", "V.qcow2"]),
+            "qemu-img info beside a reader",
+        );
+        let q = qemu_img(dir, &["resize", "V.qcow2", "2M"]);
+        assert_eq!(q.code, 1);
+        assert!(q.err.contains("Failed to get \"write\" lock"), "{}", q.err);
+    }
+    // Once the holder is gone, everything works again.
+    ok(qemu_img(dir, &["resize", "V.qcow2", "2M"]), "resize");
 }

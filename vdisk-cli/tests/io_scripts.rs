@@ -468,6 +468,8 @@ fn qcow2_map_alloc_info_match_qemu_io() {
     let cmds = s(&[
         "write -P 1 64k 64k",
         "write -P 2 1M 128k",
+        "write -c -P 3 2M 128k",
+        "read -P 3 2M 128k",
         "map",
         "alloc 0 4M",
         "alloc 64k 64k",
@@ -479,6 +481,15 @@ fn qcow2_map_alloc_info_match_qemu_io() {
     assert_eq!(ours.code, 0, "{}{}", ours.stdout, ours.stderr);
     assert_eq!(strip_timing(&ours.stdout), strip_timing(&theirs.stdout));
     qemu_check("qcow2", &a);
+    compare("qcow2", &a, &b);
+    let o = run(Command::new("qemu-img")
+        .args(["check", "--output=json", "-f", "qcow2"])
+        .arg(&a));
+    assert!(
+        o.stdout.contains("\"compressed-clusters\": 2"),
+        "write -c stores compressed clusters: {}",
+        o.stdout
+    );
 }
 
 #[test]
@@ -570,4 +581,11 @@ fn qcow2_map_counts_only_the_top_image_like_qemu_io() {
         .stdout
         .contains("1 MiB (0x100000) bytes not allocated at offset 0 bytes (0x0)\n"));
     compare("qcow2", &top, &top2);
+}
+
+#[test]
+fn qcow2_and_qed_random_scripts_with_o_direct() {
+    // Metadata and unaligned data both go through O_DIRECT's alignment handling.
+    scripts_match_qemu("qcow2", false, &["-t", "none"], 60..61);
+    scripts_match_qemu("qed", false, &["-n"], 70..71);
 }

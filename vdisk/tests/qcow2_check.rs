@@ -16,11 +16,31 @@ fn same_as_qemu(f: &std::path::Path) {
     let what = format!("{}: qemu {q} vdisk {r:?}", f.display());
     assert_eq!(r.corruptions, field(&q, "corruptions"), "{what}");
     assert_eq!(r.leaks, field(&q, "leaks"), "{what}");
-    assert_eq!(r.image_end_offset, Some(field(&q, "image-end-offset")), "{what}");
-    assert_eq!(r.total_clusters, Some(field(&q, "total-clusters")), "{what}");
-    assert_eq!(r.allocated_clusters.unwrap_or(0), field(&q, "allocated-clusters"), "{what}");
-    assert_eq!(r.fragmented_clusters.unwrap_or(0), field(&q, "fragmented-clusters"), "{what}");
-    assert_eq!(r.compressed_clusters.unwrap_or(0), field(&q, "compressed-clusters"), "{what}");
+    assert_eq!(
+        r.image_end_offset,
+        Some(field(&q, "image-end-offset")),
+        "{what}"
+    );
+    assert_eq!(
+        r.total_clusters,
+        Some(field(&q, "total-clusters")),
+        "{what}"
+    );
+    assert_eq!(
+        r.allocated_clusters.unwrap_or(0),
+        field(&q, "allocated-clusters"),
+        "{what}"
+    );
+    assert_eq!(
+        r.fragmented_clusters.unwrap_or(0),
+        field(&q, "fragmented-clusters"),
+        "{what}"
+    );
+    assert_eq!(
+        r.compressed_clusters.unwrap_or(0),
+        field(&q, "compressed-clusters"),
+        "{what}"
+    );
 }
 
 #[test]
@@ -29,15 +49,41 @@ fn statistics_match_qemu() {
     // Fragmented writes over several L2 tables.
     let a = path(&d, "a.qcow2");
     qemu_create(&a, "cluster_size=4096", "8M");
-    qemu_io(&a, &["write -P 1 3M 64k", "write -P 2 0 8k", "write -P 3 5M 1M", "write -P 4 1M 4k", "write -z 6M 64k", "discard 5M 8k"]);
+    qemu_io(
+        &a,
+        &[
+            "write -P 1 3M 64k",
+            "write -P 2 0 8k",
+            "write -P 3 5M 1M",
+            "write -P 4 1M 4k",
+            "write -z 6M 64k",
+            "discard 5M 8k",
+        ],
+    );
     same_as_qemu(&a);
     // Compressed.
     let c = path(&d, "c.qcow2");
-    run("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", "cluster_size=4096", p(&a), p(&c)]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            p(&a),
+            p(&c),
+        ],
+    );
     same_as_qemu(&c);
     // Preallocated, v2, small refcounts.
     let m = path(&d, "m.qcow2");
-    qemu_create(&m, "preallocation=metadata,compat=0.10,cluster_size=512", "1M");
+    qemu_create(
+        &m,
+        "preallocation=metadata,compat=0.10,cluster_size=512",
+        "1M",
+    );
     same_as_qemu(&m);
     let r = path(&d, "r.qcow2");
     qemu_create(&r, "refcount_bits=1,cluster_size=1024", "2M");
@@ -59,8 +105,12 @@ fn statistics_match_qemu() {
         let img = open(&v, true);
         img.write_at(&vec![7u8; 300_000], 12345).unwrap();
         img.write_at(&vec![8u8; 5000], 3 << 20).unwrap();
-        img.driver().write_compressed(&vec![0u8; 4096], 2 << 20).unwrap();
-        img.driver().write_compressed(&[5u8; 4096], (2 << 20) + 4096).unwrap();
+        img.driver()
+            .write_compressed(&vec![0u8; 4096], 2 << 20)
+            .unwrap();
+        img.driver()
+            .write_compressed(&[5u8; 4096], (2 << 20) + 4096)
+            .unwrap();
     }
     same_as_qemu(&v);
 }
@@ -91,11 +141,22 @@ fn leaks_and_corruptions_reported_and_repaired() {
         let img = open(&f, false);
         let r = img.check(Repair::default()).unwrap();
         assert_eq!(r.leaks, 1);
-        assert!(r.messages.iter().any(|m| m == "Leaked cluster 0 refcount=2 reference=1"), "{:?}", r.messages);
+        assert!(
+            r.messages
+                .iter()
+                .any(|m| m == "Leaked cluster 0 refcount=2 reference=1"),
+            "{:?}",
+            r.messages
+        );
     }
     {
         let img = open(&f, true);
-        let r = img.check(Repair { leaks: true, errors: false }).unwrap();
+        let r = img
+            .check(Repair {
+                leaks: true,
+                errors: false,
+            })
+            .unwrap();
         assert_eq!((r.leaks, r.leaks_fixed), (0, 1), "{:?}", r.messages);
     }
     assert_clean(&f);
@@ -110,14 +171,21 @@ fn leaks_and_corruptions_reported_and_repaired() {
         let r = img.check(Repair::default()).unwrap();
         assert!(r.corruptions >= 1);
         assert!(
-            r.messages.iter().any(|m| m.starts_with(&format!("ERROR cluster {} refcount=0 reference=1", end - 1))),
+            r.messages.iter().any(
+                |m| m.starts_with(&format!("ERROR cluster {} refcount=0 reference=1", end - 1))
+            ),
             "{:?}",
             r.messages
         );
     }
     {
         let img = open(&f, true);
-        let r = img.check(Repair { leaks: true, errors: true }).unwrap();
+        let r = img
+            .check(Repair {
+                leaks: true,
+                errors: true,
+            })
+            .unwrap();
         assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
         assert!(r.corruptions_fixed >= 1);
     }

@@ -7,7 +7,18 @@ use vdisk::ZeroFlags;
 
 fn snapshot_raw(f: &std::path::Path, name: &str) -> Vec<u8> {
     let out = f.with_extension(format!("{name}.raw"));
-    run("qemu-img", &["convert", "-l", &format!("snapshot.name={name}"), "-O", "raw", p(f), p(&out)]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-l",
+            &format!("snapshot.name={name}"),
+            "-O",
+            "raw",
+            p(f),
+            p(&out),
+        ],
+    );
     std::fs::read(&out).unwrap()
 }
 
@@ -34,7 +45,15 @@ fn writes_after_snapshot_copy_first() {
             w(1000, 100, 9, &mut model);
             w(300_000, 200_000, 10, &mut model);
             w((1 << 20) + 10, 10, 11, &mut model);
-            img.write_zeroes(600_000, 70_000, ZeroFlags { may_unmap: true, fast: false }).unwrap();
+            img.write_zeroes(
+                600_000,
+                70_000,
+                ZeroFlags {
+                    may_unmap: true,
+                    fast: false,
+                },
+            )
+            .unwrap();
             model[600_000..670_000].fill(0);
             img.discard(0, 1 << 20).unwrap();
             let c = img.driver().cluster_size().unwrap() as usize;

@@ -168,7 +168,6 @@ pub fn run(a: Args) -> i32 {
         read_only: !fix,
         force_share: a.force_share,
         cache,
-        no_backing: true,
         ..OpenOptions::default()
     };
     oo.driver.skip_repair = true;

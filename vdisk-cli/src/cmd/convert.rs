@@ -517,6 +517,9 @@ fn run_inner(a: Args) -> Result<(), String> {
                 .into(),
         );
     }
+    if a.backing.is_some() && a.backing_format.is_none() && !a.no_create {
+        return Err("Use of backing file requires explicit backing format".into());
+    }
     if a.target_is_zero && !a.no_create {
         return Err("--target-is-zero requires use of -n flag".into());
     }
@@ -620,7 +623,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         sparse != 0 && !has_backing
     };
     let cluster = target.driver().cluster_size().unwrap_or(65536).max(512);
-    if a.compress && WINDOW % cluster != 0 {
+    if a.compress && !WINDOW.is_multiple_of(cluster) {
         return Err(format!(
             "cluster size {cluster} is too large for compression"
         ));

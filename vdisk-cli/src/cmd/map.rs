@@ -120,7 +120,12 @@ fn hex(v: u64) -> String {
     }
 }
 
-fn entry(layers: &[Layer], offset: u64, len: u64) -> vdisk::Result<MapEntry> {
+fn entry(
+    layers: &[Layer],
+    recurse: &mut [Option<bool>],
+    offset: u64,
+    len: u64,
+) -> vdisk::Result<MapEntry> {
     let top = &layers[0];
     if offset >= top.driver.size() {
         // The rest of a partial last sector of a raw file: qemu maps it as zeroes
@@ -137,7 +142,22 @@ fn entry(layers: &[Layer], offset: u64, len: u64) -> vdisk::Result<MapEntry> {
             filename: Some(top.path.display().to_string()),
         });
     }
-    let s = chain_status(layers, offset, len, false)?;
+    let mut s = chain_status(layers, offset, len, false)?;
+    if s.data && !s.compressed {
+        if let Some(layer) = layers.get(s.depth) {
+            let flag = match recurse[s.depth] {
+                Some(f) => f,
+                None => {
+                    let f = common::metadata_preallocated(layer)?;
+                    recurse[s.depth] = Some(f);
+                    f
+                }
+            };
+            if flag {
+                common::refine_with_file(layer, &mut s)?;
+            }
+        }
+    }
     let filename = match s.offset {
         Some(_) => layers.get(s.depth).map(|l| l.path.display().to_string()),
         None => None,
@@ -200,6 +220,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         },
     )?;
     let chain = layers(&img);
+    let mut recurse = vec![None; chain.len()];
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let io = |err: std::io::Error| err.to_string();
@@ -208,8 +229,8 @@ fn run_inner(a: Args) -> Result<(), String> {
     } else {
         writeln!(
             out,
-            "{:<16}{:<16}{:<16}{}",
-            "Offset", "Length", "Mapped to", "File"
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
         )
         .map_err(io)?;
     }
@@ -225,8 +246,8 @@ fn run_inner(a: Args) -> Result<(), String> {
     while offset < length {
         // qemu asks at most 1 GiB at a time; entries merge afterwards either way.
         let n = (length - offset).min(1 << 30);
-        let mut next =
-            entry(&chain, offset, n).map_err(|e| format!("Could not read file metadata: {e}"))?;
+        let mut next = entry(&chain, &mut recurse, offset, n)
+            .map_err(|e| format!("Could not read file metadata: {e}"))?;
         offset += next.length;
         if mergeable(&curr, &next) {
             curr.length += next.length;

@@ -94,7 +94,9 @@ impl FileStorage {
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         if opts.create {
-            oo.create(true).truncate(true);
+            // Truncated only once the lock is ours: an image in use elsewhere must
+            // survive a refused create.
+            oo.create(true);
         }
         let mut flags = libc::O_CLOEXEC;
         if opts.cache.direct() {
@@ -108,6 +110,10 @@ impl FileStorage {
             .open(path)
             .map_err(|e| StorageError::io(format!("Could not open '{name}'"), e))?;
         lock::apply(file.as_raw_fd(), opts.lock, &name)?;
+        if opts.create {
+            file.set_len(0)
+                .map_err(|e| StorageError::io(format!("Could not truncate '{name}'"), e))?;
+        }
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),

@@ -117,9 +117,31 @@ pub fn release(fd: RawFd) -> StorageResult<()> {
     Ok(())
 }
 
+/// Attempts before a conflict is reported, and the pause between them.
+const CONFLICT_RETRIES: u32 = 5;
+const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Takes QEMU-compatible locks on `fd`, failing with [`StorageError::Locked`] when another
 /// process's locks conflict. `path` only names the file in the message.
+///
+/// A conflict is retried briefly: OFD locks belong to the open file description, and a
+/// child forked by any thread of this process shares every description until it execs.
+/// A file this process just closed can so look locked for a moment by ourselves.
 pub fn apply(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
+    let mut attempt = 0;
+    loop {
+        match apply_once(fd, mode, path) {
+            Err(StorageError::Locked(_)) if attempt < CONFLICT_RETRIES => {
+                let _ = release(fd);
+                attempt += 1;
+                std::thread::sleep(CONFLICT_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn apply_once(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
     let LockMode::On { perm, shared } = mode else {
         return Ok(());
     };

@@ -70,15 +70,32 @@ pub fn qemu_raw(path: &Path, fmt: &str) -> Vec<u8> {
 }
 
 /// Opens a file image read-write (or read-only) with vdisk.
+///
+/// Retries briefly on lock conflicts: a qemu tool spawned by a parallel test holds
+/// inherited descriptors (and so their OFD locks) between fork and exec.
 pub fn open(path: &Path, read_only: bool) -> Image {
-    Image::open(
+    open_with(
         path,
         &OpenOptions {
             read_only,
             ..OpenOptions::default()
         },
     )
-    .unwrap_or_else(|e| panic!("vdisk open {}: {e}", path.display()))
+}
+
+/// [`open`] with explicit options.
+pub fn open_with(path: &Path, opts: &OpenOptions) -> Image {
+    let mut tries = 0;
+    loop {
+        match Image::open(path, opts) {
+            Ok(i) => return i,
+            Err(e) if tries < 50 && e.to_string().contains("lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("vdisk open {}: {e}", path.display()),
+        }
+    }
 }
 
 /// Reads a whole image through vdisk.

@@ -70,7 +70,42 @@ impl Meta {
         if let Some(f) = first_free {
             self.free_hint = f;
         }
+        if let Some(what) = self.overlaps_metadata(run_start, n) {
+            return Err(self.mark_corrupt(format!(
+                "Preventing invalid allocation of clusters {run_start}..{} (overlaps with {what}); refcounts are corrupt",
+                run_start + n
+            )));
+        }
         Ok(run_start)
+    }
+
+    /// Whether host clusters `[c, c+n)` overlap fixed metadata whose refcount must be
+    /// nonzero (a cheap version of QEMU's overlap check, applied to allocations).
+    fn overlaps_metadata(&self, c: u64, n: u64) -> Option<&'static str> {
+        let cs = self.cs();
+        let (s, e) = (c * cs, (c + n) * cs);
+        let hit = |off: u64, len: u64| len > 0 && off < e && s < off + len;
+        if c == 0 {
+            return Some("qcow2_header");
+        }
+        if hit(self.hdr.l1_table_offset, u64::from(self.hdr.l1_size) * 8) {
+            return Some("active L1 table");
+        }
+        if hit(
+            self.hdr.refcount_table_offset,
+            u64::from(self.hdr.refcount_table_clusters) * cs,
+        ) {
+            return Some("refcount table");
+        }
+        if self.hdr.nb_snapshots > 0 && hit(self.hdr.snapshots_offset, 40) {
+            return Some("snapshot table");
+        }
+        for sn in &self.snapshots {
+            if hit(sn.l1_offset, u64::from(sn.l1_size) * 8) {
+                return Some("inactive L1 table");
+            }
+        }
+        None
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each, in cache) and returns the host

@@ -242,6 +242,11 @@ impl Qcow2 {
             let e = m.l2_entry(gc)?;
             let cl = m.classify(e, gc)?;
             if let Cl::Data(host, true) = cl {
+                if host >= m.file_end {
+                    return Err(m.mark_corrupt(format!(
+                        "L2 entry of guest cluster {gc} points past the end of the file (host offset {host:#x})"
+                    )));
+                }
                 // In-place: extend over following clusters contiguous on the host.
                 let mut n = (cs - in_off).min(len - pos);
                 let mut next = host + cs;
@@ -249,7 +254,7 @@ impl Qcow2 {
                 while pos + n < len {
                     let e2 = m.l2_entry(g2)?;
                     match m.classify(e2, g2)? {
-                        Cl::Data(h2, true) if h2 == next => {
+                        Cl::Data(h2, true) if h2 == next && h2 < m.file_end => {
                             n += cs.min(len - pos - n);
                             next += cs;
                             g2 += 1;

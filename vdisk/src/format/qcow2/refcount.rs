@@ -67,9 +67,9 @@ impl Meta {
         if let Some(i) = self.rc.lookup(off) {
             return Ok(i);
         }
-        if off % self.cs() != 0 || off >= MAX_HOST_OFFSET {
+        if off % self.cs() != 0 || off >= MAX_HOST_OFFSET || off >= self.file_end {
             return Err(self.mark_corrupt(format!(
-                "Refcount block offset {off:#x} is not cluster aligned or out of range; refcount table corrupted"
+                "Refcount block offset {off:#x} is unaligned or past the end of the file; refcount table corrupted"
             )));
         }
         if self.rc.full() {

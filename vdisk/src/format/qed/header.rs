@@ -93,7 +93,7 @@ pub fn max_image_size(cluster_size: u64, table_size: u64) -> u64 {
 
 /// Whether `size` is a valid guest size for a geometry.
 pub fn image_size_valid(size: u64, cluster_size: u64, table_size: u64) -> bool {
-    size % SECTOR == 0 && size <= max_image_size(cluster_size, table_size)
+    size.is_multiple_of(SECTOR) && size <= max_image_size(cluster_size, table_size)
 }
 
 impl Header {

@@ -170,6 +170,44 @@ fn write_locked(inner: &Arc<Inner>, buf: &[u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
+/// Per-L2-table synchronisation: the mutex orders every change of the table (entry
+/// updates, its creation) and guards the list of guest clusters whose allocation is in
+/// flight; the condvar wakes requests waiting for one of those to finish.
+#[derive(Debug, Default)]
+pub(crate) struct TableSync {
+    inflight: std::sync::Mutex<Vec<(u64, u64)>>,
+    cv: std::sync::Condvar,
+}
+
+impl TableSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn overlaps(list: &[(u64, u64)], first: u64, count: u64) -> bool {
+    list.iter()
+        .any(|&(f, n)| f < first + count && first < f + n)
+}
+
+/// Removes a request's clusters from the in-flight list when it ends (even by error).
+struct InflightGuard<'a> {
+    sync: &'a TableSync,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.ranges.is_empty() {
+            return;
+        }
+        let mut l = self.sync.lock();
+        l.retain(|r| !self.ranges.contains(r));
+        drop(l);
+        self.sync.cv.notify_all();
+    }
+}
+
 /// Writes a range lying inside one L2 table.
 fn write_segment(inner: &Arc<Inner>, buf: &[u8], guest: u64) -> Result<()> {
     // Fast path: every cluster already allocated, write in place with no lock.
@@ -177,10 +215,9 @@ fn write_segment(inner: &Arc<Inner>, buf: &[u8], guest: u64) -> Result<()> {
         return Ok(());
     }
     let (l1i, _) = inner.split(guest);
-    let lock = inner.table_lock(l1i);
-    let _t = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let sync = inner.table_lock(l1i);
     let _g = need_check::begin(inner)?;
-    allocating_write(inner, buf, guest, l1i)
+    allocating_write(inner, &sync, buf, guest, l1i)
 }
 
 /// Writes `buf` in place if every cluster it touches is allocated; false otherwise
@@ -219,23 +256,28 @@ struct NewRun {
     any_unallocated: bool,
 }
 
-/// The allocating write of a range inside the L2 table at `l1i`; the table's lock is
-/// held by the caller, so the table cannot change under us except by in-place writes.
-fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Result<()> {
-    let cs = inner.cluster_size;
-    // Partition into in-place runs (written now) and runs needing new clusters.
+impl NewRun {
+    fn clusters(&self, cs: u64) -> (u64, u64) {
+        let first = self.guest / cs;
+        let last = (self.guest + self.len as u64 - 1) / cs;
+        (first, last - first + 1)
+    }
+}
+
+/// Runs already allocated, as (position in the request's buffer, run).
+type InPlace = Vec<(usize, Run)>;
+
+/// Splits a range of one table into runs already allocated and runs needing new
+/// clusters.
+fn plan(inner: &Inner, buf_len: usize, guest: u64) -> Result<(InPlace, Vec<NewRun>)> {
+    let mut in_place = Vec::new();
     let mut new_runs: Vec<NewRun> = Vec::new();
     let mut pos = 0u64;
-    while pos < buf.len() as u64 {
+    while pos < buf_len as u64 {
         let g = guest + pos;
-        let run = inner.map(g, buf.len() as u64 - pos)?;
+        let run = inner.map(g, buf_len as u64 - pos)?;
         match run.kind {
-            Entry::Data(_) => {
-                let p = pos as usize;
-                inner
-                    .storage
-                    .write_at(&buf[p..p + run.len as usize], run.host)?;
-            }
+            Entry::Data(_) => in_place.push((pos as usize, run)),
             kind => match new_runs.last_mut() {
                 Some(r) if r.buf_pos + r.len == pos as usize => {
                     r.len += run.len as usize;
@@ -254,25 +296,65 @@ fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Res
         }
         pos += run.len;
     }
+    Ok((in_place, new_runs))
+}
+
+/// The allocating write of a range inside the L2 table at `l1i`.
+///
+/// Under the table's lock: plan, wait for any in-flight allocation of the same clusters
+/// (then re-plan: it may have allocated them), reserve host clusters and list ours as in
+/// flight. Without any lock: write the data (one vectored write per run) and, over
+/// backing data, flush (shared with concurrent requests). Under the lock again: update
+/// the L2 entries (creating the table and then its L1 entry if needed).
+fn allocating_write(
+    inner: &Arc<Inner>,
+    sync: &TableSync,
+    buf: &[u8],
+    guest: u64,
+    l1i: u64,
+) -> Result<()> {
+    let cs = inner.cluster_size;
+    let mut list = sync.lock();
+    let (in_place, new_runs) = loop {
+        let (in_place, new_runs) = plan(inner, buf.len(), guest)?;
+        let busy = new_runs.iter().any(|r| {
+            let (f, n) = r.clusters(cs);
+            overlaps(&list, f, n)
+        });
+        if !busy {
+            break (in_place, new_runs);
+        }
+        list = sync.cv.wait(list).unwrap_or_else(|p| p.into_inner());
+    };
+    let mut hosts = Vec::with_capacity(new_runs.len());
+    for r in &new_runs {
+        hosts.push(inner.alloc_clusters(r.clusters(cs).1)?);
+    }
+    let ranges: Vec<(u64, u64)> = new_runs.iter().map(|r| r.clusters(cs)).collect();
+    list.extend_from_slice(&ranges);
+    drop(list);
+    // Created only once the list lock is released: its drop takes that lock.
+    let _guard = InflightGuard { sync, ranges };
+
+    for (p, run) in in_place {
+        inner
+            .storage
+            .write_at(&buf[p..p + run.len as usize], run.host)?;
+    }
     if new_runs.is_empty() {
         return Ok(());
     }
-    // Data first: each run becomes one contiguous extent written with one vectored
-    // write of [head fill | guest data | tail fill].
+    let size = inner.image_size();
     let mut need_flush = false;
     let mut updates: Vec<(u64, u64, u64)> = Vec::new(); // (first cluster, count, host)
-    for r in &new_runs {
-        let first_cluster = r.guest / cs;
+    for (r, &host) in new_runs.iter().zip(&hosts) {
+        let (first_cluster, count) = r.clusters(cs);
         let end = r.guest + r.len as u64;
-        let last_cluster = (end - 1) / cs;
-        let count = last_cluster - first_cluster + 1;
-        let host = inner.alloc_clusters(count)?;
         let head_len = (r.guest % cs) as usize;
         let tail_len = ((cs - end % cs) % cs) as usize;
         let mut head = vec![0u8; head_len];
         let mut tail = vec![0u8; tail_len];
         let head_start = first_cluster * cs;
-        let size = inner.image_size();
         if head_len > 0 && r.head_kind == Entry::Unallocated {
             read_fill(inner, &mut head, head_start, size)?;
         }
@@ -282,8 +364,7 @@ fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Res
         // Clusters that read backing data before must not lose it to a crash: neither
         // the copied fill nor (for whole-cluster writes) the old contents may turn into
         // zeroes. Clusters past the backing file's end read zeroes either way.
-        let had_backing_data = r.any_unallocated && !inner.backing_is_zero(head_start);
-        need_flush |= had_backing_data;
+        need_flush |= r.any_unallocated && !inner.backing_is_zero(head_start);
         let data = &buf[r.buf_pos..r.buf_pos + r.len];
         let mut iov: Vec<&[u8]> = Vec::with_capacity(3);
         if head_len > 0 {
@@ -301,6 +382,7 @@ fn allocating_write(inner: &Arc<Inner>, buf: &[u8], guest: u64, l1i: u64) -> Res
     if need_flush {
         inner.flush_gate.flush(&*inner.storage)?;
     }
+    let _list = sync.lock();
     set_entries(inner, l1i, |t, base| {
         let mut lo = usize::MAX;
         let mut hi = 0usize;
@@ -327,8 +409,8 @@ fn read_fill(inner: &Inner, buf: &mut [u8], guest: u64, size: u64) -> Result<()>
 
 /// Changes entries of the L2 table at `l1i` (allocating the table if needed) and writes
 /// them back, then the L1 entry for a new table. `edit` gets the table and the index of
-/// its first cluster and returns the changed entry range. Caller holds the table lock
-/// and an alloc guard.
+/// its first cluster and returns the changed entry range. Caller holds the table's sync
+/// lock and an alloc guard.
 fn set_entries(
     inner: &Arc<Inner>,
     l1i: u64,
@@ -337,12 +419,20 @@ fn set_entries(
     let base = l1i * inner.nelems;
     match inner.l2_table(l1i)? {
         Some((off, t)) => {
-            let mut g = t.write().unwrap_or_else(|p| p.into_inner());
-            let (lo, hi) = edit(&mut g, base);
-            inner.l2.modified();
-            if hi > lo {
-                table::write_entries(&*inner.storage, off, &g, lo, hi - lo)?;
-            }
+            // Callers hold the table's sync lock, so nobody else changes the table: the
+            // sectors can be written from a snapshot without blocking its readers.
+            let (start, bytes) = {
+                let mut g = t.write().unwrap_or_else(|p| p.into_inner());
+                let (lo, hi) = edit(&mut g, base);
+                inner.l2.modified();
+                if hi <= lo {
+                    return Ok(());
+                }
+                let (s, e) = table::write_unit_range(&*inner.storage, g.len(), lo, hi - lo);
+                (s, table::encode(&g[s..e]))
+            };
+            inner.storage.write_at(&bytes, off + start as u64 * 8)?;
+            drop(t);
             Ok(())
         }
         None => {
@@ -396,7 +486,7 @@ pub(crate) fn write_zeroes(
     let end = offset + len;
     // The guest size need not be a cluster multiple: its last partial cluster counts
     // as whole.
-    let aligned = |x: u64| x % cs == 0 || x == size;
+    let aligned = |x: u64| x.is_multiple_of(cs) || x == size;
     let head_end = if aligned(offset) {
         offset
     } else {
@@ -476,9 +566,13 @@ fn zero_clusters(inner: &Arc<Inner>, start: u64, end: u64, flags: ZeroFlags) -> 
         return Ok(());
     }
     let (l1i, _) = inner.split(start);
-    let lock = inner.table_lock(l1i);
-    let _t = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let sync = inner.table_lock(l1i);
     let _g = need_check::begin(inner)?;
+    let mut list = sync.lock();
+    // A zero entry written under an allocation in flight would be overwritten by it.
+    while overlaps(&list, start / cs, (end - start).div_ceil(cs)) {
+        list = sync.cv.wait(list).unwrap_or_else(|p| p.into_inner());
+    }
     // Under the table lock: clusters allocated meanwhile are zeroed in place, the rest
     // become zero entries.
     let mut g = start;

@@ -83,8 +83,8 @@ pub(crate) struct Inner {
     /// write stale snapshots of each other.
     l1_write: Mutex<()>,
     l2: L2Cache,
-    /// Per-L2-table (by L1 index) allocation locks.
-    table_locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// Per-L2-table (by L1 index) metadata locks and in-flight allocation lists.
+    table_locks: Mutex<HashMap<u64, Arc<io::TableSync>>>,
     /// Shared by requests, exclusive for check/resize/set_backing.
     quiesce: RwLock<()>,
     dirty: Mutex<DirtyState>,
@@ -149,8 +149,8 @@ impl Inner {
         }
     }
 
-    /// The allocation lock of the L2 table at L1 index `l1i`.
-    fn table_lock(&self, l1i: u64) -> Arc<Mutex<()>> {
+    /// The metadata lock of the L2 table at L1 index `l1i`.
+    fn table_lock(&self, l1i: u64) -> Arc<io::TableSync> {
         let mut m = self.table_locks.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() > 4096 {
             // Forget locks nobody holds so the map stays bounded.

@@ -53,8 +53,8 @@ pub(crate) fn resize(inner: &Arc<Inner>, new_size: u64, shrink: bool) -> Result<
 }
 
 /// Releases the clusters of `[new_size, old_size)`: the tail of a kept partial cluster
-/// is zeroed, released clusters at the end of the file are unmapped and truncated away,
-/// the others keep their mapping with their host space punched (no leaks either way).
+/// is zeroed, entries (and whole L2 tables) past the end are cleared, then the clusters
+/// they named are reclaimed by compacting the file, so nothing leaks.
 fn release_past(inner: &Arc<Inner>, new_size: u64, old_size: u64) -> Result<()> {
     let cs = inner.cluster_size;
     let h = inner.header();
@@ -62,7 +62,7 @@ fn release_past(inner: &Arc<Inner>, new_size: u64, old_size: u64) -> Result<()> 
     let first_gone = new_size.div_ceil(cs);
     let last = old_size.div_ceil(cs);
     // Tail of the partial cluster that stays: later growth must read zeroes there.
-    if new_size % cs != 0 {
+    if !new_size.is_multiple_of(cs) {
         let (l1i, l2i) = (
             (new_size / cs) / inner.nelems,
             (new_size / cs) % inner.nelems,
@@ -75,86 +75,44 @@ fn release_past(inner: &Arc<Inner>, new_size: u64, old_size: u64) -> Result<()> 
             }
         }
     }
-    // Which clusters stay referenced (tables, and data below the new end)?
-    let ncl = file_size / cs;
-    let mut used = vec![false; ncl as usize];
-    let mark = |used: &mut Vec<bool>, off: u64, n: u64| {
-        for c in off / cs..off / cs + n {
-            if let Some(u) = used.get_mut(c as usize) {
-                *u = true;
-            }
-        }
-    };
-    for c in 0..h.header_size as u64 {
-        mark(&mut used, c * cs, 1);
-    }
-    mark(&mut used, h.l1_table_offset, inner.table_clusters);
-    let l1 = inner.l1_read().clone();
-    let mut released: Vec<(u64, u64, u64)> = Vec::new(); // (l1i, l2i, host)
-    let mut zeros: Vec<(u64, u64)> = Vec::new();
-    for (l1i, &off) in l1.iter().enumerate() {
-        let l1i = l1i as u64;
+    let mut l1 = inner.l1_read().clone();
+    let mut l1_dirty = false;
+    for l1i in 0..l1.len() as u64 {
+        let off = l1[l1i as usize];
         if off == UNALLOCATED || !table_offset_valid(&h, off, file_size) {
             continue;
         }
-        mark(&mut used, off, inner.table_clusters);
+        let first = l1i * inner.nelems;
+        if first >= last.max(first_gone) {
+            continue;
+        }
+        if first >= first_gone {
+            // The whole table lies past the new end.
+            l1[l1i as usize] = UNALLOCATED;
+            l1_dirty = true;
+            continue;
+        }
         let Some((_, t)) = inner.l2_table(l1i)? else {
             continue;
         };
-        let t = t.read().unwrap_or_else(|p| p.into_inner());
-        for (l2i, &v) in t.iter().enumerate() {
-            let guest_cluster = l1i * inner.nelems + l2i as u64;
-            let gone = guest_cluster >= first_gone && guest_cluster < last.max(first_gone);
-            if v == UNALLOCATED {
-                continue;
-            }
-            if v == ZERO_CLUSTER {
-                if gone {
-                    zeros.push((l1i, l2i as u64));
-                }
-                continue;
-            }
-            if !cluster_offset_valid(&h, v, file_size) {
-                continue;
-            }
-            if gone {
-                released.push((l1i, l2i as u64, v));
-            } else {
-                mark(&mut used, v, 1);
-            }
-        }
-    }
-    let keep_end = used.iter().rposition(|u| *u).map_or(0, |i| i as u64 + 1) * cs;
-    // Unmap what will be truncated away and zero entries past the end; punch the rest.
-    let mut edits: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
-    for &(l1i, l2i) in &zeros {
-        edits.entry(l1i).or_default().push(l2i);
-    }
-    for &(l1i, l2i, host) in &released {
-        if host >= keep_end {
-            edits.entry(l1i).or_default().push(l2i);
-        } else {
-            inner.storage.punch_hole(host, cs)?;
-        }
-    }
-    for (l1i, idx) in edits {
-        if let Some((off, t)) = inner.l2_table(l1i)? {
-            let mut g = t.write().unwrap_or_else(|p| p.into_inner());
-            for &i in &idx {
-                g[i as usize] = UNALLOCATED;
-            }
+        let mut g = t.write().unwrap_or_else(|p| p.into_inner());
+        let lo = (first_gone - first) as usize;
+        if lo < g.len() && g[lo..].iter().any(|v| *v != UNALLOCATED) {
+            g[lo..].fill(UNALLOCATED);
             inner.l2.modified();
-            inner.storage.write_at(&table::encode(&g), off)?;
+            table::write_entries(&*inner.storage, off, &g, lo, g.len() - lo)?;
         }
     }
-    if keep_end < file_size || inner.storage.len()? > file_size {
-        // Entries naming the clusters must be gone on disk before the clusters are.
-        inner.storage.flush()?;
-        inner.storage.set_len(keep_end.min(file_size))?;
+    if l1_dirty {
         inner
-            .file_size
-            .store(keep_end.min(file_size), Ordering::Release);
+            .storage
+            .write_at(&table::encode(&l1), h.l1_table_offset)?;
+        *inner.l1_write_lock() = l1;
     }
+    // The cleared entries must be durable before their clusters are reused.
+    inner.storage.flush()?;
+    inner.l2.clear();
+    super::check::compact_locked(inner)?;
     inner.storage.flush()?;
     Ok(())
 }

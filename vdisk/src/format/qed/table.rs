@@ -59,11 +59,23 @@ pub fn write_entries(
     if n == 0 {
         return Ok(());
     }
-    let unit = (storage.alignment().max(512) / 8).min(table.len()).max(1);
-    let start = first / unit * unit;
-    let end = ((first + n).div_ceil(unit) * unit).min(table.len());
+    let (start, end) = write_unit_range(storage, table.len(), first, n);
     storage.write_at(&encode(&table[start..end]), offset + start as u64 * 8)?;
     Ok(())
+}
+
+/// Entries `[first, first+n)` of a table of `len` entries rounded out to whole write
+/// units (512 bytes or the storage's alignment).
+pub fn write_unit_range(
+    storage: &dyn Storage,
+    len: usize,
+    first: usize,
+    n: usize,
+) -> (usize, usize) {
+    let unit = (storage.alignment().max(512) / 8).min(len).max(1);
+    let start = first / unit * unit;
+    let end = ((first + n).div_ceil(unit) * unit).min(len);
+    (start, end)
 }
 
 struct Slot {
