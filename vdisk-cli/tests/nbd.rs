@@ -113,6 +113,8 @@ impl Server {
             }
         }
         cmd.arg("--pid-file").arg(&pid_file).arg(file);
+        // Temporary files (`-s` overlays) go to the test's directory.
+        cmd.env("TMPDIR", dir);
         cmd.stdin(Stdio::null());
         let child = cmd.spawn().expect("spawn vdisk serve");
         let mut s = Server {
@@ -1722,4 +1724,48 @@ fn request_errors_like_qemu_nbd() {
             diffs.join("\n")
         );
     }
+}
+
+#[test]
+fn snapshot_mode_never_touches_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "base.raw", "8M");
+    qemu_io(s(&img), "raw", &["write -P 0x11 0 2M"]);
+    let before = std::fs::read(&img).unwrap();
+    let mut srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-s", "-A"], &img);
+    let uri = srv.uri();
+    qemu_io(
+        &uri,
+        "raw",
+        &[
+            "write -P 0x22 1M 64k",
+            "read -P 0x22 1M 64k",
+            "read -P 0x11 0 1M",
+        ],
+    );
+    qemu_io(&uri, "raw", &["read -P 0x22 1M 64k"]);
+    let depth = ok("nbdinfo", &["--map=qemu:allocation-depth", &uri]);
+    assert!(
+        depth.contains("1  local") && depth.contains("2  backing depth 2"),
+        "{depth}"
+    );
+    // The overlay's name is gone while it is in use.
+    let leftovers = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".qcow2")
+            })
+            .count()
+    };
+    assert_eq!(leftovers(dir.path()), 0);
+    assert!(srv.terminate().success());
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the file was modified"
+    );
 }
