@@ -1769,3 +1769,30 @@ fn snapshot_mode_never_touches_the_file() {
         "the file was modified"
     );
 }
+
+#[test]
+fn only_clients_that_negotiated_end_a_non_persistent_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "1M");
+    for qemu in [false, true] {
+        let args = ["-f", "raw"];
+        let mut srv = if qemu {
+            Server::qemu_nbd(dir.path(), &args, &img)
+        } else {
+            Server::unix(dir.path(), &args, &img)
+        };
+        let mut c = UnixStream::connect(srv.sock()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(b"GARBAGE!").unwrap();
+        let mut b = [0u8; 8];
+        let _ = c.read(&mut b);
+        drop(c);
+        ok("nbdinfo", &["--list", &srv.uri()]);
+        assert!(srv.wait_exit(1).is_none(), "qemu={qemu}: still serving");
+        ok("nbdinfo", &["--size", &srv.uri()]);
+        let st = srv.wait_exit(30).expect("exits after a real client");
+        assert!(st.success(), "qemu={qemu}: {st}");
+    }
+}
