@@ -1796,3 +1796,25 @@ fn only_clients_that_negotiated_end_a_non_persistent_server() {
         assert!(st.success(), "qemu={qemu}: {st}");
     }
 }
+
+#[test]
+fn disconnect_answers_outstanding_requests_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "4M");
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t"], &img);
+    let (mut c, _, _) = Client::negotiated(srv.sock(), true, false, &[]);
+    for i in 0..20u64 {
+        c.request(0, 1, i, i * 65536, 65536, &[i as u8; 65536]);
+    }
+    c.request(0, 2, 99, 0, 0, &[]);
+    let mut seen: Vec<u64> = (0..20).map(|_| c.chunk().cookie).collect();
+    seen.sort();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+    assert!(c.closed_by_server());
+    let data = std::fs::read(&img).unwrap();
+    for i in 0..20usize {
+        assert!(data[i * 65536..(i + 1) * 65536]
+            .iter()
+            .all(|&b| b == i as u8));
+    }
+}
