@@ -126,17 +126,18 @@ impl Server {
             let accepting = self.cfg.max_clients == 0 || active < self.cfg.max_clients;
             let mut fds = vec![pollfd(stop.as_raw_fd()), pollfd(ev_rx.as_raw_fd())];
             if accepting {
-                fds.push(pollfd(self.listener.as_raw_fd()));
+                fds.extend(self.listener.fds().into_iter().map(pollfd));
             }
             poll_in(&mut fds)?;
             if fds[0].revents != 0 {
                 break Exit::Stopped;
             }
             drain(&mut ev_rx);
-            if !accepting || fds[2].revents == 0 {
+            // One connection per round, so the client limit is rechecked each time.
+            let Some(ready) = fds.iter().skip(2).position(|f| f.revents != 0) else {
                 continue;
-            }
-            let stream = match self.listener.accept() {
+            };
+            let stream = match self.listener.accept(ready) {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
