@@ -35,6 +35,15 @@ pub(crate) fn apply_write(v: &mut Vec<u8>, buf: &[u8], offset: u64) {
     v[offset as usize..end].copy_from_slice(buf);
 }
 
+/// Copies bytes of `v` at `offset` into `buf`; bytes past its end read as zero.
+pub(crate) fn read_from(v: &[u8], buf: &mut [u8], offset: u64) {
+    let start = (offset as usize).min(v.len());
+    let end = (offset as usize).saturating_add(buf.len()).min(v.len());
+    let n = end - start;
+    buf[..n].copy_from_slice(&v[start..end]);
+    buf[n..].fill(0);
+}
+
 /// Zeroes a range of a byte vector without growing it.
 pub(crate) fn apply_zero(v: &mut [u8], offset: u64, len: u64) {
     let start = (offset as usize).min(v.len());
@@ -44,12 +53,7 @@ pub(crate) fn apply_zero(v: &mut [u8], offset: u64, len: u64) {
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
-        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
-        let start = (offset as usize).min(d.len());
-        let end = (offset as usize).saturating_add(buf.len()).min(d.len());
-        let n = end - start;
-        buf[..n].copy_from_slice(&d[start..end]);
-        buf[n..].fill(0);
+        read_from(&self.data.read().unwrap_or_else(|p| p.into_inner()), buf, offset);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> StorageResult<()> {

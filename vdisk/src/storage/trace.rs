@@ -6,7 +6,7 @@
 //! flush and `k`, the selector decides which reached the disk (none, all, or any subset),
 //! which models a power loss with a volatile write cache that reorders.
 
-use super::mem::{apply_write, apply_zero};
+use super::mem::{apply_write, apply_zero, read_from};
 use super::{Storage, StorageResult};
 use std::sync::{Mutex, RwLock};
 
@@ -126,12 +126,7 @@ impl TraceStorage {
 
 impl Storage for TraceStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
-        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
-        let start = (offset as usize).min(d.len());
-        let end = (offset as usize).saturating_add(buf.len()).min(d.len());
-        let n = end - start;
-        buf[..n].copy_from_slice(&d[start..end]);
-        buf[n..].fill(0);
+        read_from(&self.data.read().unwrap_or_else(|p| p.into_inner()), buf, offset);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
