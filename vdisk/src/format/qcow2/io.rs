@@ -686,7 +686,8 @@ impl Qcow2 {
                 for e in &l1 {
                     raw.extend_from_slice(&e.to_be_bytes());
                 }
-                raw.resize((clusters * cs) as usize, 0);
+                // Like QEMU, only the entries are written: the file may end inside
+                // the table's last cluster.
                 m.st.write_at(&raw, new_off)?;
                 m.unflushed = true;
                 m.barrier()?;
