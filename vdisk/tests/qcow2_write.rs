@@ -169,3 +169,85 @@ fn random_ops_lazy_refcounts() {
         6,
     );
 }
+
+#[test]
+fn compressed_writes_packed_and_readable_by_qemu() {
+    for ct in ["zlib", "zstd"] {
+        let d = tmp();
+        let f = path(&d, "c.qcow2");
+        let cs = 65536usize;
+        let size = 40 * cs as u64 + 1024; // a partial last cluster
+        vdisk_create(&f, size, &[("compression_type", ct)], None);
+        let mut model = vec![0u8; size as usize];
+        {
+            let img = std::sync::Arc::new(open(&f, true));
+            // Compressible clusters from four threads (compression runs in parallel).
+            let ts: Vec<_> = (0..4usize)
+                .map(|t| {
+                    let img = img.clone();
+                    std::thread::spawn(move || {
+                        for c in (t..32).step_by(4) {
+                            let buf: Vec<u8> =
+                                (0..65536).map(|i| ((i / 100) as u8) ^ c as u8).collect();
+                            img.driver()
+                                .write_compressed(&buf, (c * 65536) as u64)
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in ts {
+                t.join().unwrap();
+            }
+            for c in 0..32usize {
+                for i in 0..cs {
+                    model[c * cs + i] = ((i / 100) as u8) ^ c as u8;
+                }
+            }
+            // Incompressible data is stored normally.
+            let mut x = 12345u32;
+            let noise: Vec<u8> = (0..cs)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            img.driver()
+                .write_compressed(&noise, 33 * cs as u64)
+                .unwrap();
+            model[33 * cs..34 * cs].copy_from_slice(&noise);
+            assert!(
+                !img.block_status(33 * cs as u64, cs as u64)
+                    .unwrap()
+                    .compressed
+            );
+            // The final partial cluster.
+            img.driver()
+                .write_compressed(&[0x3c; 1024], 40 * cs as u64)
+                .unwrap();
+            model[40 * cs..].fill(0x3c);
+            // Overwrite part of a compressed cluster (copy-on-write from it).
+            img.write_at(&[0xff; 100], 5 * cs as u64 + 7).unwrap();
+            model[5 * cs + 7..5 * cs + 107].fill(0xff);
+            assert!(img.block_status(0, cs as u64).unwrap().compressed);
+            assert_same(&read_all(&img), &model, ct);
+        }
+        assert_clean(&f);
+        let raw = path(&d, "ref.raw");
+        std::fs::write(&raw, &model).unwrap();
+        let (code, o, e) = run_status(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "raw", p(&f), p(&raw)],
+        );
+        assert_eq!(code, 0, "{ct}: {o}{e}");
+        let (_, q) = qemu_check(&f);
+        assert_eq!(q["compressed-clusters"], 32, "{q}");
+        // Packed: 32 compressed clusters take far fewer than 32 host clusters.
+        assert!(
+            std::fs::metadata(&f).unwrap().len() < 20 * cs as u64,
+            "not packed"
+        );
+    }
+}
