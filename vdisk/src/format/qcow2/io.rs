@@ -83,6 +83,10 @@ impl Meta {
         self.inflight.iter().any(|&(a, b)| a < e && s < b)
     }
 
+    fn direct_range(&self, s: u64, e: u64) -> bool {
+        self.direct.iter().any(|&(a, b)| a < e && s < b)
+    }
+
     /// With lazy refcounts, marks the image dirty before its first allocating write.
     pub(crate) fn before_alloc(&mut self) -> Result<()> {
         if self.hdr.compatible & COMPAT_LAZY_REFCOUNTS != 0
@@ -262,9 +266,19 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
+                let range = (gc, g2);
+                m.direct.push(range);
                 drop(m);
-                self.storage
-                    .write_at(&buf[pos as usize..(pos + n) as usize], host + in_off)?;
+                let r = self
+                    .storage
+                    .write_at(&buf[pos as usize..(pos + n) as usize], host + in_off);
+                let mut m = self.lock();
+                if let Some(i) = m.direct.iter().position(|&x| x == range) {
+                    m.direct.swap_remove(i);
+                }
+                drop(m);
+                self.alloc_done.notify_all();
+                r?;
                 pos += n;
                 continue;
             }
@@ -478,7 +492,11 @@ impl Qcow2 {
             let table_end = (((l1i as u64) + 1) << self.g.l2_bits).min(last);
             let mut m = self.lock();
             m.check_writable()?;
-            m = self.wait_inflight(m, gc, table_end);
+            // Allocations in flight and in-place writes still running on these
+            // clusters must finish before their host clusters can be released.
+            while m.in_flight_range(gc, table_end) || m.direct_range(gc, table_end) {
+                m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+            }
             if l1i >= m.l1.len() {
                 return Err(Error::corrupt(format!(
                     "guest cluster {gc} is beyond the L1 table"
@@ -617,7 +635,9 @@ impl Qcow2 {
         let l1i = (gc >> self.g.l2_bits) as usize;
         let mut m = self.lock();
         m.check_writable()?;
-        m = self.wait_inflight(m, gc, gc + 1);
+        while m.in_flight_range(gc, gc + 1) || m.direct_range(gc, gc + 1) {
+            m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+        }
         m.before_alloc()?;
         m.l2_for_write(l1i)?;
         let host = m.alloc_compressed(comp.len() as u64)?;

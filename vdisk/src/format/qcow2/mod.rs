@@ -138,6 +138,9 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// Guest cluster ranges `[start, end)` being allocated right now.
     pub inflight: Vec<(u64, u64)>,
+    /// Guest cluster ranges with an in-place data write in progress: their host
+    /// clusters must not be released (and reused) until it completes.
+    pub direct: Vec<(u64, u64)>,
     /// Host clusters whose mapping was dropped in cache: one refcount decrement each,
     /// applied once the mapping change is durable.
     pub pending_frees: Vec<u64>,
@@ -382,6 +385,7 @@ impl Qcow2 {
             rc: Cache::new(rc_tables),
             free_hint: 0,
             inflight: Vec::new(),
+            direct: Vec::new(),
             pending_frees: Vec::new(),
             unflushed: false,
             file_end: file_len,
