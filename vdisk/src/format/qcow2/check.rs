@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 use crate::format::qcow2::refcount::set_entry;
 use crate::format::{CheckReport, Repair};
 
-/// Most clusters a check handles (the in-memory array is 4 bytes per cluster).
-const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+/// Most clusters a check handles (the in-memory array is 4 bytes per cluster, so at
+/// most 1 GiB; that is a 16 TiB file with 64 KiB clusters).
+const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 
 struct Counter {
     refs: Vec<u32>,
