@@ -1,11 +1,44 @@
 //! Helpers shared by the subcommands: opening images from command-line flags, option
-//! lists, error reporting.
+//! lists, sizes, error reporting, and block status through a backing chain with
+//! qemu-img's semantics.
 
-use vdisk::{CacheMode, Format, Image, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vdisk::format::Driver;
+use vdisk::{CacheMode, ExtentKind, Format, Image, OpenOptions};
 
 /// Prints an error the way qemu-img does (`vdisk: message`) to stderr.
 pub fn error(msg: impl std::fmt::Display) {
-    eprintln!("vdisk: {msg}");
+    eprintln!("vdisk: {}", strip_os_error(&msg.to_string()));
+}
+
+/// Removes Rust's ` (os error N)` suffixes so messages read like qemu's `strerror` text.
+pub fn strip_os_error(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(" (os error ") {
+        let tail = &rest[i + " (os error ".len()..];
+        let digits = tail.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 && tail.as_bytes().get(digits) == Some(&b')') {
+            out.push_str(&rest[..i]);
+            rest = &tail[digits + 1..];
+        } else {
+            out.push_str(&rest[..i + 1]);
+            rest = &rest[i + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Prints to stdout unless `quiet` (qemu-img's `qprintf`).
+#[macro_export]
+macro_rules! qprintln {
+    ($quiet:expr, $($arg:tt)*) => {
+        if !$quiet {
+            println!($($arg)*);
+        }
+    };
 }
 
 /// Parses `-o a=b,c=d` lists (repeatable) into ordered pairs. `,,` escapes a comma.
@@ -52,20 +85,308 @@ pub fn parse_cache(s: Option<&str>, default: CacheMode) -> Result<CacheMode, Str
     }
 }
 
-/// Opens an image for a subcommand.
-pub fn open_image(
-    filename: &str,
-    format: Option<Format>,
-    read_only: bool,
-    force_share: bool,
-    cache: CacheMode,
-) -> Result<Image, String> {
-    let opts = OpenOptions {
-        format,
-        read_only,
-        force_share,
-        cache,
-        ..OpenOptions::default()
+/// Parses a size argument the way qemu-img's `cvtnum` does (`k`, `M`, `G`, `T`, `P`,
+/// `E` suffixes, 1024-based; a bare number is bytes). `None` when invalid.
+pub fn parse_size_arg(s: &str) -> Option<u64> {
+    if s.is_empty() || s.starts_with('-') || s.starts_with('+') || s.trim() != s {
+        return None;
+    }
+    vdisk::format::parse_size(s).ok()
+}
+
+/// Opens an image with full options; errors read like qemu-img's.
+pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, String> {
+    if let Some(f) = opts.format {
+        if f != Format::Raw && Path::new(filename).exists() {
+            // qemu-img names a format mismatch explicitly instead of failing in the driver.
+            if let Ok(head) = read_head(filename) {
+                if Format::probe(&head) != f && f != Format::Raw {
+                    return Err(format!(
+                        "Could not open '{filename}': Image is not in {f} format"
+                    ));
+                }
+            }
+        }
+    }
+    let img =
+        Image::open(filename, opts).map_err(|e| format!("Could not open '{filename}': {e}"))?;
+    if opts.format.is_none() && img.format() == Format::Raw && !opts.read_only {
+        eprintln!(
+            "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+        );
+    }
+    Ok(img)
+}
+
+fn read_head(filename: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(filename)?;
+    let mut head = vec![0u8; 512];
+    let mut n = 0;
+    while n < head.len() {
+        let r = f.read(&mut head[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    Ok(head)
+}
+
+/// The guest size qemu sees: its block layer counts whole 512-byte sectors, so a raw
+/// file of odd length is a little larger (the tail reads as zeroes).
+pub fn sector_size_of(img: &Image) -> u64 {
+    img.size().div_ceil(512) * 512
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes between the image's end and the end of
+/// its last 512-byte sector read as zeroes (see [`sector_size_of`]).
+pub fn read_sectors(img: &Image, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+    let size = img.size();
+    let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    if n > 0 {
+        img.read_at(&mut buf[..n], offset)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// Bytes the file occupies on the host (`st_blocks * 512`), as qemu's `actual-size`.
+pub fn allocated_size(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+/// One layer of an open chain: its driver and the file name qemu would show for it.
+#[derive(Clone)]
+pub struct Layer {
+    /// The layer's driver.
+    pub driver: Arc<dyn Driver>,
+    /// The file name (the top image's name as given; backing names resolved against
+    /// the directory of the image naming them, like qemu's `full-backing-filename`).
+    pub path: PathBuf,
+}
+
+/// The layers of an image's chain, top first.
+pub fn layers(img: &Image) -> Vec<Layer> {
+    let mut out = vec![Layer {
+        driver: img.driver().clone(),
+        path: img.path().to_path_buf(),
+    }];
+    while let Some(last) = out.last() {
+        let Some(b) = last.driver.backing().cloned() else {
+            break;
+        };
+        let path = match last.driver.backing_spec() {
+            Some(spec) => vdisk::chain::resolve_backing_path(&last.path, &spec.name),
+            None => PathBuf::new(),
+        };
+        out.push(Layer { driver: b, path });
+        if out.len() > vdisk::chain::MAX_CHAIN_DEPTH + 1 {
+            break;
+        }
+    }
+    out
+}
+
+/// Block status of one range through a chain, with the flags `qemu-img map` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Bytes covered (> 0).
+    pub len: u64,
+    /// Layer that decided (0 = top); for unallocated ranges the layer where the walk ended.
+    pub depth: usize,
+    /// Allocated in some layer (qemu's `BDRV_BLOCK_ALLOCATED`).
+    pub present: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Data stored.
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset in the deciding layer's file.
+    pub offset: Option<u64>,
+}
+
+/// Status of `[offset, offset+len)` from `start` layer down (`start` = 0 for the whole
+/// chain), following qemu's `bdrv_block_status_above` as `qemu-img map` uses it: the
+/// walk stops at the first layer that has data or zeroes; an unallocated range in the
+/// bottom layer, or past the end of a layer's backing file, reads as zeroes there.
+/// With `top_only`, only the first layer is asked (unallocated then means "backing").
+pub fn chain_status(
+    layers: &[Layer],
+    offset: u64,
+    len: u64,
+    top_only: bool,
+) -> vdisk::Result<Status> {
+    let mut len = len;
+    for (depth, layer) in layers.iter().enumerate() {
+        let size = layer.driver.size();
+        if offset >= size {
+            // Past this layer's end: zeroes (a shorter backing file).
+            return Ok(Status {
+                len,
+                depth: depth.saturating_sub(1),
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+            });
+        }
+        len = len.min(size - offset);
+        let e = layer.driver.block_status(offset, len)?;
+        let n = e.len.clamp(1, len);
+        match e.kind {
+            ExtentKind::Data => {
+                return Ok(Status {
+                    len: n,
+                    depth,
+                    present: true,
+                    zero: false,
+                    data: true,
+                    compressed: e.compressed,
+                    offset: if e.compressed { None } else { e.offset },
+                })
+            }
+            ExtentKind::Zero => {
+                return Ok(Status {
+                    len: n,
+                    depth,
+                    present: true,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    offset: e.offset,
+                })
+            }
+            ExtentKind::Unallocated => {
+                len = n;
+                let last = top_only || depth + 1 == layers.len();
+                let past_backing = layers
+                    .get(depth + 1)
+                    .is_some_and(|b| offset >= b.driver.size());
+                if last || past_backing {
+                    return Ok(Status {
+                        len,
+                        depth,
+                        present: false,
+                        // Unallocated over a backing file (top_only) is not known zero.
+                        zero: !top_only || past_backing || depth + 1 == layers.len(),
+                        data: false,
+                        compressed: false,
+                        offset: None,
+                    });
+                }
+            }
+        }
+    }
+    // Unreachable for a non-empty chain; report zeroes to stay total.
+    Ok(Status {
+        len: len.max(1),
+        depth: 0,
+        present: false,
+        zero: true,
+        data: false,
+        compressed: false,
+        offset: None,
+    })
+}
+
+/// Whether every byte of `buf` is zero (compares 16-byte words; vectorises well).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut words = buf.chunks_exact(16);
+    let body_zero = words
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
+    body_zero && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Whether qemu would treat a qcow2 layer as "metadata preallocated" and ask the host
+/// file about data clusters (`BDRV_BLOCK_RECURSE`): more clusters are in use than the
+/// file has allocated on the host, by at least 10% and at least two clusters.
+///
+/// Clusters in use are counted as the union of the clusters the file has allocated
+/// (metadata is always written) and the host clusters the guest mapping references.
+pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
+    let d = &layer.driver;
+    if d.format() != Format::Qcow2 {
+        return Ok(false);
+    }
+    let Some(cs) = d.cluster_size().filter(|&c| c > 0) else {
+        return Ok(false);
     };
-    Image::open(filename, &opts).map_err(|e| format!("Could not open '{filename}': {e}"))
+    let st = d.storage();
+    let file_len = st.len()?;
+    let Some(real) = allocated_size(&layer.path) else {
+        return Ok(false);
+    };
+    let real_clusters = real / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end_cluster = file_len.div_ceil(cs);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    // Allocated parts of the host file.
+    let mut off = 0u64;
+    while off < file_len {
+        let (data, n) = st.extent_at(off)?;
+        if n == 0 {
+            break;
+        }
+        if data {
+            ranges.push((off / cs, (off + n).div_ceil(cs)));
+        }
+        off += n;
+    }
+    // Host clusters the guest mapping references (allocated data and zero clusters).
+    let size = d.size();
+    let mut g = 0u64;
+    while g < size {
+        let e = d.block_status(g, size - g)?;
+        let n = e.len.clamp(1, size - g);
+        if let (Some(h), ExtentKind::Data | ExtentKind::Zero) = (e.offset, e.kind) {
+            ranges.push((h / cs, (h + n).div_ceil(cs)));
+        }
+        g += n;
+    }
+    ranges.sort_unstable();
+    let mut count = 0u64;
+    let mut cur: Option<(u64, u64)> = None;
+    for (a, b) in ranges {
+        let (a, b) = (a.min(end_cluster), b.min(end_cluster));
+        match cur {
+            Some((ca, cb)) if a <= cb => cur = Some((ca, cb.max(b))),
+            Some((ca, cb)) => {
+                count += cb - ca;
+                cur = Some((a, b));
+            }
+            None => cur = Some((a, b)),
+        }
+    }
+    if let Some((ca, cb)) = cur {
+        count += cb - ca;
+    }
+    Ok(count >= threshold)
+}
+
+/// Refines a data extent of a metadata-preallocated layer with the host file's own
+/// status, as qemu does: holes in the file read as zeroes (past the end of the file
+/// the whole extent does), and the extent is cut where the file's status changes.
+pub fn refine_with_file(layer: &Layer, s: &mut Status) -> vdisk::Result<()> {
+    let Some(host) = s.offset else {
+        return Ok(());
+    };
+    if !s.data || s.zero {
+        return Ok(());
+    }
+    let st = layer.driver.storage();
+    let file_len = st.len()?;
+    let (data, n) = st.extent_at(host)?;
+    let at_eof = host.saturating_add(n) >= file_len;
+    if at_eof && (n == 0 || !data) {
+        s.zero = true;
+    } else {
+        s.len = s.len.min(n.max(1));
+        s.zero = !data;
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod cmd;
 mod common;
+mod output;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Change the size of an image.
     Resize(cmd::resize::Args),
+    /// Change the backing file of an image.
+    Rebase(cmd::rebase::Args),
     /// Run a simple I/O benchmark on an image.
     Bench(cmd::bench::Args),
     /// Run qemu-io style commands on an image.
@@ -42,7 +45,13 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Usage errors exit with 1 like qemu-img (clap's default is 2, which `compare`
+    // and `check` use for other meanings); --help and --version still exit 0.
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let code = if e.use_stderr() { 1 } else { 0 };
+        let _ = e.print();
+        std::process::exit(code);
+    });
     let code = match cli.command {
         Command::Create(a) => cmd::create::run(a),
         Command::Info(a) => cmd::info::run(a),
@@ -51,6 +60,7 @@ fn main() {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Resize(a) => cmd::resize::run(a),
+        Command::Rebase(a) => cmd::rebase::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),

@@ -1,19 +1,21 @@
-//! NBD server front-end for vdisk images (pending).
+//! NBD server for vdisk images: a drop-in for qemu-nbd, serving any format the
+//! library opens through the public [`vdisk::Image`] API.
+//!
+//! - [`proto`]: wire constants and header layouts.
+//! - [`handshake`]: fixed-newstyle option negotiation.
+//! - [`transmission`]: request execution with concurrent workers per connection.
+//! - [`server`]: accept loop, client limits, orderly shutdown.
+//! - [`export`]: the served image and its policy; block status translation.
+//! - [`cli`]: `vdisk serve` (qemu-nbd's options).
+#![warn(missing_docs)]
 
-pub mod cli {
-    //! `vdisk serve` arguments.
-
-    /// Arguments of `vdisk serve`.
-    #[derive(clap::Args)]
-    pub struct ServeArgs {
-        /// Arguments.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        pub rest: Vec<String>,
-    }
-
-    /// Runs the server; returns the exit code.
-    pub fn run(_a: ServeArgs) -> i32 {
-        eprintln!("vdisk: serve: pending");
-        1
-    }
-}
+pub mod cli;
+pub mod export;
+pub mod handshake;
+pub mod limiter;
+pub mod log;
+pub mod proto;
+pub mod queue;
+pub mod server;
+pub mod stream;
+pub mod transmission;

@@ -81,7 +81,11 @@ pub fn open_backing(
     }
     let canon = std::fs::canonicalize(&path).map_err(|e| {
         crate::storage::StorageError::io(
-            format!("Could not open backing file '{}'", path.display()),
+            // qemu's wording: "Could not open backing file: Could not open 'x': <errno>".
+            format!(
+                "Could not open backing file: Could not open '{}'",
+                path.display()
+            ),
             e,
         )
     })?;
@@ -94,12 +98,8 @@ pub fn open_backing(
             canon.display()
         )));
     }
-    let storage = open_file(&path, true, opts).map_err(|e| {
-        Error::invalid(format!(
-            "Could not open backing file '{}': {e}",
-            path.display()
-        ))
-    })?;
+    let storage = open_file(&path, true, opts)
+        .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
     let fmt = match spec.format {
         Some(f) => f,
         None => probe_storage(&*storage)?,

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Format, Repair, ZeroFlags,
 };
-use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Storage};
+use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,10 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Take QEMU-compatible image locks (default on).
     pub locking: bool,
+    /// A read-only opener that needs the data not to change under it (`convert`).
+    /// Otherwise, like QEMU, a read-only raw image shares write permission (qemu-io -r,
+    /// map, compare work beside a writer); formats with metadata always refuse writers.
+    pub consistent_read: bool,
     /// Format options (cache sizes...).
     pub driver: DriverOptions,
 }
@@ -38,6 +42,7 @@ impl Default for OpenOptions {
             no_backing: false,
             force_share: false,
             locking: true,
+            consistent_read: false,
             driver: DriverOptions::default(),
         }
     }
@@ -83,11 +88,30 @@ impl Image {
             locking: opts.locking,
             driver: opts.driver.clone(),
         };
-        let storage = chain::open_file(path, opts.read_only, &copts)?;
+        // Lock only once the format is known: what a reader shares depends on it.
+        let storage = chain::open_file(
+            path,
+            opts.read_only,
+            &ChainOptions {
+                locking: false,
+                ..copts.clone()
+            },
+        )?;
         let fmt = match opts.format {
             Some(f) => f,
             None => chain::probe_storage(&*storage)?,
         };
+        if opts.locking {
+            let mode = if fmt == Format::Raw && opts.read_only && !opts.consistent_read {
+                LockMode::On {
+                    perm: Perm::CONSISTENT_READ,
+                    shared: Perm::ALL,
+                }
+            } else {
+                LockMode::for_open(opts.read_only, opts.force_share)
+            };
+            storage.relock(mode)?;
+        }
         let mut dopts = opts.driver.clone();
         dopts.read_only = opts.read_only;
         dopts.no_backing |= opts.no_backing;

@@ -1,15 +1,677 @@
-//! `vdisk convert` (pending).
+//! `vdisk convert`: copies one or more images (concatenated) into a new image, as
+//! `qemu-img convert`.
+//!
+//! The target is cut into windows (2 MiB, aligned in the target). A planner walks the
+//! sources' block status under a lock and hands out numbered work items; `-m N` worker
+//! threads read, detect zeroes and write them. Without `-W` each item's writes wait
+//! for the item before it, so the target is laid out in order; with `-W` (and for `-c`,
+//! whose compression happens inside the write) items are written as soon as they are
+//! ready. Ranges that read as zeroes are not written into a fresh target, and ranges
+//! the source leaves to its backing file are not copied when the target has one.
+
+use crate::common::{self, chain_status, layers, Layer};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use vdisk::{CacheMode, CreateOptions, Error, Format, Image, OpenOptions, ZeroFlags};
+
+/// Size of a data window (and of the largest single read/write).
+const WINDOW: u64 = 2 << 20;
+/// Largest run of zero/skip handed out as one item.
+const MAX_QUIET_ITEM: u64 = 1 << 30;
+/// Largest `-S` qemu-img accepts.
+const MAX_SPARSE: u64 = 16 << 20;
 
 /// Arguments of `vdisk convert`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// Source format (probed when absent).
+    #[arg(short = 'f', long = "source-format")]
+    pub format: Option<String>,
+    /// Target format (default raw).
+    #[arg(short = 'O', long = "target-format")]
+    pub out_format: Option<String>,
+    /// Target format options.
+    #[arg(short = 'o', long = "target-options")]
+    pub options: Vec<String>,
+    /// Backing file of the target.
+    #[arg(short = 'B', long = "backing")]
+    pub backing: Option<String>,
+    /// Format of the target's backing file.
+    #[arg(short = 'F', long = "backing-format")]
+    pub backing_format: Option<String>,
+    /// Compress the target (qcow2).
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
+    /// Do not create the target; it must exist.
+    #[arg(short = 'n', long = "no-create")]
+    pub no_create: bool,
+    /// With -n: the target already reads as zeroes.
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// Minimum run of zeroes (bytes) not written; 0 writes everything.
+    #[arg(short = 'S', long = "sparse-size")]
+    pub sparse: Option<String>,
+    /// Target cache mode (default unsafe).
+    #[arg(short = 't', long = "target-cache")]
+    pub cache: Option<String>,
+    /// Source cache mode (default writeback).
+    #[arg(short = 'T', long = "source-cache")]
+    pub src_cache: Option<String>,
+    /// Allow out-of-order writes.
+    #[arg(short = 'W', long = "oob-writes")]
+    pub oob_writes: bool,
+    /// Parallel workers (1..16, default 8).
+    #[arg(short = 'm', long = "parallel")]
+    pub parallel: Option<String>,
+    /// Use copy offloading (accepted; copies are done by reading and writing).
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    pub copy_range: bool,
+    /// Show progress.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Open the sources in shared mode.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Source images followed by the target.
+    pub files: Vec<String>,
+}
+
+/// What to do with one stretch of the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Copy from the source.
+    Data,
+    /// Reads as zeroes.
+    Zero,
+    /// Left to the target's backing file.
+    Skip,
+}
+
+/// A stretch of one source inside a work item.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    kind: Kind,
+    src: usize,
+    src_off: u64,
+    dst_off: u64,
+    len: u64,
+}
+
+/// A numbered unit of work.
+#[derive(Debug)]
+struct Item {
+    index: u64,
+    dst_off: u64,
+    len: u64,
+    segments: Vec<Segment>,
+}
+
+struct Source {
+    img: Image,
+    /// Size in whole sectors, as qemu counts it.
+    size: u64,
+    layers: Vec<Layer>,
+    base: u64,
+    name: String,
+}
+
+/// Walks the sources' block status and hands out items in target order.
+struct Planner {
+    pos: u64,
+    next_index: u64,
+}
+
+struct Job<'a> {
+    sources: &'a [Source],
+    target: &'a Image,
+    total: u64,
+    /// Only the top layer of the source counts (the target has a backing file).
+    top_only: bool,
+    /// Target backing size: zeroes past it need not be written.
+    target_backing_size: Option<u64>,
+    zero_init: bool,
+    sparse: u64,
+    compress: bool,
+    cluster: u64,
+    in_order: bool,
+    planner: Mutex<Planner>,
+    written: Mutex<u64>,
+    written_cv: Condvar,
+    stop: AtomicBool,
+    error: Mutex<Option<String>>,
+    done_bytes: AtomicU64,
+    bar: Option<ProgressBar>,
+}
+
+impl Job<'_> {
+    fn fail(&self, msg: String) {
+        let mut e = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some(msg);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.written_cv.notify_all();
+    }
+
+    fn source_at(&self, dst: u64) -> usize {
+        // Sources are few; a linear scan from the end finds the last base <= dst.
+        self.sources
+            .iter()
+            .rposition(|s| s.base <= dst)
+            .unwrap_or(0)
+    }
+
+    /// One status query: the kind of the target range starting at `dst` (at most `max`).
+    fn classify(&self, dst: u64, max: u64) -> Result<Segment, String> {
+        let si = self.source_at(dst);
+        let s = &self.sources[si];
+        let local = dst - s.base;
+        let src_end = s.base + s.size;
+        let mut len = max.min(src_end - dst);
+        if local >= s.img.size() {
+            // The tail of a partial last sector: zeroes.
+            return Ok(Segment {
+                kind: Kind::Zero,
+                src: si,
+                src_off: local,
+                dst_off: dst,
+                len,
+            });
+        }
+        len = len.min(s.img.size() - local);
+        if let Some(bs) = self.target_backing_size {
+            if dst < bs {
+                len = len.min(bs - dst);
+            }
+        }
+        let st = chain_status(&s.layers, local, len, self.top_only).map_err(|e| {
+            format!(
+                "error while reading block status of sector {}: {e}",
+                local / 512
+            )
+        })?;
+        let len = st.len.clamp(1, len);
+        let mut kind = if st.data {
+            Kind::Data
+        } else if st.zero {
+            Kind::Zero
+        } else {
+            Kind::Skip
+        };
+        if kind == Kind::Zero && self.target_backing_size.is_some_and(|bs| dst >= bs) {
+            // Past the end of the target's backing file the target reads zeroes anyway.
+            kind = Kind::Skip;
+        }
+        Ok(Segment {
+            kind,
+            src: si,
+            src_off: local,
+            dst_off: dst,
+            len,
+        })
+    }
+
+    fn next_item(&self) -> Result<Option<Item>, String> {
+        let mut p = self.planner.lock().unwrap_or_else(|e| e.into_inner());
+        if p.pos >= self.total || self.stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let start = p.pos;
+        let win_end = ((start / WINDOW) + 1) * WINDOW;
+        let win_end = win_end.min(self.total);
+        let first = self.classify(start, (self.total - start).min(MAX_QUIET_ITEM))?;
+        let mut segments = Vec::new();
+        let end;
+        if first.kind != Kind::Data && start + first.len > win_end {
+            // A long quiet stretch: one item, ending on a window boundary (or the end)
+            // so that later windows stay aligned (compressed clusters must be whole).
+            let e = start + first.len;
+            end = if e == self.total {
+                e
+            } else {
+                e / WINDOW * WINDOW
+            };
+            segments.push(Segment {
+                len: end - start,
+                ..first
+            });
+        } else {
+            let mut pos = start;
+            let mut seg = Segment {
+                len: first.len.min(win_end - start),
+                ..first
+            };
+            loop {
+                pos += seg.len;
+                push_merged(&mut segments, seg);
+                if pos >= win_end {
+                    break;
+                }
+                seg = self.classify(pos, win_end - pos)?;
+            }
+            end = win_end;
+        }
+        let index = p.next_index;
+        p.next_index += 1;
+        p.pos = end;
+        Ok(Some(Item {
+            index,
+            dst_off: start,
+            len: end - start,
+            segments,
+        }))
+    }
+
+    fn read(&self, seg: &Segment, buf: &mut [u8]) -> Result<(), String> {
+        let s = &self.sources[seg.src];
+        common::read_sectors(&s.img, buf, seg.src_off).map_err(|e| {
+            format!(
+                "error while reading at byte {} of {}: {e}",
+                seg.src_off, s.name
+            )
+        })
+    }
+
+    fn write(&self, buf: &[u8], off: u64) -> Result<(), String> {
+        self.target
+            .write_at(buf, off)
+            .map_err(|e| format!("error while writing at byte {off}: {e}"))
+    }
+
+    fn zero(&self, off: u64, len: u64) -> Result<(), String> {
+        if self.zero_init || len == 0 {
+            return Ok(());
+        }
+        let flags = ZeroFlags {
+            may_unmap: self.sparse != 0,
+            fast: false,
+        };
+        self.target
+            .write_zeroes(off, len, flags)
+            .map_err(|e| format!("error while writing zeroes at byte {off}: {e}"))
+    }
+
+    /// Writes a data range, leaving out aligned blocks of `sparse` zero bytes.
+    fn write_sparse(&self, buf: &[u8], off: u64) -> Result<(), String> {
+        if self.sparse == 0 {
+            return self.write(buf, off);
+        }
+        let end = off + buf.len() as u64;
+        let mut run_start = off;
+        let mut run_zero: Option<bool> = None;
+        let mut pos = off;
+        while pos < end {
+            let block_end = ((pos / self.sparse) + 1) * self.sparse;
+            let block_end = block_end.min(end);
+            let b = &buf[(pos - off) as usize..(block_end - off) as usize];
+            let z = common::is_zero(b);
+            if run_zero != Some(z) {
+                if let Some(prev) = run_zero {
+                    self.flush_run(buf, off, run_start, pos, prev)?;
+                }
+                run_start = pos;
+                run_zero = Some(z);
+            }
+            pos = block_end;
+        }
+        if let Some(prev) = run_zero {
+            self.flush_run(buf, off, run_start, end, prev)?;
+        }
+        Ok(())
+    }
+
+    fn flush_run(&self, buf: &[u8], base: u64, a: u64, b: u64, zero: bool) -> Result<(), String> {
+        if zero {
+            self.zero(a, b - a)
+        } else {
+            self.write(&buf[(a - base) as usize..(b - base) as usize], a)
+        }
+    }
+
+    /// Waits until every earlier item is written (in-order mode).
+    fn wait_turn(&self, index: u64) -> bool {
+        if !self.in_order {
+            return !self.stop.load(Ordering::SeqCst);
+        }
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        while *w != index {
+            if self.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            w = self.written_cv.wait(w).unwrap_or_else(|e| e.into_inner());
+        }
+        !self.stop.load(Ordering::SeqCst)
+    }
+
+    fn finish_turn(&self, index: u64) {
+        if !self.in_order {
+            return;
+        }
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        *w = index + 1;
+        self.written_cv.notify_all();
+    }
+
+    fn process(&self, item: &Item, buf: &mut Vec<u8>) -> Result<(), String> {
+        let has_data = item.segments.iter().any(|s| s.kind == Kind::Data);
+        if has_data {
+            buf.resize(item.len as usize, 0);
+            for seg in &item.segments {
+                let rel = (seg.dst_off - item.dst_off) as usize;
+                let b = &mut buf[rel..rel + seg.len as usize];
+                // Compressed clusters are written whole, so their non-data parts are
+                // read too (they read as zeroes or as the shared backing file).
+                if seg.kind == Kind::Data || self.compress {
+                    self.read(seg, b)?;
+                } else {
+                    b.fill(0);
+                }
+            }
+        }
+        if !self.wait_turn(item.index) {
+            return Ok(());
+        }
+        if self.compress && has_data {
+            self.write_compressed_item(item, buf)?;
+        } else {
+            for seg in &item.segments {
+                let rel = (seg.dst_off - item.dst_off) as usize;
+                match seg.kind {
+                    Kind::Data => {
+                        self.write_sparse(&buf[rel..rel + seg.len as usize], seg.dst_off)?
+                    }
+                    Kind::Zero => self.zero(seg.dst_off, seg.len)?,
+                    Kind::Skip => {}
+                }
+            }
+        }
+        self.finish_turn(item.index);
+        Ok(())
+    }
+
+    fn write_compressed_item(&self, item: &Item, buf: &[u8]) -> Result<(), String> {
+        let end = item.dst_off + item.len;
+        let mut c = item.dst_off / self.cluster * self.cluster;
+        while c < end {
+            let ce = (c + self.cluster).min(end);
+            let data_in_cluster = item
+                .segments
+                .iter()
+                .any(|s| s.kind == Kind::Data && s.dst_off < ce && s.dst_off + s.len > c);
+            let bytes = &buf[(c - item.dst_off) as usize..(ce - item.dst_off) as usize];
+            if data_in_cluster && !common::is_zero(bytes) {
+                match self.target.driver().write_compressed(bytes, c) {
+                    Ok(()) => {}
+                    // A short last cluster may not be compressible: store it plainly.
+                    Err(Error::InvalidArgument(_)) if ce - c < self.cluster => {
+                        self.write(bytes, c)?
+                    }
+                    Err(e) => {
+                        return Err(format!("error while compressing sector {}: {e}", c / 512))
+                    }
+                }
+            } else {
+                // Zero or untouched: handle each segment part by its kind.
+                for s in &item.segments {
+                    let a = s.dst_off.max(c);
+                    let b = (s.dst_off + s.len).min(ce);
+                    if a >= b {
+                        continue;
+                    }
+                    match s.kind {
+                        Kind::Data | Kind::Zero => self.zero(a, b - a)?,
+                        Kind::Skip => {}
+                    }
+                }
+            }
+            c = ce;
+        }
+        Ok(())
+    }
+
+    fn worker(&self) {
+        let mut buf = Vec::new();
+        loop {
+            let item = match self.next_item() {
+                Ok(Some(i)) => i,
+                Ok(None) => return,
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            };
+            if let Err(e) = self.process(&item, &mut buf) {
+                self.fail(e);
+                return;
+            }
+            let done = self.done_bytes.fetch_add(item.len, Ordering::Relaxed) + item.len;
+            if let Some(b) = &self.bar {
+                b.set_position(done);
+            }
+        }
+    }
+}
+
+fn push_merged(v: &mut Vec<Segment>, s: Segment) {
+    if let Some(last) = v.last_mut() {
+        if last.kind == s.kind
+            && last.src == s.src
+            && last.dst_off + last.len == s.dst_off
+            && last.src_off + last.len == s.src_off
+        {
+            last.len += s.len;
+            return;
+        }
+    }
+    v.push(s);
 }
 
 /// Runs the subcommand; returns the exit code.
-pub fn run(_a: Args) -> i32 {
-    crate::common::error("convert: pending");
-    1
+pub fn run(a: Args) -> i32 {
+    match run_inner(a) {
+        Ok(()) => 0,
+        Err(e) => {
+            common::error(e);
+            1
+        }
+    }
+}
+
+fn parse_sparse(s: Option<&str>) -> Result<u64, String> {
+    let Some(s) = s else {
+        return Ok(4096);
+    };
+    match common::parse_size_arg(s) {
+        Some(v) if v % 512 == 0 && v <= MAX_SPARSE => Ok(v),
+        _ => Err(format!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
+        )),
+    }
+}
+
+fn run_inner(a: Args) -> Result<(), String> {
+    let workers: usize = match a.parallel.as_deref() {
+        None => 8,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => {
+                return Err(
+                    "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+                )
+            }
+        },
+    };
+    let sparse = parse_sparse(a.sparse.as_deref())?;
+    if a.files.len() < 2 {
+        return Err("Must specify image file name".into());
+    }
+    let (src_names, target_name) = a.files.split_at(a.files.len() - 1);
+    let target_name = &target_name[0];
+    if a.backing.is_some() && src_names.len() > 1 {
+        return Err(
+            "Having a backing file for the target makes no sense when concatenating multiple input images"
+                .into(),
+        );
+    }
+    if a.backing.is_some() && a.backing_format.is_none() && !a.no_create {
+        return Err("Use of backing file requires explicit backing format".into());
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err("--target-is-zero requires use of -n flag".into());
+    }
+    let out_name = a.out_format.clone().unwrap_or_else(|| "raw".into());
+    let out_fmt =
+        Format::parse(&out_name).map_err(|_| format!("Unknown file format '{out_name}'"))?;
+    if a.compress && out_fmt != Format::Qcow2 {
+        return Err("Compression not supported for this file format".into());
+    }
+    let src_fmt = common::parse_format(a.format.as_deref())
+        .map_err(|e| format!("Could not open '{}': {e}", src_names[0]))?;
+    let src_cache = common::parse_cache(a.src_cache.as_deref(), CacheMode::Writeback)?;
+    let dst_cache = common::parse_cache(a.cache.as_deref(), CacheMode::Unsafe)?;
+    let opts = common::parse_options(&a.options)?;
+    let backing_fmt = match &a.backing_format {
+        Some(n) => Some(Format::parse(n).map_err(|_| format!("Unknown driver '{n}'"))?),
+        None => None,
+    };
+
+    // Sources, concatenated.
+    let mut sources = Vec::new();
+    let mut total = 0u64;
+    for name in src_names {
+        let img = common::open_image_with(
+            name,
+            &OpenOptions {
+                format: src_fmt,
+                read_only: true,
+                force_share: a.force_share,
+                cache: src_cache,
+                consistent_read: true,
+                ..OpenOptions::default()
+            },
+        )?;
+        let size = common::sector_size_of(&img);
+        sources.push(Source {
+            size,
+            layers: layers(&img),
+            img,
+            base: total,
+            name: name.clone(),
+        });
+        total = total
+            .checked_add(size)
+            .ok_or("the sources together are too large")?;
+    }
+
+    if !a.no_create {
+        crate::cmd::create::validate_option_names(out_fmt, &opts)
+            .map_err(|e| format!("{target_name}: {e}"))?;
+        let mut create_opts: Vec<(String, String)> = Vec::new();
+        let mut backing = a.backing.clone();
+        let mut bfmt = backing_fmt;
+        for (k, v) in &opts {
+            match k.as_str() {
+                "backing_file" => backing = Some(v.clone()),
+                "backing_fmt" => {
+                    bfmt = Some(Format::parse(v).map_err(|_| format!("Unknown driver '{v}'"))?)
+                }
+                "size" | "nocow" => {}
+                _ => create_opts.push((k.clone(), v.clone())),
+            }
+        }
+        Image::create(
+            target_name,
+            &CreateOptions {
+                format: out_fmt,
+                size: Some(total),
+                options: create_opts,
+                backing_file: backing,
+                backing_format: bfmt,
+                unsafe_backing: false,
+            },
+        )
+        .map_err(|e| format!("{target_name}: error while converting {out_fmt}: {e}"))?;
+    }
+
+    let target = common::open_image_with(
+        target_name,
+        &OpenOptions {
+            format: Some(out_fmt),
+            read_only: false,
+            cache: dst_cache,
+            ..OpenOptions::default()
+        },
+    )?;
+    if a.no_create && target.size() < total {
+        return Err(format!(
+            "Target image is too small ({} bytes) for the source data ({total} bytes)",
+            target.size()
+        ));
+    }
+    let target_backing = target.driver().backing().map(|b| b.size());
+    let has_backing = target_backing.is_some() || a.backing.is_some();
+    if a.target_is_zero && has_backing {
+        return Err("--target-is-zero cannot be used with a target that has a backing file".into());
+    }
+    let zero_init = if a.no_create {
+        a.target_is_zero
+    } else {
+        sparse != 0 && !has_backing
+    };
+    let cluster = target.driver().cluster_size().unwrap_or(65536).max(512);
+    if a.compress && !WINDOW.is_multiple_of(cluster) {
+        return Err(format!(
+            "cluster size {cluster} is too large for compression"
+        ));
+    }
+
+    let bar = (a.progress && !a.quiet).then(|| {
+        let b = ProgressBar::new(total.max(1));
+        b.set_style(
+            ProgressStyle::with_template("    ({percent}/100%) {bar:40} {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let job = Job {
+        sources: &sources,
+        target: &target,
+        total,
+        top_only: has_backing,
+        target_backing_size: target_backing,
+        zero_init,
+        sparse,
+        compress: a.compress,
+        cluster,
+        in_order: !a.oob_writes && !a.compress,
+        planner: Mutex::new(Planner {
+            pos: 0,
+            next_index: 0,
+        }),
+        written: Mutex::new(0),
+        written_cv: Condvar::new(),
+        stop: AtomicBool::new(false),
+        error: Mutex::new(None),
+        done_bytes: AtomicU64::new(0),
+        bar,
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| job.worker());
+        }
+    });
+    if let Some(b) = &job.bar {
+        b.finish_and_clear();
+    }
+    if let Some(e) = job.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    target
+        .close()
+        .map_err(|e| format!("error while closing '{target_name}': {e}"))?;
+    Ok(())
 }

@@ -8,4 +8,5 @@ pub mod create;
 pub mod info;
 pub mod io;
 pub mod map;
+pub mod rebase;
 pub mod resize;

@@ -1,15 +1,115 @@
-//! `vdisk resize` (pending).
+//! `vdisk resize`: changes the guest size of an image, as `qemu-img resize`.
+
+use crate::common;
+use vdisk::{Format, OpenOptions};
 
 /// Arguments of `vdisk resize`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// Image format (probed when absent).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Allow making the image smaller (data past the new end is lost).
+    #[arg(long = "shrink")]
+    pub shrink: bool,
+    /// Preallocation of the new area: off, metadata, falloc, full.
+    #[arg(long = "preallocation")]
+    pub preallocation: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Image file.
+    pub filename: String,
+    /// New size, or `+N`/`-N` to grow/shrink by N (k, M, G, T, P, E suffixes).
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
 }
 
+const SIZE_HELP: &str = "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
+
 /// Runs the subcommand; returns the exit code.
-pub fn run(_a: Args) -> i32 {
-    crate::common::error("resize: pending");
-    1
+pub fn run(a: Args) -> i32 {
+    match run_inner(a) {
+        Ok(()) => 0,
+        Err(e) => {
+            if !e.is_empty() {
+                common::error(e);
+            }
+            1
+        }
+    }
+}
+
+/// Fills `[from, to)` of the image with allocated zeroes (preallocation of grown space).
+fn fill_zeroes(img: &vdisk::Image, from: u64, to: u64) -> Result<(), String> {
+    let chunk = vec![0u8; 1 << 20];
+    let mut off = from;
+    while off < to {
+        let n = (to - off).min(chunk.len() as u64) as usize;
+        img.write_at(&chunk[..n], off)
+            .map_err(|e| format!("Could not preallocate new area at offset {off}: {e}"))?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+fn run_inner(a: Args) -> Result<(), String> {
+    let (rel, num) = match a.size.as_bytes().first() {
+        Some(b'+') => (1i8, &a.size[1..]),
+        Some(b'-') => (-1i8, &a.size[1..]),
+        _ => (0i8, a.size.as_str()),
+    };
+    let n = common::parse_size_arg(num).ok_or_else(|| SIZE_HELP.to_string())?;
+    let prealloc = a.preallocation.as_deref().unwrap_or("off");
+    if !matches!(prealloc, "off" | "metadata" | "falloc" | "full") {
+        return Err(format!("Invalid preallocation mode: '{prealloc}'"));
+    }
+    let format = common::parse_format(a.format.as_deref())
+        .map_err(|e| format!("Could not open '{}': {e}", a.filename))?;
+    let img = common::open_image_with(
+        &a.filename,
+        &OpenOptions {
+            format,
+            read_only: false,
+            ..OpenOptions::default()
+        },
+    )?;
+    let cur = img.size();
+    let new_size = match rel {
+        1 => cur.checked_add(n),
+        -1 => cur.checked_sub(n),
+        _ => Some(n),
+    };
+    let new_size = match new_size {
+        Some(s) if s <= i64::MAX as u64 && (s > 0 || rel == 0) => s,
+        _ => return Err("New image size must be positive".into()),
+    };
+    if new_size < cur && !a.shrink {
+        common::error("Use the --shrink option to perform a shrink operation.");
+        common::error("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
+        return Err(String::new());
+    }
+    if new_size < cur && prealloc != "off" {
+        return Err("Preallocation can only be used for growing images".into());
+    }
+    if img.format() == Format::Raw && prealloc == "metadata" {
+        return Err("Unsupported preallocation mode: metadata".into());
+    }
+    img.driver()
+        .resize(new_size, a.shrink)
+        .map_err(|e| e.to_string())?;
+    if new_size > cur {
+        match (img.format(), prealloc) {
+            (_, "off") => {}
+            (Format::Raw, "falloc") => img
+                .driver()
+                .storage()
+                .allocate(cur, new_size - cur)
+                .map_err(|e| format!("Could not preallocate new area: {e}"))?,
+            _ => fill_zeroes(&img, cur, new_size)?,
+        }
+    }
+    img.close().map_err(|e| e.to_string())?;
+    crate::qprintln!(a.quiet, "Image resized.");
+    Ok(())
 }

@@ -94,7 +94,9 @@ impl FileStorage {
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         if opts.create {
-            oo.create(true).truncate(true);
+            // Truncated only once the lock is ours: an image in use elsewhere must
+            // survive a refused create.
+            oo.create(true);
         }
         let mut flags = libc::O_CLOEXEC;
         if opts.cache.direct() {
@@ -108,6 +110,10 @@ impl FileStorage {
             .open(path)
             .map_err(|e| StorageError::io(format!("Could not open '{name}'"), e))?;
         lock::apply(file.as_raw_fd(), opts.lock, &name)?;
+        if opts.create {
+            file.set_len(0)
+                .map_err(|e| StorageError::io(format!("Could not truncate '{name}'"), e))?;
+        }
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -405,6 +411,15 @@ impl Storage for FileStorage {
             return Ok((true, len - offset));
         }
         Ok((true, (hole as u64).min(len).max(offset + 1) - offset))
+    }
+
+    fn relock(&self, mode: LockMode) -> StorageResult<()> {
+        lock::release(self.file.as_raw_fd())?;
+        lock::apply(
+            self.file.as_raw_fd(),
+            mode,
+            &self.path.display().to_string(),
+        )
     }
 
     fn alignment(&self) -> usize {

@@ -25,6 +25,8 @@ impl Perm {
     pub const WRITE_UNCHANGED: Perm = Perm(4);
     /// Changing the size.
     pub const RESIZE: Perm = Perm(8);
+    /// No permission.
+    pub const NONE: Perm = Perm(0);
     /// All permissions QEMU 10 knows.
     pub const ALL: Perm = Perm(0xf);
     const NAMES: [&'static str; 4] = ["consistent read", "write", "write unchanged", "resize"];
@@ -104,9 +106,42 @@ fn held_by_other(fd: RawFd, start: i64) -> std::io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// Drops every QEMU lock byte held through `fd` (before taking a different set).
+pub fn release(fd: RawFd) -> StorageResult<()> {
+    for base in [PERM_BASE, SHARED_BASE] {
+        for bit in 0..4 {
+            set_lock(fd, base + bit, libc::F_UNLCK as libc::c_short)
+                .map_err(|e| StorageError::io("Failed to unlock image", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Attempts before a conflict is reported, and the pause between them.
+const CONFLICT_RETRIES: u32 = 5;
+const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Takes QEMU-compatible locks on `fd`, failing with [`StorageError::Locked`] when another
 /// process's locks conflict. `path` only names the file in the message.
+///
+/// A conflict is retried briefly: OFD locks belong to the open file description, and a
+/// child forked by any thread of this process shares every description until it execs.
+/// A file this process just closed can so look locked for a moment by ourselves.
 pub fn apply(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
+    let mut attempt = 0;
+    loop {
+        match apply_once(fd, mode, path) {
+            Err(StorageError::Locked(_)) if attempt < CONFLICT_RETRIES => {
+                let _ = release(fd);
+                attempt += 1;
+                std::thread::sleep(CONFLICT_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn apply_once(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
     let LockMode::On { perm, shared } = mode else {
         return Ok(());
     };

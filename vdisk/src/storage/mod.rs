@@ -150,6 +150,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
         let len = self.len()?;
         Ok((true, len.saturating_sub(offset)))
     }
+    /// Replaces the image locks held (used when an open turns out to need fewer
+    /// permissions than first taken, e.g. a metadata-only look at a raw file).
+    fn relock(&self, _mode: LockMode) -> StorageResult<()> {
+        Ok(())
+    }
     /// The alignment O_DIRECT imposes (1 when buffered). Formats may use it to size I/O.
     fn alignment(&self) -> usize {
         1

@@ -1,64 +1,342 @@
-//! QED (placeholder until the driver lands).
+//! QED (QEMU Enhanced Disk).
+//!
+//! Layout and rules: `shared/reference/qed.md`. Files by concern:
+//! - [`header`]: the header, parsed, validated and serialised in one place;
+//! - [`table`]: L1/L2 table encoding and the bounded L2 cache;
+//! - `io`: reads, allocating and in-place writes, zeroes, discard, block status;
+//! - `need_check`: the NEED_CHECK (dirty) lifecycle and the idle timer that clears it;
+//! - `check`: consistency check and repair;
+//! - `create`: new images; `resize`: size and backing file changes.
+//!
+//! Concurrency: every request holds a shared "quiesce" lock that only check/resize/
+//! set_backing take exclusively. Requests to allocated clusters never take another lock
+//! across data I/O. Requests that change an L2 table (allocations, zero entries) take
+//! that table's own mutex, so allocations in different tables proceed in parallel, while
+//! two allocations of the same cluster are ordered (the second sees the first's result).
 
-use super::{BackingResolver, CreateSpec, DriverOptions};
+mod check;
+mod create;
+mod flush;
+pub mod header;
+mod io;
+mod need_check;
+mod resize;
+pub mod table;
+
+pub use create::create;
+
+use super::{
+    BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
+    FormatSpecific, Repair, ZeroFlags,
+};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
-use std::sync::Arc;
+use header::Header;
+use need_check::DirtyState;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use table::{L2Cache, Table};
 
 /// Whether `head` starts with the QED magic.
 pub fn probe(head: &[u8]) -> bool {
-    head.len() >= 4 && &head[..4] == b"QED\0"
+    head.len() >= 4 && head[..4] == header::MAGIC.to_le_bytes()
 }
+
+/// Default number of L2 tables cached (QEMU caches 50).
+const DEFAULT_L2_TABLES: u64 = 50;
+/// Upper bound of the default L2 cache, for images with very large tables.
+const DEFAULT_L2_CACHE_BYTES: u64 = 64 << 20;
+/// Idle period after which NEED_CHECK is cleared (as QEMU's timer).
+pub const DEFAULT_CLEAN_DELAY: Duration = Duration::from_secs(5);
 
 /// A QED image.
 #[derive(Debug)]
-pub struct Qed;
+pub struct Qed {
+    inner: Arc<Inner>,
+}
+
+/// State shared by requests (and the idle timer, which holds a weak reference).
+#[derive(Debug)]
+pub(crate) struct Inner {
+    storage: Arc<dyn Storage>,
+    backing: Option<Arc<dyn Driver>>,
+    read_only: bool,
+    cluster_size: u64,
+    /// Entries per table.
+    nelems: u64,
+    /// Clusters per table.
+    table_clusters: u64,
+    l1_offset: u64,
+    /// The header as opened: its geometry fields (cluster, table and header sizes) never
+    /// change, so offset validation reads them without locking.
+    geo: Header,
+    /// Shared flushes for allocating writes over a backing file.
+    flush_gate: flush::FlushGate,
+    image_size: AtomicU64,
+    /// The allocation cursor: the file's size rounded down to whole clusters, grown by
+    /// every allocation.
+    file_size: AtomicU64,
+    l1: RwLock<Table>,
+    /// Serialises L1 writes so two updates of entries sharing a sector never
+    /// write stale snapshots of each other.
+    l1_write: Mutex<()>,
+    l2: L2Cache,
+    /// Per-L2-table (by L1 index) metadata locks and in-flight allocation lists.
+    table_locks: Mutex<HashMap<u64, Arc<io::TableSync>>>,
+    /// Shared by requests, exclusive for check/resize/set_backing.
+    quiesce: RwLock<()>,
+    dirty: Mutex<DirtyState>,
+    /// Wakes the idle timer thread early (stop requests).
+    dirty_cv: std::sync::Condvar,
+}
+
+impl Inner {
+    fn header(&self) -> Header {
+        self.dirty_lock().header.clone()
+    }
+
+    fn dirty_lock(&self) -> std::sync::MutexGuard<'_, DirtyState> {
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn l1_read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.l1.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn l1_write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.l1.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn quiesce_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.quiesce.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn quiesce_exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.quiesce.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn file_size(&self) -> u64 {
+        self.file_size.load(Ordering::Acquire)
+    }
+
+    /// Reserves `n` contiguous clusters at the end of the file.
+    fn alloc_clusters(&self, n: u64) -> Result<u64> {
+        let bytes = n
+            .checked_mul(self.cluster_size)
+            .ok_or_else(|| Error::NoSpace("QED allocation too large".into()))?;
+        let mut cur = self.file_size();
+        loop {
+            let end = cur
+                .checked_add(bytes)
+                .filter(|e| *e <= i64::MAX as u64)
+                .ok_or_else(|| Error::NoSpace("QED image file would exceed 2^63 bytes".into()))?;
+            match self
+                .file_size
+                .compare_exchange(cur, end, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(cur),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The metadata lock of the L2 table at L1 index `l1i`.
+    fn table_lock(&self, l1i: u64) -> Arc<io::TableSync> {
+        let mut m = self.table_locks.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 4096 {
+            // Forget locks nobody holds so the map stays bounded.
+            m.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        m.entry(l1i).or_default().clone()
+    }
+
+    /// Writes the fixed header fields (one sector, atomic on disk).
+    fn write_header(&self, h: &Header) -> Result<()> {
+        self.storage.write_at(&h.to_bytes(), 0)?;
+        Ok(())
+    }
+}
 
 impl Qed {
-    /// Opens a QED image.
+    /// Opens a QED image, validating the header; a read-write open of an image with
+    /// NEED_CHECK set checks and repairs it first (unless `opts.skip_repair`).
     pub fn open(
-        _s: Arc<dyn Storage>,
-        _o: &DriverOptions,
-        _b: &mut BackingResolver<'_>,
+        storage: Arc<dyn Storage>,
+        opts: &DriverOptions,
+        backing: &mut BackingResolver<'_>,
     ) -> Result<Qed> {
-        Err(Error::unsupported("qed driver pending"))
+        let file_len = storage.len()?;
+        let mut head = [0u8; header::HEADER_LEN];
+        if file_len < header::HEADER_LEN as u64 {
+            return Err(Error::invalid(format!(
+                "Image not in QED format (file is only {file_len} bytes)"
+            )));
+        }
+        storage.read_at(&mut head, 0)?;
+        let mut h = Header::parse(&head)?;
+        h.validate(file_len)?;
+        let cs = h.cluster_size as u64;
+        let file_size = file_len & !(cs - 1);
+        let name = header::read_backing_name(&*storage, &h)?;
+        let spec = name.map(|name| BackingSpec {
+            name,
+            format: if h.features & header::F_BACKING_FORMAT_NO_PROBE != 0 {
+                Some(Format::Raw)
+            } else {
+                None
+            },
+        });
+        let backing_drv = match &spec {
+            Some(s) if !opts.no_backing => Some(backing(s)?),
+            _ => None,
+        };
+        let nelems = h.table_nelems();
+        let l1 = table::read_table(&*storage, h.l1_table_offset, nelems)?;
+        let table_bytes = h.table_bytes();
+        let l2_tables = match opts.l2_cache_size {
+            Some(b) => (b / table_bytes).max(1),
+            None => DEFAULT_L2_TABLES
+                .min(DEFAULT_L2_CACHE_BYTES / table_bytes)
+                .max(1),
+        };
+        let read_only = opts.read_only;
+        let inner = Arc::new(Inner {
+            storage,
+            backing: backing_drv,
+            read_only,
+            cluster_size: cs,
+            nelems,
+            table_clusters: h.table_size as u64,
+            l1_offset: h.l1_table_offset,
+            geo: h.clone(),
+            flush_gate: flush::FlushGate::default(),
+            image_size: AtomicU64::new(h.image_size),
+            file_size: AtomicU64::new(file_size),
+            l1: RwLock::new(l1),
+            l1_write: Mutex::new(()),
+            l2: L2Cache::new(l2_tables as usize),
+            table_locks: Mutex::new(HashMap::new()),
+            quiesce: RwLock::new(()),
+            dirty: Mutex::new(DirtyState::new(h.clone(), spec)),
+            dirty_cv: std::sync::Condvar::new(),
+        });
+        let qed = Qed { inner };
+        if !read_only {
+            if h.autoclear_features & !header::AUTOCLEAR_KNOWN != 0 {
+                // A writer that does not know an autoclear feature must clear it: the
+                // data it describes is about to go stale.
+                h.autoclear_features &= header::AUTOCLEAR_KNOWN;
+                qed.inner.dirty_lock().header.autoclear_features = h.autoclear_features;
+                qed.inner.write_header(&h)?;
+                qed.inner.storage.flush()?;
+            }
+            if h.need_check() && !opts.skip_repair {
+                qed.check(Repair {
+                    leaks: true,
+                    errors: true,
+                })?;
+            }
+        }
+        Ok(qed)
+    }
+
+    /// Changes how long the image must be idle (no allocating writes in flight) before
+    /// NEED_CHECK is cleared automatically. Default [`DEFAULT_CLEAN_DELAY`].
+    pub fn set_clean_delay(&self, delay: Duration) {
+        self.inner.dirty_lock().clean_delay = delay;
+        self.inner.dirty_cv.notify_all();
+    }
+
+    /// The decoded header as currently in memory.
+    pub fn header(&self) -> Header {
+        self.inner.header()
     }
 }
 
-impl super::Driver for Qed {
-    fn format(&self) -> super::Format {
-        super::Format::Qed
+impl Drop for Qed {
+    fn drop(&mut self) {
+        // A drop without close is still an orderly shutdown: leave the image clean.
+        if !self.inner.read_only {
+            if let Err(e) = need_check::mark_clean(&self.inner) {
+                tracing::warn!("QED: could not mark image clean on drop: {e}");
+            }
+        }
+        need_check::stop_timer(&self.inner);
+    }
+}
+
+impl Driver for Qed {
+    fn format(&self) -> Format {
+        Format::Qed
     }
     fn size(&self) -> u64 {
-        0
+        self.inner.image_size.load(Ordering::Acquire)
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.inner.cluster_size)
     }
     fn storage(&self) -> &Arc<dyn Storage> {
-        unreachable!()
+        &self.inner.storage
     }
-    fn read_at(&self, _: &mut [u8], _: u64) -> Result<()> {
-        unreachable!()
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        io::read_at(&self.inner, buf, offset)
     }
-    fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
-        unreachable!()
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        io::write_at(&self.inner, buf, offset)
     }
-    fn write_zeroes(&self, _: u64, _: u64, _: super::ZeroFlags) -> Result<()> {
-        unreachable!()
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        io::write_zeroes(&self.inner, offset, len, flags)
     }
-    fn discard(&self, _: u64, _: u64) -> Result<()> {
-        unreachable!()
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        io::discard(&self.inner, offset, len)
     }
     fn flush(&self) -> Result<()> {
-        unreachable!()
+        if self.inner.read_only {
+            return Ok(());
+        }
+        Ok(self.inner.storage.flush()?)
     }
-    fn block_status(&self, _: u64, _: u64) -> Result<super::Extent> {
-        unreachable!()
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        io::block_status(&self.inner, offset, len)
     }
-    fn resize(&self, _: u64, _: bool) -> Result<()> {
-        unreachable!()
+    fn backing_spec(&self) -> Option<BackingSpec> {
+        self.inner.dirty_lock().backing.clone()
     }
-}
-
-/// Creates a QED image.
-pub fn create(_s: &Arc<dyn Storage>, _spec: &CreateSpec) -> Result<()> {
-    Err(Error::unsupported("qed driver pending"))
+    fn backing(&self) -> Option<&Arc<dyn Driver>> {
+        self.inner.backing.as_ref()
+    }
+    fn format_specific(&self) -> FormatSpecific {
+        FormatSpecific::Qed
+    }
+    fn is_dirty(&self) -> bool {
+        self.inner.dirty_lock().header.need_check()
+    }
+    fn check(&self, repair: Repair) -> Result<CheckReport> {
+        check::check(&self.inner, repair)
+    }
+    fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        resize::resize(&self.inner, new_size, shrink)
+    }
+    fn set_backing_spec(&self, spec: Option<&BackingSpec>) -> Result<()> {
+        resize::set_backing_spec(&self.inner, spec)
+    }
+    fn close(&self) -> Result<()> {
+        if self.inner.read_only {
+            need_check::stop_timer(&self.inner);
+            return Ok(());
+        }
+        self.inner.storage.flush()?;
+        need_check::mark_clean(&self.inner)?;
+        need_check::stop_timer(&self.inner);
+        Ok(())
+    }
 }

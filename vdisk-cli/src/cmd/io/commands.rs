@@ -1,0 +1,1149 @@
+//! The qemu-io commands: each takes the session and its words (the first is the
+//! command name) and returns whether it succeeded. Messages and report lines are
+//! qemu-io's, so scripts comparing output work on both tools.
+
+use super::parse::{
+    breakline, cvtnum, cvtnum_error, parse_pattern, strerror, Getopt, REQUEST_MAX_BYTES,
+};
+use super::report::{cvtstr, dump_buffer, print_report};
+use std::io::Write;
+use std::time::{Duration, Instant};
+use vdisk::format::FormatSpecific;
+use vdisk::{ExtentKind, Image, ZeroFlags};
+
+/// Bytes moved per library call on long requests: bounds memory and lets the progress
+/// bar move.
+const CHUNK: u64 = 16 << 20;
+/// Requests longer than this get a progress bar with `-p`.
+const PROGRESS_MIN: u64 = 64 << 20;
+
+/// The state commands work on.
+pub struct Session {
+    /// The open image.
+    pub img: Image,
+    /// Show a progress bar on long requests (`-p`).
+    pub progress: bool,
+    /// Set by `quit`: stop reading commands.
+    pub quit: bool,
+    /// Opened with `-r`: commands that modify the image are refused up front.
+    pub read_only: bool,
+}
+
+type CmdFn = fn(&mut Session, &[String]) -> bool;
+
+/// One entry of the command table.
+struct CmdInfo {
+    name: &'static str,
+    alt: Option<&'static str>,
+    argmin: usize,
+    /// `None`: no upper bound.
+    argmax: Option<usize>,
+    args: &'static str,
+    oneline: &'static str,
+    func: CmdFn,
+    /// Modifies the image (needs write permission).
+    writes: bool,
+}
+
+const COMMANDS: &[CmdInfo] = &[
+    CmdInfo {
+        name: "aio_flush",
+        alt: None,
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "completes all outstanding aio requests",
+        writes: false,
+        func: aio_flush_f,
+    },
+    CmdInfo {
+        name: "aio_read",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        args: "[-Ciqrv] [-P pattern] off len [len..]",
+        oneline: "asynchronously reads a number of bytes",
+        writes: false,
+        func: aio_read_f,
+    },
+    CmdInfo {
+        name: "aio_write",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        args: "[-Cfiqruz] [-P pattern] off len [len..]",
+        oneline: "asynchronously writes a number of bytes",
+        writes: true,
+        func: aio_write_f,
+    },
+    CmdInfo {
+        name: "alloc",
+        alt: Some("a"),
+        argmin: 1,
+        argmax: Some(2),
+        args: "offset [count]",
+        oneline: "checks if offset is allocated in the file",
+        writes: false,
+        func: alloc_f,
+    },
+    CmdInfo {
+        name: "discard",
+        alt: Some("d"),
+        argmin: 2,
+        argmax: None,
+        args: "[-Cq] off len",
+        oneline: "discards a number of bytes at a specified offset",
+        writes: true,
+        func: discard_f,
+    },
+    CmdInfo {
+        name: "flush",
+        alt: Some("f"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "flush all in-core file state to disk",
+        writes: false,
+        func: flush_f,
+    },
+    CmdInfo {
+        name: "help",
+        alt: Some("?"),
+        argmin: 0,
+        argmax: Some(1),
+        args: "[command]",
+        oneline: "help for one or all commands",
+        writes: false,
+        func: help_f,
+    },
+    CmdInfo {
+        name: "info",
+        alt: Some("i"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "prints information about the current file",
+        writes: false,
+        func: info_f,
+    },
+    CmdInfo {
+        name: "length",
+        alt: Some("l"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "gets the length of the current file",
+        writes: false,
+        func: length_f,
+    },
+    CmdInfo {
+        name: "map",
+        alt: Some("m"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "prints the allocated areas of a file",
+        writes: false,
+        func: map_f,
+    },
+    CmdInfo {
+        name: "quit",
+        alt: Some("q"),
+        argmin: 0,
+        argmax: Some(0),
+        args: "",
+        oneline: "exit the program",
+        writes: false,
+        func: quit_f,
+    },
+    CmdInfo {
+        name: "read",
+        alt: Some("r"),
+        argmin: 2,
+        argmax: None,
+        args: "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
+        oneline: "reads a number of bytes at a specified offset",
+        writes: false,
+        func: read_f,
+    },
+    CmdInfo {
+        name: "readv",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        args: "[-Cqrv] [-P pattern] off len [len..]",
+        oneline: "reads a number of bytes at a specified offset",
+        writes: false,
+        func: readv_f,
+    },
+    CmdInfo {
+        name: "sleep",
+        alt: None,
+        argmin: 1,
+        argmax: Some(1),
+        args: "",
+        oneline: "waits for the given value in milliseconds",
+        writes: false,
+        func: sleep_f,
+    },
+    CmdInfo {
+        name: "truncate",
+        alt: Some("t"),
+        argmin: 1,
+        argmax: Some(3),
+        args: "[-m prealloc_mode] off",
+        oneline: "truncates the current file at the given offset",
+        writes: true,
+        func: truncate_f,
+    },
+    CmdInfo {
+        name: "write",
+        alt: Some("w"),
+        argmin: 2,
+        argmax: None,
+        args: "[-bcCfnqruz] [-P pattern | -s source_file] off len",
+        oneline: "writes a number of bytes at a specified offset",
+        writes: true,
+        func: write_f,
+    },
+    CmdInfo {
+        name: "writev",
+        alt: None,
+        argmin: 2,
+        argmax: None,
+        args: "[-Cfqr] [-P pattern] off len [len..]",
+        oneline: "writes a number of bytes at a specified offset",
+        writes: true,
+        func: writev_f,
+    },
+];
+
+fn find_command(name: &str) -> Option<&'static CmdInfo> {
+    COMMANDS
+        .iter()
+        .find(|c| c.name == name || c.alt == Some(name))
+}
+
+fn usage(name: &str) {
+    if let Some(c) = find_command(name) {
+        out!("{} {} -- {}", c.name, c.args, c.oneline);
+    }
+}
+
+/// Runs one command line; an empty line succeeds and does nothing.
+pub fn run_line(s: &mut Session, line: &str) -> bool {
+    let words = breakline(line);
+    let Some(name) = words.first() else {
+        return true;
+    };
+    let Some(ct) = find_command(name) else {
+        eprintln!("command \"{name}\" not found");
+        return false;
+    };
+    let n = words.len() - 1;
+    let too_many = ct.argmax.is_some_and(|m| n > m);
+    if n < ct.argmin || too_many {
+        match ct.argmax {
+            None => eprintln!(
+                "bad argument count {n} to {name}, expected at least {} arguments",
+                ct.argmin
+            ),
+            Some(m) if m == ct.argmin => {
+                eprintln!("bad argument count {n} to {name}, expected {m} arguments")
+            }
+            Some(m) => eprintln!(
+                "bad argument count {n} to {name}, expected between {} and {m} arguments",
+                ct.argmin
+            ),
+        }
+        return false;
+    }
+    if ct.writes && s.read_only {
+        // qemu-io checks permissions before parsing the command's arguments.
+        eprintln!("vdisk: Block node is read-only");
+        return false;
+    }
+    (ct.func)(s, &words)
+}
+
+/// Reads the options of a command; prints getopt's message and the usage on a bad one.
+fn getopts(
+    args: &[String],
+    spec: &'static str,
+    mut on: impl FnMut(char, Option<String>) -> bool,
+) -> Option<usize> {
+    let mut g = Getopt::new(args, spec);
+    while let Some(o) = g.next_opt() {
+        match o {
+            Ok((c, v)) => {
+                if !on(c, v) {
+                    return None;
+                }
+            }
+            Err(msg) => {
+                eprintln!("{msg}");
+                usage(&args[0]);
+                return None;
+            }
+        }
+    }
+    Some(g.optind)
+}
+
+fn num_arg(arg: &str) -> Option<u64> {
+    match cvtnum(arg) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            out!("{}", cvtnum_error(e, arg));
+            None
+        }
+    }
+}
+
+fn pattern_arg(arg: &str) -> Option<u8> {
+    let p = parse_pattern(arg);
+    if p.is_none() {
+        out!("{arg} is not a valid pattern byte");
+    }
+    p
+}
+
+/// Prints `<op> failed: <strerror>` like qemu-io; library errors carrying more than
+/// an errno (corruption, a named structure) also go to stderr in full.
+fn report_error(op: &str, e: &vdisk::Error) {
+    out!("{op} failed: {}", strerror(e.errno()));
+    let detail = e.to_string();
+    if !detail.is_empty() && detail != strerror(e.errno()) {
+        eprintln!("vdisk: {op}: {detail}");
+    }
+}
+
+/// qemu refuses requests past the end of the disk with EIO before they reach a driver.
+fn in_range(img: &Image, offset: u64, count: u64, op: &str) -> bool {
+    let size = img.size();
+    if offset > size || size - offset < count {
+        out!("{op} failed: {}", strerror(libc::EIO));
+        return false;
+    }
+    true
+}
+
+/// A progress bar for long requests when `-p` was given; hidden otherwise.
+fn progress_bar(s: &Session, len: u64) -> indicatif::ProgressBar {
+    if !s.progress || len <= PROGRESS_MIN {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "    ({percent:>3}/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
+}
+
+/// Runs `f(position_in_request, length)` over `count` bytes in pieces of `chunk`.
+fn chunked(
+    s: &Session,
+    count: u64,
+    chunk: u64,
+    mut f: impl FnMut(u64, u64) -> vdisk::Result<()>,
+) -> vdisk::Result<()> {
+    let pb = progress_bar(s, count);
+    let mut pos = 0;
+    // A zero-length request still goes through once, as in qemu.
+    loop {
+        let n = (count - pos).min(chunk);
+        f(pos, n)?;
+        pos += n;
+        pb.set_position(pos);
+        if pos >= count {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// What a pattern check covers: byte value, start and length relative to the request.
+#[derive(Clone, Copy)]
+struct Verify {
+    pattern: u8,
+    start: u64,
+    len: u64,
+}
+
+/// Reads `count` bytes at `offset`. Returns whether the pattern matched, and the data
+/// when `keep` (for `-v`).
+fn read_range(
+    s: &Session,
+    offset: u64,
+    count: u64,
+    verify: Option<Verify>,
+    keep: bool,
+) -> vdisk::Result<(bool, Vec<u8>)> {
+    let mut ok = true;
+    let mut check = |pos: u64, data: &[u8]| {
+        if let Some(v) = verify {
+            let lo = v.start.max(pos);
+            let hi = (v.start + v.len).min(pos + data.len() as u64);
+            if lo < hi
+                && data[(lo - pos) as usize..(hi - pos) as usize]
+                    .iter()
+                    .any(|&b| b != v.pattern)
+            {
+                ok = false;
+            }
+        }
+    };
+    if keep {
+        let mut all = alloc_buffer(count)?;
+        chunked(s, count, CHUNK, |pos, n| {
+            let piece = &mut all[pos as usize..(pos + n) as usize];
+            s.img.read_at(piece, offset + pos)
+        })?;
+        check(0, &all);
+        return Ok((ok, all));
+    }
+    let mut buf = alloc_buffer(count.min(CHUNK))?;
+    chunked(s, count, CHUNK, |pos, n| {
+        let piece = &mut buf[..n as usize];
+        s.img.read_at(piece, offset + pos)?;
+        check(pos, piece);
+        Ok(())
+    })?;
+    Ok((ok, Vec::new()))
+}
+
+/// A zeroed buffer, failing with ENOMEM instead of aborting.
+fn alloc_buffer(len: u64) -> vdisk::Result<Vec<u8>> {
+    let len = usize::try_from(len).map_err(|_| no_memory())?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| no_memory())?;
+    v.resize(len, 0);
+    Ok(v)
+}
+
+fn no_memory() -> vdisk::Error {
+    std::io::Error::from_raw_os_error(libc::ENOMEM).into()
+}
+
+/// How a write fills its range.
+#[derive(Clone, Copy)]
+enum Fill<'a> {
+    /// Every byte is the pattern.
+    Pattern(u8),
+    /// The bytes of a file (`write -s`), repeated if the file is shorter.
+    Source(&'a [u8]),
+    /// Pattern bytes, stored compressed cluster by cluster.
+    Compressed(u8),
+    /// `write -z`.
+    Zeroes(ZeroFlags),
+}
+
+fn write_range(
+    s: &Session,
+    offset: u64,
+    count: u64,
+    fill: Fill<'_>,
+    fua: bool,
+) -> vdisk::Result<()> {
+    match fill {
+        Fill::Source(data) => {
+            let mut buf = alloc_buffer(count.min(CHUNK))?;
+            chunked(s, count, CHUNK, |pos, n| {
+                let piece = &mut buf[..n as usize];
+                for (i, b) in piece.iter_mut().enumerate() {
+                    *b = data[((pos + i as u64) % data.len() as u64) as usize];
+                }
+                s.img.write_at(piece, offset + pos)
+            })?;
+        }
+        Fill::Pattern(p) => {
+            let mut buf = alloc_buffer(count.min(CHUNK))?;
+            buf.fill(p);
+            chunked(s, count, CHUNK, |pos, n| {
+                s.img.write_at(&buf[..n as usize], offset + pos)
+            })?;
+        }
+        Fill::Compressed(p) => {
+            let cluster = s.img.driver().cluster_size().unwrap_or(count.max(1));
+            let mut buf = alloc_buffer(count.min(cluster))?;
+            buf.fill(p);
+            chunked(s, count, cluster.max(1), |pos, n| {
+                s.img
+                    .driver()
+                    .write_compressed(&buf[..n as usize], offset + pos)
+            })?;
+        }
+        Fill::Zeroes(flags) => {
+            let chunk = if s.progress { CHUNK * 16 } else { u64::MAX };
+            chunked(s, count, chunk, |pos, n| {
+                s.img.write_zeroes(offset + pos, n, flags)
+            })?;
+        }
+    }
+    if fua {
+        s.img.flush()?;
+    }
+    Ok(())
+}
+
+fn read_f(s: &mut Session, args: &[String]) -> bool {
+    let (mut machine, mut quiet, mut dump, mut vmstate) = (false, false, false, false);
+    let mut pattern: Option<u8> = None;
+    let mut pstart: Option<u64> = None;
+    let mut plen: Option<u64> = None;
+    let Some(optind) = getopts(args, "abCl:pP:qrs:v", |c, v| {
+        let v = v.unwrap_or_default();
+        match c {
+            'b' => vmstate = true,
+            'C' => machine = true,
+            'l' => match num_arg(&v) {
+                Some(n) => plen = Some(n),
+                None => return false,
+            },
+            'P' => match pattern_arg(&v) {
+                Some(p) => pattern = Some(p),
+                None => return false,
+            },
+            'q' => quiet = true,
+            's' => match num_arg(&v) {
+                Some(n) => pstart = Some(n),
+                None => return false,
+            },
+            'v' => dump = true,
+            _ => {} // -a, -p, -r: no meaning here
+        }
+        true
+    }) else {
+        return false;
+    };
+    if optind + 2 != args.len() {
+        usage("read");
+        return false;
+    }
+    let Some(offset) = num_arg(&args[optind]) else {
+        return false;
+    };
+    let Some(count) = num_arg(&args[optind + 1]) else {
+        return false;
+    };
+    if count > REQUEST_MAX_BYTES {
+        out!(
+            "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
+            args[optind + 1]
+        );
+        return false;
+    }
+    if pattern.is_none() && (pstart.is_some() || plen.is_some()) {
+        usage("read");
+        return false;
+    }
+    let start = pstart.unwrap_or(0);
+    let len = match plen {
+        Some(l) => l,
+        None => count.saturating_sub(start),
+    };
+    if start > count || len > count - start {
+        out!("pattern verification range exceeds end of read data");
+        return false;
+    }
+    if vmstate {
+        out!("read failed: {}", strerror(libc::ENOTSUP));
+        return false;
+    }
+    if !in_range(&s.img, offset, count, "read") {
+        return false;
+    }
+    let verify = pattern.map(|p| Verify {
+        pattern: p,
+        start,
+        len,
+    });
+    let t0 = Instant::now();
+    let r = read_range(s, offset, count, verify, dump && !quiet);
+    let t = t0.elapsed();
+    finish_read(r, offset, count, start, len, quiet, machine, t)
+}
+
+/// Prints a read's outcome (verification, dump, report); returns success.
+#[allow(clippy::too_many_arguments)]
+fn finish_read(
+    r: vdisk::Result<(bool, Vec<u8>)>,
+    offset: u64,
+    count: u64,
+    pstart: u64,
+    plen: u64,
+    quiet: bool,
+    machine: bool,
+    t: Duration,
+) -> bool {
+    let (ok, data) = match r {
+        Ok(v) => v,
+        Err(e) => {
+            report_error("read", &e);
+            return false;
+        }
+    };
+    if !ok {
+        out!(
+            "Pattern verification failed at offset {}, {} bytes",
+            offset + pstart,
+            plen
+        );
+    }
+    if quiet {
+        return ok;
+    }
+    if !data.is_empty() {
+        let out = std::io::stdout();
+        let mut out = std::io::BufWriter::new(out.lock());
+        if dump_buffer(&mut out, &data, offset)
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return false;
+        }
+    }
+    print_report("read", t, offset, count, count, machine);
+    ok
+}
+
+fn write_f(s: &mut Session, args: &[String]) -> bool {
+    let (mut machine, mut quiet, mut zero, mut unmap, mut fast) =
+        (false, false, false, false, false);
+    let (mut compressed, mut fua, mut vmstate) = (false, false, false);
+    let mut pattern: Option<u8> = None;
+    let mut source: Option<String> = None;
+    let Some(optind) = getopts(args, "bcCfnpP:qrs:uz", |c, v| {
+        match c {
+            's' => source = v,
+            'b' => vmstate = true,
+            'c' => compressed = true,
+            'C' => machine = true,
+            'f' => fua = true,
+            'n' => fast = true,
+            'P' => match pattern_arg(&v.unwrap_or_default()) {
+                Some(p) => pattern = Some(p),
+                None => return false,
+            },
+            'q' => quiet = true,
+            'u' => unmap = true,
+            'z' => zero = true,
+            _ => {} // -p, -r: no meaning here
+        }
+        true
+    }) else {
+        return false;
+    };
+    if optind + 2 != args.len() {
+        usage("write");
+        return false;
+    }
+    if vmstate && zero {
+        out!("-b and -z cannot be specified at the same time");
+        return false;
+    }
+    if fua && (vmstate || compressed) {
+        out!("-f and -b or -c cannot be specified at the same time");
+        return false;
+    }
+    if usize::from(zero) + usize::from(pattern.is_some()) + usize::from(source.is_some()) > 1 {
+        out!("Only one of -z, -P, and -s can be specified at the same time");
+        return false;
+    }
+    if unmap && !zero {
+        out!("-u requires -z to be specified");
+        return false;
+    }
+    if fast && !zero {
+        out!("-n requires -z to be specified");
+        return false;
+    }
+    let Some(offset) = num_arg(&args[optind]) else {
+        return false;
+    };
+    let Some(count) = num_arg(&args[optind + 1]) else {
+        return false;
+    };
+    if count > REQUEST_MAX_BYTES && !fast {
+        out!(
+            "length cannot exceed {REQUEST_MAX_BYTES} without -n, given {}",
+            args[optind + 1]
+        );
+        return false;
+    }
+    if vmstate {
+        out!("write failed: {}", strerror(libc::ENOTSUP));
+        return false;
+    }
+    let p = pattern.unwrap_or(0xcd);
+    let data = match &source {
+        Some(path) => match read_source(path, count) {
+            Some(d) => d,
+            None => return false,
+        },
+        None => Vec::new(),
+    };
+    let fill = if !data.is_empty() {
+        Fill::Source(&data)
+    } else if zero {
+        Fill::Zeroes(ZeroFlags {
+            may_unmap: unmap,
+            fast,
+        })
+    } else if compressed {
+        Fill::Compressed(p)
+    } else {
+        Fill::Pattern(p)
+    };
+    do_write(s, offset, count, fill, fua, quiet, machine)
+}
+
+/// Reads up to `count` bytes of a `write -s` source file; prints why on failure.
+fn read_source(path: &str, count: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    let r = std::fs::File::open(path).and_then(|f| f.take(count).read_to_end(&mut data));
+    match r {
+        Err(e) => {
+            eprintln!(
+                "{path}: {}",
+                strerror(e.raw_os_error().unwrap_or(libc::EIO))
+            );
+            None
+        }
+        Ok(0) if count > 0 => {
+            eprintln!("{path}: file is empty");
+            None
+        }
+        Ok(_) => Some(data),
+    }
+}
+
+fn do_write(
+    s: &Session,
+    offset: u64,
+    count: u64,
+    fill: Fill<'_>,
+    fua: bool,
+    quiet: bool,
+    machine: bool,
+) -> bool {
+    if !in_range(&s.img, offset, count, "write") {
+        return false;
+    }
+    let t0 = Instant::now();
+    let r = write_range(s, offset, count, fill, fua);
+    let t = t0.elapsed();
+    if let Err(e) = r {
+        report_error("write", &e);
+        return false;
+    }
+    if !quiet {
+        print_report("wrote", t, offset, count, count, machine);
+    }
+    true
+}
+
+/// `readv`/`writev`/`aio_read`/`aio_write`: one offset, several lengths. The buffers
+/// are contiguous in the guest, so they run as one request of the summed length.
+fn vectored(s: &mut Session, args: &[String], write: bool, spec: &'static str) -> bool {
+    let (mut machine, mut quiet, mut dump, mut fua, mut zero, mut unmap) =
+        (false, false, false, false, false, false);
+    let mut pattern: Option<u8> = None;
+    let Some(optind) = getopts(args, spec, |c, v| {
+        match c {
+            'C' => machine = true,
+            'q' => quiet = true,
+            'v' => dump = true,
+            'f' => fua = true,
+            'z' => zero = true,
+            'u' => unmap = true,
+            'P' => match pattern_arg(&v.unwrap_or_default()) {
+                Some(p) => pattern = Some(p),
+                None => return false,
+            },
+            _ => {} // -i, -r: no meaning here
+        }
+        true
+    }) else {
+        return false;
+    };
+    if optind + 2 > args.len() {
+        usage(&args[0]);
+        return false;
+    }
+    if zero && pattern.is_some() {
+        out!("Only one of -z, -P, and -s can be specified at the same time");
+        return false;
+    }
+    if unmap && !zero {
+        out!("-u requires -z to be specified");
+        return false;
+    }
+    let Some(offset) = num_arg(&args[optind]) else {
+        return false;
+    };
+    let mut total: u64 = 0;
+    for a in &args[optind + 1..] {
+        let Some(n) = num_arg(a) else {
+            return false;
+        };
+        if n > i32::MAX as u64 && !zero {
+            out!("too large length argument -- {a}");
+            return false;
+        }
+        total = total.saturating_add(n);
+    }
+    if total > REQUEST_MAX_BYTES && !zero {
+        out!("length cannot exceed {REQUEST_MAX_BYTES}, given {total}");
+        return false;
+    }
+    if write {
+        let fill = if zero {
+            Fill::Zeroes(ZeroFlags {
+                may_unmap: unmap,
+                fast: false,
+            })
+        } else {
+            Fill::Pattern(pattern.unwrap_or(0xcd))
+        };
+        return do_write(s, offset, total, fill, fua, quiet, machine);
+    }
+    if !in_range(&s.img, offset, total, "read") {
+        return false;
+    }
+    let verify = pattern.map(|p| Verify {
+        pattern: p,
+        start: 0,
+        len: total,
+    });
+    let t0 = Instant::now();
+    let r = read_range(s, offset, total, verify, dump && !quiet);
+    let t = t0.elapsed();
+    finish_read(r, offset, total, 0, total, quiet, machine, t)
+}
+
+fn readv_f(s: &mut Session, args: &[String]) -> bool {
+    vectored(s, args, false, "CP:qrv")
+}
+
+fn writev_f(s: &mut Session, args: &[String]) -> bool {
+    vectored(s, args, true, "CfP:qr")
+}
+
+fn aio_read_f(s: &mut Session, args: &[String]) -> bool {
+    vectored(s, args, false, "CiP:qrv")
+}
+
+fn aio_write_f(s: &mut Session, args: &[String]) -> bool {
+    vectored(s, args, true, "CfiP:qruz")
+}
+
+/// Requests complete before their command returns, so there is nothing to wait for.
+fn aio_flush_f(_s: &mut Session, _args: &[String]) -> bool {
+    true
+}
+
+fn discard_f(s: &mut Session, args: &[String]) -> bool {
+    let (mut machine, mut quiet) = (false, false);
+    let Some(optind) = getopts(args, "Cq", |c, _| {
+        match c {
+            'C' => machine = true,
+            'q' => quiet = true,
+            _ => {}
+        }
+        true
+    }) else {
+        return false;
+    };
+    if optind + 2 != args.len() {
+        usage("discard");
+        return false;
+    }
+    let Some(offset) = num_arg(&args[optind]) else {
+        return false;
+    };
+    let Some(count) = num_arg(&args[optind + 1]) else {
+        return false;
+    };
+    if count > REQUEST_MAX_BYTES {
+        out!(
+            "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
+            args[optind + 1]
+        );
+        return false;
+    }
+    if !in_range(&s.img, offset, count, "discard") {
+        return false;
+    }
+    let t0 = Instant::now();
+    let r = chunked(s, count, CHUNK * 16, |pos, n| {
+        s.img.discard(offset + pos, n)
+    });
+    let t = t0.elapsed();
+    if let Err(e) = r {
+        report_error("discard", &e);
+        return false;
+    }
+    if !quiet {
+        print_report("discard", t, offset, count, count, machine);
+    }
+    true
+}
+
+fn flush_f(s: &mut Session, _args: &[String]) -> bool {
+    match s.img.flush() {
+        Ok(()) => true,
+        Err(e) => {
+            report_error("flush", &e);
+            false
+        }
+    }
+}
+
+fn map_f(s: &mut Session, _args: &[String]) -> bool {
+    let size = s.img.size();
+    let mut offset = 0u64;
+    while offset < size {
+        // Merge runs with the same answer, as qemu-io does. Like qemu-io, only the
+        // top image counts: ranges its backing file provides are "not allocated".
+        let mut num = 0u64;
+        let mut allocated = None;
+        while offset + num < size {
+            let e = match s
+                .img
+                .driver()
+                .block_status(offset + num, size - offset - num)
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!(
+                        "vdisk: Failed to get allocation status: {}",
+                        strerror(e.errno())
+                    );
+                    eprintln!("vdisk: {e}");
+                    return false;
+                }
+            };
+            if e.len == 0 {
+                eprintln!("vdisk: Unexpected end of image");
+                return false;
+            }
+            let a = e.kind != ExtentKind::Unallocated;
+            if allocated.is_some_and(|prev| prev != a) {
+                break;
+            }
+            allocated = Some(a);
+            num += e.len.min(size - offset - num);
+        }
+        out!(
+            "{} (0x{:x}) bytes {} at offset {} (0x{:x})",
+            cvtstr(num as f64),
+            num,
+            if allocated == Some(true) {
+                "    allocated"
+            } else {
+                "not allocated"
+            },
+            cvtstr(offset as f64),
+            offset
+        );
+        offset += num;
+    }
+    true
+}
+
+fn alloc_f(s: &mut Session, args: &[String]) -> bool {
+    let Some(start) = num_arg(&args[1]) else {
+        return false;
+    };
+    let mut count = match args.get(2) {
+        Some(a) => match num_arg(a) {
+            Some(n) => n,
+            None => return false,
+        },
+        None => 512,
+    };
+    let size = s.img.size();
+    // qemu stops at the end of the disk and reports over what it could look at.
+    count = count.min(size.saturating_sub(start));
+    let mut offset = start;
+    let end = start + count;
+    let mut allocated = 0u64;
+    while offset < end {
+        match s.img.driver().block_status(offset, end - offset) {
+            Ok(e) if e.len > 0 => {
+                let n = e.len.min(end - offset);
+                if e.kind != ExtentKind::Unallocated {
+                    allocated += n;
+                }
+                offset += n;
+            }
+            Ok(_) => {
+                count = offset - start;
+                break;
+            }
+            Err(e) => {
+                report_error("is_allocated", &e);
+                return false;
+            }
+        }
+    }
+    out!(
+        "{allocated}/{count} bytes allocated at offset {}",
+        cvtstr(start as f64)
+    );
+    true
+}
+
+fn info_f(s: &mut Session, _args: &[String]) -> bool {
+    let d = s.img.driver();
+    let cluster = d.cluster_size().unwrap_or(0);
+    let spec = d.format_specific();
+    out!("format name: {}", d.format());
+    out!("cluster size: {}", cvtstr(cluster as f64));
+    out!(
+        "vm state offset: {}",
+        cvtstr(vm_state_offset(d.size(), cluster, &spec) as f64)
+    );
+    if let FormatSpecific::Qcow2 {
+        compat,
+        compression_type,
+        lazy_refcounts,
+        refcount_bits,
+        corrupt,
+        extended_l2,
+    } = &spec
+    {
+        out!("Format specific information:");
+        out!("    compat: {compat}");
+        out!("    compression type: {compression_type}");
+        if compat != "0.10" {
+            out!("    lazy refcounts: {lazy_refcounts}");
+        }
+        out!("    refcount bits: {refcount_bits}");
+        if compat != "0.10" {
+            out!("    corrupt: {corrupt}");
+            out!("    extended l2: {extended_l2}");
+        }
+    }
+    true
+}
+
+/// Where qcow2 keeps VM state: right after the guest disk, rounded up to what one L1
+/// entry maps. Other formats have no VM state area.
+fn vm_state_offset(size: u64, cluster: u64, spec: &FormatSpecific) -> u64 {
+    let FormatSpecific::Qcow2 { extended_l2, .. } = spec else {
+        return 0;
+    };
+    if !cluster.is_power_of_two() || cluster < 512 {
+        return 0;
+    }
+    let cluster_bits = cluster.trailing_zeros();
+    let entry_bits = if *extended_l2 { 4 } else { 3 };
+    let shift = cluster_bits + cluster_bits.saturating_sub(entry_bits);
+    if shift >= 64 {
+        return 0;
+    }
+    let per_l1 = 1u64 << shift;
+    size.div_ceil(per_l1).saturating_mul(per_l1)
+}
+
+fn length_f(s: &mut Session, _args: &[String]) -> bool {
+    out!("{}", cvtstr(s.img.size() as f64));
+    true
+}
+
+fn truncate_f(s: &mut Session, args: &[String]) -> bool {
+    let mut mode = String::from("off");
+    let Some(optind) = getopts(args, "m:", |c, v| {
+        if c == 'm' {
+            mode = v.unwrap_or_default();
+        }
+        true
+    }) else {
+        return false;
+    };
+    if optind + 1 != args.len() {
+        usage("truncate");
+        return false;
+    }
+    if mode != "off" {
+        eprintln!("vdisk: truncate: preallocation mode '{mode}' is not supported; use off");
+        return false;
+    }
+    let Some(size) = num_arg(&args[optind]) else {
+        return false;
+    };
+    match s.img.driver().resize(size, true) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("vdisk: {e}");
+            false
+        }
+    }
+}
+
+fn sleep_f(_s: &mut Session, args: &[String]) -> bool {
+    match args[1].parse::<u64>() {
+        Ok(ms) => {
+            std::thread::sleep(Duration::from_millis(ms));
+            true
+        }
+        Err(_) => {
+            out!("{} is not a valid number", args[1]);
+            false
+        }
+    }
+}
+
+fn help_f(_s: &mut Session, args: &[String]) -> bool {
+    match args.get(1) {
+        Some(name) => match find_command(name) {
+            Some(c) => {
+                out!("{} {} -- {}", c.name, c.args, c.oneline);
+                true
+            }
+            None => {
+                out!("command {name} not found");
+                false
+            }
+        },
+        None => {
+            for c in COMMANDS {
+                out!("{} {} -- {}", c.name, c.args, c.oneline);
+            }
+            out!("\nUse 'help commandname' for extended help.");
+            true
+        }
+    }
+}
+
+fn quit_f(s: &mut Session, _args: &[String]) -> bool {
+    s.quit = true;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_state_offsets_match_qemu() {
+        let q = |ext| FormatSpecific::Qcow2 {
+            compat: "1.1".into(),
+            compression_type: "zlib".into(),
+            lazy_refcounts: false,
+            refcount_bits: 16,
+            corrupt: false,
+            extended_l2: ext,
+        };
+        assert_eq!(vm_state_offset(1 << 20, 65536, &q(false)), 512 << 20);
+        assert_eq!(vm_state_offset(5 << 30, 65536, &q(true)), 5 << 30);
+        assert_eq!(vm_state_offset(0, 65536, &q(false)), 0);
+        assert_eq!(vm_state_offset(1 << 20, 65536, &FormatSpecific::Qed), 0);
+    }
+}

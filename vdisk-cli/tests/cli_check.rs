@@ -1,0 +1,220 @@
+//! `vdisk check`: same report and exit codes as `qemu-img check` on clean, leaking and
+//! corrupt images (made by qemu and damaged by hand), and repairs qemu accepts.
+
+mod cli_support;
+use cli_support::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+fn be64(f: &mut std::fs::File, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn put(f: &mut std::fs::File, off: u64, bytes: &[u8]) {
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// A 10 MiB qcow2 image with guest clusters 0 and 1 written (host clusters 5 and 6).
+fn qcow2_with_data(dir: &Path, name: &str) {
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", name, "10M"]),
+        "create",
+    );
+    qemu_io(dir, "qcow2", name, &["write -P 1 0 128k"]);
+}
+
+/// Drops the L2 entry of guest cluster 1: its host cluster leaks.
+fn make_leak(path: &Path) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let l1 = be64(&mut f, 40);
+    let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
+    put(&mut f, l2 + 8, &[0u8; 8]);
+}
+
+/// Sets the refcount of host cluster 5 (guest cluster 0's data) to zero.
+fn make_corrupt(path: &Path) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let rt = be64(&mut f, 48);
+    let rb = be64(&mut f, rt);
+    put(&mut f, rb + 2 * 5, &[0, 0]);
+}
+
+/// Runs check with both tools on copies of `name`; stdout and exit code must match.
+fn same_check(dir: &Path, name: &str, extra: &[&str]) -> i32 {
+    let q_name = format!("q-{name}");
+    std::fs::copy(dir.join(name), dir.join(&q_name)).unwrap();
+    let mut r = 0;
+    for out in ["human", "json"] {
+        let o = format!("--output={out}");
+        let mut va = vec!["check", o.as_str()];
+        va.extend_from_slice(extra);
+        let mut qa = va.clone();
+        va.push(name);
+        qa.push(&q_name);
+        let q = qemu_img(dir, &qa);
+        let v = vdisk(dir, &va);
+        assert_eq!(
+            v.code, q.code,
+            "check {va:?}: {}{} vs {}{}",
+            v.out, v.err, q.out, q.err
+        );
+        assert_eq!(v.out, q.out.replace(&q_name, name), "check {va:?}");
+        r = v.code;
+    }
+    r
+}
+
+#[test]
+fn raw_cannot_be_checked() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "a.raw", "1M"]),
+        "create",
+    );
+    for out in ["human", "json"] {
+        let o = format!("--output={out}");
+        let v = vdisk(dir, &["check", &o, "-f", "raw", "a.raw"]);
+        assert_eq!(v.code, 63);
+        assert_eq!(
+            v.err.trim(),
+            "vdisk: This image format does not support checks"
+        );
+        assert_eq!(v.out, "");
+    }
+}
+
+#[test]
+fn missing_image_fails_with_1() {
+    let d = tmp();
+    let v = vdisk(d.path(), &["check", "nope.qcow2"]);
+    assert_eq!(v.code, 1);
+    assert!(v.err.contains("Could not open 'nope.qcow2'"), "{}", v.err);
+}
+
+#[test]
+fn qcow2_clean_leak_corrupt() {
+    let d = tmp();
+    let dir = d.path();
+    qcow2_with_data(dir, "clean.qcow2");
+    assert_eq!(same_check(dir, "clean.qcow2", &[]), 0);
+    let q = ok(qemu_img(dir, &["check", "clean.qcow2"]), "check");
+    assert!(q.contains("No errors were found on the image."));
+
+    // An empty image: no allocation line, as qemu.
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "empty.qcow2", "1M"]),
+        "create",
+    );
+    assert_eq!(same_check(dir, "empty.qcow2", &[]), 0);
+
+    qcow2_with_data(dir, "leak.qcow2");
+    make_leak(&dir.join("leak.qcow2"));
+    assert_eq!(same_check(dir, "leak.qcow2", &[]), 3);
+    let v = vdisk(dir, &["check", "leak.qcow2"]);
+    assert!(v.out.contains("1 leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data."));
+    assert!(
+        v.err.contains("Leaked cluster 6 refcount=1 reference=0"),
+        "{}",
+        v.err
+    );
+
+    qcow2_with_data(dir, "bad.qcow2");
+    make_corrupt(&dir.join("bad.qcow2"));
+    assert_eq!(same_check(dir, "bad.qcow2", &[]), 2);
+    // Quiet: nothing on stdout, same code.
+    let v = vdisk(dir, &["check", "-q", "bad.qcow2"]);
+    assert_eq!((v.code, v.out.as_str()), (2, ""));
+}
+
+#[test]
+fn qcow2_repair_leaks_and_errors() {
+    let d = tmp();
+    let dir = d.path();
+    qcow2_with_data(dir, "leak.qcow2");
+    make_leak(&dir.join("leak.qcow2"));
+    let v = vdisk(dir, &["check", "-r", "leaks", "leak.qcow2"]);
+    assert_eq!(v.code, 0, "{}{}", v.out, v.err);
+    assert!(
+        v.out.starts_with("The following inconsistencies were found and repaired:\n\n    1 leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\nNo errors were found on the image.\n"),
+        "{}",
+        v.out
+    );
+    ok(
+        qemu_img(dir, &["check", "leak.qcow2"]),
+        "qemu-img check after repair",
+    );
+
+    qcow2_with_data(dir, "bad.qcow2");
+    make_corrupt(&dir.join("bad.qcow2"));
+    // Leak repair alone cannot proceed past the corruption: qemu-img fails (exit 1).
+    std::fs::copy(dir.join("bad.qcow2"), dir.join("q-bad.qcow2")).unwrap();
+    let v = vdisk(dir, &["check", "-r", "leaks", "bad.qcow2"]);
+    let q = qemu_img(dir, &["check", "-r", "leaks", "q-bad.qcow2"]);
+    assert_eq!(v.code, q.code, "{}{} vs {}{}", v.out, v.err, q.out, q.err);
+    assert!(v.code != 0);
+    let v = vdisk(dir, &["check", "-r", "all", "--output=json", "bad.qcow2"]);
+    assert_eq!(v.code, 0, "{}{}", v.out, v.err);
+    let j = json(&v.out);
+    assert!(
+        j["corruptions-fixed"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        v.out
+    );
+    assert!(j.get("corruptions").is_none());
+    ok(
+        qemu_img(dir, &["check", "bad.qcow2"]),
+        "qemu-img check after repair",
+    );
+    let c = qemu_img(
+        dir,
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "bad.qcow2",
+            "-F",
+            "qcow2",
+            "leak.qcow2",
+        ],
+    );
+    assert_eq!(c.code, 1, "guest cluster 1 was dropped in leak.qcow2 only");
+}
+
+#[test]
+fn qed_clean_and_leaked() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qed", "a.qed", "10M"]),
+        "create",
+    );
+    qemu_io(
+        dir,
+        "qed",
+        "a.qed",
+        &["write -P 1 0 128k", "write -z 1M 64k", "write -P 2 5M 4k"],
+    );
+    assert_eq!(same_check(dir, "a.qed", &[]), 0);
+    // Clusters past the last referenced one are leaks.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("a.qed"))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len + 128 * 1024).unwrap();
+    drop(f);
+    assert_eq!(same_check(dir, "a.qed", &[]), 3);
+}

@@ -1,0 +1,114 @@
+//! Helpers for the CLI tests: run `vdisk` and the qemu tools side by side.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Output of one command.
+pub struct Run {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub out: String,
+    /// Standard error.
+    pub err: String,
+}
+
+fn collect(o: Output) -> Run {
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Runs `vdisk args...` in `dir`.
+pub fn vdisk(dir: &Path, args: &[&str]) -> Run {
+    let o = Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run vdisk");
+    collect(o)
+}
+
+/// Runs `qemu-img args...` in `dir`.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> Run {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run qemu-img");
+    collect(o)
+}
+
+/// Runs `qemu-io` with `-c` commands on an image in `dir`; panics when it fails.
+pub fn qemu_io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.current_dir(dir).args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(file);
+    let r = collect(c.output().expect("run qemu-io"));
+    assert_eq!(r.code, 0, "qemu-io {cmds:?} on {file}: {}{}", r.out, r.err);
+    assert!(
+        !r.out.contains("failed") && !r.err.contains("failed"),
+        "qemu-io {cmds:?}: {}{}",
+        r.out,
+        r.err
+    );
+}
+
+/// A fresh temporary directory.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// `dir/name`.
+pub fn p(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Asserts a command succeeded and returns its stdout.
+pub fn ok(r: Run, what: &str) -> String {
+    assert_eq!(
+        r.code, 0,
+        "{what} failed: stdout={} stderr={}",
+        r.out, r.err
+    );
+    r.out
+}
+
+/// Parses JSON output.
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
+}
+
+/// Removes the keys that legitimately differ between two runs on the same image
+/// (allocation on the host can change between the two commands).
+pub fn strip_keys(v: &mut serde_json::Value, keys: &[&str]) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for k in keys {
+                m.remove(*k);
+            }
+            for (_, x) in m.iter_mut() {
+                strip_keys(x, keys);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for x in a {
+                strip_keys(x, keys);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Writes a deterministic pattern file of `len` bytes.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2654435761).rotate_left(7) as u8) ^ seed)
+        .collect()
+}

@@ -1,0 +1,255 @@
+//! One exported image: its name, description, policy (read-only, discard, zero
+//! detection) and the translation of the image's block status into NBD metadata.
+
+use crate::proto;
+use std::sync::Arc;
+use vdisk::chain::ChainExtent;
+use vdisk::{ExtentKind, Image};
+
+/// What TRIM and unmapping zero writes do (`--discard`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// TRIM succeeds without touching the image; zero writes never deallocate.
+    Ignore,
+    /// TRIM discards; zero writes may deallocate unless the client says NO_HOLE.
+    Unmap,
+}
+
+/// Whether written buffers full of zeroes become zero writes (`--detect-zeroes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Write the bytes as given.
+    Off,
+    /// All-zero writes become zero writes that keep the range allocated.
+    On,
+    /// All-zero writes become zero writes that may deallocate.
+    Unmap,
+}
+
+/// How the export behaves.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// Export name clients must ask for (`-x`, default empty).
+    pub name: String,
+    /// Free-text description (`-D`).
+    pub description: Option<String>,
+    /// Refuse writes (`-r`).
+    pub read_only: bool,
+    /// Several clients may connect (`-e N>1`): advertise CAN_MULTI_CONN.
+    pub multi_conn: bool,
+    /// Offer `qemu:allocation-depth` (`-A`).
+    pub allocation_depth: bool,
+    /// TRIM policy.
+    pub discard: DiscardMode,
+    /// Zero detection on writes.
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// A metadata context the server offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`: hole and zero bits.
+    BaseAllocation,
+    /// `qemu:allocation-depth`: 0 unallocated, 1 top image, 2 its backing file...
+    AllocationDepth,
+}
+
+impl MetaContext {
+    /// The context's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            MetaContext::BaseAllocation => "base:allocation",
+            MetaContext::AllocationDepth => "qemu:allocation-depth",
+        }
+    }
+    /// Context id used in SET_META_CONTEXT replies and status chunks (fixed: the
+    /// protocol lets them be per-connection, but stable ids are simpler to trace).
+    pub fn id(self) -> u32 {
+        match self {
+            MetaContext::BaseAllocation => 1,
+            MetaContext::AllocationDepth => 2,
+        }
+    }
+    /// Looks a context up by id.
+    pub fn from_id(id: u32) -> Option<MetaContext> {
+        match id {
+            1 => Some(MetaContext::BaseAllocation),
+            2 => Some(MetaContext::AllocationDepth),
+            _ => None,
+        }
+    }
+    /// The status value this context gives a run of the chain.
+    pub fn status(self, e: &ChainExtent) -> u32 {
+        match self {
+            MetaContext::BaseAllocation => match e.kind {
+                ExtentKind::Data => 0,
+                // Zero clusters, holes and unallocated ranges (with nothing below)
+                // all read as zeroes and occupy nothing in the top file's data.
+                ExtentKind::Zero | ExtentKind::Unallocated => proto::STATE_HOLE | proto::STATE_ZERO,
+            },
+            MetaContext::AllocationDepth => match e.kind {
+                ExtentKind::Unallocated => 0,
+                _ => e.depth.saturating_add(1),
+            },
+        }
+    }
+}
+
+/// An image being served, shared by every connection.
+#[derive(Debug)]
+pub struct Export {
+    /// The image.
+    pub image: Arc<Image>,
+    /// Policy.
+    pub cfg: ExportConfig,
+}
+
+impl Export {
+    /// Wraps an open image.
+    pub fn new(image: Arc<Image>, cfg: ExportConfig) -> Export {
+        Export { image, cfg }
+    }
+
+    /// Guest size.
+    pub fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    /// Transmission flags, as qemu-nbd advertises them for the same configuration.
+    pub fn transmission_flags(&self, structured: bool, extended: bool) -> u16 {
+        let mut f = proto::TFLAG_HAS_FLAGS
+            | proto::TFLAG_SEND_FLUSH
+            | proto::TFLAG_SEND_FUA
+            | proto::TFLAG_SEND_CACHE;
+        if self.cfg.read_only {
+            f |= proto::TFLAG_READ_ONLY;
+        } else {
+            f |= proto::TFLAG_SEND_TRIM
+                | proto::TFLAG_SEND_WRITE_ZEROES
+                | proto::TFLAG_SEND_FAST_ZERO;
+        }
+        if structured {
+            f |= proto::TFLAG_SEND_DF;
+        }
+        if extended {
+            f |= proto::TFLAG_BLOCK_STATUS_PAYLOAD;
+        }
+        if self.cfg.multi_conn {
+            f |= proto::TFLAG_CAN_MULTI_CONN;
+        }
+        f
+    }
+
+    /// Every context this export offers.
+    pub fn contexts(&self) -> Vec<MetaContext> {
+        let mut v = vec![MetaContext::BaseAllocation];
+        if self.cfg.allocation_depth {
+            v.push(MetaContext::AllocationDepth);
+        }
+        v
+    }
+
+    /// Resolves one SET_META_CONTEXT query to a context (unknown queries select nothing).
+    pub fn select_context(&self, query: &str) -> Option<MetaContext> {
+        self.contexts().into_iter().find(|c| c.name() == query)
+    }
+
+    /// Contexts matching a LIST_META_CONTEXT query: exact names, or a namespace
+    /// wildcard (`base:`, `qemu:`).
+    pub fn list_contexts(&self, query: &str) -> Vec<MetaContext> {
+        self.contexts()
+            .into_iter()
+            .filter(|c| {
+                let name = c.name();
+                name == query
+                    || (query.ends_with(':') && name.starts_with(query) && !query.is_empty())
+            })
+            .collect()
+    }
+
+    /// Status runs of the chain covering `[offset, offset+len)` from `offset`, at most
+    /// `max_runs` of them (the last may then end before `offset+len`). The range must
+    /// lie inside the export. At least one run is returned unless the first lookup fails.
+    pub fn status_runs(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> vdisk::Result<Vec<ChainExtent>> {
+        let mut runs: Vec<ChainExtent> = Vec::new();
+        let end = offset.saturating_add(len);
+        let mut pos = offset;
+        while pos < end && runs.len() < max_runs {
+            let e = match self.image.block_status(pos, end - pos) {
+                Ok(e) => e,
+                // A partial answer is still a correct answer for what it covers.
+                Err(_) if !runs.is_empty() => break,
+                Err(e) => return Err(e),
+            };
+            // A driver answering zero bytes would never make progress.
+            let n = e.len.min(end - pos);
+            if n == 0 {
+                break;
+            }
+            let e = ChainExtent { len: n, ..e };
+            match runs.last_mut() {
+                Some(last) if last.kind == e.kind && last.depth == e.depth => last.len += n,
+                _ => runs.push(e),
+            }
+            pos += n;
+        }
+        if runs.is_empty() {
+            return Err(vdisk::Error::invalid(format!(
+                "no block status for offset {offset} length {len}"
+            )));
+        }
+        Ok(runs)
+    }
+}
+
+/// Turns runs into (length, status) descriptors for one context, merging neighbours
+/// with the same status.
+pub fn descriptors(ctx: MetaContext, runs: &[ChainExtent]) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for r in runs {
+        let s = ctx.status(r);
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.0 += r.len,
+            _ => out.push((r.len, s)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(len: u64, kind: ExtentKind, depth: u32) -> ChainExtent {
+        ChainExtent {
+            len,
+            kind,
+            depth,
+            offset: None,
+            compressed: false,
+        }
+    }
+
+    #[test]
+    fn descriptors_merge_by_context() {
+        let runs = [
+            run(10, ExtentKind::Data, 0),
+            run(20, ExtentKind::Zero, 0),
+            run(30, ExtentKind::Unallocated, 1),
+            run(5, ExtentKind::Data, 1),
+        ];
+        assert_eq!(
+            descriptors(MetaContext::BaseAllocation, &runs),
+            vec![(10, 0), (50, 3), (5, 0)]
+        );
+        assert_eq!(
+            descriptors(MetaContext::AllocationDepth, &runs),
+            vec![(30, 1), (30, 0), (5, 2)]
+        );
+    }
+}

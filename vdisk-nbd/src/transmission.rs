@@ -1,0 +1,600 @@
+//! The transmission phase of one connection.
+//!
+//! One thread reads requests (and write payloads) off the socket; a pool of workers
+//! executes them against the shared image concurrently and answers each as soon as it
+//! is done, so replies go out in completion order. Replies are written under a
+//! per-connection lock so chunks of different replies never interleave mid-message.
+//! A [`Limiter`] bounds the requests and bytes in flight, which bounds memory.
+
+use crate::export::{descriptors, Export, MetaContext};
+use crate::handshake::Negotiated;
+use crate::limiter::Limiter;
+use crate::proto::{self, Buf, HeaderError, Request};
+use crate::queue::{BufPool, PoolBuf, WorkQueue};
+use crate::stream::Stream;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use vdisk::chain::ChainExtent;
+use vdisk::{ExtentKind, ZeroFlags};
+
+/// Requests executing at once per connection.
+pub const WORKERS: usize = 16;
+/// Requests admitted (executing or queued) per connection.
+pub const MAX_IN_FLIGHT: usize = 32;
+/// Payload and read-buffer bytes admitted per connection.
+pub const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
+/// Status runs gathered for one BLOCK_STATUS or sparse READ.
+const MAX_RUNS: usize = 16384;
+/// Largest BLOCK_STATUS payload (effect length plus a few context ids).
+const MAX_STATUS_PAYLOAD: u64 = 8 + 4 * 16;
+
+/// A request that failed: NBD error value and a message for structured replies.
+struct Fail {
+    errno: u32,
+    msg: String,
+}
+
+fn fail(errno: u32, msg: impl Into<String>) -> Fail {
+    Fail {
+        errno,
+        msg: msg.into(),
+    }
+}
+
+impl From<vdisk::Error> for Fail {
+    fn from(e: vdisk::Error) -> Fail {
+        fail(proto::nbd_errno(e.errno()), e.to_string())
+    }
+}
+
+/// A request ready to execute.
+struct Job {
+    req: Request,
+    payload: PoolBuf,
+    cost: u64,
+}
+
+/// Per-connection state shared by the reader and the workers.
+struct Conn<'a> {
+    export: &'a Export,
+    neg: &'a Negotiated,
+    out: Mutex<Stream>,
+    dead: AtomicBool,
+    pool: BufPool,
+}
+
+/// Serves requests until the client disconnects, breaks the protocol, or the socket is
+/// shut down (server shutdown). Requests already read are finished and answered first.
+pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()> {
+    let out = stream.try_clone()?;
+    let conn = Conn {
+        export,
+        neg,
+        out: Mutex::new(out),
+        dead: AtomicBool::new(false),
+        pool: BufPool::default(),
+    };
+    let limiter = Limiter::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES);
+    let queue: WorkQueue<Job> = WorkQueue::default();
+    let result = std::thread::scope(|sc| {
+        for _ in 0..WORKERS {
+            let (conn, limiter, queue) = (&conn, &limiter, &queue);
+            sc.spawn(move || {
+                while let Some(job) = queue.pop() {
+                    let cost = job.cost;
+                    conn.execute(job);
+                    limiter.release(cost);
+                }
+            });
+        }
+        let r = match stream.try_clone() {
+            Ok(s) => {
+                let mut rd = BufReader::with_capacity(64 * 1024, s);
+                conn.read_loop(&mut rd, &limiter, &queue)
+            }
+            Err(e) => Err(e),
+        };
+        // Workers finish what was read, then stop.
+        queue.close();
+        r
+    });
+    // Every reply is out (or the client is gone): hang up.
+    let _ = stream.shutdown(Shutdown::Both);
+    result
+}
+
+impl Conn<'_> {
+    fn read_loop(
+        &self,
+        rd: &mut impl Read,
+        limiter: &Limiter,
+        queue: &WorkQueue<Job>,
+    ) -> io::Result<()> {
+        let ext = self.neg.extended;
+        loop {
+            if self.dead.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let req = match proto::read_request(rd, ext) {
+                Ok(r) => r,
+                Err(HeaderError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Ok(());
+                }
+                Err(HeaderError::Io(e)) => return Err(e),
+                Err(HeaderError::BadMagic(m)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bad request magic {m:#010x}: dropping the connection"),
+                    ));
+                }
+            };
+            if req.typ == proto::CMD_DISC {
+                return Ok(());
+            }
+            // WRITE always carries its length as payload: the spec wants
+            // PAYLOAD_LEN set on it with extended headers, but qemu's client leaves
+            // it clear, and either way the bytes follow.
+            let payload_len = if req.typ == proto::CMD_WRITE
+                || (ext && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0)
+            {
+                req.length
+            } else {
+                0
+            };
+            let limit = match req.typ {
+                proto::CMD_WRITE => proto::MAX_PAYLOAD as u64,
+                proto::CMD_BLOCK_STATUS => MAX_STATUS_PAYLOAD,
+                _ => 0,
+            };
+            if payload_len > limit {
+                if payload_len > u32::MAX as u64 {
+                    // Draining that much would take forever: the spec allows hanging up.
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("request payload of {payload_len} bytes"),
+                    ));
+                }
+                // Consume the payload so the stream stays in step, then refuse.
+                proto::skip(rd, payload_len)?;
+                let (errno, what) = if req.typ == proto::CMD_WRITE {
+                    (proto::EINVAL, "write payload larger than 32 MiB")
+                } else {
+                    (proto::EINVAL, "unexpected payload for this command")
+                };
+                self.reply_error(&req, &fail(errno, what));
+                continue;
+            }
+            let cost = match req.typ {
+                proto::CMD_READ => req.length.min(proto::MAX_PAYLOAD as u64),
+                _ => payload_len,
+            };
+            limiter.acquire(cost);
+            let mut payload = self.pool.get(payload_len as usize);
+            if let Err(e) = rd.read_exact(&mut payload) {
+                // The client vanished mid-payload: nothing of it is acknowledged.
+                limiter.release(cost);
+                return Err(e);
+            }
+            queue.push(Job { req, payload, cost });
+        }
+    }
+
+    /// Validates and runs one request, then answers it.
+    fn execute(&self, job: Job) {
+        let req = job.req;
+        let r = self.check(&req).and_then(|()| match req.typ {
+            proto::CMD_READ => self.read(&req).map(|()| None),
+            proto::CMD_WRITE => self.write(&req, &job.payload).map(Some),
+            proto::CMD_FLUSH => self.export.image.flush().map_err(Fail::from).map(Some),
+            proto::CMD_TRIM => self.trim(&req).map(Some),
+            proto::CMD_CACHE => self.cache(&req).map(Some),
+            proto::CMD_WRITE_ZEROES => self.write_zeroes(&req).map(Some),
+            proto::CMD_BLOCK_STATUS => self.block_status(&req, &job.payload).map(|()| None),
+            other => Err(fail(proto::EINVAL, format!("unknown command {other}"))),
+        });
+        match r {
+            Ok(Some(())) => self.reply_ok(&req),
+            Ok(None) => {}
+            Err(f) => self.reply_error(&req, &f),
+        }
+        self.pool.put(job.payload);
+    }
+
+    /// Flags, permissions and bounds common to every command.
+    fn check(&self, r: &Request) -> Result<(), Fail> {
+        let ext = self.neg.extended;
+        let mut allowed = proto::CMD_FLAG_FUA;
+        match r.typ {
+            proto::CMD_READ if self.neg.structured => allowed |= proto::CMD_FLAG_DF,
+            proto::CMD_WRITE if ext => allowed |= proto::CMD_FLAG_PAYLOAD_LEN,
+            proto::CMD_WRITE_ZEROES => {
+                allowed |= proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO
+            }
+            proto::CMD_BLOCK_STATUS => {
+                allowed |= proto::CMD_FLAG_REQ_ONE;
+                if ext {
+                    allowed |= proto::CMD_FLAG_PAYLOAD_LEN;
+                }
+            }
+            _ => {}
+        }
+        if r.flags & !allowed != 0 {
+            return Err(fail(
+                proto::EINVAL,
+                format!(
+                    "unsupported flags {:#x} for {}",
+                    r.flags & !allowed,
+                    proto::cmd_name(r.typ)
+                ),
+            ));
+        }
+        let writes = matches!(
+            r.typ,
+            proto::CMD_WRITE | proto::CMD_WRITE_ZEROES | proto::CMD_TRIM
+        );
+        if writes && self.export.cfg.read_only {
+            return Err(fail(proto::EPERM, "export is read-only"));
+        }
+        if r.typ == proto::CMD_FLUSH {
+            return Ok(());
+        }
+        // BLOCK_STATUS with a payload carries its effect length in the payload.
+        if r.typ == proto::CMD_BLOCK_STATUS && r.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
+            return Ok(());
+        }
+        self.check_range(r.typ, r.offset, r.length)
+    }
+
+    fn check_range(&self, typ: u16, offset: u64, len: u64) -> Result<(), Fail> {
+        let size = self.export.size();
+        if offset > size || len > size - offset {
+            let errno = if matches!(typ, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
+                proto::ENOSPC
+            } else {
+                proto::EINVAL
+            };
+            return Err(fail(
+                errno,
+                format!(
+                    "{} at offset {offset} length {len} is past the end of the {size}-byte export",
+                    proto::cmd_name(typ)
+                ),
+            ));
+        }
+        if typ == proto::CMD_READ && len > proto::MAX_PAYLOAD as u64 {
+            let errno = if self.neg.structured {
+                proto::EOVERFLOW
+            } else {
+                proto::EINVAL
+            };
+            return Err(fail(
+                errno,
+                format!("read of {len} bytes is larger than 32 MiB"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn fua(&self, r: &Request) -> Result<(), Fail> {
+        if r.flags & proto::CMD_FLAG_FUA != 0 {
+            self.export.image.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, r: &Request, data: &[u8]) -> Result<(), Fail> {
+        let img = &self.export.image;
+        let detect = self.export.cfg.detect_zeroes;
+        if detect != crate::export::DetectZeroes::Off
+            && !data.is_empty()
+            && data.iter().all(|&b| b == 0)
+        {
+            let flags = ZeroFlags {
+                may_unmap: detect == crate::export::DetectZeroes::Unmap,
+                fast: false,
+            };
+            img.write_zeroes(r.offset, data.len() as u64, flags)?;
+        } else if !data.is_empty() {
+            img.write_at(data, r.offset)?;
+        }
+        self.fua(r)
+    }
+
+    fn write_zeroes(&self, r: &Request) -> Result<(), Fail> {
+        if r.length > 0 {
+            let flags = ZeroFlags {
+                may_unmap: r.flags & proto::CMD_FLAG_NO_HOLE == 0
+                    && self.export.cfg.discard == crate::export::DiscardMode::Unmap,
+                fast: r.flags & proto::CMD_FLAG_FAST_ZERO != 0,
+            };
+            self.export.image.write_zeroes(r.offset, r.length, flags)?;
+        }
+        self.fua(r)
+    }
+
+    fn trim(&self, r: &Request) -> Result<(), Fail> {
+        // With --discard=ignore (qemu-nbd's default) a trim is a successful no-op.
+        if r.length > 0 && self.export.cfg.discard == crate::export::DiscardMode::Unmap {
+            self.export.image.discard(r.offset, r.length)?;
+        }
+        self.fua(r)
+    }
+
+    /// Prefetch: read (a bounded part of) the range so later reads find metadata and
+    /// data cached. Failure here must not change semantics, so errors are reported
+    /// but nothing else.
+    fn cache(&self, r: &Request) -> Result<(), Fail> {
+        let mut left = r.length.min(proto::MAX_PAYLOAD as u64);
+        let mut off = r.offset;
+        let mut buf = vec![0u8; left.min(1 << 20) as usize];
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            self.export.image.read_at(&mut buf[..n], off)?;
+            off += n as u64;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn read(&self, r: &Request) -> Result<(), Fail> {
+        let img = &self.export.image;
+        let len = r.length as usize;
+        if !self.neg.structured {
+            let mut buf = self.pool.get(len);
+            img.read_at(&mut buf, r.offset)?;
+            let mut h = Buf::with_capacity(16);
+            proto::simple_header(&mut h, 0, r.cookie);
+            self.send(&[&h.0, &buf]);
+            self.pool.put(buf);
+            return Ok(());
+        }
+        if len == 0 {
+            self.chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, &[]);
+            return Ok(());
+        }
+        // Segments of the request: (offset, length, reads as zeroes).
+        let mut segs: Vec<(u64, u64, bool)> = Vec::new();
+        let end = r.offset + r.length;
+        if r.flags & proto::CMD_FLAG_DF == 0 {
+            if let Ok(runs) = self.export.status_runs(r.offset, r.length, MAX_RUNS) {
+                let mut pos = r.offset;
+                for e in runs {
+                    let hole = e.kind != ExtentKind::Data;
+                    match segs.last_mut() {
+                        Some(last) if last.2 == hole => last.1 += e.len,
+                        _ => segs.push((pos, e.len, hole)),
+                    }
+                    pos += e.len;
+                }
+            }
+        }
+        let covered: u64 = segs.iter().map(|s| s.1).sum();
+        if covered < r.length {
+            let pos = r.offset + covered;
+            match segs.last_mut() {
+                Some(last) if !last.2 => last.1 += end - pos,
+                _ => segs.push((pos, end - pos, false)),
+            }
+        }
+        // Read everything before sending anything, so an error is one clean chunk.
+        let mut data: Vec<PoolBuf> = Vec::new();
+        for &(off, n, hole) in &segs {
+            if !hole {
+                let mut b = self.pool.get(n as usize);
+                if let Err(e) = img.read_at(&mut b, off) {
+                    self.pool.put(b);
+                    data.into_iter().for_each(|b| self.pool.put(b));
+                    return Err(e.into());
+                }
+                data.push(b);
+            }
+        }
+        let mut bufs = data.into_iter();
+        let last = segs.len() - 1;
+        for (i, &(off, n, hole)) in segs.iter().enumerate() {
+            let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+            if hole {
+                let mut p = Buf::with_capacity(12);
+                p.u64(off).u32(n as u32);
+                self.chunk(r, flags, proto::REPLY_TYPE_OFFSET_HOLE, &[&p.0]);
+            } else {
+                let b = bufs.next().unwrap_or_default();
+                let mut p = Buf::with_capacity(8);
+                p.u64(off);
+                self.chunk(r, flags, proto::REPLY_TYPE_OFFSET_DATA, &[&p.0, &b]);
+                self.pool.put(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, r: &Request, payload: &[u8]) -> Result<(), Fail> {
+        if !self.neg.structured || self.neg.contexts.is_empty() {
+            return Err(fail(proto::EINVAL, "no metadata context was negotiated"));
+        }
+        let mut contexts: Vec<MetaContext> = self.neg.contexts.clone();
+        let mut len = r.length;
+        if r.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0 {
+            if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(4) {
+                return Err(fail(proto::EINVAL, "malformed BLOCK_STATUS payload"));
+            }
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&payload[..8]);
+            len = u64::from_be_bytes(a);
+            let mut chosen = Vec::new();
+            for id in payload[8..].chunks_exact(4) {
+                let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+                match MetaContext::from_id(id) {
+                    Some(c) if self.neg.contexts.contains(&c) && !chosen.contains(&c) => {
+                        chosen.push(c)
+                    }
+                    _ => {
+                        return Err(fail(
+                            proto::EINVAL,
+                            format!("unknown or repeated context id {id}"),
+                        ))
+                    }
+                }
+            }
+            if !chosen.is_empty() {
+                contexts = chosen;
+            }
+            self.check_range(r.typ, r.offset, len)?;
+        }
+        if len == 0 {
+            return Err(fail(proto::EINVAL, "BLOCK_STATUS of length 0"));
+        }
+        let req_one = r.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        let runs: Vec<ChainExtent> =
+            self.export
+                .status_runs(r.offset, len, if req_one { 1 } else { MAX_RUNS })?;
+        let last = contexts.len() - 1;
+        for (i, ctx) in contexts.iter().enumerate() {
+            let mut d = descriptors(*ctx, &runs);
+            if req_one {
+                d.truncate(1);
+            }
+            let mut p = Buf::with_capacity(8 + d.len() * 16);
+            let typ = if self.neg.extended {
+                p.u32(ctx.id()).u32(d.len() as u32);
+                for (l, s) in &d {
+                    p.u64(*l).u64(*s as u64);
+                }
+                proto::REPLY_TYPE_BLOCK_STATUS_EXT
+            } else {
+                p.u32(ctx.id());
+                for (l, s) in &d {
+                    // Compact requests have 32-bit lengths, so runs fit.
+                    p.u32((*l).min(u32::MAX as u64) as u32).u32(*s);
+                }
+                proto::REPLY_TYPE_BLOCK_STATUS
+            };
+            let flags = if i == last { proto::REPLY_FLAG_DONE } else { 0 };
+            self.chunk(r, flags, typ, &[&p.0]);
+        }
+        Ok(())
+    }
+
+    /// Success without payload.
+    fn reply_ok(&self, r: &Request) {
+        if self.neg.extended {
+            self.chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, &[]);
+        } else {
+            let mut h = Buf::with_capacity(16);
+            proto::simple_header(&mut h, 0, r.cookie);
+            self.send(&[&h.0]);
+        }
+    }
+
+    /// Failure: an error chunk with a message when structured, else a simple reply.
+    fn reply_error(&self, r: &Request, f: &Fail) {
+        crate::vlog!(
+            "{} offset {} length {}: {}",
+            proto::cmd_name(r.typ),
+            r.offset,
+            r.length,
+            f.msg
+        );
+        if self.neg.structured {
+            let mut msg = f.msg.as_str();
+            while msg.len() > proto::MAX_STRING {
+                let mut cut = proto::MAX_STRING;
+                while !msg.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                msg = &msg[..cut];
+            }
+            let mut p = Buf::with_capacity(6 + msg.len());
+            p.u32(f.errno).u16(msg.len() as u16).bytes(msg.as_bytes());
+            self.chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, &[&p.0]);
+        } else {
+            let mut h = Buf::with_capacity(16);
+            proto::simple_header(&mut h, f.errno, r.cookie);
+            self.send(&[&h.0]);
+        }
+    }
+
+    /// One structured/extended chunk with its payload split in parts.
+    fn chunk(&self, r: &Request, flags: u16, typ: u16, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut h = Buf::with_capacity(32);
+        proto::chunk_header(
+            &mut h,
+            self.neg.extended,
+            flags,
+            typ,
+            r.cookie,
+            r.offset,
+            len as u64,
+        );
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        all.push(&h.0);
+        all.extend_from_slice(parts);
+        self.send(&all);
+    }
+
+    /// Writes one whole message; on failure the connection is finished.
+    fn send(&self, parts: &[&[u8]]) {
+        if self.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = write_all_parts(&mut *out, parts) {
+            crate::vlog!("writing reply: {e}");
+            self.dead.store(true, Ordering::Release);
+            // Wake the reader so the connection winds down.
+            let _ = out.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// `write_all` over several buffers with as few system calls as possible.
+fn write_all_parts(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() - idx);
+        slices.push(IoSlice::new(&parts[idx][off..]));
+        for p in &parts[idx + 1..] {
+            slices.push(IoSlice::new(p));
+        }
+        let mut n = w.write_vectored(&slices)?;
+        if n == 0 && slices.iter().any(|s| !s.is_empty()) {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed"));
+        }
+        while idx < parts.len() && n >= parts[idx].len() - off {
+            n -= parts[idx].len() - off;
+            idx += 1;
+            off = 0;
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most 3 bytes per call.
+    struct Trickle(Vec<u8>);
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let n = b.len().min(3);
+            self.0.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn vectored_writes_survive_short_writes() {
+        let mut t = Trickle(Vec::new());
+        write_all_parts(&mut t, &[b"hello", b"", b"wo", b"rld!"]).unwrap();
+        assert_eq!(t.0, b"helloworld!");
+    }
+}

@@ -1,0 +1,141 @@
+//! Guest size changes and backing file changes (`resize`, `rebase -u`).
+
+use super::header::{self, cluster_offset_valid, table_offset_valid, F_BACKING_FORMAT_NO_PROBE};
+use super::need_check;
+use super::table::{self, UNALLOCATED, ZERO_CLUSTER};
+use super::Inner;
+use crate::error::{Error, Result};
+use crate::format::{BackingSpec, Format};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+fn write_size(inner: &Inner, new_size: u64) -> Result<()> {
+    let mut d = inner.dirty_lock();
+    let mut h = d.header.clone();
+    h.image_size = new_size;
+    inner.write_header(&h)?;
+    inner.storage.flush()?;
+    d.header = h;
+    inner.image_size.store(new_size, Ordering::Release);
+    Ok(())
+}
+
+/// Grows, or (with `shrink`) shrinks, the guest size.
+pub(crate) fn resize(inner: &Arc<Inner>, new_size: u64, shrink: bool) -> Result<()> {
+    inner.writable()?;
+    let h = inner.header();
+    let cs = inner.cluster_size;
+    if !header::image_size_valid(new_size, cs, h.table_size as u64) {
+        return Err(Error::invalid(format!(
+            "Invalid image size specified: {new_size} (must be a multiple of 512 and at most {} \
+             bytes for this cluster and table size)",
+            header::max_image_size(cs, h.table_size as u64)
+        )));
+    }
+    let _q = inner.quiesce_exclusive();
+    let cur = inner.image_size();
+    if new_size == cur {
+        return Ok(());
+    }
+    if new_size > cur {
+        return write_size(inner, new_size);
+    }
+    if !shrink {
+        return Err(Error::invalid(
+            "Use the --shrink option to perform a shrink operation.",
+        ));
+    }
+    let _g = need_check::begin(inner)?;
+    // The guest loses access first; a crash after this leaves at worst leaks, which the
+    // check that NEED_CHECK forces will reclaim.
+    write_size(inner, new_size)?;
+    release_past(inner, new_size, cur)
+}
+
+/// Releases the clusters of `[new_size, old_size)`: the tail of a kept partial cluster
+/// is zeroed, entries (and whole L2 tables) past the end are cleared, then the clusters
+/// they named are reclaimed by compacting the file, so nothing leaks.
+fn release_past(inner: &Arc<Inner>, new_size: u64, old_size: u64) -> Result<()> {
+    let cs = inner.cluster_size;
+    let h = inner.header();
+    let file_size = inner.file_size();
+    let first_gone = new_size.div_ceil(cs);
+    let last = old_size.div_ceil(cs);
+    // Tail of the partial cluster that stays: later growth must read zeroes there.
+    if !new_size.is_multiple_of(cs) {
+        let (l1i, l2i) = (
+            (new_size / cs) / inner.nelems,
+            (new_size / cs) % inner.nelems,
+        );
+        if let Some((_, t)) = inner.l2_table(l1i)? {
+            let v = t.read().unwrap_or_else(|p| p.into_inner())[l2i as usize];
+            if v != UNALLOCATED && v != ZERO_CLUSTER && cluster_offset_valid(&h, v, file_size) {
+                let within = new_size % cs;
+                inner.storage.write_zeroes(v + within, cs - within)?;
+            }
+        }
+    }
+    let mut l1 = inner.l1_read().clone();
+    let mut l1_dirty = false;
+    for l1i in 0..l1.len() as u64 {
+        let off = l1[l1i as usize];
+        if off == UNALLOCATED || !table_offset_valid(&h, off, file_size) {
+            continue;
+        }
+        let first = l1i * inner.nelems;
+        if first >= last.max(first_gone) {
+            continue;
+        }
+        if first >= first_gone {
+            // The whole table lies past the new end.
+            l1[l1i as usize] = UNALLOCATED;
+            l1_dirty = true;
+            continue;
+        }
+        let Some((_, t)) = inner.l2_table(l1i)? else {
+            continue;
+        };
+        let mut g = t.write().unwrap_or_else(|p| p.into_inner());
+        let lo = (first_gone - first) as usize;
+        if lo < g.len() && g[lo..].iter().any(|v| *v != UNALLOCATED) {
+            g[lo..].fill(UNALLOCATED);
+            inner.l2.modified();
+            table::write_entries(&*inner.storage, off, &g, lo, g.len() - lo)?;
+        }
+    }
+    if l1_dirty {
+        inner
+            .storage
+            .write_at(&table::encode(&l1), h.l1_table_offset)?;
+        *inner.l1_write_lock() = l1;
+    }
+    // The cleared entries must be durable before their clusters are reused.
+    inner.storage.flush()?;
+    inner.l2.clear();
+    super::check::compact_locked(inner)?;
+    inner.storage.flush()?;
+    Ok(())
+}
+
+/// Rewrites the backing file name (and raw-format flag) in the header.
+pub(crate) fn set_backing_spec(inner: &Arc<Inner>, spec: Option<&BackingSpec>) -> Result<()> {
+    inner.writable()?;
+    let _q = inner.quiesce_exclusive();
+    let mut d = inner.dirty_lock();
+    let mut h = d.header.clone();
+    let mut bytes = header::header_with_name(&mut h, spec.map(|s| s.name.as_str()))?;
+    if spec.is_some_and(|s| s.format == Some(Format::Raw)) {
+        h.features |= F_BACKING_FORMAT_NO_PROBE;
+    }
+    bytes[..header::HEADER_LEN].copy_from_slice(&h.to_bytes());
+    // One write: fixed fields and name together.
+    inner.storage.write_at(&bytes, 0)?;
+    inner.storage.flush()?;
+    d.header = h;
+    // QED records only "raw" (no probing) or nothing (probe).
+    d.backing = spec.map(|s| BackingSpec {
+        name: s.name.clone(),
+        format: s.format.filter(|f| *f == Format::Raw),
+    });
+    Ok(())
+}
