@@ -68,16 +68,17 @@ fn count_l1(
             continue;
         }
         cnt.inc(rep, l2off, cs);
-        if l2off % cs != 0 {
+        if !l2off.is_multiple_of(cs) {
             rep.messages.push(format!(
                 "ERROR l2_offset={l2off:x}: Table is not cluster aligned; L1 entry corrupted"
             ));
             rep.corruptions += 1;
             continue;
         }
-        let l2 = read_table(m, l2off, m.g.l2_entries)?;
+        let l2 = read_table(m, l2off, cs / 8)?;
         let mut next_contiguous = 0u64;
-        for &e in &l2 {
+        for j in 0..m.g.l2_entries as usize {
+            let e = l2[m.g.l2_word(j)];
             if e & COMPRESSED != 0 {
                 if e & COPIED != 0 {
                     rep.messages.push(format!(
@@ -110,7 +111,7 @@ fn count_l1(
                 next_contiguous = off + cs;
             }
             cnt.inc(rep, off, cs);
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 rep.messages.push(format!(
                     "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
                 ));
@@ -148,7 +149,7 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, b
     );
     for (i, &e) in m.rc_table.iter().enumerate() {
         let off = e & REFT_OFFSET_MASK;
-        if e % cs != 0 && off != 0 {
+        if !e.is_multiple_of(cs) && off != 0 {
             rep.messages.push(format!(
                 "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
             ));
@@ -188,7 +189,7 @@ fn disk_rc(m: &mut Meta, c: u64) -> Option<u64> {
     if off == 0 {
         return Some(0);
     }
-    if e % m.g.cs != 0 || off >= m.file_end.max(m.st.len().unwrap_or(0)) {
+    if !e.is_multiple_of(m.g.cs) || off >= m.file_end {
         return None;
     }
     m.rc_get(c).ok()
@@ -199,6 +200,7 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     let cs = m.g.cs;
     let file_len = m.st.len()?;
     let nb = file_len.div_ceil(cs);
+    m.file_end = m.file_end.max(file_len);
     if nb > MAX_CHECK_CLUSTERS {
         return Err(Error::unsupported(format!(
             "image file too large to check ({file_len} bytes)"
@@ -331,14 +333,15 @@ fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
                 rep.corruptions += 1;
             }
         }
-        if l2off % cs != 0 {
+        if !l2off.is_multiple_of(cs) {
             continue;
         }
         let mut raw = vec![0u8; cs as usize];
         m.st.read_at(&mut raw, l2off)?;
         let mut dirty = false;
         for j in 0..m.g.l2_entries as usize {
-            let e = entry(&raw, j);
+            let w = m.g.l2_word(j);
+            let e = entry(&raw, w);
             if e & COMPRESSED != 0 {
                 continue;
             }
@@ -356,7 +359,7 @@ fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
                 ));
                 if fix {
                     let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
-                    raw[j * 8..j * 8 + 8].copy_from_slice(&ne.to_be_bytes());
+                    raw[w * 8..w * 8 + 8].copy_from_slice(&ne.to_be_bytes());
                     dirty = true;
                     rep.corruptions_fixed += 1;
                 } else {
@@ -421,7 +424,7 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     }
     for &e in &m.rc_table {
         let off = e & REFT_OFFSET_MASK;
-        if off != 0 && e % cs == 0 {
+        if off != 0 && e.is_multiple_of(cs) {
             if let Some(r) = cnt.refs.get_mut((off / cs) as usize) {
                 *r = r.saturating_sub(1);
             }

@@ -43,7 +43,7 @@ impl Meta {
                 "L2 entry of guest cluster {gc} points to unaligned host offset {off:#x}"
             )));
         }
-        if self.g.version >= 3 && e & ZERO != 0 {
+        if self.g.version >= 3 && !self.g.ext_l2 && e & ZERO != 0 {
             return Ok(if off == 0 {
                 Cl::Zero
             } else {
@@ -72,6 +72,46 @@ impl Meta {
             }
             Cl::Unalloc | Cl::Zero => {}
         }
+    }
+
+    /// Subcluster state of subcluster `k` (extended L2): 2 allocated, 1 zero,
+    /// 0 unallocated.
+    fn sc_state(bitmap: u64, k: u64) -> u8 {
+        if bitmap >> k & 1 != 0 {
+            2
+        } else if bitmap >> (32 + k) & 1 != 0 {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// From byte `q` of a cluster (extended L2), the subcluster index and the number of
+    /// bytes up to `end` sharing its state.
+    pub(crate) fn subcluster_run(&self, bitmap: u64, q: u64, end: u64) -> (u64, u64) {
+        let scs = self.g.subcluster();
+        let k = q / scs;
+        let st = Self::sc_state(bitmap, k);
+        let mut e = (k + 1) * scs;
+        while e < end && Self::sc_state(bitmap, e / scs) == st {
+            e += scs;
+        }
+        (k, e.min(end) - q)
+    }
+
+    /// Where byte `q` of guest cluster `gc` (in subcluster `k`) reads from.
+    fn subcluster_src(&mut self, e: u64, bitmap: u64, gc: u64, k: u64, q: u64) -> Result<Src> {
+        let host = e & OFFSET_MASK;
+        Ok(match Self::sc_state(bitmap, k) {
+            2 if host == 0 || bitmap & (bitmap >> 32) & 0xffff_ffff != 0 => {
+                return Err(self.mark_corrupt(format!(
+                    "extended L2 entry of guest cluster {gc} has an invalid subcluster bitmap {bitmap:#x}"
+                )))
+            }
+            2 => Src::Host(host + q),
+            1 => Src::Zero,
+            _ => Src::Backing(gc * self.cs() + q),
+        })
     }
 
     /// Whether guest cluster `gc` is being allocated by another request.
@@ -118,13 +158,13 @@ impl Meta {
                 (new, new + len)
             }
         };
-        self.compress_cursor = if end % cs == 0 { 0 } else { end };
+        self.compress_cursor = if end.is_multiple_of(cs) { 0 } else { end };
         Ok(off)
     }
 }
 
 /// A piece of a read.
-enum Src {
+pub(crate) enum Src {
     Backing(u64),
     Zero,
     Host(u64),
@@ -168,31 +208,49 @@ impl Qcow2 {
                     let in_off = g % cs;
                     let n = (cs - in_off).min(limit - p);
                     let e = m.l2_entry(gc)?;
-                    let src = match m.classify(e, gc)? {
-                        Cl::Unalloc => Src::Backing(g),
-                        Cl::Zero | Cl::ZeroAlloc(..) => Src::Zero,
-                        Cl::Data(h, _) => Src::Host(h + in_off),
-                        Cl::Compressed(o, l) => Src::Compressed(o, l, in_off as usize),
-                    };
-                    let merged = match (segs.last_mut(), &src) {
-                        (Some((_, l, Src::Backing(b))), Src::Backing(x))
-                            if *b + *l as u64 == *x =>
-                        {
-                            *l += n as usize;
-                            true
+                    let cl = m.classify(e, gc)?;
+                    let mut pieces: Vec<(u64, Src)> = Vec::with_capacity(1);
+                    if m.g.ext_l2 && !matches!(cl, Cl::Compressed(..)) {
+                        let bitmap = m.l2_bitmap(gc)?;
+                        let mut q = in_off;
+                        while q < in_off + n {
+                            let (k, len) = m.subcluster_run(bitmap, q, in_off + n);
+                            let src = m.subcluster_src(e, bitmap, gc, k, q)?;
+                            pieces.push((len, src));
+                            q += len;
                         }
-                        (Some((_, l, Src::Zero)), Src::Zero) => {
-                            *l += n as usize;
-                            true
+                    } else {
+                        let src = match cl {
+                            Cl::Unalloc => Src::Backing(g),
+                            Cl::Zero | Cl::ZeroAlloc(..) => Src::Zero,
+                            Cl::Data(h, _) => Src::Host(h + in_off),
+                            Cl::Compressed(o, l) => Src::Compressed(o, l, in_off as usize),
+                        };
+                        pieces.push((n, src));
+                    }
+                    let mut pp = p;
+                    for (n, src) in pieces {
+                        let merged = match (segs.last_mut(), &src) {
+                            (Some((_, l, Src::Backing(b))), Src::Backing(x))
+                                if *b + *l as u64 == *x =>
+                            {
+                                *l += n as usize;
+                                true
+                            }
+                            (Some((_, l, Src::Zero)), Src::Zero) => {
+                                *l += n as usize;
+                                true
+                            }
+                            (Some((_, l, Src::Host(h))), Src::Host(x)) if *h + *l as u64 == *x => {
+                                *l += n as usize;
+                                true
+                            }
+                            _ => false,
+                        };
+                        if !merged {
+                            segs.push((pp as usize, n as usize, src));
                         }
-                        (Some((_, l, Src::Host(h))), Src::Host(x)) if *h + *l as u64 == *x => {
-                            *l += n as usize;
-                            true
-                        }
-                        _ => false,
-                    };
-                    if !merged {
-                        segs.push((p as usize, n as usize, src));
+                        pp += n;
                     }
                     p += n;
                 }
@@ -530,7 +588,8 @@ impl Qcow2 {
                     prepared = true;
                 }
                 let s = m.l2_for_write(l1i)?;
-                set(&mut m.l2.slot_mut(s).data, (g & mask) as usize, new);
+                let w = m.g.l2_word((g & mask) as usize);
+                set(&mut m.l2.slot_mut(s).data, w, new);
                 m.l2_dirty(s);
                 let kept = new & OFFSET_MASK;
                 match cl {
@@ -545,7 +604,88 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Block status with extended L2 entries: subcluster granularity.
+    fn ext_block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let cs = self.g.cs;
+        let mut m = self.lock();
+        let end = offset + len;
+        // (kind, next expected host offset, compressed)
+        let mut cur: Option<(ExtentKind, Option<u64>, bool)> = None;
+        let mut pos = offset;
+        let max_clusters = 4 * self.g.l2_entries;
+        let mut clusters = 0;
+        'outer: while pos < end && clusters < max_clusters {
+            clusters += 1;
+            let gc = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let e = m.l2_entry(gc)?;
+            let cl = m.classify(e, gc)?;
+            let mut pieces: Vec<(u64, ExtentKind, Option<u64>, bool)> = Vec::new();
+            if let Cl::Compressed(..) = cl {
+                pieces.push((n, ExtentKind::Data, None, true));
+            } else {
+                let bitmap = m.l2_bitmap(gc)?;
+                let mut q = in_off;
+                while q < in_off + n {
+                    let (k, l) = m.subcluster_run(bitmap, q, in_off + n);
+                    let (kind, host) = match m.subcluster_src(e, bitmap, gc, k, q)? {
+                        Src::Host(h) => (ExtentKind::Data, Some(h)),
+                        Src::Zero => (ExtentKind::Zero, None),
+                        _ => (ExtentKind::Unallocated, None),
+                    };
+                    pieces.push((l, kind, host, false));
+                    q += l;
+                }
+            }
+            for (l, kind, host, comp) in pieces {
+                match cur {
+                    None => cur = Some((kind, host.map(|h| h + l), comp)),
+                    Some((k0, exp, c0)) if k0 == kind && c0 == comp && exp == host => {
+                        cur = Some((k0, host.map(|h| h + l), c0));
+                    }
+                    Some(_) => break 'outer,
+                }
+                pos += l;
+            }
+        }
+        let (kind, _, compressed) = cur.unwrap_or((ExtentKind::Unallocated, None, false));
+        // The host offset of the first byte: recompute from the start.
+        drop(m);
+        let n = pos - offset;
+        let first = {
+            let mut m = self.lock();
+            let gc = offset / cs;
+            let e = m.l2_entry(gc)?;
+            let bitmap = m.l2_bitmap(gc)?;
+            match m.classify(e, gc)? {
+                Cl::Compressed(..) => None,
+                _ => {
+                    let q = offset % cs;
+                    let k = q / self.g.subcluster();
+                    match m.subcluster_src(e, bitmap, gc, k, q)? {
+                        Src::Host(h) => Some(h),
+                        _ => None,
+                    }
+                }
+            }
+        };
+        Ok(Extent {
+            len: n.max(1).min(len),
+            kind,
+            offset: if kind == ExtentKind::Data && !compressed {
+                first
+            } else {
+                None
+            },
+            compressed,
+        })
+    }
+
     pub(crate) fn do_block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        if self.g.ext_l2 {
+            return self.ext_block_status(offset, len);
+        }
         let cs = self.g.cs;
         let mut m = self.lock();
         let end = offset + len;
@@ -606,7 +746,7 @@ impl Qcow2 {
     pub(crate) fn do_write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         let cs = self.g.cs;
         let size = self.size();
-        if offset % cs != 0 || offset >= size {
+        if !offset.is_multiple_of(cs) || offset >= size {
             return Err(Error::invalid(format!(
                 "compressed write at offset {offset} is not cluster aligned or past the end"
             )));
@@ -754,7 +894,7 @@ impl Meta {
     /// Sets one L2 entry, releasing the old one's clusters.
     pub(crate) fn set_entry(&mut self, l1i: usize, gc: u64, new: u64) -> Result<()> {
         let s = self.l2_for_write(l1i)?;
-        let idx = (gc & (self.g.l2_entries - 1)) as usize;
+        let idx = self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize);
         let old = entry(&self.l2.slot(s).data, idx);
         set(&mut self.l2.slot_mut(s).data, idx, new);
         self.l2_dirty(s);
