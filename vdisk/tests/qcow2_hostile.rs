@@ -369,3 +369,23 @@ fn refcounts_claiming_metadata_free_do_not_destroy_it() {
     };
     assert!(e.contains("overlaps") || e.contains("corrupt"), "{e}");
 }
+
+#[test]
+fn mappings_onto_metadata_are_refused() {
+    let b = base();
+    let l1 = get64(&b, 40) as usize;
+    let rt = get64(&b, 48);
+    // An L2 table placed on the refcount table.
+    let mut v = b.clone();
+    put64(&mut v, l1, (1u64 << 63) | rt);
+    let img = open_mem(v, true).unwrap();
+    let e = img.write_at(&[1u8; 10], 0).unwrap_err().to_string();
+    assert!(e.contains("overlaps"), "{e}");
+    // A data cluster mapped onto the L1 table.
+    let mut v = b.clone();
+    let l2 = (get64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    put64(&mut v, l2, (1u64 << 63) | l1 as u64);
+    let img = open_mem(v, true).unwrap();
+    let e = img.write_at(&[1u8; 10], 0).unwrap_err().to_string();
+    assert!(e.contains("overlaps"), "{e}");
+}

@@ -251,3 +251,48 @@ fn compressed_writes_packed_and_readable_by_qemu() {
         );
     }
 }
+
+#[test]
+fn fast_zeroes_refuse_partial_data_clusters() {
+    let d = tmp();
+    let f = path(&d, "z.qcow2");
+    vdisk_create(&f, 1 << 20, &[("cluster_size", "4096")], None);
+    let img = open(&f, true);
+    img.write_at(&[1u8; 16384], 0).unwrap();
+    let fast = ZeroFlags {
+        may_unmap: false,
+        fast: true,
+    };
+    // Whole clusters: zero flag, fine.
+    img.write_zeroes(4096, 4096, fast).unwrap();
+    // A partial cluster holding data would need zero bytes written: refused, untouched.
+    let e = img.write_zeroes(100, 8192, fast).unwrap_err();
+    assert!(matches!(e, vdisk::Error::Unsupported(_)), "{e}");
+    let mut b = vec![0u8; 16384];
+    img.read_at(&mut b, 0).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 1));
+    assert!(b[4096..8192].iter().all(|&x| x == 0));
+    assert!(b[8192..].iter().all(|&x| x == 1));
+    // Partial clusters that already read as zeroes are fine.
+    img.write_zeroes(4096 + 10, 100, fast).unwrap();
+    img.write_zeroes(500_000, 10, fast).unwrap();
+    let st = img.block_status(4096, 4096).unwrap();
+    assert_eq!(st.kind, vdisk::ExtentKind::Zero);
+    assert!(
+        st.offset.is_some(),
+        "zeroes without unmap keep the cluster allocated"
+    );
+    img.write_zeroes(
+        4096,
+        4096,
+        ZeroFlags {
+            may_unmap: true,
+            fast: true,
+        },
+    )
+    .unwrap();
+    let st = img.block_status(4096, 4096).unwrap();
+    assert_eq!((st.kind, st.offset), (vdisk::ExtentKind::Zero, None));
+    drop(img);
+    assert_clean(&f);
+}

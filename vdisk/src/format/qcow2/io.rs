@@ -324,6 +324,11 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
+                if let Some(what) = m.overlaps_metadata(host / cs, (in_off + n).div_ceil(cs)) {
+                    return Err(m.mark_corrupt(format!(
+                        "Preventing invalid write on metadata (overlaps with {what}): guest cluster {gc} maps to host offset {host:#x}"
+                    )));
+                }
                 let range = (gc, g2);
                 m.direct.push(range);
                 drop(m);
@@ -448,10 +453,23 @@ impl Qcow2 {
         if first_full >= last_full {
             return self.zero_partial(offset, len, flags);
         }
+        let whole_end = (last_full * cs).min(end);
+        if flags.fast {
+            if offset < first_full * cs {
+                self.zero_partial_pass(offset, first_full * cs - offset, true)?;
+            }
+            if whole_end < end {
+                self.zero_partial_pass(whole_end, end - whole_end, true)?;
+            }
+            if self.g.version < 3 && self.lock().has_backing {
+                return Err(Error::unsupported(
+                    "qcow2 v2 image with a backing file cannot write zeroes without writing data",
+                ));
+            }
+        }
         if offset < first_full * cs {
             self.zero_partial(offset, first_full * cs - offset, flags)?;
         }
-        let whole_end = (last_full * cs).min(end);
         if whole_end < end {
             self.zero_partial(whole_end, end - whole_end, flags)?;
         }
@@ -492,6 +510,14 @@ impl Qcow2 {
     /// Zeroes a range that does not cover whole clusters, cluster by cluster: pieces
     /// that already read as zeroes are left alone.
     fn zero_partial(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if flags.fast {
+            // Refuse before changing anything.
+            self.zero_partial_pass(offset, len, true)?;
+        }
+        self.zero_partial_pass(offset, len, false)
+    }
+
+    fn zero_partial_pass(&self, offset: u64, len: u64, dry: bool) -> Result<()> {
         let cs = self.g.cs;
         let end = offset + len;
         let mut off = offset;
@@ -508,7 +534,7 @@ impl Qcow2 {
                 }
             };
             if !already {
-                if flags.fast {
+                if dry {
                     return Err(Error::unsupported(
                         "writing zeroes to part of a qcow2 cluster needs writing data",
                     ));

@@ -44,6 +44,11 @@ impl Meta {
                 "L2 table offset {off:#x} of L1 entry {l1_index} is unaligned, overlaps the header or lies past the end of the file"
             )));
         }
+        if let Some(what) = self.overlaps_metadata(off / cs, 1) {
+            return Err(self.mark_corrupt(format!(
+                "L2 table offset {off:#x} of L1 entry {l1_index} overlaps the {what}"
+            )));
+        }
         self.make_room_l2()?;
         let mut data = vec![0u8; cs as usize];
         self.st.read_at(&mut data, off)?;
