@@ -582,9 +582,13 @@ impl Driver for Qcow2 {
         self.writable()?;
         let mut m = self.lock();
         m.check_writable()?;
-        m.hdr.backing_file = spec.map(|s| s.name.clone());
-        m.hdr.backing_format = spec.and_then(|s| s.format).map(|f| f.name().to_string());
+        let mut h = m.hdr.clone();
+        h.backing_file = spec.map(|s| s.name.clone());
+        h.backing_format = spec.and_then(|s| s.format).map(|f| f.name().to_string());
+        // Fails (changing nothing) if the name does not fit in the header cluster.
+        h.serialize()?;
         m.writeback()?;
+        m.hdr = h;
         m.write_header()?;
         m.has_backing = spec.is_some();
         drop(m);
