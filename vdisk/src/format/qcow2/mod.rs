@@ -528,9 +528,10 @@ impl Driver for Qcow2 {
         }
         let mut m = self.lock();
         m.writeback()?;
-        m.unflushed = false;
-        drop(m);
+        // Under the lock: `unflushed` may only be cleared once the flush has happened,
+        // or a concurrent barrier could skip a flush it needs.
         self.storage.flush()?;
+        m.unflushed = false;
         Ok(())
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
