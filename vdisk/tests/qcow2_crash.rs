@@ -89,7 +89,20 @@ fn run(
         };
         let len = rng.gen_range(1..=(size - off).min(max_len));
         let start_point = ts.point();
-        match rng.gen_range(0..10) {
+        match rng.gen_range(0..11) {
+            10 => {
+                let c = off / cs * cs;
+                let n = cs.min(size - c);
+                let v = (i as u8).wrapping_mul(13) | 1;
+                img.driver()
+                    .write_compressed(&vec![v; n as usize], c)
+                    .unwrap();
+                model[c as usize..(c + n) as usize].fill(v);
+                if let Some(f) = flushes.last_mut() {
+                    f.later.push((start_point, c, n));
+                }
+                continue;
+            }
             0..=5 => {
                 let v = (i as u8).wrapping_mul(37) | 1;
                 img.write_at(&vec![v; len as usize], off).unwrap();

@@ -613,3 +613,15 @@ impl Driver for Qcow2 {
         Ok(())
     }
 }
+
+impl Drop for Qcow2 {
+    /// A driver dropped without `close` (e.g. by a front-end holding only the driver)
+    /// still writes its cached metadata back, so no completed write is lost.
+    fn drop(&mut self) {
+        if !self.read_only && !self.closed.load(Ordering::Acquire) {
+            if let Err(e) = Driver::close(self) {
+                tracing::warn!("qcow2: closing on drop: {e}");
+            }
+        }
+    }
+}
