@@ -296,3 +296,33 @@ fn fast_zeroes_refuse_partial_data_clusters() {
     drop(img);
     assert_clean(&f);
 }
+
+#[test]
+fn zeroed_clusters_keep_their_host_cluster_on_rewrite() {
+    let d = tmp();
+    let f = path(&d, "k.qcow2");
+    vdisk_create(&f, 1 << 20, &[("cluster_size", "4096")], None);
+    {
+        let img = open(&f, true);
+        img.write_at(&[1u8; 8192], 0).unwrap();
+        let h = img.block_status(0, 4096).unwrap().offset.unwrap();
+        img.write_zeroes(
+            0,
+            8192,
+            ZeroFlags {
+                may_unmap: false,
+                fast: false,
+            },
+        )
+        .unwrap();
+        img.write_at(&[2u8; 100], 10).unwrap();
+        let st = img.block_status(0, 4096).unwrap();
+        assert_eq!((st.kind, st.offset), (vdisk::ExtentKind::Data, Some(h)));
+        let mut b = vec![9u8; 8192];
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b[..10].iter().all(|&x| x == 0));
+        assert!(b[10..110].iter().all(|&x| x == 2));
+        assert!(b[110..].iter().all(|&x| x == 0));
+    }
+    assert_clean(&f);
+}

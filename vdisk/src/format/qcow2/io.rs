@@ -357,14 +357,24 @@ impl Qcow2 {
             let last = (offset + len - 1) / cs;
             let max_k = (MAX_ALLOC_BYTES / cs).max(1);
             let mut olds = vec![cl];
+            // A zero cluster that keeps its own host cluster (refcount 1) is written in
+            // place, like QEMU does; it gets a run of its own.
+            let reuse = match cl {
+                Cl::ZeroAlloc(h, true)
+                    if h < m.file_end && m.overlaps_metadata(h / cs, 1).is_none() =>
+                {
+                    Some(h)
+                }
+                _ => None,
+            };
             let mut g2 = gc + 1;
-            while g2 <= last && g2 < table_end && (olds.len() as u64) < max_k {
+            while reuse.is_none() && g2 <= last && g2 < table_end && (olds.len() as u64) < max_k {
                 if m.in_flight(g2) {
                     break;
                 }
                 let e2 = m.l2_entry(g2)?;
                 let c2 = m.classify(e2, g2)?;
-                if let Cl::Data(_, true) = c2 {
+                if let Cl::Data(_, true) | Cl::ZeroAlloc(_, true) = c2 {
                     break;
                 }
                 olds.push(c2);
@@ -373,7 +383,10 @@ impl Qcow2 {
             let k = olds.len() as u64;
             m.before_alloc()?;
             m.l2_for_write(l1i)?;
-            let host = m.alloc(k)?;
+            let host = match reuse {
+                Some(h) => h,
+                None => m.alloc(k)?,
+            };
             m.inflight.push((gc, gc + k));
             drop(m);
             let res = self.cow_write(buf, pos, offset, gc, k, host, &olds);
@@ -385,7 +398,7 @@ impl Qcow2 {
                 Ok(n) => m.link(l1i, gc, k, host).map(|_| n),
                 Err(e) => Err(e),
             };
-            if done.is_err() {
+            if done.is_err() && reuse.is_none() {
                 let _ = m.unalloc(host, k);
             }
             self.alloc_done.notify_all();
@@ -836,10 +849,14 @@ impl Qcow2 {
         }
         let mut m = self.lock();
         m.check_writable()?;
-        if !m.snapshots.is_empty() {
-            return Err(Error::unsupported(
-                "Can't resize a qcow2 image with snapshots",
-            ));
+        // Snapshots record their own disk size (v3), so growing is safe; shrinking
+        // would drop clusters they still need.
+        if !m.snapshots.is_empty() && (m.g.version < 3 || new_size < cur) {
+            return Err(Error::unsupported(if m.g.version < 3 {
+                "Can't resize a v2 image which has snapshots"
+            } else {
+                "Can't shrink a qcow2 image with snapshots"
+            }));
         }
         if new_size < cur {
             if !shrink {
@@ -927,7 +944,12 @@ impl Meta {
         // New data (or refcounts) must be durable before this table is written.
         self.unflushed = true;
         let cl = self.classify(old, gc)?;
-        self.free_entry(cl);
+        match cl {
+            // The host cluster stays in use (zero cluster written in place).
+            Cl::Data(h, _) | Cl::ZeroAlloc(h, _)
+                if new & COMPRESSED == 0 && h == new & OFFSET_MASK => {}
+            _ => self.free_entry(cl),
+        }
         Ok(())
     }
 }
