@@ -220,3 +220,28 @@ fn dirty_lazy_image_is_repaired_on_open() {
     let (_, q) = qemu_check(&f);
     assert_eq!(field(&q, "corruptions") + field(&q, "leaks"), 0);
 }
+
+#[test]
+fn persistent_bitmaps_counted_like_qemu() {
+    let d = tmp();
+    let f = path(&d, "bm.qcow2");
+    qemu_create(&f, "cluster_size=4096", "8M");
+    run("qemu-img", &["bitmap", "--add", p(&f), "b0"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "512", p(&f), "b1"]);
+    qemu_io(&f, &["write -P 1 0 1M"]);
+    // Consistent bitmaps: their clusters are in use, not leaks.
+    same_as_qemu(&f);
+    {
+        let img = open(&f, false);
+        assert_eq!(img.check(Repair::default()).unwrap().leaks, 0);
+    }
+    // A writer without bitmap support clears the autoclear bit: QEMU then considers
+    // the bitmaps stale and their clusters leaked; so do we.
+    {
+        let img = open(&f, true);
+        img.write_at(&[1u8; 10], 3 << 20).unwrap();
+    }
+    same_as_qemu(&f);
+    let (code, _, err) = run_status("qemu-img", &["check", p(&f)]);
+    assert_eq!(code, 3, "{err}");
+}

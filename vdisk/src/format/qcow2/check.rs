@@ -6,7 +6,7 @@
 //! (with fragmentation statistics), snapshot L1 tables and their L2 tables, the snapshot
 //! table, the refcount table and the refcount blocks.
 
-use super::header::INCOMPAT_DIRTY;
+use super::header::{EXT_BITMAPS, INCOMPAT_DIRTY};
 use super::tables::entry;
 use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK, ZERO};
 use crate::error::{Error, Result};
@@ -122,6 +122,75 @@ fn count_l1(
     Ok(())
 }
 
+/// Counts the clusters of persistent dirty bitmaps (directory, bitmap tables, bitmap
+/// data), so a leak repair never frees them. Bounded by the extension's sizes.
+fn count_bitmaps(m: &Meta, cnt: &mut Counter, rep: &mut CheckReport) -> Result<()> {
+    // Without the autoclear bit the bitmaps are stale and QEMU ignores them (their
+    // clusters are leaks), exactly like a program without bitmap support left them.
+    if m.hdr.autoclear & 1 == 0 {
+        return Ok(());
+    }
+    let Some((_, ext)) = m.hdr.other_exts.iter().find(|(t, _)| *t == EXT_BITMAPS) else {
+        return Ok(());
+    };
+    if ext.len() < 24 {
+        rep.messages
+            .push("ERROR bitmaps extension is too short".to_string());
+        rep.corruptions += 1;
+        return Ok(());
+    }
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let be64 = |b: &[u8], o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_be_bytes(a)
+    };
+    let nb = be32(ext, 0);
+    let dir_size = be64(ext, 8);
+    let dir_off = be64(ext, 16);
+    // QEMU's limits: 65535 bitmaps, a directory of at most 64 MiB.
+    if nb == 0 || nb > 65535 || dir_size > (64 << 20) || dir_size < 24 {
+        rep.messages.push(format!(
+            "ERROR bitmaps extension is invalid ({nb} bitmaps, directory {dir_size} bytes)"
+        ));
+        rep.corruptions += 1;
+        return Ok(());
+    }
+    cnt.inc(rep, dir_off, dir_size);
+    let mut dir = vec![0u8; dir_size as usize];
+    m.st.read_at(&mut dir, dir_off)?;
+    let mut pos = 0usize;
+    for i in 0..nb {
+        if pos + 24 > dir.len() {
+            rep.messages.push(format!(
+                "ERROR bitmap directory entry {i} runs past the directory"
+            ));
+            rep.corruptions += 1;
+            break;
+        }
+        let table_off = be64(&dir, pos);
+        let table_size = u64::from(be32(&dir, pos + 8));
+        let name_size = u64::from(u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]));
+        let extra = u64::from(be32(&dir, pos + 20));
+        if table_size * 8 > (64 << 20) {
+            rep.messages
+                .push(format!("ERROR bitmap {i}: bitmap table too large"));
+            rep.corruptions += 1;
+        } else if table_size > 0 {
+            cnt.inc(rep, table_off, table_size * 8);
+            let t = read_table(m, table_off, table_size)?;
+            for e in t {
+                let off = e & 0x00ff_ffff_ffff_fe00;
+                if off != 0 {
+                    cnt.inc(rep, off, m.g.cs);
+                }
+            }
+        }
+        pos = (pos as u64 + 24 + extra + name_size).div_ceil(8) as usize * 8;
+    }
+    Ok(())
+}
+
 /// Counts every reference in the image. Returns the counters and whether the
 /// refcount structure itself is broken (needs a rebuild).
 fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, bool)> {
@@ -142,6 +211,7 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, b
         let len = super::snapshot::table_len(&*m.st, &m.hdr)?;
         cnt.inc(rep, m.hdr.snapshots_offset, len);
     }
+    count_bitmaps(m, &mut cnt, rep)?;
     cnt.inc(
         rep,
         m.hdr.refcount_table_offset,
