@@ -3,7 +3,9 @@
 #   - nbdcopy reading a fully allocated 512 MiB image to null:
 #   - nbdcopy writing 512 MiB into a fresh image
 #   - fio (nbd engine) 4 KiB random reads and writes at queue depth 32
-# Prints each result and the vdisk/qemu-nbd ratio (>1 means vdisk is faster).
+# Prints each result and the vdisk/qemu-nbd ratio (>1 means vdisk is faster), plus the
+# CPU seconds each server used for the same work (robust when the machine is busy;
+# ratio qemu/vdisk, >1 means vdisk used less CPU).
 #
 # Usage: bench/nbd.sh            (FMT=qcow2 by default; FMT=raw also works)
 #        FMT=raw RUNTIME=10 REPS=3 bench/nbd.sh
@@ -55,6 +57,9 @@ start_server() {
   exit 1
 }
 
+# CPU seconds (user+system) the running server has used so far.
+server_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15)/hz}' "/proc/$SRV_PID/stat"; }
+
 stop_server() {
   kill -TERM "$SRV_PID" 2>/dev/null || true
   wait "$SRV_PID" 2>/dev/null || true
@@ -63,32 +68,34 @@ stop_server() {
 
 now() { date +%s.%N; }
 
-# Best of REPS runs of: nbdcopy the source export to null: (MiB/s).
+# Best of REPS runs of: nbdcopy the source export to null: (MiB/s); CPU per run.
 bench_read() {
-  local kind=$1 best=0
+  local kind=$1 best=0 cpu
   start_server "$kind" "$tmp/src.$FMT" -r
   for _ in $(seq 1 "$REPS"); do
     local t0 t1
     t0=$(now); nbdcopy "$URI" null:; t1=$(now)
     best=$(python3 -c "print(max($best, $SIZE_MB/($t1-$t0)))")
   done
+  cpu=$(python3 -c "print($(server_cpu)/$REPS)")
   stop_server
-  echo "$best"
+  echo "$best $cpu"
 }
 
 # Best of REPS runs of: nbdcopy the data into a fresh image (MiB/s), flush included.
 bench_write() {
-  local kind=$1 best=0
+  local kind=$1 best=0 cpu=0
   for _ in $(seq 1 "$REPS"); do
     rm -f "$tmp/dst.$FMT"
     qemu-img create -q -f "$FMT" "$tmp/dst.$FMT" "${SIZE_MB}M"
     start_server "$kind" "$tmp/dst.$FMT"
     local t0 t1
     t0=$(now); nbdcopy --flush "$tmp/data.raw" "$URI"; t1=$(now)
+    cpu=$(python3 -c "print($cpu + $(server_cpu)/$REPS)")
     stop_server
     best=$(python3 -c "print(max($best, $SIZE_MB/($t1-$t0)))")
   done
-  echo "$best"
+  echo "$best $cpu"
 }
 
 # fio 4 KiB random I/O at QD 32 on a private copy of the source (IOPS).
@@ -97,27 +104,36 @@ bench_fio() {
   cp "$tmp/src.$FMT" "$tmp/fio.$FMT"
   start_server "$kind" "$tmp/fio.$FMT"
   fio --name=nbd --ioengine=nbd --uri="$URI" --rw="$rw" --bs=4k --iodepth=32 \
-      --size="${SIZE_MB}m" --time_based --runtime="$RUNTIME" --ramp_time=1 \
+      --size="${SIZE_MB}m" --time_based --runtime="$RUNTIME" \
       --output-format=json >"$tmp/fio.json"
+  local cpu
+  cpu=$(server_cpu)
   stop_server
-  python3 - "$tmp/fio.json" "$rw" <<'PY'
+  python3 - "$tmp/fio.json" "$rw" "$cpu" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
 # fio's nbd engine prints a line before the JSON document.
 j = json.loads(text[text.index("{"):])["jobs"][0]
 side = "read" if "read" in sys.argv[2] else "write"
-print(j[side]["iops"])
+ops = max(j[side]["total_ios"], 1)
+# IOPS, and the server's CPU microseconds per operation.
+print(j[side]["iops"], float(sys.argv[3]) * 1e6 / ops)
 PY
 }
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}' if $2 > 0 else 'n/a')"; }
 
-echo "format=$FMT size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s reps=$REPS cpus=$(nproc)"
-printf '%-34s %14s %14s %8s\n' test vdisk qemu-nbd ratio
+echo "format=$FMT size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s reps=$REPS cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-42s %10s %10s %6s | %9s %9s %6s\n' test vdisk qemu-nbd ratio "vdisk-cpu" "qemu-cpu" ratio
 row() {
-  printf '%-34s %14.1f %14.1f %8s\n' "$1" "$2" "$3" "$(ratio "$2" "$3")"
+  # row NAME "VDISK_VALUE VDISK_CPU" "QEMU_VALUE QEMU_CPU"
+  local v vc q qc
+  read -r v vc <<<"$2"
+  read -r q qc <<<"$3"
+  printf '%-42s %10.1f %10.1f %6s | %9.2f %9.2f %6s\n' "$1" "$v" "$q" "$(ratio "$v" "$q")" \
+    "$vc" "$qc" "$(ratio "$qc" "$vc")"
 }
-v=$(bench_read vdisk); q=$(bench_read qemu); row "nbdcopy read -> null: (MiB/s)" "$v" "$q"
-v=$(bench_write vdisk); q=$(bench_write qemu); row "nbdcopy write fresh (MiB/s)" "$v" "$q"
-v=$(bench_fio vdisk randread); q=$(bench_fio qemu randread); row "fio 4k randread QD32 (IOPS)" "$v" "$q"
-v=$(bench_fio vdisk randwrite); q=$(bench_fio qemu randwrite); row "fio 4k randwrite QD32 (IOPS)" "$v" "$q"
+v=$(bench_read vdisk); q=$(bench_read qemu); row "nbdcopy read -> null: (MiB/s; cpu s/run)" "$v" "$q"
+v=$(bench_write vdisk); q=$(bench_write qemu); row "nbdcopy write fresh (MiB/s; cpu s/run)" "$v" "$q"
+v=$(bench_fio vdisk randread); q=$(bench_fio qemu randread); row "fio 4k randread QD32 (IOPS; cpu us/op)" "$v" "$q"
+v=$(bench_fio vdisk randwrite); q=$(bench_fio qemu randwrite); row "fio 4k randwrite QD32 (IOPS; cpu us/op)" "$v" "$q"

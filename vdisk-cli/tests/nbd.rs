@@ -113,6 +113,8 @@ impl Server {
             }
         }
         cmd.arg("--pid-file").arg(&pid_file).arg(file);
+        // Temporary files (`-s` overlays) go to the test's directory.
+        cmd.env("TMPDIR", dir);
         cmd.stdin(Stdio::null());
         let child = cmd.spawn().expect("spawn vdisk serve");
         let mut s = Server {
@@ -124,7 +126,7 @@ impl Server {
         let until = Instant::now() + Duration::from_secs(20);
         while !s.pid_file.exists() {
             if let Some(st) = s.try_wait() {
-                panic!("vdisk serve exited early: {st}");
+                panic!("{prog} exited early: {st}");
             }
             assert!(
                 Instant::now() < until,
@@ -568,22 +570,36 @@ fn nbdinfo_flags_like_qemu_nbd() {
 fn exact_transmission_flags_and_export_names() {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), "a.raw", "1M");
-    for (args, structured, extended, want) in [
-        (&[][..], false, false, 0x0c6du16),
-        (&[][..], true, false, 0x0ced),
-        (&[][..], true, true, 0x1ced),
-        (&["-e", "2"][..], true, true, 0x1ded),
-        (&["-r"][..], true, false, 0x048f),
-        (&["-r"][..], true, true, 0x148f),
+    let img2 = raw_image(dir.path(), "b.raw", "1M");
+    let base: &[&str] = &["base:allocation"];
+    for (args, structured, extended, meta, want) in [
+        (&[][..], false, false, &[][..], 0x0c6du16),
+        (&[][..], true, false, &[][..], 0x0ced),
+        (&[][..], true, true, &[][..], 0x0ced),
+        (&[][..], true, true, base, 0x1ced),
+        (&["-e", "2"][..], true, true, base, 0x1ded),
+        (&["-r"][..], true, false, base, 0x048f),
+        (&["-r"][..], true, true, base, 0x148f),
+        (&["-r", "-e", "3"][..], false, false, &[][..], 0x050f),
+        (&["-A", "-e", "0"][..], true, false, base, 0x0ded),
     ] {
         let mut a = vec!["-f", "raw", "-t"];
         a.extend_from_slice(args);
         let srv = Server::unix(dir.path(), &a, &img);
-        let (_c, size, flags) = Client::negotiated(srv.sock(), structured, extended, &[]);
+        let (_c, size, flags) = Client::negotiated(srv.sock(), structured, extended, meta);
         assert_eq!(size, 1 << 20);
         assert_eq!(
             flags, want,
-            "{args:?} structured={structured} extended={extended}: {flags:#x}"
+            "{args:?} structured={structured} extended={extended} {meta:?}: {flags:#x}"
+        );
+        // qemu-nbd, same options, same negotiation: same flags (on its own copy: a
+        // writable export locks its image).
+        let q = Server::qemu_nbd(dir.path(), &a, &img2);
+        let (_qc, qsize, qflags) = Client::negotiated(q.sock(), structured, extended, meta);
+        assert_eq!(
+            (qsize, qflags),
+            (size, flags),
+            "qemu-nbd {args:?} s={structured} x={extended} {meta:?}"
         );
     }
 
@@ -1551,4 +1567,254 @@ fn random_options_and_requests_keep_framing() {
         }
     }
     ok("nbdinfo", &["--size", &srv.uri()]);
+}
+
+#[test]
+fn reads_report_holes_after_trim_and_zeroing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "4M");
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t", "--discard", "unmap"], &img);
+    let (mut c, _, _) = Client::negotiated(srv.sock(), true, false, &[]);
+    let kinds = |c: &mut Client, cookie: u64, off: u64| -> Vec<u16> {
+        c.request(0, 0, cookie, off, 1 << 20, &[]);
+        c.reply()
+            .iter()
+            .map(|ch| ch.typ)
+            .filter(|&t| t != 0)
+            .collect()
+    };
+    c.request(0, 1, 1, 0, 2 << 20, &vec![0x99u8; 2 << 20]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(kinds(&mut c, 2, 0), vec![1], "all data");
+    assert_eq!(kinds(&mut c, 3, 1 << 20), vec![1], "all data");
+    c.request(0, 4, 4, 0, 1 << 20, &[]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(kinds(&mut c, 5, 0), vec![2], "a hole after TRIM");
+    c.request(0, 6, 6, 1 << 20, 1 << 20, &[]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(
+        kinds(&mut c, 7, 1 << 20),
+        vec![2],
+        "a hole after WRITE_ZEROES"
+    );
+    c.request(0, 1, 8, 0, 4096, &[1u8; 4096]);
+    assert_eq!(chunk_error(&c.reply()), 0);
+    assert_eq!(kinds(&mut c, 9, 0), vec![1, 2], "data then hole");
+}
+
+/// LIST_META_CONTEXT / SET_META_CONTEXT answers, as sorted context names.
+fn meta_answers(sock: &Path, opt: u32, queries: &[&str]) -> Result<Vec<String>, u32> {
+    let mut c = Client::connect(sock);
+    c.option(8, &[]);
+    assert_eq!(c.opt_reply().1, 1);
+    c.option(opt, &Client::meta_data("", queries));
+    let mut names = Vec::new();
+    loop {
+        let (_, typ, d) = c.opt_reply();
+        match typ {
+            1 => break,
+            4 => names.push(String::from_utf8_lossy(&d[4..]).into_owned()),
+            e => return Err(e),
+        }
+    }
+    names.sort();
+    c.option(2, &[]);
+    Ok(names)
+}
+
+#[test]
+fn meta_contexts_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "1M");
+    for args in [
+        &["-f", "raw", "-t", "-r", "-e", "0"][..],
+        &["-f", "raw", "-t", "-r", "-e", "0", "-A"][..],
+    ] {
+        let ours = Server::unix(dir.path(), args, &img);
+        let theirs = Server::qemu_nbd(dir.path(), args, &img);
+        for queries in [
+            &[][..],
+            &["base:"][..],
+            &["qemu:"][..],
+            &["base:allocation"][..],
+            &["qemu:allocation-depth"][..],
+            &["base:allocation", "qemu:allocation-depth", "x-nope:thing"][..],
+            &["base:nothing"][..],
+        ] {
+            for opt in [9u32, 10] {
+                if opt == 10 && queries.iter().any(|q| q.ends_with(':')) {
+                    continue; // wildcards are for listing only
+                }
+                assert_eq!(
+                    meta_answers(ours.sock(), opt, queries),
+                    meta_answers(theirs.sock(), opt, queries),
+                    "{args:?} option {opt} {queries:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn request_errors_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = raw_image(dir.path(), "a.raw", "1M");
+    let b = raw_image(dir.path(), "b.raw", "1M");
+    let size = 1u64 << 20;
+    // (flags, type, offset, length, payload length)
+    let cases: &[(u16, u16, u64, u64, usize)] = &[
+        (0, 0, size, 512, 0),           // read past the end
+        (0, 0, size - 512, 1024, 0),    // read straddling the end
+        (0, 0, u64::MAX - 100, 512, 0), // offset overflow
+        (0, 0, 0, 64 << 20, 0),         // read larger than 32 MiB
+        (0, 1, size - 100, 200, 200),   // write past the end
+        (0, 4, size, 4096, 0),          // trim past the end
+        (0, 6, size - 4096, 8192, 0),   // zero past the end
+        (0, 5, size, 4096, 0),          // cache past the end
+        (0, 99, 0, 0, 0),               // unknown command
+        (0x2, 0, 0, 512, 0),            // NO_HOLE on read
+        (0x8, 1, 0, 512, 512),          // REQ_ONE on write
+        (0x10, 4, 0, 512, 0),           // FAST_ZERO on trim
+        (0x1, 3, 0, 0, 0),              // FUA flush
+        (0, 7, 0, 512, 0),              // block status without contexts
+        (0x10, 6, 0, 4096, 0),          // fast zero
+        (0x1 | 0x2, 6, 0, 4096, 0),     // FUA, NO_HOLE zero
+        (0, 0, 0, 0, 0),                // zero-length read
+        (0, 4, 0, 0, 0),                // zero-length trim
+    ];
+    for (structured, extended) in [(false, false), (true, false), (true, true)] {
+        let mut answers = Vec::new();
+        for (img, qemu) in [(&a, false), (&b, true)] {
+            let args = ["-f", "raw", "-t"];
+            let srv = if qemu {
+                Server::qemu_nbd(dir.path(), &args, img)
+            } else {
+                Server::unix(dir.path(), &args, img)
+            };
+            let (mut c, _, _) = Client::negotiated(srv.sock(), structured, extended, &[]);
+            let mut errs = Vec::new();
+            for (i, &(flags, typ, off, len, plen)) in cases.iter().enumerate() {
+                c.request(flags, typ, i as u64, off, len, &vec![0u8; plen]);
+                let e = if structured {
+                    chunk_error(&c.reply())
+                } else {
+                    let (e, ck) = c.simple();
+                    assert_eq!(ck, i as u64);
+                    if e == 0 && typ == 0 {
+                        c.read_n(len as usize);
+                    }
+                    e
+                };
+                errs.push(e);
+            }
+            answers.push(errs);
+        }
+        let diffs: Vec<String> = cases
+            .iter()
+            .zip(answers[0].iter().zip(&answers[1]))
+            .filter(|(_, (v, q))| v != q)
+            // Deliberate: the spec asks for ENOSPC on writes past the end; qemu-nbd
+            // says EINVAL.
+            .filter(|(c, (v, q))| !(matches!(c.1, 1 | 6) && **v == 28 && **q == 22))
+            .map(|(c, (v, q))| format!("{c:?}: vdisk {v} qemu-nbd {q}"))
+            .collect();
+        assert!(
+            diffs.is_empty(),
+            "structured={structured} extended={extended}:\n{}",
+            diffs.join("\n")
+        );
+    }
+}
+
+#[test]
+fn snapshot_mode_never_touches_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "base.raw", "8M");
+    qemu_io(s(&img), "raw", &["write -P 0x11 0 2M"]);
+    let before = std::fs::read(&img).unwrap();
+    let mut srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-s", "-A"], &img);
+    let uri = srv.uri();
+    qemu_io(
+        &uri,
+        "raw",
+        &[
+            "write -P 0x22 1M 64k",
+            "read -P 0x22 1M 64k",
+            "read -P 0x11 0 1M",
+        ],
+    );
+    qemu_io(&uri, "raw", &["read -P 0x22 1M 64k"]);
+    let depth = ok("nbdinfo", &["--map=qemu:allocation-depth", &uri]);
+    assert!(
+        depth.contains("1  local") && depth.contains("2  backing depth 2"),
+        "{depth}"
+    );
+    // The overlay's name is gone while it is in use.
+    let leftovers = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".qcow2")
+            })
+            .count()
+    };
+    assert_eq!(leftovers(dir.path()), 0);
+    assert!(srv.terminate().success());
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the file was modified"
+    );
+}
+
+#[test]
+fn only_clients_that_negotiated_end_a_non_persistent_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "1M");
+    for qemu in [false, true] {
+        let args = ["-f", "raw"];
+        let mut srv = if qemu {
+            Server::qemu_nbd(dir.path(), &args, &img)
+        } else {
+            Server::unix(dir.path(), &args, &img)
+        };
+        let mut c = UnixStream::connect(srv.sock()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(b"GARBAGE!").unwrap();
+        let mut b = [0u8; 8];
+        let _ = c.read(&mut b);
+        drop(c);
+        ok("nbdinfo", &["--list", &srv.uri()]);
+        assert!(srv.wait_exit(1).is_none(), "qemu={qemu}: still serving");
+        ok("nbdinfo", &["--size", &srv.uri()]);
+        let st = srv.wait_exit(30).expect("exits after a real client");
+        assert!(st.success(), "qemu={qemu}: {st}");
+    }
+}
+
+#[test]
+fn disconnect_answers_outstanding_requests_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "a.raw", "4M");
+    let srv = Server::unix(dir.path(), &["-f", "raw", "-t"], &img);
+    let (mut c, _, _) = Client::negotiated(srv.sock(), true, false, &[]);
+    for i in 0..20u64 {
+        c.request(0, 1, i, i * 65536, 65536, &[i as u8; 65536]);
+    }
+    c.request(0, 2, 99, 0, 0, &[]);
+    let mut seen: Vec<u64> = (0..20).map(|_| c.chunk().cookie).collect();
+    seen.sort();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+    assert!(c.closed_by_server());
+    let data = std::fs::read(&img).unwrap();
+    for i in 0..20usize {
+        assert!(data[i * 65536..(i + 1) * 65536]
+            .iter()
+            .all(|&b| b == i as u8));
+    }
 }

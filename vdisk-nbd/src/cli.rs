@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use vdisk::{CacheMode, Format, Image, OpenOptions};
+use vdisk::{CacheMode, CreateOptions, Format, Image, OpenOptions};
 
 /// Environment variable through which a `--fork` parent hands its child the pipe to
 /// report readiness on.
@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Export the image read-only.
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
+    /// Serve a temporary qcow2 overlay on FILE: writes never reach FILE and are
+    /// thrown away when the server exits.
+    #[arg(short = 's', long = "snapshot")]
+    pub snapshot: bool,
     /// Export name (default: the empty name).
     #[arg(short = 'x', long = "export-name", default_value = "")]
     pub export_name: String,
@@ -176,9 +180,15 @@ pub fn run(a: ServeArgs) -> i32 {
         Ok(p) => p,
         Err(e) => return err(e),
     };
-    let image = match Image::open(&a.filename, &plan.open) {
+    let opened = if a.snapshot {
+        open_snapshot(&a.filename, &plan.open)
+    } else {
+        Image::open(&a.filename, &plan.open)
+            .map_err(|e| format!("Failed to open '{}': {e}", a.filename.display()))
+    };
+    let image = match opened {
         Ok(i) => Arc::new(i),
-        Err(e) => return err(format!("Failed to open '{}': {e}", a.filename.display())),
+        Err(e) => return err(e),
     };
     let listener = match &a.socket {
         Some(p) => Listener::unix(p).map_err(|e| format!("cannot listen on {}: {e}", p.display())),
@@ -231,6 +241,66 @@ pub fn run(a: ServeArgs) -> i32 {
         let _ = std::fs::remove_file(p);
     }
     code
+}
+
+/// `-s`: creates a qcow2 overlay backed by `file` in the temporary directory, opens it,
+/// and removes its name at once (the open descriptor keeps it alive until exit), as
+/// qemu-nbd does.
+fn open_snapshot(file: &std::path::Path, opts: &OpenOptions) -> Result<Image, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let abs = std::fs::canonicalize(file)
+        .map_err(|e| format!("Failed to open '{}': {e}", file.display()))?;
+    let backing = abs
+        .to_str()
+        .ok_or_else(|| format!("'{}': path is not valid UTF-8", abs.display()))?
+        .to_string();
+    let dir = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!("vdisk-serve-{}-{stamp}.qcow2", std::process::id()));
+    // Claim the name exclusively first: never follow something planted there.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| {
+            format!(
+                "Could not create temporary overlay '{}': {e}",
+                tmp.display()
+            )
+        })?;
+    let result = Image::create(
+        &tmp,
+        &CreateOptions {
+            format: Format::Qcow2,
+            size: None,
+            options: Vec::new(),
+            backing_file: Some(backing),
+            backing_format: opts.format,
+            unsafe_backing: false,
+        },
+    )
+    .and_then(|()| {
+        Image::open(
+            &tmp,
+            &OpenOptions {
+                format: Some(Format::Qcow2),
+                ..opts.clone()
+            },
+        )
+    });
+    let _ = std::fs::remove_file(&tmp);
+    result.map_err(|e| {
+        format!(
+            "Failed to open '{}' with a snapshot overlay: {e}",
+            file.display()
+        )
+    })
 }
 
 /// In a `--fork` child: tell the waiting parent the server is listening, and stop

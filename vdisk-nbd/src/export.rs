@@ -115,8 +115,9 @@ impl Export {
         self.image.size()
     }
 
-    /// Transmission flags, as qemu-nbd advertises them for the same configuration.
-    pub fn transmission_flags(&self, structured: bool, extended: bool) -> u16 {
+    /// Transmission flags, as qemu-nbd advertises them for the same configuration and
+    /// negotiation (`contexts`: metadata contexts were selected).
+    pub fn transmission_flags(&self, structured: bool, extended: bool, contexts: bool) -> u16 {
         let mut f = proto::TFLAG_HAS_FLAGS
             | proto::TFLAG_SEND_FLUSH
             | proto::TFLAG_SEND_FUA
@@ -131,7 +132,8 @@ impl Export {
         if structured {
             f |= proto::TFLAG_SEND_DF;
         }
-        if extended {
+        // Only useful (and only advertised by qemu-nbd) with contexts to filter.
+        if extended && contexts {
             f |= proto::TFLAG_BLOCK_STATUS_PAYLOAD;
         }
         if self.cfg.multi_conn {

@@ -180,8 +180,11 @@ pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result
                     return Ok(Outcome::Closed("unknown export or bad EXPORT_NAME".into()));
                 }
                 let mut b = Buf::with_capacity(134);
-                b.u64(export.size())
-                    .u16(export.transmission_flags(neg.structured, neg.extended));
+                b.u64(export.size()).u16(export.transmission_flags(
+                    neg.structured,
+                    neg.extended,
+                    !neg.contexts.is_empty(),
+                ));
                 if !no_zeroes {
                     b.bytes(&[0u8; 124]);
                 }
@@ -225,7 +228,11 @@ pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result
                 let mut info = Buf::default();
                 info.u16(proto::INFO_EXPORT)
                     .u64(export.size())
-                    .u16(export.transmission_flags(neg.structured, neg.extended));
+                    .u16(export.transmission_flags(
+                        neg.structured,
+                        neg.extended,
+                        !neg.contexts.is_empty(),
+                    ));
                 opt_reply(s, opt, proto::REP_INFO, &info.0)?;
                 if reqs.contains(&proto::INFO_NAME) {
                     let mut b = Buf::default();

@@ -12,17 +12,29 @@
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, PoisonError};
 
+#[derive(Debug)]
+struct QueueState<T> {
+    items: VecDeque<T>,
+    closed: bool,
+    /// Workers asleep in `pop`: a push only pays for a wake-up when someone sleeps.
+    idle: usize,
+}
+
 /// A closable FIFO of work items.
 #[derive(Debug)]
 pub struct WorkQueue<T> {
-    state: Mutex<(VecDeque<T>, bool)>,
+    state: Mutex<QueueState<T>>,
     cv: Condvar,
 }
 
 impl<T> Default for WorkQueue<T> {
     fn default() -> Self {
         WorkQueue {
-            state: Mutex::new((VecDeque::new(), false)),
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                closed: false,
+                idle: 0,
+            }),
             cv: Condvar::new(),
         }
     }
@@ -32,28 +44,36 @@ impl<T> WorkQueue<T> {
     /// Adds an item and wakes one worker.
     pub fn push(&self, item: T) {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        st.0.push_back(item);
+        st.items.push_back(item);
+        let wake = st.idle > 0;
         drop(st);
-        self.cv.notify_one();
+        if wake {
+            self.cv.notify_one();
+        }
     }
 
     /// Takes the next item, sleeping while there is none; `None` once closed and empty.
     pub fn pop(&self) -> Option<T> {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(item) = st.0.pop_front() {
+            if let Some(item) = st.items.pop_front() {
                 return Some(item);
             }
-            if st.1 {
+            if st.closed {
                 return None;
             }
+            st.idle += 1;
             st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.idle -= 1;
         }
     }
 
     /// No more items will come: workers drain what's left and stop.
     pub fn close(&self) {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
         self.cv.notify_all();
     }
 }

@@ -10,6 +10,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -110,30 +111,33 @@ impl Server {
         let registry: Registry = Arc::new(Mutex::new(HashMap::new()));
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
-        let mut served_any = false;
+        // Like qemu-nbd, only a client that got as far as transmission counts towards
+        // "the last client left": failed handshakes and `nbdinfo --list` don't.
+        let served_any = Arc::new(AtomicBool::new(false));
         let exit = loop {
             let active = registry
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .len();
             handles.retain(|h| !h.is_finished());
-            if !self.cfg.persistent && served_any && active == 0 {
+            if !self.cfg.persistent && served_any.load(Ordering::Acquire) && active == 0 {
                 break Exit::LastClientLeft;
             }
             let accepting = self.cfg.max_clients == 0 || active < self.cfg.max_clients;
             let mut fds = vec![pollfd(stop.as_raw_fd()), pollfd(ev_rx.as_raw_fd())];
             if accepting {
-                fds.push(pollfd(self.listener.as_raw_fd()));
+                fds.extend(self.listener.fds().into_iter().map(pollfd));
             }
             poll_in(&mut fds)?;
             if fds[0].revents != 0 {
                 break Exit::Stopped;
             }
             drain(&mut ev_rx);
-            if !accepting || fds[2].revents == 0 {
+            // One connection per round, so the client limit is rechecked each time.
+            let Some(ready) = fds.iter().skip(2).position(|f| f.revents != 0) else {
                 continue;
-            }
-            let stream = match self.listener.accept() {
+            };
+            let stream = match self.listener.accept(ready) {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
@@ -143,7 +147,6 @@ impl Server {
                     continue;
                 }
             };
-            served_any = true;
             let id = next_id;
             next_id += 1;
             let (c, ev) = match (stream.try_clone(), ev_tx.try_clone()) {
@@ -160,6 +163,7 @@ impl Server {
                 .insert(id, c);
             let export = self.export.clone();
             let reg = registry.clone();
+            let served = served_any.clone();
             let limit = self.cfg.handshake_timeout;
             let h = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
@@ -167,7 +171,7 @@ impl Server {
                     // Leaves the registry even if the connection code panics, so a
                     // client slot is never lost.
                     let _leave = Leave { reg, id, ev };
-                    connection(stream, &export, limit);
+                    connection(stream, &export, limit, &served);
                 });
             match h {
                 Ok(h) => handles.push(h),
@@ -239,11 +243,12 @@ impl Drop for Leave {
 }
 
 /// One client from handshake to hang-up. Errors only end this connection.
-fn connection(mut stream: Stream, export: &Export, limit: Duration) {
+fn connection(mut stream: Stream, export: &Export, limit: Duration, served: &AtomicBool) {
     let peer = stream.peer();
     let _ = stream.set_nodelay();
     match handshake::negotiate(&mut stream, export, limit) {
         Ok(Outcome::Transmission(neg)) => {
+            served.store(true, Ordering::Release);
             crate::vlog!(
                 "{peer}: transmission (structured: {}, extended: {}, contexts: {:?})",
                 neg.structured,

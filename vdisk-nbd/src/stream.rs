@@ -91,19 +91,34 @@ impl Write for Stream {
     }
 }
 
-/// A listening socket.
+/// A listening socket (TCP: one per address the bind name resolves to).
 #[derive(Debug)]
 pub enum Listener {
     /// TCP.
-    Tcp(TcpListener),
+    Tcp(Vec<TcpListener>),
     /// Unix-domain socket at a path (removed when the server ends).
     Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
-    /// Listens on `addr:port` (every address the name resolves to is tried in turn).
+    /// Listens on `addr:port`, on every address the name resolves to (as qemu-nbd
+    /// does: `-b localhost` serves both ::1 and 127.0.0.1).
     pub fn tcp(addr: &str, port: u16) -> io::Result<Listener> {
-        Ok(Listener::Tcp(TcpListener::bind((addr, port))?))
+        use std::net::ToSocketAddrs;
+        let mut ls = Vec::new();
+        let mut last_err = None;
+        for sa in (addr, port).to_socket_addrs()? {
+            match TcpListener::bind(sa) {
+                Ok(l) => ls.push(l),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if ls.is_empty() {
+            return Err(last_err.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("'{addr}' has no address"))
+            }));
+        }
+        Ok(Listener::Tcp(ls))
     }
 
     /// Listens on a Unix socket at `path`; an old socket left there is replaced, as
@@ -121,10 +136,14 @@ impl Listener {
         ))
     }
 
-    /// Accepts one connection (the listener is non-blocking: `WouldBlock` when none).
-    pub fn accept(&self) -> io::Result<Stream> {
+    /// Accepts one connection on socket `idx` of [`Listener::fds`] (the listener is
+    /// non-blocking: `WouldBlock` when none).
+    pub fn accept(&self, idx: usize) -> io::Result<Stream> {
         let s = match self {
-            Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
+            Listener::Tcp(ls) => match ls.get(idx) {
+                Some(l) => Stream::Tcp(l.accept()?.0),
+                None => return Err(io::ErrorKind::WouldBlock.into()),
+            },
             Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
         };
         // Accepted sockets must block even though the listener doesn't.
@@ -138,7 +157,12 @@ impl Listener {
     /// Makes `accept` return `WouldBlock` instead of waiting.
     pub fn set_nonblocking(&self) -> io::Result<()> {
         match self {
-            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Tcp(ls) => {
+                for l in ls {
+                    l.set_nonblocking(true)?;
+                }
+                Ok(())
+            }
             Listener::Unix(l, _) => l.set_nonblocking(true),
         }
     }
@@ -151,11 +175,20 @@ impl Listener {
     }
 }
 
-impl AsRawFd for Listener {
-    fn as_raw_fd(&self) -> RawFd {
+impl Listener {
+    /// The listening descriptors, to poll.
+    pub fn fds(&self) -> Vec<RawFd> {
         match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(ls) => ls.iter().map(|l| l.as_raw_fd()).collect(),
+            Listener::Unix(l, _) => vec![l.as_raw_fd()],
+        }
+    }
+
+    /// The TCP addresses listened on (to learn a port chosen by the system).
+    pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(ls) => ls.iter().filter_map(|l| l.local_addr().ok()).collect(),
+            Listener::Unix(..) => Vec::new(),
         }
     }
 }

@@ -120,10 +120,9 @@ fn verify(got: &[u8], rec: &Recorded, k: usize, what: &str) {
     }
 }
 
-fn crash_run(seed: u64, with_backing: bool) {
+fn crash_run(seed: u64, with_backing: bool, geometry: (&str, &str)) {
     let mut rng = Rng(seed);
     let size: u64 = 4 << 20;
-    let cs: u64 = 4096;
     // Backing smaller than the image, with recognisable data.
     let backing_len = 3 << 20;
     let backing_data: Vec<u8> = (0..backing_len)
@@ -134,7 +133,11 @@ fn crash_run(seed: u64, with_backing: bool) {
         name: "base.raw".into(),
         format: Some(Format::Raw),
     });
-    let created = mem_qed(size, &[("cluster_size", "4k"), ("table_size", "1")], spec);
+    let created = mem_qed(
+        size,
+        &[("cluster_size", geometry.0), ("table_size", geometry.1)],
+        spec,
+    );
     let initial = created.to_vec();
     let st = Arc::new(TraceStorage::new(initial));
     let dyn_st: Arc<dyn Storage> = st.clone();
@@ -181,7 +184,6 @@ fn crash_run(seed: u64, with_backing: bool) {
     }
     assert!(checked > 50, "too few crash points ({checked})");
     drop(drv);
-    let _ = cs;
 }
 
 /// The repair itself (which moves clusters to reclaim leaks) survives a crash at any
@@ -238,13 +240,15 @@ fn crash_during_repair() {
 #[test]
 fn crash_points_without_backing() {
     for seed in [3, 17, 99] {
-        crash_run(seed, false);
+        crash_run(seed, false, ("4k", "1"));
     }
+    crash_run(41, false, ("64k", "2"));
 }
 
 #[test]
 fn crash_points_with_backing() {
     for seed in [5, 23, 101] {
-        crash_run(seed, true);
+        crash_run(seed, true, ("4k", "1"));
     }
+    crash_run(43, true, ("64k", "2"));
 }

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Who references a file cluster.
+/// Who references a file cluster (only built for leak reclaim, on a consistent image).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Owner {
     Free,
@@ -37,39 +37,52 @@ enum Owner {
         l1i: u32,
         l2i: u32,
     },
-    /// Referenced more than once.
-    Shared,
+}
+
+/// One bit per file cluster: referenced or not.
+struct Used {
+    bits: Vec<u64>,
+    n: u64,
+}
+
+impl Used {
+    fn new(n: u64) -> Used {
+        Used {
+            bits: vec![0; n.div_ceil(64) as usize],
+            n,
+        }
+    }
+    fn test(&self, i: u64) -> bool {
+        i < self.n && self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    /// Marks `count` clusters from `first`; returns how many were already marked.
+    fn mark(&mut self, first: u64, count: u64) -> u64 {
+        let mut dup = 0;
+        for i in first..first.saturating_add(count).min(self.n) {
+            if self.test(i) {
+                dup += 1;
+            }
+            self.bits[(i / 64) as usize] |= 1 << (i % 64);
+        }
+        dup
+    }
 }
 
 struct Walk {
     report: CheckReport,
-    owners: Vec<Owner>,
+    used: Used,
     l1: Table,
     l1_dirty: bool,
     fixed_l2: Vec<(u64, Table)>,
 }
 
-fn mark(owners: &mut [Owner], cluster: u64, count: u64, owner: Owner) -> u64 {
-    let mut dup = 0;
-    for c in cluster..cluster.saturating_add(count) {
-        let Some(o) = owners.get_mut(c as usize) else {
-            continue;
-        };
-        if *o == Owner::Free {
-            *o = owner;
-        } else {
-            *o = Owner::Shared;
-            dup += 1;
-        }
-    }
-    dup
-}
-
+/// Walks every table; with `fix`, invalid entries are cleared in the returned copies
+/// (nothing is written). Memory: one bit per file cluster, plus one table at a time.
 fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
     let cs = inner.cluster_size;
     let file_size = inner.file_size();
     let nclusters = file_size / cs;
-    let mut owners = vec![Owner::Free; nclusters as usize];
+    let mut used = Used::new(nclusters);
     let mut r = CheckReport {
         total_clusters: Some(h.image_size.div_ceil(cs)),
         compressed_clusters: Some(0),
@@ -77,19 +90,12 @@ fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
     };
     let mut allocated = 0u64;
     let mut fragmented = 0u64;
-    for c in 0..(h.header_size as u64).min(nclusters) {
-        owners[c as usize] = Owner::Fixed;
-    }
-    r.corruptions += mark(
-        &mut owners,
-        h.l1_table_offset / cs,
-        inner.table_clusters,
-        Owner::Fixed,
-    );
+    used.mark(0, h.header_size as u64);
+    r.corruptions += used.mark(h.l1_table_offset / cs, inner.table_clusters);
     let mut l1 = inner.l1_read().clone();
     let mut l1_dirty = false;
     let mut fixed_l2 = Vec::new();
-    for (l1i, slot) in l1.iter_mut().enumerate() {
+    for slot in l1.iter_mut() {
         let off = *slot;
         if off == UNALLOCATED {
             continue;
@@ -104,12 +110,7 @@ fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
             }
             continue;
         }
-        let dup = mark(
-            &mut owners,
-            off / cs,
-            inner.table_clusters,
-            Owner::Table { l1i: l1i as u32 },
-        );
+        let dup = used.mark(off / cs, inner.table_clusters);
         if dup > 0 {
             // The table shares clusters with another structure: skip it.
             r.corruptions += dup;
@@ -125,7 +126,7 @@ fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
         };
         let mut t_dirty = false;
         let mut last = 0u64;
-        for (l2i, e) in t.iter_mut().enumerate() {
+        for e in t.iter_mut() {
             let v = *e;
             if v == UNALLOCATED || v == ZERO_CLUSTER {
                 continue;
@@ -145,11 +146,7 @@ fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
                 }
                 continue;
             }
-            let owner = Owner::Data {
-                l1i: l1i as u32,
-                l2i: l2i as u32,
-            };
-            r.corruptions += mark(&mut owners, v / cs, 1, owner);
+            r.corruptions += used.mark(v / cs, 1);
         }
         if t_dirty {
             fixed_l2.push((off, t));
@@ -158,15 +155,13 @@ fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
     r.allocated_clusters = Some(allocated);
     r.fragmented_clusters = Some(fragmented);
     if r.check_errors == 0 {
-        r.leaks = owners
-            .iter()
-            .skip(h.header_size as usize)
-            .filter(|o| **o == Owner::Free)
+        r.leaks = (h.header_size as u64..nclusters)
+            .filter(|&c| !used.test(c))
             .count() as u64;
     }
     Walk {
         report: r,
-        owners,
+        used,
         l1,
         l1_dirty,
         fixed_l2,
@@ -219,7 +214,7 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
         inner.l2.clear();
         let mut leaks_fixed = 0;
         if reclaim && r.check_errors == 0 {
-            leaks_fixed = reclaim_leaks(inner, &h, &first.owners)?;
+            leaks_fixed = reclaim_leaks(inner, &h, &first.used)?;
         }
         inner.l2.clear();
         inner.storage.flush()?;
@@ -249,7 +244,7 @@ pub(crate) fn compact_locked(inner: &Inner) -> Result<u64> {
     if w.report.corruptions > 0 || w.report.check_errors > 0 {
         return Ok(0);
     }
-    let n = reclaim_leaks(inner, &h, &w.owners)?;
+    let n = reclaim_leaks(inner, &h, &w.used)?;
     inner.l2.clear();
     Ok(n)
 }
@@ -281,10 +276,11 @@ fn plan_round(
     owners: &mut Vec<Owner>,
     vacated: &mut Vec<bool>,
     l1: &mut [u64],
-    start: usize,
+    base: u64,
     tc: usize,
     cs: u64,
 ) -> Vec<Move> {
+    let start = 0;
     let mut moves = Vec::new();
     let mut lo = start;
     let mut top = owners.len();
@@ -315,7 +311,12 @@ fn plan_round(
                 vacated[hi] = true;
             }
             Owner::Table { l1i } => {
-                let s = (l1[l1i as usize] / cs) as usize;
+                // Window index of the table's first cluster (a table straddling the
+                // window's start never moves).
+                let Some(s) = (l1[l1i as usize] / cs).checked_sub(base) else {
+                    break;
+                };
+                let s = s as usize;
                 if s + tc != hi + 1 {
                     break;
                 }
@@ -342,7 +343,7 @@ fn plan_round(
                     for c in 0..tc {
                         owners[to + c] = Owner::Table { l1i };
                     }
-                    l1[l1i as usize] = to as u64 * cs;
+                    l1[l1i as usize] = (base + to as u64) * cs;
                     moves.push(Move::Table { to: to as u64, l1i });
                     if to >= s {
                         break;
@@ -381,23 +382,61 @@ fn plan_round(
     moves
 }
 
+/// Who references each cluster from `base` to the end of the file (the window leak
+/// reclaim may move things in; everything below `base` is in use and stays).
+fn build_owners(inner: &Inner, h: &Header, base: u64, n: u64) -> Result<Vec<Owner>> {
+    let cs = inner.cluster_size;
+    let file_size = inner.file_size();
+    let mut owners = vec![Owner::Free; (n - base) as usize];
+    let mut set = |c: u64, o: Owner| {
+        if c >= base && c < n {
+            owners[(c - base) as usize] = o;
+        }
+    };
+    for k in 0..inner.table_clusters {
+        set(h.l1_table_offset / cs + k, Owner::Fixed);
+    }
+    let l1 = inner.l1_read().clone();
+    for (l1i, &off) in l1.iter().enumerate() {
+        if off == UNALLOCATED || !table_offset_valid(h, off, file_size) {
+            continue;
+        }
+        let l1i = l1i as u32;
+        for k in 0..inner.table_clusters {
+            set(off / cs + k, Owner::Table { l1i });
+        }
+        let t = table::read_table(&*inner.storage, off, inner.nelems)?;
+        for (l2i, &v) in t.iter().enumerate() {
+            if v != UNALLOCATED && v != ZERO_CLUSTER && cluster_offset_valid(h, v, file_size) {
+                set(
+                    v / cs,
+                    Owner::Data {
+                        l1i,
+                        l2i: l2i as u32,
+                    },
+                );
+            }
+        }
+    }
+    Ok(owners)
+}
+
 /// Moves data clusters and L2 tables from the end of the file into leaked clusters,
 /// then truncates after the last cluster in use. Returns the number of leaked clusters
 /// reclaimed. Every round is crash safe: copies go to clusters nothing references and
 /// are flushed before references switch to them; sources are reused only in a later
-/// round, after the switch is flushed.
-fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
+/// round, after the switch is flushed. Memory is proportional to the clusters from the
+/// first leak to the end of the file.
+fn reclaim_leaks(inner: &Inner, h: &Header, used: &Used) -> Result<u64> {
     let cs = inner.cluster_size;
     let tc = inner.table_clusters as usize;
-    let start = h.header_size as usize;
-    let mut owners = owners.to_vec();
-    let count_free = |o: &[Owner], end: usize| {
-        o.iter()
-            .take(end)
-            .skip(start)
-            .filter(|o| **o == Owner::Free)
-            .count() as u64
-    };
+    let n = inner.file_size() / cs;
+    let base = (h.header_size as u64..n)
+        .find(|&c| !used.test(c))
+        .unwrap_or(n);
+    let mut owners = build_owners(inner, h, base, n)?;
+    let count_free =
+        |o: &[Owner], end: usize| o.iter().take(end).filter(|o| **o == Owner::Free).count() as u64;
     let leaks_before = count_free(&owners, owners.len());
     let disk_l1 = inner.l1_read().clone();
     let mut l1 = disk_l1.clone();
@@ -409,7 +448,7 @@ fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
     for _ in 0..max_rounds {
         let mut vacated = vec![false; owners.len()];
         let before_l1 = l1.clone();
-        let moves = plan_round(&mut owners, &mut vacated, &mut l1, start, tc, cs);
+        let moves = plan_round(&mut owners, &mut vacated, &mut l1, base, tc, cs);
         if moves.is_empty() {
             break;
         }
@@ -428,10 +467,10 @@ fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
         let mut touched: Vec<u32> = Vec::new();
         for m in &moves {
             if let Move::Data { from, to, l1i, l2i } = *m {
-                inner.storage.read_at(&mut buf, from * cs)?;
-                inner.storage.write_at(&buf, to * cs)?;
+                inner.storage.read_at(&mut buf, (base + from) * cs)?;
+                inner.storage.write_at(&buf, (base + to) * cs)?;
                 if let Some(t) = tables.get_mut(&l1i) {
-                    t[l2i as usize] = to * cs;
+                    t[l2i as usize] = (base + to) * cs;
                 }
                 touched.push(l1i);
             }
@@ -440,7 +479,9 @@ fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
         for m in &moves {
             if let Move::Table { to, l1i } = *m {
                 if let Some(t) = tables.get(&l1i) {
-                    inner.storage.write_at(&table::encode(t), to * cs)?;
+                    inner
+                        .storage
+                        .write_at(&table::encode(t), (base + to) * cs)?;
                 }
                 moved_tables = true;
             }
@@ -464,15 +505,14 @@ fn reclaim_leaks(inner: &Inner, h: &Header, owners: &[Owner]) -> Result<u64> {
         inner.storage.flush()?;
         *inner.l1_write_lock() = l1.clone();
     }
-    let end = owners
+    let end_in_window = owners
         .iter()
         .rposition(|o| *o != Owner::Free)
-        .map_or(0, |i| i as u64 + 1)
-        .max(h.header_size as u64)
-        * cs;
+        .map_or(0, |i| i + 1);
+    let end = (base + end_in_window as u64).max(h.header_size as u64) * cs;
     inner.storage.set_len(end)?;
     inner.file_size.store(end, Ordering::Release);
     inner.storage.flush()?;
-    let leaks_after = count_free(&owners, (end / cs) as usize);
+    let leaks_after = count_free(&owners, end_in_window);
     Ok(leaks_before.saturating_sub(leaks_after))
 }
