@@ -326,3 +326,30 @@ fn zeroed_clusters_keep_their_host_cluster_on_rewrite() {
     }
     assert_clean(&f);
 }
+
+#[test]
+fn compressed_with_one_bit_refcounts() {
+    let d = tmp();
+    let f = path(&d, "b.qcow2");
+    vdisk_create(
+        &f,
+        1 << 20,
+        &[("refcount_bits", "1"), ("cluster_size", "4096")],
+        None,
+    );
+    {
+        let img = open(&f, true);
+        for c in 0..20u64 {
+            img.driver()
+                .write_compressed(&[c as u8 + 1; 4096], c * 4096)
+                .unwrap();
+        }
+    }
+    assert_clean(&f);
+    let raw = qemu_raw(&f);
+    for c in 0..20usize {
+        assert!(raw[c * 4096..(c + 1) * 4096]
+            .iter()
+            .all(|&b| b == c as u8 + 1));
+    }
+}

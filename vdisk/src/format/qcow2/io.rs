@@ -144,7 +144,11 @@ impl Meta {
     /// cluster it touches.
     fn alloc_compressed(&mut self, len: u64) -> Result<u64> {
         let cs = self.cs();
-        let cur = self.compress_cursor;
+        let mut cur = self.compress_cursor;
+        // A cluster whose refcount is saturated (e.g. 1-bit refcounts) takes no more.
+        if cur != 0 && self.rc_get(cur / cs)? >= self.g.rc_max() {
+            cur = 0;
+        }
         let (off, end) = if cur != 0 && len <= cs - cur % cs {
             self.rc_add(cur / cs, 1)?;
             (cur, cur + len)
