@@ -8,7 +8,7 @@
 
 use super::header::{EXT_BITMAPS, INCOMPAT_DIRTY};
 use super::tables::entry;
-use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK, ZERO};
+use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK};
 use crate::error::{Error, Result};
 use crate::format::qcow2::refcount::set_entry;
 use crate::format::{CheckReport, Repair};
@@ -102,7 +102,6 @@ fn count_l1(
             if off == 0 {
                 continue;
             }
-            let _ = ZERO;
             if active {
                 rep.allocated_clusters = Some(rep.allocated_clusters.unwrap_or(0) + 1);
                 if next_contiguous != 0 && off != next_contiguous {
