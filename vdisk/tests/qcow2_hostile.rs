@@ -333,6 +333,22 @@ fn exercise(bytes: Vec<u8>) {
     }
 }
 
+/// A small image with extended L2 entries (64 KiB clusters, subclusters of 2 KiB).
+fn base_ext() -> Vec<u8> {
+    let d = tmp();
+    let f = path(&d, "e.qcow2");
+    qemu_create(&f, "extended_l2=on,cluster_size=65536", "1M");
+    qemu_io(
+        &f,
+        &[
+            "write -P 1 0 5k",
+            "write -z 70k 8k",
+            "write -c -P 2 128k 64k",
+        ],
+    );
+    std::fs::read(&f).unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
     #[test]
@@ -340,6 +356,14 @@ proptest! {
         thread_local!(static BASE: Vec<u8> = base());
         let mut b = BASE.with(|b| b.clone());
         for (i, v) in edits { b[i] = v; }
+        exercise(b);
+    }
+
+    #[test]
+    fn fuzz_extended_l2(edits in prop::collection::vec((0usize..6 * 65536, any::<u8>()), 1..16)) {
+        thread_local!(static BASE: Vec<u8> = base_ext());
+        let mut b = BASE.with(|b| b.clone());
+        for (i, v) in edits { if i < b.len() { b[i] = v; } }
         exercise(b);
     }
 
