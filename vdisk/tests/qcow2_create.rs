@@ -292,3 +292,22 @@ fn resize_grow_and_shrink() {
     assert_eq!(raw.len(), 600_064);
     assert!(raw.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn shrink_then_grow_reads_zeroes() {
+    let d = tmp();
+    let f = path(&d, "sg.qcow2");
+    vdisk_create(&f, 1 << 20, &[("cluster_size", "65536")], None);
+    let img = open(&f, true);
+    img.write_at(&vec![5u8; 1 << 20], 0).unwrap();
+    img.driver().resize(100_352, true).unwrap();
+    img.driver().resize(1 << 20, false).unwrap();
+    let all = read_all(&img);
+    assert!(all[..100_352].iter().all(|&b| b == 5));
+    assert!(
+        all[100_352..].iter().all(|&b| b == 0),
+        "grown area must read as zeroes"
+    );
+    drop(img);
+    assert_clean(&f);
+}

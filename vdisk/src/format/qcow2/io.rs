@@ -916,6 +916,13 @@ impl Qcow2 {
         m.write_header()?;
         self.size
             .store(new_size, std::sync::atomic::Ordering::Release);
+        drop(m);
+        // Growing: bytes of the old last cluster past the old end may hold data from
+        // before a shrink; the new part of the disk must read as zeroes.
+        if new_size > cur && cur % cs != 0 {
+            let tail_end = cur.div_ceil(cs) * cs;
+            self.do_write_zeroes(cur, tail_end.min(new_size) - cur, ZeroFlags::default())?;
+        }
         Ok(())
     }
 }
