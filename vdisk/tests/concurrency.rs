@@ -110,7 +110,11 @@ fn case(format: Format, options: &[(&str, &str)], unit: usize) {
     img.flush().unwrap();
     if format != Format::Raw {
         let r = img.check(vdisk::Repair::default()).unwrap();
-        assert_eq!((r.corruptions, r.leaks), (0, 0), "{format} {options:?}: vdisk check {r:?}");
+        assert_eq!(
+            (r.corruptions, r.leaks),
+            (0, 0),
+            "{format} {options:?}: vdisk check {r:?}"
+        );
     }
     drop(img);
     // QEMU cannot open the table_size=1 QED images it creates itself.

@@ -220,3 +220,81 @@ fn dirty_lazy_image_is_repaired_on_open() {
     let (_, q) = qemu_check(&f);
     assert_eq!(field(&q, "corruptions") + field(&q, "leaks"), 0);
 }
+
+#[test]
+fn persistent_bitmaps_counted_like_qemu() {
+    let d = tmp();
+    let f = path(&d, "bm.qcow2");
+    qemu_create(&f, "cluster_size=4096", "8M");
+    run("qemu-img", &["bitmap", "--add", p(&f), "b0"]);
+    run("qemu-img", &["bitmap", "--add", "-g", "512", p(&f), "b1"]);
+    qemu_io(&f, &["write -P 1 0 1M"]);
+    // Consistent bitmaps: their clusters are in use, not leaks.
+    same_as_qemu(&f);
+    {
+        let img = open(&f, false);
+        assert_eq!(img.check(Repair::default()).unwrap().leaks, 0);
+    }
+    // A writer without bitmap support clears the autoclear bit: QEMU then considers
+    // the bitmaps stale and their clusters leaked; so do we.
+    {
+        let img = open(&f, true);
+        img.write_at(&[1u8; 10], 3 << 20).unwrap();
+    }
+    same_as_qemu(&f);
+    let (code, _, err) = run_status("qemu-img", &["check", p(&f)]);
+    assert_eq!(code, 3, "{err}");
+}
+
+#[test]
+fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
+    let d = tmp();
+    let f = path(&d, "ro.qcow2");
+    qemu_create(&f, "lazy_refcounts=on,cluster_size=4096", "2M");
+    qemu_io(&f, &["write -P 3 0 100k"]);
+    // Dirty + unknown autoclear bit: a read-only open must change neither.
+    let mut b = std::fs::read(&f).unwrap();
+    b[79] |= 1;
+    b[95] |= 0x80;
+    std::fs::write(&f, &b).unwrap();
+    {
+        let img = open(&f, false);
+        assert!(img.driver().is_dirty());
+        let _ = read_all(&img);
+        let _ = img.check(Repair::default()).unwrap();
+        assert!(matches!(img.write_at(&[1], 0), Err(vdisk::Error::ReadOnly)));
+        assert!(img
+            .check(Repair {
+                leaks: true,
+                errors: false
+            })
+            .is_err());
+        img.flush().unwrap();
+        img.close().unwrap();
+    }
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        b,
+        "read-only open modified the file"
+    );
+    // Read-write: repaired and cleaned on open; our own lazy writes set the bit again
+    // until close.
+    {
+        let img = open(&f, true);
+        assert!(!img.driver().is_dirty());
+        img.write_at(&[1u8; 5000], 300_000).unwrap();
+        assert!(img.driver().is_dirty());
+        let on_disk = std::fs::read(&f).unwrap();
+        assert_eq!(
+            on_disk[79] & 1,
+            1,
+            "dirty bit must be on disk before allocating writes land"
+        );
+        img.close().unwrap();
+        assert!(!img.driver().is_dirty());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&f)])).unwrap();
+    assert_eq!(v["dirty-flag"], false);
+    assert_clean(&f);
+}

@@ -333,6 +333,22 @@ fn exercise(bytes: Vec<u8>) {
     }
 }
 
+/// A small image with extended L2 entries (64 KiB clusters, subclusters of 2 KiB).
+fn base_ext() -> Vec<u8> {
+    let d = tmp();
+    let f = path(&d, "e.qcow2");
+    qemu_create(&f, "extended_l2=on,cluster_size=65536", "1M");
+    qemu_io(
+        &f,
+        &[
+            "write -P 1 0 5k",
+            "write -z 70k 8k",
+            "write -c -P 2 128k 64k",
+        ],
+    );
+    std::fs::read(&f).unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
     #[test]
@@ -340,6 +356,14 @@ proptest! {
         thread_local!(static BASE: Vec<u8> = base());
         let mut b = BASE.with(|b| b.clone());
         for (i, v) in edits { b[i] = v; }
+        exercise(b);
+    }
+
+    #[test]
+    fn fuzz_extended_l2(edits in prop::collection::vec((0usize..6 * 65536, any::<u8>()), 1..16)) {
+        thread_local!(static BASE: Vec<u8> = base_ext());
+        let mut b = BASE.with(|b| b.clone());
+        for (i, v) in edits { if i < b.len() { b[i] = v; } }
         exercise(b);
     }
 
@@ -368,4 +392,24 @@ fn refcounts_claiming_metadata_free_do_not_destroy_it() {
         Err(e) => e.to_string(),
     };
     assert!(e.contains("overlaps") || e.contains("corrupt"), "{e}");
+}
+
+#[test]
+fn mappings_onto_metadata_are_refused() {
+    let b = base();
+    let l1 = get64(&b, 40) as usize;
+    let rt = get64(&b, 48);
+    // An L2 table placed on the refcount table.
+    let mut v = b.clone();
+    put64(&mut v, l1, (1u64 << 63) | rt);
+    let img = open_mem(v, true).unwrap();
+    let e = img.write_at(&[1u8; 10], 0).unwrap_err().to_string();
+    assert!(e.contains("overlaps"), "{e}");
+    // A data cluster mapped onto the L1 table.
+    let mut v = b.clone();
+    let l2 = (get64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    put64(&mut v, l2, (1u64 << 63) | l1 as u64);
+    let img = open_mem(v, true).unwrap();
+    let e = img.write_at(&[1u8; 10], 0).unwrap_err().to_string();
+    assert!(e.contains("overlaps"), "{e}");
 }

@@ -71,3 +71,26 @@ fn writes_after_snapshot_copy_first() {
         assert_same(&snapshot_raw(&f, "two"), &snap_two, "snapshot two");
     }
 }
+
+#[test]
+fn grow_with_snapshots() {
+    let d = tmp();
+    let f = path(&d, "g.qcow2");
+    qemu_create(&f, "cluster_size=512", "64k");
+    qemu_io(&f, &["write -P 1 0 64k"]);
+    run("qemu-img", &["snapshot", "-c", "s", p(&f)]);
+    {
+        let img = open(&f, true);
+        assert!(img.driver().resize(32 << 10, true).is_err());
+        img.driver().resize(1 << 20, false).unwrap();
+        img.write_at(&[2u8; 1000], (1 << 20) - 1000).unwrap();
+    }
+    assert_clean(&f);
+    let raw = qemu_raw(&f);
+    assert_eq!(raw.len(), 1 << 20);
+    assert!(raw[..65536].iter().all(|&b| b == 1));
+    assert!(raw[(1 << 20) - 1000..].iter().all(|&b| b == 2));
+    let snap = snapshot_raw(&f, "s");
+    assert!(snap[..65536].iter().all(|&b| b == 1));
+    assert!(snap[65536..].iter().all(|&b| b == 0));
+}

@@ -81,7 +81,7 @@ impl Meta {
 
     /// Whether host clusters `[c, c+n)` overlap fixed metadata whose refcount must be
     /// nonzero (a cheap version of QEMU's overlap check, applied to allocations).
-    fn overlaps_metadata(&self, c: u64, n: u64) -> Option<&'static str> {
+    pub(crate) fn overlaps_metadata(&self, c: u64, n: u64) -> Option<&'static str> {
         let cs = self.cs();
         let (s, e) = (c * cs, (c + n) * cs);
         let hit = |off: u64, len: u64| len > 0 && off < e && s < off + len;

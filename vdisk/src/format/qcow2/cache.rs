@@ -119,11 +119,6 @@ impl Cache {
         v
     }
 
-    /// Whether anything is dirty.
-    pub fn any_dirty(&self) -> bool {
-        self.slots.iter().any(|s| s.dirty)
-    }
-
     /// Drops everything (after a rebuild).
     pub fn clear(&mut self) {
         self.map.clear();

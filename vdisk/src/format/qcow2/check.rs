@@ -6,15 +6,16 @@
 //! (with fragmentation statistics), snapshot L1 tables and their L2 tables, the snapshot
 //! table, the refcount table and the refcount blocks.
 
-use super::header::INCOMPAT_DIRTY;
+use super::header::{EXT_BITMAPS, INCOMPAT_DIRTY};
 use super::tables::entry;
-use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK, ZERO};
+use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK};
 use crate::error::{Error, Result};
 use crate::format::qcow2::refcount::set_entry;
 use crate::format::{CheckReport, Repair};
 
-/// Most clusters a check handles (the in-memory array is 4 bytes per cluster).
-const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+/// Most clusters a check handles (the in-memory array is 4 bytes per cluster, so at
+/// most 1 GiB; that is a 16 TiB file with 64 KiB clusters).
+const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 
 struct Counter {
     refs: Vec<u32>,
@@ -67,16 +68,17 @@ fn count_l1(
             continue;
         }
         cnt.inc(rep, l2off, cs);
-        if l2off % cs != 0 {
+        if !l2off.is_multiple_of(cs) {
             rep.messages.push(format!(
                 "ERROR l2_offset={l2off:x}: Table is not cluster aligned; L1 entry corrupted"
             ));
             rep.corruptions += 1;
             continue;
         }
-        let l2 = read_table(m, l2off, m.g.l2_entries)?;
+        let l2 = read_table(m, l2off, cs / 8)?;
         let mut next_contiguous = 0u64;
-        for &e in &l2 {
+        for j in 0..m.g.l2_entries as usize {
+            let e = l2[m.g.l2_word(j)];
             if e & COMPRESSED != 0 {
                 if e & COPIED != 0 {
                     rep.messages.push(format!(
@@ -100,7 +102,6 @@ fn count_l1(
             if off == 0 {
                 continue;
             }
-            let _ = ZERO;
             if active {
                 rep.allocated_clusters = Some(rep.allocated_clusters.unwrap_or(0) + 1);
                 if next_contiguous != 0 && off != next_contiguous {
@@ -109,13 +110,82 @@ fn count_l1(
                 next_contiguous = off + cs;
             }
             cnt.inc(rep, off, cs);
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 rep.messages.push(format!(
                     "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
                 ));
                 rep.corruptions += 1;
             }
         }
+    }
+    Ok(())
+}
+
+/// Counts the clusters of persistent dirty bitmaps (directory, bitmap tables, bitmap
+/// data), so a leak repair never frees them. Bounded by the extension's sizes.
+fn count_bitmaps(m: &Meta, cnt: &mut Counter, rep: &mut CheckReport) -> Result<()> {
+    // Without the autoclear bit the bitmaps are stale and QEMU ignores them (their
+    // clusters are leaks), exactly like a program without bitmap support left them.
+    if m.hdr.autoclear & 1 == 0 {
+        return Ok(());
+    }
+    let Some((_, ext)) = m.hdr.other_exts.iter().find(|(t, _)| *t == EXT_BITMAPS) else {
+        return Ok(());
+    };
+    if ext.len() < 24 {
+        rep.messages
+            .push("ERROR bitmaps extension is too short".to_string());
+        rep.corruptions += 1;
+        return Ok(());
+    }
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let be64 = |b: &[u8], o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_be_bytes(a)
+    };
+    let nb = be32(ext, 0);
+    let dir_size = be64(ext, 8);
+    let dir_off = be64(ext, 16);
+    // QEMU's limits: 65535 bitmaps, a directory of at most 64 MiB.
+    if nb == 0 || nb > 65535 || dir_size > (64 << 20) || dir_size < 24 {
+        rep.messages.push(format!(
+            "ERROR bitmaps extension is invalid ({nb} bitmaps, directory {dir_size} bytes)"
+        ));
+        rep.corruptions += 1;
+        return Ok(());
+    }
+    cnt.inc(rep, dir_off, dir_size);
+    let mut dir = vec![0u8; dir_size as usize];
+    m.st.read_at(&mut dir, dir_off)?;
+    let mut pos = 0usize;
+    for i in 0..nb {
+        if pos + 24 > dir.len() {
+            rep.messages.push(format!(
+                "ERROR bitmap directory entry {i} runs past the directory"
+            ));
+            rep.corruptions += 1;
+            break;
+        }
+        let table_off = be64(&dir, pos);
+        let table_size = u64::from(be32(&dir, pos + 8));
+        let name_size = u64::from(u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]));
+        let extra = u64::from(be32(&dir, pos + 20));
+        if table_size * 8 > (64 << 20) {
+            rep.messages
+                .push(format!("ERROR bitmap {i}: bitmap table too large"));
+            rep.corruptions += 1;
+        } else if table_size > 0 {
+            cnt.inc(rep, table_off, table_size * 8);
+            let t = read_table(m, table_off, table_size)?;
+            for e in t {
+                let off = e & 0x00ff_ffff_ffff_fe00;
+                if off != 0 {
+                    cnt.inc(rep, off, m.g.cs);
+                }
+            }
+        }
+        pos = (pos as u64 + 24 + extra + name_size).div_ceil(8) as usize * 8;
     }
     Ok(())
 }
@@ -140,6 +210,7 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, b
         let len = super::snapshot::table_len(&*m.st, &m.hdr)?;
         cnt.inc(rep, m.hdr.snapshots_offset, len);
     }
+    count_bitmaps(m, &mut cnt, rep)?;
     cnt.inc(
         rep,
         m.hdr.refcount_table_offset,
@@ -147,7 +218,7 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, b
     );
     for (i, &e) in m.rc_table.iter().enumerate() {
         let off = e & REFT_OFFSET_MASK;
-        if e % cs != 0 && off != 0 {
+        if !e.is_multiple_of(cs) && off != 0 {
             rep.messages.push(format!(
                 "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
             ));
@@ -187,7 +258,7 @@ fn disk_rc(m: &mut Meta, c: u64) -> Option<u64> {
     if off == 0 {
         return Some(0);
     }
-    if e % m.g.cs != 0 || off >= m.file_end.max(m.st.len().unwrap_or(0)) {
+    if !e.is_multiple_of(m.g.cs) || off >= m.file_end {
         return None;
     }
     m.rc_get(c).ok()
@@ -198,6 +269,7 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     let cs = m.g.cs;
     let file_len = m.st.len()?;
     let nb = file_len.div_ceil(cs);
+    m.file_end = m.file_end.max(file_len);
     if nb > MAX_CHECK_CLUSTERS {
         return Err(Error::unsupported(format!(
             "image file too large to check ({file_len} bytes)"
@@ -330,14 +402,15 @@ fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
                 rep.corruptions += 1;
             }
         }
-        if l2off % cs != 0 {
+        if !l2off.is_multiple_of(cs) {
             continue;
         }
         let mut raw = vec![0u8; cs as usize];
         m.st.read_at(&mut raw, l2off)?;
         let mut dirty = false;
         for j in 0..m.g.l2_entries as usize {
-            let e = entry(&raw, j);
+            let w = m.g.l2_word(j);
+            let e = entry(&raw, w);
             if e & COMPRESSED != 0 {
                 continue;
             }
@@ -355,7 +428,7 @@ fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
                 ));
                 if fix {
                     let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
-                    raw[j * 8..j * 8 + 8].copy_from_slice(&ne.to_be_bytes());
+                    raw[w * 8..w * 8 + 8].copy_from_slice(&ne.to_be_bytes());
                     dirty = true;
                     rep.corruptions_fixed += 1;
                 } else {
@@ -420,7 +493,7 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     }
     for &e in &m.rc_table {
         let off = e & REFT_OFFSET_MASK;
-        if off != 0 && e % cs == 0 {
+        if off != 0 && e.is_multiple_of(cs) {
             if let Some(r) = cnt.refs.get_mut((off / cs) as usize) {
                 *r = r.saturating_sub(1);
             }

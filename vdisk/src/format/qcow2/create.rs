@@ -183,7 +183,7 @@ fn parse_opts(spec: &CreateSpec) -> Result<Opts> {
 pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
     let o = parse_opts(spec)?;
     let cs = 1u64 << o.cluster_bits;
-    let g = Geom::new(o.cluster_bits, o.refcount_order, o.version);
+    let g = Geom::new(o.cluster_bits, o.refcount_order, o.version, false);
     let l1 = g.l1_entries_for(spec.size);
     if l1 * 8 > MAX_L1_BYTES || spec.size > (1u64 << 62) {
         return Err(Error::invalid(format!(

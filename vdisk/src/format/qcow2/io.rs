@@ -43,7 +43,7 @@ impl Meta {
                 "L2 entry of guest cluster {gc} points to unaligned host offset {off:#x}"
             )));
         }
-        if self.g.version >= 3 && e & ZERO != 0 {
+        if self.g.version >= 3 && !self.g.ext_l2 && e & ZERO != 0 {
             return Ok(if off == 0 {
                 Cl::Zero
             } else {
@@ -74,6 +74,46 @@ impl Meta {
         }
     }
 
+    /// Subcluster state of subcluster `k` (extended L2): 2 allocated, 1 zero,
+    /// 0 unallocated.
+    fn sc_state(bitmap: u64, k: u64) -> u8 {
+        if bitmap >> k & 1 != 0 {
+            2
+        } else if bitmap >> (32 + k) & 1 != 0 {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// From byte `q` of a cluster (extended L2), the subcluster index and the number of
+    /// bytes up to `end` sharing its state.
+    pub(crate) fn subcluster_run(&self, bitmap: u64, q: u64, end: u64) -> (u64, u64) {
+        let scs = self.g.subcluster();
+        let k = q / scs;
+        let st = Self::sc_state(bitmap, k);
+        let mut e = (k + 1) * scs;
+        while e < end && Self::sc_state(bitmap, e / scs) == st {
+            e += scs;
+        }
+        (k, e.min(end) - q)
+    }
+
+    /// Where byte `q` of guest cluster `gc` (in subcluster `k`) reads from.
+    fn subcluster_src(&mut self, e: u64, bitmap: u64, gc: u64, k: u64, q: u64) -> Result<Src> {
+        let host = e & OFFSET_MASK;
+        Ok(match Self::sc_state(bitmap, k) {
+            2 if host == 0 || bitmap & (bitmap >> 32) & 0xffff_ffff != 0 => {
+                return Err(self.mark_corrupt(format!(
+                    "extended L2 entry of guest cluster {gc} has an invalid subcluster bitmap {bitmap:#x}"
+                )))
+            }
+            2 => Src::Host(host + q),
+            1 => Src::Zero,
+            _ => Src::Backing(gc * self.cs() + q),
+        })
+    }
+
     /// Whether guest cluster `gc` is being allocated by another request.
     pub(crate) fn in_flight(&self, gc: u64) -> bool {
         self.inflight.iter().any(|&(s, e)| gc >= s && gc < e)
@@ -81,6 +121,10 @@ impl Meta {
 
     fn in_flight_range(&self, s: u64, e: u64) -> bool {
         self.inflight.iter().any(|&(a, b)| a < e && s < b)
+    }
+
+    fn direct_range(&self, s: u64, e: u64) -> bool {
+        self.direct.iter().any(|&(a, b)| a < e && s < b)
     }
 
     /// With lazy refcounts, marks the image dirty before its first allocating write.
@@ -100,7 +144,11 @@ impl Meta {
     /// cluster it touches.
     fn alloc_compressed(&mut self, len: u64) -> Result<u64> {
         let cs = self.cs();
-        let cur = self.compress_cursor;
+        let mut cur = self.compress_cursor;
+        // A cluster whose refcount is saturated (e.g. 1-bit refcounts) takes no more.
+        if cur != 0 && self.rc_get(cur / cs)? >= self.g.rc_max() {
+            cur = 0;
+        }
         let (off, end) = if cur != 0 && len <= cs - cur % cs {
             self.rc_add(cur / cs, 1)?;
             (cur, cur + len)
@@ -114,13 +162,13 @@ impl Meta {
                 (new, new + len)
             }
         };
-        self.compress_cursor = if end % cs == 0 { 0 } else { end };
+        self.compress_cursor = if end.is_multiple_of(cs) { 0 } else { end };
         Ok(off)
     }
 }
 
 /// A piece of a read.
-enum Src {
+pub(crate) enum Src {
     Backing(u64),
     Zero,
     Host(u64),
@@ -164,31 +212,49 @@ impl Qcow2 {
                     let in_off = g % cs;
                     let n = (cs - in_off).min(limit - p);
                     let e = m.l2_entry(gc)?;
-                    let src = match m.classify(e, gc)? {
-                        Cl::Unalloc => Src::Backing(g),
-                        Cl::Zero | Cl::ZeroAlloc(..) => Src::Zero,
-                        Cl::Data(h, _) => Src::Host(h + in_off),
-                        Cl::Compressed(o, l) => Src::Compressed(o, l, in_off as usize),
-                    };
-                    let merged = match (segs.last_mut(), &src) {
-                        (Some((_, l, Src::Backing(b))), Src::Backing(x))
-                            if *b + *l as u64 == *x =>
-                        {
-                            *l += n as usize;
-                            true
+                    let cl = m.classify(e, gc)?;
+                    let mut pieces: Vec<(u64, Src)> = Vec::with_capacity(1);
+                    if m.g.ext_l2 && !matches!(cl, Cl::Compressed(..)) {
+                        let bitmap = m.l2_bitmap(gc)?;
+                        let mut q = in_off;
+                        while q < in_off + n {
+                            let (k, len) = m.subcluster_run(bitmap, q, in_off + n);
+                            let src = m.subcluster_src(e, bitmap, gc, k, q)?;
+                            pieces.push((len, src));
+                            q += len;
                         }
-                        (Some((_, l, Src::Zero)), Src::Zero) => {
-                            *l += n as usize;
-                            true
+                    } else {
+                        let src = match cl {
+                            Cl::Unalloc => Src::Backing(g),
+                            Cl::Zero | Cl::ZeroAlloc(..) => Src::Zero,
+                            Cl::Data(h, _) => Src::Host(h + in_off),
+                            Cl::Compressed(o, l) => Src::Compressed(o, l, in_off as usize),
+                        };
+                        pieces.push((n, src));
+                    }
+                    let mut pp = p;
+                    for (n, src) in pieces {
+                        let merged = match (segs.last_mut(), &src) {
+                            (Some((_, l, Src::Backing(b))), Src::Backing(x))
+                                if *b + *l as u64 == *x =>
+                            {
+                                *l += n as usize;
+                                true
+                            }
+                            (Some((_, l, Src::Zero)), Src::Zero) => {
+                                *l += n as usize;
+                                true
+                            }
+                            (Some((_, l, Src::Host(h))), Src::Host(x)) if *h + *l as u64 == *x => {
+                                *l += n as usize;
+                                true
+                            }
+                            _ => false,
+                        };
+                        if !merged {
+                            segs.push((pp as usize, n as usize, src));
                         }
-                        (Some((_, l, Src::Host(h))), Src::Host(x)) if *h + *l as u64 == *x => {
-                            *l += n as usize;
-                            true
-                        }
-                        _ => false,
-                    };
-                    if !merged {
-                        segs.push((p as usize, n as usize, src));
+                        pp += n;
                     }
                     p += n;
                 }
@@ -262,9 +328,24 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
+                if let Some(what) = m.overlaps_metadata(host / cs, (in_off + n).div_ceil(cs)) {
+                    return Err(m.mark_corrupt(format!(
+                        "Preventing invalid write on metadata (overlaps with {what}): guest cluster {gc} maps to host offset {host:#x}"
+                    )));
+                }
+                let range = (gc, g2);
+                m.direct.push(range);
                 drop(m);
-                self.storage
-                    .write_at(&buf[pos as usize..(pos + n) as usize], host + in_off)?;
+                let r = self
+                    .storage
+                    .write_at(&buf[pos as usize..(pos + n) as usize], host + in_off);
+                let mut m = self.lock();
+                if let Some(i) = m.direct.iter().position(|&x| x == range) {
+                    m.direct.swap_remove(i);
+                }
+                drop(m);
+                self.alloc_done.notify_all();
+                r?;
                 pos += n;
                 continue;
             }
@@ -280,14 +361,24 @@ impl Qcow2 {
             let last = (offset + len - 1) / cs;
             let max_k = (MAX_ALLOC_BYTES / cs).max(1);
             let mut olds = vec![cl];
+            // A zero cluster that keeps its own host cluster (refcount 1) is written in
+            // place, like QEMU does; it gets a run of its own.
+            let reuse = match cl {
+                Cl::ZeroAlloc(h, true)
+                    if h < m.file_end && m.overlaps_metadata(h / cs, 1).is_none() =>
+                {
+                    Some(h)
+                }
+                _ => None,
+            };
             let mut g2 = gc + 1;
-            while g2 <= last && g2 < table_end && (olds.len() as u64) < max_k {
+            while reuse.is_none() && g2 <= last && g2 < table_end && (olds.len() as u64) < max_k {
                 if m.in_flight(g2) {
                     break;
                 }
                 let e2 = m.l2_entry(g2)?;
                 let c2 = m.classify(e2, g2)?;
-                if let Cl::Data(_, true) = c2 {
+                if let Cl::Data(_, true) | Cl::ZeroAlloc(_, true) = c2 {
                     break;
                 }
                 olds.push(c2);
@@ -296,7 +387,10 @@ impl Qcow2 {
             let k = olds.len() as u64;
             m.before_alloc()?;
             m.l2_for_write(l1i)?;
-            let host = m.alloc(k)?;
+            let host = match reuse {
+                Some(h) => h,
+                None => m.alloc(k)?,
+            };
             m.inflight.push((gc, gc + k));
             drop(m);
             let res = self.cow_write(buf, pos, offset, gc, k, host, &olds);
@@ -308,7 +402,7 @@ impl Qcow2 {
                 Ok(n) => m.link(l1i, gc, k, host).map(|_| n),
                 Err(e) => Err(e),
             };
-            if done.is_err() {
+            if done.is_err() && reuse.is_none() {
                 let _ = m.unalloc(host, k);
             }
             self.alloc_done.notify_all();
@@ -376,10 +470,23 @@ impl Qcow2 {
         if first_full >= last_full {
             return self.zero_partial(offset, len, flags);
         }
+        let whole_end = (last_full * cs).min(end);
+        if flags.fast {
+            if offset < first_full * cs {
+                self.zero_partial_pass(offset, first_full * cs - offset, true)?;
+            }
+            if whole_end < end {
+                self.zero_partial_pass(whole_end, end - whole_end, true)?;
+            }
+            if self.g.version < 3 && self.lock().has_backing {
+                return Err(Error::unsupported(
+                    "qcow2 v2 image with a backing file cannot write zeroes without writing data",
+                ));
+            }
+        }
         if offset < first_full * cs {
             self.zero_partial(offset, first_full * cs - offset, flags)?;
         }
-        let whole_end = (last_full * cs).min(end);
         if whole_end < end {
             self.zero_partial(whole_end, end - whole_end, flags)?;
         }
@@ -420,6 +527,14 @@ impl Qcow2 {
     /// Zeroes a range that does not cover whole clusters, cluster by cluster: pieces
     /// that already read as zeroes are left alone.
     fn zero_partial(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if flags.fast {
+            // Refuse before changing anything.
+            self.zero_partial_pass(offset, len, true)?;
+        }
+        self.zero_partial_pass(offset, len, false)
+    }
+
+    fn zero_partial_pass(&self, offset: u64, len: u64, dry: bool) -> Result<()> {
         let cs = self.g.cs;
         let end = offset + len;
         let mut off = offset;
@@ -436,7 +551,7 @@ impl Qcow2 {
                 }
             };
             if !already {
-                if flags.fast {
+                if dry {
                     return Err(Error::unsupported(
                         "writing zeroes to part of a qcow2 cluster needs writing data",
                     ));
@@ -478,7 +593,11 @@ impl Qcow2 {
             let table_end = (((l1i as u64) + 1) << self.g.l2_bits).min(last);
             let mut m = self.lock();
             m.check_writable()?;
-            m = self.wait_inflight(m, gc, table_end);
+            // Allocations in flight and in-place writes still running on these
+            // clusters must finish before their host clusters can be released.
+            while m.in_flight_range(gc, table_end) || m.direct_range(gc, table_end) {
+                m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+            }
             if l1i >= m.l1.len() {
                 return Err(Error::corrupt(format!(
                     "guest cluster {gc} is beyond the L1 table"
@@ -512,7 +631,8 @@ impl Qcow2 {
                     prepared = true;
                 }
                 let s = m.l2_for_write(l1i)?;
-                set(&mut m.l2.slot_mut(s).data, (g & mask) as usize, new);
+                let w = m.g.l2_word((g & mask) as usize);
+                set(&mut m.l2.slot_mut(s).data, w, new);
                 m.l2_dirty(s);
                 let kept = new & OFFSET_MASK;
                 match cl {
@@ -527,7 +647,88 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Block status with extended L2 entries: subcluster granularity.
+    fn ext_block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let cs = self.g.cs;
+        let mut m = self.lock();
+        let end = offset + len;
+        // (kind, next expected host offset, compressed)
+        let mut cur: Option<(ExtentKind, Option<u64>, bool)> = None;
+        let mut pos = offset;
+        let max_clusters = 4 * self.g.l2_entries;
+        let mut clusters = 0;
+        'outer: while pos < end && clusters < max_clusters {
+            clusters += 1;
+            let gc = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let e = m.l2_entry(gc)?;
+            let cl = m.classify(e, gc)?;
+            let mut pieces: Vec<(u64, ExtentKind, Option<u64>, bool)> = Vec::new();
+            if let Cl::Compressed(..) = cl {
+                pieces.push((n, ExtentKind::Data, None, true));
+            } else {
+                let bitmap = m.l2_bitmap(gc)?;
+                let mut q = in_off;
+                while q < in_off + n {
+                    let (k, l) = m.subcluster_run(bitmap, q, in_off + n);
+                    let (kind, host) = match m.subcluster_src(e, bitmap, gc, k, q)? {
+                        Src::Host(h) => (ExtentKind::Data, Some(h)),
+                        Src::Zero => (ExtentKind::Zero, None),
+                        _ => (ExtentKind::Unallocated, None),
+                    };
+                    pieces.push((l, kind, host, false));
+                    q += l;
+                }
+            }
+            for (l, kind, host, comp) in pieces {
+                match cur {
+                    None => cur = Some((kind, host.map(|h| h + l), comp)),
+                    Some((k0, exp, c0)) if k0 == kind && c0 == comp && exp == host => {
+                        cur = Some((k0, host.map(|h| h + l), c0));
+                    }
+                    Some(_) => break 'outer,
+                }
+                pos += l;
+            }
+        }
+        let (kind, _, compressed) = cur.unwrap_or((ExtentKind::Unallocated, None, false));
+        // The host offset of the first byte: recompute from the start.
+        drop(m);
+        let n = pos - offset;
+        let first = {
+            let mut m = self.lock();
+            let gc = offset / cs;
+            let e = m.l2_entry(gc)?;
+            let bitmap = m.l2_bitmap(gc)?;
+            match m.classify(e, gc)? {
+                Cl::Compressed(..) => None,
+                _ => {
+                    let q = offset % cs;
+                    let k = q / self.g.subcluster();
+                    match m.subcluster_src(e, bitmap, gc, k, q)? {
+                        Src::Host(h) => Some(h),
+                        _ => None,
+                    }
+                }
+            }
+        };
+        Ok(Extent {
+            len: n.max(1).min(len),
+            kind,
+            offset: if kind == ExtentKind::Data && !compressed {
+                first
+            } else {
+                None
+            },
+            compressed,
+        })
+    }
+
     pub(crate) fn do_block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        if self.g.ext_l2 {
+            return self.ext_block_status(offset, len);
+        }
         let cs = self.g.cs;
         let mut m = self.lock();
         let end = offset + len;
@@ -588,7 +789,7 @@ impl Qcow2 {
     pub(crate) fn do_write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         let cs = self.g.cs;
         let size = self.size();
-        if offset % cs != 0 || offset >= size {
+        if !offset.is_multiple_of(cs) || offset >= size {
             return Err(Error::invalid(format!(
                 "compressed write at offset {offset} is not cluster aligned or past the end"
             )));
@@ -617,7 +818,9 @@ impl Qcow2 {
         let l1i = (gc >> self.g.l2_bits) as usize;
         let mut m = self.lock();
         m.check_writable()?;
-        m = self.wait_inflight(m, gc, gc + 1);
+        while m.in_flight_range(gc, gc + 1) || m.direct_range(gc, gc + 1) {
+            m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+        }
         m.before_alloc()?;
         m.l2_for_write(l1i)?;
         let host = m.alloc_compressed(comp.len() as u64)?;
@@ -650,10 +853,14 @@ impl Qcow2 {
         }
         let mut m = self.lock();
         m.check_writable()?;
-        if !m.snapshots.is_empty() {
-            return Err(Error::unsupported(
-                "Can't resize a qcow2 image with snapshots",
-            ));
+        // Snapshots record their own disk size (v3), so growing is safe; shrinking
+        // would drop clusters they still need.
+        if !m.snapshots.is_empty() && (m.g.version < 3 || new_size < cur) {
+            return Err(Error::unsupported(if m.g.version < 3 {
+                "Can't resize a v2 image which has snapshots"
+            } else {
+                "Can't shrink a qcow2 image with snapshots"
+            }));
         }
         if new_size < cur {
             if !shrink {
@@ -686,7 +893,8 @@ impl Qcow2 {
                 for e in &l1 {
                     raw.extend_from_slice(&e.to_be_bytes());
                 }
-                raw.resize((clusters * cs) as usize, 0);
+                // Like QEMU, only the entries are written: the file may end inside
+                // the table's last cluster.
                 m.st.write_at(&raw, new_off)?;
                 m.unflushed = true;
                 m.barrier()?;
@@ -708,6 +916,13 @@ impl Qcow2 {
         m.write_header()?;
         self.size
             .store(new_size, std::sync::atomic::Ordering::Release);
+        drop(m);
+        // Growing: bytes of the old last cluster past the old end may hold data from
+        // before a shrink; the new part of the disk must read as zeroes.
+        if new_size > cur && cur % cs != 0 {
+            let tail_end = cur.div_ceil(cs) * cs;
+            self.do_write_zeroes(cur, tail_end.min(new_size) - cur, ZeroFlags::default())?;
+        }
         Ok(())
     }
 }
@@ -733,14 +948,19 @@ impl Meta {
     /// Sets one L2 entry, releasing the old one's clusters.
     pub(crate) fn set_entry(&mut self, l1i: usize, gc: u64, new: u64) -> Result<()> {
         let s = self.l2_for_write(l1i)?;
-        let idx = (gc & (self.g.l2_entries - 1)) as usize;
+        let idx = self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize);
         let old = entry(&self.l2.slot(s).data, idx);
         set(&mut self.l2.slot_mut(s).data, idx, new);
         self.l2_dirty(s);
         // New data (or refcounts) must be durable before this table is written.
         self.unflushed = true;
         let cl = self.classify(old, gc)?;
-        self.free_entry(cl);
+        match cl {
+            // The host cluster stays in use (zero cluster written in place).
+            Cl::Data(h, _) | Cl::ZeroAlloc(h, _)
+                if new & COMPRESSED == 0 && h == new & OFFSET_MASK => {}
+            _ => self.free_entry(cl),
+        }
         Ok(())
     }
 }

@@ -21,6 +21,9 @@
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
 //! are deferred until the mapping that dropped them is durable (`pending_frees`).
 //!
+//! Extended L2 entries (subclusters) are supported read-only; external data files and
+//! encryption are refused with a clear error.
+//!
 //! Default caches: the L2 cache covers the whole disk up to 32 MiB of tables (QEMU's
 //! Linux default maximum), at least 4 tables; the refcount cache holds a quarter of
 //! that, at least 4 blocks.
@@ -86,12 +89,14 @@ pub(crate) struct Geom {
     pub rc_per_block: u64,
     pub rc_block_bits: u32,
     pub version: u32,
+    /// Extended L2 entries (16 bytes: entry + subcluster bitmap).
+    pub ext_l2: bool,
 }
 
 impl Geom {
-    pub(crate) fn new(cluster_bits: u32, rc_order: u32, version: u32) -> Geom {
+    pub(crate) fn new(cluster_bits: u32, rc_order: u32, version: u32, ext_l2: bool) -> Geom {
         let cs = 1u64 << cluster_bits;
-        let l2_bits = cluster_bits - 3;
+        let l2_bits = cluster_bits - 3 - u32::from(ext_l2);
         let rc_block_bits = cluster_bits + 3 - rc_order;
         Geom {
             cluster_bits,
@@ -102,6 +107,7 @@ impl Geom {
             rc_per_block: 1 << rc_block_bits,
             rc_block_bits,
             version,
+            ext_l2,
         }
     }
     /// Largest refcount value.
@@ -115,6 +121,18 @@ impl Geom {
     /// Bit position of the sector count in a compressed L2 entry.
     pub(crate) fn csize_shift(&self) -> u32 {
         62 - (self.cluster_bits - 8)
+    }
+    /// Index of the 8-byte word holding entry `i` of an L2 table.
+    pub(crate) fn l2_word(&self, i: usize) -> usize {
+        i << u32::from(self.ext_l2)
+    }
+    /// Bytes of one subcluster (the cluster itself without extended L2).
+    pub(crate) fn subcluster(&self) -> u64 {
+        if self.ext_l2 {
+            self.cs / 32
+        } else {
+            self.cs
+        }
     }
     /// L1 entries needed to map `size` bytes.
     pub(crate) fn l1_entries_for(&self, size: u64) -> u64 {
@@ -138,6 +156,9 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// Guest cluster ranges `[start, end)` being allocated right now.
     pub inflight: Vec<(u64, u64)>,
+    /// Guest cluster ranges with an in-place data write in progress: their host
+    /// clusters must not be released (and reused) until it completes.
+    pub direct: Vec<(u64, u64)>,
     /// Host clusters whose mapping was dropped in cache: one refcount decrement each,
     /// applied once the mapping change is durable.
     pub pending_frees: Vec<u64>,
@@ -239,7 +260,8 @@ impl Qcow2 {
         let mut head = vec![0u8; head_len];
         storage.read_at(&mut head, 0)?;
         let hdr = Header::parse(&head, file_len)?;
-        let g = Geom::new(hdr.cluster_bits, hdr.refcount_order, hdr.version);
+        let ext_l2 = hdr.incompatible & INCOMPAT_EXTL2 != 0;
+        let g = Geom::new(hdr.cluster_bits, hdr.refcount_order, hdr.version, ext_l2);
         let cs = g.cs;
 
         if hdr.crypt_method != 0 {
@@ -267,10 +289,16 @@ impl Qcow2 {
                 "qcow2 images with an external data file are not supported",
             ));
         }
-        if hdr.incompatible & INCOMPAT_EXTL2 != 0 {
+        if ext_l2 && !opts.read_only {
             return Err(Error::unsupported(
-                "qcow2 images with extended L2 entries (subclusters) are not supported",
+                "qcow2 images with extended L2 entries (subclusters) can only be opened read-only",
             ));
+        }
+        if ext_l2 && hdr.cluster_bits < 14 {
+            return Err(Error::corrupt(format!(
+                "extended L2 entries need clusters of at least 16 KiB (cluster_bits {})",
+                hdr.cluster_bits
+            )));
         }
         if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !opts.read_only {
             return Err(Error::corrupt(
@@ -382,6 +410,7 @@ impl Qcow2 {
             rc: Cache::new(rc_tables),
             free_hint: 0,
             inflight: Vec::new(),
+            direct: Vec::new(),
             pending_frees: Vec::new(),
             unflushed: false,
             file_end: file_len,
@@ -443,7 +472,7 @@ pub(crate) fn validate_table(
     if bytes == 0 {
         return Ok(());
     }
-    if offset % cs != 0 {
+    if !offset.is_multiple_of(cs) {
         return Err(Error::corrupt(format!(
             "{what} offset {offset:#x} is not cluster aligned"
         )));
@@ -499,9 +528,10 @@ impl Driver for Qcow2 {
         }
         let mut m = self.lock();
         m.writeback()?;
-        m.unflushed = false;
-        drop(m);
+        // Under the lock: `unflushed` may only be cleared once the flush has happened,
+        // or a concurrent barrier could skip a flush it needs.
         self.storage.flush()?;
+        m.unflushed = false;
         Ok(())
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
@@ -553,9 +583,13 @@ impl Driver for Qcow2 {
         self.writable()?;
         let mut m = self.lock();
         m.check_writable()?;
-        m.hdr.backing_file = spec.map(|s| s.name.clone());
-        m.hdr.backing_format = spec.and_then(|s| s.format).map(|f| f.name().to_string());
+        let mut h = m.hdr.clone();
+        h.backing_file = spec.map(|s| s.name.clone());
+        h.backing_format = spec.and_then(|s| s.format).map(|f| f.name().to_string());
+        // Fails (changing nothing) if the name does not fit in the header cluster.
+        h.serialize()?;
         m.writeback()?;
+        m.hdr = h;
         m.write_header()?;
         m.has_backing = spec.is_some();
         drop(m);
@@ -577,5 +611,17 @@ impl Driver for Qcow2 {
             m.set_dirty = false;
         }
         Ok(())
+    }
+}
+
+impl Drop for Qcow2 {
+    /// A driver dropped without `close` (e.g. by a front-end holding only the driver)
+    /// still writes its cached metadata back, so no completed write is lost.
+    fn drop(&mut self) {
+        if !self.read_only && !self.closed.load(Ordering::Acquire) {
+            if let Err(e) = Driver::close(self) {
+                tracing::warn!("qcow2: closing on drop: {e}");
+            }
+        }
     }
 }

@@ -67,7 +67,7 @@ impl Meta {
         if let Some(i) = self.rc.lookup(off) {
             return Ok(i);
         }
-        if off % self.cs() != 0 || off >= MAX_HOST_OFFSET || off >= self.file_end {
+        if !off.is_multiple_of(self.cs()) || off >= MAX_HOST_OFFSET || off >= self.file_end {
             return Err(self.mark_corrupt(format!(
                 "Refcount block offset {off:#x} is unaligned or past the end of the file; refcount table corrupted"
             )));

@@ -39,9 +39,14 @@ impl Meta {
             return Ok(i);
         }
         let cs = self.cs();
-        if off % cs != 0 || off < cs || off >= self.file_end {
+        if !off.is_multiple_of(cs) || off < cs || off >= self.file_end {
             return Err(self.mark_corrupt(format!(
                 "L2 table offset {off:#x} of L1 entry {l1_index} is unaligned, overlaps the header or lies past the end of the file"
+            )));
+        }
+        if let Some(what) = self.overlaps_metadata(off / cs, 1) {
+            return Err(self.mark_corrupt(format!(
+                "L2 table offset {off:#x} of L1 entry {l1_index} overlaps the {what}"
             )));
         }
         self.make_room_l2()?;
@@ -78,7 +83,28 @@ impl Meta {
         let s = self.l2_slot(off, l1i)?;
         Ok(entry(
             &self.l2.slot(s).data,
-            (gc & (self.g.l2_entries - 1)) as usize,
+            self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize),
+        ))
+    }
+
+    /// The subcluster bitmap of guest cluster `gc` (extended L2 only; 0 otherwise or
+    /// when its L2 table is unallocated).
+    pub(crate) fn l2_bitmap(&mut self, gc: u64) -> Result<u64> {
+        if !self.g.ext_l2 {
+            return Ok(0);
+        }
+        let l1i = (gc >> self.g.l2_bits) as usize;
+        let Some(&l1e) = self.l1.get(l1i) else {
+            return Ok(0);
+        };
+        let off = l1e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        let s = self.l2_slot(off, l1i)?;
+        Ok(entry(
+            &self.l2.slot(s).data,
+            self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize) + 1,
         ))
     }
 
