@@ -53,7 +53,11 @@ pub(crate) fn apply_zero(v: &mut [u8], offset: u64, len: u64) {
 
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
-        read_from(&self.data.read().unwrap_or_else(|p| p.into_inner()), buf, offset);
+        read_from(
+            &self.data.read().unwrap_or_else(|p| p.into_inner()),
+            buf,
+            offset,
+        );
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> StorageResult<()> {

@@ -126,7 +126,11 @@ impl TraceStorage {
 
 impl Storage for TraceStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
-        read_from(&self.data.read().unwrap_or_else(|p| p.into_inner()), buf, offset);
+        read_from(
+            &self.data.read().unwrap_or_else(|p| p.into_inner()),
+            buf,
+            offset,
+        );
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
