@@ -158,7 +158,7 @@ fn crash_run(seed: u64, with_backing: bool, geometry: (&str, &str)) {
             ("odd", Box::new(|i| i % 2 == 1)),
             (
                 "hash",
-                Box::new(move |i| (i as u64 * 2654435761 + seed) % 3 != 0),
+                Box::new(move |i| !(i as u64 * 2654435761 + seed).is_multiple_of(3)),
             ),
         ];
         for (name, keep) in selectors {
@@ -221,7 +221,8 @@ fn crash_during_repair() {
         repaired += 1;
         for j in 0..rtrace.points() {
             for keep in [0u64, 1, 2] {
-                let img2 = rtrace.crash_image(j, |i| (i as u64 + keep) % 2 == 0 || keep == 1);
+                let img2 =
+                    rtrace.crash_image(j, |i| (i as u64 + keep).is_multiple_of(2) || keep == 1);
                 let m: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img2));
                 let d2 = open_mem(m, &DriverOptions::default(), None)
                     .unwrap_or_else(|e| panic!("point {k}/{j}: {e}"));

@@ -95,7 +95,7 @@ impl Drop for AlignedBuf {
 }
 
 fn aligned(x: u64) -> bool {
-    x % DIRECT_ALIGN as u64 == 0
+    x.is_multiple_of(DIRECT_ALIGN as u64)
 }
 
 impl FileStorage {
@@ -253,7 +253,7 @@ impl Storage for FileStorage {
         if self.cache.direct()
             && !(aligned(offset)
                 && aligned(buf.len() as u64)
-                && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0)
+                && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN))
         {
             return self.direct_read(buf, offset);
         }
@@ -264,7 +264,7 @@ impl Storage for FileStorage {
         if self.cache.direct()
             && !(aligned(offset)
                 && aligned(buf.len() as u64)
-                && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0)
+                && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN))
         {
             return self.direct_write(buf, offset);
         }

@@ -148,7 +148,7 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter, rep: &mut CheckReport) -> Result<(
     let dir_size = be64(ext, 8);
     let dir_off = be64(ext, 16);
     // QEMU's limits: 65535 bitmaps, a directory of at most 64 MiB.
-    if nb == 0 || nb > 65535 || dir_size > (64 << 20) || dir_size < 24 {
+    if nb == 0 || nb > 65535 || !(24..=(64 << 20)).contains(&dir_size) {
         rep.messages.push(format!(
             "ERROR bitmaps extension is invalid ({nb} bitmaps, directory {dir_size} bytes)"
         ));

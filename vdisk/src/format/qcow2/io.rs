@@ -919,7 +919,7 @@ impl Qcow2 {
         drop(m);
         // Growing: bytes of the old last cluster past the old end may hold data from
         // before a shrink; the new part of the disk must read as zeroes.
-        if new_size > cur && cur % cs != 0 {
+        if new_size > cur && !cur.is_multiple_of(cs) {
             let tail_end = cur.div_ceil(cs) * cs;
             self.do_write_zeroes(cur, tail_end.min(new_size) - cur, ZeroFlags::default())?;
         }
