@@ -2,44 +2,15 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use vdisk::format::qed::Qed;
 use vdisk::format::{BackingSpec, Driver, DriverOptions, Format};
 use vdisk::storage::{MemStorage, Storage};
 use vdisk::{Image, OpenOptions};
 
-/// Runs a command, panicking with its output if it fails.
-pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command and returns (exit code, stdout, stderr).
-pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-pub fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+#[path = "../oracle/mod.rs"]
+mod oracle;
+pub use oracle::{p, run, run_status};
 
 /// `qemu-img check --output=json` parsed, and its exit code.
 pub fn qemu_check(path: &Path) -> (i32, serde_json::Value) {
