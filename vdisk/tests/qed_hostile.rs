@@ -277,3 +277,113 @@ proptest! {
         }
     }
 }
+
+/// Table entries pointing at the L1 table itself (an L1 entry naming the L1 as an L2
+/// table, or an L2 entry naming an L1 cluster as data) are refused on reads and writes,
+/// never written through, reported by check and zeroed by repair.
+#[test]
+fn entries_pointing_at_the_l1_table_are_refused_and_repaired() {
+    // table_size 2 (QEMU refuses table_size 1), so qemu-img can judge the result.
+    let good = {
+        let st = mem_qed(
+            8 << 20,
+            &[("cluster_size", "4k"), ("table_size", "2")],
+            None,
+        );
+        let dyn_st: Arc<dyn Storage> = st.clone();
+        let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+        d.write_at(&[1u8; 10000], 3000).expect("write");
+        d.write_at(&[2u8; 5000], 5 << 20).expect("write");
+        d.close().expect("close");
+        drop(d);
+        st.to_vec()
+    };
+    let l1 = 4096usize;
+    let l2 = u64::from_le_bytes(good[l1..l1 + 8].try_into().expect("8")) as usize;
+    // (what, patch offset, guest offset of the affected cluster, needle)
+    let cases = [
+        ("L1 entry 0 -> L1", l1, 0u64, "L1 entry 0"),
+        ("L2 entry 2 -> L1", l2 + 16, 8192u64, "entry 2 "),
+        (
+            "L2 entry 3 -> L1's 2nd cluster",
+            l2 + 24,
+            12288u64,
+            "entry 3 ",
+        ),
+    ];
+    for (what, at, guest, needle) in cases {
+        let mut img = good.clone();
+        let target = if what.contains("2nd") { 8192u64 } else { 4096 };
+        patch(&mut img, at, &target.to_le_bytes());
+        let st = Arc::new(MemStorage::from_vec(img));
+        let dyn_st: Arc<dyn Storage> = st.clone();
+        let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+        let l1_before = st.to_vec()[l1..l1 + 8192].to_vec();
+        let mut b = vec![0u8; 4096];
+        let e = d.read_at(&mut b, guest).expect_err(what);
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+        assert!(
+            e.to_string().contains(&format!("{target:#x}")),
+            "{what}: {e} names the offset"
+        );
+        let e = d.write_at(&[3u8; 4096], guest).expect_err(what);
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+        let e = d
+            .write_at(&[3u8; 65536], guest)
+            .expect_err("longer write too");
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+        assert!(
+            st.to_vec()[l1..l1 + 8192] == l1_before[..],
+            "{what}: the L1 table was written through"
+        );
+        let r = d.check(Repair::default()).expect("check");
+        assert!(r.corruptions >= 1, "{what}: {r:?}");
+        let r = d
+            .check(Repair {
+                leaks: true,
+                errors: true,
+            })
+            .expect("repair");
+        assert_eq!((r.corruptions, r.check_errors), (0, 0), "{what}: {r:?}");
+        assert!(r.corruptions_fixed >= 1, "{what}: {r:?}");
+        d.write_at(&[5u8; 4096], guest).expect("write after repair");
+        d.read_at(&mut b, guest).expect("read after repair");
+        assert!(b.iter().all(|x| *x == 5), "{what}");
+        d.close().expect("close");
+        drop(d);
+        let dir = tmp();
+        let path = path_in(&dir, "img.qed");
+        std::fs::write(&path, st.to_vec()).expect("write file");
+        assert_qemu_clean(&path);
+    }
+}
+
+/// An L2 entry naming its own L2 table as a data cluster (a double reference): guest
+/// writes, zeroes and discards there are refused instead of overwriting the table.
+#[test]
+fn data_write_over_a_known_l2_table_is_refused() {
+    let good = base();
+    let l1 = 4096usize;
+    let l2 = u64::from_le_bytes(good[l1..l1 + 8].try_into().expect("8"));
+    let mut img = good.clone();
+    patch(&mut img, l2 as usize + 16, &l2.to_le_bytes());
+    let st = Arc::new(MemStorage::from_vec(img));
+    let dyn_st: Arc<dyn Storage> = st.clone();
+    let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+    let table_before = st.to_vec()[l2 as usize..l2 as usize + 4096].to_vec();
+    let e = d
+        .write_at(&[3u8; 4096], 8192)
+        .expect_err("write over the table");
+    assert!(e.to_string().contains("L2 table at"), "{e}");
+    d.write_at(&[3u8; 3 * 4096], 4096)
+        .expect_err("longer write over the table");
+    d.write_zeroes(8192, 4096, ZeroFlags::default())
+        .expect_err("zeroes over the table");
+    d.discard(8192, 4096).expect_err("discard over the table");
+    assert!(
+        st.to_vec()[l2 as usize..l2 as usize + 4096] == table_before[..],
+        "the L2 table was overwritten"
+    );
+    let r = d.check(Repair::default()).expect("check");
+    assert!(r.corruptions >= 1, "{r:?}");
+}

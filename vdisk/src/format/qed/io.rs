@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::format::{check_range, read_backing, Extent, ExtentKind, ZeroFlags};
 use std::sync::Arc;
 
+/// How many L2 table offsets [`Inner::note_table`] remembers at most.
+const MAX_KNOWN_TABLES: usize = 4096;
+
 /// What one L2 entry says about its cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Entry {
@@ -51,9 +54,10 @@ impl Inner {
         if !table_offset_valid(&self.geo, off, self.file_size()) {
             return Err(Error::corrupt(format!(
                 "QED: L1 entry {l1i} points to an invalid L2 table offset {off:#x} \
-                 (misaligned, inside the header, or past the end of the file)"
+                 (misaligned, inside the header or the L1 table, or past the end of the file)"
             )));
         }
+        self.note_table(off);
         let nelems = self.nelems;
         let t = self
             .l2
@@ -71,7 +75,8 @@ impl Inner {
                 } else {
                     Err(Error::corrupt(format!(
                         "QED: L2 table at {l2_off:#x} (L1 index {l1i}) entry {l2i} holds an \
-                         invalid cluster offset {v:#x}"
+                         invalid cluster offset {v:#x} (misaligned, inside the header or the L1 \
+                         table, or past the end of the file)"
                     )))
                 }
             }
@@ -118,6 +123,32 @@ impl Inner {
             host,
             len,
         })
+    }
+
+    /// Remembers that an L2 table lives at `off`.
+    fn note_table(&self, off: u64) {
+        let mut k = self.known_tables.lock().unwrap_or_else(|p| p.into_inner());
+        if k.len() >= MAX_KNOWN_TABLES && !k.contains(&off) {
+            // Bounded memory: start over (the tables in use get noted again).
+            k.clear();
+        }
+        k.insert(off);
+    }
+
+    /// Refuses a data write to `[host, host+len)` that would overwrite a known L2 table
+    /// (a cluster referenced twice, once as data and once as a table).
+    fn guard_data_write(&self, host: u64, len: u64) -> Result<()> {
+        let k = self.known_tables.lock().unwrap_or_else(|p| p.into_inner());
+        let tb = self.geo.table_bytes();
+        if let Some(&t) = k.range(..host.saturating_add(len)).next_back() {
+            if t.saturating_add(tb) > host {
+                return Err(Error::corrupt(format!(
+                    "QED: refusing to write guest data to host offset {host:#x}: it overlaps \
+                     the L2 table at {t:#x} (cluster referenced twice; run a repair)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether an unallocated guest range reads as zeroes (no backing data under it).
@@ -233,6 +264,9 @@ fn try_in_place(inner: &Inner, buf: &[u8], guest: u64) -> Result<bool> {
         runs.push((pos as usize, run));
         pos += run.len;
     }
+    for (_, run) in &runs {
+        inner.guard_data_write(run.host, run.len)?;
+    }
     for (p, run) in runs {
         inner
             .storage
@@ -336,6 +370,9 @@ fn allocating_write(
     // Created only once the list lock is released: its drop takes that lock.
     let _guard = InflightGuard { sync, ranges };
 
+    for (_, run) in &in_place {
+        inner.guard_data_write(run.host, run.len)?;
+    }
     for (p, run) in in_place {
         inner
             .storage
@@ -608,6 +645,7 @@ fn zero_clusters(inner: &Arc<Inner>, start: u64, end: u64, flags: ZeroFlags) -> 
 }
 
 fn zero_host(inner: &Inner, host: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    inner.guard_data_write(host, len)?;
     if flags.may_unmap {
         inner.storage.punch_hole(host, len)?;
     } else {
@@ -634,6 +672,7 @@ pub(crate) fn discard(inner: &Arc<Inner>, offset: u64, len: u64) -> Result<()> {
     while g < end {
         let run = inner.map(g, end - g)?;
         if let Entry::Data(_) = run.kind {
+            inner.guard_data_write(run.host, run.len.div_ceil(cs) * cs)?;
             inner
                 .storage
                 .punch_hole(run.host, run.len.div_ceil(cs) * cs)?;

@@ -83,6 +83,9 @@ pub(crate) struct Inner {
     /// write stale snapshots of each other.
     l1_write: Mutex<()>,
     l2: L2Cache,
+    /// File offsets of the L2 tables looked up this session (bounded): data is never
+    /// written over one of them, whatever a (double-referencing) L2 entry says.
+    known_tables: Mutex<std::collections::BTreeSet<u64>>,
     /// Per-L2-table (by L1 index) metadata locks and in-flight allocation lists.
     table_locks: Mutex<HashMap<u64, Arc<io::TableSync>>>,
     /// Shared by requests, exclusive for check/resize/set_backing.
@@ -224,6 +227,7 @@ impl Qed {
             l1: RwLock::new(l1),
             l1_write: Mutex::new(()),
             l2: L2Cache::new(l2_tables as usize),
+            known_tables: Mutex::new(std::collections::BTreeSet::new()),
             table_locks: Mutex::new(HashMap::new()),
             quiesce: RwLock::new(()),
             dirty: Mutex::new(DirtyState::new(h.clone(), spec)),
