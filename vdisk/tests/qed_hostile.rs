@@ -387,3 +387,39 @@ fn data_write_over_a_known_l2_table_is_refused() {
     let r = d.check(Repair::default()).expect("check");
     assert!(r.corruptions >= 1, "{r:?}");
 }
+
+/// The double-reference guard forgets tables that shrink/compaction released: a data
+/// cluster later allocated where such a table was is written normally.
+#[test]
+fn guard_forgets_released_tables() {
+    let st = mem_qed(
+        8 << 20,
+        &[("cluster_size", "4k"), ("table_size", "1")],
+        None,
+    );
+    let dyn_st: Arc<dyn Storage> = st.clone();
+    let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+    d.write_at(&[1u8; 4096], 0).expect("write");
+    // A second L2 table (and its data cluster) at the end of the file.
+    d.write_at(&[2u8; 4096], 5 << 20).expect("write");
+    let l2_second = u64::from_le_bytes(st.to_vec()[4096 + 16..4096 + 24].try_into().expect("8"));
+    // Shrinking releases that table; compaction truncates the file before it.
+    d.resize(4 << 20, true).expect("shrink");
+    d.resize(8 << 20, false).expect("grow");
+    let mut placed = false;
+    for i in 1..4u64 {
+        d.write_at(&[3u8; 4096], i * 4096)
+            .expect("allocating write");
+        // Rewrite in place: must not be mistaken for a write over an L2 table.
+        d.write_at(&[4u8; 4096], i * 4096)
+            .expect("in-place write where a released table was");
+        let e = d.block_status(i * 4096, 4096).expect("status");
+        placed |= e.offset == Some(l2_second);
+    }
+    assert!(
+        placed,
+        "no data cluster landed where the released table was"
+    );
+    let r = d.check(Repair::default()).expect("check");
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+}

@@ -276,8 +276,7 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
         };
         let w = walk(inner, &h, fix);
         // Repairs bypassed the caches.
-        inner.l1.clear();
-        inner.l2.clear();
+        inner.forget_tables();
         w?
     };
     if !any_fix {
@@ -302,8 +301,7 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
         if reclaim && r.check_errors == 0 {
             leaks_fixed = reclaim_leaks(inner, &h, &first.used)?;
         }
-        inner.l1.clear();
-        inner.l2.clear();
+        inner.forget_tables();
         inner.storage.flush()?;
         // Report the state the repair left, with what it fixed.
         let after = walk(inner, &h, None)?;
@@ -333,8 +331,7 @@ pub(crate) fn compact_locked(inner: &Inner) -> Result<u64> {
         return Ok(0);
     }
     let n = reclaim_leaks(inner, &h, &w.used)?;
-    inner.l1.clear();
-    inner.l2.clear();
+    inner.forget_tables();
     Ok(n)
 }
 
@@ -647,8 +644,7 @@ fn reclaim_leaks(inner: &Inner, h: &Header, used: &Used) -> Result<u64> {
             }
         }
         inner.storage.flush()?;
-        inner.l1.clear();
-        inner.l2.clear();
+        inner.forget_tables();
     }
     let end_in_window = owners
         .iter()

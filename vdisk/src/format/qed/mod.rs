@@ -153,6 +153,18 @@ impl Inner {
         }
     }
 
+    /// Drops every cached table page and every remembered table location: check,
+    /// repair, shrink and leak reclaim rewrite tables on disk, release them or move them
+    /// (their old clusters can then hold data).
+    fn forget_tables(&self) {
+        self.l1.clear();
+        self.l2.clear();
+        self.known_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// The metadata lock of the L2 table at L1 index `l1i`.
     fn table_lock(&self, l1i: u64) -> Arc<io::TableSync> {
         let mut m = self.table_locks.lock().unwrap_or_else(|p| p.into_inner());

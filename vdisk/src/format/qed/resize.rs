@@ -116,8 +116,7 @@ fn release_past(inner: &Arc<Inner>, new_size: u64, old_size: u64) -> Result<()> 
     }
     // The cleared entries must be durable before their clusters are reused.
     inner.storage.flush()?;
-    inner.l2.clear();
-    inner.l1.clear();
+    inner.forget_tables();
     super::check::compact_locked(inner)?;
     inner.storage.flush()?;
     Ok(())
