@@ -212,3 +212,72 @@ fn sparse_64t_image_maps_a_page_of_l1_per_step() {
     drop(b);
     assert_qemu_clean(&path);
 }
+
+/// Allocating writes into 64 MiB clusters over a backing file copy the backing data
+/// around the write in bounded pieces, zeroes past the backing file's end.
+#[test]
+fn huge_cluster_fill_from_backing() {
+    let dir = tmp();
+    let path = path_in(&dir, "b.qed");
+    create(&path, 256 << 20, "64M", "16");
+    // Name a backing file in the header (the resolver below supplies it).
+    {
+        let (d, _) = open_bounded(&path);
+        d.set_backing_spec(Some(&BackingSpec {
+            name: "base.raw".into(),
+            format: Some(vdisk::Format::Raw),
+        }))
+        .expect("set backing");
+        d.close().expect("close");
+    }
+    let backing_len = (9 << 20) + 5000; // ends inside a fill piece
+    let pattern: Vec<u8> = (0..backing_len)
+        .map(|i| (i / 4096 % 251) as u8 + 1)
+        .collect();
+    let open = |path: &Path| {
+        let b = Arc::new(Bounded {
+            inner: file_storage(path, false),
+            refused: AtomicU64::new(0),
+            largest: AtomicU64::new(0),
+        });
+        let st: Arc<dyn Storage> = b.clone();
+        let backing = raw_backing(pattern.clone());
+        let d = Qed::open(st, &DriverOptions::default(), &mut |_s: &BackingSpec| {
+            Ok(backing.clone())
+        })
+        .expect("open with backing");
+        (d, b)
+    };
+    let mut want = vec![0u8; 128 << 20];
+    want[..backing_len].copy_from_slice(&pattern);
+    {
+        let (d, b) = open(&path);
+        // Inside the backing data, and in a second cluster past its end.
+        d.write_at(&[0xAAu8; 8192], (4 << 20) + 512).expect("write");
+        want[(4 << 20) + 512..(4 << 20) + 512 + 8192].fill(0xAA);
+        d.write_at(&[0xBBu8; 4096], 100 << 20).expect("write");
+        want[100 << 20..(100 << 20) + 4096].fill(0xBB);
+        d.close().expect("close");
+        drop(d);
+        assert_eq!(b.refused.load(Ordering::Relaxed), 0);
+    }
+    let (d, b) = open(&path);
+    let e = d.block_status(0, 64 << 20).expect("status");
+    assert_eq!((e.kind, e.len), (ExtentKind::Data, 64 << 20));
+    let mut got = vec![0u8; 1 << 20];
+    for off in (0..want.len()).step_by(got.len()) {
+        d.read_at(&mut got, off as u64).expect("read");
+        assert!(
+            got[..] == want[off..off + got.len()],
+            "contents differ in the MiB at {off:#x}"
+        );
+    }
+    let r = d.check(Repair::default()).expect("check");
+    assert_eq!(
+        (r.corruptions, r.leaks, r.allocated_clusters),
+        (0, 0, Some(2)),
+        "{r:?}"
+    );
+    drop(d);
+    assert_eq!(b.refused.load(Ordering::Relaxed), 0);
+}
