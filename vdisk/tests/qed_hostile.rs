@@ -423,3 +423,34 @@ fn guard_forgets_released_tables() {
     let r = d.check(Repair::default()).expect("check");
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
 }
+
+/// An L2 entry naming another L2 table (one no request has used yet) as its data
+/// cluster: the write is refused, the other table survives.
+#[test]
+fn data_write_over_another_l2_table_is_refused() {
+    let good = base();
+    let l1 = 4096usize;
+    let entry = |img: &[u8], at: usize| u64::from_le_bytes(img[at..at + 8].try_into().expect("8"));
+    let first = entry(&good, l1);
+    // base() put data at 5 MiB: L1 index 2 with 4 KiB clusters and 512-entry tables.
+    let second = entry(&good, l1 + 16);
+    assert!(second != 0 && first != 0);
+    let mut img = good.clone();
+    patch(&mut img, first as usize + 16, &second.to_le_bytes());
+    let st = Arc::new(MemStorage::from_vec(img));
+    let dyn_st: Arc<dyn Storage> = st.clone();
+    let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+    let before = st.to_vec()[second as usize..second as usize + 4096].to_vec();
+    let e = d
+        .write_at(&[3u8; 4096], 8192)
+        .expect_err("write over the other table");
+    assert!(
+        e.to_string().contains(&format!("L2 table at {second:#x}")),
+        "{e}"
+    );
+    assert!(st.to_vec()[second as usize..second as usize + 4096] == before[..]);
+    let mut b = vec![0u8; 5000];
+    d.read_at(&mut b, 5 << 20)
+        .expect("the other table still maps its data");
+    assert!(b.iter().all(|x| *x == 2));
+}

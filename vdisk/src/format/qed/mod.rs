@@ -266,6 +266,8 @@ impl Qed {
                     errors: true,
                 })?;
             }
+            // After any repair, which forgets table locations.
+            qed.inner.note_tables_at_open()?;
         }
         Ok(qed)
     }

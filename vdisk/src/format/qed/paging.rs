@@ -8,6 +8,9 @@ use super::table::{self, SharedPage};
 use super::Inner;
 use crate::error::{Error, Result};
 
+/// Pages of L1 read at a read-write open to learn where the L2 tables are.
+const OPEN_SCAN_PAGES: u64 = 64;
+
 /// One run of L2 entries to set: entry `first + k` becomes `value + k * step`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Update {
@@ -93,6 +96,34 @@ impl Inner {
         }
         self.note_table(off);
         Ok(Some(off))
+    }
+
+    /// Remembers where the L2 tables are, so the double-reference guard also covers
+    /// tables no request has looked up yet. Bounded: at most [`OPEN_SCAN_PAGES`] pages of
+    /// L1 are read (holes skipped), which covers the whole L1 of usual geometries.
+    pub(crate) fn note_tables_at_open(&self) -> Result<()> {
+        let pe = self.page_entries;
+        let file_size = self.file_size();
+        let mut l1i = 0;
+        let mut pages = 0;
+        while l1i < self.nelems && pages < OPEN_SCAN_PAGES {
+            let at = self.l1_offset + l1i * 8;
+            let skip = table::hole_pages(&*self.storage, at, pe * 8, (self.nelems - l1i) / pe);
+            if skip > 0 {
+                l1i += skip * pe;
+                continue;
+            }
+            let (page, _) = self.l1_page(l1i)?;
+            let g = page.read().unwrap_or_else(|p| p.into_inner());
+            for &off in g.iter() {
+                if off != 0 && table_offset_valid(&self.geo, off, file_size) {
+                    self.note_table(off);
+                }
+            }
+            l1i += pe;
+            pages += 1;
+        }
+        Ok(())
     }
 
     /// The cached page holding entry `l2i` of the L2 table at `table`, and the entry's
