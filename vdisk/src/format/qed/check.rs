@@ -1,8 +1,9 @@
 //! Consistency check and repair, with the counts `qemu-img check` reports for QED.
 //!
-//! Walks L1, then every L2 table: every offset must be cluster aligned, after the
-//! header and inside the file (tables entirely), and every cluster referenced at most
-//! once. Leaks are only counted when every table could be read.
+//! Walks L1, then every L2 table, a page at a time: every offset must be cluster
+//! aligned, after the header, outside the L1 table and inside the file (tables
+//! entirely), and every cluster referenced at most once. Leaks are only counted when
+//! every table could be read. Memory: one bit per file cluster plus a page.
 //!
 //! Repair (`errors`) zeroes invalid entries and writes the fixed tables back, as QEMU
 //! does. Repair (`leaks`) goes further than QEMU, which never reclaims leaked clusters:
