@@ -277,3 +277,180 @@ proptest! {
         }
     }
 }
+
+/// Table entries pointing at the L1 table itself (an L1 entry naming the L1 as an L2
+/// table, or an L2 entry naming an L1 cluster as data) are refused on reads and writes,
+/// never written through, reported by check and zeroed by repair.
+#[test]
+fn entries_pointing_at_the_l1_table_are_refused_and_repaired() {
+    // table_size 2 (QEMU refuses table_size 1), so qemu-img can judge the result.
+    let good = {
+        let st = mem_qed(
+            8 << 20,
+            &[("cluster_size", "4k"), ("table_size", "2")],
+            None,
+        );
+        let dyn_st: Arc<dyn Storage> = st.clone();
+        let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+        d.write_at(&[1u8; 10000], 3000).expect("write");
+        d.write_at(&[2u8; 5000], 5 << 20).expect("write");
+        d.close().expect("close");
+        drop(d);
+        st.to_vec()
+    };
+    let l1 = 4096usize;
+    let l2 = u64::from_le_bytes(good[l1..l1 + 8].try_into().expect("8")) as usize;
+    // (what, patch offset, guest offset of the affected cluster, needle)
+    let cases = [
+        ("L1 entry 0 -> L1", l1, 0u64, "L1 entry 0"),
+        ("L2 entry 2 -> L1", l2 + 16, 8192u64, "entry 2 "),
+        (
+            "L2 entry 3 -> L1's 2nd cluster",
+            l2 + 24,
+            12288u64,
+            "entry 3 ",
+        ),
+    ];
+    for (what, at, guest, needle) in cases {
+        let mut img = good.clone();
+        let target = if what.contains("2nd") { 8192u64 } else { 4096 };
+        patch(&mut img, at, &target.to_le_bytes());
+        let st = Arc::new(MemStorage::from_vec(img));
+        let dyn_st: Arc<dyn Storage> = st.clone();
+        let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+        let l1_before = st.to_vec()[l1..l1 + 8192].to_vec();
+        let mut b = vec![0u8; 4096];
+        let e = d.read_at(&mut b, guest).expect_err(what);
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+        assert!(
+            e.to_string().contains(&format!("{target:#x}")),
+            "{what}: {e} names the offset"
+        );
+        let e = d.write_at(&[3u8; 4096], guest).expect_err(what);
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+        let e = d
+            .write_at(&[3u8; 65536], guest)
+            .expect_err("longer write too");
+        assert!(e.to_string().contains(needle), "{what}: {e}");
+        assert!(
+            st.to_vec()[l1..l1 + 8192] == l1_before[..],
+            "{what}: the L1 table was written through"
+        );
+        let r = d.check(Repair::default()).expect("check");
+        assert!(r.corruptions >= 1, "{what}: {r:?}");
+        let r = d
+            .check(Repair {
+                leaks: true,
+                errors: true,
+            })
+            .expect("repair");
+        assert_eq!((r.corruptions, r.check_errors), (0, 0), "{what}: {r:?}");
+        assert!(r.corruptions_fixed >= 1, "{what}: {r:?}");
+        d.write_at(&[5u8; 4096], guest).expect("write after repair");
+        d.read_at(&mut b, guest).expect("read after repair");
+        assert!(b.iter().all(|x| *x == 5), "{what}");
+        d.close().expect("close");
+        drop(d);
+        let dir = tmp();
+        let path = path_in(&dir, "img.qed");
+        std::fs::write(&path, st.to_vec()).expect("write file");
+        assert_qemu_clean(&path);
+    }
+}
+
+/// An L2 entry naming its own L2 table as a data cluster (a double reference): guest
+/// writes, zeroes and discards there are refused instead of overwriting the table.
+#[test]
+fn data_write_over_a_known_l2_table_is_refused() {
+    let good = base();
+    let l1 = 4096usize;
+    let l2 = u64::from_le_bytes(good[l1..l1 + 8].try_into().expect("8"));
+    let mut img = good.clone();
+    patch(&mut img, l2 as usize + 16, &l2.to_le_bytes());
+    let st = Arc::new(MemStorage::from_vec(img));
+    let dyn_st: Arc<dyn Storage> = st.clone();
+    let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+    let table_before = st.to_vec()[l2 as usize..l2 as usize + 4096].to_vec();
+    let e = d
+        .write_at(&[3u8; 4096], 8192)
+        .expect_err("write over the table");
+    assert!(e.to_string().contains("L2 table at"), "{e}");
+    d.write_at(&[3u8; 3 * 4096], 4096)
+        .expect_err("longer write over the table");
+    d.write_zeroes(8192, 4096, ZeroFlags::default())
+        .expect_err("zeroes over the table");
+    d.discard(8192, 4096).expect_err("discard over the table");
+    assert!(
+        st.to_vec()[l2 as usize..l2 as usize + 4096] == table_before[..],
+        "the L2 table was overwritten"
+    );
+    let r = d.check(Repair::default()).expect("check");
+    assert!(r.corruptions >= 1, "{r:?}");
+}
+
+/// The double-reference guard forgets tables that shrink/compaction released: a data
+/// cluster later allocated where such a table was is written normally.
+#[test]
+fn guard_forgets_released_tables() {
+    let st = mem_qed(
+        8 << 20,
+        &[("cluster_size", "4k"), ("table_size", "1")],
+        None,
+    );
+    let dyn_st: Arc<dyn Storage> = st.clone();
+    let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+    d.write_at(&[1u8; 4096], 0).expect("write");
+    // A second L2 table (and its data cluster) at the end of the file.
+    d.write_at(&[2u8; 4096], 5 << 20).expect("write");
+    let l2_second = u64::from_le_bytes(st.to_vec()[4096 + 16..4096 + 24].try_into().expect("8"));
+    // Shrinking releases that table; compaction truncates the file before it.
+    d.resize(4 << 20, true).expect("shrink");
+    d.resize(8 << 20, false).expect("grow");
+    let mut placed = false;
+    for i in 1..4u64 {
+        d.write_at(&[3u8; 4096], i * 4096)
+            .expect("allocating write");
+        // Rewrite in place: must not be mistaken for a write over an L2 table.
+        d.write_at(&[4u8; 4096], i * 4096)
+            .expect("in-place write where a released table was");
+        let e = d.block_status(i * 4096, 4096).expect("status");
+        placed |= e.offset == Some(l2_second);
+    }
+    assert!(
+        placed,
+        "no data cluster landed where the released table was"
+    );
+    let r = d.check(Repair::default()).expect("check");
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+}
+
+/// An L2 entry naming another L2 table (one no request has used yet) as its data
+/// cluster: the write is refused, the other table survives.
+#[test]
+fn data_write_over_another_l2_table_is_refused() {
+    let good = base();
+    let l1 = 4096usize;
+    let entry = |img: &[u8], at: usize| u64::from_le_bytes(img[at..at + 8].try_into().expect("8"));
+    let first = entry(&good, l1);
+    // base() put data at 5 MiB: L1 index 2 with 4 KiB clusters and 512-entry tables.
+    let second = entry(&good, l1 + 16);
+    assert!(second != 0 && first != 0);
+    let mut img = good.clone();
+    patch(&mut img, first as usize + 16, &second.to_le_bytes());
+    let st = Arc::new(MemStorage::from_vec(img));
+    let dyn_st: Arc<dyn Storage> = st.clone();
+    let d = open_mem(dyn_st, &DriverOptions::default(), None).expect("open");
+    let before = st.to_vec()[second as usize..second as usize + 4096].to_vec();
+    let e = d
+        .write_at(&[3u8; 4096], 8192)
+        .expect_err("write over the other table");
+    assert!(
+        e.to_string().contains(&format!("L2 table at {second:#x}")),
+        "{e}"
+    );
+    assert!(st.to_vec()[second as usize..second as usize + 4096] == before[..]);
+    let mut b = vec![0u8; 5000];
+    d.read_at(&mut b, 5 << 20)
+        .expect("the other table still maps its data");
+    assert!(b.iter().all(|x| *x == 2));
+}

@@ -1,8 +1,9 @@
 //! Consistency check and repair, with the counts `qemu-img check` reports for QED.
 //!
-//! Walks L1, then every L2 table: every offset must be cluster aligned, after the
-//! header and inside the file (tables entirely), and every cluster referenced at most
-//! once. Leaks are only counted when every table could be read.
+//! Walks L1, then every L2 table, a page at a time: every offset must be cluster
+//! aligned, after the header, outside the L1 table and inside the file (tables
+//! entirely), and every cluster referenced at most once. Leaks are only counted when
+//! every table could be read. Memory: one bit per file cluster plus a page.
 //!
 //! Repair (`errors`) zeroes invalid entries and writes the fixed tables back, as QEMU
 //! does. Repair (`leaks`) goes further than QEMU, which never reclaims leaked clusters:
@@ -14,9 +15,9 @@
 
 use super::header::{cluster_offset_valid, table_offset_valid, Header};
 use super::need_check;
-use super::table::{self, Table, UNALLOCATED, ZERO_CLUSTER};
+use super::table::{self, UNALLOCATED, ZERO_CLUSTER};
 use super::Inner;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{CheckReport, Repair};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -38,6 +39,18 @@ enum Owner {
         l2i: u32,
     },
 }
+
+/// Most file clusters check tracks (one bit each: 512 MiB of bitmap at the limit);
+/// larger files are refused before anything is allocated.
+const MAX_CHECK_CLUSTERS: u64 = 1 << 32;
+
+/// Bytes copied at a time when leak reclaim moves a cluster or a table.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// Most clusters leak reclaim rearranges (its bookkeeping is 12 bytes per cluster from
+/// the first leak to the last cluster in use); beyond that only trailing leaks are
+/// reclaimed, by truncation.
+const MAX_RECLAIM_WINDOW: u64 = 1 << 22;
 
 /// One bit per file cluster: referenced or not.
 struct Used {
@@ -66,22 +79,53 @@ impl Used {
         }
         dup
     }
+    /// Clusters in `[from, n)` not marked.
+    fn count_free(&self, from: u64) -> u64 {
+        let mut free = 0u64;
+        let mut i = from;
+        while i < self.n {
+            if i.is_multiple_of(64) && i + 64 <= self.n {
+                free += self.bits[(i / 64) as usize].count_zeros() as u64;
+                i += 64;
+            } else {
+                free += !self.test(i) as u64;
+                i += 1;
+            }
+        }
+        free
+    }
+    /// One past the highest marked cluster (0 if none).
+    fn end(&self) -> u64 {
+        for (w, &word) in self.bits.iter().enumerate().rev() {
+            if word != 0 {
+                return (w as u64 * 64 + 64 - word.leading_zeros() as u64).min(self.n);
+            }
+        }
+        0
+    }
 }
 
 struct Walk {
     report: CheckReport,
     used: Used,
-    l1: Table,
-    l1_dirty: bool,
-    fixed_l2: Vec<(u64, Table)>,
 }
 
-/// Walks every table; with `fix`, invalid entries are cleared in the returned copies
-/// (nothing is written). Memory: one bit per file cluster, plus one table at a time.
-fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
+/// Called before the first repair write of a walk (makes NEED_CHECK durable).
+type BeforeFix<'a> = &'a mut dyn FnMut() -> Result<()>;
+
+/// Walks every table, a page at a time; with `fix`, invalid entries are zeroed and their
+/// pages written back as the walk goes. Memory: one bit per file cluster (bounded by
+/// [`MAX_CHECK_CLUSTERS`]) plus one page.
+fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Walk> {
     let cs = inner.cluster_size;
     let file_size = inner.file_size();
     let nclusters = file_size / cs;
+    if nclusters > MAX_CHECK_CLUSTERS {
+        return Err(Error::unsupported(format!(
+            "QED check: the file has {nclusters} clusters of {cs} bytes; at most \
+             {MAX_CHECK_CLUSTERS} can be checked"
+        )));
+    }
     let mut used = Used::new(nclusters);
     let mut r = CheckReport {
         total_clusters: Some(h.image_size.div_ceil(cs)),
@@ -92,80 +136,122 @@ fn walk(inner: &Inner, h: &Header, fix: bool) -> Walk {
     let mut fragmented = 0u64;
     used.mark(0, h.header_size as u64);
     r.corruptions += used.mark(h.l1_table_offset / cs, inner.table_clusters);
-    let mut l1 = inner.l1_read().clone();
-    let mut l1_dirty = false;
-    let mut fixed_l2 = Vec::new();
-    for slot in l1.iter_mut() {
-        let off = *slot;
-        if off == UNALLOCATED {
+    let pe = inner.page_entries;
+    let storage = &*inner.storage;
+    // Writes back a repaired page; a failed write is counted, not fatal.
+    let write_back = |fix: &mut Option<BeforeFix<'_>>,
+                      r: &mut CheckReport,
+                      at: u64,
+                      page: &[u64]|
+     -> Result<()> {
+        if let Some(f) = fix.as_mut() {
+            f()?;
+        }
+        if let Err(e) = storage.write_at(&table::encode(page), at) {
+            tracing::warn!("QED repair: writing table entries at {at:#x}: {e}");
+            r.check_errors += 1;
+        }
+        Ok(())
+    };
+    let mut l1i = 0u64;
+    while l1i < inner.nelems {
+        let l1_at = h.l1_table_offset + l1i * 8;
+        let skip = table::hole_pages(storage, l1_at, pe * 8, (inner.nelems - l1i) / pe);
+        if skip > 0 {
+            l1i += skip * pe;
             continue;
         }
-        if !table_offset_valid(h, off, file_size) {
-            if fix {
-                *slot = 0;
-                l1_dirty = true;
-                r.corruptions_fixed += 1;
-            } else {
-                r.corruptions += 1;
-            }
-            continue;
-        }
-        let dup = used.mark(off / cs, inner.table_clusters);
-        if dup > 0 {
-            // The table shares clusters with another structure: skip it.
-            r.corruptions += dup;
-            continue;
-        }
-        let mut t = match table::read_table(&*inner.storage, off, inner.nelems) {
-            Ok(t) => t,
+        let mut l1_page = match table::read_entries(storage, l1_at, pe) {
+            Ok(p) => p,
             Err(e) => {
-                tracing::warn!("QED check: reading L2 table at {off:#x}: {e}");
+                tracing::warn!("QED check: reading the L1 table at {l1_at:#x}: {e}");
                 r.check_errors += 1;
+                l1i += pe;
                 continue;
             }
         };
-        let mut t_dirty = false;
-        let mut last = 0u64;
-        for e in t.iter_mut() {
-            let v = *e;
-            if v == UNALLOCATED || v == ZERO_CLUSTER {
+        let mut l1_dirty = false;
+        for (k, slot) in l1_page.iter_mut().enumerate() {
+            let off = *slot;
+            if off == UNALLOCATED {
                 continue;
             }
-            allocated += 1;
-            if last != 0 && v != last.wrapping_add(cs) {
-                fragmented += 1;
-            }
-            last = v;
-            if !cluster_offset_valid(h, v, file_size) {
-                if fix {
-                    *e = 0;
-                    t_dirty = true;
+            if !table_offset_valid(h, off, file_size) {
+                if fix.is_some() {
+                    *slot = 0;
+                    l1_dirty = true;
                     r.corruptions_fixed += 1;
                 } else {
                     r.corruptions += 1;
                 }
                 continue;
             }
-            r.corruptions += used.mark(v / cs, 1);
+            let dup = used.mark(off / cs, inner.table_clusters);
+            if dup > 0 {
+                // The table shares clusters with another structure: skip it.
+                r.corruptions += dup;
+                continue;
+            }
+            let mut last = 0u64;
+            let mut l2i = 0u64;
+            while l2i < inner.nelems {
+                let at = off + l2i * 8;
+                let skip = table::hole_pages(storage, at, pe * 8, (inner.nelems - l2i) / pe);
+                if skip > 0 {
+                    l2i += skip * pe;
+                    continue;
+                }
+                l2i += pe;
+                let mut t = match table::read_entries(storage, at, pe) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(
+                            "QED check: reading L2 table at {off:#x} (L1 entry {}): {e}",
+                            l1i + k as u64
+                        );
+                        r.check_errors += 1;
+                        continue;
+                    }
+                };
+                let mut t_dirty = false;
+                for e in t.iter_mut() {
+                    let v = *e;
+                    if v == UNALLOCATED || v == ZERO_CLUSTER {
+                        continue;
+                    }
+                    allocated += 1;
+                    if last != 0 && v != last.wrapping_add(cs) {
+                        fragmented += 1;
+                    }
+                    last = v;
+                    if !cluster_offset_valid(h, v, file_size) {
+                        if fix.is_some() {
+                            *e = 0;
+                            t_dirty = true;
+                            r.corruptions_fixed += 1;
+                        } else {
+                            r.corruptions += 1;
+                        }
+                        continue;
+                    }
+                    r.corruptions += used.mark(v / cs, 1);
+                }
+                if t_dirty {
+                    write_back(&mut fix, &mut r, at, &t)?;
+                }
+            }
         }
-        if t_dirty {
-            fixed_l2.push((off, t));
+        if l1_dirty {
+            write_back(&mut fix, &mut r, l1_at, &l1_page)?;
         }
+        l1i += pe;
     }
     r.allocated_clusters = Some(allocated);
     r.fragmented_clusters = Some(fragmented);
     if r.check_errors == 0 {
-        r.leaks = (h.header_size as u64..nclusters)
-            .filter(|&c| !used.test(c))
-            .count() as u64;
+        r.leaks = used.count_free(h.header_size as u64);
     }
-    Walk {
-        report: r,
-        used,
-        l1,
-        l1_dirty,
-        fixed_l2,
-    }
+    Ok(Walk { report: r, used })
 }
 
 /// Checks the image and repairs what `repair` asks for.
@@ -176,7 +262,24 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
     }
     let _q = inner.quiesce_exclusive();
     let h = inner.header();
-    let first = walk(inner, &h, repair.errors);
+    let mut guard = None;
+    let first = {
+        let mut before_fix = || -> Result<()> {
+            if guard.is_none() {
+                guard = Some(need_check::begin(inner)?);
+            }
+            Ok(())
+        };
+        let fix: Option<BeforeFix<'_>> = if repair.errors {
+            Some(&mut before_fix)
+        } else {
+            None
+        };
+        let w = walk(inner, &h, fix);
+        // Repairs bypassed the caches.
+        inner.forget_tables();
+        w?
+    };
     if !any_fix {
         if first.report.corruptions > 0 || first.report.check_errors > 0 {
             // Never mark this image clean in this session.
@@ -186,40 +289,23 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
     }
     let mut r = first.report.clone();
     let file_len = inner.storage.len()?;
-    let fixes_tables = !first.fixed_l2.is_empty() || first.l1_dirty;
+    let fixed_tables = r.corruptions_fixed > 0;
     let reclaim = repair.leaks
         && r.check_errors == 0
         && r.corruptions == 0
         && (r.leaks > 0 || file_len > inner.file_size());
-    if fixes_tables || reclaim {
-        let _g = need_check::begin(inner)?;
-        for (off, t) in &first.fixed_l2 {
-            if let Err(e) = inner.storage.write_at(&table::encode(t), *off) {
-                tracing::warn!("QED repair: writing L2 table at {off:#x}: {e}");
-                r.check_errors += 1;
-            }
+    if fixed_tables || reclaim {
+        if guard.is_none() {
+            guard = Some(need_check::begin(inner)?);
         }
-        if first.l1_dirty {
-            match inner
-                .storage
-                .write_at(&table::encode(&first.l1), h.l1_table_offset)
-            {
-                Ok(()) => *inner.l1_write_lock() = first.l1.clone(),
-                Err(e) => {
-                    tracing::warn!("QED repair: writing the L1 table: {e}");
-                    r.check_errors += 1;
-                }
-            }
-        }
-        inner.l2.clear();
         let mut leaks_fixed = 0;
         if reclaim && r.check_errors == 0 {
             leaks_fixed = reclaim_leaks(inner, &h, &first.used)?;
         }
-        inner.l2.clear();
+        inner.forget_tables();
         inner.storage.flush()?;
         // Report the state the repair left, with what it fixed.
-        let after = walk(inner, &h, false);
+        let after = walk(inner, &h, None)?;
         r = CheckReport {
             corruptions_fixed: first.report.corruptions_fixed,
             leaks_fixed,
@@ -227,6 +313,7 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
             ..after.report
         };
     }
+    drop(guard);
     if r.corruptions == 0 && r.check_errors == 0 {
         need_check::set_verified(inner, true);
         need_check::mark_clean(inner)?;
@@ -240,12 +327,12 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
 /// alloc guard); does nothing on an image with corruptions.
 pub(crate) fn compact_locked(inner: &Inner) -> Result<u64> {
     let h = inner.header();
-    let w = walk(inner, &h, false);
+    let w = walk(inner, &h, None)?;
     if w.report.corruptions > 0 || w.report.check_errors > 0 {
         return Ok(0);
     }
     let n = reclaim_leaks(inner, &h, &w.used)?;
-    inner.l2.clear();
+    inner.forget_tables();
     Ok(n)
 }
 
@@ -259,6 +346,7 @@ enum Move {
         l2i: u32,
     },
     Table {
+        from: u64,
         to: u64,
         l1i: u32,
     },
@@ -275,7 +363,7 @@ fn is_free(o: Owner) -> bool {
 fn plan_round(
     owners: &mut Vec<Owner>,
     vacated: &mut Vec<bool>,
-    l1: &mut [u64],
+    l1: &mut BTreeMap<u32, u64>,
     base: u64,
     tc: usize,
     cs: u64,
@@ -313,7 +401,7 @@ fn plan_round(
             Owner::Table { l1i } => {
                 // Window index of the table's first cluster (a table straddling the
                 // window's start never moves).
-                let Some(s) = (l1[l1i as usize] / cs).checked_sub(base) else {
+                let Some(s) = l1.get(&l1i).and_then(|o| (o / cs).checked_sub(base)) else {
                     break;
                 };
                 let s = s as usize;
@@ -343,8 +431,12 @@ fn plan_round(
                     for c in 0..tc {
                         owners[to + c] = Owner::Table { l1i };
                     }
-                    l1[l1i as usize] = (base + to as u64) * cs;
-                    moves.push(Move::Table { to: to as u64, l1i });
+                    l1.insert(l1i, (base + to as u64) * cs);
+                    moves.push(Move::Table {
+                        from: s as u64,
+                        to: to as u64,
+                        l1i,
+                    });
                     if to >= s {
                         break;
                     }
@@ -382,11 +474,18 @@ fn plan_round(
     moves
 }
 
-/// Who references each cluster from `base` to the end of the file (the window leak
-/// reclaim may move things in; everything below `base` is in use and stays).
-fn build_owners(inner: &Inner, h: &Header, base: u64, n: u64) -> Result<Vec<Owner>> {
+/// Who references each cluster of `[base, n)` (the window leak reclaim may move things
+/// in; everything below `base` is in use and stays, nothing at or past `n` is), and the
+/// offset of every valid L2 table by L1 index. Tables are streamed a page at a time.
+fn build_owners(
+    inner: &Inner,
+    h: &Header,
+    base: u64,
+    n: u64,
+) -> Result<(Vec<Owner>, BTreeMap<u32, u64>)> {
     let cs = inner.cluster_size;
     let file_size = inner.file_size();
+    let pe = inner.page_entries;
     let mut owners = vec![Owner::Free; (n - base) as usize];
     let mut set = |c: u64, o: Owner| {
         if c >= base && c < n {
@@ -396,29 +495,68 @@ fn build_owners(inner: &Inner, h: &Header, base: u64, n: u64) -> Result<Vec<Owne
     for k in 0..inner.table_clusters {
         set(h.l1_table_offset / cs + k, Owner::Fixed);
     }
-    let l1 = inner.l1_read().clone();
-    for (l1i, &off) in l1.iter().enumerate() {
-        if off == UNALLOCATED || !table_offset_valid(h, off, file_size) {
+    let mut l1 = BTreeMap::new();
+    let mut l1i = 0u64;
+    let storage = &*inner.storage;
+    while l1i < inner.nelems {
+        let at = h.l1_table_offset + l1i * 8;
+        let skip = table::hole_pages(storage, at, pe * 8, (inner.nelems - l1i) / pe);
+        if skip > 0 {
+            l1i += skip * pe;
             continue;
         }
-        let l1i = l1i as u32;
-        for k in 0..inner.table_clusters {
-            set(off / cs + k, Owner::Table { l1i });
-        }
-        let t = table::read_table(&*inner.storage, off, inner.nelems)?;
-        for (l2i, &v) in t.iter().enumerate() {
-            if v != UNALLOCATED && v != ZERO_CLUSTER && cluster_offset_valid(h, v, file_size) {
-                set(
-                    v / cs,
-                    Owner::Data {
-                        l1i,
-                        l2i: l2i as u32,
-                    },
-                );
+        let page = table::read_entries(storage, at, pe)?;
+        for (k, &off) in page.iter().enumerate() {
+            if off == UNALLOCATED || !table_offset_valid(h, off, file_size) {
+                continue;
+            }
+            let l1i = (l1i + k as u64) as u32;
+            l1.insert(l1i, off);
+            for c in 0..inner.table_clusters {
+                set(off / cs + c, Owner::Table { l1i });
+            }
+            let mut l2i = 0u64;
+            while l2i < inner.nelems {
+                let at = off + l2i * 8;
+                let skip = table::hole_pages(storage, at, pe * 8, (inner.nelems - l2i) / pe);
+                if skip > 0 {
+                    l2i += skip * pe;
+                    continue;
+                }
+                let t = table::read_entries(storage, at, pe)?;
+                for (j, &v) in t.iter().enumerate() {
+                    if v != UNALLOCATED
+                        && v != ZERO_CLUSTER
+                        && cluster_offset_valid(h, v, file_size)
+                    {
+                        set(
+                            v / cs,
+                            Owner::Data {
+                                l1i,
+                                l2i: (l2i + j as u64) as u32,
+                            },
+                        );
+                    }
+                }
+                l2i += pe;
             }
         }
+        l1i += pe;
     }
-    Ok(owners)
+    Ok((owners, l1))
+}
+
+/// Copies `len` bytes from `from` to `to` in bounded chunks.
+fn copy_range(inner: &Inner, from: u64, to: u64, len: u64) -> Result<()> {
+    let mut buf = vec![0u8; len.min(COPY_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        inner.storage.read_at(&mut buf[..n], from + done)?;
+        inner.storage.write_at(&buf[..n], to + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Moves data clusters and L2 tables from the end of the file into leaked clusters,
@@ -426,84 +564,88 @@ fn build_owners(inner: &Inner, h: &Header, base: u64, n: u64) -> Result<Vec<Owne
 /// reclaimed. Every round is crash safe: copies go to clusters nothing references and
 /// are flushed before references switch to them; sources are reused only in a later
 /// round, after the switch is flushed. Memory is proportional to the clusters from the
-/// first leak to the end of the file.
+/// first leak to the last cluster in use (bounded by [`MAX_RECLAIM_WINDOW`]); tables
+/// are copied and updated in place, never loaded whole.
 fn reclaim_leaks(inner: &Inner, h: &Header, used: &Used) -> Result<u64> {
     let cs = inner.cluster_size;
     let tc = inner.table_clusters as usize;
-    let n = inner.file_size() / cs;
+    let file_clusters = inner.file_size() / cs;
+    let n = used.end().max(h.header_size as u64);
     let base = (h.header_size as u64..n)
         .find(|&c| !used.test(c))
         .unwrap_or(n);
-    let mut owners = build_owners(inner, h, base, n)?;
+    let trailing = file_clusters - n;
+    if n - base > MAX_RECLAIM_WINDOW {
+        // Too many clusters to rearrange with bounded memory: drop the trailing ones.
+        let end = n * cs;
+        inner.storage.set_len(end)?;
+        inner.file_size.store(end, Ordering::Release);
+        inner.storage.flush()?;
+        return Ok(trailing);
+    }
+    let (mut owners, mut l1) = build_owners(inner, h, base, n)?;
     let count_free =
         |o: &[Owner], end: usize| o.iter().take(end).filter(|o| **o == Owner::Free).count() as u64;
-    let leaks_before = count_free(&owners, owners.len());
-    let disk_l1 = inner.l1_read().clone();
-    let mut l1 = disk_l1.clone();
-    let mut tables: BTreeMap<u32, Table> = BTreeMap::new();
-    let mut buf = vec![0u8; cs as usize];
+    let leaks_before = count_free(&owners, owners.len()) + trailing;
     // Each round lowers at least one unit (a hop is followed by a lower move), so this
     // bound is never reached on a consistent image; it only guards against surprises.
     let max_rounds = 2 * owners.len() + 8;
     for _ in 0..max_rounds {
         let mut vacated = vec![false; owners.len()];
-        let before_l1 = l1.clone();
         let moves = plan_round(&mut owners, &mut vacated, &mut l1, base, tc, cs);
         if moves.is_empty() {
             break;
         }
+        let moved: std::collections::BTreeSet<u32> = moves
+            .iter()
+            .filter_map(|m| match *m {
+                Move::Table { l1i, .. } => Some(l1i),
+                Move::Data { .. } => None,
+            })
+            .collect();
+        // Copies into free clusters first (tables from their current place on disk).
+        let mut entry_updates: Vec<(u32, u32, u64)> = Vec::new();
         for m in &moves {
-            let l1i = match *m {
-                Move::Data { l1i, .. } | Move::Table { l1i, .. } => l1i,
-            };
-            if let std::collections::btree_map::Entry::Vacant(e) = tables.entry(l1i) {
-                e.insert(table::read_table(
+            match *m {
+                Move::Data { from, to, l1i, l2i } => {
+                    copy_range(inner, (base + from) * cs, (base + to) * cs, cs)?;
+                    entry_updates.push((l1i, l2i, (base + to) * cs));
+                }
+                Move::Table { from, to, .. } => {
+                    copy_range(inner, (base + from) * cs, (base + to) * cs, tc as u64 * cs)?;
+                }
+            }
+        }
+        // Entries of tables moved this round are updated in their new (unreferenced)
+        // copies before the flush.
+        for &(l1i, l2i, v) in &entry_updates {
+            if moved.contains(&l1i) {
+                if let Some(&t) = l1.get(&l1i) {
+                    table::write_one(&*inner.storage, t, inner.nelems, l2i as u64, v)?;
+                }
+            }
+        }
+        inner.storage.flush()?;
+        for &(l1i, l2i, v) in &entry_updates {
+            if !moved.contains(&l1i) {
+                if let Some(&t) = l1.get(&l1i) {
+                    table::write_one(&*inner.storage, t, inner.nelems, l2i as u64, v)?;
+                }
+            }
+        }
+        for &l1i in &moved {
+            if let Some(&t) = l1.get(&l1i) {
+                table::write_one(
                     &*inner.storage,
-                    before_l1[l1i as usize],
+                    h.l1_table_offset,
                     inner.nelems,
-                )?);
-            }
-        }
-        let mut touched: Vec<u32> = Vec::new();
-        for m in &moves {
-            if let Move::Data { from, to, l1i, l2i } = *m {
-                inner.storage.read_at(&mut buf, (base + from) * cs)?;
-                inner.storage.write_at(&buf, (base + to) * cs)?;
-                if let Some(t) = tables.get_mut(&l1i) {
-                    t[l2i as usize] = (base + to) * cs;
-                }
-                touched.push(l1i);
-            }
-        }
-        let mut moved_tables = false;
-        for m in &moves {
-            if let Move::Table { to, l1i } = *m {
-                if let Some(t) = tables.get(&l1i) {
-                    inner
-                        .storage
-                        .write_at(&table::encode(t), (base + to) * cs)?;
-                }
-                moved_tables = true;
+                    l1i as u64,
+                    t,
+                )?;
             }
         }
         inner.storage.flush()?;
-        touched.sort_unstable();
-        touched.dedup();
-        for l1i in touched {
-            let i = l1i as usize;
-            if l1[i] == before_l1[i] {
-                if let Some(t) = tables.get(&l1i) {
-                    inner.storage.write_at(&table::encode(t), l1[i])?;
-                }
-            }
-        }
-        if moved_tables {
-            inner
-                .storage
-                .write_at(&table::encode(&l1), h.l1_table_offset)?;
-        }
-        inner.storage.flush()?;
-        *inner.l1_write_lock() = l1.clone();
+        inner.forget_tables();
     }
     let end_in_window = owners
         .iter()

@@ -193,7 +193,7 @@ impl Header {
                 max_image_size(cs, self.table_size as u64)
             )));
         }
-        if !table_offset_valid(self, self.l1_table_offset, file_size) {
+        if !table_in_file(self, self.l1_table_offset, file_size) {
             return Err(Error::corrupt(format!(
                 "QED header: L1 table offset {:#x} is invalid (must be cluster aligned, after \
                  the header and leave room for {} bytes before the end of the file at {})",
@@ -220,18 +220,37 @@ impl Header {
     }
 }
 
-/// Whether a data cluster offset is valid: aligned, after the header, inside the file.
-pub fn cluster_offset_valid(h: &Header, offset: u64, file_size: u64) -> bool {
+/// Whether `offset` names a whole cluster inside the file after the header clusters
+/// (the test for the L1 table's own offset).
+fn cluster_in_file(h: &Header, offset: u64, file_size: u64) -> bool {
     offset & (h.cluster_size as u64 - 1) == 0 && offset >= h.header_bytes() && offset < file_size
 }
 
-/// Whether a table offset is valid: its first and last clusters are valid cluster offsets.
+/// Whether `[offset, offset + len)` overlaps the L1 table.
+fn overlaps_l1(h: &Header, offset: u64, len: u64) -> bool {
+    let l1 = h.l1_table_offset;
+    offset < l1.saturating_add(h.table_bytes()) && l1 < offset.saturating_add(len)
+}
+
+/// Whether a data cluster offset is valid: aligned, after the header, inside the file,
+/// and not part of the L1 table (writing through such an entry would destroy metadata).
+pub fn cluster_offset_valid(h: &Header, offset: u64, file_size: u64) -> bool {
+    cluster_in_file(h, offset, file_size) && !overlaps_l1(h, offset, h.cluster_size as u64)
+}
+
+/// Whether `offset` can hold a whole table inside the file after the header clusters.
 /// (QEMU rejects every table when table_size is 1 because of its overflow test; we do not.)
-pub fn table_offset_valid(h: &Header, offset: u64, file_size: u64) -> bool {
+fn table_in_file(h: &Header, offset: u64, file_size: u64) -> bool {
     let Some(last) = offset.checked_add((h.table_size as u64 - 1) * h.cluster_size as u64) else {
         return false;
     };
-    cluster_offset_valid(h, offset, file_size) && cluster_offset_valid(h, last, file_size)
+    cluster_in_file(h, offset, file_size) && cluster_in_file(h, last, file_size)
+}
+
+/// Whether an L2 table offset is valid: the whole table lies inside the file after the
+/// header and does not overlap the L1 table.
+pub fn table_offset_valid(h: &Header, offset: u64, file_size: u64) -> bool {
+    table_in_file(h, offset, file_size) && !overlaps_l1(h, offset, h.table_bytes())
 }
 
 /// Reads the backing file name the header points at.

@@ -1,12 +1,20 @@
 //! Guest I/O: reads, writes (in place or allocating), zeroes, discard, block status.
 
-use super::header::{cluster_offset_valid, table_offset_valid};
+use super::header::cluster_offset_valid;
 use super::need_check;
-use super::table::{self, SharedTable, ZERO_CLUSTER};
+use super::paging::Update;
+use super::table::{self, ZERO_CLUSTER};
 use super::Inner;
 use crate::error::{Error, Result};
 use crate::format::{check_range, read_backing, Extent, ExtentKind, ZeroFlags};
 use std::sync::Arc;
+
+/// Largest fill (parts of a new cluster the guest does not write) built in memory at
+/// once.
+const FILL_CHUNK: u64 = 1 << 20;
+
+/// How many L2 table offsets [`Inner::note_table`] remembers at most.
+const MAX_KNOWN_TABLES: usize = 4096;
 
 /// What one L2 entry says about its cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,33 +42,6 @@ impl Inner {
         (cluster / self.nelems, cluster % self.nelems)
     }
 
-    /// The L2 table at L1 index `l1i`, if allocated.
-    pub(crate) fn l2_table(&self, l1i: u64) -> Result<Option<(u64, SharedTable)>> {
-        let off = match self.l1_read().get(l1i as usize) {
-            Some(o) => *o,
-            None => {
-                return Err(Error::corrupt(format!(
-                    "QED: L1 index {l1i} is outside the L1 table ({} entries)",
-                    self.nelems
-                )))
-            }
-        };
-        if off == 0 {
-            return Ok(None);
-        }
-        if !table_offset_valid(&self.geo, off, self.file_size()) {
-            return Err(Error::corrupt(format!(
-                "QED: L1 entry {l1i} points to an invalid L2 table offset {off:#x} \
-                 (misaligned, inside the header, or past the end of the file)"
-            )));
-        }
-        let nelems = self.nelems;
-        let t = self
-            .l2
-            .get(off, || table::read_table(&*self.storage, off, nelems))?;
-        Ok(Some((off, t)))
-    }
-
     fn classify(&self, value: u64, l1i: u64, l2i: u64, l2_off: u64) -> Result<Entry> {
         match value {
             table::UNALLOCATED => Ok(Entry::Unallocated),
@@ -71,34 +52,44 @@ impl Inner {
                 } else {
                     Err(Error::corrupt(format!(
                         "QED: L2 table at {l2_off:#x} (L1 index {l1i}) entry {l2i} holds an \
-                         invalid cluster offset {v:#x}"
+                         invalid cluster offset {v:#x} (misaligned, inside the header or the L1 \
+                         table, or past the end of the file)"
                     )))
                 }
             }
         }
     }
 
-    /// Maps up to `max` guest bytes at `guest`, stopping at the end of its L2 table or
-    /// where the mapping changes kind (or stops being contiguous in the file).
+    /// Maps up to `max` guest bytes at `guest`, stopping at the end of its L2 table page
+    /// or where the mapping changes kind (or stops being contiguous in the file). Runs of
+    /// unallocated L1 entries are mapped in one step, so a huge sparse image costs one
+    /// lookup per L1 page, not per cluster or per table.
     fn map(&self, guest: u64, max: u64) -> Result<Run> {
         let cs = self.cluster_size;
         let (l1i, l2i) = self.split(guest);
         let in_cluster = guest % cs;
         let table_left = (self.nelems - l2i) * cs - in_cluster;
-        let max = max.min(table_left);
-        let Some((l2_off, t)) = self.l2_table(l1i)? else {
+        let Some(l2_off) = self.l2_table(l1i)? else {
+            let span = self.nelems.saturating_mul(cs);
+            let want = 1 + max.saturating_sub(table_left).div_ceil(span);
+            let free = self.l1_unallocated_run(l1i, want)?;
+            let len = table_left.saturating_add((free - 1).saturating_mul(span));
             return Ok(Run {
                 kind: Entry::Unallocated,
                 host: 0,
-                len: max,
+                len: len.min(max),
             });
         };
-        let t = t.read().unwrap_or_else(|p| p.into_inner());
-        let first = self.classify(t[l2i as usize], l1i, l2i, l2_off)?;
+        let pe = self.page_entries;
+        let page_left = (pe - l2i % pe) * cs - in_cluster;
+        let max = max.min(table_left).min(page_left);
+        let (page, pi) = self.l2_page(l2_off, l2i)?;
+        let t = page.read().unwrap_or_else(|p| p.into_inner());
+        let first = self.classify(t[pi], l1i, l2i, l2_off)?;
         let mut len = (cs - in_cluster).min(max);
         let mut i = l2i + 1;
         while len < max {
-            let e = self.classify(t[i as usize], l1i, i, l2_off)?;
+            let e = self.classify(t[pi + (i - l2i) as usize], l1i, i, l2_off)?;
             let same = match (first, e) {
                 (Entry::Data(a), Entry::Data(b)) => b == a + (i - l2i) * cs,
                 (a, b) => a == b,
@@ -118,6 +109,32 @@ impl Inner {
             host,
             len,
         })
+    }
+
+    /// Remembers that an L2 table lives at `off`.
+    pub(crate) fn note_table(&self, off: u64) {
+        let mut k = self.known_tables.lock().unwrap_or_else(|p| p.into_inner());
+        if k.len() >= MAX_KNOWN_TABLES && !k.contains(&off) {
+            // Bounded memory: start over (the tables in use get noted again).
+            k.clear();
+        }
+        k.insert(off);
+    }
+
+    /// Refuses a data write to `[host, host+len)` that would overwrite a known L2 table
+    /// (a cluster referenced twice, once as data and once as a table).
+    fn guard_data_write(&self, host: u64, len: u64) -> Result<()> {
+        let k = self.known_tables.lock().unwrap_or_else(|p| p.into_inner());
+        let tb = self.geo.table_bytes();
+        if let Some(&t) = k.range(..host.saturating_add(len)).next_back() {
+            if t.saturating_add(tb) > host {
+                return Err(Error::corrupt(format!(
+                    "QED: refusing to write guest data to host offset {host:#x}: it overlaps \
+                     the L2 table at {t:#x} (cluster referenced twice; run a repair)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether an unallocated guest range reads as zeroes (no backing data under it).
@@ -233,6 +250,9 @@ fn try_in_place(inner: &Inner, buf: &[u8], guest: u64) -> Result<bool> {
         runs.push((pos as usize, run));
         pos += run.len;
     }
+    for (_, run) in &runs {
+        inner.guard_data_write(run.host, run.len)?;
+    }
     for (p, run) in runs {
         inner
             .storage
@@ -336,6 +356,9 @@ fn allocating_write(
     // Created only once the list lock is released: its drop takes that lock.
     let _guard = InflightGuard { sync, ranges };
 
+    for (_, run) in &in_place {
+        inner.guard_data_write(run.host, run.len)?;
+    }
     for (p, run) in in_place {
         inner
             .storage
@@ -352,20 +375,29 @@ fn allocating_write(
         let end = r.guest + r.len as u64;
         let head_len = (r.guest % cs) as usize;
         let tail_len = ((cs - end % cs) % cs) as usize;
+        let head_start = first_cluster * cs;
+        // Clusters that read backing data before must not lose it to a crash: neither
+        // the copied fill nor (for whole-cluster writes) the old contents may turn into
+        // zeroes. Clusters past the backing file's end read zeroes either way.
+        need_flush |= r.any_unallocated && !inner.backing_is_zero(head_start);
+        let data = &buf[r.buf_pos..r.buf_pos + r.len];
+        if (head_len + tail_len) as u64 > FILL_CHUNK {
+            // Huge clusters: fill in bounded pieces rather than one cluster-sized buffer.
+            fill(inner, host, head_start, head_len as u64, r.head_kind, size)?;
+            inner.storage.write_at(data, host + head_len as u64)?;
+            let tail_host = host + head_len as u64 + r.len as u64;
+            fill(inner, tail_host, end, tail_len as u64, r.tail_kind, size)?;
+            updates.push((first_cluster, count, host));
+            continue;
+        }
         let mut head = vec![0u8; head_len];
         let mut tail = vec![0u8; tail_len];
-        let head_start = first_cluster * cs;
         if head_len > 0 && r.head_kind == Entry::Unallocated {
             read_fill(inner, &mut head, head_start, size)?;
         }
         if tail_len > 0 && r.tail_kind == Entry::Unallocated {
             read_fill(inner, &mut tail, end, size)?;
         }
-        // Clusters that read backing data before must not lose it to a crash: neither
-        // the copied fill nor (for whole-cluster writes) the old contents may turn into
-        // zeroes. Clusters past the backing file's end read zeroes either way.
-        need_flush |= r.any_unallocated && !inner.backing_is_zero(head_start);
-        let data = &buf[r.buf_pos..r.buf_pos + r.len];
         let mut iov: Vec<&[u8]> = Vec::with_capacity(3);
         if head_len > 0 {
             iov.push(&head);
@@ -383,19 +415,38 @@ fn allocating_write(
         inner.flush_gate.flush(&*inner.storage)?;
     }
     let _list = sync.lock();
-    set_entries(inner, l1i, |t, base| {
-        let mut lo = usize::MAX;
-        let mut hi = 0usize;
-        for &(c, n, host) in &updates {
-            for k in 0..n {
-                let i = (c + k - base) as usize;
-                t[i] = host + k * cs;
-                lo = lo.min(i);
-                hi = hi.max(i + 1);
-            }
+    let base = l1i * inner.nelems;
+    let updates: Vec<Update> = updates
+        .iter()
+        .map(|&(c, n, host)| Update {
+            first: c - base,
+            count: n,
+            value: host,
+            step: cs,
+        })
+        .collect();
+    set_entries(inner, l1i, &updates)
+}
+
+/// Fills `len` bytes at `host` of a new cluster with what guest `guest..` read before
+/// (`kind`): backing data where there is some, otherwise zeroes (written as zero
+/// ranges), a bounded piece at a time.
+fn fill(inner: &Inner, host: u64, guest: u64, len: u64, kind: Entry, size: u64) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(FILL_CHUNK);
+        let g = guest + done;
+        if kind == Entry::Unallocated && g < size && !inner.backing_is_zero(g) {
+            buf.resize(n as usize, 0);
+            read_fill(inner, &mut buf, g, size)?;
+            inner.storage.write_at(&buf, host + done)?;
+        } else {
+            inner.storage.write_zeroes(host + done, n)?;
         }
-        (lo, hi)
-    })
+        done += n;
+    }
+    Ok(())
 }
 
 /// Reads the fill for bytes the guest does not write in a new cluster: backing data,
@@ -407,55 +458,19 @@ fn read_fill(inner: &Inner, buf: &mut [u8], guest: u64, size: u64) -> Result<()>
     Ok(())
 }
 
-/// Changes entries of the L2 table at `l1i` (allocating the table if needed) and writes
-/// them back, then the L1 entry for a new table. `edit` gets the table and the index of
-/// its first cluster and returns the changed entry range. Caller holds the table's sync
-/// lock and an alloc guard.
-fn set_entries(
-    inner: &Arc<Inner>,
-    l1i: u64,
-    edit: impl FnOnce(&mut [u64], u64) -> (usize, usize),
-) -> Result<()> {
-    let base = l1i * inner.nelems;
+/// Sets entries of the L2 table at `l1i` and writes them back; a missing table is
+/// created (complete on disk) first, then the L1 entry is pointed at it. Caller holds
+/// the table's sync lock and an alloc guard.
+fn set_entries(inner: &Arc<Inner>, l1i: u64, updates: &[Update]) -> Result<()> {
+    if updates.iter().all(|u| u.count == 0) {
+        return Ok(());
+    }
     match inner.l2_table(l1i)? {
-        Some((off, t)) => {
-            // Callers hold the table's sync lock, so nobody else changes the table: the
-            // sectors can be written from a snapshot without blocking its readers.
-            let (start, bytes) = {
-                let mut g = t.write().unwrap_or_else(|p| p.into_inner());
-                let (lo, hi) = edit(&mut g, base);
-                inner.l2.modified();
-                if hi <= lo {
-                    return Ok(());
-                }
-                let (s, e) = table::write_unit_range(&*inner.storage, g.len(), lo, hi - lo);
-                (s, table::encode(&g[s..e]))
-            };
-            inner.storage.write_at(&bytes, off + start as u64 * 8)?;
-            drop(t);
-            Ok(())
-        }
+        Some(off) => inner.l2_apply(off, updates),
         None => {
-            let mut t = vec![0u64; inner.nelems as usize];
-            let (lo, hi) = edit(&mut t, base);
-            if hi <= lo {
-                return Ok(());
-            }
-            let off = inner.alloc_clusters(inner.table_clusters)?;
+            let off = inner.l2_create(updates)?;
             // L2 table complete on disk before the L1 entry points at it.
-            inner.storage.write_at(&table::encode(&t), off)?;
-            let shared = Arc::new(std::sync::RwLock::new(t));
-            inner.l2.insert(off, shared.clone());
-            inner.l2.modified();
-            let _w = inner.l1_write.lock().unwrap_or_else(|p| p.into_inner());
-            let snapshot = {
-                let mut l1 = inner.l1_write_lock();
-                l1[l1i as usize] = off;
-                l1.clone()
-            };
-            table::write_entries(&*inner.storage, inner.l1_offset, &snapshot, l1i as usize, 1)?;
-            drop(shared);
-            Ok(())
+            inner.l1_set(l1i, off)
         }
     }
 }
@@ -509,7 +524,14 @@ pub(crate) fn write_zeroes(
     }
     for (a, b) in [(offset, head_end), (tail_start, end)] {
         if b > a && !reads_zero(inner, a, b - a)? {
-            write_locked(inner, &vec![0u8; (b - a) as usize], a)?;
+            // Partial clusters can be 64 MiB: zero them a bounded piece at a time.
+            let zeroes = vec![0u8; (b - a).min(FILL_CHUNK) as usize];
+            let mut g = a;
+            while g < b {
+                let n = (b - g).min(FILL_CHUNK);
+                write_locked(inner, &zeroes[..n as usize], g)?;
+                g += n;
+            }
         }
     }
     // Whole clusters, one L2 table at a time.
@@ -592,22 +614,21 @@ fn zero_clusters(inner: &Arc<Inner>, start: u64, end: u64, flags: ZeroFlags) -> 
     if to_mark.is_empty() {
         return Ok(());
     }
-    set_entries(inner, l1i, |t, base| {
-        let mut lo = usize::MAX;
-        let mut hi = 0;
-        for &(c, n) in &to_mark {
-            for k in 0..n {
-                let i = (c + k - base) as usize;
-                t[i] = ZERO_CLUSTER;
-                lo = lo.min(i);
-                hi = hi.max(i + 1);
-            }
-        }
-        (lo, hi)
-    })
+    let base = l1i * inner.nelems;
+    let updates: Vec<Update> = to_mark
+        .iter()
+        .map(|&(c, n)| Update {
+            first: c - base,
+            count: n,
+            value: ZERO_CLUSTER,
+            step: 0,
+        })
+        .collect();
+    set_entries(inner, l1i, &updates)
 }
 
 fn zero_host(inner: &Inner, host: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    inner.guard_data_write(host, len)?;
     if flags.may_unmap {
         inner.storage.punch_hole(host, len)?;
     } else {
@@ -634,6 +655,7 @@ pub(crate) fn discard(inner: &Arc<Inner>, offset: u64, len: u64) -> Result<()> {
     while g < end {
         let run = inner.map(g, end - g)?;
         if let Entry::Data(_) = run.kind {
+            inner.guard_data_write(run.host, run.len.div_ceil(cs) * cs)?;
             inner
                 .storage
                 .punch_hole(run.host, run.len.div_ceil(cs) * cs)?;

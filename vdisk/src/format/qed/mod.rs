@@ -2,7 +2,9 @@
 //!
 //! Layout and rules: `shared/reference/qed.md`. Files by concern:
 //! - [`header`]: the header, parsed, validated and serialised in one place;
-//! - [`table`]: L1/L2 table encoding and the bounded L2 cache;
+//! - [`table`]: L1/L2 table encoding and the bounded page cache;
+//! - `paging`: entry lookups and updates through that cache (no table is ever loaded
+//!   whole: a hostile geometry of 1 GiB tables costs a few pages of memory);
 //! - `io`: reads, allocating and in-place writes, zeroes, discard, block status;
 //! - `need_check`: the NEED_CHECK (dirty) lifecycle and the idle timer that clears it;
 //! - `check`: consistency check and repair;
@@ -20,6 +22,7 @@ mod flush;
 pub mod header;
 mod io;
 mod need_check;
+mod paging;
 mod resize;
 pub mod table;
 
@@ -37,17 +40,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use table::{L2Cache, Table};
+use table::PageCache;
 
 /// Whether `head` starts with the QED magic.
 pub fn probe(head: &[u8]) -> bool {
     head.len() >= 4 && head[..4] == header::MAGIC.to_le_bytes()
 }
 
-/// Default number of L2 tables cached (QEMU caches 50).
+/// Default number of L2 tables' worth of pages cached (QEMU caches 50 tables).
 const DEFAULT_L2_TABLES: u64 = 50;
 /// Upper bound of the default L2 cache, for images with very large tables.
-const DEFAULT_L2_CACHE_BYTES: u64 = 64 << 20;
+const DEFAULT_L2_CACHE_BYTES: u64 = 16 << 20;
+/// Bytes of L1 pages cached (the L1 table is read on demand, a page at a time).
+const L1_CACHE_BYTES: u64 = 2 << 20;
 /// Idle period after which NEED_CHECK is cleared (as QEMU's timer).
 pub const DEFAULT_CLEAN_DELAY: Duration = Duration::from_secs(5);
 
@@ -69,6 +74,8 @@ pub(crate) struct Inner {
     /// Clusters per table.
     table_clusters: u64,
     l1_offset: u64,
+    /// Entries per cached page of a table.
+    page_entries: u64,
     /// The header as opened: its geometry fields (cluster, table and header sizes) never
     /// change, so offset validation reads them without locking.
     geo: Header,
@@ -78,11 +85,16 @@ pub(crate) struct Inner {
     /// The allocation cursor: the file's size rounded down to whole clusters, grown by
     /// every allocation.
     file_size: AtomicU64,
-    l1: RwLock<Table>,
+    /// Cached pages of the L1 table.
+    l1: PageCache,
     /// Serialises L1 writes so two updates of entries sharing a sector never
     /// write stale snapshots of each other.
     l1_write: Mutex<()>,
-    l2: L2Cache,
+    /// Cached pages of L2 tables.
+    l2: PageCache,
+    /// File offsets of the L2 tables looked up this session (bounded): data is never
+    /// written over one of them, whatever a (double-referencing) L2 entry says.
+    known_tables: Mutex<std::collections::BTreeSet<u64>>,
     /// Per-L2-table (by L1 index) metadata locks and in-flight allocation lists.
     table_locks: Mutex<HashMap<u64, Arc<io::TableSync>>>,
     /// Shared by requests, exclusive for check/resize/set_backing.
@@ -99,14 +111,6 @@ impl Inner {
 
     fn dirty_lock(&self) -> std::sync::MutexGuard<'_, DirtyState> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn l1_read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
-        self.l1.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn l1_write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
-        self.l1.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn quiesce_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
@@ -147,6 +151,18 @@ impl Inner {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Drops every cached table page and every remembered table location: check,
+    /// repair, shrink and leak reclaim rewrite tables on disk, release them or move them
+    /// (their old clusters can then hold data).
+    fn forget_tables(&self) {
+        self.l1.clear();
+        self.l2.clear();
+        self.known_tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// The metadata lock of the L2 table at L1 index `l1i`.
@@ -200,14 +216,17 @@ impl Qed {
             _ => None,
         };
         let nelems = h.table_nelems();
-        let l1 = table::read_table(&*storage, h.l1_table_offset, nelems)?;
         let table_bytes = h.table_bytes();
-        let l2_tables = match opts.l2_cache_size {
-            Some(b) => (b / table_bytes).max(1),
+        let page_bytes = table::page_bytes(table_bytes);
+        // Memory stays bounded whatever the geometry: pages, not tables, are cached.
+        let l2_bytes = match opts.l2_cache_size {
+            Some(b) => b,
             None => DEFAULT_L2_TABLES
-                .min(DEFAULT_L2_CACHE_BYTES / table_bytes)
-                .max(1),
+                .saturating_mul(table_bytes)
+                .min(DEFAULT_L2_CACHE_BYTES),
         };
+        let l2_pages = (l2_bytes / page_bytes).max(1);
+        let l1_pages = (L1_CACHE_BYTES / page_bytes).max(1);
         let read_only = opts.read_only;
         let inner = Arc::new(Inner {
             storage,
@@ -221,9 +240,11 @@ impl Qed {
             flush_gate: flush::FlushGate::default(),
             image_size: AtomicU64::new(h.image_size),
             file_size: AtomicU64::new(file_size),
-            l1: RwLock::new(l1),
+            page_entries: page_bytes / 8,
+            l1: PageCache::new(l1_pages as usize),
             l1_write: Mutex::new(()),
-            l2: L2Cache::new(l2_tables as usize),
+            l2: PageCache::new(l2_pages.min(1 << 20) as usize),
+            known_tables: Mutex::new(std::collections::BTreeSet::new()),
             table_locks: Mutex::new(HashMap::new()),
             quiesce: RwLock::new(()),
             dirty: Mutex::new(DirtyState::new(h.clone(), spec)),
@@ -245,6 +266,8 @@ impl Qed {
                     errors: true,
                 })?;
             }
+            // After any repair, which forgets table locations.
+            qed.inner.note_tables_at_open()?;
         }
         Ok(qed)
     }

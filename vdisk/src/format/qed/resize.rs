@@ -67,51 +67,56 @@ fn release_past(inner: &Arc<Inner>, new_size: u64, old_size: u64) -> Result<()> 
             (new_size / cs) / inner.nelems,
             (new_size / cs) % inner.nelems,
         );
-        if let Some((_, t)) = inner.l2_table(l1i)? {
-            let v = t.read().unwrap_or_else(|p| p.into_inner())[l2i as usize];
+        if let Some(off) = inner.l2_table(l1i)? {
+            let v = inner.l2_entry(off, l2i)?;
             if v != UNALLOCATED && v != ZERO_CLUSTER && cluster_offset_valid(&h, v, file_size) {
                 let within = new_size % cs;
                 inner.storage.write_zeroes(v + within, cs - within)?;
             }
         }
     }
-    let mut l1 = inner.l1_read().clone();
-    let mut l1_dirty = false;
-    for l1i in 0..l1.len() as u64 {
-        let off = l1[l1i as usize];
+    // Only the tables covering the released range are visited, a page at a time.
+    let pe = inner.page_entries;
+    let first_table = first_gone / inner.nelems;
+    let end_table = last.div_ceil(inner.nelems).min(inner.nelems);
+    for l1i in first_table..end_table {
+        let off = inner.l1_entry(l1i)?;
         if off == UNALLOCATED || !table_offset_valid(&h, off, file_size) {
             continue;
         }
         let first = l1i * inner.nelems;
-        if first >= last.max(first_gone) {
-            continue;
-        }
         if first >= first_gone {
             // The whole table lies past the new end.
-            l1[l1i as usize] = UNALLOCATED;
-            l1_dirty = true;
+            inner.l1_set(l1i, UNALLOCATED)?;
             continue;
         }
-        let Some((_, t)) = inner.l2_table(l1i)? else {
-            continue;
-        };
-        let mut g = t.write().unwrap_or_else(|p| p.into_inner());
-        let lo = (first_gone - first) as usize;
-        if lo < g.len() && g[lo..].iter().any(|v| *v != UNALLOCATED) {
-            g[lo..].fill(UNALLOCATED);
-            inner.l2.modified();
-            table::write_entries(&*inner.storage, off, &g, lo, g.len() - lo)?;
+        let mut idx = first_gone - first;
+        while idx < inner.nelems {
+            if idx.is_multiple_of(pe) {
+                // Pages that are holes in the file hold no entries to clear.
+                let at = inner.page_of(off, idx).0;
+                let skip =
+                    table::hole_pages(&*inner.storage, at, pe * 8, (inner.nelems - idx) / pe);
+                if skip > 0 {
+                    idx += skip * pe;
+                    continue;
+                }
+            }
+            let (page, i) = inner.l2_page(off, idx)?;
+            let (page_off, _) = inner.page_of(off, idx);
+            let mut g = page.write().unwrap_or_else(|p| p.into_inner());
+            if g[i..].iter().any(|v| *v != UNALLOCATED) {
+                g[i..].fill(UNALLOCATED);
+                inner.l2.modified();
+                let n = g.len() - i;
+                table::write_entries(&*inner.storage, page_off, &g, i, n)?;
+            }
+            idx += pe - idx % pe;
         }
-    }
-    if l1_dirty {
-        inner
-            .storage
-            .write_at(&table::encode(&l1), h.l1_table_offset)?;
-        *inner.l1_write_lock() = l1;
     }
     // The cleared entries must be durable before their clusters are reused.
     inner.storage.flush()?;
-    inner.l2.clear();
+    inner.forget_tables();
     super::check::compact_locked(inner)?;
     inner.storage.flush()?;
     Ok(())

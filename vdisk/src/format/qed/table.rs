@@ -1,4 +1,8 @@
-//! L1/L2 tables: on-disk encoding, sector-granular writes, and the bounded L2 cache.
+//! L1/L2 tables: on-disk encoding, sector-granular writes, and the bounded page cache.
+//!
+//! Tables can be huge (16 clusters of 64 MiB: 1 GiB, 128 Mi entries), so no table is
+//! ever held whole in memory: tables are read, cached and written in pages of at most
+//! [`PAGE_BYTES`], and only the pages a request needs are loaded.
 
 use crate::error::Result;
 use crate::storage::Storage;
@@ -11,15 +15,24 @@ pub const UNALLOCATED: u64 = 0;
 /// Zero-cluster entry (data cluster entries only): reads as zeroes.
 pub const ZERO_CLUSTER: u64 = 1;
 
-/// A table in memory: one u64 per entry.
-pub type Table = Vec<u64>;
+/// Largest page of table entries read, cached or written at once.
+pub const PAGE_BYTES: u64 = 64 * 1024;
 
-/// A cached L2 table, shared between requests. Entries change only under the
-/// per-table allocation lock; readers take the read lock briefly to look entries up.
-pub type SharedTable = Arc<RwLock<Table>>;
+/// A page of table entries in memory: one u64 per entry.
+pub type Page = Vec<u64>;
 
-/// Decodes a table from its little-endian bytes.
-pub fn decode(bytes: &[u8]) -> Table {
+/// A cached page, shared between requests. Entries change only under the owning table's
+/// allocation lock (L1: the L1 write lock); readers take the read lock briefly.
+pub type SharedPage = Arc<RwLock<Page>>;
+
+/// Bytes per page for tables of `table_bytes` (tables are powers of two of at least
+/// 4 KiB, so pages tile them exactly).
+pub fn page_bytes(table_bytes: u64) -> u64 {
+    table_bytes.min(PAGE_BYTES)
+}
+
+/// Decodes entries from their little-endian bytes.
+pub fn decode(bytes: &[u8]) -> Page {
     bytes
         .chunks_exact(8)
         .map(|c| {
@@ -39,32 +52,58 @@ pub fn encode(entries: &[u64]) -> Vec<u8> {
     v
 }
 
-/// Reads a whole table of `nelems` entries at `offset`.
-pub fn read_table(storage: &dyn Storage, offset: u64, nelems: u64) -> Result<Table> {
-    let mut buf = vec![0u8; (nelems * 8) as usize];
+/// Reads `n` entries at `offset`; callers bound `n` by a page.
+pub fn read_entries(storage: &dyn Storage, offset: u64, n: u64) -> Result<Page> {
+    let mut buf = vec![0u8; (n * 8) as usize];
     storage.read_at(&mut buf, offset)?;
     Ok(decode(&buf))
 }
 
-/// Writes entries `[first, first+n)` of `table` (stored at `offset`), rounded out to
+/// Whole pages (of `page_bytes`) from `offset` on, at most `max_pages`, that the storage
+/// reports as a hole (reading as zeroes: every entry unallocated), so walks over huge
+/// sparse tables skip them; 0 when the storage reports data or cannot tell.
+pub fn hole_pages(storage: &dyn Storage, offset: u64, page_bytes: u64, max_pages: u64) -> u64 {
+    match storage.extent_at(offset) {
+        Ok((false, n)) => (n / page_bytes).min(max_pages),
+        _ => 0,
+    }
+}
+
+/// Writes entries `[first, first+n)` of `page` (stored at `offset`), rounded out to
 /// whole write units (512 bytes or the storage's alignment) so a partial sector is
 /// never written.
 pub fn write_entries(
     storage: &dyn Storage,
     offset: u64,
-    table: &[u64],
+    page: &[u64],
     first: usize,
     n: usize,
 ) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
-    let (start, end) = write_unit_range(storage, table.len(), first, n);
-    storage.write_at(&encode(&table[start..end]), offset + start as u64 * 8)?;
+    let (start, end) = write_unit_range(storage, page.len(), first, n);
+    storage.write_at(&encode(&page[start..end]), offset + start as u64 * 8)?;
     Ok(())
 }
 
-/// Entries `[first, first+n)` of a table of `len` entries rounded out to whole write
+/// Writes one entry of the table at `table` by read-modify-write of its write unit
+/// (`table_len` entries long), for callers holding the image quiesced.
+pub fn write_one(
+    storage: &dyn Storage,
+    table: u64,
+    table_len: u64,
+    idx: u64,
+    value: u64,
+) -> Result<()> {
+    let (s, e) = write_unit_range(storage, table_len as usize, idx as usize, 1);
+    let mut unit = read_entries(storage, table + s as u64 * 8, (e - s) as u64)?;
+    unit[idx as usize - s] = value;
+    storage.write_at(&encode(&unit), table + s as u64 * 8)?;
+    Ok(())
+}
+
+/// Entries `[first, first+n)` of a page of `len` entries rounded out to whole write
 /// units (512 bytes or the storage's alignment).
 pub fn write_unit_range(
     storage: &dyn Storage,
@@ -72,23 +111,28 @@ pub fn write_unit_range(
     first: usize,
     n: usize,
 ) -> (usize, usize) {
-    let unit = (storage.alignment().max(512) / 8).min(len).max(1);
+    let unit = unit_entries(storage, len);
     let start = first / unit * unit;
     let end = ((first + n).div_ceil(unit) * unit).min(len);
     (start, end)
 }
 
+/// Entries per write unit in a page of `len` entries.
+pub fn unit_entries(storage: &dyn Storage, len: usize) -> usize {
+    (storage.alignment().max(512) / 8).min(len).max(1)
+}
+
 struct Slot {
-    table: SharedTable,
+    table: SharedPage,
     used: u64,
 }
 
-/// A bounded cache of L2 tables keyed by their file offset.
+/// A bounded cache of table pages keyed by their file offset.
 ///
-/// A table that some request still holds (an allocation updating it) is never evicted,
-/// and a table read from disk is only inserted if no table was modified while it was
+/// A page that some request still holds (an allocation updating it) is never evicted,
+/// and a page read from disk is only inserted if no page was modified while it was
 /// being read: together these guarantee a stale copy never replaces a newer one.
-pub struct L2Cache {
+pub struct PageCache {
     slots: Mutex<HashMap<u64, Slot>>,
     capacity: usize,
     tick: AtomicU64,
@@ -96,18 +140,18 @@ pub struct L2Cache {
     epoch: AtomicU64,
 }
 
-impl std::fmt::Debug for L2Cache {
+impl std::fmt::Debug for PageCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("L2Cache")
+        f.debug_struct("PageCache")
             .field("capacity", &self.capacity)
             .finish()
     }
 }
 
-impl L2Cache {
-    /// A cache holding at most `capacity` tables (at least one).
-    pub fn new(capacity: usize) -> L2Cache {
-        L2Cache {
+impl PageCache {
+    /// A cache holding at most `capacity` pages (at least one) beyond those in use.
+    pub fn new(capacity: usize) -> PageCache {
+        PageCache {
             slots: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
             tick: AtomicU64::new(0),
@@ -115,7 +159,7 @@ impl L2Cache {
         }
     }
 
-    /// Number of tables the cache may hold.
+    /// Number of pages the cache may hold.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -124,13 +168,13 @@ impl L2Cache {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records that a cached table was modified in memory.
+    /// Records that a cached page was modified in memory.
     pub fn modified(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The table at `offset`, reading it with `load` on a miss.
-    pub fn get(&self, offset: u64, load: impl Fn() -> Result<Table>) -> Result<SharedTable> {
+    /// The page at `offset`, reading it with `load` on a miss.
+    pub fn get(&self, offset: u64, load: impl Fn() -> Result<Page>) -> Result<SharedPage> {
         for _ in 0..4 {
             let epoch = self.epoch.load(Ordering::Acquire);
             if let Some(t) = self.lookup(offset) {
@@ -162,22 +206,22 @@ impl L2Cache {
         Ok(t)
     }
 
-    fn lookup(&self, offset: u64) -> Option<SharedTable> {
+    fn lookup(&self, offset: u64) -> Option<SharedPage> {
         let mut slots = self.lock();
         let s = slots.get_mut(&offset)?;
         s.used = self.tick.fetch_add(1, Ordering::Relaxed);
         Some(s.table.clone())
     }
 
-    /// Inserts a table just created in memory (a new L2 table).
-    pub fn insert(&self, offset: u64, table: SharedTable) {
+    /// Inserts a page just created in memory (part of a new L2 table).
+    pub fn insert(&self, offset: u64, table: SharedPage) {
         let mut slots = self.lock();
         self.insert_locked(&mut slots, offset, table);
     }
 
-    fn insert_locked(&self, slots: &mut HashMap<u64, Slot>, offset: u64, table: SharedTable) {
+    fn insert_locked(&self, slots: &mut HashMap<u64, Slot>, offset: u64, table: SharedPage) {
         while slots.len() >= self.capacity {
-            // Evict the least recently used table nobody else holds.
+            // Evict the least recently used page nobody else holds.
             let victim = slots
                 .iter()
                 .filter(|(_, s)| Arc::strong_count(&s.table) == 1)
@@ -194,7 +238,7 @@ impl L2Cache {
         slots.insert(offset, Slot { table, used });
     }
 
-    /// Drops every cached table (after check/repair rewrote tables on disk).
+    /// Drops every cached page (after check/repair rewrote tables on disk).
     pub fn clear(&self) {
         self.lock().clear();
         self.modified();
