@@ -66,14 +66,12 @@ pub(crate) const REFT_OFFSET_MASK: u64 = !0x1ff;
 /// Largest host offset an entry can hold.
 pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 
-/// Whether `head` starts with the qcow2 magic.
+/// Whether `head` starts with the qcow2 magic. The version is deliberately not
+/// looked at: a qcow2 file with a version we cannot handle must still be recognised
+/// (and refused by `open` with "Unsupported qcow2 version N"), never treated as raw
+/// and written over.
 pub fn probe(head: &[u8]) -> bool {
-    head.len() >= 8
-        && head[..4] == MAGIC
-        && matches!(
-            u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
-            2 | 3
-        )
+    head.len() >= 4 && head[..4] == MAGIC
 }
 
 /// Fixed geometry of an open image.
