@@ -2,6 +2,7 @@
 
 mod qcow2_util;
 use qcow2_util::*;
+use vdisk::format::DriverOptions;
 use vdisk::Repair;
 
 fn field(v: &serde_json::Value, k: &str) -> u64 {
@@ -297,4 +298,80 @@ fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
         serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&f)])).unwrap();
     assert_eq!(v["dirty-flag"], false);
     assert_clean(&f);
+}
+
+fn corrupt_bit(f: &std::path::Path) -> bool {
+    std::fs::read(f).unwrap()[79] & 2 != 0
+}
+
+/// An image vdisk marked corrupt can be repaired by `check -r all` (opened for
+/// repair with `skip_repair`), like `qemu-img check -r all` does; other read-write
+/// opens are refused and guest writes stay refused until the repair succeeds.
+#[test]
+fn corrupt_image_repaired_and_corrupt_bit_cleared() {
+    let d = tmp();
+    let f = path(&d, "c.qcow2");
+    qemu_create(&f, "cluster_size=4096", "1M");
+    qemu_io(&f, &["write -P 1 0 8k"]);
+    // Map guest cluster 1 onto the L1 table: vdisk's write there marks the image corrupt.
+    let mut b = std::fs::read(&f).unwrap();
+    let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap());
+    let l2 = u64::from_be_bytes(b[l1 as usize..l1 as usize + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00;
+    let at = l2 as usize + 8;
+    b[at..at + 8].copy_from_slice(&((1u64 << 63) | l1).to_be_bytes());
+    std::fs::write(&f, &b).unwrap();
+    {
+        let img = open(&f, true);
+        let e = img.write_at(&[9u8; 512], 4096).unwrap_err().to_string();
+        assert!(e.contains("overlaps"), "{e}");
+    }
+    assert!(corrupt_bit(&f), "vdisk set the corrupt bit");
+    let q = path(&d, "q.qcow2");
+    std::fs::copy(&f, &q).unwrap();
+    let e = open_with(&f, true, DriverOptions::default())
+        .err()
+        .expect("normal read-write open refused")
+        .to_string();
+    assert!(
+        e.contains("Image is corrupt; cannot be opened read/write"),
+        "{e}"
+    );
+    let for_check = DriverOptions {
+        skip_repair: true,
+        ..DriverOptions::default()
+    };
+    {
+        let img = open_with(&f, true, for_check.clone()).unwrap();
+        assert!(
+            img.write_at(&[1u8; 512], 0).is_err(),
+            "guest writes refused"
+        );
+        let r = img.check(Repair::default()).unwrap();
+        assert!(r.corruptions > 0, "{:?}", r.messages);
+        let r = img
+            .check(Repair {
+                leaks: true,
+                errors: true,
+            })
+            .unwrap();
+        assert_eq!((r.corruptions, r.check_errors), (0, 0), "{:?}", r.messages);
+        assert!(r.corruptions_fixed > 0);
+    }
+    assert!(!corrupt_bit(&f), "repair cleared the corrupt bit");
+    // qemu-img does the same on the copy.
+    let (code, _, err) = run_status("qemu-img", &["check", "-r", "all", p(&q)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!corrupt_bit(&q));
+    assert_clean(&f);
+    {
+        let img = open(&f, true);
+        img.write_at(&[5u8; 512], 8192).unwrap();
+    }
+    assert_clean(&f);
+    assert_same(
+        &qemu_raw(&f)[..8192],
+        &qemu_raw(&q)[..8192],
+        "repaired contents",
+    );
 }

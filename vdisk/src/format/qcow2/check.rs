@@ -6,7 +6,7 @@
 //! (with fragmentation statistics), snapshot L1 tables and their L2 tables, the snapshot
 //! table, the refcount table and the refcount blocks.
 
-use super::header::{EXT_BITMAPS, INCOMPAT_DIRTY};
+use super::header::{EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::tables::entry;
 use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK};
 use crate::error::{Error, Result};
@@ -362,15 +362,17 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     }
     check_copied(m, &mut rep, repair.errors && writable)?;
     rep.image_end_offset = Some((highest + 1) * cs);
+    // As QEMU: a repair that leaves no corruption marks the image clean (dirty bit) and
+    // consistent (corrupt bit) again.
     if writable
         && (repair.leaks || repair.errors)
         && rep.corruptions == 0
-        && rep.leaks == 0
         && rep.check_errors == 0
-        && m.hdr.incompatible & INCOMPAT_DIRTY != 0
+        && m.hdr.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0
     {
-        m.hdr.incompatible &= !INCOMPAT_DIRTY;
+        m.hdr.incompatible &= !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
         m.set_dirty = false;
+        m.corrupt = false;
         m.write_header()?;
     }
     Ok(rep)

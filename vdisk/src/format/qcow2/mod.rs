@@ -298,7 +298,10 @@ impl Qcow2 {
                 hdr.cluster_bits
             )));
         }
-        if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !opts.read_only {
+        // Like QEMU's BDRV_O_CHECK: `check` (which sets `skip_repair`) may open a corrupt
+        // image read-write so that `-r` can repair it; the corrupt flag still refuses
+        // every guest write until a successful repair clears it.
+        if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !opts.read_only && !opts.skip_repair {
             return Err(Error::corrupt(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
