@@ -375,3 +375,97 @@ fn corrupt_image_repaired_and_corrupt_bit_cleared() {
         "repaired contents",
     );
 }
+
+/// L1/L2 entries with reserved bits set are never silently masked: reads fail naming
+/// the entry (and mark a writable image corrupt), check reports them with QEMU's
+/// wording (same count as qemu-img check), and `-r all` clears the bits.
+#[test]
+fn reserved_bits_in_l1_and_l2_entries() {
+    let d = tmp();
+    for (table, bits, msg) in [
+        (
+            "l2",
+            0x64u64,
+            "ERROR found l2 entry with reserved bits set: ",
+        ),
+        (
+            "l2",
+            1u64 << 57,
+            "ERROR found l2 entry with reserved bits set: ",
+        ),
+        (
+            "L1",
+            0x2u64,
+            "ERROR found L1 entry with reserved bits set: ",
+        ),
+        (
+            "L1",
+            1u64 << 60,
+            "ERROR found L1 entry with reserved bits set: ",
+        ),
+    ] {
+        let f = path(&d, "r.qcow2");
+        let _ = std::fs::remove_file(&f);
+        qemu_create(&f, "", "1M");
+        qemu_io(&f, &["write -P 1 0 128k"]);
+        let mut b = std::fs::read(&f).unwrap();
+        let get = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+        let l1 = get(&b, 40) as usize;
+        let at = if table == "L1" {
+            l1
+        } else {
+            (get(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize
+        };
+        let bad = get(&b, at) | bits;
+        b[at..at + 8].copy_from_slice(&bad.to_be_bytes());
+        std::fs::write(&f, &b).unwrap();
+        let line = format!("{msg}{bad:x}");
+        let (code, _, err) = run_status("qemu-img", &["check", p(&f)]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&line), "qemu: {err}");
+        let (_, q) = qemu_check(&f);
+        {
+            let img = open(&f, false);
+            let mut buf = vec![0u8; 4096];
+            let e = img.read_at(&mut buf, 0).unwrap_err().to_string();
+            assert!(
+                e.contains("reserved bits") && e.contains(&format!("{bad:#x}")),
+                "{e}"
+            );
+            let r = img.check(Repair::default()).unwrap();
+            assert!(r.messages.contains(&line), "{:?}", r.messages);
+            assert_eq!(r.corruptions, field(&q, "corruptions"), "{:?}", r.messages);
+        }
+        // A read-write user hitting it marks the image corrupt.
+        {
+            let img = open(&f, true);
+            let mut buf = vec![0u8; 4096];
+            assert!(img.read_at(&mut buf, 0).is_err());
+        }
+        assert!(corrupt_bit(&f), "{table} {bits:#x}");
+        {
+            let img = open_with(
+                &f,
+                true,
+                DriverOptions {
+                    skip_repair: true,
+                    ..DriverOptions::default()
+                },
+            )
+            .unwrap();
+            let r = img
+                .check(Repair {
+                    leaks: true,
+                    errors: true,
+                })
+                .unwrap();
+            assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+            assert!(r.corruptions_fixed >= 1);
+        }
+        assert!(!corrupt_bit(&f));
+        assert_clean(&f);
+        let got = read_all(&open(&f, false));
+        assert!(got[..128 << 10].iter().all(|&x| x == 1));
+        assert!(got[128 << 10..].iter().all(|&x| x == 0));
+    }
+}

@@ -4,7 +4,7 @@
 use super::compress;
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::tables::{entry, set};
-use super::{Meta, Qcow2, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{Meta, Qcow2, COMPRESSED, COPIED, L2E_STD_RESERVED, OFFSET_MASK, ZERO};
 use crate::error::{Error, Result};
 use crate::format::{read_backing, Driver, Extent, ExtentKind, ZeroFlags};
 
@@ -35,6 +35,11 @@ impl Meta {
             let nsec = (e >> shift) & ((1u64 << (62 - shift)) - 1);
             let len = (nsec + 1) * 512 - (off & 511);
             return Ok(Cl::Compressed(off, len));
+        }
+        if e & L2E_STD_RESERVED != 0 {
+            return Err(self.mark_corrupt(format!(
+                "L2 entry {e:#x} of guest cluster {gc} has reserved bits set"
+            )));
         }
         let off = e & OFFSET_MASK;
         let copied = e & COPIED != 0;

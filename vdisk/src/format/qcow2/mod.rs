@@ -61,6 +61,10 @@ pub(crate) const COPIED: u64 = 1 << 63;
 pub(crate) const COMPRESSED: u64 = 1 << 62;
 /// L2 entry flag: reads as zeroes (v3).
 pub(crate) const ZERO: u64 = 1;
+/// Reserved bits of an L1 entry (bits 0-8 and 56-62); set means a corrupt entry.
+pub(crate) const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard (not compressed) L2 entry (bits 1-8 and 56-61).
+pub(crate) const L2E_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Refcount table entry offset bits.
 pub(crate) const REFT_OFFSET_MASK: u64 = !0x1ff;
 /// Largest host offset an entry can hold.
