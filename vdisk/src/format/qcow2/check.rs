@@ -276,6 +276,21 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         cnt.inc(rep, m.hdr.snapshots_offset, len);
     }
     count_bitmaps(m, &mut cnt, rep)?;
+    if let Some(why) = &m.rc_broken {
+        // Nothing to count: the structure must be rebuilt from the references. Reported
+        // as QEMU does where it can be: no table at all adds no message of its own (the
+        // refcount=0 errors say it), a table wholly past the end of the file is a
+        // reference beyond the end of the file.
+        let rt_off = m.hdr.refcount_table_offset;
+        let clusters = u64::from(m.hdr.refcount_table_clusters);
+        if clusters != 0 && rt_off != 0 && rt_off >= m.file_end {
+            cnt.inc(rep, rt_off, clusters * cs);
+        } else if clusters != 0 {
+            rep.messages.push(format!("ERROR {why}"));
+            rep.corruptions += 1;
+        }
+        return Ok((cnt, true));
+    }
     cnt.inc(
         rep,
         m.hdr.refcount_table_offset,
@@ -551,8 +566,13 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     let max = m.g.rc_max();
     let order = m.g.rc_order;
     // Forget the old structure's own clusters: the new one does not reference them.
+    // (A broken table was never counted.)
     let rt_off = m.hdr.refcount_table_offset;
-    let rt_clusters = u64::from(m.hdr.refcount_table_clusters);
+    let rt_clusters = if m.rc_broken.is_some() {
+        0
+    } else {
+        u64::from(m.hdr.refcount_table_clusters)
+    };
     for k in 0..rt_clusters {
         if let Some(r) = cnt.refs.get_mut((rt_off / cs + k) as usize) {
             *r = r.saturating_sub(1);
@@ -640,6 +660,7 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     m.hdr.refcount_table_offset = toff;
     m.hdr.refcount_table_clusters = tclusters as u32;
     m.rc_table = table;
+    m.rc_broken = None;
     m.rc.clear();
     m.free_hint = 0;
     m.compress_cursor = 0;
