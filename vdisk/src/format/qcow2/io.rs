@@ -735,9 +735,11 @@ impl Qcow2 {
             return self.ext_block_status(offset, len);
         }
         let cs = self.g.cs;
-        let mut m = self.lock();
         let end = offset + len;
         let gc0 = offset / cs;
+        let last_gc = (end - 1) / cs;
+        let mask = self.g.l2_entries - 1;
+        let mut m = self.lock();
         let e0 = m.l2_entry(gc0)?;
         let c0 = m.classify(e0, gc0)?;
         let in_off = offset % cs;
@@ -754,28 +756,39 @@ impl Qcow2 {
         let mut n = (cs - in_off).min(len);
         let mut gc = gc0 + 1;
         let mut expect = host_of(c0).map(|h| h + cs);
-        // Bounded per call; callers loop.
-        let max_clusters = 4 * self.g.l2_entries;
-        while offset + n < end && gc - gc0 < max_clusters {
+        // Entries looked at one by one are bounded per call (callers loop); runs of
+        // unallocated L1 entries cost one comparison each, so a sparse disk of any size
+        // is answered in one call.
+        let max_entries = 4 * self.g.l2_entries;
+        let mut examined = 0;
+        'tables: while gc <= last_gc && examined < max_entries {
             let l1i = (gc >> self.g.l2_bits) as usize;
-            let l1e = m.l1.get(l1i).copied().unwrap_or(0);
-            if l1e & OFFSET_MASK == 0 && c0 == Cl::Unalloc {
-                // A whole unallocated table.
-                let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
-                let add = (table_end * cs).min(end) - (offset + n);
-                n += add;
+            let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
+            let l2off = m.l1_offset(l1i)?;
+            if l2off == 0 {
+                if c0 != Cl::Unalloc {
+                    break;
+                }
+                n = (table_end * cs).min(end) - offset;
                 gc = table_end;
                 continue;
             }
-            let e = m.l2_entry(gc)?;
-            let c = m.classify(e, gc)?;
-            if key(c) != key(c0) || host_of(c) != expect {
-                break;
+            // One cache lookup per table, not per entry.
+            let slot = m.l2_slot(l2off, l1i)?;
+            let stop = table_end.min(last_gc + 1);
+            while gc < stop && examined < max_entries {
+                let e = entry(&m.l2.slot(slot).data, self.g.l2_word((gc & mask) as usize));
+                let c = m.classify(e, gc)?;
+                if key(c) != key(c0) || host_of(c) != expect {
+                    break 'tables;
+                }
+                n = ((gc + 1) * cs).min(end) - offset;
+                expect = expect.map(|h| h + cs);
+                gc += 1;
+                examined += 1;
             }
-            n += cs.min(end - offset - n);
-            expect = expect.map(|h| h + cs);
-            gc += 1;
         }
+        drop(m);
         let (kind, off, compressed) = match c0 {
             Cl::Unalloc => (ExtentKind::Unallocated, None, false),
             Cl::Zero => (ExtentKind::Zero, None, false),
