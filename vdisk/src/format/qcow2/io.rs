@@ -581,8 +581,12 @@ impl Qcow2 {
             return Ok(());
         }
         let has_backing = self.lock().has_backing;
-        let mode = if self.g.version >= 3 && has_backing {
-            Mode::ZeroUnmap
+        let mode = if self.g.version >= 3 {
+            Mode::Discard
+        } else if has_backing {
+            // v2 cannot say "zeroes": deallocating would expose the backing file, so
+            // (like QEMU) the discard does nothing.
+            return Ok(());
         } else {
             Mode::Dealloc
         };
@@ -610,7 +614,11 @@ impl Qcow2 {
             }
             let unalloc_table = m.l1[l1i] & OFFSET_MASK == 0;
             let backing_visible = m.has_backing;
-            if unalloc_table && (mode == Mode::Dealloc || !backing_visible) {
+            // Nothing to deallocate in a missing table; zero writes do allocate it (to
+            // set zero flags), as QEMU does.
+            if unalloc_table
+                && (mode == Mode::Dealloc || (mode == Mode::Discard && !backing_visible))
+            {
                 gc = table_end;
                 continue;
             }
@@ -619,16 +627,20 @@ impl Qcow2 {
             for g in gc..table_end {
                 let e = m.l2_entry(g)?;
                 let cl = m.classify(e, g)?;
+                // QEMU's rules (zero_in_l2_slice / discard_in_l2_slice): zero writes
+                // set the zero flag everywhere, dropping the host cluster only when it
+                // is compressed or unmapping is allowed; a discard makes allocated
+                // clusters (and, over a backing file, every cluster) read as zeroes.
+                let allocated = matches!(cl, Cl::Data(..) | Cl::ZeroAlloc(..) | Cl::Compressed(..));
                 let new = match (mode, cl) {
                     (Mode::Dealloc, _) => 0,
-                    (Mode::ZeroKeep, Cl::Data(h, true))
-                    | (Mode::ZeroKeep, Cl::ZeroAlloc(h, true)) => h | COPIED | ZERO,
+                    (Mode::Discard, _) if backing_visible || allocated => ZERO,
+                    (Mode::Discard, _) => e,
+                    (Mode::ZeroKeep, Cl::Data(..) | Cl::ZeroAlloc(..)) => e | ZERO,
+                    (Mode::ZeroKeep | Mode::ZeroUnmap, Cl::Zero) => e,
                     _ => ZERO,
                 };
                 if new == e {
-                    continue;
-                }
-                if cl == Cl::Unalloc && new == ZERO && !backing_visible {
                     continue;
                 }
                 if !prepared {
@@ -947,8 +959,13 @@ impl Qcow2 {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// Entries cleared (reads fall through to the backing file).
     Dealloc,
+    /// v3 discard: reads as zeroes afterwards, host clusters released.
+    Discard,
+    /// Zero flag, host clusters released.
     ZeroUnmap,
+    /// Zero flag, host clusters (other than compressed ones) kept.
     ZeroKeep,
 }
 
