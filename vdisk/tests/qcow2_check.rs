@@ -329,10 +329,10 @@ fn corrupt_image_repaired_and_corrupt_bit_cleared() {
     assert!(corrupt_bit(&f), "vdisk set the corrupt bit");
     let q = path(&d, "q.qcow2");
     std::fs::copy(&f, &q).unwrap();
-    let e = open_with(&f, true, DriverOptions::default())
-        .err()
-        .expect("normal read-write open refused")
-        .to_string();
+    let e = match open_with(&f, true, DriverOptions::default()) {
+        Ok(_) => panic!("normal read-write open of a corrupt image"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         e.contains("Image is corrupt; cannot be opened read/write"),
         "{e}"
