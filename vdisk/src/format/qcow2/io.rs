@@ -210,17 +210,31 @@ impl Qcow2 {
             let mut segs: Vec<(usize, usize, Src)> = Vec::new();
             {
                 let mut m = self.lock();
+                // The whole piece lies in one L2 table: look it up once.
+                let l1i = ((cur / cs) >> self.g.l2_bits) as usize;
+                let l2off = m.l1_offset(l1i)?;
+                let slot = match l2off {
+                    0 => None,
+                    off => Some(m.l2_slot(off, l1i)?),
+                };
+                let mask = self.g.l2_entries - 1;
                 let mut p = pos;
                 while p < limit {
                     let g = offset + p;
                     let gc = g / cs;
                     let in_off = g % cs;
                     let n = (cs - in_off).min(limit - p);
-                    let e = m.l2_entry(gc)?;
+                    let (e, bitmap) = match slot {
+                        None => (0, 0),
+                        Some(s) => {
+                            let d = &m.l2.slot(s).data;
+                            let w = self.g.l2_word((gc & mask) as usize);
+                            (entry(d, w), if self.g.ext_l2 { entry(d, w + 1) } else { 0 })
+                        }
+                    };
                     let cl = m.classify(e, gc)?;
                     let mut pieces: Vec<(u64, Src)> = Vec::with_capacity(1);
                     if m.g.ext_l2 && !matches!(cl, Cl::Compressed(..)) {
-                        let bitmap = m.l2_bitmap(gc)?;
                         let mut q = in_off;
                         while q < in_off + n {
                             let (k, len) = m.subcluster_run(bitmap, q, in_off + n);
