@@ -492,10 +492,10 @@ impl Qcow2 {
         let whole_end = (last_full * cs).min(end);
         if flags.fast {
             if offset < first_full * cs {
-                self.zero_partial_pass(offset, first_full * cs - offset, true)?;
+                self.zero_partial_pass(offset, first_full * cs - offset, true, flags)?;
             }
             if whole_end < end {
-                self.zero_partial_pass(whole_end, end - whole_end, true)?;
+                self.zero_partial_pass(whole_end, end - whole_end, true, flags)?;
             }
             if self.g.version < 3 && self.lock().has_backing {
                 return Err(Error::unsupported(
@@ -543,40 +543,96 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Zeroes a range that does not cover whole clusters, cluster by cluster: pieces
-    /// that already read as zeroes are left alone.
+    /// Zeroes a range that does not cover whole clusters, cluster by cluster, as QEMU
+    /// does: a v3 cluster that is unallocated or already zero, and whose bytes outside
+    /// the range read as zeroes (block status, through the backing chain), gets the
+    /// zero flag; other clusters that do not already read as zeroes get zero bytes.
     fn zero_partial(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         if flags.fast {
             // Refuse before changing anything.
-            self.zero_partial_pass(offset, len, true)?;
+            self.zero_partial_pass(offset, len, true, flags)?;
         }
-        self.zero_partial_pass(offset, len, false)
+        self.zero_partial_pass(offset, len, false, flags)
     }
 
-    fn zero_partial_pass(&self, offset: u64, len: u64, dry: bool) -> Result<()> {
+    /// Whether `[off, off+len)` reads as zeroes according to block status (never by
+    /// reading data): QEMU's `is_zero`.
+    fn status_zero(&self, mut off: u64, len: u64) -> Result<bool> {
+        let end = (off + len).min(self.size());
+        while off < end {
+            let e = self.do_block_status(off, end - off)?;
+            let mut n = e.len.clamp(1, end - off);
+            let zero = match e.kind {
+                ExtentKind::Zero => true,
+                ExtentKind::Data => false,
+                ExtentKind::Unallocated => match &self.backing {
+                    Some(b) if off < b.size() => {
+                        n = n.min(b.size() - off);
+                        let ce = crate::chain::block_status(b, off, n)?;
+                        n = ce.len.clamp(1, n);
+                        ce.kind != ExtentKind::Data
+                    }
+                    _ => true,
+                },
+            };
+            if !zero {
+                return Ok(false);
+            }
+            off += n;
+        }
+        Ok(true)
+    }
+
+    fn zero_partial_pass(&self, offset: u64, len: u64, dry: bool, flags: ZeroFlags) -> Result<()> {
         let cs = self.g.cs;
         let end = offset + len;
+        let size = self.size();
+        let v3 = self.g.version >= 3;
         let mut off = offset;
+        // Each cluster is retried at most a few times when a concurrent write changes
+        // it between the look and the update; then it gets zero bytes.
+        let mut tries = 0;
         while off < end {
             let n = (cs - off % cs).min(end - off);
             let gc = off / cs;
-            let already = {
+            let cl = {
                 let mut m = self.lock();
                 let e = m.l2_entry(gc)?;
-                match m.classify(e, gc)? {
-                    Cl::Zero | Cl::ZeroAlloc(..) => true,
-                    Cl::Unalloc => self.backing.is_none() && !m.has_backing,
-                    _ => false,
-                }
+                m.classify(e, gc)?
             };
-            if !already {
-                if dry {
-                    return Err(Error::unsupported(
-                        "writing zeroes to part of a qcow2 cluster needs writing data",
-                    ));
+            let no_backing = self.backing.is_none() && !self.lock().has_backing;
+            let flag_ok = v3
+                && tries < 3
+                && matches!(cl, Cl::Unalloc | Cl::Zero | Cl::ZeroAlloc(..))
+                && self.status_zero(gc * cs, off - gc * cs)?
+                && self.status_zero(off + n, ((gc + 1) * cs).min(size).saturating_sub(off + n))?;
+            if flag_ok {
+                let mode = if flags.may_unmap {
+                    Mode::ZeroUnmap
+                } else {
+                    Mode::ZeroKeep
+                };
+                let same = |c: Cl| matches!(c, Cl::Unalloc | Cl::Zero | Cl::ZeroAlloc(..));
+                if !self.set_clusters_if(gc, gc + 1, mode, Some(&same))? {
+                    tries += 1;
+                    continue;
                 }
-                self.write_zero_bytes(off, n)?;
+            } else {
+                let already = match cl {
+                    Cl::Zero | Cl::ZeroAlloc(..) => true,
+                    Cl::Unalloc => no_backing,
+                    _ => false,
+                };
+                if !already {
+                    if dry {
+                        return Err(Error::unsupported(
+                            "writing zeroes to part of a qcow2 cluster needs writing data",
+                        ));
+                    }
+                    self.write_zero_bytes(off, n)?;
+                }
             }
+            tries = 0;
             off += n;
         }
         Ok(())
@@ -610,6 +666,19 @@ impl Qcow2 {
     /// Rewrites the L2 entries of guest clusters `[first, last)` (zero flag or
     /// deallocation), releasing the host clusters they referenced.
     fn set_clusters(&self, first: u64, last: u64, mode: Mode) -> Result<()> {
+        self.set_clusters_if(first, last, mode, None).map(|_| ())
+    }
+
+    /// [`Self::set_clusters`], stopping (returning false) at the first cluster whose
+    /// current state fails `only` (checked under the lock, so a decision taken before
+    /// it was held cannot be applied to a cluster that changed meanwhile).
+    fn set_clusters_if(
+        &self,
+        first: u64,
+        last: u64,
+        mode: Mode,
+        only: Option<&dyn Fn(Cl) -> bool>,
+    ) -> Result<bool> {
         let mut gc = first;
         while gc < last {
             let l1i = (gc >> self.g.l2_bits) as usize;
@@ -641,6 +710,10 @@ impl Qcow2 {
             for g in gc..table_end {
                 let e = m.l2_entry(g)?;
                 let cl = m.classify(e, g)?;
+                if only.is_some_and(|f| !f(cl)) {
+                    m.maybe_writeback()?;
+                    return Ok(false);
+                }
                 // QEMU's rules (zero_in_l2_slice / discard_in_l2_slice): zero writes
                 // set the zero flag everywhere, dropping the host cluster only when it
                 // is compressed or unmapping is allowed; a discard makes allocated
@@ -675,7 +748,7 @@ impl Qcow2 {
             drop(m);
             gc = table_end;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Block status with extended L2 entries: subcluster granularity.
