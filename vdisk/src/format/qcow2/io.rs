@@ -606,7 +606,9 @@ impl Qcow2 {
                 && matches!(cl, Cl::Unalloc | Cl::Zero | Cl::ZeroAlloc(..))
                 && self.status_zero(gc * cs, off - gc * cs)?
                 && self.status_zero(off + n, ((gc + 1) * cs).min(size).saturating_sub(off + n))?;
-            if flag_ok {
+            if flag_ok && dry {
+                // Possible without writing data: nothing to refuse.
+            } else if flag_ok {
                 let mode = if flags.may_unmap {
                     Mode::ZeroUnmap
                 } else {
