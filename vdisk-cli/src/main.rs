@@ -52,6 +52,15 @@ fn main() {
         let _ = e.print();
         std::process::exit(code);
     });
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Like qemu-img, die quietly when the reader of our output goes away
+        // (`vdisk info | head`) instead of failing on EPIPE. The NBD server keeps Rust's
+        // ignored SIGPIPE: a vanishing client must only end its own connection.
+        // SAFETY: setting a signal disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let code = match cli.command {
         Command::Create(a) => cmd::create::run(a),
         Command::Info(a) => cmd::info::run(a),

@@ -178,7 +178,8 @@ impl Image {
                     ))
                 })?;
                 fmt = Some(bimg.format());
-                size = size.or(Some(bimg.size()));
+                // qemu-img takes the backing size rounded up to whole sectors.
+                size = size.or(Some(bimg.size().div_ceil(512) * 512));
             } else if size.is_none() {
                 return Err(Error::invalid("Image creation needs a size parameter"));
             }
@@ -194,8 +195,9 @@ impl Image {
             lock: LockMode::for_open(false, false),
             create: true,
         };
+        let existed = path.exists();
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, &fo)?);
-        format::create(
+        let r = format::create(
             opts.format,
             &storage,
             &CreateSpec {
@@ -203,7 +205,13 @@ impl Image {
                 backing,
                 options: opts.options.clone(),
             },
-        )
+        );
+        if r.is_err() && !existed {
+            // Bad options are found while formatting: leave no half-made file behind.
+            drop(storage);
+            let _ = std::fs::remove_file(path);
+        }
+        r
     }
 
     /// The format driver (for format-specific operations).
