@@ -311,3 +311,37 @@ fn shrink_then_grow_reads_zeroes() {
     drop(img);
     assert_clean(&f);
 }
+
+/// Sizes too large for the cluster size fail with qemu-img's exact message.
+#[test]
+fn too_large_message_matches_qemu() {
+    let d = tmp();
+    let f = path(&d, "big.qcow2");
+    for (cs, size) in [
+        ("512", "64T"),
+        ("512", "1T"),
+        ("65536", "300P"),
+        ("2M", "6E"),
+    ] {
+        let opt = format!("cluster_size={cs}");
+        let (code, _, err) = run_status(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opt, p(&f), size],
+        );
+        assert_eq!(code, 1, "{err}");
+        let prefix = format!("qemu-img: {}: ", p(&f));
+        let want = err.trim().strip_prefix(&prefix).unwrap_or(err.trim());
+        let mem: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let got = qcow2::create(
+            &mem,
+            &CreateSpec {
+                size: vdisk::format::parse_size(size).unwrap(),
+                backing: None,
+                options: vec![("cluster_size".into(), cs.into())],
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(got, want, "cluster_size={cs} size={size}");
+    }
+}

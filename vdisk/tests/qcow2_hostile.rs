@@ -413,3 +413,35 @@ fn mappings_onto_metadata_are_refused() {
     let e = img.write_at(&[1u8; 10], 0).unwrap_err().to_string();
     assert!(e.contains("overlaps"), "{e}");
 }
+
+/// A qcow2 file with a version we cannot handle is still probed as qcow2 and refused
+/// with qemu's message; it is never opened as raw (which would let writes destroy it).
+#[test]
+fn unsupported_version_is_probed_as_qcow2_and_refused() {
+    let d = tmp();
+    let f = path(&d, "v.qcow2");
+    for version in [1u32, 9] {
+        let mut b = base();
+        put32(&mut b, 4, version);
+        std::fs::write(&f, &b).unwrap();
+        assert_eq!(Format::probe(&b[..512]), Format::Qcow2, "version {version}");
+        for rw in [false, true] {
+            let e = match Image::open(
+                &f,
+                &vdisk::OpenOptions {
+                    read_only: !rw,
+                    locking: false,
+                    ..vdisk::OpenOptions::default()
+                },
+            ) {
+                Ok(img) => panic!("version {version} opened as {:?}", img.format()),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(&format!("Unsupported qcow2 version {version}")),
+                "{e}"
+            );
+        }
+        assert_eq!(std::fs::read(&f).unwrap(), b, "file untouched");
+    }
+}

@@ -148,3 +148,40 @@ fn backing_chain() {
         assert_same(&read_all(&img), &want, "chain");
     }
 }
+
+/// Block status answers a run of unallocated L1 entries (a sparse disk of any size) in
+/// one call, and still stops exactly where data starts.
+#[test]
+fn block_status_sparse_disk_in_one_call() {
+    use vdisk::format::ExtentKind;
+    let d = tmp();
+    let f = path(&d, "s.qcow2");
+    qemu_create(&f, "", "64T");
+    let size = 64u64 << 40;
+    let img = open(&f, false);
+    let e = img.driver().block_status(0, size).unwrap();
+    assert_eq!((e.kind, e.len), (ExtentKind::Unallocated, size));
+    let e = img
+        .driver()
+        .block_status(12345 << 20, size - (12345 << 20))
+        .unwrap();
+    assert_eq!(
+        (e.kind, e.len),
+        (ExtentKind::Unallocated, size - (12345 << 20))
+    );
+    drop(img);
+    qemu_io(&f, &["write -P 1 60T 64k", "write -P 2 1G 64k"]);
+    let img = open(&f, false);
+    let e = img.driver().block_status(0, size).unwrap();
+    assert_eq!((e.kind, e.len), (ExtentKind::Unallocated, 1 << 30));
+    let e = img
+        .driver()
+        .block_status((1 << 30) + 65536, size - (1 << 30) - 65536)
+        .unwrap();
+    assert_eq!(
+        (e.kind, e.len),
+        (ExtentKind::Unallocated, (60u64 << 40) - (1 << 30) - 65536)
+    );
+    let e = img.driver().block_status(60 << 40, 1 << 20).unwrap();
+    assert_eq!((e.kind, e.len), (ExtentKind::Data, 65536));
+}

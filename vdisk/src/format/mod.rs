@@ -83,7 +83,9 @@ pub struct DriverOptions {
     /// Do not open the backing file even if the header names one (`backing: none`);
     /// unallocated ranges then read as zeroes.
     pub no_backing: bool,
-    /// Open even if the image needs a check/repair first; used by `check` so it can report.
+    /// Open even if the image needs a check/repair first; used by `check` so it can report
+    /// (and, for `check -r`, repair: qcow2 then opens a corrupt image read-write, still
+    /// refusing guest writes until the repair clears the corrupt bit).
     pub skip_repair: bool,
 }
 

@@ -6,6 +6,31 @@
 //! writing it itself.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Keys are cluster-aligned host offsets from our own tables: a multiplicative hash
+/// spreads them well and is much cheaper than SipHash on this hot path (every guest
+/// request looks up its L2 table).
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        // The low bits of an offset are zero: fold the high half of the product down.
+        let x = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 32);
+    }
+}
+
+type OffsetMap = HashMap<u64, usize, BuildHasherDefault<OffsetHasher>>;
 
 /// One cached cluster.
 #[derive(Debug)]
@@ -22,7 +47,7 @@ pub struct Slot {
 /// LRU cache of clusters keyed by host offset.
 #[derive(Debug)]
 pub struct Cache {
-    map: HashMap<u64, usize>,
+    map: OffsetMap,
     slots: Vec<Slot>,
     cap: usize,
     tick: u64,
@@ -32,7 +57,7 @@ impl Cache {
     /// A cache holding at most `cap` clusters (at least 2).
     pub fn new(cap: usize) -> Cache {
         Cache {
-            map: HashMap::new(),
+            map: OffsetMap::default(),
             slots: Vec::new(),
             cap: cap.max(2),
             tick: 0,

@@ -6,9 +6,11 @@
 //! (with fragmentation statistics), snapshot L1 tables and their L2 tables, the snapshot
 //! table, the refcount table and the refcount blocks.
 
-use super::header::{EXT_BITMAPS, INCOMPAT_DIRTY};
+use super::header::{EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::tables::entry;
-use super::{Meta, COMPRESSED, COPIED, OFFSET_MASK, REFT_OFFSET_MASK};
+use super::{
+    Meta, COMPRESSED, COPIED, L1E_RESERVED, L2E_STD_RESERVED, OFFSET_MASK, REFT_OFFSET_MASK,
+};
 use crate::error::{Error, Result};
 use crate::format::qcow2::refcount::set_entry;
 use crate::format::{CheckReport, Repair};
@@ -50,7 +52,39 @@ fn read_table(m: &Meta, off: u64, entries: u64) -> Result<Vec<u64>> {
     Ok((0..entries as usize).map(|i| entry(&raw, i)).collect())
 }
 
-/// Counts the references of one L1 table and everything below it.
+/// Entries to rewrite without their reserved bits: (file offset of the entry, value).
+type ReservedFixes = Vec<(u64, u64)>;
+
+/// Reports an L1/L2 entry with reserved bits set (QEMU's wording), or queues its repair
+/// (the reserved bits cleared, the mapping kept) when `fixes` is given.
+fn reserved(
+    rep: &mut CheckReport,
+    fixes: Option<&mut ReservedFixes>,
+    what: &str,
+    at: u64,
+    e: u64,
+    mask: u64,
+) {
+    match fixes {
+        Some(f) => {
+            rep.messages.push(format!(
+                "Repairing {what} entry with reserved bits set: {e:x}"
+            ));
+            rep.corruptions_fixed += 1;
+            f.push((at, e & !mask));
+        }
+        None => {
+            rep.messages.push(format!(
+                "ERROR found {what} entry with reserved bits set: {e:x}"
+            ));
+            rep.corruptions += 1;
+        }
+    }
+}
+
+/// Counts the references of one L1 table and everything below it. With `fixes`,
+/// entries with reserved bits set are queued for repair instead of reported.
+#[allow(clippy::too_many_arguments)]
 fn count_l1(
     m: &Meta,
     cnt: &mut Counter,
@@ -58,11 +92,16 @@ fn count_l1(
     l1: &[u64],
     l1_off: u64,
     active: bool,
+    mut fixes: Option<&mut ReservedFixes>,
 ) -> Result<()> {
     let cs = m.g.cs;
     cnt.inc(rep, l1_off, l1.len() as u64 * 8);
     let shift = m.g.csize_shift();
-    for &l1e in l1 {
+    for (i, &l1e) in l1.iter().enumerate() {
+        if l1e & L1E_RESERVED != 0 {
+            let at = l1_off + i as u64 * 8;
+            reserved(rep, fixes.as_deref_mut(), "L1", at, l1e, L1E_RESERVED);
+        }
         let l2off = l1e & OFFSET_MASK;
         if l2off == 0 {
             continue;
@@ -97,6 +136,10 @@ fn count_l1(
                     rep.fragmented_clusters = Some(rep.fragmented_clusters.unwrap_or(0) + 1);
                 }
                 continue;
+            }
+            if e & L2E_STD_RESERVED != 0 {
+                let at = l2off + m.g.l2_word(j) as u64 * 8;
+                reserved(rep, fixes.as_deref_mut(), "l2", at, e, L2E_STD_RESERVED);
             }
             let off = e & OFFSET_MASK;
             if off == 0 {
@@ -191,8 +234,9 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter, rep: &mut CheckReport) -> Result<(
 }
 
 /// Counts every reference in the image. Returns the counters and whether the
-/// refcount structure itself is broken (needs a rebuild).
-fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, bool)> {
+/// refcount structure itself is broken (needs a rebuild). With `fix`, active L1/L2
+/// entries with reserved bits set get those bits cleared.
+fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<(Counter, bool)> {
     let cs = m.g.cs;
     let mut cnt = Counter {
         refs: vec![0u32; nb as usize],
@@ -201,16 +245,52 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64) -> Result<(Counter, b
     let mut rebuild = false;
     cnt.inc(rep, 0, cs);
     let l1 = m.l1.clone();
-    count_l1(m, &mut cnt, rep, &l1, m.hdr.l1_table_offset, true)?;
+    let mut fixes = ReservedFixes::new();
+    let l1_off = m.hdr.l1_table_offset;
+    count_l1(
+        m,
+        &mut cnt,
+        rep,
+        &l1,
+        l1_off,
+        true,
+        fix.then_some(&mut fixes),
+    )?;
     for sn in m.snapshots.clone() {
         let t = read_table(m, sn.l1_offset, u64::from(sn.l1_size))?;
-        count_l1(m, &mut cnt, rep, &t, sn.l1_offset, false)?;
+        count_l1(m, &mut cnt, rep, &t, sn.l1_offset, false, None)?;
+    }
+    if !fixes.is_empty() {
+        for &(at, v) in &fixes {
+            m.st.write_at(&v.to_be_bytes(), at)?;
+            if at >= l1_off && at < l1_off + l1.len() as u64 * 8 {
+                m.l1[((at - l1_off) / 8) as usize] = v;
+            } else {
+                m.l2.forget(at & !(cs - 1));
+            }
+        }
+        m.st.flush()?;
     }
     if m.hdr.nb_snapshots > 0 {
         let len = super::snapshot::table_len(&*m.st, &m.hdr)?;
         cnt.inc(rep, m.hdr.snapshots_offset, len);
     }
     count_bitmaps(m, &mut cnt, rep)?;
+    if let Some(why) = &m.rc_broken {
+        // Nothing to count: the structure must be rebuilt from the references. Reported
+        // as QEMU does where it can be: no table at all adds no message of its own (the
+        // refcount=0 errors say it), a table wholly past the end of the file is a
+        // reference beyond the end of the file.
+        let rt_off = m.hdr.refcount_table_offset;
+        let clusters = u64::from(m.hdr.refcount_table_clusters);
+        if clusters != 0 && rt_off != 0 && rt_off >= m.file_end {
+            cnt.inc(rep, rt_off, clusters * cs);
+        } else if clusters != 0 {
+            rep.messages.push(format!("ERROR {why}"));
+            rep.corruptions += 1;
+        }
+        return Ok((cnt, true));
+    }
     cnt.inc(
         rep,
         m.hdr.refcount_table_offset,
@@ -282,7 +362,7 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
         compressed_clusters: Some(0),
         ..CheckReport::default()
     };
-    let (mut cnt, rebuild) = calculate(m, &mut rep, nb)?;
+    let (mut cnt, rebuild) = calculate(m, &mut rep, nb, repair.errors && !m.read_only)?;
     let mut rebuild = rebuild;
     let mut highest = 0u64;
     // First pass: report.
@@ -362,15 +442,17 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     }
     check_copied(m, &mut rep, repair.errors && writable)?;
     rep.image_end_offset = Some((highest + 1) * cs);
+    // As QEMU: a repair that leaves no corruption marks the image clean (dirty bit) and
+    // consistent (corrupt bit) again.
     if writable
         && (repair.leaks || repair.errors)
         && rep.corruptions == 0
-        && rep.leaks == 0
         && rep.check_errors == 0
-        && m.hdr.incompatible & INCOMPAT_DIRTY != 0
+        && m.hdr.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0
     {
-        m.hdr.incompatible &= !INCOMPAT_DIRTY;
+        m.hdr.incompatible &= !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
         m.set_dirty = false;
+        m.corrupt = false;
         m.write_header()?;
     }
     Ok(rep)
@@ -465,7 +547,7 @@ pub(crate) fn rebuild_refcounts(m: &mut Meta) -> Result<()> {
         )));
     }
     let mut rep = CheckReport::default();
-    let (mut cnt, _) = calculate(m, &mut rep, nb)?;
+    let (mut cnt, _) = calculate(m, &mut rep, nb, false)?;
     if rep.corruptions > 0 {
         return Err(Error::corrupt(format!(
             "qcow2 image is dirty and its tables are corrupt; cannot repair refcounts: {}",
@@ -484,8 +566,13 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     let max = m.g.rc_max();
     let order = m.g.rc_order;
     // Forget the old structure's own clusters: the new one does not reference them.
+    // (A broken table was never counted.)
     let rt_off = m.hdr.refcount_table_offset;
-    let rt_clusters = u64::from(m.hdr.refcount_table_clusters);
+    let rt_clusters = if m.rc_broken.is_some() {
+        0
+    } else {
+        u64::from(m.hdr.refcount_table_clusters)
+    };
     for k in 0..rt_clusters {
         if let Some(r) = cnt.refs.get_mut((rt_off / cs + k) as usize) {
             *r = r.saturating_sub(1);
@@ -573,6 +660,7 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     m.hdr.refcount_table_offset = toff;
     m.hdr.refcount_table_clusters = tclusters as u32;
     m.rc_table = table;
+    m.rc_broken = None;
     m.rc.clear();
     m.free_hint = 0;
     m.compress_cursor = 0;

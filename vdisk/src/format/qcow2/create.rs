@@ -186,9 +186,11 @@ pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
     let g = Geom::new(o.cluster_bits, o.refcount_order, o.version, false);
     let l1 = g.l1_entries_for(spec.size);
     if l1 * 8 > MAX_L1_BYTES || spec.size > (1u64 << 62) {
-        return Err(Error::invalid(format!(
-            "Image size too large for cluster size {cs}: L1 table would exceed 32 MiB"
-        )));
+        // qemu-img's wording for every "too large" (EFBIG) failure of qcow2 creation
+        // (here: the L1 table would exceed 32 MiB, or the size exceeds 2^62).
+        return Err(Error::invalid(
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+        ));
     }
     let mut h = Header {
         version: o.version,

@@ -4,7 +4,7 @@
 use super::compress;
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::tables::{entry, set};
-use super::{Meta, Qcow2, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{Meta, Qcow2, COMPRESSED, COPIED, L2E_STD_RESERVED, OFFSET_MASK, ZERO};
 use crate::error::{Error, Result};
 use crate::format::{read_backing, Driver, Extent, ExtentKind, ZeroFlags};
 
@@ -35,6 +35,11 @@ impl Meta {
             let nsec = (e >> shift) & ((1u64 << (62 - shift)) - 1);
             let len = (nsec + 1) * 512 - (off & 511);
             return Ok(Cl::Compressed(off, len));
+        }
+        if e & L2E_STD_RESERVED != 0 {
+            return Err(self.mark_corrupt(format!(
+                "L2 entry {e:#x} of guest cluster {gc} has reserved bits set"
+            )));
         }
         let off = e & OFFSET_MASK;
         let copied = e & COPIED != 0;
@@ -205,17 +210,31 @@ impl Qcow2 {
             let mut segs: Vec<(usize, usize, Src)> = Vec::new();
             {
                 let mut m = self.lock();
+                // The whole piece lies in one L2 table: look it up once.
+                let l1i = ((cur / cs) >> self.g.l2_bits) as usize;
+                let l2off = m.l1_offset(l1i)?;
+                let slot = match l2off {
+                    0 => None,
+                    off => Some(m.l2_slot(off, l1i)?),
+                };
+                let mask = self.g.l2_entries - 1;
                 let mut p = pos;
                 while p < limit {
                     let g = offset + p;
                     let gc = g / cs;
                     let in_off = g % cs;
                     let n = (cs - in_off).min(limit - p);
-                    let e = m.l2_entry(gc)?;
+                    let (e, bitmap) = match slot {
+                        None => (0, 0),
+                        Some(s) => {
+                            let d = &m.l2.slot(s).data;
+                            let w = self.g.l2_word((gc & mask) as usize);
+                            (entry(d, w), if self.g.ext_l2 { entry(d, w + 1) } else { 0 })
+                        }
+                    };
                     let cl = m.classify(e, gc)?;
                     let mut pieces: Vec<(u64, Src)> = Vec::with_capacity(1);
                     if m.g.ext_l2 && !matches!(cl, Cl::Compressed(..)) {
-                        let bitmap = m.l2_bitmap(gc)?;
                         let mut q = in_off;
                         while q < in_off + n {
                             let (k, len) = m.subcluster_run(bitmap, q, in_off + n);
@@ -473,10 +492,10 @@ impl Qcow2 {
         let whole_end = (last_full * cs).min(end);
         if flags.fast {
             if offset < first_full * cs {
-                self.zero_partial_pass(offset, first_full * cs - offset, true)?;
+                self.zero_partial_pass(offset, first_full * cs - offset, true, flags)?;
             }
             if whole_end < end {
-                self.zero_partial_pass(whole_end, end - whole_end, true)?;
+                self.zero_partial_pass(whole_end, end - whole_end, true, flags)?;
             }
             if self.g.version < 3 && self.lock().has_backing {
                 return Err(Error::unsupported(
@@ -524,40 +543,98 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Zeroes a range that does not cover whole clusters, cluster by cluster: pieces
-    /// that already read as zeroes are left alone.
+    /// Zeroes a range that does not cover whole clusters, cluster by cluster, as QEMU
+    /// does: a v3 cluster that is unallocated or already zero, and whose bytes outside
+    /// the range read as zeroes (block status, through the backing chain), gets the
+    /// zero flag; other clusters that do not already read as zeroes get zero bytes.
     fn zero_partial(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         if flags.fast {
             // Refuse before changing anything.
-            self.zero_partial_pass(offset, len, true)?;
+            self.zero_partial_pass(offset, len, true, flags)?;
         }
-        self.zero_partial_pass(offset, len, false)
+        self.zero_partial_pass(offset, len, false, flags)
     }
 
-    fn zero_partial_pass(&self, offset: u64, len: u64, dry: bool) -> Result<()> {
+    /// Whether `[off, off+len)` reads as zeroes according to block status (never by
+    /// reading data): QEMU's `is_zero`.
+    fn status_zero(&self, mut off: u64, len: u64) -> Result<bool> {
+        let end = (off + len).min(self.size());
+        while off < end {
+            let e = self.do_block_status(off, end - off)?;
+            let mut n = e.len.clamp(1, end - off);
+            let zero = match e.kind {
+                ExtentKind::Zero => true,
+                ExtentKind::Data => false,
+                ExtentKind::Unallocated => match &self.backing {
+                    Some(b) if off < b.size() => {
+                        n = n.min(b.size() - off);
+                        let ce = crate::chain::block_status(b, off, n)?;
+                        n = ce.len.clamp(1, n);
+                        ce.kind != ExtentKind::Data
+                    }
+                    _ => true,
+                },
+            };
+            if !zero {
+                return Ok(false);
+            }
+            off += n;
+        }
+        Ok(true)
+    }
+
+    fn zero_partial_pass(&self, offset: u64, len: u64, dry: bool, flags: ZeroFlags) -> Result<()> {
         let cs = self.g.cs;
         let end = offset + len;
+        let size = self.size();
+        let v3 = self.g.version >= 3;
         let mut off = offset;
+        // Each cluster is retried at most a few times when a concurrent write changes
+        // it between the look and the update; then it gets zero bytes.
+        let mut tries = 0;
         while off < end {
             let n = (cs - off % cs).min(end - off);
             let gc = off / cs;
-            let already = {
+            let cl = {
                 let mut m = self.lock();
                 let e = m.l2_entry(gc)?;
-                match m.classify(e, gc)? {
-                    Cl::Zero | Cl::ZeroAlloc(..) => true,
-                    Cl::Unalloc => self.backing.is_none() && !m.has_backing,
-                    _ => false,
-                }
+                m.classify(e, gc)?
             };
-            if !already {
-                if dry {
-                    return Err(Error::unsupported(
-                        "writing zeroes to part of a qcow2 cluster needs writing data",
-                    ));
+            let no_backing = self.backing.is_none() && !self.lock().has_backing;
+            let flag_ok = v3
+                && tries < 3
+                && matches!(cl, Cl::Unalloc | Cl::Zero | Cl::ZeroAlloc(..))
+                && self.status_zero(gc * cs, off - gc * cs)?
+                && self.status_zero(off + n, ((gc + 1) * cs).min(size).saturating_sub(off + n))?;
+            if flag_ok && dry {
+                // Possible without writing data: nothing to refuse.
+            } else if flag_ok {
+                let mode = if flags.may_unmap {
+                    Mode::ZeroUnmap
+                } else {
+                    Mode::ZeroKeep
+                };
+                let same = |c: Cl| matches!(c, Cl::Unalloc | Cl::Zero | Cl::ZeroAlloc(..));
+                if !self.set_clusters_if(gc, gc + 1, mode, Some(&same))? {
+                    tries += 1;
+                    continue;
                 }
-                self.write_zero_bytes(off, n)?;
+            } else {
+                let already = match cl {
+                    Cl::Zero | Cl::ZeroAlloc(..) => true,
+                    Cl::Unalloc => no_backing,
+                    _ => false,
+                };
+                if !already {
+                    if dry {
+                        return Err(Error::unsupported(
+                            "writing zeroes to part of a qcow2 cluster needs writing data",
+                        ));
+                    }
+                    self.write_zero_bytes(off, n)?;
+                }
             }
+            tries = 0;
             off += n;
         }
         Ok(())
@@ -576,8 +653,12 @@ impl Qcow2 {
             return Ok(());
         }
         let has_backing = self.lock().has_backing;
-        let mode = if self.g.version >= 3 && has_backing {
-            Mode::ZeroUnmap
+        let mode = if self.g.version >= 3 {
+            Mode::Discard
+        } else if has_backing {
+            // v2 cannot say "zeroes": deallocating would expose the backing file, so
+            // (like QEMU) the discard does nothing.
+            return Ok(());
         } else {
             Mode::Dealloc
         };
@@ -587,6 +668,19 @@ impl Qcow2 {
     /// Rewrites the L2 entries of guest clusters `[first, last)` (zero flag or
     /// deallocation), releasing the host clusters they referenced.
     fn set_clusters(&self, first: u64, last: u64, mode: Mode) -> Result<()> {
+        self.set_clusters_if(first, last, mode, None).map(|_| ())
+    }
+
+    /// [`Self::set_clusters`], stopping (returning false) at the first cluster whose
+    /// current state fails `only` (checked under the lock, so a decision taken before
+    /// it was held cannot be applied to a cluster that changed meanwhile).
+    fn set_clusters_if(
+        &self,
+        first: u64,
+        last: u64,
+        mode: Mode,
+        only: Option<&dyn Fn(Cl) -> bool>,
+    ) -> Result<bool> {
         let mut gc = first;
         while gc < last {
             let l1i = (gc >> self.g.l2_bits) as usize;
@@ -605,7 +699,11 @@ impl Qcow2 {
             }
             let unalloc_table = m.l1[l1i] & OFFSET_MASK == 0;
             let backing_visible = m.has_backing;
-            if unalloc_table && (mode == Mode::Dealloc || !backing_visible) {
+            // Nothing to deallocate in a missing table; zero writes do allocate it (to
+            // set zero flags), as QEMU does.
+            if unalloc_table
+                && (mode == Mode::Dealloc || (mode == Mode::Discard && !backing_visible))
+            {
                 gc = table_end;
                 continue;
             }
@@ -614,16 +712,24 @@ impl Qcow2 {
             for g in gc..table_end {
                 let e = m.l2_entry(g)?;
                 let cl = m.classify(e, g)?;
+                if only.is_some_and(|f| !f(cl)) {
+                    m.maybe_writeback()?;
+                    return Ok(false);
+                }
+                // QEMU's rules (zero_in_l2_slice / discard_in_l2_slice): zero writes
+                // set the zero flag everywhere, dropping the host cluster only when it
+                // is compressed or unmapping is allowed; a discard makes allocated
+                // clusters (and, over a backing file, every cluster) read as zeroes.
+                let allocated = matches!(cl, Cl::Data(..) | Cl::ZeroAlloc(..) | Cl::Compressed(..));
                 let new = match (mode, cl) {
                     (Mode::Dealloc, _) => 0,
-                    (Mode::ZeroKeep, Cl::Data(h, true))
-                    | (Mode::ZeroKeep, Cl::ZeroAlloc(h, true)) => h | COPIED | ZERO,
+                    (Mode::Discard, _) if backing_visible || allocated => ZERO,
+                    (Mode::Discard, _) => e,
+                    (Mode::ZeroKeep, Cl::Data(..) | Cl::ZeroAlloc(..)) => e | ZERO,
+                    (Mode::ZeroKeep | Mode::ZeroUnmap, Cl::Zero) => e,
                     _ => ZERO,
                 };
                 if new == e {
-                    continue;
-                }
-                if cl == Cl::Unalloc && new == ZERO && !backing_visible {
                     continue;
                 }
                 if !prepared {
@@ -644,7 +750,7 @@ impl Qcow2 {
             drop(m);
             gc = table_end;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Block status with extended L2 entries: subcluster granularity.
@@ -730,9 +836,11 @@ impl Qcow2 {
             return self.ext_block_status(offset, len);
         }
         let cs = self.g.cs;
-        let mut m = self.lock();
         let end = offset + len;
         let gc0 = offset / cs;
+        let last_gc = (end - 1) / cs;
+        let mask = self.g.l2_entries - 1;
+        let mut m = self.lock();
         let e0 = m.l2_entry(gc0)?;
         let c0 = m.classify(e0, gc0)?;
         let in_off = offset % cs;
@@ -749,28 +857,39 @@ impl Qcow2 {
         let mut n = (cs - in_off).min(len);
         let mut gc = gc0 + 1;
         let mut expect = host_of(c0).map(|h| h + cs);
-        // Bounded per call; callers loop.
-        let max_clusters = 4 * self.g.l2_entries;
-        while offset + n < end && gc - gc0 < max_clusters {
+        // Entries looked at one by one are bounded per call (callers loop); runs of
+        // unallocated L1 entries cost one comparison each, so a sparse disk of any size
+        // is answered in one call.
+        let max_entries = 4 * self.g.l2_entries;
+        let mut examined = 0;
+        'tables: while gc <= last_gc && examined < max_entries {
             let l1i = (gc >> self.g.l2_bits) as usize;
-            let l1e = m.l1.get(l1i).copied().unwrap_or(0);
-            if l1e & OFFSET_MASK == 0 && c0 == Cl::Unalloc {
-                // A whole unallocated table.
-                let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
-                let add = (table_end * cs).min(end) - (offset + n);
-                n += add;
+            let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
+            let l2off = m.l1_offset(l1i)?;
+            if l2off == 0 {
+                if c0 != Cl::Unalloc {
+                    break;
+                }
+                n = (table_end * cs).min(end) - offset;
                 gc = table_end;
                 continue;
             }
-            let e = m.l2_entry(gc)?;
-            let c = m.classify(e, gc)?;
-            if key(c) != key(c0) || host_of(c) != expect {
-                break;
+            // One cache lookup per table, not per entry.
+            let slot = m.l2_slot(l2off, l1i)?;
+            let stop = table_end.min(last_gc + 1);
+            while gc < stop && examined < max_entries {
+                let e = entry(&m.l2.slot(slot).data, self.g.l2_word((gc & mask) as usize));
+                let c = m.classify(e, gc)?;
+                if key(c) != key(c0) || host_of(c) != expect {
+                    break 'tables;
+                }
+                n = ((gc + 1) * cs).min(end) - offset;
+                expect = expect.map(|h| h + cs);
+                gc += 1;
+                examined += 1;
             }
-            n += cs.min(end - offset - n);
-            expect = expect.map(|h| h + cs);
-            gc += 1;
         }
+        drop(m);
         let (kind, off, compressed) = match c0 {
             Cl::Unalloc => (ExtentKind::Unallocated, None, false),
             Cl::Zero => (ExtentKind::Zero, None, false),
@@ -929,8 +1048,13 @@ impl Qcow2 {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// Entries cleared (reads fall through to the backing file).
     Dealloc,
+    /// v3 discard: reads as zeroes afterwards, host clusters released.
+    Discard,
+    /// Zero flag, host clusters released.
     ZeroUnmap,
+    /// Zero flag, host clusters (other than compressed ones) kept.
     ZeroKeep,
 }
 

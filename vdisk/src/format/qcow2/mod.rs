@@ -61,19 +61,21 @@ pub(crate) const COPIED: u64 = 1 << 63;
 pub(crate) const COMPRESSED: u64 = 1 << 62;
 /// L2 entry flag: reads as zeroes (v3).
 pub(crate) const ZERO: u64 = 1;
+/// Reserved bits of an L1 entry (bits 0-8 and 56-62); set means a corrupt entry.
+pub(crate) const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard (not compressed) L2 entry (bits 1-8 and 56-61).
+pub(crate) const L2E_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Refcount table entry offset bits.
 pub(crate) const REFT_OFFSET_MASK: u64 = !0x1ff;
 /// Largest host offset an entry can hold.
 pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 
-/// Whether `head` starts with the qcow2 magic.
+/// Whether `head` starts with the qcow2 magic. The version is deliberately not
+/// looked at: a qcow2 file with a version we cannot handle must still be recognised
+/// (and refused by `open` with "Unsupported qcow2 version N"), never treated as raw
+/// and written over.
 pub fn probe(head: &[u8]) -> bool {
-    head.len() >= 8
-        && head[..4] == MAGIC
-        && matches!(
-            u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
-            2 | 3
-        )
+    head.len() >= 4 && head[..4] == MAGIC
 }
 
 /// Fixed geometry of an open image.
@@ -171,6 +173,9 @@ pub(crate) struct Meta {
     pub read_only: bool,
     /// Refuse writes (corrupt bit set).
     pub corrupt: bool,
+    /// Why the refcount table is unusable (opened for check/repair only); writes are
+    /// refused until a rebuild replaces it.
+    pub rc_broken: Option<String>,
     /// The header has a backing file (whether or not it was opened).
     pub has_backing: bool,
     pub snapshots: Vec<Snapshot>,
@@ -213,6 +218,11 @@ impl Meta {
             return Err(Error::corrupt(
                 "qcow2 image is marked corrupt; writes are refused (run check -r all)",
             ));
+        }
+        if let Some(why) = &self.rc_broken {
+            return Err(Error::corrupt(format!(
+                "{why}; writes are refused (run check -r all)"
+            )));
         }
         Ok(())
     }
@@ -300,7 +310,10 @@ impl Qcow2 {
                 hdr.cluster_bits
             )));
         }
-        if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !opts.read_only {
+        // Like QEMU's BDRV_O_CHECK: `check` (which sets `skip_repair`) may open a corrupt
+        // image read-write so that `-r` can repair it; the corrupt flag still refuses
+        // every guest write until a successful repair clears it.
+        if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !opts.read_only && !opts.skip_repair {
             return Err(Error::corrupt(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
@@ -344,25 +357,40 @@ impl Qcow2 {
                 hdr.refcount_table_clusters, MAX_REFTABLE_BYTES
             )));
         }
-        if hdr.refcount_table_clusters == 0 {
-            return Err(Error::corrupt(
+        // A missing or misplaced refcount table (no clusters, offset 0, past the end of
+        // the file) makes the image unusable, but `check` may still open it: to report
+        // it, and with `-r all` to rebuild the refcount structure from the tables (as
+        // `qemu-img check -r all` does). Until then nothing may be written.
+        let rc_problem = if hdr.refcount_table_clusters == 0 {
+            Some(Error::corrupt(
                 "Image does not contain a reference count table",
-            ));
-        }
-        validate_table(
-            "Reference count table",
-            hdr.refcount_table_offset,
-            rt_bytes,
-            cs,
-            file_len,
-        )?;
-        let mut raw = vec![0u8; rt_bytes as usize];
-        storage.read_at(&mut raw, hdr.refcount_table_offset)?;
-        let rc_table: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        drop(raw);
+            ))
+        } else {
+            validate_table(
+                "Reference count table",
+                hdr.refcount_table_offset,
+                rt_bytes,
+                cs,
+                file_len,
+            )
+            .err()
+        };
+        let rc_broken = match rc_problem {
+            Some(e) if opts.skip_repair && hdr.refcount_table_offset.is_multiple_of(cs) => {
+                Some(e.to_string())
+            }
+            Some(e) => return Err(e),
+            None => None,
+        };
+        let rc_table: Vec<u64> = if rc_broken.is_some() {
+            Vec::new()
+        } else {
+            let mut raw = vec![0u8; rt_bytes as usize];
+            storage.read_at(&mut raw, hdr.refcount_table_offset)?;
+            raw.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()
+        };
         // Snapshots.
         let snapshots = snapshot::read_table(&*storage, &hdr, &g, file_len)?;
 
@@ -402,6 +430,7 @@ impl Qcow2 {
             st: storage.clone(),
             g,
             corrupt: hdr.incompatible & INCOMPAT_CORRUPT != 0,
+            rc_broken,
             hdr,
             l1,
             l1_dirty: None,

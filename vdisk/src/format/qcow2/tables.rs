@@ -5,7 +5,7 @@
 //! flushed before the L1 entries pointing at new ones; deferred frees are applied only
 //! after all of that is durable.
 
-use super::{alloc::MAX_PENDING_FREES, Meta, COPIED, OFFSET_MASK};
+use super::{alloc::MAX_PENDING_FREES, Meta, COPIED, L1E_RESERVED, OFFSET_MASK};
 use crate::error::Result;
 
 /// Reads big-endian entry `i` of a table held as bytes.
@@ -70,13 +70,24 @@ impl Meta {
         Ok(())
     }
 
-    /// The L2 entry of guest cluster `gc` (0 when its L2 table is unallocated).
-    pub(crate) fn l2_entry(&mut self, gc: u64) -> Result<u64> {
-        let l1i = (gc >> self.g.l2_bits) as usize;
+    /// L2 table offset of L1 entry `l1i` (0: none or beyond the table). An entry with
+    /// reserved bits set is corrupt: it is never silently masked.
+    pub(crate) fn l1_offset(&mut self, l1i: usize) -> Result<u64> {
         let Some(&l1e) = self.l1.get(l1i) else {
             return Ok(0);
         };
-        let off = l1e & OFFSET_MASK;
+        if l1e & L1E_RESERVED != 0 {
+            return Err(
+                self.mark_corrupt(format!("L1 entry {l1i} ({l1e:#x}) has reserved bits set"))
+            );
+        }
+        Ok(l1e & OFFSET_MASK)
+    }
+
+    /// The L2 entry of guest cluster `gc` (0 when its L2 table is unallocated).
+    pub(crate) fn l2_entry(&mut self, gc: u64) -> Result<u64> {
+        let l1i = (gc >> self.g.l2_bits) as usize;
+        let off = self.l1_offset(l1i)?;
         if off == 0 {
             return Ok(0);
         }
@@ -94,10 +105,7 @@ impl Meta {
             return Ok(0);
         }
         let l1i = (gc >> self.g.l2_bits) as usize;
-        let Some(&l1e) = self.l1.get(l1i) else {
-            return Ok(0);
-        };
-        let off = l1e & OFFSET_MASK;
+        let off = self.l1_offset(l1i)?;
         if off == 0 {
             return Ok(0);
         }
@@ -119,8 +127,8 @@ impl Meta {
     /// missing, copied if shared with a snapshot (COPIED clear).
     pub(crate) fn l2_for_write(&mut self, l1i: usize) -> Result<usize> {
         let cs = self.cs();
+        let off = self.l1_offset(l1i)?;
         let l1e = self.l1[l1i];
-        let off = l1e & OFFSET_MASK;
         if off != 0 && l1e & COPIED != 0 {
             return self.l2_slot(off, l1i);
         }
