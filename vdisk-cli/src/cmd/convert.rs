@@ -9,10 +9,12 @@
 //! ready. Ranges that read as zeroes are not written into a fresh target, and ranges
 //! the source leaves to its backing file are not copied when the target has one.
 
+mod sequencer;
+
 use crate::common::{self, chain_status, layers, Layer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 use vdisk::{CacheMode, CreateOptions, Error, Format, Image, OpenOptions, ZeroFlags};
 
 /// Size of a data window (and of the largest single read/write).
@@ -137,10 +139,10 @@ struct Job<'a> {
     sparse: u64,
     compress: bool,
     cluster: u64,
-    in_order: bool,
+    /// Writes go through the sequencer, in target order (None: each worker writes
+    /// its own items as soon as they are read).
+    sequencer: Option<sequencer::Sequencer<Item>>,
     planner: Mutex<Planner>,
-    written: Mutex<u64>,
-    written_cv: Condvar,
     stop: AtomicBool,
     error: Mutex<Option<String>>,
     done_bytes: AtomicU64,
@@ -154,7 +156,9 @@ impl Job<'_> {
             *e = Some(msg);
         }
         self.stop.store(true, Ordering::SeqCst);
-        self.written_cv.notify_all();
+        if let Some(q) = &self.sequencer {
+            q.stop();
+        }
     }
 
     fn source_at(&self, dst: u64) -> usize {
@@ -332,50 +336,27 @@ impl Job<'_> {
         }
     }
 
-    /// Waits until every earlier item is written (in-order mode).
-    fn wait_turn(&self, index: u64) -> bool {
-        if !self.in_order {
-            return !self.stop.load(Ordering::SeqCst);
-        }
-        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        while *w != index {
-            if self.stop.load(Ordering::SeqCst) {
-                return false;
-            }
-            w = self.written_cv.wait(w).unwrap_or_else(|e| e.into_inner());
-        }
-        !self.stop.load(Ordering::SeqCst)
-    }
-
-    fn finish_turn(&self, index: u64) {
-        if !self.in_order {
-            return;
-        }
-        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        *w = index + 1;
-        self.written_cv.notify_all();
-    }
-
-    fn process(&self, item: &Item, buf: &mut Vec<u8>) -> Result<(), String> {
-        let has_data = item.segments.iter().any(|s| s.kind == Kind::Data);
-        if has_data {
-            buf.resize(item.len as usize, 0);
-            for seg in &item.segments {
+    /// Reads an item's data into `buf` (the item's length). Only data segments are
+    /// read: the rest of the buffer is never written out, except for compressed
+    /// clusters, which are written whole and so read their non-data parts too (they
+    /// read as zeroes or as the shared backing file).
+    fn fill(&self, item: &Item, buf: &mut [u8]) -> Result<(), String> {
+        for seg in &item.segments {
+            if seg.kind == Kind::Data || self.compress {
                 let rel = (seg.dst_off - item.dst_off) as usize;
-                let b = &mut buf[rel..rel + seg.len as usize];
-                // Compressed clusters are written whole, so their non-data parts are
-                // read too (they read as zeroes or as the shared backing file).
-                if seg.kind == Kind::Data || self.compress {
-                    self.read(seg, b)?;
-                } else {
-                    b.fill(0);
-                }
+                self.read(seg, &mut buf[rel..rel + seg.len as usize])?;
             }
         }
-        if !self.wait_turn(item.index) {
+        Ok(())
+    }
+
+    /// Writes an item whose data segments `fill` has read into `buf` (empty when the
+    /// item has no data).
+    fn write_item(&self, item: &Item, buf: &[u8]) -> Result<(), String> {
+        if self.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if self.compress && has_data {
+        if self.compress && !buf.is_empty() {
             self.write_compressed_item(item, buf)?;
         } else {
             for seg in &item.segments {
@@ -389,7 +370,10 @@ impl Job<'_> {
                 }
             }
         }
-        self.finish_turn(item.index);
+        let done = self.done_bytes.fetch_add(item.len, Ordering::Relaxed) + item.len;
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+        }
         Ok(())
     }
 
@@ -434,26 +418,65 @@ impl Job<'_> {
     }
 
     fn worker(&self) {
-        let mut buf = Vec::new();
-        loop {
-            let item = match self.next_item() {
-                Ok(Some(i)) => i,
-                Ok(None) => return,
-                Err(e) => {
-                    self.fail(e);
-                    return;
-                }
-            };
-            if let Err(e) = self.process(&item, &mut buf) {
-                self.fail(e);
-                return;
-            }
-            let done = self.done_bytes.fetch_add(item.len, Ordering::Relaxed) + item.len;
-            if let Some(b) = &self.bar {
-                b.set_position(done);
-            }
+        let r = match &self.sequencer {
+            Some(q) => self.worker_in_order(q),
+            None => self.worker_unordered(),
+        };
+        if let Err(e) = r {
+            self.fail(e);
         }
     }
+
+    /// Reads items and writes each right away.
+    fn worker_unordered(&self) -> Result<(), String> {
+        let mut buf = Vec::new();
+        while let Some(item) = self.next_item()? {
+            let len = if has_data(&item) {
+                if buf.is_empty() {
+                    buf = vec![0u8; WINDOW as usize];
+                }
+                let b = &mut buf[..item.len as usize];
+                self.fill(&item, b)?;
+                item.len as usize
+            } else {
+                0
+            };
+            self.write_item(&item, &buf[..len])?;
+        }
+        Ok(())
+    }
+
+    /// Reads items and hands them to the sequencer, which writes them in order.
+    fn worker_in_order(&self, q: &sequencer::Sequencer<Item>) -> Result<(), String> {
+        let mut spare: Option<Vec<u8>> = None;
+        loop {
+            // The buffer is taken before the item (see the sequencer's deadlock note).
+            let mut buf = match spare.take() {
+                Some(b) => b,
+                None => match q.take_buffer() {
+                    Some(b) => b,
+                    None => return Ok(()),
+                },
+            };
+            let Some(item) = self.next_item()? else {
+                return Ok(());
+            };
+            let data = if has_data(&item) {
+                self.fill(&item, &mut buf[..item.len as usize])?;
+                Some(buf)
+            } else {
+                spare = Some(buf);
+                None
+            };
+            q.submit(item.index, item, data, |it, b| {
+                self.write_item(it, b.get(..it.len as usize).unwrap_or(&[]))
+            })?;
+        }
+    }
+}
+
+fn has_data(item: &Item) -> bool {
+    item.segments.iter().any(|s| s.kind == Kind::Data)
 }
 
 fn push_merged(v: &mut Vec<Segment>, s: Segment) {
@@ -647,13 +670,12 @@ fn run_inner(a: Args) -> Result<(), String> {
         sparse,
         compress: a.compress,
         cluster,
-        in_order: !a.oob_writes && !a.compress,
+        sequencer: (!a.oob_writes && !a.compress)
+            .then(|| sequencer::Sequencer::new(workers + 2, WINDOW as usize)),
         planner: Mutex::new(Planner {
             pos: 0,
             next_index: 0,
         }),
-        written: Mutex::new(0),
-        written_cv: Condvar::new(),
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
         done_bytes: AtomicU64::new(0),

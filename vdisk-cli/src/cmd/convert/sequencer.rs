@@ -1,0 +1,158 @@
+//! In-order write stage of `vdisk convert`, with the pool of data buffers.
+//!
+//! Workers read items in parallel and hand them in here; whichever worker hands in
+//! the next item in target order becomes the writer and writes every consecutive
+//! item that is ready, while the others go on reading. Nobody waits for its turn, so
+//! a hand-off costs one uncontended lock instead of a sleep and a wake-up per item.
+//! A worker only sleeps when every buffer is in use (the writer is the bottleneck).
+//!
+//! Deadlock freedom: a worker takes a buffer *before* it takes an item from the
+//! planner, so the worker holding the next item to write always has a buffer and
+//! will hand it in; handing it in drains the queue and frees buffers.
+
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// An item read and waiting to be written, with its data (None: nothing to read).
+type Ready<T> = (T, Option<Vec<u8>>);
+
+struct State<T> {
+    /// Index of the next item to write.
+    next: u64,
+    /// Items handed in out of turn, by index.
+    pending: BTreeMap<u64, Ready<T>>,
+    /// Some worker is writing: others only queue their items.
+    writing: bool,
+    free: Vec<Vec<u8>>,
+    /// Buffers in existence (free, held by workers or queued).
+    allocated: usize,
+    /// Workers sleeping in `take_buffer`.
+    waiters: usize,
+    stopped: bool,
+}
+
+/// Orders the writes of numbered items and lends out their buffers.
+pub(super) struct Sequencer<T> {
+    state: Mutex<State<T>>,
+    buffer_freed: Condvar,
+    limit: usize,
+    buf_len: usize,
+}
+
+impl<T> Sequencer<T> {
+    /// A sequencer lending at most `limit` buffers of `buf_len` bytes.
+    pub(super) fn new(limit: usize, buf_len: usize) -> Self {
+        Sequencer {
+            state: Mutex::new(State {
+                next: 0,
+                pending: BTreeMap::new(),
+                writing: false,
+                free: Vec::new(),
+                allocated: 0,
+                waiters: 0,
+                stopped: false,
+            }),
+            buffer_freed: Condvar::new(),
+            limit: limit.max(1),
+            buf_len,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A buffer of `buf_len` bytes (contents unspecified); None once stopped.
+    pub(super) fn take_buffer(&self) -> Option<Vec<u8>> {
+        let mut st = self.lock();
+        loop {
+            if st.stopped {
+                return None;
+            }
+            if let Some(b) = st.free.pop() {
+                return Some(b);
+            }
+            if st.allocated < self.limit {
+                st.allocated += 1;
+                drop(st);
+                // Zeroed allocation comes from fresh mmap'd pages: no memset.
+                return Some(vec![0u8; self.buf_len]);
+            }
+            st.waiters += 1;
+            st = self
+                .buffer_freed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+            st.waiters -= 1;
+        }
+    }
+
+    /// Hands in item `index`; if it is the next to write and nobody is writing, writes
+    /// it and every consecutive item already queued, with `write`. A write error stops
+    /// the sequencer and is returned to the worker that was writing.
+    pub(super) fn submit<F>(
+        &self,
+        index: u64,
+        item: T,
+        buf: Option<Vec<u8>>,
+        mut write: F,
+    ) -> Result<(), String>
+    where
+        F: FnMut(&T, &[u8]) -> Result<(), String>,
+    {
+        let mut st = self.lock();
+        if st.stopped {
+            return Ok(());
+        }
+        if st.writing || index != st.next {
+            st.pending.insert(index, (item, buf));
+            return Ok(());
+        }
+        st.writing = true;
+        let mut batch: Vec<Ready<T>> = vec![(item, buf)];
+        loop {
+            let mut n = st.next + batch.len() as u64;
+            while let Some(r) = st.pending.remove(&n) {
+                batch.push(r);
+                n += 1;
+            }
+            drop(st);
+            let mut result = Ok(());
+            let mut written = Vec::with_capacity(batch.len());
+            for (it, b) in batch.drain(..) {
+                if result.is_ok() {
+                    result = write(&it, b.as_deref().unwrap_or(&[]));
+                }
+                if let Some(b) = b {
+                    written.push(b);
+                }
+            }
+            st = self.lock();
+            st.next = n;
+            let freed = written.len();
+            st.free.extend(written);
+            if freed > 0 && st.waiters > 0 {
+                self.buffer_freed.notify_all();
+            }
+            if let Err(e) = result {
+                st.writing = false;
+                st.stopped = true;
+                st.pending.clear();
+                self.buffer_freed.notify_all();
+                return Err(e);
+            }
+            if st.stopped || !st.pending.contains_key(&st.next) {
+                st.writing = false;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Stops lending buffers and drops queued items (after an error elsewhere).
+    pub(super) fn stop(&self) {
+        let mut st = self.lock();
+        st.stopped = true;
+        st.pending.clear();
+        self.buffer_freed.notify_all();
+    }
+}
