@@ -29,6 +29,8 @@ struct State<T> {
     /// Workers sleeping in `take_buffer`.
     waiters: usize,
     stopped: bool,
+    /// The planner has no more items: workers waiting for a buffer can leave.
+    exhausted: bool,
 }
 
 /// Orders the writes of numbered items and lends out their buffers.
@@ -51,6 +53,7 @@ impl<T> Sequencer<T> {
                 allocated: 0,
                 waiters: 0,
                 stopped: false,
+                exhausted: false,
             }),
             buffer_freed: Condvar::new(),
             limit: limit.max(1),
@@ -62,11 +65,12 @@ impl<T> Sequencer<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A buffer of `buf_len` bytes (contents unspecified); None once stopped.
+    /// A buffer of `buf_len` bytes (contents unspecified); None once stopped or once
+    /// the planner has run out of items.
     pub(super) fn take_buffer(&self) -> Option<Vec<u8>> {
         let mut st = self.lock();
         loop {
-            if st.stopped {
+            if st.stopped || st.exhausted {
                 return None;
             }
             if let Some(b) = st.free.pop() {
@@ -145,6 +149,17 @@ impl<T> Sequencer<T> {
                 st.writing = false;
                 return Ok(());
             }
+        }
+    }
+
+    /// Notes that the planner has run out of items and takes back a worker's buffer;
+    /// wakes the workers waiting for buffers, which then have nothing left to do.
+    pub(super) fn exhausted(&self, buf: Vec<u8>) {
+        let mut st = self.lock();
+        st.exhausted = true;
+        st.free.push(buf);
+        if st.waiters > 0 {
+            self.buffer_freed.notify_all();
         }
     }
 
