@@ -2,12 +2,14 @@
 //! `qemu-img convert`.
 //!
 //! The target is cut into windows (2 MiB, aligned in the target). A planner walks the
-//! sources' block status under a lock and hands out numbered work items; `-m N` worker
-//! threads read, detect zeroes and write them. Without `-W` each item's writes wait
-//! for the item before it, so the target is laid out in order; with `-W` (and for `-c`,
-//! whose compression happens inside the write) items are written as soon as they are
-//! ready. Ranges that read as zeroes are not written into a fresh target, and ranges
-//! the source leaves to its backing file are not copied when the target has one.
+//! sources' block status under a lock (keeping the last answer, so a long extent costs
+//! one query) and hands out numbered work items; worker threads read them. Without
+//! `-W` the items go through the sequencer (`convert/sequencer.rs`), which writes them
+//! in target order, so the target is laid out in order, without any worker waiting for
+//! its turn; with `-W` (and for `-c`, whose compression happens inside the write) each
+//! worker writes its items as soon as they are read. Ranges that read as zeroes are
+//! not written into a fresh target, and ranges the source leaves to its backing file
+//! are not copied when the target has one.
 
 mod sequencer;
 
