@@ -171,3 +171,88 @@ impl<T> Sequencer<T> {
         self.buffer_freed.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Sequencer;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    /// Workers following the convert protocol (buffer first, then the next index);
+    /// returns the order in which items were written.
+    fn run(workers: usize, limit: usize, items: u64, fail_at: Option<u64>) -> Vec<u64> {
+        let q = Sequencer::<u64>::new(limit, 16);
+        let next = AtomicU64::new(0);
+        let written = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for w in 0..workers {
+                let (q, next, written) = (&q, &next, &written);
+                s.spawn(move || {
+                    let mut spare = None;
+                    loop {
+                        let buf = match spare.take() {
+                            Some(b) => b,
+                            None => match q.take_buffer() {
+                                Some(b) => b,
+                                None => return,
+                            },
+                        };
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= items {
+                            q.exhausted(buf);
+                            return;
+                        }
+                        // Uneven read times, so items arrive out of order.
+                        if (i + w as u64).is_multiple_of(3) {
+                            std::thread::yield_now();
+                        }
+                        // Every fifth item has no data, as a quiet item in convert:
+                        // its worker keeps the buffer for the next item.
+                        let data = if i.is_multiple_of(5) {
+                            spare = Some(buf);
+                            None
+                        } else {
+                            let mut b = buf;
+                            b[0] = i as u8;
+                            Some(b)
+                        };
+                        let r = q.submit(i, i, data, |&it, b| {
+                            if Some(it) == fail_at {
+                                return Err(format!("write {it} failed"));
+                            }
+                            assert!(
+                                b.is_empty() || b[0] == it as u8,
+                                "item {it} got another's data"
+                            );
+                            written.lock().unwrap().push(it);
+                            Ok(())
+                        });
+                        if r.is_err() {
+                            q.stop();
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        written.into_inner().unwrap()
+    }
+
+    #[test]
+    fn writes_every_item_in_order() {
+        for (workers, limit) in [(1, 1), (2, 4), (8, 3), (8, 10), (16, 2)] {
+            let order = run(workers, limit, 300, None);
+            assert_eq!(
+                order,
+                (0..300).collect::<Vec<_>>(),
+                "{workers} workers, {limit} buffers"
+            );
+        }
+    }
+
+    #[test]
+    fn a_write_error_stops_everyone() {
+        let order = run(8, 4, 300, Some(37));
+        assert_eq!(order, (0..37).collect::<Vec<_>>());
+    }
+}
