@@ -408,15 +408,19 @@ impl Storage for FileStorage {
     }
 
     fn extent_at(&self, offset: u64) -> StorageResult<(bool, u64)> {
-        let len = self.len()?;
-        if offset >= len {
-            return Ok((false, 0));
-        }
+        // No fstat on the common paths (this runs once per block-status query): a data
+        // offset SEEK_DATA finds lies below the end of the file, and SEEK_HOLE never
+        // goes past it (the end counts as a hole). The length is needed only when a
+        // seek fails, which includes every offset at or past the end.
         let fd = self.file.as_raw_fd();
         // SAFETY: lseek on an owned descriptor; we never use the file position elsewhere.
         let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let e = std::io::Error::last_os_error();
+            let len = self.len()?;
+            if offset >= len {
+                return Ok((false, 0));
+            }
             return match e.raw_os_error() {
                 Some(libc::ENXIO) => Ok((false, len - offset)),
                 Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len - offset)),
@@ -425,14 +429,15 @@ impl Storage for FileStorage {
         }
         let data = data as u64;
         if data > offset {
-            return Ok((false, data.min(len) - offset));
+            return Ok((false, data - offset));
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
         if hole < 0 {
-            return Ok((true, len - offset));
+            let len = self.len()?;
+            return Ok((true, len.saturating_sub(offset).max(1)));
         }
-        Ok((true, (hole as u64).min(len).max(offset + 1) - offset))
+        Ok((true, (hole as u64).max(offset + 1) - offset))
     }
 
     fn relock(&self, mode: LockMode) -> StorageResult<()> {
