@@ -21,8 +21,9 @@ use vdisk::{CacheMode, CreateOptions, Error, Format, Image, OpenOptions, ZeroFla
 
 /// Size of a data window (and of the largest single read/write).
 const WINDOW: u64 = 2 << 20;
-/// Largest run of zero/skip handed out as one item.
-const MAX_QUIET_ITEM: u64 = 1 << 30;
+/// Largest run of zeroes handed out as one item (zeroes may need writing; ranges that
+/// are skipped cost nothing, so they go out whole: a sparse 64 TiB disk is one item).
+const MAX_ZERO_ITEM: u64 = 1 << 30;
 /// Largest `-S` qemu-img accepts.
 const MAX_SPARSE: u64 = 16 << 20;
 
@@ -243,7 +244,7 @@ impl Job<'_> {
         if let Some(seg) = p.last.as_ref().and_then(|s| s.from(dst)) {
             return Ok(seg);
         }
-        let seg = self.classify(dst, (self.total - dst).min(MAX_QUIET_ITEM))?;
+        let seg = self.classify(dst, self.total - dst)?;
         p.last = Some(seg);
         Ok(seg)
     }
@@ -263,7 +264,14 @@ impl Job<'_> {
         if first.kind != Kind::Data && start + first.len > win_end {
             // A long quiet stretch: one item, ending on a window boundary (or the end)
             // so that later windows stay aligned (compressed clusters must be whole).
-            let e = start + first.len;
+            // Zeroes that must be written go out in bounded pieces; the rest of the
+            // stretch stays in the status cache for the next items.
+            let quiet = if first.kind == Kind::Zero && self.writes_zeroes() {
+                first.len.min(MAX_ZERO_ITEM)
+            } else {
+                first.len
+            };
+            let e = start + quiet;
             end = if e == self.total {
                 e
             } else {
@@ -317,8 +325,24 @@ impl Job<'_> {
             .map_err(|e| format!("error while writing at byte {off}: {e}"))
     }
 
+    /// Whether ranges that read as zeroes must be written to the target.
+    fn writes_zeroes(&self) -> bool {
+        !self.zero_init || self.sparse == 0
+    }
+
     fn zero(&self, off: u64, len: u64) -> Result<(), String> {
-        if self.zero_init || len == 0 {
+        if !self.writes_zeroes() || len == 0 {
+            return Ok(());
+        }
+        if self.sparse == 0 {
+            // -S 0 asks for a fully allocated target, as qemu-img: zeroes go out as data.
+            let buf = vec![0u8; WINDOW.min(len) as usize];
+            let mut pos = off;
+            while pos < off + len {
+                let n = (off + len - pos).min(WINDOW) as usize;
+                self.write(&buf[..n], pos)?;
+                pos += n as u64;
+            }
             return Ok(());
         }
         let flags = ZeroFlags {
