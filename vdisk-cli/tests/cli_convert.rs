@@ -364,3 +364,53 @@ fn backing_target_copies_only_the_top() {
         .sum();
     assert_eq!(top_bytes, 128 << 10, "{m}");
 }
+
+#[test]
+fn s0_gives_a_fully_allocated_qcow2_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    source(dir);
+    ok(
+        vdisk(
+            dir,
+            &[
+                "convert", "-S", "0", "-f", "raw", "-O", "qcow2", "src.raw", "v.qcow2",
+            ],
+        ),
+        "convert",
+    );
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "convert", "-S", "0", "-f", "raw", "-O", "qcow2", "src.raw", "q.qcow2",
+            ],
+        ),
+        "qemu convert",
+    );
+    identical(dir, "src.raw", "v.qcow2");
+    clean(dir, "v.qcow2");
+    let map = |f: &str| qemu_img(dir, &["map", "--output=json", f]).out;
+    assert_eq!(
+        map("v.qcow2"),
+        map("q.qcow2"),
+        "allocation differs from qemu-img's"
+    );
+}
+
+#[test]
+fn huge_sparse_source_converts() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "big.qcow2", "16T"]),
+        "create",
+    );
+    qemu_io(dir, "qcow2", "big.qcow2", &["write -P 7 5T 64k"]);
+    ok(
+        vdisk(dir, &["convert", "-O", "qcow2", "big.qcow2", "out.qcow2"]),
+        "convert",
+    );
+    identical(dir, "big.qcow2", "out.qcow2");
+    clean(dir, "out.qcow2");
+}
