@@ -110,12 +110,17 @@ pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, Stri
     }
     let img =
         Image::open(filename, opts).map_err(|e| format!("Could not open '{filename}': {e}"))?;
+    warn_if_probed_raw(filename, opts, &img);
+    Ok(img)
+}
+
+/// Prints qemu's warning (stderr) when a read-write open had to probe and found raw.
+pub fn warn_if_probed_raw(filename: &str, opts: &OpenOptions, img: &Image) {
     if opts.format.is_none() && img.format() == Format::Raw && !opts.read_only {
         eprintln!(
             "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
         );
     }
-    Ok(img)
 }
 
 fn read_head(filename: &str) -> std::io::Result<Vec<u8>> {

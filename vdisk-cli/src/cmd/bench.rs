@@ -276,6 +276,7 @@ pub fn run(a: Args) -> i32 {
             return 1;
         }
     };
+    crate::common::warn_if_probed_raw(&a.filename, &opts, &img);
     out!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
         plan.count,

@@ -95,6 +95,7 @@ pub fn run(a: Args) -> i32 {
             return 1;
         }
     };
+    crate::common::warn_if_probed_raw(&a.filename, &opts, &img);
     let mut s = commands::Session {
         img,
         progress: a.progress,
