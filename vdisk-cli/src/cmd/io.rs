@@ -1,4 +1,4 @@
-//! `vdisk io`: qemu-io's command language on one image.
+//! `vdisk io`: qemu-io's command language on one image at a time (`open`/`close`).
 //!
 //! Commands come from repeated `-c` or, without any, one per line from stdin (with a
 //! prompt only when stdin is a terminal). Unlike qemu-io, the exit status is 1 when
@@ -15,11 +15,12 @@ macro_rules! out {
 
 pub(crate) mod buffer;
 mod commands;
+mod open;
 pub(crate) mod parse;
 mod report;
 
 use std::io::{BufRead, IsTerminal, Write};
-use vdisk::{CacheMode, Image, OpenOptions};
+use vdisk::{CacheMode, OpenOptions};
 
 /// Arguments of `vdisk io`.
 #[derive(clap::Args)]
@@ -57,8 +58,8 @@ pub struct Args {
     /// Misalign buffers (accepted for compatibility; buffers are plain heap memory).
     #[arg(short = 'm', long = "misalign")]
     pub misalign: bool,
-    /// The image file.
-    pub filename: String,
+    /// The image file (without it, start with none open: see the `open` command).
+    pub filename: Option<String>,
 }
 
 /// Runs the subcommand; returns the exit code.
@@ -88,20 +89,24 @@ pub fn run(a: Args) -> i32 {
         cache,
         ..OpenOptions::default()
     };
-    let img = match Image::open(&a.filename, &opts) {
-        Ok(i) => i,
-        Err(e) => {
-            crate::common::error(format!("can't open device {}: {e}", a.filename));
-            return 1;
-        }
-    };
-    crate::common::warn_if_probed_raw(&a.filename, &opts, &img);
     let mut s = commands::Session {
-        img,
+        file: None,
         progress: a.progress,
         quit: false,
-        read_only: a.read_only,
     };
+    if let Some(name) = &a.filename {
+        if !open::open_file(
+            &mut s,
+            name,
+            &opts,
+            &open::OpenExtra {
+                keys: Vec::new(),
+                native_aio: a.native_aio,
+            },
+        ) {
+            return 1;
+        }
+    }
     let mut failed = false;
     if !a.cmds.is_empty() {
         for c in &a.cmds {
@@ -114,9 +119,8 @@ pub fn run(a: Args) -> i32 {
         failed |= !command_loop(&mut s);
     }
     let _ = std::io::stdout().flush();
-    if let Err(e) = s.img.close() {
-        crate::common::error(format!("closing {}: {e}", a.filename));
-        failed = true;
+    if let Some(f) = s.file.take() {
+        failed |= !open::close_file(f);
     }
     i32::from(failed)
 }

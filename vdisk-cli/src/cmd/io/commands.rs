@@ -3,6 +3,7 @@
 //! qemu-io's, so scripts comparing output work on both tools.
 
 use super::buffer::IoBuf;
+use super::open::{close_f, open_f, OPEN_ARGS, OPEN_HELP};
 use super::parse::{
     breakline, cvtnum, cvtnum_error, parse_pattern, strerror, Getopt, REQUEST_MAX_BYTES,
 };
@@ -18,19 +19,39 @@ const CHUNK: u64 = 64 << 20;
 /// Requests longer than this get a progress bar with `-p`.
 const PROGRESS_MIN: u64 = 64 << 20;
 
-/// The state commands work on.
-pub struct Session {
+/// The open image and what was asked when opening it.
+pub struct OpenFile {
     /// The open image.
     pub img: Image,
+    /// The name it was opened by (for messages).
+    pub name: String,
     /// Show a progress bar on long requests (`-p`).
     pub progress: bool,
-    /// Set by `quit`: stop reading commands.
-    pub quit: bool,
     /// Opened with `-r`: commands that modify the image are refused up front.
     pub read_only: bool,
 }
 
-type CmdFn = fn(&mut Session, &[String]) -> bool;
+/// The state commands work on: at most one open image, as in qemu-io.
+pub struct Session {
+    /// The open image; `None` before `open` or after `close`.
+    pub file: Option<OpenFile>,
+    /// Show a progress bar on long requests (`-p`), for every image opened.
+    pub progress: bool,
+    /// Set by `quit`: stop reading commands.
+    pub quit: bool,
+}
+
+/// What a command runs on.
+#[derive(Clone, Copy)]
+enum CmdFn {
+    /// Needs an open image.
+    File(fn(&mut OpenFile, &[String]) -> bool),
+    /// Works on the session; `needs_file` says whether an open image is required.
+    Session {
+        f: fn(&mut Session, &[String]) -> bool,
+        needs_file: bool,
+    },
+}
 
 /// One entry of the command table.
 struct CmdInfo {
@@ -39,7 +60,8 @@ struct CmdInfo {
     argmin: usize,
     /// `None`: no upper bound.
     argmax: Option<usize>,
-    args: &'static str,
+    /// Argument synopsis; `None` and `Some("")` print differently, as in qemu-io.
+    args: Option<&'static str>,
     oneline: &'static str,
     func: CmdFn,
     /// Modifies the image (needs write permission).
@@ -52,170 +74,205 @@ const COMMANDS: &[CmdInfo] = &[
         alt: None,
         argmin: 0,
         argmax: Some(0),
-        args: "",
+        args: None,
         oneline: "completes all outstanding aio requests",
         writes: false,
-        func: aio_flush_f,
+        func: CmdFn::File(aio_flush_f),
     },
     CmdInfo {
         name: "aio_read",
         alt: None,
         argmin: 2,
         argmax: None,
-        args: "[-Ciqrv] [-P pattern] off len [len..]",
+        args: Some("[-Ciqrv] [-P pattern] off len [len..]"),
         oneline: "asynchronously reads a number of bytes",
         writes: false,
-        func: aio_read_f,
+        func: CmdFn::File(aio_read_f),
     },
     CmdInfo {
         name: "aio_write",
         alt: None,
         argmin: 2,
         argmax: None,
-        args: "[-Cfiqruz] [-P pattern] off len [len..]",
+        args: Some("[-Cfiqruz] [-P pattern] off len [len..]"),
         oneline: "asynchronously writes a number of bytes",
         writes: true,
-        func: aio_write_f,
+        func: CmdFn::File(aio_write_f),
     },
     CmdInfo {
         name: "alloc",
         alt: Some("a"),
         argmin: 1,
         argmax: Some(2),
-        args: "offset [count]",
+        args: Some("offset [count]"),
         oneline: "checks if offset is allocated in the file",
         writes: false,
-        func: alloc_f,
+        func: CmdFn::File(alloc_f),
+    },
+    CmdInfo {
+        name: "close",
+        alt: Some("c"),
+        argmin: 0,
+        argmax: Some(0),
+        args: None,
+        oneline: "close the current open file",
+        writes: false,
+        func: CmdFn::Session {
+            f: close_f,
+            needs_file: true,
+        },
     },
     CmdInfo {
         name: "discard",
         alt: Some("d"),
         argmin: 2,
         argmax: None,
-        args: "[-Cq] off len",
+        args: Some("[-Cq] off len"),
         oneline: "discards a number of bytes at a specified offset",
         writes: true,
-        func: discard_f,
+        func: CmdFn::File(discard_f),
     },
     CmdInfo {
         name: "flush",
         alt: Some("f"),
         argmin: 0,
         argmax: Some(0),
-        args: "",
+        args: None,
         oneline: "flush all in-core file state to disk",
         writes: false,
-        func: flush_f,
+        func: CmdFn::File(flush_f),
     },
     CmdInfo {
         name: "help",
         alt: Some("?"),
         argmin: 0,
         argmax: Some(1),
-        args: "[command]",
+        args: Some("[command]"),
         oneline: "help for one or all commands",
         writes: false,
-        func: help_f,
+        func: CmdFn::Session {
+            f: help_f,
+            needs_file: false,
+        },
     },
     CmdInfo {
         name: "info",
         alt: Some("i"),
         argmin: 0,
         argmax: Some(0),
-        args: "",
+        args: None,
         oneline: "prints information about the current file",
         writes: false,
-        func: info_f,
+        func: CmdFn::File(info_f),
     },
     CmdInfo {
         name: "length",
         alt: Some("l"),
         argmin: 0,
         argmax: Some(0),
-        args: "",
+        args: None,
         oneline: "gets the length of the current file",
         writes: false,
-        func: length_f,
+        func: CmdFn::File(length_f),
     },
     CmdInfo {
         name: "map",
         alt: Some("m"),
         argmin: 0,
         argmax: Some(0),
-        args: "",
+        args: Some(""),
         oneline: "prints the allocated areas of a file",
         writes: false,
-        func: map_f,
+        func: CmdFn::File(map_f),
+    },
+    CmdInfo {
+        name: "open",
+        alt: Some("o"),
+        argmin: 1,
+        argmax: None,
+        args: Some(OPEN_ARGS),
+        oneline: "open the file specified by path",
+        writes: false,
+        func: CmdFn::Session {
+            f: open_f,
+            needs_file: false,
+        },
     },
     CmdInfo {
         name: "quit",
         alt: Some("q"),
         argmin: 0,
         argmax: Some(0),
-        args: "",
+        args: None,
         oneline: "exit the program",
         writes: false,
-        func: quit_f,
+        func: CmdFn::Session {
+            f: quit_f,
+            needs_file: false,
+        },
     },
     CmdInfo {
         name: "read",
         alt: Some("r"),
         argmin: 2,
         argmax: None,
-        args: "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
+        args: Some("[-abCqrv] [-P pattern [-s off] [-l len]] off len"),
         oneline: "reads a number of bytes at a specified offset",
         writes: false,
-        func: read_f,
+        func: CmdFn::File(read_f),
     },
     CmdInfo {
         name: "readv",
         alt: None,
         argmin: 2,
         argmax: None,
-        args: "[-Cqrv] [-P pattern] off len [len..]",
+        args: Some("[-Cqrv] [-P pattern] off len [len..]"),
         oneline: "reads a number of bytes at a specified offset",
         writes: false,
-        func: readv_f,
+        func: CmdFn::File(readv_f),
     },
     CmdInfo {
         name: "sleep",
         alt: None,
         argmin: 1,
         argmax: Some(1),
-        args: "",
+        args: None,
         oneline: "waits for the given value in milliseconds",
         writes: false,
-        func: sleep_f,
+        func: CmdFn::Session {
+            f: sleep_f,
+            needs_file: false,
+        },
     },
     CmdInfo {
         name: "truncate",
         alt: Some("t"),
         argmin: 1,
         argmax: Some(3),
-        args: "[-m prealloc_mode] off",
+        args: Some("[-m prealloc_mode] off"),
         oneline: "truncates the current file at the given offset",
         writes: true,
-        func: truncate_f,
+        func: CmdFn::File(truncate_f),
     },
     CmdInfo {
         name: "write",
         alt: Some("w"),
         argmin: 2,
         argmax: None,
-        args: "[-bcCfnqruz] [-P pattern | -s source_file] off len",
+        args: Some("[-bcCfnqruz] [-P pattern | -s source_file] off len"),
         oneline: "writes a number of bytes at a specified offset",
         writes: true,
-        func: write_f,
+        func: CmdFn::File(write_f),
     },
     CmdInfo {
         name: "writev",
         alt: None,
         argmin: 2,
         argmax: None,
-        args: "[-Cfqr] [-P pattern] off len [len..]",
+        args: Some("[-Cfqr] [-P pattern] off len [len..]"),
         oneline: "writes a number of bytes at a specified offset",
         writes: true,
-        func: writev_f,
+        func: CmdFn::File(writev_f),
     },
 ];
 
@@ -225,9 +282,18 @@ fn find_command(name: &str) -> Option<&'static CmdInfo> {
         .find(|c| c.name == name || c.alt == Some(name))
 }
 
-fn usage(name: &str) {
+/// A command's one-line help, as qemu-io words it.
+fn oneline(c: &CmdInfo) -> String {
+    match c.args {
+        None => format!("{} -- {}", c.name, c.oneline),
+        Some(a) => format!("{} {a} -- {}", c.name, c.oneline),
+    }
+}
+
+/// Prints a command's usage line (after a bad option or argument).
+pub(super) fn usage(name: &str) {
     if let Some(c) = find_command(name) {
-        out!("{} {} -- {}", c.name, c.args, c.oneline);
+        out!("{}", oneline(c));
     }
 }
 
@@ -241,6 +307,14 @@ pub fn run_line(s: &mut Session, line: &str) -> bool {
         eprintln!("command \"{name}\" not found");
         return false;
     };
+    // qemu-io checks for an open file before the argument count.
+    let needs_file = match ct.func {
+        CmdFn::File(_) => true,
+        CmdFn::Session { needs_file, .. } => needs_file,
+    };
+    if needs_file && s.file.is_none() {
+        return no_file();
+    }
     let n = words.len() - 1;
     let too_many = ct.argmax.is_some_and(|m| n > m);
     if n < ct.argmin || too_many {
@@ -259,12 +333,23 @@ pub fn run_line(s: &mut Session, line: &str) -> bool {
         }
         return false;
     }
-    if ct.writes && s.read_only {
+    if ct.writes && s.file.as_ref().is_some_and(|f| f.read_only) {
         // qemu-io checks permissions before parsing the command's arguments.
         eprintln!("vdisk: Block node is read-only");
         return false;
     }
-    (ct.func)(s, &words)
+    match ct.func {
+        CmdFn::File(f) => match s.file.as_mut() {
+            Some(file) => f(file, &words),
+            None => no_file(),
+        },
+        CmdFn::Session { f, .. } => f(s, &words),
+    }
+}
+
+fn no_file() -> bool {
+    eprintln!("no file open, try 'help open'");
+    false
 }
 
 /// Reads the options of a command; prints getopt's message and the usage on a bad one.
@@ -330,7 +415,7 @@ fn in_range(img: &Image, offset: u64, count: u64, op: &str) -> bool {
 }
 
 /// A progress bar for long requests when `-p` was given; hidden otherwise.
-fn progress_bar(s: &Session, len: u64) -> indicatif::ProgressBar {
+fn progress_bar(s: &OpenFile, len: u64) -> indicatif::ProgressBar {
     if !s.progress || len <= PROGRESS_MIN {
         return indicatif::ProgressBar::hidden();
     }
@@ -345,7 +430,7 @@ fn progress_bar(s: &Session, len: u64) -> indicatif::ProgressBar {
 
 /// Runs `f(position_in_request, length)` over `count` bytes in pieces of `chunk`.
 fn chunked(
-    s: &Session,
+    s: &OpenFile,
     count: u64,
     chunk: u64,
     mut f: impl FnMut(u64, u64) -> vdisk::Result<()>,
@@ -377,7 +462,7 @@ struct Verify {
 /// Reads `count` bytes at `offset`. Returns whether the pattern matched, and the data
 /// when `keep` (for `-v`).
 fn read_range(
-    s: &Session,
+    s: &OpenFile,
     offset: u64,
     count: u64,
     verify: Option<Verify>,
@@ -435,7 +520,7 @@ enum Fill<'a> {
 }
 
 fn write_range(
-    s: &Session,
+    s: &OpenFile,
     offset: u64,
     count: u64,
     fill: Fill<'_>,
@@ -482,7 +567,7 @@ fn write_range(
     Ok(())
 }
 
-fn read_f(s: &mut Session, args: &[String]) -> bool {
+fn read_f(s: &mut OpenFile, args: &[String]) -> bool {
     let (mut machine, mut quiet, mut dump, mut vmstate) = (false, false, false, false);
     let mut pattern: Option<u8> = None;
     let mut pstart: Option<u64> = None;
@@ -606,7 +691,7 @@ fn finish_read(
     ok
 }
 
-fn write_f(s: &mut Session, args: &[String]) -> bool {
+fn write_f(s: &mut OpenFile, args: &[String]) -> bool {
     let (mut machine, mut quiet, mut zero, mut unmap, mut fast) =
         (false, false, false, false, false);
     let (mut compressed, mut fua, mut vmstate) = (false, false, false);
@@ -735,7 +820,7 @@ fn read_source(path: &str, count: u64) -> Option<Vec<u8>> {
 }
 
 fn do_write(
-    s: &Session,
+    s: &OpenFile,
     offset: u64,
     count: u64,
     fill: Fill<'_>,
@@ -761,7 +846,7 @@ fn do_write(
 
 /// `readv`/`writev`/`aio_read`/`aio_write`: one offset, several lengths. The buffers
 /// are contiguous in the guest, so they run as one request of the summed length.
-fn vectored(s: &mut Session, args: &[String], write: bool, spec: &'static str) -> bool {
+fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) -> bool {
     let (mut machine, mut quiet, mut dump, mut fua, mut zero, mut unmap) =
         (false, false, false, false, false, false);
     let mut pattern: Option<u8> = None;
@@ -838,28 +923,28 @@ fn vectored(s: &mut Session, args: &[String], write: bool, spec: &'static str) -
     finish_read(r, offset, total, 0, total, quiet, machine, t)
 }
 
-fn readv_f(s: &mut Session, args: &[String]) -> bool {
+fn readv_f(s: &mut OpenFile, args: &[String]) -> bool {
     vectored(s, args, false, "CP:qrv")
 }
 
-fn writev_f(s: &mut Session, args: &[String]) -> bool {
+fn writev_f(s: &mut OpenFile, args: &[String]) -> bool {
     vectored(s, args, true, "CfP:qr")
 }
 
-fn aio_read_f(s: &mut Session, args: &[String]) -> bool {
+fn aio_read_f(s: &mut OpenFile, args: &[String]) -> bool {
     vectored(s, args, false, "CiP:qrv")
 }
 
-fn aio_write_f(s: &mut Session, args: &[String]) -> bool {
+fn aio_write_f(s: &mut OpenFile, args: &[String]) -> bool {
     vectored(s, args, true, "CfiP:qruz")
 }
 
 /// Requests complete before their command returns, so there is nothing to wait for.
-fn aio_flush_f(_s: &mut Session, _args: &[String]) -> bool {
+fn aio_flush_f(_s: &mut OpenFile, _args: &[String]) -> bool {
     true
 }
 
-fn discard_f(s: &mut Session, args: &[String]) -> bool {
+fn discard_f(s: &mut OpenFile, args: &[String]) -> bool {
     let (mut machine, mut quiet) = (false, false);
     let Some(optind) = getopts(args, "Cq", |c, _| {
         match c {
@@ -906,7 +991,7 @@ fn discard_f(s: &mut Session, args: &[String]) -> bool {
     true
 }
 
-fn flush_f(s: &mut Session, _args: &[String]) -> bool {
+fn flush_f(s: &mut OpenFile, _args: &[String]) -> bool {
     match s.img.flush() {
         Ok(()) => true,
         Err(e) => {
@@ -916,7 +1001,7 @@ fn flush_f(s: &mut Session, _args: &[String]) -> bool {
     }
 }
 
-fn map_f(s: &mut Session, _args: &[String]) -> bool {
+fn map_f(s: &mut OpenFile, _args: &[String]) -> bool {
     let size = s.img.size();
     let mut offset = 0u64;
     while offset < size {
@@ -968,7 +1053,7 @@ fn map_f(s: &mut Session, _args: &[String]) -> bool {
     true
 }
 
-fn alloc_f(s: &mut Session, args: &[String]) -> bool {
+fn alloc_f(s: &mut OpenFile, args: &[String]) -> bool {
     let Some(start) = num_arg(&args[1]) else {
         return false;
     };
@@ -1011,7 +1096,7 @@ fn alloc_f(s: &mut Session, args: &[String]) -> bool {
     true
 }
 
-fn info_f(s: &mut Session, _args: &[String]) -> bool {
+fn info_f(s: &mut OpenFile, _args: &[String]) -> bool {
     let d = s.img.driver();
     let cluster = d.cluster_size().unwrap_or(0);
     let spec = d.format_specific();
@@ -1064,12 +1149,12 @@ fn vm_state_offset(size: u64, cluster: u64, spec: &FormatSpecific) -> u64 {
     size.div_ceil(per_l1).saturating_mul(per_l1)
 }
 
-fn length_f(s: &mut Session, _args: &[String]) -> bool {
+fn length_f(s: &mut OpenFile, _args: &[String]) -> bool {
     out!("{}", cvtstr(s.img.size() as f64));
     true
 }
 
-fn truncate_f(s: &mut Session, args: &[String]) -> bool {
+fn truncate_f(s: &mut OpenFile, args: &[String]) -> bool {
     let mut mode = String::from("off");
     let Some(optind) = getopts(args, "m:", |c, v| {
         if c == 'm' {
@@ -1116,7 +1201,10 @@ fn help_f(_s: &mut Session, args: &[String]) -> bool {
     match args.get(1) {
         Some(name) => match find_command(name) {
             Some(c) => {
-                out!("{} {} -- {}", c.name, c.args, c.oneline);
+                out!("{}", oneline(c));
+                if c.name == "open" {
+                    out!("{OPEN_HELP}");
+                }
                 true
             }
             None => {
@@ -1126,7 +1214,7 @@ fn help_f(_s: &mut Session, args: &[String]) -> bool {
         },
         None => {
             for c in COMMANDS {
-                out!("{} {} -- {}", c.name, c.args, c.oneline);
+                out!("{}", oneline(c));
             }
             out!("\nUse 'help commandname' for extended help.");
             true

@@ -1,0 +1,202 @@
+//! `vdisk io`'s `open` and `close` against qemu-io: the same scripts print the same
+//! lines (timing lines aside, `qemu-io:` read as `vdisk:`) and leave the same data.
+
+mod cli_support;
+use cli_support::*;
+use std::path::Path;
+use std::process::Command;
+
+fn run(prog: &str, dir: &Path, args: &[&str]) -> Run {
+    let mut c = Command::new(prog);
+    if prog != "qemu-io" {
+        c.arg("io");
+    }
+    let o = c.args(args).current_dir(dir).output().expect("run");
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Drops qemu-io's timing lines, which differ run to run.
+fn no_timing(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.contains(" ops; "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Runs the same `vdisk io`/`qemu-io` arguments on copies of the images in two
+/// directories; output must match (but for the options vdisk's usage line lists).
+/// Returns vdisk's run.
+fn same(vdir: &Path, qdir: &Path, args: &[&str]) -> Run {
+    let q = run("qemu-io", qdir, args);
+    let v = run(env!("CARGO_BIN_EXE_vdisk"), vdir, args);
+    // vdisk's usage line leaves out -s and -C, which it does not offer.
+    let q_out = q.out.replace("[-rsCnkU]", "[-rnkU]");
+    assert_eq!(no_timing(&v.out), no_timing(&q_out), "stdout of {args:?}");
+    assert_eq!(
+        v.err,
+        q.err.replace("qemu-io:", "vdisk:"),
+        "stderr of {args:?}"
+    );
+    v
+}
+
+fn setup(dir: &Path) {
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]),
+        "create",
+    );
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "b.qcow2", "2M"]),
+        "create",
+    );
+    std::fs::write(dir.join("r.img"), vec![0u8; 1 << 20]).unwrap();
+}
+
+#[test]
+fn open_close_match_qemu_io() {
+    let vd = tmp();
+    let qd = tmp();
+    let (v, q) = (vd.path(), qd.path());
+    setup(v);
+    setup(q);
+
+    // Commands after close need a file; open brings one back, read-only or not.
+    let r = same(
+        v,
+        q,
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 5 0 64k",
+            "-c",
+            "close",
+            "-c",
+            "read 0 512",
+            "-c",
+            "length",
+            "-c",
+            "flush",
+            "-c",
+            "close",
+            "-c",
+            "sleep 1",
+            "-c",
+            "open -r -o driver=qcow2 b.qcow2",
+            "-c",
+            "length",
+            "-c",
+            "write 0 512",
+            "-c",
+            "c",
+            "-c",
+            "o -n b.qcow2",
+            "-c",
+            "write -P 7 64k 4k",
+            "-c",
+            "length",
+            "-c",
+            "close",
+            "-c",
+            "open -t writethrough -U -r b.qcow2",
+            "-c",
+            "read -P 7 64k 4k",
+            "-c",
+            "help close",
+            "a.qcow2",
+        ],
+    );
+    assert_eq!(r.code, 1, "failed commands make the run fail");
+    assert!(r.err.contains("no file open, try 'help open'"), "{}", r.err);
+    // The data written through each open reached the image.
+    for (img, pat, off) in [("a.qcow2", "5", "0"), ("b.qcow2", "7", "64k")] {
+        for dir in [v, q] {
+            let cmd = format!("read -P {pat} {off} 4k");
+            let r = run("qemu-io", dir, &["-f", "qcow2", "-c", &cmd, img]);
+            assert!(r.err.is_empty() && r.code == 0, "{img}: {}{}", r.out, r.err);
+            assert!(!r.out.contains("Pattern verification failed"), "{}", r.out);
+        }
+    }
+    assert_eq!(
+        ok(
+            qemu_img(
+                v,
+                &["compare", "b.qcow2", &q.join("b.qcow2").to_string_lossy()]
+            ),
+            "compare"
+        ),
+        "Images are identical.\n"
+    );
+
+    // Failures: no file open, one already open, bad options and arguments.
+    same(
+        v,
+        q,
+        &[
+            "-c",
+            "open",
+            "-c",
+            "open -r",
+            "-c",
+            "open -o driver=qcow2",
+            "-c",
+            "close",
+            "-c",
+            "open nope.qcow2",
+            "-c",
+            "open -t bogus a.qcow2",
+            "-c",
+            "open -d bogus a.qcow2",
+            "-c",
+            "open -o driver=raw,foo=bar a.qcow2",
+            "-c",
+            "open -o driver=bogus a.qcow2",
+            "-c",
+            "open -U a.qcow2",
+            "-c",
+            "open -k a.qcow2",
+            "-c",
+            "open -x a.qcow2",
+            "-c",
+            "open -r a.qcow2",
+            "-c",
+            "open b.qcow2",
+            "-c",
+            "open",
+            "-c",
+            "info",
+        ],
+    );
+    // A probed raw image opened read-write warns, read-only it does not.
+    let r = same(
+        v,
+        q,
+        &[
+            "-c",
+            "open r.img",
+            "-c",
+            "c",
+            "-c",
+            "o -r r.img",
+            "-c",
+            "read 0 1k",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.err.contains("probing guessed raw"), "{}", r.err);
+}
+
+#[test]
+fn usage_names_only_supported_options() {
+    let d = tmp();
+    let r = run(env!("CARGO_BIN_EXE_vdisk"), d.path(), &["-c", "open a b"]);
+    assert_eq!(
+        r.out,
+        "open [-rnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path\n"
+    );
+    assert_eq!(r.code, 1);
+}
