@@ -109,12 +109,16 @@ fn human(r: &CheckReport, quiet: bool) {
 }
 
 /// Runs the check, printing the driver's per-problem lines to stderr as qemu does.
+/// A check that stopped early (`failed`) becomes an error after its lines.
 fn do_check(img: &vdisk::Image, repair: Repair) -> Result<CheckReport, Error> {
     let r = img.check(repair)?;
     for m in &r.messages {
         eprintln!("{m}");
     }
-    Ok(r)
+    match r.failed {
+        Some(errno) => Err(std::io::Error::from_raw_os_error(errno).into()),
+        None => Ok(r),
+    }
 }
 
 /// Runs the subcommand; returns the exit code.

@@ -157,6 +157,10 @@ pub struct CheckReport {
     /// One line per problem found, as qemu-img prints them
     /// (e.g. `Leaked cluster 9 refcount=1 reference=0`).
     pub messages: Vec<String>,
+    /// Set when the check stopped early the way QEMU's fails (the errno it returns,
+    /// e.g. EIO for `-r leaks` on refcounts that need a rebuild): `messages` holds the
+    /// lines up to that point and no report is printed.
+    pub failed: Option<i32>,
 }
 
 /// Format-specific information for `info`.

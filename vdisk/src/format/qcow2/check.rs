@@ -365,7 +365,8 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     let (mut cnt, rebuild) = calculate(m, &mut rep, nb, repair.errors && !m.read_only)?;
     let mut rebuild = rebuild;
     let mut highest = 0u64;
-    // First pass: report.
+    // First pass, as QEMU's: every mismatch is reported ("ERROR"/"Leaked"), nothing is
+    // fixed yet; a repair then reports what it does in a second pass.
     let mut mismatches: Vec<(u64, u64, u64)> = Vec::new();
     for c in 0..nb {
         let r2 = u64::from(cnt.refs[c as usize]);
@@ -383,35 +384,57 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
             if r1 == 0 {
                 rebuild = true;
             }
+            let label = if r1 < r2 { "ERROR" } else { "Leaked" };
+            rep.messages
+                .push(format!("{label} cluster {c} refcount={r1} reference={r2}"));
             mismatches.push((c, r1, r2));
         }
     }
+    let first_corruptions = mismatches.iter().filter(|(_, a, b)| a < b).count() as u64;
+    let first_leaks = mismatches.iter().filter(|(_, a, b)| a > b).count() as u64;
     let writable = !m.read_only;
     if rebuild && repair.errors && writable {
         rep.messages
             .push("Rebuilding refcount structure".to_string());
-        let old_corruptions =
-            rep.corruptions + mismatches.iter().filter(|(_, a, b)| a < b).count() as u64;
-        let old_leaks = mismatches.iter().filter(|(_, a, b)| a > b).count() as u64;
-        rebuild_from(m, &mut cnt)?;
+        let old_corruptions = rep.corruptions + first_corruptions;
+        let released = rebuild_from(m, &mut cnt)?;
+        // QEMU's new structure still counts the old one, which it then finds leaked
+        // and repairs: report those clusters the same way (not counted as fixed).
+        let mut released = released;
+        released.sort_unstable();
+        let mut i = 0;
+        while i < released.len() {
+            let c = released[i];
+            let n = released[i..].iter().take_while(|&&x| x == c).count();
+            let after = cnt.refs.get(c as usize).map_or(0, |&r| u64::from(r));
+            rep.messages.push(format!(
+                "Repairing cluster {c} refcount={} reference={after}",
+                after + n as u64
+            ));
+            i += n;
+        }
         rep.corruptions = 0;
         rep.leaks = 0;
         rep.corruptions_fixed += old_corruptions;
-        rep.leaks_fixed += old_leaks;
+        rep.leaks_fixed += first_leaks;
         highest = cnt
             .refs
             .iter()
             .rposition(|&r| r > 0)
             .map_or(0, |p| p as u64);
-    } else {
-        if rebuild && (repair.errors || repair.leaks) {
-            rep.messages
-                .push("ERROR need to rebuild refcount structures".to_string());
-            rep.check_errors += 1;
-        }
+    } else if rebuild && (repair.errors || repair.leaks) {
+        // As QEMU: a repair that would need a rebuild it may not do fails the check
+        // (EIO) at this point, before the COPIED flags are looked at.
+        rep.messages
+            .push("ERROR need to rebuild refcount structures".to_string());
+        rep.check_errors += 1;
+        rep.corruptions += first_corruptions;
+        rep.leaks += first_leaks;
+        rep.failed = Some(libc::EIO);
+        return Ok(rep);
+    } else if writable && (repair.leaks || repair.errors) {
         for (c, r1, r2) in mismatches {
-            let fix =
-                writable && !rebuild && ((r1 > r2 && repair.leaks) || (r1 < r2 && repair.errors));
+            let fix = (r1 > r2 && repair.leaks) || (r1 < r2 && repair.errors);
             let label = if fix {
                 "Repairing"
             } else if r1 < r2 {
@@ -435,10 +458,11 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
                 rep.leaks += 1;
             }
         }
-        if writable && (repair.leaks || repair.errors) {
-            m.write_rc_blocks()?;
-            m.st.flush()?;
-        }
+        m.write_rc_blocks()?;
+        m.st.flush()?;
+    } else {
+        rep.corruptions += first_corruptions;
+        rep.leaks += first_leaks;
     }
     check_copied(m, &mut rep, repair.errors && writable)?;
     rep.image_end_offset = Some((highest + 1) * cs);
@@ -554,13 +578,14 @@ pub(crate) fn rebuild_refcounts(m: &mut Meta) -> Result<()> {
             rep.messages.join("; ")
         )));
     }
-    rebuild_from(m, &mut cnt)
+    rebuild_from(m, &mut cnt).map(|_| ())
 }
 
 /// Writes a brand-new refcount structure (blocks + table, self-describing, placed
 /// after the end of the file) from the counted references, then switches the header
-/// to it. The old structure is not referenced anymore and becomes free space.
-fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
+/// to it. The old structure is not referenced anymore and becomes free space; its
+/// clusters are returned (once per reference dropped).
+fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<Vec<u64>> {
     let cs = m.g.cs;
     let per = m.g.rc_per_block;
     let max = m.g.rc_max();
@@ -573,17 +598,20 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     } else {
         u64::from(m.hdr.refcount_table_clusters)
     };
-    for k in 0..rt_clusters {
-        if let Some(r) = cnt.refs.get_mut((rt_off / cs + k) as usize) {
-            *r = r.saturating_sub(1);
+    let mut released = Vec::new();
+    let mut release = |c: u64| {
+        if let Some(r) = cnt.refs.get_mut(c as usize).filter(|r| **r > 0) {
+            *r -= 1;
+            released.push(c);
         }
+    };
+    for k in 0..rt_clusters {
+        release(rt_off / cs + k);
     }
     for &e in &m.rc_table {
         let off = e & REFT_OFFSET_MASK;
         if off != 0 && e.is_multiple_of(cs) {
-            if let Some(r) = cnt.refs.get_mut((off / cs) as usize) {
-                *r = r.saturating_sub(1);
-            }
+            release(off / cs);
         }
     }
     let used_end = cnt
@@ -665,5 +693,5 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<()> {
     m.free_hint = 0;
     m.compress_cursor = 0;
     m.file_end = m.file_end.max(region_end * cs);
-    Ok(())
+    Ok(released)
 }
