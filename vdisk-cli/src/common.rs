@@ -12,6 +12,31 @@ pub fn error(msg: impl std::fmt::Display) {
     eprintln!("vdisk: {}", strip_os_error(&msg.to_string()));
 }
 
+/// The exit code of a subcommand that failed with a message (printed unless empty,
+/// when it was printed already) or succeeded.
+pub fn exit_code(r: Result<(), String>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            if !e.is_empty() {
+                error(e);
+            }
+            1
+        }
+    }
+}
+
+/// Parses `--output`: `true` for json, `false` for human.
+pub fn parse_output(o: &str) -> Result<bool, String> {
+    match o {
+        "human" => Ok(false),
+        "json" => Ok(true),
+        o => Err(format!(
+            "--output must be used with human or json as argument. ({o})"
+        )),
+    }
+}
+
 /// Removes Rust's ` (os error N)` suffixes so messages read like qemu's `strerror` text.
 pub fn strip_os_error(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -3,21 +3,6 @@
 
 mod cli_support;
 use cli_support::*;
-use std::path::Path;
-use std::process::Command;
-
-fn qemu_io_raw(dir: &Path, args: &[&str]) -> Run {
-    let o = Command::new("qemu-io")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run qemu-io");
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
 
 /// Strips qemu-io's timing line, which differs run to run.
 fn no_timing(s: &str) -> String {
@@ -41,7 +26,7 @@ fn probed_raw_warning_matches_qemu() {
         &["-f", "raw", "-c", "read 0 512", "r.img"],
     ];
     for (i, args) in cases.iter().enumerate() {
-        let q = qemu_io_raw(dir, args);
+        let q = qemu_io_run(dir, args);
         let mut va = vec!["io"];
         va.extend_from_slice(args);
         let v = vdisk(dir, &va);

@@ -4,20 +4,6 @@
 mod cli_support;
 use cli_support::*;
 use std::path::Path;
-use std::process::Command;
-
-fn run(prog: &str, dir: &Path, args: &[&str]) -> Run {
-    let mut c = Command::new(prog);
-    if prog != "qemu-io" {
-        c.arg("io");
-    }
-    let o = c.args(args).current_dir(dir).output().expect("run");
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
 
 /// Drops qemu-io's timing lines, which differ run to run.
 fn no_timing(s: &str) -> String {
@@ -31,8 +17,8 @@ fn no_timing(s: &str) -> String {
 /// directories; output must match (but for the options vdisk's usage line lists).
 /// Returns vdisk's run.
 fn same(vdir: &Path, qdir: &Path, args: &[&str]) -> Run {
-    let q = run("qemu-io", qdir, args);
-    let v = run(env!("CARGO_BIN_EXE_vdisk"), vdir, args);
+    let q = qemu_io_run(qdir, args);
+    let v = vdisk(vdir, &[&["io"], args].concat());
     // vdisk's usage line leaves out -s and -C, which it does not offer.
     let q_out = q.out.replace("[-rsCnkU]", "[-rnkU]");
     assert_eq!(no_timing(&v.out), no_timing(&q_out), "stdout of {args:?}");
@@ -116,7 +102,7 @@ fn open_close_match_qemu_io() {
     for (img, pat, off) in [("a.qcow2", "5", "0"), ("b.qcow2", "7", "64k")] {
         for dir in [v, q] {
             let cmd = format!("read -P {pat} {off} 4k");
-            let r = run("qemu-io", dir, &["-f", "qcow2", "-c", &cmd, img]);
+            let r = qemu_io_run(dir, &["-f", "qcow2", "-c", &cmd, img]);
             assert!(r.err.is_empty() && r.code == 0, "{img}: {}{}", r.out, r.err);
             assert!(!r.out.contains("Pattern verification failed"), "{}", r.out);
         }
@@ -193,7 +179,7 @@ fn open_close_match_qemu_io() {
 #[test]
 fn usage_names_only_supported_options() {
     let d = tmp();
-    let r = run(env!("CARGO_BIN_EXE_vdisk"), d.path(), &["-c", "open a b"]);
+    let r = vdisk(d.path(), &["io", "-c", "open a b"]);
     assert_eq!(
         r.out,
         "open [-rnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path\n"

@@ -123,13 +123,10 @@ fn do_check(img: &vdisk::Image, repair: Repair) -> Result<CheckReport, Error> {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
-    let json = match a.output.as_str() {
-        "human" => false,
-        "json" => true,
-        o => {
-            common::error(format!(
-                "--output must be used with human or json as argument. ({o})"
-            ));
+    let json = match common::parse_output(&a.output) {
+        Ok(j) => j,
+        Err(e) => {
+            common::error(e);
             return 1;
         }
     };

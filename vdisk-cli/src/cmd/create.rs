@@ -59,6 +59,38 @@ const fn od(
     }
 }
 
+// Options several formats declare identically.
+const SIZE_OPT: OptDesc = od("size", None, true, "size", "Virtual disk size");
+const BACKING_FILE_OPT: OptDesc = od(
+    "backing_file",
+    None,
+    false,
+    "str",
+    "File name of a base image",
+);
+const BACKING_FMT_OPT: OptDesc = od(
+    "backing_fmt",
+    None,
+    false,
+    "str",
+    "Image format of the base image",
+);
+const NOCOW_OPT: OptDesc = od(
+    "nocow",
+    None,
+    false,
+    "bool (on/off)",
+    "Turn off copy-on-write (valid only on btrfs)",
+);
+/// Preallocation of raw and QED (qcow2 adds `metadata`).
+const PREALLOC_OPT: OptDesc = od(
+    "preallocation",
+    None,
+    false,
+    "str",
+    "Preallocation mode (allowed values: off, falloc, full)",
+);
+
 const QCOW2_OPTS: &[OptDesc] = &[
     od(
         "cluster_size",
@@ -88,7 +120,7 @@ const QCOW2_OPTS: &[OptDesc] = &[
         "str",
         "Compression method used for image cluster compression",
     ),
-    od("size", None, true, "size", "Virtual disk size"),
+    SIZE_OPT,
     od(
         "compat",
         None,
@@ -96,20 +128,8 @@ const QCOW2_OPTS: &[OptDesc] = &[
         "str",
         "Compatibility level (v2 [0.10] or v3 [1.1])",
     ),
-    od(
-        "backing_file",
-        None,
-        false,
-        "str",
-        "File name of a base image",
-    ),
-    od(
-        "backing_fmt",
-        None,
-        false,
-        "str",
-        "Image format of the base image",
-    ),
+    BACKING_FILE_OPT,
+    BACKING_FMT_OPT,
     od(
         "data_file",
         None,
@@ -138,31 +158,13 @@ const QCOW2_OPTS: &[OptDesc] = &[
         "num",
         "Width of a reference count entry in bits",
     ),
-    od(
-        "nocow",
-        None,
-        false,
-        "bool (on/off)",
-        "Turn off copy-on-write (valid only on btrfs)",
-    ),
+    NOCOW_OPT,
 ];
 
 const QED_OPTS: &[OptDesc] = &[
-    od("size", None, true, "size", "Virtual disk size"),
-    od(
-        "backing_file",
-        None,
-        false,
-        "str",
-        "File name of a base image",
-    ),
-    od(
-        "backing_fmt",
-        None,
-        false,
-        "str",
-        "Image format of the base image",
-    ),
+    SIZE_OPT,
+    BACKING_FILE_OPT,
+    BACKING_FMT_OPT,
     od(
         "cluster_size",
         Some("65536"),
@@ -177,39 +179,11 @@ const QED_OPTS: &[OptDesc] = &[
         "size",
         "L1/L2 table size (in clusters)",
     ),
-    od(
-        "preallocation",
-        None,
-        false,
-        "str",
-        "Preallocation mode (allowed values: off, falloc, full)",
-    ),
-    od(
-        "nocow",
-        None,
-        false,
-        "bool (on/off)",
-        "Turn off copy-on-write (valid only on btrfs)",
-    ),
+    PREALLOC_OPT,
+    NOCOW_OPT,
 ];
 
-const RAW_OPTS: &[OptDesc] = &[
-    od("size", None, true, "size", "Virtual disk size"),
-    od(
-        "preallocation",
-        None,
-        false,
-        "str",
-        "Preallocation mode (allowed values: off, falloc, full)",
-    ),
-    od(
-        "nocow",
-        None,
-        false,
-        "bool (on/off)",
-        "Turn off copy-on-write (valid only on btrfs)",
-    ),
-];
+const RAW_OPTS: &[OptDesc] = &[SIZE_OPT, PREALLOC_OPT, NOCOW_OPT];
 
 /// The creation options a format accepts, in qemu's print order.
 fn opt_descs(f: Format) -> &'static [OptDesc] {
@@ -287,13 +261,7 @@ fn parse_create_size(s: &str) -> Result<u64, String> {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
-    match run_inner(a) {
-        Ok(()) => 0,
-        Err(e) => {
-            common::error(e);
-            1
-        }
-    }
+    common::exit_code(run_inner(a))
 }
 
 fn run_inner(a: Args) -> Result<(), String> {

@@ -256,13 +256,10 @@ fn human(i: &ImageInfo) -> String {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
-    let json = match a.output.as_str() {
-        "human" => false,
-        "json" => true,
-        o => {
-            common::error(format!(
-                "--output must be used with human or json as argument. ({o})"
-            ));
+    let json = match common::parse_output(&a.output) {
+        Ok(j) => j,
+        Err(e) => {
+            common::error(e);
             return 1;
         }
     };

@@ -187,25 +187,11 @@ fn parse_offset(v: &Option<String>, what: &str) -> Result<Option<u64>, String> {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
-    match run_inner(a) {
-        Ok(()) => 0,
-        Err(e) => {
-            common::error(e);
-            1
-        }
-    }
+    common::exit_code(run_inner(a))
 }
 
 fn run_inner(a: Args) -> Result<(), String> {
-    let json = match a.output.as_str() {
-        "human" => false,
-        "json" => true,
-        o => {
-            return Err(format!(
-                "--output must be used with human or json as argument. ({o})"
-            ))
-        }
-    };
+    let json = common::parse_output(&a.output)?;
     let start = parse_offset(&a.start_offset, "start offset")?.unwrap_or(0);
     let max_len = parse_offset(&a.max_length, "max length")?;
     let format = common::parse_format(a.format.as_deref())

@@ -54,13 +54,7 @@ pub struct Args {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
-    match run_inner(a) {
-        Ok(()) => 0,
-        Err(e) => {
-            common::error(e);
-            1
-        }
-    }
+    common::exit_code(run_inner(a))
 }
 
 fn run_inner(a: Args) -> Result<(), String> {

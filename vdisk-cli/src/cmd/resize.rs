@@ -29,15 +29,7 @@ const SIZE_HELP: &str = "Parameter 'size' expects a non-negative number below 2^
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
-    match run_inner(a) {
-        Ok(()) => 0,
-        Err(e) => {
-            if !e.is_empty() {
-                common::error(e);
-            }
-            1
-        }
-    }
+    common::exit_code(run_inner(a))
 }
 
 /// Fills `[from, to)` of the image with allocated zeroes (preallocation of grown space).

@@ -42,6 +42,16 @@ pub fn qemu_img(dir: &Path, args: &[&str]) -> Run {
     collect(o)
 }
 
+/// Runs `qemu-io args...` in `dir`, whatever its outcome.
+pub fn qemu_io_run(dir: &Path, args: &[&str]) -> Run {
+    let o = Command::new("qemu-io")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run qemu-io");
+    collect(o)
+}
+
 /// Runs `qemu-io` with `-c` commands on an image in `dir`; panics when it fails.
 pub fn qemu_io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");

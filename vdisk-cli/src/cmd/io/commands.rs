@@ -376,6 +376,25 @@ fn getopts(
     Some(g.optind)
 }
 
+/// The `off len` pair that must end a command's words after its options, with
+/// qemu-io's checks (usage, number syntax, request size); `None` after printing why.
+fn off_len(args: &[String], optind: usize) -> Option<(u64, u64)> {
+    if optind + 2 != args.len() {
+        usage(&args[0]);
+        return None;
+    }
+    let offset = num_arg(&args[optind])?;
+    let count = num_arg(&args[optind + 1])?;
+    if count > REQUEST_MAX_BYTES {
+        out!(
+            "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
+            args[optind + 1]
+        );
+        return None;
+    }
+    Some((offset, count))
+}
+
 fn num_arg(arg: &str) -> Option<u64> {
     match cvtnum(arg) {
         Ok(v) => Some(v),
@@ -597,23 +616,9 @@ fn read_f(s: &mut OpenFile, args: &[String]) -> bool {
     }) else {
         return false;
     };
-    if optind + 2 != args.len() {
-        usage("read");
-        return false;
-    }
-    let Some(offset) = num_arg(&args[optind]) else {
+    let Some((offset, count)) = off_len(args, optind) else {
         return false;
     };
-    let Some(count) = num_arg(&args[optind + 1]) else {
-        return false;
-    };
-    if count > REQUEST_MAX_BYTES {
-        out!(
-            "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
-            args[optind + 1]
-        );
-        return false;
-    }
     if pattern.is_none() && (pstart.is_some() || plen.is_some()) {
         usage("read");
         return false;
@@ -956,23 +961,9 @@ fn discard_f(s: &mut OpenFile, args: &[String]) -> bool {
     }) else {
         return false;
     };
-    if optind + 2 != args.len() {
-        usage("discard");
-        return false;
-    }
-    let Some(offset) = num_arg(&args[optind]) else {
+    let Some((offset, count)) = off_len(args, optind) else {
         return false;
     };
-    let Some(count) = num_arg(&args[optind + 1]) else {
-        return false;
-    };
-    if count > REQUEST_MAX_BYTES {
-        out!(
-            "length cannot exceed {REQUEST_MAX_BYTES}, given {}",
-            args[optind + 1]
-        );
-        return false;
-    }
     if !in_range(&s.img, offset, count, "discard") {
         return false;
     }
