@@ -39,6 +39,20 @@ fn make_leak(path: &Path) {
     put(&mut f, l2 + 8, &[0u8; 8]);
 }
 
+/// Points guest cluster 1 at guest cluster 0's host cluster: cluster 5 is referenced
+/// twice with refcount 1, cluster 6 leaks.
+fn make_double_ref(path: &Path) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let l1 = be64(&mut f, 40);
+    let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
+    let e0 = be64(&mut f, l2);
+    put(&mut f, l2 + 8, &e0.to_be_bytes());
+}
+
 /// Sets the refcount of host cluster 5 (guest cluster 0's data) to zero.
 fn make_corrupt(path: &Path) {
     let mut f = std::fs::OpenOptions::new()
