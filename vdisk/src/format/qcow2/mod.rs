@@ -161,6 +161,8 @@ pub(crate) struct Meta {
     /// Guest cluster ranges with an in-place data write in progress: their host
     /// clusters must not be released (and reused) until it completes.
     pub direct: Vec<(u64, u64)>,
+    /// Requests blocked on `Qcow2::alloc_done`; wake-ups are skipped when zero.
+    pub waiters: usize,
     /// Host clusters whose mapping was dropped in cache: one refcount decrement each,
     /// applied once the mapping change is durable.
     pub pending_frees: Vec<u64>,
@@ -440,6 +442,7 @@ impl Qcow2 {
             free_hint: 0,
             inflight: Vec::new(),
             direct: Vec::new(),
+            waiters: 0,
             pending_frees: Vec::new(),
             unflushed: false,
             file_end: file_len,
