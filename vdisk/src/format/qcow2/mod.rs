@@ -46,7 +46,7 @@ use self::header::*;
 use self::snapshot::Snapshot;
 use super::{
     BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
-    FormatSpecific, Repair, ZeroFlags,
+    FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
 };
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -592,6 +592,13 @@ impl Driver for Qcow2 {
     }
     fn is_dirty(&self) -> bool {
         self.lock().hdr.incompatible & INCOMPAT_DIRTY != 0
+    }
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.lock()
+            .snapshots
+            .iter()
+            .map(|s| s.info.clone())
+            .collect()
     }
     fn check(&self, repair: Repair) -> Result<CheckReport> {
         if (repair.leaks || repair.errors) && self.read_only {
