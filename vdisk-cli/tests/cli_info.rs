@@ -286,3 +286,166 @@ fn missing_backing_file_errors_like_qemu() {
         assert_eq!(v.err.replace("vdisk:", "qemu-img:"), q.err, "{c:?}");
     }
 }
+
+/// Runs `prog args...` in `dir` with the time zone `tz`; returns stdout, panicking
+/// on failure.
+fn run_tz(prog: &str, dir: &Path, tz: &str, args: &[&str]) -> String {
+    let o = std::process::Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .env("TZ", tz)
+        .output()
+        .expect("run");
+    assert!(
+        o.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Overwrites fields of snapshot `idx` in a qcow2 file, in place (sizes unchanged, so
+/// the table layout stays valid): creation time, guest clock, 64-bit VM state size
+/// and icount (both in the version 3 extra data, which qemu-img writes).
+fn patch_snapshot(file: &Path, idx: u32, date: u32, clock_ns: u64, vm_state: u64, icount: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut h = [0u8; 72];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let nb = u32::from_be_bytes(h[60..64].try_into().unwrap());
+    let mut pos = u64::from_be_bytes(h[64..72].try_into().unwrap());
+    assert!(idx < nb);
+    for i in 0..=idx {
+        let mut e = [0u8; 40];
+        f.read_exact_at(&mut e, pos).unwrap();
+        let id_len = u64::from(u16::from_be_bytes([e[12], e[13]]));
+        let name_len = u64::from(u16::from_be_bytes([e[14], e[15]]));
+        let extra = u64::from(u32::from_be_bytes(e[36..40].try_into().unwrap()));
+        if i == idx {
+            assert!(extra >= 24, "qemu-img wrote {extra} bytes of extra data");
+            f.write_all_at(&date.to_be_bytes(), pos + 16).unwrap();
+            f.write_all_at(&clock_ns.to_be_bytes(), pos + 24).unwrap();
+            f.write_all_at(&vm_state.to_be_bytes(), pos + 40).unwrap();
+            f.write_all_at(&icount.to_be_bytes(), pos + 56).unwrap();
+        }
+        pos = (pos + 40 + extra + id_len + name_len).div_ceil(8) * 8;
+    }
+}
+
+/// Human output (in several time zones, one with daylight saving time) and JSON of
+/// images with internal snapshots equal qemu-img's.
+fn same_snapshot_info(dir: &Path, args: &[&str]) -> String {
+    let vd = env!("CARGO_BIN_EXE_vdisk");
+    let mut a = vec!["info"];
+    a.extend_from_slice(args);
+    let mut first = String::new();
+    for tz in ["UTC", "America/New_York", "Asia/Kolkata"] {
+        let q = run_tz("qemu-img", dir, tz, &a);
+        let v = run_tz(vd, dir, tz, &a);
+        assert_eq!(stable(&v), stable(&q), "TZ={tz} info {a:?}");
+        if first.is_empty() {
+            first = v;
+        }
+    }
+    a.push("--output=json");
+    let q = run_tz("qemu-img", dir, "UTC", &a);
+    let v = run_tz(vd, dir, "UTC", &a);
+    assert_eq!(stable(&v), stable(&q), "info {a:?}");
+    first
+}
+
+#[test]
+fn snapshot_list_matches_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (img, compat) in [("v3.qcow2", "1.1"), ("v2.qcow2", "0.10")] {
+        let o = format!("compat={compat}");
+        ok(
+            qemu_img(dir, &["create", "-q", "-f", "qcow2", "-o", &o, img, "16M"]),
+            "create",
+        );
+        qemu_io(dir, "qcow2", img, &["write -P 3 0 128k"]);
+        ok(qemu_img(dir, &["snapshot", "-c", "first", img]), "snapshot");
+        qemu_io(dir, "qcow2", img, &["write -P 4 64k 64k"]);
+        ok(
+            qemu_img(
+                dir,
+                &["snapshot", "-c", "a name longer than sixteen ünïcödé", img],
+            ),
+            "snapshot",
+        );
+        ok(qemu_img(dir, &["snapshot", "-c", "third", img]), "snapshot");
+        // 2024-07-01 12:00 UTC (summer time in New York), a 1h02m03.456789012s guest
+        // clock and a 64-bit VM state size; then the epoch with a clock past 100 h
+        // and an icount; then no icount recorded (all ones).
+        patch_snapshot(
+            &p(dir, img),
+            0,
+            1_719_835_200,
+            3_723_456_789_012,
+            1 << 32,
+            7,
+        );
+        patch_snapshot(&p(dir, img), 1, 0, 400_000_123_000_000, 0, 123_456_789);
+        patch_snapshot(&p(dir, img), 2, 1_000_000_000, 0, 1536, u64::MAX);
+        let c = ok(qemu_img(dir, &["check", img]), "qemu-img check");
+        assert!(c.contains("No errors were found"), "{c}");
+        let human = same_snapshot_info(dir, &[img]);
+        // Not vacuous: the table is there, with each kind of value.
+        assert!(human.contains("Snapshot list:\nID      TAG "), "{human}");
+        for want in [
+            "0001:02:03.456",
+            "0111:06:40.123",
+            "2024-07-01 12:00:00",
+            "4 GiB",
+            "1.5 KiB",
+            "123456789",
+            "        --\n",
+            "a name longer than sixteen ünïcödé",
+        ] {
+            assert!(human.contains(want), "{want:?} missing from\n{human}");
+        }
+        let v = json(&ok(vdisk(dir, &["info", "--output=json", img]), "info"));
+        let s = v["snapshots"].as_array().expect("snapshots array");
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0]["vm-clock-sec"], 3723);
+        assert_eq!(s[0]["vm-clock-nsec"], 456_789_012);
+        assert_eq!(s[2]["id"], "3");
+        assert!(s[2].get("icount").is_none());
+    }
+    // Through a backing chain, and the same commands with -U.
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "v3.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        ),
+        "create",
+    );
+    ok(
+        qemu_img(dir, &["snapshot", "-c", "t", "top.qcow2"]),
+        "snapshot",
+    );
+    same_snapshot_info(dir, &["--backing-chain", "top.qcow2"]);
+    same_snapshot_info(dir, &["-U", "top.qcow2"]);
+    // No snapshots, no table.
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "none.qcow2", "1M"]),
+        "create",
+    );
+    let h = same_snapshot_info(dir, &["none.qcow2"]);
+    assert!(!h.contains("Snapshot list"));
+}

@@ -3,7 +3,7 @@
 use crate::common::{self, allocated_size};
 use crate::output::{size_to_str, to_json_pretty, QDict, QValue};
 use std::path::{Path, PathBuf};
-use vdisk::format::FormatSpecific;
+use vdisk::format::{FormatSpecific, SnapshotInfo};
 use vdisk::{Format, Image, OpenOptions};
 
 /// Arguments of `vdisk info`.
@@ -37,6 +37,7 @@ struct ImageInfo {
     full_backing_filename: Option<String>,
     backing_format: Option<Format>,
     specific: FormatSpecific,
+    snapshots: Vec<SnapshotInfo>,
     file_length: u64,
 }
 
@@ -70,6 +71,7 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         backing_filename: spec.as_ref().map(|s| s.name.clone()),
         backing_format: spec.as_ref().and_then(|s| s.format),
         specific: d.format_specific(),
+        snapshots: d.snapshots(),
         file_length,
     })
 }
@@ -148,6 +150,90 @@ fn specific_json(s: &FormatSpecific) -> Option<QDict> {
     Some(d)
 }
 
+/// One snapshot as qemu's `SnapshotInfo` object. QEMU holds the sizes and counts as
+/// signed 64-bit integers, hence the casts.
+fn snapshot_json(sn: &SnapshotInfo) -> QValue {
+    let mut d = QDict::new();
+    d.str("id", sn.id.clone());
+    d.str("name", sn.name.clone());
+    d.int("vm-state-size", sn.vm_state_size as i64);
+    d.int("date-sec", sn.date_sec as i64);
+    d.int("date-nsec", sn.date_nsec);
+    d.int("vm-clock-sec", (sn.vm_clock_nsec / 1_000_000_000) as i64);
+    d.int("vm-clock-nsec", (sn.vm_clock_nsec % 1_000_000_000) as i64);
+    if let Some(c) = sn.icount {
+        d.int("icount", c as i64);
+    }
+    QValue::Dict(d)
+}
+
+/// `s` padded with spaces to `width` bytes, like C's `%-Ns` (left) or `%Ns`.
+fn c_pad(s: &str, width: usize, left: bool) -> String {
+    let fill = " ".repeat(width.saturating_sub(s.len()));
+    if left {
+        format!("{s}{fill}")
+    } else {
+        format!("{fill}{s}")
+    }
+}
+
+/// `secs` since the epoch as local `YYYY-MM-DD HH:MM:SS` (qemu formats with glib in
+/// the local time zone, `TZ` honoured).
+fn local_date(secs: u64) -> String {
+    let t = secs as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value; localtime_r only writes into it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return String::new();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// One row of qemu's snapshot table (`None`: the heading), without the newline.
+fn snapshot_row(sn: Option<&SnapshotInfo>) -> String {
+    let cols: [String; 6] = match sn {
+        None => ["ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"].map(String::from),
+        Some(sn) => {
+            let secs = (sn.vm_clock_nsec / 1_000_000_000) as i64;
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                (secs / 3600) as i32,
+                ((secs / 60) % 60) as i32,
+                (secs % 60) as i32,
+                ((sn.vm_clock_nsec / 1_000_000) % 1000) as i32
+            );
+            [
+                sn.id.clone(),
+                sn.name.clone(),
+                size_to_str(sn.vm_state_size),
+                local_date(sn.date_sec),
+                clock,
+                sn.icount
+                    .map(|c| (c as i64).to_string())
+                    .unwrap_or_else(|| "--".into()),
+            ]
+        }
+    };
+    format!(
+        "{} {} {} {} {} {}",
+        c_pad(&cols[0], 7, true),
+        c_pad(&cols[1], 16, true),
+        c_pad(&cols[2], 8, false),
+        c_pad(&cols[3], 19, false),
+        c_pad(&cols[4], 15, false),
+        c_pad(&cols[5], 10, false)
+    )
+}
+
 fn to_qdict(i: &ImageInfo) -> QDict {
     let mut file = QDict::new();
     file.str("filename", i.filename.clone());
@@ -186,6 +272,12 @@ fn to_qdict(i: &ImageInfo) -> QDict {
     if let Some(f) = i.backing_format {
         d.str("backing-filename-format", f.name());
     }
+    if !i.snapshots.is_empty() {
+        d.put(
+            "snapshots",
+            QValue::List(i.snapshots.iter().map(snapshot_json).collect()),
+        );
+    }
     if let Some(fs) = specific_json(&i.specific) {
         d.put("format-specific", QValue::Dict(fs));
     }
@@ -219,6 +311,15 @@ fn human(i: &ImageInfo) -> String {
     }
     if let Some(f) = i.backing_format {
         s.push_str(&format!("backing file format: {f}\n"));
+    }
+    if !i.snapshots.is_empty() {
+        s.push_str("Snapshot list:\n");
+        s.push_str(&snapshot_row(None));
+        s.push('\n');
+        for sn in &i.snapshots {
+            s.push_str(&snapshot_row(Some(sn)));
+            s.push('\n');
+        }
     }
     if let FormatSpecific::Qcow2 {
         compat,

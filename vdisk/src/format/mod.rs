@@ -187,6 +187,25 @@ pub enum FormatSpecific {
     Qed,
 }
 
+/// One internal snapshot, as `qemu-img info` lists it (QEMU's `SnapshotInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Unique ID string.
+    pub id: String,
+    /// User-chosen name (tag).
+    pub name: String,
+    /// Size of the saved VM state in bytes (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub date_sec: u64,
+    /// Nanoseconds part of the creation time.
+    pub date_nsec: u32,
+    /// Guest clock when the snapshot was taken, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Guest instruction count (record/replay), when recorded.
+    pub icount: Option<u64>,
+}
+
 /// An open image of one format, over one storage. All I/O takes `&self`: a driver is
 /// shared between threads and orders its own metadata updates.
 pub trait Driver: Send + Sync + std::fmt::Debug {
@@ -228,6 +247,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// Whether the image is marked dirty (qcow2 dirty bit, QED NEED_CHECK).
     fn is_dirty(&self) -> bool {
         false
+    }
+    /// Internal snapshots, in table order (none for formats without them).
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
     }
     /// Checks (and optionally repairs) metadata consistency.
     fn check(&self, _repair: Repair) -> Result<CheckReport> {

@@ -181,6 +181,28 @@ pub(crate) enum Src {
 }
 
 impl Qcow2 {
+    /// Blocks on `alloc_done`, counted in `Meta::waiters` so that finishing an
+    /// allocation costs no wake-up syscall when nobody waits.
+    fn wait_alloc_done<'a>(
+        &'a self,
+        mut m: std::sync::MutexGuard<'a, Meta>,
+    ) -> std::sync::MutexGuard<'a, Meta> {
+        m.waiters += 1;
+        let mut m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+        m.waiters -= 1;
+        m
+    }
+
+    /// Wakes the waiters of `alloc_done`, if any. `m` must be the guard under which
+    /// the in-flight state was just changed: a request counted in `waiters` is then
+    /// already blocked on the condvar, and one not yet counted will see the change
+    /// before it would wait.
+    fn wake_alloc_waiters(&self, m: &Meta) {
+        if m.waiters > 0 {
+            self.alloc_done.notify_all();
+        }
+    }
+
     fn wait_inflight<'a>(
         &'a self,
         mut m: std::sync::MutexGuard<'a, Meta>,
@@ -188,7 +210,7 @@ impl Qcow2 {
         e: u64,
     ) -> std::sync::MutexGuard<'a, Meta> {
         while m.in_flight_range(s, e) {
-            m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+            m = self.wait_alloc_done(m);
         }
         m
     }
@@ -362,8 +384,8 @@ impl Qcow2 {
                 if let Some(i) = m.direct.iter().position(|&x| x == range) {
                     m.direct.swap_remove(i);
                 }
+                self.wake_alloc_waiters(&m);
                 drop(m);
-                self.alloc_done.notify_all();
                 r?;
                 pos += n;
                 continue;
@@ -424,7 +446,7 @@ impl Qcow2 {
             if done.is_err() && reuse.is_none() {
                 let _ = m.unalloc(host, k);
             }
-            self.alloc_done.notify_all();
+            self.wake_alloc_waiters(&m);
             pos += done?;
             m.maybe_writeback()?;
         }
@@ -690,7 +712,7 @@ impl Qcow2 {
             // Allocations in flight and in-place writes still running on these
             // clusters must finish before their host clusters can be released.
             while m.in_flight_range(gc, table_end) || m.direct_range(gc, table_end) {
-                m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+                m = self.wait_alloc_done(m);
             }
             if l1i >= m.l1.len() {
                 return Err(Error::corrupt(format!(
@@ -938,7 +960,7 @@ impl Qcow2 {
         let mut m = self.lock();
         m.check_writable()?;
         while m.in_flight_range(gc, gc + 1) || m.direct_range(gc, gc + 1) {
-            m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+            m = self.wait_alloc_done(m);
         }
         m.before_alloc()?;
         m.l2_for_write(l1i)?;
@@ -959,7 +981,7 @@ impl Qcow2 {
             }
             Err(e) => Err(e.into()),
         };
-        self.alloc_done.notify_all();
+        self.wake_alloc_waiters(&m);
         r?;
         m.maybe_writeback()
     }

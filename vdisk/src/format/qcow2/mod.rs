@@ -46,7 +46,7 @@ use self::header::*;
 use self::snapshot::Snapshot;
 use super::{
     BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
-    FormatSpecific, Repair, ZeroFlags,
+    FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
 };
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -161,6 +161,8 @@ pub(crate) struct Meta {
     /// Guest cluster ranges with an in-place data write in progress: their host
     /// clusters must not be released (and reused) until it completes.
     pub direct: Vec<(u64, u64)>,
+    /// Requests blocked on `Qcow2::alloc_done`; wake-ups are skipped when zero.
+    pub waiters: usize,
     /// Host clusters whose mapping was dropped in cache: one refcount decrement each,
     /// applied once the mapping change is durable.
     pub pending_frees: Vec<u64>,
@@ -440,6 +442,7 @@ impl Qcow2 {
             free_hint: 0,
             inflight: Vec::new(),
             direct: Vec::new(),
+            waiters: 0,
             pending_frees: Vec::new(),
             unflushed: false,
             file_end: file_len,
@@ -589,6 +592,13 @@ impl Driver for Qcow2 {
     }
     fn is_dirty(&self) -> bool {
         self.lock().hdr.incompatible & INCOMPAT_DIRTY != 0
+    }
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.lock()
+            .snapshots
+            .iter()
+            .map(|s| s.info.clone())
+            .collect()
     }
     fn check(&self, repair: Repair) -> Result<CheckReport> {
         if (repair.leaks || repair.errors) && self.read_only {

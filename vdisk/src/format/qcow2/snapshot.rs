@@ -4,6 +4,7 @@
 use super::header::{Header, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::{validate_table, Geom};
 use crate::error::{Error, Result};
+use crate::format::SnapshotInfo;
 use crate::storage::Storage;
 
 /// Largest snapshot table QEMU accepts.
@@ -11,13 +12,50 @@ const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 /// Largest extra data per snapshot QEMU accepts.
 const MAX_EXTRA: u32 = 1024;
 
-/// One snapshot's table entry (what refcounting needs).
+/// Longest ID QEMU keeps (its `id_str` buffer holds 128 bytes with the NUL).
+const MAX_ID_LEN: usize = 127;
+/// Longest name QEMU keeps (its `name` buffer holds 256 bytes with the NUL).
+const MAX_NAME_LEN: usize = 255;
+
+/// One snapshot's table entry: what refcounting needs, and what `info` lists.
 #[derive(Clone, Debug)]
 pub(crate) struct Snapshot {
     /// Host offset of the snapshot's L1 table.
     pub l1_offset: u64,
     /// Entries of that L1 table.
     pub l1_size: u32,
+    /// ID, name, dates and sizes.
+    pub info: SnapshotInfo,
+}
+
+/// A snapshot's ID or name as QEMU shows it: cut at the first NUL and to QEMU's
+/// buffer size (bytes that are not UTF-8 are replaced).
+fn text(b: &[u8], max: usize) -> String {
+    let b = &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())];
+    String::from_utf8_lossy(&b[..b.len().min(max)]).into_owned()
+}
+
+fn be64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Decodes the fixed 40-byte entry header `h` and the `var` bytes after it
+/// (extra data, ID, name).
+fn decode_info(h: &[u8; 40], var: &[u8], extra: usize, id_len: usize) -> SnapshotInfo {
+    let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let ex = &var[..extra];
+    // Version 3 extra data: 64-bit VM state size, disk size, instruction count. A
+    // field counts only when the extra data covers it whole; an all-ones icount means
+    // none was recorded.
+    SnapshotInfo {
+        id: text(&var[extra..extra + id_len], MAX_ID_LEN),
+        name: text(&var[extra + id_len..], MAX_NAME_LEN),
+        vm_state_size: be64_at(ex, 0).unwrap_or(u64::from(be32(32))),
+        date_sec: u64::from(be32(16)),
+        date_nsec: be32(20),
+        vm_clock_nsec: be64_at(&h[..], 24).unwrap_or(0),
+        icount: be64_at(ex, 16).filter(|&c| c != u64::MAX),
+    }
 }
 
 /// Reads and validates the snapshot table. Returns the entries and sets nothing else.
@@ -69,14 +107,22 @@ pub(crate) fn read_table(
             g.cs,
             file_len,
         )?;
-        pos += 40 + u64::from(extra) + id_len + name_len;
-        if pos > file_len {
+        let var_len = u64::from(extra) + id_len + name_len;
+        if pos + 40 + var_len > file_len {
             return Err(Error::corrupt(format!(
                 "snapshot table entry {i} runs past the end of the file"
             )));
         }
-        pos = pos.div_ceil(8) * 8;
-        v.push(Snapshot { l1_offset, l1_size });
+        // Bounded: extra <= 1 KiB and each length < 64 KiB.
+        let mut var = vec![0u8; var_len as usize];
+        st.read_at(&mut var, pos + 40)?;
+        let info = decode_info(&h, &var, extra as usize, id_len as usize);
+        pos = (pos + 40 + var_len).div_ceil(8) * 8;
+        v.push(Snapshot {
+            l1_offset,
+            l1_size,
+            info,
+        });
     }
     if pos - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
         return Err(Error::corrupt(
