@@ -321,6 +321,23 @@ fn human(i: &ImageInfo) -> String {
             s.push('\n');
         }
     }
+    s.push_str(&specific_human(&i.specific));
+    s.push_str("Child node '/file':\n");
+    s.push_str(&format!("    filename: {}\n", i.filename));
+    s.push_str("    protocol type: file\n");
+    s.push_str(&format!(
+        "    file length: {} ({} bytes)\n",
+        size_to_str(i.file_length),
+        i.file_length
+    ));
+    s.push_str(&format!("    disk size: {}\n", disk(i.actual_size)));
+    s
+}
+
+/// The "Format specific information" block of the human output (empty when the format
+/// has none); `vdisk io`'s `info` prints the same block.
+pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
+    let mut s = String::new();
     if let FormatSpecific::Qcow2 {
         compat,
         compression_type,
@@ -328,7 +345,7 @@ fn human(i: &ImageInfo) -> String {
         refcount_bits,
         corrupt,
         extended_l2,
-    } = &i.specific
+    } = spec
     {
         s.push_str("Format specific information:\n");
         s.push_str(&format!("    compat: {compat}\n"));
@@ -343,15 +360,6 @@ fn human(i: &ImageInfo) -> String {
             s.push_str(&format!("    extended l2: {extended_l2}\n"));
         }
     }
-    s.push_str("Child node '/file':\n");
-    s.push_str(&format!("    filename: {}\n", i.filename));
-    s.push_str("    protocol type: file\n");
-    s.push_str(&format!(
-        "    file length: {} ({} bytes)\n",
-        size_to_str(i.file_length),
-        i.file_length
-    ));
-    s.push_str(&format!("    disk size: {}\n", disk(i.actual_size)));
     s
 }
 

@@ -1097,27 +1097,8 @@ fn info_f(s: &mut OpenFile, _args: &[String]) -> bool {
         "vm state offset: {}",
         cvtstr(vm_state_offset(d.size(), cluster, &spec) as f64)
     );
-    if let FormatSpecific::Qcow2 {
-        compat,
-        compression_type,
-        lazy_refcounts,
-        refcount_bits,
-        corrupt,
-        extended_l2,
-    } = &spec
-    {
-        out!("Format specific information:");
-        out!("    compat: {compat}");
-        out!("    compression type: {compression_type}");
-        if compat != "0.10" {
-            out!("    lazy refcounts: {lazy_refcounts}");
-        }
-        out!("    refcount bits: {refcount_bits}");
-        if compat != "0.10" {
-            out!("    corrupt: {corrupt}");
-            out!("    extended l2: {extended_l2}");
-        }
-    }
+    // Like out!: a closed stdout is not an error here.
+    let _ = std::io::stdout().write_all(crate::cmd::info::specific_human(&spec).as_bytes());
     true
 }
 
