@@ -307,4 +307,14 @@ fn qcow2_problem_lines_match_qemu() {
         e.contains("Rebuilding refcount structure\nRepairing cluster"),
         "{e}"
     );
+    // A corruption a leak repair leaves alone is reported in both passes.
+    qcow2_with_data(dir, "dup.qcow2");
+    make_double_ref(&dir.join("dup.qcow2"));
+    same_check_all_output(dir, "dup.qcow2", &[]);
+    let e = same_check_all_output(dir, "dup.qcow2", &["-r", "leaks"]);
+    assert!(
+        e.starts_with("ERROR cluster 5 refcount=1 reference=2\nLeaked cluster 6 refcount=1 reference=0\nERROR cluster 5 refcount=1 reference=2\nRepairing cluster 6 refcount=1 reference=0\n"),
+        "{e}"
+    );
+    same_check_all_output(dir, "dup.qcow2", &["-r", "all"]);
 }
