@@ -109,23 +109,7 @@ fn qcow2_compare_against_raw() {
         "base.qcow2",
         &["write -P 1 0 1M", "write -c -P 2 2M 64k"],
     );
-    ok(
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-        ),
-        "create",
-    );
+    qemu_overlay(dir, "qcow2", "base.qcow2", "qcow2", "top.qcow2");
     qemu_io(
         dir,
         "qcow2",

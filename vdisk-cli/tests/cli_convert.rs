@@ -303,23 +303,7 @@ fn backing_target_copies_only_the_top() {
         "create",
     );
     qemu_io(dir, "qcow2", "base.qcow2", &["write -P 1 0 8M"]);
-    ok(
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-        ),
-        "create",
-    );
+    qemu_overlay(dir, "qcow2", "base.qcow2", "qcow2", "top.qcow2");
     qemu_io(
         dir,
         "qcow2",

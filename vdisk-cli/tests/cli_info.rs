@@ -110,23 +110,7 @@ fn qcow2_info_matches_qemu() {
         "create v3",
     );
     std::fs::create_dir(dir.join("sub")).unwrap();
-    ok(
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "../base.qcow2",
-                "-F",
-                "qcow2",
-                "sub/top.qcow2",
-            ],
-        ),
-        "create top",
-    );
+    qemu_overlay(dir, "qcow2", "../base.qcow2", "qcow2", "sub/top.qcow2");
     qemu_io(dir, "qcow2", "base.qcow2", &["write -P 3 0 128k"]);
     same_info(dir, &["base.qcow2"]);
     same_info(dir, &["v2.qcow2"]);
@@ -143,15 +127,7 @@ fn qed_info_matches_qemu() {
         qemu_img(dir, &["create", "-q", "-f", "raw", "base.raw", "4M"]),
         "create",
     );
-    ok(
-        qemu_img(
-            dir,
-            &[
-                "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "t.qed",
-            ],
-        ),
-        "create qed",
-    );
+    qemu_overlay(dir, "qed", "base.raw", "raw", "t.qed");
     ok(
         qemu_img(
             dir,
@@ -418,23 +394,7 @@ fn snapshot_list_matches_qemu() {
         assert!(s[2].get("icount").is_none());
     }
     // Through a backing chain, and the same commands with -U.
-    ok(
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "v3.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-        ),
-        "create",
-    );
+    qemu_overlay(dir, "qcow2", "v3.qcow2", "qcow2", "top.qcow2");
     ok(
         qemu_img(dir, &["snapshot", "-c", "t", "top.qcow2"]),
         "snapshot",

@@ -71,6 +71,17 @@ pub fn qemu_io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
 }
 
 /// A fresh temporary directory.
+/// `qemu-img create -q -f FMT -b BASE -F BASE_FMT TOP` in `dir`, which must succeed.
+pub fn qemu_overlay(dir: &Path, fmt: &str, base: &str, base_fmt: &str, top: &str) {
+    ok(
+        qemu_img(
+            dir,
+            &["create", "-q", "-f", fmt, "-b", base, "-F", base_fmt, top],
+        ),
+        "create overlay",
+    );
+}
+
 pub fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
