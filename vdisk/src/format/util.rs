@@ -1,0 +1,81 @@
+//! Helpers every format uses: backing reads past the end, range checks, qemu's size
+//! and boolean option syntax.
+
+use super::Driver;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// Reads from a backing image into `buf`; bytes past the backing image's end (or all of
+/// them without a backing image) read as zeroes.
+pub fn read_backing(backing: Option<&Arc<dyn Driver>>, buf: &mut [u8], offset: u64) -> Result<()> {
+    let Some(b) = backing else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let size = b.size();
+    let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    if n > 0 {
+        b.read_at(&mut buf[..n], offset)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// Checks that `[offset, offset+len)` lies inside a guest disk of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "request at offset {offset} length {len} is past the end of the image ({size} bytes)"
+        ))),
+    }
+}
+
+/// Parses a size with qemu's suffixes (`k`, `M`, `G`, `T`, `P`, `E`, binary; `b` = 512-byte
+/// sectors are not accepted, as in qemu-img 10; a bare number is bytes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let bad = || Error::invalid(format!("Invalid size '{s}'"));
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'P' => 1 << 50,
+                'E' => 1 << 60,
+                _ => return Err(bad()),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if num.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(v) = num.parse::<u64>() {
+        return v.checked_mul(mult).ok_or_else(bad);
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    if f.is_nan() || f < 0.0 {
+        return Err(bad());
+    }
+    let v = f * mult as f64;
+    if v >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(v as u64)
+}
+
+/// Parses an on/off option value the way qemu does.
+pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(Error::invalid(format!(
+            "Parameter '{key}' expects 'on' or 'off'"
+        ))),
+    }
+}
