@@ -122,10 +122,10 @@ pub fn parse_size_arg(s: &str) -> Option<u64> {
 /// Opens an image with full options; errors read like qemu-img's.
 pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, String> {
     if let Some(f) = opts.format {
-        if f != Format::Raw && Path::new(filename).exists() {
+        if !f.caps().raw_data && Path::new(filename).exists() {
             // qemu-img names a format mismatch explicitly instead of failing in the driver.
             if let Ok(head) = read_head(filename) {
-                if Format::probe(&head) != f && f != Format::Raw {
+                if f.score(&head, Some(filename)) == 0 {
                     return Err(format!(
                         "Could not open '{filename}': Image is not in {f} format"
                     ));
@@ -141,7 +141,7 @@ pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, Stri
 
 /// Prints qemu's warning (stderr) when a read-write open had to probe and found raw.
 pub fn warn_if_probed_raw(filename: &str, opts: &OpenOptions, img: &Image) {
-    if opts.format.is_none() && img.format() == Format::Raw && !opts.read_only {
+    if opts.format.is_none() && img.format().caps().raw_data && !opts.read_only {
         eprintln!(
             "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
         );
@@ -151,7 +151,7 @@ pub fn warn_if_probed_raw(filename: &str, opts: &OpenOptions, img: &Image) {
 fn read_head(filename: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut f = std::fs::File::open(filename)?;
-    let mut head = vec![0u8; 512];
+    let mut head = vec![0u8; vdisk::format::registry::PROBE_BYTES];
     let mut n = 0;
     while n < head.len() {
         let r = f.read(&mut head[n..])?;
@@ -340,7 +340,7 @@ pub fn is_zero(buf: &[u8]) -> bool {
 /// (metadata is always written) and the host clusters the guest mapping references.
 pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
     let d = &layer.driver;
-    if d.format() != Format::Qcow2 {
+    if !d.format().caps().metadata_prealloc {
         return Ok(false);
     }
     let Some(cs) = d.cluster_size().filter(|&c| c > 0) else {

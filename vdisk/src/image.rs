@@ -99,10 +99,10 @@ impl Image {
         )?;
         let fmt = match opts.format {
             Some(f) => f,
-            None => chain::probe_storage(&*storage)?,
+            None => chain::probe_file(&*storage, path)?,
         };
         if opts.locking {
-            let mode = if fmt == Format::Raw && opts.read_only && !opts.consistent_read {
+            let mode = if fmt.caps().raw_data && opts.read_only && !opts.consistent_read {
                 LockMode::On {
                     perm: Perm::CONSISTENT_READ,
                     shared: Perm::ALL,

@@ -51,7 +51,7 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         .map_err(|e| format!("Could not get file length of '{filename}': {e}"))?
         .div_ceil(512)
         * 512;
-    let virtual_size = if d.format() == Format::Raw {
+    let virtual_size = if d.format().caps().raw_data {
         d.size().div_ceil(512) * 512
     } else {
         d.size()

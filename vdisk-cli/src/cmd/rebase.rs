@@ -84,7 +84,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             ..OpenOptions::default()
         },
     )?;
-    if a.compress && img.format() != Format::Qcow2 {
+    if a.compress && !img.format().caps().compression {
         return Err("Compression not supported for this file format".into());
     }
     let spec = (!backing.is_empty()).then(|| BackingSpec {
