@@ -91,11 +91,8 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     create: Some(create),
     create_options: CREATE_OPTIONS,
     caps: Capabilities {
-        backing: false,
-        compression: false,
-        clusters: false,
         raw_data: true,
-        metadata_prealloc: false,
+        ..Capabilities::NONE
     },
 };
 

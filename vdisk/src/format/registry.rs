@@ -49,6 +49,38 @@ pub struct Capabilities {
     pub metadata_prealloc: bool,
 }
 
+impl Capabilities {
+    /// Nothing beyond reading and writing guest bytes.
+    pub const NONE: Capabilities = Capabilities {
+        backing: false,
+        compression: false,
+        clusters: false,
+        raw_data: false,
+        metadata_prealloc: false,
+    };
+    /// These, plus backing files.
+    pub const fn with_backing(self) -> Capabilities {
+        Capabilities {
+            backing: true,
+            ..self
+        }
+    }
+    /// These, plus compressed clusters.
+    pub const fn with_compression(self) -> Capabilities {
+        Capabilities {
+            compression: true,
+            ..self
+        }
+    }
+    /// These, plus allocation in clusters.
+    pub const fn with_clusters(self) -> Capabilities {
+        Capabilities {
+            clusters: true,
+            ..self
+        }
+    }
+}
+
 /// Everything a format's `open` receives.
 pub struct OpenArgs<'a, 'b> {
     /// Where the format's metadata (header, tables) lives.

@@ -2,7 +2,7 @@
 //! NUL-terminated strings "Bochs Virtual HD Image" (32-byte field), "Redolog" (16) and
 //! "Growing" (16), then the little-endian version 0x00020000 or 0x00010000 (v1).
 
-use super::{le32_at, recognised};
+use super::{le32_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 /// Size of the Bochs header.
@@ -16,30 +16,18 @@ fn c_string_field(head: &[u8], offset: usize, len: usize, s: &[u8]) -> bool {
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
     let h = p.head;
-    if h.len() >= HEADER_LEN
-        && c_string_field(h, 0, 32, b"Bochs Virtual HD Image")
-        && c_string_field(h, 32, 16, b"Redolog")
-        && c_string_field(h, 48, 16, b"Growing")
-        && matches!(le32_at(h, 64), Some(0x0002_0000 | 0x0001_0000))
-    {
-        100
-    } else {
-        0
-    }
+    score(
+        h.len() >= HEADER_LEN
+            && c_string_field(h, 0, 32, b"Bochs Virtual HD Image")
+            && c_string_field(h, 32, 16, b"Redolog")
+            && c_string_field(h, 48, 16, b"Growing")
+            && matches!(le32_at(h, 64), Some(0x0002_0000 | 0x0001_0000)),
+        100,
+    )
 }
 
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "bochs",
-    probe,
-    Capabilities {
-        backing: false,
-        compression: false,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
-);
+pub static DESCRIPTOR: FormatDesc = recognised("bochs", probe, Capabilities::NONE.with_clusters());
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 //! Compressed loop images: the V2.0 shell-script header (QEMU's `cloop_probe`, score 2).
 
-use super::{has_at, recognised};
+use super::{has_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 /// The header a cloop V2.0 image starts with.
@@ -10,24 +10,14 @@ pub const MAGIC: &[u8] =
 fn probe(p: &ProbeInput<'_>) -> u32 {
     // QEMU compares min(header, buffer) bytes, but its buffer is always the padded
     // probe size; comparing the whole header keeps an empty head from matching.
-    if has_at(p.head, 0, MAGIC) {
-        2
-    } else {
-        0
-    }
+    score(has_at(p.head, 0, MAGIC), 2)
 }
 
 /// The registered descriptor.
 pub static DESCRIPTOR: FormatDesc = recognised(
     "cloop",
     probe,
-    Capabilities {
-        backing: false,
-        compression: true,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
+    Capabilities::NONE.with_clusters().with_compression(),
 );
 
 #[cfg(test)]

@@ -13,17 +13,7 @@ fn probe(p: &ProbeInput<'_>) -> u32 {
 }
 
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "dmg",
-    probe,
-    Capabilities {
-        backing: false,
-        compression: true,
-        clusters: false,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
-);
+pub static DESCRIPTOR: FormatDesc = recognised("dmg", probe, Capabilities::NONE.with_compression());
 
 #[cfg(test)]
 mod tests {

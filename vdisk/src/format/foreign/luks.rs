@@ -1,32 +1,21 @@
 //! LUKS (version 1) encrypted images: `LUKS\xba\xbe` then the big-endian version 1
 //! (QEMU's `block_crypto_probe_luks`, via `qcrypto_block_luks_has_format`).
 
-use super::{has_at, recognised};
+use super::{has_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 /// The LUKS magic.
 pub const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
-    if has_at(p.head, 0, MAGIC) && p.head.get(6..8) == Some(&[0, 1][..]) {
-        100
-    } else {
-        0
-    }
+    score(
+        has_at(p.head, 0, MAGIC) && p.head.get(6..8) == Some(&[0, 1][..]),
+        100,
+    )
 }
 
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "luks",
-    probe,
-    Capabilities {
-        backing: false,
-        compression: false,
-        clusters: false,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
-);
+pub static DESCRIPTOR: FormatDesc = recognised("luks", probe, Capabilities::NONE);
 
 #[cfg(test)]
 mod tests {

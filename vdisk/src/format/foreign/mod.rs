@@ -34,6 +34,15 @@ pub(crate) const fn recognised(
     }
 }
 
+/// A probe's score: `certainty` when the format is claimed, 0 otherwise.
+pub(crate) fn score(claimed: bool, certainty: u32) -> u32 {
+    if claimed {
+        certainty
+    } else {
+        0
+    }
+}
+
 /// Whether `head` holds `magic` at `offset`.
 pub(crate) fn has_at(head: &[u8], offset: usize, magic: &[u8]) -> bool {
     head.get(offset..offset + magic.len()) == Some(magic)

@@ -1,7 +1,7 @@
 //! Parallels disks: `WithoutFreeSpace` or `WithouFreSpacExt` then version 2,
 //! little-endian, in a 64-byte header (QEMU's `parallels_probe`).
 
-use super::{has_at, le32_at, recognised};
+use super::{has_at, le32_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 /// Size of the header QEMU wants before probing.
@@ -9,25 +9,15 @@ const HEADER_LEN: usize = 64;
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
     let magic = has_at(p.head, 0, b"WithoutFreeSpace") || has_at(p.head, 0, b"WithouFreSpacExt");
-    if p.head.len() >= HEADER_LEN && magic && le32_at(p.head, 16) == Some(2) {
-        100
-    } else {
-        0
-    }
+    score(
+        p.head.len() >= HEADER_LEN && magic && le32_at(p.head, 16) == Some(2),
+        100,
+    )
 }
 
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "parallels",
-    probe,
-    Capabilities {
-        backing: false,
-        compression: false,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
-);
+pub static DESCRIPTOR: FormatDesc =
+    recognised("parallels", probe, Capabilities::NONE.with_clusters());
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,7 @@
 //! QEMU's original copy-on-write format (qcow version 1): `QFI\xfb` then version 1,
 //! big-endian (QEMU's `qcow_probe`). Versions 2 and up belong to qcow2.
 
-use super::{be32_at, has_at, recognised};
+use super::{be32_at, has_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 /// The qcow (v1) header magic.
@@ -10,24 +10,20 @@ pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 const HEADER_LEN: usize = 48;
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
-    if p.head.len() >= HEADER_LEN && has_at(p.head, 0, MAGIC) && be32_at(p.head, 4) == Some(1) {
-        100
-    } else {
-        0
-    }
+    score(
+        p.head.len() >= HEADER_LEN && has_at(p.head, 0, MAGIC) && be32_at(p.head, 4) == Some(1),
+        100,
+    )
 }
 
 /// The registered descriptor.
 pub static DESCRIPTOR: FormatDesc = recognised(
     "qcow",
     probe,
-    Capabilities {
-        backing: true,
-        compression: true,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
+    Capabilities::NONE
+        .with_clusters()
+        .with_backing()
+        .with_compression(),
 );
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! 64-byte text field ("<<< Oracle VM VirtualBox Disk Image >>>" and the like, which
 //! QEMU's `vdi_probe` does not check), in a header of at least 512 bytes.
 
-use super::{le32_at, recognised};
+use super::{le32_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 /// The VDI signature.
@@ -11,25 +11,14 @@ pub const SIGNATURE: u32 = 0xbeda_107f;
 const HEADER_LEN: usize = 512;
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
-    if p.head.len() >= HEADER_LEN && le32_at(p.head, 0x40) == Some(SIGNATURE) {
-        100
-    } else {
-        0
-    }
+    score(
+        p.head.len() >= HEADER_LEN && le32_at(p.head, 0x40) == Some(SIGNATURE),
+        100,
+    )
 }
 
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "vdi",
-    probe,
-    Capabilities {
-        backing: false,
-        compression: false,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
-);
+pub static DESCRIPTOR: FormatDesc = recognised("vdi", probe, Capabilities::NONE.with_clusters());
 
 #[cfg(test)]
 mod tests {

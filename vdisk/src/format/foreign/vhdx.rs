@@ -1,28 +1,14 @@
 //! Hyper-V VHDX: the file identifier `vhdxfile` at offset 0 (QEMU's `vhdx_probe`).
 
-use super::{has_at, recognised};
+use super::{has_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
-    if has_at(p.head, 0, b"vhdxfile") {
-        100
-    } else {
-        0
-    }
+    score(has_at(p.head, 0, b"vhdxfile"), 100)
 }
 
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "vhdx",
-    probe,
-    Capabilities {
-        backing: false,
-        compression: false,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
-);
+pub static DESCRIPTOR: FormatDesc = recognised("vhdx", probe, Capabilities::NONE.with_clusters());
 
 #[cfg(test)]
 mod tests {

@@ -57,13 +57,10 @@ fn probe(p: &ProbeInput<'_>) -> u32 {
 pub static DESCRIPTOR: FormatDesc = recognised(
     "vmdk",
     probe,
-    Capabilities {
-        backing: true,
-        compression: true,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
+    Capabilities::NONE
+        .with_clusters()
+        .with_backing()
+        .with_compression(),
 );
 
 #[cfg(test)]

@@ -4,29 +4,15 @@
 //! footer only in its last 512 bytes; QEMU's probe does not look there (it opens such a
 //! file as raw unless `-f vpc` is given), so neither does this one.
 
-use super::{has_at, recognised};
+use super::{has_at, recognised, score};
 use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
-    if has_at(p.head, 0, b"conectix") {
-        100
-    } else {
-        0
-    }
+    score(has_at(p.head, 0, b"conectix"), 100)
 }
 
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "vpc",
-    probe,
-    Capabilities {
-        backing: false,
-        compression: false,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
-);
+pub static DESCRIPTOR: FormatDesc = recognised("vpc", probe, Capabilities::NONE.with_clusters());
 
 #[cfg(test)]
 mod tests {

@@ -10,11 +10,10 @@ use std::sync::Arc;
 /// unknown version, which the driver then names in its error.
 fn probe(p: &ProbeInput<'_>) -> u32 {
     let h = p.head;
-    if super::probe(h) && h.get(4..8) != Some(&[0, 0, 0, 1][..]) {
-        100
-    } else {
-        0
-    }
+    crate::format::foreign::score(
+        super::probe(h) && h.get(4..8) != Some(&[0, 0, 0, 1][..]),
+        100,
+    )
 }
 
 fn open(args: OpenArgs<'_, '_>) -> Result<Arc<dyn Driver>> {
@@ -35,10 +34,10 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     create: Some(super::create::create_typed),
     create_options: super::options::CREATE_OPTIONS,
     caps: Capabilities {
-        backing: true,
-        compression: true,
-        clusters: true,
-        raw_data: false,
         metadata_prealloc: true,
+        ..Capabilities::NONE
+            .with_clusters()
+            .with_backing()
+            .with_compression()
     },
 };

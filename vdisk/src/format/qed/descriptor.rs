@@ -7,11 +7,7 @@ use crate::format::Driver;
 use std::sync::Arc;
 
 fn probe(p: &ProbeInput<'_>) -> u32 {
-    if super::probe(p.head) {
-        100
-    } else {
-        0
-    }
+    crate::format::foreign::score(super::probe(p.head), 100)
 }
 
 fn open(args: OpenArgs<'_, '_>) -> Result<Arc<dyn Driver>> {
@@ -29,11 +25,5 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     open: Some(open),
     create: Some(super::create::create_typed),
     create_options: super::options::CREATE_OPTIONS,
-    caps: Capabilities {
-        backing: true,
-        compression: false,
-        clusters: true,
-        raw_data: false,
-        metadata_prealloc: false,
-    },
+    caps: Capabilities::NONE.with_clusters().with_backing(),
 };
