@@ -122,8 +122,9 @@ pub fn parse_size_arg(s: &str) -> Option<u64> {
 /// Opens an image with full options; errors read like qemu-img's.
 pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, String> {
     if let Some(f) = opts.format {
-        if !f.caps().raw_data && Path::new(filename).exists() {
-            // qemu-img names a format mismatch explicitly instead of failing in the driver.
+        if !f.caps().raw_data && f.can_open() && Path::new(filename).exists() {
+            // qemu-img names a format mismatch explicitly instead of failing in the driver
+            // (a format vdisk cannot read is refused by name when opened).
             if let Ok(head) = read_head(filename) {
                 if f.score(&head, Some(filename)) == 0 {
                     return Err(format!(

@@ -356,3 +356,38 @@ fn option_values_checked_like_qemu() {
         assert_eq!(v.err.replace("vdisk:", "qemu-img:"), q.err, "{f} {o}");
     }
 }
+
+#[test]
+fn fixed_vhd_is_raw_like_qemu() {
+    // A fixed VHD keeps its footer only at the end; QEMU's probe looks at the start, so
+    // it reads such a file as raw unless told `-f vpc` — and so does vdisk.
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vpc",
+                "-o",
+                "subformat=fixed",
+                "f.vhd",
+                "1M",
+            ],
+        ),
+        "fixed vhd",
+    );
+    assert_eq!(qemu_detected(dir, "f.vhd"), "raw");
+    let r = vdisk(dir, &["info", "f.vhd"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.contains("file format: raw"), "{}", r.out);
+    let r = vdisk(dir, &["info", "-f", "vpc", "f.vhd"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.err.contains("the vpc format is not supported by vdisk"),
+        "{}",
+        r.err
+    );
+}

@@ -302,7 +302,7 @@ impl OptionValues {
 }
 
 /// Renders `-o help` as qemu-img does. Without a target file name only the format's
-/// options are listed, under "Supported <fmt> options:", followed by qemu's note about
+/// options are listed, under `Supported <fmt> options:`, followed by qemu's note about
 /// protocol options; with one, the protocol's options are merged in (the format's
 /// declaration wins a shared name) under "Supported options:".
 pub fn render_help(
@@ -310,27 +310,41 @@ pub fn render_help(
     format_opts: &[OptionDesc],
     protocol_opts: Option<&[OptionDesc]>,
 ) -> String {
-    let mut all: Vec<&OptionDesc> = format_opts.iter().collect();
-    if let Some(p) = protocol_opts {
-        for d in p {
-            if !all.iter().any(|a| a.name == d.name) {
-                all.push(d);
-            }
-        }
-    }
-    all.sort_by_key(|d| d.name);
+    let all: Vec<&OptionDesc> = format_opts.iter().collect();
     let mut s = match protocol_opts {
         Some(_) => "Supported options:\n".to_string(),
         None => format!("Supported {format_name} options:\n"),
     };
-    for d in all {
-        let left = format!("{}=<{}>", d.name, d.kind.help_name());
-        s.push_str(&format!("  {left:<22} - {}\n", d.help));
-    }
+    s.push_str(&option_lines(all, protocol_opts.unwrap_or(&[])));
     if protocol_opts.is_none() {
         s.push_str(
             "\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n",
         );
+    }
+    s
+}
+
+/// Renders `amend -o help` as qemu-img does (`Amend options for '<fmt>':`).
+pub fn render_amend_help(format_name: &str, opts: Vec<&OptionDesc>) -> String {
+    format!(
+        "Amend options for '{format_name}':\n{}",
+        option_lines(opts, &[])
+    )
+}
+
+/// One `  name=<type>  - help` line per option, sorted by name; `extra` options are
+/// added unless `opts` already has one of that name.
+fn option_lines<'a>(mut all: Vec<&'a OptionDesc>, extra: &'a [OptionDesc]) -> String {
+    for d in extra {
+        if !all.iter().any(|a| a.name == d.name) {
+            all.push(d);
+        }
+    }
+    all.sort_by_key(|d| d.name);
+    let mut s = String::new();
+    for d in all {
+        let left = format!("{}=<{}>", d.name, d.kind.help_name());
+        s.push_str(&format!("  {left:<22} - {}\n", d.help));
     }
     s
 }

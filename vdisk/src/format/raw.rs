@@ -90,6 +90,8 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     open: Some(open),
     create: Some(create),
     create_options: CREATE_OPTIONS,
+    amend_only_options: &[],
+    amendable: false,
     caps: Capabilities {
         raw_data: true,
         ..Capabilities::NONE

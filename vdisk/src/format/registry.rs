@@ -123,8 +123,13 @@ pub struct FormatDesc {
     pub open: Option<OpenFn>,
     /// Creates an image; `None`: creation not supported.
     pub create: Option<CreateFn>,
-    /// Creation options, in the order qemu-img's `Formatting` line prints them.
+    /// Creation options, in the order qemu-img's `Formatting` line prints them; those
+    /// marked [`OptionDesc::amend`] may also be changed by `amend`.
     pub create_options: &'static [OptionDesc],
+    /// Options only `amend` takes (none for most formats).
+    pub amend_only_options: &'static [OptionDesc],
+    /// Whether `amend` applies to the format at all.
+    pub amendable: bool,
     /// What the format can do.
     pub caps: Capabilities,
 }
@@ -180,6 +185,24 @@ impl Format {
     /// The declared creation options.
     pub fn create_options(self) -> &'static [OptionDesc] {
         self.0.create_options
+    }
+    /// The options `amend` takes (`None`: the format has no `amend`), in declaration order.
+    pub fn amend_options(self) -> Option<Vec<&'static OptionDesc>> {
+        self.0.amendable.then(|| {
+            self.0
+                .create_options
+                .iter()
+                .filter(|d| d.amend)
+                .chain(self.0.amend_only_options)
+                .collect()
+        })
+    }
+    /// The error for a format without `amend` (qemu-img's wording).
+    pub fn no_amend_error(self) -> Error {
+        Error::unsupported(format!(
+            "Format driver '{}' does not support option amendment",
+            self.0.name
+        ))
     }
     /// The declared options of the protocol images are created on (the host file).
     pub fn protocol_options(self) -> &'static [OptionDesc] {

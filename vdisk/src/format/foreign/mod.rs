@@ -30,6 +30,8 @@ pub(crate) const fn recognised(
         open: None,
         create: None,
         create_options: &[],
+        amend_only_options: &[],
+        amendable: false,
         caps,
     }
 }

@@ -33,6 +33,8 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     open: Some(open),
     create: Some(super::create::create_typed),
     create_options: super::options::CREATE_OPTIONS,
+    amend_only_options: super::options::AMEND_ONLY_OPTIONS,
+    amendable: true,
     caps: Capabilities {
         metadata_prealloc: true,
         ..Capabilities::NONE

@@ -8,8 +8,9 @@ const fn s(name: &'static str, help: &'static str) -> OptionDesc {
     OptionDesc::new(name, OptKind::Str, None, help)
 }
 
-/// qcow2's options. `amend` may change compat, lazy_refcounts, refcount_bits, size and
-/// the backing file (as qemu's `qcow2_amend_options`), and the data-file settings.
+/// qcow2's options. `amend` may change compat, lazy_refcounts, refcount_bits, size,
+/// the backing file, the data-file settings and the PBKDF time (as qemu-img 10's
+/// `amend -o help` lists them).
 pub const CREATE_OPTIONS: &[OptionDesc] = &[
     OptionDesc::new(
         "cluster_size",
@@ -89,7 +90,8 @@ pub const CREATE_OPTIONS: &[OptionDesc] = &[
         OptKind::Number,
         None,
         "Time to spend in PBKDF in milliseconds",
-    ),
+    )
+    .amendable(),
     OptionDesc::new(
         "lazy_refcounts",
         OptKind::Bool,
@@ -102,6 +104,32 @@ pub const CREATE_OPTIONS: &[OptionDesc] = &[
         OptKind::Number,
         Some("16"),
         "Width of a reference count entry in bits",
+    )
+    .amendable(),
+];
+
+/// Options only `amend` takes: LUKS keyslot management of encrypted images.
+pub const AMEND_ONLY_OPTIONS: &[OptionDesc] = &[
+    OptionDesc::new(
+        "encrypt.keyslot",
+        OptKind::Number,
+        None,
+        "Select a single keyslot to modify explicitly",
+    )
+    .amendable(),
+    s(
+        "encrypt.new-secret",
+        "New secret to set in the matching keyslots. Empty string to erase",
+    )
+    .amendable(),
+    s(
+        "encrypt.old-secret",
+        "Select all keyslots that match this password",
+    )
+    .amendable(),
+    s(
+        "encrypt.state",
+        "Select new state of affected keyslots (active/inactive)",
     )
     .amendable(),
 ];

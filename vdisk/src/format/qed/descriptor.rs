@@ -25,5 +25,7 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     open: Some(open),
     create: Some(super::create::create_typed),
     create_options: super::options::CREATE_OPTIONS,
+    amend_only_options: &[],
+    amendable: false,
     caps: Capabilities::NONE.with_clusters().with_backing(),
 };

@@ -4,11 +4,11 @@
 
 use crate::format::options::{OptKind, OptionDesc, BACKING_FILE, BACKING_FMT, SIZE};
 
-/// QED's options; `amend` may change the size and the backing file.
+/// QED's options. QEMU's QED driver has no `amend`, so none is amendable.
 pub const CREATE_OPTIONS: &[OptionDesc] = &[
-    SIZE.amendable(),
-    BACKING_FILE.amendable(),
-    BACKING_FMT.amendable(),
+    SIZE,
+    BACKING_FILE,
+    BACKING_FMT,
     OptionDesc::new(
         "cluster_size",
         OptKind::Size,
