@@ -391,3 +391,34 @@ fn fixed_vhd_is_raw_like_qemu() {
         r.err
     );
 }
+
+#[test]
+fn convert_option_values_checked_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "src.raw", "1M"]),
+        "src",
+    );
+    let cases: &[&[&str]] = &[
+        &["-O", "qcow2", "-o", "foo=1"],
+        &["-O", "qcow2", "-o", "lazy_refcounts=x"],
+        &["-O", "qcow2", "-o", "preallocation=x"],
+        &["-O", "qcow2", "-o", "nocow=on,extent_size_hint=1M"],
+        &["-O", "qed", "-o", "preallocation=x"],
+        &["-O", "raw", "-o", "backing_file=x"],
+        &["-O", "raw", "-B", "src.raw", "-F", "raw"],
+        &["-O", "qed", "-c"],
+    ];
+    for c in cases {
+        let mut args = vec!["convert"];
+        args.extend_from_slice(c);
+        args.extend_from_slice(&["src.raw", "o.img"]);
+        let q = qemu_img(dir, &args);
+        let _ = std::fs::remove_file(dir.join("o.img"));
+        let v = vdisk(dir, &args);
+        let _ = std::fs::remove_file(dir.join("o.img"));
+        assert_eq!(v.code, q.code, "{c:?}: {} / {}", v.err, q.err);
+        assert_eq!(v.err.replace("vdisk:", "qemu-img:"), q.err, "{c:?}");
+    }
+}
