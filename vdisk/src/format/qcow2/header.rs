@@ -969,7 +969,8 @@ mod tests {
         let mut b = fixed(2, 16, 72);
         b.extend_from_slice(&[0u8; 8]);
         let v2 = parse(&b).unwrap();
-        let cases: [(&str, fn(&mut Header)); 5] = [
+        type Case = (&'static str, fn(&mut Header));
+        let cases: [Case; 5] = [
             ("incompatible bits", |h| h.incompatible = INCOMPAT_DIRTY),
             ("compatible bits", |h| h.compatible = COMPAT_LAZY_REFCOUNTS),
             ("autoclear bits", |h| h.autoclear = AUTOCLEAR_KNOWN),

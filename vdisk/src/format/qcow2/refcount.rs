@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn every_entry_of_a_block_is_independent() {
         for order in 0..=6u32 {
-            let n = BLOCK * 8 >> order;
+            let n = (BLOCK * 8) >> order;
             let max = max_for(order);
             let mut b = vec![0u8; BLOCK];
             let value = |j: usize| (j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) & max;
