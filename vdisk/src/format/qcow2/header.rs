@@ -556,47 +556,51 @@ mod tests {
         }
     }
 
-    #[test]
-    fn v3_full_parses_every_field() {
-        let b = v3_full();
-        let h = parse(&b).unwrap();
-        assert_eq!(h.version, 3);
-        assert_eq!(h.cluster_bits, 16);
-        assert_eq!(h.cluster_size(), 65536);
-        assert_eq!(h.size, 10 << 30);
-        assert_eq!(h.crypt_method, 0);
-        assert_eq!(h.l1_size, 20);
-        assert_eq!(h.l1_table_offset, 0x3_0000);
-        assert_eq!(h.refcount_table_offset, 0x1_0000);
-        assert_eq!(h.refcount_table_clusters, 1);
-        assert_eq!(h.nb_snapshots, 2);
-        assert_eq!(h.snapshots_offset, 0x5_0000);
-        assert_eq!(h.incompatible, INCOMPAT_COMPRESSION | INCOMPAT_DATA_FILE);
-        assert_eq!(h.compatible, COMPAT_LAZY_REFCOUNTS);
-        assert_eq!(h.autoclear, AUTOCLEAR_KNOWN);
-        assert_eq!(h.refcount_order, 5);
-        assert_eq!(h.header_length, 112);
-        assert_eq!(h.compression_type, 1);
-        assert_eq!(h.tail, vec![1, 2, 3, 4, 5, 6, 7]);
-        assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
-        assert_eq!(h.features, Header::default_features());
-        assert_eq!(h.feature_name(0, 3), Some("compression type"));
-        assert_eq!(h.feature_name(1, 0), Some("lazy refcounts"));
-        assert_eq!(h.feature_name(0, 9), None);
-        assert!(h.has_data_file_ext);
-        assert_eq!(
-            h.other_exts,
-            vec![
+    /// What `v3_full` holds, field by field.
+    fn v3_full_expected(backing_file_offset: u64) -> Header {
+        Header {
+            version: 3,
+            backing_file_offset,
+            backing_file_size: 16,
+            cluster_bits: 16,
+            size: 10 << 30,
+            crypt_method: 0,
+            l1_size: 20,
+            l1_table_offset: 0x3_0000,
+            refcount_table_offset: 0x1_0000,
+            refcount_table_clusters: 1,
+            nb_snapshots: 2,
+            snapshots_offset: 0x5_0000,
+            incompatible: INCOMPAT_COMPRESSION | INCOMPAT_DATA_FILE,
+            compatible: COMPAT_LAZY_REFCOUNTS,
+            autoclear: AUTOCLEAR_KNOWN,
+            refcount_order: 5,
+            header_length: 112,
+            compression_type: 1,
+            tail: vec![1, 2, 3, 4, 5, 6, 7],
+            backing_format: Some("qcow2".into()),
+            features: Header::default_features(),
+            has_data_file_ext: true,
+            other_exts: vec![
                 (EXT_DATA_FILE, b"data.raw".to_vec()),
                 (EXT_CRYPTO, vec![0xc0; 16]),
                 (EXT_BITMAPS, vec![0xb1; 24]),
                 (0x1234_5678, vec![9, 8, 7, 6, 5]),
                 (0x0bad_cafe, Vec::new()),
-            ]
-        );
-        assert_eq!(h.backing_file.as_deref(), Some("base image.qcow2"));
-        assert_eq!(h.backing_file_size, 16);
-        assert_eq!(h.backing_file_offset as usize, b.len() - 16);
+            ],
+            backing_file: Some("base image.qcow2".into()),
+        }
+    }
+
+    #[test]
+    fn v3_full_parses_every_field() {
+        let b = v3_full();
+        let h = parse(&b).unwrap();
+        assert_eq!(h, v3_full_expected(b.len() as u64 - 16));
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.feature_name(0, 3), Some("compression type"));
+        assert_eq!(h.feature_name(1, 0), Some("lazy refcounts"));
+        assert_eq!(h.feature_name(0, 9), None);
     }
 
     #[test]
@@ -623,21 +627,29 @@ mod tests {
         b.extend_from_slice(&[0u8; 8]);
         push_backing(&mut b, "../base.raw");
         let mut h = parse(&b).unwrap();
-        assert_eq!(h.version, 2);
-        assert_eq!(h.cluster_bits, 12);
-        assert_eq!(h.nb_snapshots, 1);
-        assert_eq!(h.snapshots_offset, 0x4000);
-        // Version 2 has none of the version 3 fields: they read as their implied values.
-        assert_eq!(h.incompatible, 0);
-        assert_eq!(h.compatible, 0);
-        assert_eq!(h.autoclear, 0);
-        assert_eq!(h.refcount_order, 4);
-        assert_eq!(h.header_length, V2_HEADER_LEN as u32);
-        assert_eq!(h.compression_type, 0);
-        assert!(h.tail.is_empty());
-        assert_eq!(h.backing_format.as_deref(), Some("raw"));
-        assert_eq!(h.other_exts, vec![(0x7777_0001, vec![0xaa; 3])]);
-        assert_eq!(h.backing_file.as_deref(), Some("../base.raw"));
+        let want = Header {
+            version: 2,
+            cluster_bits: 12,
+            nb_snapshots: 1,
+            snapshots_offset: 0x4000,
+            backing_format: Some("raw".into()),
+            other_exts: vec![(0x7777_0001, vec![0xaa; 3])],
+            features: Vec::new(),
+            has_data_file_ext: false,
+            backing_file: Some("../base.raw".into()),
+            backing_file_offset: b.len() as u64 - 11,
+            backing_file_size: 11,
+            // Version 2 has none of these version 3 fields: they read as implied.
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN as u32,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            compression_type: 0,
+            tail: Vec::new(),
+            ..v3_full_expected(0)
+        };
+        assert_eq!(h, want);
         let parsed = h.clone();
         assert_eq!(h.serialize().unwrap(), b);
         assert_eq!(h, parsed);
