@@ -3,7 +3,7 @@
 //! Layers, bottom to top:
 //! - [`storage`]: a host file (positional I/O, flush, holes, QEMU-compatible locks), or
 //!   an in-memory / fault-injecting stand-in.
-//! - [`format`]: raw, qcow2, QED drivers mapping guest offsets to host offsets.
+//! - [`format`](mod@format): raw, qcow2, QED drivers mapping guest offsets to host offsets.
 //! - [`chain`]: backing files (path resolution, probing, loop detection, status).
 //! - [`image`]: the public handle front-ends use.
 #![warn(missing_docs)]

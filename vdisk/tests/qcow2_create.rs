@@ -11,10 +11,14 @@ fn info(f: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(f)])).unwrap()
 }
 
+/// Create options, then the expected compat, cluster size, lazy refcounts, refcount
+/// bits and compression type.
+type CreateCase<'a> = (&'a [(&'a str, &'a str)], &'a str, u64, bool, u64, &'a str);
+
 #[test]
 fn options_show_in_qemu_info() {
     let d = tmp();
-    let cases: &[(&[(&str, &str)], &str, u64, bool, u64, &str)] = &[
+    let cases: &[CreateCase] = &[
         (&[], "1.1", 65536, false, 16, "zlib"),
         (&[("compat", "0.10")], "0.10", 65536, false, 16, "zlib"),
         (

@@ -53,10 +53,13 @@ fn open_err(bytes: Vec<u8>, rw: bool) -> String {
     }
 }
 
+/// A named header damage and the error it must produce.
+type HeaderCase = (&'static str, Box<dyn Fn(&mut Vec<u8>)>, &'static str);
+
 #[test]
 fn header_fields() {
     let b = base();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<HeaderCase> = vec![
         (
             "truncated",
             Box::new(|b: &mut Vec<u8>| b.truncate(50)),
