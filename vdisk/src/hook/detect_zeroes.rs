@@ -2,8 +2,9 @@
 //! write whose buffer is all zeroes becomes a zero write, so the format can record a
 //! zero cluster (or, with `unmap`, deallocate) instead of storing zero bytes.
 //!
-//! As in QEMU, the whole request is tested, not its clusters one by one; compressed
-//! writes, zero writes and discards pass unchanged.
+//! As in QEMU, the whole request is tested, not its clusters one by one, and compressed
+//! writes are tested too (QEMU's block layer turns an all-zero compressed write into a
+//! zero write before the format sees it); zero writes and discards pass unchanged.
 
 use super::{Request, WriteHook};
 use crate::error::{Error, Result};
@@ -57,7 +58,7 @@ impl DetectZeroes {
 
 impl WriteHook for DetectZeroes {
     fn before(&self, req: &mut Request<'_>) -> Result<()> {
-        if let Request::Write { offset, data } = req {
+        if let Request::Write { offset, data } | Request::Compressed { offset, data } = req {
             if !data.is_empty() && data.is_zero() {
                 *req = Request::Zeroes {
                     offset: *offset,
@@ -95,6 +96,12 @@ mod tests {
             "Zeroes { offset: 4096, len: 512, may_unmap: false }"
         );
         assert_eq!(run(&on, &[0, 1]), "Write { offset: 4096, len: 2 }");
+        let mut c = Request::Compressed {
+            offset: 0,
+            data: Payload::borrowed(&[0; 64]),
+        };
+        on.before(&mut c).unwrap();
+        assert!(matches!(c, Request::Zeroes { len: 64, .. }), "{c:?}");
         let unmap = DetectZeroes::for_mode(DetectZeroesMode::Unmap, true).unwrap();
         assert_eq!(
             run(&unmap, &[0; 512]),
