@@ -143,14 +143,20 @@ fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), St
             // Without a backing file (or past its end) the image reads zeroes.
             match &old {
                 Some(b) => b.read_at(&mut old_buf[..n], off),
-                None => Ok(old_buf[..n].fill(0)),
+                None => {
+                    old_buf[..n].fill(0);
+                    Ok(())
+                }
             }
             .map_err(|e| {
                 format!("error while reading from old backing file at offset {off}: {e}")
             })?;
             match new {
                 Some(b) => common::read_sectors(b, &mut new_buf[..n], off),
-                None => Ok(new_buf[..n].fill(0)),
+                None => {
+                    new_buf[..n].fill(0);
+                    Ok(())
+                }
             }
             .map_err(|e| {
                 format!("error while reading from new backing file at offset {off}: {e}")
