@@ -19,6 +19,11 @@
 //! Adding a hook: implement [`WriteHook`] (override only what you need), then pass it in
 //! [`crate::OpenOptions::hooks`] or call [`crate::Image::add_hook`] before sharing the
 //! image. [`DetectZeroes`] is the worked example.
+//!
+//! Layering: hooks live at the image layer; the format layer never sees this trait. A
+//! hook that keeps a format's own metadata (qcow2 persistent dirty bitmaps) is built
+//! here, above the driver, from what the driver exposes, and `Image::open` registers it
+//! the way front-ends register theirs.
 
 mod detect_zeroes;
 
@@ -30,7 +35,8 @@ use std::borrow::Cow;
 
 /// The bytes of a data write as hooks see them: the caller's buffer until a hook
 /// replaces it (an encrypting hook hands on its ciphertext without touching the
-/// caller's memory).
+/// caller's memory). Hooks use its methods, not its representation, so a vectored
+/// write (a list of `IoSlice`s) can be carried without gathering it first.
 #[derive(Debug)]
 pub struct Payload<'a>(Cow<'a, [u8]>);
 
