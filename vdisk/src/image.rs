@@ -16,6 +16,7 @@ use crate::format::{
 use crate::hook::{Payload, Request, WriteHook};
 use crate::layer::ImageLayer;
 use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
+use std::io::IoSliceMut;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -258,10 +259,7 @@ impl Image {
             return self.driver.read_at(buf, offset);
         }
         self.driver.read_at(buf, offset)?;
-        self.hooks
-            .iter()
-            .rev()
-            .try_for_each(|h| h.after_read(buf, offset))
+        self.after_read(&mut [IoSliceMut::new(buf)], offset)
     }
     /// Writes guest bytes.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -314,6 +312,19 @@ impl Image {
     pub fn flush(&self) -> Result<()> {
         self.hooks.iter().try_for_each(|h| h.flush())?;
         self.driver.flush()
+    }
+
+    /// Shows the bytes a read filled, consecutive from `offset`, to the hooks (last
+    /// registered first).
+    fn after_read(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        for h in self.hooks.iter().rev() {
+            let mut off = offset;
+            for b in bufs.iter_mut() {
+                h.after_read(b, off)?;
+                off += b.len() as u64;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `req` through the hooks' `before`, the driver, and the hooks' `after`.

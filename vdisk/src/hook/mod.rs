@@ -45,6 +45,13 @@ impl<'a> Payload<'a> {
     pub fn borrowed(buf: &'a [u8]) -> Payload<'a> {
         Payload(Cow::Borrowed(buf))
     }
+    /// Gathers a vectored write into one buffer (done only when hooks are registered;
+    /// the hook-free path hands the slices to the driver as they are).
+    pub fn gather(bufs: &[std::io::IoSlice<'_>]) -> Payload<'static> {
+        let mut v = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+        bufs.iter().for_each(|b| v.extend_from_slice(b));
+        Payload(Cow::Owned(v))
+    }
     /// The bytes that will be written.
     pub fn bytes(&self) -> &[u8] {
         &self.0
@@ -283,6 +290,9 @@ mod tests {
         assert!(!p.is_zero());
         p.replace(vec![0; 3]);
         assert!(p.is_zero());
+        let (a, b) = ([1u8, 2], [3u8]);
+        let g = Payload::gather(&[std::io::IoSlice::new(&a), std::io::IoSlice::new(&b)]);
+        assert_eq!(g.bytes(), &[1, 2, 3]);
     }
 
     #[test]
