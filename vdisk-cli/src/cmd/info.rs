@@ -42,25 +42,26 @@ struct ImageInfo {
 }
 
 fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
-    let spec = img.backing_spec();
+    let d = img;
+    let spec = d.backing_spec();
     // qemu's block layer counts whole 512-byte sectors: lengths are rounded up.
-    let file_length = img
+    let file_length = d
         .file_length()
         .map_err(|e| format!("Could not get file length of '{filename}': {e}"))?
         .div_ceil(512)
         * 512;
-    let virtual_size = if img.format() == Format::Raw {
-        img.size().div_ceil(512) * 512
+    let virtual_size = if d.format() == Format::Raw {
+        d.size().div_ceil(512) * 512
     } else {
-        img.size()
+        d.size()
     };
     Ok(ImageInfo {
         filename: filename.to_string(),
-        format: img.format(),
-        dirty: img.is_dirty(),
+        format: d.format(),
+        dirty: d.is_dirty(),
         actual_size: allocated_size(Path::new(filename)),
         virtual_size,
-        cluster_size: img.cluster_size(),
+        cluster_size: d.cluster_size(),
         full_backing_filename: spec.as_ref().map(|s| {
             vdisk::chain::resolve_backing_path(Path::new(filename), &s.name)
                 .display()
@@ -68,8 +69,8 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         }),
         backing_filename: spec.as_ref().map(|s| s.name.clone()),
         backing_format: spec.as_ref().and_then(|s| s.format),
-        specific: img.format_specific(),
-        snapshots: img.snapshots(),
+        specific: d.format_specific(),
+        snapshots: d.snapshots(),
         file_length,
     })
 }
