@@ -241,7 +241,7 @@ fn autoclear_unknown_bits_cleared_on_rw_open_and_unknown_extension_kept() {
     {
         let img = open(&f, true);
         img.write_at(&[1, 2, 3], 0).unwrap();
-        img.driver().set_backing_spec(None).unwrap();
+        img.set_backing(None).unwrap();
     }
     let a = std::fs::read(&f).unwrap();
     assert_eq!(a[95] & 0x84, 0, "unknown autoclear bits cleared");
