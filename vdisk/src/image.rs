@@ -16,7 +16,7 @@ use crate::format::{
 use crate::hook::{Payload, Request, WriteHook};
 use crate::layer::ImageLayer;
 use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -269,6 +269,25 @@ impl Image {
         self.hooked(Request::Write {
             offset,
             data: Payload::borrowed(buf),
+        })
+    }
+    /// Reads consecutive guest bytes into several buffers, as one request.
+    pub fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        if self.hooks.is_empty() {
+            return self.driver.read_vectored(bufs, offset);
+        }
+        self.driver.read_vectored(bufs, offset)?;
+        self.after_read(bufs, offset)
+    }
+    /// Writes consecutive guest bytes from several buffers, as one request (gathered
+    /// into one buffer only when hooks are registered).
+    pub fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        if self.hooks.is_empty() {
+            return self.driver.write_vectored(bufs, offset);
+        }
+        self.hooked(Request::Write {
+            offset,
+            data: Payload::gather(bufs),
         })
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
