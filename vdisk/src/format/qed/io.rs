@@ -1,9 +1,9 @@
 //! Guest I/O: reads, writes (in place or allocating), zeroes, discard, block status.
 
-use super::header::cluster_offset_valid;
 use super::need_check;
 use super::paging::Update;
-use super::table::{self, ZERO_CLUSTER};
+pub(crate) use super::table::Entry;
+use super::table::{InvalidOffset, ZERO_CLUSTER};
 use super::Inner;
 use crate::error::{Error, Result};
 use crate::format::{check_range, read_backing, Extent, ExtentKind, ZeroFlags};
@@ -15,17 +15,6 @@ const FILL_CHUNK: u64 = 1 << 20;
 
 /// How many L2 table offsets [`Inner::note_table`] remembers at most.
 const MAX_KNOWN_TABLES: usize = 4096;
-
-/// What one L2 entry says about its cluster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Entry {
-    /// Not allocated: read the backing file.
-    Unallocated,
-    /// Reads as zeroes.
-    Zero,
-    /// Stored at this host offset.
-    Data(u64),
-}
 
 /// A run of guest bytes with one mapping.
 #[derive(Clone, Copy, Debug)]
@@ -43,21 +32,13 @@ impl Inner {
     }
 
     fn classify(&self, value: u64, l1i: u64, l2i: u64, l2_off: u64) -> Result<Entry> {
-        match value {
-            table::UNALLOCATED => Ok(Entry::Unallocated),
-            ZERO_CLUSTER => Ok(Entry::Zero),
-            v => {
-                if cluster_offset_valid(&self.geo, v, self.file_size()) {
-                    Ok(Entry::Data(v))
-                } else {
-                    Err(Error::corrupt(format!(
-                        "QED: L2 table at {l2_off:#x} (L1 index {l1i}) entry {l2i} holds an \
-                         invalid cluster offset {v:#x} (misaligned, inside the header or the L1 \
-                         table, or past the end of the file)"
-                    )))
-                }
-            }
-        }
+        Entry::decode(value, &self.geo, self.file_size()).map_err(|InvalidOffset(v)| {
+            Error::corrupt(format!(
+                "QED: L2 table at {l2_off:#x} (L1 index {l1i}) entry {l2i} holds an \
+                 invalid cluster offset {v:#x} (misaligned, inside the header or the L1 \
+                 table, or past the end of the file)"
+            ))
+        })
     }
 
     /// Maps up to `max` guest bytes at `guest`, stopping at the end of its L2 table page
