@@ -5,7 +5,9 @@
 //! - [`table`]: L1/L2 table encoding and the bounded page cache;
 //! - `paging`: entry lookups and updates through that cache (no table is ever loaded
 //!   whole: a hostile geometry of 1 GiB tables costs a few pages of memory);
-//! - `io`: reads, allocating and in-place writes, zeroes, discard, block status;
+//! - `map`: what the tables say about a guest range (typed runs), block status;
+//! - `io`: reads; `write`: in-place and allocating writes (fills, L2/L1 update);
+//! - `zero`: zero writes and discard;
 //! - `need_check`: the NEED_CHECK (dirty) lifecycle and the idle timer that clears it;
 //! - `check`: consistency check and repair;
 //! - `create`: new images; `resize`: size and backing file changes.
@@ -21,10 +23,13 @@ mod create;
 mod flush;
 pub mod header;
 mod io;
+mod map;
 mod need_check;
 mod paging;
 mod resize;
 pub mod table;
+mod write;
+mod zero;
 
 pub use create::create;
 
@@ -96,7 +101,7 @@ pub(crate) struct Inner {
     /// written over one of them, whatever a (double-referencing) L2 entry says.
     known_tables: Mutex<std::collections::BTreeSet<u64>>,
     /// Per-L2-table (by L1 index) metadata locks and in-flight allocation lists.
-    table_locks: Mutex<HashMap<u64, Arc<io::TableSync>>>,
+    table_locks: Mutex<HashMap<u64, Arc<write::TableSync>>>,
     /// Shared by requests, exclusive for check/resize/set_backing.
     quiesce: RwLock<()>,
     dirty: Mutex<DirtyState>,
@@ -166,7 +171,7 @@ impl Inner {
     }
 
     /// The metadata lock of the L2 table at L1 index `l1i`.
-    fn table_lock(&self, l1i: u64) -> Arc<io::TableSync> {
+    fn table_lock(&self, l1i: u64) -> Arc<write::TableSync> {
         let mut m = self.table_locks.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() > 4096 {
             // Forget locks nobody holds so the map stays bounded.
@@ -314,13 +319,13 @@ impl Driver for Qed {
         io::read_at(&self.inner, buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        io::write_at(&self.inner, buf, offset)
+        write::write_at(&self.inner, buf, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        io::write_zeroes(&self.inner, offset, len, flags)
+        zero::write_zeroes(&self.inner, offset, len, flags)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        io::discard(&self.inner, offset, len)
+        zero::discard(&self.inner, offset, len)
     }
     fn flush(&self) -> Result<()> {
         if self.inner.read_only {
@@ -329,7 +334,7 @@ impl Driver for Qed {
         Ok(self.inner.storage.flush()?)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        io::block_status(&self.inner, offset, len)
+        map::block_status(&self.inner, offset, len)
     }
     fn backing_spec(&self) -> Option<BackingSpec> {
         self.inner.dirty_lock().backing.clone()
