@@ -6,12 +6,17 @@
 //! front-ends.
 //!
 //! - [`driver`]: the contract ([`Driver`] and the types it speaks).
+//! - [`mapping`]: the typed mapping contract a driver implements for the data path.
+//! - [`datapath`]: the generic vectored read/write path, in-flight ordering, chain
+//!   status and zero detection, written once above the drivers.
 //! - [`registry`]: the list of formats, probing, dispatch of create/open.
 //! - [`report`]: check results.
 //! - [`util`]: helpers shared by the formats.
 //! - `raw`, `qcow2`, `qed`: the formats.
 
+pub mod datapath;
 pub mod driver;
+pub mod mapping;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
