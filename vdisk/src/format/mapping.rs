@@ -414,6 +414,13 @@ pub trait Mapper: Send + Sync {
     ) -> Result<Vec<u8>> {
         Err(Error::unsupported("this format has no compressed clusters"))
     }
+    /// Largest copy-on-write region (head and tail of one allocation together) the data
+    /// path builds in memory and writes with the guest bytes in one call; larger regions
+    /// are filled a piece of at most this size at a time. Formats with huge clusters
+    /// (QED: 64 MiB) bound their I/O with it.
+    fn cow_buffer_limit(&self) -> u64 {
+        super::datapath::write::MAX_COW_BUFFER
+    }
     /// Makes the start of `[guest, guest + len)` (inside the guest size, `len > 0`)
     /// writable: in place, or through a new allocation. The target covers a prefix of
     /// the range (at least one byte); the data path calls again for the rest.

@@ -15,8 +15,8 @@ use std::io::IoSlice;
 
 /// Copy-on-write regions up to this size (head and tail together) are built in memory
 /// and written with the data in one call; larger ones (QED's 64 MiB clusters) are filled
-/// a bounded piece at a time.
-const MAX_COW_BUFFER: u64 = 4 << 20;
+/// a bounded piece at a time. The default of [`Mapper::cow_buffer_limit`].
+pub const MAX_COW_BUFFER: u64 = 4 << 20;
 
 /// Writes `bufs` (consecutive guest bytes) at guest `offset`. The range must lie inside
 /// the guest size and the image must be writable (the driver's entry point checks).
@@ -80,7 +80,7 @@ fn write_allocation<M: Mapper + ?Sized>(
 ) -> Result<()> {
     let st = m.store(a.store);
     let n = a.data_len();
-    if a.head.len + a.tail.len <= MAX_COW_BUFFER {
+    if a.head.len + a.tail.len <= m.cow_buffer_limit() {
         let head = cow_bytes(m, &a.head)?;
         let tail = cow_bytes(m, &a.tail)?;
         with_pieces(bufs, pos, n, &head, &tail, |p| {
@@ -110,7 +110,7 @@ fn fill<M: Mapper + ?Sized>(m: &M, st: &dyn Storage, c: Cow, host: u64) -> Resul
     let mut buf = Vec::new();
     let mut done = 0u64;
     while done < c.len {
-        let n = (c.len - done).min(MAX_COW_BUFFER);
+        let n = (c.len - done).min(m.cow_buffer_limit().max(1));
         let src = c.source.advance(done);
         let g = c.guest.add(done);
         let zero = match src {

@@ -1,30 +1,25 @@
-//! Guest reads.
+//! Guest reads, through the generic data path ([`datapath::read_vectored`]) over QED's
+//! mapping (`map`).
 //!
-//! Concurrency: no lock beyond the shared quiesce lock; see `map` for why a stale
-//! mapping answer is harmless to a reader.
+//! Concurrency: no lock beyond the shared quiesce lock; a read racing an allocating
+//! write of the same clusters sees the old contents (the L2 entry is only set once the
+//! new cluster is complete) or the new ones, as for any unordered pair of requests.
 
-use super::table::Entry;
 use super::Inner;
 use crate::error::Result;
-use crate::format::{check_range, read_backing};
+use crate::format::check_range;
+use crate::format::datapath;
+use std::io::IoSliceMut;
 use std::sync::Arc;
 
-/// Reads guest bytes.
-pub(crate) fn read_at(inner: &Arc<Inner>, buf: &mut [u8], offset: u64) -> Result<()> {
-    check_range(offset, buf.len() as u64, inner.image_size())?;
+/// Reads guest bytes into `bufs` (consecutive guest bytes from `offset`).
+pub(crate) fn read_vectored(
+    inner: &Arc<Inner>,
+    bufs: &mut [IoSliceMut<'_>],
+    offset: u64,
+) -> Result<()> {
+    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    check_range(offset, total, inner.image_size())?;
     let _q = inner.quiesce_shared();
-    let mut pos = 0usize;
-    while pos < buf.len() {
-        let guest = offset + pos as u64;
-        let run = inner.map(guest, (buf.len() - pos) as u64)?;
-        let n = run.len as usize;
-        let dst = &mut buf[pos..pos + n];
-        match run.kind {
-            Entry::Data(_) => inner.storage.read_at(dst, run.host)?,
-            Entry::Zero => dst.fill(0),
-            Entry::Unallocated => read_backing(inner.backing.as_ref(), dst, guest)?,
-        }
-        pos += n;
-    }
-    Ok(())
+    datapath::read_vectored(inner, bufs, offset)
 }

@@ -1,4 +1,5 @@
-//! Mapping: what the L1/L2 tables say about a guest range, and block status.
+//! Mapping: what the L1/L2 tables say about a guest range, as the contract's typed
+//! runs ([`Run`]), and block status derived from them.
 //!
 //! Concurrency: lookups take no lock beyond a cached page's read lock for the moment
 //! of a lookup; an answer can be stale as soon as it is returned (a concurrent
@@ -13,21 +14,40 @@
 use super::table::{Entry, InvalidOffset};
 use super::Inner;
 use crate::error::{Error, Result};
-use crate::format::{check_range, Extent, ExtentKind};
+use crate::format::mapping::{HostOffset, Mapping, Run, Store};
+use crate::format::{check_range, Extent};
 use std::sync::Arc;
 
 /// How many L2 table offsets [`Inner::note_table`] remembers at most.
 const MAX_KNOWN_TABLES: usize = 4096;
 
-/// A run of guest bytes with one mapping.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Run {
-    /// What the run's clusters hold.
-    pub kind: Entry,
-    /// Host offset of the run's first byte (for `Data`).
-    pub host: u64,
-    /// Bytes.
-    pub len: u64,
+/// The contract's mapping of QED entry `e`, positioned `in_cluster` bytes into its
+/// cluster. QED data clusters are always writable in place (each is referenced once and
+/// never shared), and the format has no compressed clusters.
+fn mapping_of(e: Entry, in_cluster: u64) -> Mapping {
+    match e {
+        Entry::Data(h) => Mapping::Data {
+            store: Store::Data,
+            host: HostOffset(h + in_cluster),
+            in_place: true,
+        },
+        Entry::Zero => Mapping::Zero { host: None },
+        Entry::Unallocated => Mapping::Unallocated,
+    }
+}
+
+/// A run produced by [`Inner::map_range`] as a QED entry kind (for data: the host offset
+/// of the run's first byte), for the callers that act on clusters (zero writes,
+/// discard). QED never maps a run compressed.
+pub(super) fn entry_of(run: &Run) -> Result<Entry> {
+    match run.mapping {
+        Mapping::Data { host, .. } => Ok(Entry::Data(host.get())),
+        Mapping::Zero { .. } => Ok(Entry::Zero),
+        Mapping::Unallocated => Ok(Entry::Unallocated),
+        Mapping::Compressed { .. } => Err(Error::corrupt(
+            "QED: a compressed mapping (the format has none)",
+        )),
+    }
 }
 
 impl Inner {
@@ -46,11 +66,11 @@ impl Inner {
         })
     }
 
-    /// Maps up to `max` guest bytes at `guest`, stopping at the end of its L2 table page
+    /// Maps up to `max` (> 0) guest bytes at `guest`, stopping at the end of its L2 table page
     /// or where the mapping changes kind (or stops being contiguous in the file). Runs of
     /// unallocated L1 entries are mapped in one step, so a huge sparse image costs one
     /// lookup per L1 page, not per cluster or per table.
-    pub(super) fn map(&self, guest: u64, max: u64) -> Result<Run> {
+    pub(super) fn map_range(&self, guest: u64, max: u64) -> Result<Run> {
         let cs = self.cluster_size;
         let (l1i, l2i) = self.split(guest);
         let in_cluster = guest % cs;
@@ -61,9 +81,8 @@ impl Inner {
             let free = self.l1_unallocated_run(l1i, want)?;
             let len = table_left.saturating_add((free - 1).saturating_mul(span));
             return Ok(Run {
-                kind: Entry::Unallocated,
-                host: 0,
                 len: len.min(max),
+                mapping: Mapping::Unallocated,
             });
         };
         let pe = self.page_entries;
@@ -86,14 +105,9 @@ impl Inner {
             len = (len + cs).min(max);
             i += 1;
         }
-        let host = match first {
-            Entry::Data(h) => h + in_cluster,
-            _ => 0,
-        };
         Ok(Run {
-            kind: first,
-            host,
             len,
+            mapping: mapping_of(first, in_cluster),
         })
     }
 
@@ -138,32 +152,12 @@ impl Inner {
     }
 }
 
-/// Status of the range at `offset` in this image only.
+/// Status of the range at `offset` in this image only: the mapping run, as an extent.
 pub(crate) fn block_status(inner: &Arc<Inner>, offset: u64, len: u64) -> Result<Extent> {
     check_range(offset, len, inner.image_size())?;
     if len == 0 {
         return Err(Error::invalid("block status of an empty range"));
     }
     let _q = inner.quiesce_shared();
-    let run = inner.map(offset, len)?;
-    Ok(match run.kind {
-        Entry::Data(_) => Extent {
-            len: run.len,
-            kind: ExtentKind::Data,
-            offset: Some(run.host),
-            compressed: false,
-        },
-        Entry::Zero => Extent {
-            len: run.len,
-            kind: ExtentKind::Zero,
-            offset: None,
-            compressed: false,
-        },
-        Entry::Unallocated => Extent {
-            len: run.len,
-            kind: ExtentKind::Unallocated,
-            offset: None,
-            compressed: false,
-        },
-    })
+    Ok(inner.map_range(offset, len)?.extent())
 }

@@ -42,6 +42,7 @@ use crate::storage::Storage;
 use header::Header;
 use need_check::DirtyState;
 use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -70,7 +71,10 @@ pub struct Qed {
 /// State shared by requests (and the idle timer, which holds a weak reference).
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// Metadata: header, L1 and L2 tables.
     storage: Arc<dyn Storage>,
+    /// Guest data clusters (the same storage: QED has no external data file).
+    data: Arc<dyn Storage>,
     backing: Option<Arc<dyn Driver>>,
     read_only: bool,
     cluster_size: u64,
@@ -174,8 +178,11 @@ impl Inner {
     fn table_lock(&self, l1i: u64) -> Arc<write::TableSync> {
         let mut m = self.table_locks.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() > 4096 {
-            // Forget locks nobody holds so the map stays bounded.
-            m.retain(|_, l| Arc::strong_count(l) > 1);
+            // Forget locks nobody holds so the map stays bounded; a table with an
+            // allocation in flight keeps its lock (the allocation holds no reference to
+            // it between prepare_write and commit, and its in-flight list is what
+            // orders the next allocation of those clusters).
+            m.retain(|_, l| Arc::strong_count(l) > 1 || l.busy());
         }
         m.entry(l1i).or_default().clone()
     }
@@ -234,6 +241,7 @@ impl Qed {
         let l1_pages = (L1_CACHE_BYTES / page_bytes).max(1);
         let read_only = opts.read_only;
         let inner = Arc::new(Inner {
+            data: storage.clone(),
             storage,
             backing: backing_drv,
             read_only,
@@ -316,10 +324,16 @@ impl Driver for Qed {
         &self.inner.storage
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        io::read_at(&self.inner, buf, offset)
+        io::read_vectored(&self.inner, &mut [IoSliceMut::new(buf)], offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        write::write_at(&self.inner, buf, offset)
+        write::write_vectored(&self.inner, &[IoSlice::new(buf)], offset)
+    }
+    fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        io::read_vectored(&self.inner, bufs, offset)
+    }
+    fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        write::write_vectored(&self.inner, bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         zero::write_zeroes(&self.inner, offset, len, flags)

@@ -1,322 +1,291 @@
-//! Guest writes: in place to allocated clusters, or allocating (new clusters at the end
-//! of the file, filled from the backing file or with zeroes where the guest does not
-//! write them) with the L2/L1 update.
+//! Guest writes, through the generic data path ([`datapath::write_vectored`]): QED's
+//! side of the mapping contract ([`Mapper`]). A write target is either in place (an
+//! allocated cluster) or an [`Allocation`] of new clusters at the end of the file whose
+//! COW regions (the parts the guest does not write) the data path fills from the
+//! backing file or with zeroes, in the same vectored write as the guest bytes.
 //!
-//! Concurrency: in-place writes take no lock. An allocating write holds its L2 table's
-//! [`TableSync`] mutex only to plan, reserve clusters and register them in flight, and
-//! again to update the table; data and fills are written with no lock held, so
-//! allocations in different tables, and of different clusters of one table, overlap.
-//! Two allocations of the same guest cluster are ordered by the in-flight list (the
-//! second waits, then plans again and finds the cluster allocated).
-//! Crash rules: NEED_CHECK is durable before the first allocating write
-//! (`need_check::begin`); the new clusters are complete (data + fills) before the L2
-//! entry points at them, and over backing data a flush (shared, [`super::flush`])
-//! separates the two; a new L2 table is complete on disk before the L1 entry points at
-//! it.
+//! Concurrency: in-place writes take no lock (QED never frees or moves a data cluster
+//! while requests run: shrink, check and repair hold the quiesce lock exclusively, and
+//! discard only punches clusters that stay mapped, so [`InPlaceGuard::none`] is enough).
+//! An allocation holds its L2 table's [`TableSync`] mutex only to plan, reserve
+//! clusters and register them in the table's in-flight list, and again in `commit` to
+//! update the table; data and fills are written with no lock held, so allocations in
+//! different tables, and of different clusters of one table, overlap. Two allocations
+//! of the same guest cluster are ordered by that list (the second waits, then maps
+//! again and finds the cluster allocated). This per-table ordering is QED's own: the
+//! contract leaves the list's place and lock to the driver.
+//!
+//! Crash rules: NEED_CHECK is durable before the first allocation (`need_check::begin`
+//! in `prepare_write`); the new clusters are complete (data + COW) before the L2 entry
+//! points at them (the data path calls `commit` only after the data write returned),
+//! and over backing data a flush (shared, [`super::flush`]) separates the two in
+//! `commit`; a new L2 table is complete on disk before the L1 entry points at it. An
+//! aborted allocation leaves its clusters unreferenced (a leak the check reclaims; the
+//! image is marked NEED_CHECK).
 
-use super::map::Run;
 use super::need_check;
 use super::paging::Update;
-use super::table::Entry;
 use super::Inner;
 use crate::error::Result;
-use crate::format::{check_range, read_backing};
-use std::sync::Arc;
+use crate::format::datapath::{self, InFlight, Waiters};
+use crate::format::mapping::{
+    Allocation, Cow, GuestOffset, HostOffset, InPlaceGuard, Mapper, Mapping, Run, Store,
+    WriteTarget,
+};
+use crate::format::{check_range, Driver};
+use crate::storage::Storage;
+use std::io::IoSlice;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// Largest fill (parts of a new cluster the guest does not write) built in memory at
-/// once.
+/// Largest piece of zeroes built in memory at once (partial-cluster zero writes).
 pub(super) const FILL_CHUNK: u64 = 1 << 20;
 
-/// Writes guest bytes.
-pub(crate) fn write_at(inner: &Arc<Inner>, buf: &[u8], offset: u64) -> Result<()> {
-    inner.writable()?;
-    check_range(offset, buf.len() as u64, inner.image_size())?;
-    let _q = inner.quiesce_shared();
-    write_locked(inner, buf, offset)
-}
+/// Largest COW region (head and tail together) the data path builds in memory for one
+/// allocation; beyond it fills go a bounded piece of this size at a time. QED's clusters
+/// reach 64 MiB, and no single I/O of the driver exceeds 1 MiB.
+const COW_BUFFER: u64 = FILL_CHUNK;
 
-/// Writes with the quiesce lock already held (shared).
-pub(super) fn write_locked(inner: &Arc<Inner>, buf: &[u8], offset: u64) -> Result<()> {
-    let span = inner.nelems * inner.cluster_size;
-    let mut pos = 0usize;
-    while pos < buf.len() {
-        let guest = offset + pos as u64;
-        let seg = ((span - guest % span) as usize).min(buf.len() - pos);
-        write_segment(inner, &buf[pos..pos + seg], guest)?;
-        pos += seg;
-    }
-    Ok(())
-}
+/// [`Allocation::token`] bit: the new clusters replace backing data, so `commit` makes
+/// them durable before linking them (else a crash could turn backing data into zeroes).
+const TOKEN_FLUSH: u64 = 1;
 
 /// Per-L2-table synchronisation: the mutex orders every change of the table (entry
-/// updates, its creation) and guards the list of guest clusters whose allocation is in
-/// flight; the condvar wakes requests waiting for one of those to finish.
+/// updates, its creation) and guards the guest clusters whose allocation is in flight;
+/// the condvar wakes requests waiting for one of those to finish.
 #[derive(Debug, Default)]
 pub(crate) struct TableSync {
-    inflight: std::sync::Mutex<Vec<(u64, u64)>>,
-    pub(super) cv: std::sync::Condvar,
+    state: Mutex<TableState>,
+    cv: Condvar,
+}
+
+/// What a [`TableSync`] mutex guards.
+#[derive(Debug, Default)]
+pub(crate) struct TableState {
+    /// Guest clusters `[start, end)` being allocated.
+    pub inflight: InFlight,
+    waiters: Waiters,
 }
 
 impl TableSync {
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn lock(&self) -> MutexGuard<'_, TableState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until some in-flight allocation of the table ends.
+    pub(super) fn wait<'a>(&self, g: MutexGuard<'a, TableState>) -> MutexGuard<'a, TableState> {
+        Waiters::wait(&self.cv, g, |s| &mut s.waiters)
+    }
+
+    /// Whether an allocation is registered (its table lock must then outlive every
+    /// request holding it: see [`Inner::table_lock`]).
+    pub(super) fn busy(&self) -> bool {
+        !self.lock().inflight.is_empty()
+    }
+
+    /// Ends the in-flight registration of clusters `[start, end)`.
+    fn finish(&self, start: u64, end: u64) {
+        let mut st = self.lock();
+        st.inflight.remove(start, end);
+        st.waiters.wake(&self.cv);
     }
 }
 
-pub(super) fn overlaps(list: &[(u64, u64)], first: u64, count: u64) -> bool {
-    list.iter()
-        .any(|&(f, n)| f < first + count && first < f + n)
+/// Writes guest bytes.
+pub(crate) fn write_vectored(inner: &Arc<Inner>, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+    inner.writable()?;
+    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    check_range(offset, total, inner.image_size())?;
+    let _q = inner.quiesce_shared();
+    write_locked(inner, bufs, offset)
 }
 
-/// Removes a request's clusters from the in-flight list when it ends (even by error).
-struct InflightGuard<'a> {
-    sync: &'a TableSync,
-    ranges: Vec<(u64, u64)>,
+/// Writes with the quiesce lock already held (shared).
+pub(super) fn write_locked(inner: &Arc<Inner>, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+    datapath::write_vectored(inner, bufs, offset)
 }
 
-impl Drop for InflightGuard<'_> {
-    fn drop(&mut self) {
-        if self.ranges.is_empty() {
-            return;
-        }
-        let mut l = self.sync.lock();
-        l.retain(|r| !self.ranges.contains(r));
-        drop(l);
-        self.sync.cv.notify_all();
-    }
+/// An in-place target for `run` if it is allocated (refusing host ranges that hold an
+/// L2 table: a cluster referenced twice).
+fn in_place(inner: &Inner, run: &Run) -> Result<Option<WriteTarget<'static>>> {
+    let Mapping::Data { store, host, .. } = run.mapping else {
+        return Ok(None);
+    };
+    inner.guard_data_write(host.get(), run.len)?;
+    Ok(Some(WriteTarget::InPlace {
+        store,
+        host,
+        len: run.len,
+        guard: InPlaceGuard::none(),
+    }))
 }
 
-/// Writes a range lying inside one L2 table.
-fn write_segment(inner: &Arc<Inner>, buf: &[u8], guest: u64) -> Result<()> {
-    // Fast path: every cluster already allocated, write in place with no lock.
-    if try_in_place(inner, buf, guest)? {
-        return Ok(());
-    }
-    let (l1i, _) = inner.split(guest);
-    let sync = inner.table_lock(l1i);
-    let _g = need_check::begin(inner)?;
-    allocating_write(inner, &sync, buf, guest, l1i)
-}
-
-/// Writes `buf` in place if every cluster it touches is allocated; false otherwise
-/// (nothing written).
-fn try_in_place(inner: &Inner, buf: &[u8], guest: u64) -> Result<bool> {
-    let mut runs = Vec::new();
-    let mut pos = 0u64;
-    while pos < buf.len() as u64 {
-        let run = inner.map(guest + pos, buf.len() as u64 - pos)?;
-        if !matches!(run.kind, Entry::Data(_)) {
-            return Ok(false);
-        }
-        runs.push((pos as usize, run));
-        pos += run.len;
-    }
-    for (_, run) in &runs {
-        inner.guard_data_write(run.host, run.len)?;
-    }
-    for (p, run) in runs {
-        inner
-            .storage
-            .write_at(&buf[p..p + run.len as usize], run.host)?;
-    }
-    Ok(true)
-}
-
-/// A run of clusters of one table that need allocating, with what each read as before.
-struct NewRun {
-    /// Guest offset of the first byte the guest writes.
-    guest: u64,
-    /// Bytes of `buf` it covers.
-    buf_pos: usize,
-    len: usize,
-    /// First cluster's previous state (decides where its head fill comes from).
-    head_kind: Entry,
-    /// Last cluster's previous state.
-    tail_kind: Entry,
-    /// Whether any cluster of the run was unallocated (read the backing file).
+/// The unallocated or zero clusters at the start of a write, found by mapping.
+struct Plan {
+    /// First guest cluster.
+    first: u64,
+    /// Clusters.
+    count: u64,
+    /// End of the guest bytes the request writes into them.
+    data_end: u64,
+    /// What the first cluster read as before (the head's COW source).
+    head: Mapping,
+    /// What the last cluster read as before (the tail's COW source).
+    tail: Mapping,
+    /// Whether some cluster read the backing file.
     any_unallocated: bool,
 }
 
-impl NewRun {
-    fn clusters(&self, cs: u64) -> (u64, u64) {
-        let first = self.guest / cs;
-        let last = (self.guest + self.len as u64 - 1) / cs;
-        (first, last - first + 1)
-    }
-}
-
-/// Runs already allocated, as (position in the request's buffer, run).
-type InPlace = Vec<(usize, Run)>;
-
-/// Splits a range of one table into runs already allocated and runs needing new
-/// clusters.
-fn plan(inner: &Inner, buf_len: usize, guest: u64) -> Result<(InPlace, Vec<NewRun>)> {
-    let mut in_place = Vec::new();
-    let mut new_runs: Vec<NewRun> = Vec::new();
-    let mut pos = 0u64;
-    while pos < buf_len as u64 {
-        let g = guest + pos;
-        let run = inner.map(g, buf_len as u64 - pos)?;
-        match run.kind {
-            Entry::Data(_) => in_place.push((pos as usize, run)),
-            kind => match new_runs.last_mut() {
-                Some(r) if r.buf_pos + r.len == pos as usize => {
-                    r.len += run.len as usize;
-                    r.tail_kind = kind;
-                    r.any_unallocated |= kind == Entry::Unallocated;
-                }
-                _ => new_runs.push(NewRun {
-                    guest: g,
-                    buf_pos: pos as usize,
-                    len: run.len as usize,
-                    head_kind: kind,
-                    tail_kind: kind,
-                    any_unallocated: kind == Entry::Unallocated,
-                }),
-            },
-        }
-        pos += run.len;
-    }
-    Ok((in_place, new_runs))
-}
-
-/// The allocating write of a range inside the L2 table at `l1i`.
-///
-/// Under the table's lock: plan, wait for any in-flight allocation of the same clusters
-/// (then re-plan: it may have allocated them), reserve host clusters and list ours as in
-/// flight. Without any lock: write the data (one vectored write per run) and, over
-/// backing data, flush (shared with concurrent requests). Under the lock again: update
-/// the L2 entries (creating the table and then its L1 entry if needed).
-fn allocating_write(
-    inner: &Arc<Inner>,
-    sync: &TableSync,
-    buf: &[u8],
-    guest: u64,
-    l1i: u64,
-) -> Result<()> {
+/// Plans the allocation of the non-allocated clusters from `guest` on (at most `len`
+/// bytes), `first` being the mapping at `guest` (not data).
+fn plan(inner: &Inner, guest: u64, len: u64, first: Run) -> Result<Plan> {
     let cs = inner.cluster_size;
-    let mut list = sync.lock();
-    let (in_place, new_runs) = loop {
-        let (in_place, new_runs) = plan(inner, buf.len(), guest)?;
-        let busy = new_runs.iter().any(|r| {
-            let (f, n) = r.clusters(cs);
-            overlaps(&list, f, n)
-        });
-        if !busy {
-            break (in_place, new_runs);
-        }
-        list = sync.cv.wait(list).unwrap_or_else(|p| p.into_inner());
+    let end = guest + len;
+    let mut p = Plan {
+        first: guest / cs,
+        count: 0,
+        data_end: guest + first.len,
+        head: first.mapping,
+        tail: first.mapping,
+        any_unallocated: first.mapping == Mapping::Unallocated,
     };
-    let mut hosts = Vec::with_capacity(new_runs.len());
-    for r in &new_runs {
-        hosts.push(inner.alloc_clusters(r.clusters(cs).1)?);
+    while p.data_end < end {
+        let run = inner.map_range(p.data_end, end - p.data_end)?;
+        if matches!(run.mapping, Mapping::Data { .. }) {
+            break;
+        }
+        p.tail = run.mapping;
+        p.any_unallocated |= run.mapping == Mapping::Unallocated;
+        p.data_end += run.len;
     }
-    let ranges: Vec<(u64, u64)> = new_runs.iter().map(|r| r.clusters(cs)).collect();
-    list.extend_from_slice(&ranges);
-    drop(list);
-    // Created only once the list lock is released: its drop takes that lock.
-    let _guard = InflightGuard { sync, ranges };
+    p.count = p.data_end.div_ceil(cs) - p.first;
+    Ok(p)
+}
 
-    for (_, run) in &in_place {
-        inner.guard_data_write(run.host, run.len)?;
+impl Mapper for Arc<Inner> {
+    fn guest_size(&self) -> u64 {
+        self.image_size()
     }
-    for (p, run) in in_place {
-        inner
-            .storage
-            .write_at(&buf[p..p + run.len as usize], run.host)?;
+
+    fn store(&self, which: Store) -> &Arc<dyn Storage> {
+        match which {
+            Store::Metadata => &self.storage,
+            Store::Data => &self.data,
+        }
     }
-    if new_runs.is_empty() {
-        return Ok(());
+
+    fn backing_image(&self) -> Option<&Arc<dyn Driver>> {
+        self.backing.as_ref()
     }
-    let size = inner.image_size();
-    let mut need_flush = false;
-    let mut updates: Vec<(u64, u64, u64)> = Vec::new(); // (first cluster, count, host)
-    for (r, &host) in new_runs.iter().zip(&hosts) {
-        let (first_cluster, count) = r.clusters(cs);
-        let end = r.guest + r.len as u64;
-        let head_len = (r.guest % cs) as usize;
-        let tail_len = ((cs - end % cs) % cs) as usize;
-        let head_start = first_cluster * cs;
+
+    fn map(&self, guest: GuestOffset, len: u64) -> Result<Run> {
+        self.map_range(guest.get(), len)
+    }
+
+    fn cow_buffer_limit(&self) -> u64 {
+        COW_BUFFER
+    }
+
+    /// In place if the first cluster is allocated; otherwise an allocation of the run
+    /// of unallocated/zero clusters from `guest`, inside one L2 table.
+    fn prepare_write(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>> {
+        let inner: &Inner = self;
+        let cs = inner.cluster_size;
+        let g = guest.get();
+        // One L2 table at a time: its lock orders the allocation.
+        let span = inner.nelems * cs;
+        let len = len.min(span - g % span);
+        // Fast path: an allocated cluster is written in place with no lock.
+        if let Some(t) = in_place(inner, &inner.map_range(g, len)?)? {
+            return Ok(t);
+        }
+        let (l1i, _) = inner.split(g);
+        let sync = inner.table_lock(l1i);
+        let dirty = need_check::begin(self)?;
+        let mut st = sync.lock();
+        let p = loop {
+            // Under the table lock the mapping cannot change but by an allocation in
+            // flight, and those we wait for.
+            let run = inner.map_range(g, len)?;
+            if let Some(t) = in_place(inner, &run)? {
+                return Ok(t);
+            }
+            let p = plan(inner, g, len, run)?;
+            if !st.inflight.overlaps(p.first, p.first + p.count) {
+                break p;
+            }
+            st = sync.wait(st);
+        };
+        let host = inner.alloc_clusters(p.count)?;
+        st.inflight.insert(p.first, p.first + p.count);
+        drop(st);
+        // Ended by commit or abort.
+        dirty.detach();
+        let start = p.first * cs;
+        let alloc_len = p.count * cs;
         // Clusters that read backing data before must not lose it to a crash: neither
-        // the copied fill nor (for whole-cluster writes) the old contents may turn into
+        // the copied COW nor (for whole-cluster writes) the old contents may turn into
         // zeroes. Clusters past the backing file's end read zeroes either way.
-        need_flush |= r.any_unallocated && !inner.backing_is_zero(head_start);
-        let data = &buf[r.buf_pos..r.buf_pos + r.len];
-        if (head_len + tail_len) as u64 > FILL_CHUNK {
-            // Huge clusters: fill in bounded pieces rather than one cluster-sized buffer.
-            fill(inner, host, head_start, head_len as u64, r.head_kind, size)?;
-            inner.storage.write_at(data, host + head_len as u64)?;
-            let tail_host = host + head_len as u64 + r.len as u64;
-            fill(inner, tail_host, end, tail_len as u64, r.tail_kind, size)?;
-            updates.push((first_cluster, count, host));
-            continue;
-        }
-        let mut head = vec![0u8; head_len];
-        let mut tail = vec![0u8; tail_len];
-        if head_len > 0 && r.head_kind == Entry::Unallocated {
-            read_fill(inner, &mut head, head_start, size)?;
-        }
-        if tail_len > 0 && r.tail_kind == Entry::Unallocated {
-            read_fill(inner, &mut tail, end, size)?;
-        }
-        let mut iov: Vec<&[u8]> = Vec::with_capacity(3);
-        if head_len > 0 {
-            iov.push(&head);
-        }
-        iov.push(data);
-        if tail_len > 0 {
-            iov.push(&tail);
-        }
-        inner.storage.write_vectored_at(&iov, host)?;
-        updates.push((first_cluster, count, host));
+        let flush = p.any_unallocated && !inner.backing_is_zero(start);
+        Ok(WriteTarget::Allocate(Allocation {
+            guest: GuestOffset(start),
+            len: alloc_len,
+            store: Store::Data,
+            host: HostOffset(host),
+            head: Cow {
+                guest: GuestOffset(start),
+                len: g - start,
+                source: p.head,
+            },
+            tail: Cow {
+                guest: GuestOffset(p.data_end),
+                len: start + alloc_len - p.data_end,
+                source: p.tail,
+            },
+            token: if flush { TOKEN_FLUSH } else { 0 },
+        }))
     }
-    // With a backing file, the copied backing data must be durable before anything
-    // points at it, or a crash would lose it.
-    if need_flush {
-        inner.flush_gate.flush(&*inner.storage)?;
-    }
-    let _list = sync.lock();
-    let base = l1i * inner.nelems;
-    let updates: Vec<Update> = updates
-        .iter()
-        .map(|&(c, n, host)| Update {
-            first: c - base,
-            count: n,
-            value: host,
-            step: cs,
-        })
-        .collect();
-    set_entries(inner, l1i, &updates)
-}
 
-/// Fills `len` bytes at `host` of a new cluster with what guest `guest..` read before
-/// (`kind`): backing data where there is some, otherwise zeroes (written as zero
-/// ranges), a bounded piece at a time.
-fn fill(inner: &Inner, host: u64, guest: u64, len: u64, kind: Entry, size: u64) -> Result<()> {
-    let mut buf = Vec::new();
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(FILL_CHUNK);
-        let g = guest + done;
-        if kind == Entry::Unallocated && g < size && !inner.backing_is_zero(g) {
-            buf.resize(n as usize, 0);
-            read_fill(inner, &mut buf, g, size)?;
-            inner.storage.write_at(&buf, host + done)?;
+    /// Flushes over backing data, then points the L2 entries (and, for a new table, the
+    /// L1 entry) at the new clusters under the table's lock.
+    fn commit(&self, a: Allocation) -> Result<()> {
+        let inner: &Inner = self;
+        let cs = inner.cluster_size;
+        let (first, end) = (a.guest.get() / cs, (a.guest.get() + a.len) / cs);
+        let (l1i, _) = inner.split(a.guest.get());
+        let sync = inner.table_lock(l1i);
+        // With a backing file, the copied backing data must be durable before anything
+        // points at it.
+        let flushed = if a.token & TOKEN_FLUSH != 0 {
+            inner.flush_gate.flush(&*inner.data)
         } else {
-            inner.storage.write_zeroes(host + done, n)?;
-        }
-        done += n;
+            Ok(())
+        };
+        // Every change of the table is ordered by its lock.
+        let mut st = sync.lock();
+        let r = flushed.and_then(|()| {
+            let update = Update {
+                first: first - l1i * inner.nelems,
+                count: end - first,
+                value: a.host.get(),
+                step: cs,
+            };
+            set_entries(self, l1i, &[update])
+        });
+        st.inflight.remove(first, end);
+        st.waiters.wake(&sync.cv);
+        drop(st);
+        need_check::end(inner);
+        r
     }
-    Ok(())
-}
 
-/// Reads the fill for bytes the guest does not write in a new cluster: backing data,
-/// zeroes past its end, and zeroes past the guest size.
-fn read_fill(inner: &Inner, buf: &mut [u8], guest: u64, size: u64) -> Result<()> {
-    let n = size.saturating_sub(guest).min(buf.len() as u64) as usize;
-    read_backing(inner.backing.as_ref(), &mut buf[..n], guest)?;
-    buf[n..].fill(0);
-    Ok(())
+    /// Unregisters the allocation; its clusters stay unreferenced (a leak).
+    fn abort(&self, a: Allocation) {
+        let cs = self.cluster_size;
+        let (first, end) = (a.guest.get() / cs, (a.guest.get() + a.len) / cs);
+        let (l1i, _) = self.split(a.guest.get());
+        self.table_lock(l1i).finish(first, end);
+        need_check::end(self);
+    }
 }
 
 /// Sets entries of the L2 table at `l1i` and writes them back; a missing table is

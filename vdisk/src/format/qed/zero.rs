@@ -10,13 +10,15 @@
 //!
 //! [`TableSync`]: super::write::TableSync
 
+use super::map::entry_of;
 use super::need_check;
 use super::paging::Update;
 use super::table::{Entry, ZERO_CLUSTER};
-use super::write::{overlaps, set_entries, write_locked, FILL_CHUNK};
+use super::write::{set_entries, write_locked, FILL_CHUNK};
 use super::Inner;
 use crate::error::{Error, Result};
 use crate::format::{check_range, ZeroFlags};
+use std::io::IoSlice;
 use std::sync::Arc;
 
 /// Makes a range read as zeroes without leaking clusters: whole clusters become zero
@@ -67,7 +69,7 @@ pub(crate) fn write_zeroes(
             let mut g = a;
             while g < b {
                 let n = (b - g).min(FILL_CHUNK);
-                write_locked(inner, &zeroes[..n as usize], g)?;
+                write_locked(inner, &[IoSlice::new(&zeroes[..n as usize])], g)?;
                 g += n;
             }
         }
@@ -87,8 +89,8 @@ pub(crate) fn write_zeroes(
 fn reads_zero(inner: &Inner, guest: u64, len: u64) -> Result<bool> {
     let mut pos = 0;
     while pos < len {
-        let run = inner.map(guest + pos, len - pos)?;
-        let zero = match run.kind {
+        let run = inner.map_range(guest + pos, len - pos)?;
+        let zero = match entry_of(&run)? {
             Entry::Zero => true,
             Entry::Unallocated => {
                 inner.backing_is_zero(guest + pos)
@@ -113,10 +115,10 @@ fn zero_clusters(inner: &Arc<Inner>, start: u64, end: u64, flags: ZeroFlags) -> 
     let mut need_entries = false;
     let mut g = start;
     while g < end {
-        let run = inner.map(g, end - g)?;
+        let run = inner.map_range(g, end - g)?;
         let n = run.len.div_ceil(cs) * cs;
-        match run.kind {
-            Entry::Data(_) => zero_host(inner, run.host, n, flags)?,
+        match entry_of(&run)? {
+            Entry::Data(host) => zero_host(inner, host, n, flags)?,
             Entry::Zero => {}
             Entry::Unallocated => need_entries |= has_backing,
         }
@@ -128,21 +130,21 @@ fn zero_clusters(inner: &Arc<Inner>, start: u64, end: u64, flags: ZeroFlags) -> 
     let (l1i, _) = inner.split(start);
     let sync = inner.table_lock(l1i);
     let _g = need_check::begin(inner)?;
-    let mut list = sync.lock();
+    let mut st = sync.lock();
     // A zero entry written under an allocation in flight would be overwritten by it.
-    while overlaps(&list, start / cs, (end - start).div_ceil(cs)) {
-        list = sync.cv.wait(list).unwrap_or_else(|p| p.into_inner());
+    while st.inflight.overlaps(start / cs, end.div_ceil(cs)) {
+        st = sync.wait(st);
     }
     // Under the table lock: clusters allocated meanwhile are zeroed in place, the rest
     // become zero entries.
     let mut g = start;
     let mut to_mark: Vec<(u64, u64)> = Vec::new();
     while g < end {
-        let run = inner.map(g, end - g)?;
-        match run.kind {
-            Entry::Data(_) => {
+        let run = inner.map_range(g, end - g)?;
+        match entry_of(&run)? {
+            Entry::Data(host) => {
                 // Allocated since the first pass (already zeroed ones are harmless to redo).
-                zero_host(inner, run.host, run.len, flags)?
+                zero_host(inner, host, run.len, flags)?
             }
             Entry::Zero => {}
             Entry::Unallocated => to_mark.push((g / cs, run.len.div_ceil(cs))),
@@ -168,9 +170,9 @@ fn zero_clusters(inner: &Arc<Inner>, start: u64, end: u64, flags: ZeroFlags) -> 
 fn zero_host(inner: &Inner, host: u64, len: u64, flags: ZeroFlags) -> Result<()> {
     inner.guard_data_write(host, len)?;
     if flags.may_unmap {
-        inner.storage.punch_hole(host, len)?;
+        inner.data.punch_hole(host, len)?;
     } else {
-        inner.storage.write_zeroes(host, len)?;
+        inner.data.write_zeroes(host, len)?;
     }
     Ok(())
 }
@@ -191,12 +193,11 @@ pub(crate) fn discard(inner: &Arc<Inner>, offset: u64, len: u64) -> Result<()> {
     let _q = inner.quiesce_shared();
     let mut g = start;
     while g < end {
-        let run = inner.map(g, end - g)?;
-        if let Entry::Data(_) = run.kind {
-            inner.guard_data_write(run.host, run.len.div_ceil(cs) * cs)?;
-            inner
-                .storage
-                .punch_hole(run.host, run.len.div_ceil(cs) * cs)?;
+        let run = inner.map_range(g, end - g)?;
+        if let Entry::Data(host) = entry_of(&run)? {
+            let n = run.len.div_ceil(cs) * cs;
+            inner.guard_data_write(host, n)?;
+            inner.data.punch_hole(host, n)?;
         }
         g += run.len;
     }
