@@ -1,12 +1,16 @@
 //! QED (QEMU Enhanced Disk).
 //!
-//! Layout and rules: `shared/reference/qed.md`. Files by concern:
+//! Layout and rules: the QED specification published with QEMU.
+//! Files by concern:
 //! - [`header`]: the header, parsed, validated and serialised in one place;
 //! - [`table`]: L1/L2 table encoding and the bounded page cache;
 //! - `paging`: entry lookups and updates through that cache (no table is ever loaded
 //!   whole: a hostile geometry of 1 GiB tables costs a few pages of memory);
-//! - `map`: what the tables say about a guest range (typed runs), block status;
-//! - `io`: reads; `write`: in-place and allocating writes (fills, L2/L1 update);
+//! - `map`: what the tables say about a guest range, as the mapping contract's typed
+//!   runs ([`crate::format::mapping`]), and block status derived from them;
+//! - `io`: reads and `write`: writes, both through the generic data path
+//!   ([`crate::format::datapath`]); `write` is QED's [`crate::format::mapping::Mapper`]
+//!   (in-place targets, allocations with their COW regions, commit = L2/L1 update);
 //! - `zero`: zero writes and discard;
 //! - `need_check`: the NEED_CHECK (dirty) lifecycle and the idle timer that clears it;
 //! - `check`: consistency check and repair;
