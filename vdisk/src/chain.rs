@@ -1,7 +1,7 @@
 //! Backing chains: opening the files an image names, and status through the chain.
 
 use crate::error::{Error, Result};
-use crate::format::{self, BackingSpec, Driver, DriverOptions, ExtentKind, Format};
+use crate::format::{self, BackingSpec, Driver, DriverOptions, Format};
 use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,64 +120,10 @@ pub fn open_backing(
     })
 }
 
-/// Status of a guest range through the whole chain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChainExtent {
-    /// Bytes covered (> 0).
-    pub len: u64,
-    /// Data, zero, or unallocated in every layer (reads as zeroes).
-    pub kind: ExtentKind,
-    /// Layer that decided: 0 = the top image. For unallocated, the last layer examined.
-    pub depth: u32,
-    /// Host offset in that layer's file, when contiguous.
-    pub offset: Option<u64>,
-    /// Stored compressed.
-    pub compressed: bool,
-}
+pub use crate::format::datapath::ChainExtent;
 
-/// Status of `[offset, offset+len)` starting at `offset`, walking down the chain.
+/// Status of `[offset, offset+len)` starting at `offset`, walking down the chain (the
+/// walk lives in the format layer, which uses it for zero detection too).
 pub fn block_status(top: &Arc<dyn Driver>, offset: u64, len: u64) -> Result<ChainExtent> {
-    let mut layer: &Arc<dyn Driver> = top;
-    let mut len = len;
-    let mut depth = 0u32;
-    loop {
-        let e = layer.block_status(offset, len)?;
-        len = e.len;
-        if e.kind != ExtentKind::Unallocated {
-            return Ok(ChainExtent {
-                len,
-                kind: e.kind,
-                depth,
-                offset: e.offset,
-                compressed: e.compressed,
-            });
-        }
-        match layer.backing() {
-            Some(b) if offset < b.size() => {
-                len = len.min(b.size() - offset);
-                layer = b;
-                depth += 1;
-            }
-            Some(b) => {
-                // Past the end of a shorter backing file: reads as zeroes.
-                let _ = b;
-                return Ok(ChainExtent {
-                    len,
-                    kind: ExtentKind::Unallocated,
-                    depth: depth + 1,
-                    offset: None,
-                    compressed: false,
-                });
-            }
-            None => {
-                return Ok(ChainExtent {
-                    len,
-                    kind: ExtentKind::Unallocated,
-                    depth,
-                    offset: None,
-                    compressed: false,
-                });
-            }
-        }
-    }
+    format::datapath::chain_status(&**top, offset, len)
 }

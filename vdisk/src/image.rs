@@ -6,6 +6,7 @@ use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Format, Repair, ZeroFlags,
 };
 use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
+use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -237,6 +238,14 @@ impl Image {
     /// Writes guest bytes.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.driver.write_at(buf, offset)
+    }
+    /// Reads consecutive guest bytes into several buffers, as one request.
+    pub fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        self.driver.read_vectored(bufs, offset)
+    }
+    /// Writes consecutive guest bytes from several buffers, as one request.
+    pub fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.driver.write_vectored(bufs, offset)
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {

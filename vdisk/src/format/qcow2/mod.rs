@@ -6,7 +6,14 @@
 //! - `tables`: L1/L2 lookup and update, L2 copy-on-write, metadata write-back ordering.
 //! - `refcount`: refcount entries of every width, refcount blocks and table growth.
 //! - `alloc`: free-cluster search and contiguous allocation, deferred frees.
-//! - `io`: read/write/zeroes/discard/block-status paths and the in-flight list.
+//! - `l2entry`: decoded L2 entries (standard and extended, one type), encode/decode.
+//! - `mapping`: the L2 walk into typed runs; qcow2's side of the
+//!   [`Mapper`](crate::format::mapping::Mapper) contract.
+//! - `allocate`: write targets: in place, or new clusters with their COW regions;
+//!   commit/abort (guest data itself goes through [`crate::format::datapath`]).
+//! - `l2update`: L2 entry updates and the release of what they referenced.
+//! - `zero`: zero writes and discards. `status`: block status from the mapping runs.
+//! - `resize`: guest size changes. `compressed`: compressed cluster writes.
 //! - `compress`: deflate/zstd clusters.
 //! - `snapshot`: the snapshot table (read only).
 //! - `check`: consistency check, repair and refcount rebuild.
@@ -14,8 +21,9 @@
 //!
 //! Concurrency: all metadata lives in one [`Meta`] behind a mutex that is held only for
 //! metadata work; guest data I/O (reads, writes to allocated clusters, copy-on-write of
-//! new clusters) runs without it. Allocating writes register their guest clusters in
-//! the in-flight list so overlapping requests wait for them and then see the result.
+//! new clusters) runs without it, in the generic data path. Allocating writes register
+//! their guest clusters in the in-flight list so overlapping requests wait for them and
+//! then see the result.
 //!
 //! Crash ordering (see the reference): refcount increases and new clusters' data are
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
@@ -29,15 +37,22 @@
 //! that, at least 4 blocks.
 
 mod alloc;
+mod allocate;
 mod cache;
 mod check;
 mod compress;
+mod compressed;
 mod create;
 pub mod header;
-mod io;
+mod l2entry;
+mod l2update;
+mod mapping;
 mod refcount;
+mod resize;
 mod snapshot;
+mod status;
 mod tables;
+mod zero;
 
 pub use create::create;
 
@@ -49,7 +64,9 @@ use super::{
     FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
 };
 use crate::error::{Error, Result};
+use crate::format::datapath::{self, InFlight, Waiters};
 use crate::storage::Storage;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -157,12 +174,12 @@ pub(crate) struct Meta {
     /// Lowest cluster index that may be free.
     pub free_hint: u64,
     /// Guest cluster ranges `[start, end)` being allocated right now.
-    pub inflight: Vec<(u64, u64)>,
+    pub inflight: InFlight,
     /// Guest cluster ranges with an in-place data write in progress: their host
     /// clusters must not be released (and reused) until it completes.
-    pub direct: Vec<(u64, u64)>,
-    /// Requests blocked on `Qcow2::alloc_done`; wake-ups are skipped when zero.
-    pub waiters: usize,
+    pub direct: InFlight,
+    /// Requests blocked on `Qcow2::alloc_done`; wake-ups are skipped when none.
+    pub waiters: Waiters,
     /// Host clusters whose mapping was dropped in cache: one refcount decrement each,
     /// applied once the mapping change is durable.
     pub pending_frees: Vec<u64>,
@@ -233,7 +250,10 @@ impl Meta {
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2 {
+    /// Metadata storage (the image file).
     storage: Arc<dyn Storage>,
+    /// Guest data storage: the same file (external data files are refused at open).
+    data: Arc<dyn Storage>,
     backing: Option<Arc<dyn Driver>>,
     backing_spec: Mutex<Option<BackingSpec>>,
     g: Geom,
@@ -440,9 +460,9 @@ impl Qcow2 {
             rc_table,
             rc: Cache::new(rc_tables),
             free_hint: 0,
-            inflight: Vec::new(),
-            direct: Vec::new(),
-            waiters: 0,
+            inflight: InFlight::new(),
+            direct: InFlight::new(),
+            waiters: Waiters::default(),
             pending_frees: Vec::new(),
             unflushed: false,
             file_end: file_len,
@@ -468,6 +488,7 @@ impl Qcow2 {
             }
         }
         Ok(Qcow2 {
+            data: storage.clone(),
             storage,
             backing,
             backing_spec: Mutex::new(spec),
@@ -537,12 +558,23 @@ impl Driver for Qcow2 {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         super::check_range(offset, buf.len() as u64, self.size())?;
-        self.do_read(buf, offset)
+        datapath::read_vectored(self, &mut [IoSliceMut::new(buf)], offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         super::check_range(offset, buf.len() as u64, self.size())?;
-        self.do_write(buf, offset)
+        datapath::write_vectored(self, &[IoSlice::new(buf)], offset)
+    }
+    fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        super::check_range(offset, len, self.size())?;
+        datapath::read_vectored(self, bufs, offset)
+    }
+    fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.writable()?;
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        super::check_range(offset, len, self.size())?;
+        datapath::write_vectored(self, bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
