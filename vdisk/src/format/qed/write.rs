@@ -304,3 +304,183 @@ pub(super) fn set_entries(inner: &Arc<Inner>, l1i: u64, updates: &[Update]) -> R
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::qed::Qed;
+    use crate::format::{BackingSpec, CreateSpec, DriverOptions, Format, ZeroFlags};
+    use crate::storage::MemStorage;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const CS: u64 = 4096;
+    /// 4 KiB clusters, 1-cluster tables: 512 clusters (2 MiB) per L2 table.
+    const SPAN: u64 = 512 * CS;
+
+    /// A new 8 MiB image in memory, over a raw backing file of `backing` bytes of 0x11
+    /// (none if 0).
+    fn image(backing: usize) -> Qed {
+        let st: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let spec = CreateSpec {
+            size: 8 << 20,
+            backing: (backing > 0).then(|| BackingSpec {
+                name: "base.raw".into(),
+                format: Some(Format::Raw),
+            }),
+            options: vec![
+                ("cluster_size".into(), "4096".into()),
+                ("table_size".into(), "1".into()),
+            ],
+        };
+        crate::format::qed::create(&st, &spec).unwrap();
+        let base: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(vec![0x11; backing]));
+        Qed::open(st, &DriverOptions::default(), &mut |_s: &BackingSpec| {
+            crate::format::open(
+                Format::Raw,
+                base.clone(),
+                &DriverOptions::default(),
+                &mut |_| Err(crate::error::Error::invalid("raw has no backing")),
+            )
+        })
+        .unwrap()
+    }
+
+    fn alloc(t: WriteTarget<'_>) -> Allocation {
+        match t {
+            WriteTarget::Allocate(a) => a,
+            WriteTarget::InPlace { host, len, .. } => panic!("in place at {host} ({len})"),
+        }
+    }
+
+    #[test]
+    fn allocation_layout_and_commit() {
+        let q = image(0);
+        let m = &q.inner;
+        let a = alloc(m.prepare_write(GuestOffset(CS + 512), 1000).unwrap());
+        assert_eq!(
+            (a.guest, a.len, a.store),
+            (GuestOffset(CS), CS, Store::Data)
+        );
+        assert_eq!((a.head.guest, a.head.len), (GuestOffset(CS), 512));
+        assert_eq!(
+            (a.tail.guest, a.tail.len),
+            (GuestOffset(CS + 1512), CS - 1512)
+        );
+        assert_eq!(a.head.source, Mapping::Unallocated);
+        assert_eq!(a.tail.source, Mapping::Unallocated);
+        assert_eq!(
+            (a.data_guest(), a.data_len()),
+            (GuestOffset(CS + 512), 1000)
+        );
+        // No backing file: nothing to make durable before the L2 update.
+        assert_eq!(a.token & TOKEN_FLUSH, 0);
+        // NEED_CHECK is durable before the allocation is handed out.
+        assert!(q.is_dirty());
+        let host = a.host;
+        m.commit(a).unwrap();
+        let run = m.map(GuestOffset(CS + 100), 10 * CS).unwrap();
+        assert_eq!(run.len, CS - 100);
+        assert_eq!(
+            run.mapping,
+            Mapping::Data {
+                store: Store::Data,
+                host: host.add(100),
+                in_place: true
+            }
+        );
+        // Now written in place.
+        match m.prepare_write(GuestOffset(CS + 8), 3 * CS).unwrap() {
+            WriteTarget::InPlace { host: h, len, .. } => {
+                assert_eq!((h, len), (host.add(8), CS - 8));
+            }
+            WriteTarget::Allocate(a) => panic!("allocated again: {a:?}"),
+        };
+    }
+
+    #[test]
+    fn allocations_stay_inside_one_table_and_stop_at_data() {
+        let q = image(0);
+        let m = &q.inner;
+        // From the last cluster of the first table: clipped at the table's end.
+        let a = alloc(m.prepare_write(GuestOffset(SPAN - CS), 3 * CS).unwrap());
+        assert_eq!(
+            (a.guest, a.len, a.data_len()),
+            (GuestOffset(SPAN - CS), CS, CS)
+        );
+        m.commit(a).unwrap();
+        // Clusters 2..5 then data at 5: the run stops there, the rest is a later call.
+        let d = alloc(m.prepare_write(GuestOffset(5 * CS), CS).unwrap());
+        m.commit(d).unwrap();
+        let a = alloc(m.prepare_write(GuestOffset(2 * CS), 8 * CS).unwrap());
+        assert_eq!(
+            (a.guest, a.len, a.data_len()),
+            (GuestOffset(2 * CS), 3 * CS, 3 * CS)
+        );
+        assert_eq!((a.head.len, a.tail.len), (0, 0));
+        m.abort(a);
+        // Aborted: nothing points at it, the clusters can be allocated again at once.
+        assert_eq!(
+            m.map(GuestOffset(2 * CS), CS).unwrap().mapping,
+            Mapping::Unallocated
+        );
+        let again = alloc(m.prepare_write(GuestOffset(2 * CS), CS).unwrap());
+        m.abort(again);
+    }
+
+    #[test]
+    fn cow_sources_over_backing_and_zero_clusters() {
+        let q = image(3 * CS as usize);
+        let m = &q.inner;
+        // Cluster 1 becomes a zero cluster (a backing file would show through otherwise).
+        q.write_zeroes(CS, CS, ZeroFlags::default()).unwrap();
+        assert_eq!(
+            m.map(GuestOffset(CS), CS).unwrap().mapping,
+            Mapping::Zero { host: None }
+        );
+        let a = alloc(m.prepare_write(GuestOffset(CS / 2), CS).unwrap());
+        assert_eq!((a.guest, a.len), (GuestOffset(0), 2 * CS));
+        assert_eq!((a.head.len, a.head.source), (CS / 2, Mapping::Unallocated));
+        assert_eq!(
+            (a.tail.guest, a.tail.len, a.tail.source),
+            (
+                GuestOffset(CS + CS / 2),
+                CS / 2,
+                Mapping::Zero { host: None }
+            )
+        );
+        // Backing data under the new clusters: commit flushes before linking them.
+        assert_eq!(a.token & TOKEN_FLUSH, TOKEN_FLUSH);
+        m.abort(a);
+        // Past the backing file's end, unallocated clusters read zeroes: no flush.
+        let a = alloc(m.prepare_write(GuestOffset(4 * CS), 10).unwrap());
+        assert_eq!(a.token & TOKEN_FLUSH, 0);
+        m.abort(a);
+    }
+
+    #[test]
+    fn overlapping_allocations_wait_for_commit() {
+        let q = image(0);
+        let m = &q.inner;
+        let a = alloc(m.prepare_write(GuestOffset(7 * CS), 100).unwrap());
+        let host = a.host;
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let second = s.spawn(|| {
+                let t = m.prepare_write(GuestOffset(7 * CS + 200), 100).unwrap();
+                done.store(true, Ordering::SeqCst);
+                match t {
+                    WriteTarget::InPlace { host, len, .. } => (host, len),
+                    WriteTarget::Allocate(a) => panic!("second allocation: {a:?}"),
+                }
+            });
+            // Another cluster of the same table is not held up.
+            let other = alloc(m.prepare_write(GuestOffset(9 * CS), 100).unwrap());
+            m.abort(other);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(!done.load(Ordering::SeqCst), "second request did not wait");
+            m.commit(a).unwrap();
+            // Once the first is linked, the second finds the cluster allocated.
+            assert_eq!(second.join().unwrap(), (host.add(200), 100));
+        });
+    }
+}
