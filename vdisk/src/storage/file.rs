@@ -275,6 +275,75 @@ impl Storage for FileStorage {
         self.pwrite_full(buf, offset)
     }
 
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> StorageResult<()> {
+        if self.cache.direct() || bufs.len() == 1 {
+            let mut off = offset;
+            for b in bufs.iter_mut() {
+                self.read_at(b, off)?;
+                off += b.len() as u64;
+            }
+            return Ok(());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut _,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut done = 0usize;
+        let mut first = 0usize;
+        while done < total {
+            let cnt = (iov.len() - first).min(1024);
+            // SAFETY: iov entries point into live, exclusively borrowed slices.
+            let r = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    iov[first..].as_ptr(),
+                    cnt as i32,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err("Could not read", offset + done as u64, e));
+            }
+            if r == 0 {
+                break;
+            }
+            let mut n = r as usize;
+            done += n;
+            while n > 0 && first < iov.len() {
+                if n >= iov[first].iov_len {
+                    n -= iov[first].iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same slice.
+                    iov[first].iov_base =
+                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut _;
+                    iov[first].iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        drop(iov);
+        // Past the end of the file reads as zeroes.
+        let mut skip = done;
+        for b in bufs.iter_mut() {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            b[skip..].fill(0);
+            skip = 0;
+        }
+        Ok(())
+    }
+
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> StorageResult<()> {
         if self.cache.direct() || bufs.len() == 1 {
             let mut off = offset;

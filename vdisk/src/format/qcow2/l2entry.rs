@@ -216,7 +216,7 @@ impl L2Entry {
             L2Entry::Compressed { host, sectors } => {
                 let shift = f.csize_shift();
                 let h = host.get();
-                if sectors == 0 || sectors - 1 >= 1u64 << (62 - shift) || h >= 1u64 << shift {
+                if sectors == 0 || sectors > 1u64 << (62 - shift) || h >= 1u64 << shift {
                     return Err(EntryProblem::Unencodable);
                 }
                 Ok((COMPRESSED | (sectors - 1) << shift | h, 0))
