@@ -43,23 +43,12 @@ fn vectored_io_matches_the_model_and_qemu() {
     let mut model: Vec<u8> = (0..SIZE).map(|i| (i / 512 % 199) as u8 + 1).collect();
     std::fs::write(&base, &model[..BACKING as usize]).expect("write base");
     model[BACKING as usize..].fill(0);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qed",
-            "-o",
-            "cluster_size=4096,table_size=2",
-            "-b",
-            p(&base),
-            "-F",
-            "raw",
-            p(&top),
-            &SIZE.to_string(),
-        ],
+    let create = format!(
+        "create -q -f qed -o cluster_size=4096,table_size=2 -b {} -F raw {} {SIZE}",
+        p(&base),
+        p(&top)
     );
+    run("qemu-img", &create.split(' ').collect::<Vec<_>>());
     // Zero clusters (QEMU's extension) over backing data, and some data of the top's own.
     run(
         "qemu-io",
