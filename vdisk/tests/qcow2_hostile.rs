@@ -53,10 +53,13 @@ fn open_err(bytes: Vec<u8>, rw: bool) -> String {
     }
 }
 
+/// A named header damage and the error it must produce.
+type HeaderCase = (&'static str, Box<dyn Fn(&mut Vec<u8>)>, &'static str);
+
 #[test]
 fn header_fields() {
     let b = base();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<HeaderCase> = vec![
         (
             "truncated",
             Box::new(|b: &mut Vec<u8>| b.truncate(50)),
@@ -238,7 +241,7 @@ fn autoclear_unknown_bits_cleared_on_rw_open_and_unknown_extension_kept() {
     {
         let img = open(&f, true);
         img.write_at(&[1, 2, 3], 0).unwrap();
-        img.driver().set_backing_spec(None).unwrap();
+        img.set_backing(None).unwrap();
     }
     let a = std::fs::read(&f).unwrap();
     assert_eq!(a[95] & 0x84, 0, "unknown autoclear bits cleared");

@@ -443,7 +443,7 @@ impl Job<'_> {
                 .any(|s| s.kind == Kind::Data && s.dst_off < ce && s.dst_off + s.len > c);
             let bytes = &buf[(c - item.dst_off) as usize..(ce - item.dst_off) as usize];
             if data_in_cluster && !common::is_zero(bytes) {
-                match self.target.driver().write_compressed(bytes, c) {
+                match self.target.write_compressed(bytes, c) {
                     Ok(()) => {}
                     // A short last cluster may not be compressible: store it plainly.
                     Err(Error::InvalidArgument(_)) if ce - c < self.cluster => {
@@ -691,7 +691,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             target.size()
         ));
     }
-    let target_backing = target.driver().backing().map(|b| b.size());
+    let target_backing = target.backing().map(|b| b.size());
     let has_backing = target_backing.is_some() || a.backing.is_some();
     if a.target_is_zero && has_backing {
         return Err("--target-is-zero cannot be used with a target that has a backing file".into());
@@ -701,7 +701,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     } else {
         sparse != 0 && !has_backing
     };
-    let cluster = target.driver().cluster_size().unwrap_or(65536).max(512);
+    let cluster = target.cluster_size().unwrap_or(65536).max(512);
     if a.compress && !WINDOW.is_multiple_of(cluster) {
         return Err(format!(
             "cluster size {cluster} is too large for compression"

@@ -87,16 +87,12 @@ fn run_inner(a: Args) -> Result<(), String> {
     if img.format() == Format::Raw && prealloc == "metadata" {
         return Err("Unsupported preallocation mode: metadata".into());
     }
-    img.driver()
-        .resize(new_size, a.shrink)
-        .map_err(|e| e.to_string())?;
+    img.resize(new_size, a.shrink).map_err(|e| e.to_string())?;
     if new_size > cur {
         match (img.format(), prealloc) {
             (_, "off") => {}
             (Format::Raw, "falloc") => img
-                .driver()
-                .storage()
-                .allocate(cur, new_size - cur)
+                .preallocate(cur, new_size - cur)
                 .map_err(|e| format!("Could not preallocate new area: {e}"))?,
             _ => fill_zeroes(&img, cur, new_size)?,
         }

@@ -5,7 +5,7 @@
 //! - [`read`]: split a read at mapping boundaries; data straight into the caller's
 //!   buffers (vectored), zeroes, backing reads (zeroes past the backing image's end),
 //!   compressed clusters through the driver's decompressor;
-//! - [`write`]: in-place writes behind the driver's guard, allocating writes with their
+//! - [`write`](mod@write): in-place writes behind the driver's guard, allocating writes with their
 //!   copy-on-write head and tail in one vectored write, commit/abort;
 //! - [`inflight`]: the list of guest ranges being allocated and the counted condvar
 //!   wait that orders overlapping requests (the lists live in the drivers, under their

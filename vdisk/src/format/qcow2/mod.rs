@@ -19,7 +19,7 @@
 //! - `check`: consistency check, repair and refcount rebuild.
 //! - `create`: image creation.
 //!
-//! Concurrency: all metadata lives in one [`Meta`] behind a mutex that is held only for
+//! Concurrency: all metadata lives in one `Meta` behind a mutex that is held only for
 //! metadata work; guest data I/O (reads, writes to allocated clusters, copy-on-write of
 //! new clusters) runs without it, in the generic data path. Allocating writes register
 //! their guest clusters in the in-flight list so overlapping requests wait for them and
