@@ -2,19 +2,12 @@
 //! mapping boundaries (allocated, unallocated over a backing file, zero, compressed),
 //! compared with a model and with qemu-img's view of the result.
 
+mod qcow2_util;
+
+use qcow2_util::{assert_clean, qemu_io, qemu_raw, run};
 use std::io::{IoSlice, IoSliceMut};
-use std::process::Command;
 use vdisk::format::ZeroFlags;
 use vdisk::{Image, OpenOptions};
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 const CS: usize = 64 << 10;
 const SIZE: usize = 16 * CS + 4096;
@@ -91,29 +84,21 @@ fn vectored_io_over_a_backing_file_matches_the_model_and_qemu() {
         &["create", "-q", "-f", "qcow2", b, &SIZE.to_string()],
     );
     // Base: data in clusters 1-3, a compressed cluster 6, a tail in the last cluster.
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x11 65536 196608", b],
-    );
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -c -P 0x22 393216 65536", b],
-    );
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x33 1048576 4096", b],
+    qemu_io(
+        &base,
+        &[
+            "write -P 0x11 65536 196608",
+            "write -c -P 0x22 393216 65536",
+            "write -P 0x33 1048576 4096",
+        ],
     );
     run(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t],
     );
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -c -P 0x44 524288 65536", t],
-    );
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -z 655360 65536", t],
+    qemu_io(
+        &top,
+        &["write -c -P 0x44 524288 65536", "write -z 655360 65536"],
     );
 
     let mut model = vec![0u8; SIZE];
@@ -158,11 +143,6 @@ fn vectored_io_over_a_backing_file_matches_the_model_and_qemu() {
     img.close().unwrap();
     drop(img);
 
-    run("qemu-img", &["check", "-q", t]);
-    let raw = dir.path().join("out.raw");
-    run(
-        "qemu-img",
-        &["convert", "-O", "raw", t, raw.to_str().unwrap()],
-    );
-    assert_eq!(std::fs::read(&raw).unwrap(), model, "qemu-img's view");
+    assert_clean(&top);
+    assert_eq!(qemu_raw(&top), model, "qemu-img's view");
 }

@@ -193,6 +193,65 @@ impl FileStorage {
         Ok(())
     }
 
+    /// Runs `op` (`preadv` or `pwritev`) over `iov` from `offset` until `total` bytes
+    /// are done or it transfers nothing (end of file, for reads); returns the bytes done.
+    /// The entries of `iov` must point into live slices the caller borrows (exclusively,
+    /// for reads) for the whole call.
+    fn iov_loop(
+        &self,
+        iov: &mut [libc::iovec],
+        offset: u64,
+        total: usize,
+        what: &str,
+        op: unsafe extern "C" fn(
+            libc::c_int,
+            *const libc::iovec,
+            libc::c_int,
+            libc::off_t,
+        ) -> libc::ssize_t,
+    ) -> StorageResult<usize> {
+        let mut done = 0usize;
+        let mut first = 0usize;
+        while done < total {
+            let cnt = (iov.len() - first).min(1024);
+            // SAFETY: the entries point into live slices (see above); `cnt` of them
+            // from `first` are in bounds.
+            let r = unsafe {
+                op(
+                    self.file.as_raw_fd(),
+                    iov[first..].as_ptr(),
+                    cnt as i32,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err(what, offset + done as u64, e));
+            }
+            if r == 0 {
+                break;
+            }
+            let mut n = r as usize;
+            done += n;
+            while n > 0 && first < iov.len() {
+                if n >= iov[first].iov_len {
+                    n -= iov[first].iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same slice.
+                    iov[first].iov_base =
+                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut _;
+                    iov[first].iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(done)
+    }
+
     fn direct_read(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + buf.len() as u64).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
@@ -292,44 +351,7 @@ impl Storage for FileStorage {
                 iov_len: b.len(),
             })
             .collect();
-        let mut done = 0usize;
-        let mut first = 0usize;
-        while done < total {
-            let cnt = (iov.len() - first).min(1024);
-            // SAFETY: iov entries point into live, exclusively borrowed slices.
-            let r = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    iov[first..].as_ptr(),
-                    cnt as i32,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(self.err("Could not read", offset + done as u64, e));
-            }
-            if r == 0 {
-                break;
-            }
-            let mut n = r as usize;
-            done += n;
-            while n > 0 && first < iov.len() {
-                if n >= iov[first].iov_len {
-                    n -= iov[first].iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: advancing within the same slice.
-                    iov[first].iov_base =
-                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut _;
-                    iov[first].iov_len -= n;
-                    n = 0;
-                }
-            }
-        }
+        let done = self.iov_loop(&mut iov, offset, total, "Could not read", libc::preadv)?;
         drop(iov);
         // Past the end of the file reads as zeroes.
         let mut skip = done;
@@ -361,40 +383,10 @@ impl Storage for FileStorage {
                 iov_len: b.len(),
             })
             .collect();
-        let mut done = 0usize;
-        let mut first = 0usize;
-        while done < total {
-            let cnt = (iov.len() - first).min(1024);
-            // SAFETY: iov entries point into live slices borrowed for this call.
-            let r = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    iov[first..].as_ptr(),
-                    cnt as i32,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(self.err("Could not write", offset + done as u64, e));
-            }
-            let mut n = r as usize;
-            done += n;
-            while n > 0 && first < iov.len() {
-                if n >= iov[first].iov_len {
-                    n -= iov[first].iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: advancing within the same slice.
-                    iov[first].iov_base =
-                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut _;
-                    iov[first].iov_len -= n;
-                    n = 0;
-                }
-            }
+        let done = self.iov_loop(&mut iov, offset, total, "Could not write", libc::pwritev)?;
+        if done < total {
+            let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+            return Err(self.err("Could not write", offset + done as u64, e));
         }
         Ok(())
     }

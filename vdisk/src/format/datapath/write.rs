@@ -252,7 +252,7 @@ mod tests {
         let mut model = base.clone();
         model.resize(size as usize, 0);
         assert_eq!(read_all(&m), model);
-        let data = vec![0x5au8; 100];
+        let data = [0x5au8; 100];
         let off = CS + (3 << 20);
         write_vectored(
             &m,
