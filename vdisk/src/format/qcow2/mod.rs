@@ -162,7 +162,11 @@ impl Geom {
 /// All mutable metadata of an open image. Guarded by `Qcow2::meta`.
 #[derive(Debug)]
 pub(crate) struct Meta {
+    /// Metadata storage (the image file).
     pub st: Arc<dyn Storage>,
+    /// Guest data storage (the same `Arc` as `st` unless an external data file is
+    /// configured).
+    pub data: Arc<dyn Storage>,
     pub g: Geom,
     pub hdr: Header,
     pub l1: Vec<u64>,
@@ -205,6 +209,16 @@ pub(crate) struct Meta {
 impl Meta {
     pub(crate) fn cs(&self) -> u64 {
         self.g.cs
+    }
+
+    /// Flushes guest data, then metadata (data must be complete before the mapping
+    /// pointing at it is durable).
+    pub(crate) fn flush_storages(&self) -> Result<()> {
+        if !Arc::ptr_eq(&self.data, &self.st) {
+            self.data.flush()?;
+        }
+        self.st.flush()?;
+        Ok(())
     }
 
     /// Rewrites cluster 0 from `hdr` (preserving unknown extensions) and flushes.
@@ -450,6 +464,7 @@ impl Qcow2 {
         let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
         let mut meta = Meta {
             st: storage.clone(),
+            data: storage.clone(),
             g,
             corrupt: hdr.incompatible & INCOMPAT_CORRUPT != 0,
             rc_broken,
@@ -488,7 +503,7 @@ impl Qcow2 {
             }
         }
         Ok(Qcow2 {
-            data: storage.clone(),
+            data: meta.data.clone(),
             storage,
             backing,
             backing_spec: Mutex::new(spec),
@@ -594,7 +609,7 @@ impl Driver for Qcow2 {
         m.writeback()?;
         // Under the lock: `unflushed` may only be cleared once the flush has happened,
         // or a concurrent barrier could skip a flush it needs.
-        self.storage.flush()?;
+        m.flush_storages()?;
         m.unflushed = false;
         Ok(())
     }
@@ -674,7 +689,7 @@ impl Driver for Qcow2 {
         self.closed.store(true, Ordering::Release);
         let mut m = self.lock();
         m.writeback()?;
-        self.storage.flush()?;
+        m.flush_storages()?;
         m.unflushed = false;
         if m.set_dirty {
             m.hdr.incompatible &= !INCOMPAT_DIRTY;

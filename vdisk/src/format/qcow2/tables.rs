@@ -26,7 +26,7 @@ impl Meta {
     pub(crate) fn barrier(&mut self) -> Result<()> {
         self.write_rc_blocks()?;
         if self.unflushed {
-            self.st.flush()?;
+            self.flush_storages()?;
             self.unflushed = false;
         }
         Ok(())
