@@ -191,6 +191,17 @@ impl Inner {
         m.entry(l1i).or_default().clone()
     }
 
+    /// Makes every completed write durable: guest data first, then metadata, so no
+    /// durable mapping points at data that is not (a no-op difference while both are
+    /// the same storage).
+    fn flush_all(&self) -> Result<()> {
+        if !Arc::ptr_eq(&self.data, &self.storage) {
+            self.data.flush()?;
+        }
+        self.storage.flush()?;
+        Ok(())
+    }
+
     /// Writes the fixed header fields (one sector, atomic on disk).
     fn write_header(&self, h: &Header) -> Result<()> {
         self.storage.write_at(&h.to_bytes(), 0)?;
@@ -349,7 +360,7 @@ impl Driver for Qed {
         if self.inner.read_only {
             return Ok(());
         }
-        Ok(self.inner.storage.flush()?)
+        self.inner.flush_all()
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         map::block_status(&self.inner, offset, len)
@@ -380,7 +391,7 @@ impl Driver for Qed {
             need_check::stop_timer(&self.inner);
             return Ok(());
         }
-        self.inner.storage.flush()?;
+        self.inner.flush_all()?;
         need_check::mark_clean(&self.inner)?;
         need_check::stop_timer(&self.inner);
         Ok(())

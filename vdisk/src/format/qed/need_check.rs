@@ -154,7 +154,8 @@ fn clean_locked(inner: &Inner, d: &mut DirtyState) -> Result<()> {
     if !d.header.need_check() || !d.verified || d.inflight > 0 || inner.read_only {
         return Ok(());
     }
-    inner.storage.flush()?;
+    // Everything (guest data included) durable before the image is declared clean.
+    inner.flush_all()?;
     let mut h = d.header.clone();
     h.features &= !F_NEED_CHECK;
     inner.write_header(&h)?;
