@@ -7,7 +7,7 @@
 //! freed afterwards.
 
 use super::{Meta, MAX_HOST_OFFSET, REFT_OFFSET_MASK};
-use crate::error::{Error, Result};
+use crate::error::{Error, NoSpace, Result};
 use crate::format::qcow2::header::MAX_REFTABLE_BYTES;
 
 /// Reads entry `i` of a refcount block of width `1 << order` bits.
@@ -118,9 +118,12 @@ impl Meta {
             match cur.checked_add(delta as u64) {
                 Some(n) if n <= max => n,
                 _ => {
-                    return Err(Error::NoSpace(format!(
-                        "refcount of cluster {c} would overflow ({cur} + {delta} > {max})"
-                    )))
+                    return Err(Error::NoSpace(NoSpace::RefcountOverflow {
+                        cluster: c,
+                        refcount: cur,
+                        delta: delta as u64,
+                        max,
+                    }))
                 }
             }
         } else {
@@ -218,9 +221,7 @@ impl Meta {
             self.rc.forget(c * cs);
             self.file_end = self.file_end.max((c + 1) * cs);
         }
-        Err(Error::NoSpace(
-            "could not allocate a refcount block".to_string(),
-        ))
+        Err(Error::NoSpace(NoSpace::RefcountBlock))
     }
 
     /// Replaces the refcount table by a larger one that has an entry for block
@@ -254,10 +255,7 @@ impl Meta {
         };
         if new_len * 8 > MAX_REFTABLE_BYTES || (start + nblocks + tclusters) * cs > MAX_HOST_OFFSET
         {
-            return Err(Error::NoSpace(format!(
-                "refcount table would exceed {} bytes",
-                MAX_REFTABLE_BYTES
-            )));
+            return Err(Error::NoSpace(NoSpace::RefcountTable(MAX_REFTABLE_BYTES)));
         }
         let total = nblocks + tclusters;
         let order = self.g.rc_order;
