@@ -678,6 +678,8 @@ pub enum Invalid {
     },
     /// A size that cannot be represented.
     Size(u64),
+    /// A virtual size beyond what the format can address with these options.
+    ImageTooLarge(&'static str),
     /// A shrink asked for without `--shrink`.
     ShrinkNeedsFlag,
     /// A backing file name longer than the qcow2 header allows.
@@ -748,6 +750,10 @@ impl fmt::Display for Invalid {
                  bytes for this cluster and table size)"
             ),
             Invalid::Size(s) => write!(f, "Invalid size {s}"),
+            Invalid::ImageTooLarge(fmt) => write!(
+                f,
+                "The image size is too large for file format '{fmt}' (try using a larger cluster size)"
+            ),
             Invalid::ShrinkNeedsFlag => {
                 write!(f, "Use the --shrink option to perform a shrink operation.")
             }

@@ -3,7 +3,7 @@
 use super::{
     check_range, CreateSpec, Driver, DriverOptions, Extent, ExtentKind, Format, ZeroFlags,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use crate::storage::Storage;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -69,9 +69,7 @@ pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
         }
     }
     if spec.backing.is_some() {
-        return Err(Error::invalid(
-            "Backing file not supported for file format 'raw'",
-        ));
+        return Err(Invalid::BackingNotSupported("raw").into());
     }
     preallocate(storage, &prealloc, 0, spec.size)?;
     storage.flush()?;
@@ -138,9 +136,7 @@ impl Driver for Raw {
         self.writable()?;
         let cur = self.size();
         if new_size < cur && !shrink {
-            return Err(Error::invalid(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            return Err(Invalid::ShrinkNeedsFlag.into());
         }
         self.storage.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);

@@ -4,7 +4,7 @@
 
 use super::header::*;
 use super::{Geom, Qcow2, COPIED};
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use crate::format::{
     parse_bool, parse_size, BackingSpec, CreateSpec, Driver, DriverOptions, Format,
 };
@@ -188,9 +188,7 @@ pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
     if l1 * 8 > MAX_L1_BYTES || spec.size > (1u64 << 62) {
         // qemu-img's wording for every "too large" (EFBIG) failure of qcow2 creation
         // (here: the L1 table would exceed 32 MiB, or the size exceeds 2^62).
-        return Err(Error::invalid(
-            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
-        ));
+        return Err(Invalid::ImageTooLarge("qcow2").into());
     }
     let mut h = Header {
         version: o.version,
