@@ -145,6 +145,8 @@ pub enum Structure {
     QedL1Table,
     /// A QED L2 table (`entry` is its L1 index).
     QedL2Table,
+    /// A host cluster, whoever references it (refcount findings).
+    HostCluster,
     /// The image as a whole (its file, its flags) or an unnamed structure.
     Image,
 }
@@ -171,6 +173,7 @@ impl Structure {
             Structure::QedBackingFileName => "QED backing file name",
             Structure::QedL1Table => "QED L1 table",
             Structure::QedL2Table => "QED L2 table",
+            Structure::HostCluster => "cluster",
             Structure::Image => "image",
         }
     }

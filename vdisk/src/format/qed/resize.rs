@@ -4,7 +4,7 @@ use super::header::{self, cluster_offset_valid, table_offset_valid, F_BACKING_FO
 use super::need_check;
 use super::table::{self, UNALLOCATED, ZERO_CLUSTER};
 use super::Inner;
-use crate::error::{Error, Invalid, Result};
+use crate::error::{Invalid, Result};
 use crate::format::{BackingSpec, Format};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
