@@ -318,3 +318,58 @@ fn qcow2_problem_lines_match_qemu() {
     );
     same_check_all_output(dir, "dup.qcow2", &["-r", "all"]);
 }
+
+/// Sets `bits` in guest cluster 0's L2 entry (`l2`) or in the first L1 entry.
+fn set_entry_bits(path: &Path, l2: bool, bits: u64) -> u64 {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let l1 = be64(&mut f, 40);
+    let at = if l2 {
+        be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00
+    } else {
+        l1
+    };
+    let bad = be64(&mut f, at) | bits;
+    put(&mut f, at, &bad.to_be_bytes());
+    bad
+}
+
+/// Entries with reserved bits set and misaligned offsets: the lines the library's
+/// findings are worded into are qemu-img's, in both tools' stderr.
+#[test]
+fn qcow2_entry_problem_lines_match_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (l2, bits, what) in [
+        (true, 0x64u64, "l2"),
+        (true, 1u64 << 57, "l2"),
+        (false, 0x2u64, "L1"),
+        (false, 1u64 << 60, "L1"),
+    ] {
+        let name = format!("r{bits:x}.qcow2");
+        qcow2_with_data(dir, &name);
+        let bad = set_entry_bits(&dir.join(&name), l2, bits);
+        let line = format!("ERROR found {what} entry with reserved bits set: {bad:x}\n");
+        let q = qemu_img(dir, &["check", &name]);
+        let v = vdisk(dir, &["check", &name]);
+        assert_eq!(v.code, q.code, "{}{} vs {}{}", v.out, v.err, q.out, q.err);
+        assert!(q.err.contains(&line), "qemu: {}", q.err);
+        assert!(v.err.contains(&line), "vdisk: {}", v.err);
+    }
+    // An L2 table offset that is not cluster aligned (qemu goes on to read the table
+    // there, so only the line itself is compared).
+    qcow2_with_data(dir, "u.qcow2");
+    let e = set_entry_bits(&dir.join("u.qcow2"), false, 0x200);
+    let line = format!(
+        "ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted\n",
+        e & 0x00ff_ffff_ffff_fe00
+    );
+    let q = qemu_img(dir, &["check", "u.qcow2"]);
+    let v = vdisk(dir, &["check", "u.qcow2"]);
+    assert_eq!(v.code, q.code);
+    assert!(q.err.contains(&line), "qemu: {}", q.err);
+    assert!(v.err.contains(&line), "vdisk: {}", v.err);
+}
