@@ -681,6 +681,19 @@ pub enum Invalid {
     },
     /// A size that cannot be represented.
     Size(u64),
+    /// A size argument that does not parse (qemu's suffixes).
+    BadSize(String),
+    /// An on/off option with another value (the option).
+    BadBool(String),
+    /// A request that ends past the end of the guest disk.
+    PastEnd {
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The disk size.
+        size: u64,
+    },
     /// A virtual size beyond what the format can address with these options.
     ImageTooLarge(&'static str),
     /// A shrink asked for without `--shrink`.
@@ -753,6 +766,12 @@ impl fmt::Display for Invalid {
                  bytes for this cluster and table size)"
             ),
             Invalid::Size(s) => write!(f, "Invalid size {s}"),
+            Invalid::BadSize(s) => write!(f, "Invalid size '{s}'"),
+            Invalid::BadBool(k) => write!(f, "Parameter '{k}' expects 'on' or 'off'"),
+            Invalid::PastEnd { offset, len, size } => write!(
+                f,
+                "request at offset {offset} length {len} is past the end of the image ({size} bytes)"
+            ),
             Invalid::ImageTooLarge(fmt) => write!(
                 f,
                 "The image size is too large for file format '{fmt}' (try using a larger cluster size)"
@@ -824,11 +843,9 @@ impl fmt::Display for NoSpace {
             ),
             NoSpace::RefcountBlock => write!(f, "could not allocate a refcount block"),
             NoSpace::RefcountTable(max) => write!(f, "refcount table would exceed {max} bytes"),
-            NoSpace::RebuiltRefcountTable(max) => write!(
-                f,
-                "rebuilt refcount table would exceed {} MiB",
-                max >> 20
-            ),
+            NoSpace::RebuiltRefcountTable(max) => {
+                write!(f, "rebuilt refcount table would exceed {} MiB", max >> 20)
+            }
             NoSpace::Other(m) => write!(f, "{m}"),
         }
     }
@@ -853,7 +870,10 @@ mod tests {
     #[test]
     fn table_placement_wording() {
         let e = Error::from(Corruption::new(Structure::L1Table, Problem::Unaligned).at(0x10200));
-        assert_eq!(e.to_string(), "L1 table offset 0x10200 is not cluster aligned");
+        assert_eq!(
+            e.to_string(),
+            "L1 table offset 0x10200 is not cluster aligned"
+        );
         let e = Corruption::new(Structure::RefcountTable, Problem::OverlapsHeader).at(0);
         assert_eq!(
             e.to_string(),
@@ -877,7 +897,10 @@ mod tests {
     #[test]
     fn header_wording() {
         let c = |p| Corruption::new(Structure::Qcow2Header, p).to_string();
-        assert_eq!(c(Problem::BadMagic), "Image is not in qcow2 format (bad magic)");
+        assert_eq!(
+            c(Problem::BadMagic),
+            "Image is not in qcow2 format (bad magic)"
+        );
         assert_eq!(
             c(Problem::Truncated {
                 have: Some(10),
@@ -893,12 +916,15 @@ mod tests {
             "Unsupported cluster size: 2^30 (cluster_bits must be 9..21)"
         );
         assert_eq!(
-            Corruption::new(Structure::QedHeader, Problem::OutOfRange {
-                field: Field::TableSize,
-                value: 3,
-                min: 1,
-                max: 16
-            })
+            Corruption::new(
+                Structure::QedHeader,
+                Problem::OutOfRange {
+                    field: Field::TableSize,
+                    value: 3,
+                    min: 1,
+                    max: 16
+                }
+            )
             .to_string(),
             "QED header: invalid table size 3 (must be a power of two in [1, 16])"
         );
@@ -914,7 +940,10 @@ mod tests {
 
     #[test]
     fn fallbacks_keep_the_message() {
-        assert_eq!(Error::corrupt("L2 table at 0x0 bad").to_string(), "L2 table at 0x0 bad");
+        assert_eq!(
+            Error::corrupt("L2 table at 0x0 bad").to_string(),
+            "L2 table at 0x0 bad"
+        );
         assert_eq!(Error::invalid("bad").to_string(), "bad");
         assert_eq!(Error::unsupported("nope").to_string(), "nope");
         assert_eq!(Error::NoSpace("full".into()).to_string(), "full");
@@ -942,6 +971,15 @@ mod tests {
             "Invalid parameter 'foo'"
         );
         assert_eq!(
+            Error::from(Invalid::PastEnd {
+                offset: 512,
+                len: 512,
+                size: 512
+            })
+            .to_string(),
+            "request at offset 512 length 512 is past the end of the image (512 bytes)"
+        );
+        assert_eq!(
             Error::from(Invalid::ShrinkNeedsFlag).to_string(),
             "Use the --shrink option to perform a shrink operation."
         );
@@ -950,8 +988,7 @@ mod tests {
             "Backing file not supported for file format 'raw'"
         );
         assert_eq!(
-            Error::from(Unsupported::Qcow2Features(vec!["foo".into(), "bar".into()]))
-                .to_string(),
+            Error::from(Unsupported::Qcow2Features(vec!["foo".into(), "bar".into()])).to_string(),
             "Unsupported qcow2 feature(s): foo, bar"
         );
         assert_eq!(
@@ -967,7 +1004,10 @@ mod tests {
             Error::from(Corruption::new(Structure::L2Table, Problem::Unaligned)).errno(),
             libc::EIO
         );
-        assert_eq!(Error::from(Unsupported::ExternalDataFile).errno(), libc::ENOTSUP);
+        assert_eq!(
+            Error::from(Unsupported::ExternalDataFile).errno(),
+            libc::ENOTSUP
+        );
         assert_eq!(Error::from(Invalid::ShrinkNeedsFlag).errno(), libc::EINVAL);
         assert_eq!(Error::ReadOnly.errno(), libc::EPERM);
         assert_eq!(Error::BackingLoop("a".into()).errno(), libc::ELOOP);

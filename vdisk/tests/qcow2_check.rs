@@ -450,10 +450,12 @@ fn reserved_bits_in_l1_and_l2_entries() {
                 Structure::L2Table
             };
             assert!(
-                r.findings.iter().any(|f| f.kind == FindingKind::ReservedBits
-                    && f.structure == structure
-                    && f.outcome == Outcome::Found
-                    && f.entry_value == Some(bad)),
+                r.findings
+                    .iter()
+                    .any(|f| f.kind == FindingKind::ReservedBits
+                        && f.structure == structure
+                        && f.outcome == Outcome::Found
+                        && f.entry_value == Some(bad)),
                 "{:?}",
                 r.findings
             );

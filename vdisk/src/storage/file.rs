@@ -331,16 +331,15 @@ impl Storage for FileStorage {
         if self.cache.ignore_flush() {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e))
+        self.file.sync_data().map_err(|e| {
+            StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e)
+        })
     }
 
     fn len(&self) -> StorageResult<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| StorageError::op(StorageOp::Stat, self.path.display().to_string(), None, e))
+        self.file.metadata().map(|m| m.len()).map_err(|e| {
+            StorageError::op(StorageOp::Stat, self.path.display().to_string(), None, e)
+        })
     }
 
     fn set_len(&self, len: u64) -> StorageResult<()> {

@@ -110,13 +110,14 @@ fn held_by_other(fd: RawFd, start: i64) -> std::io::Result<bool> {
 pub fn release(fd: RawFd) -> StorageResult<()> {
     for base in [PERM_BASE, SHARED_BASE] {
         for bit in 0..4 {
-            set_lock(fd, base + bit, libc::F_UNLCK as libc::c_short)
-                .map_err(|e| StorageError::Io {
+            set_lock(fd, base + bit, libc::F_UNLCK as libc::c_short).map_err(|e| {
+                StorageError::Io {
                     op: StorageOp::Unlock,
                     path: None,
                     offset: None,
                     source: e,
-                })?;
+                }
+            })?;
         }
     }
     Ok(())

@@ -313,10 +313,13 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         if clusters != 0 && rt_off != 0 && rt_off >= m.file_end {
             cnt.inc(rep, Structure::RefcountTable, rt_off, clusters * cs);
         } else if clusters != 0 {
-            rep.push(Finding::new(
-                K::RefcountStructureUnusable(rc_broken_reason(m, why)),
-                Structure::RefcountTable,
-            ).at(rt_off));
+            rep.push(
+                Finding::new(
+                    K::RefcountStructureUnusable(rc_broken_reason(m, why)),
+                    Structure::RefcountTable,
+                )
+                .at(rt_off),
+            );
             rep.corruptions += 1;
         }
         return Ok((cnt, true));

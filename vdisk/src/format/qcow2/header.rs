@@ -250,9 +250,7 @@ impl Header {
                     value: 1,
                 }))
             }
-            (t, _) => {
-                return Err(Unsupported::CompressionType(t).into())
-            }
+            (t, _) => return Err(Unsupported::CompressionType(t).into()),
         }
         h.parse_extensions(head)?;
         if h.backing_file_offset != 0 {

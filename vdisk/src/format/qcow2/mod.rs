@@ -354,7 +354,14 @@ impl Qcow2 {
             .into());
         }
         let l1_bytes = u64::from(hdr.l1_size) * 8;
-        validate_table(Structure::L1Table, None, hdr.l1_table_offset, l1_bytes, cs, file_len)?;
+        validate_table(
+            Structure::L1Table,
+            None,
+            hdr.l1_table_offset,
+            l1_bytes,
+            cs,
+            file_len,
+        )?;
         let mut l1 = vec![0u64; hdr.l1_size as usize];
         if !l1.is_empty() {
             let mut raw = vec![0u8; l1_bytes as usize];
