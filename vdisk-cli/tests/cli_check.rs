@@ -18,6 +18,15 @@ fn put(f: &mut std::fs::File, off: u64, bytes: &[u8]) {
     f.write_all(bytes).unwrap();
 }
 
+/// Opens an image file for patching by hand.
+fn open_rw(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
 /// A 10 MiB qcow2 image with guest clusters 0 and 1 written (host clusters 5 and 6).
 fn qcow2_with_data(dir: &Path, name: &str) {
     ok(
@@ -29,11 +38,7 @@ fn qcow2_with_data(dir: &Path, name: &str) {
 
 /// Drops the L2 entry of guest cluster 1: its host cluster leaks.
 fn make_leak(path: &Path) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let mut f = open_rw(path);
     let l1 = be64(&mut f, 40);
     let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
     put(&mut f, l2 + 8, &[0u8; 8]);
@@ -42,11 +47,7 @@ fn make_leak(path: &Path) {
 /// Points guest cluster 1 at guest cluster 0's host cluster: cluster 5 is referenced
 /// twice with refcount 1, cluster 6 leaks.
 fn make_double_ref(path: &Path) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let mut f = open_rw(path);
     let l1 = be64(&mut f, 40);
     let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
     let e0 = be64(&mut f, l2);
@@ -55,11 +56,7 @@ fn make_double_ref(path: &Path) {
 
 /// Sets the refcount of host cluster 5 (guest cluster 0's data) to zero.
 fn make_corrupt(path: &Path) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let mut f = open_rw(path);
     let rt = be64(&mut f, 48);
     let rb = be64(&mut f, rt);
     put(&mut f, rb + 2 * 5, &[0, 0]);
@@ -321,11 +318,7 @@ fn qcow2_problem_lines_match_qemu() {
 
 /// Sets `bits` in guest cluster 0's L2 entry (`l2`) or in the first L1 entry.
 fn set_entry_bits(path: &Path, l2: bool, bits: u64) -> u64 {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let mut f = open_rw(path);
     let l1 = be64(&mut f, 40);
     let at = if l2 {
         be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00
