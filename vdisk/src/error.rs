@@ -428,18 +428,20 @@ impl fmt::Display for Corruption {
             (S::SnapshotTable, P::TooLarge { field: Field::Count, value, max }) => {
                 write!(f, "Too many snapshots: {value} (max {max})")
             }
-            (S::SnapshotTable, P::TooLarge { field: Field::Length, value, .. }) => {
+            (S::SnapshotTable, P::TooLarge { field: Field::Length, value, .. })
+                if self.entry.is_some() =>
+            {
                 write!(f, "snapshot {entry}: too much extra metadata ({value} bytes)")
             }
             (S::SnapshotTable, P::TooLarge { .. }) => write!(
                 f,
                 "snapshot table runs past the end of the file or exceeds 64 MiB"
             ),
-            (S::SnapshotTable, P::PastEnd { .. }) if self.offset.is_some() => write!(
+            (S::SnapshotTable, P::PastEnd { .. }) if self.entry.is_some() && self.offset.is_some() => write!(
                 f,
                 "snapshot table entry {entry} at offset {off:#x} lies past the end of the file or the table size limit"
             ),
-            (S::SnapshotTable, P::PastEnd { .. }) => {
+            (S::SnapshotTable, P::PastEnd { .. }) if self.entry.is_some() => {
                 write!(f, "snapshot table entry {entry} runs past the end of the file")
             }
             (S::SnapshotL1Table, P::TooLarge { value, .. }) => {
@@ -891,6 +893,47 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "Snapshot 2 L1 table at offset 0x20000 (16 bytes) lies past the end of the file (4096 bytes)"
+        );
+    }
+
+    #[test]
+    fn snapshot_table_wording() {
+        let past = Problem::PastEnd {
+            bytes: 40,
+            end: 4096,
+        };
+        let t = |c: Corruption| c.to_string();
+        let table = Corruption::new(Structure::SnapshotTable, past.clone());
+        assert_eq!(
+            t(table.clone().at(0x10000)),
+            "Snapshot table at offset 0x10000 (40 bytes) lies past the end of the file (4096 bytes)"
+        );
+        assert_eq!(
+            t(table.clone().entry(3).at(0x10000)),
+            "snapshot table entry 3 at offset 0x10000 lies past the end of the file or the table size limit"
+        );
+        assert_eq!(
+            t(table.entry(3)),
+            "snapshot table entry 3 runs past the end of the file"
+        );
+        let big = |entry: Option<u64>| Corruption {
+            entry,
+            ..Corruption::new(
+                Structure::SnapshotTable,
+                Problem::TooLarge {
+                    field: Field::Length,
+                    value: 2000,
+                    max: 1024,
+                },
+            )
+        };
+        assert_eq!(
+            t(big(Some(1))),
+            "snapshot 1: too much extra metadata (2000 bytes)"
+        );
+        assert_eq!(
+            t(big(None)),
+            "snapshot table runs past the end of the file or exceeds 64 MiB"
         );
     }
 
