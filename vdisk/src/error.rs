@@ -277,6 +277,22 @@ pub enum Problem {
         /// Entries needed.
         need: u64,
     },
+    /// The offset is unaligned or lies past the end of the file.
+    Misplaced,
+    /// The refcount block covering host cluster `cluster` is missing.
+    RefcountMissing {
+        /// The host cluster whose refcount was being updated.
+        cluster: u64,
+    },
+    /// A refcount decrement would drop below zero.
+    RefcountUnderflow {
+        /// The host cluster.
+        cluster: u64,
+        /// Its refcount.
+        refcount: u64,
+        /// The (negative) change asked for.
+        delta: i64,
+    },
     /// A name is not valid UTF-8.
     NotUtf8,
     /// A name is empty or contains NUL.
@@ -357,6 +373,22 @@ impl fmt::Display for Corruption {
             (_, P::OverlapsHeader) => {
                 write!(f, "{} at offset {off} overlaps the image header", self.name())
             }
+            (S::RefcountBlock, P::Misplaced) => write!(
+                f,
+                "Refcount block offset {off:#x} is unaligned or past the end of the file; refcount table corrupted"
+            ),
+            (_, P::RefcountMissing { cluster }) => write!(
+                f,
+                "refcount block for cluster {cluster} is missing while updating its refcount"
+            ),
+            (_, P::RefcountUnderflow {
+                cluster,
+                refcount,
+                delta,
+            }) => write!(
+                f,
+                "refcount of cluster {cluster} would drop below zero ({refcount} {delta})"
+            ),
             (S::Qcow2Header, P::Truncated { have: Some(have), need }) => write!(
                 f,
                 "qcow2 header truncated: file has {have} bytes, the header needs {need}"
@@ -528,6 +560,7 @@ impl fmt::Display for Corruption {
                     P::NotUtf8 => write!(f, ": not valid UTF-8"),
                     P::EmptyOrNul => write!(f, ": empty or contains NUL"),
                     P::Missing => write!(f, " is missing"),
+                    P::Misplaced => write!(f, " is unaligned or past the end of the file"),
                     _ => write!(f, " is corrupt"),
                 }
             }
@@ -934,6 +967,35 @@ mod tests {
         assert_eq!(
             t(big(None)),
             "snapshot table runs past the end of the file or exceeds 64 MiB"
+        );
+    }
+
+    #[test]
+    fn refcount_update_wording() {
+        let c = Corruption::new(Structure::RefcountBlock, Problem::Misplaced).at(0x1200);
+        assert_eq!(
+            c.to_string(),
+            "Refcount block offset 0x1200 is unaligned or past the end of the file; refcount table corrupted"
+        );
+        let c = Corruption::new(
+            Structure::RefcountBlock,
+            Problem::RefcountMissing { cluster: 77 },
+        );
+        assert_eq!(
+            c.to_string(),
+            "refcount block for cluster 77 is missing while updating its refcount"
+        );
+        let c = Corruption::new(
+            Structure::HostCluster,
+            Problem::RefcountUnderflow {
+                cluster: 5,
+                refcount: 0,
+                delta: -1,
+            },
+        );
+        assert_eq!(
+            c.to_string(),
+            "refcount of cluster 5 would drop below zero (0 -1)"
         );
     }
 
