@@ -35,11 +35,15 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Reads the first bytes of a storage and guesses its format.
+/// Reads the first bytes of a storage and guesses its format (the format registry's
+/// probes, QEMU's scoring).
 pub fn probe_storage(storage: &dyn Storage) -> Result<Format> {
-    let mut head = [0u8; 512];
-    storage.read_at(&mut head, 0)?;
-    Ok(Format::probe(&head))
+    format::registry::probe_storage(storage, None)
+}
+
+/// Like [`probe_storage`], with the file's name for the probes that look at it (dmg).
+pub fn probe_file(storage: &dyn Storage, path: &Path) -> Result<Format> {
+    format::registry::probe_storage(storage, path.to_str())
 }
 
 /// Opens one file with the options of a chain.
@@ -102,7 +106,7 @@ pub fn open_backing(
         .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
     let fmt = match spec.format {
         Some(f) => f,
-        None => probe_storage(&*storage)?,
+        None => probe_file(&*storage, &path)?,
     };
     seen.push(canon);
     let mut dopts = opts.driver.clone();

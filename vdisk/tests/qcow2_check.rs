@@ -116,11 +116,8 @@ fn statistics_match_qemu() {
         let img = open(&v, true);
         img.write_at(&vec![7u8; 300_000], 12345).unwrap();
         img.write_at(&vec![8u8; 5000], 3 << 20).unwrap();
-        img.driver()
-            .write_compressed(&vec![0u8; 4096], 2 << 20)
-            .unwrap();
-        img.driver()
-            .write_compressed(&[5u8; 4096], (2 << 20) + 4096)
+        img.write_compressed(&vec![0u8; 4096], 2 << 20).unwrap();
+        img.write_compressed(&[5u8; 4096], (2 << 20) + 4096)
             .unwrap();
     }
     same_as_qemu(&v);
@@ -219,13 +216,13 @@ fn dirty_lazy_image_is_repaired_on_open() {
     poke_refcount(&f, 6, 0);
     {
         let img = open(&f, false);
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let r = img.check(Repair::default()).unwrap();
         assert!(r.corruptions > 0);
     }
     {
         let img = open(&f, true);
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
     }
     assert_clean(&f);
     let (_, q) = qemu_check(&f);
@@ -270,7 +267,7 @@ fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
     std::fs::write(&f, &b).unwrap();
     {
         let img = open(&f, false);
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let _ = read_all(&img);
         let _ = img.check(Repair::default()).unwrap();
         assert!(matches!(img.write_at(&[1], 0), Err(vdisk::Error::ReadOnly)));
@@ -292,9 +289,9 @@ fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
     // until close.
     {
         let img = open(&f, true);
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
         img.write_at(&[1u8; 5000], 300_000).unwrap();
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let on_disk = std::fs::read(&f).unwrap();
         assert_eq!(
             on_disk[79] & 1,
@@ -302,7 +299,7 @@ fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
             "dirty bit must be on disk before allocating writes land"
         );
         img.close().unwrap();
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
     }
     let v: serde_json::Value =
         serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&f)])).unwrap();

@@ -94,9 +94,7 @@ fn run(
                 let c = off / cs * cs;
                 let n = cs.min(size - c);
                 let v = (i as u8).wrapping_mul(13) | 1;
-                img.driver()
-                    .write_compressed(&vec![v; n as usize], c)
-                    .unwrap();
+                img.write_compressed(&vec![v; n as usize], c).unwrap();
                 model[c as usize..(c + n) as usize].fill(v);
                 if let Some(f) = flushes.last_mut() {
                     f.later.push((start_point, c, n));

@@ -277,7 +277,7 @@ fn dirty_image_repaired_on_open_and_untouched_read_only() {
     let bytes = std::fs::read(&a).expect("read");
     {
         let img = open(&a, true);
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let mut buf = vec![0u8; 4096];
         img.read_at(&mut buf, 0).expect("read works read-only");
         assert!(buf.iter().all(|b| *b == 1));
@@ -288,7 +288,7 @@ fn dirty_image_repaired_on_open_and_untouched_read_only() {
     );
     {
         let img = open(&a, false);
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
     }
     assert_eq!(features(&a) & 2, 0);
     assert_qemu_clean(&a);

@@ -7,11 +7,15 @@
 //!
 //! - [`driver`]: the contract ([`Driver`] and the types it speaks).
 //! - [`registry`]: the list of formats, probing, dispatch of create/open.
+//! - [`options`]: declared creation/amend options, their parsing and `-o help`.
+//! - [`foreign`]: formats recognised by their probes but not supported yet.
 //! - [`report`]: check results.
 //! - [`util`]: helpers shared by the formats.
 //! - `raw`, `qcow2`, `qed`: the formats.
 
 pub mod driver;
+pub mod foreign;
+pub mod options;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
@@ -20,6 +24,6 @@ pub mod report;
 pub mod util;
 
 pub use driver::*;
-pub use registry::{create, open, Format};
+pub use registry::{create, open, open_with, Format, FormatDesc};
 pub use report::*;
 pub use util::*;

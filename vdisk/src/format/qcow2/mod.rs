@@ -12,7 +12,7 @@
 //! - `check`: consistency check, repair and refcount rebuild.
 //! - `create`: image creation.
 //!
-//! Concurrency: all metadata lives in one [`Meta`] behind a mutex that is held only for
+//! Concurrency: all metadata lives in one `Meta` behind a mutex that is held only for
 //! metadata work; guest data I/O (reads, writes to allocated clusters, copy-on-write of
 //! new clusters) runs without it. Allocating writes register their guest clusters in
 //! the in-flight list so overlapping requests wait for them and then see the result.
@@ -33,8 +33,10 @@ mod cache;
 mod check;
 mod compress;
 mod create;
+pub mod descriptor;
 pub mod header;
 mod io;
+pub mod options;
 mod refcount;
 mod snapshot;
 mod tables;

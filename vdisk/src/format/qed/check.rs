@@ -448,7 +448,7 @@ fn plan_round(
         let Some(hi) = top.checked_sub(1) else {
             break;
         };
-        while lo < hi && !(is_free(owners[lo]) && !vacated[lo]) {
+        while lo < hi && (!is_free(owners[lo]) || vacated[lo]) {
             lo += 1;
         }
         if lo >= hi {
@@ -514,8 +514,8 @@ fn plan_round(
                 // down into the lowest hole.
                 data_ptr = data_ptr.min(s);
                 while data_ptr > lo + 1
-                    && !(matches!(owners[data_ptr - 1], Owner::Data { .. })
-                        && !vacated[data_ptr - 1])
+                    && (!matches!(owners[data_ptr - 1], Owner::Data { .. })
+                        || vacated[data_ptr - 1])
                 {
                     data_ptr -= 1;
                 }

@@ -18,10 +18,12 @@
 
 mod check;
 mod create;
+pub mod descriptor;
 mod flush;
 pub mod header;
 mod io;
 mod need_check;
+pub mod options;
 mod paging;
 mod resize;
 pub mod table;
