@@ -589,6 +589,12 @@ pub enum Unsupported {
     ExtendedL2Create,
     /// A create option naming a feature this driver lacks (encryption, data files).
     CreateOption(String),
+    /// A format vdisk recognises but cannot read (its name: `vmdk`, `vhdx`...).
+    Format(&'static str),
+    /// A format without image creation.
+    NoCreate(&'static str),
+    /// A format without option amendment.
+    NoAmend(&'static str),
     /// A backing file format this engine cannot open.
     BackingFormat {
         /// The backing file.
@@ -648,6 +654,18 @@ impl fmt::Display for Unsupported {
                 f,
                 "qcow2 option '{k}' (encryption / external data files) is not supported"
             ),
+            Unsupported::Format(name) => {
+                write!(f, "the {name} format is not supported by vdisk")
+            }
+            Unsupported::NoCreate(name) => {
+                write!(f, "Format driver '{name}' does not support image creation")
+            }
+            Unsupported::NoAmend(name) => {
+                write!(
+                    f,
+                    "Format driver '{name}' does not support option amendment"
+                )
+            }
             Unsupported::BackingFormat { name, format } => {
                 write!(f, "backing file '{name}' has unsupported format '{format}'")
             }
@@ -684,6 +702,12 @@ pub enum Invalid {
     },
     /// A size option that is not a non-negative number below 2^64.
     BadSizeOption(String),
+    /// A number option whose value is not a number (the option).
+    BadNumber(String),
+    /// An enumerated option without a QAPI name given a word it does not know.
+    BadEnumValue(String),
+    /// A format name no driver has (`-f`, `-F`, `backing_fmt`).
+    UnknownDriver(String),
     /// A qcow2 cluster size that is not a power of two in [512, 2 MiB].
     Qcow2ClusterSize,
     /// A qcow2 refcount width that is not a power of two up to 64.
@@ -775,6 +799,9 @@ impl fmt::Display for Invalid {
                 f,
                 "Parameter '{option}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
             ),
+            Invalid::BadNumber(option) => write!(f, "Parameter '{option}' expects a number"),
+            Invalid::BadEnumValue(value) => write!(f, "invalid parameter value: {value}"),
+            Invalid::UnknownDriver(name) => write!(f, "Unknown driver '{name}'"),
             Invalid::Qcow2ClusterSize => write!(
                 f,
                 "Cluster size must be a power of two between 512 and 2048k"
@@ -1095,6 +1122,22 @@ mod tests {
         assert_eq!(
             Error::from(Unsupported::Qcow2Features(vec!["foo".into(), "bar".into()])).to_string(),
             "Unsupported qcow2 feature(s): foo, bar"
+        );
+        assert_eq!(
+            Error::from(Invalid::UnknownDriver("foo".into())).to_string(),
+            "Unknown driver 'foo'"
+        );
+        assert_eq!(
+            Error::from(Invalid::BadSizeOption("size".into())).to_string(),
+            "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+        );
+        assert_eq!(
+            Error::from(Unsupported::Format("vmdk")).to_string(),
+            "the vmdk format is not supported by vdisk"
+        );
+        assert_eq!(
+            Error::from(Unsupported::NoAmend("raw")).to_string(),
+            "Format driver 'raw' does not support option amendment"
         );
         assert_eq!(
             Error::from(NoSpace::RebuiltRefcountTable(8 << 20)).to_string(),
