@@ -780,12 +780,31 @@ pub enum Invalid {
     },
     /// A backing file without a backing format (where one is required).
     BackingWithoutFormat,
+    /// A backing file together with preallocation (qcow2 without extended L2).
+    BackingWithPreallocation,
+    /// A qcow2 feature asked for with `compat=0.10`.
+    NeedsV3(V3Feature),
+    /// Extended L2 entries with clusters below 16 KiB.
+    ExtendedL2ClusterSize,
     /// A backing file given to a format without backing files.
     BackingNotSupported(&'static str),
     /// The data does not carry the format's signature.
     WrongFormat(&'static str),
     /// Anything else, described in words (fallback).
     Other(String),
+}
+
+/// A qcow2 feature that needs version 3 (`compat=1.1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V3Feature {
+    /// Refcounts of another width than 16 bits.
+    RefcountWidth,
+    /// Lazy refcounts.
+    LazyRefcounts,
+    /// A compression type other than zlib.
+    CompressionType,
+    /// Extended L2 entries.
+    ExtendedL2,
 }
 
 impl fmt::Display for Invalid {
@@ -854,6 +873,32 @@ impl fmt::Display for Invalid {
             } => write!(
                 f,
                 "qcow2 header, extensions and backing file name ({bytes} bytes) do not fit in one cluster ({cluster_size} bytes)"
+            ),
+            Invalid::BackingWithPreallocation => write!(
+                f,
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+            ),
+            Invalid::NeedsV3(feature) => match feature {
+                V3Feature::RefcountWidth => write!(
+                    f,
+                    "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"
+                ),
+                V3Feature::LazyRefcounts => write!(
+                    f,
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+                ),
+                V3Feature::CompressionType => write!(
+                    f,
+                    "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+                ),
+                V3Feature::ExtendedL2 => write!(
+                    f,
+                    "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+                ),
+            },
+            Invalid::ExtendedL2ClusterSize => write!(
+                f,
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
             ),
             Invalid::BackingWithoutFormat => {
                 write!(f, "Backing file specified without backing format")
