@@ -54,6 +54,30 @@ impl StorageOp {
     }
 }
 
+impl From<&str> for StorageOp {
+    /// The operation a verb names (`Could not read` is [`StorageOp::Read`]); other
+    /// words are kept as [`StorageOp::Other`].
+    fn from(verb: &str) -> Self {
+        [
+            StorageOp::Open,
+            StorageOp::Truncate,
+            StorageOp::Read,
+            StorageOp::Write,
+            StorageOp::Flush,
+            StorageOp::Stat,
+            StorageOp::PunchHole,
+            StorageOp::WriteZeroes,
+            StorageOp::Allocate,
+            StorageOp::SeekData,
+            StorageOp::Lock,
+            StorageOp::Unlock,
+        ]
+        .into_iter()
+        .find(|op| op.verb() == verb)
+        .unwrap_or_else(|| StorageOp::Other(verb.to_string()))
+    }
+}
+
 /// Another process holds a lock this open needs (QEMU's image locking).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockConflict {
@@ -186,6 +210,19 @@ mod tests {
         let e = StorageError::from(enoent());
         assert!(e.to_string().starts_with("No such file"));
         assert_eq!(e.errno(), libc::ENOENT);
+    }
+
+    #[test]
+    fn verbs_name_operations() {
+        assert_eq!(StorageOp::from("Could not read"), StorageOp::Read);
+        assert_eq!(
+            StorageOp::from("Could not punch hole in"),
+            StorageOp::PunchHole
+        );
+        assert_eq!(
+            StorageOp::from("Could not frob"),
+            StorageOp::Other("Could not frob".into())
+        );
     }
 
     #[test]

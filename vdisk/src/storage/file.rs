@@ -139,8 +139,8 @@ impl FileStorage {
         &self.path
     }
 
-    fn err(&self, op: StorageOp, offset: u64, e: std::io::Error) -> StorageError {
-        StorageError::op(op, self.path.display().to_string(), Some(offset), e)
+    fn err(&self, op: impl Into<StorageOp>, offset: u64, e: std::io::Error) -> StorageError {
+        StorageError::op(op.into(), self.path.display().to_string(), Some(offset), e)
     }
 
     /// Buffered (or fully aligned direct) read; zero-fills past EOF.
