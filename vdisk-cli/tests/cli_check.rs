@@ -366,3 +366,43 @@ fn qcow2_entry_problem_lines_match_qemu() {
     assert!(q.err.contains(&line), "qemu: {}", q.err);
     assert!(v.err.contains(&line), "vdisk: {}", v.err);
 }
+
+/// Clears the COPIED flag of guest cluster 0's L2 entry (`l2`) or of the first L1 entry.
+fn clear_copied(path: &Path, l2: bool) {
+    let mut f = open_rw(path);
+    let l1 = be64(&mut f, 40);
+    let at = if l2 {
+        be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00
+    } else {
+        l1
+    };
+    let e = be64(&mut f, at) & !(1u64 << 63);
+    put(&mut f, at, &e.to_be_bytes());
+}
+
+/// COPIED flags that disagree with the refcounts: found, then repaired, in qemu-img's
+/// words and order.
+#[test]
+fn qcow2_copied_flag_lines_match_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (l2, name, want) in [
+        (
+            true,
+            "c2.qcow2",
+            "ERROR OFLAG_COPIED data cluster: l2_entry=",
+        ),
+        (
+            false,
+            "c1.qcow2",
+            "ERROR OFLAG_COPIED L2 cluster: l1_index=0 l1_entry=",
+        ),
+    ] {
+        qcow2_with_data(dir, name);
+        clear_copied(&dir.join(name), l2);
+        let e = same_check_all_output(dir, name, &[]);
+        assert!(e.contains(want), "{e}");
+        let e = same_check_all_output(dir, name, &["-r", "all"]);
+        assert!(e.contains(&want.replace("ERROR", "Repairing")), "{e}");
+    }
+}
