@@ -406,3 +406,20 @@ fn qcow2_copied_flag_lines_match_qemu() {
         assert!(e.contains(&want.replace("ERROR", "Repairing")), "{e}");
     }
 }
+
+/// A refcount table past the end of the file: the reference past the end and the
+/// refcount errors, in qemu-img's words.
+#[test]
+fn qcow2_refcount_table_past_eof_lines_match_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    qcow2_with_data(dir, "t.qcow2");
+    let mut f = open_rw(&dir.join("t.qcow2"));
+    put(&mut f, 48, &(1u64 << 30).to_be_bytes());
+    drop(f);
+    let e = same_check_all_output(dir, "t.qcow2", &[]);
+    assert!(
+        e.contains("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x40000000 size 0x10000\n"),
+        "{e}"
+    );
+}
