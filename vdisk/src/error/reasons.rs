@@ -213,6 +213,16 @@ pub enum Invalid {
         /// The cluster size.
         cluster_size: u64,
     },
+    /// A qcow2 version 2 header asked to hold version 3 fields (feature bits, another
+    /// refcount width, a compression type).
+    V2HeaderFields,
+    /// A qcow2 v3 `header_length` outside `104..=cluster_size`.
+    HeaderLength {
+        /// The length asked for.
+        len: u64,
+        /// The cluster size.
+        cluster_size: u64,
+    },
     /// A backing file without a backing format (where one is required).
     BackingWithoutFormat,
     /// A backing file together with preallocation (qcow2 without extended L2).
@@ -308,6 +318,14 @@ impl fmt::Display for Invalid {
             } => write!(
                 f,
                 "qcow2 header, extensions and backing file name ({bytes} bytes) do not fit in one cluster ({cluster_size} bytes)"
+            ),
+            Invalid::V2HeaderFields => write!(
+                f,
+                "qcow2 version 2 header cannot hold feature bits, a refcount width other than 16 bits or a compression type"
+            ),
+            Invalid::HeaderLength { len, cluster_size } => write!(
+                f,
+                "qcow2 header_length {len} must be between 104 and the cluster size ({cluster_size})"
             ),
             Invalid::BackingWithPreallocation => write!(
                 f,

@@ -357,15 +357,14 @@ impl Header {
                 || self.refcount_order != 4
                 || self.compression_type != 0)
         {
-            return Err(Error::invalid(
-                "qcow2 version 2 header cannot hold feature bits, a refcount width other than 16 bits or a compression type",
-            ));
+            return Err(Invalid::V2HeaderFields.into());
         }
         if self.version == 3 && !(104..=cs).contains(&(self.header_length as usize)) {
-            return Err(Error::invalid(format!(
-                "qcow2 header_length {} must be between 104 and the cluster size ({cs})",
-                self.header_length
-            )));
+            return Err(Invalid::HeaderLength {
+                len: self.header_length.into(),
+                cluster_size: cs as u64,
+            }
+            .into());
         }
         let hl = if self.version == 2 {
             V2_HEADER_LEN
