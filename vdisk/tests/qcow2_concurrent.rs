@@ -113,7 +113,7 @@ fn threads_mixed_ops_disjoint_ranges() {
     }
     let img = Arc::try_unwrap(img).unwrap();
     let r = img.check(Default::default()).unwrap();
-    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
     drop(img);
     assert_clean(&f);
 }
@@ -201,7 +201,7 @@ fn racing(cs: &str, cache: Option<u64>) {
     let img = Arc::try_unwrap(img).unwrap();
     let before = read_all(&img);
     let r = img.check(Default::default()).unwrap();
-    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
     drop(img);
     assert_clean(&f);
     assert_same(&qemu_raw(&f), &before, "qemu sees what vdisk saw");

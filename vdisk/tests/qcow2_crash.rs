@@ -165,7 +165,7 @@ fn run(
             assert_eq!(
                 rep.corruptions, 0,
                 "crash point {k} variant {variant}: {:?}",
-                rep.messages
+                rep.findings
             );
             let mut got = vec![0u8; size as usize];
             img.read_at(&mut got, 0).unwrap();
@@ -196,7 +196,7 @@ fn run(
                         errors: false,
                     })
                     .unwrap();
-                assert_eq!(rep.corruptions, 0, "crash point {k} rw: {:?}", rep.messages);
+                assert_eq!(rep.corruptions, 0, "crash point {k} rw: {:?}", rep.findings);
                 assert_eq!(rep.leaks, 0, "crash point {k} rw: leaks not repaired");
             }
             checked += 1;

@@ -63,7 +63,7 @@ fn writes_after_snapshot_copy_first() {
             w(5, 5, 12, &mut model);
             assert_same(&read_all(&img), &model, "active after");
             let r = img.check(Default::default()).unwrap();
-            assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
         }
         assert_clean(&f);
         assert_same(&qemu_raw(&f), &model, "qemu view of active");

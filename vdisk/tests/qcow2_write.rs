@@ -98,7 +98,7 @@ fn workload(opts: &[(&str, &str)], cs: u64, v2: bool, with_backing: bool, seed: 
         }
         assert_same(&read_all(&img), &model.data, "before close");
         let rep = img.check(Default::default()).unwrap();
-        assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+        assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.findings);
         img.close().unwrap();
     }
     assert_clean(&f);

@@ -116,7 +116,7 @@ impl Drop for QemuIo {
 
 fn lock_err(r: Result<FileStorage, StorageError>) -> String {
     match r {
-        Err(StorageError::Locked(m)) => m,
+        Err(StorageError::Locked(m)) => m.to_string(),
         Err(e) => panic!("expected a lock conflict, got {e}"),
         Ok(_) => panic!("expected a lock conflict, open succeeded"),
     }

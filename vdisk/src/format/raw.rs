@@ -3,7 +3,7 @@
 use super::options::{OptionDesc, SIZE};
 use super::registry::{Capabilities, CreateArgs, FormatDesc, OpenArgs, ProbeInput};
 use super::{check_range, Driver, DriverOptions, Extent, ExtentKind, Format, ZeroFlags};
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use crate::storage::Storage;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,9 +65,7 @@ pub const CREATE_OPTIONS: &[OptionDesc] = &[SIZE];
 pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
     let prealloc = args.options.get_enum("preallocation")?.unwrap_or("off");
     if args.backing.is_some() {
-        return Err(Error::invalid(
-            "Backing file not supported for file format 'raw'",
-        ));
+        return Err(Invalid::BackingNotSupported("raw").into());
     }
     preallocate(storage, prealloc, 0, args.size)?;
     storage.flush()?;
@@ -158,9 +156,7 @@ impl Driver for Raw {
         self.writable()?;
         let cur = self.size();
         if new_size < cur && !shrink {
-            return Err(Error::invalid(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            return Err(Invalid::ShrinkNeedsFlag.into());
         }
         self.storage.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);

@@ -1,7 +1,7 @@
 //! A host file: pread/pwrite, fdatasync, fallocate, SEEK_DATA/SEEK_HOLE, QEMU locks.
 
 use super::lock::{self, LockMode};
-use super::{CacheMode, Storage, StorageError, StorageResult};
+use super::{CacheMode, Storage, StorageError, StorageOp, StorageResult};
 use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -119,11 +119,11 @@ impl FileStorage {
         oo.custom_flags(flags);
         let file = oo
             .open(path)
-            .map_err(|e| StorageError::io(format!("Could not open '{name}'"), e))?;
+            .map_err(|e| StorageError::op(StorageOp::Open, &name, None, e))?;
         lock::apply(file.as_raw_fd(), opts.lock, &name)?;
         if opts.create {
             file.set_len(0)
-                .map_err(|e| StorageError::io(format!("Could not truncate '{name}'"), e))?;
+                .map_err(|e| StorageError::op(StorageOp::Truncate, &name, None, e))?;
         }
         Ok(FileStorage {
             file,
@@ -139,11 +139,8 @@ impl FileStorage {
         &self.path
     }
 
-    fn err(&self, what: &str, offset: u64, e: std::io::Error) -> StorageError {
-        StorageError::io(
-            format!("{what} '{}' at offset {offset}", self.path.display()),
-            e,
-        )
+    fn err(&self, op: impl Into<StorageOp>, offset: u64, e: std::io::Error) -> StorageError {
+        StorageError::op(op.into(), self.path.display().to_string(), Some(offset), e)
     }
 
     /// Buffered (or fully aligned direct) read; zero-fills past EOF.
@@ -157,7 +154,7 @@ impl FileStorage {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.err("Could not read", offset + done as u64, e)),
+                Err(e) => return Err(self.err(StorageOp::Read, offset + done as u64, e)),
             }
             if self.cache.direct() && done % DIRECT_ALIGN != 0 && done < buf.len() {
                 // A short O_DIRECT read ends at EOF; anything after it is zero.
@@ -171,7 +168,7 @@ impl FileStorage {
     fn pwrite_full(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
         self.file
             .write_all_at(buf, offset)
-            .map_err(|e| self.err("Could not write", offset, e))
+            .map_err(|e| self.err(StorageOp::Write, offset, e))
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
@@ -202,7 +199,7 @@ impl FileStorage {
         iov: &mut [libc::iovec],
         offset: u64,
         total: usize,
-        what: &str,
+        what: StorageOp,
         op: unsafe extern "C" fn(
             libc::c_int,
             *const libc::iovec,
@@ -301,7 +298,7 @@ impl FileStorage {
             // The aligned write padded past the intended end of file: trim it back.
             self.file
                 .set_len(file_len.max(new_end))
-                .map_err(|e| self.err("Could not truncate", new_end, e))?;
+                .map_err(|e| self.err(StorageOp::Truncate, new_end, e))?;
         }
         Ok(())
     }
@@ -351,7 +348,7 @@ impl Storage for FileStorage {
                 iov_len: b.len(),
             })
             .collect();
-        let done = self.iov_loop(&mut iov, offset, total, "Could not read", libc::preadv)?;
+        let done = self.iov_loop(&mut iov, offset, total, StorageOp::Read, libc::preadv)?;
         drop(iov);
         // Past the end of the file reads as zeroes.
         let mut skip = done;
@@ -383,10 +380,10 @@ impl Storage for FileStorage {
                 iov_len: b.len(),
             })
             .collect();
-        let done = self.iov_loop(&mut iov, offset, total, "Could not write", libc::pwritev)?;
+        let done = self.iov_loop(&mut iov, offset, total, StorageOp::Write, libc::pwritev)?;
         if done < total {
             let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
-            return Err(self.err("Could not write", offset + done as u64, e));
+            return Err(self.err(StorageOp::Write, offset + done as u64, e));
         }
         Ok(())
     }
@@ -395,22 +392,21 @@ impl Storage for FileStorage {
         if self.cache.ignore_flush() {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| StorageError::io(format!("Could not flush '{}'", self.path.display()), e))
+        self.file.sync_data().map_err(|e| {
+            StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e)
+        })
     }
 
     fn len(&self) -> StorageResult<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| StorageError::io(format!("Could not stat '{}'", self.path.display()), e))
+        self.file.metadata().map(|m| m.len()).map_err(|e| {
+            StorageError::op(StorageOp::Stat, self.path.display().to_string(), None, e)
+        })
     }
 
     fn set_len(&self, len: u64) -> StorageResult<()> {
         self.file
             .set_len(len)
-            .map_err(|e| self.err("Could not truncate", len, e))
+            .map_err(|e| self.err(StorageOp::Truncate, len, e))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> StorageResult<()> {
@@ -428,7 +424,7 @@ impl Storage for FileStorage {
                 // No hole punching on this file system: zeroes read the same.
                 Storage::write_zeroes(self, offset, end - offset)
             }
-            Err(e) => Err(self.err("Could not punch hole in", offset, e)),
+            Err(e) => Err(self.err(StorageOp::PunchHole, offset, e)),
         }
     }
 
@@ -450,7 +446,7 @@ impl Storage for FileStorage {
                 }
                 Ok(())
             }
-            Err(e) => Err(self.err("Could not write zeroes to", offset, e)),
+            Err(e) => Err(self.err(StorageOp::WriteZeroes, offset, e)),
         }
     }
 
@@ -464,7 +460,7 @@ impl Storage for FileStorage {
                 }
                 Ok(())
             }
-            Err(e) => Err(self.err("Could not allocate space in", offset, e)),
+            Err(e) => Err(self.err(StorageOp::Allocate, offset, e)),
         }
     }
 
@@ -485,7 +481,7 @@ impl Storage for FileStorage {
             return match e.raw_os_error() {
                 Some(libc::ENXIO) => Ok((false, len - offset)),
                 Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len - offset)),
-                _ => Err(self.err("Could not seek data in", offset, e)),
+                _ => Err(self.err(StorageOp::SeekData, offset, e)),
             };
         }
         let data = data as u64;

@@ -3,50 +3,18 @@
 //! Formats only ever talk to a [`Storage`]; that is what lets the crash simulation
 //! ([`trace::TraceStorage`]) replace the real file underneath qcow2 or QED unchanged.
 
+mod error;
 mod file;
 pub mod lock;
 mod mem;
 pub mod trace;
 
+pub use error::{LockConflict, StorageError, StorageOp};
 pub use file::{FileStorage, OpenFileOptions};
 pub use lock::{LockMode, Perm};
 pub use mem::MemStorage;
 
 use std::fmt;
-
-/// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// An operating-system call failed.
-    #[error("{context}{}{source}", if context.is_empty() { "" } else { ": " })]
-    Io {
-        /// What was being done (file, operation, offset).
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Another process holds a conflicting image lock (the message matches QEMU's).
-    #[error("{0}")]
-    Locked(String),
-}
-
-impl StorageError {
-    /// Wraps an I/O error with context.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        StorageError::Io {
-            context: context.into(),
-            source,
-        }
-    }
-    /// The errno of the failure, EIO when unknown.
-    pub fn errno(&self) -> i32 {
-        match self {
-            StorageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            StorageError::Locked(_) => libc::EAGAIN,
-        }
-    }
-}
 
 /// Result of storage operations.
 pub type StorageResult<T> = std::result::Result<T, StorageError>;

@@ -4,7 +4,7 @@
 
 use super::header::*;
 use super::{Geom, Qcow2, COPIED};
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result, Unsupported, V3Feature};
 use crate::format::registry::CreateArgs;
 use crate::format::{BackingSpec, CreateSpec, Driver, DriverOptions, Format};
 use crate::storage::Storage;
@@ -52,45 +52,34 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
         let k = g.desc.name;
         k == "encryption" || k.starts_with("encrypt.") || k.starts_with("data_file")
     }) {
-        return Err(Error::unsupported(format!(
-            "qcow2 option '{}' (encryption / external data files) is not supported",
-            g.desc.name
-        )));
+        return Err(Unsupported::CreateOption(g.desc.name.to_string()).into());
     }
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-        return Err(Error::invalid(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
+        return Err(Invalid::Qcow2ClusterSize.into());
     }
     if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err(Error::invalid(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
+        return Err(Invalid::RefcountWidth.into());
     }
     let version = version.unwrap_or(3);
     if version == 2 {
         if refcount_bits != 16 {
-            return Err(Error::invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::RefcountWidth).into());
         }
         if lazy {
-            return Err(Error::invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::LazyRefcounts).into());
         }
         if zstd {
-            return Err(Error::invalid("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::CompressionType).into());
         }
         if extended_l2 {
-            return Err(Error::invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::ExtendedL2).into());
         }
     }
     if extended_l2 {
         if cluster_size < 16384 {
-            return Err(Error::invalid(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
+            return Err(Invalid::ExtendedL2ClusterSize.into());
         }
-        return Err(Error::unsupported(
-            "Extended L2 entries (subclusters) are not supported by this qcow2 driver",
-        ));
+        return Err(Unsupported::ExtendedL2Create.into());
     }
     let backing = match (&args.backing, backing_file) {
         (Some(b), _) => Some(b.clone()),
@@ -105,17 +94,13 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
     };
     if let Some(b) = &backing {
         if b.format.is_none() {
-            return Err(Error::invalid(
-                "Backing file specified without backing format",
-            ));
+            return Err(Invalid::BackingWithoutFormat.into());
         }
         if b.name.len() > MAX_BACKING_NAME as usize {
             return Err(Error::invalid("Backing file name too long"));
         }
         if prealloc != Prealloc::Off {
-            return Err(Error::invalid(
-                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
-            ));
+            return Err(Invalid::BackingWithPreallocation.into());
         }
     }
     Ok(Opts {
@@ -144,9 +129,7 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
     if l1 * 8 > MAX_L1_BYTES || spec.size > (1u64 << 62) {
         // qemu-img's wording for every "too large" (EFBIG) failure of qcow2 creation
         // (here: the L1 table would exceed 32 MiB, or the size exceeds 2^62).
-        return Err(Error::invalid(
-            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
-        ));
+        return Err(Invalid::ImageTooLarge("qcow2").into());
     }
     let mut h = Header {
         version: o.version,

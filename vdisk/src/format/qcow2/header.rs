@@ -1,6 +1,11 @@
 //! The qcow2 header and its extensions: the only place they are parsed and serialised.
 
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Field, Invalid, Problem, Result, Structure, Unsupported};
+
+/// A corruption of the header itself.
+fn corrupt(problem: Problem) -> Error {
+    Corruption::new(Structure::Qcow2Header, problem).into()
+}
 
 /// `QFI\xfb`.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -143,25 +148,24 @@ impl Header {
     /// every offset.
     pub fn parse(head: &[u8], file_len: u64) -> Result<Header> {
         if head.len() < V2_HEADER_LEN {
-            return Err(Error::corrupt(format!(
-                "qcow2 header truncated: file has {} bytes, the header needs {V2_HEADER_LEN}",
-                head.len()
-            )));
+            return Err(corrupt(Problem::Truncated {
+                have: Some(head.len() as u64),
+                need: V2_HEADER_LEN as u64,
+            }));
         }
         if head[..4] != MAGIC {
-            return Err(Error::corrupt("Image is not in qcow2 format (bad magic)"));
+            return Err(corrupt(Problem::BadMagic));
         }
         let version = be32(head, 4);
         if version != 2 && version != 3 {
-            return Err(Error::unsupported(format!(
-                "Unsupported qcow2 version {version}"
-            )));
+            return Err(Unsupported::Qcow2Version(version).into());
         }
         let cluster_bits = be32(head, 20);
         if !(9..=21).contains(&cluster_bits) {
-            return Err(Error::corrupt(format!(
-                "Unsupported cluster size: 2^{cluster_bits} (cluster_bits must be 9..21)"
-            )));
+            return Err(corrupt(Problem::Invalid {
+                field: Field::ClusterBits,
+                value: cluster_bits.into(),
+            }));
         }
         let cs = 1u64 << cluster_bits;
         let mut h = Header {
@@ -192,9 +196,10 @@ impl Header {
         };
         if version == 3 {
             if head.len() < 104 {
-                return Err(Error::corrupt(
-                    "qcow2 v3 header truncated (needs 104 bytes)",
-                ));
+                return Err(corrupt(Problem::Truncated {
+                    have: None,
+                    need: 104,
+                }));
             }
             h.incompatible = be64(head, 72);
             h.compatible = be64(head, 80);
@@ -202,16 +207,18 @@ impl Header {
             h.refcount_order = be32(head, 96);
             h.header_length = be32(head, 100);
             if h.header_length < 104 {
-                return Err(Error::corrupt(format!(
-                    "qcow2 header_length {} is too small (minimum 104)",
-                    h.header_length
-                )));
+                return Err(corrupt(Problem::TooSmall {
+                    field: Field::HeaderLength,
+                    value: h.header_length.into(),
+                    min: 104,
+                }));
             }
             if u64::from(h.header_length) > cs || h.header_length as usize > head.len() {
-                return Err(Error::corrupt(format!(
-                    "qcow2 header_length {} exceeds the cluster size or the file",
-                    h.header_length
-                )));
+                return Err(corrupt(Problem::TooLarge {
+                    field: Field::HeaderLength,
+                    value: h.header_length.into(),
+                    max: cs.min(head.len() as u64),
+                }));
             }
             if h.header_length > 104 {
                 h.compression_type = head[104];
@@ -219,13 +226,17 @@ impl Header {
             }
         }
         if h.refcount_order > 6 {
-            return Err(Error::corrupt(format!(
-                "Reference count width must be 1..64 bits (refcount_order {} > 6)",
-                h.refcount_order
-            )));
+            return Err(corrupt(Problem::TooLarge {
+                field: Field::RefcountOrder,
+                value: h.refcount_order.into(),
+                max: 6,
+            }));
         }
         if h.version == 2 && h.refcount_order != 4 {
-            return Err(Error::corrupt("qcow2 v2 images need 16-bit refcounts"));
+            return Err(corrupt(Problem::Invalid {
+                field: Field::RefcountOrder,
+                value: h.refcount_order.into(),
+            }));
         }
         match (
             h.compression_type,
@@ -234,33 +245,40 @@ impl Header {
             (0, _) => {}
             (1, true) => {}
             (1, false) => {
-                return Err(Error::corrupt(
-                    "qcow2 compression type is zstd but the compression type feature bit is clear",
-                ))
+                return Err(corrupt(Problem::Invalid {
+                    field: Field::CompressionType,
+                    value: 1,
+                }))
             }
-            (t, _) => {
-                return Err(Error::unsupported(format!(
-                    "Unknown qcow2 compression type {t}"
-                )))
-            }
+            (t, _) => return Err(Unsupported::CompressionType(t).into()),
         }
         h.parse_extensions(head)?;
         if h.backing_file_offset != 0 {
             if h.backing_file_size > MAX_BACKING_NAME || h.backing_file_size == 0 {
-                return Err(Error::corrupt(format!(
-                    "Backing file name too long or empty ({} bytes, max {MAX_BACKING_NAME})",
-                    h.backing_file_size
-                )));
+                return Err(Corruption::new(
+                    Structure::BackingFileName,
+                    Problem::TooLarge {
+                        field: Field::Length,
+                        value: h.backing_file_size.into(),
+                        max: MAX_BACKING_NAME.into(),
+                    },
+                )
+                .at(h.backing_file_offset)
+                .into());
             }
             let end = h
                 .backing_file_offset
                 .checked_add(u64::from(h.backing_file_size))
                 .filter(|&e| e <= cs && e <= file_len && e as usize <= head.len())
                 .ok_or_else(|| {
-                    Error::corrupt(format!(
-                        "Backing file name at offset {} length {} lies outside the header cluster",
-                        h.backing_file_offset, h.backing_file_size
-                    ))
+                    Corruption::new(
+                        Structure::BackingFileName,
+                        Problem::PastEnd {
+                            bytes: h.backing_file_size.into(),
+                            end: cs.min(file_len).min(head.len() as u64),
+                        },
+                    )
+                    .at(h.backing_file_offset)
                 })?;
             let raw = &head[h.backing_file_offset as usize..end as usize];
             h.backing_file = Some(String::from_utf8_lossy(raw).into_owned());
@@ -286,10 +304,16 @@ impl Header {
                 return Ok(());
             }
             if len > end - off {
-                return Err(Error::corrupt(format!(
-                    "qcow2 header extension 0x{ty:08x} at offset {} (length {len}) runs past the header cluster",
-                    off - 8
-                )));
+                return Err(Corruption::new(
+                    Structure::HeaderExtension,
+                    Problem::PastEnd {
+                        bytes: len as u64,
+                        end: end as u64,
+                    },
+                )
+                .entry(ty.into())
+                .at((off - 8) as u64)
+                .into());
             }
             let data = &head[off..off + len];
             match ty {
@@ -333,15 +357,14 @@ impl Header {
                 || self.refcount_order != 4
                 || self.compression_type != 0)
         {
-            return Err(Error::invalid(
-                "qcow2 version 2 header cannot hold feature bits, a refcount width other than 16 bits or a compression type",
-            ));
+            return Err(Invalid::V2HeaderFields.into());
         }
         if self.version == 3 && !(104..=cs).contains(&(self.header_length as usize)) {
-            return Err(Error::invalid(format!(
-                "qcow2 header_length {} must be between 104 and the cluster size ({cs})",
-                self.header_length
-            )));
+            return Err(Invalid::HeaderLength {
+                len: self.header_length.into(),
+                cluster_size: cs as u64,
+            }
+            .into());
         }
         let hl = if self.version == 2 {
             V2_HEADER_LEN
@@ -414,10 +437,11 @@ impl Header {
         match &self.backing_file {
             Some(name) => {
                 if name.len() > MAX_BACKING_NAME as usize {
-                    return Err(Error::invalid(format!(
-                        "Backing file name too long ({} bytes, max {MAX_BACKING_NAME})",
-                        name.len()
-                    )));
+                    return Err(Invalid::BackingNameTooLong {
+                        len: name.len() as u64,
+                        max: MAX_BACKING_NAME.into(),
+                    }
+                    .into());
                 }
                 self.backing_file_offset = b.len() as u64;
                 self.backing_file_size = name.len() as u32;
@@ -431,10 +455,11 @@ impl Header {
         b[8..16].copy_from_slice(&self.backing_file_offset.to_be_bytes());
         b[16..20].copy_from_slice(&self.backing_file_size.to_be_bytes());
         if b.len() > cs {
-            return Err(Error::invalid(format!(
-                "qcow2 header, extensions and backing file name ({} bytes) do not fit in one cluster ({cs} bytes)",
-                b.len()
-            )));
+            return Err(Invalid::HeaderTooLarge {
+                bytes: b.len() as u64,
+                cluster_size: cs as u64,
+            }
+            .into());
         }
         Ok(b)
     }

@@ -7,7 +7,7 @@
 //! freed afterwards.
 
 use super::{Meta, MAX_HOST_OFFSET, REFT_OFFSET_MASK};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, NoSpace, Problem, Result, Structure};
 use crate::format::qcow2::header::MAX_REFTABLE_BYTES;
 
 /// Reads entry `i` of a refcount block of width `1 << order` bits.
@@ -55,6 +55,13 @@ pub(crate) fn set_entry(block: &mut [u8], i: usize, order: u32, v: u64) {
 }
 
 impl Meta {
+    /// Marks the image corrupt (as `mark_corrupt`, which logs and sets the corrupt bit)
+    /// and returns the typed corruption.
+    fn corrupt_rc(&mut self, c: Corruption) -> Error {
+        let _ = self.mark_corrupt(c.to_string());
+        c.into()
+    }
+
     /// Host offset of refcount block `bi`, 0 if it has none (or lies beyond the table).
     pub(crate) fn rc_block_offset(&self, bi: u64) -> u64 {
         self.rc_table
@@ -68,9 +75,8 @@ impl Meta {
             return Ok(i);
         }
         if !off.is_multiple_of(self.cs()) || off >= MAX_HOST_OFFSET || off >= self.file_end {
-            return Err(self.mark_corrupt(format!(
-                "Refcount block offset {off:#x} is unaligned or past the end of the file; refcount table corrupted"
-            )));
+            let c = Corruption::new(Structure::RefcountBlock, Problem::Misplaced).at(off);
+            return Err(self.corrupt_rc(c));
         }
         if self.rc.full() {
             if let Some(v) = self.rc.victim() {
@@ -105,9 +111,12 @@ impl Meta {
         let bi = c >> self.g.rc_block_bits;
         let off = self.rc_block_offset(bi);
         if off == 0 {
-            return Err(self.mark_corrupt(format!(
-                "refcount block for cluster {c} is missing while updating its refcount"
-            )));
+            let c = Corruption::new(
+                Structure::RefcountBlock,
+                Problem::RefcountMissing { cluster: c },
+            )
+            .entry(bi);
+            return Err(self.corrupt_rc(c));
         }
         let i = self.rc_slot(off)?;
         let idx = (c & (self.g.rc_per_block - 1)) as usize;
@@ -118,18 +127,28 @@ impl Meta {
             match cur.checked_add(delta as u64) {
                 Some(n) if n <= max => n,
                 _ => {
-                    return Err(Error::NoSpace(format!(
-                        "refcount of cluster {c} would overflow ({cur} + {delta} > {max})"
-                    )))
+                    return Err(Error::NoSpace(NoSpace::RefcountOverflow {
+                        cluster: c,
+                        refcount: cur,
+                        delta: delta as u64,
+                        max,
+                    }))
                 }
             }
         } else {
             match cur.checked_sub(delta.unsigned_abs()) {
                 Some(n) => n,
                 None => {
-                    return Err(self.mark_corrupt(format!(
-                        "refcount of cluster {c} would drop below zero ({cur} {delta})"
-                    )))
+                    let c = Corruption::new(
+                        Structure::HostCluster,
+                        Problem::RefcountUnderflow {
+                            cluster: c,
+                            refcount: cur,
+                            delta,
+                        },
+                    )
+                    .at(c * self.cs());
+                    return Err(self.corrupt_rc(c));
                 }
             }
         };
@@ -218,9 +237,7 @@ impl Meta {
             self.rc.forget(c * cs);
             self.file_end = self.file_end.max((c + 1) * cs);
         }
-        Err(Error::NoSpace(
-            "could not allocate a refcount block".to_string(),
-        ))
+        Err(Error::NoSpace(NoSpace::RefcountBlock))
     }
 
     /// Replaces the refcount table by a larger one that has an entry for block
@@ -254,10 +271,7 @@ impl Meta {
         };
         if new_len * 8 > MAX_REFTABLE_BYTES || (start + nblocks + tclusters) * cs > MAX_HOST_OFFSET
         {
-            return Err(Error::NoSpace(format!(
-                "refcount table would exceed {} bytes",
-                MAX_REFTABLE_BYTES
-            )));
+            return Err(Error::NoSpace(NoSpace::RefcountTable(MAX_REFTABLE_BYTES)));
         }
         let total = nblocks + tclusters;
         let order = self.g.rc_order;

@@ -3,7 +3,7 @@
 
 use super::header::{Header, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::{validate_table, Geom};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Field, Problem, Result, Structure};
 use crate::format::SnapshotInfo;
 use crate::storage::Storage;
 
@@ -66,23 +66,42 @@ pub(crate) fn read_table(
     file_len: u64,
 ) -> Result<Vec<Snapshot>> {
     if hdr.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(Error::corrupt(format!(
-            "Too many snapshots: {} (max {MAX_SNAPSHOTS})",
-            hdr.nb_snapshots
-        )));
+        return Err(Corruption::new(
+            Structure::SnapshotTable,
+            Problem::TooLarge {
+                field: Field::Count,
+                value: hdr.nb_snapshots.into(),
+                max: MAX_SNAPSHOTS.into(),
+            },
+        )
+        .into());
     }
     if hdr.nb_snapshots == 0 {
         return Ok(Vec::new());
     }
-    validate_table("Snapshot table", hdr.snapshots_offset, 40, g.cs, file_len)?;
+    validate_table(
+        Structure::SnapshotTable,
+        None,
+        hdr.snapshots_offset,
+        40,
+        g.cs,
+        file_len,
+    )?;
     let mut v = Vec::with_capacity(hdr.nb_snapshots as usize);
     let mut pos = hdr.snapshots_offset;
     for i in 0..hdr.nb_snapshots {
         let mut h = [0u8; 40];
         if pos + 40 > file_len || pos + 40 - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
-            return Err(Error::corrupt(format!(
-                "snapshot table entry {i} at offset {pos:#x} lies past the end of the file or the table size limit"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotTable,
+                Problem::PastEnd {
+                    bytes: 40,
+                    end: file_len.min(hdr.snapshots_offset + MAX_SNAPSHOT_TABLE),
+                },
+            )
+            .entry(i.into())
+            .at(pos)
+            .into());
         }
         st.read_at(&mut h, pos)?;
         let l1_offset = u64::from_be_bytes(h[0..8].try_into().unwrap_or([0; 8]));
@@ -91,17 +110,33 @@ pub(crate) fn read_table(
         let name_len = u16::from_be_bytes([h[14], h[15]]) as u64;
         let extra = u32::from_be_bytes(h[36..40].try_into().unwrap_or([0; 4]));
         if extra > MAX_EXTRA {
-            return Err(Error::corrupt(format!(
-                "snapshot {i}: too much extra metadata ({extra} bytes)"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotTable,
+                Problem::TooLarge {
+                    field: Field::Length,
+                    value: extra.into(),
+                    max: MAX_EXTRA.into(),
+                },
+            )
+            .entry(i.into())
+            .into());
         }
         if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::corrupt(format!(
-                "snapshot {i}: L1 table too large ({l1_size} entries)"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotL1Table,
+                Problem::TooLarge {
+                    field: Field::Entries,
+                    value: l1_size.into(),
+                    max: MAX_L1_BYTES / 8,
+                },
+            )
+            .entry(i.into())
+            .at(l1_offset)
+            .into());
         }
         validate_table(
-            &format!("Snapshot {i} L1 table"),
+            Structure::SnapshotL1Table,
+            Some(i.into()),
             l1_offset,
             u64::from(l1_size) * 8,
             g.cs,
@@ -109,9 +144,15 @@ pub(crate) fn read_table(
         )?;
         let var_len = u64::from(extra) + id_len + name_len;
         if pos + 40 + var_len > file_len {
-            return Err(Error::corrupt(format!(
-                "snapshot table entry {i} runs past the end of the file"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotTable,
+                Problem::PastEnd {
+                    bytes: 40 + var_len,
+                    end: file_len,
+                },
+            )
+            .entry(i.into())
+            .into());
         }
         // Bounded: extra <= 1 KiB and each length < 64 KiB.
         let mut var = vec![0u8; var_len as usize];
@@ -125,9 +166,16 @@ pub(crate) fn read_table(
         });
     }
     if pos - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
-        return Err(Error::corrupt(
-            "snapshot table runs past the end of the file or exceeds 64 MiB",
-        ));
+        return Err(Corruption::new(
+            Structure::SnapshotTable,
+            Problem::TooLarge {
+                field: Field::Length,
+                value: pos - hdr.snapshots_offset,
+                max: MAX_SNAPSHOT_TABLE,
+            },
+        )
+        .at(hdr.snapshots_offset)
+        .into());
     }
     Ok(v)
 }

@@ -2,7 +2,7 @@
 //! (backing name right after the fixed fields), then the L1 table; nothing else.
 
 use super::header::{self, Header, F_BACKING_FORMAT_NO_PROBE};
-use crate::error::{Error, Result};
+use crate::error::{Invalid, Result};
 use crate::format::registry::CreateArgs;
 use crate::format::{CreateSpec, Format};
 use crate::storage::Storage;
@@ -37,28 +37,28 @@ pub fn create_typed(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()>
     }
     o.get_enum("preallocation")?;
     if !header::cluster_size_valid(cluster_size) {
-        return Err(Error::invalid(format!(
-            "QED cluster size must be within range [{}, {}] and power of 2",
-            header::MIN_CLUSTER_SIZE,
-            header::MAX_CLUSTER_SIZE
-        )));
+        return Err(Invalid::QedClusterSize {
+            min: header::MIN_CLUSTER_SIZE as u64,
+            max: header::MAX_CLUSTER_SIZE as u64,
+        }
+        .into());
     }
     if !header::table_size_valid(table_size) {
-        return Err(Error::invalid(format!(
-            "QED table size must be within range [{}, {}] and power of 2",
-            header::MIN_TABLE_SIZE,
-            header::MAX_TABLE_SIZE
-        )));
+        return Err(Invalid::QedTableSize {
+            min: header::MIN_TABLE_SIZE as u64,
+            max: header::MAX_TABLE_SIZE as u64,
+        }
+        .into());
     }
     // qemu-img rounds the size up to whole sectors.
     let size = size
         .checked_next_multiple_of(header::SECTOR)
-        .ok_or_else(|| Error::invalid(format!("Invalid size {size}")))?;
+        .ok_or(Invalid::Size(size))?;
     if !header::image_size_valid(size, cluster_size, table_size) {
-        return Err(Error::invalid(format!(
-            "QED image size must be a non-zero multiple of cluster size and less than {} bytes",
-            header::max_image_size(cluster_size, table_size)
-        )));
+        return Err(Invalid::QedImageSize {
+            max: header::max_image_size(cluster_size, table_size),
+        }
+        .into());
     }
     let mut h = Header {
         cluster_size: cluster_size as u32,

@@ -1,6 +1,6 @@
 //! The QED header: the one place it is parsed, validated and serialised.
 
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Field, Invalid, Problem, Result, Structure, Unsupported};
 use crate::storage::Storage;
 
 /// `QED\0` read as a little-endian u32.
@@ -96,11 +96,16 @@ pub fn image_size_valid(size: u64, cluster_size: u64, table_size: u64) -> bool {
     size.is_multiple_of(SECTOR) && size <= max_image_size(cluster_size, table_size)
 }
 
+/// A corruption of the header's fixed fields.
+fn corrupt(problem: Problem) -> Error {
+    Corruption::new(Structure::QedHeader, problem).into()
+}
+
 impl Header {
     /// Decodes the fixed fields without validating them (see [`Header::validate`]).
     pub fn parse(buf: &[u8]) -> Result<Header> {
         if buf.len() < HEADER_LEN || le32(buf, 0) != MAGIC {
-            return Err(Error::invalid("Image not in QED format"));
+            return Err(Invalid::WrongFormat("QED").into());
         }
         Ok(Header {
             cluster_size: le32(buf, 4),
@@ -158,49 +163,58 @@ impl Header {
     pub fn validate(&self, file_len: u64) -> Result<()> {
         let cs = self.cluster_size as u64;
         if !cluster_size_valid(cs) {
-            return Err(Error::corrupt(format!(
-                "QED header: invalid cluster size {} (must be a power of two in [{}, {}])",
-                self.cluster_size, MIN_CLUSTER_SIZE, MAX_CLUSTER_SIZE
-            )));
+            return Err(corrupt(Problem::OutOfRange {
+                field: Field::ClusterSize,
+                value: cs,
+                min: MIN_CLUSTER_SIZE as u64,
+                max: MAX_CLUSTER_SIZE as u64,
+            }));
         }
         if !table_size_valid(self.table_size as u64) {
-            return Err(Error::corrupt(format!(
-                "QED header: invalid table size {} (must be a power of two in [{}, {}])",
-                self.table_size, MIN_TABLE_SIZE, MAX_TABLE_SIZE
-            )));
+            return Err(corrupt(Problem::OutOfRange {
+                field: Field::TableSize,
+                value: self.table_size.into(),
+                min: MIN_TABLE_SIZE as u64,
+                max: MAX_TABLE_SIZE as u64,
+            }));
         }
         let unknown = self.features & !F_KNOWN;
         if unknown != 0 {
-            return Err(Error::unsupported(format!(
-                "Unsupported QED features: {unknown:#x} (image needs a newer driver)"
-            )));
+            return Err(Unsupported::QedFeatures(unknown).into());
         }
         if self.header_size == 0 {
-            return Err(Error::corrupt("QED header: header_size is 0 clusters"));
+            return Err(corrupt(Problem::Invalid {
+                field: Field::HeaderSize,
+                value: 0,
+            }));
         }
         let file_size = file_len & !(cs - 1);
         // The header clusters must exist in the file; this also bounds header_size.
         if self.header_bytes() > file_size.max(cs) {
-            return Err(Error::corrupt(format!(
-                "QED header: header_size {} clusters runs past the end of the file ({} bytes)",
-                self.header_size, file_len
-            )));
+            return Err(corrupt(Problem::TooLarge {
+                field: Field::HeaderSize,
+                value: self.header_size.into(),
+                max: file_len,
+            }));
         }
         if !image_size_valid(self.image_size, cs, self.table_size as u64) {
-            return Err(Error::corrupt(format!(
-                "QED header: invalid image size {} (must be a multiple of 512 and at most {})",
-                self.image_size,
-                max_image_size(cs, self.table_size as u64)
-            )));
+            return Err(corrupt(Problem::OutOfRange {
+                field: Field::ImageSize,
+                value: self.image_size,
+                min: 0,
+                max: max_image_size(cs, self.table_size as u64),
+            }));
         }
         if !table_in_file(self, self.l1_table_offset, file_size) {
-            return Err(Error::corrupt(format!(
-                "QED header: L1 table offset {:#x} is invalid (must be cluster aligned, after \
-                 the header and leave room for {} bytes before the end of the file at {})",
-                self.l1_table_offset,
-                self.table_bytes(),
-                file_size
-            )));
+            return Err(Corruption::new(
+                Structure::QedL1Table,
+                Problem::PastEnd {
+                    bytes: self.table_bytes(),
+                    end: file_size,
+                },
+            )
+            .at(self.l1_table_offset)
+            .into());
         }
         if self.features & F_BACKING_FILE != 0 {
             let off = self.backing_filename_offset as u64;
@@ -209,11 +223,15 @@ impl Header {
                 || off + len > self.header_bytes()
                 || off < 64 && len > 0
             {
-                return Err(Error::corrupt(format!(
-                    "QED header: backing file name at offset {off} length {len} does not lie \
-                     inside the header ({} bytes)",
-                    self.header_bytes()
-                )));
+                return Err(Corruption::new(
+                    Structure::QedBackingFileName,
+                    Problem::PastEnd {
+                        bytes: len,
+                        end: self.header_bytes(),
+                    },
+                )
+                .at(off)
+                .into());
             }
         }
         Ok(())
@@ -260,17 +278,12 @@ pub fn read_backing_name(storage: &dyn Storage, h: &Header) -> Result<Option<Str
     }
     let mut buf = vec![0u8; h.backing_filename_size as usize];
     storage.read_at(&mut buf, h.backing_filename_offset as u64)?;
-    let name = String::from_utf8(buf).map_err(|_| {
-        Error::corrupt(format!(
-            "QED header: backing file name at offset {} is not valid UTF-8",
-            h.backing_filename_offset
-        ))
-    })?;
+    let name_error = |problem| {
+        Corruption::new(Structure::QedBackingFileName, problem).at(h.backing_filename_offset.into())
+    };
+    let name = String::from_utf8(buf).map_err(|_| name_error(Problem::NotUtf8))?;
     if name.is_empty() || name.contains('\0') {
-        return Err(Error::corrupt(format!(
-            "QED header: backing file name at offset {} is empty or contains NUL",
-            h.backing_filename_offset
-        )));
+        return Err(name_error(Problem::EmptyOrNul).into());
     }
     Ok(Some(name))
 }
@@ -282,9 +295,11 @@ pub fn header_with_name(h: &mut Header, name: Option<&str>) -> Result<Vec<u8>> {
         Some(n) => {
             let room = h.header_bytes().saturating_sub(HEADER_LEN as u64);
             if n.is_empty() || n.len() as u64 > room || n.len() as u64 > MAX_BACKING_NAME as u64 {
-                return Err(Error::invalid(format!(
-                    "Backing file name '{n}' too long for the QED header ({room} bytes of room)"
-                )));
+                return Err(Invalid::QedBackingNameTooLong {
+                    name: n.to_string(),
+                    room,
+                }
+                .into());
             }
             h.features |= F_BACKING_FILE;
             h.features &= !F_BACKING_FORMAT_NO_PROBE;
