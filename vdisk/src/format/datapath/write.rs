@@ -45,23 +45,40 @@ pub fn write_vectored<M: Mapper + ?Sized>(m: &M, bufs: &[IoSlice<'_>], offset: u
             }
             WriteTarget::Allocate(a) => {
                 let n = a.data_len();
-                if n == 0 || n > want || a.data_guest() != guest {
-                    let e = bad_target(guest, n, want);
-                    m.abort(a);
-                    return Err(e);
+                let bad = n == 0 || n > want || a.data_guest() != guest;
+                // An error return (or a panic) before the commit drops `pending`,
+                // which aborts the allocation.
+                let mut pending = Pending { m, alloc: Some(a) };
+                if bad {
+                    return Err(bad_target(guest, n, want));
                 }
-                match write_allocation(m, bufs, pos, &a) {
-                    Ok(()) => m.commit(a)?,
-                    Err(e) => {
-                        m.abort(a);
-                        return Err(e);
-                    }
+                if let Some(a) = &pending.alloc {
+                    write_allocation(m, bufs, pos, a)?;
+                }
+                if let Some(a) = pending.alloc.take() {
+                    m.commit(a)?;
                 }
                 pos += n;
             }
         }
     }
     Ok(())
+}
+
+/// An allocation between `prepare_write` and `commit`: dropped still holding it (on an
+/// error return, or while unwinding from a panic) it is aborted, so its clusters leave
+/// the driver's in-flight list and later requests for them do not wait forever.
+struct Pending<'m, M: Mapper + ?Sized> {
+    m: &'m M,
+    alloc: Option<Allocation>,
+}
+
+impl<M: Mapper + ?Sized> Drop for Pending<'_, M> {
+    fn drop(&mut self) {
+        if let Some(a) = self.alloc.take() {
+            self.m.abort(a);
+        }
+    }
 }
 
 fn bad_target(guest: GuestOffset, len: u64, want: u64) -> Error {
@@ -153,6 +170,7 @@ mod tests {
         backing: Option<Arc<dyn Driver>>,
         table: Mutex<(Vec<Option<u64>>, u64)>,
         size: u64,
+        aborted: Mutex<Vec<u64>>,
     }
 
     impl Mapper for Mock {
@@ -217,7 +235,9 @@ mod tests {
             self.table.lock().unwrap().0[a.token as usize] = Some(a.host.get());
             Ok(())
         }
-        fn abort(&self, _: Allocation) {}
+        fn abort(&self, a: Allocation) {
+            self.aborted.lock().unwrap().push(a.token);
+        }
     }
 
     fn mock(backing: Option<Vec<u8>>, size: u64) -> Mock {
@@ -231,6 +251,7 @@ mod tests {
             backing,
             table: Mutex::new((vec![None; size.div_ceil(CS) as usize], 0)),
             size,
+            aborted: Mutex::new(Vec::new()),
         }
     }
 
@@ -277,5 +298,60 @@ mod tests {
         let got = read_all(&m);
         assert_eq!(&got[..8], b"\0\0\0\0\0abc");
         assert!(got[8..].iter().all(|&b| b == 0));
+    }
+
+    /// A storage whose writes fail (`panic: false`) or panic.
+    #[derive(Debug)]
+    struct BadWrites {
+        panic: bool,
+    }
+
+    impl Storage for BadWrites {
+        fn read_at(&self, buf: &mut [u8], _: u64) -> crate::storage::StorageResult<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], offset: u64) -> crate::storage::StorageResult<()> {
+            if self.panic {
+                panic!("test storage panics on write");
+            }
+            Err(crate::storage::StorageError::io(
+                format!("test write at {offset}"),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ))
+        }
+        fn flush(&self) -> crate::storage::StorageResult<()> {
+            Ok(())
+        }
+        fn len(&self) -> crate::storage::StorageResult<u64> {
+            Ok(0)
+        }
+        fn set_len(&self, _: u64) -> crate::storage::StorageResult<()> {
+            Ok(())
+        }
+        fn punch_hole(&self, _: u64, _: u64) -> crate::storage::StorageResult<()> {
+            Ok(())
+        }
+        fn allocate(&self, _: u64, _: u64) -> crate::storage::StorageResult<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn failed_or_panicking_data_writes_abort_the_allocation() {
+        for panic in [false, true] {
+            let mut m = mock(None, 2 * CS);
+            m.st = Arc::new(BadWrites { panic });
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_vectored(&m, &[IoSlice::new(b"abc")], CS + 5)
+            }));
+            match r {
+                Ok(res) => assert!(!panic && res.is_err()),
+                Err(_) => assert!(panic),
+            }
+            // Aborted exactly once, never committed.
+            assert_eq!(*m.aborted.lock().unwrap(), vec![1]);
+            assert_eq!(m.table.lock().unwrap().0[1], None);
+        }
     }
 }
