@@ -2,11 +2,21 @@
 //!
 //! Formats only ever talk to a [`Storage`]; that is what lets the crash simulation
 //! ([`trace::TraceStorage`]) replace the real file underneath qcow2 or QED unchanged.
+//!
+//! Image names become storage in two steps: [`spec`] parses every form of name (plain
+//! path, `file:`, protocol URL, `json:{…}`, key=value) into one [`options::Node`]
+//! tree, and [`registry`] opens a protocol node with the protocol its `driver` names.
 
 mod file;
+pub mod http;
 pub mod lock;
 mod mem;
+pub mod nbd;
+pub mod options;
+pub mod registry;
+pub mod spec;
 pub mod trace;
+pub mod uri;
 
 pub use file::{FileStorage, OpenFileOptions};
 pub use lock::{LockMode, Perm};
@@ -29,6 +39,9 @@ pub enum StorageError {
     /// Another process holds a conflicting image lock (the message matches QEMU's).
     #[error("{0}")]
     Locked(String),
+    /// An image name or options tree is malformed, or names what cannot be opened.
+    #[error(transparent)]
+    Spec(#[from] options::SpecError),
 }
 
 impl StorageError {
@@ -44,6 +57,7 @@ impl StorageError {
         match self {
             StorageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             StorageError::Locked(_) => libc::EAGAIN,
+            StorageError::Spec(_) => libc::EINVAL,
         }
     }
 }
