@@ -1,11 +1,13 @@
-//! The public image API: open or create an image file with its backing chain.
+//! The public image API: open (by name, URL, `json:` or option tree) or create an
+//! image with its backing chain.
 
-use crate::chain::{self, ChainExtent, ChainOptions};
+use crate::chain::{self, ChainExtent, ChainOptions, NodeOpen};
 use crate::error::{Error, Result};
 use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Format, Repair, ZeroFlags,
 };
-use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
+use crate::storage::options::Node;
+use crate::storage::{spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,6 +33,9 @@ pub struct OpenOptions {
     pub consistent_read: bool,
     /// Format options (cache sizes...).
     pub driver: DriverOptions,
+    /// The name is a key=value option list (`driver=qcow2,file.filename=a.qcow2`),
+    /// as qemu-img's `--image-opts`; it cannot be combined with `format`.
+    pub image_opts: bool,
 }
 
 impl Default for OpenOptions {
@@ -44,6 +49,7 @@ impl Default for OpenOptions {
             locking: true,
             consistent_read: false,
             driver: DriverOptions::default(),
+            image_opts: false,
         }
     }
 }
@@ -74,9 +80,30 @@ pub struct Image {
 }
 
 impl Image {
-    /// Opens the image at `path`.
+    /// Opens the image named `path`: a file name, `file:NAME`, a protocol URL or a
+    /// `json:{…}` pseudo-filename, or (with [`OpenOptions::image_opts`]) a key=value
+    /// option list; see [`crate::storage::spec`].
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
+        let name = path.to_str().ok_or_else(|| {
+            Error::invalid(format!("image name '{}' is not UTF-8", path.display()))
+        })?;
+        let tree = if opts.image_opts {
+            if opts.format.is_some() {
+                return Err(Error::invalid(
+                    "--image-opts and --format are mutually exclusive",
+                ));
+            }
+            spec::parse_image_opts(name)?
+        } else {
+            spec::parse_filename(name)?
+        };
+        Image::open_tree(tree, name, opts)
+    }
+
+    /// Opens the image an options tree describes (`name` is what it was parsed from,
+    /// shown when the tree names no host file).
+    pub fn open_tree(tree: Node, name: &str, opts: &OpenOptions) -> Result<Image> {
         if opts.force_share && !opts.read_only {
             return Err(Error::invalid(
                 "force-share=on can only be used with read-only images",
@@ -88,44 +115,46 @@ impl Image {
             locking: opts.locking,
             driver: opts.driver.clone(),
         };
-        // Lock only once the format is known: what a reader shares depends on it.
-        let storage = chain::open_file(
-            path,
-            opts.read_only,
-            &ChainOptions {
-                locking: false,
-                ..copts.clone()
-            },
-        )?;
-        let fmt = match opts.format {
-            Some(f) => f,
-            None => chain::probe_storage(&*storage)?,
-        };
-        if opts.locking {
-            let mode = if fmt == Format::Raw && opts.read_only && !opts.consistent_read {
+        let (read_only, force_share, consistent) =
+            (opts.read_only, opts.force_share, opts.consistent_read);
+        // What a reader shares depends on the format, so locks are taken once it is known.
+        let lock = move |fmt: Format| {
+            if fmt == Format::Raw && read_only && !consistent {
                 LockMode::On {
                     perm: Perm::CONSISTENT_READ,
                     shared: Perm::ALL,
                 }
             } else {
-                LockMode::for_open(opts.read_only, opts.force_share)
-            };
-            storage.relock(mode)?;
-        }
-        let mut dopts = opts.driver.clone();
-        dopts.read_only = opts.read_only;
-        dopts.no_backing |= opts.no_backing;
-        let mut seen = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
-        let no_backing = dopts.no_backing;
-        let driver = format::open(fmt, storage, &dopts, &mut |spec: &BackingSpec| {
+                LockMode::for_open(read_only, force_share)
+            }
+        };
+        let mut node = chain::open_node(
+            tree,
+            NodeOpen {
+                read_only,
+                chain: &copts,
+                format: opts.format,
+                lock: &lock,
+                check_path: &mut |_| Ok(()),
+            },
+        )?;
+        node.driver.no_backing |= opts.no_backing;
+        let path = node
+            .local_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(name));
+        let mut seen = vec![node.canonical.clone().unwrap_or_else(|| path.clone())];
+        let no_backing = node.driver.no_backing;
+        let choice = node.backing.clone();
+        let driver = chain::open_format(node, &mut |spec: &BackingSpec| {
             if no_backing {
                 return Err(Error::invalid("backing files are disabled for this open"));
             }
-            chain::open_backing(path, spec, &copts, &mut seen)
+            chain::open_backing_with(&path, spec, &choice, &copts, &mut seen)
         })?;
         Ok(Image {
             driver,
-            path: path.to_path_buf(),
+            path,
             closed: AtomicBool::new(false),
         })
     }
