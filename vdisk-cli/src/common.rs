@@ -119,9 +119,13 @@ pub fn parse_size_arg(s: &str) -> Option<u64> {
     vdisk::format::parse_size(s).ok()
 }
 
-/// Opens an image with full options; errors read like qemu-img's.
+/// Opens an image with full options; errors read like qemu-img's. With
+/// `opts.image_opts` the name is a key=value option list (`--image-opts`).
 pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, String> {
-    if let Some(f) = opts.format {
+    if opts.image_opts && opts.format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
+    if let Some(f) = opts.format.filter(|_| !opts.image_opts) {
         if f != Format::Raw && Path::new(filename).exists() {
             // qemu-img names a format mismatch explicitly instead of failing in the driver.
             if let Ok(head) = read_head(filename) {
@@ -192,8 +196,8 @@ pub fn allocated_size(path: &Path) -> Option<u64> {
 pub struct Layer {
     /// The layer's driver.
     pub driver: Arc<dyn Driver>,
-    /// The file name (the top image's name as given; backing names resolved against
-    /// the directory of the image naming them, like qemu's `full-backing-filename`).
+    /// The file name (the top image's host file; backing names resolved against the
+    /// directory of the image naming them, a `json:` backing by its host file).
     pub path: PathBuf,
 }
 
@@ -208,7 +212,7 @@ pub fn layers(img: &Image) -> Vec<Layer> {
             break;
         };
         let path = match last.driver.backing_spec() {
-            Some(spec) => vdisk::chain::resolve_backing_path(&last.path, &spec.name),
+            Some(spec) => vdisk::chain::backing_file_path(&last.path, &spec.name),
             None => PathBuf::new(),
         };
         out.push(Layer { driver: b, path });

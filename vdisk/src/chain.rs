@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use crate::format::{self, BackingSpec, Driver, DriverOptions, ExtentKind, Format};
 use crate::storage::options::{Node, SpecError, Value};
 use crate::storage::registry::{self, ProtocolOpen};
-use crate::storage::{spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Storage, StorageError};
+use crate::storage::{
+    spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Storage, StorageError,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,6 +39,32 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
     match image.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
         _ => p.to_path_buf(),
+    }
+}
+
+/// The host file a backing name opens, for display and host-file queries (QEMU shows
+/// a `json:` backing by its file's name): a plain name resolved as
+/// [`resolve_backing_path`]; a `json:` name whose storage is a host file gives that
+/// file (relative to the working directory, as QEMU opens it); else the name itself.
+pub fn backing_file_path(image: &Path, name: &str) -> PathBuf {
+    let resolved = resolve_backing_path(image, name);
+    if spec::is_plain_path(name) {
+        return resolved;
+    }
+    spec::parse_filename(name)
+        .ok()
+        .and_then(|tree| tree_local_file(&tree).map(PathBuf::from))
+        .unwrap_or(resolved)
+}
+
+/// The host file of a format node's storage (or of a protocol node at the root).
+fn tree_local_file(tree: &Node) -> Option<&str> {
+    match tree.get("driver") {
+        Some(Value::Str(d)) if registry::by_name(d).is_some() => registry::local_file(tree),
+        _ => match tree.get("file") {
+            Some(Value::Node(f)) => registry::local_file(f),
+            _ => None,
+        },
     }
 }
 
@@ -121,9 +149,10 @@ pub struct NodeOpen<'a> {
 /// Format options a format's node accepts, besides `driver`, `file`, `backing`,
 /// `data-file` and the generic `cache.*`.
 fn format_options(f: Format) -> &'static [&'static str] {
-    match f {
-        Format::Qcow2 => &["l2-cache-size", "refcount-cache-size"],
-        _ => &[],
+    if f == Format::Qcow2 {
+        &["l2-cache-size", "refcount-cache-size"]
+    } else {
+        &[]
     }
 }
 
@@ -204,7 +233,10 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         None => probe_storage(&*metadata)?,
     };
     let allowed = format_options(fmt);
-    for (key, given) in [("l2-cache-size", l2_given), ("refcount-cache-size", rc_given)] {
+    for (key, given) in [
+        ("l2-cache-size", l2_given),
+        ("refcount-cache-size", rc_given),
+    ] {
         if given && !allowed.contains(&key) {
             return Err(SpecError::FormatOption {
                 format: fmt.name().into(),
@@ -244,9 +276,8 @@ fn open_protocol_node(
     let local = registry::local_file(&node).map(PathBuf::from);
     let mut canonical = None;
     if let Some(p) = local.as_ref().filter(|p| !p.as_os_str().is_empty()) {
-        let canon = std::fs::canonicalize(p).map_err(|e| {
-            StorageError::io(format!("Could not open '{}'", p.display()), e)
-        })?;
+        let canon = std::fs::canonicalize(p)
+            .map_err(|e| StorageError::io(format!("Could not open '{}'", p.display()), e))?;
         (how.check_path)(&canon)?;
         canonical = Some(canon);
     }
@@ -284,7 +315,11 @@ pub fn open_format(
 /// The tree a backing file comes from: the node's explicit `backing` child, else the
 /// header's name (plain names resolved against the image's own file), with the
 /// header's backing format over the tree's `driver`, as QEMU.
-fn backing_tree(image: &Path, spec: &BackingSpec, choice: &BackingChoice) -> Result<(Node, String)> {
+fn backing_tree(
+    image: &Path,
+    spec: &BackingSpec,
+    choice: &BackingChoice,
+) -> Result<(Node, String)> {
     match choice {
         BackingChoice::Node(n) => {
             let mut n = n.clone();

@@ -48,6 +48,9 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image.
     pub filename: String,
 }
@@ -81,6 +84,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             read_only: false,
             cache,
             no_backing: a.unsafe_mode,
+            image_opts: a.image_opts,
             ..OpenOptions::default()
         },
     )?;
