@@ -58,7 +58,7 @@ pub fn backing_file_path(image: &Path, name: &str) -> PathBuf {
 }
 
 /// The host file of a format node's storage (or of a protocol node at the root).
-fn tree_local_file(tree: &Node) -> Option<&str> {
+pub(crate) fn tree_local_file(tree: &Node) -> Option<&str> {
     match tree.get("driver") {
         Some(Value::Str(d)) if registry::by_name(d).is_some() => registry::local_file(tree),
         _ => match tree.get("file") {

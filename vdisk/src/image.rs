@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Format, Repair, ZeroFlags,
 };
-use crate::storage::options::Node;
+use crate::storage::options::{Node, SpecError, Value};
 use crate::storage::{spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,7 +184,8 @@ impl Image {
 
     /// Creates an image file at `path` (truncating an existing file).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
-        let path = path.as_ref();
+        let target = create_target(path.as_ref())?;
+        let path = target.as_path();
         let mut backing = None;
         let mut size = opts.size;
         if let Some(name) = &opts.backing_file {
@@ -304,6 +305,30 @@ impl Image {
             return Ok(());
         }
         self.driver.close()
+    }
+}
+
+/// The host file a new image goes to: a plain path, `file:NAME`, or a `json:` name
+/// whose storage is a host file. Other protocols cannot take a new image and are
+/// refused by name before anything is written.
+fn create_target(path: &Path) -> Result<PathBuf> {
+    let Some(name) = path.to_str().filter(|n| !spec::is_plain_path(n)) else {
+        return Ok(path.to_path_buf());
+    };
+    let tree = spec::parse_filename(name)?;
+    match chain::tree_local_file(&tree) {
+        Some(f) => Ok(PathBuf::from(f)),
+        None => {
+            let proto = match tree.get("file") {
+                Some(Value::Node(f)) => f.get("driver"),
+                _ => tree.get("driver"),
+            };
+            let proto = match proto {
+                Some(Value::Str(p)) => p.clone(),
+                _ => name.to_string(),
+            };
+            Err(SpecError::UnknownProtocol(proto).into())
+        }
     }
 }
 
