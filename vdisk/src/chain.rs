@@ -223,9 +223,13 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
                 "A block device must be specified for \"file\"".into()
             })
         })?;
-    let (metadata, local_path, canonical) = open_protocol_node(file_node, cache, &mut how)?;
+    let OpenedStorage {
+        storage: metadata,
+        local: local_path,
+        canonical,
+    } = open_protocol_node(file_node, cache, &mut how)?;
     let data = match data_node {
-        Some(n) => Some(open_protocol_node(n, cache, &mut how)?.0),
+        Some(n) => Some(open_protocol_node(n, cache, &mut how)?.storage),
         None => None,
     };
     let fmt = match named {
@@ -267,12 +271,21 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
     })
 }
 
+/// One protocol node, open.
+struct OpenedStorage {
+    storage: Arc<dyn Storage>,
+    /// Its host file, when it is one.
+    local: Option<PathBuf>,
+    /// That file's canonical path.
+    canonical: Option<PathBuf>,
+}
+
 /// Opens one protocol node without locks (they are taken once the format is known).
 fn open_protocol_node(
     node: Node,
     cache: CacheMode,
     how: &mut NodeOpen<'_>,
-) -> Result<(Arc<dyn Storage>, Option<PathBuf>, Option<PathBuf>)> {
+) -> Result<OpenedStorage> {
     let local = registry::local_file(&node).map(PathBuf::from);
     let mut canonical = None;
     if let Some(p) = local.as_ref().filter(|p| !p.as_os_str().is_empty()) {
@@ -289,7 +302,11 @@ fn open_protocol_node(
             lock: LockMode::Off,
         },
     )?;
-    Ok((storage, local, canonical))
+    Ok(OpenedStorage {
+        storage,
+        local,
+        canonical,
+    })
 }
 
 /// Opens a format driver on an opened node. The data storage goes with the metadata

@@ -479,7 +479,7 @@ pub static PROTOCOL: Protocol = Protocol {
     name: "file",
     schemes: &["file"],
     options: &["filename", "locking", "aio"],
-    parse_filename: parse_filename,
+    parse_filename,
     open: Some(open_protocol),
 };
 
