@@ -70,23 +70,8 @@ macro_rules! qprintln {
 pub fn parse_options(opts: &[String]) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for o in opts {
-        let mut cur = String::new();
-        let mut items = Vec::new();
-        let mut chars = o.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    items.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        items.push(cur);
-        for it in items.into_iter().filter(|s| !s.is_empty()) {
+        let items = vdisk::storage::spec::split_items(o);
+        for it in items {
             match it.split_once('=') {
                 Some((k, v)) => out.push((k.to_string(), v.to_string())),
                 None => return Err(format!("Invalid parameter '{it}'")),

@@ -194,23 +194,7 @@ fn json_backing_files_written_by_vdisk_and_by_qemu() {
         );
     }
     // Created by qemu-img with a json backing, read by vdisk.
-    ok(
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                j,
-                "-F",
-                "qcow2",
-                "top2.qcow2",
-            ],
-        ),
-        "qemu-img create -b json",
-    );
+    qemu_overlay(dir, "qcow2", j, "qcow2", "top2.qcow2");
     ok(
         vdisk(dir, &["io", "-c", "read -P 0xcd 0 64k", "top2.qcow2"]),
         "io",
@@ -221,23 +205,18 @@ fn json_backing_files_written_by_vdisk_and_by_qemu() {
         "compare",
     );
     // Created by vdisk with a json backing, read by qemu.
-    ok(
-        vdisk(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                j,
-                "-F",
-                "qcow2",
-                "top3.qcow2",
-            ],
-        ),
-        "vdisk create -b json",
-    );
+    let create = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        j,
+        "-F",
+        "qcow2",
+        "top3.qcow2",
+    ];
+    ok(vdisk(dir, &create), "vdisk create -b json");
     qemu_io(dir, "qcow2", "top3.qcow2", &["read -P 0xcd 0 64k"]);
     ok(qemu_img(dir, &["check", "top3.qcow2"]), "qemu-img check");
     // The file names inside a json backing are relative to the working directory, as

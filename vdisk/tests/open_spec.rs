@@ -7,10 +7,10 @@ use vdisk::storage::options::SpecError;
 use vdisk::storage::StorageError;
 use vdisk::{CreateOptions, Error, Format, Image, OpenOptions};
 
-fn qcow2(dir: &Path, name: &str) -> String {
-    let p = dir.join(name);
+/// Creates a 1 MiB qcow2 image named `name`.
+fn create(name: impl AsRef<Path>) -> vdisk::Result<()> {
     Image::create(
-        &p,
+        name,
         &CreateOptions {
             format: Format::Qcow2,
             size: Some(1 << 20),
@@ -20,7 +20,11 @@ fn qcow2(dir: &Path, name: &str) -> String {
             unsafe_backing: false,
         },
     )
-    .unwrap();
+}
+
+fn qcow2(dir: &Path, name: &str) -> String {
+    let p = dir.join(name);
+    create(&p).unwrap();
     p.to_str().unwrap().to_string()
 }
 
@@ -166,25 +170,12 @@ fn bad_trees_are_refused_with_the_key_named() {
 #[test]
 fn create_refuses_protocol_targets_by_name() {
     let d = tempfile::tempdir().unwrap();
-    let co = |name: &str| {
-        Image::create(
-            name,
-            &CreateOptions {
-                format: Format::Qcow2,
-                size: Some(1 << 20),
-                options: Vec::new(),
-                backing_file: None,
-                backing_format: None,
-                unsafe_backing: false,
-            },
-        )
-    };
     for (name, proto) in [("nbd://localhost/x", "nbd"), ("zz:x.qcow2", "zz")] {
-        let e = spec_err(co(name).unwrap_err());
+        let e = spec_err(create(name).unwrap_err());
         assert_eq!(e, SpecError::UnknownProtocol(proto.into()));
     }
     let p = d.path().join("b.qcow2");
-    co(&format!("file:{}", p.display())).unwrap();
+    create(format!("file:{}", p.display())).unwrap();
     assert_eq!(
         Image::open(&p, &OpenOptions::default()).unwrap().format(),
         Format::Qcow2

@@ -121,12 +121,7 @@ mod tests {
         Ok(n.flatten())
     }
 
-    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::storage::options::pairs as kv;
 
     #[test]
     fn uri_forms() {

@@ -409,6 +409,14 @@ impl Node {
     }
 }
 
+/// `(key, value)` pairs as [`Node::flatten`] returns them, for tests' tables.
+#[cfg(test)]
+pub(crate) fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 fn depth_of(path: &str) -> usize {
     if path.is_empty() {
         0

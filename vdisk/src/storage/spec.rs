@@ -122,6 +122,22 @@ fn add_json(node: &mut Node, key: String, v: Json, count: &mut usize) -> Result<
 /// reference, as in QEMU, and there are no named nodes.
 pub fn parse_image_opts(s: &str) -> Result<Node, SpecError> {
     check_len(s)?;
+    let items = split_items(s);
+    let mut root = Node::new();
+    for (i, item) in items.into_iter().enumerate() {
+        check_count(i + 1)?;
+        match item.split_once('=') {
+            Some((k, v)) => root.insert_str(k, v)?,
+            None if i == 0 => return Err(SpecError::NodeReference(item)),
+            None => return Err(SpecError::MissingValue(item)),
+        }
+    }
+    Ok(root)
+}
+
+/// Splits a QemuOpts list at `,`, where `,,` is a literal comma; empty items are
+/// dropped (`a=1,,,b=2,` is `a=1,` and `b=2`).
+pub fn split_items(s: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
@@ -138,16 +154,8 @@ pub fn parse_image_opts(s: &str) -> Result<Node, SpecError> {
         }
     }
     items.push(cur);
-    let mut root = Node::new();
-    for (i, item) in items.into_iter().filter(|s| !s.is_empty()).enumerate() {
-        check_count(i + 1)?;
-        match item.split_once('=') {
-            Some((k, v)) => root.insert_str(k, v)?,
-            None if i == 0 => return Err(SpecError::NodeReference(item)),
-            None => return Err(SpecError::MissingValue(item)),
-        }
-    }
-    Ok(root)
+    items.retain(|i| !i.is_empty());
+    items
 }
 
 /// A JSON value that keeps every key of an object in order, duplicates included
@@ -229,12 +237,7 @@ mod tests {
         r.unwrap_or_else(|e| panic!("{e}")).flatten()
     }
 
-    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::storage::options::pairs as kv;
 
     #[test]
     fn filenames_become_trees() {
