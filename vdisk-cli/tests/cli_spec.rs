@@ -342,3 +342,39 @@ fn protocols_without_a_client_fail_by_name() {
         r.err
     );
 }
+
+#[test]
+fn image_opts_rebase_resolves_the_new_backing_next_to_the_image() {
+    let d = tmp();
+    let sub = d.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    for name in ["a.qcow2", "b.qcow2"] {
+        ok(
+            qemu_img(&sub, &["create", "-q", "-f", "qcow2", name, "1M"]),
+            "base",
+        );
+    }
+    qemu_io(&sub, "qcow2", "b.qcow2", &["write -P 0x33 0 64k"]);
+    qemu_overlay(&sub, "qcow2", "a.qcow2", "qcow2", "top.qcow2");
+    let opts = "driver=qcow2,file.filename=sub/top.qcow2";
+    ok(
+        vdisk(
+            d.path(),
+            &[
+                "rebase",
+                "--image-opts",
+                "-b",
+                "b.qcow2",
+                "-F",
+                "qcow2",
+                opts,
+            ],
+        ),
+        "rebase --image-opts",
+    );
+    // A safe rebase keeps what the guest sees: b's data was found (next to the
+    // image, not in the working directory) and masked in the overlay.
+    qemu_io(&sub, "qcow2", "top.qcow2", &["read -P 0 0 64k"]);
+    let info = ok(qemu_img(&sub, &["info", "top.qcow2"]), "info");
+    assert!(info.contains("backing file: b.qcow2\n"), "{info}");
+}

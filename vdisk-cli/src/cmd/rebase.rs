@@ -7,7 +7,6 @@
 
 use crate::common;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::Path;
 use std::sync::Arc;
 use vdisk::format::{read_backing, BackingSpec, Driver};
 use vdisk::{CacheMode, ExtentKind, Format, Image, OpenOptions};
@@ -98,7 +97,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     if !a.unsafe_mode {
         let new_backing = match &spec {
             Some(s) => {
-                let path = vdisk::chain::resolve_backing_path(Path::new(&a.filename), &s.name);
+                let path = vdisk::chain::resolve_backing_path(img.path(), &s.name);
                 let path = path.display().to_string();
                 Some(common::open_image_with(
                     &path,
