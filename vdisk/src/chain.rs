@@ -280,20 +280,14 @@ struct OpenedStorage {
     canonical: Option<PathBuf>,
 }
 
-/// Opens one protocol node without locks (they are taken once the format is known).
+/// Opens one protocol node without locks (they are taken once the format is known,
+/// so a loop back to an image above is reported as a loop, not as a lock conflict).
 fn open_protocol_node(
     node: Node,
     cache: CacheMode,
     how: &mut NodeOpen<'_>,
 ) -> Result<OpenedStorage> {
     let local = registry::local_file(&node).map(PathBuf::from);
-    let mut canonical = None;
-    if let Some(p) = local.as_ref().filter(|p| !p.as_os_str().is_empty()) {
-        let canon = std::fs::canonicalize(p)
-            .map_err(|e| StorageError::io(format!("Could not open '{}'", p.display()), e))?;
-        (how.check_path)(&canon)?;
-        canonical = Some(canon);
-    }
     let storage = registry::open(
         node,
         &ProtocolOpen {
@@ -302,6 +296,12 @@ fn open_protocol_node(
             lock: LockMode::Off,
         },
     )?;
+    // The file opened, so it exists; a path that still cannot be canonicalised just
+    // takes no part in loop detection.
+    let canonical = local.as_ref().and_then(|p| std::fs::canonicalize(p).ok());
+    if let Some(c) = &canonical {
+        (how.check_path)(c)?;
+    }
     Ok(OpenedStorage {
         storage,
         local,
