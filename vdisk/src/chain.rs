@@ -416,18 +416,23 @@ pub fn open_backing_with(
         .local_path
         .clone()
         .unwrap_or_else(|| PathBuf::from(&name));
-    let canon = node.canonical.clone();
-    let choice = node.backing.clone();
-    let pushed = canon.is_some();
-    if let Some(c) = canon {
-        seen.push(c);
+    // Storage that is no host file stands in `seen` by its name: it still counts
+    // towards the depth bound, and the same name twice in a chain is a loop.
+    let canon = node
+        .canonical
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&name));
+    if node.canonical.is_none() && seen.contains(&canon) {
+        return Err(Error::BackingLoop(format!(
+            "'{name}' is its own backing file"
+        )));
     }
+    let choice = node.backing.clone();
+    seen.push(canon);
     let r = open_format(node, &mut |s: &BackingSpec| {
         open_backing_with(&path, s, &choice, opts, seen)
     });
-    if pushed {
-        seen.pop();
-    }
+    seen.pop();
     r.map_err(|e| match e {
         Error::BackingLoop(_) => e,
         other => Error::invalid(format!(
