@@ -3,19 +3,21 @@
 #   - nbdcopy reading a fully allocated 512 MiB image to null:
 #   - nbdcopy writing 512 MiB into a fresh image
 #   - fio (nbd engine) 4 KiB random reads and writes at queue depth 32
-# Prints each result and the vdisk/qemu-nbd ratio (>1 means vdisk is faster), plus the
-# CPU seconds each server used for the same work (robust when the machine is busy;
-# ratio qemu/vdisk, >1 means vdisk used less CPU).
+# Each test runs REPS interleaved rounds (vdisk, [vdisk-base,] qemu-nbd; the order
+# rotates every round) and prints the medians, the vdisk/qemu-nbd ratio (>1 means vdisk
+# is faster), and the CPU each server used for the same work (robust when the machine
+# is busy; ratio qemu/vdisk, >1 means vdisk used less CPU). VDISK_BASE=/path/to/vdisk
+# adds an older vdisk build as a third server, for before/after comparisons.
 #
 # Usage: bench/nbd.sh            (FMT=qcow2 by default; FMT=raw also works)
-#        FMT=raw RUNTIME=10 REPS=3 bench/nbd.sh
+#        FMT=raw RUNTIME=10 REPS=5 VDISK_BASE=/tmp/old/vdisk bench/nbd.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FMT=${FMT:-qcow2}
 SIZE_MB=${SIZE_MB:-512}
 RUNTIME=${RUNTIME:-10}
-REPS=${REPS:-3}
+REPS=${REPS:-5}
 
 for t in qemu-nbd qemu-img nbdcopy fio python3; do
   command -v "$t" >/dev/null || { echo "bench/nbd.sh: $t is required" >&2; exit 1; }
@@ -46,6 +48,7 @@ start_server() {
   rm -f "$tmp/pid" "$SOCK"
   case $kind in
     vdisk) "$VDISK" serve -f "$FMT" -k "$SOCK" -t -e 4 --pid-file "$tmp/pid" "$@" "$file" & ;;
+    base) "$VDISK_BASE" serve -f "$FMT" -k "$SOCK" -t -e 4 --pid-file "$tmp/pid" "$@" "$file" & ;;
     qemu)  qemu-nbd -f "$FMT" -k "$SOCK" -t -e 4 --cache=writeback --pid-file "$tmp/pid" "$@" "$file" & ;;
   esac
   SRV_PID=$!
@@ -68,34 +71,26 @@ stop_server() {
 
 now() { date +%s.%N; }
 
-# Best of REPS runs of: nbdcopy the source export to null: (MiB/s); CPU per run.
+# One run of: nbdcopy the source export to null: (MiB/s); the server's CPU seconds.
 bench_read() {
-  local kind=$1 best=0 cpu
+  local kind=$1 t0 t1 cpu
   start_server "$kind" "$tmp/src.$FMT" -r
-  for _ in $(seq 1 "$REPS"); do
-    local t0 t1
-    t0=$(now); nbdcopy "$URI" null:; t1=$(now)
-    best=$(python3 -c "print(max($best, $SIZE_MB/($t1-$t0)))")
-  done
-  cpu=$(python3 -c "print($(server_cpu)/$REPS)")
+  t0=$(now); nbdcopy "$URI" null:; t1=$(now)
+  cpu=$(server_cpu)
   stop_server
-  echo "$best $cpu"
+  python3 -c "print($SIZE_MB/($t1-$t0), $cpu)"
 }
 
-# Best of REPS runs of: nbdcopy the data into a fresh image (MiB/s), flush included.
+# One run of: nbdcopy the data into a fresh image (MiB/s), flush included; server CPU s.
 bench_write() {
-  local kind=$1 best=0 cpu=0
-  for _ in $(seq 1 "$REPS"); do
-    rm -f "$tmp/dst.$FMT"
-    qemu-img create -q -f "$FMT" "$tmp/dst.$FMT" "${SIZE_MB}M"
-    start_server "$kind" "$tmp/dst.$FMT"
-    local t0 t1
-    t0=$(now); nbdcopy --flush "$tmp/data.raw" "$URI"; t1=$(now)
-    cpu=$(python3 -c "print($cpu + $(server_cpu)/$REPS)")
-    stop_server
-    best=$(python3 -c "print(max($best, $SIZE_MB/($t1-$t0)))")
-  done
-  echo "$best $cpu"
+  local kind=$1 t0 t1 cpu
+  rm -f "$tmp/dst.$FMT"
+  qemu-img create -q -f "$FMT" "$tmp/dst.$FMT" "${SIZE_MB}M"
+  start_server "$kind" "$tmp/dst.$FMT"
+  t0=$(now); nbdcopy --flush "$tmp/data.raw" "$URI"; t1=$(now)
+  cpu=$(server_cpu)
+  stop_server
+  python3 -c "print($SIZE_MB/($t1-$t0), $cpu)"
 }
 
 # fio 4 KiB random I/O at QD 32 on a private copy of the source (IOPS).
@@ -123,17 +118,46 @@ PY
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}' if $2 > 0 else 'n/a')"; }
 
-echo "format=$FMT size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s reps=$REPS cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-42s %10s %10s %6s | %9s %9s %6s\n' test vdisk qemu-nbd ratio "vdisk-cpu" "qemu-cpu" ratio
-row() {
-  # row NAME "VDISK_VALUE VDISK_CPU" "QEMU_VALUE QEMU_CPU"
-  local v vc q qc
-  read -r v vc <<<"$2"
-  read -r q qc <<<"$3"
-  printf '%-42s %10.1f %10.1f %6s | %9.2f %9.2f %6s\n' "$1" "$v" "$q" "$(ratio "$v" "$q")" \
-    "$vc" "$qc" "$(ratio "$qc" "$vc")"
+KINDS=(vdisk)
+[ -n "${VDISK_BASE:-}" ] && KINDS+=(base)
+KINDS+=(qemu)
+
+# measure NAME FUNC [ARGS...]: FUNC KIND ARGS... is one run; REPS rounds over every server kind, order rotated per
+# round; prints one row of medians.
+measure() {
+  local name=$1 fn=$2
+  shift 2
+  declare -A vals=()
+  local r i k n=${#KINDS[@]}
+  for ((r = 0; r < REPS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      k=${KINDS[$(((r + i) % n))]}
+      vals[$k]+="$("$fn" "$k" "$@");"
+    done
+  done
+  python3 - "$name" "${vals[vdisk]}" "${vals[base]:-}" "${vals[qemu]}" <<'PY'
+import statistics, sys
+name, v, b, q = sys.argv[1:5]
+def med(s):
+    pts = [tuple(map(float, x.split())) for x in s.split(";") if x.strip()]
+    if not pts:
+        return None
+    return statistics.median(p[0] for p in pts), statistics.median(p[1] for p in pts)
+v, b, q = med(v), med(b), med(q)
+def r(a, c):
+    return f"{a / c:.2f}" if c else "n/a"
+line = f"{name:<42} {v[0]:10.1f} {q[0]:10.1f} {r(v[0], q[0]):>6} | {v[1]:9.2f} {q[1]:9.2f} {r(q[1], v[1]):>6}"
+if b:
+    line += f" | base {b[0]:10.1f} {r(v[0], b[0]):>6} cpu {b[1]:9.2f} {r(b[1], v[1]):>6}"
+print(line)
+PY
 }
-v=$(bench_read vdisk); q=$(bench_read qemu); row "nbdcopy read -> null: (MiB/s; cpu s/run)" "$v" "$q"
-v=$(bench_write vdisk); q=$(bench_write qemu); row "nbdcopy write fresh (MiB/s; cpu s/run)" "$v" "$q"
-v=$(bench_fio vdisk randread); q=$(bench_fio qemu randread); row "fio 4k randread QD32 (IOPS; cpu us/op)" "$v" "$q"
-v=$(bench_fio vdisk randwrite); q=$(bench_fio qemu randwrite); row "fio 4k randwrite QD32 (IOPS; cpu us/op)" "$v" "$q"
+
+echo "format=$FMT size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s rounds=$REPS (medians) cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"
+hdr=$(printf '%-42s %10s %10s %6s | %9s %9s %6s' test vdisk qemu-nbd ratio "vdisk-cpu" "qemu-cpu" ratio)
+[ -n "${VDISK_BASE:-}" ] && hdr+=" | base value, vdisk/base ratio; base cpu, base/vdisk ratio"
+echo "$hdr"
+measure "nbdcopy read -> null: (MiB/s; cpu s/run)" bench_read
+measure "nbdcopy write fresh (MiB/s; cpu s/run)" bench_write
+measure "fio 4k randread QD32 (IOPS; cpu us/op)" bench_fio randread
+measure "fio 4k randwrite QD32 (IOPS; cpu us/op)" bench_fio randwrite

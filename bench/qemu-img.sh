@@ -2,12 +2,14 @@
 # vdisk vs qemu-img, side by side in one run (issue #2 item 8).
 #
 # Builds vdisk in release mode, makes test images in a temporary directory on the same
-# disk as the build (override with BENCH_TMP), times each case for both tools with
-# hyperfine, measures peak RSS with /usr/bin/time -v, checks that both tools produced
-# the same guest contents, and writes bench/results-qemu-img.md.
+# disk as the build (override with BENCH_TMP), runs every case interleaved (vdisk,
+# [vdisk-base,] qemu-img, order rotated each round; bench/abrun.py) and reports medians
+# of wall and CPU time and the peak RSS of each tool; checks that every tool produced
+# the right guest contents, and writes bench/results-qemu-img.md.
 #
-# Knobs: RUNS (hyperfine runs per command, default 5), SIZE_MB (image size, default
-# 512), OUT (results file), BENCH_TMP (where the scratch directory goes).
+# Knobs: RUNS (rounds, default 5), SIZE_MB (image size, default 512), OUT (results
+# file), BENCH_TMP (where the scratch directory goes), VDISK_BASE (an older vdisk
+# binary to compare with, e.g. one built from the previous release).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,7 +18,7 @@ SIZE_MB=${SIZE_MB:-512}
 OUT=${OUT:-$ROOT/bench/results-qemu-img.md}
 SIZE=$((SIZE_MB << 20))
 
-for tool in hyperfine jq qemu-img qemu-io /usr/bin/time; do
+for tool in jq python3 qemu-img qemu-io /usr/bin/time; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
 done
 
@@ -28,7 +30,6 @@ mkdir -p "${BENCH_TMP:-$ROOT/target}"
 WORK=$(mktemp -d "${BENCH_TMP:-$ROOT/target}/bench-qemu-img.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-ROWS=()
 NOTES=()
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # Hand-written analysis below this marker in the results file survives re-runs.
@@ -45,54 +46,22 @@ have_fmt() {
     "$VDISK" io -f "$1" -r -c 'read -q 0 512' "$f" >/dev/null 2>&1
 }
 
-# Peak RSS in MiB of one run of a command (after its prepare step).
-peak_rss() {
-    local prepare=$1 cmd=$2
-    eval "$prepare"
-    eval "/usr/bin/time -v -o '$WORK/time.txt' $cmd" >/dev/null 2>&1 || { echo "failed"; return; }
-    awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' "$WORK/time.txt"
-}
-
-# case NAME PREPARE VDISK_CMD QEMU_CMD [CHECK]
-# CHECK, if given, runs after one vdisk run and one qemu-img run and must succeed.
+CASES=$WORK/cases.json
+echo "[" >"$CASES"
+FIRST=1
+# bench_case NAME PREPARE VDISK_ARGS QEMU_CMD [CHECK]
+# VDISK_ARGS are the vdisk arguments (run with the build under test and, when
+# VDISK_BASE is set, with that older binary too); CHECK, if given, must succeed after
+# each tool's first run.
 bench_case() {
-    local name=$1 prepare=$2 vcmd=$3 qcmd=$4 check=${5:-}
-    # Write back earlier runs' dirty pages before each run, so no run pays for the
-    # previous one's data (the host's disk is shared and slow to drain).
-    prepare="$prepare && sync"
-    echo "== $name" >&2
-    eval "$prepare"
-    local err
-    if ! err=$(eval "$vcmd" 2>&1 >/dev/null); then
-        ROWS+=("| $name | vdisk failed | | | | | | | |")
-        NOTES+=("- $name: vdisk failed: \`$(echo "$err" | head -n 2 | tr '\n' ' ')\`")
-        return
-    fi
-    if [ -n "$check" ] && ! err=$(eval "$check" 2>&1); then
-        ROWS+=("| $name | wrong result | | | | | | | |")
-        NOTES+=("- $name: vdisk result check failed: \`$(echo "$err" | head -n 2 | tr '\n' ' ')\`")
-        return
-    fi
-    local json=$WORK/h.json
-    hyperfine --style basic --runs "$RUNS" --prepare "$prepare" --export-json "$json" \
-        -n vdisk "$vcmd" -n qemu-img "$qcmd" >&2
-    local vm vs qm qs
-    vm=$(jq '.results[0].mean' "$json")
-    vs=$(jq '.results[0].stddev' "$json")
-    qm=$(jq '.results[1].mean' "$json")
-    qs=$(jq '.results[1].stddev' "$json")
-    local vc qc
-    vc=$(jq '.results[0].user + .results[0].system' "$json")
-    qc=$(jq '.results[1].user + .results[1].system' "$json")
-    local vr qr
-    vr=$(peak_rss "$prepare" "$vcmd")
-    qr=$(peak_rss "$prepare" "$qcmd")
-    if [ -n "$check" ] && ! err=$(eval "$check" 2>&1); then
-        NOTES+=("- $name: result check failed after the RSS run: \`$(echo "$err" | head -n 2 | tr '\n' ' ')\`")
-    fi
-    ROWS+=("$(awk -v n="$name" -v vm="$vm" -v vs="$vs" -v qm="$qm" -v qs="$qs" -v vr="$vr" -v qr="$qr" \
-        -v vc="$vc" -v qc="$qc" \
-        'BEGIN { printf "| %s | %.3f ± %.3f | %.3f ± %.3f | %.2f | %.3f | %.3f | %.2f | %s | %s |", n, vm, vs, qm, qs, qm / vm, vc, qc, qc / vc, vr, qr }')")
+    local name=$1 prepare=$2 vargs=$3 qcmd=$4 check=${5:-}
+    [ $FIRST = 1 ] || echo "," >>"$CASES"
+    FIRST=0
+    local cmds
+    cmds=$(jq -n --arg v "'$VDISK' $vargs" --arg q "$qcmd" --arg b "${VDISK_BASE:+'$VDISK_BASE' $vargs}" \
+        '[["vdisk", $v]] + (if $b != "" then [["vdisk-base", $b]] else [] end) + [["qemu-img", $q]]')
+    jq -n --arg n "$name" --arg p "$prepare" --arg c "$check" --argjson cmds "$cmds" \
+        '{name: $n, prepare: $p, check: $c, cmds: $cmds}' >>"$CASES"
 }
 
 echo "== making a ${SIZE_MB} MiB image, random data in about half of the 1 MiB chunks" >&2
@@ -120,12 +89,12 @@ have_fmt qed && HAVE_QED=1
 if [ $HAVE_QCOW2 = 1 ]; then
     bench_case "convert qcow2→raw (${SIZE_MB} MiB, half data)" \
         "rm -f '$DST'" \
-        "'$VDISK' convert -f qcow2 -O raw '$SRC_QCOW2' '$DST'" \
+        "convert -f qcow2 -O raw '$SRC_QCOW2' '$DST'" \
         "qemu-img convert -f qcow2 -O raw '$SRC_QCOW2' '$DST'" \
         "qemu-img compare -q -f raw -F raw '$SRC_RAW' '$DST'"
     bench_case "convert raw→qcow2 (${SIZE_MB} MiB, half data)" \
         "rm -f '$DST'" \
-        "'$VDISK' convert -f raw -O qcow2 '$SRC_RAW' '$DST'" \
+        "convert -f raw -O qcow2 '$SRC_RAW' '$DST'" \
         "qemu-img convert -f raw -O qcow2 '$SRC_RAW' '$DST'" \
         "qemu-img check -q -f qcow2 '$DST' && qemu-img compare -q -f raw -F qcow2 '$SRC_RAW' '$DST'"
 fi
@@ -138,7 +107,7 @@ for fmt in qcow2 qed; do
     [ $fmt = qed ] && [ $HAVE_QED = 0 ] && continue
     bench_case "bench -w 64 KiB allocating, empty $fmt (-c $NREQ -d 16)" \
         "rm -f '$EMPTY' && qemu-img create -q -f $fmt '$EMPTY' $SIZE" \
-        "'$VDISK' bench -w -f $fmt -c $NREQ -s 64k -d 16 --pattern=0x5a '$EMPTY'" \
+        "bench -w -f $fmt -c $NREQ -s 64k -d 16 --pattern=0x5a '$EMPTY'" \
         "qemu-img bench -w -f $fmt -c $NREQ -s 64k -d 16 --pattern=0x5a '$EMPTY'" \
         "qemu-img check -q -f $fmt '$EMPTY' && qemu-io -f $fmt -r -c 'read -q -P 0x5a 0 $SIZE' '$EMPTY' | (! grep -q .)"
 done
@@ -149,35 +118,35 @@ PRE_RAW=$WORK/pre.raw
 qemu-img create -q -f raw -o preallocation=full "$PRE_RAW" "$SIZE"
 bench_case "bench -w 4 KiB rewrite, preallocated raw (-c $NREQ4 -d 16)" \
     ":" \
-    "'$VDISK' bench -w -f raw -c $NREQ4 -s 4k -d 16 --pattern=0x33 '$PRE_RAW'" \
+    "bench -w -f raw -c $NREQ4 -s 4k -d 16 --pattern=0x33 '$PRE_RAW'" \
     "qemu-img bench -w -f raw -c $NREQ4 -s 4k -d 16 --pattern=0x33 '$PRE_RAW'" \
     "qemu-io -f raw -r -c 'read -q -P 0x33 0 $SIZE' '$PRE_RAW' | (! grep -q .)"
 bench_case "bench 4 KiB read, raw (-c $NREQ4 -d 16)" \
     ":" \
-    "'$VDISK' bench -f raw -c $NREQ4 -s 4k -d 16 '$PRE_RAW'" \
+    "bench -f raw -c $NREQ4 -s 4k -d 16 '$PRE_RAW'" \
     "qemu-img bench -f raw -c $NREQ4 -s 4k -d 16 '$PRE_RAW'"
 if [ $HAVE_QCOW2 = 1 ]; then
     PRE_Q=$WORK/pre.qcow2
     qemu-img create -q -f qcow2 -o preallocation=full "$PRE_Q" "$SIZE"
     bench_case "bench -w 4 KiB rewrite, preallocated qcow2 (-c $NREQ4 -d 16)" \
         ":" \
-        "'$VDISK' bench -w -f qcow2 -c $NREQ4 -s 4k -d 16 --pattern=0x33 '$PRE_Q'" \
+        "bench -w -f qcow2 -c $NREQ4 -s 4k -d 16 --pattern=0x33 '$PRE_Q'" \
         "qemu-img bench -w -f qcow2 -c $NREQ4 -s 4k -d 16 --pattern=0x33 '$PRE_Q'" \
         "qemu-img check -q -f qcow2 '$PRE_Q' && qemu-io -f qcow2 -r -c 'read -q -P 0x33 0 $SIZE' '$PRE_Q' | (! grep -q .)"
     bench_case "bench 4 KiB read, preallocated qcow2 (-c $NREQ4 -d 16)" \
         ":" \
-        "'$VDISK' bench -f qcow2 -c $NREQ4 -s 4k -d 16 '$PRE_Q'" \
+        "bench -f qcow2 -c $NREQ4 -s 4k -d 16 '$PRE_Q'" \
         "qemu-img bench -f qcow2 -c $NREQ4 -s 4k -d 16 '$PRE_Q'"
     # Through O_DIRECT the disk, not the page cache, sets the pace.
     NDIRECT=$((NREQ4 / 4))
     bench_case "bench -w 4 KiB rewrite, preallocated qcow2, -t none (-c $NDIRECT -d 16)" \
         ":" \
-        "'$VDISK' bench -w -t none -f qcow2 -c $NDIRECT -s 4k -d 16 --pattern=0x44 '$PRE_Q'" \
+        "bench -w -t none -f qcow2 -c $NDIRECT -s 4k -d 16 --pattern=0x44 '$PRE_Q'" \
         "qemu-img bench -w -t none -f qcow2 -c $NDIRECT -s 4k -d 16 --pattern=0x44 '$PRE_Q'" \
         "qemu-img check -q -f qcow2 '$PRE_Q' && qemu-io -f qcow2 -r -c 'read -q -P 0x44 0 $((NDIRECT * 4096))' '$PRE_Q' | (! grep -q .)"
     bench_case "bench 4 KiB read, preallocated qcow2, -t none (-c $NDIRECT -d 16)" \
         ":" \
-        "'$VDISK' bench -t none -f qcow2 -c $NDIRECT -s 4k -d 16 '$PRE_Q'" \
+        "bench -t none -f qcow2 -c $NDIRECT -s 4k -d 16 '$PRE_Q'" \
         "qemu-img bench -t none -f qcow2 -c $NDIRECT -s 4k -d 16 '$PRE_Q'"
 fi
 
@@ -186,17 +155,16 @@ fi
     echo
     echo "Generated by \`bench/qemu-img.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'),"
     echo "commit \`$(cd "$ROOT" && git rev-parse --short HEAD)\`, $(qemu-img --version | head -n 1),"
-    echo "$(nproc) CPUs, $(uname -sr). Image size ${SIZE_MB} MiB; hyperfine, $RUNS runs per command"
-    echo "(file systems warm: images are in the page cache); peak RSS from \`/usr/bin/time -v\`."
-    echo "Ratio = qemu-img time / vdisk time (> 1: vdisk is faster). Load average at start"
+    echo "$(nproc) CPUs, $(uname -sr). Image size ${SIZE_MB} MiB; $RUNS interleaved rounds,"
+    echo "medians (file systems warm: images are in the page cache); peak RSS from the kernel's rusage."
+    echo "Ratio = other tool's time / vdisk time (> 1: vdisk is faster). Load average at start"
     echo "$LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (the host is shared: expect noise)."
     echo
     echo "Wall time is what a user waits for but swings with the other jobs on the host; CPU"
-    echo "time (user + system, mean per run) is steadier and shows the work each tool does."
+    echo "time (user + system, median per run) is steadier and shows the work each tool does."
     echo
-    echo "| Case | vdisk wall s (mean ± sd) | qemu-img wall s (mean ± sd) | wall ratio | vdisk CPU s | qemu-img CPU s | CPU ratio | vdisk peak RSS MiB | qemu-img peak RSS MiB |"
-    echo "|---|---|---|---|---|---|---|---|---|"
-    printf '%s\n' "${ROWS[@]}"
+    echo "]" >>"$CASES"
+    python3 "$ROOT/bench/abrun.py" <"$CASES"
     if [ ${#NOTES[@]} -gt 0 ]; then
         echo
         echo "Notes:"

@@ -2,9 +2,7 @@
 //! lists, sizes, error reporting, and block status through a backing chain with
 //! qemu-img's semantics.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use vdisk::format::Driver;
+use std::path::Path;
 use vdisk::{CacheMode, ExtentKind, Format, Image, OpenOptions};
 
 /// Prints an error the way qemu-img does (`vdisk: message`) to stderr.
@@ -111,10 +109,11 @@ pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, Stri
         return Err("--image-opts and --format are mutually exclusive".into());
     }
     if let Some(f) = opts.format.filter(|_| !opts.image_opts) {
-        if f != Format::Raw && Path::new(filename).exists() {
-            // qemu-img names a format mismatch explicitly instead of failing in the driver.
+        if !f.caps().raw_data && f.can_open() && Path::new(filename).exists() {
+            // qemu-img names a format mismatch explicitly instead of failing in the driver
+            // (a format vdisk cannot read is refused by name when opened).
             if let Ok(head) = read_head(filename) {
-                if Format::probe(&head) != f && f != Format::Raw {
+                if f.score(&head, Some(filename)) == 0 {
                     return Err(format!(
                         "Could not open '{filename}': Image is not in {f} format"
                     ));
@@ -130,7 +129,7 @@ pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, Stri
 
 /// Prints qemu's warning (stderr) when a read-write open had to probe and found raw.
 pub fn warn_if_probed_raw(filename: &str, opts: &OpenOptions, img: &Image) {
-    if opts.format.is_none() && img.format() == Format::Raw && !opts.read_only {
+    if opts.format.is_none() && img.format().caps().raw_data && !opts.read_only {
         eprintln!(
             "WARNING: Image format was not specified for '{filename}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
         );
@@ -140,7 +139,7 @@ pub fn warn_if_probed_raw(filename: &str, opts: &OpenOptions, img: &Image) {
 fn read_head(filename: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut f = std::fs::File::open(filename)?;
-    let mut head = vec![0u8; 512];
+    let mut head = vec![0u8; vdisk::format::registry::PROBE_BYTES];
     let mut n = 0;
     while n < head.len() {
         let r = f.read(&mut head[n..])?;
@@ -176,36 +175,14 @@ pub fn allocated_size(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
 }
 
-/// One layer of an open chain: its driver and the file name qemu would show for it.
-#[derive(Clone)]
-pub struct Layer {
-    /// The layer's driver.
-    pub driver: Arc<dyn Driver>,
-    /// The file name (the top image's host file; backing names resolved against the
-    /// directory of the image naming them, a `json:` backing by its host file).
-    pub path: PathBuf,
-}
+/// One layer of an open chain, with the file name qemu would show for it (the top
+/// image's name as given; backing names resolved against the directory of the image
+/// naming them, like qemu's `full-backing-filename`).
+pub use vdisk::ImageLayer as Layer;
 
 /// The layers of an image's chain, top first.
 pub fn layers(img: &Image) -> Vec<Layer> {
-    let mut out = vec![Layer {
-        driver: img.driver().clone(),
-        path: img.path().to_path_buf(),
-    }];
-    while let Some(last) = out.last() {
-        let Some(b) = last.driver.backing().cloned() else {
-            break;
-        };
-        let path = match last.driver.backing_spec() {
-            Some(spec) => vdisk::chain::backing_file_path(&last.path, &spec.name),
-            None => PathBuf::new(),
-        };
-        out.push(Layer { driver: b, path });
-        if out.len() > vdisk::chain::MAX_CHAIN_DEPTH + 1 {
-            break;
-        }
-    }
-    out
+    img.layers()
 }
 
 /// Block status of one range through a chain, with the flags `qemu-img map` shows.
@@ -240,7 +217,7 @@ pub fn chain_status(
 ) -> vdisk::Result<Status> {
     let mut len = len;
     for (depth, layer) in layers.iter().enumerate() {
-        let size = layer.driver.size();
+        let size = layer.size();
         if offset >= size {
             // Past this layer's end: zeroes (a shorter backing file).
             return Ok(Status {
@@ -254,7 +231,7 @@ pub fn chain_status(
             });
         }
         len = len.min(size - offset);
-        let e = layer.driver.block_status(offset, len)?;
+        let e = layer.block_status(offset, len)?;
         let n = e.len.clamp(1, len);
         match e.kind {
             ExtentKind::Data => {
@@ -282,9 +259,7 @@ pub fn chain_status(
             ExtentKind::Unallocated => {
                 len = n;
                 let last = top_only || depth + 1 == layers.len();
-                let past_backing = layers
-                    .get(depth + 1)
-                    .is_some_and(|b| offset >= b.driver.size());
+                let past_backing = layers.get(depth + 1).is_some_and(|b| offset >= b.size());
                 if last || past_backing {
                     return Ok(Status {
                         len,
@@ -312,14 +287,8 @@ pub fn chain_status(
     })
 }
 
-/// Whether every byte of `buf` is zero (compares 16-byte words; vectorises well).
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut words = buf.chunks_exact(16);
-    let body_zero = words
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
-    body_zero && words.remainder().iter().all(|&b| b == 0)
-}
+/// Whether every byte of `buf` is zero (the test zero detection uses).
+pub use vdisk::hook::is_zero;
 
 /// Whether qemu would treat a qcow2 layer as "metadata preallocated" and ask the host
 /// file about data clusters (`BDRV_BLOCK_RECURSE`): more clusters are in use than the
@@ -328,16 +297,15 @@ pub fn is_zero(buf: &[u8]) -> bool {
 /// Clusters in use are counted as the union of the clusters the file has allocated
 /// (metadata is always written) and the host clusters the guest mapping references.
 pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
-    let d = &layer.driver;
-    if d.format() != Format::Qcow2 {
+    let d = layer;
+    if !d.format().caps().metadata_prealloc {
         return Ok(false);
     }
     let Some(cs) = d.cluster_size().filter(|&c| c > 0) else {
         return Ok(false);
     };
-    let st = d.storage();
-    let file_len = st.len()?;
-    let Some(real) = allocated_size(&layer.path) else {
+    let file_len = layer.file_length()?;
+    let Some(real) = allocated_size(layer.path()) else {
         return Ok(false);
     };
     let real_clusters = real / cs;
@@ -347,7 +315,7 @@ pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
     // Allocated parts of the host file.
     let mut off = 0u64;
     while off < file_len {
-        let (data, n) = st.extent_at(off)?;
+        let (data, n) = layer.file_extent_at(off)?;
         if n == 0 {
             break;
         }
@@ -397,9 +365,8 @@ pub fn refine_with_file(layer: &Layer, s: &mut Status) -> vdisk::Result<()> {
     if !s.data || s.zero {
         return Ok(());
     }
-    let st = layer.driver.storage();
-    let file_len = st.len()?;
-    let (data, n) = st.extent_at(host)?;
+    let file_len = layer.file_length()?;
+    let (data, n) = layer.file_extent_at(host)?;
     let at_eof = host.saturating_add(n) >= file_len;
     if at_eof && (n == 0 || !data) {
         s.zero = true;

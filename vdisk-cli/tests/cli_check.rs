@@ -18,6 +18,15 @@ fn put(f: &mut std::fs::File, off: u64, bytes: &[u8]) {
     f.write_all(bytes).unwrap();
 }
 
+/// Opens an image file for patching by hand.
+fn open_rw(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
 /// A 10 MiB qcow2 image with guest clusters 0 and 1 written (host clusters 5 and 6).
 fn qcow2_with_data(dir: &Path, name: &str) {
     ok(
@@ -29,11 +38,7 @@ fn qcow2_with_data(dir: &Path, name: &str) {
 
 /// Drops the L2 entry of guest cluster 1: its host cluster leaks.
 fn make_leak(path: &Path) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let mut f = open_rw(path);
     let l1 = be64(&mut f, 40);
     let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
     put(&mut f, l2 + 8, &[0u8; 8]);
@@ -42,11 +47,7 @@ fn make_leak(path: &Path) {
 /// Points guest cluster 1 at guest cluster 0's host cluster: cluster 5 is referenced
 /// twice with refcount 1, cluster 6 leaks.
 fn make_double_ref(path: &Path) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let mut f = open_rw(path);
     let l1 = be64(&mut f, 40);
     let l2 = be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
     let e0 = be64(&mut f, l2);
@@ -55,11 +56,7 @@ fn make_double_ref(path: &Path) {
 
 /// Sets the refcount of host cluster 5 (guest cluster 0's data) to zero.
 fn make_corrupt(path: &Path) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
+    let mut f = open_rw(path);
     let rt = be64(&mut f, 48);
     let rb = be64(&mut f, rt);
     put(&mut f, rb + 2 * 5, &[0, 0]);
@@ -317,4 +314,112 @@ fn qcow2_problem_lines_match_qemu() {
         "{e}"
     );
     same_check_all_output(dir, "dup.qcow2", &["-r", "all"]);
+}
+
+/// Sets `bits` in guest cluster 0's L2 entry (`l2`) or in the first L1 entry.
+fn set_entry_bits(path: &Path, l2: bool, bits: u64) -> u64 {
+    let mut f = open_rw(path);
+    let l1 = be64(&mut f, 40);
+    let at = if l2 {
+        be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00
+    } else {
+        l1
+    };
+    let bad = be64(&mut f, at) | bits;
+    put(&mut f, at, &bad.to_be_bytes());
+    bad
+}
+
+/// Entries with reserved bits set and misaligned offsets: the lines the library's
+/// findings are worded into are qemu-img's, in both tools' stderr.
+#[test]
+fn qcow2_entry_problem_lines_match_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (l2, bits, what) in [
+        (true, 0x64u64, "l2"),
+        (true, 1u64 << 57, "l2"),
+        (false, 0x2u64, "L1"),
+        (false, 1u64 << 60, "L1"),
+    ] {
+        let name = format!("r{bits:x}.qcow2");
+        qcow2_with_data(dir, &name);
+        let bad = set_entry_bits(&dir.join(&name), l2, bits);
+        let line = format!("ERROR found {what} entry with reserved bits set: {bad:x}\n");
+        let q = qemu_img(dir, &["check", &name]);
+        let v = vdisk(dir, &["check", &name]);
+        assert_eq!(v.code, q.code, "{}{} vs {}{}", v.out, v.err, q.out, q.err);
+        assert!(q.err.contains(&line), "qemu: {}", q.err);
+        assert!(v.err.contains(&line), "vdisk: {}", v.err);
+    }
+    // An L2 table offset that is not cluster aligned (qemu goes on to read the table
+    // there, so only the line itself is compared).
+    qcow2_with_data(dir, "u.qcow2");
+    let e = set_entry_bits(&dir.join("u.qcow2"), false, 0x200);
+    let line = format!(
+        "ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted\n",
+        e & 0x00ff_ffff_ffff_fe00
+    );
+    let q = qemu_img(dir, &["check", "u.qcow2"]);
+    let v = vdisk(dir, &["check", "u.qcow2"]);
+    assert_eq!(v.code, q.code);
+    assert!(q.err.contains(&line), "qemu: {}", q.err);
+    assert!(v.err.contains(&line), "vdisk: {}", v.err);
+}
+
+/// Clears the COPIED flag of guest cluster 0's L2 entry (`l2`) or of the first L1 entry.
+fn clear_copied(path: &Path, l2: bool) {
+    let mut f = open_rw(path);
+    let l1 = be64(&mut f, 40);
+    let at = if l2 {
+        be64(&mut f, l1) & 0x00ff_ffff_ffff_fe00
+    } else {
+        l1
+    };
+    let e = be64(&mut f, at) & !(1u64 << 63);
+    put(&mut f, at, &e.to_be_bytes());
+}
+
+/// COPIED flags that disagree with the refcounts: found, then repaired, in qemu-img's
+/// words and order.
+#[test]
+fn qcow2_copied_flag_lines_match_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (l2, name, want) in [
+        (
+            true,
+            "c2.qcow2",
+            "ERROR OFLAG_COPIED data cluster: l2_entry=",
+        ),
+        (
+            false,
+            "c1.qcow2",
+            "ERROR OFLAG_COPIED L2 cluster: l1_index=0 l1_entry=",
+        ),
+    ] {
+        qcow2_with_data(dir, name);
+        clear_copied(&dir.join(name), l2);
+        let e = same_check_all_output(dir, name, &[]);
+        assert!(e.contains(want), "{e}");
+        let e = same_check_all_output(dir, name, &["-r", "all"]);
+        assert!(e.contains(&want.replace("ERROR", "Repairing")), "{e}");
+    }
+}
+
+/// A refcount table past the end of the file: the reference past the end and the
+/// refcount errors, in qemu-img's words.
+#[test]
+fn qcow2_refcount_table_past_eof_lines_match_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    qcow2_with_data(dir, "t.qcow2");
+    let mut f = open_rw(&dir.join("t.qcow2"));
+    put(&mut f, 48, &(1u64 << 30).to_be_bytes());
+    drop(f);
+    let e = same_check_all_output(dir, "t.qcow2", &[]);
+    assert!(
+        e.contains("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x40000000 size 0x10000\n"),
+        "{e}"
+    );
 }

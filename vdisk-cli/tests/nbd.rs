@@ -1818,3 +1818,46 @@ fn disconnect_answers_outstanding_requests_first() {
             .all(|&b| b == i as u8));
     }
 }
+
+/// `--detect-zeroes` off/on/unmap on a qcow2 image (zero writes recorded as zero
+/// clusters, kept allocated or freed): the same clusters afterwards as with qemu-nbd.
+#[test]
+fn detect_zeroes_modes_match_qemu_nbd_on_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut per_mode = Vec::new();
+    for mode in ["off", "on", "unmap"] {
+        let mut maps = Vec::new();
+        for prog in [VDISK, "qemu-nbd"] {
+            let img = dir.path().join(format!("{mode}-{}.qcow2", maps.len()));
+            ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+            qemu_io(s(&img), "qcow2", &["write -P 1 0 256k"]);
+            let args = ["-f", "qcow2", "--discard", "unmap", "--detect-zeroes", mode];
+            let mut srv = if prog == VDISK {
+                Server::unix(dir.path(), &args, &img)
+            } else {
+                Server::qemu_nbd(dir.path(), &args, &img)
+            };
+            qemu_io(
+                &srv.uri(),
+                "raw",
+                &[
+                    "write -P 0 0 64k",
+                    "write -P 0 128k 4k",
+                    "write -P 0 512k 64k",
+                    "read -P 0 0 64k",
+                    "read -P 1 64k 64k",
+                ],
+            );
+            let st = srv
+                .wait_exit(30)
+                .expect("server exits with its last client");
+            assert!(st.success(), "{prog}: {st}");
+            maps.push(ok("qemu-img", &["map", "--output=json", s(&img)]));
+        }
+        assert_eq!(maps[0], maps[1], "--detect-zeroes={mode}");
+        per_mode.push(maps.swap_remove(0));
+    }
+    // Each mode leaves different clusters: zero detection did act, and unmap freed.
+    assert_ne!(per_mode[0], per_mode[1]);
+    assert_ne!(per_mode[1], per_mode[2]);
+}

@@ -1,6 +1,6 @@
 //! `vdisk serve`: qemu-nbd's command line on top of [`crate::server::Server`].
 
-use crate::export::{DetectZeroes, DiscardMode, Export, ExportConfig};
+use crate::export::{DiscardMode, Export, ExportConfig};
 use crate::server::{Server, ServerConfig};
 use crate::stream::Listener;
 use std::ffi::OsString;
@@ -11,6 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use vdisk::hook::{DetectZeroes, DetectZeroesMode};
 use vdisk::{CacheMode, CreateOptions, Format, Image, OpenOptions};
 
 /// Environment variable through which a `--fork` parent hands its child the pipe to
@@ -121,12 +122,12 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
         other => return Err(format!("Invalid discard mode `{other}'")),
     };
     let detect_zeroes = match a.detect_zeroes.as_str() {
-        "off" => DetectZeroes::Off,
-        "on" => DetectZeroes::On,
-        "unmap" => DetectZeroes::Unmap,
+        "off" => DetectZeroesMode::Off,
+        "on" => DetectZeroesMode::On,
+        "unmap" => DetectZeroesMode::Unmap,
         other => return Err(format!("Invalid detect-zeroes mode `{other}'")),
     };
-    if detect_zeroes == DetectZeroes::Unmap && discard != DiscardMode::Unmap {
+    if detect_zeroes == DetectZeroesMode::Unmap && discard != DiscardMode::Unmap {
         return Err(
             "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
                 .into(),
@@ -146,6 +147,10 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
             format,
             read_only: a.read_only,
             cache,
+            // Zero detection is the image's business: the export only writes.
+            hooks: DetectZeroes::for_mode(detect_zeroes, discard == DiscardMode::Unmap)
+                .into_iter()
+                .collect(),
             ..OpenOptions::default()
         },
         export: ExportConfig {
@@ -155,7 +160,6 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
             multi_conn: a.shared != 1,
             allocation_depth: a.allocation_depth,
             discard,
-            detect_zeroes,
         },
         server: ServerConfig {
             persistent: a.persistent,

@@ -1,5 +1,5 @@
-//! One exported image: its name, description, policy (read-only, discard, zero
-//! detection) and the translation of the image's block status into NBD metadata.
+//! One exported image: its name, description, policy (read-only, discard) and the
+//! translation of the image's block status into NBD metadata.
 
 use crate::proto;
 use std::sync::Arc;
@@ -12,17 +12,6 @@ pub enum DiscardMode {
     /// TRIM succeeds without touching the image; zero writes never deallocate.
     Ignore,
     /// TRIM discards; zero writes may deallocate unless the client says NO_HOLE.
-    Unmap,
-}
-
-/// Whether written buffers full of zeroes become zero writes (`--detect-zeroes`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DetectZeroes {
-    /// Write the bytes as given.
-    Off,
-    /// All-zero writes become zero writes that keep the range allocated.
-    On,
-    /// All-zero writes become zero writes that may deallocate.
     Unmap,
 }
 
@@ -39,10 +28,9 @@ pub struct ExportConfig {
     pub multi_conn: bool,
     /// Offer `qemu:allocation-depth` (`-A`).
     pub allocation_depth: bool,
-    /// TRIM policy.
+    /// TRIM policy. (Zero detection, `--detect-zeroes`, is a write hook registered on
+    /// the image: see [`vdisk::hook::DetectZeroes`].)
     pub discard: DiscardMode,
-    /// Zero detection on writes.
-    pub detect_zeroes: DetectZeroes,
 }
 
 /// A metadata context the server offers.

@@ -285,19 +285,9 @@ impl Conn<'_> {
     }
 
     fn write(&self, r: &Request, data: &[u8]) -> Result<(), Fail> {
-        let img = &self.export.image;
-        let detect = self.export.cfg.detect_zeroes;
-        if detect != crate::export::DetectZeroes::Off
-            && !data.is_empty()
-            && data.iter().all(|&b| b == 0)
-        {
-            let flags = ZeroFlags {
-                may_unmap: detect == crate::export::DetectZeroes::Unmap,
-                fast: false,
-            };
-            img.write_zeroes(r.offset, data.len() as u64, flags)?;
-        } else if !data.is_empty() {
-            img.write_at(data, r.offset)?;
+        // Zero detection, when asked for, is a hook on the image.
+        if !data.is_empty() {
+            self.export.image.write_at(data, r.offset)?;
         }
         self.fua(r)
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use vdisk::format::{Driver, Extent, ExtentKind, Format, ZeroFlags};
 use vdisk::storage::{MemStorage, Storage};
 use vdisk::Image;
-use vdisk_nbd::export::{DetectZeroes, DiscardMode, Export, ExportConfig};
+use vdisk_nbd::export::{DiscardMode, Export, ExportConfig};
 use vdisk_nbd::server::{Server, ServerConfig};
 use vdisk_nbd::stream::Listener;
 
@@ -128,7 +128,6 @@ fn blocked_request_does_not_hold_up_later_ones() {
             multi_conn: false,
             allocation_depth: false,
             discard: DiscardMode::Ignore,
-            detect_zeroes: DetectZeroes::Off,
         },
     ));
     let dir = tempfile::tempdir().unwrap();

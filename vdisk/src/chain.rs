@@ -3,7 +3,7 @@
 //! (relative plain names resolved, loops detected), and status through the chain.
 
 use crate::error::{Error, Result};
-use crate::format::{self, BackingSpec, Driver, DriverOptions, ExtentKind, Format};
+use crate::format::{self, BackingSpec, Driver, DriverOptions, Format};
 use crate::storage::options::{Node, SpecError, Value};
 use crate::storage::registry::{self, ProtocolOpen};
 use crate::storage::{
@@ -68,11 +68,15 @@ pub(crate) fn tree_local_file(tree: &Node) -> Option<&str> {
     }
 }
 
-/// Reads the first bytes of a storage and guesses its format.
+/// Reads the first bytes of a storage and guesses its format (the format registry's
+/// probes, QEMU's scoring).
 pub fn probe_storage(storage: &dyn Storage) -> Result<Format> {
-    let mut head = [0u8; 512];
-    storage.read_at(&mut head, 0)?;
-    Ok(Format::probe(&head))
+    format::registry::probe_storage(storage, None)
+}
+
+/// Like [`probe_storage`], with the file's name for the probes that look at it (dmg).
+pub fn probe_file(storage: &dyn Storage, path: &Path) -> Result<Format> {
+    format::registry::probe_storage(storage, path.to_str())
 }
 
 /// Opens one file with the options of a chain.
@@ -234,7 +238,10 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
     };
     let fmt = match named {
         Some(f) => f,
-        None => probe_storage(&*metadata)?,
+        None => match &local_path {
+            Some(p) => probe_file(&*metadata, p)?,
+            None => probe_storage(&*metadata)?,
+        },
     };
     let allowed = format_options(fmt);
     for (key, given) in [
@@ -309,8 +316,11 @@ fn open_protocol_node(
     })
 }
 
-/// Opens a format driver on an opened node. The data storage goes with the metadata
-/// storage once formats take both; until then a separate data file is refused here.
+/// Opens a format driver on an opened node, handing it the metadata storage and,
+/// separately, the data storage (the same one unless the node has a `data-file`).
+///
+/// No format reads an external data file yet (issue 10): qcow2 would ignore it, so a
+/// `data-file` child is refused here, naming the option, rather than dropped.
 pub fn open_format(
     node: OpenedNode,
     backing: &mut format::BackingResolver<'_>,
@@ -326,7 +336,16 @@ pub fn open_format(
     if matches!(node.backing, BackingChoice::Disabled) {
         dopts.no_backing = true;
     }
-    format::open(node.format, node.metadata, &dopts, backing)
+    let data = node.data.unwrap_or_else(|| node.metadata.clone());
+    format::registry::open_with(
+        node.format,
+        format::registry::OpenArgs {
+            meta: node.metadata,
+            data,
+            opts: &dopts,
+            backing,
+        },
+    )
 }
 
 /// The tree a backing file comes from: the node's explicit `backing` child, else the
@@ -442,64 +461,10 @@ pub fn open_backing_with(
     })
 }
 
-/// Status of a guest range through the whole chain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ChainExtent {
-    /// Bytes covered (> 0).
-    pub len: u64,
-    /// Data, zero, or unallocated in every layer (reads as zeroes).
-    pub kind: ExtentKind,
-    /// Layer that decided: 0 = the top image. For unallocated, the last layer examined.
-    pub depth: u32,
-    /// Host offset in that layer's file, when contiguous.
-    pub offset: Option<u64>,
-    /// Stored compressed.
-    pub compressed: bool,
-}
+pub use crate::format::datapath::ChainExtent;
 
-/// Status of `[offset, offset+len)` starting at `offset`, walking down the chain.
+/// Status of `[offset, offset+len)` starting at `offset`, walking down the chain (the
+/// walk lives in the format layer, which uses it for zero detection too).
 pub fn block_status(top: &Arc<dyn Driver>, offset: u64, len: u64) -> Result<ChainExtent> {
-    let mut layer: &Arc<dyn Driver> = top;
-    let mut len = len;
-    let mut depth = 0u32;
-    loop {
-        let e = layer.block_status(offset, len)?;
-        len = e.len;
-        if e.kind != ExtentKind::Unallocated {
-            return Ok(ChainExtent {
-                len,
-                kind: e.kind,
-                depth,
-                offset: e.offset,
-                compressed: e.compressed,
-            });
-        }
-        match layer.backing() {
-            Some(b) if offset < b.size() => {
-                len = len.min(b.size() - offset);
-                layer = b;
-                depth += 1;
-            }
-            Some(b) => {
-                // Past the end of a shorter backing file: reads as zeroes.
-                let _ = b;
-                return Ok(ChainExtent {
-                    len,
-                    kind: ExtentKind::Unallocated,
-                    depth: depth + 1,
-                    offset: None,
-                    compressed: false,
-                });
-            }
-            None => {
-                return Ok(ChainExtent {
-                    len,
-                    kind: ExtentKind::Unallocated,
-                    depth,
-                    offset: None,
-                    compressed: false,
-                });
-            }
-        }
-    }
+    format::datapath::chain_status(&**top, offset, len)
 }

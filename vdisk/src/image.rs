@@ -1,13 +1,24 @@
 //! The public image API: open (by name, URL, `json:` or option tree) or create an
 //! image with its backing chain.
+//!
+//! [`Image`] is the only door front-ends have to an image: every guest write, zero
+//! write, discard, compressed write and resize, every metadata change (backing file;
+//! snapshots and amend later) and every read goes through its methods, so the write
+//! hooks registered on it ([`crate::hook`]) see them all. The format driver stays
+//! private to this crate; what front-ends need to know about the layers below is
+//! offered as [`ImageLayer`] views, which cannot write.
 
 use crate::chain::{self, ChainExtent, ChainOptions, NodeOpen};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Format, Repair, ZeroFlags,
+    self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Extent, Format,
+    FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
 };
+use crate::hook::{Payload, Request, WriteHook};
+use crate::layer::ImageLayer;
 use crate::storage::options::{Node, SpecError, Value};
 use crate::storage::{spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
+use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,6 +47,8 @@ pub struct OpenOptions {
     /// The name is a key=value option list (`driver=qcow2,file.filename=a.qcow2`),
     /// as qemu-img's `--image-opts`; it cannot be combined with `format`.
     pub image_opts: bool,
+    /// Write hooks, in the order they see requests (see [`crate::hook`]).
+    pub hooks: Vec<Arc<dyn WriteHook>>,
 }
 
 impl Default for OpenOptions {
@@ -50,6 +63,7 @@ impl Default for OpenOptions {
             consistent_read: false,
             driver: DriverOptions::default(),
             image_opts: false,
+            hooks: Vec::new(),
         }
     }
 }
@@ -77,6 +91,9 @@ pub struct Image {
     driver: Arc<dyn Driver>,
     path: PathBuf,
     closed: AtomicBool,
+    /// Fixed once the image is shared (`add_hook` takes `&mut self`): the hot path
+    /// reads it without a lock and skips the hook machinery when it is empty.
+    hooks: Vec<Arc<dyn WriteHook>>,
 }
 
 impl Image {
@@ -119,7 +136,7 @@ impl Image {
             (opts.read_only, opts.force_share, opts.consistent_read);
         // What a reader shares depends on the format, so locks are taken once it is known.
         let lock = move |fmt: Format| {
-            if fmt == Format::Raw && read_only && !consistent {
+            if fmt.caps().raw_data && read_only && !consistent {
                 LockMode::On {
                     perm: Perm::CONSISTENT_READ,
                     shared: Perm::ALL,
@@ -156,6 +173,7 @@ impl Image {
             driver,
             path,
             closed: AtomicBool::new(false),
+            hooks: opts.hooks.clone(),
         })
     }
 
@@ -165,6 +183,7 @@ impl Image {
             driver,
             path: path.into(),
             closed: AtomicBool::new(false),
+            hooks: Vec::new(),
         }
     }
 
@@ -244,9 +263,10 @@ impl Image {
         r
     }
 
-    /// The format driver (for format-specific operations).
-    pub fn driver(&self) -> &Arc<dyn Driver> {
-        &self.driver
+    /// Registers a write hook after the ones already registered (before the image is
+    /// shared: the hook list is fixed while I/O runs).
+    pub fn add_hook(&mut self, hook: Arc<dyn WriteHook>) {
+        self.hooks.push(hook);
     }
     /// The path the image was opened with.
     pub fn path(&self) -> &Path {
@@ -260,42 +280,212 @@ impl Image {
     pub fn size(&self) -> u64 {
         self.driver.size()
     }
+
+    // ---- Guest data: every request passes the write hooks ----
+
     /// Reads guest bytes.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.driver.read_at(buf, offset)
+        if self.hooks.is_empty() {
+            return self.driver.read_at(buf, offset);
+        }
+        self.driver.read_at(buf, offset)?;
+        self.after_read(&mut [IoSliceMut::new(buf)], offset)
     }
     /// Writes guest bytes.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.driver.write_at(buf, offset)
+        if self.hooks.is_empty() {
+            return self.driver.write_at(buf, offset);
+        }
+        self.hooked(Request::Write {
+            offset,
+            data: Payload::borrowed(buf),
+        })
+    }
+    /// Reads consecutive guest bytes into several buffers, as one request.
+    pub fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        if self.hooks.is_empty() {
+            return self.driver.read_vectored(bufs, offset);
+        }
+        self.driver.read_vectored(bufs, offset)?;
+        self.after_read(bufs, offset)
+    }
+    /// Writes consecutive guest bytes from several buffers, as one request (gathered
+    /// into one buffer only when hooks are registered).
+    pub fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        if self.hooks.is_empty() {
+            return self.driver.write_vectored(bufs, offset);
+        }
+        self.hooked(Request::Write {
+            offset,
+            data: Payload::gather(bufs),
+        })
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.driver.write_zeroes(offset, len, flags)
+        if self.hooks.is_empty() {
+            return self.driver.write_zeroes(offset, len, flags);
+        }
+        self.hooked(Request::Zeroes { offset, len, flags })
     }
     /// Discards a range.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.driver.discard(offset, len)
+        if self.hooks.is_empty() {
+            return self.driver.discard(offset, len);
+        }
+        self.hooked(Request::Discard { offset, len })
     }
-    /// Makes completed writes durable.
+    /// Writes one cluster-aligned block compressed (a short block only at the end of
+    /// the disk); formats without compression refuse.
+    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.hooks.is_empty() {
+            return self.driver.write_compressed(buf, offset);
+        }
+        self.hooked(Request::Compressed {
+            offset,
+            data: Payload::borrowed(buf),
+        })
+    }
+    /// Changes the guest size; shrinking needs `shrink`.
+    pub fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        let req = Request::Resize {
+            old_size: self.size(),
+            new_size,
+            shrink,
+        };
+        if self.hooks.is_empty() {
+            return self.submit(&req);
+        }
+        self.hooked(req)
+    }
+    /// Makes completed writes durable (the hooks write back their state first).
     pub fn flush(&self) -> Result<()> {
+        self.hooks.iter().try_for_each(|h| h.flush())?;
         self.driver.flush()
     }
+
+    /// Shows the bytes a read filled, consecutive from `offset`, to the hooks (last
+    /// registered first).
+    fn after_read(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        for h in self.hooks.iter().rev() {
+            let mut off = offset;
+            for b in bufs.iter_mut() {
+                h.after_read(b, off)?;
+                off += b.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `req` through the hooks' `before`, the driver, and the hooks' `after`.
+    fn hooked(&self, mut req: Request<'_>) -> Result<()> {
+        for h in &self.hooks {
+            h.before(&mut req)?;
+        }
+        let r = self.submit(&req);
+        let change = req.change();
+        for h in &self.hooks {
+            h.after(&change, r.is_ok());
+        }
+        r
+    }
+
+    /// Hands a request, in its final form, to the driver.
+    fn submit(&self, req: &Request<'_>) -> Result<()> {
+        match req {
+            Request::Write { offset, data } => self.driver.write_at(data.bytes(), *offset),
+            Request::Zeroes { offset, len, flags } => {
+                self.driver.write_zeroes(*offset, *len, *flags)
+            }
+            Request::Discard { offset, len } => self.driver.discard(*offset, *len),
+            Request::Compressed { offset, data } => {
+                self.driver.write_compressed(data.bytes(), *offset)
+            }
+            Request::Resize {
+                new_size, shrink, ..
+            } => self.driver.resize(*new_size, *shrink),
+        }
+    }
+
+    /// Reserves host space for `[offset, offset+len)` without changing what it reads
+    /// (`resize --preallocation=falloc`). Raw images only, where guest and file offsets
+    /// are the same; other formats refuse.
+    pub fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.format().caps().raw_data {
+            return Err(Error::unsupported(format!(
+                "falloc preallocation of a {} image",
+                self.format()
+            )));
+        }
+        Ok(self.driver.storage().allocate(offset, len)?)
+    }
+
+    // ---- Metadata ----
+
+    /// Allocation unit, if the format has one.
+    pub fn cluster_size(&self) -> Option<u64> {
+        self.driver.cluster_size()
+    }
+    /// Format-specific information (`info`'s `format-specific`).
+    pub fn format_specific(&self) -> FormatSpecific {
+        self.driver.format_specific()
+    }
+    /// Internal snapshots, in table order.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.driver.snapshots()
+    }
+    /// Whether the image is marked dirty (qcow2 dirty bit, QED NEED_CHECK).
+    pub fn is_dirty(&self) -> bool {
+        self.driver.is_dirty()
+    }
+    /// The backing file the header names.
+    pub fn backing_spec(&self) -> Option<BackingSpec> {
+        self.driver.backing_spec()
+    }
+    /// Rewrites the backing file reference in the header (`rebase -u`; `None` removes
+    /// it). The backing image open now stays open until the image is closed.
+    pub fn set_backing(&self, spec: Option<BackingSpec>) -> Result<()> {
+        self.driver.set_backing_spec(spec.as_ref())
+    }
+    /// Length of the image's host file.
+    pub fn file_length(&self) -> Result<u64> {
+        Ok(self.driver.storage().len()?)
+    }
+
+    // ---- Snapshots and amend (issue 8) ----
+    //
+    // Internal snapshot operations (create, apply, delete, list by name) and `amend`
+    // belong here, as methods that call the driver, so that they pass the same door as
+    // guest writes: applying a snapshot replaces the whole guest disk, so it must reach
+    // the hooks as a change of `0..size` (dirty bitmaps mark everything, notifiers
+    // tell their clients); amend changing the size goes through `resize` above.
+
+    // ---- Status and chain ----
+
     /// Status through the backing chain of the range starting at `offset`.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<ChainExtent> {
         chain::block_status(&self.driver, offset, len)
+    }
+    /// Status of the range starting at `offset` in this image only, not its backing
+    /// files (qemu-io's `map` and `alloc`; unallocated = "read from the backing file").
+    pub fn layer_block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.driver.block_status(offset, len)
     }
     /// Consistency check of the top image.
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
         self.driver.check(repair)
     }
+    /// Every layer of the chain, this image first.
+    pub fn layers(&self) -> Vec<ImageLayer> {
+        ImageLayer::chain(&self.driver, &self.path)
+    }
+    /// The backing image directly below, if one is open.
+    pub fn backing(&self) -> Option<ImageLayer> {
+        self.layers().into_iter().nth(1)
+    }
     /// Backing images, top first (not including this one).
-    pub fn backing_chain(&self) -> Vec<Arc<dyn Driver>> {
-        let mut v = Vec::new();
-        let mut cur = self.driver.backing().cloned();
-        while let Some(d) = cur {
-            cur = d.backing().cloned();
-            v.push(d);
-        }
+    pub fn backing_chain(&self) -> Vec<ImageLayer> {
+        let mut v = self.layers();
+        v.remove(0);
         v
     }
     /// Flushes and marks the image clean; later I/O is still possible but the image
@@ -304,7 +494,10 @@ impl Image {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.driver.close()
+        // The driver closes even if a hook failed; the first error is reported.
+        let hooks = self.hooks.iter().try_for_each(|h| h.close());
+        let driver = self.driver.close();
+        hooks.and(driver)
     }
 }
 

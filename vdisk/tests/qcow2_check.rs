@@ -2,8 +2,18 @@
 
 mod qcow2_util;
 use qcow2_util::*;
-use vdisk::format::DriverOptions;
+use vdisk::error::Structure;
+use vdisk::format::{DriverOptions, Finding, FindingKind, Outcome};
 use vdisk::Repair;
+
+/// Whether `f` reports a refcount mismatch of host cluster `c` (found, not repaired).
+fn mismatch(f: &Finding, kind: FindingKind, c: u64, refcount: u64, references: u64) -> bool {
+    f.kind == kind
+        && f.outcome == Outcome::Found
+        && f.cluster == Some(c)
+        && f.refcount == Some(refcount)
+        && f.references == Some(references)
+}
 
 fn field(v: &serde_json::Value, k: &str) -> u64 {
     v.get(k).and_then(|x| x.as_u64()).unwrap_or(0)
@@ -106,11 +116,8 @@ fn statistics_match_qemu() {
         let img = open(&v, true);
         img.write_at(&vec![7u8; 300_000], 12345).unwrap();
         img.write_at(&vec![8u8; 5000], 3 << 20).unwrap();
-        img.driver()
-            .write_compressed(&vec![0u8; 4096], 2 << 20)
-            .unwrap();
-        img.driver()
-            .write_compressed(&[5u8; 4096], (2 << 20) + 4096)
+        img.write_compressed(&vec![0u8; 4096], 2 << 20).unwrap();
+        img.write_compressed(&[5u8; 4096], (2 << 20) + 4096)
             .unwrap();
     }
     same_as_qemu(&v);
@@ -143,11 +150,11 @@ fn leaks_and_corruptions_reported_and_repaired() {
         let r = img.check(Repair::default()).unwrap();
         assert_eq!(r.leaks, 1);
         assert!(
-            r.messages
+            r.findings
                 .iter()
-                .any(|m| m == "Leaked cluster 0 refcount=2 reference=1"),
+                .any(|f| mismatch(f, FindingKind::LeakedCluster, 0, 2, 1)),
             "{:?}",
-            r.messages
+            r.findings
         );
     }
     {
@@ -158,7 +165,7 @@ fn leaks_and_corruptions_reported_and_repaired() {
                 errors: false,
             })
             .unwrap();
-        assert_eq!((r.leaks, r.leaks_fixed), (0, 1), "{:?}", r.messages);
+        assert_eq!((r.leaks, r.leaks_fixed), (0, 1), "{:?}", r.findings);
     }
     assert_clean(&f);
     // A data cluster with refcount 1 -> 2: leak plus COPIED errors... set a data cluster
@@ -172,11 +179,11 @@ fn leaks_and_corruptions_reported_and_repaired() {
         let r = img.check(Repair::default()).unwrap();
         assert!(r.corruptions >= 1);
         assert!(
-            r.messages.iter().any(
-                |m| m.starts_with(&format!("ERROR cluster {} refcount=0 reference=1", end - 1))
-            ),
+            r.findings
+                .iter()
+                .any(|f| mismatch(f, FindingKind::RefcountTooLow, end - 1, 0, 1)),
             "{:?}",
-            r.messages
+            r.findings
         );
     }
     {
@@ -187,7 +194,7 @@ fn leaks_and_corruptions_reported_and_repaired() {
                 errors: true,
             })
             .unwrap();
-        assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
         assert!(r.corruptions_fixed >= 1);
     }
     assert_clean(&f);
@@ -209,13 +216,13 @@ fn dirty_lazy_image_is_repaired_on_open() {
     poke_refcount(&f, 6, 0);
     {
         let img = open(&f, false);
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let r = img.check(Repair::default()).unwrap();
         assert!(r.corruptions > 0);
     }
     {
         let img = open(&f, true);
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
     }
     assert_clean(&f);
     let (_, q) = qemu_check(&f);
@@ -260,7 +267,7 @@ fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
     std::fs::write(&f, &b).unwrap();
     {
         let img = open(&f, false);
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let _ = read_all(&img);
         let _ = img.check(Repair::default()).unwrap();
         assert!(matches!(img.write_at(&[1], 0), Err(vdisk::Error::ReadOnly)));
@@ -282,9 +289,9 @@ fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
     // until close.
     {
         let img = open(&f, true);
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
         img.write_at(&[1u8; 5000], 300_000).unwrap();
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let on_disk = std::fs::read(&f).unwrap();
         assert_eq!(
             on_disk[79] & 1,
@@ -292,7 +299,7 @@ fn read_only_never_writes_and_lazy_dirty_bit_lifecycle() {
             "dirty bit must be on disk before allocating writes land"
         );
         img.close().unwrap();
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
     }
     let v: serde_json::Value =
         serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&f)])).unwrap();
@@ -348,14 +355,14 @@ fn corrupt_image_repaired_and_corrupt_bit_cleared() {
             "guest writes refused"
         );
         let r = img.check(Repair::default()).unwrap();
-        assert!(r.corruptions > 0, "{:?}", r.messages);
+        assert!(r.corruptions > 0, "{:?}", r.findings);
         let r = img
             .check(Repair {
                 leaks: true,
                 errors: true,
             })
             .unwrap();
-        assert_eq!((r.corruptions, r.check_errors), (0, 0), "{:?}", r.messages);
+        assert_eq!((r.corruptions, r.check_errors), (0, 0), "{:?}", r.findings);
         assert!(r.corruptions_fixed > 0);
     }
     assert!(!corrupt_bit(&f), "repair cleared the corrupt bit");
@@ -433,8 +440,23 @@ fn reserved_bits_in_l1_and_l2_entries() {
                 "{e}"
             );
             let r = img.check(Repair::default()).unwrap();
-            assert!(r.messages.contains(&line), "{:?}", r.messages);
-            assert_eq!(r.corruptions, field(&q, "corruptions"), "{:?}", r.messages);
+            // The finding behind qemu's line (the CLI test words it the same way).
+            let structure = if table == "L1" {
+                Structure::L1Table
+            } else {
+                Structure::L2Table
+            };
+            assert!(
+                r.findings
+                    .iter()
+                    .any(|f| f.kind == FindingKind::ReservedBits
+                        && f.structure == structure
+                        && f.outcome == Outcome::Found
+                        && f.entry_value == Some(bad)),
+                "{:?}",
+                r.findings
+            );
+            assert_eq!(r.corruptions, field(&q, "corruptions"), "{:?}", r.findings);
         }
         // A read-write user hitting it marks the image corrupt.
         {
@@ -459,7 +481,7 @@ fn reserved_bits_in_l1_and_l2_entries() {
                     errors: true,
                 })
                 .unwrap();
-            assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+            assert_eq!(r.corruptions, 0, "{:?}", r.findings);
             assert!(r.corruptions_fixed >= 1);
         }
         assert!(!corrupt_bit(&f));
@@ -510,7 +532,7 @@ fn broken_refcount_table_checked_and_rebuilt() {
                     r.corruptions,
                     field(&q, "corruptions"),
                     "{mode}: {:?}",
-                    r.messages
+                    r.findings
                 );
             }
         }
@@ -530,11 +552,11 @@ fn broken_refcount_table_checked_and_rebuilt() {
                 (r.corruptions, r.check_errors),
                 (0, 0),
                 "{mode}: {:?}",
-                r.messages
+                r.findings
             );
             assert!(r.corruptions_fixed > 0);
             let r = img.check(Repair::default()).unwrap();
-            assert_eq!((r.corruptions, r.leaks), (0, 0), "{mode}: {:?}", r.messages);
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "{mode}: {:?}", r.findings);
         }
         assert_clean(&f);
         let img = open(&f, true);

@@ -92,8 +92,7 @@ fn threads_mixed_ops_disjoint_ranges() {
                             let s = off.div_ceil(c) * c;
                             let e = (off + len) / c * c;
                             if e > s {
-                                img.driver()
-                                    .write_compressed(&vec![(i as u8) ^ 0x55; c as usize], base + s)
+                                img.write_compressed(&vec![(i as u8) ^ 0x55; c as usize], base + s)
                                     .unwrap();
                                 model[s as usize..(s + c) as usize].fill((i as u8) ^ 0x55);
                             }
@@ -114,7 +113,7 @@ fn threads_mixed_ops_disjoint_ranges() {
     }
     let img = Arc::try_unwrap(img).unwrap();
     let r = img.check(Default::default()).unwrap();
-    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
     drop(img);
     assert_clean(&f);
 }
@@ -181,8 +180,7 @@ fn racing(cs: &str, cache: Option<u64>) {
                         4 => img.discard(off, len).unwrap(),
                         5 => {
                             let c = off / csz * csz;
-                            img.driver()
-                                .write_compressed(&vec![t as u8 + 1; csz as usize], c)
+                            img.write_compressed(&vec![t as u8 + 1; csz as usize], c)
                                 .unwrap();
                         }
                         _ => {
@@ -203,7 +201,7 @@ fn racing(cs: &str, cache: Option<u64>) {
     let img = Arc::try_unwrap(img).unwrap();
     let before = read_all(&img);
     let r = img.check(Default::default()).unwrap();
-    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
     drop(img);
     assert_clean(&f);
     assert_same(&qemu_raw(&f), &before, "qemu sees what vdisk saw");

@@ -94,9 +94,7 @@ fn run(
                 let c = off / cs * cs;
                 let n = cs.min(size - c);
                 let v = (i as u8).wrapping_mul(13) | 1;
-                img.driver()
-                    .write_compressed(&vec![v; n as usize], c)
-                    .unwrap();
+                img.write_compressed(&vec![v; n as usize], c).unwrap();
                 model[c as usize..(c + n) as usize].fill(v);
                 if let Some(f) = flushes.last_mut() {
                     f.later.push((start_point, c, n));
@@ -167,7 +165,7 @@ fn run(
             assert_eq!(
                 rep.corruptions, 0,
                 "crash point {k} variant {variant}: {:?}",
-                rep.messages
+                rep.findings
             );
             let mut got = vec![0u8; size as usize];
             img.read_at(&mut got, 0).unwrap();
@@ -198,7 +196,7 @@ fn run(
                         errors: false,
                     })
                     .unwrap();
-                assert_eq!(rep.corruptions, 0, "crash point {k} rw: {:?}", rep.messages);
+                assert_eq!(rep.corruptions, 0, "crash point {k} rw: {:?}", rep.findings);
                 assert_eq!(rep.leaks, 0, "crash point {k} rw: leaks not repaired");
             }
             checked += 1;

@@ -11,10 +11,14 @@ fn info(f: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(f)])).unwrap()
 }
 
+/// Create options, then the expected compat, cluster size, lazy refcounts, refcount
+/// bits and compression type.
+type CreateCase<'a> = (&'a [(&'a str, &'a str)], &'a str, u64, bool, u64, &'a str);
+
 #[test]
 fn options_show_in_qemu_info() {
     let d = tmp();
-    let cases: &[(&[(&str, &str)], &str, u64, bool, u64, &str)] = &[
+    let cases: &[CreateCase] = &[
         (&[], "1.1", 65536, false, 16, "zlib"),
         (&[("compat", "0.10")], "0.10", 65536, false, 16, "zlib"),
         (
@@ -94,7 +98,7 @@ fn options_show_in_qemu_info() {
         }
         assert_eq!(fs["refcount-bits"], *bits, "{what}");
         let img = open(&f, false);
-        match img.driver().format_specific() {
+        match img.format_specific() {
             FormatSpecific::Qcow2 {
                 compat: c,
                 refcount_bits,
@@ -150,7 +154,7 @@ fn backing_recorded() {
     assert_eq!(v["backing-filename-format"], "qcow2");
     let img = open(&f, true);
     assert_eq!(
-        img.driver().backing_spec(),
+        img.backing_spec(),
         Some(BackingSpec {
             name: "base.qcow2".into(),
             format: Some(Format::Qcow2)
@@ -161,12 +165,11 @@ fn backing_recorded() {
     want[5000..5100].fill(1);
     assert_same(&read_all(&img), &want, "through backing");
     // rebase -u: point somewhere else, then drop the backing file.
-    img.driver()
-        .set_backing_spec(Some(&BackingSpec {
-            name: "other.raw".into(),
-            format: Some(Format::Raw),
-        }))
-        .unwrap();
+    img.set_backing(Some(BackingSpec {
+        name: "other.raw".into(),
+        format: Some(Format::Raw),
+    }))
+    .unwrap();
     drop(img);
     let v = info(&f);
     assert_eq!(v["backing-filename"], "other.raw");
@@ -181,7 +184,7 @@ fn backing_recorded() {
             },
         )
         .unwrap();
-        img.driver().set_backing_spec(None).unwrap();
+        img.set_backing(None).unwrap();
     }
     let v = info(&f);
     assert!(v.get("backing-filename").is_none(), "{v}");
@@ -273,19 +276,19 @@ fn resize_grow_and_shrink() {
     {
         let img = open(&f, true);
         img.write_at(&[7u8; 3000], (1 << 20) - 3000).unwrap();
-        img.driver().resize(8 << 20, false).unwrap();
+        img.resize(8 << 20, false).unwrap();
         assert_eq!(img.size(), 8 << 20);
         img.write_at(&[9u8; 5000], (8 << 20) - 5000).unwrap();
         let all = read_all(&img);
         assert!(all[(1 << 20) - 3000..1 << 20].iter().all(|&b| b == 7));
         assert!(all[(8 << 20) - 5000..].iter().all(|&b| b == 9));
-        assert!(img.driver().resize(4 << 20, false).is_err());
+        assert!(img.resize(4 << 20, false).is_err());
     }
     assert_clean(&f);
     assert_eq!(info(&f)["virtual-size"], 8 << 20);
     {
         let img = open(&f, true);
-        img.driver().resize(600_064, true).unwrap();
+        img.resize(600_064, true).unwrap();
     }
     assert_clean(&f);
     let raw = qemu_raw(&f);
@@ -300,8 +303,8 @@ fn shrink_then_grow_reads_zeroes() {
     vdisk_create(&f, 1 << 20, &[("cluster_size", "65536")], None);
     let img = open(&f, true);
     img.write_at(&vec![5u8; 1 << 20], 0).unwrap();
-    img.driver().resize(100_352, true).unwrap();
-    img.driver().resize(1 << 20, false).unwrap();
+    img.resize(100_352, true).unwrap();
+    img.resize(1 << 20, false).unwrap();
     let all = read_all(&img);
     assert!(all[..100_352].iter().all(|&b| b == 5));
     assert!(

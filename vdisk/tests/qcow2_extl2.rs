@@ -95,7 +95,7 @@ fn subclusters_read_and_map() {
         }
     }
     let r = img.check(Default::default()).unwrap();
-    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
     let (_, qc) = qemu_check(&f);
     assert_eq!(
         r.allocated_clusters.unwrap(),

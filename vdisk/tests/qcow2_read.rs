@@ -159,11 +159,10 @@ fn block_status_sparse_disk_in_one_call() {
     qemu_create(&f, "", "64T");
     let size = 64u64 << 40;
     let img = open(&f, false);
-    let e = img.driver().block_status(0, size).unwrap();
+    let e = img.layer_block_status(0, size).unwrap();
     assert_eq!((e.kind, e.len), (ExtentKind::Unallocated, size));
     let e = img
-        .driver()
-        .block_status(12345 << 20, size - (12345 << 20))
+        .layer_block_status(12345 << 20, size - (12345 << 20))
         .unwrap();
     assert_eq!(
         (e.kind, e.len),
@@ -172,16 +171,15 @@ fn block_status_sparse_disk_in_one_call() {
     drop(img);
     qemu_io(&f, &["write -P 1 60T 64k", "write -P 2 1G 64k"]);
     let img = open(&f, false);
-    let e = img.driver().block_status(0, size).unwrap();
+    let e = img.layer_block_status(0, size).unwrap();
     assert_eq!((e.kind, e.len), (ExtentKind::Unallocated, 1 << 30));
     let e = img
-        .driver()
-        .block_status((1 << 30) + 65536, size - (1 << 30) - 65536)
+        .layer_block_status((1 << 30) + 65536, size - (1 << 30) - 65536)
         .unwrap();
     assert_eq!(
         (e.kind, e.len),
         (ExtentKind::Unallocated, (60u64 << 40) - (1 << 30) - 65536)
     );
-    let e = img.driver().block_status(60 << 40, 1 << 20).unwrap();
+    let e = img.layer_block_status(60 << 40, 1 << 20).unwrap();
     assert_eq!((e.kind, e.len), (ExtentKind::Data, 65536));
 }

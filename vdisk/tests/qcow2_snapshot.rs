@@ -56,14 +56,14 @@ fn writes_after_snapshot_copy_first() {
             .unwrap();
             model[600_000..670_000].fill(0);
             img.discard(0, 1 << 20).unwrap();
-            let c = img.driver().cluster_size().unwrap() as usize;
+            let c = img.cluster_size().unwrap() as usize;
             let first = 0usize;
             let last = (1 << 20) / c * c;
             model[first..last].fill(0);
             w(5, 5, 12, &mut model);
             assert_same(&read_all(&img), &model, "active after");
             let r = img.check(Default::default()).unwrap();
-            assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
         }
         assert_clean(&f);
         assert_same(&qemu_raw(&f), &model, "qemu view of active");
@@ -81,8 +81,8 @@ fn grow_with_snapshots() {
     run("qemu-img", &["snapshot", "-c", "s", p(&f)]);
     {
         let img = open(&f, true);
-        assert!(img.driver().resize(32 << 10, true).is_err());
-        img.driver().resize(1 << 20, false).unwrap();
+        assert!(img.resize(32 << 10, true).is_err());
+        img.resize(1 << 20, false).unwrap();
         img.write_at(&[2u8; 1000], (1 << 20) - 1000).unwrap();
     }
     assert_clean(&f);

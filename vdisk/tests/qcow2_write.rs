@@ -98,7 +98,7 @@ fn workload(opts: &[(&str, &str)], cs: u64, v2: bool, with_backing: bool, seed: 
         }
         assert_same(&read_all(&img), &model.data, "before close");
         let rep = img.check(Default::default()).unwrap();
-        assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+        assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.findings);
         img.close().unwrap();
     }
     assert_clean(&f);
@@ -187,9 +187,7 @@ fn compressed_writes_packed_and_readable_by_qemu() {
                         for c in (t..32).step_by(4) {
                             let buf: Vec<u8> =
                                 (0..65536).map(|i| ((i / 100) as u8) ^ c as u8).collect();
-                            img.driver()
-                                .write_compressed(&buf, (c * 65536) as u64)
-                                .unwrap();
+                            img.write_compressed(&buf, (c * 65536) as u64).unwrap();
                         }
                     })
                 })
@@ -212,9 +210,7 @@ fn compressed_writes_packed_and_readable_by_qemu() {
                     x as u8
                 })
                 .collect();
-            img.driver()
-                .write_compressed(&noise, 33 * cs as u64)
-                .unwrap();
+            img.write_compressed(&noise, 33 * cs as u64).unwrap();
             model[33 * cs..34 * cs].copy_from_slice(&noise);
             assert!(
                 !img.block_status(33 * cs as u64, cs as u64)
@@ -222,9 +218,7 @@ fn compressed_writes_packed_and_readable_by_qemu() {
                     .compressed
             );
             // The final partial cluster.
-            img.driver()
-                .write_compressed(&[0x3c; 1024], 40 * cs as u64)
-                .unwrap();
+            img.write_compressed(&[0x3c; 1024], 40 * cs as u64).unwrap();
             model[40 * cs..].fill(0x3c);
             // Overwrite part of a compressed cluster (copy-on-write from it).
             img.write_at(&[0xff; 100], 5 * cs as u64 + 7).unwrap();
@@ -338,8 +332,7 @@ fn compressed_with_one_bit_refcounts() {
     {
         let img = open(&f, true);
         for c in 0..20u64 {
-            img.driver()
-                .write_compressed(&[c as u8 + 1; 4096], c * 4096)
+            img.write_compressed(&[c as u8 + 1; 4096], c * 4096)
                 .unwrap();
         }
     }

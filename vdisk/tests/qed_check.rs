@@ -146,6 +146,50 @@ fn invalid_double_and_misaligned_entries() {
     assert_eq!(features(&a) & 2, 0, "a repaired image is marked clean");
 }
 
+/// Each bad entry is a finding naming its table, entry, value and guest offset.
+#[test]
+fn findings_name_the_bad_entries() {
+    use vdisk::error::Structure;
+    use vdisk::format::{FindingKind, Outcome};
+    let dir = tmp();
+    let a = path_in(&dir, "a.qed");
+    let l2 = damaged_base(&a);
+    write_u64(&a, l2 + 8, 1 << 30);
+    write_u64(&a, l2 + 16, 4096);
+    write_u64(&a, l2 + 24, l2 + 100);
+    let r = vdisk_check(&a, Repair::default());
+    let bad: Vec<_> = r
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::InvalidOffset)
+        .map(|f| {
+            (
+                f.structure,
+                f.entry,
+                f.entry_value,
+                f.host_offset,
+                f.guest_offset,
+                f.outcome,
+            )
+        })
+        .collect();
+    let want: Vec<_> = [(1u64, 1u64 << 30), (2, 4096), (3, l2 + 100)]
+        .iter()
+        .map(|&(i, v)| {
+            (
+                Structure::QedL2Table,
+                Some(i),
+                Some(v),
+                Some(l2 + i * 8),
+                Some(i * 4096),
+                Outcome::Found,
+            )
+        })
+        .collect();
+    assert_eq!(bad, want, "{:?}", r.findings);
+    assert_eq!(r.corruptions, 3, "{r:?}");
+}
+
 #[test]
 fn invalid_l1_entry_repaired() {
     let dir = tmp();
@@ -233,7 +277,7 @@ fn dirty_image_repaired_on_open_and_untouched_read_only() {
     let bytes = std::fs::read(&a).expect("read");
     {
         let img = open(&a, true);
-        assert!(img.driver().is_dirty());
+        assert!(img.is_dirty());
         let mut buf = vec![0u8; 4096];
         img.read_at(&mut buf, 0).expect("read works read-only");
         assert!(buf.iter().all(|b| *b == 1));
@@ -244,7 +288,7 @@ fn dirty_image_repaired_on_open_and_untouched_read_only() {
     );
     {
         let img = open(&a, false);
-        assert!(!img.driver().is_dirty());
+        assert!(!img.is_dirty());
     }
     assert_eq!(features(&a) & 2, 0);
     assert_qemu_clean(&a);

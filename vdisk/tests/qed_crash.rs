@@ -22,6 +22,9 @@ struct Recorded {
     spans: Vec<(usize, usize, bool)>,
 }
 
+/// A named choice of which unflushed writes survive a crash.
+type Selector = (&'static str, Box<dyn Fn(usize) -> bool>);
+
 fn workload(
     drv: &dyn Driver,
     st: &TraceStorage,
@@ -151,7 +154,7 @@ fn crash_run(seed: u64, with_backing: bool, geometry: (&str, &str)) {
     let points = trace.points();
     let mut checked = 0;
     for k in 0..points {
-        let selectors: Vec<(&str, Box<dyn Fn(usize) -> bool>)> = vec![
+        let selectors: Vec<Selector> = vec![
             ("none", Box::new(|_| false)),
             ("all", Box::new(|_| true)),
             ("even", Box::new(|i| i % 2 == 0)),

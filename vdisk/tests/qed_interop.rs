@@ -123,7 +123,7 @@ fn backing_files_read_identically() {
         &format!("backing_file={},backing_fmt=raw", p(&fake)),
     );
     let v = open(&over, true);
-    let spec = v.driver().backing_spec().expect("backing spec");
+    let spec = v.backing_spec().expect("backing spec");
     assert_eq!(spec.format, Some(Format::Raw));
     let mut head = [0u8; 4];
     v.read_at(&mut head, 0).expect("read");

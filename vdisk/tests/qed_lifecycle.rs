@@ -146,22 +146,18 @@ fn resize_grow_and_shrink() {
         let img = open(&a, false);
         img.write_at(&[1u8; 1 << 20], 0).expect("write");
         img.write_at(&[2u8; 1 << 20], 6 << 20).expect("write");
-        img.driver().resize(20 << 20, false).expect("grow");
+        img.resize(20 << 20, false).expect("grow");
         assert_eq!(img.size(), 20 << 20);
         img.write_at(&[3u8; 4096], 19 << 20)
             .expect("write in grown area");
         assert!(
-            img.driver().resize(10 << 20, false).is_err(),
+            img.resize(10 << 20, false).is_err(),
             "shrink needs the flag"
         );
-        let e = img
-            .driver()
-            .resize(1 << 50, false)
-            .expect_err("beyond L1 coverage");
+        let e = img.resize(1 << 50, false).expect_err("beyond L1 coverage");
         assert!(e.to_string().contains("at most"), "{e}");
-        img.driver().resize(3 << 20, true).expect("shrink");
-        img.driver()
-            .resize(3 * 1024 * 1024 - 1536, true)
+        img.resize(3 << 20, true).expect("shrink");
+        img.resize(3 * 1024 * 1024 - 1536, true)
             .expect("shrink to a partial cluster");
         img.close().expect("close");
     }
@@ -173,7 +169,7 @@ fn resize_grow_and_shrink() {
     );
     {
         let img = open(&a, false);
-        img.driver().resize(20 << 20, false).expect("grow again");
+        img.resize(20 << 20, false).expect("grow again");
         let all = vdisk_read_all(&img);
         assert!(all[..1 << 20].iter().all(|b| *b == 1));
         assert!(
@@ -193,16 +189,14 @@ fn set_backing_spec_changes_and_removes_backing() {
     create_file(&a, 1 << 20, &[]);
     {
         let img = open(&a, false);
-        img.driver()
-            .set_backing_spec(Some(&BackingSpec {
-                name: "base.raw".into(),
-                format: Some(Format::Raw),
-            }))
-            .expect("set backing");
+        img.set_backing(Some(BackingSpec {
+            name: "base.raw".into(),
+            format: Some(Format::Raw),
+        }))
+        .expect("set backing");
         let long = "x".repeat(70000);
         assert!(img
-            .driver()
-            .set_backing_spec(Some(&BackingSpec {
+            .set_backing(Some(BackingSpec {
                 name: long,
                 format: None
             }))
@@ -225,7 +219,7 @@ fn set_backing_spec_changes_and_removes_backing() {
     }
     {
         let img = open(&a, false);
-        img.driver().set_backing_spec(None).expect("remove backing");
+        img.set_backing(None).expect("remove backing");
     }
     let info = run("qemu-img", &["info", "--output=json", p(&a)]);
     assert!(!info.contains("backing-filename"), "{info}");

@@ -116,7 +116,7 @@ impl Drop for QemuIo {
 
 fn lock_err(r: Result<FileStorage, StorageError>) -> String {
     match r {
-        Err(StorageError::Locked(m)) => m,
+        Err(StorageError::Locked(m)) => m.to_string(),
         Err(e) => panic!("expected a lock conflict, got {e}"),
         Ok(_) => panic!("expected a lock conflict, open succeeded"),
     }
@@ -293,4 +293,24 @@ fn trace_rebuilds_crash_images() {
     assert_eq!(t.crash_image(4, |i| i == 3), vec![1, 1, 0, 0, 3, 3, 0, 0]);
     assert_eq!(t.crash_image(5, |_| true).len(), 16);
     assert_eq!(s.contents(), t.crash_image(5, |_| true));
+}
+
+#[test]
+fn vectored_reads_fill_every_buffer_and_zero_past_eof() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = new_file(&dir, "v.raw", 0);
+    let s = FileStorage::open(&p, &opts(false, CacheMode::Writeback, LockMode::Off)).unwrap();
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    s.write_at(&data, 0).unwrap();
+    let (mut a, mut b, mut c) = ([9u8; 3000], [9u8; 5000], [9u8; 4000]);
+    {
+        let mut bufs: [&mut [u8]; 3] = [&mut a, &mut b, &mut c];
+        s.read_vectored_at(&mut bufs, 100).unwrap();
+    }
+    let mut got = a.to_vec();
+    got.extend_from_slice(&b);
+    got.extend_from_slice(&c);
+    let mut want = data[100..].to_vec();
+    want.resize(12_000, 0);
+    assert_eq!(got, want);
 }

@@ -5,6 +5,8 @@
 
 use crate::common;
 use crate::output::{c_format_f64, to_json_pretty, QDict, QValue};
+use vdisk::error::Structure;
+use vdisk::format::{Finding, FindingKind, Outcome};
 use vdisk::{CheckReport, Error, OpenOptions, Repair};
 
 /// Arguments of `vdisk check`.
@@ -111,15 +113,103 @@ fn human(r: &CheckReport, quiet: bool) {
     }
 }
 
-/// Runs the check, printing the driver's per-problem lines to stderr as qemu does.
-/// A check that stopped early (`failed`) becomes an error after its lines.
+/// The line qemu-img prints on stderr for a finding, or `None` where it prints none
+/// (QEMU's QED check only counts its problems).
+fn render(f: &Finding) -> Option<String> {
+    use FindingKind as K;
+    let repairing = f.outcome == Outcome::Repairing;
+    let n = |v: Option<u64>| v.unwrap_or(0);
+    let entry = n(f.entry);
+    let value = n(f.entry_value);
+    let off = n(f.host_offset);
+    let cluster = n(f.cluster);
+    let refcount = n(f.refcount);
+    let references = n(f.references);
+    Some(match &f.kind {
+        K::ReferencePastEnd => format!(
+            "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {:#x}",
+            n(f.length)
+        ),
+        K::ReservedBits => {
+            let what = if f.structure == Structure::L2Table {
+                "l2"
+            } else {
+                "L1"
+            };
+            if repairing {
+                format!("Repairing {what} entry with reserved bits set: {value:x}")
+            } else {
+                format!("ERROR found {what} entry with reserved bits set: {value:x}")
+            }
+        }
+        K::Unaligned => match f.structure {
+            Structure::L2Table => format!(
+                "ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted"
+            ),
+            Structure::RefcountBlock => format!(
+                "ERROR refcount block {entry} is not cluster aligned; refcount table entry corrupted"
+            ),
+            _ => format!(
+                "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
+            ),
+        },
+        K::CompressedCopied => format!(
+            "ERROR: cluster {cluster}: copied flag must never be set for compressed clusters"
+        ),
+        K::BitmapExtensionTooShort => "ERROR bitmaps extension is too short".to_string(),
+        K::BitmapExtensionInvalid { bitmaps } => format!(
+            "ERROR bitmaps extension is invalid ({bitmaps} bitmaps, directory {} bytes)",
+            n(f.length)
+        ),
+        K::BitmapEntryPastDirectory => {
+            format!("ERROR bitmap directory entry {entry} runs past the directory")
+        }
+        K::BitmapTableTooLarge => format!("ERROR bitmap {entry}: bitmap table too large"),
+        K::RefcountStructureUnusable(why) => format!("ERROR {why}"),
+        K::RefcountBlockOutsideImage => format!("ERROR refcount block {entry} is outside image"),
+        K::RefcountBlockShared => {
+            format!("ERROR refcount block {entry} refcount={references}")
+        }
+        K::RefcountUnreadable => {
+            format!("Can't get refcount for cluster {cluster}: Input/output error")
+        }
+        K::RefcountTooLow | K::LeakedCluster => {
+            let label = if repairing {
+                "Repairing"
+            } else if f.kind == K::RefcountTooLow {
+                "ERROR"
+            } else {
+                "Leaked"
+            };
+            format!("{label} cluster {cluster} refcount={refcount} reference={references}")
+        }
+        K::RefcountRebuild => "Rebuilding refcount structure".to_string(),
+        K::RebuildNeeded => "ERROR need to rebuild refcount structures".to_string(),
+        K::CopiedFlag => {
+            let label = if repairing { "Repairing" } else { "ERROR" };
+            if f.structure == Structure::L2Table {
+                format!(
+                    "{label} OFLAG_COPIED L2 cluster: l1_index={entry} l1_entry={value:x} refcount={refcount}"
+                )
+            } else {
+                format!("{label} OFLAG_COPIED data cluster: l2_entry={value:x} refcount={refcount}")
+            }
+        }
+        K::InvalidOffset | K::ReferencedTwice | K::Unreadable | K::WriteBackFailed => {
+            return None
+        }
+    })
+}
+
+/// Runs the check, printing a line per finding to stderr as qemu does. A check that
+/// stopped early (`aborted`) becomes an error after its lines.
 fn do_check(img: &vdisk::Image, repair: Repair) -> Result<CheckReport, Error> {
     let r = img.check(repair)?;
-    for m in &r.messages {
-        eprintln!("{m}");
+    for line in r.findings.iter().filter_map(render) {
+        eprintln!("{line}");
     }
-    match r.failed {
-        Some(errno) => Err(std::io::Error::from_raw_os_error(errno).into()),
+    match r.aborted {
+        Some(why) => Err(std::io::Error::from_raw_os_error(why.errno()).into()),
         None => Ok(r),
     }
 }

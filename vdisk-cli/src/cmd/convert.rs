@@ -446,7 +446,7 @@ impl Job<'_> {
                 .any(|s| s.kind == Kind::Data && s.dst_off < ce && s.dst_off + s.len > c);
             let bytes = &buf[(c - item.dst_off) as usize..(ce - item.dst_off) as usize];
             if data_in_cluster && !common::is_zero(bytes) {
-                match self.target.driver().write_compressed(bytes, c) {
+                match self.target.write_compressed(bytes, c) {
                     Ok(()) => {}
                     // A short last cluster may not be compressible: store it plainly.
                     Err(Error::InvalidArgument(_)) if ce - c < self.cluster => {
@@ -588,6 +588,13 @@ fn run_inner(a: Args) -> Result<(), String> {
         },
     };
     let sparse = parse_sparse(a.sparse.as_deref())?;
+    if crate::cmd::create::wants_help(&a.options) {
+        let out_name = a.out_format.clone().unwrap_or_else(|| "raw".into());
+        let out_fmt =
+            Format::parse(&out_name).map_err(|_| format!("Unknown file format '{out_name}'"))?;
+        let target = a.files.last().filter(|_| a.files.len() >= 2);
+        return crate::cmd::create::print_help(out_fmt, target.map(String::as_str));
+    }
     if a.files.len() < 2 {
         return Err("Must specify image file name".into());
     }
@@ -608,7 +615,10 @@ fn run_inner(a: Args) -> Result<(), String> {
     let out_name = a.out_format.clone().unwrap_or_else(|| "raw".into());
     let out_fmt =
         Format::parse(&out_name).map_err(|_| format!("Unknown file format '{out_name}'"))?;
-    if a.compress && out_fmt != Format::Qcow2 {
+    if !a.no_create && !out_fmt.can_create() {
+        return Err(out_fmt.no_create_error().to_string());
+    }
+    if a.compress && !out_fmt.caps().compression {
         return Err("Compression not supported for this file format".into());
     }
     let src_fmt = common::parse_format(a.format.as_deref())
@@ -651,21 +661,26 @@ fn run_inner(a: Args) -> Result<(), String> {
     }
 
     if !a.no_create {
-        crate::cmd::create::validate_option_names(out_fmt, &opts)
-            .map_err(|e| format!("{target_name}: {e}"))?;
-        let mut create_opts: Vec<(String, String)> = Vec::new();
+        let typed = crate::cmd::create::check_options(out_fmt, &opts)?;
         let mut backing = a.backing.clone();
         let mut bfmt = backing_fmt;
-        for (k, v) in &opts {
-            match k.as_str() {
-                "backing_file" => backing = Some(v.clone()),
-                "backing_fmt" => {
-                    bfmt = Some(Format::parse(v).map_err(|_| format!("Unknown driver '{v}'"))?)
-                }
-                "size" | "nocow" => {}
-                _ => create_opts.push((k.clone(), v.clone())),
-            }
+        if let Some(v) = typed.str("backing_file") {
+            backing = Some(v.to_string());
         }
+        if let Some(v) = typed.str("backing_fmt") {
+            bfmt = Some(Format::parse(v).map_err(|_| format!("Unknown driver '{v}'"))?);
+        }
+        if backing.is_some() && !out_fmt.caps().backing {
+            return Err(format!(
+                "Backing file not supported for file format '{out_fmt}'"
+            ));
+        }
+        // The size is the sources'; the backing file goes by its own fields.
+        let create_opts: Vec<(String, String)> = opts
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "backing_file" | "backing_fmt" | "size"))
+            .cloned()
+            .collect();
         Image::create(
             target_name,
             &CreateOptions {
@@ -695,7 +710,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             target.size()
         ));
     }
-    let target_backing = target.driver().backing().map(|b| b.size());
+    let target_backing = target.backing().map(|b| b.size());
     let has_backing = target_backing.is_some() || a.backing.is_some();
     if a.target_is_zero && has_backing {
         return Err("--target-is-zero cannot be used with a target that has a backing file".into());
@@ -705,7 +720,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     } else {
         sparse != 0 && !has_backing
     };
-    let cluster = target.driver().cluster_size().unwrap_or(65536).max(512);
+    let cluster = target.cluster_size().unwrap_or(65536).max(512);
     if a.compress && !WINDOW.is_multiple_of(cluster) {
         return Err(format!(
             "cluster size {cluster} is too large for compression"

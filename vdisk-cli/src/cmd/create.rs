@@ -2,6 +2,7 @@
 
 use crate::common::{self, parse_options};
 use std::path::Path;
+use vdisk::format::options::{self, OptionValues};
 use vdisk::{CreateOptions, Format, OpenOptions};
 
 /// Arguments of `vdisk create`.
@@ -32,217 +33,41 @@ pub struct Args {
     pub size: Option<String>,
 }
 
-/// How a creation option is printed, in the order qemu's option list declares it.
-struct OptDesc {
-    name: &'static str,
-    /// Printed when not given.
-    default: Option<&'static str>,
-    /// A size: printed as a plain number of bytes.
-    size: bool,
-    help: &'static str,
-    kind: &'static str,
-}
-
-const fn od(
-    name: &'static str,
-    default: Option<&'static str>,
-    size: bool,
-    kind: &'static str,
-    help: &'static str,
-) -> OptDesc {
-    OptDesc {
-        name,
-        default,
-        size,
-        help,
-        kind,
+/// Prints `-o help` like qemu-img, from the format's declared options (and, when the
+/// target file name is known, its protocol's). Formats that cannot be created have none.
+pub fn print_help(f: Format, filename: Option<&str>) -> Result<(), String> {
+    if !f.can_create() {
+        return Err(f.no_create_error().to_string());
     }
+    let proto = filename.map(|_| f.protocol_options());
+    print!(
+        "{}",
+        options::render_help(f.name(), f.create_options(), proto)
+    );
+    Ok(())
 }
 
-// Options several formats declare identically.
-const SIZE_OPT: OptDesc = od("size", None, true, "size", "Virtual disk size");
-const BACKING_FILE_OPT: OptDesc = od(
-    "backing_file",
-    None,
-    false,
-    "str",
-    "File name of a base image",
-);
-const BACKING_FMT_OPT: OptDesc = od(
-    "backing_fmt",
-    None,
-    false,
-    "str",
-    "Image format of the base image",
-);
-const NOCOW_OPT: OptDesc = od(
-    "nocow",
-    None,
-    false,
-    "bool (on/off)",
-    "Turn off copy-on-write (valid only on btrfs)",
-);
-/// Preallocation of raw and QED (qcow2 adds `metadata`).
-const PREALLOC_OPT: OptDesc = od(
-    "preallocation",
-    None,
-    false,
-    "str",
-    "Preallocation mode (allowed values: off, falloc, full)",
-);
-
-const QCOW2_OPTS: &[OptDesc] = &[
-    od(
-        "cluster_size",
-        Some("65536"),
-        true,
-        "size",
-        "qcow2 cluster size",
-    ),
-    od(
-        "extended_l2",
-        Some("off"),
-        false,
-        "bool (on/off)",
-        "Extended L2 tables",
-    ),
-    od(
-        "preallocation",
-        None,
-        false,
-        "str",
-        "Preallocation mode (allowed values: off, metadata, falloc, full)",
-    ),
-    od(
-        "compression_type",
-        Some("zlib"),
-        false,
-        "str",
-        "Compression method used for image cluster compression",
-    ),
-    SIZE_OPT,
-    od(
-        "compat",
-        None,
-        false,
-        "str",
-        "Compatibility level (v2 [0.10] or v3 [1.1])",
-    ),
-    BACKING_FILE_OPT,
-    BACKING_FMT_OPT,
-    od(
-        "data_file",
-        None,
-        false,
-        "str",
-        "File name of an external data file",
-    ),
-    od(
-        "data_file_raw",
-        None,
-        false,
-        "bool (on/off)",
-        "The external data file must stay valid as a raw image",
-    ),
-    od(
-        "lazy_refcounts",
-        Some("off"),
-        false,
-        "bool (on/off)",
-        "Postpone refcount updates",
-    ),
-    od(
-        "refcount_bits",
-        Some("16"),
-        false,
-        "num",
-        "Width of a reference count entry in bits",
-    ),
-    NOCOW_OPT,
-];
-
-const QED_OPTS: &[OptDesc] = &[
-    SIZE_OPT,
-    BACKING_FILE_OPT,
-    BACKING_FMT_OPT,
-    od(
-        "cluster_size",
-        Some("65536"),
-        true,
-        "size",
-        "Cluster size (in bytes)",
-    ),
-    od(
-        "table_size",
-        None,
-        true,
-        "size",
-        "L1/L2 table size (in clusters)",
-    ),
-    PREALLOC_OPT,
-    NOCOW_OPT,
-];
-
-const RAW_OPTS: &[OptDesc] = &[SIZE_OPT, PREALLOC_OPT, NOCOW_OPT];
-
-/// The creation options a format accepts, in qemu's print order.
-fn opt_descs(f: Format) -> &'static [OptDesc] {
-    match f {
-        Format::Qcow2 => QCOW2_OPTS,
-        Format::Qed => QED_OPTS,
-        Format::Raw => RAW_OPTS,
-    }
-}
-
-/// Prints `-o help` like qemu-img (format-level options, sorted by name).
-fn print_help(f: Format) {
-    println!("Supported {} options:", f.name());
-    let mut v: Vec<&OptDesc> = opt_descs(f)
+/// Whether `-o` asks for help (`help` or `?`).
+pub fn wants_help(options: &[String]) -> bool {
+    options
         .iter()
-        .filter(|d| d.name != "nocow" && (f != Format::Raw || d.name == "size"))
-        .filter(|d| !(f == Format::Qed && d.name == "preallocation"))
-        .collect();
-    v.sort_by_key(|d| d.name);
-    for d in v {
-        let left = format!("{}=<{}>", d.name, d.kind);
-        println!("  {left:<22} - {}", d.help);
-    }
-    println!();
-    println!("The protocol level may support further options.");
-    println!("Specify the target filename to include those options.");
+        .flat_map(|o| o.split(','))
+        .any(|o| o == "help" || o == "?")
 }
 
 /// The `Formatting '...', fmt=... ...` line qemu-img prints before creating.
-pub fn formatting_line(filename: &str, f: Format, opts: &[(String, String)]) -> String {
+pub fn formatting_line(filename: &str, f: Format, values: &OptionValues) -> String {
     let mut s = format!("Formatting '{filename}', fmt={}", f.name());
-    for d in opt_descs(f) {
-        let given = opts.iter().rev().find(|(k, _)| k == d.name).map(|(_, v)| v);
-        let value = match given {
-            Some(v) if d.size => vdisk::format::parse_size(v)
-                .map(|n| n.to_string())
-                .unwrap_or_else(|_| v.clone()),
-            Some(v) => v.clone(),
-            None => match d.default {
-                Some(v) => v.to_string(),
-                None => continue,
-            },
-        };
-        s.push_str(&format!(" {}={}", d.name, value));
+    for (k, v) in options::formatting_pairs(f.create_options(), f.protocol_options(), values) {
+        s.push_str(&format!(" {k}={v}"));
     }
     s
 }
 
-/// Checks option names against the format; qemu rejects unknown ones before anything.
-pub fn validate_option_names(f: Format, opts: &[(String, String)]) -> Result<(), String> {
-    let descs = opt_descs(f);
-    for (k, _) in opts {
-        let known = descs.iter().any(|d| d.name == k)
-            || (f == Format::Qcow2 && (k == "encryption" || k.starts_with("encrypt.")));
-        if !known {
-            return Err(format!("Invalid parameter '{k}'"));
-        }
-    }
-    Ok(())
+/// Type-checks `-o` pairs against the format's declared options, with qemu's wording
+/// (unknown names, malformed sizes, bools and numbers are refused before anything).
+pub fn check_options(f: Format, opts: &[(String, String)]) -> Result<OptionValues, String> {
+    vdisk::format::registry::parse_create_options(f, opts).map_err(|e| e.to_string())
 }
 
 /// Parses the size argument of `create`, with qemu-img's messages.
@@ -266,41 +91,33 @@ pub fn run(a: Args) -> i32 {
 
 fn run_inner(a: Args) -> Result<(), String> {
     let fmt_name = a.format.clone().unwrap_or_else(|| "raw".into());
-    let wants_help = a.options.iter().any(|o| o == "help" || o == "?");
-    let format = match Format::parse(&fmt_name) {
-        Ok(f) => f,
-        Err(_) => {
-            let who = a.filename.clone().unwrap_or_default();
-            return Err(format!("{who}: Unknown file format '{fmt_name}'"));
-        }
+    let Some(format) = Format::by_name(&fmt_name) else {
+        let who = a.filename.clone().unwrap_or_default();
+        return Err(format!("{who}: Unknown file format '{fmt_name}'"));
     };
-    if wants_help {
-        print_help(format);
-        return Ok(());
+    if wants_help(&a.options) {
+        return print_help(format, a.filename.as_deref());
     }
     let Some(filename) = a.filename.clone() else {
         return Err("Expecting image file name".into());
     };
     let ctx = |e: String| format!("{filename}: {e}");
+    if !format.can_create() {
+        return Err(ctx(format.no_create_error().to_string()));
+    }
     let mut opts = parse_options(&a.options).map_err(ctx)?;
-    validate_option_names(format, &opts).map_err(ctx)?;
+    let typed = check_options(format, &opts).map_err(ctx)?;
 
     // -b/-F and -o backing_file/backing_fmt are the same thing.
-    let mut backing = a.backing.clone();
-    let mut backing_fmt_name = a.backing_format.clone();
-    let mut size: Option<u64> = None;
-    for (k, v) in &opts {
-        match k.as_str() {
-            "backing_file" => backing = Some(v.clone()),
-            "backing_fmt" => backing_fmt_name = Some(v.clone()),
-            "size" => {
-                size = Some(
-                    vdisk::format::parse_size(v).map_err(|_| ctx(format!("Invalid size '{v}'")))?,
-                )
-            }
-            _ => {}
-        }
-    }
+    let backing = typed
+        .str("backing_file")
+        .map(str::to_string)
+        .or(a.backing.clone());
+    let backing_fmt_name = typed
+        .str("backing_fmt")
+        .map(str::to_string)
+        .or(a.backing_format.clone());
+    let mut size = typed.size("size");
     if let Some(s) = &a.size {
         size = Some(parse_create_size(s)?);
     }
@@ -308,10 +125,10 @@ fn run_inner(a: Args) -> Result<(), String> {
         Some(n) => Some(Format::parse(n).map_err(|_| ctx(format!("Unknown driver '{n}'")))?),
         None => None,
     };
-    if backing.is_some() && format == Format::Raw {
-        return Err(ctx(
-            "Backing file not supported for file format 'raw'".into()
-        ));
+    if backing.is_some() && !format.caps().backing {
+        return Err(ctx(format!(
+            "Backing file not supported for file format '{format}'"
+        )));
     }
     if let Some(b) = &backing {
         let bpath = vdisk::chain::resolve_backing_path(Path::new(&filename), b);
@@ -348,8 +165,6 @@ fn run_inner(a: Args) -> Result<(), String> {
     // Print with the resolved size and backing, in qemu's option order.
     opts.retain(|(k, _)| k != "size" && k != "backing_file" && k != "backing_fmt");
     let mut shown = opts.clone();
-    // nocow is a btrfs hint qemu passes to the host file; there is nothing to do here.
-    opts.retain(|(k, _)| k != "nocow");
     shown.push(("size".into(), size.to_string()));
     if let Some(b) = &backing {
         shown.push(("backing_file".into(), b.clone()));
@@ -357,6 +172,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     if let Some(f) = &backing_fmt {
         shown.push(("backing_fmt".into(), f.name().into()));
     }
+    let shown = check_options(format, &shown).map_err(ctx)?;
     crate::qprintln!(a.quiet, "{}", formatting_line(&filename, format, &shown));
 
     // qemu's block layer works in whole sectors: it creates images of the size rounded

@@ -45,16 +45,15 @@ struct ImageInfo {
 }
 
 fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
-    let d = img.driver();
+    let d = img;
     let spec = d.backing_spec();
     // qemu's block layer counts whole 512-byte sectors: lengths are rounded up.
     let file_length = d
-        .storage()
-        .len()
+        .file_length()
         .map_err(|e| format!("Could not get file length of '{filename}': {e}"))?
         .div_ceil(512)
         * 512;
-    let virtual_size = if d.format() == Format::Raw {
+    let virtual_size = if d.format().caps().raw_data {
         d.size().div_ceil(512) * 512
     } else {
         d.size()

@@ -104,8 +104,8 @@ pub fn run(a: Args) -> i32 {
             name,
             &opts,
             &open::OpenExtra {
-                keys: Vec::new(),
                 native_aio: a.native_aio,
+                ..open::OpenExtra::default()
             },
         ) {
             return 1;

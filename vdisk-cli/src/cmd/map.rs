@@ -130,7 +130,7 @@ fn entry(
     len: u64,
 ) -> vdisk::Result<MapEntry> {
     let top = &layers[0];
-    if offset >= top.driver.size() {
+    if offset >= top.size() {
         // The rest of a partial last sector of a raw file: qemu maps it as zeroes
         // in the file past its end.
         return Ok(MapEntry {
@@ -142,7 +142,7 @@ fn entry(
             offset: Some(offset),
             depth: 0,
             present: true,
-            filename: Some(top.path.display().to_string()),
+            filename: Some(top.path().display().to_string()),
         });
     }
     let mut s = chain_status(layers, offset, len, false)?;
@@ -162,7 +162,7 @@ fn entry(
         }
     }
     let filename = match s.offset {
-        Some(_) => layers.get(s.depth).map(|l| l.path.display().to_string()),
+        Some(_) => layers.get(s.depth).map(|l| l.path().display().to_string()),
         None => None,
     };
     Ok(MapEntry {

@@ -7,9 +7,8 @@
 
 use crate::common;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::sync::Arc;
-use vdisk::format::{read_backing, BackingSpec, Driver};
-use vdisk::{CacheMode, ExtentKind, Format, Image, OpenOptions};
+use vdisk::format::BackingSpec;
+use vdisk::{CacheMode, ExtentKind, Format, Image, ImageLayer, OpenOptions};
 
 /// Largest comparison step.
 const CHUNK: u64 = 2 << 20;
@@ -87,7 +86,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             ..OpenOptions::default()
         },
     )?;
-    if a.compress && img.format() != Format::Qcow2 {
+    if a.compress && !img.format().caps().compression {
         return Err("Compression not supported for this file format".into());
     }
     let spec = (!backing.is_empty()).then(|| BackingSpec {
@@ -114,8 +113,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         };
         copy_differences(&a, &img, new_backing.as_ref())?;
     }
-    img.driver()
-        .set_backing_spec(spec.as_ref())
+    img.set_backing(spec)
         .map_err(|e| format!("Could not change the backing file to '{backing}': {e}"))?;
     img.close().map_err(|e| e.to_string())
 }
@@ -123,11 +121,9 @@ fn run_inner(a: Args) -> Result<(), String> {
 /// Copies into `img` the clusters it leaves to its backing file whose old contents differ
 /// from what the new backing file (or zeroes) would give.
 fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), String> {
-    let top = img.driver();
-    let old: Option<Arc<dyn Driver>> = top.backing().cloned();
-    let new_drv: Option<Arc<dyn Driver>> = new.map(|i| i.driver().clone());
+    let old: Option<ImageLayer> = img.backing();
     let size = img.size();
-    let cluster = top.cluster_size().unwrap_or(65536).clamp(512, CHUNK);
+    let cluster = img.cluster_size().unwrap_or(65536).clamp(512, CHUNK);
     let bar = (a.progress && !a.quiet).then(|| {
         let b = ProgressBar::new(size.max(1));
         b.set_style(
@@ -141,16 +137,31 @@ fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), St
     let mut off = 0u64;
     while off < size {
         let want = (size - off).min(CHUNK - off % CHUNK);
-        let e = top
-            .block_status(off, want)
+        let e = img
+            .layer_block_status(off, want)
             .map_err(|e| format!("error while reading image metadata at offset {off}: {e}"))?;
         let len = e.len.clamp(1, want);
         if e.kind == ExtentKind::Unallocated {
             let n = len as usize;
-            read_backing(old.as_ref(), &mut old_buf[..n], off).map_err(|e| {
+            // Without a backing file (or past its end) the image reads zeroes.
+            match &old {
+                Some(b) => b.read_at(&mut old_buf[..n], off),
+                None => {
+                    old_buf[..n].fill(0);
+                    Ok(())
+                }
+            }
+            .map_err(|e| {
                 format!("error while reading from old backing file at offset {off}: {e}")
             })?;
-            read_backing(new_drv.as_ref(), &mut new_buf[..n], off).map_err(|e| {
+            match new {
+                Some(b) => common::read_sectors(b, &mut new_buf[..n], off),
+                None => {
+                    new_buf[..n].fill(0);
+                    Ok(())
+                }
+            }
+            .map_err(|e| {
                 format!("error while reading from new backing file at offset {off}: {e}")
             })?;
             // Whole clusters (clipped to this run) that differ are written.
@@ -163,7 +174,7 @@ fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), St
                     let data = &old_buf[i..j];
                     let whole = c.is_multiple_of(cluster) && ce - c == cluster;
                     let r = if a.compress && whole {
-                        top.write_compressed(data, c)
+                        img.write_compressed(data, c)
                     } else {
                         img.write_at(data, c)
                     };

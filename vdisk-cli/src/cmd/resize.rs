@@ -1,7 +1,7 @@
 //! `vdisk resize`: changes the guest size of an image, as `qemu-img resize`.
 
 use crate::common;
-use vdisk::{Format, OpenOptions};
+use vdisk::OpenOptions;
 
 /// Arguments of `vdisk resize`.
 #[derive(clap::Args)]
@@ -88,19 +88,15 @@ fn run_inner(a: Args) -> Result<(), String> {
     if new_size < cur && prealloc != "off" {
         return Err("Preallocation can only be used for growing images".into());
     }
-    if img.format() == Format::Raw && prealloc == "metadata" {
+    if img.format().caps().raw_data && prealloc == "metadata" {
         return Err("Unsupported preallocation mode: metadata".into());
     }
-    img.driver()
-        .resize(new_size, a.shrink)
-        .map_err(|e| e.to_string())?;
+    img.resize(new_size, a.shrink).map_err(|e| e.to_string())?;
     if new_size > cur {
-        match (img.format(), prealloc) {
+        match (img.format().caps().raw_data, prealloc) {
             (_, "off") => {}
-            (Format::Raw, "falloc") => img
-                .driver()
-                .storage()
-                .allocate(cur, new_size - cur)
+            (true, "falloc") => img
+                .preallocate(cur, new_size - cur)
                 .map_err(|e| format!("Could not preallocate new area: {e}"))?,
             _ => fill_zeroes(&img, cur, new_size)?,
         }

@@ -4,6 +4,7 @@
 use super::{CheckReport, Format, Repair};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 /// The backing file an image's header names.
@@ -129,6 +130,31 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes guest bytes; the range must lie inside [`Driver::size`].
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Reads consecutive guest bytes into several buffers (one request); the range must
+    /// lie inside [`Driver::size`]. Drivers on the generic data path
+    /// ([`super::datapath`]) read straight into the buffers.
+    fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        super::check_range(offset, total, self.size())?;
+        let mut off = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes consecutive guest bytes from several buffers (one request); the range must
+    /// lie inside [`Driver::size`].
+    fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        super::check_range(offset, total, self.size())?;
+        let mut off = offset;
+        for b in bufs {
+            self.write_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes a range read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
     /// Hints that a range is no longer needed; contents afterwards are unspecified

@@ -6,12 +6,21 @@
 //! front-ends.
 //!
 //! - [`driver`]: the contract ([`Driver`] and the types it speaks).
+//! - [`mapping`]: the typed mapping contract a driver implements for the data path.
+//! - [`datapath`]: the generic vectored read/write path, in-flight ordering, chain
+//!   status and zero detection, written once above the drivers.
 //! - [`registry`]: the list of formats, probing, dispatch of create/open.
+//! - [`options`]: declared creation/amend options, their parsing and `-o help`.
+//! - [`foreign`]: formats recognised by their probes but not supported yet.
 //! - [`report`]: check results.
 //! - [`util`]: helpers shared by the formats.
 //! - `raw`, `qcow2`, `qed`: the formats.
 
+pub mod datapath;
 pub mod driver;
+pub mod foreign;
+pub mod mapping;
+pub mod options;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
@@ -20,6 +29,6 @@ pub mod report;
 pub mod util;
 
 pub use driver::*;
-pub use registry::{create, open, Format};
+pub use registry::{create, open, open_with, Format, FormatDesc};
 pub use report::*;
 pub use util::*;

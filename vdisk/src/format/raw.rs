@@ -1,9 +1,9 @@
 //! The raw format: guest offset = host offset.
 
-use super::{
-    check_range, CreateSpec, Driver, DriverOptions, Extent, ExtentKind, Format, ZeroFlags,
-};
-use crate::error::{Error, Result};
+use super::options::{OptionDesc, SIZE};
+use super::registry::{Capabilities, CreateArgs, FormatDesc, OpenArgs, ProbeInput};
+use super::{check_range, Driver, DriverOptions, Extent, ExtentKind, Format, ZeroFlags};
+use crate::error::{Error, Invalid, Result};
 use crate::storage::Storage;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,25 +58,43 @@ fn preallocate(storage: &Arc<dyn Storage>, mode: &str, from: u64, to: u64) -> Re
     Ok(())
 }
 
-/// Creates a raw image (`preallocation=off|falloc|full`).
-pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
-    let mut prealloc = "off".to_string();
-    for (k, v) in &spec.options {
-        match k.as_str() {
-            "preallocation" => prealloc = v.clone(),
-            "size" => {}
-            _ => return Err(Error::invalid(format!("Invalid parameter '{k}'"))),
-        }
+/// Raw declares only the size; preallocation comes from the file protocol's options.
+pub const CREATE_OPTIONS: &[OptionDesc] = &[SIZE];
+
+/// Creates a raw image (the protocol's `preallocation=off|falloc|full` is applied here).
+pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
+    let prealloc = args.options.get_enum("preallocation")?.unwrap_or("off");
+    if args.backing.is_some() {
+        return Err(Invalid::BackingNotSupported("raw").into());
     }
-    if spec.backing.is_some() {
-        return Err(Error::invalid(
-            "Backing file not supported for file format 'raw'",
-        ));
-    }
-    preallocate(storage, &prealloc, 0, spec.size)?;
+    preallocate(storage, prealloc, 0, args.size)?;
     storage.flush()?;
     Ok(())
 }
+
+/// Raw claims anything, with the lowest score: it is the fallback.
+fn probe(_p: &ProbeInput<'_>) -> u32 {
+    1
+}
+
+fn open(args: OpenArgs<'_, '_>) -> Result<Arc<dyn Driver>> {
+    Ok(Arc::new(Raw::open(args.data, args.opts)?))
+}
+
+/// The registered descriptor.
+pub static DESCRIPTOR: FormatDesc = FormatDesc {
+    name: "raw",
+    probe,
+    open: Some(open),
+    create: Some(create),
+    create_options: CREATE_OPTIONS,
+    amend_only_options: &[],
+    amendable: false,
+    caps: Capabilities {
+        raw_data: true,
+        ..Capabilities::NONE
+    },
+};
 
 impl Driver for Raw {
     fn format(&self) -> Format {
@@ -138,9 +156,7 @@ impl Driver for Raw {
         self.writable()?;
         let cur = self.size();
         if new_size < cur && !shrink {
-            return Err(Error::invalid(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            return Err(Invalid::ShrinkNeedsFlag.into());
         }
         self.storage.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);

@@ -2,7 +2,7 @@
 //! and boolean option syntax.
 
 use super::Driver;
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use std::sync::Arc;
 
 /// Reads from a backing image into `buf`; bytes past the backing image's end (or all of
@@ -25,9 +25,7 @@ pub fn read_backing(backing: Option<&Arc<dyn Driver>>, buf: &mut [u8], offset: u
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(Error::invalid(format!(
-            "request at offset {offset} length {len} is past the end of the image ({size} bytes)"
-        ))),
+        _ => Err(Invalid::PastEnd { offset, len, size }.into()),
     }
 }
 
@@ -35,7 +33,7 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
 /// sectors are not accepted, as in qemu-img 10; a bare number is bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
-    let bad = || Error::invalid(format!("Invalid size '{s}'"));
+    let bad = || Error::from(Invalid::BadSize(s.to_string()));
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_uppercase() {
@@ -74,8 +72,6 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
-        _ => Err(Error::invalid(format!(
-            "Parameter '{key}' expects 'on' or 'off'"
-        ))),
+        _ => Err(Invalid::BadBool(key.to_string()).into()),
     }
 }

@@ -3,7 +3,7 @@
 use super::lock::{self, LockMode};
 use super::options::{Node, SpecError, Value};
 use super::registry::{Protocol, ProtocolOpen};
-use super::{CacheMode, Storage, StorageError, StorageResult};
+use super::{CacheMode, Storage, StorageError, StorageOp, StorageResult};
 use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -123,11 +123,11 @@ impl FileStorage {
         oo.custom_flags(flags);
         let file = oo
             .open(path)
-            .map_err(|e| StorageError::io(format!("Could not open '{name}'"), e))?;
+            .map_err(|e| StorageError::op(StorageOp::Open, &name, None, e))?;
         lock::apply(file.as_raw_fd(), opts.lock, &name)?;
         if opts.create {
             file.set_len(0)
-                .map_err(|e| StorageError::io(format!("Could not truncate '{name}'"), e))?;
+                .map_err(|e| StorageError::op(StorageOp::Truncate, &name, None, e))?;
         }
         Ok(FileStorage {
             file,
@@ -151,11 +151,8 @@ impl FileStorage {
         &self.path
     }
 
-    fn err(&self, what: &str, offset: u64, e: std::io::Error) -> StorageError {
-        StorageError::io(
-            format!("{what} '{}' at offset {offset}", self.path.display()),
-            e,
-        )
+    fn err(&self, op: impl Into<StorageOp>, offset: u64, e: std::io::Error) -> StorageError {
+        StorageError::op(op.into(), self.path.display().to_string(), Some(offset), e)
     }
 
     /// Buffered (or fully aligned direct) read; zero-fills past EOF.
@@ -169,7 +166,7 @@ impl FileStorage {
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.err("Could not read", offset + done as u64, e)),
+                Err(e) => return Err(self.err(StorageOp::Read, offset + done as u64, e)),
             }
             if self.cache.direct() && done % DIRECT_ALIGN != 0 && done < buf.len() {
                 // A short O_DIRECT read ends at EOF; anything after it is zero.
@@ -183,7 +180,7 @@ impl FileStorage {
     fn pwrite_full(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
         self.file
             .write_all_at(buf, offset)
-            .map_err(|e| self.err("Could not write", offset, e))
+            .map_err(|e| self.err(StorageOp::Write, offset, e))
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
@@ -203,6 +200,65 @@ impl FileStorage {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Runs `op` (`preadv` or `pwritev`) over `iov` from `offset` until `total` bytes
+    /// are done or it transfers nothing (end of file, for reads); returns the bytes done.
+    /// The entries of `iov` must point into live slices the caller borrows (exclusively,
+    /// for reads) for the whole call.
+    fn iov_loop(
+        &self,
+        iov: &mut [libc::iovec],
+        offset: u64,
+        total: usize,
+        what: StorageOp,
+        op: unsafe extern "C" fn(
+            libc::c_int,
+            *const libc::iovec,
+            libc::c_int,
+            libc::off_t,
+        ) -> libc::ssize_t,
+    ) -> StorageResult<usize> {
+        let mut done = 0usize;
+        let mut first = 0usize;
+        while done < total {
+            let cnt = (iov.len() - first).min(1024);
+            // SAFETY: the entries point into live slices (see above); `cnt` of them
+            // from `first` are in bounds.
+            let r = unsafe {
+                op(
+                    self.file.as_raw_fd(),
+                    iov[first..].as_ptr(),
+                    cnt as i32,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.err(what, offset + done as u64, e));
+            }
+            if r == 0 {
+                break;
+            }
+            let mut n = r as usize;
+            done += n;
+            while n > 0 && first < iov.len() {
+                if n >= iov[first].iov_len {
+                    n -= iov[first].iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: advancing within the same slice.
+                    iov[first].iov_base =
+                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut _;
+                    iov[first].iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(done)
     }
 
     fn direct_read(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
@@ -254,7 +310,7 @@ impl FileStorage {
             // The aligned write padded past the intended end of file: trim it back.
             self.file
                 .set_len(file_len.max(new_end))
-                .map_err(|e| self.err("Could not truncate", new_end, e))?;
+                .map_err(|e| self.err(StorageOp::Truncate, new_end, e))?;
         }
         Ok(())
     }
@@ -287,6 +343,38 @@ impl Storage for FileStorage {
         self.pwrite_full(buf, offset)
     }
 
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> StorageResult<()> {
+        if self.cache.direct() || bufs.len() == 1 {
+            let mut off = offset;
+            for b in bufs.iter_mut() {
+                self.read_at(b, off)?;
+                off += b.len() as u64;
+            }
+            return Ok(());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut _,
+                iov_len: b.len(),
+            })
+            .collect();
+        let done = self.iov_loop(&mut iov, offset, total, StorageOp::Read, libc::preadv)?;
+        drop(iov);
+        // Past the end of the file reads as zeroes.
+        let mut skip = done;
+        for b in bufs.iter_mut() {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            b[skip..].fill(0);
+            skip = 0;
+        }
+        Ok(())
+    }
+
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> StorageResult<()> {
         if self.cache.direct() || bufs.len() == 1 {
             let mut off = offset;
@@ -304,40 +392,10 @@ impl Storage for FileStorage {
                 iov_len: b.len(),
             })
             .collect();
-        let mut done = 0usize;
-        let mut first = 0usize;
-        while done < total {
-            let cnt = (iov.len() - first).min(1024);
-            // SAFETY: iov entries point into live slices borrowed for this call.
-            let r = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    iov[first..].as_ptr(),
-                    cnt as i32,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(self.err("Could not write", offset + done as u64, e));
-            }
-            let mut n = r as usize;
-            done += n;
-            while n > 0 && first < iov.len() {
-                if n >= iov[first].iov_len {
-                    n -= iov[first].iov_len;
-                    first += 1;
-                } else {
-                    // SAFETY: advancing within the same slice.
-                    iov[first].iov_base =
-                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut _;
-                    iov[first].iov_len -= n;
-                    n = 0;
-                }
-            }
+        let done = self.iov_loop(&mut iov, offset, total, StorageOp::Write, libc::pwritev)?;
+        if done < total {
+            let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+            return Err(self.err(StorageOp::Write, offset + done as u64, e));
         }
         Ok(())
     }
@@ -346,22 +404,21 @@ impl Storage for FileStorage {
         if self.cache.ignore_flush() {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| StorageError::io(format!("Could not flush '{}'", self.path.display()), e))
+        self.file.sync_data().map_err(|e| {
+            StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e)
+        })
     }
 
     fn len(&self) -> StorageResult<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| StorageError::io(format!("Could not stat '{}'", self.path.display()), e))
+        self.file.metadata().map(|m| m.len()).map_err(|e| {
+            StorageError::op(StorageOp::Stat, self.path.display().to_string(), None, e)
+        })
     }
 
     fn set_len(&self, len: u64) -> StorageResult<()> {
         self.file
             .set_len(len)
-            .map_err(|e| self.err("Could not truncate", len, e))
+            .map_err(|e| self.err(StorageOp::Truncate, len, e))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> StorageResult<()> {
@@ -379,7 +436,7 @@ impl Storage for FileStorage {
                 // No hole punching on this file system: zeroes read the same.
                 Storage::write_zeroes(self, offset, end - offset)
             }
-            Err(e) => Err(self.err("Could not punch hole in", offset, e)),
+            Err(e) => Err(self.err(StorageOp::PunchHole, offset, e)),
         }
     }
 
@@ -401,7 +458,7 @@ impl Storage for FileStorage {
                 }
                 Ok(())
             }
-            Err(e) => Err(self.err("Could not write zeroes to", offset, e)),
+            Err(e) => Err(self.err(StorageOp::WriteZeroes, offset, e)),
         }
     }
 
@@ -415,7 +472,7 @@ impl Storage for FileStorage {
                 }
                 Ok(())
             }
-            Err(e) => Err(self.err("Could not allocate space in", offset, e)),
+            Err(e) => Err(self.err(StorageOp::Allocate, offset, e)),
         }
     }
 
@@ -436,7 +493,7 @@ impl Storage for FileStorage {
             return match e.raw_os_error() {
                 Some(libc::ENXIO) => Ok((false, len - offset)),
                 Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len - offset)),
-                _ => Err(self.err("Could not seek data in", offset, e)),
+                _ => Err(self.err(StorageOp::SeekData, offset, e)),
             };
         }
         let data = data as u64;

@@ -6,7 +6,7 @@
 //! share, or a permission it refuses to share that someone holds, is a conflict. Using the
 //! same bytes makes `qemu-img`/`qemu-io` and vdisk refuse each other's writers.
 
-use super::{StorageError, StorageResult};
+use super::{LockConflict, StorageError, StorageOp, StorageResult};
 use std::os::fd::RawFd;
 
 const PERM_BASE: i64 = 100;
@@ -110,8 +110,14 @@ fn held_by_other(fd: RawFd, start: i64) -> std::io::Result<bool> {
 pub fn release(fd: RawFd) -> StorageResult<()> {
     for base in [PERM_BASE, SHARED_BASE] {
         for bit in 0..4 {
-            set_lock(fd, base + bit, libc::F_UNLCK as libc::c_short)
-                .map_err(|e| StorageError::io("Failed to unlock image", e))?;
+            set_lock(fd, base + bit, libc::F_UNLCK as libc::c_short).map_err(|e| {
+                StorageError::Io {
+                    op: StorageOp::Unlock,
+                    path: None,
+                    offset: None,
+                    source: e,
+                }
+            })?;
         }
     }
     Ok(())
@@ -145,11 +151,13 @@ fn apply_once(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
     let LockMode::On { perm, shared } = mode else {
         return Ok(());
     };
-    let io = |e| StorageError::io(format!("Failed to lock '{path}'"), e);
-    let conflict = |what: String| {
-        StorageError::Locked(format!(
-            "Failed to get {what} lock\nIs another process using the image [{path}]?"
-        ))
+    let io = |e| StorageError::op(StorageOp::Lock, path, None, e);
+    let conflict = |bit: u32, shared: bool| {
+        StorageError::Locked(LockConflict {
+            perm: Perm::NAMES[bit as usize],
+            shared,
+            path: path.to_string(),
+        })
     };
     for bit in 0..4 {
         // Report in QEMU's order: a held lock first, then a refused share.
@@ -158,7 +166,7 @@ fn apply_once(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
             if let Err(e) = r {
                 if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES)
                 {
-                    return Err(conflict(format!("\"{}\"", Perm::NAMES[bit as usize])));
+                    return Err(conflict(bit, false));
                 }
                 return Err(io(e));
             }
@@ -168,10 +176,7 @@ fn apply_once(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
             if let Err(e) = r {
                 if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EACCES)
                 {
-                    return Err(conflict(format!(
-                        "shared \"{}\"",
-                        Perm::NAMES[bit as usize]
-                    )));
+                    return Err(conflict(bit, true));
                 }
                 return Err(io(e));
             }
@@ -179,13 +184,10 @@ fn apply_once(fd: RawFd, mode: LockMode, path: &str) -> StorageResult<()> {
     }
     for bit in 0..4 {
         if perm.has(bit) && held_by_other(fd, SHARED_BASE + bit as i64).map_err(io)? {
-            return Err(conflict(format!("\"{}\"", Perm::NAMES[bit as usize])));
+            return Err(conflict(bit, false));
         }
         if !shared.has(bit) && held_by_other(fd, PERM_BASE + bit as i64).map_err(io)? {
-            return Err(conflict(format!(
-                "shared \"{}\"",
-                Perm::NAMES[bit as usize]
-            )));
+            return Err(conflict(bit, true));
         }
     }
     Ok(())

@@ -7,6 +7,7 @@
 //! path, `file:`, protocol URL, `json:{…}`, key=value) into one [`options::Node`]
 //! tree, and [`registry`] opens a protocol node with the protocol its `driver` names.
 
+mod error;
 mod file;
 pub mod http;
 pub mod lock;
@@ -18,49 +19,12 @@ pub mod spec;
 pub mod trace;
 pub mod uri;
 
+pub use error::{LockConflict, StorageError, StorageOp};
 pub use file::{FileStorage, OpenFileOptions};
 pub use lock::{LockMode, Perm};
 pub use mem::MemStorage;
 
 use std::fmt;
-
-/// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// An operating-system call failed.
-    #[error("{context}{}{source}", if context.is_empty() { "" } else { ": " })]
-    Io {
-        /// What was being done (file, operation, offset).
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Another process holds a conflicting image lock (the message matches QEMU's).
-    #[error("{0}")]
-    Locked(String),
-    /// An image name or options tree is malformed, or names what cannot be opened.
-    #[error(transparent)]
-    Spec(#[from] options::SpecError),
-}
-
-impl StorageError {
-    /// Wraps an I/O error with context.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        StorageError::Io {
-            context: context.into(),
-            source,
-        }
-    }
-    /// The errno of the failure, EIO when unknown.
-    pub fn errno(&self) -> i32 {
-        match self {
-            StorageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            StorageError::Locked(_) => libc::EAGAIN,
-            StorageError::Spec(_) => libc::EINVAL,
-        }
-    }
-}
 
 /// Result of storage operations.
 pub type StorageResult<T> = std::result::Result<T, StorageError>;

@@ -564,13 +564,11 @@ fn write_range(
             })?;
         }
         Fill::Compressed(p) => {
-            let cluster = s.img.driver().cluster_size().unwrap_or(count.max(1));
+            let cluster = s.img.cluster_size().unwrap_or(count.max(1));
             let mut buf = alloc_buffer(count.min(cluster))?;
             buf.fill(p);
             chunked(s, count, cluster.max(1), |pos, n| {
-                s.img
-                    .driver()
-                    .write_compressed(&buf[..n as usize], offset + pos)
+                s.img.write_compressed(&buf[..n as usize], offset + pos)
             })?;
         }
         Fill::Zeroes(flags) => {
@@ -1001,11 +999,7 @@ fn map_f(s: &mut OpenFile, _args: &[String]) -> bool {
         let mut num = 0u64;
         let mut allocated = None;
         while offset + num < size {
-            let e = match s
-                .img
-                .driver()
-                .block_status(offset + num, size - offset - num)
-            {
+            let e = match s.img.layer_block_status(offset + num, size - offset - num) {
                 Ok(e) => e,
                 Err(e) => {
                     eprintln!(
@@ -1062,7 +1056,7 @@ fn alloc_f(s: &mut OpenFile, args: &[String]) -> bool {
     let end = start + count;
     let mut allocated = 0u64;
     while offset < end {
-        match s.img.driver().block_status(offset, end - offset) {
+        match s.img.layer_block_status(offset, end - offset) {
             Ok(e) if e.len > 0 => {
                 let n = e.len.min(end - offset);
                 if e.kind != ExtentKind::Unallocated {
@@ -1088,7 +1082,7 @@ fn alloc_f(s: &mut OpenFile, args: &[String]) -> bool {
 }
 
 fn info_f(s: &mut OpenFile, _args: &[String]) -> bool {
-    let d = s.img.driver();
+    let d = &s.img;
     let cluster = d.cluster_size().unwrap_or(0);
     let spec = d.format_specific();
     out!("format name: {}", d.format());
@@ -1147,7 +1141,7 @@ fn truncate_f(s: &mut OpenFile, args: &[String]) -> bool {
     let Some(size) = num_arg(&args[optind]) else {
         return false;
     };
-    match s.img.driver().resize(size, true) {
+    match s.img.resize(size, true) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("vdisk: {e}");

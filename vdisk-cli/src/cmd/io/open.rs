@@ -3,6 +3,7 @@
 
 use super::commands::{OpenFile, Session};
 use super::parse::Getopt;
+use vdisk::hook::{DetectZeroes, DetectZeroesMode};
 use vdisk::{CacheMode, Format, Image, OpenOptions};
 
 /// The option words `open` takes (its usage line). `-s` (snapshot) and `-C`
@@ -24,15 +25,32 @@ pub const OPEN_HELP: &str = "
  -i, -- use AIO mode (threads, native or io_uring; requests are synchronous here)
  -t, -- use the given cache mode for the image
  -d, -- use the given discard mode for the image
- -o, -- options to be given to the block driver (driver=FORMAT)";
+ -o, -- options to be given to the block driver (driver=FORMAT,
+       detect-zeroes=off|on|unmap)";
 
 /// How to open an image besides the library's options.
-#[derive(Default)]
 pub struct OpenExtra {
-    /// `-o` keys other than `driver` (refused, as the formats take no options).
+    /// `-o` keys other than `driver` and `detect-zeroes` (refused, as the formats take
+    /// no options).
     pub keys: Vec<String>,
     /// `-k`: native AIO, which qemu allows only with a direct (uncached) mode.
     pub native_aio: bool,
+    /// `-o detect-zeroes=`: the mode, or the value qemu would refuse.
+    pub detect_zeroes: Result<DetectZeroesMode, String>,
+    /// `-d`: whether discards (and zero detection's unmapping) may deallocate; qemu-io
+    /// opens with `unmap` unless told otherwise.
+    pub discard_unmap: bool,
+}
+
+impl Default for OpenExtra {
+    fn default() -> Self {
+        OpenExtra {
+            keys: Vec::new(),
+            native_aio: false,
+            detect_zeroes: Ok(DetectZeroesMode::Off),
+            discard_unmap: true,
+        }
+    }
 }
 
 /// Opens `path` as the session's image; prints qemu-io's messages on failure.
@@ -53,10 +71,28 @@ pub fn open_file(s: &mut Session, path: &str, opts: &OpenOptions, extra: &OpenEx
             &"aio=native was specified, but it requires cache.direct=on, which was not specified.",
         );
     }
-    let img = match Image::open(path, opts) {
+    let mut img = match Image::open(path, opts) {
         Ok(i) => i,
         Err(e) => return fail(&e),
     };
+    // qemu checks the zero-detection option once the file is open, before the others.
+    let detect = match &extra.detect_zeroes {
+        Ok(DetectZeroesMode::Unmap) if !extra.discard_unmap => Err(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".to_string(),
+        ),
+        other => other.clone(),
+    };
+    match detect {
+        Ok(mode) => {
+            if let Some(hook) = DetectZeroes::for_mode(mode, extra.discard_unmap) {
+                img.add_hook(hook);
+            }
+        }
+        Err(e) => {
+            let _ = img.close();
+            return fail(&e);
+        }
+    }
     if let Some(key) = extra.keys.first() {
         // Driver options are not taken; qemu names the first one its driver refuses.
         let name = img.format().name().to_string();
@@ -104,11 +140,16 @@ pub fn open_f(s: &mut Session, args: &[String]) -> bool {
                 }
             }
             Ok(('d', v)) => {
-                // Accepted like on the command line: discards always reach the format.
+                // Discards always reach the format; the mode decides whether zero
+                // detection may unmap.
                 let v = v.unwrap_or_default();
-                if !matches!(v.as_str(), "on" | "unmap" | "off" | "ignore") {
-                    crate::common::error(format!("Invalid discard option: {v}"));
-                    return false;
+                match v.as_str() {
+                    "on" | "unmap" => extra.discard_unmap = true,
+                    "off" | "ignore" => extra.discard_unmap = false,
+                    _ => {
+                        crate::common::error(format!("Invalid discard option: {v}"));
+                        return false;
+                    }
                 }
             }
             Ok(('o', v)) => {
@@ -116,6 +157,10 @@ pub fn open_f(s: &mut Session, args: &[String]) -> bool {
                     let (k, val) = kv.split_once('=').unwrap_or((kv, "on"));
                     if k == "driver" {
                         driver = Some(val.to_string());
+                    } else if k == "detect-zeroes" {
+                        // The last one given counts, as in qemu.
+                        extra.detect_zeroes =
+                            DetectZeroesMode::parse(val).map_err(|e| e.to_string());
                     } else {
                         extra.keys.push(k.to_string());
                     }

@@ -11,9 +11,9 @@ use super::tables::entry;
 use super::{
     Meta, COMPRESSED, COPIED, L1E_RESERVED, L2E_STD_RESERVED, OFFSET_MASK, REFT_OFFSET_MASK,
 };
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, NoSpace, Problem, Result, Structure, Unsupported};
 use crate::format::qcow2::refcount::set_entry;
-use crate::format::{CheckReport, Repair};
+use crate::format::{CheckAborted, CheckReport, Finding, FindingKind as K, Repair};
 
 /// Most clusters a check handles (the in-memory array is 4 bytes per cluster, so at
 /// most 1 GiB; that is a 16 TiB file with 64 KiB clusters).
@@ -25,7 +25,8 @@ struct Counter {
 }
 
 impl Counter {
-    fn inc(&mut self, rep: &mut CheckReport, off: u64, size: u64) {
+    /// Counts one reference to `[off, off + size)`, a region of `what`.
+    fn inc(&mut self, rep: &mut CheckReport, what: Structure, off: u64, size: u64) {
         if size == 0 {
             return;
         }
@@ -35,9 +36,7 @@ impl Counter {
             match self.refs.get_mut(c as usize) {
                 Some(r) => *r = r.saturating_add(1),
                 None => {
-                    rep.messages.push(format!(
-                        "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {size:#x}"
-                    ));
+                    rep.push(Finding::new(K::ReferencePastEnd, what).at(off).length(size));
                     rep.corruptions += 1;
                     return;
                 }
@@ -55,30 +54,23 @@ fn read_table(m: &Meta, off: u64, entries: u64) -> Result<Vec<u64>> {
 /// Entries to rewrite without their reserved bits: (file offset of the entry, value).
 type ReservedFixes = Vec<(u64, u64)>;
 
-/// Reports an L1/L2 entry with reserved bits set (QEMU's wording), or queues its repair
-/// (the reserved bits cleared, the mapping kept) when `fixes` is given.
+/// Reports an L1/L2 entry with reserved bits set, or queues its repair (the reserved
+/// bits cleared, the mapping kept) when `fixes` is given. `f` names the entry.
 fn reserved(
     rep: &mut CheckReport,
     fixes: Option<&mut ReservedFixes>,
-    what: &str,
+    f: Finding,
     at: u64,
     e: u64,
     mask: u64,
 ) {
+    rep.push(f.value(e).repairing(fixes.is_some()));
     match fixes {
         Some(f) => {
-            rep.messages.push(format!(
-                "Repairing {what} entry with reserved bits set: {e:x}"
-            ));
             rep.corruptions_fixed += 1;
             f.push((at, e & !mask));
         }
-        None => {
-            rep.messages.push(format!(
-                "ERROR found {what} entry with reserved bits set: {e:x}"
-            ));
-            rep.corruptions += 1;
-        }
+        None => rep.corruptions += 1,
     }
 }
 
@@ -95,22 +87,32 @@ fn count_l1(
     mut fixes: Option<&mut ReservedFixes>,
 ) -> Result<()> {
     let cs = m.g.cs;
-    cnt.inc(rep, l1_off, l1.len() as u64 * 8);
+    let l1_kind = if active {
+        Structure::L1Table
+    } else {
+        Structure::SnapshotL1Table
+    };
+    cnt.inc(rep, l1_kind, l1_off, l1.len() as u64 * 8);
     let shift = m.g.csize_shift();
     for (i, &l1e) in l1.iter().enumerate() {
+        let i = i as u64;
         if l1e & L1E_RESERVED != 0 {
-            let at = l1_off + i as u64 * 8;
-            reserved(rep, fixes.as_deref_mut(), "L1", at, l1e, L1E_RESERVED);
+            let at = l1_off + i * 8;
+            let f = Finding::new(K::ReservedBits, l1_kind).entry(i).at(at);
+            reserved(rep, fixes.as_deref_mut(), f, at, l1e, L1E_RESERVED);
         }
         let l2off = l1e & OFFSET_MASK;
         if l2off == 0 {
             continue;
         }
-        cnt.inc(rep, l2off, cs);
+        cnt.inc(rep, Structure::L2Table, l2off, cs);
         if !l2off.is_multiple_of(cs) {
-            rep.messages.push(format!(
-                "ERROR l2_offset={l2off:x}: Table is not cluster aligned; L1 entry corrupted"
-            ));
+            rep.push(
+                Finding::new(K::Unaligned, Structure::L2Table)
+                    .entry(i)
+                    .value(l1e)
+                    .at(l2off),
+            );
             rep.corruptions += 1;
             continue;
         }
@@ -118,18 +120,23 @@ fn count_l1(
         let mut next_contiguous = 0u64;
         for j in 0..m.g.l2_entries as usize {
             let e = l2[m.g.l2_word(j)];
+            let guest = (i * m.g.l2_entries + j as u64) * cs;
+            let at = l2off + m.g.l2_word(j) as u64 * 8;
             if e & COMPRESSED != 0 {
                 if e & COPIED != 0 {
-                    rep.messages.push(format!(
-                        "ERROR: cluster {}: copied flag must never be set for compressed clusters",
-                        (e & !COPIED) >> m.g.cluster_bits
-                    ));
+                    rep.push(
+                        Finding::new(K::CompressedCopied, Structure::CompressedCluster)
+                            .entry(j as u64)
+                            .value(e)
+                            .guest(guest)
+                            .cluster((e & !COPIED) >> m.g.cluster_bits),
+                    );
                     rep.corruptions += 1;
                 }
                 let e = e & !COPIED;
                 let nsec = ((e >> shift) & ((1u64 << (62 - shift)) - 1)) + 1;
                 let coff = e & ((1u64 << shift) - 1);
-                cnt.inc(rep, coff & !511, nsec * 512);
+                cnt.inc(rep, Structure::CompressedCluster, coff & !511, nsec * 512);
                 if active {
                     rep.allocated_clusters = Some(rep.allocated_clusters.unwrap_or(0) + 1);
                     rep.compressed_clusters = Some(rep.compressed_clusters.unwrap_or(0) + 1);
@@ -138,8 +145,11 @@ fn count_l1(
                 continue;
             }
             if e & L2E_STD_RESERVED != 0 {
-                let at = l2off + m.g.l2_word(j) as u64 * 8;
-                reserved(rep, fixes.as_deref_mut(), "l2", at, e, L2E_STD_RESERVED);
+                let f = Finding::new(K::ReservedBits, Structure::L2Table)
+                    .entry(j as u64)
+                    .at(at)
+                    .guest(guest);
+                reserved(rep, fixes.as_deref_mut(), f, at, e, L2E_STD_RESERVED);
             }
             let off = e & OFFSET_MASK;
             if off == 0 {
@@ -152,11 +162,15 @@ fn count_l1(
                 }
                 next_contiguous = off + cs;
             }
-            cnt.inc(rep, off, cs);
+            cnt.inc(rep, Structure::DataCluster, off, cs);
             if !off.is_multiple_of(cs) {
-                rep.messages.push(format!(
-                    "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
-                ));
+                rep.push(
+                    Finding::new(K::Unaligned, Structure::DataCluster)
+                        .entry(j as u64)
+                        .value(e)
+                        .at(off)
+                        .guest(guest),
+                );
                 rep.corruptions += 1;
             }
         }
@@ -176,8 +190,10 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter, rep: &mut CheckReport) -> Result<(
         return Ok(());
     };
     if ext.len() < 24 {
-        rep.messages
-            .push("ERROR bitmaps extension is too short".to_string());
+        rep.push(
+            Finding::new(K::BitmapExtensionTooShort, Structure::BitmapExtension)
+                .length(ext.len() as u64),
+        );
         rep.corruptions += 1;
         return Ok(());
     }
@@ -192,21 +208,28 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter, rep: &mut CheckReport) -> Result<(
     let dir_off = be64(ext, 16);
     // QEMU's limits: 65535 bitmaps, a directory of at most 64 MiB.
     if nb == 0 || nb > 65535 || !(24..=(64 << 20)).contains(&dir_size) {
-        rep.messages.push(format!(
-            "ERROR bitmaps extension is invalid ({nb} bitmaps, directory {dir_size} bytes)"
-        ));
+        rep.push(
+            Finding::new(
+                K::BitmapExtensionInvalid { bitmaps: nb },
+                Structure::BitmapExtension,
+            )
+            .at(dir_off)
+            .length(dir_size),
+        );
         rep.corruptions += 1;
         return Ok(());
     }
-    cnt.inc(rep, dir_off, dir_size);
+    cnt.inc(rep, Structure::BitmapDirectory, dir_off, dir_size);
     let mut dir = vec![0u8; dir_size as usize];
     m.st.read_at(&mut dir, dir_off)?;
     let mut pos = 0usize;
     for i in 0..nb {
         if pos + 24 > dir.len() {
-            rep.messages.push(format!(
-                "ERROR bitmap directory entry {i} runs past the directory"
-            ));
+            rep.push(
+                Finding::new(K::BitmapEntryPastDirectory, Structure::BitmapDirectory)
+                    .entry(i.into())
+                    .at(dir_off + pos as u64),
+            );
             rep.corruptions += 1;
             break;
         }
@@ -215,16 +238,20 @@ fn count_bitmaps(m: &Meta, cnt: &mut Counter, rep: &mut CheckReport) -> Result<(
         let name_size = u64::from(u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]));
         let extra = u64::from(be32(&dir, pos + 20));
         if table_size * 8 > (64 << 20) {
-            rep.messages
-                .push(format!("ERROR bitmap {i}: bitmap table too large"));
+            rep.push(
+                Finding::new(K::BitmapTableTooLarge, Structure::BitmapTable)
+                    .entry(i.into())
+                    .at(table_off)
+                    .length(table_size),
+            );
             rep.corruptions += 1;
         } else if table_size > 0 {
-            cnt.inc(rep, table_off, table_size * 8);
+            cnt.inc(rep, Structure::BitmapTable, table_off, table_size * 8);
             let t = read_table(m, table_off, table_size)?;
             for e in t {
                 let off = e & 0x00ff_ffff_ffff_fe00;
                 if off != 0 {
-                    cnt.inc(rep, off, m.g.cs);
+                    cnt.inc(rep, Structure::BitmapTable, off, m.g.cs);
                 }
             }
         }
@@ -243,7 +270,7 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         cs,
     };
     let mut rebuild = false;
-    cnt.inc(rep, 0, cs);
+    cnt.inc(rep, Structure::Qcow2Header, 0, cs);
     let l1 = m.l1.clone();
     let mut fixes = ReservedFixes::new();
     let l1_off = m.hdr.l1_table_offset;
@@ -273,7 +300,7 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
     }
     if m.hdr.nb_snapshots > 0 {
         let len = super::snapshot::table_len(&*m.st, &m.hdr)?;
-        cnt.inc(rep, m.hdr.snapshots_offset, len);
+        cnt.inc(rep, Structure::SnapshotTable, m.hdr.snapshots_offset, len);
     }
     count_bitmaps(m, &mut cnt, rep)?;
     if let Some(why) = &m.rc_broken {
@@ -284,24 +311,36 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         let rt_off = m.hdr.refcount_table_offset;
         let clusters = u64::from(m.hdr.refcount_table_clusters);
         if clusters != 0 && rt_off != 0 && rt_off >= m.file_end {
-            cnt.inc(rep, rt_off, clusters * cs);
+            cnt.inc(rep, Structure::RefcountTable, rt_off, clusters * cs);
         } else if clusters != 0 {
-            rep.messages.push(format!("ERROR {why}"));
+            rep.push(
+                Finding::new(
+                    K::RefcountStructureUnusable(rc_broken_reason(m, why)),
+                    Structure::RefcountTable,
+                )
+                .at(rt_off),
+            );
             rep.corruptions += 1;
         }
         return Ok((cnt, true));
     }
     cnt.inc(
         rep,
+        Structure::RefcountTable,
         m.hdr.refcount_table_offset,
         u64::from(m.hdr.refcount_table_clusters) * cs,
     );
     for (i, &e) in m.rc_table.iter().enumerate() {
+        let i = i as u64;
         let off = e & REFT_OFFSET_MASK;
+        let block = || {
+            Finding::new(K::Unaligned, Structure::RefcountBlock)
+                .entry(i)
+                .value(e)
+                .at(off)
+        };
         if !e.is_multiple_of(cs) && off != 0 {
-            rep.messages.push(format!(
-                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-            ));
+            rep.push(block());
             rep.corruptions += 1;
             rebuild = true;
             continue;
@@ -311,23 +350,57 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         }
         let c = off / cs;
         if c >= nb {
-            rep.messages
-                .push(format!("ERROR refcount block {i} is outside image"));
+            rep.push(Finding {
+                kind: K::RefcountBlockOutsideImage,
+                ..block()
+            });
             rep.corruptions += 1;
             rebuild = true;
             continue;
         }
-        cnt.inc(rep, off, cs);
+        cnt.inc(rep, Structure::RefcountBlock, off, cs);
         if cnt.refs[c as usize] != 1 {
-            rep.messages.push(format!(
-                "ERROR refcount block {i} refcount={}",
-                cnt.refs[c as usize]
-            ));
+            rep.push(
+                Finding {
+                    kind: K::RefcountBlockShared,
+                    ..block()
+                }
+                .cluster(c)
+                .counts(None, Some(u64::from(cnt.refs[c as usize]))),
+            );
             rep.corruptions += 1;
             rebuild = true;
         }
     }
     Ok((cnt, rebuild))
+}
+
+/// Why the refcount table is unusable, as the typed corruption open found (open keeps
+/// it in words; re-deriving it from the header gives the same corruption, checked by
+/// its wording, else the words are kept).
+fn rc_broken_reason(m: &Meta, why: &str) -> Corruption {
+    let cs = m.g.cs;
+    let clusters = u64::from(m.hdr.refcount_table_clusters);
+    let typed = if clusters == 0 {
+        Corruption::new(Structure::RefcountTable, Problem::Missing)
+    } else {
+        match super::validate_table(
+            Structure::RefcountTable,
+            None,
+            m.hdr.refcount_table_offset,
+            clusters * cs,
+            cs,
+            m.file_end,
+        ) {
+            Err(Error::Corrupt(c)) => c,
+            _ => return Corruption::other(why),
+        }
+    };
+    if typed.to_string() == why {
+        typed
+    } else {
+        Corruption::other(why)
+    }
 }
 
 /// On-disk refcount of `c`, or `None` when its block cannot be read.
@@ -344,6 +417,21 @@ fn disk_rc(m: &mut Meta, c: u64) -> Option<u64> {
     m.rc_get(c).ok()
 }
 
+/// A refcount that disagrees with the references of host cluster `c`: a corruption
+/// when too low, a leak when too high; `repairing` when this check fixes it.
+fn mismatch(c: u64, cs: u64, refcount: u64, references: u64, repairing: bool) -> Finding {
+    let kind = if refcount < references {
+        K::RefcountTooLow
+    } else {
+        K::LeakedCluster
+    };
+    Finding::new(kind, Structure::HostCluster)
+        .cluster(c)
+        .at(c * cs)
+        .counts(Some(refcount), Some(references))
+        .repairing(repairing)
+}
+
 /// Runs the check (and repairs) on an image whose caches were written back.
 pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckReport> {
     let cs = m.g.cs;
@@ -351,9 +439,11 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     let nb = file_len.div_ceil(cs);
     m.file_end = m.file_end.max(file_len);
     if nb > MAX_CHECK_CLUSTERS {
-        return Err(Error::unsupported(format!(
-            "image file too large to check ({file_len} bytes)"
-        )));
+        return Err(Unsupported::TooLargeToCheck {
+            file_len,
+            repair: false,
+        }
+        .into());
     }
     let mut rep = CheckReport {
         total_clusters: Some(vsize.div_ceil(cs)),
@@ -371,9 +461,11 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     for c in 0..nb {
         let r2 = u64::from(cnt.refs[c as usize]);
         let Some(r1) = disk_rc(m, c) else {
-            rep.messages.push(format!(
-                "Can't get refcount for cluster {c}: Input/output error"
-            ));
+            rep.push(
+                Finding::new(K::RefcountUnreadable, Structure::HostCluster)
+                    .cluster(c)
+                    .at(c * cs),
+            );
             rep.check_errors += 1;
             continue;
         };
@@ -384,9 +476,7 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
             if r1 == 0 {
                 rebuild = true;
             }
-            let label = if r1 < r2 { "ERROR" } else { "Leaked" };
-            rep.messages
-                .push(format!("{label} cluster {c} refcount={r1} reference={r2}"));
+            rep.push(mismatch(c, cs, r1, r2, false));
             mismatches.push((c, r1, r2));
         }
     }
@@ -394,23 +484,22 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     let first_leaks = mismatches.iter().filter(|(_, a, b)| a > b).count() as u64;
     let writable = !m.read_only;
     if rebuild && repair.errors && writable {
-        rep.messages
-            .push("Rebuilding refcount structure".to_string());
+        rep.push(Finding::new(K::RefcountRebuild, Structure::RefcountTable).repairing(true));
         let old_corruptions = rep.corruptions + first_corruptions;
         let released = rebuild_from(m, &mut cnt)?;
         // QEMU's new structure still counts the old one, which it then finds leaked
         // and repairs: report those clusters the same way (not counted as fixed).
         let mut released = released;
-        released.sort_unstable();
+        released.sort_unstable_by_key(|&(c, _)| c);
         let mut i = 0;
         while i < released.len() {
-            let c = released[i];
-            let n = released[i..].iter().take_while(|&&x| x == c).count();
+            let (c, what) = released[i];
+            let n = released[i..].iter().take_while(|&&(x, _)| x == c).count();
             let after = cnt.refs.get(c as usize).map_or(0, |&r| u64::from(r));
-            rep.messages.push(format!(
-                "Repairing cluster {c} refcount={} reference={after}",
-                after + n as u64
-            ));
+            rep.push(Finding {
+                structure: what,
+                ..mismatch(c, cs, after + n as u64, after, true)
+            });
             i += n;
         }
         rep.corruptions = 0;
@@ -425,25 +514,16 @@ pub(crate) fn check(m: &mut Meta, vsize: u64, repair: Repair) -> Result<CheckRep
     } else if rebuild && (repair.errors || repair.leaks) {
         // As QEMU: a repair that would need a rebuild it may not do fails the check
         // (EIO) at this point, before the COPIED flags are looked at.
-        rep.messages
-            .push("ERROR need to rebuild refcount structures".to_string());
+        rep.push(Finding::new(K::RebuildNeeded, Structure::RefcountTable));
         rep.check_errors += 1;
         rep.corruptions += first_corruptions;
         rep.leaks += first_leaks;
-        rep.failed = Some(libc::EIO);
+        rep.aborted = Some(CheckAborted::RebuildNeeded);
         return Ok(rep);
     } else if writable && (repair.leaks || repair.errors) {
         for (c, r1, r2) in mismatches {
             let fix = (r1 > r2 && repair.leaks) || (r1 < r2 && repair.errors);
-            let label = if fix {
-                "Repairing"
-            } else if r1 < r2 {
-                "ERROR"
-            } else {
-                "Leaked"
-            };
-            rep.messages
-                .push(format!("{label} cluster {c} refcount={r1} reference={r2}"));
+            rep.push(mismatch(c, cs, r1, r2, fix));
             if fix && m.rc_set(c, r2).is_ok() {
                 if r1 > r2 {
                     rep.leaks_fixed += 1;
@@ -496,10 +576,14 @@ fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
             continue;
         };
         if (rc == 1) != (l1e & COPIED != 0) {
-            rep.messages.push(format!(
-                "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}",
-                if fix { "Repairing" } else { "ERROR" }
-            ));
+            rep.push(
+                Finding::new(K::CopiedFlag, Structure::L2Table)
+                    .entry(i as u64)
+                    .value(l1e)
+                    .at(l2off)
+                    .counts(Some(rc), None)
+                    .repairing(fix),
+            );
             if fix {
                 m.l1[i] = if rc == 1 { l1e | COPIED } else { l1e & !COPIED };
                 l1_changed = true;
@@ -528,10 +612,15 @@ fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
                 continue;
             };
             if (rc == 1) != (e & COPIED != 0) {
-                rep.messages.push(format!(
-                    "{} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}",
-                    if fix { "Repairing" } else { "ERROR" }
-                ));
+                rep.push(
+                    Finding::new(K::CopiedFlag, Structure::DataCluster)
+                        .entry(j as u64)
+                        .value(e)
+                        .at(off)
+                        .guest((i as u64 * m.g.l2_entries + j as u64) * cs)
+                        .counts(Some(rc), None)
+                        .repairing(fix),
+                );
                 if fix {
                     let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
                     raw[w * 8..w * 8 + 8].copy_from_slice(&ne.to_be_bytes());
@@ -566,17 +655,26 @@ pub(crate) fn rebuild_refcounts(m: &mut Meta) -> Result<()> {
     let file_len = m.st.len()?;
     let nb = file_len.div_ceil(cs);
     if nb > MAX_CHECK_CLUSTERS {
-        return Err(Error::unsupported(format!(
-            "image file too large to repair ({file_len} bytes)"
-        )));
+        return Err(Unsupported::TooLargeToCheck {
+            file_len,
+            repair: true,
+        }
+        .into());
     }
     let mut rep = CheckReport::default();
     let (mut cnt, _) = calculate(m, &mut rep, nb, false)?;
     if rep.corruptions > 0 {
-        return Err(Error::corrupt(format!(
-            "qcow2 image is dirty and its tables are corrupt; cannot repair refcounts: {}",
-            rep.messages.join("; ")
-        )));
+        // Named after the first problem found; the rest need `check`.
+        let first = rep.findings.first();
+        return Err(Corruption {
+            structure: first.map_or(Structure::Image, |f| f.structure),
+            entry: first.and_then(|f| f.entry),
+            offset: first.and_then(|f| f.host_offset),
+            problem: Problem::DirtyTablesCorrupt {
+                corruptions: rep.corruptions,
+            },
+        }
+        .into());
     }
     rebuild_from(m, &mut cnt).map(|_| ())
 }
@@ -584,8 +682,8 @@ pub(crate) fn rebuild_refcounts(m: &mut Meta) -> Result<()> {
 /// Writes a brand-new refcount structure (blocks + table, self-describing, placed
 /// after the end of the file) from the counted references, then switches the header
 /// to it. The old structure is not referenced anymore and becomes free space; its
-/// clusters are returned (once per reference dropped).
-fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<Vec<u64>> {
+/// clusters are returned (once per reference dropped, with the structure they held).
+fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<Vec<(u64, Structure)>> {
     let cs = m.g.cs;
     let per = m.g.rc_per_block;
     let max = m.g.rc_max();
@@ -599,19 +697,19 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<Vec<u64>> {
         u64::from(m.hdr.refcount_table_clusters)
     };
     let mut released = Vec::new();
-    let mut release = |c: u64| {
+    let mut release = |c: u64, what: Structure| {
         if let Some(r) = cnt.refs.get_mut(c as usize).filter(|r| **r > 0) {
             *r -= 1;
-            released.push(c);
+            released.push((c, what));
         }
     };
     for k in 0..rt_clusters {
-        release(rt_off / cs + k);
+        release(rt_off / cs + k, Structure::RefcountTable);
     }
     for &e in &m.rc_table {
         let off = e & REFT_OFFSET_MASK;
         if off != 0 && e.is_multiple_of(cs) {
-            release(off / cs);
+            release(off / cs, Structure::RefcountBlock);
         }
     }
     let used_end = cnt
@@ -647,9 +745,7 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<Vec<u64>> {
         tclusters = tc;
     };
     if table_entries * 8 > super::header::MAX_REFTABLE_BYTES {
-        return Err(Error::NoSpace(
-            "rebuilt refcount table would exceed 8 MiB".into(),
-        ));
+        return Err(NoSpace::RebuiltRefcountTable(super::header::MAX_REFTABLE_BYTES).into());
     }
     let region_end = start + nblocks + tclusters;
     cnt.refs.resize(region_end as usize, 0);

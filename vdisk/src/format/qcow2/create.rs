@@ -4,10 +4,9 @@
 
 use super::header::*;
 use super::{Geom, Qcow2, COPIED};
-use crate::error::{Error, Result};
-use crate::format::{
-    parse_bool, parse_size, BackingSpec, CreateSpec, Driver, DriverOptions, Format,
-};
+use crate::error::{Error, Invalid, Result, Unsupported, V3Feature};
+use crate::format::registry::CreateArgs;
+use crate::format::{BackingSpec, CreateSpec, Driver, DriverOptions, Format};
 use crate::storage::Storage;
 use std::sync::Arc;
 
@@ -29,120 +28,60 @@ struct Opts {
     backing: Option<BackingSpec>,
 }
 
-fn parse_opts(spec: &CreateSpec) -> Result<Opts> {
-    let mut cluster_size = 65536u64;
-    let mut version: Option<u32> = None;
-    let mut refcount_bits = 16u64;
-    let mut zstd = false;
-    let mut lazy = false;
-    let mut extended_l2 = false;
-    let mut prealloc = Prealloc::Off;
-    let mut backing_file: Option<String> = None;
-    let mut backing_fmt: Option<String> = None;
-    for (k, v) in &spec.options {
-        match k.as_str() {
-            "size" => {
-                parse_size(v).map_err(|_| {
-                    Error::invalid(
-                        "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
-                    )
-                })?;
-            }
-            "cluster_size" => {
-                cluster_size = parse_size(v).map_err(|_| {
-                    Error::invalid("Cluster size must be a power of two between 512 and 2048k")
-                })?;
-            }
-            "compat" | "version" => {
-                version = Some(match v.as_str() {
-                    "0.10" | "v2" => 2,
-                    "1.1" | "v3" => 3,
-                    _ => {
-                        return Err(Error::invalid(format!(
-                            "Parameter 'version' does not accept value '{v}'"
-                        )))
-                    }
-                })
-            }
-            "refcount_bits" => {
-                refcount_bits = v.parse().map_err(|_| {
-                    Error::invalid(
-                        "Refcount width must be a power of two and may not exceed 64 bits",
-                    )
-                })?;
-            }
-            "compression_type" => {
-                zstd = match v.as_str() {
-                    "zlib" => false,
-                    "zstd" => true,
-                    _ => {
-                        return Err(Error::invalid(format!(
-                            "Parameter 'compression-type' does not accept value '{v}'"
-                        )))
-                    }
-                }
-            }
-            "lazy_refcounts" => lazy = parse_bool(k, v)?,
-            "extended_l2" => extended_l2 = parse_bool(k, v)?,
-            "preallocation" => {
-                prealloc = match v.as_str() {
-                    "off" => Prealloc::Off,
-                    "metadata" => Prealloc::Metadata,
-                    "falloc" => Prealloc::Falloc,
-                    "full" => Prealloc::Full,
-                    _ => {
-                        return Err(Error::invalid(format!(
-                            "Parameter 'preallocation' does not accept value '{v}'"
-                        )))
-                    }
-                }
-            }
-            "backing_file" => backing_file = Some(v.clone()),
-            "backing_fmt" => backing_fmt = Some(v.clone()),
-            "encryption" | "encrypt.format" | "data_file" | "data_file_raw" => {
-                return Err(Error::unsupported(format!(
-                    "qcow2 option '{k}' (encryption / external data files) is not supported"
-                )))
-            }
-            _ => return Err(Error::invalid(format!("Invalid parameter '{k}'"))),
-        }
+fn parse_opts(args: &CreateArgs) -> Result<Opts> {
+    let o = &args.options;
+    let cluster_size = o.size("cluster_size").unwrap_or(65536);
+    let version = match o.get_enum("compat")? {
+        Some("0.10" | "v2") => Some(2),
+        Some(_) => Some(3),
+        None => None,
+    };
+    let refcount_bits = o.number("refcount_bits").unwrap_or(16);
+    let zstd = o.get_enum("compression_type")? == Some("zstd");
+    let lazy = o.bool("lazy_refcounts").unwrap_or(false);
+    let extended_l2 = o.bool("extended_l2").unwrap_or(false);
+    let prealloc = match o.get_enum("preallocation")? {
+        None | Some("off") => Prealloc::Off,
+        Some("metadata") => Prealloc::Metadata,
+        Some("falloc") => Prealloc::Falloc,
+        Some(_) => Prealloc::Full,
+    };
+    let backing_file = o.str("backing_file").map(str::to_string);
+    let backing_fmt = o.str("backing_fmt").map(str::to_string);
+    if let Some(g) = o.given().iter().find(|g| {
+        let k = g.desc.name;
+        k == "encryption" || k.starts_with("encrypt.") || k.starts_with("data_file")
+    }) {
+        return Err(Unsupported::CreateOption(g.desc.name.to_string()).into());
     }
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-        return Err(Error::invalid(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
+        return Err(Invalid::Qcow2ClusterSize.into());
     }
     if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
-        return Err(Error::invalid(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
+        return Err(Invalid::RefcountWidth.into());
     }
     let version = version.unwrap_or(3);
     if version == 2 {
         if refcount_bits != 16 {
-            return Err(Error::invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::RefcountWidth).into());
         }
         if lazy {
-            return Err(Error::invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::LazyRefcounts).into());
         }
         if zstd {
-            return Err(Error::invalid("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::CompressionType).into());
         }
         if extended_l2 {
-            return Err(Error::invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
+            return Err(Invalid::NeedsV3(V3Feature::ExtendedL2).into());
         }
     }
     if extended_l2 {
         if cluster_size < 16384 {
-            return Err(Error::invalid(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
+            return Err(Invalid::ExtendedL2ClusterSize.into());
         }
-        return Err(Error::unsupported(
-            "Extended L2 entries (subclusters) are not supported by this qcow2 driver",
-        ));
+        return Err(Unsupported::ExtendedL2Create.into());
     }
-    let backing = match (&spec.backing, backing_file) {
+    let backing = match (&args.backing, backing_file) {
         (Some(b), _) => Some(b.clone()),
         (None, Some(name)) => {
             let format = match backing_fmt {
@@ -155,17 +94,13 @@ fn parse_opts(spec: &CreateSpec) -> Result<Opts> {
     };
     if let Some(b) = &backing {
         if b.format.is_none() {
-            return Err(Error::invalid(
-                "Backing file specified without backing format",
-            ));
+            return Err(Invalid::BackingWithoutFormat.into());
         }
         if b.name.len() > MAX_BACKING_NAME as usize {
             return Err(Error::invalid("Backing file name too long"));
         }
         if prealloc != Prealloc::Off {
-            return Err(Error::invalid(
-                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
-            ));
+            return Err(Invalid::BackingWithPreallocation.into());
         }
     }
     Ok(Opts {
@@ -179,8 +114,14 @@ fn parse_opts(spec: &CreateSpec) -> Result<Opts> {
     })
 }
 
-/// Creates a qcow2 image on `storage` (which should be empty).
+/// Creates a qcow2 image on `storage` (which should be empty), with untyped `-o` pairs
+/// (checked against [`super::options::CREATE_OPTIONS`]).
 pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
+    crate::format::create(Format::Qcow2, storage, spec)
+}
+
+/// Creates a qcow2 image on `storage` (which should be empty) from typed options.
+pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()> {
     let o = parse_opts(spec)?;
     let cs = 1u64 << o.cluster_bits;
     let g = Geom::new(o.cluster_bits, o.refcount_order, o.version, false);
@@ -188,9 +129,7 @@ pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
     if l1 * 8 > MAX_L1_BYTES || spec.size > (1u64 << 62) {
         // qemu-img's wording for every "too large" (EFBIG) failure of qcow2 creation
         // (here: the L1 table would exceed 32 MiB, or the size exceeds 2^62).
-        return Err(Error::invalid(
-            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
-        ));
+        return Err(Invalid::ImageTooLarge("qcow2").into());
     }
     let mut h = Header {
         version: o.version,

@@ -6,16 +6,24 @@
 //! - `tables`: L1/L2 lookup and update, L2 copy-on-write, metadata write-back ordering.
 //! - `refcount`: refcount entries of every width, refcount blocks and table growth.
 //! - `alloc`: free-cluster search and contiguous allocation, deferred frees.
-//! - `io`: read/write/zeroes/discard/block-status paths and the in-flight list.
+//! - `l2entry`: decoded L2 entries (standard and extended, one type), encode/decode.
+//! - `mapping`: the L2 walk into typed runs; qcow2's side of the
+//!   [`Mapper`](crate::format::mapping::Mapper) contract.
+//! - `allocate`: write targets: in place, or new clusters with their COW regions;
+//!   commit/abort (guest data itself goes through [`crate::format::datapath`]).
+//! - `l2update`: L2 entry updates and the release of what they referenced.
+//! - `zero`: zero writes and discards. `status`: block status from the mapping runs.
+//! - `resize`: guest size changes. `compressed`: compressed cluster writes.
 //! - `compress`: deflate/zstd clusters.
 //! - `snapshot`: the snapshot table (read only).
 //! - `check`: consistency check, repair and refcount rebuild.
 //! - `create`: image creation.
 //!
-//! Concurrency: all metadata lives in one [`Meta`] behind a mutex that is held only for
+//! Concurrency: all metadata lives in one `Meta` behind a mutex that is held only for
 //! metadata work; guest data I/O (reads, writes to allocated clusters, copy-on-write of
-//! new clusters) runs without it. Allocating writes register their guest clusters in
-//! the in-flight list so overlapping requests wait for them and then see the result.
+//! new clusters) runs without it, in the generic data path. Allocating writes register
+//! their guest clusters in the in-flight list so overlapping requests wait for them and
+//! then see the result.
 //!
 //! Crash ordering (see the reference): refcount increases and new clusters' data are
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
@@ -29,15 +37,24 @@
 //! that, at least 4 blocks.
 
 mod alloc;
+mod allocate;
 mod cache;
 mod check;
 mod compress;
+mod compressed;
 mod create;
+pub mod descriptor;
 pub mod header;
-mod io;
+mod l2entry;
+mod l2update;
+mod mapping;
+pub mod options;
 mod refcount;
+mod resize;
 mod snapshot;
+mod status;
 mod tables;
+mod zero;
 
 pub use create::create;
 
@@ -48,8 +65,10 @@ use super::{
     BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
     FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
 };
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Field, Problem, Result, Structure, Unsupported};
+use crate::format::datapath::{self, InFlight, Waiters};
 use crate::storage::Storage;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -145,7 +164,11 @@ impl Geom {
 /// All mutable metadata of an open image. Guarded by `Qcow2::meta`.
 #[derive(Debug)]
 pub(crate) struct Meta {
+    /// Metadata storage (the image file).
     pub st: Arc<dyn Storage>,
+    /// Guest data storage (the same `Arc` as `st` unless an external data file is
+    /// configured).
+    pub data: Arc<dyn Storage>,
     pub g: Geom,
     pub hdr: Header,
     pub l1: Vec<u64>,
@@ -157,12 +180,12 @@ pub(crate) struct Meta {
     /// Lowest cluster index that may be free.
     pub free_hint: u64,
     /// Guest cluster ranges `[start, end)` being allocated right now.
-    pub inflight: Vec<(u64, u64)>,
+    pub inflight: InFlight,
     /// Guest cluster ranges with an in-place data write in progress: their host
     /// clusters must not be released (and reused) until it completes.
-    pub direct: Vec<(u64, u64)>,
-    /// Requests blocked on `Qcow2::alloc_done`; wake-ups are skipped when zero.
-    pub waiters: usize,
+    pub direct: InFlight,
+    /// Requests blocked on `Qcow2::alloc_done`; wake-ups are skipped when none.
+    pub waiters: Waiters,
     /// Host clusters whose mapping was dropped in cache: one refcount decrement each,
     /// applied once the mapping change is durable.
     pub pending_frees: Vec<u64>,
@@ -188,6 +211,16 @@ pub(crate) struct Meta {
 impl Meta {
     pub(crate) fn cs(&self) -> u64 {
         self.g.cs
+    }
+
+    /// Flushes guest data, then metadata (data must be complete before the mapping
+    /// pointing at it is durable).
+    pub(crate) fn flush_storages(&self) -> Result<()> {
+        if !Arc::ptr_eq(&self.data, &self.st) {
+            self.data.flush()?;
+        }
+        self.st.flush()?;
+        Ok(())
     }
 
     /// Rewrites cluster 0 from `hdr` (preserving unknown extensions) and flushes.
@@ -217,9 +250,7 @@ impl Meta {
             return Err(Error::ReadOnly);
         }
         if self.corrupt {
-            return Err(Error::corrupt(
-                "qcow2 image is marked corrupt; writes are refused (run check -r all)",
-            ));
+            return Err(Corruption::new(Structure::Image, Problem::MarkedCorrupt).into());
         }
         if let Some(why) = &self.rc_broken {
             return Err(Error::corrupt(format!(
@@ -233,7 +264,10 @@ impl Meta {
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2 {
+    /// Metadata storage (the image file).
     storage: Arc<dyn Storage>,
+    /// Guest data storage: the same file (external data files are refused at open).
+    data: Arc<dyn Storage>,
     backing: Option<Arc<dyn Driver>>,
     backing_spec: Mutex<Option<BackingSpec>>,
     g: Geom,
@@ -265,9 +299,14 @@ impl Qcow2 {
         let file_len = storage.len()?;
         let head_len = file_len.min(2 << 20) as usize;
         if head_len < V2_HEADER_LEN {
-            return Err(Error::corrupt(format!(
-                "qcow2 image truncated: {file_len} bytes is shorter than the header"
-            )));
+            return Err(Corruption::new(
+                Structure::Image,
+                Problem::Truncated {
+                    have: Some(file_len),
+                    need: V2_HEADER_LEN as u64,
+                },
+            )
+            .into());
         }
         let mut head = vec![0u8; head_len];
         storage.read_at(&mut head, 0)?;
@@ -277,10 +316,7 @@ impl Qcow2 {
         let cs = g.cs;
 
         if hdr.crypt_method != 0 {
-            return Err(Error::unsupported(format!(
-                "encrypted qcow2 images are not supported (crypt_method {})",
-                hdr.crypt_method
-            )));
+            return Err(Unsupported::Encryption(hdr.crypt_method).into());
         }
         let unknown = hdr.incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -291,58 +327,77 @@ impl Qcow2 {
                     None => format!("Unknown incompatible feature: {:x}", 1u64 << b),
                 })
                 .collect();
-            return Err(Error::unsupported(format!(
-                "Unsupported qcow2 feature(s): {}",
-                names.join(", ")
-            )));
+            return Err(Unsupported::Qcow2Features(names).into());
         }
         if hdr.incompatible & INCOMPAT_DATA_FILE != 0 || hdr.has_data_file_ext {
-            return Err(Error::unsupported(
-                "qcow2 images with an external data file are not supported",
-            ));
+            return Err(Unsupported::ExternalDataFile.into());
         }
         if ext_l2 && !opts.read_only {
-            return Err(Error::unsupported(
-                "qcow2 images with extended L2 entries (subclusters) can only be opened read-only",
-            ));
+            return Err(Unsupported::ExtendedL2Write.into());
         }
         if ext_l2 && hdr.cluster_bits < 14 {
-            return Err(Error::corrupt(format!(
-                "extended L2 entries need clusters of at least 16 KiB (cluster_bits {})",
-                hdr.cluster_bits
-            )));
+            return Err(Corruption::new(
+                Structure::Qcow2Header,
+                Problem::TooSmall {
+                    field: Field::ClusterBits,
+                    value: hdr.cluster_bits.into(),
+                    min: 14,
+                },
+            )
+            .into());
         }
         // Like QEMU's BDRV_O_CHECK: `check` (which sets `skip_repair`) may open a corrupt
         // image read-write so that `-r` can repair it; the corrupt flag still refuses
         // every guest write until a successful repair clears it.
         if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !opts.read_only && !opts.skip_repair {
-            return Err(Error::corrupt(
-                "qcow2: Image is corrupt; cannot be opened read/write",
-            ));
+            return Err(Corruption::new(Structure::Image, Problem::CorruptOnOpen).into());
         }
         if hdr.size > (1u64 << 62) {
-            return Err(Error::corrupt(format!(
-                "qcow2 image size {} is too large",
-                hdr.size
-            )));
+            return Err(Corruption::new(
+                Structure::Qcow2Header,
+                Problem::TooLarge {
+                    field: Field::ImageSize,
+                    value: hdr.size,
+                    max: 1 << 62,
+                },
+            )
+            .into());
         }
         // L1 table.
         let need_l1 = g.l1_entries_for(hdr.size);
         if u64::from(hdr.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::corrupt(format!(
-                "Active L1 table too large: {} entries (max {})",
-                hdr.l1_size,
-                MAX_L1_BYTES / 8
-            )));
+            return Err(Corruption::new(
+                Structure::L1Table,
+                Problem::TooLarge {
+                    field: Field::Entries,
+                    value: hdr.l1_size.into(),
+                    max: MAX_L1_BYTES / 8,
+                },
+            )
+            .at(hdr.l1_table_offset)
+            .into());
         }
         if u64::from(hdr.l1_size) < need_l1 {
-            return Err(Error::corrupt(format!(
-                "L1 table is too small: {} entries for a {}-byte disk (needs {need_l1})",
-                hdr.l1_size, hdr.size
-            )));
+            return Err(Corruption::new(
+                Structure::L1Table,
+                Problem::L1TooSmall {
+                    entries: hdr.l1_size.into(),
+                    disk_size: hdr.size,
+                    need: need_l1,
+                },
+            )
+            .at(hdr.l1_table_offset)
+            .into());
         }
         let l1_bytes = u64::from(hdr.l1_size) * 8;
-        validate_table("L1 table", hdr.l1_table_offset, l1_bytes, cs, file_len)?;
+        validate_table(
+            Structure::L1Table,
+            None,
+            hdr.l1_table_offset,
+            l1_bytes,
+            cs,
+            file_len,
+        )?;
         let mut l1 = vec![0u64; hdr.l1_size as usize];
         if !l1.is_empty() {
             let mut raw = vec![0u8; l1_bytes as usize];
@@ -354,22 +409,30 @@ impl Qcow2 {
         // Refcount table.
         let rt_bytes = u64::from(hdr.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(Error::corrupt(format!(
-                "Reference count table too large: {} clusters (max {} bytes)",
-                hdr.refcount_table_clusters, MAX_REFTABLE_BYTES
-            )));
+            return Err(Corruption::new(
+                Structure::RefcountTable,
+                Problem::TooLarge {
+                    field: Field::Clusters,
+                    value: hdr.refcount_table_clusters.into(),
+                    max: MAX_REFTABLE_BYTES,
+                },
+            )
+            .at(hdr.refcount_table_offset)
+            .into());
         }
         // A missing or misplaced refcount table (no clusters, offset 0, past the end of
         // the file) makes the image unusable, but `check` may still open it: to report
         // it, and with `-r all` to rebuild the refcount structure from the tables (as
         // `qemu-img check -r all` does). Until then nothing may be written.
         let rc_problem = if hdr.refcount_table_clusters == 0 {
-            Some(Error::corrupt(
-                "Image does not contain a reference count table",
-            ))
+            Some(Error::from(Corruption::new(
+                Structure::RefcountTable,
+                Problem::Missing,
+            )))
         } else {
             validate_table(
-                "Reference count table",
+                Structure::RefcountTable,
+                None,
                 hdr.refcount_table_offset,
                 rt_bytes,
                 cs,
@@ -403,9 +466,10 @@ impl Qcow2 {
                 let format = match hdr.backing_format.as_deref() {
                     None | Some("") => None,
                     Some(f) => Some(Format::parse(f).map_err(|_| {
-                        Error::unsupported(format!(
-                            "backing file '{name}' has unsupported format '{f}'"
-                        ))
+                        Error::from(Unsupported::BackingFormat {
+                            name: name.clone(),
+                            format: f.to_string(),
+                        })
                     })?),
                 };
                 Some(BackingSpec {
@@ -430,6 +494,7 @@ impl Qcow2 {
         let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
         let mut meta = Meta {
             st: storage.clone(),
+            data: storage.clone(),
             g,
             corrupt: hdr.incompatible & INCOMPAT_CORRUPT != 0,
             rc_broken,
@@ -440,9 +505,9 @@ impl Qcow2 {
             rc_table,
             rc: Cache::new(rc_tables),
             free_hint: 0,
-            inflight: Vec::new(),
-            direct: Vec::new(),
-            waiters: 0,
+            inflight: InFlight::new(),
+            direct: InFlight::new(),
+            waiters: Waiters::default(),
             pending_frees: Vec::new(),
             unflushed: false,
             file_end: file_len,
@@ -468,6 +533,7 @@ impl Qcow2 {
             }
         }
         Ok(Qcow2 {
+            data: meta.data.clone(),
             storage,
             backing,
             backing_spec: Mutex::new(spec),
@@ -494,8 +560,10 @@ impl Qcow2 {
 }
 
 /// Checks a table's offset: cluster aligned, not overlapping the header, inside the file.
+/// `entry` is the snapshot a snapshot L1 table belongs to.
 pub(crate) fn validate_table(
-    what: &str,
+    what: Structure,
+    entry: Option<u64>,
     offset: u64,
     bytes: u64,
     cs: u64,
@@ -505,21 +573,33 @@ pub(crate) fn validate_table(
         return Ok(());
     }
     if !offset.is_multiple_of(cs) {
-        return Err(Error::corrupt(format!(
-            "{what} offset {offset:#x} is not cluster aligned"
-        )));
+        return Err(table_error(what, entry, offset, Problem::Unaligned));
     }
     if offset == 0 {
-        return Err(Error::corrupt(format!(
-            "{what} at offset 0 overlaps the image header"
-        )));
+        return Err(table_error(what, entry, offset, Problem::OverlapsHeader));
     }
     match offset.checked_add(bytes) {
         Some(end) if end <= file_len && end <= MAX_HOST_OFFSET => Ok(()),
-        _ => Err(Error::corrupt(format!(
-            "{what} at offset {offset:#x} ({bytes} bytes) lies past the end of the file ({file_len} bytes)"
-        ))),
+        _ => Err(table_error(
+            what,
+            entry,
+            offset,
+            Problem::PastEnd {
+                bytes,
+                end: file_len,
+            },
+        )),
     }
+}
+
+/// The corruption of a misplaced table.
+fn table_error(what: Structure, entry: Option<u64>, offset: u64, problem: Problem) -> Error {
+    Error::Corrupt(Corruption {
+        structure: what,
+        entry,
+        offset: Some(offset),
+        problem,
+    })
 }
 
 impl Driver for Qcow2 {
@@ -537,12 +617,23 @@ impl Driver for Qcow2 {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         super::check_range(offset, buf.len() as u64, self.size())?;
-        self.do_read(buf, offset)
+        datapath::read_vectored(self, &mut [IoSliceMut::new(buf)], offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         super::check_range(offset, buf.len() as u64, self.size())?;
-        self.do_write(buf, offset)
+        datapath::write_vectored(self, &[IoSlice::new(buf)], offset)
+    }
+    fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        super::check_range(offset, len, self.size())?;
+        datapath::read_vectored(self, bufs, offset)
+    }
+    fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.writable()?;
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        super::check_range(offset, len, self.size())?;
+        datapath::write_vectored(self, bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
@@ -562,7 +653,7 @@ impl Driver for Qcow2 {
         m.writeback()?;
         // Under the lock: `unflushed` may only be cleared once the flush has happened,
         // or a concurrent barrier could skip a flush it needs.
-        self.storage.flush()?;
+        m.flush_storages()?;
         m.unflushed = false;
         Ok(())
     }
@@ -642,7 +733,7 @@ impl Driver for Qcow2 {
         self.closed.store(true, Ordering::Release);
         let mut m = self.lock();
         m.writeback()?;
-        self.storage.flush()?;
+        m.flush_storages()?;
         m.unflushed = false;
         if m.set_dirty {
             m.hdr.incompatible &= !INCOMPAT_DIRTY;

@@ -7,7 +7,7 @@
 //! freed afterwards.
 
 use super::{Meta, MAX_HOST_OFFSET, REFT_OFFSET_MASK};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, NoSpace, Problem, Result, Structure};
 use crate::format::qcow2::header::MAX_REFTABLE_BYTES;
 
 /// Reads entry `i` of a refcount block of width `1 << order` bits.
@@ -55,6 +55,13 @@ pub(crate) fn set_entry(block: &mut [u8], i: usize, order: u32, v: u64) {
 }
 
 impl Meta {
+    /// Marks the image corrupt (as `mark_corrupt`, which logs and sets the corrupt bit)
+    /// and returns the typed corruption.
+    fn corrupt_rc(&mut self, c: Corruption) -> Error {
+        let _ = self.mark_corrupt(c.to_string());
+        c.into()
+    }
+
     /// Host offset of refcount block `bi`, 0 if it has none (or lies beyond the table).
     pub(crate) fn rc_block_offset(&self, bi: u64) -> u64 {
         self.rc_table
@@ -68,9 +75,8 @@ impl Meta {
             return Ok(i);
         }
         if !off.is_multiple_of(self.cs()) || off >= MAX_HOST_OFFSET || off >= self.file_end {
-            return Err(self.mark_corrupt(format!(
-                "Refcount block offset {off:#x} is unaligned or past the end of the file; refcount table corrupted"
-            )));
+            let c = Corruption::new(Structure::RefcountBlock, Problem::Misplaced).at(off);
+            return Err(self.corrupt_rc(c));
         }
         if self.rc.full() {
             if let Some(v) = self.rc.victim() {
@@ -105,9 +111,12 @@ impl Meta {
         let bi = c >> self.g.rc_block_bits;
         let off = self.rc_block_offset(bi);
         if off == 0 {
-            return Err(self.mark_corrupt(format!(
-                "refcount block for cluster {c} is missing while updating its refcount"
-            )));
+            let c = Corruption::new(
+                Structure::RefcountBlock,
+                Problem::RefcountMissing { cluster: c },
+            )
+            .entry(bi);
+            return Err(self.corrupt_rc(c));
         }
         let i = self.rc_slot(off)?;
         let idx = (c & (self.g.rc_per_block - 1)) as usize;
@@ -118,18 +127,28 @@ impl Meta {
             match cur.checked_add(delta as u64) {
                 Some(n) if n <= max => n,
                 _ => {
-                    return Err(Error::NoSpace(format!(
-                        "refcount of cluster {c} would overflow ({cur} + {delta} > {max})"
-                    )))
+                    return Err(Error::NoSpace(NoSpace::RefcountOverflow {
+                        cluster: c,
+                        refcount: cur,
+                        delta: delta as u64,
+                        max,
+                    }))
                 }
             }
         } else {
             match cur.checked_sub(delta.unsigned_abs()) {
                 Some(n) => n,
                 None => {
-                    return Err(self.mark_corrupt(format!(
-                        "refcount of cluster {c} would drop below zero ({cur} {delta})"
-                    )))
+                    let c = Corruption::new(
+                        Structure::HostCluster,
+                        Problem::RefcountUnderflow {
+                            cluster: c,
+                            refcount: cur,
+                            delta,
+                        },
+                    )
+                    .at(c * self.cs());
+                    return Err(self.corrupt_rc(c));
                 }
             }
         };
@@ -218,9 +237,7 @@ impl Meta {
             self.rc.forget(c * cs);
             self.file_end = self.file_end.max((c + 1) * cs);
         }
-        Err(Error::NoSpace(
-            "could not allocate a refcount block".to_string(),
-        ))
+        Err(Error::NoSpace(NoSpace::RefcountBlock))
     }
 
     /// Replaces the refcount table by a larger one that has an entry for block
@@ -254,10 +271,7 @@ impl Meta {
         };
         if new_len * 8 > MAX_REFTABLE_BYTES || (start + nblocks + tclusters) * cs > MAX_HOST_OFFSET
         {
-            return Err(Error::NoSpace(format!(
-                "refcount table would exceed {} bytes",
-                MAX_REFTABLE_BYTES
-            )));
+            return Err(Error::NoSpace(NoSpace::RefcountTable(MAX_REFTABLE_BYTES)));
         }
         let total = nblocks + tclusters;
         let order = self.g.rc_order;
@@ -307,5 +321,273 @@ impl Meta {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Refcount entries at every width (1 to 64 bits): bit layout, get/set round trips
+    //! at the first, last and odd positions with neighbours untouched, the largest
+    //! value, and overflow/underflow refused by `rc_add` on an image in memory.
+
+    use super::*;
+    use crate::format::qcow2::header::{Header, MAGIC};
+    use crate::format::qcow2::Qcow2;
+    use crate::format::{BackingSpec, DriverOptions};
+    use crate::storage::MemStorage;
+    use std::sync::Arc;
+
+    /// Bytes of the test blocks (512 bits: 512 one-bit entries, 8 64-bit entries).
+    const BLOCK: usize = 64;
+
+    fn max_for(order: u32) -> u64 {
+        if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << order)) - 1
+        }
+    }
+
+    /// Deterministic noise so neighbours start out non-zero.
+    fn noise(seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..BLOCK)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sub_byte_entries_fill_bytes_from_the_least_significant_bit() {
+        let mut b = [0u8; 2];
+        set_entry(&mut b, 0, 0, 1);
+        assert_eq!(b, [0x01, 0]);
+        set_entry(&mut b, 7, 0, 1);
+        assert_eq!(b, [0x81, 0]);
+        set_entry(&mut b, 8, 0, 1);
+        assert_eq!(b, [0x81, 0x01]);
+
+        let mut b = [0u8; 2];
+        set_entry(&mut b, 1, 1, 3);
+        set_entry(&mut b, 3, 1, 2);
+        set_entry(&mut b, 4, 1, 1);
+        assert_eq!(b, [0b1000_1100, 0b0000_0001]);
+
+        let mut b = [0u8; 2];
+        set_entry(&mut b, 1, 2, 0xa);
+        set_entry(&mut b, 2, 2, 0x3);
+        assert_eq!(b, [0xa0, 0x03]);
+    }
+
+    #[test]
+    fn wide_entries_are_big_endian() {
+        let mut b = [0u8; 16];
+        set_entry(&mut b, 1, 3, 0xab);
+        assert_eq!(b[..2], [0, 0xab]);
+        let mut b = [0u8; 16];
+        set_entry(&mut b, 1, 4, 0x1234);
+        assert_eq!(b[..4], [0, 0, 0x12, 0x34]);
+        let mut b = [0u8; 16];
+        set_entry(&mut b, 1, 5, 0x1234_5678);
+        assert_eq!(b[..8], [0, 0, 0, 0, 0x12, 0x34, 0x56, 0x78]);
+        let mut b = [0u8; 16];
+        set_entry(&mut b, 1, 6, 0x0102_0304_0506_0708);
+        assert_eq!(b[8..], [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(b[..8], [0; 8]);
+    }
+
+    #[test]
+    fn every_width_round_trips_with_neighbours_untouched() {
+        for order in 0..=6u32 {
+            let bits = 1usize << order;
+            let n = BLOCK * 8 / bits;
+            let max = max_for(order);
+            let positions = [0, 1, 3, n / 2 + 1, n - 3, n - 2, n - 1];
+            let values = [
+                0,
+                1,
+                max,
+                max - 1,
+                0xaaaa_aaaa_aaaa_aaaa & max,
+                0x5555_5555_5555_5555 & max,
+            ];
+            for (k, &i) in positions.iter().enumerate() {
+                for &v in &values {
+                    let mut b = noise((order as u64) << 32 | (k as u64) << 8 | v & 0xff);
+                    let before_bytes = b.clone();
+                    let before: Vec<u64> = (0..n).map(|j| get_entry(&b, j, order)).collect();
+                    set_entry(&mut b, i, order, v);
+                    let what = format!("width {bits}, entry {i}, value {v:#x}");
+                    assert_eq!(get_entry(&b, i, order), v, "{what}");
+                    for j in (0..n).filter(|&j| j != i) {
+                        assert_eq!(get_entry(&b, j, order), before[j], "{what}: entry {j}");
+                    }
+                    // Only the byte(s) holding entry i may change.
+                    let (lo, hi) = if bits < 8 {
+                        (i * bits / 8, i * bits / 8 + 1)
+                    } else {
+                        (i * bits / 8, (i + 1) * bits / 8)
+                    };
+                    assert_eq!(b[..lo], before_bytes[..lo], "{what}: bytes before");
+                    assert_eq!(b[hi..], before_bytes[hi..], "{what}: bytes after");
+                    // Setting the old value back restores the block exactly.
+                    set_entry(&mut b, i, order, before[i]);
+                    assert_eq!(b, before_bytes, "{what}: restore");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_entry_of_a_block_is_independent() {
+        for order in 0..=6u32 {
+            let n = (BLOCK * 8) >> order;
+            let max = max_for(order);
+            let mut b = vec![0u8; BLOCK];
+            let value = |j: usize| (j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) & max;
+            for j in 0..n {
+                set_entry(&mut b, j, order, value(j));
+            }
+            for j in 0..n {
+                assert_eq!(
+                    get_entry(&b, j, order),
+                    value(j),
+                    "order {order}, entry {j}"
+                );
+            }
+            for j in 0..n {
+                set_entry(&mut b, j, order, max);
+            }
+            assert!(b.iter().all(|&x| x == 0xff), "order {order}: all max");
+        }
+    }
+
+    /// A version 3 image of 512-byte clusters with refcount width `1 << order`: header,
+    /// refcount table, one refcount block (clusters 0-2 counted once), no L1 entries.
+    fn image(order: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 3 * 512];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&9u32.to_be_bytes());
+        b[48..56].copy_from_slice(&512u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&order.to_be_bytes());
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        b[512..520].copy_from_slice(&1024u64.to_be_bytes());
+        for c in 0..3 {
+            set_entry(&mut b[1024..], c, order, 1);
+        }
+        assert_eq!(
+            Header::parse(&b, b.len() as u64).unwrap().refcount_order,
+            order
+        );
+        b
+    }
+
+    fn open(bytes: Vec<u8>) -> (Arc<MemStorage>, Qcow2) {
+        let mem = Arc::new(MemStorage::from_vec(bytes));
+        let q = Qcow2::open(
+            mem.clone(),
+            &DriverOptions::default(),
+            &mut |_: &BackingSpec| Err(Error::invalid("no backing file in this test")),
+        )
+        .unwrap();
+        (mem, q)
+    }
+
+    /// Adds `n` to the refcount of `c` in steps that fit `rc_add`'s `i64`.
+    fn add(m: &mut Meta, c: u64, mut n: u64) -> Result<u64> {
+        let mut v = m.rc_get(c)?;
+        while n > 0 {
+            let step = n.min(i64::MAX as u64);
+            v = m.rc_add(c, step as i64)?;
+            n -= step;
+        }
+        Ok(v)
+    }
+
+    #[test]
+    fn rc_add_reaches_the_maximum_and_refuses_overflow_at_every_width() {
+        for order in 0..=6u32 {
+            let max = max_for(order);
+            let (mem, q) = open(image(order));
+            let mut m = q.lock();
+            assert_eq!(m.g.rc_max(), max, "order {order}");
+            let per_block = (512 * 8) >> order;
+            assert_eq!(m.g.rc_per_block, per_block);
+            for c in 0..3 {
+                assert_eq!(m.rc_get(c).unwrap(), 1, "order {order}, cluster {c}");
+            }
+            assert_eq!(m.rc_get(3).unwrap(), 0);
+            // Beyond the one block: no block, refcount 0.
+            assert_eq!(m.rc_get(per_block).unwrap(), 0);
+
+            let last = per_block - 1;
+            for c in [5, last] {
+                assert_eq!(
+                    add(&mut m, c, max).unwrap(),
+                    max,
+                    "order {order}, cluster {c}"
+                );
+                assert!(m.rc_add(c, 1).is_err(), "order {order}: overflow accepted");
+                assert_eq!(
+                    m.rc_get(c).unwrap(),
+                    max,
+                    "order {order}: changed by a refusal"
+                );
+            }
+            if order < 6 {
+                assert!(m.rc_add(3, max as i64 + 1).is_err(), "order {order}");
+                assert_eq!(m.rc_get(3).unwrap(), 0);
+            }
+            assert_eq!(m.rc_get(4).unwrap(), 0, "order {order}: neighbour");
+            assert_eq!(m.rc_get(6).unwrap(), 0, "order {order}: neighbour");
+            assert_eq!(m.rc_get(2).unwrap(), 1, "order {order}: neighbour");
+            assert_eq!(m.rc_add(5, -1).unwrap(), max - 1);
+            assert_eq!(m.rc_add(5, 1).unwrap(), max);
+
+            // On disk, the block holds exactly those values at that width.
+            m.write_rc_blocks().unwrap();
+            let disk = mem.to_vec();
+            let block = &disk[1024..1536];
+            for c in 0..per_block as usize {
+                let want = match c {
+                    0..=2 => 1,
+                    5 => max,
+                    c if c as u64 == last => max,
+                    _ => 0,
+                };
+                assert_eq!(
+                    get_entry(block, c, order),
+                    want,
+                    "order {order}, cluster {c}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rc_add_refuses_to_drop_below_zero() {
+        for order in 0..=6u32 {
+            let (_mem, q) = open(image(order));
+            let mut m = q.lock();
+            assert!(m.rc_add(3, -1).is_err(), "order {order}");
+            assert_eq!(m.rc_get(3).unwrap(), 0);
+            assert!(m.rc_add(1, -2).is_err(), "order {order}");
+            assert_eq!(m.rc_get(1).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn rc_add_without_a_block_is_refused() {
+        let (_mem, q) = open(image(4));
+        let mut m = q.lock();
+        let c = m.g.rc_per_block;
+        assert!(m.rc_add(c, 1).is_err());
+        assert!(m.rc_add(u64::MAX, 1).is_err());
     }
 }

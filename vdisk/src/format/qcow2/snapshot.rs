@@ -3,7 +3,7 @@
 
 use super::header::{Header, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::{validate_table, Geom};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Field, Problem, Result, Structure};
 use crate::format::SnapshotInfo;
 use crate::storage::Storage;
 
@@ -66,23 +66,42 @@ pub(crate) fn read_table(
     file_len: u64,
 ) -> Result<Vec<Snapshot>> {
     if hdr.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(Error::corrupt(format!(
-            "Too many snapshots: {} (max {MAX_SNAPSHOTS})",
-            hdr.nb_snapshots
-        )));
+        return Err(Corruption::new(
+            Structure::SnapshotTable,
+            Problem::TooLarge {
+                field: Field::Count,
+                value: hdr.nb_snapshots.into(),
+                max: MAX_SNAPSHOTS.into(),
+            },
+        )
+        .into());
     }
     if hdr.nb_snapshots == 0 {
         return Ok(Vec::new());
     }
-    validate_table("Snapshot table", hdr.snapshots_offset, 40, g.cs, file_len)?;
+    validate_table(
+        Structure::SnapshotTable,
+        None,
+        hdr.snapshots_offset,
+        40,
+        g.cs,
+        file_len,
+    )?;
     let mut v = Vec::with_capacity(hdr.nb_snapshots as usize);
     let mut pos = hdr.snapshots_offset;
     for i in 0..hdr.nb_snapshots {
         let mut h = [0u8; 40];
         if pos + 40 > file_len || pos + 40 - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
-            return Err(Error::corrupt(format!(
-                "snapshot table entry {i} at offset {pos:#x} lies past the end of the file or the table size limit"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotTable,
+                Problem::PastEnd {
+                    bytes: 40,
+                    end: file_len.min(hdr.snapshots_offset + MAX_SNAPSHOT_TABLE),
+                },
+            )
+            .entry(i.into())
+            .at(pos)
+            .into());
         }
         st.read_at(&mut h, pos)?;
         let l1_offset = u64::from_be_bytes(h[0..8].try_into().unwrap_or([0; 8]));
@@ -91,17 +110,33 @@ pub(crate) fn read_table(
         let name_len = u16::from_be_bytes([h[14], h[15]]) as u64;
         let extra = u32::from_be_bytes(h[36..40].try_into().unwrap_or([0; 4]));
         if extra > MAX_EXTRA {
-            return Err(Error::corrupt(format!(
-                "snapshot {i}: too much extra metadata ({extra} bytes)"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotTable,
+                Problem::TooLarge {
+                    field: Field::Length,
+                    value: extra.into(),
+                    max: MAX_EXTRA.into(),
+                },
+            )
+            .entry(i.into())
+            .into());
         }
         if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::corrupt(format!(
-                "snapshot {i}: L1 table too large ({l1_size} entries)"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotL1Table,
+                Problem::TooLarge {
+                    field: Field::Entries,
+                    value: l1_size.into(),
+                    max: MAX_L1_BYTES / 8,
+                },
+            )
+            .entry(i.into())
+            .at(l1_offset)
+            .into());
         }
         validate_table(
-            &format!("Snapshot {i} L1 table"),
+            Structure::SnapshotL1Table,
+            Some(i.into()),
             l1_offset,
             u64::from(l1_size) * 8,
             g.cs,
@@ -109,9 +144,15 @@ pub(crate) fn read_table(
         )?;
         let var_len = u64::from(extra) + id_len + name_len;
         if pos + 40 + var_len > file_len {
-            return Err(Error::corrupt(format!(
-                "snapshot table entry {i} runs past the end of the file"
-            )));
+            return Err(Corruption::new(
+                Structure::SnapshotTable,
+                Problem::PastEnd {
+                    bytes: 40 + var_len,
+                    end: file_len,
+                },
+            )
+            .entry(i.into())
+            .into());
         }
         // Bounded: extra <= 1 KiB and each length < 64 KiB.
         let mut var = vec![0u8; var_len as usize];
@@ -125,9 +166,16 @@ pub(crate) fn read_table(
         });
     }
     if pos - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
-        return Err(Error::corrupt(
-            "snapshot table runs past the end of the file or exceeds 64 MiB",
-        ));
+        return Err(Corruption::new(
+            Structure::SnapshotTable,
+            Problem::TooLarge {
+                field: Field::Length,
+                value: pos - hdr.snapshots_offset,
+                max: MAX_SNAPSHOT_TABLE,
+            },
+        )
+        .at(hdr.snapshots_offset)
+        .into());
     }
     Ok(v)
 }
@@ -144,4 +192,357 @@ pub(crate) fn table_len(st: &dyn Storage, hdr: &Header) -> Result<u64> {
         pos = (pos + 40 + extra.min(u64::from(MAX_EXTRA)) + id_len + name_len).div_ceil(8) * 8;
     }
     Ok(pos - hdr.snapshots_offset)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Snapshot table decoding (there is no encoder: snapshots are not created here)
+    //! on hand-built tables laid out from the qcow2 specification, and every reject
+    //! case of `read_table`.
+
+    use super::*;
+    use crate::storage::MemStorage;
+
+    const CS: u64 = 512;
+    /// Where the tests put the snapshot table, and a snapshot L1 table.
+    const TABLE: u64 = 4 * CS;
+    const L1: u64 = 2 * CS;
+
+    /// One table entry as the spec lays it out, padded to 8 bytes.
+    struct Entry<'a> {
+        l1_offset: u64,
+        l1_size: u32,
+        id: &'a [u8],
+        name: &'a [u8],
+        date_sec: u32,
+        date_nsec: u32,
+        vm_clock_nsec: u64,
+        vm_state_size: u32,
+        extra: Vec<u8>,
+    }
+
+    impl Entry<'_> {
+        fn new() -> Self {
+            Entry {
+                l1_offset: L1,
+                l1_size: 2,
+                id: b"1",
+                name: b"snap",
+                date_sec: 1_700_000_000,
+                date_nsec: 123_456_789,
+                vm_clock_nsec: 0x1122_3344_5566_7788,
+                vm_state_size: 0,
+                extra: Vec::new(),
+            }
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            let mut b = Vec::new();
+            b.extend_from_slice(&self.l1_offset.to_be_bytes());
+            b.extend_from_slice(&self.l1_size.to_be_bytes());
+            b.extend_from_slice(&(self.id.len() as u16).to_be_bytes());
+            b.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+            b.extend_from_slice(&self.date_sec.to_be_bytes());
+            b.extend_from_slice(&self.date_nsec.to_be_bytes());
+            b.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+            b.extend_from_slice(&self.vm_state_size.to_be_bytes());
+            b.extend_from_slice(&(self.extra.len() as u32).to_be_bytes());
+            assert_eq!(b.len(), 40);
+            b.extend_from_slice(&self.extra);
+            b.extend_from_slice(self.id);
+            b.extend_from_slice(self.name);
+            b.resize(b.len().div_ceil(8) * 8, 0);
+            b
+        }
+    }
+
+    /// Version 3 extra data: large VM state size, disk size, instruction count.
+    fn extra(vm_state: u64, disk_size: u64, icount: u64) -> Vec<u8> {
+        [vm_state, disk_size, icount]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect()
+    }
+
+    /// A header announcing `n` snapshots at `offset`.
+    fn header(n: u32, offset: u64) -> Header {
+        let mut b = vec![0u8; 112];
+        b[..4].copy_from_slice(b"QFI\xfb");
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&9u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        let mut h = Header::parse(&b, b.len() as u64).unwrap();
+        h.nb_snapshots = n;
+        h.snapshots_offset = offset;
+        h
+    }
+
+    /// A file holding `table` at `TABLE` (and zeroes up to `len` at least).
+    fn file(table: &[u8], len: u64) -> MemStorage {
+        let mut v = vec![0u8; (TABLE as usize + table.len()).max(len as usize)];
+        v[TABLE as usize..TABLE as usize + table.len()].copy_from_slice(table);
+        MemStorage::from_vec(v)
+    }
+
+    /// Reads a table of `n` entries from `table` placed at `TABLE` in a file of the
+    /// table's own end (or `len`, when larger).
+    fn read(table: &[u8], n: u32, len: u64) -> Result<Vec<Snapshot>> {
+        let st = file(table, len);
+        let file_len = st.len()?;
+        read_table(&st, &header(n, TABLE), &Geom::new(9, 4, 3, false), file_len)
+    }
+
+    fn rejected(table: &[u8], n: u32, what: &str) {
+        match read(table, n, 0) {
+            Ok(v) => panic!("{what}: accepted as {v:?}"),
+            Err(e) => assert!(!e.to_string().is_empty(), "{what}: empty message"),
+        }
+    }
+
+    #[test]
+    fn decodes_every_field_of_a_version_3_entry() {
+        let mut e = Entry::new();
+        e.id = b"42";
+        e.name = b"before upgrade";
+        e.vm_state_size = 7;
+        e.extra = extra(0x1_0000_0000, 10 << 30, 123_456);
+        let v = read(&e.bytes(), 1, 0).unwrap();
+        assert_eq!(v.len(), 1);
+        let s = &v[0];
+        assert_eq!(s.l1_offset, L1);
+        assert_eq!(s.l1_size, 2);
+        let i = &s.info;
+        assert_eq!(i.id, "42");
+        assert_eq!(i.name, "before upgrade");
+        assert_eq!(i.date_sec, 1_700_000_000);
+        assert_eq!(i.date_nsec, 123_456_789);
+        assert_eq!(i.vm_clock_nsec, 0x1122_3344_5566_7788);
+        // The 64-bit size in the extra data wins over the 32-bit field.
+        assert_eq!(i.vm_state_size, 0x1_0000_0000);
+        assert_eq!(i.icount, Some(123_456));
+    }
+
+    #[test]
+    fn extra_data_fields_count_only_when_whole() {
+        let full = extra(0x2_0000_0000, 1 << 30, 99);
+        // (extra bytes, vm_state_size, icount)
+        let cases: [(usize, u64, Option<u64>); 6] = [
+            (0, 7, None),
+            (7, 7, None),
+            (8, 0x2_0000_0000, None),
+            (16, 0x2_0000_0000, None),
+            (23, 0x2_0000_0000, None),
+            (24, 0x2_0000_0000, Some(99)),
+        ];
+        for (n, vm_state, icount) in cases {
+            let mut e = Entry::new();
+            e.vm_state_size = 7;
+            e.extra = full[..n].to_vec();
+            let v = read(&e.bytes(), 1, 0).unwrap();
+            assert_eq!(v[0].info.vm_state_size, vm_state, "{n} extra bytes");
+            assert_eq!(v[0].info.icount, icount, "{n} extra bytes");
+            assert_eq!(v[0].info.name, "snap", "{n} extra bytes");
+        }
+    }
+
+    #[test]
+    fn all_ones_icount_means_none_recorded() {
+        let mut e = Entry::new();
+        e.extra = extra(0, 0, u64::MAX);
+        assert_eq!(read(&e.bytes(), 1, 0).unwrap()[0].info.icount, None);
+    }
+
+    #[test]
+    fn largest_extra_data_is_accepted_and_skipped() {
+        let mut e = Entry::new();
+        e.extra = extra(5, 6, 7);
+        e.extra.resize(MAX_EXTRA as usize, 0xee);
+        let v = read(&e.bytes(), 1, 0).unwrap();
+        assert_eq!(v[0].info.vm_state_size, 5);
+        assert_eq!(v[0].info.id, "1");
+        assert_eq!(v[0].info.name, "snap");
+    }
+
+    #[test]
+    fn entries_follow_each_other_8_byte_aligned() {
+        let names: [&[u8]; 3] = [b"a", b"second one", b"third-snapshot-name"];
+        let ids: Vec<Vec<u8>> = (1..=3).map(|k: u32| k.to_string().into_bytes()).collect();
+        let mut table = Vec::new();
+        for (k, name) in names.iter().enumerate() {
+            let mut e = Entry::new();
+            e.id = &ids[k];
+            e.name = name;
+            e.extra = extra(k as u64, 0, u64::MAX)[..8 * (k + 1)].to_vec();
+            table.extend_from_slice(&e.bytes());
+        }
+        let v = read(&table, 3, 0).unwrap();
+        for (k, s) in v.iter().enumerate() {
+            assert_eq!(s.info.id, format!("{}", k + 1));
+            assert_eq!(s.info.name.as_bytes(), names[k]);
+            assert_eq!(s.info.vm_state_size, k as u64);
+        }
+        let st = file(&table, 0);
+        assert_eq!(
+            table_len(&st, &header(3, TABLE)).unwrap(),
+            table.len() as u64
+        );
+        assert_eq!(table_len(&st, &header(0, TABLE)).unwrap(), 0);
+    }
+
+    #[test]
+    fn id_and_name_are_cut_like_qemu() {
+        let long_id = vec![b'i'; 200];
+        let long_name = vec![b'n'; 300];
+        let mut e = Entry::new();
+        e.id = &long_id;
+        e.name = &long_name;
+        let s = &read(&e.bytes(), 1, 0).unwrap()[0];
+        assert_eq!(s.info.id, "i".repeat(MAX_ID_LEN));
+        assert_eq!(s.info.name, "n".repeat(MAX_NAME_LEN));
+
+        let mut e = Entry::new();
+        e.id = b"7\0junk";
+        e.name = b"\xffname\0rest";
+        let s = &read(&e.bytes(), 1, 0).unwrap()[0];
+        assert_eq!(s.info.id, "7");
+        assert_eq!(s.info.name, "\u{fffd}name");
+
+        let mut e = Entry::new();
+        e.id = b"";
+        e.name = b"";
+        let s = &read(&e.bytes(), 1, 0).unwrap()[0];
+        assert_eq!((s.info.id.as_str(), s.info.name.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn empty_l1_table_may_sit_at_offset_0() {
+        let mut e = Entry::new();
+        e.l1_offset = 0;
+        e.l1_size = 0;
+        assert_eq!(read(&e.bytes(), 1, 0).unwrap()[0].l1_size, 0);
+    }
+
+    #[test]
+    fn no_snapshots_reads_nothing() {
+        // Even with a nonsensical offset: it is never looked at.
+        let st = MemStorage::new();
+        let g = Geom::new(9, 4, 3, false);
+        assert!(read_table(&st, &header(0, 3), &g, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rejects_too_many_snapshots() {
+        let st = MemStorage::new();
+        let g = Geom::new(9, 4, 3, false);
+        let h = header(MAX_SNAPSHOTS + 1, TABLE);
+        assert!(read_table(&st, &h, &g, 1 << 40).is_err());
+        let h = header(u32::MAX, TABLE);
+        assert!(read_table(&st, &h, &g, 1 << 40).is_err());
+    }
+
+    #[test]
+    fn rejects_a_misplaced_table() {
+        let e = Entry::new().bytes();
+        let st = file(&e, 0);
+        let len = st.len().unwrap();
+        let g = Geom::new(9, 4, 3, false);
+        for (off, what) in [
+            (TABLE + 8, "unaligned table"),
+            (0, "table over the header"),
+            (len, "table at the end of the file"),
+            (len.div_ceil(CS) * CS + CS, "table past the end of the file"),
+            (!(CS - 1), "table at the largest offset"),
+        ] {
+            assert!(read_table(&st, &header(1, off), &g, len).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn rejects_truncated_entries() {
+        let e = Entry::new().bytes();
+        // The file ends inside the fixed part of the entry.
+        rejected(&e[..39], 1, "truncated fixed part");
+        // ... or inside its ID and name.
+        rejected(&e[..44], 1, "truncated name");
+        // The second entry is announced but the file ends inside it.
+        let mut two = e.clone();
+        two.extend_from_slice(&e[..20]);
+        rejected(&two, 2, "second entry truncated");
+        rejected(&e, 2, "second entry missing");
+        assert_eq!(read(&e, 1, 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rejects_id_and_name_past_the_end() {
+        for (at, what) in [(12, "id length"), (14, "name length")] {
+            let mut b = Entry::new().bytes();
+            b[at..at + 2].copy_from_slice(&u16::MAX.to_be_bytes());
+            rejected(&b, 1, what);
+        }
+    }
+
+    #[test]
+    fn rejects_too_much_extra_data() {
+        for n in [MAX_EXTRA + 1, 1 << 20, u32::MAX] {
+            let mut b = Entry::new().bytes();
+            b[36..40].copy_from_slice(&n.to_be_bytes());
+            b.resize(b.len() + 2048, 0);
+            rejected(&b, 1, &format!("{n} bytes of extra data"));
+        }
+    }
+
+    #[test]
+    fn rejects_a_bad_snapshot_l1_table() {
+        let cases: [(u64, u32, &str); 6] = [
+            (L1 + 8, 2, "unaligned L1 offset"),
+            (L1 + 1, 2, "odd L1 offset"),
+            (0, 2, "L1 table over the header"),
+            (64 * CS, 2, "L1 table past the end of the file"),
+            (L1, (MAX_L1_BYTES / 8) as u32 + 1, "L1 table above 32 MiB"),
+            (!(CS - 1), 1, "L1 offset overflows"),
+        ];
+        for (l1_offset, l1_size, what) in cases {
+            let mut e = Entry::new();
+            e.l1_offset = l1_offset;
+            e.l1_size = l1_size;
+            rejected(&e.bytes(), 1, what);
+        }
+    }
+
+    #[test]
+    fn rejects_a_table_above_64_mib() {
+        // Each entry carries the longest ID and name (about 128 KiB), so the entry
+        // after the 64 MiB mark is refused even though the file holds it.
+        let long = vec![b'x'; u16::MAX as usize];
+        let mut e = Entry::new();
+        e.id = &long;
+        e.name = &long;
+        let one = e.bytes();
+        let n = (MAX_SNAPSHOT_TABLE / one.len() as u64 + 2) as u32;
+        let mut table = Vec::with_capacity(one.len() * n as usize);
+        for _ in 0..n {
+            table.extend_from_slice(&one);
+        }
+        rejected(&table, n, "table above 64 MiB");
+        let fits = (MAX_SNAPSHOT_TABLE / one.len() as u64) as u32;
+        assert_eq!(read(&table, fits, 0).unwrap().len(), fits as usize);
+    }
+
+    #[test]
+    fn damaged_entries_never_panic() {
+        let mut e = Entry::new();
+        e.extra = extra(1, 2, 3);
+        let mut two = e.bytes();
+        two.extend_from_slice(&Entry::new().bytes());
+        for i in 0..two.len() {
+            for x in [0x00, 0x01, 0x80, 0xff] {
+                let mut d = two.clone();
+                d[i] = x;
+                let _ = read(&d, 2, 0);
+                let st = file(&d, 0);
+                let _ = table_len(&st, &header(2, TABLE));
+            }
+        }
+    }
 }

@@ -26,7 +26,7 @@ impl Meta {
     pub(crate) fn barrier(&mut self) -> Result<()> {
         self.write_rc_blocks()?;
         if self.unflushed {
-            self.st.flush()?;
+            self.flush_storages()?;
             self.unflushed = false;
         }
         Ok(())
@@ -95,24 +95,6 @@ impl Meta {
         Ok(entry(
             &self.l2.slot(s).data,
             self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize),
-        ))
-    }
-
-    /// The subcluster bitmap of guest cluster `gc` (extended L2 only; 0 otherwise or
-    /// when its L2 table is unallocated).
-    pub(crate) fn l2_bitmap(&mut self, gc: u64) -> Result<u64> {
-        if !self.g.ext_l2 {
-            return Ok(0);
-        }
-        let l1i = (gc >> self.g.l2_bits) as usize;
-        let off = self.l1_offset(l1i)?;
-        if off == 0 {
-            return Ok(0);
-        }
-        let s = self.l2_slot(off, l1i)?;
-        Ok(entry(
-            &self.l2.slot(s).data,
-            self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize) + 1,
         ))
     }
 

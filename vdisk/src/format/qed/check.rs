@@ -17,8 +17,8 @@ use super::header::{cluster_offset_valid, table_offset_valid, Header};
 use super::need_check;
 use super::table::{self, UNALLOCATED, ZERO_CLUSTER};
 use super::Inner;
-use crate::error::{Error, Result};
-use crate::format::{CheckReport, Repair};
+use crate::error::{Result, Structure, Unsupported};
+use crate::format::{CheckReport, Finding, FindingKind as K, Repair, MAX_QED_FINDINGS};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -105,6 +105,11 @@ impl Used {
     }
 }
 
+/// Records a finding within the QED cap (QEMU only counts these problems).
+fn note(r: &mut CheckReport, f: Finding) {
+    r.push_capped(f, MAX_QED_FINDINGS);
+}
+
 struct Walk {
     report: CheckReport,
     used: Used,
@@ -121,10 +126,12 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
     let file_size = inner.file_size();
     let nclusters = file_size / cs;
     if nclusters > MAX_CHECK_CLUSTERS {
-        return Err(Error::unsupported(format!(
-            "QED check: the file has {nclusters} clusters of {cs} bytes; at most \
-             {MAX_CHECK_CLUSTERS} can be checked"
-        )));
+        return Err(Unsupported::QedTooLargeToCheck {
+            clusters: nclusters,
+            cluster_size: cs,
+            max: MAX_CHECK_CLUSTERS,
+        }
+        .into());
     }
     let mut used = Used::new(nclusters);
     let mut r = CheckReport {
@@ -135,12 +142,22 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
     let mut allocated = 0u64;
     let mut fragmented = 0u64;
     used.mark(0, h.header_size as u64);
-    r.corruptions += used.mark(h.l1_table_offset / cs, inner.table_clusters);
+    let dup = used.mark(h.l1_table_offset / cs, inner.table_clusters);
+    if dup > 0 {
+        note(
+            &mut r,
+            Finding::new(K::ReferencedTwice, Structure::QedL1Table)
+                .at(h.l1_table_offset)
+                .counts(None, Some(dup)),
+        );
+    }
+    r.corruptions += dup;
     let pe = inner.page_entries;
     let storage = &*inner.storage;
     // Writes back a repaired page; a failed write is counted, not fatal.
     let write_back = |fix: &mut Option<BeforeFix<'_>>,
                       r: &mut CheckReport,
+                      what: Structure,
                       at: u64,
                       page: &[u64]|
      -> Result<()> {
@@ -149,6 +166,7 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
         }
         if let Err(e) = storage.write_at(&table::encode(page), at) {
             tracing::warn!("QED repair: writing table entries at {at:#x}: {e}");
+            note(r, Finding::new(K::WriteBackFailed, what).at(at));
             r.check_errors += 1;
         }
         Ok(())
@@ -165,6 +183,12 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("QED check: reading the L1 table at {l1_at:#x}: {e}");
+                note(
+                    &mut r,
+                    Finding::new(K::Unreadable, Structure::QedL1Table)
+                        .entry(l1i)
+                        .at(l1_at),
+                );
                 r.check_errors += 1;
                 l1i += pe;
                 continue;
@@ -173,10 +197,19 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
         let mut l1_dirty = false;
         for (k, slot) in l1_page.iter_mut().enumerate() {
             let off = *slot;
+            let l1e = l1i + k as u64;
             if off == UNALLOCATED {
                 continue;
             }
             if !table_offset_valid(h, off, file_size) {
+                note(
+                    &mut r,
+                    Finding::new(K::InvalidOffset, Structure::QedL1Table)
+                        .entry(l1e)
+                        .value(off)
+                        .at(l1_at + k as u64 * 8)
+                        .repairing(fix.is_some()),
+                );
                 if fix.is_some() {
                     *slot = 0;
                     l1_dirty = true;
@@ -189,6 +222,13 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
             let dup = used.mark(off / cs, inner.table_clusters);
             if dup > 0 {
                 // The table shares clusters with another structure: skip it.
+                note(
+                    &mut r,
+                    Finding::new(K::ReferencedTwice, Structure::QedL2Table)
+                        .entry(l1e)
+                        .at(off)
+                        .counts(None, Some(dup)),
+                );
                 r.corruptions += dup;
                 continue;
             }
@@ -201,30 +241,47 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
                     l2i += skip * pe;
                     continue;
                 }
+                let page_first = l2i;
                 l2i += pe;
                 let mut t = match table::read_entries(storage, at, pe) {
                     Ok(t) => t,
                     Err(e) => {
                         tracing::warn!(
-                            "QED check: reading L2 table at {off:#x} (L1 entry {}): {e}",
-                            l1i + k as u64
+                            "QED check: reading L2 table at {off:#x} (L1 entry {l1e}): {e}"
+                        );
+                        note(
+                            &mut r,
+                            Finding::new(K::Unreadable, Structure::QedL2Table)
+                                .entry(l1e)
+                                .at(at),
                         );
                         r.check_errors += 1;
                         continue;
                     }
                 };
                 let mut t_dirty = false;
-                for e in t.iter_mut() {
+                for (j, e) in t.iter_mut().enumerate() {
                     let v = *e;
                     if v == UNALLOCATED || v == ZERO_CLUSTER {
                         continue;
                     }
+                    let l2e = page_first + j as u64;
+                    let guest = (l1e * inner.nelems + l2e) * cs;
                     allocated += 1;
                     if last != 0 && v != last.wrapping_add(cs) {
                         fragmented += 1;
                     }
                     last = v;
                     if !cluster_offset_valid(h, v, file_size) {
+                        note(
+                            &mut r,
+                            Finding::new(K::InvalidOffset, Structure::QedL2Table)
+                                .entry(l2e)
+                                .value(v)
+                                .at(at + j as u64 * 8)
+                                .guest(guest)
+                                .repairing(fix.is_some()),
+                        );
                         if fix.is_some() {
                             *e = 0;
                             t_dirty = true;
@@ -234,15 +291,26 @@ fn walk(inner: &Inner, h: &Header, mut fix: Option<BeforeFix<'_>>) -> Result<Wal
                         }
                         continue;
                     }
-                    r.corruptions += used.mark(v / cs, 1);
+                    let dup = used.mark(v / cs, 1);
+                    if dup > 0 {
+                        note(
+                            &mut r,
+                            Finding::new(K::ReferencedTwice, Structure::DataCluster)
+                                .entry(l2e)
+                                .at(v)
+                                .guest(guest)
+                                .counts(None, Some(dup)),
+                        );
+                    }
+                    r.corruptions += dup;
                 }
                 if t_dirty {
-                    write_back(&mut fix, &mut r, at, &t)?;
+                    write_back(&mut fix, &mut r, Structure::QedL2Table, at, &t)?;
                 }
             }
         }
         if l1_dirty {
-            write_back(&mut fix, &mut r, l1_at, &l1_page)?;
+            write_back(&mut fix, &mut r, Structure::QedL1Table, l1_at, &l1_page)?;
         }
         l1i += pe;
     }
@@ -380,7 +448,7 @@ fn plan_round(
         let Some(hi) = top.checked_sub(1) else {
             break;
         };
-        while lo < hi && !(is_free(owners[lo]) && !vacated[lo]) {
+        while lo < hi && (!is_free(owners[lo]) || vacated[lo]) {
             lo += 1;
         }
         if lo >= hi {
@@ -446,8 +514,8 @@ fn plan_round(
                 // down into the lowest hole.
                 data_ptr = data_ptr.min(s);
                 while data_ptr > lo + 1
-                    && !(matches!(owners[data_ptr - 1], Owner::Data { .. })
-                        && !vacated[data_ptr - 1])
+                    && (!matches!(owners[data_ptr - 1], Owner::Data { .. })
+                        || vacated[data_ptr - 1])
                 {
                     data_ptr -= 1;
                 }

@@ -2,68 +2,63 @@
 //! (backing name right after the fixed fields), then the L1 table; nothing else.
 
 use super::header::{self, Header, F_BACKING_FORMAT_NO_PROBE};
-use crate::error::{Error, Result};
-use crate::format::{parse_size, CreateSpec, Format};
+use crate::error::{Invalid, Result};
+use crate::format::registry::CreateArgs;
+use crate::format::{CreateSpec, Format};
 use crate::storage::Storage;
 use std::sync::Arc;
 
-/// Creates a QED image on `storage` (options: `size`, `cluster_size`, `table_size`,
-/// `backing_file`, `backing_fmt`; `preallocation=off`, `extent_size_hint` and `nocow`
-/// are accepted for qemu-img compatibility).
+/// Creates a QED image on `storage` from untyped `-o` pairs (checked against
+/// [`super::options::CREATE_OPTIONS`] and the file protocol's).
 pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
-    let mut size = spec.size;
-    let mut cluster_size = header::DEFAULT_CLUSTER_SIZE as u64;
-    let mut table_size = header::DEFAULT_TABLE_SIZE as u64;
-    let mut backing_file = spec.backing.as_ref().map(|b| b.name.clone());
-    let mut backing_fmt = spec.backing.as_ref().and_then(|b| b.format);
-    for (k, v) in &spec.options {
-        match k.as_str() {
-            "size" => size = parse_size(v)?,
-            "cluster_size" => cluster_size = parse_size(v)?,
-            "table_size" => table_size = parse_size(v)?,
-            "backing_file" => backing_file = Some(v.clone()),
-            "backing_fmt" => backing_fmt = Some(Format::parse(v)?),
-            "preallocation" => match v.as_str() {
-                // QEMU accepts every mode for QED and preallocates nothing.
-                "off" | "falloc" | "full" => {}
-                other => {
-                    return Err(Error::invalid(format!(
-                        "Parameter 'preallocation' does not accept value '{other}'"
-                    )))
-                }
-            },
-            "extent_size_hint" => {
-                parse_size(v)?;
-            }
-            "nocow" => {
-                crate::format::parse_bool(k, v)?;
-            }
-            _ => return Err(Error::invalid(format!("Invalid parameter '{k}'"))),
-        }
+    crate::format::create(Format::Qed, storage, spec)
+}
+
+/// Creates a QED image on `storage` from typed options (`size`, `cluster_size`,
+/// `table_size`, `backing_file`, `backing_fmt`; the protocol's `preallocation`,
+/// `extent_size_hint` and `nocow` are checked and, as in QEMU, have nothing to do on
+/// an empty file).
+pub fn create_typed(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
+    let o = &args.options;
+    let size = o.size("size").unwrap_or(args.size);
+    let cluster_size = o
+        .size("cluster_size")
+        .unwrap_or(header::DEFAULT_CLUSTER_SIZE as u64);
+    let table_size = o
+        .size("table_size")
+        .unwrap_or(header::DEFAULT_TABLE_SIZE as u64);
+    let mut backing_file = args.backing.as_ref().map(|b| b.name.clone());
+    let mut backing_fmt = args.backing.as_ref().and_then(|b| b.format);
+    if let Some(v) = o.str("backing_file") {
+        backing_file = Some(v.to_string());
     }
+    if let Some(v) = o.str("backing_fmt") {
+        backing_fmt = Some(Format::parse(v)?);
+    }
+    o.get_enum("preallocation")?;
     if !header::cluster_size_valid(cluster_size) {
-        return Err(Error::invalid(format!(
-            "QED cluster size must be within range [{}, {}] and power of 2",
-            header::MIN_CLUSTER_SIZE,
-            header::MAX_CLUSTER_SIZE
-        )));
+        return Err(Invalid::QedClusterSize {
+            min: header::MIN_CLUSTER_SIZE as u64,
+            max: header::MAX_CLUSTER_SIZE as u64,
+        }
+        .into());
     }
     if !header::table_size_valid(table_size) {
-        return Err(Error::invalid(format!(
-            "QED table size must be within range [{}, {}] and power of 2",
-            header::MIN_TABLE_SIZE,
-            header::MAX_TABLE_SIZE
-        )));
+        return Err(Invalid::QedTableSize {
+            min: header::MIN_TABLE_SIZE as u64,
+            max: header::MAX_TABLE_SIZE as u64,
+        }
+        .into());
     }
     // qemu-img rounds the size up to whole sectors.
     let size = size
         .checked_next_multiple_of(header::SECTOR)
-        .ok_or_else(|| Error::invalid(format!("Invalid size {size}")))?;
+        .ok_or(Invalid::Size(size))?;
     if !header::image_size_valid(size, cluster_size, table_size) {
-        return Err(Error::invalid(format!(
-            "QED image size must be a non-zero multiple of cluster size and less than {} bytes",
-            header::max_image_size(cluster_size, table_size)
-        )));
+        return Err(Invalid::QedImageSize {
+            max: header::max_image_size(cluster_size, table_size),
+        }
+        .into());
     }
     let mut h = Header {
         cluster_size: cluster_size as u32,

@@ -1,11 +1,17 @@
 //! QED (QEMU Enhanced Disk).
 //!
-//! Layout and rules: `shared/reference/qed.md`. Files by concern:
+//! Layout and rules: the QED specification published with QEMU.
+//! Files by concern:
 //! - [`header`]: the header, parsed, validated and serialised in one place;
 //! - [`table`]: L1/L2 table encoding and the bounded page cache;
 //! - `paging`: entry lookups and updates through that cache (no table is ever loaded
 //!   whole: a hostile geometry of 1 GiB tables costs a few pages of memory);
-//! - `io`: reads, allocating and in-place writes, zeroes, discard, block status;
+//! - `map`: what the tables say about a guest range, as the mapping contract's typed
+//!   runs ([`crate::format::mapping`]), and block status derived from them;
+//! - `io`: reads and `write`: writes, both through the generic data path
+//!   ([`crate::format::datapath`]); `write` is QED's [`crate::format::mapping::Mapper`]
+//!   (in-place targets, allocations with their COW regions, commit = L2/L1 update);
+//! - `zero`: zero writes and discard;
 //! - `need_check`: the NEED_CHECK (dirty) lifecycle and the idle timer that clears it;
 //! - `check`: consistency check and repair;
 //! - `create`: new images; `resize`: size and backing file changes.
@@ -18,13 +24,18 @@
 
 mod check;
 mod create;
+pub mod descriptor;
 mod flush;
 pub mod header;
 mod io;
+mod map;
 mod need_check;
+pub mod options;
 mod paging;
 mod resize;
 pub mod table;
+mod write;
+mod zero;
 
 pub use create::create;
 
@@ -37,6 +48,7 @@ use crate::storage::Storage;
 use header::Header;
 use need_check::DirtyState;
 use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -65,7 +77,10 @@ pub struct Qed {
 /// State shared by requests (and the idle timer, which holds a weak reference).
 #[derive(Debug)]
 pub(crate) struct Inner {
+    /// Metadata: header, L1 and L2 tables.
     storage: Arc<dyn Storage>,
+    /// Guest data clusters (the same storage: QED has no external data file).
+    data: Arc<dyn Storage>,
     backing: Option<Arc<dyn Driver>>,
     read_only: bool,
     cluster_size: u64,
@@ -96,7 +111,7 @@ pub(crate) struct Inner {
     /// written over one of them, whatever a (double-referencing) L2 entry says.
     known_tables: Mutex<std::collections::BTreeSet<u64>>,
     /// Per-L2-table (by L1 index) metadata locks and in-flight allocation lists.
-    table_locks: Mutex<HashMap<u64, Arc<io::TableSync>>>,
+    table_locks: Mutex<HashMap<u64, Arc<write::TableSync>>>,
     /// Shared by requests, exclusive for check/resize/set_backing.
     quiesce: RwLock<()>,
     dirty: Mutex<DirtyState>,
@@ -166,13 +181,27 @@ impl Inner {
     }
 
     /// The metadata lock of the L2 table at L1 index `l1i`.
-    fn table_lock(&self, l1i: u64) -> Arc<io::TableSync> {
+    fn table_lock(&self, l1i: u64) -> Arc<write::TableSync> {
         let mut m = self.table_locks.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() > 4096 {
-            // Forget locks nobody holds so the map stays bounded.
-            m.retain(|_, l| Arc::strong_count(l) > 1);
+            // Forget locks nobody holds so the map stays bounded; a table with an
+            // allocation in flight keeps its lock (the allocation holds no reference to
+            // it between prepare_write and commit, and its in-flight list is what
+            // orders the next allocation of those clusters).
+            m.retain(|_, l| Arc::strong_count(l) > 1 || l.busy());
         }
         m.entry(l1i).or_default().clone()
+    }
+
+    /// Makes every completed write durable: guest data first, then metadata, so no
+    /// durable mapping points at data that is not (a no-op difference while both are
+    /// the same storage).
+    fn flush_all(&self) -> Result<()> {
+        if !Arc::ptr_eq(&self.data, &self.storage) {
+            self.data.flush()?;
+        }
+        self.storage.flush()?;
+        Ok(())
     }
 
     /// Writes the fixed header fields (one sector, atomic on disk).
@@ -229,6 +258,7 @@ impl Qed {
         let l1_pages = (L1_CACHE_BYTES / page_bytes).max(1);
         let read_only = opts.read_only;
         let inner = Arc::new(Inner {
+            data: storage.clone(),
             storage,
             backing: backing_drv,
             read_only,
@@ -311,25 +341,31 @@ impl Driver for Qed {
         &self.inner.storage
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        io::read_at(&self.inner, buf, offset)
+        io::read_vectored(&self.inner, &mut [IoSliceMut::new(buf)], offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        io::write_at(&self.inner, buf, offset)
+        write::write_vectored(&self.inner, &[IoSlice::new(buf)], offset)
+    }
+    fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        io::read_vectored(&self.inner, bufs, offset)
+    }
+    fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        write::write_vectored(&self.inner, bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        io::write_zeroes(&self.inner, offset, len, flags)
+        zero::write_zeroes(&self.inner, offset, len, flags)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        io::discard(&self.inner, offset, len)
+        zero::discard(&self.inner, offset, len)
     }
     fn flush(&self) -> Result<()> {
         if self.inner.read_only {
             return Ok(());
         }
-        Ok(self.inner.storage.flush()?)
+        self.inner.flush_all()
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        io::block_status(&self.inner, offset, len)
+        map::block_status(&self.inner, offset, len)
     }
     fn backing_spec(&self) -> Option<BackingSpec> {
         self.inner.dirty_lock().backing.clone()
@@ -357,7 +393,7 @@ impl Driver for Qed {
             need_check::stop_timer(&self.inner);
             return Ok(());
         }
-        self.inner.storage.flush()?;
+        self.inner.flush_all()?;
         need_check::mark_clean(&self.inner)?;
         need_check::stop_timer(&self.inner);
         Ok(())

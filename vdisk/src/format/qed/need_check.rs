@@ -2,7 +2,8 @@
 //!
 //! - Before the first metadata-changing write of a session, NEED_CHECK is written and
 //!   flushed, so a crash at any later point forces a check on the next read-write open.
-//! - Every such write holds an [`AllocGuard`] while in flight.
+//! - Every such write holds an [`AllocGuard`] while in flight (an allocation of the
+//!   generic data path detaches it when prepared and ends it in `commit`/`abort`).
 //! - NEED_CHECK is cleared (after a flush) on close, on drop, and by an idle timer: a
 //!   thread started when the image turns dirty, which clears the bit once no guarded
 //!   write has been in flight for the clean delay, then exits. Close and drop stop it.
@@ -58,12 +59,27 @@ pub(crate) struct AllocGuard<'a> {
     inner: &'a Inner,
 }
 
+impl AllocGuard<'_> {
+    /// Keeps the request counted in flight past this guard, for a request whose end is
+    /// a later call (an allocation ends in `commit` or `abort`): that call must run
+    /// [`end`] exactly once.
+    pub(crate) fn detach(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for AllocGuard<'_> {
     fn drop(&mut self) {
-        let mut d = self.inner.dirty_lock();
-        d.inflight = d.inflight.saturating_sub(1);
-        d.last_alloc = Instant::now();
+        end(self.inner);
     }
+}
+
+/// Ends a metadata-changing request started by [`begin`] (directly, for a detached
+/// guard).
+pub(crate) fn end(inner: &Inner) {
+    let mut d = inner.dirty_lock();
+    d.inflight = d.inflight.saturating_sub(1);
+    d.last_alloc = Instant::now();
 }
 
 /// Starts a metadata-changing request: makes NEED_CHECK durable first if needed.
@@ -138,7 +154,8 @@ fn clean_locked(inner: &Inner, d: &mut DirtyState) -> Result<()> {
     if !d.header.need_check() || !d.verified || d.inflight > 0 || inner.read_only {
         return Ok(());
     }
-    inner.storage.flush()?;
+    // Everything (guest data included) durable before the image is declared clean.
+    inner.flush_all()?;
     let mut h = d.header.clone();
     h.features &= !F_NEED_CHECK;
     inner.write_header(&h)?;

@@ -84,18 +84,19 @@ impl Inner {
 
     /// The validated offset of the L2 table at L1 index `l1i`, if allocated.
     pub(crate) fn l2_table(&self, l1i: u64) -> Result<Option<u64>> {
-        let off = self.l1_entry(l1i)?;
-        if off == 0 {
-            return Ok(None);
+        let value = self.l1_entry(l1i)?;
+        let off = table::decode_l1(value, &self.geo, self.file_size()).map_err(
+            |table::InvalidOffset(off)| {
+                Error::corrupt(format!(
+                    "QED: L1 entry {l1i} points to an invalid L2 table offset {off:#x} \
+                     (misaligned, inside the header or the L1 table, or past the end of the file)"
+                ))
+            },
+        )?;
+        if let Some(off) = off {
+            self.note_table(off);
         }
-        if !table_offset_valid(&self.geo, off, self.file_size()) {
-            return Err(Error::corrupt(format!(
-                "QED: L1 entry {l1i} points to an invalid L2 table offset {off:#x} \
-                 (misaligned, inside the header or the L1 table, or past the end of the file)"
-            )));
-        }
-        self.note_table(off);
-        Ok(Some(off))
+        Ok(off)
     }
 
     /// Remembers where the L2 tables are, so the double-reference guard also covers

@@ -4,7 +4,7 @@ use super::header::{self, cluster_offset_valid, table_offset_valid, F_BACKING_FO
 use super::need_check;
 use super::table::{self, UNALLOCATED, ZERO_CLUSTER};
 use super::Inner;
-use crate::error::{Error, Result};
+use crate::error::{Invalid, Result};
 use crate::format::{BackingSpec, Format};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,11 +26,11 @@ pub(crate) fn resize(inner: &Arc<Inner>, new_size: u64, shrink: bool) -> Result<
     let h = inner.header();
     let cs = inner.cluster_size;
     if !header::image_size_valid(new_size, cs, h.table_size as u64) {
-        return Err(Error::invalid(format!(
-            "Invalid image size specified: {new_size} (must be a multiple of 512 and at most {} \
-             bytes for this cluster and table size)",
-            header::max_image_size(cs, h.table_size as u64)
-        )));
+        return Err(Invalid::ResizeSize {
+            size: new_size,
+            max: header::max_image_size(cs, h.table_size as u64),
+        }
+        .into());
     }
     let _q = inner.quiesce_exclusive();
     let cur = inner.image_size();
@@ -41,9 +41,7 @@ pub(crate) fn resize(inner: &Arc<Inner>, new_size: u64, shrink: bool) -> Result<
         return write_size(inner, new_size);
     }
     if !shrink {
-        return Err(Error::invalid(
-            "Use the --shrink option to perform a shrink operation.",
-        ));
+        return Err(Invalid::ShrinkNeedsFlag.into());
     }
     let _g = need_check::begin(inner)?;
     // The guest loses access first; a crash after this leaves at worst leaks, which the

@@ -1,0 +1,613 @@
+//! Corruptions: which [`Structure`], which entry, which offset, and the [`Problem`];
+//! `Display` gives the wording the CLI prints.
+
+use std::fmt;
+
+/// A metadata structure of an image (named by corruption errors and check findings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Structure {
+    /// The qcow2 header (cluster 0).
+    Qcow2Header,
+    /// A qcow2 header extension (`entry` holds its type code).
+    HeaderExtension,
+    /// The qcow2 backing file name in the header cluster.
+    BackingFileName,
+    /// The active qcow2 L1 table.
+    L1Table,
+    /// A qcow2 L2 table.
+    L2Table,
+    /// The qcow2 refcount table.
+    RefcountTable,
+    /// A qcow2 refcount block (`entry` is its refcount table index).
+    RefcountBlock,
+    /// The qcow2 snapshot table (`entry` is the snapshot index).
+    SnapshotTable,
+    /// A snapshot's L1 table (`entry` is the snapshot index).
+    SnapshotL1Table,
+    /// The qcow2 bitmaps header extension.
+    BitmapExtension,
+    /// The qcow2 bitmap directory (`entry` is the bitmap index).
+    BitmapDirectory,
+    /// A qcow2 bitmap table (`entry` is the bitmap index).
+    BitmapTable,
+    /// A guest data cluster.
+    DataCluster,
+    /// A compressed guest cluster.
+    CompressedCluster,
+    /// The QED header.
+    QedHeader,
+    /// The QED backing file name in the header.
+    QedBackingFileName,
+    /// The QED L1 table.
+    QedL1Table,
+    /// A QED L2 table (`entry` is its L1 index).
+    QedL2Table,
+    /// A host cluster, whoever references it (refcount findings).
+    HostCluster,
+    /// The image as a whole (its file, its flags) or an unnamed structure.
+    Image,
+}
+
+impl Structure {
+    /// The structure's name as it starts a sentence (`L1 table`, `Reference count table`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Structure::Qcow2Header => "qcow2 header",
+            Structure::HeaderExtension => "qcow2 header extension",
+            Structure::BackingFileName => "Backing file name",
+            Structure::L1Table => "L1 table",
+            Structure::L2Table => "L2 table",
+            Structure::RefcountTable => "Reference count table",
+            Structure::RefcountBlock => "refcount block",
+            Structure::SnapshotTable => "Snapshot table",
+            Structure::SnapshotL1Table => "Snapshot L1 table",
+            Structure::BitmapExtension => "bitmaps extension",
+            Structure::BitmapDirectory => "bitmap directory",
+            Structure::BitmapTable => "bitmap table",
+            Structure::DataCluster => "data cluster",
+            Structure::CompressedCluster => "compressed cluster",
+            Structure::QedHeader => "QED header",
+            Structure::QedBackingFileName => "QED backing file name",
+            Structure::QedL1Table => "QED L1 table",
+            Structure::QedL2Table => "QED L2 table",
+            Structure::HostCluster => "cluster",
+            Structure::Image => "image",
+        }
+    }
+}
+
+/// A header or table field a corruption is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Field {
+    /// qcow2 `cluster_bits`.
+    ClusterBits,
+    /// QED `cluster_size`.
+    ClusterSize,
+    /// QED `table_size` (clusters per table).
+    TableSize,
+    /// qcow2 `header_length`.
+    HeaderLength,
+    /// QED `header_size` (clusters).
+    HeaderSize,
+    /// qcow2 `refcount_order`.
+    RefcountOrder,
+    /// qcow2 `compression_type`.
+    CompressionType,
+    /// The virtual disk size.
+    ImageSize,
+    /// Number of entries of a table.
+    Entries,
+    /// Number of clusters of a table.
+    Clusters,
+    /// Number of snapshots.
+    Count,
+    /// Length in bytes (of a name, a table, a snapshot's extra data).
+    Length,
+}
+
+/// What is wrong with a [`Structure`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// The magic number is not the format's.
+    BadMagic,
+    /// The structure is cut short: the file has `have` bytes (when known), `need` needed.
+    Truncated {
+        /// Bytes present.
+        have: Option<u64>,
+        /// Bytes needed.
+        need: u64,
+    },
+    /// The offset is not cluster aligned.
+    Unaligned,
+    /// The structure overlaps the image header.
+    OverlapsHeader,
+    /// The structure (of `bytes` bytes) extends past `end` (the end of the file, of the
+    /// header cluster, ...).
+    PastEnd {
+        /// Size of the structure (bytes; clusters for QED's `header_size`).
+        bytes: u64,
+        /// The limit it crosses.
+        end: u64,
+    },
+    /// A field exceeds its limit.
+    TooLarge {
+        /// The field.
+        field: Field,
+        /// Its value.
+        value: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A field is below its minimum.
+    TooSmall {
+        /// The field.
+        field: Field,
+        /// Its value.
+        value: u64,
+        /// The minimum.
+        min: u64,
+    },
+    /// A field lies outside `[min, max]` (or violates a rule stated with those bounds).
+    OutOfRange {
+        /// The field.
+        field: Field,
+        /// Its value.
+        value: u64,
+        /// Lower bound.
+        min: u64,
+        /// Upper bound.
+        max: u64,
+    },
+    /// A field has a value the format forbids.
+    Invalid {
+        /// The field.
+        field: Field,
+        /// Its value.
+        value: u64,
+    },
+    /// The L1 table has fewer entries than the disk size needs.
+    L1TooSmall {
+        /// Entries present.
+        entries: u64,
+        /// The disk size.
+        disk_size: u64,
+        /// Entries needed.
+        need: u64,
+    },
+    /// The offset is unaligned or lies past the end of the file.
+    Misplaced,
+    /// The refcount block covering host cluster `cluster` is missing.
+    RefcountMissing {
+        /// The host cluster whose refcount was being updated.
+        cluster: u64,
+    },
+    /// A refcount decrement would drop below zero.
+    RefcountUnderflow {
+        /// The host cluster.
+        cluster: u64,
+        /// Its refcount.
+        refcount: u64,
+        /// The (negative) change asked for.
+        delta: i64,
+    },
+    /// A name is not valid UTF-8.
+    NotUtf8,
+    /// A name is empty or contains NUL.
+    EmptyOrNul,
+    /// The structure is absent.
+    Missing,
+    /// The image's corrupt bit is set; writes are refused.
+    MarkedCorrupt,
+    /// The image's corrupt bit is set and it was opened read/write.
+    CorruptOnOpen,
+    /// A dirty image whose tables are corrupt, so its refcounts cannot be rebuilt.
+    DirtyTablesCorrupt {
+        /// Corruptions the reference count found.
+        corruptions: u64,
+    },
+    /// Anything else, described in words (fallback).
+    Detail(String),
+}
+
+/// A metadata corruption: which structure, which entry, where, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Corruption {
+    /// The structure at fault.
+    pub structure: Structure,
+    /// Index of the entry (in its table), or the snapshot / bitmap / extension the
+    /// structure belongs to.
+    pub entry: Option<u64>,
+    /// Host offset of the structure.
+    pub offset: Option<u64>,
+    /// What is wrong.
+    pub problem: Problem,
+}
+
+impl Corruption {
+    /// A corruption of `structure`.
+    pub fn new(structure: Structure, problem: Problem) -> Self {
+        Corruption {
+            structure,
+            entry: None,
+            offset: None,
+            problem,
+        }
+    }
+    /// A corruption described only by a message (fallback).
+    pub fn other(msg: impl Into<String>) -> Self {
+        Corruption::new(Structure::Image, Problem::Detail(msg.into()))
+    }
+    /// With the entry index.
+    pub fn entry(mut self, entry: u64) -> Self {
+        self.entry = Some(entry);
+        self
+    }
+    /// With the host offset.
+    pub fn at(mut self, offset: u64) -> Self {
+        self.offset = Some(offset);
+        self
+    }
+    /// The structure's name including its entry where the wording has it
+    /// (`Snapshot 3 L1 table`).
+    fn name(&self) -> String {
+        match (self.structure, self.entry) {
+            (Structure::SnapshotL1Table, Some(i)) => format!("Snapshot {i} L1 table"),
+            (s, _) => s.name().to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Problem as P;
+        use Structure as S;
+        let off = self.offset.unwrap_or(0);
+        let entry = self.entry.unwrap_or(0);
+        match (self.structure, &self.problem) {
+            (_, P::Detail(m)) => write!(f, "{m}"),
+            // Table placement (qcow2's open validation).
+            (_, P::Unaligned) => write!(f, "{} offset {off:#x} is not cluster aligned", self.name()),
+            (_, P::OverlapsHeader) => {
+                write!(f, "{} at offset {off} overlaps the image header", self.name())
+            }
+            (S::RefcountBlock, P::Misplaced) => write!(
+                f,
+                "Refcount block offset {off:#x} is unaligned or past the end of the file; refcount table corrupted"
+            ),
+            (_, P::RefcountMissing { cluster }) => write!(
+                f,
+                "refcount block for cluster {cluster} is missing while updating its refcount"
+            ),
+            (_, P::RefcountUnderflow {
+                cluster,
+                refcount,
+                delta,
+            }) => write!(
+                f,
+                "refcount of cluster {cluster} would drop below zero ({refcount} {delta})"
+            ),
+            (S::Qcow2Header, P::Truncated { have: Some(have), need }) => write!(
+                f,
+                "qcow2 header truncated: file has {have} bytes, the header needs {need}"
+            ),
+            (S::Qcow2Header, P::Truncated { have: None, need }) => {
+                write!(f, "qcow2 v3 header truncated (needs {need} bytes)")
+            }
+            (S::Image, P::Truncated { have, .. }) => write!(
+                f,
+                "qcow2 image truncated: {} bytes is shorter than the header",
+                have.unwrap_or(0)
+            ),
+            (S::Qcow2Header, P::BadMagic) => write!(f, "Image is not in qcow2 format (bad magic)"),
+            (S::Qcow2Header, P::Invalid { field: Field::ClusterBits, value }) => write!(
+                f,
+                "Unsupported cluster size: 2^{value} (cluster_bits must be 9..21)"
+            ),
+            (S::Qcow2Header, P::TooSmall { field: Field::ClusterBits, value, .. }) => write!(
+                f,
+                "extended L2 entries need clusters of at least 16 KiB (cluster_bits {value})"
+            ),
+            (S::Qcow2Header, P::TooSmall { field: Field::HeaderLength, value, min }) => {
+                write!(f, "qcow2 header_length {value} is too small (minimum {min})")
+            }
+            (S::Qcow2Header, P::TooLarge { field: Field::HeaderLength, value, .. }) => write!(
+                f,
+                "qcow2 header_length {value} exceeds the cluster size or the file"
+            ),
+            (S::Qcow2Header, P::TooLarge { field: Field::RefcountOrder, value, max }) => write!(
+                f,
+                "Reference count width must be 1..64 bits (refcount_order {value} > {max})"
+            ),
+            (S::Qcow2Header, P::Invalid { field: Field::RefcountOrder, .. }) => {
+                write!(f, "qcow2 v2 images need 16-bit refcounts")
+            }
+            (S::Qcow2Header, P::Invalid { field: Field::CompressionType, .. }) => write!(
+                f,
+                "qcow2 compression type is zstd but the compression type feature bit is clear"
+            ),
+            (S::Qcow2Header, P::TooLarge { field: Field::ImageSize, value, .. }) => {
+                write!(f, "qcow2 image size {value} is too large")
+            }
+            (S::BackingFileName, P::TooLarge { value, max, .. }) => write!(
+                f,
+                "Backing file name too long or empty ({value} bytes, max {max})"
+            ),
+            (S::BackingFileName, P::PastEnd { bytes, .. }) => write!(
+                f,
+                "Backing file name at offset {off} length {bytes} lies outside the header cluster"
+            ),
+            (S::HeaderExtension, P::PastEnd { bytes, .. }) => write!(
+                f,
+                "qcow2 header extension 0x{entry:08x} at offset {off} (length {bytes}) runs past the header cluster"
+            ),
+            (S::L1Table, P::TooLarge { value, max, .. }) => {
+                write!(f, "Active L1 table too large: {value} entries (max {max})")
+            }
+            (S::L1Table, P::L1TooSmall { entries, disk_size, need }) => write!(
+                f,
+                "L1 table is too small: {entries} entries for a {disk_size}-byte disk (needs {need})"
+            ),
+            (S::RefcountTable, P::TooLarge { value, max, .. }) => write!(
+                f,
+                "Reference count table too large: {value} clusters (max {max} bytes)"
+            ),
+            (S::RefcountTable, P::Missing) => {
+                write!(f, "Image does not contain a reference count table")
+            }
+            (S::SnapshotTable, P::TooLarge { field: Field::Count, value, max }) => {
+                write!(f, "Too many snapshots: {value} (max {max})")
+            }
+            (S::SnapshotTable, P::TooLarge { field: Field::Length, value, .. })
+                if self.entry.is_some() =>
+            {
+                write!(f, "snapshot {entry}: too much extra metadata ({value} bytes)")
+            }
+            (S::SnapshotTable, P::TooLarge { .. }) => write!(
+                f,
+                "snapshot table runs past the end of the file or exceeds 64 MiB"
+            ),
+            (S::SnapshotTable, P::PastEnd { .. }) if self.entry.is_some() && self.offset.is_some() => write!(
+                f,
+                "snapshot table entry {entry} at offset {off:#x} lies past the end of the file or the table size limit"
+            ),
+            (S::SnapshotTable, P::PastEnd { .. }) if self.entry.is_some() => {
+                write!(f, "snapshot table entry {entry} runs past the end of the file")
+            }
+            (S::SnapshotL1Table, P::TooLarge { value, .. }) => {
+                write!(f, "snapshot {entry}: L1 table too large ({value} entries)")
+            }
+            (S::QedHeader, P::OutOfRange { field, value, min, max }) => match field {
+                Field::ClusterSize | Field::TableSize => write!(
+                    f,
+                    "QED header: invalid {} {value} (must be a power of two in [{min}, {max}])",
+                    if *field == Field::ClusterSize { "cluster size" } else { "table size" }
+                ),
+                _ => write!(
+                    f,
+                    "QED header: invalid image size {value} (must be a multiple of 512 and at most {max})"
+                ),
+            },
+            (S::QedHeader, P::Invalid { field: Field::HeaderSize, value }) => {
+                write!(f, "QED header: header_size is {value} clusters")
+            }
+            (S::QedHeader, P::TooLarge { field: Field::HeaderSize, value, max }) => write!(
+                f,
+                "QED header: header_size {value} clusters runs past the end of the file ({max} bytes)"
+            ),
+            (S::QedL1Table, P::PastEnd { bytes, end }) => write!(
+                f,
+                "QED header: L1 table offset {off:#x} is invalid (must be cluster aligned, after \
+                 the header and leave room for {bytes} bytes before the end of the file at {end})"
+            ),
+            (S::QedBackingFileName, P::PastEnd { bytes, end }) => write!(
+                f,
+                "QED header: backing file name at offset {off} length {bytes} does not lie \
+                 inside the header ({end} bytes)"
+            ),
+            (S::QedBackingFileName, P::NotUtf8) => write!(
+                f,
+                "QED header: backing file name at offset {off} is not valid UTF-8"
+            ),
+            (S::QedBackingFileName, P::EmptyOrNul) => write!(
+                f,
+                "QED header: backing file name at offset {off} is empty or contains NUL"
+            ),
+            (_, P::PastEnd { bytes, end }) => write!(
+                f,
+                "{} at offset {off:#x} ({bytes} bytes) lies past the end of the file ({end} bytes)",
+                self.name()
+            ),
+            (_, P::MarkedCorrupt) => write!(
+                f,
+                "qcow2 image is marked corrupt; writes are refused (run check -r all)"
+            ),
+            (_, P::CorruptOnOpen) => {
+                write!(f, "qcow2: Image is corrupt; cannot be opened read/write")
+            }
+            (_, P::DirtyTablesCorrupt { corruptions }) => write!(
+                f,
+                "qcow2 image is dirty and its tables are corrupt ({corruptions} errors, the first in the {} at offset {off:#x}); cannot repair refcounts",
+                self.name()
+            ),
+            // Generic wording for combinations no call site produces today.
+            (_, p) => {
+                write!(f, "{}", self.name())?;
+                if let Some(e) = self.entry {
+                    write!(f, " entry {e}")?;
+                }
+                if let Some(o) = self.offset {
+                    write!(f, " at offset {o:#x}")?;
+                }
+                match p {
+                    P::BadMagic => write!(f, ": bad magic"),
+                    P::Truncated { need, .. } => write!(f, " truncated (needs {need} bytes)"),
+                    P::TooLarge { field, value, max } => {
+                        write!(f, ": {field:?} {value} too large (max {max})")
+                    }
+                    P::TooSmall { field, value, min } => {
+                        write!(f, ": {field:?} {value} too small (min {min})")
+                    }
+                    P::OutOfRange { field, value, min, max } => {
+                        write!(f, ": {field:?} {value} outside [{min}, {max}]")
+                    }
+                    P::Invalid { field, value } => write!(f, ": invalid {field:?} {value}"),
+                    P::L1TooSmall { entries, need, .. } => {
+                        write!(f, ": {entries} entries, needs {need}")
+                    }
+                    P::NotUtf8 => write!(f, ": not valid UTF-8"),
+                    P::EmptyOrNul => write!(f, ": empty or contains NUL"),
+                    P::Missing => write!(f, " is missing"),
+                    P::Misplaced => write!(f, " is unaligned or past the end of the file"),
+                    _ => write!(f, " is corrupt"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn table_placement_wording() {
+        let e = Error::from(Corruption::new(Structure::L1Table, Problem::Unaligned).at(0x10200));
+        assert_eq!(
+            e.to_string(),
+            "L1 table offset 0x10200 is not cluster aligned"
+        );
+        let e = Corruption::new(Structure::RefcountTable, Problem::OverlapsHeader).at(0);
+        assert_eq!(
+            e.to_string(),
+            "Reference count table at offset 0 overlaps the image header"
+        );
+        let e = Corruption::new(
+            Structure::SnapshotL1Table,
+            Problem::PastEnd {
+                bytes: 16,
+                end: 4096,
+            },
+        )
+        .entry(2)
+        .at(0x20000);
+        assert_eq!(
+            e.to_string(),
+            "Snapshot 2 L1 table at offset 0x20000 (16 bytes) lies past the end of the file (4096 bytes)"
+        );
+    }
+
+    #[test]
+    fn snapshot_table_wording() {
+        let past = Problem::PastEnd {
+            bytes: 40,
+            end: 4096,
+        };
+        let t = |c: Corruption| c.to_string();
+        let table = Corruption::new(Structure::SnapshotTable, past.clone());
+        assert_eq!(
+            t(table.clone().at(0x10000)),
+            "Snapshot table at offset 0x10000 (40 bytes) lies past the end of the file (4096 bytes)"
+        );
+        assert_eq!(
+            t(table.clone().entry(3).at(0x10000)),
+            "snapshot table entry 3 at offset 0x10000 lies past the end of the file or the table size limit"
+        );
+        assert_eq!(
+            t(table.entry(3)),
+            "snapshot table entry 3 runs past the end of the file"
+        );
+        let big = |entry: Option<u64>| Corruption {
+            entry,
+            ..Corruption::new(
+                Structure::SnapshotTable,
+                Problem::TooLarge {
+                    field: Field::Length,
+                    value: 2000,
+                    max: 1024,
+                },
+            )
+        };
+        assert_eq!(
+            t(big(Some(1))),
+            "snapshot 1: too much extra metadata (2000 bytes)"
+        );
+        assert_eq!(
+            t(big(None)),
+            "snapshot table runs past the end of the file or exceeds 64 MiB"
+        );
+    }
+
+    #[test]
+    fn refcount_update_wording() {
+        let c = Corruption::new(Structure::RefcountBlock, Problem::Misplaced).at(0x1200);
+        assert_eq!(
+            c.to_string(),
+            "Refcount block offset 0x1200 is unaligned or past the end of the file; refcount table corrupted"
+        );
+        let c = Corruption::new(
+            Structure::RefcountBlock,
+            Problem::RefcountMissing { cluster: 77 },
+        );
+        assert_eq!(
+            c.to_string(),
+            "refcount block for cluster 77 is missing while updating its refcount"
+        );
+        let c = Corruption::new(
+            Structure::HostCluster,
+            Problem::RefcountUnderflow {
+                cluster: 5,
+                refcount: 0,
+                delta: -1,
+            },
+        );
+        assert_eq!(
+            c.to_string(),
+            "refcount of cluster 5 would drop below zero (0 -1)"
+        );
+    }
+
+    #[test]
+    fn header_wording() {
+        let c = |p| Corruption::new(Structure::Qcow2Header, p).to_string();
+        assert_eq!(
+            c(Problem::BadMagic),
+            "Image is not in qcow2 format (bad magic)"
+        );
+        assert_eq!(
+            c(Problem::Truncated {
+                have: Some(10),
+                need: 72
+            }),
+            "qcow2 header truncated: file has 10 bytes, the header needs 72"
+        );
+        assert_eq!(
+            c(Problem::Invalid {
+                field: Field::ClusterBits,
+                value: 30
+            }),
+            "Unsupported cluster size: 2^30 (cluster_bits must be 9..21)"
+        );
+        assert_eq!(
+            Corruption::new(
+                Structure::QedHeader,
+                Problem::OutOfRange {
+                    field: Field::TableSize,
+                    value: 3,
+                    min: 1,
+                    max: 16
+                }
+            )
+            .to_string(),
+            "QED header: invalid table size 3 (must be a power of two in [1, 16])"
+        );
+        assert_eq!(
+            Corruption::new(Structure::RefcountTable, Problem::Missing).to_string(),
+            "Image does not contain a reference count table"
+        );
+        assert_eq!(
+            Corruption::new(Structure::Image, Problem::CorruptOnOpen).to_string(),
+            "qcow2: Image is corrupt; cannot be opened read/write"
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! Making guest ranges writable: in-place targets and new allocations with their
+//! copy-on-write regions (`prepare`), then linking (`commit_alloc`) or giving back
+//! (`abort_alloc`). The generic data path ([`crate::format::datapath::write`]) does the
+//! data I/O in between, without the metadata lock.
+//!
+//! Concurrency: everything here runs under the metadata mutex. A request first waits
+//! for allocations in flight on its first cluster (then reads the mapping again: the
+//! allocation it waited for may have changed it); an allocation registers its guest
+//! clusters in `Meta::inflight` until committed or aborted; an in-place write registers
+//! its clusters in `Meta::direct` so that a discard or zero write cannot release (and a
+//! later allocation reuse) their host clusters while the data goes down.
+//!
+//! Crash rules: new clusters get their refcount in cache at allocation; `commit_alloc`
+//! links them with `Meta::link`, which marks the metadata as needing a barrier, so the
+//! write-back (see `tables`) makes refcounts and data durable before any L2 table
+//! pointing at them. Frees of what the entries referenced before are deferred.
+
+use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+use super::l2entry::L2Entry;
+use super::{Meta, Qcow2};
+use crate::error::{Error, Result};
+use crate::format::datapath::Waiters;
+use crate::format::mapping::{
+    Allocation, Cow, GuestOffset, HostOffset, InPlaceGuard, ReleaseInPlace, Store, WriteTarget,
+};
+use std::sync::MutexGuard;
+
+/// Most bytes one allocating request reserves at once.
+const MAX_ALLOC_BYTES: u64 = 32 << 20;
+
+/// `Allocation::token` bit: the host cluster is the entry's own preallocated zero
+/// cluster, written in place (nothing to give back on abort).
+const REUSED: u64 = 1;
+
+impl Meta {
+    /// With lazy refcounts, marks the image dirty before its first allocating write.
+    pub(crate) fn before_alloc(&mut self) -> Result<()> {
+        if self.hdr.compatible & COMPAT_LAZY_REFCOUNTS != 0
+            && self.hdr.incompatible & INCOMPAT_DIRTY == 0
+        {
+            self.hdr.incompatible |= INCOMPAT_DIRTY;
+            self.write_header()?;
+            self.set_dirty = true;
+        }
+        Ok(())
+    }
+}
+
+/// A preallocated zero cluster with refcount one: QEMU writes it in place.
+fn reusable_zero(e: &L2Entry) -> Option<HostOffset> {
+    match *e {
+        L2Entry::Normal {
+            host: Some(h),
+            copied: true,
+            ..
+        } if e.is_zero() => Some(h),
+        _ => None,
+    }
+}
+
+impl Qcow2 {
+    /// Blocks until an allocation or in-place write finishes (see [`Waiters`]).
+    pub(crate) fn wait_alloc_done<'a>(&'a self, m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
+        Waiters::wait(&self.alloc_done, m, |m| &mut m.waiters)
+    }
+
+    /// Wakes requests waiting on an allocation; `m` is the guard under which the
+    /// in-flight state just changed.
+    pub(crate) fn wake_alloc_waiters(&self, m: &Meta) {
+        m.waiters.wake(&self.alloc_done);
+    }
+
+    /// The write target for the start of guest `[guest, guest + len)`.
+    pub(crate) fn prepare(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>> {
+        let cs = self.g.cs;
+        let cur = guest.get();
+        let gc = cur / cs;
+        let in_off = cur % cs;
+        let mut m = self.lock();
+        m.check_writable()?;
+        if self.g.ext_l2 {
+            return Err(Error::unsupported(
+                "qcow2 images with extended L2 entries (subclusters) can only be opened read-only",
+            ));
+        }
+        while m.inflight.contains(gc) {
+            m = self.wait_alloc_done(m);
+        }
+        let e = m.entry_of(gc)?;
+        if let Some(host) = e.in_place() {
+            return self.in_place(m, gc, in_off, len, host);
+        }
+        // Allocating run: clusters needing a new host cluster, inside one L2 table.
+        let l1i = (gc >> self.g.l2_bits) as usize;
+        if l1i >= m.l1.len() {
+            return Err(Error::corrupt(format!(
+                "guest cluster {gc} is beyond the L1 table ({} entries)",
+                m.l1.len()
+            )));
+        }
+        let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
+        let last = (cur + len - 1) / cs;
+        let max_k = (MAX_ALLOC_BYTES / cs).max(1);
+        // A zero cluster that keeps its own host cluster (refcount 1) is written in
+        // place, like QEMU does; it gets a run of its own.
+        let reuse = reusable_zero(&e)
+            .filter(|h| h.get() < m.file_end && m.overlaps_metadata(h.get() / cs, 1).is_none());
+        let mut last_e = e;
+        let mut g2 = gc + 1;
+        while reuse.is_none() && g2 <= last && g2 < table_end && g2 - gc < max_k {
+            if m.inflight.contains(g2) {
+                break;
+            }
+            let e2 = m.entry_of(g2)?;
+            if e2.in_place().is_some() || reusable_zero(&e2).is_some() {
+                break;
+            }
+            last_e = e2;
+            g2 += 1;
+        }
+        let k = g2 - gc;
+        m.before_alloc()?;
+        m.l2_for_write(l1i)?;
+        let host = match reuse {
+            Some(h) => h,
+            None => HostOffset(m.alloc(k)?),
+        };
+        m.inflight.insert(gc, gc + k);
+        let start = gc * cs;
+        let run_end = (gc + k) * cs;
+        let data_end = (cur + len).min(run_end);
+        let tail = run_end - data_end;
+        let a = Allocation {
+            guest: GuestOffset(start),
+            len: k * cs,
+            store: Store::Data,
+            host,
+            head: Cow {
+                guest: GuestOffset(start),
+                len: in_off,
+                source: m.source_at(&e, 0),
+            },
+            tail: Cow {
+                guest: GuestOffset(data_end),
+                len: tail,
+                source: m.source_at(&last_e, cs - tail),
+            },
+            token: if reuse.is_some() { REUSED } else { 0 },
+        };
+        Ok(WriteTarget::Allocate(a))
+    }
+
+    /// In-place target from guest cluster `gc` (host cluster `host`), extended over the
+    /// following clusters contiguous on the host.
+    fn in_place<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        in_off: u64,
+        len: u64,
+        host: HostOffset,
+    ) -> Result<WriteTarget<'a>> {
+        let cs = self.g.cs;
+        let h = host.get();
+        if h >= m.file_end {
+            return Err(m.mark_corrupt(format!(
+                "L2 entry of guest cluster {gc} points past the end of the file (host offset {h:#x})"
+            )));
+        }
+        let mut n = (cs - in_off).min(len);
+        let mut next = h + cs;
+        let mut g2 = gc + 1;
+        while n < len {
+            match m.entry_of(g2)?.in_place() {
+                Some(h2) if h2.get() == next && next < m.file_end => {
+                    n += cs.min(len - n);
+                    next += cs;
+                    g2 += 1;
+                }
+                _ => break,
+            }
+        }
+        if let Some(what) = m.overlaps_metadata(h / cs, (in_off + n).div_ceil(cs)) {
+            return Err(m.mark_corrupt(format!(
+                "Preventing invalid write on metadata (overlaps with {what}): guest cluster {gc} maps to host offset {h:#x}"
+            )));
+        }
+        m.direct.insert(gc, g2);
+        drop(m);
+        Ok(WriteTarget::InPlace {
+            store: Store::Data,
+            host: host.add(in_off),
+            len: n,
+            guard: InPlaceGuard::new(self, (gc, g2)),
+        })
+    }
+
+    /// Links a written allocation into the L2 table and ends its in-flight entry.
+    pub(crate) fn commit_alloc(&self, a: Allocation) -> Result<()> {
+        let cs = self.g.cs;
+        let gc = a.guest.get() / cs;
+        let k = a.len / cs;
+        let l1i = (gc >> self.g.l2_bits) as usize;
+        let mut m = self.lock();
+        m.inflight.remove(gc, gc + k);
+        let r = m.link(l1i, gc, k, a.host.get());
+        if r.is_err() && a.token & REUSED == 0 {
+            let _ = m.unalloc(a.host.get(), k);
+        }
+        self.wake_alloc_waiters(&m);
+        r?;
+        m.maybe_writeback()
+    }
+
+    /// Gives back an allocation whose data write failed (nothing points at it).
+    pub(crate) fn abort_alloc(&self, a: Allocation) {
+        let cs = self.g.cs;
+        let gc = a.guest.get() / cs;
+        let k = a.len / cs;
+        let mut m = self.lock();
+        m.inflight.remove(gc, gc + k);
+        if a.token & REUSED == 0 {
+            if let Err(e) = m.unalloc(a.host.get(), k) {
+                tracing::warn!("qcow2: giving back clusters of a failed write: {e}");
+            }
+        }
+        self.wake_alloc_waiters(&m);
+    }
+}
+
+impl ReleaseInPlace for Qcow2 {
+    fn release_in_place(&self, (start, end): (u64, u64)) {
+        let mut m = self.lock();
+        m.direct.remove(start, end);
+        self.wake_alloc_waiters(&m);
+    }
+}

@@ -1,0 +1,97 @@
+//! Guest size changes: growing the L1 table (written complete to a new place before
+//! the header points at it), shrinking (clusters past the new end deallocated first).
+//!
+//! Concurrency: under the metadata mutex except for the deallocation of a shrink and the
+//! zeroing of the old last cluster's tail, which take it themselves.
+//!
+//! Crash rules: the new L1 table is written and flushed (barrier) before the header
+//! names it; the old table's clusters are released only after the header update; the
+//! size in the header changes after every metadata change it depends on is durable.
+
+use super::zero::Mode;
+use super::Qcow2;
+use crate::error::{Error, Result};
+use crate::format::{Driver, ZeroFlags};
+
+impl Qcow2 {
+    pub(crate) fn do_resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        let cs = self.g.cs;
+        let cur = self.size();
+        if new_size == cur {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.check_writable()?;
+        // Snapshots record their own disk size (v3), so growing is safe; shrinking
+        // would drop clusters they still need.
+        if !m.snapshots.is_empty() && (m.g.version < 3 || new_size < cur) {
+            return Err(Error::unsupported(if m.g.version < 3 {
+                "Can't resize a v2 image which has snapshots"
+            } else {
+                "Can't shrink a qcow2 image with snapshots"
+            }));
+        }
+        if new_size < cur {
+            if !shrink {
+                return Err(Error::invalid(
+                    "Use the --shrink option to perform a shrink operation.",
+                ));
+            }
+            drop(m);
+            let first = new_size.div_ceil(cs);
+            let last = cur.div_ceil(cs);
+            if first < last {
+                self.set_clusters(first, last, Mode::Dealloc)?;
+            }
+            m = self.lock();
+        } else {
+            let need = m.g.l1_entries_for(new_size);
+            if need * 8 > super::header::MAX_L1_BYTES {
+                return Err(Error::invalid(format!(
+                    "qcow2 image size {new_size} needs an L1 table larger than 32 MiB"
+                )));
+            }
+            if need > m.l1.len() as u64 {
+                m.writeback()?;
+                let bytes = need * 8;
+                let clusters = bytes.div_ceil(cs);
+                let new_off = m.alloc(clusters)?;
+                let mut l1 = m.l1.clone();
+                l1.resize(need as usize, 0);
+                let mut raw = Vec::with_capacity((clusters * cs) as usize);
+                for e in &l1 {
+                    raw.extend_from_slice(&e.to_be_bytes());
+                }
+                // Like QEMU, only the entries are written: the file may end inside
+                // the table's last cluster.
+                m.st.write_at(&raw, new_off)?;
+                m.unflushed = true;
+                m.barrier()?;
+                let old_off = m.hdr.l1_table_offset;
+                let old_clusters = (u64::from(m.hdr.l1_size) * 8).div_ceil(cs);
+                m.hdr.l1_table_offset = new_off;
+                m.hdr.l1_size = need as u32;
+                m.hdr.size = new_size;
+                m.l1 = l1;
+                m.write_header()?;
+                for i in 0..old_clusters {
+                    m.rc_add(old_off / cs + i, -1)?;
+                }
+            }
+        }
+        m.writeback()?;
+        m.barrier()?;
+        m.hdr.size = new_size;
+        m.write_header()?;
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
+        drop(m);
+        // Growing: bytes of the old last cluster past the old end may hold data from
+        // before a shrink; the new part of the disk must read as zeroes.
+        if new_size > cur && !cur.is_multiple_of(cs) {
+            let tail_end = cur.div_ceil(cs) * cs;
+            self.do_write_zeroes(cur, tail_end.min(new_size) - cur, ZeroFlags::default())?;
+        }
+        Ok(())
+    }
+}
