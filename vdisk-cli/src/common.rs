@@ -68,23 +68,8 @@ macro_rules! qprintln {
 pub fn parse_options(opts: &[String]) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for o in opts {
-        let mut cur = String::new();
-        let mut items = Vec::new();
-        let mut chars = o.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    items.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        items.push(cur);
-        for it in items.into_iter().filter(|s| !s.is_empty()) {
+        let items = vdisk::storage::spec::split_items(o);
+        for it in items {
             match it.split_once('=') {
                 Some((k, v)) => out.push((k.to_string(), v.to_string())),
                 None => return Err(format!("Invalid parameter '{it}'")),
@@ -117,9 +102,13 @@ pub fn parse_size_arg(s: &str) -> Option<u64> {
     vdisk::format::parse_size(s).ok()
 }
 
-/// Opens an image with full options; errors read like qemu-img's.
+/// Opens an image with full options; errors read like qemu-img's. With
+/// `opts.image_opts` the name is a key=value option list (`--image-opts`).
 pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, String> {
-    if let Some(f) = opts.format {
+    if opts.image_opts && opts.format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
+    if let Some(f) = opts.format.filter(|_| !opts.image_opts) {
         if !f.caps().raw_data && f.can_open() && Path::new(filename).exists() {
             // qemu-img names a format mismatch explicitly instead of failing in the driver
             // (a format vdisk cannot read is refused by name when opened).

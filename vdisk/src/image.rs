@@ -1,4 +1,5 @@
-//! The public image API: open or create an image file with its backing chain.
+//! The public image API: open (by name, URL, `json:` or option tree) or create an
+//! image with its backing chain.
 //!
 //! [`Image`] is the only door front-ends have to an image: every guest write, zero
 //! write, discard, compressed write and resize, every metadata change (backing file;
@@ -7,7 +8,7 @@
 //! private to this crate; what front-ends need to know about the layers below is
 //! offered as [`ImageLayer`] views, which cannot write.
 
-use crate::chain::{self, ChainExtent, ChainOptions};
+use crate::chain::{self, ChainExtent, ChainOptions, NodeOpen};
 use crate::error::{Error, Result};
 use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Extent, Format,
@@ -15,7 +16,8 @@ use crate::format::{
 };
 use crate::hook::{Payload, Request, WriteHook};
 use crate::layer::ImageLayer;
-use crate::storage::{CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
+use crate::storage::options::{Node, SpecError, Value};
+use crate::storage::{spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +44,9 @@ pub struct OpenOptions {
     pub consistent_read: bool,
     /// Format options (cache sizes...).
     pub driver: DriverOptions,
+    /// The name is a key=value option list (`driver=qcow2,file.filename=a.qcow2`),
+    /// as qemu-img's `--image-opts`; it cannot be combined with `format`.
+    pub image_opts: bool,
     /// Write hooks, in the order they see requests (see [`crate::hook`]).
     pub hooks: Vec<Arc<dyn WriteHook>>,
 }
@@ -57,6 +62,7 @@ impl Default for OpenOptions {
             locking: true,
             consistent_read: false,
             driver: DriverOptions::default(),
+            image_opts: false,
             hooks: Vec::new(),
         }
     }
@@ -91,9 +97,30 @@ pub struct Image {
 }
 
 impl Image {
-    /// Opens the image at `path`.
+    /// Opens the image named `path`: a file name, `file:NAME`, a protocol URL or a
+    /// `json:{…}` pseudo-filename, or (with [`OpenOptions::image_opts`]) a key=value
+    /// option list; see [`crate::storage::spec`].
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
+        let name = path.to_str().ok_or_else(|| {
+            Error::invalid(format!("image name '{}' is not UTF-8", path.display()))
+        })?;
+        let tree = if opts.image_opts {
+            if opts.format.is_some() {
+                return Err(Error::invalid(
+                    "--image-opts and --format are mutually exclusive",
+                ));
+            }
+            spec::parse_image_opts(name)?
+        } else {
+            spec::parse_filename(name)?
+        };
+        Image::open_tree(tree, name, opts)
+    }
+
+    /// Opens the image an options tree describes (`name` is what it was parsed from,
+    /// shown when the tree names no host file).
+    pub fn open_tree(tree: Node, name: &str, opts: &OpenOptions) -> Result<Image> {
         if opts.force_share && !opts.read_only {
             return Err(Error::invalid(
                 "force-share=on can only be used with read-only images",
@@ -105,44 +132,46 @@ impl Image {
             locking: opts.locking,
             driver: opts.driver.clone(),
         };
-        // Lock only once the format is known: what a reader shares depends on it.
-        let storage = chain::open_file(
-            path,
-            opts.read_only,
-            &ChainOptions {
-                locking: false,
-                ..copts.clone()
-            },
-        )?;
-        let fmt = match opts.format {
-            Some(f) => f,
-            None => chain::probe_file(&*storage, path)?,
-        };
-        if opts.locking {
-            let mode = if fmt.caps().raw_data && opts.read_only && !opts.consistent_read {
+        let (read_only, force_share, consistent) =
+            (opts.read_only, opts.force_share, opts.consistent_read);
+        // What a reader shares depends on the format, so locks are taken once it is known.
+        let lock = move |fmt: Format| {
+            if fmt.caps().raw_data && read_only && !consistent {
                 LockMode::On {
                     perm: Perm::CONSISTENT_READ,
                     shared: Perm::ALL,
                 }
             } else {
-                LockMode::for_open(opts.read_only, opts.force_share)
-            };
-            storage.relock(mode)?;
-        }
-        let mut dopts = opts.driver.clone();
-        dopts.read_only = opts.read_only;
-        dopts.no_backing |= opts.no_backing;
-        let mut seen = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
-        let no_backing = dopts.no_backing;
-        let driver = format::open(fmt, storage, &dopts, &mut |spec: &BackingSpec| {
+                LockMode::for_open(read_only, force_share)
+            }
+        };
+        let mut node = chain::open_node(
+            tree,
+            NodeOpen {
+                read_only,
+                chain: &copts,
+                format: opts.format,
+                lock: &lock,
+                check_path: &mut |_| Ok(()),
+            },
+        )?;
+        node.driver.no_backing |= opts.no_backing;
+        let path = node
+            .local_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(name));
+        let mut seen = vec![node.canonical.clone().unwrap_or_else(|| path.clone())];
+        let no_backing = node.driver.no_backing;
+        let choice = node.backing.clone();
+        let driver = chain::open_format(node, &mut |spec: &BackingSpec| {
             if no_backing {
                 return Err(Error::invalid("backing files are disabled for this open"));
             }
-            chain::open_backing(path, spec, &copts, &mut seen)
+            chain::open_backing_with(&path, spec, &choice, &copts, &mut seen)
         })?;
         Ok(Image {
             driver,
-            path: path.to_path_buf(),
+            path,
             closed: AtomicBool::new(false),
             hooks: opts.hooks.clone(),
         })
@@ -174,7 +203,8 @@ impl Image {
 
     /// Creates an image file at `path` (truncating an existing file).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
-        let path = path.as_ref();
+        let target = create_target(path.as_ref())?;
+        let path = target.as_path();
         let mut backing = None;
         let mut size = opts.size;
         if let Some(name) = &opts.backing_file {
@@ -468,6 +498,30 @@ impl Image {
         let hooks = self.hooks.iter().try_for_each(|h| h.close());
         let driver = self.driver.close();
         hooks.and(driver)
+    }
+}
+
+/// The host file a new image goes to: a plain path, `file:NAME`, or a `json:` name
+/// whose storage is a host file. Other protocols cannot take a new image and are
+/// refused by name before anything is written.
+fn create_target(path: &Path) -> Result<PathBuf> {
+    let Some(name) = path.to_str().filter(|n| !spec::is_plain_path(n)) else {
+        return Ok(path.to_path_buf());
+    };
+    let tree = spec::parse_filename(name)?;
+    match chain::tree_local_file(&tree) {
+        Some(f) => Ok(PathBuf::from(f)),
+        None => {
+            let proto = match tree.get("file") {
+                Some(Value::Node(f)) => f.get("driver"),
+                _ => tree.get("driver"),
+            };
+            let proto = match proto {
+                Some(Value::Str(p)) => p.clone(),
+                _ => name.to_string(),
+            };
+            Err(SpecError::UnknownProtocol(proto).into())
+        }
     }
 }
 

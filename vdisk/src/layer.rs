@@ -24,7 +24,8 @@ pub struct ImageLayer {
 impl ImageLayer {
     /// The chain starting at `top` (opened as `path`), top first. Backing names are
     /// resolved against the directory of the image naming them, as QEMU's
-    /// `full-backing-filename`; a layer without a recorded name gets an empty path.
+    /// `full-backing-filename`, and a `json:` backing is shown by its host file; a
+    /// layer without a recorded name gets an empty path.
     pub(crate) fn chain(top: &Arc<dyn Driver>, path: &Path) -> Vec<ImageLayer> {
         let mut out = vec![ImageLayer {
             driver: top.clone(),
@@ -36,7 +37,7 @@ impl ImageLayer {
                 break;
             };
             let path = match last.driver.backing_spec() {
-                Some(spec) => chain::resolve_backing_path(&last.path, &spec.name),
+                Some(spec) => chain::backing_file_path(&last.path, &spec.name),
                 None => PathBuf::new(),
             };
             let depth = last.depth + 1;

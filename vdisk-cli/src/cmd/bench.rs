@@ -73,6 +73,9 @@ pub struct Args {
     /// Share the image with other users (read tests only).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image file.
     pub filename: String,
 }
@@ -267,6 +270,7 @@ pub fn run(a: Args) -> i32 {
         read_only: !plan.write,
         force_share: a.force_share,
         cache,
+        image_opts: a.image_opts,
         ..OpenOptions::default()
     };
     let img = match Image::open(&a.filename, &opts) {

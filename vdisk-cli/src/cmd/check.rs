@@ -30,6 +30,9 @@ pub struct Args {
     /// Open in shared mode (ignore other users' locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Image file.
     pub filename: String,
 }
@@ -259,6 +262,7 @@ pub fn run(a: Args) -> i32 {
         read_only: !fix,
         force_share: a.force_share,
         cache,
+        image_opts: a.image_opts,
         ..OpenOptions::default()
     };
     oo.driver.skip_repair = true;

@@ -35,6 +35,9 @@ pub struct Args {
     /// Open in shared mode (ignore other users' locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// First image.
     pub filename1: String,
     /// Second image.
@@ -200,6 +203,7 @@ pub fn run(a: Args) -> i32 {
                 read_only: true,
                 force_share: a.force_share,
                 cache,
+                image_opts: a.image_opts,
                 ..OpenOptions::default()
             },
         )

@@ -82,6 +82,9 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Source images followed by the target.
     pub files: Vec<String>,
 }
@@ -640,6 +643,7 @@ fn run_inner(a: Args) -> Result<(), String> {
                 force_share: a.force_share,
                 cache: src_cache,
                 consistent_read: true,
+                image_opts: a.image_opts,
                 ..OpenOptions::default()
             },
         )?;

@@ -21,6 +21,9 @@ pub struct Args {
     /// Open in shared mode (ignore other users' locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Image file.
     pub filename: String,
 }
@@ -75,9 +78,15 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
     })
 }
 
-fn open_one(filename: &str, format: Option<Format>, force_share: bool) -> Result<Image, String> {
+fn open_one(
+    filename: &str,
+    format: Option<Format>,
+    force_share: bool,
+    image_opts: bool,
+) -> Result<Image, String> {
     let opts = OpenOptions {
         format,
+        image_opts,
         read_only: true,
         force_share,
         no_backing: true,
@@ -99,8 +108,10 @@ fn collect_all(a: &Args, format: Option<Format>) -> Result<Vec<ImageInfo>, Strin
             return Err(format!("Backing file '{name}' creates an infinite loop."));
         }
         seen.push(canon);
-        let img = open_one(&name, fmt, a.force_share)?;
-        let info = collect(&img, &name)?;
+        // Only the top name is an option list; backing names are file names.
+        let img = open_one(&name, fmt, a.force_share, a.image_opts && out.is_empty())?;
+        // The host file's name, as qemu shows it for json:/--image-opts names too.
+        let info = collect(&img, &img.path().display().to_string())?;
         drop(img);
         let next = info.full_backing_filename.clone();
         let next_fmt = info.backing_format;

@@ -58,6 +58,9 @@ pub struct Args {
     /// Misalign buffers (accepted for compatibility; buffers are plain heap memory).
     #[arg(short = 'm', long = "misalign")]
     pub misalign: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image file (without it, start with none open: see the `open` command).
     pub filename: Option<String>,
 }
@@ -87,6 +90,7 @@ pub fn run(a: Args) -> i32 {
         read_only: a.read_only,
         force_share: a.force_share,
         cache,
+        image_opts: a.image_opts,
         ..OpenOptions::default()
     };
     let mut s = commands::Session {

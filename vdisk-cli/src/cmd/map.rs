@@ -22,6 +22,9 @@ pub struct Args {
     /// Open in shared mode (ignore other users' locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Image file.
     pub filename: String,
 }
@@ -202,6 +205,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             format,
             read_only: true,
             force_share: a.force_share,
+            image_opts: a.image_opts,
             ..OpenOptions::default()
         },
     )?;

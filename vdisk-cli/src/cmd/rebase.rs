@@ -7,7 +7,6 @@
 
 use crate::common;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::Path;
 use vdisk::format::BackingSpec;
 use vdisk::{CacheMode, ExtentKind, Format, Image, ImageLayer, OpenOptions};
 
@@ -47,6 +46,9 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// The image.
     pub filename: String,
 }
@@ -80,6 +82,7 @@ fn run_inner(a: Args) -> Result<(), String> {
             read_only: false,
             cache,
             no_backing: a.unsafe_mode,
+            image_opts: a.image_opts,
             ..OpenOptions::default()
         },
     )?;
@@ -93,7 +96,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     if !a.unsafe_mode {
         let new_backing = match &spec {
             Some(s) => {
-                let path = vdisk::chain::resolve_backing_path(Path::new(&a.filename), &s.name);
+                let path = vdisk::chain::resolve_backing_path(img.path(), &s.name);
                 let path = path.display().to_string();
                 Some(common::open_image_with(
                     &path,

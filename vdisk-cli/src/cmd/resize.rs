@@ -18,6 +18,9 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Image file.
     pub filename: String,
     /// New size, or `+N`/`-N` to grow/shrink by N (k, M, G, T, P, E suffixes).
@@ -63,6 +66,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         &OpenOptions {
             format,
             read_only: false,
+            image_opts: a.image_opts,
             ..OpenOptions::default()
         },
     )?;

@@ -121,6 +121,9 @@ pub enum StorageError {
     /// Another process holds a conflicting image lock (the message matches QEMU's).
     #[error("{0}")]
     Locked(LockConflict),
+    /// An image name or options tree is malformed, or names what cannot be opened.
+    #[error(transparent)]
+    Spec(#[from] super::options::SpecError),
 }
 
 /// Renders an I/O failure: `<verb> '<path>' at offset <n>: <error>`.
@@ -177,6 +180,7 @@ impl StorageError {
         match self {
             StorageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             StorageError::Locked(_) => libc::EAGAIN,
+            StorageError::Spec(_) => libc::EINVAL,
         }
     }
 }

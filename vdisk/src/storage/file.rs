@@ -1,13 +1,15 @@
 //! A host file: pread/pwrite, fdatasync, fallocate, SEEK_DATA/SEEK_HOLE, QEMU locks.
 
 use super::lock::{self, LockMode};
+use super::options::{Node, SpecError, Value};
+use super::registry::{Protocol, ProtocolOpen};
 use super::{CacheMode, Storage, StorageError, StorageOp, StorageResult};
 use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// How to open a [`FileStorage`].
 #[derive(Clone, Debug)]
@@ -50,6 +52,8 @@ pub struct FileStorage {
     /// trimming cannot interleave with another write extending the file (which the
     /// trim would cut off).
     extend: RwLock<()>,
+    /// Opened with `locking=off`: later [`Storage::relock`] requests take no locks.
+    unlocked: bool,
 }
 
 /// Holds [`FileStorage::extend`] for the length of one direct write.
@@ -131,7 +135,15 @@ impl FileStorage {
             cache: opts.cache,
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
             extend: RwLock::new(()),
+            unlocked: false,
         })
+    }
+
+    /// Makes this storage ignore lock changes (`locking=off`): it was opened without
+    /// locks and stays so when the opener later adjusts the locks it wants.
+    pub fn without_locking(mut self) -> FileStorage {
+        self.unlocked = true;
+        self
     }
 
     /// The path the storage was opened with.
@@ -498,6 +510,9 @@ impl Storage for FileStorage {
     }
 
     fn relock(&self, mode: LockMode) -> StorageResult<()> {
+        if self.unlocked {
+            return Ok(());
+        }
         lock::release(self.file.as_raw_fd())?;
         lock::apply(
             self.file.as_raw_fd(),
@@ -513,4 +528,72 @@ impl Storage for FileStorage {
             1
         }
     }
+}
+
+/// The `file` protocol: a host file (QEMU's `file` driver, keys `filename`, `locking`,
+/// `aio`). Plain names and `file:NAME` mean it.
+pub static PROTOCOL: Protocol = Protocol {
+    name: "file",
+    schemes: &["file"],
+    options: &["filename", "locking", "aio"],
+    parse_filename,
+    open: Some(open_protocol),
+};
+
+/// `file:NAME` → `filename=NAME` (the prefix is stripped once; `file:a:b` is `a:b`).
+fn parse_filename(name: &str, node: &mut Node) -> Result<(), SpecError> {
+    let name = name.strip_prefix("file:").unwrap_or(name);
+    node.insert_str("filename", name)
+}
+
+fn open_protocol(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    let filename = node
+        .take_str("filename")?
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| SpecError::Missing("The 'file' block driver requires a file name".into()))?;
+    // QEMU's locking is on/off/auto (auto = on where OFD locks exist, as on Linux).
+    let locking = match node.take("locking") {
+        None => true,
+        Some(Value::Bool(b)) => b,
+        Some(Value::Str(s)) => match s.as_str() {
+            "on" | "auto" => true,
+            "off" => false,
+            _ => {
+                return Err(SpecError::Value {
+                    key: node.key_path("locking"),
+                    expected: "'on', 'off' or 'auto'".into(),
+                }
+                .into())
+            }
+        },
+        Some(_) => {
+            return Err(SpecError::Type {
+                key: node.key_path("locking"),
+                expected: "string",
+            }
+            .into())
+        }
+    };
+    // Requests run on caller threads (QEMU's aio=threads); there is no other mode.
+    if let Some(aio) = node.take_str("aio")? {
+        if aio != "threads" {
+            return Err(SpecError::Value {
+                key: node.key_path("aio"),
+                expected: "'threads' (the file protocol's only I/O mode)".into(),
+            }
+            .into());
+        }
+    }
+    node.finish(|key| SpecError::ProtocolOption {
+        protocol: PROTOCOL.name.into(),
+        key,
+    })?;
+    let fo = OpenFileOptions {
+        read_only: ctx.read_only,
+        cache: ctx.cache,
+        lock: if locking { ctx.lock } else { LockMode::Off },
+        create: false,
+    };
+    let f = FileStorage::open(Path::new(&filename), &fo)?;
+    Ok(Arc::new(if locking { f } else { f.without_locking() }))
 }

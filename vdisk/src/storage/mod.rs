@@ -2,12 +2,22 @@
 //!
 //! Formats only ever talk to a [`Storage`]; that is what lets the crash simulation
 //! ([`trace::TraceStorage`]) replace the real file underneath qcow2 or QED unchanged.
+//!
+//! Image names become storage in two steps: [`spec`] parses every form of name (plain
+//! path, `file:`, protocol URL, `json:{…}`, key=value) into one [`options::Node`]
+//! tree, and [`registry`] opens a protocol node with the protocol its `driver` names.
 
 mod error;
 mod file;
+pub mod http;
 pub mod lock;
 mod mem;
+pub mod nbd;
+pub mod options;
+pub mod registry;
+pub mod spec;
 pub mod trace;
+pub mod uri;
 
 pub use error::{LockConflict, StorageError, StorageOp};
 pub use file::{FileStorage, OpenFileOptions};

@@ -1,0 +1,196 @@
+//! The `nbd` protocol's names: `nbd://host[:port]/export`, `nbd+tcp://…`,
+//! `nbd+unix:///export?socket=PATH`, and QEMU's legacy `nbd:host:port[:exportname=E]`
+//! / `nbd:unix:PATH[:exportname=E]`, turned into QEMU's keys (`server.type`,
+//! `server.host`, `server.port`, `server.path`, `export`).
+//!
+//! The client is not built yet (`open: None` in [`PROTOCOL`]): names parse fully, and
+//! opening one fails naming the protocol. The NBD client plugs in as `open`.
+
+use super::options::{Node, SpecError};
+use super::registry::Protocol;
+use super::uri;
+
+/// The port an `nbd://` URL without one means.
+pub const DEFAULT_PORT: u16 = 10809;
+
+/// The `nbd` protocol (QEMU registers `nbd`, `nbd+tcp` and `nbd+unix` for it).
+pub static PROTOCOL: Protocol = Protocol {
+    name: "nbd",
+    schemes: &["nbd", "nbd+tcp", "nbd+unix"],
+    options: &[
+        "server.type",
+        "server.host",
+        "server.port",
+        "server.path",
+        "export",
+        "tls-creds",
+        "tls-hostname",
+        "reconnect-delay",
+        "open-timeout",
+    ],
+    parse_filename,
+    open: None,
+};
+
+/// QEMU's `nbd_parse_filename` / `nbd_parse_uri`.
+fn parse_filename(name: &str, node: &mut Node) -> Result<(), SpecError> {
+    if name.contains("://") {
+        return parse_uri(name, node);
+    }
+    let bad = |why: &str| SpecError::BadUrl(format!("{why} in '{name}'"));
+    let spec = name
+        .strip_prefix("nbd:")
+        .ok_or_else(|| bad("File name string for NBD must start with 'nbd:'"))?;
+    let spec = match spec.split_once(":exportname=") {
+        Some((_, "")) => return Err(bad("empty export name")),
+        Some((s, export)) => {
+            node.insert_str("export", export)?;
+            s
+        }
+        None => spec,
+    };
+    if let Some(path) = spec.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad("empty socket path"));
+        }
+        node.insert_str("server.type", "unix")?;
+        node.insert_str("server.path", path)?;
+        return Ok(());
+    }
+    // inet_parse: host:port with the port required; [v6]:port.
+    let (host, port) = if let Some(rest) = spec.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| bad("expected [address]:port"))?;
+        (h, p)
+    } else {
+        spec.rsplit_once(':')
+            .ok_or_else(|| SpecError::BadUrl(format!("error parsing address '{spec}'")))?
+    };
+    if host.is_empty() {
+        return Err(bad("empty host"));
+    }
+    uri::parse_port(port).map_err(|e| bad(&e))?;
+    node.insert_str("server.type", "inet")?;
+    node.insert_str("server.host", host)?;
+    node.insert_str("server.port", port)?;
+    Ok(())
+}
+
+fn parse_uri(name: &str, node: &mut Node) -> Result<(), SpecError> {
+    let bad = |why: String| SpecError::BadUrl(format!("{why} in '{name}'"));
+    let u = uri::parse(name).map_err(bad)?;
+    let unix = match u.scheme.as_str() {
+        "nbd" | "nbd+tcp" => false,
+        "nbd+unix" => true,
+        s => return Err(bad(format!("scheme '{s}' is not nbd"))),
+    };
+    let export = u.path.strip_prefix('/').unwrap_or(&u.path);
+    if !export.is_empty() {
+        node.insert_str("export", export)?;
+    }
+    if unix {
+        if u.host.is_some() || u.port.is_some() {
+            return Err(bad("nbd+unix:// takes no host or port".into()));
+        }
+        let path = match u.query.as_slice() {
+            [(k, Some(p))] if k == "socket" && !p.is_empty() => p,
+            _ => return Err(bad("nbd+unix:// needs exactly ?socket=PATH".into())),
+        };
+        node.insert_str("server.type", "unix")?;
+        node.insert_str("server.path", path.as_str())?;
+    } else {
+        if !u.query.is_empty() {
+            return Err(bad("nbd:// takes no query parameters".into()));
+        }
+        let host = u.host.ok_or_else(|| bad("nbd:// needs a host".into()))?;
+        node.insert_str("server.type", "inet")?;
+        node.insert_str("server.host", host)?;
+        node.insert_str("server.port", u.port.unwrap_or(DEFAULT_PORT).to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Vec<(String, String)>, SpecError> {
+        let mut n = Node::new();
+        parse_filename(s, &mut n)?;
+        Ok(n.flatten())
+    }
+
+    use crate::storage::options::pairs as kv;
+
+    #[test]
+    fn uri_forms() {
+        assert_eq!(
+            parse("nbd://localhost/x").unwrap(),
+            kv(&[
+                ("export", "x"),
+                ("server.type", "inet"),
+                ("server.host", "localhost"),
+                ("server.port", "10809")
+            ])
+        );
+        assert_eq!(
+            parse("nbd+tcp://[::1]:1234").unwrap(),
+            kv(&[
+                ("server.type", "inet"),
+                ("server.host", "::1"),
+                ("server.port", "1234")
+            ])
+        );
+        assert_eq!(
+            parse("nbd+unix:///my%20disk?socket=/run/a%20b.sock").unwrap(),
+            kv(&[
+                ("export", "my disk"),
+                ("server.type", "unix"),
+                ("server.path", "/run/a b.sock")
+            ])
+        );
+    }
+
+    #[test]
+    fn legacy_forms() {
+        assert_eq!(
+            parse("nbd:unix:/tmp/s:exportname=e").unwrap(),
+            kv(&[
+                ("export", "e"),
+                ("server.type", "unix"),
+                ("server.path", "/tmp/s")
+            ])
+        );
+        assert_eq!(
+            parse("nbd:example.org:10810").unwrap(),
+            kv(&[
+                ("server.type", "inet"),
+                ("server.host", "example.org"),
+                ("server.port", "10810")
+            ])
+        );
+    }
+
+    #[test]
+    fn rejects() {
+        for bad in [
+            "nbd+unix:///x",
+            "nbd+unix://host/x?socket=/s",
+            "nbd+unix:///x?socket=/s&b=1",
+            "nbd://localhost/x?socket=/s",
+            "nbd:///x",
+            "nbd://localhost:99999/x",
+            "nbd://localhost:abc/x",
+            "nbd:localhost",
+            "nbd:unix:",
+            "nbd:h:1:exportname=",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(SpecError::BadUrl(_))),
+                "{bad}: {:?}",
+                parse(bad)
+            );
+        }
+    }
+}
