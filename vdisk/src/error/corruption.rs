@@ -825,4 +825,217 @@ mod tests {
             "qcow2: Image is corrupt; cannot be opened read/write"
         );
     }
+
+    #[test]
+    fn entry_wording() {
+        let l2 = |p| Corruption::new(Structure::L2Table, p).to_string();
+        assert_eq!(
+            l2(Problem::ReservedBits {
+                raw: 0x8000_0000_0000_0201,
+                guest_cluster: Some(3)
+            }),
+            "L2 entry 0x8000000000000201 of guest cluster 3 has reserved bits set"
+        );
+        assert_eq!(
+            Corruption::new(
+                Structure::L1Table,
+                Problem::ReservedBits {
+                    raw: 0x1ff,
+                    guest_cluster: None
+                }
+            )
+            .entry(2)
+            .to_string(),
+            "L1 entry 2 (0x1ff) has reserved bits set"
+        );
+        assert_eq!(
+            l2(Problem::UnalignedHost {
+                guest_cluster: 4,
+                host: 0x10200
+            }),
+            "L2 entry of guest cluster 4 points to unaligned host offset 0x10200"
+        );
+        assert_eq!(
+            l2(Problem::InvalidBitmap {
+                guest_cluster: 1,
+                bitmap: 0x11
+            }),
+            "extended L2 entry of guest cluster 1 has an invalid subcluster bitmap 0x11"
+        );
+        assert_eq!(
+            l2(Problem::Unencodable {
+                guest_cluster: 1,
+                raw: 0x1
+            }),
+            "L2 entry 0x1 of guest cluster 1: not representable in this entry format"
+        );
+        assert_eq!(
+            l2(Problem::NoHostOffset { guest_cluster: 9 }),
+            "L2 entry of guest cluster 9 is allocated without a host offset"
+        );
+        assert_eq!(
+            l2(Problem::HostPastEnd {
+                guest_cluster: 9,
+                host: 0x50000
+            }),
+            "L2 entry of guest cluster 9 points past the end of the file (host offset 0x50000)"
+        );
+        let beyond = |entries| {
+            Corruption::new(
+                Structure::L1Table,
+                Problem::BeyondL1 {
+                    guest_cluster: 70,
+                    entries,
+                },
+            )
+            .to_string()
+        };
+        assert_eq!(
+            beyond(Some(2)),
+            "guest cluster 70 is beyond the L1 table (2 entries)"
+        );
+        assert_eq!(beyond(None), "guest cluster 70 is beyond the L1 table");
+    }
+
+    #[test]
+    fn overlap_wording() {
+        let t = Corruption::new(Structure::L2Table, Problem::Misplaced)
+            .entry(1)
+            .at(0x200);
+        assert_eq!(
+            t.to_string(),
+            "L2 table offset 0x200 of L1 entry 1 is unaligned, overlaps the header or lies past the end of the file"
+        );
+        let t = Corruption::new(
+            Structure::L2Table,
+            Problem::OverlapsMetadata {
+                with: Structure::RefcountTable,
+            },
+        )
+        .entry(1)
+        .at(0x10000);
+        assert_eq!(
+            t.to_string(),
+            "L2 table offset 0x10000 of L1 entry 1 overlaps the refcount table"
+        );
+        let w = Corruption::new(
+            Structure::DataCluster,
+            Problem::WriteOverlapsMetadata {
+                guest_cluster: 0,
+                host: 0,
+                with: Structure::Qcow2Header,
+            },
+        );
+        assert_eq!(
+            w.to_string(),
+            "Preventing invalid write on metadata (overlaps with qcow2_header): guest cluster 0 maps to host offset 0x0"
+        );
+        let a = Corruption::new(
+            Structure::HostCluster,
+            Problem::AllocationOverlapsMetadata {
+                first: 3,
+                end: 5,
+                with: Structure::SnapshotL1Table,
+            },
+        );
+        assert_eq!(
+            a.to_string(),
+            "Preventing invalid allocation of clusters 3..5 (overlaps with inactive L1 table); refcounts are corrupt"
+        );
+        assert_eq!(Structure::L1Table.overlap_name(), "active L1 table");
+    }
+
+    #[test]
+    fn qed_and_compressed_wording() {
+        let c = Corruption::new(
+            Structure::QedL2Table,
+            Problem::BadOffset {
+                index: Some(7),
+                value: 0x123,
+            },
+        )
+        .entry(2)
+        .at(0x40000);
+        assert_eq!(
+            c.to_string(),
+            "QED: L2 table at 0x40000 (L1 index 2) entry 7 holds an invalid cluster offset 0x123 \
+             (misaligned, inside the header or the L1 table, or past the end of the file)"
+        );
+        let c = Corruption::new(
+            Structure::QedL1Table,
+            Problem::BadOffset {
+                index: None,
+                value: 0x5,
+            },
+        )
+        .entry(4);
+        assert_eq!(
+            c.to_string(),
+            "QED: L1 entry 4 points to an invalid L2 table offset 0x5 (misaligned, inside the \
+             header or the L1 table, or past the end of the file)"
+        );
+        let c = Corruption::new(
+            Structure::QedL1Table,
+            Problem::IndexOutOfRange { entries: 8 },
+        )
+        .entry(9);
+        assert_eq!(
+            c.to_string(),
+            "QED: L1 index 9 is outside the L1 table (8 entries)"
+        );
+        let c = Corruption::new(
+            Structure::QedL2Table,
+            Problem::DataOverlapsTable { host: 0x20000 },
+        )
+        .at(0x20000);
+        assert_eq!(
+            c.to_string(),
+            "QED: refusing to write guest data to host offset 0x20000: it overlaps the L2 table \
+             at 0x20000 (cluster referenced twice; run a repair)"
+        );
+        assert_eq!(
+            Corruption::new(Structure::QedL2Table, Problem::CompressedMapping).to_string(),
+            "QED: a compressed mapping (the format has none)"
+        );
+        let z = |p| {
+            Corruption::new(Structure::CompressedCluster, p)
+                .at(0x30000)
+                .to_string()
+        };
+        assert_eq!(
+            z(Problem::Undecompressable {
+                library: "bad frame".into()
+            }),
+            "compressed cluster at host offset 0x30000 is corrupt: bad frame"
+        );
+        assert_eq!(
+            z(Problem::DecompressedSize {
+                got: 100,
+                want: 65536
+            }),
+            "compressed cluster at host offset 0x30000 is corrupt: decompressed to 100 bytes instead of 65536"
+        );
+        assert_eq!(
+            z(Problem::DecompressedTooShort {
+                got: 100,
+                need: 512,
+                skip: 0
+            }),
+            "compressed cluster at host offset 0x30000 decompressed to 100 bytes, too short for 512 bytes at 0"
+        );
+    }
+
+    #[test]
+    fn refused_writes_name_the_open_time_corruption() {
+        let why = Corruption::new(Structure::RefcountTable, Problem::Missing);
+        let c = Corruption::new(
+            Structure::RefcountTable,
+            Problem::WritesRefused(Box::new(why)),
+        );
+        assert_eq!(
+            c.to_string(),
+            "Image does not contain a reference count table; writes are refused (run check -r all)"
+        );
+        assert_eq!(Error::from(c).errno(), libc::EIO);
+    }
 }

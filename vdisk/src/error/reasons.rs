@@ -698,4 +698,113 @@ mod tests {
             "rebuilt refcount table would exceed 8 MiB"
         );
     }
+
+    #[test]
+    fn converted_site_wording() {
+        let t = |e: Error| e.to_string();
+        assert_eq!(
+            t(Unsupported::NoCheck("raw").into()),
+            "This image format (raw) does not support checks"
+        );
+        assert_eq!(
+            t(Unsupported::NoCompression("raw").into()),
+            "Compression is not supported for the raw format"
+        );
+        assert_eq!(
+            t(Unsupported::NoBackingFile("raw").into()),
+            "raw images have no backing file"
+        );
+        assert_eq!(
+            t(Unsupported::NoPreallocation("qcow2").into()),
+            "falloc preallocation of a qcow2 image"
+        );
+        assert_eq!(
+            t(Unsupported::ResizeV2WithSnapshots.into()),
+            "Can't resize a v2 image which has snapshots"
+        );
+        assert_eq!(
+            t(Unsupported::ZeroesNeedData(ZeroLimit::Qcow2V2Backing).into()),
+            "qcow2 v2 image with a backing file cannot write zeroes without writing data"
+        );
+        assert_eq!(
+            t(Invalid::FileTooShort {
+                format: "QED",
+                len: 10
+            }
+            .into()),
+            "Image not in QED format (file is only 10 bytes)"
+        );
+        assert_eq!(
+            t(Invalid::NotUtf8Name {
+                backing: true,
+                name: "a\u{fffd}".into()
+            }
+            .into()),
+            "backing file name 'a\u{fffd}' is not UTF-8"
+        );
+        assert_eq!(
+            t(Invalid::ChainTooDeep {
+                max: 64,
+                name: "b".into()
+            }
+            .into()),
+            "backing chain deeper than 64 images at 'b'"
+        );
+        assert_eq!(
+            t(Invalid::CompressedWriteUnaligned { offset: 512 }.into()),
+            "compressed write at offset 512 is not cluster aligned or past the end"
+        );
+        assert_eq!(
+            t(Invalid::CompressedWriteLength {
+                want: 65536,
+                got: 512
+            }
+            .into()),
+            "compressed writes must cover one whole cluster (65536 bytes), got 512"
+        );
+        assert_eq!(
+            t(Invalid::BadWriteTarget {
+                guest: 0x1000,
+                len: 0,
+                want: 512
+            }
+            .into()),
+            "format driver returned a write target of 0 bytes at guest offset 0x1000 for a request of 512"
+        );
+        assert_eq!(
+            t(Invalid::BadMapping {
+                guest: 0,
+                len: 0,
+                want: 512
+            }
+            .into()),
+            "format driver mapped 0 bytes at guest offset 0x0 for a request of 512"
+        );
+        assert_eq!(
+            t(Invalid::NoBlockStatus {
+                offset: 0,
+                len: 512
+            }
+            .into()),
+            "no block status for offset 0 length 512"
+        );
+        assert_eq!(
+            t(Invalid::L1TooLarge { size: 1 << 60 }.into()),
+            "qcow2 image size 1152921504606846976 needs an L1 table larger than 32 MiB"
+        );
+        assert_eq!(
+            t(Invalid::RefusedByHook { op: "discards" }.into()),
+            "discards refused by the hook"
+        );
+        assert_eq!(t(NoSpace::Clusters.into()), "could not allocate clusters");
+        assert_eq!(
+            t(NoSpace::QedFileSize.into()),
+            "QED image file would exceed 2^63 bytes"
+        );
+        assert_eq!(Error::from(Invalid::NeedsSize).errno(), libc::EINVAL);
+        assert_eq!(
+            Error::from(Unsupported::NoCheck("raw")).errno(),
+            libc::ENOTSUP
+        );
+    }
 }
