@@ -189,9 +189,7 @@ impl Export {
             pos += n;
         }
         if runs.is_empty() {
-            return Err(vdisk::Error::invalid(format!(
-                "no block status for offset {offset} length {len}"
-            )));
+            return Err(vdisk::error::Invalid::NoBlockStatus { offset, len }.into());
         }
         Ok(runs)
     }

@@ -45,7 +45,7 @@ impl Driver for Gated {
                 .wait_timeout_while(g, Duration::from_secs(20), |r| !*r)
                 .unwrap();
             if t.timed_out() || !*g {
-                return Err(vdisk::Error::invalid("gate never opened"));
+                return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
             }
         }
         Ok(self.storage.read_at(buf, offset)?)
@@ -73,7 +73,7 @@ impl Driver for Gated {
         })
     }
     fn resize(&self, _new_size: u64, _shrink: bool) -> vdisk::Result<()> {
-        Err(vdisk::Error::unsupported("fixed size"))
+        Err(vdisk::error::Unsupported::NoResize("gate").into())
     }
 }
 

@@ -2,7 +2,7 @@
 //! [`crate::storage::spec`] and the protocol registry), its format, its backing files
 //! (relative plain names resolved, loops detected), and status through the chain.
 
-use crate::error::{Error, Result};
+use crate::error::{BackingContext, ChainLoop, Error, Invalid, Result};
 use crate::format::{self, BackingSpec, Driver, DriverOptions, Format};
 use crate::storage::options::{Node, SpecError, Value};
 use crate::storage::registry::{self, ProtocolOpen};
@@ -365,10 +365,10 @@ fn backing_tree(
         _ => {
             let path = resolve_backing_path(image, &spec.name);
             let name = path.to_str().map(str::to_string).ok_or_else(|| {
-                Error::invalid(format!(
-                    "backing file name '{}' is not UTF-8",
-                    path.display()
-                ))
+                Error::from(Invalid::NotUtf8Name {
+                    backing: true,
+                    name: path.display().to_string(),
+                })
             })?;
             Ok((spec::parse_filename(&name)?, name))
         }
@@ -396,21 +396,27 @@ pub fn open_backing_with(
     seen: &mut Vec<PathBuf>,
 ) -> Result<Arc<dyn Driver>> {
     let (tree, name) = backing_tree(image_path, spec, choice)
-        .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
+        .map_err(|e| Error::backing(BackingContext::Open, e))?;
     if seen.len() >= MAX_CHAIN_DEPTH {
-        return Err(Error::invalid(format!(
-            "backing chain deeper than {MAX_CHAIN_DEPTH} images at '{name}'"
-        )));
+        return Err(Invalid::ChainTooDeep {
+            max: MAX_CHAIN_DEPTH,
+            name,
+        }
+        .into());
     }
     let force_share = opts.force_share;
     let mut check = |canon: &Path| -> Result<()> {
         if seen.iter().any(|p| p == canon) {
-            let names: Vec<String> = seen.iter().map(|p| p.display().to_string()).collect();
-            return Err(Error::BackingLoop(format!(
-                "'{name}' is its own backing file (chain: {} -> {})",
-                names.join(" -> "),
-                canon.display()
-            )));
+            let chain = seen
+                .iter()
+                .map(|p| p.as_path())
+                .chain([canon])
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(Error::BackingLoop(ChainLoop {
+                name: name.clone(),
+                chain,
+            }));
         }
         Ok(())
     };
@@ -429,7 +435,7 @@ pub fn open_backing_with(
     )
     .map_err(|e| match e {
         Error::BackingLoop(_) => e,
-        other => Error::invalid(format!("Could not open backing file: {other}")),
+        other => Error::backing(BackingContext::Open, other),
     })?;
     let path = node
         .local_path
@@ -442,9 +448,10 @@ pub fn open_backing_with(
         .clone()
         .unwrap_or_else(|| PathBuf::from(&name));
     if node.canonical.is_none() && seen.contains(&canon) {
-        return Err(Error::BackingLoop(format!(
-            "'{name}' is its own backing file"
-        )));
+        return Err(Error::BackingLoop(ChainLoop {
+            name,
+            chain: Vec::new(),
+        }));
     }
     let choice = node.backing.clone();
     seen.push(canon);
@@ -454,10 +461,7 @@ pub fn open_backing_with(
     seen.pop();
     r.map_err(|e| match e {
         Error::BackingLoop(_) => e,
-        other => Error::invalid(format!(
-            "Could not open backing image '{}': {other}",
-            path.display()
-        )),
+        other => Error::backing(BackingContext::Image(path.display().to_string()), other),
     })
 }
 

@@ -9,7 +9,7 @@
 //! offered as [`ImageLayer`] views, which cannot write.
 
 use crate::chain::{self, ChainExtent, ChainOptions, NodeOpen};
-use crate::error::{Error, Result};
+use crate::error::{BackingContext, Error, Invalid, Result, Unsupported};
 use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Extent, Format,
     FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
@@ -103,13 +103,14 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let name = path.to_str().ok_or_else(|| {
-            Error::invalid(format!("image name '{}' is not UTF-8", path.display()))
+            Error::from(Invalid::NotUtf8Name {
+                backing: false,
+                name: path.display().to_string(),
+            })
         })?;
         let tree = if opts.image_opts {
             if opts.format.is_some() {
-                return Err(Error::invalid(
-                    "--image-opts and --format are mutually exclusive",
-                ));
+                return Err(Invalid::ImageOptsWithFormat.into());
             }
             spec::parse_image_opts(name)?
         } else {
@@ -122,9 +123,7 @@ impl Image {
     /// shown when the tree names no host file).
     pub fn open_tree(tree: Node, name: &str, opts: &OpenOptions) -> Result<Image> {
         if opts.force_share && !opts.read_only {
-            return Err(Error::invalid(
-                "force-share=on can only be used with read-only images",
-            ));
+            return Err(Invalid::ForceShareReadWrite.into());
         }
         let copts = ChainOptions {
             cache: opts.cache,
@@ -165,7 +164,7 @@ impl Image {
         let choice = node.backing.clone();
         let driver = chain::open_format(node, &mut |spec: &BackingSpec| {
             if no_backing {
-                return Err(Error::invalid("backing files are disabled for this open"));
+                return Err(Invalid::BackingDisabled.into());
             }
             chain::open_backing_with(&path, spec, &choice, &copts, &mut seen)
         })?;
@@ -196,7 +195,7 @@ impl Image {
         let mut o = opts.clone();
         o.no_backing = true;
         let driver = format::open(format, storage, &o, &mut |_s: &BackingSpec| {
-            Err(Error::invalid("backing files are disabled for this open"))
+            Err(Invalid::BackingDisabled.into())
         })?;
         Ok(Image::from_driver(driver, "<storage>"))
     }
@@ -221,23 +220,20 @@ impl Image {
                     },
                 )
                 .map_err(|e| {
-                    Error::invalid(format!(
-                        "Could not open backing file '{}': {e}",
-                        bpath.display()
-                    ))
+                    Error::backing(BackingContext::OpenFile(bpath.display().to_string()), e)
                 })?;
                 fmt = Some(bimg.format());
                 // qemu-img takes the backing size rounded up to whole sectors.
                 size = size.or(Some(bimg.size().div_ceil(512) * 512));
             } else if size.is_none() {
-                return Err(Error::invalid("Image creation needs a size parameter"));
+                return Err(Invalid::NeedsSize.into());
             }
             backing = Some(BackingSpec {
                 name: name.clone(),
                 format: fmt,
             });
         }
-        let size = size.ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?;
+        let size = size.ok_or(Invalid::NeedsSize)?;
         let fo = OpenFileOptions {
             read_only: false,
             cache: CacheMode::Writeback,
@@ -411,10 +407,7 @@ impl Image {
     /// are the same; other formats refuse.
     pub fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
         if !self.format().caps().raw_data {
-            return Err(Error::unsupported(format!(
-                "falloc preallocation of a {} image",
-                self.format()
-            )));
+            return Err(Unsupported::NoPreallocation(self.format().name()).into());
         }
         Ok(self.driver.storage().allocate(offset, len)?)
     }

@@ -34,7 +34,7 @@ impl WriteHook for Recorder {
     fn before(&self, req: &mut Request<'_>) -> vdisk::Result<()> {
         self.push(format!("before {:?}", req.change()));
         if self.refuse_discard && matches!(req, Request::Discard { .. }) {
-            return Err(vdisk::Error::invalid("discards refused by the hook"));
+            return Err(vdisk::error::Invalid::RefusedByHook { op: "discards" }.into());
         }
         Ok(())
     }

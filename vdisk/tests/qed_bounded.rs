@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vdisk::format::qed::Qed;
 use vdisk::format::{BackingSpec, CreateSpec, Driver, DriverOptions, ExtentKind, ZeroFlags};
-use vdisk::storage::{FileStorage, OpenFileOptions, Storage, StorageError, StorageResult};
+use vdisk::storage::{
+    FileStorage, OpenFileOptions, Storage, StorageError, StorageOp, StorageResult,
+};
 use vdisk::Repair;
 
 /// Largest single read or write allowed (the driver's bounded pieces are 1 MiB).
@@ -30,12 +32,15 @@ struct Bounded {
 }
 
 impl Bounded {
-    fn check(&self, len: usize, what: &str, offset: u64) -> StorageResult<()> {
+    fn check(&self, len: usize, op: StorageOp, offset: u64) -> StorageResult<()> {
         self.largest.fetch_max(len as u64, Ordering::Relaxed);
         if len as u64 > MAX_IO {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(StorageError::io(
-                format!("test storage: {what} of {len} bytes at {offset:#x} is unbounded"),
+            // The op, the offset and ENOMEM say it: an unbounded access of `len` bytes.
+            return Err(StorageError::op(
+                op,
+                "test storage",
+                Some(offset),
                 std::io::Error::from_raw_os_error(12), // ENOMEM
             ));
         }
@@ -45,11 +50,11 @@ impl Bounded {
 
 impl Storage for Bounded {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
-        self.check(buf.len(), "read", offset)?;
+        self.check(buf.len(), StorageOp::Read, offset)?;
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
-        self.check(buf.len(), "write", offset)?;
+        self.check(buf.len(), StorageOp::Write, offset)?;
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> StorageResult<()> {
@@ -113,7 +118,7 @@ fn open_bounded(path: &Path) -> (Qed, Arc<Bounded>) {
     });
     let st: Arc<dyn Storage> = b.clone();
     let d = Qed::open(st, &DriverOptions::default(), &mut |_s: &BackingSpec| {
-        Err(vdisk::Error::invalid("no backing"))
+        Err(vdisk::error::Invalid::BackingDisabled.into())
     })
     .expect("open a huge-table image with bounded I/O");
     (d, b)

@@ -39,7 +39,7 @@ fn open_bytes(img: Vec<u8>, read_only: bool) -> vdisk::Result<Qed> {
             read_only,
             ..DriverOptions::default()
         },
-        &mut |_s: &BackingSpec| Err(vdisk::Error::invalid("no backing here")),
+        &mut |_s: &BackingSpec| Err(vdisk::error::Invalid::BackingDisabled.into()),
     )
 }
 

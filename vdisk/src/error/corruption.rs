@@ -74,6 +74,18 @@ impl Structure {
             Structure::Image => "image",
         }
     }
+    /// The structure's name in QEMU's metadata overlap messages (`qcow2_header`,
+    /// `active L1 table`).
+    pub fn overlap_name(self) -> &'static str {
+        match self {
+            Structure::Qcow2Header => "qcow2_header",
+            Structure::L1Table => "active L1 table",
+            Structure::RefcountTable => "refcount table",
+            Structure::SnapshotTable => "snapshot table",
+            Structure::SnapshotL1Table => "inactive L1 table",
+            s => s.name(),
+        }
+    }
 }
 
 /// A header or table field a corruption is about.
@@ -205,8 +217,121 @@ pub enum Problem {
         /// Corruptions the reference count found.
         corruptions: u64,
     },
-    /// Anything else, described in words (fallback).
-    Detail(String),
+    /// An entry has reserved bits set: `raw` is the entry, `guest_cluster` the guest
+    /// cluster an L2 entry maps (the corruption's `entry` is an L1 entry's index).
+    ReservedBits {
+        /// The raw entry.
+        raw: u64,
+        /// The guest cluster the entry maps (L2 entries).
+        guest_cluster: Option<u64>,
+    },
+    /// An L2 entry maps `guest_cluster` to a host offset that is not cluster aligned.
+    UnalignedHost {
+        /// The guest cluster.
+        guest_cluster: u64,
+        /// The host offset.
+        host: u64,
+    },
+    /// An extended L2 entry has an invalid subcluster bitmap.
+    InvalidBitmap {
+        /// The guest cluster.
+        guest_cluster: u64,
+        /// The bitmap.
+        bitmap: u64,
+    },
+    /// An L2 entry cannot be represented in this image's entry format.
+    Unencodable {
+        /// The guest cluster.
+        guest_cluster: u64,
+        /// The raw entry.
+        raw: u64,
+    },
+    /// An L2 entry is allocated without a host offset.
+    NoHostOffset {
+        /// The guest cluster.
+        guest_cluster: u64,
+    },
+    /// An L2 entry points past the end of the file.
+    HostPastEnd {
+        /// The guest cluster.
+        guest_cluster: u64,
+        /// The host offset.
+        host: u64,
+    },
+    /// A guest cluster lies beyond the L1 table (of `entries` entries, when known).
+    BeyondL1 {
+        /// The guest cluster.
+        guest_cluster: u64,
+        /// Entries of the L1 table.
+        entries: Option<u64>,
+    },
+    /// The structure overlaps other metadata.
+    OverlapsMetadata {
+        /// The metadata it overlaps.
+        with: Structure,
+    },
+    /// A guest data write would land on metadata (QEMU's overlap check).
+    WriteOverlapsMetadata {
+        /// The guest cluster written.
+        guest_cluster: u64,
+        /// The host offset it maps to.
+        host: u64,
+        /// The metadata it overlaps.
+        with: Structure,
+    },
+    /// Newly allocated host clusters `first..end` overlap metadata (refcounts are corrupt).
+    AllocationOverlapsMetadata {
+        /// First host cluster.
+        first: u64,
+        /// One past the last host cluster.
+        end: u64,
+        /// The metadata they overlap.
+        with: Structure,
+    },
+    /// A guest data write to `host` overlaps the table at the corruption's offset.
+    DataOverlapsTable {
+        /// Host offset of the write.
+        host: u64,
+    },
+    /// An entry holds an invalid offset; `index` is its index where the corruption's
+    /// `entry` names the table (QED L2 tables by L1 index).
+    BadOffset {
+        /// Index of the entry in its table.
+        index: Option<u64>,
+        /// The offset it holds.
+        value: u64,
+    },
+    /// An index (the corruption's `entry`) outside a table of `entries` entries.
+    IndexOutOfRange {
+        /// Entries of the table.
+        entries: u64,
+    },
+    /// A compressed mapping from a format that has no compression.
+    CompressedMapping,
+    /// A compressed cluster does not decompress; the decompressor's own message.
+    Undecompressable {
+        /// What the decompression library reported.
+        library: String,
+    },
+    /// A compressed cluster decompressed to `got` bytes instead of `want`.
+    DecompressedSize {
+        /// Bytes produced.
+        got: u64,
+        /// Bytes expected (the cluster size).
+        want: u64,
+    },
+    /// A decompressed cluster of `got` bytes is too short for `need` bytes at `skip`.
+    DecompressedTooShort {
+        /// Bytes decompressed.
+        got: u64,
+        /// Bytes wanted.
+        need: u64,
+        /// Where in the cluster they start.
+        skip: u64,
+    },
+    /// The refcount structure is unusable (the inner corruption, found at open), so
+    /// writes are refused until `check -r all` rebuilds it.
+    WritesRefused(Box<Corruption>),
 }
 
 /// A metadata corruption: which structure, which entry, where, and what is wrong.
@@ -232,10 +357,6 @@ impl Corruption {
             offset: None,
             problem,
         }
-    }
-    /// A corruption described only by a message (fallback).
-    pub fn other(msg: impl Into<String>) -> Self {
-        Corruption::new(Structure::Image, Problem::Detail(msg.into()))
     }
     /// With the entry index.
     pub fn entry(mut self, entry: u64) -> Self {
@@ -264,7 +385,101 @@ impl fmt::Display for Corruption {
         let off = self.offset.unwrap_or(0);
         let entry = self.entry.unwrap_or(0);
         match (self.structure, &self.problem) {
-            (_, P::Detail(m)) => write!(f, "{m}"),
+            (_, P::WritesRefused(inner)) => {
+                write!(f, "{inner}; writes are refused (run check -r all)")
+            }
+            // Entries (the data path's mapping checks).
+            (S::L1Table, P::ReservedBits { raw, .. }) => {
+                write!(f, "L1 entry {entry} ({raw:#x}) has reserved bits set")
+            }
+            (_, P::ReservedBits { raw, guest_cluster }) => write!(
+                f,
+                "L2 entry {raw:#x} of guest cluster {} has reserved bits set",
+                guest_cluster.unwrap_or(0)
+            ),
+            (_, P::UnalignedHost { guest_cluster, host }) => write!(
+                f,
+                "L2 entry of guest cluster {guest_cluster} points to unaligned host offset {host:#x}"
+            ),
+            (_, P::InvalidBitmap { guest_cluster, bitmap }) => write!(
+                f,
+                "extended L2 entry of guest cluster {guest_cluster} has an invalid subcluster bitmap {bitmap:#x}"
+            ),
+            (_, P::Unencodable { guest_cluster, raw }) => write!(
+                f,
+                "L2 entry {raw:#x} of guest cluster {guest_cluster}: not representable in this entry format"
+            ),
+            (_, P::NoHostOffset { guest_cluster }) => write!(
+                f,
+                "L2 entry of guest cluster {guest_cluster} is allocated without a host offset"
+            ),
+            (_, P::HostPastEnd { guest_cluster, host }) => write!(
+                f,
+                "L2 entry of guest cluster {guest_cluster} points past the end of the file (host offset {host:#x})"
+            ),
+            (_, P::BeyondL1 { guest_cluster, entries: Some(n) }) => write!(
+                f,
+                "guest cluster {guest_cluster} is beyond the L1 table ({n} entries)"
+            ),
+            (_, P::BeyondL1 { guest_cluster, entries: None }) => {
+                write!(f, "guest cluster {guest_cluster} is beyond the L1 table")
+            }
+            (S::L2Table, P::Misplaced) => write!(
+                f,
+                "L2 table offset {off:#x} of L1 entry {entry} is unaligned, overlaps the header or lies past the end of the file"
+            ),
+            (_, P::OverlapsMetadata { with }) => write!(
+                f,
+                "{} offset {off:#x} of L1 entry {entry} overlaps the {}",
+                self.name(),
+                with.overlap_name()
+            ),
+            (_, P::WriteOverlapsMetadata { guest_cluster, host, with }) => write!(
+                f,
+                "Preventing invalid write on metadata (overlaps with {}): guest cluster {guest_cluster} maps to host offset {host:#x}",
+                with.overlap_name()
+            ),
+            (_, P::AllocationOverlapsMetadata { first, end, with }) => write!(
+                f,
+                "Preventing invalid allocation of clusters {first}..{end} (overlaps with {}); refcounts are corrupt",
+                with.overlap_name()
+            ),
+            (_, P::DataOverlapsTable { host }) => write!(
+                f,
+                "QED: refusing to write guest data to host offset {host:#x}: it overlaps \
+                 the L2 table at {off:#x} (cluster referenced twice; run a repair)"
+            ),
+            (S::QedL1Table, P::BadOffset { value, .. }) => write!(
+                f,
+                "QED: L1 entry {entry} points to an invalid L2 table offset {value:#x} \
+                 (misaligned, inside the header or the L1 table, or past the end of the file)"
+            ),
+            (_, P::BadOffset { index, value }) => write!(
+                f,
+                "QED: L2 table at {off:#x} (L1 index {entry}) entry {} holds an \
+                 invalid cluster offset {value:#x} (misaligned, inside the header or the L1 \
+                 table, or past the end of the file)",
+                index.unwrap_or(0)
+            ),
+            (_, P::IndexOutOfRange { entries }) => write!(
+                f,
+                "QED: L1 index {entry} is outside the L1 table ({entries} entries)"
+            ),
+            (_, P::CompressedMapping) => {
+                write!(f, "QED: a compressed mapping (the format has none)")
+            }
+            (_, P::Undecompressable { library }) => write!(
+                f,
+                "compressed cluster at host offset {off:#x} is corrupt: {library}"
+            ),
+            (_, P::DecompressedSize { got, want }) => write!(
+                f,
+                "compressed cluster at host offset {off:#x} is corrupt: decompressed to {got} bytes instead of {want}"
+            ),
+            (_, P::DecompressedTooShort { got, need, skip }) => write!(
+                f,
+                "compressed cluster at host offset {off:#x} decompressed to {got} bytes, too short for {need} bytes at {skip}"
+            ),
             // Table placement (qcow2's open validation).
             (_, P::Unaligned) => write!(f, "{} offset {off:#x} is not cluster aligned", self.name()),
             (_, P::OverlapsHeader) => {
@@ -609,5 +824,218 @@ mod tests {
             Corruption::new(Structure::Image, Problem::CorruptOnOpen).to_string(),
             "qcow2: Image is corrupt; cannot be opened read/write"
         );
+    }
+
+    #[test]
+    fn entry_wording() {
+        let l2 = |p| Corruption::new(Structure::L2Table, p).to_string();
+        assert_eq!(
+            l2(Problem::ReservedBits {
+                raw: 0x8000_0000_0000_0201,
+                guest_cluster: Some(3)
+            }),
+            "L2 entry 0x8000000000000201 of guest cluster 3 has reserved bits set"
+        );
+        assert_eq!(
+            Corruption::new(
+                Structure::L1Table,
+                Problem::ReservedBits {
+                    raw: 0x1ff,
+                    guest_cluster: None
+                }
+            )
+            .entry(2)
+            .to_string(),
+            "L1 entry 2 (0x1ff) has reserved bits set"
+        );
+        assert_eq!(
+            l2(Problem::UnalignedHost {
+                guest_cluster: 4,
+                host: 0x10200
+            }),
+            "L2 entry of guest cluster 4 points to unaligned host offset 0x10200"
+        );
+        assert_eq!(
+            l2(Problem::InvalidBitmap {
+                guest_cluster: 1,
+                bitmap: 0x11
+            }),
+            "extended L2 entry of guest cluster 1 has an invalid subcluster bitmap 0x11"
+        );
+        assert_eq!(
+            l2(Problem::Unencodable {
+                guest_cluster: 1,
+                raw: 0x1
+            }),
+            "L2 entry 0x1 of guest cluster 1: not representable in this entry format"
+        );
+        assert_eq!(
+            l2(Problem::NoHostOffset { guest_cluster: 9 }),
+            "L2 entry of guest cluster 9 is allocated without a host offset"
+        );
+        assert_eq!(
+            l2(Problem::HostPastEnd {
+                guest_cluster: 9,
+                host: 0x50000
+            }),
+            "L2 entry of guest cluster 9 points past the end of the file (host offset 0x50000)"
+        );
+        let beyond = |entries| {
+            Corruption::new(
+                Structure::L1Table,
+                Problem::BeyondL1 {
+                    guest_cluster: 70,
+                    entries,
+                },
+            )
+            .to_string()
+        };
+        assert_eq!(
+            beyond(Some(2)),
+            "guest cluster 70 is beyond the L1 table (2 entries)"
+        );
+        assert_eq!(beyond(None), "guest cluster 70 is beyond the L1 table");
+    }
+
+    #[test]
+    fn overlap_wording() {
+        let t = Corruption::new(Structure::L2Table, Problem::Misplaced)
+            .entry(1)
+            .at(0x200);
+        assert_eq!(
+            t.to_string(),
+            "L2 table offset 0x200 of L1 entry 1 is unaligned, overlaps the header or lies past the end of the file"
+        );
+        let t = Corruption::new(
+            Structure::L2Table,
+            Problem::OverlapsMetadata {
+                with: Structure::RefcountTable,
+            },
+        )
+        .entry(1)
+        .at(0x10000);
+        assert_eq!(
+            t.to_string(),
+            "L2 table offset 0x10000 of L1 entry 1 overlaps the refcount table"
+        );
+        let w = Corruption::new(
+            Structure::DataCluster,
+            Problem::WriteOverlapsMetadata {
+                guest_cluster: 0,
+                host: 0,
+                with: Structure::Qcow2Header,
+            },
+        );
+        assert_eq!(
+            w.to_string(),
+            "Preventing invalid write on metadata (overlaps with qcow2_header): guest cluster 0 maps to host offset 0x0"
+        );
+        let a = Corruption::new(
+            Structure::HostCluster,
+            Problem::AllocationOverlapsMetadata {
+                first: 3,
+                end: 5,
+                with: Structure::SnapshotL1Table,
+            },
+        );
+        assert_eq!(
+            a.to_string(),
+            "Preventing invalid allocation of clusters 3..5 (overlaps with inactive L1 table); refcounts are corrupt"
+        );
+        assert_eq!(Structure::L1Table.overlap_name(), "active L1 table");
+    }
+
+    #[test]
+    fn qed_and_compressed_wording() {
+        let c = Corruption::new(
+            Structure::QedL2Table,
+            Problem::BadOffset {
+                index: Some(7),
+                value: 0x123,
+            },
+        )
+        .entry(2)
+        .at(0x40000);
+        assert_eq!(
+            c.to_string(),
+            "QED: L2 table at 0x40000 (L1 index 2) entry 7 holds an invalid cluster offset 0x123 \
+             (misaligned, inside the header or the L1 table, or past the end of the file)"
+        );
+        let c = Corruption::new(
+            Structure::QedL1Table,
+            Problem::BadOffset {
+                index: None,
+                value: 0x5,
+            },
+        )
+        .entry(4);
+        assert_eq!(
+            c.to_string(),
+            "QED: L1 entry 4 points to an invalid L2 table offset 0x5 (misaligned, inside the \
+             header or the L1 table, or past the end of the file)"
+        );
+        let c = Corruption::new(
+            Structure::QedL1Table,
+            Problem::IndexOutOfRange { entries: 8 },
+        )
+        .entry(9);
+        assert_eq!(
+            c.to_string(),
+            "QED: L1 index 9 is outside the L1 table (8 entries)"
+        );
+        let c = Corruption::new(
+            Structure::QedL2Table,
+            Problem::DataOverlapsTable { host: 0x20000 },
+        )
+        .at(0x20000);
+        assert_eq!(
+            c.to_string(),
+            "QED: refusing to write guest data to host offset 0x20000: it overlaps the L2 table \
+             at 0x20000 (cluster referenced twice; run a repair)"
+        );
+        assert_eq!(
+            Corruption::new(Structure::QedL2Table, Problem::CompressedMapping).to_string(),
+            "QED: a compressed mapping (the format has none)"
+        );
+        let z = |p| {
+            Corruption::new(Structure::CompressedCluster, p)
+                .at(0x30000)
+                .to_string()
+        };
+        assert_eq!(
+            z(Problem::Undecompressable {
+                library: "bad frame".into()
+            }),
+            "compressed cluster at host offset 0x30000 is corrupt: bad frame"
+        );
+        assert_eq!(
+            z(Problem::DecompressedSize {
+                got: 100,
+                want: 65536
+            }),
+            "compressed cluster at host offset 0x30000 is corrupt: decompressed to 100 bytes instead of 65536"
+        );
+        assert_eq!(
+            z(Problem::DecompressedTooShort {
+                got: 100,
+                need: 512,
+                skip: 0
+            }),
+            "compressed cluster at host offset 0x30000 decompressed to 100 bytes, too short for 512 bytes at 0"
+        );
+    }
+
+    #[test]
+    fn refused_writes_name_the_open_time_corruption() {
+        let why = Corruption::new(Structure::RefcountTable, Problem::Missing);
+        let c = Corruption::new(
+            Structure::RefcountTable,
+            Problem::WritesRefused(Box::new(why)),
+        );
+        assert_eq!(
+            c.to_string(),
+            "Image does not contain a reference count table; writes are refused (run check -r all)"
+        );
+        assert_eq!(Error::from(c).errno(), libc::EIO);
     }
 }

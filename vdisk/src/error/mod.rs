@@ -6,15 +6,17 @@
 //! Errors are facts: a corruption names the [`Structure`], the entry index and the host
 //! offset as fields and the [`Problem`] as an enum, so front-ends can act on them
 //! (NBD errno, exit codes, JSON) without parsing text. `Display` renders the wording the
-//! CLI prints (QEMU's where qemu-img prints one). Each kind keeps a string fallback
-//! ([`Error::corrupt`], [`Error::invalid`], [`Error::unsupported`]) for call sites that
-//! have not been given a typed variant yet.
+//! CLI prints (QEMU's where qemu-img prints one). No variant holds a sentence: an error
+//! that adds context to another ([`Error::Backing`]) holds the inner error and the
+//! context as fields.
 
 mod corruption;
 mod reasons;
 
 pub use corruption::{Corruption, Field, Problem, Structure};
-pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature};
+pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature, ZeroLimit};
+
+use std::fmt;
 
 use crate::storage::StorageError;
 
@@ -41,24 +43,84 @@ pub enum Error {
     ReadOnly,
     /// A backing chain names a file twice.
     #[error("backing chain loop: {0}")]
-    BackingLoop(String),
+    BackingLoop(ChainLoop),
     /// The disk image no longer has room (e.g. format size limits).
     #[error("{0}")]
     NoSpace(NoSpace),
+    /// A backing file of the chain could not be opened (or failed while opening).
+    #[error("{context}: {source}")]
+    Backing {
+        /// Which step, of which file.
+        context: BackingContext,
+        /// What went wrong.
+        source: Box<Error>,
+    },
+    /// The compression library failed to compress a cluster.
+    #[error("{}: {source}", compress_verb(.zstd))]
+    Compress {
+        /// zstd (else deflate).
+        zstd: bool,
+        /// The library's error.
+        source: std::io::Error,
+    },
+}
+
+/// The words a compression failure starts with (as the messages always were).
+fn compress_verb(zstd: &bool) -> &'static str {
+    if *zstd {
+        "zstd compression failed"
+    } else {
+        "deflate failed"
+    }
+}
+
+/// A backing file that is its own backing file (directly or down the chain).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainLoop {
+    /// The backing file name as the image records it.
+    pub name: String,
+    /// The chain down to the repeated file (empty when not known).
+    pub chain: Vec<String>,
+}
+
+impl fmt::Display for ChainLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "'{}' is its own backing file", self.name)?;
+        if !self.chain.is_empty() {
+            write!(f, " (chain: {})", self.chain.join(" -> "))?;
+        }
+        Ok(())
+    }
+}
+
+/// What was being done with a backing file when it failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackingContext {
+    /// Opening the backing file named by an image (name not yet resolved).
+    Open,
+    /// Opening the backing file at this path (image creation reads its size).
+    OpenFile(String),
+    /// Opening the backing chain below the image at this path.
+    Image(String),
+}
+
+impl fmt::Display for BackingContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackingContext::Open => write!(f, "Could not open backing file"),
+            BackingContext::OpenFile(p) => write!(f, "Could not open backing file '{p}'"),
+            BackingContext::Image(p) => write!(f, "Could not open backing image '{p}'"),
+        }
+    }
 }
 
 impl Error {
-    /// A corruption described only by a message (fallback for unconverted call sites).
-    pub fn corrupt(msg: impl Into<String>) -> Self {
-        Error::Corrupt(Corruption::other(msg))
-    }
-    /// An invalid argument described only by a message.
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        Error::InvalidArgument(Invalid::Other(msg.into()))
-    }
-    /// An unsupported feature described only by a message.
-    pub fn unsupported(msg: impl Into<String>) -> Self {
-        Error::Unsupported(Unsupported::Other(msg.into()))
+    /// `source`, as it failed while opening a backing file (`context`).
+    pub fn backing(context: BackingContext, source: Error) -> Self {
+        Error::Backing {
+            context,
+            source: Box::new(source),
+        }
     }
     /// The corruption this error reports, if it is one.
     pub fn corruption(&self) -> Option<&Corruption> {
@@ -77,6 +139,8 @@ impl Error {
             Error::ReadOnly => libc::EPERM,
             Error::BackingLoop(_) => libc::ELOOP,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::Backing { source, .. } => source.errno(),
+            Error::Compress { .. } => libc::EINVAL,
         }
     }
 }
@@ -116,26 +180,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fallbacks_keep_the_message() {
+    fn context_wraps_the_inner_error() {
+        let inner = Error::from(Invalid::UnknownDriver("foo".into()));
+        let e = Error::backing(BackingContext::Open, inner);
         assert_eq!(
-            Error::corrupt("L2 table at 0x0 bad").to_string(),
-            "L2 table at 0x0 bad"
+            e.to_string(),
+            "Could not open backing file: Unknown driver 'foo'"
         );
-        assert_eq!(Error::invalid("bad").to_string(), "bad");
-        assert_eq!(Error::unsupported("nope").to_string(), "nope");
-        assert_eq!(Error::NoSpace("full".into()).to_string(), "full");
-        assert!(matches!(
-            Error::corrupt("x").corruption(),
-            Some(Corruption {
-                problem: Problem::Detail(_),
-                ..
-            })
-        ));
+        assert_eq!(e.errno(), libc::EINVAL);
+        let io = Error::from(std::io::Error::from_raw_os_error(libc::ENOENT));
+        let e = Error::backing(BackingContext::Image("b.qcow2".into()), io);
+        assert!(e
+            .to_string()
+            .starts_with("Could not open backing image 'b.qcow2': No such file"));
+        assert_eq!(e.errno(), libc::ENOENT);
+        let e = Error::backing(
+            BackingContext::OpenFile("b".into()),
+            Error::from(Invalid::NeedsSize),
+        );
+        assert_eq!(
+            e.to_string(),
+            "Could not open backing file 'b': Image creation needs a size parameter"
+        );
+        let e = Error::Compress {
+            zstd: true,
+            source: std::io::Error::other("boom"),
+        };
+        assert_eq!(e.to_string(), "zstd compression failed: boom");
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+
+    #[test]
+    fn loop_wording() {
+        let l = ChainLoop {
+            name: "a".into(),
+            chain: vec!["x".into(), "y".into(), "x".into()],
+        };
+        assert_eq!(
+            Error::BackingLoop(l).to_string(),
+            "backing chain loop: 'a' is its own backing file (chain: x -> y -> x)"
+        );
+        let l = ChainLoop {
+            name: "a".into(),
+            chain: Vec::new(),
+        };
+        assert_eq!(
+            Error::BackingLoop(l).to_string(),
+            "backing chain loop: 'a' is its own backing file"
+        );
     }
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(Error::corrupt("x").errno(), libc::EIO);
         assert_eq!(
             Error::from(Corruption::new(Structure::L2Table, Problem::Unaligned)).errno(),
             libc::EIO
@@ -146,8 +242,17 @@ mod tests {
         );
         assert_eq!(Error::from(Invalid::ShrinkNeedsFlag).errno(), libc::EINVAL);
         assert_eq!(Error::ReadOnly.errno(), libc::EPERM);
-        assert_eq!(Error::BackingLoop("a".into()).errno(), libc::ELOOP);
+        let l = ChainLoop {
+            name: "a".into(),
+            chain: Vec::new(),
+        };
+        assert_eq!(Error::BackingLoop(l).errno(), libc::ELOOP);
         assert_eq!(Error::from(NoSpace::RefcountBlock).errno(), libc::ENOSPC);
+        assert_eq!(Error::from(NoSpace::Clusters).errno(), libc::ENOSPC);
+        assert_eq!(
+            Error::from(Unsupported::ZeroesNeedData(ZeroLimit::QedPartialCluster)).errno(),
+            libc::ENOTSUP
+        );
         let io = std::io::Error::from_raw_os_error(libc::ENOENT);
         assert_eq!(Error::from(io).errno(), libc::ENOENT);
     }

@@ -53,8 +53,35 @@ pub enum Unsupported {
         /// Most clusters check tracks.
         max: u64,
     },
-    /// Anything else, described in words (fallback).
-    Other(String),
+    /// A format driver without consistency checks (its name).
+    NoCheck(&'static str),
+    /// A format driver without compressed writes (its name).
+    NoCompression(&'static str),
+    /// A format without backing files asked to record one (its name).
+    NoBackingFile(&'static str),
+    /// A format whose data is not the file's bytes asked for falloc preallocation.
+    NoPreallocation(&'static str),
+    /// A decompression asked of a format that has no compressed clusters.
+    NoCompressedClusters,
+    /// A driver whose disk size is fixed (its name).
+    NoResize(&'static str),
+    /// Resizing a qcow2 v2 image that has snapshots.
+    ResizeV2WithSnapshots,
+    /// Shrinking a qcow2 image that has snapshots.
+    ShrinkWithSnapshots,
+    /// Zeroes that could only be written as data, and the caller refused data writes.
+    ZeroesNeedData(ZeroLimit),
+}
+
+/// Why a write of zeroes would have to write data (and was asked not to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroLimit {
+    /// A qcow2 v2 image with a backing file has no zero flag.
+    Qcow2V2Backing,
+    /// Part of a qcow2 cluster.
+    Qcow2PartialCluster,
+    /// Part of a QED cluster.
+    QedPartialCluster,
 }
 
 impl fmt::Display for Unsupported {
@@ -118,7 +145,39 @@ impl fmt::Display for Unsupported {
                 "QED check: the file has {clusters} clusters of {cluster_size} bytes; at most \
                  {max} can be checked"
             ),
-            Unsupported::Other(m) => write!(f, "{m}"),
+            Unsupported::NoCheck(name) => {
+                write!(f, "This image format ({name}) does not support checks")
+            }
+            Unsupported::NoCompression(name) => {
+                write!(f, "Compression is not supported for the {name} format")
+            }
+            Unsupported::NoBackingFile(name) => write!(f, "{name} images have no backing file"),
+            Unsupported::NoPreallocation(name) => {
+                write!(f, "falloc preallocation of a {name} image")
+            }
+            Unsupported::NoCompressedClusters => {
+                write!(f, "this format has no compressed clusters")
+            }
+            Unsupported::NoResize(name) => {
+                write!(f, "Format driver '{name}' does not support resize")
+            }
+            Unsupported::ResizeV2WithSnapshots => {
+                write!(f, "Can't resize a v2 image which has snapshots")
+            }
+            Unsupported::ShrinkWithSnapshots => {
+                write!(f, "Can't shrink a qcow2 image with snapshots")
+            }
+            Unsupported::ZeroesNeedData(ZeroLimit::Qcow2V2Backing) => write!(
+                f,
+                "qcow2 v2 image with a backing file cannot write zeroes without writing data"
+            ),
+            Unsupported::ZeroesNeedData(ZeroLimit::Qcow2PartialCluster) => write!(
+                f,
+                "writing zeroes to part of a qcow2 cluster needs writing data"
+            ),
+            Unsupported::ZeroesNeedData(ZeroLimit::QedPartialCluster) => {
+                write!(f, "QED: zeroing a partial cluster needs writing zero bytes")
+            }
         }
     }
 }
@@ -235,8 +294,105 @@ pub enum Invalid {
     BackingNotSupported(&'static str),
     /// The data does not carry the format's signature.
     WrongFormat(&'static str),
-    /// Anything else, described in words (fallback).
-    Other(String),
+    /// A file too short to hold the format's header.
+    FileTooShort {
+        /// The format.
+        format: &'static str,
+        /// The file length.
+        len: u64,
+    },
+    /// An option read as an enumeration that is not declared as one.
+    NotEnum(String),
+    /// An image or backing file name that is not UTF-8 (shown lossily).
+    NotUtf8Name {
+        /// Whether it names a backing file (else the image).
+        backing: bool,
+        /// The name, lossily converted.
+        name: String,
+    },
+    /// A backing chain longer than the depth bound.
+    ChainTooDeep {
+        /// The bound.
+        max: usize,
+        /// The image at which it was crossed.
+        name: String,
+    },
+    /// `--image-opts` together with `--format`.
+    ImageOptsWithFormat,
+    /// `force-share=on` on an image opened read/write.
+    ForceShareReadWrite,
+    /// A backing file reached on an open that disabled backing files.
+    BackingDisabled,
+    /// A backing file reached while an image is being created.
+    BackingWhileCreating,
+    /// Image creation without a size (and no backing file to take it from).
+    NeedsSize,
+    /// A backing file name longer than create accepts.
+    CreateBackingNameTooLong {
+        /// Its length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A qcow2 size whose L1 table would exceed the L1 size limit.
+    L1TooLarge {
+        /// The size asked for.
+        size: u64,
+    },
+    /// A compressed write not at a cluster boundary inside the disk.
+    CompressedWriteUnaligned {
+        /// Its offset.
+        offset: u64,
+    },
+    /// A compressed write that is not exactly one cluster (or the disk's tail).
+    CompressedWriteLength {
+        /// Bytes it must cover.
+        want: u64,
+        /// Bytes given.
+        got: u64,
+    },
+    /// An L2 entry this image's entry format cannot encode (the entry as `{:?}`).
+    UnencodableL2Entry {
+        /// The guest cluster.
+        guest_cluster: u64,
+        /// The entry, rendered with `Debug` (a value, not a sentence).
+        entry: String,
+    },
+    /// A write hook refused the request (`op` names the kind: `discards`, `writes`).
+    RefusedByHook {
+        /// The kind of request, plural.
+        op: &'static str,
+    },
+    /// Block status asked of an empty range.
+    EmptyBlockStatus {
+        /// Its offset.
+        offset: u64,
+    },
+    /// Block status returned nothing for a range.
+    NoBlockStatus {
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A format driver mapped a run of `len` bytes for a request of `want` at `guest`.
+    BadMapping {
+        /// Guest offset of the request.
+        guest: u64,
+        /// Bytes mapped.
+        len: u64,
+        /// Bytes asked for.
+        want: u64,
+    },
+    /// A format driver returned a write target of `len` bytes for `want` at `guest`.
+    BadWriteTarget {
+        /// Guest offset of the request.
+        guest: u64,
+        /// Bytes of the target.
+        len: u64,
+        /// Bytes asked for.
+        want: u64,
+    },
 }
 
 /// A qcow2 feature that needs version 3 (`compat=1.1`).
@@ -360,7 +516,65 @@ impl fmt::Display for Invalid {
                 write!(f, "Backing file not supported for file format '{fmt}'")
             }
             Invalid::WrongFormat(fmt) => write!(f, "Image not in {fmt} format"),
-            Invalid::Other(m) => write!(f, "{m}"),
+            Invalid::FileTooShort { format, len } => {
+                write!(f, "Image not in {format} format (file is only {len} bytes)")
+            }
+            Invalid::NotEnum(key) => {
+                write!(f, "option '{key}' is not declared as an enumeration")
+            }
+            Invalid::NotUtf8Name { backing, name } => write!(
+                f,
+                "{} name '{name}' is not UTF-8",
+                if *backing { "backing file" } else { "image" }
+            ),
+            Invalid::ChainTooDeep { max, name } => {
+                write!(f, "backing chain deeper than {max} images at '{name}'")
+            }
+            Invalid::ImageOptsWithFormat => {
+                write!(f, "--image-opts and --format are mutually exclusive")
+            }
+            Invalid::ForceShareReadWrite => write!(
+                f,
+                "force-share=on can only be used with read-only images"
+            ),
+            Invalid::BackingDisabled => write!(f, "backing files are disabled for this open"),
+            Invalid::BackingWhileCreating => {
+                write!(f, "backing files are not opened while creating")
+            }
+            Invalid::NeedsSize => write!(f, "Image creation needs a size parameter"),
+            Invalid::CreateBackingNameTooLong { .. } => write!(f, "Backing file name too long"),
+            Invalid::L1TooLarge { size } => write!(
+                f,
+                "qcow2 image size {size} needs an L1 table larger than 32 MiB"
+            ),
+            Invalid::CompressedWriteUnaligned { offset } => write!(
+                f,
+                "compressed write at offset {offset} is not cluster aligned or past the end"
+            ),
+            Invalid::CompressedWriteLength { want, got } => write!(
+                f,
+                "compressed writes must cover one whole cluster ({want} bytes), got {got}"
+            ),
+            Invalid::UnencodableL2Entry {
+                guest_cluster,
+                entry,
+            } => write!(
+                f,
+                "qcow2: cannot write L2 entry {entry} of guest cluster {guest_cluster} in this image"
+            ),
+            Invalid::RefusedByHook { op } => write!(f, "{op} refused by the hook"),
+            Invalid::EmptyBlockStatus { .. } => write!(f, "block status of an empty range"),
+            Invalid::NoBlockStatus { offset, len } => {
+                write!(f, "no block status for offset {offset} length {len}")
+            }
+            Invalid::BadMapping { guest, len, want } => write!(
+                f,
+                "format driver mapped {len} bytes at guest offset {guest:#x} for a request of {want}"
+            ),
+            Invalid::BadWriteTarget { guest, len, want } => write!(
+                f,
+                "format driver returned a write target of {len} bytes at guest offset {guest:#x} for a request of {want}"
+            ),
         }
     }
 }
@@ -385,8 +599,17 @@ pub enum NoSpace {
     RefcountTable(u64),
     /// A rebuilt refcount table would exceed its size limit (bytes).
     RebuiltRefcountTable(u64),
-    /// Anything else, described in words (fallback).
-    Other(String),
+    /// No host clusters could be allocated.
+    Clusters,
+    /// Every host cluster offset the qcow2 entries can hold is taken.
+    HostOffsets,
+    /// A QED allocation whose byte size overflows.
+    QedAllocation {
+        /// Clusters asked for.
+        clusters: u64,
+    },
+    /// A QED image file that would grow past 2^63 bytes.
+    QedFileSize,
 }
 
 impl fmt::Display for NoSpace {
@@ -406,20 +629,11 @@ impl fmt::Display for NoSpace {
             NoSpace::RebuiltRefcountTable(max) => {
                 write!(f, "rebuilt refcount table would exceed {} MiB", max >> 20)
             }
-            NoSpace::Other(m) => write!(f, "{m}"),
+            NoSpace::Clusters => write!(f, "could not allocate clusters"),
+            NoSpace::HostOffsets => write!(f, "qcow2 image is full (host offsets exhausted)"),
+            NoSpace::QedAllocation { .. } => write!(f, "QED allocation too large"),
+            NoSpace::QedFileSize => write!(f, "QED image file would exceed 2^63 bytes"),
         }
-    }
-}
-
-impl From<&str> for NoSpace {
-    fn from(m: &str) -> Self {
-        NoSpace::Other(m.to_string())
-    }
-}
-
-impl From<String> for NoSpace {
-    fn from(m: String) -> Self {
-        NoSpace::Other(m)
     }
 }
 
@@ -482,6 +696,115 @@ mod tests {
         assert_eq!(
             Error::from(NoSpace::RebuiltRefcountTable(8 << 20)).to_string(),
             "rebuilt refcount table would exceed 8 MiB"
+        );
+    }
+
+    #[test]
+    fn converted_site_wording() {
+        let t = |e: Error| e.to_string();
+        assert_eq!(
+            t(Unsupported::NoCheck("raw").into()),
+            "This image format (raw) does not support checks"
+        );
+        assert_eq!(
+            t(Unsupported::NoCompression("raw").into()),
+            "Compression is not supported for the raw format"
+        );
+        assert_eq!(
+            t(Unsupported::NoBackingFile("raw").into()),
+            "raw images have no backing file"
+        );
+        assert_eq!(
+            t(Unsupported::NoPreallocation("qcow2").into()),
+            "falloc preallocation of a qcow2 image"
+        );
+        assert_eq!(
+            t(Unsupported::ResizeV2WithSnapshots.into()),
+            "Can't resize a v2 image which has snapshots"
+        );
+        assert_eq!(
+            t(Unsupported::ZeroesNeedData(ZeroLimit::Qcow2V2Backing).into()),
+            "qcow2 v2 image with a backing file cannot write zeroes without writing data"
+        );
+        assert_eq!(
+            t(Invalid::FileTooShort {
+                format: "QED",
+                len: 10
+            }
+            .into()),
+            "Image not in QED format (file is only 10 bytes)"
+        );
+        assert_eq!(
+            t(Invalid::NotUtf8Name {
+                backing: true,
+                name: "a\u{fffd}".into()
+            }
+            .into()),
+            "backing file name 'a\u{fffd}' is not UTF-8"
+        );
+        assert_eq!(
+            t(Invalid::ChainTooDeep {
+                max: 64,
+                name: "b".into()
+            }
+            .into()),
+            "backing chain deeper than 64 images at 'b'"
+        );
+        assert_eq!(
+            t(Invalid::CompressedWriteUnaligned { offset: 512 }.into()),
+            "compressed write at offset 512 is not cluster aligned or past the end"
+        );
+        assert_eq!(
+            t(Invalid::CompressedWriteLength {
+                want: 65536,
+                got: 512
+            }
+            .into()),
+            "compressed writes must cover one whole cluster (65536 bytes), got 512"
+        );
+        assert_eq!(
+            t(Invalid::BadWriteTarget {
+                guest: 0x1000,
+                len: 0,
+                want: 512
+            }
+            .into()),
+            "format driver returned a write target of 0 bytes at guest offset 0x1000 for a request of 512"
+        );
+        assert_eq!(
+            t(Invalid::BadMapping {
+                guest: 0,
+                len: 0,
+                want: 512
+            }
+            .into()),
+            "format driver mapped 0 bytes at guest offset 0x0 for a request of 512"
+        );
+        assert_eq!(
+            t(Invalid::NoBlockStatus {
+                offset: 0,
+                len: 512
+            }
+            .into()),
+            "no block status for offset 0 length 512"
+        );
+        assert_eq!(
+            t(Invalid::L1TooLarge { size: 1 << 60 }.into()),
+            "qcow2 image size 1152921504606846976 needs an L1 table larger than 32 MiB"
+        );
+        assert_eq!(
+            t(Invalid::RefusedByHook { op: "discards" }.into()),
+            "discards refused by the hook"
+        );
+        assert_eq!(t(NoSpace::Clusters.into()), "could not allocate clusters");
+        assert_eq!(
+            t(NoSpace::QedFileSize.into()),
+            "QED image file would exceed 2^63 bytes"
+        );
+        assert_eq!(Error::from(Invalid::NeedsSize).errno(), libc::EINVAL);
+        assert_eq!(
+            Error::from(Unsupported::NoCheck("raw")).errno(),
+            libc::ENOTSUP
         );
     }
 }

@@ -2,7 +2,7 @@
 //! the types its methods take and return.
 
 use super::{CheckReport, Format, Repair};
-use crate::error::{Error, Result};
+use crate::error::{Result, Unsupported};
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -186,26 +186,17 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     }
     /// Checks (and optionally repairs) metadata consistency.
     fn check(&self, _repair: Repair) -> Result<CheckReport> {
-        Err(Error::unsupported(format!(
-            "This image format ({}) does not support checks",
-            self.format()
-        )))
+        Err(Unsupported::NoCheck(self.format().name()).into())
     }
     /// Writes one cluster-aligned, cluster-sized block compressed.
     fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::unsupported(format!(
-            "Compression is not supported for the {} format",
-            self.format()
-        )))
+        Err(Unsupported::NoCompression(self.format().name()).into())
     }
     /// Changes the guest size. Shrinking needs `shrink`.
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()>;
     /// Rewrites the backing file reference in the header (`rebase -u`).
     fn set_backing_spec(&self, _spec: Option<&BackingSpec>) -> Result<()> {
-        Err(Error::unsupported(format!(
-            "{} images have no backing file",
-            self.format()
-        )))
+        Err(Unsupported::NoBackingFile(self.format().name()).into())
     }
     /// Flushes and marks the image clean. Called once when the last user lets go.
     fn close(&self) -> Result<()> {

@@ -29,7 +29,7 @@
 //! is expected. Lengths stay plain `u64` bytes.
 
 use super::Driver;
-use crate::error::{Error, Result};
+use crate::error::{Result, Unsupported};
 use crate::storage::Storage;
 use std::fmt;
 use std::sync::Arc;
@@ -412,7 +412,7 @@ pub trait Mapper: Send + Sync {
         _len: u64,
         _algorithm: Compression,
     ) -> Result<Vec<u8>> {
-        Err(Error::unsupported("this format has no compressed clusters"))
+        Err(Unsupported::NoCompressedClusters.into())
     }
     /// Largest copy-on-write region (head and tail of one allocation together) the data
     /// path builds in memory and writes with the guest bytes in one call; larger regions

@@ -9,7 +9,7 @@
 //! image (qemu-img prints its `Formatting` line between the two), through
 //! [`OptionValues::get_enum`].
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use crate::format::{parse_bool, parse_size};
 
 /// The type of an option's value (qemu's `QemuOptType`, with enumerations spelled out).
@@ -178,9 +178,7 @@ pub struct OptionValues {
 
 /// qemu's message for a value that is not a size.
 fn bad_size(key: &str) -> Error {
-    Error::invalid(format!(
-        "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
-    ))
+    Invalid::BadSizeOption(key.to_string()).into()
 }
 
 /// Parses one value by its declared type.
@@ -196,7 +194,7 @@ fn parse_value(d: &OptionDesc, v: &str) -> Result<OptValue> {
         OptKind::Bool => OptValue::Bool(parse_bool(d.name, v)?),
         OptKind::Number => OptValue::Number(
             v.parse()
-                .map_err(|_| Error::invalid(format!("Parameter '{}' expects a number", d.name)))?,
+                .map_err(|_| Invalid::BadNumber(d.name.to_string()))?,
         ),
         OptKind::Str | OptKind::Enum { .. } => OptValue::Str(v.to_string()),
     })
@@ -217,8 +215,7 @@ impl OptionValues {
     ) -> Result<OptionValues> {
         let mut given: Vec<GivenOption> = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
-            let desc = find(tables, k)
-                .ok_or_else(|| Error::invalid(format!("Invalid parameter '{k}'")))?;
+            let desc = find(tables, k).ok_or_else(|| Invalid::UnknownOption(k.to_string()))?;
             let value = parse_value(desc, v)?;
             given.retain(|g| g.desc.name != desc.name);
             given.push(GivenOption {
@@ -280,16 +277,18 @@ impl OptionValues {
             return Ok(None);
         };
         let OptKind::Enum { values, qapi } = g.desc.kind else {
-            return Err(Error::invalid(format!(
-                "option '{key}' is not declared as an enumeration"
-            )));
+            return Err(Invalid::NotEnum(key.to_string()).into());
         };
         match values.iter().find(|w| **w == g.raw) {
             Some(w) => Ok(Some(w)),
-            None => Err(Error::invalid(match qapi {
-                Some(q) => format!("Parameter '{q}' does not accept value '{}'", g.raw),
-                None => format!("invalid parameter value: {}", g.raw),
-            })),
+            None => Err(match qapi {
+                Some(q) => Invalid::BadOptionValue {
+                    option: q.to_string(),
+                    value: g.raw.clone(),
+                },
+                None => Invalid::BadEnumValue(g.raw.clone()),
+            }
+            .into()),
         }
     }
     /// The first given key that `amend` may not change (`None` when all may).

@@ -53,7 +53,7 @@ fn preallocate(storage: &Arc<dyn Storage>, mode: &str, from: u64, to: u64) -> Re
                 off += n as u64;
             }
         }
-        other => return Err(Error::invalid(format!("Invalid parameter '{other}'"))),
+        other => return Err(Invalid::UnknownOption(other.to_string()).into()),
     }
     Ok(())
 }

@@ -14,7 +14,7 @@
 use super::options::{OptionDesc, OptionValues, FILE_PROTOCOL_OPTIONS};
 use super::DriverOptions;
 use super::{foreign, qcow2, qed, raw, BackingResolver, BackingSpec, CreateSpec, Driver};
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result, Unsupported};
 use crate::storage::Storage;
 use std::sync::Arc;
 
@@ -199,10 +199,7 @@ impl Format {
     }
     /// The error for a format without `amend` (qemu-img's wording).
     pub fn no_amend_error(self) -> Error {
-        Error::unsupported(format!(
-            "Format driver '{}' does not support option amendment",
-            self.0.name
-        ))
+        Unsupported::NoAmend(self.0.name).into()
     }
     /// The declared options of the protocol images are created on (the host file).
     pub fn protocol_options(self) -> &'static [OptionDesc] {
@@ -218,17 +215,11 @@ impl Format {
     }
     /// The error for a format vdisk recognises but cannot read.
     pub fn unsupported_error(self) -> Error {
-        Error::unsupported(format!(
-            "the {} format is not supported by vdisk",
-            self.0.name
-        ))
+        Unsupported::Format(self.0.name).into()
     }
     /// The error for a format vdisk cannot create (qemu-img's wording).
     pub fn no_create_error(self) -> Error {
-        Error::unsupported(format!(
-            "Format driver '{}' does not support image creation",
-            self.0.name
-        ))
+        Unsupported::NoCreate(self.0.name).into()
     }
     /// Every registered format.
     pub fn all() -> impl Iterator<Item = Format> {
@@ -240,7 +231,7 @@ impl Format {
     }
     /// Parses a qemu-img format name.
     pub fn parse(s: &str) -> Result<Format> {
-        Format::by_name(s).ok_or_else(|| Error::invalid(format!("Unknown driver '{s}'")))
+        Format::by_name(s).ok_or_else(|| Invalid::UnknownDriver(s.to_string()).into())
     }
     /// This format's probe score for a file (0..=100).
     pub fn score(self, head: &[u8], filename: Option<&str>) -> u32 {

@@ -7,7 +7,7 @@
 //! zero write before the format sees it); zero writes and discards pass unchanged.
 
 use super::{Request, WriteHook};
-use crate::error::{Error, Result};
+use crate::error::{Invalid, Result};
 use crate::format::ZeroFlags;
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ impl DetectZeroesMode {
             "off" => Ok(DetectZeroesMode::Off),
             "on" => Ok(DetectZeroesMode::On),
             "unmap" => Ok(DetectZeroesMode::Unmap),
-            other => Err(Error::invalid(format!("invalid parameter value: {other}"))),
+            other => Err(Invalid::BadEnumValue(other.to_string()).into()),
         }
     }
 }

@@ -29,8 +29,8 @@ pub enum StorageOp {
     Lock,
     /// Dropping the image locks.
     Unlock,
-    /// Anything else, described in words (fallback; may be empty).
-    Other(String),
+    /// Not recorded (an `std::io::Error` converted without context).
+    Unspecified,
 }
 
 impl StorageOp {
@@ -49,32 +49,8 @@ impl StorageOp {
             StorageOp::SeekData => "Could not seek data in",
             StorageOp::Lock => "Failed to lock",
             StorageOp::Unlock => "Failed to unlock image",
-            StorageOp::Other(s) => s,
+            StorageOp::Unspecified => "",
         }
-    }
-}
-
-impl From<&str> for StorageOp {
-    /// The operation a verb names (`Could not read` is [`StorageOp::Read`]); other
-    /// words are kept as [`StorageOp::Other`].
-    fn from(verb: &str) -> Self {
-        [
-            StorageOp::Open,
-            StorageOp::Truncate,
-            StorageOp::Read,
-            StorageOp::Write,
-            StorageOp::Flush,
-            StorageOp::Stat,
-            StorageOp::PunchHole,
-            StorageOp::WriteZeroes,
-            StorageOp::Allocate,
-            StorageOp::SeekData,
-            StorageOp::Lock,
-            StorageOp::Unlock,
-        ]
-        .into_iter()
-        .find(|op| op.verb() == verb)
-        .unwrap_or_else(|| StorageOp::Other(verb.to_string()))
     }
 }
 
@@ -152,15 +128,6 @@ impl fmt::Display for IoDisplay<'_> {
 }
 
 impl StorageError {
-    /// Wraps an I/O error with context in words (fallback for unconverted call sites).
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        StorageError::Io {
-            op: StorageOp::Other(context.into()),
-            path: None,
-            offset: None,
-            source,
-        }
-    }
     /// An I/O failure of `op` on `path` (at `offset`).
     pub fn op(
         op: StorageOp,
@@ -187,7 +154,12 @@ impl StorageError {
 
 impl From<std::io::Error> for StorageError {
     fn from(e: std::io::Error) -> Self {
-        StorageError::io(String::new(), e)
+        StorageError::Io {
+            op: StorageOp::Unspecified,
+            path: None,
+            offset: None,
+            source: e,
+        }
     }
 }
 
@@ -209,24 +181,16 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("Could not punch hole in 'a' at offset 512: No such"));
-        let e = StorageError::io("Failed to unlock image", enoent());
+        let e = StorageError::Io {
+            op: StorageOp::Unlock,
+            path: None,
+            offset: None,
+            source: enoent(),
+        };
         assert!(e.to_string().starts_with("Failed to unlock image: No such"));
         let e = StorageError::from(enoent());
         assert!(e.to_string().starts_with("No such file"));
         assert_eq!(e.errno(), libc::ENOENT);
-    }
-
-    #[test]
-    fn verbs_name_operations() {
-        assert_eq!(StorageOp::from("Could not read"), StorageOp::Read);
-        assert_eq!(
-            StorageOp::from("Could not punch hole in"),
-            StorageOp::PunchHole
-        );
-        assert_eq!(
-            StorageOp::from("Could not frob"),
-            StorageOp::Other("Could not frob".into())
-        );
     }
 
     #[test]

@@ -127,7 +127,7 @@ pub fn open_mem(
     Qed::open(st, opts, &mut |_s: &BackingSpec| {
         backing
             .clone()
-            .ok_or_else(|| vdisk::Error::invalid("no backing in this test"))
+            .ok_or_else(|| vdisk::Error::from(vdisk::error::Invalid::BackingDisabled))
     })
 }
 
@@ -138,7 +138,7 @@ pub fn raw_backing(data: Vec<u8>) -> Arc<dyn Driver> {
         Format::Raw,
         st,
         &DriverOptions::default(),
-        &mut |_s: &BackingSpec| Err(vdisk::Error::invalid("raw has no backing")),
+        &mut |_s: &BackingSpec| Err(vdisk::error::Invalid::BackingDisabled.into()),
     )
     .expect("open raw backing")
 }

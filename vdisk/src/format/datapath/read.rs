@@ -6,7 +6,7 @@
 //! as for any unordered pair of requests.
 
 use super::iov::{total_mut, with_pieces_mut};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Invalid, Problem, Result, Structure};
 use crate::format::mapping::{GuestOffset, Mapper, Mapping};
 use crate::format::read_backing;
 use std::io::IoSliceMut;
@@ -25,10 +25,12 @@ pub fn read_vectored<M: Mapper + ?Sized>(
         let want = total - pos;
         let run = m.map(guest, want)?;
         if run.len == 0 || run.len > want {
-            return Err(Error::invalid(format!(
-                "format driver mapped {} bytes at {guest} for a request of {want}",
-                run.len
-            )));
+            return Err(Invalid::BadMapping {
+                guest: guest.0,
+                len: run.len,
+                want,
+            }
+            .into());
         }
         read_run(m, bufs, pos, run.len, guest, run.mapping)?;
         pos += run.len;
@@ -104,11 +106,16 @@ pub(super) fn read_source<M: Mapper + ?Sized>(
             match piece {
                 Some(p) => out.copy_from_slice(p),
                 None => {
-                    return Err(Error::corrupt(format!(
-                        "compressed cluster at {host} decompressed to {} bytes, too short for {} bytes at {skip}",
-                        data.len(),
-                        out.len()
-                    )))
+                    return Err(Corruption::new(
+                        Structure::CompressedCluster,
+                        Problem::DecompressedTooShort {
+                            got: data.len() as u64,
+                            need: out.len() as u64,
+                            skip,
+                        },
+                    )
+                    .at(host.0)
+                    .into())
                 }
             }
         }

@@ -8,7 +8,7 @@
 
 use super::iov::{total, with_pieces};
 use super::read::read_source;
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use crate::format::mapping::{Allocation, Cow, GuestOffset, Mapper, Mapping, WriteTarget};
 use crate::storage::Storage;
 use std::io::IoSlice;
@@ -82,9 +82,12 @@ impl<M: Mapper + ?Sized> Drop for Pending<'_, M> {
 }
 
 fn bad_target(guest: GuestOffset, len: u64, want: u64) -> Error {
-    Error::invalid(format!(
-        "format driver returned a write target of {len} bytes at {guest} for a request of {want}"
-    ))
+    Invalid::BadWriteTarget {
+        guest: guest.0,
+        len,
+        want,
+    }
+    .into()
 }
 
 /// Writes the allocation's COW head, the request's bytes `[pos, pos + data_len)` of
@@ -315,8 +318,10 @@ mod tests {
             if self.panic {
                 panic!("test storage panics on write");
             }
-            Err(crate::storage::StorageError::io(
-                format!("test write at {offset}"),
+            Err(crate::storage::StorageError::op(
+                crate::storage::StorageOp::Write,
+                "test",
+                Some(offset),
                 std::io::Error::from_raw_os_error(libc::EIO),
             ))
         }

@@ -2,7 +2,7 @@
 //! frees (a refcount only drops once the mapping that released it is durable).
 
 use super::{Meta, MAX_HOST_OFFSET};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, NoSpace, Problem, Result, Structure};
 use crate::format::qcow2::refcount::get_entry;
 
 /// Applying frees is also triggered when this many are waiting, bounding memory.
@@ -63,17 +63,19 @@ impl Meta {
             }
         }
         if c >= max_clusters {
-            return Err(Error::NoSpace(
-                "qcow2 image is full (host offsets exhausted)".into(),
-            ));
+            return Err(NoSpace::HostOffsets.into());
         }
         if let Some(f) = first_free {
             self.free_hint = f;
         }
-        if let Some(what) = self.overlaps_metadata(run_start, n) {
-            return Err(self.mark_corrupt(format!(
-                "Preventing invalid allocation of clusters {run_start}..{} (overlaps with {what}); refcounts are corrupt",
-                run_start + n
+        if let Some(with) = self.overlaps_metadata(run_start, n) {
+            return Err(self.mark_corrupt(Corruption::new(
+                Structure::HostCluster,
+                Problem::AllocationOverlapsMetadata {
+                    first: run_start,
+                    end: run_start + n,
+                    with,
+                },
             )));
         }
         Ok(run_start)
@@ -81,28 +83,28 @@ impl Meta {
 
     /// Whether host clusters `[c, c+n)` overlap fixed metadata whose refcount must be
     /// nonzero (a cheap version of QEMU's overlap check, applied to allocations).
-    pub(crate) fn overlaps_metadata(&self, c: u64, n: u64) -> Option<&'static str> {
+    pub(crate) fn overlaps_metadata(&self, c: u64, n: u64) -> Option<Structure> {
         let cs = self.cs();
         let (s, e) = (c * cs, (c + n) * cs);
         let hit = |off: u64, len: u64| len > 0 && off < e && s < off + len;
         if c == 0 {
-            return Some("qcow2_header");
+            return Some(Structure::Qcow2Header);
         }
         if hit(self.hdr.l1_table_offset, u64::from(self.hdr.l1_size) * 8) {
-            return Some("active L1 table");
+            return Some(Structure::L1Table);
         }
         if hit(
             self.hdr.refcount_table_offset,
             u64::from(self.hdr.refcount_table_clusters) * cs,
         ) {
-            return Some("refcount table");
+            return Some(Structure::RefcountTable);
         }
         if self.hdr.nb_snapshots > 0 && hit(self.hdr.snapshots_offset, 40) {
-            return Some("snapshot table");
+            return Some(Structure::SnapshotTable);
         }
         for sn in &self.snapshots {
             if hit(sn.l1_offset, u64::from(sn.l1_size) * 8) {
-                return Some("inactive L1 table");
+                return Some(Structure::SnapshotL1Table);
             }
         }
         None
@@ -136,7 +138,7 @@ impl Meta {
             self.file_end = self.file_end.max((c + n) * cs);
             return Ok(c * cs);
         }
-        Err(Error::NoSpace("could not allocate clusters".into()))
+        Err(NoSpace::Clusters.into())
     }
 
     /// Gives back clusters that were allocated but never referenced (failed write).

@@ -18,7 +18,7 @@
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::l2entry::L2Entry;
 use super::{Meta, Qcow2};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Problem, Result, Structure, Unsupported};
 use crate::format::datapath::Waiters;
 use crate::format::mapping::{
     Allocation, Cow, GuestOffset, HostOffset, InPlaceGuard, ReleaseInPlace, Store, WriteTarget,
@@ -79,9 +79,7 @@ impl Qcow2 {
         let mut m = self.lock();
         m.check_writable()?;
         if self.g.ext_l2 {
-            return Err(Error::unsupported(
-                "qcow2 images with extended L2 entries (subclusters) can only be opened read-only",
-            ));
+            return Err(Unsupported::ExtendedL2Write.into());
         }
         while m.inflight.contains(gc) {
             m = self.wait_alloc_done(m);
@@ -93,10 +91,14 @@ impl Qcow2 {
         // Allocating run: clusters needing a new host cluster, inside one L2 table.
         let l1i = (gc >> self.g.l2_bits) as usize;
         if l1i >= m.l1.len() {
-            return Err(Error::corrupt(format!(
-                "guest cluster {gc} is beyond the L1 table ({} entries)",
-                m.l1.len()
-            )));
+            return Err(Corruption::new(
+                Structure::L1Table,
+                Problem::BeyondL1 {
+                    guest_cluster: gc,
+                    entries: Some(m.l1.len() as u64),
+                },
+            )
+            .into());
         }
         let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
         let last = (cur + len - 1) / cs;
@@ -163,8 +165,12 @@ impl Qcow2 {
         let cs = self.g.cs;
         let h = host.get();
         if h >= m.file_end {
-            return Err(m.mark_corrupt(format!(
-                "L2 entry of guest cluster {gc} points past the end of the file (host offset {h:#x})"
+            return Err(m.mark_corrupt(Corruption::new(
+                Structure::L2Table,
+                Problem::HostPastEnd {
+                    guest_cluster: gc,
+                    host: h,
+                },
             )));
         }
         let mut n = (cs - in_off).min(len);
@@ -180,9 +186,14 @@ impl Qcow2 {
                 _ => break,
             }
         }
-        if let Some(what) = m.overlaps_metadata(h / cs, (in_off + n).div_ceil(cs)) {
-            return Err(m.mark_corrupt(format!(
-                "Preventing invalid write on metadata (overlaps with {what}): guest cluster {gc} maps to host offset {h:#x}"
+        if let Some(with) = m.overlaps_metadata(h / cs, (in_off + n).div_ceil(cs)) {
+            return Err(m.mark_corrupt(Corruption::new(
+                Structure::DataCluster,
+                Problem::WriteOverlapsMetadata {
+                    guest_cluster: gc,
+                    host: h,
+                    with,
+                },
             )));
         }
         m.direct.insert(gc, g2);

@@ -11,7 +11,7 @@ use super::tables::entry;
 use super::{
     Meta, COMPRESSED, COPIED, L1E_RESERVED, L2E_STD_RESERVED, OFFSET_MASK, REFT_OFFSET_MASK,
 };
-use crate::error::{Corruption, Error, NoSpace, Problem, Result, Structure, Unsupported};
+use crate::error::{Corruption, NoSpace, Problem, Result, Structure, Unsupported};
 use crate::format::qcow2::refcount::set_entry;
 use crate::format::{CheckAborted, CheckReport, Finding, FindingKind as K, Repair};
 
@@ -315,7 +315,7 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         } else if clusters != 0 {
             rep.push(
                 Finding::new(
-                    K::RefcountStructureUnusable(rc_broken_reason(m, why)),
+                    K::RefcountStructureUnusable(why.clone()),
                     Structure::RefcountTable,
                 )
                 .at(rt_off),
@@ -373,34 +373,6 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         }
     }
     Ok((cnt, rebuild))
-}
-
-/// Why the refcount table is unusable, as the typed corruption open found (open keeps
-/// it in words; re-deriving it from the header gives the same corruption, checked by
-/// its wording, else the words are kept).
-fn rc_broken_reason(m: &Meta, why: &str) -> Corruption {
-    let cs = m.g.cs;
-    let clusters = u64::from(m.hdr.refcount_table_clusters);
-    let typed = if clusters == 0 {
-        Corruption::new(Structure::RefcountTable, Problem::Missing)
-    } else {
-        match super::validate_table(
-            Structure::RefcountTable,
-            None,
-            m.hdr.refcount_table_offset,
-            clusters * cs,
-            cs,
-            m.file_end,
-        ) {
-            Err(Error::Corrupt(c)) => c,
-            _ => return Corruption::other(why),
-        }
-    };
-    if typed.to_string() == why {
-        typed
-    } else {
-        Corruption::other(why)
-    }
 }
 
 /// On-disk refcount of `c`, or `None` when its block cannot be read.

@@ -9,7 +9,7 @@
 
 use super::l2entry::L2Entry;
 use super::{compress, Meta, Qcow2};
-use crate::error::{Error, Result};
+use crate::error::{Invalid, Result};
 use crate::format::mapping::HostOffset;
 use crate::format::{datapath, Driver};
 use std::io::IoSlice;
@@ -48,16 +48,15 @@ impl Qcow2 {
         let cs = self.g.cs;
         let size = self.size();
         if !offset.is_multiple_of(cs) || offset >= size {
-            return Err(Error::invalid(format!(
-                "compressed write at offset {offset} is not cluster aligned or past the end"
-            )));
+            return Err(Invalid::CompressedWriteUnaligned { offset }.into());
         }
         let want = cs.min(size - offset);
         if buf.len() as u64 != want {
-            return Err(Error::invalid(format!(
-                "compressed writes must cover one whole cluster ({want} bytes), got {}",
-                buf.len()
-            )));
+            return Err(Invalid::CompressedWriteLength {
+                want,
+                got: buf.len() as u64,
+            }
+            .into());
         }
         let full;
         let input: &[u8] = if want < cs {

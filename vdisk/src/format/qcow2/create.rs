@@ -4,7 +4,7 @@
 
 use super::header::*;
 use super::{Geom, Qcow2, COPIED};
-use crate::error::{Error, Invalid, Result, Unsupported, V3Feature};
+use crate::error::{Invalid, Result, Unsupported, V3Feature};
 use crate::format::registry::CreateArgs;
 use crate::format::{BackingSpec, CreateSpec, Driver, DriverOptions, Format};
 use crate::storage::Storage;
@@ -97,7 +97,11 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
             return Err(Invalid::BackingWithoutFormat.into());
         }
         if b.name.len() > MAX_BACKING_NAME as usize {
-            return Err(Error::invalid("Backing file name too long"));
+            return Err(Invalid::CreateBackingNameTooLong {
+                len: b.name.len() as u64,
+                max: u64::from(MAX_BACKING_NAME),
+            }
+            .into());
         }
         if prealloc != Prealloc::Off {
             return Err(Invalid::BackingWithPreallocation.into());
@@ -190,11 +194,7 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
             no_backing: true,
             ..DriverOptions::default()
         },
-        &mut |_s: &BackingSpec| {
-            Err(Error::invalid(
-                "backing files are not opened while creating",
-            ))
-        },
+        &mut |_s: &BackingSpec| Err(Invalid::BackingWhileCreating.into()),
     )?;
     img.do_resize(spec.size, false)?;
     if o.prealloc != Prealloc::Off {

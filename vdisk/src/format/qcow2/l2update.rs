@@ -10,7 +10,7 @@
 use super::l2entry::{L2Entry, Subclusters};
 use super::tables::{entry, set};
 use super::{Meta, COMPRESSED, OFFSET_MASK};
-use crate::error::{Error, Result};
+use crate::error::{Invalid, Result};
 use crate::format::mapping::HostOffset;
 
 impl Meta {
@@ -54,9 +54,11 @@ impl Meta {
         let word = match e.encode(&self.entry_format()) {
             Ok((word, _)) if !self.g.ext_l2 => word,
             Ok(_) | Err(_) => {
-                return Err(Error::invalid(format!(
-                    "qcow2: cannot write L2 entry {e:?} of guest cluster {gc} in this image"
-                )))
+                return Err(Invalid::UnencodableL2Entry {
+                    guest_cluster: gc,
+                    entry: format!("{e:?}"),
+                }
+                .into())
             }
         };
         self.set_entry(l1i, gc, word)

@@ -10,7 +10,7 @@
 use super::l2entry::{EntryFormat, EntryProblem, L2Entry, SubState};
 use super::tables::entry;
 use super::{compress, Meta, Qcow2};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Problem, Result, Structure};
 use crate::format::mapping::{
     Allocation, Compression, GuestOffset, HostOffset, Mapper, Mapping, Run, Store, WriteTarget,
 };
@@ -33,20 +33,29 @@ impl Meta {
     pub(crate) fn decode(&mut self, word: u64, bitmap: u64, gc: u64) -> Result<L2Entry> {
         match L2Entry::decode(word, bitmap, &self.entry_format()) {
             Ok(e) => Ok(e),
-            Err(EntryProblem::Reserved) => Err(self.mark_corrupt(format!(
-                "L2 entry {word:#x} of guest cluster {gc} has reserved bits set"
-            ))),
-            Err(EntryProblem::Unaligned(off)) => Err(self.mark_corrupt(format!(
-                "L2 entry of guest cluster {gc} points to unaligned host offset {off:#x}"
-            ))),
-            Err(EntryProblem::Bitmap(b) | EntryProblem::CompressedBitmap(b)) => {
-                Err(self.mark_corrupt(format!(
-                    "extended L2 entry of guest cluster {gc} has an invalid subcluster bitmap {b:#x}"
-                )))
+            Err(p) => {
+                let problem = match p {
+                    EntryProblem::Reserved => Problem::ReservedBits {
+                        raw: word,
+                        guest_cluster: Some(gc),
+                    },
+                    EntryProblem::Unaligned(host) => Problem::UnalignedHost {
+                        guest_cluster: gc,
+                        host,
+                    },
+                    EntryProblem::Bitmap(bitmap) | EntryProblem::CompressedBitmap(bitmap) => {
+                        Problem::InvalidBitmap {
+                            guest_cluster: gc,
+                            bitmap,
+                        }
+                    }
+                    EntryProblem::Unencodable => Problem::Unencodable {
+                        guest_cluster: gc,
+                        raw: word,
+                    },
+                };
+                Err(self.mark_corrupt(Corruption::new(Structure::L2Table, problem)))
             }
-            Err(p @ EntryProblem::Unencodable) => Err(self.mark_corrupt(format!(
-                "L2 entry {word:#x} of guest cluster {gc}: {p}"
-            ))),
         }
     }
 
@@ -162,9 +171,11 @@ impl Meta {
                             in_place: copied && !g.ext_l2,
                         },
                         (SubState::Allocated, None) => {
-                            return Err(Error::corrupt(format!(
-                                "L2 entry of guest cluster {gc} is allocated without a host offset"
-                            )))
+                            return Err(Corruption::new(
+                                Structure::L2Table,
+                                Problem::NoHostOffset { guest_cluster: gc },
+                            )
+                            .into())
                         }
                         (SubState::Zero, h) => Mapping::Zero {
                             host: h.map(|h| h.add(q)),

@@ -200,7 +200,7 @@ pub(crate) struct Meta {
     pub corrupt: bool,
     /// Why the refcount table is unusable (opened for check/repair only); writes are
     /// refused until a rebuild replaces it.
-    pub rc_broken: Option<String>,
+    pub rc_broken: Option<Corruption>,
     /// The header has a backing file (whether or not it was opened).
     pub has_backing: bool,
     pub snapshots: Vec<Snapshot>,
@@ -233,16 +233,16 @@ impl Meta {
     }
 
     /// Sets the corrupt bit (unless read-only) and returns the error to report.
-    pub(crate) fn mark_corrupt(&mut self, msg: String) -> Error {
+    pub(crate) fn mark_corrupt(&mut self, c: Corruption) -> Error {
         if !self.read_only && !self.corrupt {
-            tracing::error!("qcow2: marking image as corrupt: {msg}; further corruption events will be suppressed");
+            tracing::error!("qcow2: marking image as corrupt: {c}; further corruption events will be suppressed");
             self.corrupt = true;
             if self.g.version == 3 {
                 self.hdr.incompatible |= INCOMPAT_CORRUPT;
                 let _ = self.write_header();
             }
         }
-        Error::corrupt(msg)
+        c.into()
     }
 
     pub(crate) fn check_writable(&self) -> Result<()> {
@@ -253,9 +253,11 @@ impl Meta {
             return Err(Corruption::new(Structure::Image, Problem::MarkedCorrupt).into());
         }
         if let Some(why) = &self.rc_broken {
-            return Err(Error::corrupt(format!(
-                "{why}; writes are refused (run check -r all)"
-            )));
+            return Err(Corruption::new(
+                Structure::RefcountTable,
+                Problem::WritesRefused(Box::new(why.clone())),
+            )
+            .into());
         }
         Ok(())
     }
@@ -441,8 +443,10 @@ impl Qcow2 {
             .err()
         };
         let rc_broken = match rc_problem {
-            Some(e) if opts.skip_repair && hdr.refcount_table_offset.is_multiple_of(cs) => {
-                Some(e.to_string())
+            Some(Error::Corrupt(c))
+                if opts.skip_repair && hdr.refcount_table_offset.is_multiple_of(cs) =>
+            {
+                Some(c)
             }
             Some(e) => return Err(e),
             None => None,

@@ -58,8 +58,7 @@ impl Meta {
     /// Marks the image corrupt (as `mark_corrupt`, which logs and sets the corrupt bit)
     /// and returns the typed corruption.
     fn corrupt_rc(&mut self, c: Corruption) -> Error {
-        let _ = self.mark_corrupt(c.to_string());
-        c.into()
+        self.mark_corrupt(c)
     }
 
     /// Host offset of refcount block `bi`, 0 if it has none (or lies beyond the table).
@@ -493,7 +492,7 @@ mod tests {
         let q = Qcow2::open(
             mem.clone(),
             &DriverOptions::default(),
-            &mut |_: &BackingSpec| Err(Error::invalid("no backing file in this test")),
+            &mut |_: &BackingSpec| Err(crate::error::Invalid::BackingDisabled.into()),
         )
         .unwrap();
         (mem, q)

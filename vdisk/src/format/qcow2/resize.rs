@@ -10,7 +10,7 @@
 
 use super::zero::Mode;
 use super::Qcow2;
-use crate::error::{Error, Result};
+use crate::error::{Invalid, Result, Unsupported};
 use crate::format::{Driver, ZeroFlags};
 
 impl Qcow2 {
@@ -25,17 +25,16 @@ impl Qcow2 {
         // Snapshots record their own disk size (v3), so growing is safe; shrinking
         // would drop clusters they still need.
         if !m.snapshots.is_empty() && (m.g.version < 3 || new_size < cur) {
-            return Err(Error::unsupported(if m.g.version < 3 {
-                "Can't resize a v2 image which has snapshots"
+            return Err(if m.g.version < 3 {
+                Unsupported::ResizeV2WithSnapshots
             } else {
-                "Can't shrink a qcow2 image with snapshots"
-            }));
+                Unsupported::ShrinkWithSnapshots
+            }
+            .into());
         }
         if new_size < cur {
             if !shrink {
-                return Err(Error::invalid(
-                    "Use the --shrink option to perform a shrink operation.",
-                ));
+                return Err(Invalid::ShrinkNeedsFlag.into());
             }
             drop(m);
             let first = new_size.div_ceil(cs);
@@ -47,9 +46,7 @@ impl Qcow2 {
         } else {
             let need = m.g.l1_entries_for(new_size);
             if need * 8 > super::header::MAX_L1_BYTES {
-                return Err(Error::invalid(format!(
-                    "qcow2 image size {new_size} needs an L1 table larger than 32 MiB"
-                )));
+                return Err(Invalid::L1TooLarge { size: new_size }.into());
             }
             if need > m.l1.len() as u64 {
                 m.writeback()?;

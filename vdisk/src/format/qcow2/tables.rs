@@ -6,7 +6,7 @@
 //! after all of that is durable.
 
 use super::{alloc::MAX_PENDING_FREES, Meta, COPIED, L1E_RESERVED, OFFSET_MASK};
-use crate::error::Result;
+use crate::error::{Corruption, Problem, Result, Structure};
 
 /// Reads big-endian entry `i` of a table held as bytes.
 pub(crate) fn entry(data: &[u8], i: usize) -> u64 {
@@ -40,14 +40,18 @@ impl Meta {
         }
         let cs = self.cs();
         if !off.is_multiple_of(cs) || off < cs || off >= self.file_end {
-            return Err(self.mark_corrupt(format!(
-                "L2 table offset {off:#x} of L1 entry {l1_index} is unaligned, overlaps the header or lies past the end of the file"
-            )));
+            return Err(self.mark_corrupt(
+                Corruption::new(Structure::L2Table, Problem::Misplaced)
+                    .entry(l1_index as u64)
+                    .at(off),
+            ));
         }
-        if let Some(what) = self.overlaps_metadata(off / cs, 1) {
-            return Err(self.mark_corrupt(format!(
-                "L2 table offset {off:#x} of L1 entry {l1_index} overlaps the {what}"
-            )));
+        if let Some(with) = self.overlaps_metadata(off / cs, 1) {
+            return Err(self.mark_corrupt(
+                Corruption::new(Structure::L2Table, Problem::OverlapsMetadata { with })
+                    .entry(l1_index as u64)
+                    .at(off),
+            ));
         }
         self.make_room_l2()?;
         let mut data = vec![0u8; cs as usize];
@@ -77,9 +81,16 @@ impl Meta {
             return Ok(0);
         };
         if l1e & L1E_RESERVED != 0 {
-            return Err(
-                self.mark_corrupt(format!("L1 entry {l1i} ({l1e:#x}) has reserved bits set"))
-            );
+            return Err(self.mark_corrupt(
+                Corruption::new(
+                    Structure::L1Table,
+                    Problem::ReservedBits {
+                        raw: l1e,
+                        guest_cluster: None,
+                    },
+                )
+                .entry(l1i as u64),
+            ));
         }
         Ok(l1e & OFFSET_MASK)
     }

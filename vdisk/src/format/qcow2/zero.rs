@@ -15,7 +15,7 @@
 use super::l2entry::L2Entry;
 use super::tables::set;
 use super::{Qcow2, OFFSET_MASK, ZERO};
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Problem, Result, Structure, Unsupported, ZeroLimit};
 use crate::format::{datapath, Driver, ZeroFlags};
 use std::io::IoSlice;
 
@@ -46,9 +46,7 @@ impl Qcow2 {
                 self.zero_partial_pass(whole_end, end - whole_end, true, flags)?;
             }
             if self.g.version < 3 && self.lock().has_backing {
-                return Err(Error::unsupported(
-                    "qcow2 v2 image with a backing file cannot write zeroes without writing data",
-                ));
+                return Err(Unsupported::ZeroesNeedData(ZeroLimit::Qcow2V2Backing).into());
             }
         }
         if offset < first_full * cs {
@@ -61,9 +59,7 @@ impl Qcow2 {
             let has_backing = self.lock().has_backing;
             if has_backing {
                 if flags.fast {
-                    return Err(Error::unsupported(
-                        "qcow2 v2 image with a backing file cannot write zeroes without writing data",
-                    ));
+                    return Err(Unsupported::ZeroesNeedData(ZeroLimit::Qcow2V2Backing).into());
                 }
                 return self.write_zero_bytes(first_full * cs, whole_end - first_full * cs);
             }
@@ -145,9 +141,9 @@ impl Qcow2 {
                 let already = cl.is_zero() || (cl.is_unallocated() && no_backing);
                 if !already {
                     if dry {
-                        return Err(Error::unsupported(
-                            "writing zeroes to part of a qcow2 cluster needs writing data",
-                        ));
+                        return Err(
+                            Unsupported::ZeroesNeedData(ZeroLimit::Qcow2PartialCluster).into()
+                        );
                     }
                     self.write_zero_bytes(off, n)?;
                 }
@@ -211,9 +207,14 @@ impl Qcow2 {
                 m = self.wait_alloc_done(m);
             }
             if l1i >= m.l1.len() {
-                return Err(Error::corrupt(format!(
-                    "guest cluster {gc} is beyond the L1 table"
-                )));
+                return Err(Corruption::new(
+                    Structure::L1Table,
+                    Problem::BeyondL1 {
+                        guest_cluster: gc,
+                        entries: None,
+                    },
+                )
+                .into());
             }
             let unalloc_table = m.l1[l1i] & OFFSET_MASK == 0;
             let backing_visible = m.has_backing;

@@ -13,7 +13,7 @@
 
 use super::table::{Entry, InvalidOffset};
 use super::Inner;
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Invalid, Problem, Result, Structure};
 use crate::format::mapping::{HostOffset, Mapping, Run, Store};
 use crate::format::{check_range, Extent};
 use std::sync::Arc;
@@ -44,9 +44,9 @@ pub(super) fn entry_of(run: &Run) -> Result<Entry> {
         Mapping::Data { host, .. } => Ok(Entry::Data(host.get())),
         Mapping::Zero { .. } => Ok(Entry::Zero),
         Mapping::Unallocated => Ok(Entry::Unallocated),
-        Mapping::Compressed { .. } => Err(Error::corrupt(
-            "QED: a compressed mapping (the format has none)",
-        )),
+        Mapping::Compressed { .. } => {
+            Err(Corruption::new(Structure::QedL2Table, Problem::CompressedMapping).into())
+        }
     }
 }
 
@@ -58,11 +58,17 @@ impl Inner {
 
     fn classify(&self, value: u64, l1i: u64, l2i: u64, l2_off: u64) -> Result<Entry> {
         Entry::decode(value, &self.geo, self.file_size()).map_err(|InvalidOffset(v)| {
-            Error::corrupt(format!(
-                "QED: L2 table at {l2_off:#x} (L1 index {l1i}) entry {l2i} holds an \
-                 invalid cluster offset {v:#x} (misaligned, inside the header or the L1 \
-                 table, or past the end of the file)"
-            ))
+            Error::from(
+                Corruption::new(
+                    Structure::QedL2Table,
+                    Problem::BadOffset {
+                        index: Some(l2i),
+                        value: v,
+                    },
+                )
+                .entry(l1i)
+                .at(l2_off),
+            )
         })
     }
 
@@ -128,10 +134,12 @@ impl Inner {
         let tb = self.geo.table_bytes();
         if let Some(&t) = k.range(..host.saturating_add(len)).next_back() {
             if t.saturating_add(tb) > host {
-                return Err(Error::corrupt(format!(
-                    "QED: refusing to write guest data to host offset {host:#x}: it overlaps \
-                     the L2 table at {t:#x} (cluster referenced twice; run a repair)"
-                )));
+                return Err(Corruption::new(
+                    Structure::QedL2Table,
+                    Problem::DataOverlapsTable { host },
+                )
+                .at(t)
+                .into());
             }
         }
         Ok(())
@@ -156,7 +164,7 @@ impl Inner {
 pub(crate) fn block_status(inner: &Arc<Inner>, offset: u64, len: u64) -> Result<Extent> {
     check_range(offset, len, inner.image_size())?;
     if len == 0 {
-        return Err(Error::invalid("block status of an empty range"));
+        return Err(Invalid::EmptyBlockStatus { offset }.into());
     }
     let _q = inner.quiesce_shared();
     Ok(inner.map_range(offset, len)?.extent())

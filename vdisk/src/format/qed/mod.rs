@@ -43,7 +43,7 @@ use super::{
     BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
     FormatSpecific, Repair, ZeroFlags,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, NoSpace, Result};
 use crate::storage::Storage;
 use header::Header;
 use need_check::DirtyState;
@@ -151,13 +151,13 @@ impl Inner {
     fn alloc_clusters(&self, n: u64) -> Result<u64> {
         let bytes = n
             .checked_mul(self.cluster_size)
-            .ok_or_else(|| Error::NoSpace("QED allocation too large".into()))?;
+            .ok_or(NoSpace::QedAllocation { clusters: n })?;
         let mut cur = self.file_size();
         loop {
             let end = cur
                 .checked_add(bytes)
                 .filter(|e| *e <= i64::MAX as u64)
-                .ok_or_else(|| Error::NoSpace("QED image file would exceed 2^63 bytes".into()))?;
+                .ok_or(NoSpace::QedFileSize)?;
             match self
                 .file_size
                 .compare_exchange(cur, end, Ordering::AcqRel, Ordering::Acquire)
@@ -222,9 +222,11 @@ impl Qed {
         let file_len = storage.len()?;
         let mut head = [0u8; header::HEADER_LEN];
         if file_len < header::HEADER_LEN as u64 {
-            return Err(Error::invalid(format!(
-                "Image not in QED format (file is only {file_len} bytes)"
-            )));
+            return Err(Invalid::FileTooShort {
+                format: "QED",
+                len: file_len,
+            }
+            .into());
         }
         storage.read_at(&mut head, 0)?;
         let mut h = Header::parse(&head)?;

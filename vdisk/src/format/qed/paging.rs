@@ -6,7 +6,7 @@
 use super::header::table_offset_valid;
 use super::table::{self, SharedPage};
 use super::Inner;
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Problem, Result, Structure};
 
 /// Pages of L1 read at a read-write open to learn where the L2 tables are.
 const OPEN_SCAN_PAGES: u64 = 64;
@@ -34,10 +34,14 @@ impl Inner {
 
     fn l1_page(&self, l1i: u64) -> Result<(SharedPage, usize)> {
         if l1i >= self.nelems {
-            return Err(Error::corrupt(format!(
-                "QED: L1 index {l1i} is outside the L1 table ({} entries)",
-                self.nelems
-            )));
+            return Err(Corruption::new(
+                Structure::QedL1Table,
+                Problem::IndexOutOfRange {
+                    entries: self.nelems,
+                },
+            )
+            .entry(l1i)
+            .into());
         }
         let (off, i) = self.page_of(self.l1_offset, l1i);
         let pe = self.page_entries;
@@ -87,10 +91,16 @@ impl Inner {
         let value = self.l1_entry(l1i)?;
         let off = table::decode_l1(value, &self.geo, self.file_size()).map_err(
             |table::InvalidOffset(off)| {
-                Error::corrupt(format!(
-                    "QED: L1 entry {l1i} points to an invalid L2 table offset {off:#x} \
-                     (misaligned, inside the header or the L1 table, or past the end of the file)"
-                ))
+                Error::from(
+                    Corruption::new(
+                        Structure::QedL1Table,
+                        Problem::BadOffset {
+                            index: None,
+                            value: off,
+                        },
+                    )
+                    .entry(l1i),
+                )
             },
         )?;
         if let Some(off) = off {

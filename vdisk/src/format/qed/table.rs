@@ -511,7 +511,13 @@ mod tests {
     #[test]
     fn cache_load_errors_are_returned() {
         let c = PageCache::new(1);
-        let r = c.get(0, || Err(crate::error::Error::corrupt("unreadable table")));
+        let r = c.get(0, || {
+            Err(crate::error::Corruption::new(
+                crate::error::Structure::QedL2Table,
+                crate::error::Problem::Missing,
+            )
+            .into())
+        });
         assert!(r.is_err());
         // Nothing was cached by the failure.
         assert_eq!(c.get(0, || Ok(vec![3])).unwrap().read().unwrap()[0], 3);

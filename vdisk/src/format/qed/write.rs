@@ -339,7 +339,7 @@ mod tests {
                 Format::Raw,
                 base.clone(),
                 &DriverOptions::default(),
-                &mut |_| Err(crate::error::Error::invalid("raw has no backing")),
+                &mut |_| Err(crate::error::Invalid::BackingDisabled.into()),
             )
         })
         .unwrap()

@@ -16,7 +16,7 @@ use super::paging::Update;
 use super::table::{Entry, ZERO_CLUSTER};
 use super::write::{set_entries, write_locked, FILL_CHUNK};
 use super::Inner;
-use crate::error::{Error, Result};
+use crate::error::{Result, Unsupported, ZeroLimit};
 use crate::format::{check_range, ZeroFlags};
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -56,9 +56,7 @@ pub(crate) fn write_zeroes(
     if flags.fast {
         for (a, b) in [(offset, head_end), (tail_start, end)] {
             if b > a && !reads_zero(inner, a, b - a)? {
-                return Err(Error::unsupported(
-                    "QED: zeroing a partial cluster needs writing zero bytes",
-                ));
+                return Err(Unsupported::ZeroesNeedData(ZeroLimit::QedPartialCluster).into());
             }
         }
     }
