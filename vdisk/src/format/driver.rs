@@ -66,7 +66,7 @@ pub struct Extent {
 pub struct ZeroFlags {
     /// The range may be deallocated (it must still read as zeroes).
     pub may_unmap: bool,
-    /// Fail with [`Error::Unsupported`] instead of writing zero bytes the slow way.
+    /// Fail with [`Error::Unsupported`](crate::Error::Unsupported) instead of writing zero bytes the slow way.
     pub fast: bool,
 }
 
