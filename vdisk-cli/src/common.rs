@@ -35,24 +35,7 @@ pub fn parse_output(o: &str) -> Result<bool, String> {
     }
 }
 
-/// Removes Rust's ` (os error N)` suffixes so messages read like qemu's `strerror` text.
-pub fn strip_os_error(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find(" (os error ") {
-        let tail = &rest[i + " (os error ".len()..];
-        let digits = tail.bytes().take_while(|b| b.is_ascii_digit()).count();
-        if digits > 0 && tail.as_bytes().get(digits) == Some(&b')') {
-            out.push_str(&rest[..i]);
-            rest = &tail[digits + 1..];
-        } else {
-            out.push_str(&rest[..i + 1]);
-            rest = &rest[i + 1..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
+pub use vdisk::error::strip_os_error;
 
 /// Prints to stdout unless `quiet` (qemu-img's `qprintf`).
 #[macro_export]

@@ -378,3 +378,190 @@ fn image_opts_rebase_resolves_the_new_backing_next_to_the_image() {
     let info = ok(qemu_img(&sub, &["info", "top.qcow2"]), "info");
     assert!(info.contains("backing file: b.qcow2\n"), "{info}");
 }
+
+/// vdisk and qemu-img on the same arguments: same exit code, same stdout, same stderr
+/// (program name aside).
+fn side_by_side(dir: &Path, args: &[&str]) -> Run {
+    let v = vdisk(dir, args);
+    let q = qemu_img(dir, args);
+    assert_eq!(
+        v.code, q.code,
+        "{args:?}: vdisk {} / qemu-img {}",
+        v.err, q.err
+    );
+    assert_eq!(v.out, q.out, "{args:?}");
+    assert_eq!(v.err, as_vdisk(&q.err), "{args:?}");
+    v
+}
+
+#[test]
+fn convert_target_image_opts_like_qemu_img() {
+    let d = tmp();
+    image(d.path());
+    let target = "driver=qcow2,file.driver=file,file.filename=t.qcow2";
+    // Refused before anything is opened, in qemu-img's order and words.
+    side_by_side(
+        d.path(),
+        &["convert", "--target-image-opts", "x.qcow2", target],
+    );
+    side_by_side(
+        d.path(),
+        &["convert", "--target-image-opts", "-n", "x.qcow2"],
+    );
+    side_by_side(
+        d.path(),
+        &[
+            "convert",
+            "-n",
+            "-o",
+            "cluster_size=4k",
+            "x.qcow2",
+            "t.qcow2",
+        ],
+    );
+    side_by_side(
+        d.path(),
+        &[
+            "convert",
+            "--target-image-opts",
+            "-n",
+            "-O",
+            "qcow2",
+            "x.qcow2",
+            target,
+        ],
+    );
+    side_by_side(
+        d.path(),
+        &[
+            "convert",
+            "--target-image-opts",
+            "-n",
+            "x.qcow2",
+            "driver=qcow2,file.filename=nope",
+        ],
+    );
+    ok(
+        qemu_img(
+            d.path(),
+            &["create", "-q", "-f", "raw", "small.raw", "512k"],
+        ),
+        "create",
+    );
+    side_by_side(
+        d.path(),
+        &["convert", "-n", "-O", "raw", "x.qcow2", "small.raw"],
+    );
+    // Into an existing image named by options.
+    ok(
+        qemu_img(d.path(), &["create", "-q", "-f", "qcow2", "t.qcow2", "1M"]),
+        "create",
+    );
+    ok(
+        vdisk(
+            d.path(),
+            &["convert", "--target-image-opts", "-n", "x.qcow2", target],
+        ),
+        "convert --target-image-opts",
+    );
+    ok(
+        qemu_img(d.path(), &["compare", "x.qcow2", "t.qcow2"]),
+        "compare",
+    );
+    ok(qemu_img(d.path(), &["check", "t.qcow2"]), "check");
+}
+
+#[test]
+fn file_protocol_options_like_qemu_img() {
+    let d = tmp();
+    image(d.path());
+    let base = "driver=qcow2,file.driver=file,file.filename=x.qcow2";
+    for extra in [
+        "file.aio=threads",
+        "file.aio=io_uring",
+        "file.aio=native,cache.direct=on",
+        "file.aio=native",
+        "file.aio=bogus",
+        "file.locking=auto",
+        "file.locking=maybe",
+        "discard=unmap",
+        "discard=off",
+        "discard=bogus",
+        "detect-zeroes=unmap",
+        "detect-zeroes=unmap,discard=ignore",
+        "detect-zeroes=bogus",
+    ] {
+        let opts = format!("{base},{extra}");
+        side_by_side(d.path(), &["info", "--image-opts", &opts]);
+    }
+    // A bare protocol node is its own image: qemu-img shows the protocol as the format.
+    for out in ["--output=human", "--output=json"] {
+        side_by_side(
+            d.path(),
+            &["info", out, "--image-opts", "driver=file,filename=x.qcow2"],
+        );
+    }
+    // host_device wants a device, and reads one.
+    side_by_side(
+        d.path(),
+        &[
+            "info",
+            "--image-opts",
+            "driver=host_device,filename=x.qcow2",
+        ],
+    );
+    side_by_side(
+        d.path(),
+        &[
+            "info",
+            "--output=json",
+            "--image-opts",
+            "driver=raw,file.driver=host_device,file.filename=/dev/null",
+        ],
+    );
+}
+
+#[test]
+fn discard_ignore_keeps_clusters_like_qemu_io() {
+    let d = tmp();
+    image(d.path());
+    for (name, opts) in [("v", "discard=ignore"), ("u", "discard=unmap")] {
+        for tool in ["vdisk", "qemu"] {
+            let f = format!("{name}-{tool}.qcow2");
+            std::fs::copy(d.path().join("x.qcow2"), d.path().join(&f)).unwrap();
+            let spec = format!("driver=qcow2,file.filename={f},{opts}");
+            let cmds = ["-c", "discard 0 64k", "-c", "write -z -u 0 64k"];
+            let r = if tool == "vdisk" {
+                let mut a = vec!["io", "--image-opts"];
+                a.extend(cmds);
+                a.push(&spec);
+                vdisk(d.path(), &a)
+            } else {
+                let mut a = vec!["--image-opts"];
+                a.extend(cmds);
+                a.push(&spec);
+                qemu_io_run(d.path(), &a)
+            };
+            assert_eq!(r.code, 0, "{tool} {opts}: {}", r.err);
+        }
+        let v = ok(
+            qemu_img(
+                d.path(),
+                &["map", "--output=json", &format!("{name}-vdisk.qcow2")],
+            ),
+            "map",
+        );
+        let q = ok(
+            qemu_img(
+                d.path(),
+                &["map", "--output=json", &format!("{name}-qemu.qcow2")],
+            ),
+            "map",
+        );
+        assert_eq!(v, q, "{opts}");
+        ok(
+            qemu_img(d.path(), &["check", &format!("{name}-vdisk.qcow2")]),
+            "check",
+        );
+    }
+}

@@ -1861,3 +1861,81 @@ fn detect_zeroes_modes_match_qemu_nbd_on_qcow2() {
     assert_ne!(per_mode[0], per_mode[1]);
     assert_ne!(per_mode[1], per_mode[2]);
 }
+
+// ---------------------------------------------------------------------------------
+// --image-opts, side by side with qemu-nbd.
+
+#[test]
+fn image_opts_exports_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("x.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    qemu_io(s(&img), "qcow2", &["write -P 0x5c 64k 128k"]);
+    let opts = format!(
+        "driver=qcow2,file.driver=file,file.filename={}",
+        img.display()
+    );
+    let opts = Path::new(&opts);
+    for args in [
+        &["--image-opts", "-t"][..],
+        &["--image-opts", "-t", "-s"][..],
+    ] {
+        // One server at a time: each locks the image.
+        for qemu in [false, true] {
+            let srv = if qemu {
+                Server::qemu_nbd(dir.path(), args, opts)
+            } else {
+                Server::unix(dir.path(), args, opts)
+            };
+            let uri = srv.uri();
+            assert_eq!(ok("nbdinfo", &["--size", &uri]), "8388608\n", "{uri}");
+            qemu_io(&uri, "raw", &["read -P 0x5c 64k 128k", "read -P 0 0 64k"]);
+            // A write through the -s overlay stays in it; without -s it reaches the image.
+            let w = if args.contains(&"-s") {
+                "write -P 0x99 2M 4k"
+            } else {
+                "write -P 0x77 1M 4k"
+            };
+            qemu_io(&uri, "raw", &[w, "read -P 0x5c 64k 128k"]);
+        }
+    }
+    // Written without -s; the -s runs' writes stayed in their overlays.
+    qemu_io(
+        s(&img),
+        "qcow2",
+        &[
+            "read -P 0x77 1M 4k",
+            "read -P 0x5c 64k 128k",
+            "read -P 0 2M 4k",
+        ],
+    );
+    let c = tool("qemu-img", &["check", s(&img)]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
+
+    // Errors read as qemu-nbd's.
+    let missing = format!(
+        "driver=qcow2,file.filename={}",
+        dir.path().join("nope.qcow2").display()
+    );
+    for args in [
+        vec!["--image-opts", "-f", "qcow2", opts.to_str().unwrap()],
+        vec!["--image-opts", &missing],
+        vec!["--image-opts", "-s", &missing],
+        vec![&missing[..]],
+    ] {
+        let sock = dir.path().join("err.sock");
+        let sock = sock.to_str().unwrap();
+        let mut va = vec!["serve", "-k", sock];
+        va.extend(&args);
+        let v = tool(VDISK, &va);
+        let mut qa = vec!["-k", sock];
+        qa.extend(&args);
+        let q = tool("qemu-nbd", &qa);
+        assert_eq!(v.status.code(), q.status.code(), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr),
+            String::from_utf8_lossy(&q.stderr).replace("qemu-nbd:", "vdisk:"),
+            "{args:?}"
+        );
+    }
+}

@@ -82,12 +82,15 @@ pub struct ServeArgs {
     /// Log connection events to stderr.
     #[arg(short = 'v', long = "verbose")]
     pub verbose: bool,
+    /// Treat FILENAME as a key=value option list (`driver=qcow2,file.filename=X`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Image file to export.
     pub filename: PathBuf,
 }
 
 fn err(msg: impl std::fmt::Display) -> i32 {
-    eprintln!("vdisk: {msg}");
+    eprintln!("vdisk: {}", vdisk::error::strip_os_error(&msg.to_string()));
     1
 }
 
@@ -99,6 +102,9 @@ struct Plan {
 }
 
 fn plan(a: &ServeArgs) -> Result<Plan, String> {
+    if a.image_opts && a.format.is_some() {
+        return Err("--image-opts and -f are mutually exclusive".into());
+    }
     let format = a
         .format
         .as_deref()
@@ -147,6 +153,11 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
             format,
             read_only: a.read_only,
             cache,
+            image_opts: a.image_opts,
+            discard: match discard {
+                DiscardMode::Ignore => vdisk::policy::DiscardMode::Ignore,
+                DiscardMode::Unmap => vdisk::policy::DiscardMode::Unmap,
+            },
             // Zero detection is the image's business: the export only writes.
             hooks: DetectZeroes::for_mode(detect_zeroes, discard == DiscardMode::Unmap)
                 .into_iter()
@@ -188,7 +199,7 @@ pub fn run(a: ServeArgs) -> i32 {
         open_snapshot(&a.filename, &plan.open)
     } else {
         Image::open(&a.filename, &plan.open)
-            .map_err(|e| format!("Failed to open '{}': {e}", a.filename.display()))
+            .map_err(|e| format!("Failed to blk_new_open '{}': {e}", a.filename.display()))
     };
     let image = match opened {
         Ok(i) => Arc::new(i),
@@ -252,12 +263,35 @@ pub fn run(a: ServeArgs) -> i32 {
 /// qemu-nbd does.
 fn open_snapshot(file: &std::path::Path, opts: &OpenOptions) -> Result<Image, String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let abs = std::fs::canonicalize(file)
-        .map_err(|e| format!("Failed to open '{}': {e}", file.display()))?;
-    let backing = abs
-        .to_str()
-        .ok_or_else(|| format!("'{}': path is not valid UTF-8", abs.display()))?
-        .to_string();
+    let failed =
+        |e: &dyn std::fmt::Display| format!("Failed to blk_new_open '{}': {e}", file.display());
+    let backing = if opts.image_opts {
+        // The overlay names its backing file by the same options, as a json: name, with
+        // relative file names made absolute (the overlay lives elsewhere).
+        let name = file
+            .to_str()
+            .ok_or_else(|| failed(&"options are not valid UTF-8"))?;
+        // Open errors read as for the image itself, not as a backing file's.
+        Image::open(
+            file,
+            &OpenOptions {
+                read_only: true,
+                force_share: true,
+                ..opts.clone()
+            },
+        )
+        .map_err(|e| failed(&e))?;
+        let mut tree = vdisk::storage::spec::parse_image_opts(name).map_err(|e| failed(&e))?;
+        let cwd = std::env::current_dir().map_err(|e| failed(&e))?;
+        tree.absolutize_filenames(&cwd);
+        tree.to_json_filename()
+    } else {
+        let abs = std::fs::canonicalize(file)
+            .map_err(|e| failed(&format!("Could not open '{}': {e}", file.display())))?;
+        abs.to_str()
+            .ok_or_else(|| format!("'{}': path is not valid UTF-8", abs.display()))?
+            .to_string()
+    };
     let dir = std::env::var_os("TMPDIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
@@ -294,6 +328,7 @@ fn open_snapshot(file: &std::path::Path, opts: &OpenOptions) -> Result<Image, St
             &tmp,
             &OpenOptions {
                 format: Some(Format::Qcow2),
+                image_opts: false,
                 ..opts.clone()
             },
         )

@@ -131,6 +131,11 @@ pub struct OpenedNode {
     pub local_path: Option<PathBuf>,
     /// Its canonical path (loop detection).
     pub canonical: Option<PathBuf>,
+    /// The protocol of the `file` child (`file`, `host_device`, `nbd`…).
+    pub protocol: &'static str,
+    /// The node was a bare protocol node (`driver=file,filename=x`), opened as raw
+    /// data on it; QEMU reports the protocol as the image's format.
+    pub protocol_root: bool,
 }
 
 /// How [`open_node`] opens the storage of a node.
@@ -166,13 +171,15 @@ fn format_options(f: Format) -> &'static [&'static str] {
 /// (`driver=file,filename=x`) is raw data on that storage.
 pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
     let driver = root.take_str("driver")?;
-    if let Some(d) = driver.as_deref().filter(|d| registry::by_name(d).is_some()) {
+    if let Some(p) = driver.as_deref().and_then(registry::by_name) {
         // A protocol at the root: the node is its own storage, read as raw.
-        root.insert_str("driver", d)?;
+        root.insert_str("driver", p.name)?;
         let mut raw = Node::new();
         raw.insert_str("driver", Format::Raw.name())?;
         raw.insert("file", Value::Node(root))?;
-        return open_node(raw, how);
+        let mut node = open_node(raw, how)?;
+        node.protocol_root = true;
+        return Ok(node);
     }
     let named = match (how.format, driver) {
         (Some(f), _) => Some(f),
@@ -227,6 +234,7 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
                 "A block device must be specified for \"file\"".into()
             })
         })?;
+    let protocol = registry::protocol_name(&file_node);
     let OpenedStorage {
         storage: metadata,
         local: local_path,
@@ -275,6 +283,8 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         backing,
         local_path,
         canonical,
+        protocol,
+        protocol_root: false,
     })
 }
 

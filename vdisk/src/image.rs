@@ -14,8 +14,9 @@ use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Extent, Format,
     FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
 };
-use crate::hook::{Payload, Request, WriteHook};
+use crate::hook::{DetectZeroes, DetectZeroesMode, Payload, Request, WriteHook};
 use crate::layer::ImageLayer;
+use crate::policy::DiscardMode;
 use crate::storage::options::{Node, SpecError, Value};
 use crate::storage::{spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
 use std::io::{IoSlice, IoSliceMut};
@@ -49,6 +50,10 @@ pub struct OpenOptions {
     pub image_opts: bool,
     /// Write hooks, in the order they see requests (see [`crate::hook`]).
     pub hooks: Vec<Arc<dyn WriteHook>>,
+    /// Discard policy when the options tree does not give `discard` (QEMU's
+    /// BDRV_O_UNMAP: qemu-io and convert targets have it, other qemu-img commands and
+    /// qemu-nbd by default do not).
+    pub discard: DiscardMode,
 }
 
 impl Default for OpenOptions {
@@ -64,6 +69,7 @@ impl Default for OpenOptions {
             driver: DriverOptions::default(),
             image_opts: false,
             hooks: Vec::new(),
+            discard: DiscardMode::Unmap,
         }
     }
 }
@@ -94,6 +100,12 @@ pub struct Image {
     /// Fixed once the image is shared (`add_hook` takes `&mut self`): the hot path
     /// reads it without a lock and skips the hook machinery when it is empty.
     hooks: Vec<Arc<dyn WriteHook>>,
+    /// See [`Image::protocol`].
+    protocol: &'static str,
+    /// See [`Image::protocol_root`].
+    protocol_root: bool,
+    /// Whether discards are done (see [`crate::policy`]).
+    discard: DiscardMode,
 }
 
 impl Image {
@@ -121,10 +133,27 @@ impl Image {
 
     /// Opens the image an options tree describes (`name` is what it was parsed from,
     /// shown when the tree names no host file).
-    pub fn open_tree(tree: Node, name: &str, opts: &OpenOptions) -> Result<Image> {
+    pub fn open_tree(mut tree: Node, name: &str, opts: &OpenOptions) -> Result<Image> {
         if opts.force_share && !opts.read_only {
             return Err(Invalid::ForceShareReadWrite.into());
         }
+        // QEMU's generic options of the top node that vdisk implements as hooks.
+        let discard = match tree.take_str("discard")? {
+            Some(v) => DiscardMode::parse(&v)?,
+            None => opts.discard,
+        };
+        let detect = match tree.take_str("detect-zeroes")? {
+            Some(v) => DetectZeroesMode::parse(&v)?,
+            None => DetectZeroesMode::Off,
+        };
+        if detect == DetectZeroesMode::Unmap && discard != DiscardMode::Unmap {
+            return Err(Invalid::DetectZeroesUnmapWithoutDiscard.into());
+        }
+        let mut hooks = opts.hooks.clone();
+        hooks.extend(DetectZeroes::for_mode(
+            detect,
+            discard == DiscardMode::Unmap,
+        ));
         let copts = ChainOptions {
             cache: opts.cache,
             force_share: opts.force_share,
@@ -155,6 +184,7 @@ impl Image {
             },
         )?;
         node.driver.no_backing |= opts.no_backing;
+        let (protocol, protocol_root) = (node.protocol, node.protocol_root);
         let path = node
             .local_path
             .clone()
@@ -172,7 +202,10 @@ impl Image {
             driver,
             path,
             closed: AtomicBool::new(false),
-            hooks: opts.hooks.clone(),
+            hooks,
+            protocol,
+            protocol_root,
+            discard,
         })
     }
 
@@ -183,6 +216,9 @@ impl Image {
             path: path.into(),
             closed: AtomicBool::new(false),
             hooks: Vec::new(),
+            protocol: "file",
+            protocol_root: false,
+            discard: DiscardMode::Unmap,
         }
     }
 
@@ -272,6 +308,16 @@ impl Image {
     pub fn format(&self) -> Format {
         self.driver.format()
     }
+    /// The protocol of the image's own storage (`file`, `host_device`…).
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+    /// When the image was opened from a bare protocol node (`--image-opts
+    /// driver=file,filename=x`): that protocol's name. Its data is read as raw, and
+    /// QEMU's tools report the protocol as the format (`file format: file`).
+    pub fn protocol_root(&self) -> Option<&'static str> {
+        self.protocol_root.then_some(self.protocol)
+    }
     /// Guest size in bytes.
     pub fn size(&self) -> u64 {
         self.driver.size()
@@ -317,14 +363,20 @@ impl Image {
         })
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
-    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    pub fn write_zeroes(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
+        if self.discard == DiscardMode::Ignore {
+            flags.may_unmap = false;
+        }
         if self.hooks.is_empty() {
             return self.driver.write_zeroes(offset, len, flags);
         }
         self.hooked(Request::Zeroes { offset, len, flags })
     }
-    /// Discards a range.
+    /// Discards a range (succeeds and changes nothing with `discard=ignore`).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.discard == DiscardMode::Ignore {
+            return crate::format::check_range(offset, len, self.size());
+        }
         if self.hooks.is_empty() {
             return self.driver.discard(offset, len);
         }
@@ -390,7 +442,12 @@ impl Image {
         match req {
             Request::Write { offset, data } => self.driver.write_at(data.bytes(), *offset),
             Request::Zeroes { offset, len, flags } => {
-                self.driver.write_zeroes(*offset, *len, *flags)
+                // A hook may have turned a data write into a zero write.
+                let flags = ZeroFlags {
+                    may_unmap: flags.may_unmap && self.discard == DiscardMode::Unmap,
+                    ..*flags
+                };
+                self.driver.write_zeroes(*offset, *len, flags)
             }
             Request::Discard { offset, len } => self.driver.discard(*offset, *len),
             Request::Compressed { offset, data } => {

@@ -16,6 +16,7 @@ pub mod format;
 pub mod hook;
 pub mod image;
 pub mod layer;
+pub mod policy;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -266,6 +266,8 @@ pub fn run(a: Args) -> i32 {
         }
     };
     let opts = OpenOptions {
+        // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+        discard: vdisk::policy::DiscardMode::Ignore,
         format,
         read_only: !plan.write,
         force_share: a.force_share,

@@ -199,6 +199,8 @@ pub fn run(a: Args) -> i32 {
         common::open_image_with(
             name,
             &OpenOptions {
+                // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+                discard: vdisk::policy::DiscardMode::Ignore,
                 format,
                 read_only: true,
                 force_share: a.force_share,

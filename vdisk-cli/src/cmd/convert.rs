@@ -85,6 +85,9 @@ pub struct Args {
     /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Treat the target name as a key=value option list (needs `-n`).
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
     /// Source images followed by the target.
     pub files: Vec<String>,
 }
@@ -588,6 +591,13 @@ fn run_inner(a: Args) -> Result<(), String> {
         },
     };
     let sparse = parse_sparse(a.sparse.as_deref())?;
+    // qemu-img's order: these come before `-o help` and the file count.
+    if a.no_create && !a.options.is_empty() {
+        return Err("-o has no effect when skipping image creation".into());
+    }
+    if a.target_image_opts && !a.no_create {
+        return Err("--target-image-opts requires use of -n flag".into());
+    }
     if crate::cmd::create::wants_help(&a.options) {
         let out_name = a.out_format.clone().unwrap_or_else(|| "raw".into());
         let out_fmt =
@@ -615,10 +625,17 @@ fn run_inner(a: Args) -> Result<(), String> {
     let out_name = a.out_format.clone().unwrap_or_else(|| "raw".into());
     let out_fmt =
         Format::parse(&out_name).map_err(|_| format!("Unknown file format '{out_name}'"))?;
+    // With --target-image-opts the target's options name its format; `-O` would be a
+    // second one (qemu-img refuses the pair when it opens the target).
+    let target_format = if a.target_image_opts {
+        None
+    } else {
+        Some(out_fmt)
+    };
     if !a.no_create && !out_fmt.can_create() {
         return Err(out_fmt.no_create_error().to_string());
     }
-    if a.compress && !out_fmt.caps().compression {
+    if a.compress && !a.target_image_opts && !out_fmt.caps().compression {
         return Err("Compression not supported for this file format".into());
     }
     let src_fmt = common::parse_format(a.format.as_deref())
@@ -638,6 +655,8 @@ fn run_inner(a: Args) -> Result<(), String> {
         let img = common::open_image_with(
             name,
             &OpenOptions {
+                // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+                discard: vdisk::policy::DiscardMode::Ignore,
                 format: src_fmt,
                 read_only: true,
                 force_share: a.force_share,
@@ -695,20 +714,24 @@ fn run_inner(a: Args) -> Result<(), String> {
         .map_err(|e| format!("{target_name}: error while converting {out_fmt}: {e}"))?;
     }
 
+    if a.target_image_opts && a.out_format.is_some() {
+        return Err("--image-opts and --format are mutually exclusive".into());
+    }
     let target = common::open_image_with(
         target_name,
         &OpenOptions {
-            format: Some(out_fmt),
+            format: target_format,
             read_only: false,
             cache: dst_cache,
+            image_opts: a.target_image_opts,
             ..OpenOptions::default()
         },
     )?;
+    if a.compress && !target.format().caps().compression {
+        return Err("Compression not supported for this file format".into());
+    }
     if a.no_create && target.size() < total {
-        return Err(format!(
-            "Target image is too small ({} bytes) for the source data ({total} bytes)",
-            target.size()
-        ));
+        return Err("output file is smaller than input file".into());
     }
     let target_backing = target.backing().map(|b| b.size());
     let has_backing = target_backing.is_some() || a.backing.is_some();

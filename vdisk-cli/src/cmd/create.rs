@@ -136,6 +136,8 @@ fn run_inner(a: Args) -> Result<(), String> {
             let bimg = vdisk::Image::open(
                 &bpath,
                 &OpenOptions {
+                    // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+                    discard: vdisk::policy::DiscardMode::Ignore,
                     format: backing_fmt,
                     read_only: true,
                     force_share: true,

@@ -42,6 +42,10 @@ struct ImageInfo {
     specific: FormatSpecific,
     snapshots: Vec<SnapshotInfo>,
     file_length: u64,
+    /// Opened as a bare protocol node: qemu shows the protocol as the format.
+    protocol_root: Option<&'static str>,
+    /// The protocol of the image's file.
+    protocol: &'static str,
 }
 
 fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
@@ -75,6 +79,8 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         specific: d.format_specific(),
         snapshots: d.snapshots(),
         file_length,
+        protocol_root: d.protocol_root(),
+        protocol: d.protocol(),
     })
 }
 
@@ -85,6 +91,8 @@ fn open_one(
     image_opts: bool,
 ) -> Result<Image, String> {
     let opts = OpenOptions {
+        // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+        discard: vdisk::policy::DiscardMode::Ignore,
         format,
         image_opts,
         read_only: true,
@@ -247,7 +255,7 @@ fn snapshot_row(sn: Option<&SnapshotInfo>) -> String {
 fn to_qdict(i: &ImageInfo) -> QDict {
     let mut file = QDict::new();
     file.str("filename", i.filename.clone());
-    file.str("format", "file");
+    file.str("format", i.protocol);
     file.bool("dirty-flag", false);
     if let Some(a) = i.actual_size {
         file.int("actual-size", a);
@@ -258,6 +266,10 @@ fn to_qdict(i: &ImageInfo) -> QDict {
     fs.put("data", QValue::Dict(QDict::new()));
     file.put("format-specific", QValue::Dict(fs));
     file.put("children", QValue::List(Vec::new()));
+    if i.protocol_root.is_some() {
+        // The protocol node is the image: qemu shows its own info, nothing above it.
+        return file;
+    }
     let mut child = QDict::new();
     child.str("name", "file");
     child.put("info", QValue::Dict(file));
@@ -299,7 +311,10 @@ fn human(i: &ImageInfo) -> String {
     let mut s = String::new();
     let disk = |a: Option<u64>| a.map(size_to_str).unwrap_or_else(|| "unavailable".into());
     s.push_str(&format!("image: {}\n", i.filename));
-    s.push_str(&format!("file format: {}\n", i.format));
+    match i.protocol_root {
+        Some(p) => s.push_str(&format!("file format: {p}\n")),
+        None => s.push_str(&format!("file format: {}\n", i.format)),
+    }
     s.push_str(&format!(
         "virtual size: {} ({} bytes)\n",
         size_to_str(i.virtual_size),
@@ -332,9 +347,12 @@ fn human(i: &ImageInfo) -> String {
         }
     }
     s.push_str(&specific_human(&i.specific));
+    if i.protocol_root.is_some() {
+        return s;
+    }
     s.push_str("Child node '/file':\n");
     s.push_str(&format!("    filename: {}\n", i.filename));
-    s.push_str("    protocol type: file\n");
+    s.push_str(&format!("    protocol type: {}\n", i.protocol));
     s.push_str(&format!(
         "    file length: {} ({} bytes)\n",
         size_to_str(i.file_length),

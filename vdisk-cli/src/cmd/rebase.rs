@@ -78,6 +78,8 @@ fn run_inner(a: Args) -> Result<(), String> {
     let img = common::open_image_with(
         &a.filename,
         &OpenOptions {
+            // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+            discard: vdisk::policy::DiscardMode::Ignore,
             format,
             read_only: false,
             cache,
@@ -101,6 +103,8 @@ fn run_inner(a: Args) -> Result<(), String> {
                 Some(common::open_image_with(
                     &path,
                     &OpenOptions {
+                        // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+                        discard: vdisk::policy::DiscardMode::Ignore,
                         format: new_fmt,
                         read_only: true,
                         force_share: a.force_share,

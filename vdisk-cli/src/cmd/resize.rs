@@ -64,6 +64,8 @@ fn run_inner(a: Args) -> Result<(), String> {
     let img = common::open_image_with(
         &a.filename,
         &OpenOptions {
+            // qemu-img opens images without BDRV_O_UNMAP (only a convert target has it).
+            discard: vdisk::policy::DiscardMode::Ignore,
             format,
             read_only: false,
             image_opts: a.image_opts,

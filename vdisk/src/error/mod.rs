@@ -175,6 +175,26 @@ impl From<std::io::Error> for Error {
     }
 }
 
+/// Removes Rust's ` (os error N)` suffixes from a rendered message, so front-ends print
+/// errors the way QEMU's tools print `strerror` text.
+pub fn strip_os_error(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(" (os error ") {
+        let tail = &rest[i + " (os error ".len()..];
+        let digits = tail.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 && tail.as_bytes().get(digits) == Some(&b')') {
+            out.push_str(&rest[..i]);
+            rest = &tail[digits + 1..];
+        } else {
+            out.push_str(&rest[..i + 1]);
+            rest = &rest[i + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

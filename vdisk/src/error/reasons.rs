@@ -319,6 +319,10 @@ pub enum Invalid {
     },
     /// `--image-opts` together with `--format`.
     ImageOptsWithFormat,
+    /// A `discard` option that is none of QEMU's words.
+    BadDiscardOption,
+    /// `detect-zeroes=unmap` on an image whose `discard` policy is not `unmap`.
+    DetectZeroesUnmapWithoutDiscard,
     /// `force-share=on` on an image opened read/write.
     ForceShareReadWrite,
     /// A backing file reached on an open that disabled backing files.
@@ -533,6 +537,11 @@ impl fmt::Display for Invalid {
             Invalid::ImageOptsWithFormat => {
                 write!(f, "--image-opts and --format are mutually exclusive")
             }
+            Invalid::BadDiscardOption => write!(f, "Invalid discard option"),
+            Invalid::DetectZeroesUnmapWithoutDiscard => write!(
+                f,
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+            ),
             Invalid::ForceShareReadWrite => write!(
                 f,
                 "force-share=on can only be used with read-only images"

@@ -535,10 +535,22 @@ impl Storage for FileStorage {
 pub static PROTOCOL: Protocol = Protocol {
     name: "file",
     schemes: &["file"],
-    options: &["filename", "locking", "aio"],
+    options: FILE_OPTIONS,
     parse_filename,
     open: Some(open_protocol),
 };
+
+/// The `host_device` protocol: a host block or character device, otherwise the `file`
+/// protocol (QEMU's `host_device` driver; `/dev/…` volumes, LVM, NBD devices).
+pub static HOST_DEVICE: Protocol = Protocol {
+    name: "host_device",
+    schemes: &["host_device"],
+    options: FILE_OPTIONS,
+    parse_filename: parse_device_filename,
+    open: Some(open_device),
+};
+
+const FILE_OPTIONS: &[&str] = &["filename", "locking", "aio"];
 
 /// `file:NAME` → `filename=NAME` (the prefix is stripped once; `file:a:b` is `a:b`).
 fn parse_filename(name: &str, node: &mut Node) -> Result<(), SpecError> {
@@ -546,11 +558,53 @@ fn parse_filename(name: &str, node: &mut Node) -> Result<(), SpecError> {
     node.insert_str("filename", name)
 }
 
-fn open_protocol(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+/// `host_device:NAME` → `filename=NAME`.
+fn parse_device_filename(name: &str, node: &mut Node) -> Result<(), SpecError> {
+    let name = name.strip_prefix("host_device:").unwrap_or(name);
+    node.insert_str("filename", name)
+}
+
+fn open_device(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(Value::Str(f)) = node.get("filename") {
+        // QEMU checks the type before opening; a missing file fails in the open below.
+        if let Ok(m) = std::fs::metadata(f) {
+            let t = m.file_type();
+            if !t.is_block_device() && !t.is_char_device() {
+                return Err(SpecError::NotADevice(f.clone()).into());
+            }
+        }
+    }
+    open_with(node, ctx, HOST_DEVICE.name)
+}
+
+fn open_protocol(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    open_with(node, ctx, PROTOCOL.name)
+}
+
+/// QEMU's `aio` modes. Every mode runs requests on the caller's threads (QEMU's
+/// `threads`): `native` and `io_uring` choose a kernel interface, not what a request
+/// does, and are accepted where QEMU accepts them.
+fn check_aio(node: &mut Node, ctx: &ProtocolOpen) -> Result<(), SpecError> {
+    match node.take_str("aio")?.as_deref() {
+        None | Some("threads") | Some("io_uring") => Ok(()),
+        Some("native") if ctx.cache.direct() => Ok(()),
+        Some("native") => Err(SpecError::AioNativeNeedsDirect),
+        Some(other) => Err(SpecError::BadValue(other.to_string())),
+    }
+}
+
+fn open_with(
+    mut node: Node,
+    ctx: &ProtocolOpen,
+    name: &'static str,
+) -> StorageResult<Arc<dyn Storage>> {
     let filename = node
         .take_str("filename")?
         .filter(|f| !f.is_empty())
-        .ok_or_else(|| SpecError::Missing("The 'file' block driver requires a file name".into()))?;
+        .ok_or_else(|| {
+            SpecError::Missing(format!("The '{name}' block driver requires a file name"))
+        })?;
     // QEMU's locking is on/off/auto (auto = on where OFD locks exist, as on Linux).
     let locking = match node.take("locking") {
         None => true,
@@ -558,13 +612,7 @@ fn open_protocol(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn St
         Some(Value::Str(s)) => match s.as_str() {
             "on" | "auto" => true,
             "off" => false,
-            _ => {
-                return Err(SpecError::Value {
-                    key: node.key_path("locking"),
-                    expected: "'on', 'off' or 'auto'".into(),
-                }
-                .into())
-            }
+            _ => return Err(SpecError::BadValue(s).into()),
         },
         Some(_) => {
             return Err(SpecError::Type {
@@ -574,18 +622,9 @@ fn open_protocol(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn St
             .into())
         }
     };
-    // Requests run on caller threads (QEMU's aio=threads); there is no other mode.
-    if let Some(aio) = node.take_str("aio")? {
-        if aio != "threads" {
-            return Err(SpecError::Value {
-                key: node.key_path("aio"),
-                expected: "'threads' (the file protocol's only I/O mode)".into(),
-            }
-            .into());
-        }
-    }
+    check_aio(&mut node, ctx)?;
     node.finish(|key| SpecError::ProtocolOption {
-        protocol: PROTOCOL.name.into(),
+        protocol: name.into(),
         key,
     })?;
     let fo = OpenFileOptions {

@@ -59,6 +59,15 @@ pub enum SpecError {
         /// What was wanted.
         expected: String,
     },
+    /// An enumerated option given a word it does not know (QEMU's wording).
+    #[error("invalid parameter value: {0}")]
+    BadValue(String),
+    /// `aio=native` on a node opened with the host page cache.
+    #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
+    AioNativeNeedsDirect,
+    /// `host_device` on a file that is neither a block nor a character device.
+    #[error("'host_device' driver requires '{0}' to be either a character or block device")]
+    NotADevice(String),
     /// A name past [`MAX_NAME_LEN`], or a tree past [`MAX_DEPTH`] / [`MAX_ENTRIES`].
     #[error("Image options too large: {0}")]
     TooLarge(String),
@@ -360,6 +369,47 @@ impl Node {
         }
     }
 
+    /// The node as a `json:{…}` pseudo-filename (nested objects, values as parsed), the
+    /// way QEMU names an image opened from options, e.g. as a backing file name.
+    pub fn to_json_filename(&self) -> String {
+        format!("json:{}", self.to_json_value())
+    }
+
+    fn to_json_value(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in &self.entries {
+            let j = match v {
+                Value::Str(s) => serde_json::Value::String(s.clone()),
+                Value::Num(n) => match n.parse::<serde_json::Number>() {
+                    Ok(n) => serde_json::Value::Number(n),
+                    Err(_) => serde_json::Value::String(n.clone()),
+                },
+                Value::Bool(b) => serde_json::Value::Bool(*b),
+                Value::Null => serde_json::Value::Null,
+                Value::Node(n) => n.to_json_value(),
+            };
+            m.insert(k.clone(), j);
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// Makes every relative `filename` in this node and below absolute against `dir`,
+    /// so the options still name the same files when read from elsewhere (an overlay
+    /// in another directory naming them as its backing file).
+    pub fn absolutize_filenames(&mut self, dir: &std::path::Path) {
+        for (k, v) in &mut self.entries {
+            match v {
+                Value::Str(f)
+                    if k == "filename" && super::spec::is_plain_path(f) && !f.starts_with('/') =>
+                {
+                    *f = dir.join(&*f).to_string_lossy().into_owned();
+                }
+                Value::Node(n) => n.absolutize_filenames(dir),
+                _ => {}
+            }
+        }
+    }
+
     /// Total leaves and children below this node.
     pub fn count(&self) -> usize {
         self.entries
@@ -448,6 +498,22 @@ mod tests {
         let file = n.take_node("file").unwrap().unwrap();
         assert_eq!(file.path(), "file");
         assert_eq!(file.key_path("filename"), "file.filename");
+    }
+
+    #[test]
+    fn json_filename_round_trips() {
+        let mut n = super::super::spec::parse_image_opts(
+            "driver=qcow2,file.driver=file,file.filename=a.qcow2,file.locking=off",
+        )
+        .unwrap();
+        n.absolutize_filenames(std::path::Path::new("/d"));
+        let j = n.to_json_filename();
+        assert_eq!(
+            j,
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/d/a.qcow2","locking":"off"}}"#
+        );
+        let back = super::super::spec::parse_filename(&j).unwrap();
+        assert_eq!(back.flatten(), n.flatten());
     }
 
     #[test]

@@ -52,7 +52,13 @@ pub struct Protocol {
 }
 
 /// Every protocol vdisk knows, openable or not. One line per protocol.
-pub static PROTOCOLS: &[&Protocol] = &[&file::PROTOCOL, &nbd::PROTOCOL, &http::HTTP, &http::HTTPS];
+pub static PROTOCOLS: &[&Protocol] = &[
+    &file::PROTOCOL,
+    &file::HOST_DEVICE,
+    &nbd::PROTOCOL,
+    &http::HTTP,
+    &http::HTTPS,
+];
 
 /// Options every node takes (QEMU's generic block options vdisk implements).
 pub const COMMON_OPTIONS: &[&str] = &["driver", "cache.direct", "cache.no-flush"];
@@ -125,12 +131,24 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
     open(node, &ProtocolOpen { cache, ..*ctx })
 }
 
+/// The name of the protocol a node will be opened with (`file` for a node with only
+/// a `filename`, as [`open`] decides); `"unknown"` when its `driver` names none.
+pub fn protocol_name(node: &Node) -> &'static str {
+    match node.get("driver") {
+        None => file::PROTOCOL.name,
+        Some(super::options::Value::Str(d)) => by_name(d).map_or("unknown", |p| p.name),
+        Some(_) => "unknown",
+    }
+}
+
 /// The host file a protocol node names, when it is the `file` protocol: the chain
 /// uses it to detect loops and to resolve nothing else.
 pub fn local_file(node: &Node) -> Option<&str> {
     let is_file = match node.get("driver") {
         None => true,
-        Some(super::options::Value::Str(d)) => d == file::PROTOCOL.name,
+        Some(super::options::Value::Str(d)) => {
+            d == file::PROTOCOL.name || d == file::HOST_DEVICE.name
+        }
         Some(_) => false,
     };
     match node.get("filename") {
