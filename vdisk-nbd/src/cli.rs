@@ -252,9 +252,7 @@ pub fn run(a: ServeArgs) -> i32 {
     if let Err(e) = image.flush().and_then(|()| image.close()) {
         code = err(format!("closing '{}': {e}", a.filename.display()));
     }
-    if let Some(p) = &a.pid_file {
-        let _ = std::fs::remove_file(p);
-    }
+    // The pid file stays, as qemu-nbd leaves it.
     code
 }
 

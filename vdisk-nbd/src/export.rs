@@ -103,6 +103,18 @@ impl Export {
         self.image.size()
     }
 
+    /// The minimum block size advertised (NBD_INFO_BLOCK_SIZE), as qemu-nbd's: 512 where
+    /// QEMU's block layer aligns requests to sectors (QED, and a raw image whose format
+    /// was probed), else 1. Requests need not honour it: any alignment is served.
+    pub fn min_block(&self) -> u32 {
+        let caps = self.image.format().caps();
+        if caps.sector_aligned || (caps.raw_data && self.image.format_probed()) {
+            512
+        } else {
+            1
+        }
+    }
+
     /// Transmission flags, as qemu-nbd advertises them for the same configuration and
     /// negotiation (`contexts`: metadata contexts were selected).
     pub fn transmission_flags(&self, structured: bool, extended: bool, contexts: bool) -> u16 {

@@ -247,10 +247,10 @@ pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result
                     b.u16(proto::INFO_DESCRIPTION).bytes(d.as_bytes());
                     opt_reply(s, opt, proto::REP_INFO, &b.0)?;
                 }
-                // Sent unasked too, as qemu-nbd does: the values are the defaults anyway.
+                // Sent unasked too, as qemu-nbd does.
                 let mut b = Buf::default();
                 b.u16(proto::INFO_BLOCK_SIZE)
-                    .u32(1)
+                    .u32(export.min_block())
                     .u32(proto::PREFERRED_BLOCK)
                     .u32(proto::MAX_PAYLOAD);
                 opt_reply(s, opt, proto::REP_INFO, &b.0)?;

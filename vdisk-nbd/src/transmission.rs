@@ -250,13 +250,10 @@ impl Conn<'_> {
     fn check_range(&self, typ: u16, offset: u64, len: u64) -> Result<(), Fail> {
         let size = self.export.size();
         if offset > size || len > size - offset {
-            let errno = if matches!(typ, proto::CMD_WRITE | proto::CMD_WRITE_ZEROES) {
-                proto::ENOSPC
-            } else {
-                proto::EINVAL
-            };
+            // qemu-nbd answers EINVAL for every command (the spec allows ENOSPC for
+            // writes; clients written against qemu-nbd see EINVAL).
             return Err(fail(
-                errno,
+                proto::EINVAL,
                 format!(
                     "{} at offset {offset} length {len} is past the end of the {size}-byte export",
                     proto::cmd_name(typ)

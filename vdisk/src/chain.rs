@@ -133,6 +133,8 @@ pub struct OpenedNode {
     pub canonical: Option<PathBuf>,
     /// The protocol of the `file` child (`file`, `host_device`, `nbd`…).
     pub protocol: &'static str,
+    /// The format was probed (neither the tree nor the caller named it).
+    pub probed: bool,
     /// The node was a bare protocol node (`driver=file,filename=x`), opened as raw
     /// data on it; QEMU reports the protocol as the image's format.
     pub protocol_root: bool,
@@ -284,6 +286,7 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         local_path,
         canonical,
         protocol,
+        probed: named.is_none(),
         protocol_root: false,
     })
 }

@@ -12,7 +12,7 @@ use crate::chain::{self, ChainExtent, ChainOptions, NodeOpen};
 use crate::error::{BackingContext, Error, Invalid, Result, Unsupported};
 use crate::format::{
     self, BackingSpec, CheckReport, CreateSpec, Driver, DriverOptions, Extent, Format,
-    FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
+    FormatSpecific, PreallocMode, Repair, SnapshotInfo, ZeroFlags,
 };
 use crate::hook::{DetectZeroes, DetectZeroesMode, Payload, Request, WriteHook};
 use crate::layer::ImageLayer;
@@ -104,6 +104,8 @@ pub struct Image {
     protocol: &'static str,
     /// See [`Image::protocol_root`].
     protocol_root: bool,
+    /// See [`Image::format_probed`].
+    probed: bool,
     /// Whether discards are done (see [`crate::policy`]).
     discard: DiscardMode,
 }
@@ -184,7 +186,7 @@ impl Image {
             },
         )?;
         node.driver.no_backing |= opts.no_backing;
-        let (protocol, protocol_root) = (node.protocol, node.protocol_root);
+        let (protocol, protocol_root, probed) = (node.protocol, node.protocol_root, node.probed);
         let path = node
             .local_path
             .clone()
@@ -205,6 +207,7 @@ impl Image {
             hooks,
             protocol,
             protocol_root,
+            probed,
             discard,
         })
     }
@@ -218,6 +221,7 @@ impl Image {
             hooks: Vec::new(),
             protocol: "file",
             protocol_root: false,
+            probed: false,
             discard: DiscardMode::Unmap,
         }
     }
@@ -277,7 +281,29 @@ impl Image {
             create: true,
         };
         let existed = path.exists();
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, &fo)?);
+        let file = FileStorage::open(path, &fo)?;
+        // The file protocol's hints (qemu's file-posix applies them to every file it
+        // creates; its default extent size hint is 1 MiB). A value that does not parse
+        // is reported by the format's option check below.
+        let opt = |k: &str| {
+            opts.options
+                .iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v)
+        };
+        let nocow = opt("nocow").is_some_and(|v| v == "on");
+        let hint_given = opt("extent_size_hint");
+        let hint = match hint_given {
+            Some(v) => format::parse_size(v).unwrap_or(0),
+            None => 1 << 20,
+        };
+        if let Err(e) = file.apply_create_hints(nocow, hint) {
+            if hint_given.is_some() {
+                tracing::warn!("Failed to set extent size hint: {e}");
+            }
+        }
+        let storage: Arc<dyn Storage> = Arc::new(file);
         let r = format::create(
             opts.format,
             &storage,
@@ -307,6 +333,12 @@ impl Image {
     /// The image's format.
     pub fn format(&self) -> Format {
         self.driver.format()
+    }
+    /// Whether the format was probed from the file's contents (not named by the
+    /// caller or the options). QEMU restricts a probed raw image more (its exports
+    /// advertise a 512-byte minimum block).
+    pub fn format_probed(&self) -> bool {
+        self.probed
     }
     /// The protocol of the image's own storage (`file`, `host_device`…).
     pub fn protocol(&self) -> &'static str {
@@ -457,6 +489,63 @@ impl Image {
                 new_size, shrink, ..
             } => self.driver.resize(*new_size, *shrink),
         }
+    }
+
+    /// Preallocates grown space `[offset, offset+len)` (`resize --preallocation`): on
+    /// formats with metadata preallocation, maps it to host clusters (and reserves or
+    /// writes them for `Falloc`/`Full`); on raw images `Falloc` reserves the file range
+    /// and `Full` writes zeroes. It reads zeroes before and after.
+    pub fn preallocate_grown(&self, offset: u64, len: u64, mode: PreallocMode) -> Result<()> {
+        let caps = self.format().caps();
+        if caps.raw_data {
+            format::check_range(offset, len, self.size())?;
+            let st = self.driver.storage();
+            return Ok(match mode {
+                PreallocMode::Falloc => st.allocate(offset, len)?,
+                PreallocMode::Full => {
+                    // Zero bytes written, as QEMU: the range is data, not a hole or an
+                    // unwritten extent.
+                    let chunk = vec![0u8; len.min(1 << 20) as usize];
+                    let mut pos = 0;
+                    while pos < len {
+                        let n = (len - pos).min(chunk.len() as u64) as usize;
+                        st.write_at(&chunk[..n], offset + pos)?;
+                        pos += n as u64;
+                    }
+                }
+                PreallocMode::Metadata => {
+                    return Err(Unsupported::NoPreallocation(self.format().name()).into())
+                }
+            });
+        }
+        self.driver.preallocate_grown(offset, len, mode)
+    }
+
+    /// Copies guest bytes `[offset, offset+len)` of this image to `dst` at
+    /// `dst_offset` without reading them into memory (copy offload, `convert -C`),
+    /// where both are raw images on host files and `dst` has no write hooks (a hook
+    /// must see the bytes). Returns how many bytes were copied from the start of the
+    /// range: fewer than `len` (possibly 0) when offload is impossible; the caller
+    /// copies the rest by reading and writing.
+    pub fn copy_range_to(
+        &self,
+        offset: u64,
+        dst: &Image,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<u64> {
+        format::check_range(offset, len, self.size())?;
+        format::check_range(dst_offset, len, dst.size())?;
+        if !self.format().caps().raw_data || !dst.format().caps().raw_data || !dst.hooks.is_empty()
+        {
+            return Ok(0);
+        }
+        // A read-only destination fails the copy (EBADF): the caller's write then
+        // reports it as any write would.
+        Ok(self
+            .driver
+            .storage()
+            .copy_range_to(offset, &**dst.driver.storage(), dst_offset, len)?)
     }
 
     /// Reserves host space for `[offset, offset+len)` without changing what it reads

@@ -70,7 +70,7 @@ pub struct Args {
     /// CPU runs them.
     #[arg(short = 'm', long = "parallel")]
     pub parallel: Option<String>,
-    /// Use copy offloading (accepted; copies are done by reading and writing).
+    /// Use copy offloading (`copy_file_range`) between raw images on host files.
     #[arg(short = 'C', long = "copy-range-offloading")]
     pub copy_range: bool,
     /// Show progress.
@@ -164,6 +164,10 @@ struct Job<'a> {
     zero_init: bool,
     sparse: u64,
     compress: bool,
+    /// `-C` where offload can work (raw sources and target): data ranges are copied by
+    /// the kernel (`copy_file_range`), never read here; what it cannot copy is read and
+    /// written as usual.
+    offload: bool,
     cluster: u64,
     /// Writes go through the sequencer, in target order (None: each worker writes
     /// its own items as soon as they are read).
@@ -403,7 +407,7 @@ impl Job<'_> {
     /// read as zeroes or as the shared backing file).
     fn fill(&self, item: &Item, buf: &mut [u8]) -> Result<(), String> {
         for seg in &item.segments {
-            if seg.kind == Kind::Data || self.compress {
+            if (seg.kind == Kind::Data && !self.offload) || self.compress {
                 let rel = (seg.dst_off - item.dst_off) as usize;
                 self.read(seg, &mut buf[rel..rel + seg.len as usize])?;
             }
@@ -423,6 +427,7 @@ impl Job<'_> {
             for seg in &item.segments {
                 let rel = (seg.dst_off - item.dst_off) as usize;
                 match seg.kind {
+                    Kind::Data if self.offload => self.copy_offloaded(seg)?,
                     Kind::Data => {
                         self.write_sparse(&buf[rel..rel + seg.len as usize], seg.dst_off)?
                     }
@@ -434,6 +439,45 @@ impl Job<'_> {
         let done = self.done_bytes.fetch_add(item.len, Ordering::Relaxed) + item.len;
         if let Some(b) = &self.bar {
             b.set_position(done);
+        }
+        Ok(())
+    }
+
+    /// Copies a data segment by copy offload; the part the kernel could not copy (a
+    /// source shorter than its sector-rounded size, another file system) is read and
+    /// written.
+    fn copy_offloaded(&self, seg: &Segment) -> Result<(), String> {
+        let s = &self.sources[seg.src];
+        // Guest bytes past the source file's end read as zeroes: never offloaded.
+        let in_file = seg.len.min(s.img.size().saturating_sub(seg.src_off));
+        let done = if in_file > 0 {
+            s.img
+                .copy_range_to(seg.src_off, self.target, seg.dst_off, in_file)
+                .map_err(|e| format!("error while writing at byte {}: {e}", seg.dst_off))?
+        } else {
+            0
+        };
+        if done < seg.len {
+            let rest = Segment {
+                src_off: seg.src_off + done,
+                dst_off: seg.dst_off + done,
+                len: seg.len - done,
+                ..*seg
+            };
+            let mut buf = vec![0u8; rest.len.min(WINDOW) as usize];
+            let mut pos = 0;
+            while pos < rest.len {
+                let n = (rest.len - pos).min(WINDOW);
+                let part = Segment {
+                    src_off: rest.src_off + pos,
+                    dst_off: rest.dst_off + pos,
+                    len: n,
+                    ..rest
+                };
+                self.read(&part, &mut buf[..n as usize])?;
+                self.write_sparse(&buf[..n as usize], part.dst_off)?;
+                pos += n;
+            }
         }
         Ok(())
     }
@@ -597,6 +641,9 @@ fn run_inner(a: Args) -> Result<(), String> {
     }
     if a.target_image_opts && !a.no_create {
         return Err("--target-image-opts requires use of -n flag".into());
+    }
+    if a.copy_range && a.compress {
+        return Err("Cannot enable copy offloading when -c is used".into());
     }
     if crate::cmd::create::wants_help(&a.options) {
         let out_name = a.out_format.clone().unwrap_or_else(|| "raw".into());
@@ -779,6 +826,9 @@ fn run_inner(a: Args) -> Result<(), String> {
         zero_init,
         sparse,
         compress: a.compress,
+        offload: a.copy_range
+            && target.format().caps().raw_data
+            && sources.iter().all(|s| s.img.format().caps().raw_data),
         cluster,
         sequencer: (!a.oob_writes && !a.compress)
             .then(|| sequencer::Sequencer::new(threads + 2, WINDOW as usize)),

@@ -65,7 +65,7 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
     Ok(ImageInfo {
         filename: filename.to_string(),
         format: d.format(),
-        dirty: d.is_dirty(),
+        dirty: d.format().caps().dirty_flag && d.is_dirty(),
         actual_size: allocated_size(Path::new(filename)),
         virtual_size,
         cluster_size: d.cluster_size(),

@@ -1,6 +1,7 @@
 //! `vdisk resize`: changes the guest size of an image, as `qemu-img resize`.
 
 use crate::common;
+use vdisk::format::PreallocMode;
 use vdisk::OpenOptions;
 
 /// Arguments of `vdisk resize`.
@@ -33,19 +34,6 @@ const SIZE_HELP: &str = "Parameter 'size' expects a non-negative number below 2^
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
     common::exit_code(run_inner(a))
-}
-
-/// Fills `[from, to)` of the image with allocated zeroes (preallocation of grown space).
-fn fill_zeroes(img: &vdisk::Image, from: u64, to: u64) -> Result<(), String> {
-    let chunk = vec![0u8; 1 << 20];
-    let mut off = from;
-    while off < to {
-        let n = (to - off).min(chunk.len() as u64) as usize;
-        img.write_at(&chunk[..n], off)
-            .map_err(|e| format!("Could not preallocate new area at offset {off}: {e}"))?;
-        off += n as u64;
-    }
-    Ok(())
 }
 
 fn run_inner(a: Args) -> Result<(), String> {
@@ -90,17 +78,25 @@ fn run_inner(a: Args) -> Result<(), String> {
     if new_size < cur && prealloc != "off" {
         return Err("Preallocation can only be used for growing images".into());
     }
-    if img.format().caps().raw_data && prealloc == "metadata" {
+    let caps = img.format().caps();
+    if caps.raw_data && prealloc == "metadata" {
         return Err("Unsupported preallocation mode: metadata".into());
+    }
+    // Formats whose QEMU driver cannot preallocate when growing (QED) refuse first.
+    if !caps.raw_data && !caps.metadata_prealloc && prealloc != "off" {
+        return Err(format!("Unsupported preallocation mode '{prealloc}'"));
     }
     img.resize(new_size, a.shrink).map_err(|e| e.to_string())?;
     if new_size > cur {
-        match (img.format().caps().raw_data, prealloc) {
-            (_, "off") => {}
-            (true, "falloc") => img
-                .preallocate(cur, new_size - cur)
-                .map_err(|e| format!("Could not preallocate new area: {e}"))?,
-            _ => fill_zeroes(&img, cur, new_size)?,
+        let mode = match prealloc {
+            "metadata" => Some(PreallocMode::Metadata),
+            "falloc" => Some(PreallocMode::Falloc),
+            "full" => Some(PreallocMode::Full),
+            _ => None,
+        };
+        if let Some(mode) = mode {
+            img.preallocate_grown(cur, new_size - cur, mode)
+                .map_err(|e| format!("Could not preallocate new area: {e}"))?;
         }
     }
     img.close().map_err(|e| e.to_string())?;

@@ -61,6 +61,17 @@ pub struct Extent {
     pub compressed: bool,
 }
 
+/// How grown space is preallocated ([`Driver::preallocate_grown`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreallocMode {
+    /// Tables only: the data area reads zeroes and is not reserved.
+    Metadata,
+    /// Also reserve the data area.
+    Falloc,
+    /// Also write zeroes to the data area.
+    Full,
+}
+
 /// Flags for [`Driver::write_zeroes`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ZeroFlags {
@@ -194,6 +205,13 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     }
     /// Changes the guest size. Shrinking needs `shrink`.
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()>;
+    /// Maps the unallocated clusters of grown space `[offset, offset+len)` to host
+    /// clusters ahead of any write (`resize --preallocation=metadata|falloc|full`:
+    /// `falloc` also reserves, `full` also writes the data area). Formats with
+    /// [`Capabilities::metadata_prealloc`](crate::format::registry::Capabilities) do it.
+    fn preallocate_grown(&self, _offset: u64, _len: u64, _mode: PreallocMode) -> Result<()> {
+        Err(Unsupported::NoPreallocation(self.format().name()).into())
+    }
     /// Rewrites the backing file reference in the header (`rebase -u`).
     fn set_backing_spec(&self, _spec: Option<&BackingSpec>) -> Result<()> {
         Err(Unsupported::NoBackingFile(self.format().name()).into())

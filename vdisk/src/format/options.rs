@@ -107,8 +107,8 @@ pub const BACKING_FMT: OptionDesc = OptionDesc::new(
 /// Creation options of the `file` protocol (qemu's file-posix), which qemu merges into
 /// every format's list when the target file name is known. Their values are hints to the
 /// host file: preallocation is done by the raw driver (the other formats start from an
-/// empty file, where qemu preallocates nothing), `nocow` and `extent_size_hint` have no
-/// effect here.
+/// empty file, where qemu preallocates nothing); `nocow` and `extent_size_hint` (default
+/// 1 MiB, as qemu's) are applied to the new file by [`crate::Image::create`].
 pub const FILE_PROTOCOL_OPTIONS: &[OptionDesc] = &[
     SIZE,
     OptionDesc::new(

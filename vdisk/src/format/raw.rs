@@ -92,6 +92,7 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     amendable: false,
     caps: Capabilities {
         raw_data: true,
+        qemu_shrinks: true,
         ..Capabilities::NONE
     },
 };

@@ -47,6 +47,15 @@ pub struct Capabilities {
     /// Metadata can be preallocated without the data (`preallocation=metadata`), so a
     /// fully mapped image may still have holes in its file.
     pub metadata_prealloc: bool,
+    /// `info` reports the image's dirty mark (qcow2's dirty bit; QEMU does not report
+    /// QED's NEED_CHECK there, so neither does vdisk).
+    pub dirty_flag: bool,
+    /// QEMU's driver for the format can shrink an image: qemu-io's `truncate` follows
+    /// it (vdisk's own `resize --shrink` may do more).
+    pub qemu_shrinks: bool,
+    /// QEMU's driver works in 512-byte sectors (QED): its exports advertise a 512-byte
+    /// minimum block, and so do vdisk's.
+    pub sector_aligned: bool,
 }
 
 impl Capabilities {
@@ -57,6 +66,9 @@ impl Capabilities {
         clusters: false,
         raw_data: false,
         metadata_prealloc: false,
+        dirty_flag: false,
+        qemu_shrinks: false,
+        sector_aligned: false,
     };
     /// These, plus backing files.
     pub const fn with_backing(self) -> Capabilities {

@@ -137,4 +137,22 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn alignment(&self) -> usize {
         1
     }
+    /// Copies `len` bytes at `offset` into `dst` at `dst_offset` inside the kernel
+    /// (`copy_file_range`: a reflink or a server-side copy where the file system has
+    /// one), when both are host files. Returns how many bytes were copied: fewer than
+    /// `len` (possibly 0) when offload is impossible here (different file systems, no
+    /// support, the end of this file) — the caller copies the rest itself.
+    fn copy_range_to(
+        &self,
+        _offset: u64,
+        _dst: &dyn Storage,
+        _dst_offset: u64,
+        _len: u64,
+    ) -> StorageResult<u64> {
+        Ok(0)
+    }
+    /// The host file descriptor, for storage that is one host file (copy offload).
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }

@@ -853,6 +853,7 @@ fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) 
     let (mut machine, mut quiet, mut dump, mut fua, mut zero, mut unmap) =
         (false, false, false, false, false, false);
     let mut pattern: Option<u8> = None;
+    let mut inject = false;
     let Some(optind) = getopts(args, spec, |c, v| {
         match c {
             'C' => machine = true,
@@ -865,10 +866,20 @@ fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) 
                 Some(p) => pattern = Some(p),
                 None => return false,
             },
-            _ => {} // -i, -r: no meaning here
+            // `aio_* -i`: qemu-io accounts an invalid request and stops right there.
+            'i' => {
+                inject = true;
+                return false;
+            }
+            _ => {} // -r: no meaning here
         }
         true
     }) else {
+        if inject {
+            let what = if write { "write" } else { "read" };
+            out!("injecting invalid {what} request");
+            return true;
+        }
         return false;
     };
     if optind + 2 > args.len() {
@@ -1141,6 +1152,12 @@ fn truncate_f(s: &mut OpenFile, args: &[String]) -> bool {
     let Some(size) = num_arg(&args[optind]) else {
         return false;
     };
+    // QEMU's drivers that cannot shrink refuse here; vdisk's QED could, but qemu-io's
+    // truncate must do what qemu-io does (`vdisk resize --shrink` still shrinks QED).
+    if size < s.img.size() && !s.img.format().caps().qemu_shrinks {
+        eprintln!("vdisk: Shrinking images is currently not supported");
+        return false;
+    }
     match s.img.resize(size, true) {
         Ok(()) => true,
         Err(e) => {

@@ -3,20 +3,13 @@
 //! does), then preallocated metadata/data if asked.
 
 use super::header::*;
-use super::{Geom, Qcow2, COPIED};
+use super::prealloc::{preallocate, Prealloc};
+use super::{Geom, Qcow2};
 use crate::error::{Invalid, Result, Unsupported, V3Feature};
 use crate::format::registry::CreateArgs;
 use crate::format::{BackingSpec, CreateSpec, Driver, DriverOptions, Format};
 use crate::storage::Storage;
 use std::sync::Arc;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Prealloc {
-    Off,
-    Metadata,
-    Falloc,
-    Full,
-}
 
 struct Opts {
     cluster_bits: u32,
@@ -198,45 +191,8 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
     )?;
     img.do_resize(spec.size, false)?;
     if o.prealloc != Prealloc::Off {
-        preallocate(&img, spec.size, o.prealloc)?;
+        preallocate(&img, 0, spec.size.div_ceil(img.g.cs), o.prealloc)?;
     }
     img.close()?;
-    Ok(())
-}
-
-/// Maps every guest cluster to a host cluster (L2 table first, then its data, table
-/// by table, as QEMU lays it out) and reserves or writes the data area.
-fn preallocate(img: &Qcow2, size: u64, mode: Prealloc) -> Result<()> {
-    let cs = img.g.cs;
-    let total = size.div_ceil(cs);
-    let per_table = img.g.l2_entries;
-    let mut end = 0u64;
-    let mut gc = 0u64;
-    while gc < total {
-        let l1i = (gc / per_table) as usize;
-        let k = (per_table - gc % per_table).min(total - gc);
-        let mut m = img.lock();
-        m.l2_for_write(l1i)?;
-        let host = m.alloc(k)?;
-        drop(m);
-        match mode {
-            Prealloc::Falloc => img.storage.allocate(host, k * cs)?,
-            Prealloc::Full => img.storage.write_zeroes(host, k * cs)?,
-            _ => {}
-        }
-        let mut m = img.lock();
-        for i in 0..k {
-            m.set_entry(l1i, gc + i, (host + i * cs) | COPIED)?;
-        }
-        m.maybe_writeback()?;
-        end = end.max(host + k * cs);
-        gc += k;
-    }
-    let mut m = img.lock();
-    m.writeback()?;
-    if img.storage.len()? < end {
-        img.storage.set_len(end)?;
-    }
-    m.barrier()?;
     Ok(())
 }

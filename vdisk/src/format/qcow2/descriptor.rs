@@ -37,6 +37,8 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     amendable: true,
     caps: Capabilities {
         metadata_prealloc: true,
+        dirty_flag: true,
+        qemu_shrinks: true,
         ..Capabilities::NONE
             .with_clusters()
             .with_backing()

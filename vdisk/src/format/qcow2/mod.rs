@@ -49,6 +49,7 @@ mod l2entry;
 mod l2update;
 mod mapping;
 pub mod options;
+mod prealloc;
 mod refcount;
 mod resize;
 mod snapshot;
@@ -63,7 +64,7 @@ use self::header::*;
 use self::snapshot::Snapshot;
 use super::{
     BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
-    FormatSpecific, Repair, SnapshotInfo, ZeroFlags,
+    FormatSpecific, PreallocMode, Repair, SnapshotInfo, ZeroFlags,
 };
 use crate::error::{Corruption, Error, Field, Problem, Result, Structure, Unsupported};
 use crate::format::datapath::{self, InFlight, Waiters};
@@ -712,6 +713,19 @@ impl Driver for Qcow2 {
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
         self.writable()?;
         self.do_resize(new_size, shrink)
+    }
+    fn preallocate_grown(&self, offset: u64, len: u64, mode: PreallocMode) -> Result<()> {
+        self.writable()?;
+        crate::format::check_range(offset, len, self.size())?;
+        let cs = self.g.cs;
+        // Whole clusters only: a cluster the old end cuts keeps its mapping.
+        let (first, end) = (offset.div_ceil(cs), (offset + len).div_ceil(cs));
+        let mode = match mode {
+            PreallocMode::Metadata => prealloc::Prealloc::Metadata,
+            PreallocMode::Falloc => prealloc::Prealloc::Falloc,
+            PreallocMode::Full => prealloc::Prealloc::Full,
+        };
+        prealloc::preallocate(self, first, end, mode)
     }
     fn set_backing_spec(&self, spec: Option<&BackingSpec>) -> Result<()> {
         self.writable()?;

@@ -82,6 +82,21 @@ impl Qcow2 {
         m.write_header()?;
         self.size
             .store(new_size, std::sync::atomic::Ordering::Release);
+        if new_size < cur {
+            // As QEMU: the file ends after its last cluster in use (the freed clusters
+            // past it were only punched). The refcounts are durable; failing to
+            // truncate leaves a longer file, not an inconsistent one.
+            let file_len = m.st.len()?;
+            let mut c = file_len.div_ceil(cs);
+            while c > 0 && m.rc_get(c - 1)? == 0 {
+                c -= 1;
+            }
+            if c * cs < file_len {
+                if let Err(e) = m.st.set_len(c * cs) {
+                    tracing::warn!("Failed to truncate the tail of the image: {e}");
+                }
+            }
+        }
         drop(m);
         // Growing: bytes of the old last cluster past the old end may hold data from
         // before a shrink; the new part of the disk must read as zeroes.

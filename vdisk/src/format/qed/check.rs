@@ -5,8 +5,8 @@
 //! entirely), and every cluster referenced at most once. Leaks are only counted when
 //! every table could be read. Memory: one bit per file cluster plus a page.
 //!
-//! Repair (`errors`) zeroes invalid entries and writes the fixed tables back, as QEMU
-//! does. Repair (`leaks`) goes further than QEMU, which never reclaims leaked clusters:
+//! Repair (`errors`, and as in QEMU any repair at all: `leaks` too) zeroes invalid
+//! entries and writes the fixed tables back, as QEMU does. Repair (`leaks`) goes further than QEMU, which never reclaims leaked clusters:
 //! data clusters at the end of the file are moved down into leaked holes (copy, flush,
 //! remap, flush) and the file is truncated after the last cluster still in use, so the
 //! image is left with no leaks. After a repair the image is checked again and the
@@ -338,11 +338,8 @@ pub(crate) fn check(inner: &Arc<Inner>, repair: Repair) -> Result<CheckReport> {
             }
             Ok(())
         };
-        let fix: Option<BeforeFix<'_>> = if repair.errors {
-            Some(&mut before_fix)
-        } else {
-            None
-        };
+        // As QEMU's QED driver: any repair asked for repairs the tables too.
+        let fix: Option<BeforeFix<'_>> = if any_fix { Some(&mut before_fix) } else { None };
         let w = walk(inner, &h, fix);
         // Repairs bypassed the caches.
         inner.forget_tables();

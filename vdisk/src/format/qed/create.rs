@@ -15,9 +15,9 @@ pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
 }
 
 /// Creates a QED image on `storage` from typed options (`size`, `cluster_size`,
-/// `table_size`, `backing_file`, `backing_fmt`; the protocol's `preallocation`,
-/// `extent_size_hint` and `nocow` are checked and, as in QEMU, have nothing to do on
-/// an empty file).
+/// `table_size`, `backing_file`, `backing_fmt`; the protocol's `preallocation` is
+/// checked and, as in QEMU, has nothing to do on an empty file; `extent_size_hint` and
+/// `nocow` were applied to the new file by [`crate::Image::create`]).
 pub fn create_typed(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
     let o = &args.options;
     let size = o.size("size").unwrap_or(args.size);

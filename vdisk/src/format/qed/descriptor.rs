@@ -27,5 +27,8 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     create_options: super::options::CREATE_OPTIONS,
     amend_only_options: &[],
     amendable: false,
-    caps: Capabilities::NONE.with_clusters().with_backing(),
+    caps: Capabilities {
+        sector_aligned: true,
+        ..Capabilities::NONE.with_clusters().with_backing()
+    },
 };
