@@ -1938,3 +1938,53 @@ fn image_opts_exports_like_qemu_nbd() {
         );
     }
 }
+
+#[test]
+fn block_sizes_and_pid_file_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_image(dir.path(), "a.raw", "4M");
+    let qcow2 = dir.path().join("b.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&qcow2), "4M"],
+    );
+    let qed = dir.path().join("c.qed");
+    ok("qemu-img", &["create", "-q", "-f", "qed", s(&qed), "4M"]);
+    // QED and a probed raw image: 512, as QEMU's block layer aligns them; else 1.
+    for (args, img) in [
+        (&["-f", "raw"][..], &raw),
+        (&[][..], &raw),
+        (&["-f", "qcow2"][..], &qcow2),
+        (&["-f", "qed"][..], &qed),
+        (&[][..], &qed),
+    ] {
+        let mut a = vec!["-t", "-r"];
+        a.extend_from_slice(args);
+        let v = {
+            let srv = Server::unix(dir.path(), &a, img);
+            nbdinfo_json(&srv.uri())
+        };
+        let q = {
+            let srv = Server::qemu_nbd(dir.path(), &a, img);
+            nbdinfo_json(&srv.uri())
+        };
+        for k in [
+            "block_size_minimum",
+            "block_size_preferred",
+            "block_size_maximum",
+        ] {
+            assert_eq!(v[k], q[k], "{k} {args:?} {}", img.display());
+        }
+    }
+    // The pid file stays after the server exits, as qemu-nbd leaves it.
+    for prog in [VDISK, "qemu-nbd"] {
+        let mut srv = if prog == VDISK {
+            Server::unix(dir.path(), &["-f", "raw"], &raw)
+        } else {
+            Server::qemu_nbd(dir.path(), &["-f", "raw"], &raw)
+        };
+        let pid_file = srv.pid_file.clone();
+        srv.terminate();
+        assert!(pid_file.exists(), "{prog}: pid file left");
+    }
+}

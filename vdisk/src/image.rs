@@ -500,7 +500,7 @@ impl Image {
         if caps.raw_data {
             format::check_range(offset, len, self.size())?;
             let st = self.driver.storage();
-            return Ok(match mode {
+            match mode {
                 PreallocMode::Falloc => st.allocate(offset, len)?,
                 PreallocMode::Full => {
                     // Zero bytes written, as QEMU: the range is data, not a hole or an
@@ -516,7 +516,8 @@ impl Image {
                 PreallocMode::Metadata => {
                     return Err(Unsupported::NoPreallocation(self.format().name()).into())
                 }
-            });
+            }
+            return Ok(());
         }
         self.driver.preallocate_grown(offset, len, mode)
     }
