@@ -55,15 +55,6 @@ pub enum Error {
         /// What went wrong.
         source: Box<Error>,
     },
-    /// A compressed write to a guest cluster that already has host space (data, a
-    /// compressed stream or a preallocated zero cluster): compressed clusters are only
-    /// ever written into unallocated ones. QEMU fails these with EIO, and its tools
-    /// print just that, so the message is strerror's.
-    #[error("Input/output error")]
-    CompressedOverwrite {
-        /// Guest offset of the cluster.
-        offset: u64,
-    },
     /// The compression library failed to compress a cluster.
     #[error("{}: {source}", compress_verb(.zstd))]
     Compress {
@@ -150,7 +141,6 @@ impl Error {
             Error::NoSpace(_) => libc::ENOSPC,
             Error::Backing { source, .. } => source.errno(),
             Error::Compress { .. } => libc::EINVAL,
-            Error::CompressedOverwrite { .. } => libc::EIO,
         }
     }
 }

@@ -417,7 +417,7 @@ fn pattern_arg(arg: &str) -> Option<u8> {
 /// an errno (corruption, a named structure) also go to stderr in full.
 fn report_error(op: &str, e: &vdisk::Error) {
     out!("{op} failed: {}", strerror(e.errno()));
-    let detail = e.to_string();
+    let detail = vdisk::error::strip_os_error(&e.to_string());
     if !detail.is_empty() && detail != strerror(e.errno()) {
         eprintln!("vdisk: {op}: {detail}");
     }
@@ -568,6 +568,13 @@ fn write_range(
             let mut buf = alloc_buffer(count.min(cluster))?;
             buf.fill(p);
             chunked(s, count, cluster.max(1), |pos, n| {
+                // qemu-io's compressed writes fail with EIO on a cluster that already
+                // has host space (QEMU's qcow2 never overwrites with a compressed
+                // cluster; vdisk's library can, but qemu-io scripts expect the error).
+                let st = s.img.layer_block_status(offset + pos, n)?;
+                if st.offset.is_some() || st.compressed {
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
+                }
                 s.img.write_compressed(&buf[..n as usize], offset + pos)
             })?;
         }

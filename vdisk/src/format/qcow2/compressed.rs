@@ -9,7 +9,7 @@
 
 use super::l2entry::L2Entry;
 use super::{compress, Meta, Qcow2};
-use crate::error::{Error, Invalid, Result};
+use crate::error::{Invalid, Result};
 use crate::format::mapping::HostOffset;
 use crate::format::{datapath, Driver};
 use std::io::IoSlice;
@@ -77,11 +77,6 @@ impl Qcow2 {
         m.check_writable()?;
         while m.inflight.overlaps(gc, gc + 1) || m.direct.overlaps(gc, gc + 1) {
             m = self.wait_alloc_done(m);
-        }
-        // As QEMU: a compressed cluster never replaces one with host space (bit 0 is
-        // the zero flag, bit 63 COPIED; anything else names host space).
-        if m.l2_entry(gc)? & !(1 | (1 << 63)) != 0 {
-            return Err(Error::CompressedOverwrite { offset });
         }
         m.before_alloc()?;
         m.l2_for_write(l1i)?;
