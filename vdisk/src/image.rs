@@ -242,7 +242,7 @@ impl Image {
         };
         let existed = path.exists();
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, &fo)?);
-        let r = format::create(
+        let r = format::registry::create_named(
             opts.format,
             &storage,
             &CreateSpec {
@@ -250,6 +250,7 @@ impl Image {
                 backing,
                 options: opts.options.clone(),
             },
+            path.file_name().and_then(|n| n.to_str()),
         );
         if r.is_err() && !existed {
             // Bad options are found while formatting: leave no half-made file behind.

@@ -12,9 +12,11 @@
 
 mod corruption;
 mod reasons;
+mod vmdk;
 
 pub use corruption::{Corruption, Field, Problem, Structure};
 pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature, ZeroLimit};
+pub use vmdk::VmdkProblem;
 
 use std::fmt;
 

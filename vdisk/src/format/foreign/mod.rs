@@ -13,7 +13,6 @@ pub mod parallels;
 pub mod qcow;
 pub mod vdi;
 pub mod vhdx;
-pub mod vmdk;
 pub mod vpc;
 
 use super::registry::{Capabilities, FormatDesc, ProbeInput};
