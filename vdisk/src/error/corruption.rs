@@ -56,6 +56,16 @@ pub enum Structure {
     VmdkGrainTable,
     /// A VMDK grain (compressed or not).
     VmdkGrain,
+    /// A VHDX header.
+    VhdxHeader,
+    /// A VHDX region table.
+    VhdxRegionTable,
+    /// The VHDX metadata region.
+    VhdxMetadata,
+    /// The VHDX block allocation table.
+    VhdxBat,
+    /// The VHDX log.
+    VhdxLog,
 }
 
 impl Structure {
@@ -87,6 +97,11 @@ impl Structure {
             Structure::VmdkGrainDirectory => "VMDK grain directory",
             Structure::VmdkGrainTable => "VMDK grain table",
             Structure::VmdkGrain => "VMDK grain",
+            Structure::VhdxHeader => "VHDX header",
+            Structure::VhdxRegionTable => "VHDX region table",
+            Structure::VhdxMetadata => "VHDX metadata",
+            Structure::VhdxBat => "VHDX BAT",
+            Structure::VhdxLog => "VHDX log",
         }
     }
     /// The structure's name in QEMU's metadata overlap messages (`qcow2_header`,
@@ -346,6 +361,8 @@ pub enum Problem {
     },
     /// A VMDK-specific problem (qemu's wording).
     Vmdk(super::VmdkProblem),
+    /// A VHDX-specific problem.
+    Vhdx(super::VhdxProblem),
     /// The refcount structure is unusable (the inner corruption, found at open), so
     /// writes are refused until `check -r all` rebuilds it.
     WritesRefused(Box<Corruption>),
@@ -403,6 +420,16 @@ impl fmt::Display for Corruption {
         let entry = self.entry.unwrap_or(0);
         match (self.structure, &self.problem) {
             (_, P::Vmdk(p)) => write!(f, "{p}"),
+            (S::VhdxHeader | S::VhdxRegionTable | S::VhdxLog, P::Vhdx(p)) => {
+                write!(f, "{p}")
+            }
+            (_, P::Vhdx(p)) => {
+                write!(f, "{}", self.name())?;
+                if let Some(o) = self.offset {
+                    write!(f, " at offset {o:#x}")?;
+                }
+                write!(f, ": {p}")
+            }
             (_, P::WritesRefused(inner)) => {
                 write!(f, "{inner}; writes are refused (run check -r all)")
             }

@@ -211,6 +211,8 @@ pub enum Invalid {
     BadSizeOption(String),
     /// A VMDK `backing_fmt` other than `vmdk`.
     VmdkBackingFormat,
+    /// A VHDX creation parameter out of range (qemu-img's sentence).
+    VhdxCreate(&'static str),
     /// VMDK `compat6` together with `hwversion`.
     VmdkCompat6WithHwversion,
     /// A flat VMDK with a backing file.
@@ -447,6 +449,7 @@ impl fmt::Display for Invalid {
             ),
             Invalid::BadNumber(option) => write!(f, "Parameter '{option}' expects a number"),
             Invalid::VmdkBackingFormat => write!(f, "backing_file must be a vmdk image"),
+            Invalid::VhdxCreate(why) => write!(f, "{why}"),
             Invalid::VmdkCompat6WithHwversion => {
                 write!(f, "compat6 cannot be enabled with hwversion set")
             }

@@ -147,7 +147,7 @@ pub static FORMATS: &[&FormatDesc] = &[
     &qed::descriptor::DESCRIPTOR,
     &foreign::qcow::DESCRIPTOR,
     &super::vmdk::descriptor::DESCRIPTOR,
-    &foreign::vhdx::DESCRIPTOR,
+    &super::vhdx::descriptor::DESCRIPTOR,
     &foreign::vpc::DESCRIPTOR,
     &foreign::vdi::DESCRIPTOR,
     &foreign::luks::DESCRIPTOR,
@@ -175,6 +175,8 @@ impl Format {
     pub const Qed: Format = Format(&qed::descriptor::DESCRIPTOR);
     /// VMware virtual disk.
     pub const Vmdk: Format = Format(&super::vmdk::descriptor::DESCRIPTOR);
+    /// Hyper-V virtual hard disk v2.
+    pub const Vhdx: Format = Format(&super::vhdx::descriptor::DESCRIPTOR);
 }
 
 impl Format {
