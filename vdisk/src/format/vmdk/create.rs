@@ -22,10 +22,14 @@ fn refuse(what: &str) -> crate::Error {
 /// Creates a VMDK image on `storage` from typed options.
 pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
     let o = &args.options;
-    if let Some(f) = o.str("backing_fmt") {
-        if f != "vmdk" {
-            return Err(Invalid::VmdkBackingFormat.into());
-        }
+    let named = o.str("backing_fmt").map(str::to_string).or_else(|| {
+        args.backing
+            .as_ref()
+            .and_then(|b| b.format)
+            .map(|f| f.name().to_string())
+    });
+    if named.is_some_and(|f| f != "vmdk") {
+        return Err(Invalid::VmdkBackingFormat.into());
     }
     let size = o.size("size").unwrap_or(args.size).div_ceil(SECTOR) * SECTOR;
     let adapter = o.get_enum("adapter_type")?.unwrap_or("ide");

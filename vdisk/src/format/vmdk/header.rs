@@ -298,7 +298,7 @@ mod tests {
         h.gd_offset = 77;
         f[512..1024].copy_from_slice(&h.to_bytes());
         assert_eq!(parse_footer(&f).unwrap().gd_offset, 77);
-        f[1536 - 4] = 1;
+        f[1024 + 12] = 1;
         assert!(parse_footer(&f)
             .unwrap_err()
             .to_string()
