@@ -185,33 +185,53 @@ pub(super) fn block_status(v: &Vhdx, offset: u64, len: u64) -> Result<Extent> {
     })
 }
 
-/// qemu's `vhdx_co_check`: a replayed log counts as a fixed corruption; every present
-/// block must lie inside the file.
+/// qemu's `vhdx_check_bat_entries`: every present entry (payload or bitmap, by BAT
+/// index `i`) must start inside the file and, but for a short last block
+/// (`min(block, disk - i * block)` bytes), end inside it, and payload blocks must not
+/// overlap the header section, the log, the BAT or the metadata. Returns the BAT
+/// indices at fault with the offsets.
+pub(super) fn bat_errors(v: &Vhdx) -> Result<Vec<(u64, u64)>> {
+    let file_len = v.storage.len()?;
+    let bs = v.md.block_size as u64;
+    let ratio = super::metadata::chunk_ratio(&v.md);
+    let bat = v.bat();
+    let mut out = Vec::new();
+    for (i, &e) in bat.iter().enumerate() {
+        if e & STATE_MASK != PAYLOAD_FULLY_PRESENT {
+            continue;
+        }
+        let i = i as u64;
+        let off = e & OFFSET_MASK;
+        let len = bs.min(v.md.size.saturating_sub(i.saturating_mul(bs)));
+        let payload = (i + 1) % (ratio + 1) != 0;
+        let overlaps = payload
+            && v.reserved
+                .iter()
+                .any(|&(a, l)| off < a + l && a < off.saturating_add(bs));
+        if off >= file_len || off.saturating_add(len) > file_len || overlaps {
+            out.push((i, off));
+            if out.len() >= 1 << 16 {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// qemu's `vhdx_co_check`: a replayed log counts as a fixed corruption; each bad BAT
+/// entry ([`bat_errors`]) is a corruption.
 pub(super) fn check(v: &Vhdx) -> Result<CheckReport> {
     let mut r = CheckReport::default();
     if v.replayed {
         r.corruptions_fixed += 1;
     }
-    let file_len = v.storage.len()?;
-    let bs = v.md.block_size as u64;
-    let blocks = super::metadata::data_blocks(&v.md);
-    for b in 0..blocks {
-        match block_of(v, b) {
-            Ok(Block::Data(h)) if h.saturating_add(bs) > file_len => {
-                r.corruptions += 1;
-                r.push(
-                    Finding::new(FindingKind::ReferencePastEnd, Structure::VhdxBat)
-                        .entry(b)
-                        .at(h)
-                        .length(bs),
-                );
-            }
-            Ok(_) => {}
-            Err(_) => {
-                r.corruptions += 1;
-                r.push(Finding::new(FindingKind::InvalidOffset, Structure::VhdxBat).entry(b));
-            }
-        }
+    for (i, off) in bat_errors(v)? {
+        r.corruptions += 1;
+        r.push(
+            Finding::new(FindingKind::ReferencePastEnd, Structure::VhdxBat)
+                .entry(i)
+                .at(off),
+        );
     }
     Ok(r)
 }

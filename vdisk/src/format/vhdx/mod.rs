@@ -76,6 +76,8 @@ pub struct Vhdx {
     replayed: bool,
     /// Orders allocations and BAT writes.
     alloc: Mutex<()>,
+    /// File ranges no payload block may overlap: header section, log, BAT, metadata.
+    reserved: Vec<(u64, u64)>,
 }
 
 fn bad(s: Structure, p: VhdxProblem) -> Error {
@@ -87,6 +89,7 @@ impl Vhdx {
     pub fn open(args: OpenArgs<'_, '_>) -> Result<Vhdx> {
         let st = args.meta;
         let read_only = args.opts.read_only;
+        let skip_check = args.opts.skip_repair;
         let file_len = st.len()?;
         let mut id = [0u8; 8];
         st.read_at(&mut id, 0)?;
@@ -162,7 +165,26 @@ impl Vhdx {
             data_guid_written: AtomicBool::new(false),
             replayed,
             alloc: Mutex::new(()),
+            reserved: vec![
+                (0, header::HEADER_SECTION_END),
+                (h.log_offset, h.log_length as u64),
+                (bat_r.offset, bat_r.length as u64),
+                (meta_r.offset, meta_r.length as u64),
+            ],
         };
+        if !skip_check {
+            // As qemu's open (outside check): a BAT pointing outside the file or into
+            // metadata makes the image unusable.
+            if let Some(&(i, off)) = io::bat_errors(&v)?.first() {
+                return Err(bad(
+                    Structure::VhdxBat,
+                    VhdxProblem::BlockOffset {
+                        block: i,
+                        offset: off,
+                    },
+                ));
+            }
+        }
         if !read_only {
             // A new session: a new file write GUID; the log is empty now.
             h.file_write_guid = header::random_guid();
