@@ -11,6 +11,9 @@ use cli_support::*;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
+/// A hostile edit of a good file: name, the edit, what the error must say.
+type Mutation<'a> = (&'static str, Box<dyn Fn(&mut Vec<u8>) + 'a>, &'static str);
+
 /// Bytes of `file` as raw, read by `tool` ("vdisk" or "qemu").
 fn raw_of(dir: &Path, tool: &str, file: &str) -> Vec<u8> {
     let out = format!("{file}.{tool}.raw");
@@ -402,8 +405,10 @@ fn vmdk_hostile_headers() {
         "create",
     );
     let good = std::fs::read(dir.join("good.vmdk")).unwrap();
-    let put = |b: &mut Vec<u8>, at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    fn put(b: &mut [u8], at: usize, v: &[u8]) {
+        b[at..at + v.len()].copy_from_slice(v)
+    }
+    let cases: Vec<Mutation> = vec![
         (
             "version",
             Box::new(|b| put(b, 4, &9u32.to_le_bytes())),
@@ -492,7 +497,7 @@ fn vhdx_hostile_headers() {
         "create",
     );
     let good = std::fs::read(dir.join("good.vhdx")).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<Mutation> = vec![
         (
             "headers",
             Box::new(|b| {

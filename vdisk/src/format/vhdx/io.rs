@@ -203,7 +203,7 @@ pub(super) fn bat_errors(v: &Vhdx) -> Result<Vec<(u64, u64)>> {
         let i = i as u64;
         let off = e & OFFSET_MASK;
         let len = bs.min(v.md.size.saturating_sub(i.saturating_mul(bs)));
-        let payload = (i + 1) % (ratio + 1) != 0;
+        let payload = !(i + 1).is_multiple_of(ratio + 1);
         let overlaps = payload
             && v.reserved
                 .iter()

@@ -87,7 +87,7 @@ pub fn read_entry(
     }
     let len = le32(&h, 8) as u64;
     let count = le32(&h, 24) as u64;
-    if len == 0 || len % SECTOR != 0 || len > log_len || guid_at(&h, 32) != *log_guid {
+    if len == 0 || !len.is_multiple_of(SECTOR) || len > log_len || guid_at(&h, 32) != *log_guid {
         return Ok(None);
     }
     let desc_sectors = (64 + 32 * count).div_ceil(SECTOR);
@@ -152,7 +152,7 @@ pub fn active_sequence(
     log_len: u64,
     log_guid: &[u8; 16],
 ) -> Result<Vec<Entry>> {
-    if log_len == 0 || log_len % SECTOR != 0 {
+    if log_len == 0 || !log_len.is_multiple_of(SECTOR) {
         return Err(bad(VhdxProblem::LogUnsupported));
     }
     // The valid sequence with the highest head: scan every sector for an entry start

@@ -165,7 +165,7 @@ pub fn parse(region: &[u8]) -> Result<Metadata> {
             md.physical_sector as u64,
         )));
     }
-    if md.size > MAX_SIZE || md.size % md.logical_sector as u64 != 0 {
+    if md.size > MAX_SIZE || !md.size.is_multiple_of(md.logical_sector as u64) {
         return Err(bad(VhdxProblem::Field("virtual disk size", md.size)));
     }
     Ok(md)

@@ -4,7 +4,7 @@
 //!
 //! Memory: the grain directory is read whole (QEMU's limit: 32 Mi entries, and it must
 //! lie inside the file, so a hostile header cannot make us allocate more than the file
-//! holds); grain tables are cached, at most [`GT_CACHE`] of them.
+//! holds); grain tables are cached, at most `GT_CACHE` (64) of them.
 
 use super::header::{self, Header, Vmdk3Header, SECTOR};
 use crate::error::{Corruption, Problem, Result, Structure, VmdkProblem};

@@ -64,6 +64,9 @@ const DESCRIPTOR_TYPES: &[&str] = &[
     "twoGbMaxExtentFlat",
 ];
 
+/// The last decompressed grain: extent index, host offset, bytes.
+type LastGrain = (usize, u64, Arc<Vec<u8>>);
+
 /// An open VMDK image.
 #[derive(Debug)]
 pub struct Vmdk {
@@ -88,7 +91,7 @@ pub struct Vmdk {
     /// Pending and in-flight compressed grains.
     stream: stream::StreamState,
     /// The last decompressed grain: (extent, host offset, bytes).
-    last_grain: Mutex<Option<(usize, u64, Arc<Vec<u8>>)>>,
+    last_grain: Mutex<Option<LastGrain>>,
 }
 
 fn bad(s: Structure, p: VmdkProblem) -> Error {
@@ -132,7 +135,7 @@ impl Vmdk {
                     .filter(|&d| d != 0);
                 if let Some(d) = embedded {
                     // A descriptor-only sparse header: the descriptor lies at `d`.
-                    let off = d.checked_mul(SECTOR).unwrap_or(u64::MAX);
+                    let off = d.saturating_mul(SECTOR);
                     let text = read_head(&*meta, off, text::MAX_DESC)?;
                     let (ct, desc) = Self::descriptor(&text, &mut extents, files, read_only)?;
                     (ct, 0, desc)
