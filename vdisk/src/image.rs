@@ -415,6 +415,12 @@ impl Image {
 
     // ---- Metadata ----
 
+    /// Whether the image compresses every write it stores (stream-optimized VMDK):
+    /// writers should then write from several threads, in any order.
+    pub fn compresses_writes(&self) -> bool {
+        self.driver.compresses_writes()
+    }
+
     /// Allocation unit, if the format has one.
     pub fn cluster_size(&self) -> Option<u64> {
         self.driver.cluster_size()

@@ -220,6 +220,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn check(&self, _repair: Repair) -> Result<CheckReport> {
         Err(Unsupported::NoCheck(self.format().name()).into())
     }
+    /// Whether every write this image stores is compressed by the driver (a
+    /// stream-optimized VMDK): writers gain nothing by ordering their writes, and
+    /// should issue them from several threads so the compression runs in parallel.
+    fn compresses_writes(&self) -> bool {
+        false
+    }
     /// Writes one cluster-aligned, cluster-sized block compressed.
     fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {
         Err(Unsupported::NoCompression(self.format().name()).into())

@@ -437,6 +437,11 @@ impl Driver for Vmdk {
     fn check(&self, repair: Repair) -> Result<CheckReport> {
         check::check(self, repair)
     }
+    fn compresses_writes(&self) -> bool {
+        self.extents
+            .iter()
+            .all(|e| matches!(&e.layout, Layout::Sparse(s) if s.compressed))
+    }
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         // As QEMU: a compressed write is a plain write (stream-optimized extents
         // compress every grain they store).
