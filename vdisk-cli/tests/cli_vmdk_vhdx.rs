@@ -641,3 +641,116 @@ fn vhdx_dirty_log_replay_like_qemu() {
         check_clean(dir, f);
     }
 }
+
+#[test]
+fn vmdk_parent_links_read_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "vmdk", "base.vmdk", "4M"]),
+        "base",
+    );
+    qemu_io(dir, "vmdk", "base.vmdk", &["write -P 0x61 0 2M"]);
+    qemu_overlay(dir, "vmdk", "base.vmdk", "vmdk", "top.vmdk");
+    qemu_io(
+        dir,
+        "vmdk",
+        "top.vmdk",
+        &["write -P 0x62 64k 4k", "write -P 0x63 3M 64k"],
+    );
+    assert_eq!(
+        raw_of(dir, "vdisk", "top.vmdk"),
+        raw_of(dir, "qemu", "top.vmdk")
+    );
+    same_info(dir, "top.vmdk");
+    // vdisk writes into the child with copy-on-write from the parent.
+    vdisk_io(dir, "vmdk", "top.vmdk", &["write -P 0x64 1000 512".into()]);
+    qemu_io(
+        dir,
+        "vmdk",
+        "top.vmdk",
+        &[
+            "read -P 0x61 0 1000",
+            "read -P 0x64 1000 512",
+            "read -P 0x61 1512 64024",
+        ],
+    );
+    assert_eq!(
+        raw_of(dir, "vdisk", "top.vmdk"),
+        raw_of(dir, "qemu", "top.vmdk")
+    );
+    // A parent whose CID changed: both refuse to read through it.
+    qemu_io(dir, "vmdk", "base.vmdk", &["write -P 0x65 3M 4k"]);
+    let q = qemu_io_run(dir, &["-c", "read 2M 4k", "top.vmdk"]);
+    let v = vdisk(dir, &["io", "-c", "read 2M 4k", "top.vmdk"]);
+    assert!(
+        (q.out.clone() + &q.err).contains("failed"),
+        "{}{}",
+        q.out,
+        q.err
+    );
+    assert!(
+        (v.out.clone() + &v.err).contains("failed") || v.code != 0,
+        "{}{}",
+        v.out,
+        v.err
+    );
+}
+
+#[test]
+fn resize_refused_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (fmt, f) in [("vmdk", "r.vmdk"), ("vhdx", "r.vhdx")] {
+        ok(vdisk(dir, &["create", "-q", "-f", fmt, f, "4M"]), "create");
+        let q = qemu_img(dir, &["resize", f, "8M"]);
+        let v = vdisk(dir, &["resize", f, "8M"]);
+        assert_eq!(
+            (v.code, v.err.replace("vdisk:", "qemu-img:")),
+            (q.code, q.err),
+            "{fmt}"
+        );
+    }
+}
+
+#[test]
+fn served_over_nbd() {
+    use std::process::{Command, Stdio};
+    let d = tmp();
+    let dir = d.path();
+    half_data_qcow2(dir, "src.qcow2", 6);
+    for (fmt, opts, f) in [
+        ("vmdk", "subformat=streamOptimized", "s.vmdk"),
+        ("vmdk", "subformat=monolithicSparse", "m.vmdk"),
+        ("vhdx", "subformat=dynamic", "x.vhdx"),
+    ] {
+        ok(
+            vdisk(dir, &["convert", "-O", fmt, "-o", opts, "src.qcow2", f]),
+            "convert",
+        );
+        let sock = dir.join(format!("{f}.sock"));
+        let pid = dir.join(format!("{f}.pid"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vdisk"))
+            .args(["serve", "-r", "-k"])
+            .arg(&sock)
+            .arg("--pid-file")
+            .arg(&pid)
+            .arg(dir.join(f))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !pid.exists() {
+            assert!(std::time::Instant::now() < until, "serve did not start");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let c = qemu_img(
+            dir,
+            &["compare", "-f", "raw", "-F", "qcow2", &uri, "src.qcow2"],
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(c.code, 0, "{f}: {}{}", c.out, c.err);
+    }
+}

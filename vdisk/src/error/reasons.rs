@@ -162,8 +162,9 @@ impl fmt::Display for Unsupported {
             Unsupported::NoCompressedClusters => {
                 write!(f, "this format has no compressed clusters")
             }
-            Unsupported::NoResize(name) => {
-                write!(f, "Format driver '{name}' does not support resize")
+            Unsupported::NoResize(_) => {
+                // qemu's `bdrv_co_truncate` wording (it does not name the format).
+                write!(f, "Image format driver does not support resize")
             }
             Unsupported::ResizeV2WithSnapshots => {
                 write!(f, "Can't resize a v2 image which has snapshots")
