@@ -82,7 +82,11 @@ fn word(s: &str) -> Option<(&str, &str)> {
     let s = s.trim_start();
     let end = s.find(char::is_whitespace).unwrap_or(s.len());
     (end > 0).then(|| {
-        let e = end.min(10);
+        // At most 10 bytes, as `%10s`, cut on a character boundary (hostile text).
+        let mut e = end.min(10);
+        while !s.is_char_boundary(e) {
+            e -= 1;
+        }
         (&s[..e], &s[e..])
     })
 }
@@ -291,6 +295,12 @@ mod tests {
         assert_eq!(e.to_string(), "Invalid extent line: RW 10 FLAT \"f\"");
         assert!(Descriptor::parse(b"RW 10 SPARSE \"f\" 5\n").is_err());
         assert!(Descriptor::parse(b"parentFileNameHint=\"oops").is_err());
+        // Multi-byte characters across the 10-byte word limit.
+        let d = Descriptor::parse(
+            "RW 10 SPARS\u{e9}\u{e9}\u{e9} \"f\"\nddb.geom\u{fffd}try.heads = \"16\"\n".as_bytes(),
+        )
+        .unwrap();
+        assert!(d.extents.is_empty());
     }
 
     #[test]
