@@ -138,6 +138,39 @@ pub struct OpenedNode {
     /// The node was a bare protocol node (`driver=file,filename=x`), opened as raw
     /// data on it; QEMU reports the protocol as the image's format.
     pub protocol_root: bool,
+    /// How other files the image names (VMDK extents) are opened.
+    pub files: FileOpen,
+}
+
+/// How the files an image names besides its backing file (VMDK extents) are opened:
+/// relative to the image's own file, with its access, cache mode and locks.
+#[derive(Clone, Debug)]
+pub struct FileOpen {
+    /// The image's own host file (`None`: not a host file, so it can name none).
+    pub image: Option<PathBuf>,
+    /// Open without write access.
+    pub read_only: bool,
+    /// Host cache mode.
+    pub cache: CacheMode,
+    /// Locks to take.
+    pub lock: LockMode,
+}
+
+impl FileOpen {
+    /// Opens the file `name` (relative names resolved against the image's file, as
+    /// QEMU's `path_combine`); returns it and the name it was opened by.
+    pub fn open(&self, name: &str) -> Result<(Arc<dyn Storage>, String)> {
+        let image = self.image.as_deref().unwrap_or(Path::new(""));
+        let path = resolve_backing_path(image, name);
+        let fo = OpenFileOptions {
+            read_only: self.read_only,
+            cache: self.cache,
+            lock: self.lock,
+            create: false,
+        };
+        let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, &fo)?);
+        Ok((st, path.display().to_string()))
+    }
 }
 
 /// How [`open_node`] opens the storage of a node.
@@ -270,13 +303,21 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         format: fmt.name().into(),
         key,
     })?;
+    let mut lock = LockMode::Off;
     if how.chain.locking {
         let mode = (how.lock)(fmt);
         metadata.relock(mode)?;
         if let Some(d) = &data {
             d.relock(mode)?;
         }
+        lock = mode;
     }
+    let files = FileOpen {
+        image: local_path.clone(),
+        read_only: how.read_only,
+        cache,
+        lock,
+    };
     Ok(OpenedNode {
         format: fmt,
         metadata,
@@ -288,6 +329,7 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         protocol,
         probed: named.is_none(),
         protocol_root: false,
+        files,
     })
 }
 
@@ -350,6 +392,9 @@ pub fn open_format(
         dopts.no_backing = true;
     }
     let data = node.data.unwrap_or_else(|| node.metadata.clone());
+    let files = node.files;
+    let named = files.image.is_some();
+    let mut open_file = move |name: &str| files.open(name);
     format::registry::open_with(
         node.format,
         format::registry::OpenArgs {
@@ -357,6 +402,7 @@ pub fn open_format(
             data,
             opts: &dopts,
             backing,
+            files: if named { Some(&mut open_file) } else { None },
         },
     )
 }

@@ -304,7 +304,7 @@ impl Image {
             }
         }
         let storage: Arc<dyn Storage> = Arc::new(file);
-        let r = format::create(
+        let r = format::registry::create_named(
             opts.format,
             &storage,
             &CreateSpec {
@@ -312,6 +312,7 @@ impl Image {
                 backing,
                 options: opts.options.clone(),
             },
+            path.file_name().and_then(|n| n.to_str()),
         );
         if r.is_err() && !existed {
             // Bad options are found while formatting: leave no half-made file behind.
@@ -560,6 +561,12 @@ impl Image {
     }
 
     // ---- Metadata ----
+
+    /// Whether the image compresses every write it stores (stream-optimized VMDK):
+    /// writers should then write from several threads, in any order.
+    pub fn compresses_writes(&self) -> bool {
+        self.driver.compresses_writes()
+    }
 
     /// Allocation unit, if the format has one.
     pub fn cluster_size(&self) -> Option<u64> {

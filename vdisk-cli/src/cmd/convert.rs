@@ -830,7 +830,9 @@ fn run_inner(a: Args) -> Result<(), String> {
             && target.format().caps().raw_data
             && sources.iter().all(|s| s.img.format().caps().raw_data),
         cluster,
-        sequencer: (!a.oob_writes && !a.compress)
+        // Targets that compress every write (stream-optimized VMDK: out-of-order grains
+        // are part of the format) take their writes from every worker at once.
+        sequencer: (!a.oob_writes && !a.compress && !target.compresses_writes())
             .then(|| sequencer::Sequencer::new(threads + 2, WINDOW as usize)),
         planner: Mutex::new(Planner {
             pos: 0,

@@ -46,6 +46,37 @@ struct ImageInfo {
     protocol_root: Option<&'static str>,
     /// The protocol of the image's file.
     protocol: &'static str,
+    /// Files of the image besides its own (VMDK extents): `extents.N` child nodes.
+    children: Vec<ChildFile>,
+}
+
+/// A child node that is a host file of its own (a VMDK extent).
+struct ChildFile {
+    name: String,
+    filename: String,
+    file_length: u64,
+    actual_size: Option<u64>,
+}
+
+/// The VMDK extents in files of their own, as `extents.N` children (qemu's names).
+fn extent_children(spec: &FormatSpecific) -> Vec<ChildFile> {
+    let FormatSpecific::Vmdk { extents, .. } = spec else {
+        return Vec::new();
+    };
+    extents
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let f = e.filename.clone()?;
+            let len = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+            Some(ChildFile {
+                name: format!("extents.{i}"),
+                actual_size: allocated_size(Path::new(&f)),
+                filename: f,
+                file_length: len.div_ceil(512) * 512,
+            })
+        })
+        .collect()
 }
 
 fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
@@ -62,11 +93,15 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
     } else {
         d.size()
     };
+    let specific = d.format_specific();
+    let children = extent_children(&specific);
+    let actual_size = allocated_size(Path::new(filename))
+        .map(|a| a + children.iter().filter_map(|c| c.actual_size).sum::<u64>());
     Ok(ImageInfo {
         filename: filename.to_string(),
         format: d.format(),
         dirty: d.format().caps().dirty_flag && d.is_dirty(),
-        actual_size: allocated_size(Path::new(filename)),
+        actual_size,
         virtual_size,
         cluster_size: d.cluster_size(),
         full_backing_filename: spec.as_ref().map(|s| {
@@ -76,11 +111,12 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         }),
         backing_filename: spec.as_ref().map(|s| s.name.clone()),
         backing_format: spec.as_ref().and_then(|s| s.format),
-        specific: d.format_specific(),
+        specific,
         snapshots: d.snapshots(),
         file_length,
         protocol_root: d.protocol_root(),
         protocol: d.protocol(),
+        children,
     })
 }
 
@@ -136,6 +172,48 @@ fn collect_all(a: &Args, format: Option<Format>) -> Result<Vec<ImageInfo>, Strin
         }
     }
     Ok(out)
+}
+
+/// The `format-specific` object of a VMDK image (filenames: `own` for the image's
+/// own file).
+fn vmdk_json(s: &FormatSpecific, own: &str) -> Option<QDict> {
+    let FormatSpecific::Vmdk {
+        cid,
+        parent_cid,
+        create_type,
+        extents,
+    } = s
+    else {
+        return None;
+    };
+    let mut data = QDict::new();
+    data.int("cid", *cid);
+    data.int("parent-cid", *parent_cid);
+    data.str("create-type", create_type.clone());
+    let list = extents
+        .iter()
+        .map(|e| {
+            let mut x = QDict::new();
+            if e.compressed {
+                x.bool("compressed", true);
+            }
+            x.int("virtual-size", e.virtual_size);
+            x.str(
+                "filename",
+                e.filename.clone().unwrap_or_else(|| own.to_string()),
+            );
+            if let Some(c) = e.cluster_size {
+                x.int("cluster-size", c);
+            }
+            x.str("format", e.format.clone());
+            QValue::Dict(x)
+        })
+        .collect();
+    data.put("extents", QValue::List(list));
+    let mut d = QDict::new();
+    d.str("type", "vmdk");
+    d.put("data", QValue::Dict(data));
+    Some(d)
 }
 
 fn specific_json(s: &FormatSpecific) -> Option<QDict> {
@@ -252,12 +330,36 @@ fn snapshot_row(sn: Option<&SnapshotInfo>) -> String {
     )
 }
 
+/// A protocol-level child node (`file`, `extents.N`) as qemu's JSON shows it.
+fn file_child(name: &str, filename: &str, actual: Option<u64>, length: u64) -> QDict {
+    let mut file = QDict::new();
+    file.str("filename", filename.to_string());
+    file.str("format", "file");
+    file.bool("dirty-flag", false);
+    if let Some(a) = actual {
+        file.int("actual-size", a);
+    }
+    file.int("virtual-size", length);
+    let mut fs = QDict::new();
+    fs.str("type", "file");
+    fs.put("data", QValue::Dict(QDict::new()));
+    file.put("format-specific", QValue::Dict(fs));
+    file.put("children", QValue::List(Vec::new()));
+    let mut child = QDict::new();
+    child.str("name", name.to_string());
+    child.put("info", QValue::Dict(file));
+    child
+}
+
 fn to_qdict(i: &ImageInfo) -> QDict {
+    let own_actual = i
+        .actual_size
+        .map(|a| a - i.children.iter().filter_map(|c| c.actual_size).sum::<u64>());
     let mut file = QDict::new();
     file.str("filename", i.filename.clone());
     file.str("format", i.protocol);
     file.bool("dirty-flag", false);
-    if let Some(a) = i.actual_size {
+    if let Some(a) = own_actual {
         file.int("actual-size", a);
     }
     file.int("virtual-size", i.file_length);
@@ -300,10 +402,23 @@ fn to_qdict(i: &ImageInfo) -> QDict {
             QValue::List(i.snapshots.iter().map(snapshot_json).collect()),
         );
     }
-    if let Some(fs) = specific_json(&i.specific) {
+    if let Some(fs) = specific_json(&i.specific).or_else(|| vmdk_json(&i.specific, &i.filename)) {
         d.put("format-specific", QValue::Dict(fs));
     }
-    d.put("children", QValue::List(vec![QValue::Dict(child)]));
+    let mut children: Vec<QValue> = i
+        .children
+        .iter()
+        .map(|c| {
+            QValue::Dict(file_child(
+                &c.name,
+                &c.filename,
+                c.actual_size,
+                c.file_length,
+            ))
+        })
+        .collect();
+    children.push(QValue::Dict(child));
+    d.put("children", QValue::List(children));
     d
 }
 
@@ -350,6 +465,18 @@ fn human(i: &ImageInfo) -> String {
     if i.protocol_root.is_some() {
         return s;
     }
+    s.push_str(&vmdk_human(&i.specific, &i.filename));
+    for c in &i.children {
+        s.push_str(&format!("Child node '/{}':\n", c.name));
+        s.push_str(&format!("    filename: {}\n", c.filename));
+        s.push_str("    protocol type: file\n");
+        s.push_str(&format!(
+            "    file length: {} ({} bytes)\n",
+            size_to_str(c.file_length),
+            c.file_length
+        ));
+        s.push_str(&format!("    disk size: {}\n", disk(c.actual_size)));
+    }
     s.push_str("Child node '/file':\n");
     s.push_str(&format!("    filename: {}\n", i.filename));
     s.push_str(&format!("    protocol type: {}\n", i.protocol));
@@ -358,7 +485,10 @@ fn human(i: &ImageInfo) -> String {
         size_to_str(i.file_length),
         i.file_length
     ));
-    s.push_str(&format!("    disk size: {}\n", disk(i.actual_size)));
+    let own = i
+        .actual_size
+        .map(|a| a - i.children.iter().filter_map(|c| c.actual_size).sum::<u64>());
+    s.push_str(&format!("    disk size: {}\n", disk(own)));
     s
 }
 
@@ -387,6 +517,40 @@ pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
             s.push_str(&format!("    corrupt: {corrupt}\n"));
             s.push_str(&format!("    extended l2: {extended_l2}\n"));
         }
+    }
+    s
+}
+
+/// The "Format specific information" block of a VMDK image.
+fn vmdk_human(spec: &FormatSpecific, own: &str) -> String {
+    let FormatSpecific::Vmdk {
+        cid,
+        parent_cid,
+        create_type,
+        extents,
+    } = spec
+    else {
+        return String::new();
+    };
+    let mut s = String::from("Format specific information:\n");
+    s.push_str(&format!("    cid: {cid}\n"));
+    s.push_str(&format!("    parent cid: {parent_cid}\n"));
+    s.push_str(&format!("    create type: {create_type}\n"));
+    s.push_str("    extents:\n");
+    for (n, e) in extents.iter().enumerate() {
+        s.push_str(&format!("        [{n}]:\n"));
+        if e.compressed {
+            s.push_str("            compressed: true\n");
+        }
+        s.push_str(&format!("            virtual size: {}\n", e.virtual_size));
+        s.push_str(&format!(
+            "            filename: {}\n",
+            e.filename.as_deref().unwrap_or(own)
+        ));
+        if let Some(c) = e.cluster_size {
+            s.push_str(&format!("            cluster size: {c}\n"));
+        }
+        s.push_str(&format!("            format: {}\n", e.format));
     }
     s
 }

@@ -46,6 +46,26 @@ pub enum Structure {
     HostCluster,
     /// The image as a whole (its file, its flags) or an unnamed structure.
     Image,
+    /// A VMDK sparse extent header (or stream footer).
+    VmdkHeader,
+    /// A VMDK text descriptor.
+    VmdkDescriptor,
+    /// A VMDK grain directory.
+    VmdkGrainDirectory,
+    /// A VMDK grain table (`entry` is its grain directory index).
+    VmdkGrainTable,
+    /// A VMDK grain (compressed or not).
+    VmdkGrain,
+    /// A VHDX header.
+    VhdxHeader,
+    /// A VHDX region table.
+    VhdxRegionTable,
+    /// The VHDX metadata region.
+    VhdxMetadata,
+    /// The VHDX block allocation table.
+    VhdxBat,
+    /// The VHDX log.
+    VhdxLog,
 }
 
 impl Structure {
@@ -72,6 +92,16 @@ impl Structure {
             Structure::QedL2Table => "QED L2 table",
             Structure::HostCluster => "cluster",
             Structure::Image => "image",
+            Structure::VmdkHeader => "VMDK header",
+            Structure::VmdkDescriptor => "VMDK descriptor",
+            Structure::VmdkGrainDirectory => "VMDK grain directory",
+            Structure::VmdkGrainTable => "VMDK grain table",
+            Structure::VmdkGrain => "VMDK grain",
+            Structure::VhdxHeader => "VHDX header",
+            Structure::VhdxRegionTable => "VHDX region table",
+            Structure::VhdxMetadata => "VHDX metadata",
+            Structure::VhdxBat => "VHDX BAT",
+            Structure::VhdxLog => "VHDX log",
         }
     }
     /// The structure's name in QEMU's metadata overlap messages (`qcow2_header`,
@@ -329,6 +359,10 @@ pub enum Problem {
         /// Where in the cluster they start.
         skip: u64,
     },
+    /// A VMDK-specific problem (qemu's wording).
+    Vmdk(super::VmdkProblem),
+    /// A VHDX-specific problem.
+    Vhdx(super::VhdxProblem),
     /// The refcount structure is unusable (the inner corruption, found at open), so
     /// writes are refused until `check -r all` rebuilds it.
     WritesRefused(Box<Corruption>),
@@ -385,6 +419,17 @@ impl fmt::Display for Corruption {
         let off = self.offset.unwrap_or(0);
         let entry = self.entry.unwrap_or(0);
         match (self.structure, &self.problem) {
+            (_, P::Vmdk(p)) => write!(f, "{p}"),
+            (S::VhdxHeader | S::VhdxRegionTable | S::VhdxLog, P::Vhdx(p)) => {
+                write!(f, "{p}")
+            }
+            (_, P::Vhdx(p)) => {
+                write!(f, "{}", self.name())?;
+                if let Some(o) = self.offset {
+                    write!(f, " at offset {o:#x}")?;
+                }
+                write!(f, ": {p}")
+            }
             (_, P::WritesRefused(inner)) => {
                 write!(f, "{inner}; writes are refused (run check -r all)")
             }

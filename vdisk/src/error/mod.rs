@@ -12,9 +12,13 @@
 
 mod corruption;
 mod reasons;
+mod vhdx;
+mod vmdk;
 
 pub use corruption::{Corruption, Field, Problem, Structure};
 pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature, ZeroLimit};
+pub use vhdx::VhdxProblem;
+pub use vmdk::VmdkProblem;
 
 use std::fmt;
 

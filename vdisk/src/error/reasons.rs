@@ -71,6 +71,8 @@ pub enum Unsupported {
     ShrinkWithSnapshots,
     /// Zeroes that could only be written as data, and the caller refused data writes.
     ZeroesNeedData(ZeroLimit),
+    /// A VMDK creation vdisk does not do yet (the subformat or option).
+    VmdkCreate(String),
 }
 
 /// Why a write of zeroes would have to write data (and was asked not to).
@@ -82,6 +84,8 @@ pub enum ZeroLimit {
     Qcow2PartialCluster,
     /// Part of a QED cluster.
     QedPartialCluster,
+    /// A VMDK range that is not whole zeroed grains.
+    VmdkGrain,
 }
 
 impl fmt::Display for Unsupported {
@@ -158,8 +162,9 @@ impl fmt::Display for Unsupported {
             Unsupported::NoCompressedClusters => {
                 write!(f, "this format has no compressed clusters")
             }
-            Unsupported::NoResize(name) => {
-                write!(f, "Format driver '{name}' does not support resize")
+            Unsupported::NoResize(_) => {
+                // qemu's `bdrv_co_truncate` wording (it does not name the format).
+                write!(f, "Image format driver does not support resize")
             }
             Unsupported::ResizeV2WithSnapshots => {
                 write!(f, "Can't resize a v2 image which has snapshots")
@@ -177,6 +182,15 @@ impl fmt::Display for Unsupported {
             ),
             Unsupported::ZeroesNeedData(ZeroLimit::QedPartialCluster) => {
                 write!(f, "QED: zeroing a partial cluster needs writing zero bytes")
+            }
+            Unsupported::VmdkCreate(what) => {
+                write!(f, "vdisk cannot create VMDK images with {what} yet")
+            }
+            Unsupported::ZeroesNeedData(ZeroLimit::VmdkGrain) => {
+                write!(
+                    f,
+                    "VMDK: zeroing anything but whole zeroed grains needs writing zero bytes"
+                )
             }
         }
     }
@@ -196,6 +210,21 @@ pub enum Invalid {
     },
     /// A size option that is not a non-negative number below 2^64.
     BadSizeOption(String),
+    /// A VMDK `backing_fmt` other than `vmdk`.
+    VmdkBackingFormat,
+    /// A VHDX creation parameter out of range (qemu-img's sentence).
+    VhdxCreate(&'static str),
+    /// VMDK `compat6` together with `hwversion`.
+    VmdkCompat6WithHwversion,
+    /// A flat VMDK with a backing file.
+    VmdkFlatBacking,
+    /// A flat VMDK with zeroed grains.
+    VmdkFlatZeroedGrain,
+    /// A VMDK extent larger than its grain tables address.
+    VmdkTooLarge {
+        /// The size asked for.
+        size: u64,
+    },
     /// A number option whose value is not a number (the option).
     BadNumber(String),
     /// An enumerated option without a QAPI name given a word it does not know.
@@ -424,6 +453,16 @@ impl fmt::Display for Invalid {
                 "Parameter '{option}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
             ),
             Invalid::BadNumber(option) => write!(f, "Parameter '{option}' expects a number"),
+            Invalid::VmdkBackingFormat => write!(f, "backing_file must be a vmdk image"),
+            Invalid::VhdxCreate(why) => write!(f, "{why}"),
+            Invalid::VmdkCompat6WithHwversion => {
+                write!(f, "compat6 cannot be enabled with hwversion set")
+            }
+            Invalid::VmdkFlatBacking => write!(f, "Flat image can't have backing file"),
+            Invalid::VmdkFlatZeroedGrain => write!(f, "Flat image can't enable zeroed grain"),
+            Invalid::VmdkTooLarge { size } => {
+                write!(f, "VMDK extent of {size} bytes is larger than a sparse extent holds")
+            }
             Invalid::BadEnumValue(value) => write!(f, "invalid parameter value: {value}"),
             Invalid::UnknownDriver(name) => write!(f, "Unknown driver '{name}'"),
             Invalid::Qcow2ClusterSize => write!(

@@ -19,6 +19,12 @@ pub struct BackingSpec {
 /// Opens the backing file named by an image's header. Supplied by the chain layer.
 pub type BackingResolver<'a> = dyn FnMut(&BackingSpec) -> Result<Arc<dyn Driver>> + 'a;
 
+/// Opens a file an image's metadata names besides its backing file (a VMDK
+/// descriptor's extents), by the name as stored: relative names are relative to the
+/// image's own file. Returns the storage (opened with the image's own access and
+/// locks) and the name it was opened by, for display. Supplied by the chain layer.
+pub type FileResolver<'a> = dyn FnMut(&str) -> Result<(Arc<dyn Storage>, String)> + 'a;
+
 /// Options every format understands at open time.
 #[derive(Clone, Debug, Default)]
 pub struct DriverOptions {
@@ -103,6 +109,32 @@ pub enum FormatSpecific {
     },
     /// QED has no specific information in qemu-img.
     Qed,
+    /// VMDK details, as qemu-img's `format-specific` object.
+    Vmdk {
+        /// Content ID.
+        cid: u32,
+        /// Parent content ID.
+        parent_cid: u32,
+        /// `createType`.
+        create_type: String,
+        /// The extents, in order.
+        extents: Vec<VmdkExtentInfo>,
+    },
+}
+
+/// One VMDK extent as `qemu-img info` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmdkExtentInfo {
+    /// The extent's file as opened (`None`: the image's own file).
+    pub filename: Option<String>,
+    /// The extent line's type (`SPARSE`, `FLAT`; empty for a monolithic file).
+    pub format: String,
+    /// Bytes of the disk it holds.
+    pub virtual_size: u64,
+    /// Grains are compressed.
+    pub compressed: bool,
+    /// Grain size (sparse extents).
+    pub cluster_size: Option<u64>,
 }
 
 /// One internal snapshot, as `qemu-img info` lists it (QEMU's `SnapshotInfo`).
@@ -198,6 +230,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// Checks (and optionally repairs) metadata consistency.
     fn check(&self, _repair: Repair) -> Result<CheckReport> {
         Err(Unsupported::NoCheck(self.format().name()).into())
+    }
+    /// Whether every write this image stores is compressed by the driver (a
+    /// stream-optimized VMDK): writers gain nothing by ordering their writes, and
+    /// should issue them from several threads so the compression runs in parallel.
+    fn compresses_writes(&self) -> bool {
+        false
     }
     /// Writes one cluster-aligned, cluster-sized block compressed.
     fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {

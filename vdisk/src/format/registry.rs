@@ -104,6 +104,9 @@ pub struct OpenArgs<'a, 'b> {
     pub opts: &'a DriverOptions,
     /// Opens the backing file the header names.
     pub backing: &'a mut BackingResolver<'b>,
+    /// Opens other files the image names (VMDK extents); `None`: the image is not a
+    /// named file, so it can name none.
+    pub files: Option<&'a mut super::FileResolver<'b>>,
 }
 
 /// Everything a format's `create` receives, options already type-checked against its
@@ -117,6 +120,9 @@ pub struct CreateArgs {
     pub backing: Option<BackingSpec>,
     /// The `-o` options, typed.
     pub options: OptionValues,
+    /// The name of the file being created (its last component), when it is a named
+    /// file: formats that record their own file name (VMDK's extent line) use it.
+    pub filename: Option<String>,
 }
 
 /// A format's `open`.
@@ -152,8 +158,8 @@ pub static FORMATS: &[&FormatDesc] = &[
     &qcow2::descriptor::DESCRIPTOR,
     &qed::descriptor::DESCRIPTOR,
     &foreign::qcow::DESCRIPTOR,
-    &foreign::vmdk::DESCRIPTOR,
-    &foreign::vhdx::DESCRIPTOR,
+    &super::vmdk::descriptor::DESCRIPTOR,
+    &super::vhdx::descriptor::DESCRIPTOR,
     &foreign::vpc::DESCRIPTOR,
     &foreign::vdi::DESCRIPTOR,
     &foreign::luks::DESCRIPTOR,
@@ -179,6 +185,10 @@ impl Format {
     pub const Qcow2: Format = Format(&qcow2::descriptor::DESCRIPTOR);
     /// QEMU enhanced disk.
     pub const Qed: Format = Format(&qed::descriptor::DESCRIPTOR);
+    /// VMware virtual disk.
+    pub const Vmdk: Format = Format(&super::vmdk::descriptor::DESCRIPTOR);
+    /// Hyper-V virtual hard disk v2.
+    pub const Vhdx: Format = Format(&super::vhdx::descriptor::DESCRIPTOR);
 }
 
 impl Format {
@@ -307,11 +317,22 @@ pub fn parse_create_options(format: Format, pairs: &[(String, String)]) -> Resul
 
 /// Creates an empty image of `format` on `storage` (which should be empty).
 pub fn create(format: Format, storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
+    create_named(format, storage, spec, None)
+}
+
+/// [`create`] of a named file (`filename`: its last component).
+pub fn create_named(
+    format: Format,
+    storage: &Arc<dyn Storage>,
+    spec: &CreateSpec,
+    filename: Option<&str>,
+) -> Result<()> {
     let create = format.0.create.ok_or_else(|| format.no_create_error())?;
     let args = CreateArgs {
         size: spec.size,
         backing: spec.backing.clone(),
         options: parse_create_options(format, &spec.options)?,
+        filename: filename.map(str::to_string),
     };
     create(storage, &args)
 }
@@ -331,6 +352,7 @@ pub fn open(
             meta: storage,
             opts,
             backing,
+            files: None,
         },
     )
 }
@@ -362,11 +384,11 @@ mod tests {
 
     #[test]
     fn unsupported_formats_name_themselves() {
-        let f = Format::parse("vmdk").unwrap();
+        let f = Format::parse("cloop").unwrap();
         assert!(!f.can_open());
         assert_eq!(
             f.unsupported_error().to_string(),
-            "the vmdk format is not supported by vdisk"
+            "the cloop format is not supported by vdisk"
         );
     }
 }

@@ -12,8 +12,6 @@ pub mod luks;
 pub mod parallels;
 pub mod qcow;
 pub mod vdi;
-pub mod vhdx;
-pub mod vmdk;
 pub mod vpc;
 
 use super::registry::{Capabilities, FormatDesc, ProbeInput};

@@ -1,9 +1,15 @@
-//! VMware disks (QEMU's `vmdk_probe`): a sparse extent starting with `KDMV` (VMDK4) or
-//! `COWD` (VMware 3 / ESX), or a text descriptor whose first line that is neither a
-//! `#` comment nor blank is `version=1`, `2` or `3` (LF or CRLF).
+//! VMDK's registration: its probe (QEMU's `vmdk_probe`), open, create, options and
+//! capabilities.
+//!
+//! The probe: a sparse extent starting with `KDMV` (VMDK4) or `COWD` (VMware 3 / ESX),
+//! or a text descriptor whose first line that is neither a `#` comment nor blank is
+//! `version=1`, `2` or `3` (LF or CRLF).
 
-use super::{has_at, recognised};
-use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
+use crate::error::Result;
+use crate::format::foreign::has_at;
+use crate::format::registry::{Capabilities, FormatDesc, OpenArgs, ProbeInput};
+use crate::format::Driver;
+use std::sync::Arc;
 
 fn descriptor_score(buf: &[u8]) -> u32 {
     let mut p = 0usize;
@@ -53,19 +59,28 @@ fn probe(p: &ProbeInput<'_>) -> u32 {
     descriptor_score(p.head)
 }
 
+fn open(args: OpenArgs<'_, '_>) -> Result<Arc<dyn Driver>> {
+    Ok(Arc::new(super::Vmdk::open(args)?))
+}
+
 /// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised(
-    "vmdk",
+pub static DESCRIPTOR: FormatDesc = FormatDesc {
+    name: "vmdk",
     probe,
-    Capabilities::NONE
+    open: Some(open),
+    create: Some(super::create::create),
+    create_options: super::options::CREATE_OPTIONS,
+    amend_only_options: &[],
+    amendable: false,
+    caps: Capabilities::NONE
         .with_clusters()
         .with_backing()
         .with_compression(),
-);
+};
 
 #[cfg(test)]
 mod tests {
-    use super::super::padded;
+    use crate::format::foreign::padded;
     use crate::format::Format;
 
     fn name(h: &[u8]) -> &'static str {
