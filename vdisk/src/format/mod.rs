@@ -14,7 +14,7 @@
 //! - [`foreign`]: formats recognised by their probes but not supported yet.
 //! - [`report`]: check results.
 //! - [`util`]: helpers shared by the formats.
-//! - `raw`, `qcow2`, `qed`: the formats.
+//! - `raw`, `qcow2`, `qed`, `vpc` (VHD), `vdi`: the formats.
 
 pub mod datapath;
 pub mod driver;
@@ -27,6 +27,8 @@ pub mod raw;
 pub mod registry;
 pub mod report;
 pub mod util;
+pub mod vdi;
+pub mod vpc;
 
 pub use driver::*;
 pub use registry::{create, open, open_with, Format, FormatDesc};

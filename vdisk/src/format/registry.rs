@@ -13,7 +13,8 @@
 
 use super::options::{OptionDesc, OptionValues, FILE_PROTOCOL_OPTIONS};
 use super::DriverOptions;
-use super::{foreign, qcow2, qed, raw, BackingResolver, BackingSpec, CreateSpec, Driver};
+use super::{foreign, qcow2, qed, raw, vdi, vpc};
+use super::{BackingResolver, BackingSpec, CreateSpec, Driver};
 use crate::error::{Error, Invalid, Result, Unsupported};
 use crate::storage::Storage;
 use std::sync::Arc;
@@ -47,6 +48,9 @@ pub struct Capabilities {
     /// Metadata can be preallocated without the data (`preallocation=metadata`), so a
     /// fully mapped image may still have holes in its file.
     pub metadata_prealloc: bool,
+    /// Some valid images score 0 in the probe (a fixed VHD keeps its footer at the end,
+    /// where QEMU's probe does not look): a zero score does not mean "not this format".
+    pub probe_misses: bool,
 }
 
 impl Capabilities {
@@ -57,11 +61,19 @@ impl Capabilities {
         clusters: false,
         raw_data: false,
         metadata_prealloc: false,
+        probe_misses: false,
     };
     /// These, plus backing files.
     pub const fn with_backing(self) -> Capabilities {
         Capabilities {
             backing: true,
+            ..self
+        }
+    }
+    /// These, plus images the probe does not recognise.
+    pub const fn with_probe_misses(self) -> Capabilities {
+        Capabilities {
+            probe_misses: true,
             ..self
         }
     }
@@ -142,8 +154,8 @@ pub static FORMATS: &[&FormatDesc] = &[
     &foreign::qcow::DESCRIPTOR,
     &foreign::vmdk::DESCRIPTOR,
     &foreign::vhdx::DESCRIPTOR,
-    &foreign::vpc::DESCRIPTOR,
-    &foreign::vdi::DESCRIPTOR,
+    &vpc::descriptor::DESCRIPTOR,
+    &vdi::descriptor::DESCRIPTOR,
     &foreign::luks::DESCRIPTOR,
     &foreign::parallels::DESCRIPTOR,
     &foreign::dmg::DESCRIPTOR,
@@ -167,6 +179,10 @@ impl Format {
     pub const Qcow2: Format = Format(&qcow2::descriptor::DESCRIPTOR);
     /// QEMU enhanced disk.
     pub const Qed: Format = Format(&qed::descriptor::DESCRIPTOR);
+    /// Virtual PC / Hyper-V VHD.
+    pub const Vpc: Format = Format(&vpc::descriptor::DESCRIPTOR);
+    /// VirtualBox VDI.
+    pub const Vdi: Format = Format(&vdi::descriptor::DESCRIPTOR);
 }
 
 impl Format {

@@ -11,10 +11,8 @@ pub mod dmg;
 pub mod luks;
 pub mod parallels;
 pub mod qcow;
-pub mod vdi;
 pub mod vhdx;
 pub mod vmdk;
-pub mod vpc;
 
 use super::registry::{Capabilities, FormatDesc, ProbeInput};
 
