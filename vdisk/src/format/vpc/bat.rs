@@ -144,13 +144,12 @@ mod tests {
     #[test]
     fn free_offset_and_entries() {
         let mut img = vec![0u8; 2048];
-        img[1536..1544].copy_from_slice(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 4]);
+        img[1536..1544].copy_from_slice(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2]);
         let st = MemStorage::from_vec(img.clone());
         let h = header(2);
         // Block 1 at sector 4 overlaps the header.
         let e = load(&st, &h, 512, 4 << 20, 2048).unwrap_err();
         assert!(e.to_string().contains("entry 1"), "{e}");
-        img[1540..1544].copy_from_slice(&4u32.to_be_bytes());
         img[1540..1544].copy_from_slice(&(2048u32 / 512).to_be_bytes());
         let st = MemStorage::from_vec(img.clone());
         // Sector 4 = 2048: after the BAT (1536..2048); the file is too short for it.

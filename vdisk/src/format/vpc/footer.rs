@@ -222,7 +222,7 @@ impl Footer {
 }
 
 /// The geometry the VHD specification's algorithm gives `total_sectors` (QEMU's
-/// `calculate_geometry`, which allows 255 heads... no: 16 heads and 255 sectors for
+/// `calculate_geometry`, which goes past the ATA limit with 16 heads of 255 sectors for
 /// large disks): `(cylinders, heads, sectors per track)`; may round down.
 pub fn geometry(total_sectors: u64) -> (u64, u64, u64) {
     let total = total_sectors.min(MAX_GEOMETRY);

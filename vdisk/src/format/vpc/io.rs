@@ -4,6 +4,7 @@
 
 use super::bat::UNALLOCATED;
 use super::{Dynamic, Vpc};
+const FOOTER_LEN: u64 = super::footer::FOOTER_LEN as u64;
 use crate::error::{NoSpace, Result};
 use crate::format::datapath::Waiters;
 use crate::format::mapping::{
@@ -151,8 +152,10 @@ impl Mapper for Vpc {
         self.storage
             .write_at(&vec![0xff; d.bitmap as usize], start)?;
         st.free_offset = next;
-        // Where the file may hold stale bytes, the block is written whole.
-        let whole = start < st.stale_end;
+        // Where the file may hold stale bytes, the block is written whole: below the
+        // stale mark, and for blocks under 4 KiB, which have no bitmap sector to cover
+        // the old footer.
+        let whole = start < st.stale_end || d.bitmap < FOOTER_LEN;
         st.inflight.insert(block, block + 1);
         drop(st);
         let zero = Mapping::Zero { host: None };
