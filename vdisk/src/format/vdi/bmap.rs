@@ -55,6 +55,18 @@ pub fn next_free(entries: &[u32], blocks_in_image: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// The data block indices below `count` that no entry names, highest first (so that
+/// popping hands out the lowest).
+pub fn unused(entries: &[u32], count: u32) -> Vec<u32> {
+    let mut used = vec![false; count as usize];
+    for &e in entries {
+        if let Some(u) = used.get_mut(e as usize) {
+            *u = true;
+        }
+    }
+    (0..count).rev().filter(|&i| !used[i as usize]).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +85,7 @@ mod tests {
         assert!(!is_allocated(e[0]) && is_allocated(e[1]) && !is_allocated(e[2]));
         assert_eq!(next_free(&e, 3), 2);
         assert_eq!(next_free(&[7, UNALLOCATED], 2), 0);
+        assert_eq!(unused(&[2, UNALLOCATED, 0], 5), vec![4, 3, 1]);
         let err = load(&st, &h, 520).unwrap_err();
         assert!(
             err.to_string().contains("past the end of the file"),

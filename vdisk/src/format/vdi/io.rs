@@ -139,14 +139,20 @@ impl Mapper for Vdi {
             }
             st = Waiters::wait(&self.cv, st, |s| &mut s.waiters);
         }
-        let Some(h) = st.header.as_mut() else {
-            return Err(NoSpace::BlockTable("vdi").into());
+        let index = match st.free.pop() {
+            Some(i) => i,
+            None => {
+                let Some(h) = st.header.as_mut() else {
+                    return Err(NoSpace::BlockTable("vdi").into());
+                };
+                let index = h.blocks_allocated;
+                if index >= h.blocks_in_image {
+                    return Err(NoSpace::BlockTable("vdi").into());
+                }
+                h.blocks_allocated += 1;
+                index
+            }
         };
-        let index = h.blocks_allocated;
-        if index >= h.blocks_in_image {
-            return Err(NoSpace::BlockTable("vdi").into());
-        }
-        h.blocks_allocated += 1;
         st.inflight.insert(block, block + 1);
         drop(st);
         let zero = Mapping::Zero { host: None };
@@ -190,15 +196,19 @@ impl Mapper for Vdi {
                 *slot = index;
             }
         }
+        // On error, whether the entry reached the disk is unknown: the block is not
+        // handed out again.
         st.inflight.remove(block, block + 1);
         st.waiters.wake(&self.cv);
         r
     }
 
-    /// The reserved block stays counted but unused (what QEMU's check calls an
-    /// allocated-blocks mismatch); it is not handed out again.
+    /// The reserved block goes back to the free list (it is written whole before any
+    /// entry names it, so what the failed write left there is never read).
     fn abort(&self, a: Allocation) {
+        let index = ((a.host.get() - self.geo.offset_data as u64) / self.bs()) as u32;
         let mut st = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        st.free.push(index);
         st.inflight.remove(a.token, a.token + 1);
         st.waiters.wake(&self.cv);
     }

@@ -16,7 +16,9 @@
 //! flushes, and only then writes the block map entry, so a durable entry never points
 //! at a block that is not, and a crash before the entry leaves a counted but unused
 //! block (what QEMU's check reports as an allocated-blocks mismatch), never a block
-//! handed out twice. QEMU's own order is data, header, map, with no flush.
+//! handed out twice. Such blocks are found at open and handed out again first (safe:
+//! every allocation writes its block whole). QEMU's own order is data, header, map,
+//! with no flush.
 //!
 //! Concurrency: lookups take the map's read lock for the moment of a lookup; allocated
 //! blocks are written in place with no lock (blocks are never freed or moved). An
@@ -65,6 +67,10 @@ struct AllocState {
     waiters: Waiters,
     /// The header as last written (`blocks_allocated` counts reserved blocks).
     header: Option<Header>,
+    /// Data blocks below `blocks_allocated` that no entry names (left by a crash or an
+    /// aborted allocation): handed out again before the count grows. Safe because a
+    /// block is always written whole before an entry names it.
+    free: Vec<u32>,
 }
 
 impl Vdi {
@@ -86,7 +92,8 @@ impl Vdi {
         // Where the next block goes: after every block in use, whatever the header's
         // count says (a count behind the map would hand a block out twice).
         let used = bmap::next_free(&entries, h.blocks_in_image);
-        h.blocks_allocated = h.blocks_allocated.max(used);
+        h.blocks_allocated = h.blocks_allocated.max(used).min(h.blocks_in_image);
+        let free = bmap::unused(&entries, h.blocks_allocated);
         Ok(Vdi {
             storage,
             read_only: opts.read_only,
@@ -95,6 +102,7 @@ impl Vdi {
             bmap: RwLock::new(entries),
             alloc: Mutex::new(AllocState {
                 header: Some(h),
+                free,
                 ..AllocState::default()
             }),
             cv: Condvar::new(),
