@@ -103,10 +103,10 @@ impl Header {
         if version != VERSION_1_1 {
             return Err(invalid(Field::Version, version as u64));
         }
-        if h.offset_bmap % 512 != 0 {
+        if !h.offset_bmap.is_multiple_of(512) {
             return Err(invalid(Field::MapOffset, h.offset_bmap as u64));
         }
-        if h.offset_data % 512 != 0 {
+        if !h.offset_data.is_multiple_of(512) {
             return Err(invalid(Field::DataOffset, h.offset_data as u64));
         }
         if sector_size != 512 {
