@@ -42,11 +42,12 @@ qemu-img convert -O vdi "$tmp/src.qcow2" "$tmp/in.vdi"
 CASES=$tmp/cases.json
 echo "[" >"$CASES"
 FIRST=1
-# add_case NAME OUT VDISK_ARGS QEMU_ARGS CHECK: the output is removed before every run.
+# add_case NAME OUT VDISK_ARGS QEMU_ARGS CHECK: the output is removed before every run and
+# the page cache written back (`sync`), so no run pays for the previous run's writeback.
 add_case() {
   [ $FIRST = 1 ] || echo "," >>"$CASES"
   FIRST=0
-  jq -n --arg n "$1" --arg p "rm -f '$2'" --arg v "'$VDISK' $3" \
+  jq -n --arg n "$1" --arg p "rm -f '$2' && sync" --arg v "'$VDISK' $3" \
     --arg b "${VDISK_BASE:+'$VDISK_BASE' $3}" --arg q "qemu-img $4" --arg c "$5" \
     '{name: $n, prepare: $p, check: $c,
       cmds: ([["vdisk", $v]] + (if $b != "" then [["vdisk-base", $b]] else [] end) + [["qemu-img", $q]])}' >>"$CASES"
