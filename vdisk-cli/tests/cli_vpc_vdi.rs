@@ -487,6 +487,10 @@ fn hostile_vhd_headers() {
     let f = fresh("meta.vhd");
     poke(dir, &f, 1536 + 4, &1u32.to_be_bytes());
     refused(dir, "vpc", &f, "inside the image metadata");
+    // BAT over the dynamic header.
+    let f = fresh("batover.vhd");
+    poke(dir, &f, 512 + 16, &1024u64.to_be_bytes());
+    refused(dir, "vpc", &f, "overlaps the image metadata");
     // BAT offset past the end of the file.
     let f = fresh("bat.vhd");
     poke(dir, &f, 512 + 16, &(1u64 << 40).to_be_bytes());
@@ -528,6 +532,17 @@ fn hostile_vdi_headers() {
     poke(dir, &f, 368, &(1u64 << 48).to_le_bytes());
     poke(dir, &f, 384, &(1u32 << 28).to_le_bytes());
     refused(dir, "vdi", &f, "too many blocks");
+    let f = fresh("map0.vdi");
+    poke(dir, &f, 340, &0u32.to_le_bytes());
+    refused(
+        dir,
+        "vdi",
+        &f,
+        "VDI block map at offset 0x0 overlaps the image metadata",
+    );
+    let f = fresh("data0.vdi");
+    poke(dir, &f, 344, &512u32.to_le_bytes());
+    refused(dir, "vdi", &f, "overlaps the header or the block map");
     let f = fresh("par.vdi");
     poke(dir, &f, 440, &[1]);
     refused(dir, "vdi", &f, "non-NULL parent UUID");

@@ -461,6 +461,15 @@ impl fmt::Display for Corruption {
                 f,
                 "L2 table offset {off:#x} of L1 entry {entry} is unaligned, overlaps the header or lies past the end of the file"
             ),
+            (S::VpcBat | S::VdiBlockMap, P::OverlapsMetadata { .. }) => write!(
+                f,
+                "{} at offset {off:#x} overlaps the image metadata",
+                self.name()
+            ),
+            (S::VdiHeader, P::OverlapsMetadata { .. }) => write!(
+                f,
+                "VDI data area at offset {off:#x} overlaps the header or the block map"
+            ),
             (_, P::OverlapsMetadata { with }) => write!(
                 f,
                 "{} offset {off:#x} of L1 entry {entry} overlaps the {}",

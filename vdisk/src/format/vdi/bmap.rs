@@ -39,6 +39,31 @@ pub fn load(st: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<u32>> {
         .at(off)
         .into());
     }
+    // Block map updates and data writes must never land on the header or the map.
+    let map_end = off + bytes.div_ceil(512) * 512;
+    let data = h.offset_data as u64;
+    let data_end = data + h.blocks_in_image as u64 * h.block_size as u64;
+    let overlaps = |a: u64, b: u64, c: u64, d: u64| a < d && c < b;
+    if off < 512 && bytes > 0 {
+        return Err(Corruption::new(
+            Structure::VdiBlockMap,
+            Problem::OverlapsMetadata {
+                with: Structure::VdiHeader,
+            },
+        )
+        .at(off)
+        .into());
+    }
+    if data_end > data && (data < 512 || overlaps(data, data_end, off, map_end)) {
+        return Err(Corruption::new(
+            Structure::VdiHeader,
+            Problem::OverlapsMetadata {
+                with: Structure::VdiBlockMap,
+            },
+        )
+        .at(data)
+        .into());
+    }
     let mut buf = vec![0u8; bytes as usize];
     st.read_at(&mut buf, off)?;
     Ok(decode(&buf))

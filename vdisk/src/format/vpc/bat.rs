@@ -79,10 +79,21 @@ pub fn load(
         .at(h.table_offset)
         .into());
     }
+    let bat_end = (h.table_offset + bytes).div_ceil(512) * 512;
+    // An entry update must never land on the footer copy or the dynamic header.
+    if h.table_offset < 512 || (h.table_offset < header_offset + 1024 && header_offset < bat_end) {
+        return Err(Corruption::new(
+            Structure::VpcBat,
+            Problem::OverlapsMetadata {
+                with: Structure::VpcDynamicHeader,
+            },
+        )
+        .at(h.table_offset)
+        .into());
+    }
     let mut buf = vec![0u8; bytes as usize];
     st.read_at(&mut buf, h.table_offset)?;
     let entries = decode(&buf);
-    let bat_end = (h.table_offset + bytes).div_ceil(512) * 512;
     let bitmap = h.bitmap_size();
     let mut free_offset = bat_end;
     // The image's own metadata: the footer copy, the dynamic header, the BAT.
@@ -173,5 +184,11 @@ mod tests {
         );
         let e = load(&st, &header(1000), 512, 4 << 20, 4096).unwrap_err();
         assert!(e.to_string().contains("past the end of the file"), "{e}");
+        let over = DynHeader {
+            table_offset: 1024,
+            ..header(2)
+        };
+        let e = load(&st, &over, 512, 4 << 20, 4096).unwrap_err();
+        assert!(e.to_string().contains("overlaps the image metadata"), "{e}");
     }
 }
