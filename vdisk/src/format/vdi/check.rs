@@ -44,7 +44,7 @@ pub(super) fn check(v: &Vdi, repair: Repair) -> Result<CheckReport> {
             r.push_capped(f(FindingKind::VdiBlockOutOfRange), MAX_FINDINGS);
         }
     }
-    let header = v.geo.blocks_allocated as u64;
+    let header = v.alloc.lock().unwrap_or_else(|p| p.into_inner()).disk_count as u64;
     if counted != header {
         r.corruptions += 1;
         r.push(

@@ -182,8 +182,10 @@ impl Mapper for Vdi {
         let index = ((a.host.get() - self.geo.offset_data as u64) / self.bs()) as u32;
         let mut st = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
         let r = (|| -> Result<()> {
-            if let Some(h) = &st.header {
-                self.storage.write_at(&h.encode(), 0)?;
+            let head = st.header.as_ref().map(|h| (h.encode(), h.blocks_allocated));
+            if let Some((bytes, n)) = head {
+                self.storage.write_at(&bytes, 0)?;
+                st.disk_count = n;
             }
             self.storage.flush()?;
             let off = self.geo.offset_bmap as u64 + block * 4;

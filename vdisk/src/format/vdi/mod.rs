@@ -67,6 +67,8 @@ struct AllocState {
     waiters: Waiters,
     /// The header as last written (`blocks_allocated` counts reserved blocks).
     header: Option<Header>,
+    /// `blocks_allocated` as on disk (what check compares with, as QEMU's).
+    disk_count: u32,
     /// Data blocks below `blocks_allocated` that no entry names (left by a crash or an
     /// aborted allocation): handed out again before the count grows. Safe because a
     /// block is always written whole before an entry names it.
@@ -88,6 +90,7 @@ impl Vdi {
         storage.read_at(&mut hb, 0)?;
         let mut h = Header::decode(&hb)?;
         let geo = h.clone();
+        let disk_count = geo.blocks_allocated;
         let entries = bmap::load(&*storage, &h, file_len)?;
         // Where the next block goes: after every block in use, whatever the header's
         // count says (a count behind the map would hand a block out twice).
@@ -101,6 +104,7 @@ impl Vdi {
             geo,
             bmap: RwLock::new(entries),
             alloc: Mutex::new(AllocState {
+                disk_count,
                 header: Some(h),
                 free,
                 ..AllocState::default()
