@@ -122,7 +122,7 @@ fn crash_run(fmt: Format, size: u64, seed: u64) {
     let drv = open(fmt, dyn_st);
     // VHD sizes are rounded up to a CHS geometry.
     let size = drv.size();
-    let rec = workload(&*drv, &st, &mut rng, 20);
+    let rec = workload(&*drv, &st, &mut rng, 16);
     let trace = st.trace();
     let mut checked = 0;
     for k in 0..trace.points() {
@@ -170,10 +170,10 @@ fn crash_run(fmt: Format, size: u64, seed: u64) {
 
 #[test]
 fn vhd_dynamic_allocation_survives_crashes() {
-    crash_run(Format::Vpc, 8 << 20, 1);
+    crash_run(Format::Vpc, 6 << 20, 1);
 }
 
 #[test]
 fn vdi_dynamic_allocation_survives_crashes() {
-    crash_run(Format::Vdi, 5 << 20, 3);
+    crash_run(Format::Vdi, 3 << 20, 3);
 }
