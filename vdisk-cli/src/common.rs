@@ -92,7 +92,11 @@ pub fn open_image_with(filename: &str, opts: &OpenOptions) -> Result<Image, Stri
         return Err("--image-opts and --format are mutually exclusive".into());
     }
     if let Some(f) = opts.format.filter(|_| !opts.image_opts) {
-        if !f.caps().raw_data && f.can_open() && Path::new(filename).exists() {
+        if !f.caps().raw_data
+            && !f.caps().probe_misses
+            && f.can_open()
+            && Path::new(filename).exists()
+        {
             // qemu-img names a format mismatch explicitly instead of failing in the driver
             // (a format vdisk cannot read is refused by name when opened).
             if let Ok(head) = read_head(filename) {
@@ -281,6 +285,9 @@ pub use vdisk::hook::is_zero;
 /// (metadata is always written) and the host clusters the guest mapping references.
 pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
     let d = layer;
+    if d.file_status_refines() {
+        return Ok(true);
+    }
     if !d.format().caps().metadata_prealloc {
         return Ok(false);
     }

@@ -78,6 +78,11 @@ impl ImageLayer {
     pub fn format_specific(&self) -> FormatSpecific {
         self.driver.format_specific()
     }
+    /// Whether block status of the layer's data runs is refined by the host file's own
+    /// status (QEMU's `BDRV_BLOCK_RECURSE`).
+    pub fn file_status_refines(&self) -> bool {
+        self.driver.file_status_refines()
+    }
     /// Whether the layer is marked dirty.
     pub fn is_dirty(&self) -> bool {
         self.driver.is_dirty()

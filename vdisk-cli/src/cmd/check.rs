@@ -195,6 +195,11 @@ fn render(f: &Finding) -> Option<String> {
                 format!("{label} OFLAG_COPIED data cluster: l2_entry={value:x} refcount={refcount}")
             }
         }
+        K::VdiBlockShared => format!("ERROR: block index {value} also used by {value}"),
+        K::VdiBlockOutOfRange => format!("ERROR: block index {entry} too large, is {value}"),
+        K::VdiAllocatedMismatch => format!(
+            "ERROR: allocated blocks mismatch, is {references}, should be {refcount}"
+        ),
         K::InvalidOffset | K::ReferencedTwice | K::Unreadable | K::WriteBackFailed => {
             return None
         }

@@ -222,14 +222,22 @@ impl Job<'_> {
                 len = len.min(bs - dst);
             }
         }
-        let st = chain_status(&s.layers, local, len, self.top_only).map_err(|e| {
+        let status_err = |e: vdisk::Error| {
             format!(
                 "error while reading block status of sector {}: {e}",
                 local / 512
             )
-        })?;
+        };
+        let mut st = chain_status(&s.layers, local, len, self.top_only).map_err(status_err)?;
+        // Formats whose data runs the host file refines (fixed VHD, static VDI: QEMU's
+        // BDRV_BLOCK_RECURSE): holes in the file read as zeroes and need no copy.
+        if st.data && !st.compressed {
+            if let Some(layer) = s.layers.get(st.depth).filter(|l| l.file_status_refines()) {
+                common::refine_with_file(layer, &mut st).map_err(status_err)?;
+            }
+        }
         let len = st.len.clamp(1, len);
-        let mut kind = if st.data {
+        let mut kind = if st.data && !st.zero {
             Kind::Data
         } else if st.zero {
             Kind::Zero

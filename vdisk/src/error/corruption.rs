@@ -42,6 +42,16 @@ pub enum Structure {
     QedL1Table,
     /// A QED L2 table (`entry` is its L1 index).
     QedL2Table,
+    /// The VHD (vpc) footer (and its copy at the start of a dynamic image).
+    VpcFooter,
+    /// The VHD dynamic disk header.
+    VpcDynamicHeader,
+    /// The VHD block allocation table (`entry` is a block index).
+    VpcBat,
+    /// The VDI header.
+    VdiHeader,
+    /// The VDI block map (`entry` is a block index).
+    VdiBlockMap,
     /// A host cluster, whoever references it (refcount findings).
     HostCluster,
     /// The image as a whole (its file, its flags) or an unnamed structure.
@@ -90,6 +100,11 @@ impl Structure {
             Structure::QedBackingFileName => "QED backing file name",
             Structure::QedL1Table => "QED L1 table",
             Structure::QedL2Table => "QED L2 table",
+            Structure::VpcFooter => "VHD footer",
+            Structure::VpcDynamicHeader => "VHD dynamic disk header",
+            Structure::VpcBat => "VHD block allocation table",
+            Structure::VdiHeader => "VDI header",
+            Structure::VdiBlockMap => "VDI block map",
             Structure::HostCluster => "cluster",
             Structure::Image => "image",
             Structure::VmdkHeader => "VMDK header",
@@ -125,6 +140,24 @@ pub enum Field {
     ClusterBits,
     /// QED `cluster_size`.
     ClusterSize,
+    /// A checksum (VHD footer).
+    Checksum,
+    /// A block size (VHD, VDI).
+    BlockSize,
+    /// A format version (VDI).
+    Version,
+    /// A sector size (VDI).
+    SectorSize,
+    /// The signature (VDI).
+    Signature,
+    /// Offset of the data area (VDI).
+    DataOffset,
+    /// Offset of the block map (VDI).
+    MapOffset,
+    /// The link UUID (VDI).
+    LinkUuid,
+    /// The parent UUID (VDI differencing images).
+    ParentUuid,
     /// QED `table_size` (clusters per table).
     TableSize,
     /// qcow2 `header_length`.
@@ -473,6 +506,15 @@ impl fmt::Display for Corruption {
                 f,
                 "L2 table offset {off:#x} of L1 entry {entry} is unaligned, overlaps the header or lies past the end of the file"
             ),
+            (S::VpcBat | S::VdiBlockMap, P::OverlapsMetadata { .. }) => write!(
+                f,
+                "{} at offset {off:#x} overlaps the image metadata",
+                self.name()
+            ),
+            (S::VdiHeader, P::OverlapsMetadata { .. }) => write!(
+                f,
+                "VDI data area at offset {off:#x} overlaps the header or the block map"
+            ),
             (_, P::OverlapsMetadata { with }) => write!(
                 f,
                 "{} offset {off:#x} of L1 entry {entry} overlaps the {}",
@@ -493,6 +535,16 @@ impl fmt::Display for Corruption {
                 f,
                 "QED: refusing to write guest data to host offset {host:#x}: it overlaps \
                  the L2 table at {off:#x} (cluster referenced twice; run a repair)"
+            ),
+            (S::VpcBat, P::BadOffset { index, value }) => write!(
+                f,
+                "VHD block allocation table entry {} points to block offset {value:#x} inside the image metadata",
+                index.unwrap_or(0)
+            ),
+            (S::VdiBlockMap, P::BadOffset { index, value }) => write!(
+                f,
+                "VDI block map entry {} holds block {value}, outside the image's blocks",
+                index.unwrap_or(0)
             ),
             (S::QedL1Table, P::BadOffset { value, .. }) => write!(
                 f,
@@ -671,6 +723,74 @@ impl fmt::Display for Corruption {
             (S::QedBackingFileName, P::EmptyOrNul) => write!(
                 f,
                 "QED header: backing file name at offset {off} is empty or contains NUL"
+            ),
+            // VHD (vpc) and VDI: QEMU's wording where qemu-img has one.
+            (S::VpcFooter, P::BadMagic) => write!(f, "invalid VPC image"),
+            (S::VpcFooter, P::Truncated { .. }) => write!(f, "File too small for a VHD header"),
+            (S::VpcFooter, P::Invalid { field: Field::Checksum, .. }) => {
+                write!(f, "Incorrect header checksum")
+            }
+            (S::VpcFooter, P::TooLarge { value, max, .. }) => write!(
+                f,
+                "VHD disk size {value} is too large (max {max} bytes, 2040 GiB)"
+            ),
+            (S::VpcDynamicHeader, P::BadMagic) => write!(f, "Invalid header magic"),
+            (S::VpcDynamicHeader, P::Invalid { field: Field::BlockSize, value }) => {
+                write!(f, "Invalid block size {value}")
+            }
+            (S::VpcDynamicHeader, P::TooLarge { field: Field::Entries, value, .. }) => {
+                write!(f, "Max Table Entries too large ({value})")
+            }
+            (S::VpcDynamicHeader, P::TooSmall { field: Field::Entries, .. }) => {
+                write!(f, "Page table too small")
+            }
+            (S::VpcDynamicHeader, P::TooLarge { field: Field::ImageSize, .. }) => {
+                write!(f, "Too many blocks")
+            }
+            (S::VpcBat, P::PastEnd { .. }) if self.entry.is_some() => write!(
+                f,
+                "block-vpc: free_data_block_offset points after the end of file. The image has been truncated."
+            ),
+            (S::VdiHeader, P::Invalid { field: Field::Signature, value }) => {
+                write!(f, "Image not in VDI format (bad signature {value:08x})")
+            }
+            (S::VdiHeader, P::Invalid { field: Field::Version, value }) => write!(
+                f,
+                "unsupported VDI image (version {}.{})",
+                value >> 16,
+                value & 0xffff
+            ),
+            (S::VdiHeader, P::Invalid { field: Field::MapOffset, value }) => write!(
+                f,
+                "unsupported VDI image (unaligned block map offset {value:#x})"
+            ),
+            (S::VdiHeader, P::Invalid { field: Field::DataOffset, value }) => {
+                write!(f, "unsupported VDI image (unaligned data offset {value:#x})")
+            }
+            (S::VdiHeader, P::Invalid { field: Field::SectorSize, value }) => {
+                write!(f, "unsupported VDI image (sector size {value} is not 512)")
+            }
+            (S::VdiHeader, P::Invalid { field: Field::BlockSize, value }) => write!(
+                f,
+                "unsupported VDI image (block size {value} is not 1048576)"
+            ),
+            (S::VdiHeader, P::Invalid { field: Field::LinkUuid, .. }) => {
+                write!(f, "unsupported VDI image (non-NULL link UUID)")
+            }
+            (S::VdiHeader, P::Invalid { field: Field::ParentUuid, .. }) => {
+                write!(f, "unsupported VDI image (non-NULL parent UUID)")
+            }
+            (S::VdiHeader, P::TooLarge { field: Field::ImageSize, value, max }) => write!(
+                f,
+                "Unsupported VDI image size (size is {value:#x}, max supported is {max:#x})"
+            ),
+            (S::VdiHeader, P::TooLarge { field: Field::Entries, value, max }) => write!(
+                f,
+                "unsupported VDI image (too many blocks {value}, max is {max})"
+            ),
+            (S::VdiHeader, P::TooSmall { value, min, .. }) => write!(
+                f,
+                "unsupported VDI image (disk size {min}, image bitmap has room for {value})"
             ),
             (_, P::PastEnd { bytes, end }) => write!(
                 f,

@@ -278,6 +278,15 @@ pub enum Invalid {
     },
     /// A virtual size beyond what the format can address with these options.
     ImageTooLarge(&'static str),
+    /// A VHD larger than 2040 GiB (qemu's wording has no hint).
+    VpcTooLarge,
+    /// A VDI larger than QEMU's limit.
+    VdiTooLarge {
+        /// The size asked for.
+        size: u64,
+        /// The largest size.
+        max: u64,
+    },
     /// A shrink asked for without `--shrink`.
     ShrinkNeedsFlag,
     /// A backing file name longer than the qcow2 header allows.
@@ -501,6 +510,13 @@ impl fmt::Display for Invalid {
                 f,
                 "The image size is too large for file format '{fmt}' (try using a larger cluster size)"
             ),
+            Invalid::VpcTooLarge => {
+                write!(f, "The image size is too large for file format 'vpc'")
+            }
+            Invalid::VdiTooLarge { size, max } => write!(
+                f,
+                "Unsupported VDI image size (size is {size:#x}, max supported is {max:#x})"
+            ),
             Invalid::ShrinkNeedsFlag => {
                 write!(f, "Use the --shrink option to perform a shrink operation.")
             }
@@ -658,6 +674,9 @@ pub enum NoSpace {
     },
     /// A QED image file that would grow past 2^63 bytes.
     QedFileSize,
+    /// A block past the offsets a VHD BAT (sector numbers in 32 bits) or a VDI block
+    /// map can hold (the format's name).
+    BlockTable(&'static str),
 }
 
 impl fmt::Display for NoSpace {
@@ -681,6 +700,12 @@ impl fmt::Display for NoSpace {
             NoSpace::HostOffsets => write!(f, "qcow2 image is full (host offsets exhausted)"),
             NoSpace::QedAllocation { .. } => write!(f, "QED allocation too large"),
             NoSpace::QedFileSize => write!(f, "QED image file would exceed 2^63 bytes"),
+            NoSpace::BlockTable(fmt) => {
+                write!(
+                    f,
+                    "{fmt} image file would grow past what its block table can address"
+                )
+            }
         }
     }
 }

@@ -219,6 +219,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn format_specific(&self) -> FormatSpecific {
         FormatSpecific::None
     }
+    /// Whether block status of this layer's data runs is refined by the host file's own
+    /// status (zero where the file has a hole), as QEMU's `BDRV_BLOCK_RECURSE` for
+    /// fixed VHDs and static VDIs.
+    fn file_status_refines(&self) -> bool {
+        false
+    }
     /// Whether the image is marked dirty (qcow2 dirty bit, QED NEED_CHECK).
     fn is_dirty(&self) -> bool {
         false

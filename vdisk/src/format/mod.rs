@@ -14,7 +14,7 @@
 //! - [`foreign`]: formats recognised by their probes but not supported yet.
 //! - [`report`]: check results.
 //! - [`util`]: helpers shared by the formats.
-//! - `raw`, `qcow2`, `qed`, `vmdk`, `vhdx`: the formats.
+//! - `raw`, `qcow2`, `qed`, `vmdk`, `vhdx`, `vpc` (VHD), `vdi`: the formats.
 
 pub mod datapath;
 pub mod driver;
@@ -29,6 +29,8 @@ pub mod report;
 pub mod util;
 pub mod vhdx;
 pub mod vmdk;
+pub mod vdi;
+pub mod vpc;
 
 pub use driver::*;
 pub use registry::{create, open, open_with, Format, FormatDesc};

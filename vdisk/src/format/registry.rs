@@ -13,7 +13,8 @@
 
 use super::options::{OptionDesc, OptionValues, FILE_PROTOCOL_OPTIONS};
 use super::DriverOptions;
-use super::{foreign, qcow2, qed, raw, BackingResolver, BackingSpec, CreateSpec, Driver};
+use super::{foreign, qcow2, qed, raw, vdi, vpc};
+use super::{BackingResolver, BackingSpec, CreateSpec, Driver};
 use crate::error::{Error, Invalid, Result, Unsupported};
 use crate::storage::Storage;
 use std::sync::Arc;
@@ -56,6 +57,9 @@ pub struct Capabilities {
     /// QEMU's driver works in 512-byte sectors (QED): its exports advertise a 512-byte
     /// minimum block, and so do vdisk's.
     pub sector_aligned: bool,
+    /// Some valid images score 0 in the probe (a fixed VHD keeps its footer at the end,
+    /// where QEMU's probe does not look): a zero score does not mean "not this format".
+    pub probe_misses: bool,
 }
 
 impl Capabilities {
@@ -69,11 +73,19 @@ impl Capabilities {
         dirty_flag: false,
         qemu_shrinks: false,
         sector_aligned: false,
+        probe_misses: false,
     };
     /// These, plus backing files.
     pub const fn with_backing(self) -> Capabilities {
         Capabilities {
             backing: true,
+            ..self
+        }
+    }
+    /// These, plus images the probe does not recognise.
+    pub const fn with_probe_misses(self) -> Capabilities {
+        Capabilities {
+            probe_misses: true,
             ..self
         }
     }
@@ -160,8 +172,8 @@ pub static FORMATS: &[&FormatDesc] = &[
     &foreign::qcow::DESCRIPTOR,
     &super::vmdk::descriptor::DESCRIPTOR,
     &super::vhdx::descriptor::DESCRIPTOR,
-    &foreign::vpc::DESCRIPTOR,
-    &foreign::vdi::DESCRIPTOR,
+    &vpc::descriptor::DESCRIPTOR,
+    &vdi::descriptor::DESCRIPTOR,
     &foreign::luks::DESCRIPTOR,
     &foreign::parallels::DESCRIPTOR,
     &foreign::dmg::DESCRIPTOR,
@@ -189,6 +201,10 @@ impl Format {
     pub const Vmdk: Format = Format(&super::vmdk::descriptor::DESCRIPTOR);
     /// Hyper-V virtual hard disk v2.
     pub const Vhdx: Format = Format(&super::vhdx::descriptor::DESCRIPTOR);
+    /// Virtual PC / Hyper-V VHD.
+    pub const Vpc: Format = Format(&vpc::descriptor::DESCRIPTOR);
+    /// VirtualBox VDI.
+    pub const Vdi: Format = Format(&vdi::descriptor::DESCRIPTOR);
 }
 
 impl Format {

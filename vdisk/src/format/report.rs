@@ -66,6 +66,13 @@ pub enum FindingKind {
     ReferencedTwice,
     /// A table could not be read (`host_offset`; a check error).
     Unreadable,
+    /// VDI: block map entry `entry` names data block `entry_value`, which an earlier
+    /// entry names too.
+    VdiBlockShared,
+    /// VDI: block map entry `entry` names data block `entry_value`, outside the image.
+    VdiBlockOutOfRange,
+    /// VDI: `references` blocks are mapped but the header counts `refcount`.
+    VdiAllocatedMismatch,
     /// A repaired table page could not be written back (`host_offset`; a check error).
     WriteBackFailed,
 }

@@ -11,8 +11,6 @@ pub mod dmg;
 pub mod luks;
 pub mod parallels;
 pub mod qcow;
-pub mod vdi;
-pub mod vpc;
 
 use super::registry::{Capabilities, FormatDesc, ProbeInput};
 
