@@ -154,7 +154,9 @@ pub struct NodeOpen<'a> {
 /// `data-file` and the generic `cache.*`.
 fn format_options(f: Format) -> &'static [&'static str] {
     if f == Format::Qcow2 {
-        &["l2-cache-size", "refcount-cache-size"]
+        &["l2-cache-size", "refcount-cache-size", "encrypt.key-secret"]
+    } else if f.name() == "luks" {
+        &["key-secret"]
     } else {
         &[]
     }
@@ -196,6 +198,12 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         .transpose()
     };
     let (l2_given, rc_given) = (l2.is_some(), rc.is_some());
+    let qcow2_secret = root.take_scalar("encrypt.key-secret")?;
+    let luks_secret = root.take_scalar("key-secret")?;
+    let (q_given, l_given) = (qcow2_secret.is_some(), luks_secret.is_some());
+    if let Some(id) = qcow2_secret.or(luks_secret) {
+        dopts.key_secret = Some(id);
+    }
     if let Some(v) = size("l2-cache-size", l2)? {
         dopts.l2_cache_size = Some(v);
     }
@@ -247,6 +255,8 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
     for (key, given) in [
         ("l2-cache-size", l2_given),
         ("refcount-cache-size", rc_given),
+        ("encrypt.key-secret", q_given),
+        ("key-secret", l_given),
     ] {
         if given && !allowed.contains(&key) {
             return Err(SpecError::FormatOption {

@@ -129,7 +129,11 @@ impl Image {
             cache: opts.cache,
             force_share: opts.force_share,
             locking: opts.locking,
-            driver: opts.driver.clone(),
+            // Each layer names its own key secret.
+            driver: DriverOptions {
+                key_secret: None,
+                ..opts.driver.clone()
+            },
         };
         let (read_only, force_share, consistent) =
             (opts.read_only, opts.force_share, opts.consistent_read);
@@ -155,6 +159,9 @@ impl Image {
             },
         )?;
         node.driver.no_backing |= opts.no_backing;
+        if node.driver.key_secret.is_none() {
+            node.driver.key_secret = opts.driver.key_secret.clone();
+        }
         let path = node
             .local_path
             .clone()
@@ -421,6 +428,10 @@ impl Image {
     /// Format-specific information (`info`'s `format-specific`).
     pub fn format_specific(&self) -> FormatSpecific {
         self.driver.format_specific()
+    }
+    /// How the image is encrypted (`None`: it is not).
+    pub fn encryption(&self) -> Option<crate::format::EncryptionInfo> {
+        self.driver.encryption()
     }
     /// Internal snapshots, in table order.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {

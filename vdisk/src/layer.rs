@@ -78,6 +78,10 @@ impl ImageLayer {
     pub fn format_specific(&self) -> FormatSpecific {
         self.driver.format_specific()
     }
+    /// How the image is encrypted (`None`: it is not).
+    pub fn encryption(&self) -> Option<crate::format::EncryptionInfo> {
+        self.driver.encryption()
+    }
     /// Whether the layer is marked dirty.
     pub fn is_dirty(&self) -> bool {
         self.driver.is_dirty()

@@ -85,6 +85,9 @@ pub struct Args {
     /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// The target name is a key=value option list (needs -n: the target exists).
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
     /// Source images followed by the target.
     pub files: Vec<String>,
 }
@@ -612,6 +615,9 @@ fn run_inner(a: Args) -> Result<(), String> {
     if a.target_is_zero && !a.no_create {
         return Err("--target-is-zero requires use of -n flag".into());
     }
+    if a.target_image_opts && !a.no_create {
+        return Err("--target-image-opts requires use of -n flag".into());
+    }
     let out_name = a.out_format.clone().unwrap_or_else(|| "raw".into());
     let out_fmt =
         Format::parse(&out_name).map_err(|_| format!("Unknown file format '{out_name}'"))?;
@@ -695,12 +701,24 @@ fn run_inner(a: Args) -> Result<(), String> {
         .map_err(|e| format!("{target_name}: error while converting {out_fmt}: {e}"))?;
     }
 
+    // An encrypted target is unlocked with the secret its creation named
+    // (`encrypt.key-secret` / `key-secret`), or by its own --target-image-opts.
+    let target_key = opts
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "encrypt.key-secret" || k == "key-secret")
+        .map(|(_, v)| v.clone());
     let target = common::open_image_with(
         target_name,
         &OpenOptions {
-            format: Some(out_fmt),
+            format: (!a.target_image_opts).then_some(out_fmt),
+            image_opts: a.target_image_opts,
             read_only: false,
             cache: dst_cache,
+            driver: vdisk::format::DriverOptions {
+                key_secret: target_key,
+                ..Default::default()
+            },
             ..OpenOptions::default()
         },
     )?;

@@ -49,6 +49,12 @@ impl Secret {
     }
 }
 
+/// The passphrase secret an image names: `key_secret` from its options, `prefix` the
+/// option's prefix in QEMU's "required" message (`encrypt.` for qcow2, empty for LUKS).
+pub fn key_secret(key_secret: Option<&str>, prefix: &'static str) -> Result<Secret, CryptoError> {
+    lookup(key_secret.ok_or(CryptoError::NoKeySecret(prefix))?)
+}
+
 fn table() -> &'static RwLock<HashMap<String, Secret>> {
     static T: OnceLock<RwLock<HashMap<String, Secret>>> = OnceLock::new();
     T.get_or_init(|| RwLock::new(HashMap::new()))

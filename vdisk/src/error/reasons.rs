@@ -82,6 +82,8 @@ pub enum ZeroLimit {
     Qcow2PartialCluster,
     /// Part of a QED cluster.
     QedPartialCluster,
+    /// An encrypted raw LUKS volume stores zeroes encrypted.
+    Encrypted,
 }
 
 impl fmt::Display for Unsupported {
@@ -177,6 +179,9 @@ impl fmt::Display for Unsupported {
             ),
             Unsupported::ZeroesNeedData(ZeroLimit::QedPartialCluster) => {
                 write!(f, "QED: zeroing a partial cluster needs writing zero bytes")
+            }
+            Unsupported::ZeroesNeedData(ZeroLimit::Encrypted) => {
+                write!(f, "zeroes in an encrypted image must be written as data")
             }
         }
     }
