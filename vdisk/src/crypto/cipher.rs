@@ -361,6 +361,47 @@ impl SectorCipher {
     }
 }
 
+/// Which offset an image's sector IVs count from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IvOffset {
+    /// The host offset of the data (qcow2 with LUKS: QEMU's `crypt_physical_offset`).
+    Host,
+    /// The guest offset (raw LUKS volumes, qcow2's legacy AES).
+    Guest,
+}
+
+/// The cipher of an encrypted image's data clusters, as the generic data path applies
+/// it: decrypt after reading a data run, encrypt before writing one.
+#[derive(Debug)]
+pub struct DataCipher {
+    /// The keyed cipher.
+    pub cipher: SectorCipher,
+    /// Where IVs come from.
+    pub iv: IvOffset,
+    /// Aligned writes share it; a partial-sector read-modify-write holds it alone, so
+    /// it never interleaves with another write of the same sector.
+    pub rmw: std::sync::RwLock<()>,
+}
+
+impl DataCipher {
+    /// A data cipher.
+    pub fn new(cipher: SectorCipher, iv: IvOffset) -> DataCipher {
+        DataCipher {
+            cipher,
+            iv,
+            rmw: std::sync::RwLock::new(()),
+        }
+    }
+    /// The sector number of the IV for data at `guest`, stored at `host` (both
+    /// sector-aligned).
+    pub fn sector(&self, guest: u64, host: u64) -> u64 {
+        match self.iv {
+            IvOffset::Host => host / SECTOR_SIZE,
+            IvOffset::Guest => guest / SECTOR_SIZE,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,8 @@ pub mod hash;
 pub mod luks;
 pub mod secret;
 
-pub use cipher::{CipherAlg, CipherMode, IvGenAlg, SectorCipher, SECTOR_SIZE};
+pub use cipher::{
+    CipherAlg, CipherMode, CipherSpec, DataCipher, IvGenAlg, IvOffset, SectorCipher, SECTOR_SIZE,
+};
 pub use error::CryptoError;
 pub use hash::HashAlg;

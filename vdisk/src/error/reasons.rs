@@ -71,6 +71,8 @@ pub enum Unsupported {
     ShrinkWithSnapshots,
     /// Zeroes that could only be written as data, and the caller refused data writes.
     ZeroesNeedData(ZeroLimit),
+    /// Compressed clusters in an encrypted image.
+    CompressedEncrypted,
 }
 
 /// Why a write of zeroes would have to write data (and was asked not to).
@@ -179,6 +181,12 @@ impl fmt::Display for Unsupported {
             ),
             Unsupported::ZeroesNeedData(ZeroLimit::QedPartialCluster) => {
                 write!(f, "QED: zeroing a partial cluster needs writing zero bytes")
+            }
+            Unsupported::CompressedEncrypted => {
+                write!(
+                    f,
+                    "Compression and encryption not supported at the same time"
+                )
             }
             Unsupported::ZeroesNeedData(ZeroLimit::Encrypted) => {
                 write!(f, "zeroes in an encrypted image must be written as data")

@@ -152,6 +152,13 @@ impl Luks {
         self.header.key_bytes as usize * s.stripes as usize
     }
 
+    /// Bytes of header area a new volume with `key_len`-byte keys takes (QEMU's
+    /// layout: eight slots of 4000 stripes from 4096, each rounded up to 4096).
+    pub fn area_for(key_len: usize) -> u64 {
+        let slot = (key_len as u64 * STRIPES as u64).div_ceil(4096) * 4096;
+        KEY_SLOT_OFFSET + NUM_SLOTS as u64 * slot
+    }
+
     /// The payload offset in bytes.
     pub fn payload_offset(&self) -> u64 {
         self.header.payload_offset as u64 * SECTOR_SIZE

@@ -14,6 +14,7 @@
 //! read and guest I/O fails.
 
 mod create;
+pub(crate) use create::{params as create_params, write_volume};
 pub mod options;
 pub mod probe;
 
