@@ -367,10 +367,19 @@ fn backing_tree(
     choice: &BackingChoice,
 ) -> Result<(Node, String)> {
     match choice {
-        BackingChoice::Node(n) => {
+        BackingChoice::Node(n) if n.contains("file") || n.contains("driver") => {
             let mut n = n.clone();
             n.rebase(String::new());
             Ok((n, spec.name.clone()))
+        }
+        BackingChoice::Node(n) => {
+            // Options only (`backing.encrypt.key-secret=…`): they apply to the backing
+            // file the header names, as in QEMU.
+            let (mut tree, name) = backing_tree(image, spec, &BackingChoice::Header)?;
+            for (k, v) in n.flatten() {
+                tree.insert_str(&k, v)?;
+            }
+            Ok((tree, name))
         }
         _ => {
             let path = resolve_backing_path(image, &spec.name);
@@ -436,7 +445,7 @@ pub fn open_backing_with(
             read_only: true,
             chain: opts,
             format: match choice {
-                BackingChoice::Node(_) => None,
+                BackingChoice::Node(n) if n.contains("file") || n.contains("driver") => None,
                 _ => spec.format,
             },
             lock: &|_| LockMode::for_open(true, force_share),

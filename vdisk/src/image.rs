@@ -223,6 +223,12 @@ impl Image {
                         format: fmt,
                         read_only: true,
                         force_share: true,
+                        // Only its size and format are needed (QEMU: BDRV_O_NO_IO), so an
+                        // encrypted backing file needs no key.
+                        driver: DriverOptions {
+                            no_io: true,
+                            ..DriverOptions::default()
+                        },
                         ..OpenOptions::default()
                     },
                 )
