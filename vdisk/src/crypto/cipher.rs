@@ -161,7 +161,8 @@ impl Aes {
     }
 }
 
-/// The keyed mode.
+/// The keyed mode (one per image: the size difference does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Mode {
     Xts128(Xts128<Aes128>),
     Xts192(Xts128<Aes192>),
@@ -204,6 +205,7 @@ impl<T> BlockCipher16 for T where
 }
 
 /// The IV generator, keyed.
+#[allow(clippy::large_enum_variant)]
 enum IvGen {
     Plain,
     Plain64,
@@ -306,7 +308,7 @@ impl SectorCipher {
     }
 
     fn check(offset_sector: u64, buf: &[u8]) -> Result<(), CryptoError> {
-        if buf.len() as u64 % SECTOR_SIZE != 0 {
+        if !(buf.len() as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(CryptoError::Unaligned {
                 offset: offset_sector * SECTOR_SIZE,
                 len: buf.len() as u64,

@@ -51,7 +51,7 @@ fn cipher_alg(name: &str, mode: CipherMode, key_bytes: u32) -> Result<CipherAlg,
     } else {
         key_bytes
     };
-    let ok = mode != CipherMode::Xts || key_bytes % 2 == 0;
+    let ok = mode != CipherMode::Xts || key_bytes.is_multiple_of(2);
     match (name, CipherAlg::aes_with_key_len(per as usize)) {
         ("aes", Some(a)) if ok => Ok(a),
         _ => Err(CryptoError::CipherSize {
