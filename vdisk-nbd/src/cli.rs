@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Same as --cache=none.
     #[arg(short = 'n', long = "nocache")]
     pub nocache: bool,
+    /// The image name is a key=value option list (`driver=qcow2,file.filename=X,
+    /// encrypt.key-secret=ID`), as qemu-nbd's --image-opts.
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// AIO mode (accepted for compatibility; I/O is always thread based).
     #[arg(long = "aio")]
     pub aio: Option<String>,
@@ -145,6 +149,7 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
     Ok(Plan {
         open: OpenOptions {
             format,
+            image_opts: a.image_opts,
             read_only: a.read_only,
             cache,
             // Zero detection is the image's business: the export only writes.
