@@ -158,3 +158,35 @@ fn threads_writing_bytes_of_the_same_sectors_lose_nothing() {
         }
     }
 }
+
+#[test]
+fn hostile_qcow2_crypto_extensions_are_refused() {
+    let (st, f) = images().remove(1);
+    let mut head = vec![0u8; 4096];
+    st.read_at(&mut head, 0).unwrap();
+    let at = head
+        .windows(4)
+        .position(|w| w == [0x05, 0x37, 0xbe, 0x77])
+        .expect("crypto extension")
+        + 8;
+    let set = |off: u64, len: u64| {
+        let mut h = head.clone();
+        h[at..at + 8].copy_from_slice(&off.to_be_bytes());
+        h[at + 8..at + 16].copy_from_slice(&len.to_be_bytes());
+        st.write_at(&h, 0).unwrap();
+        open(&st, f, Some("lib-k"), false).unwrap_err().to_string()
+    };
+    let (off, len) = (
+        u64::from_be_bytes(head[at..at + 8].try_into().unwrap()),
+        u64::from_be_bytes(head[at + 8..at + 16].try_into().unwrap()),
+    );
+    assert!(set(off + 1, len).contains("crypto header"));
+    assert!(set(0, len).contains("crypto header"));
+    assert!(set(off, u64::MAX - 10).contains("crypto header"));
+    assert!(set(off, 100).contains("crypto header"));
+    // Key material past the extension's length.
+    assert!(set(off, 8192).contains("key slot 0 key material offset is invalid"));
+    // Restored, it opens again.
+    st.write_at(&head, 0).unwrap();
+    open(&st, f, Some("lib-k"), false).unwrap();
+}
