@@ -1,4 +1,4 @@
-//! Formats vdisk recognises but does not support (vmdk, vhdx, vpc, vdi, luks, qcow v1,
+//! Formats vdisk recognises but does not support (vmdk, vhdx, vpc, vdi, qcow v1,
 //! parallels, bochs, cloop, dmg): every subcommand refuses them with a message naming
 //! the format and a non-zero exit, whether probed, named with `-f`, or met as a backing
 //! file; `-f raw` still opens them as raw, as qemu does. Also: `-o help` is qemu-img's,
@@ -196,20 +196,6 @@ fn qcow_v1() {
 }
 
 #[test]
-fn luks() {
-    qemu_made(
-        "luks",
-        "x.luks",
-        &[
-            "--object",
-            "secret,id=s0,data=x",
-            "-o",
-            "key-secret=s0,iter-time=10",
-        ],
-    );
-}
-
-#[test]
 fn bochs_crafted() {
     let d = tmp();
     let dir = d.path();
@@ -279,7 +265,7 @@ fn uncreatable_formats_refused_like_qemu() {
             (q.code, q.err)
         );
     }
-    for f in ["vmdk", "vhdx", "vpc", "vdi", "qcow", "luks", "parallels"] {
+    for f in ["vmdk", "vhdx", "vpc", "vdi", "qcow", "parallels"] {
         let want = format!("Format driver '{f}' does not support image creation");
         let v = vdisk(dir, &["create", "-f", f, "n.img", "1M"]);
         assert_eq!(v.code, 1);
