@@ -408,3 +408,69 @@ fn legacy_aes_reads_converts_and_round_trips() {
     run_io("qemu-io", dir, &spec("v.qcow2"), READS);
     check_clean(dir, &spec("v.qcow2"));
 }
+
+#[test]
+fn serve_exports_the_plaintext() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "--object",
+                SA,
+                "-o",
+                &luks_opts(""),
+                "s.qcow2",
+                "1M",
+            ],
+        ),
+        "create",
+    );
+    run_io(
+        "qemu-io",
+        dir,
+        &spec("s.qcow2"),
+        &["write -P 0x7e 4096 64k"],
+    );
+    let sock = p(dir, "s.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .args(["serve", "--object", SA, "--image-opts", "-k"])
+        .arg(&sock)
+        .arg(spec("s.qcow2"))
+        .current_dir(dir)
+        .spawn()
+        .expect("start vdisk serve");
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let r = qemu_io_run(
+        dir,
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x7e 4096 64k",
+            "-c",
+            "write -P 0x3c 0 512",
+            &uri,
+        ],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(r.code == 0 && !r.out.contains("fail"), "{}{}", r.out, r.err);
+    // The write went through the cipher: qemu reads it back with the key.
+    run_io(
+        "qemu-io",
+        dir,
+        &spec("s.qcow2"),
+        &["read -P 0x3c 0 512", "read -P 0x7e 4096 64k"],
+    );
+    check_clean(dir, &spec("s.qcow2"));
+}
