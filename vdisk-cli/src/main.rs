@@ -16,6 +16,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Define an object, as qemu-img's `--object`: `secret,id=ID,data=STRING` or
+    /// `secret,id=ID,file=PATH` (`,format=raw|base64`); images name secrets by id
+    /// (`encrypt.key-secret=ID`, `key-secret=ID`). Accepted by every subcommand.
+    #[arg(long = "object", global = true, value_name = "OBJECTDEF")]
+    object: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -59,6 +64,12 @@ fn main() {
         // SAFETY: setting a signal disposition before any thread is started.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    for o in &cli.object {
+        if let Err(e) = vdisk::crypto::secret::define_object(o) {
+            common::error(e);
+            std::process::exit(1);
         }
     }
     let code = match cli.command {

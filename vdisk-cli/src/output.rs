@@ -132,6 +132,47 @@ fn write_value(out: &mut String, v: &QValue, indent: usize) {
 }
 
 /// QEMU's pretty JSON of `v` (no trailing newline).
+/// A dict as qemu-img's human output dumps one (`dump_qdict` in QEMU's
+/// `block/qapi.c`): its order, `-` in keys shown as spaces, four spaces per level,
+/// list elements as `[i]:`.
+pub fn dump_human(d: &QDict, indent: usize) -> String {
+    let mut out = String::new();
+    dump_dict(&mut out, d, indent);
+    out
+}
+
+fn dump_scalar(v: &QValue) -> String {
+    match v {
+        QValue::Int(i) => i.to_string(),
+        QValue::Bool(b) => b.to_string(),
+        QValue::Str(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+fn dump_value(out: &mut String, label: &str, v: &QValue, indent: usize) {
+    let pad = "    ".repeat(indent);
+    match v {
+        QValue::Dict(d) => {
+            out.push_str(&format!("{pad}{label}:\n"));
+            dump_dict(out, d, indent + 1);
+        }
+        QValue::List(l) => {
+            out.push_str(&format!("{pad}{label}:\n"));
+            for (i, e) in l.iter().enumerate() {
+                dump_value(out, &format!("[{i}]"), e, indent + 1);
+            }
+        }
+        s => out.push_str(&format!("{pad}{label}: {}\n", dump_scalar(s))),
+    }
+}
+
+fn dump_dict(out: &mut String, d: &QDict, indent: usize) {
+    for (k, v) in d.ordered() {
+        dump_value(out, &k.replace('-', " "), v, indent);
+    }
+}
+
 pub fn to_json_pretty(v: &QValue) -> String {
     let mut out = String::new();
     write_value(&mut out, v, 0);

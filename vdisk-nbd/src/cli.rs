@@ -82,7 +82,8 @@ pub struct ServeArgs {
     /// Log connection events to stderr.
     #[arg(short = 'v', long = "verbose")]
     pub verbose: bool,
-    /// Treat FILENAME as a key=value option list (`driver=qcow2,file.filename=X`).
+    /// Treat FILENAME as a key=value option list (`driver=qcow2,file.filename=X,
+    /// encrypt.key-secret=ID`), as qemu-nbd's --image-opts.
     #[arg(long = "image-opts")]
     pub image_opts: bool,
     /// Image file to export.

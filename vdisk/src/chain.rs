@@ -194,7 +194,9 @@ pub struct NodeOpen<'a> {
 /// `data-file` and the generic `cache.*`.
 fn format_options(f: Format) -> &'static [&'static str] {
     if f == Format::Qcow2 {
-        &["l2-cache-size", "refcount-cache-size"]
+        &["l2-cache-size", "refcount-cache-size", "encrypt.key-secret"]
+    } else if f.name() == "luks" {
+        &["key-secret"]
     } else {
         &[]
     }
@@ -238,6 +240,12 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         .transpose()
     };
     let (l2_given, rc_given) = (l2.is_some(), rc.is_some());
+    let qcow2_secret = root.take_scalar("encrypt.key-secret")?;
+    let luks_secret = root.take_scalar("key-secret")?;
+    let (q_given, l_given) = (qcow2_secret.is_some(), luks_secret.is_some());
+    if let Some(id) = qcow2_secret.or(luks_secret) {
+        dopts.key_secret = Some(id);
+    }
     if let Some(v) = size("l2-cache-size", l2)? {
         dopts.l2_cache_size = Some(v);
     }
@@ -290,6 +298,8 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
     for (key, given) in [
         ("l2-cache-size", l2_given),
         ("refcount-cache-size", rc_given),
+        ("encrypt.key-secret", q_given),
+        ("key-secret", l_given),
     ] {
         if given && !allowed.contains(&key) {
             return Err(SpecError::FormatOption {
@@ -416,10 +426,19 @@ fn backing_tree(
     choice: &BackingChoice,
 ) -> Result<(Node, String)> {
     match choice {
-        BackingChoice::Node(n) => {
+        BackingChoice::Node(n) if n.contains("file") || n.contains("driver") => {
             let mut n = n.clone();
             n.rebase(String::new());
             Ok((n, spec.name.clone()))
+        }
+        BackingChoice::Node(n) => {
+            // Options only (`backing.encrypt.key-secret=…`): they apply to the backing
+            // file the header names, as in QEMU.
+            let (mut tree, name) = backing_tree(image, spec, &BackingChoice::Header)?;
+            for (k, v) in n.flatten() {
+                tree.insert_str(&k, v)?;
+            }
+            Ok((tree, name))
         }
         _ => {
             let path = resolve_backing_path(image, &spec.name);
@@ -485,7 +504,7 @@ pub fn open_backing_with(
             read_only: true,
             chain: opts,
             format: match choice {
-                BackingChoice::Node(_) => None,
+                BackingChoice::Node(n) if n.contains("file") || n.contains("driver") => None,
                 _ => spec.format,
             },
             lock: &|_| LockMode::for_open(true, force_share),

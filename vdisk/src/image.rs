@@ -160,7 +160,11 @@ impl Image {
             cache: opts.cache,
             force_share: opts.force_share,
             locking: opts.locking,
-            driver: opts.driver.clone(),
+            // Each layer names its own key secret.
+            driver: DriverOptions {
+                key_secret: None,
+                ..opts.driver.clone()
+            },
         };
         let (read_only, force_share, consistent) =
             (opts.read_only, opts.force_share, opts.consistent_read);
@@ -187,6 +191,9 @@ impl Image {
         )?;
         node.driver.no_backing |= opts.no_backing;
         let (protocol, protocol_root, probed) = (node.protocol, node.protocol_root, node.probed);
+        if node.driver.key_secret.is_none() {
+            node.driver.key_secret = opts.driver.key_secret.clone();
+        }
         let path = node
             .local_path
             .clone()
@@ -256,6 +263,12 @@ impl Image {
                         format: fmt,
                         read_only: true,
                         force_share: true,
+                        // Only its size and format are needed (QEMU: BDRV_O_NO_IO), so an
+                        // encrypted backing file needs no key.
+                        driver: DriverOptions {
+                            no_io: true,
+                            ..DriverOptions::default()
+                        },
                         ..OpenOptions::default()
                     },
                 )
@@ -575,6 +588,10 @@ impl Image {
     /// Format-specific information (`info`'s `format-specific`).
     pub fn format_specific(&self) -> FormatSpecific {
         self.driver.format_specific()
+    }
+    /// How the image is encrypted (`None`: it is not).
+    pub fn encryption(&self) -> Option<crate::format::EncryptionInfo> {
+        self.driver.encryption()
     }
     /// Internal snapshots, in table order.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {

@@ -83,6 +83,10 @@ impl ImageLayer {
     pub fn file_status_refines(&self) -> bool {
         self.driver.file_status_refines()
     }
+    /// How the image is encrypted (`None`: it is not).
+    pub fn encryption(&self) -> Option<crate::format::EncryptionInfo> {
+        self.driver.encryption()
+    }
     /// Whether the layer is marked dirty.
     pub fn is_dirty(&self) -> bool {
         self.driver.is_dirty()

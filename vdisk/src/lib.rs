@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod hook;

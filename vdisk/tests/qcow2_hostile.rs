@@ -166,9 +166,14 @@ fn header_fields() {
             "Unknown incompatible feature: 8000",
         ),
         (
-            "encryption",
+            "unknown encryption method",
+            Box::new(|b: &mut Vec<u8>| put32(b, 32, 3)),
+            "encrypted qcow2 images are not supported (crypt_method 3)",
+        ),
+        (
+            "LUKS without its header extension",
             Box::new(|b: &mut Vec<u8>| put32(b, 32, 2)),
-            "encrypted",
+            "crypto header at offset 0x0 is missing",
         ),
         (
             "extension overflow",

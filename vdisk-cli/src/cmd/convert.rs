@@ -772,6 +772,13 @@ fn run_inner(a: Args) -> Result<(), String> {
     if a.target_image_opts && a.out_format.is_some() {
         return Err("--image-opts and --format are mutually exclusive".into());
     }
+    // An encrypted target is unlocked with the secret its creation named
+    // (`encrypt.key-secret` / `key-secret`), or by its own --target-image-opts.
+    let target_key = opts
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "encrypt.key-secret" || k == "key-secret")
+        .map(|(_, v)| v.clone());
     let target = common::open_image_with(
         target_name,
         &OpenOptions {
@@ -779,6 +786,10 @@ fn run_inner(a: Args) -> Result<(), String> {
             read_only: false,
             cache: dst_cache,
             image_opts: a.target_image_opts,
+            driver: vdisk::format::DriverOptions {
+                key_secret: target_key,
+                ..Default::default()
+            },
             ..OpenOptions::default()
         },
     )?;

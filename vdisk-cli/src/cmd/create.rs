@@ -141,6 +141,11 @@ fn run_inner(a: Args) -> Result<(), String> {
                     format: backing_fmt,
                     read_only: true,
                     force_share: true,
+                    // Its size only: an encrypted backing file needs no key (as qemu-img).
+                    driver: vdisk::format::DriverOptions {
+                        no_io: true,
+                        ..Default::default()
+                    },
                     ..OpenOptions::default()
                 },
             )

@@ -1,9 +1,9 @@
 //! `vdisk info`: image information, human or JSON, exactly as `qemu-img info`.
 
 use crate::common::{self, allocated_size};
-use crate::output::{size_to_str, to_json_pretty, QDict, QValue};
+use crate::output::{dump_human, size_to_str, to_json_pretty, QDict, QValue};
 use std::path::{Path, PathBuf};
-use vdisk::format::{FormatSpecific, SnapshotInfo};
+use vdisk::format::{DriverOptions, EncryptionInfo, FormatSpecific, SnapshotInfo};
 use vdisk::{Format, Image, OpenOptions};
 
 /// Arguments of `vdisk info`.
@@ -48,6 +48,7 @@ struct ImageInfo {
     protocol: &'static str,
     /// Files of the image besides its own (VMDK extents): `extents.N` child nodes.
     children: Vec<ChildFile>,
+    encryption: Option<EncryptionInfo>,
 }
 
 /// A child node that is a host file of its own (a VMDK extent).
@@ -117,6 +118,7 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         protocol_root: d.protocol_root(),
         protocol: d.protocol(),
         children,
+        encryption: d.encryption(),
     })
 }
 
@@ -134,6 +136,11 @@ fn open_one(
         read_only: true,
         force_share,
         no_backing: true,
+        // As qemu-img (BDRV_O_NO_IO): an encrypted image's header without its key.
+        driver: DriverOptions {
+            no_io: true,
+            ..DriverOptions::default()
+        },
         ..OpenOptions::default()
     };
     common::open_image_with(filename, &opts)
@@ -216,7 +223,62 @@ fn vmdk_json(s: &FormatSpecific, own: &str) -> Option<QDict> {
     Some(d)
 }
 
-fn specific_json(s: &FormatSpecific) -> Option<QDict> {
+/// A LUKS header as QEMU's `QCryptoBlockInfoLUKS` (plus `format` inside qcow2).
+pub(crate) fn luks_dict(l: &vdisk::crypto::luks::LuksInfo, with_format: bool) -> QDict {
+    let mut d = QDict::new();
+    if with_format {
+        d.str("format", "luks");
+    }
+    d.str("cipher-alg", l.cipher_alg);
+    d.str("cipher-mode", l.cipher_mode);
+    d.str("ivgen-alg", l.ivgen_alg);
+    if let Some(h) = l.ivgen_hash_alg {
+        d.str("ivgen-hash-alg", h);
+    }
+    d.str("hash-alg", l.hash_alg);
+    d.bool("detached-header", false);
+    d.int("payload-offset", l.payload_offset as i128);
+    d.int("master-key-iters", l.master_key_iters);
+    d.str("uuid", l.uuid.clone());
+    let slots = l
+        .slots
+        .iter()
+        .map(|s| {
+            let mut e = QDict::new();
+            e.bool("active", s.active);
+            if let Some(i) = s.iters {
+                e.int("iters", i);
+            }
+            if let Some(st) = s.stripes {
+                e.int("stripes", st);
+            }
+            e.int("key-offset", s.key_offset as i128);
+            QValue::Dict(e)
+        })
+        .collect();
+    d.put("slots", QValue::List(slots));
+    d
+}
+
+/// qcow2's `encrypt` member.
+fn encrypt_dict(e: &EncryptionInfo) -> QDict {
+    match e {
+        EncryptionInfo::Luks(l) => luks_dict(l, true),
+        EncryptionInfo::Aes => {
+            let mut d = QDict::new();
+            d.str("format", "aes");
+            d
+        }
+    }
+}
+
+fn specific_json(s: &FormatSpecific, enc: Option<&EncryptionInfo>) -> Option<QDict> {
+    if let (FormatSpecific::None, Some(EncryptionInfo::Luks(l))) = (s, enc) {
+        let mut d = QDict::new();
+        d.str("type", "luks");
+        d.put("data", QValue::Dict(luks_dict(l, false)));
+        return Some(d);
+    }
     let FormatSpecific::Qcow2 {
         compat,
         compression_type,
@@ -235,6 +297,9 @@ fn specific_json(s: &FormatSpecific) -> Option<QDict> {
         data.bool("lazy-refcounts", *lazy_refcounts);
     }
     data.int("refcount-bits", *refcount_bits);
+    if let Some(e) = enc {
+        data.put("encrypt", QValue::Dict(encrypt_dict(e)));
+    }
     if v3 {
         data.bool("corrupt", *corrupt);
         data.bool("extended-l2", *extended_l2);
@@ -402,7 +467,12 @@ fn to_qdict(i: &ImageInfo) -> QDict {
             QValue::List(i.snapshots.iter().map(snapshot_json).collect()),
         );
     }
-    if let Some(fs) = specific_json(&i.specific).or_else(|| vmdk_json(&i.specific, &i.filename)) {
+    if i.encryption.is_some() {
+        d.bool("encrypted", true);
+    }
+    if let Some(fs) = specific_json(&i.specific, i.encryption.as_ref())
+        .or_else(|| vmdk_json(&i.specific, &i.filename))
+    {
         d.put("format-specific", QValue::Dict(fs));
     }
     let mut children: Vec<QValue> = i
@@ -436,6 +506,9 @@ fn human(i: &ImageInfo) -> String {
         i.virtual_size
     ));
     s.push_str(&format!("disk size: {}\n", disk(i.actual_size)));
+    if i.encryption.is_some() {
+        s.push_str("encrypted: yes\n");
+    }
     if let Some(c) = i.cluster_size {
         s.push_str(&format!("cluster_size: {c}\n"));
     }
@@ -461,7 +534,7 @@ fn human(i: &ImageInfo) -> String {
             s.push('\n');
         }
     }
-    s.push_str(&specific_human(&i.specific));
+    s.push_str(&specific_human_enc(&i.specific, i.encryption.as_ref()));
     if i.protocol_root.is_some() {
         return s;
     }
@@ -495,7 +568,18 @@ fn human(i: &ImageInfo) -> String {
 /// The "Format specific information" block of the human output (empty when the format
 /// has none); `vdisk io`'s `info` prints the same block.
 pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
+    specific_human_enc(spec, None)
+}
+
+/// [`specific_human`] with the image's encryption (qcow2's `encrypt:` block, a LUKS
+/// volume's header).
+pub(crate) fn specific_human_enc(spec: &FormatSpecific, enc: Option<&EncryptionInfo>) -> String {
     let mut s = String::new();
+    if let (FormatSpecific::None, Some(EncryptionInfo::Luks(l))) = (spec, enc) {
+        s.push_str("Format specific information:\n");
+        s.push_str(&dump_human(&luks_dict(l, false), 1));
+        return s;
+    }
     if let FormatSpecific::Qcow2 {
         compat,
         compression_type,
@@ -513,6 +597,10 @@ pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
             s.push_str(&format!("    lazy refcounts: {lazy_refcounts}\n"));
         }
         s.push_str(&format!("    refcount bits: {refcount_bits}\n"));
+        if let Some(e) = enc {
+            s.push_str("    encrypt:\n");
+            s.push_str(&dump_human(&encrypt_dict(e), 2));
+        }
         if v3 {
             s.push_str(&format!("    corrupt: {corrupt}\n"));
             s.push_str(&format!("    extended l2: {extended_l2}\n"));

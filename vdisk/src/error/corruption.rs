@@ -28,6 +28,8 @@ pub enum Structure {
     BitmapExtension,
     /// The qcow2 bitmap directory (`entry` is the bitmap index).
     BitmapDirectory,
+    /// The encryption (LUKS) header an encrypted qcow2 image holds.
+    CryptoHeader,
     /// A qcow2 bitmap table (`entry` is the bitmap index).
     BitmapTable,
     /// A guest data cluster.
@@ -93,6 +95,7 @@ impl Structure {
             Structure::SnapshotL1Table => "Snapshot L1 table",
             Structure::BitmapExtension => "bitmaps extension",
             Structure::BitmapDirectory => "bitmap directory",
+            Structure::CryptoHeader => "crypto header",
             Structure::BitmapTable => "bitmap table",
             Structure::DataCluster => "data cluster",
             Structure::CompressedCluster => "compressed cluster",

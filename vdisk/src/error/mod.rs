@@ -59,6 +59,9 @@ pub enum Error {
         /// What went wrong.
         source: Box<Error>,
     },
+    /// Encryption: a missing or wrong key, a bad or hostile LUKS header.
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
     /// The compression library failed to compress a cluster.
     #[error("{}: {source}", compress_verb(.zstd))]
     Compress {
@@ -145,6 +148,7 @@ impl Error {
             Error::NoSpace(_) => libc::ENOSPC,
             Error::Backing { source, .. } => source.errno(),
             Error::Compress { .. } => libc::EINVAL,
+            Error::Crypto(e) => e.errno(),
         }
     }
 }

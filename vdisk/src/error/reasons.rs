@@ -73,6 +73,8 @@ pub enum Unsupported {
     ZeroesNeedData(ZeroLimit),
     /// A VMDK creation vdisk does not do yet (the subformat or option).
     VmdkCreate(String),
+    /// Compressed clusters in an encrypted image.
+    CompressedEncrypted,
 }
 
 /// Why a write of zeroes would have to write data (and was asked not to).
@@ -86,6 +88,8 @@ pub enum ZeroLimit {
     QedPartialCluster,
     /// A VMDK range that is not whole zeroed grains.
     VmdkGrain,
+    /// An encrypted raw LUKS volume stores zeroes encrypted.
+    Encrypted,
 }
 
 impl fmt::Display for Unsupported {
@@ -191,6 +195,15 @@ impl fmt::Display for Unsupported {
                     f,
                     "VMDK: zeroing anything but whole zeroed grains needs writing zero bytes"
                 )
+            }
+            Unsupported::CompressedEncrypted => {
+                write!(
+                    f,
+                    "Compression and encryption not supported at the same time"
+                )
+            }
+            Unsupported::ZeroesNeedData(ZeroLimit::Encrypted) => {
+                write!(f, "zeroes in an encrypted image must be written as data")
             }
         }
     }

@@ -41,6 +41,13 @@ pub struct DriverOptions {
     /// (and, for `check -r`, repair: qcow2 then opens a corrupt image read-write, still
     /// refusing guest writes until the repair clears the corrupt bit).
     pub skip_repair: bool,
+    /// The id of the secret ([`crate::crypto::secret`]) that unlocks an encrypted
+    /// image (`encrypt.key-secret` for qcow2, `key-secret` for LUKS). Never inherited
+    /// by backing files: each layer names its own.
+    pub key_secret: Option<String>,
+    /// Open an encrypted image without its key: metadata only (`info`), guest I/O
+    /// fails. QEMU opens with `BDRV_O_NO_IO` for the same purpose.
+    pub no_io: bool,
 }
 
 /// What one layer says about a range of the guest disk.
@@ -137,6 +144,15 @@ pub struct VmdkExtentInfo {
     pub cluster_size: Option<u64>,
 }
 
+/// How an image is encrypted, for `info` (`encrypted: yes` and the `encrypt` block).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EncryptionInfo {
+    /// A LUKS1 header (raw LUKS, or qcow2 `encrypt.format=luks`).
+    Luks(crate::crypto::luks::LuksInfo),
+    /// qcow2's legacy AES-CBC scheme (`crypt_method` 1).
+    Aes,
+}
+
 /// One internal snapshot, as `qemu-img info` lists it (QEMU's `SnapshotInfo`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -224,6 +240,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// fixed VHDs and static VDIs.
     fn file_status_refines(&self) -> bool {
         false
+    }
+    /// How the image is encrypted (`None`: it is not).
+    fn encryption(&self) -> Option<EncryptionInfo> {
+        None
     }
     /// Whether the image is marked dirty (qcow2 dirty bit, QED NEED_CHECK).
     fn is_dirty(&self) -> bool {

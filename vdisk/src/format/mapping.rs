@@ -29,6 +29,7 @@
 //! is expected. Lengths stay plain `u64` bytes.
 
 use super::Driver;
+use crate::crypto::DataCipher;
 use crate::error::{Result, Unsupported};
 use crate::storage::Storage;
 use std::fmt;
@@ -420,6 +421,14 @@ pub trait Mapper: Send + Sync {
     /// (QED: 64 MiB) bound their I/O with it.
     fn cow_buffer_limit(&self) -> u64 {
         super::datapath::write::MAX_COW_BUFFER
+    }
+    /// The cipher of an encrypted image (`None`: data is stored as it is). With one,
+    /// the data path decrypts every data run it reads and encrypts every data run it
+    /// writes, in whole 512-byte sectors (partial sectors are read-modify-written under
+    /// [`DataCipher::rmw`]); compressed clusters are not transformed (encrypted images
+    /// have none).
+    fn data_cipher(&self) -> Option<&DataCipher> {
+        None
     }
     /// Makes the start of `[guest, guest + len)` (inside the guest size, `len > 0`)
     /// writable: in place, or through a new allocation. The target covers a prefix of

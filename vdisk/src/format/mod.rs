@@ -14,11 +14,12 @@
 //! - [`foreign`]: formats recognised by their probes but not supported yet.
 //! - [`report`]: check results.
 //! - [`util`]: helpers shared by the formats.
-//! - `raw`, `qcow2`, `qed`, `vmdk`, `vhdx`, `vpc` (VHD), `vdi`: the formats.
+//! - `raw`, `qcow2`, `qed`, `vmdk`, `vhdx`, `vpc` (VHD), `vdi`, `luks`: the formats.
 
 pub mod datapath;
 pub mod driver;
 pub mod foreign;
+pub mod luks;
 pub mod mapping;
 pub mod options;
 pub mod qcow2;

@@ -13,7 +13,7 @@
 
 use super::options::{OptionDesc, OptionValues, FILE_PROTOCOL_OPTIONS};
 use super::DriverOptions;
-use super::{foreign, qcow2, qed, raw, vdi, vpc};
+use super::{foreign, luks, qcow2, qed, raw, vdi, vpc};
 use super::{BackingResolver, BackingSpec, CreateSpec, Driver};
 use crate::error::{Error, Invalid, Result, Unsupported};
 use crate::storage::Storage;
@@ -174,7 +174,7 @@ pub static FORMATS: &[&FormatDesc] = &[
     &super::vhdx::descriptor::DESCRIPTOR,
     &vpc::descriptor::DESCRIPTOR,
     &vdi::descriptor::DESCRIPTOR,
-    &foreign::luks::DESCRIPTOR,
+    &luks::DESCRIPTOR,
     &foreign::parallels::DESCRIPTOR,
     &foreign::dmg::DESCRIPTOR,
     &foreign::cloop::DESCRIPTOR,
@@ -184,7 +184,7 @@ pub static FORMATS: &[&FormatDesc] = &[
 /// An image format: a small handle on its registered [`FormatDesc`]. Compare formats
 /// with `==`; decide behaviour by [`Format::caps`] and [`Format::create_options`].
 #[derive(Clone, Copy)]
-pub struct Format(&'static FormatDesc);
+pub struct Format(pub(crate) &'static FormatDesc);
 
 // The handles of the formats the library itself names (its tests, the NBD server's
 // snapshot overlay, QED's raw-backing flag). Named like the former enum variants so

@@ -6,8 +6,9 @@
 //! as for any unordered pair of requests.
 
 use super::iov::{total_mut, with_pieces_mut};
+use crate::crypto::{DataCipher, SECTOR_SIZE};
 use crate::error::{Corruption, Invalid, Problem, Result, Structure};
-use crate::format::mapping::{GuestOffset, Mapper, Mapping};
+use crate::format::mapping::{GuestOffset, Mapper, Mapping, Store};
 use crate::format::read_backing;
 use std::io::IoSliceMut;
 
@@ -49,9 +50,18 @@ fn read_run<M: Mapper + ?Sized>(
 ) -> Result<()> {
     with_pieces_mut(bufs, pos, len, |pieces| -> Result<()> {
         match mapping {
-            Mapping::Data { store, host, .. } => {
-                m.store(store).read_vectored_at(pieces, host.get())?;
-            }
+            Mapping::Data { store, host, .. } => match m.data_cipher() {
+                None => m.store(store).read_vectored_at(pieces, host.get())?,
+                Some(c) => {
+                    let mut g = guest.get();
+                    let mut h = host.get();
+                    for p in pieces.iter_mut() {
+                        read_decrypted(m, c, store, h, g, p)?;
+                        g += p.len() as u64;
+                        h += p.len() as u64;
+                    }
+                }
+            },
             Mapping::Zero { .. } => pieces.iter_mut().for_each(|p| p.fill(0)),
             Mapping::Unallocated => {
                 let mut g = guest.get();
@@ -72,6 +82,35 @@ fn read_run<M: Mapper + ?Sized>(
     })
 }
 
+/// Reads the encrypted data at `host` (guest `guest`) into `out` as plaintext: the
+/// whole sectors around it are read and decrypted (guest and host offsets share their
+/// position in a sector, clusters being whole sectors).
+fn read_decrypted<M: Mapper + ?Sized>(
+    m: &M,
+    c: &DataCipher,
+    store: Store,
+    host: u64,
+    guest: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let head = host % SECTOR_SIZE;
+    let start = host - head;
+    let len = (head + out.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+    if head == 0 && len == out.len() as u64 {
+        m.store(store).read_at(out, start)?;
+        c.cipher.decrypt(c.sector(guest, start), out)?;
+        return Ok(());
+    }
+    let mut b = vec![0u8; len as usize];
+    m.store(store).read_at(&mut b, start)?;
+    c.cipher.decrypt(c.sector(guest - head, start), &mut b)?;
+    out.copy_from_slice(&b[head as usize..head as usize + out.len()]);
+    Ok(())
+}
+
 /// Fills `out` with what guest `guest..` reads as under `source` (a mapping positioned
 /// at `guest`): the copy-on-write source of allocations, and compressed reads. Bytes
 /// past the guest size read as zeroes (never copied from a larger backing image).
@@ -82,7 +121,10 @@ pub(super) fn read_source<M: Mapper + ?Sized>(
     out: &mut [u8],
 ) -> Result<()> {
     match source {
-        Mapping::Data { store, host, .. } => m.store(store).read_at(out, host.get())?,
+        Mapping::Data { store, host, .. } => match m.data_cipher() {
+            None => m.store(store).read_at(out, host.get())?,
+            Some(c) => read_decrypted(m, c, store, host.get(), guest.get(), out)?,
+        },
         Mapping::Zero { .. } => out.fill(0),
         Mapping::Unallocated => {
             let n = m

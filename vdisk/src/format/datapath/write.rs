@@ -8,10 +8,11 @@
 
 use super::iov::{total, with_pieces};
 use super::read::read_source;
+use crate::crypto::{DataCipher, SECTOR_SIZE};
 use crate::error::{Error, Invalid, Result};
-use crate::format::mapping::{Allocation, Cow, GuestOffset, Mapper, Mapping, WriteTarget};
+use crate::format::mapping::{Allocation, Cow, GuestOffset, Mapper, Mapping, Store, WriteTarget};
 use crate::storage::Storage;
-use std::io::IoSlice;
+use std::io::{IoSlice, IoSliceMut};
 
 /// Copy-on-write regions up to this size (head and tail together) are built in memory
 /// and written with the data in one call; larger ones (QED's 64 MiB clusters) are filled
@@ -21,6 +22,45 @@ pub const MAX_COW_BUFFER: u64 = 4 << 20;
 /// Writes `bufs` (consecutive guest bytes) at guest `offset`. The range must lie inside
 /// the guest size and the image must be writable (the driver's entry point checks).
 pub fn write_vectored<M: Mapper + ?Sized>(m: &M, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+    let Some(c) = m.data_cipher() else {
+        return write_plain(m, bufs, offset);
+    };
+    let total = total(bufs);
+    let end = offset + total;
+    if offset.is_multiple_of(SECTOR_SIZE) && end.is_multiple_of(SECTOR_SIZE) {
+        let _shared = c.rmw.read().unwrap_or_else(|p| p.into_inner());
+        return write_plain(m, bufs, offset);
+    }
+    // Partial sectors: read the whole sectors (decrypted), patch, write them back.
+    // A sector reaching past the guest size (an unaligned size) is cut there.
+    let _alone = c.rmw.write().unwrap_or_else(|p| p.into_inner());
+    let size = m.guest_size();
+    let a = offset / SECTOR_SIZE * SECTOR_SIZE;
+    let e = end
+        .div_ceil(SECTOR_SIZE)
+        .saturating_mul(SECTOR_SIZE)
+        .min(size);
+    let mut buf = vec![0u8; (e - a) as usize];
+    let first_end = (a + SECTOR_SIZE).min(e);
+    if offset > a || end < first_end {
+        let n = (first_end - a) as usize;
+        super::read::read_vectored(m, &mut [IoSliceMut::new(&mut buf[..n])], a)?;
+    }
+    let last = (e - 1) / SECTOR_SIZE * SECTOR_SIZE;
+    if last > a && end < e {
+        let at = (last - a) as usize;
+        super::read::read_vectored(m, &mut [IoSliceMut::new(&mut buf[at..])], last)?;
+    }
+    let mut at = (offset - a) as usize;
+    for b in bufs {
+        buf[at..at + b.len()].copy_from_slice(b);
+        at += b.len();
+    }
+    write_plain(m, &[IoSlice::new(&buf)], a)
+}
+
+/// [`write_vectored`] once the request is whole sectors (or the image unencrypted).
+fn write_plain<M: Mapper + ?Sized>(m: &M, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
     let total = total(bufs);
     let mut pos = 0u64;
     while pos < total {
@@ -36,9 +76,15 @@ pub fn write_vectored<M: Mapper + ?Sized>(m: &M, bufs: &[IoSlice<'_>], offset: u
                 if len == 0 || len > want {
                     return Err(bad_target(guest, len, want));
                 }
-                let r = with_pieces(bufs, pos, len, &[], &[], |p| {
-                    m.store(store).write_vectored_at(p, host.get())
-                });
+                let r = match m.data_cipher() {
+                    None => with_pieces(bufs, pos, len, &[], &[], |p| {
+                        m.store(store).write_vectored_at(p, host.get())
+                    })
+                    .map_err(Error::from),
+                    Some(c) => {
+                        write_encrypted(m, c, bufs, pos, len, &[], &[], guest, store, host.get())
+                    }
+                };
                 drop(guard);
                 r?;
                 pos += len;
@@ -100,6 +146,24 @@ fn write_allocation<M: Mapper + ?Sized>(
 ) -> Result<()> {
     let st = m.store(a.store);
     let n = a.data_len();
+    if let Some(c) = m.data_cipher() {
+        // Encrypted: head, data and tail are encrypted together in one buffer (COW
+        // sources were read as plaintext), whatever their size.
+        let head = cow_bytes(m, &a.head)?;
+        let tail = cow_bytes(m, &a.tail)?;
+        return write_encrypted(
+            m,
+            c,
+            bufs,
+            pos,
+            n,
+            &head,
+            &tail,
+            a.head.guest,
+            a.store,
+            a.host.get(),
+        );
+    }
     if a.head.len + a.tail.len <= m.cow_buffer_limit() {
         let head = cow_bytes(m, &a.head)?;
         let tail = cow_bytes(m, &a.tail)?;
@@ -113,6 +177,34 @@ fn write_allocation<M: Mapper + ?Sized>(
         st.write_vectored_at(p, a.host.get() + a.head.len)
     })?;
     fill(m, &**st, a.tail, a.host.get() + a.head.len + n)
+}
+
+/// Gathers `head`, bytes `[pos, pos + len)` of `bufs` and `tail` into one buffer,
+/// encrypts it (its first byte is guest `guest`, host `host`) and writes it at `host`.
+#[allow(clippy::too_many_arguments)]
+fn write_encrypted<M: Mapper + ?Sized>(
+    m: &M,
+    c: &DataCipher,
+    bufs: &[IoSlice<'_>],
+    pos: u64,
+    len: u64,
+    head: &[u8],
+    tail: &[u8],
+    guest: GuestOffset,
+    store: Store,
+    host: u64,
+) -> Result<()> {
+    let mut buf = Vec::with_capacity(head.len() + len as usize + tail.len());
+    buf.extend_from_slice(head);
+    with_pieces(bufs, pos, len, &[], &[], |p| {
+        for piece in p {
+            buf.extend_from_slice(piece);
+        }
+    });
+    buf.extend_from_slice(tail);
+    c.cipher.encrypt(c.sector(guest.get(), host), &mut buf)?;
+    m.store(store).write_at(&buf, host)?;
+    Ok(())
 }
 
 /// The bytes of a COW region, in memory.

@@ -8,7 +8,6 @@
 pub mod bochs;
 pub mod cloop;
 pub mod dmg;
-pub mod luks;
 pub mod parallels;
 pub mod qcow;
 

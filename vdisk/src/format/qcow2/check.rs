@@ -303,6 +303,9 @@ fn calculate(m: &mut Meta, rep: &mut CheckReport, nb: u64, fix: bool) -> Result<
         cnt.inc(rep, Structure::SnapshotTable, m.hdr.snapshots_offset, len);
     }
     count_bitmaps(m, &mut cnt, rep)?;
+    if let Some((off, len)) = super::crypto::extent(&m.hdr)? {
+        cnt.inc(rep, Structure::CryptoHeader, off, len);
+    }
     if let Some(why) = &m.rc_broken {
         // Nothing to count: the structure must be rebuilt from the references. Reported
         // as QEMU does where it can be: no table at all adds no message of its own (the

@@ -19,6 +19,7 @@ struct Opts {
     lazy: bool,
     prealloc: Prealloc,
     backing: Option<BackingSpec>,
+    encrypt: Option<super::crypto::Wanted>,
 }
 
 fn parse_opts(args: &CreateArgs) -> Result<Opts> {
@@ -41,10 +42,15 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
     };
     let backing_file = o.str("backing_file").map(str::to_string);
     let backing_fmt = o.str("backing_fmt").map(str::to_string);
-    if let Some(g) = o.given().iter().find(|g| {
-        let k = g.desc.name;
-        k == "encryption" || k.starts_with("encrypt.") || k.starts_with("data_file")
-    }) {
+    let encrypt = super::crypto::wanted(o)?;
+    if encrypt.is_some() {
+        super::crypto::check_secret(o)?;
+    }
+    if let Some(g) = o
+        .given()
+        .iter()
+        .find(|g| g.desc.name.starts_with("data_file"))
+    {
         return Err(Unsupported::CreateOption(g.desc.name.to_string()).into());
     }
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
@@ -108,6 +114,7 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
         lazy,
         prealloc,
         backing,
+        encrypt,
     })
 }
 
@@ -190,6 +197,9 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
         &mut |_s: &BackingSpec| Err(Invalid::BackingWhileCreating.into()),
     )?;
     img.do_resize(spec.size, false)?;
+    if let Some(w) = o.encrypt {
+        img.set_up_encryption(w, &spec.options)?;
+    }
     if o.prealloc != Prealloc::Off {
         preallocate(&img, 0, spec.size.div_ceil(img.g.cs), o.prealloc)?;
     }

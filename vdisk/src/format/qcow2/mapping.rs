@@ -249,6 +249,9 @@ impl Mapper for Qcow2 {
     fn prepare_write(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>> {
         self.prepare(guest, len)
     }
+    fn data_cipher(&self) -> Option<&crate::crypto::DataCipher> {
+        Qcow2::data_cipher(self)
+    }
     fn commit(&self, alloc: Allocation) -> Result<()> {
         self.commit_alloc(alloc)
     }

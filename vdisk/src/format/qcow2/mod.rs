@@ -18,6 +18,8 @@
 //! - `snapshot`: the snapshot table (read only).
 //! - `check`: consistency check, repair and refcount rebuild.
 //! - `create`: image creation.
+//! - `crypto`: encryption (the LUKS header extension, legacy AES); the data path applies
+//!   the cipher.
 //!
 //! Concurrency: all metadata lives in one `Meta` behind a mutex that is held only for
 //! metadata work; guest data I/O (reads, writes to allocated clusters, copy-on-write of
@@ -29,8 +31,9 @@
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
 //! are deferred until the mapping that dropped them is durable (`pending_frees`).
 //!
-//! Extended L2 entries (subclusters) are supported read-only; external data files and
-//! encryption are refused with a clear error.
+//! Extended L2 entries (subclusters) are supported read-only; external data files are
+//! refused with a clear error. Encrypted images (LUKS, legacy AES) are read and
+//! written through the data path's cipher (see `crypto`).
 //!
 //! Default caches: the L2 cache covers the whole disk up to 32 MiB of tables (QEMU's
 //! Linux default maximum), at least 4 tables; the refcount cache holds a quarter of
@@ -43,6 +46,7 @@ mod check;
 mod compress;
 mod compressed;
 mod create;
+mod crypto;
 pub mod descriptor;
 pub mod header;
 mod l2entry;
@@ -281,6 +285,8 @@ pub struct Qcow2 {
     /// Signalled whenever an in-flight allocation finishes.
     alloc_done: Condvar,
     closed: AtomicBool,
+    /// The image's encryption, if any.
+    crypto: Option<crypto::Encryption>,
 }
 
 fn default_l2_tables(g: &Geom, size: u64, opt: Option<u64>) -> usize {
@@ -318,9 +324,7 @@ impl Qcow2 {
         let g = Geom::new(hdr.cluster_bits, hdr.refcount_order, hdr.version, ext_l2);
         let cs = g.cs;
 
-        if hdr.crypt_method != 0 {
-            return Err(Unsupported::Encryption(hdr.crypt_method).into());
-        }
+        let crypto = crypto::open(&*storage, &hdr, cs, file_len, opts)?;
         let unknown = hdr.incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
             let names: Vec<String> = (0..64u8)
@@ -549,7 +553,24 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             closed: AtomicBool::new(false),
+            crypto,
         })
+    }
+
+    /// The data cipher of an encrypted image.
+    pub(crate) fn data_cipher(&self) -> Option<&crate::crypto::DataCipher> {
+        self.crypto.as_ref().and_then(|c| c.data.as_ref())
+    }
+
+    /// Guest data of an encrypted image opened without its key cannot be read or
+    /// written.
+    fn data_io(&self) -> Result<()> {
+        match &self.crypto {
+            Some(c) if c.data.is_none() => {
+                Err(crate::crypto::CryptoError::NoKeySecret("encrypt.").into())
+            }
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -622,27 +643,32 @@ impl Driver for Qcow2 {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         super::check_range(offset, buf.len() as u64, self.size())?;
+        self.data_io()?;
         datapath::read_vectored(self, &mut [IoSliceMut::new(buf)], offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
         super::check_range(offset, buf.len() as u64, self.size())?;
+        self.data_io()?;
         datapath::write_vectored(self, &[IoSlice::new(buf)], offset)
     }
     fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         super::check_range(offset, len, self.size())?;
+        self.data_io()?;
         datapath::read_vectored(self, bufs, offset)
     }
     fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         self.writable()?;
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         super::check_range(offset, len, self.size())?;
+        self.data_io()?;
         datapath::write_vectored(self, bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
         super::check_range(offset, len, self.size())?;
+        self.data_io()?;
         self.do_write_zeroes(offset, len, flags)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -686,6 +712,9 @@ impl Driver for Qcow2 {
             extended_l2: m.hdr.incompatible & INCOMPAT_EXTL2 != 0,
         }
     }
+    fn encryption(&self) -> Option<super::EncryptionInfo> {
+        self.crypto.as_ref().map(|c| c.info.clone())
+    }
     fn is_dirty(&self) -> bool {
         self.lock().hdr.incompatible & INCOMPAT_DIRTY != 0
     }
@@ -708,6 +737,9 @@ impl Driver for Qcow2 {
     }
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
+        if self.crypto.is_some() {
+            return Err(Unsupported::CompressedEncrypted.into());
+        }
         self.do_write_compressed(buf, offset)
     }
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {

@@ -12,6 +12,36 @@ const fn s(name: &'static str, help: &'static str) -> OptionDesc {
 /// the backing file, the data-file settings and the PBKDF time (as qemu-img 10's
 /// `amend -o help` lists them).
 pub const CREATE_OPTIONS: &[OptionDesc] = &[
+    // qemu-img prints the encryption options first on its `Formatting` line.
+    OptionDesc::new(
+        "encryption",
+        OptKind::Bool,
+        None,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
+    s(
+        "encrypt.format",
+        "Encrypt the image, format choices: 'aes', 'luks'",
+    ),
+    s(
+        "encrypt.key-secret",
+        "ID of secret providing qcow AES key or LUKS passphrase",
+    ),
+    s("encrypt.cipher-alg", "Name of encryption cipher algorithm"),
+    s("encrypt.cipher-mode", "Name of encryption cipher mode"),
+    s("encrypt.ivgen-alg", "Name of IV generator algorithm"),
+    s(
+        "encrypt.ivgen-hash-alg",
+        "Name of IV generator hash algorithm",
+    ),
+    s("encrypt.hash-alg", "Name of encryption hash algorithm"),
+    OptionDesc::new(
+        "encrypt.iter-time",
+        OptKind::Number,
+        None,
+        "Time to spend in PBKDF in milliseconds",
+    )
+    .amendable(),
     OptionDesc::new(
         "cluster_size",
         OptKind::Size,
@@ -61,35 +91,6 @@ pub const CREATE_OPTIONS: &[OptionDesc] = &[
         OptKind::Bool,
         None,
         "The external data file must stay valid as a raw image",
-    )
-    .amendable(),
-    OptionDesc::new(
-        "encryption",
-        OptKind::Bool,
-        None,
-        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
-    ),
-    s(
-        "encrypt.format",
-        "Encrypt the image, format choices: 'aes', 'luks'",
-    ),
-    s(
-        "encrypt.key-secret",
-        "ID of secret providing qcow AES key or LUKS passphrase",
-    ),
-    s("encrypt.cipher-alg", "Name of encryption cipher algorithm"),
-    s("encrypt.cipher-mode", "Name of encryption cipher mode"),
-    s("encrypt.ivgen-alg", "Name of IV generator algorithm"),
-    s(
-        "encrypt.ivgen-hash-alg",
-        "Name of IV generator hash algorithm",
-    ),
-    s("encrypt.hash-alg", "Name of encryption hash algorithm"),
-    OptionDesc::new(
-        "encrypt.iter-time",
-        OptKind::Number,
-        None,
-        "Time to spend in PBKDF in milliseconds",
     )
     .amendable(),
     OptionDesc::new(

@@ -32,6 +32,10 @@ impl Qcow2 {
                 runs += 1;
             }
         }
+        if self.crypto.is_some() {
+            // As QEMU: no host offset for encrypted data (it is not the guest's bytes).
+            ext.offset = None;
+        }
         Ok(ext)
     }
 }

@@ -1,25 +1,23 @@
-//! LUKS (version 1) encrypted images: `LUKS\xba\xbe` then the big-endian version 1
+//! LUKS (version 1) probing: `LUKS\xba\xbe` then the big-endian version 1
 //! (QEMU's `block_crypto_probe_luks`, via `qcrypto_block_luks_has_format`).
 
-use super::{has_at, recognised, score};
-use crate::format::registry::{Capabilities, FormatDesc, ProbeInput};
+use crate::format::foreign::{has_at, score};
+use crate::format::registry::ProbeInput;
 
 /// The LUKS magic.
 pub const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 
-fn probe(p: &ProbeInput<'_>) -> u32 {
+/// Scores a file: 100 for a LUKS1 header.
+pub fn probe(p: &ProbeInput<'_>) -> u32 {
     score(
         has_at(p.head, 0, MAGIC) && p.head.get(6..8) == Some(&[0, 1][..]),
         100,
     )
 }
 
-/// The registered descriptor.
-pub static DESCRIPTOR: FormatDesc = recognised("luks", probe, Capabilities::NONE);
-
 #[cfg(test)]
 mod tests {
-    use super::super::padded;
+    use crate::format::foreign::padded;
     use crate::format::Format;
 
     #[test]

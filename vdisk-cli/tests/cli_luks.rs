@@ -1,0 +1,486 @@
+//! Raw LUKS volumes (`-f luks`) against qemu-img / qemu-io 10: volumes either side
+//! makes open on the other with the same passphrase and read bit-exact, `info` is
+//! identical, wrong passphrases are refused without writing, hostile headers fail fast.
+//! PBKDF2 runs with `iter-time=10` to keep the tests quick.
+
+mod cli_support;
+use cli_support::*;
+use std::path::Path;
+
+const SECRET: &str = "secret,id=s0,data=correct horse";
+const WRONG: &str = "secret,id=s0,data=wrong horse";
+
+/// The option combinations qemu-img's luks driver creates (cipher, mode, ivgen, hash).
+const COMBOS: &[&str] = &[
+    "",
+    "cipher-alg=aes-128,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha1",
+    "cipher-alg=aes-192,cipher-mode=xts,ivgen-alg=essiv,hash-alg=sha512",
+    "cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=plain,hash-alg=sha256",
+    "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256",
+    "cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=essiv,hash-alg=sha512",
+];
+
+fn opts(extra: &str) -> String {
+    if extra.is_empty() {
+        "key-secret=s0,iter-time=10".into()
+    } else {
+        format!("key-secret=s0,iter-time=10,{extra}")
+    }
+}
+
+fn spec(file: &str) -> String {
+    format!("driver=luks,file.filename={file},key-secret=s0")
+}
+
+/// Drops what depends on host allocation.
+fn stable(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.contains("\"actual-size\"") && !l.contains("disk size:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn create_qemu(dir: &Path, file: &str, extra: &str, size: &str) {
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                SECRET,
+                "-o",
+                &opts(extra),
+                file,
+                size,
+            ],
+        ),
+        "qemu-img create",
+    );
+}
+
+fn create_vdisk(dir: &Path, file: &str, extra: &str, size: &str) {
+    ok(
+        vdisk(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                SECRET,
+                "-o",
+                &opts(extra),
+                file,
+                size,
+            ],
+        ),
+        "vdisk create",
+    );
+}
+
+fn qio(dir: &Path, file: &str, cmds: &[&str]) -> String {
+    let s = spec(file);
+    let mut a = vec!["--object", SECRET, "--image-opts", s.as_str()];
+    for c in cmds {
+        a.extend(["-c", c]);
+    }
+    let r = qemu_io_run(dir, &a);
+    assert!(
+        r.code == 0 && !r.out.contains("fail") && !r.out.contains("mismatch"),
+        "qemu-io {cmds:?}: {}{}",
+        r.out,
+        r.err
+    );
+    r.out
+}
+
+fn vio(dir: &Path, file: &str, cmds: &[&str]) -> String {
+    let s = spec(file);
+    let mut a = vec!["io", "--object", SECRET, "--image-opts", s.as_str()];
+    for c in cmds {
+        a.extend(["-c", c]);
+    }
+    let r = vdisk(dir, &a);
+    assert!(
+        r.code == 0 && !r.out.contains("fail") && !r.out.contains("mismatch"),
+        "vdisk io {cmds:?}: {}{}",
+        r.out,
+        r.err
+    );
+    r.out
+}
+
+/// Both tools convert the volume to raw; the plaintexts must be identical.
+fn same_plaintext(dir: &Path, file: &str) {
+    let s = spec(file);
+    let args = |out: &str| {
+        vec![
+            "convert".to_string(),
+            "--object".into(),
+            SECRET.into(),
+            "--image-opts".into(),
+            s.clone(),
+            "-O".into(),
+            "raw".into(),
+            out.to_string(),
+        ]
+    };
+    let a: Vec<String> = args("v.raw");
+    ok(
+        vdisk(dir, &a.iter().map(String::as_str).collect::<Vec<_>>()),
+        "vdisk convert",
+    );
+    let a: Vec<String> = args("q.raw");
+    ok(
+        qemu_img(dir, &a.iter().map(String::as_str).collect::<Vec<_>>()),
+        "qemu-img convert",
+    );
+    let v = std::fs::read(p(dir, "v.raw")).unwrap();
+    let q = std::fs::read(p(dir, "q.raw")).unwrap();
+    assert!(v == q, "plaintext of {file} differs");
+}
+
+const WRITES: &[&str] = &[
+    "write -P 0x11 0 64k",
+    "write -P 0x22 1000 3000",
+    "write -P 0x33 1048064 1024",
+    "write -z 200k 8k",
+    "write -P 0x44 4095 1",
+];
+const READS: &[&str] = &[
+    "read -P 0x11 0 1000",
+    "read -P 0x22 1000 3000",
+    "read -P 0x11 4000 95",
+    "read -P 0x44 4095 1",
+    "read -P 0x33 1048064 1024",
+    "read -P 0 200k 8k",
+];
+
+#[test]
+fn qemu_volumes_open_here_bit_exact() {
+    let d = tmp();
+    let dir = d.path();
+    for (i, c) in COMBOS.iter().enumerate() {
+        let f = format!("q{i}.luks");
+        create_qemu(dir, &f, c, "2M");
+        qio(dir, &f, WRITES);
+        vio(dir, &f, READS);
+        same_plaintext(dir, &f);
+        for out in ["human", "json"] {
+            let o = format!("--output={out}");
+            let q = ok(qemu_img(dir, &["info", &o, &f]), "qemu-img info");
+            let v = ok(vdisk(dir, &["info", &o, &f]), "vdisk info");
+            assert_eq!(stable(&v), stable(&q), "info {c}");
+        }
+    }
+}
+
+#[test]
+fn volumes_made_here_open_in_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (i, c) in COMBOS.iter().enumerate() {
+        let f = format!("v{i}.luks");
+        create_vdisk(dir, &f, c, "2M");
+        vio(dir, &f, WRITES);
+        qio(dir, &f, READS);
+        same_plaintext(dir, &f);
+        let q = ok(qemu_img(dir, &["info", &f]), "qemu-img info");
+        let v = ok(vdisk(dir, &["info", &f]), "vdisk info");
+        assert_eq!(stable(&v), stable(&q), "info {c}");
+        assert!(q.contains("encrypted: yes"));
+    }
+}
+
+#[test]
+fn create_wording_and_help_match_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    let q = qemu_img(
+        dir,
+        &[
+            "create",
+            "-f",
+            "luks",
+            "--object",
+            SECRET,
+            "-o",
+            &opts("cipher-mode=cbc"),
+            "a.luks",
+            "1M",
+        ],
+    );
+    let v = vdisk(
+        dir,
+        &[
+            "create",
+            "-f",
+            "luks",
+            "--object",
+            SECRET,
+            "-o",
+            &opts("cipher-mode=cbc"),
+            "b.luks",
+            "1M",
+        ],
+    );
+    assert_eq!(v.out.replace("b.luks", "a.luks"), q.out);
+    let q = qemu_img(dir, &["create", "-f", "luks", "-o", "help"]);
+    let v = vdisk(dir, &["create", "-f", "luks", "-o", "help"]);
+    assert_eq!(v.out, q.out);
+    // No key secret: QEMU's message.
+    let v = vdisk(dir, &["create", "-q", "-f", "luks", "c.luks", "1M"]);
+    assert_eq!(v.code, 1);
+    assert!(
+        v.err
+            .contains("Parameter 'key-secret' is required for cipher"),
+        "{}",
+        v.err
+    );
+    assert!(!p(dir, "c.luks").exists());
+    // A secret that is not defined.
+    let v = vdisk(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=nope",
+            "c.luks",
+            "1M",
+        ],
+    );
+    assert!(v.err.contains("No secret with id 'nope'"), "{}", v.err);
+}
+
+#[test]
+fn wrong_passphrase_is_refused_and_writes_nothing() {
+    let d = tmp();
+    let dir = d.path();
+    create_qemu(dir, "a.luks", "", "1M");
+    let before = std::fs::read(p(dir, "a.luks")).unwrap();
+    let s = spec("a.luks");
+    let v = vdisk(
+        dir,
+        &[
+            "io",
+            "--object",
+            WRONG,
+            "--image-opts",
+            &s,
+            "-c",
+            "write 0 64k",
+        ],
+    );
+    assert_ne!(v.code, 0);
+    assert!(
+        v.err
+            .contains("Invalid password, cannot unlock any keyslot"),
+        "{}",
+        v.err
+    );
+    assert!(!v.err.contains("wrong horse"));
+    let q = qemu_io_run(
+        dir,
+        &["--object", WRONG, "--image-opts", &s, "-c", "read 0 512"],
+    );
+    assert!(q
+        .err
+        .contains("Invalid password, cannot unlock any keyslot"));
+    let v = vdisk(
+        dir,
+        &[
+            "convert",
+            "--object",
+            WRONG,
+            "--image-opts",
+            &s,
+            "-O",
+            "raw",
+            "x.raw",
+        ],
+    );
+    assert_eq!(v.code, 1);
+    assert!(
+        v.err
+            .contains("Invalid password, cannot unlock any keyslot"),
+        "{}",
+        v.err
+    );
+    // Opening without a key: info works (header only), I/O is refused.
+    ok(vdisk(dir, &["info", "a.luks"]), "info without key");
+    let v = vdisk(dir, &["io", "-f", "luks", "-c", "read 0 512", "a.luks"]);
+    assert!(
+        v.err
+            .contains("Parameter 'key-secret' is required for cipher"),
+        "{}",
+        v.err
+    );
+    assert!(std::fs::read(p(dir, "a.luks")).unwrap() == before);
+}
+
+#[test]
+fn resize_and_convert_both_ways() {
+    let d = tmp();
+    let dir = d.path();
+    create_vdisk(dir, "a.luks", "", "1M");
+    vio(dir, "a.luks", &["write -P 0x5a 0 1M"]);
+    let s = spec("a.luks");
+    ok(
+        vdisk(
+            dir,
+            &["resize", "--object", SECRET, "--image-opts", &s, "3M"],
+        ),
+        "resize",
+    );
+    let q = ok(qemu_img(dir, &["info", "--output=json", "a.luks"]), "info");
+    assert_eq!(json(&q)["virtual-size"], 3 << 20);
+    qio(dir, "a.luks", &["read -P 0x5a 0 1M", "write -P 0x6b 2M 1M"]);
+    // raw -> luks here, luks -> raw in qemu.
+    std::fs::write(p(dir, "in.raw"), pattern(3 << 20, 9)).unwrap();
+    ok(
+        vdisk(
+            dir,
+            &[
+                "convert",
+                "--object",
+                SECRET,
+                "-f",
+                "raw",
+                "-O",
+                "luks",
+                "-o",
+                &opts("cipher-alg=aes-128"),
+                "in.raw",
+                "b.luks",
+            ],
+        ),
+        "convert to luks",
+    );
+    let sb = spec("b.luks");
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "convert",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &sb,
+                "-O",
+                "raw",
+                "out.raw",
+            ],
+        ),
+        "qemu convert out",
+    );
+    assert!(std::fs::read(p(dir, "out.raw")).unwrap() == pattern(3 << 20, 9));
+    // luks (qemu's) -> qcow2 here.
+    ok(
+        vdisk(
+            dir,
+            &[
+                "convert",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &s,
+                "-O",
+                "qcow2",
+                "c.qcow2",
+            ],
+        ),
+        "convert luks -> qcow2",
+    );
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "compare",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &s,
+                "driver=qcow2,file.filename=c.qcow2",
+            ],
+        ),
+        "compare",
+    );
+}
+
+#[test]
+fn hostile_headers_fail_fast() {
+    let d = tmp();
+    let dir = d.path();
+    create_vdisk(dir, "a.luks", "", "1M");
+    let good = std::fs::read(p(dir, "a.luks")).unwrap();
+    let s = spec("a.luks");
+    let cases: &[(usize, u32, &str)] = &[
+        (
+            208 + 4,
+            u32::MAX,
+            "key slot 0 iterations 4294967295 exceeds the limit",
+        ),
+        (
+            164,
+            u32::MAX,
+            "master key iterations 4294967295 exceeds the limit",
+        ),
+        (
+            208 + 44,
+            u32::MAX,
+            "key slot 0 stripes 4294967295 exceeds the limit",
+        ),
+        (
+            208 + 40,
+            u32::MAX,
+            "key slot 0 key material offset is invalid",
+        ),
+        (104, u32::MAX, "payload offset is invalid"),
+        (108, 7, "Algorithm aes with key size 3 bytes not supported"),
+        (208, 5, "key slot 0 state is invalid"),
+    ];
+    for (at, val, want) in cases {
+        let mut b = good.clone();
+        b[*at..*at + 4].copy_from_slice(&val.to_be_bytes());
+        std::fs::write(p(dir, "a.luks"), &b).unwrap();
+        let t = std::time::Instant::now();
+        let v = vdisk(
+            dir,
+            &[
+                "io",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &s,
+                "-c",
+                "read 0 512",
+            ],
+        );
+        assert_ne!(v.code, 0);
+        assert!(v.err.contains(want), "{want}: {}", v.err);
+        assert!(t.elapsed().as_secs() < 20);
+    }
+    // Truncated key material: the file ends inside slot 0's material.
+    std::fs::write(p(dir, "a.luks"), &good[..8192]).unwrap();
+    let v = vdisk(
+        dir,
+        &[
+            "io",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &s,
+            "-c",
+            "read 0 512",
+        ],
+    );
+    assert_ne!(v.code, 0);
+    assert!(v.err.contains("LUKS header"), "{}", v.err);
+}
