@@ -446,11 +446,36 @@ impl Image {
 
     // ---- Snapshots and amend (issue 8) ----
     //
-    // Internal snapshot operations (create, apply, delete, list by name) and `amend`
-    // belong here, as methods that call the driver, so that they pass the same door as
-    // guest writes: applying a snapshot replaces the whole guest disk, so it must reach
-    // the hooks as a change of `0..size` (dirty bitmaps mark everything, notifiers
-    // tell their clients); amend changing the size goes through `resize` above.
+    // Internal snapshot operations pass the same door as guest writes: applying a
+    // snapshot replaces the whole guest disk, so it reaches the hooks as a write of
+    // `0..size` (dirty bitmaps mark everything, notifiers tell their clients); amend
+    // changing the size goes through `resize` above.
+
+    /// Creates an internal snapshot of the active disk (`sn.id` empty: the next free
+    /// ID, as QEMU numbers them) and returns the entry as stored.
+    pub fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
+        self.driver.snapshot_create(sn)
+    }
+    /// Reverts the active disk (contents and size) to a snapshot, found by ID first,
+    /// then by name (QEMU's `snapshot -a` lookup).
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<SnapshotInfo> {
+        let r = self.driver.snapshot_apply(id_or_name);
+        if !self.hooks.is_empty() {
+            let change = crate::hook::Change::Write {
+                offset: 0,
+                len: self.size(),
+            };
+            for h in &self.hooks {
+                h.after(&change, r.is_ok());
+            }
+        }
+        r
+    }
+    /// Deletes the first snapshot with this ID and/or name (both given: both must
+    /// match).
+    pub fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.driver.snapshot_delete(id, name)
+    }
 
     // ---- Status and chain ----
 

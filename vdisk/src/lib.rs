@@ -18,7 +18,7 @@ pub mod image;
 pub mod layer;
 pub mod storage;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, SnapshotError};
 pub use format::{CheckReport, Extent, ExtentKind, Format, Repair, ZeroFlags};
 pub use hook::{Change, Request, WriteHook};
 pub use image::{CreateOptions, Image, OpenOptions};

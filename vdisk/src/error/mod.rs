@@ -12,9 +12,11 @@
 
 mod corruption;
 mod reasons;
+mod snapshot;
 
 pub use corruption::{Corruption, Field, Problem, Structure};
 pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature, ZeroLimit};
+pub use snapshot::SnapshotError;
 
 use std::fmt;
 
@@ -55,6 +57,9 @@ pub enum Error {
         /// What went wrong.
         source: Box<Error>,
     },
+    /// An internal snapshot operation was refused.
+    #[error("{0}")]
+    Snapshot(SnapshotError),
     /// The compression library failed to compress a cluster.
     #[error("{}: {source}", compress_verb(.zstd))]
     Compress {
@@ -141,6 +146,7 @@ impl Error {
             Error::NoSpace(_) => libc::ENOSPC,
             Error::Backing { source, .. } => source.errno(),
             Error::Compress { .. } => libc::EINVAL,
+            Error::Snapshot(s) => s.errno(),
         }
     }
 }
@@ -160,6 +166,12 @@ impl From<Invalid> for Error {
 impl From<Unsupported> for Error {
     fn from(u: Unsupported) -> Self {
         Error::Unsupported(u)
+    }
+}
+
+impl From<SnapshotError> for Error {
+    fn from(s: SnapshotError) -> Self {
+        Error::Snapshot(s)
     }
 }
 

@@ -15,7 +15,8 @@
 //! - `zero`: zero writes and discards. `status`: block status from the mapping runs.
 //! - `resize`: guest size changes. `compressed`: compressed cluster writes.
 //! - `compress`: deflate/zstd clusters.
-//! - `snapshot`: the snapshot table (read only).
+//! - `snapshot`: the snapshot table (decode, encode). `snapshot_ops`: create, apply
+//!   and delete internal snapshots.
 //! - `check`: consistency check, repair and refcount rebuild.
 //! - `create`: image creation.
 //!
@@ -52,6 +53,7 @@ pub mod options;
 mod refcount;
 mod resize;
 mod snapshot;
+mod snapshot_ops;
 mod status;
 mod tables;
 mod zero;
@@ -694,6 +696,15 @@ impl Driver for Qcow2 {
             .iter()
             .map(|s| s.info.clone())
             .collect()
+    }
+    fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
+        self.do_snapshot_create(sn)
+    }
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<SnapshotInfo> {
+        self.do_snapshot_apply(id_or_name)
+    }
+    fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.do_snapshot_delete(id, name)
     }
     fn check(&self, repair: Repair) -> Result<CheckReport> {
         if (repair.leaks || repair.errors) && self.read_only {
