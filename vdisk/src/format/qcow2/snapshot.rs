@@ -662,7 +662,7 @@ mod tests {
             icount: None,
             ..info
         };
-        let b = encode_entry(0x15000, 1, &big, b"3", b"", 0);
+        let b = encode_entry(0x15000, 1, &big, b"3", b"before", 0);
         assert_eq!(b[32..36], [0; 4]);
         assert_eq!(b[40..48], (5u64 << 32).to_be_bytes());
         assert_eq!(b[56..64], [0xff; 8]);
