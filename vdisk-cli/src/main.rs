@@ -36,6 +36,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change the backing file of an image.
     Rebase(cmd::rebase::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(cmd::snapshot::Args),
     /// Run a simple I/O benchmark on an image.
     Bench(cmd::bench::Args),
     /// Run qemu-io style commands on an image.
@@ -70,6 +72,7 @@ fn main() {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Resize(a) => cmd::resize::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Snapshot(a) => cmd::snapshot::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),

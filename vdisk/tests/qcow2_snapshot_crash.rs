@@ -97,8 +97,8 @@ fn run(cluster_size: &str, seed: u64) {
     )
     .unwrap();
     {
-        let img = Image::open_storage(mem.clone(), Format::Qcow2, &DriverOptions::default())
-            .unwrap();
+        let img =
+            Image::open_storage(mem.clone(), Format::Qcow2, &DriverOptions::default()).unwrap();
         img.write_at(&vec![1u8; 40 << 10], 0).unwrap();
         let cs = img.cluster_size().unwrap();
         img.write_compressed(&vec![7u8; cs as usize], 48 << 10)
@@ -192,8 +192,8 @@ fn run(cluster_size: &str, seed: u64) {
             );
             // Writes over the whole active disk leave every snapshot as it was.
             let st: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes.clone()));
-            let img = Image::open_storage(st.clone(), Format::Qcow2, &DriverOptions::default())
-                .unwrap();
+            let img =
+                Image::open_storage(st.clone(), Format::Qcow2, &DriverOptions::default()).unwrap();
             img.write_at(&vec![0x5a; img.size() as usize], 0).unwrap();
             img.close().unwrap();
             drop(img);

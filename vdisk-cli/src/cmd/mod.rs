@@ -10,3 +10,4 @@ pub mod io;
 pub mod map;
 pub mod rebase;
 pub mod resize;
+pub mod snapshot;
