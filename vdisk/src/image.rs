@@ -451,6 +451,21 @@ impl Image {
     // `0..size` (dirty bitmaps mark everything, notifiers tell their clients); amend
     // changing the size goes through `resize` above.
 
+    /// Deallocates the whole active disk so it reads as the backing file (`commit`
+    /// emptying its top image); formats that cannot refuse with `Unsupported`.
+    pub fn make_empty(&self) -> Result<()> {
+        let r = self.driver.make_empty();
+        if !self.hooks.is_empty() {
+            let change = crate::hook::Change::Discard {
+                offset: 0,
+                len: self.size(),
+            };
+            for h in &self.hooks {
+                h.after(&change, r.is_ok());
+            }
+        }
+        r
+    }
     /// Creates an internal snapshot of the active disk (`sn.id` empty: the next free
     /// ID, as QEMU numbers them) and returns the entry as stored.
     pub fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {

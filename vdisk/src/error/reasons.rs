@@ -65,6 +65,8 @@ pub enum Unsupported {
     NoCompressedClusters,
     /// A driver whose disk size is fixed (its name).
     NoResize(&'static str),
+    /// The format cannot be emptied in place (`commit`'s last step).
+    NoMakeEmpty(&'static str),
     /// Resizing a qcow2 v2 image that has snapshots.
     ResizeV2WithSnapshots,
     /// Shrinking a qcow2 image that has snapshots.
@@ -160,6 +162,9 @@ impl fmt::Display for Unsupported {
             }
             Unsupported::NoResize(name) => {
                 write!(f, "Format driver '{name}' does not support resize")
+            }
+            Unsupported::NoMakeEmpty(name) => {
+                write!(f, "Image format '{name}' cannot be emptied")
             }
             Unsupported::ResizeV2WithSnapshots => {
                 write!(f, "Can't resize a v2 image which has snapshots")

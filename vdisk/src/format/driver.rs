@@ -198,6 +198,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn snapshot_delete(&self, _id: Option<&str>, _name: Option<&str>) -> Result<SnapshotInfo> {
         Err(crate::error::SnapshotError::NotSupported.into())
     }
+    /// Deallocates every cluster of the active disk, so that it reads as its backing
+    /// file (`commit` emptying the top image, QEMU's `bdrv_make_empty`).
+    fn make_empty(&self) -> Result<()> {
+        Err(Unsupported::NoMakeEmpty(self.format().name()).into())
+    }
     /// Checks (and optionally repairs) metadata consistency.
     fn check(&self, _repair: Repair) -> Result<CheckReport> {
         Err(Unsupported::NoCheck(self.format().name()).into())

@@ -697,6 +697,12 @@ impl Driver for Qcow2 {
             .map(|s| s.info.clone())
             .collect()
     }
+    fn make_empty(&self) -> Result<()> {
+        self.writable()?;
+        let last = self.size().div_ceil(self.g.cs);
+        self.set_clusters(0, last, zero::Mode::Dealloc)?;
+        self.flush()
+    }
     fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
         self.do_snapshot_create(sn)
     }
