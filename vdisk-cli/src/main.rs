@@ -36,6 +36,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change the backing file of an image.
     Rebase(cmd::rebase::Args),
+    /// Compute the size a new image needs.
+    Measure(cmd::measure::Args),
     /// Commit the changes of an image into its backing file.
     Commit(cmd::commit::Args),
     /// List, create, apply or delete internal snapshots.
@@ -76,6 +78,7 @@ fn main() {
         Command::Rebase(a) => cmd::rebase::run(a),
         Command::Snapshot(a) => cmd::snapshot::run(a),
         Command::Commit(a) => cmd::commit::run(a),
+        Command::Measure(a) => cmd::measure::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),

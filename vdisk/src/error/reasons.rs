@@ -65,6 +65,8 @@ pub enum Unsupported {
     NoCompressedClusters,
     /// A driver whose disk size is fixed (its name).
     NoResize(&'static str),
+    /// The format has no `measure` (QEMU's QED has none either).
+    NoMeasure(&'static str),
     /// The format cannot be emptied in place (`commit`'s last step).
     NoMakeEmpty(&'static str),
     /// Resizing a qcow2 v2 image that has snapshots.
@@ -162,6 +164,9 @@ impl fmt::Display for Unsupported {
             }
             Unsupported::NoResize(name) => {
                 write!(f, "Format driver '{name}' does not support resize")
+            }
+            Unsupported::NoMeasure(name) => {
+                write!(f, "Block driver '{name}' does not support size measurement")
             }
             Unsupported::NoMakeEmpty(name) => {
                 write!(f, "Image format '{name}' cannot be emptied")
@@ -293,6 +298,13 @@ pub enum Invalid {
     BackingWithPreallocation,
     /// A qcow2 feature asked for with `compat=0.10`.
     NeedsV3(V3Feature),
+    /// An enum option value the legacy option path refuses (`measure`).
+    LegacyEnumValue(String),
+    /// A `compat` value the legacy option path refuses (`measure`).
+    CompatLevel(String),
+    /// A v3 feature asked with compat=0.10, in the wording of the legacy option path
+    /// (`measure`, `amend`): "use compat=1.1 or greater".
+    NeedsV3Compat(V3Feature),
     /// Extended L2 entries with clusters below 16 KiB.
     ExtendedL2ClusterSize,
     /// A backing file given to a format without backing files.
@@ -510,6 +522,12 @@ impl fmt::Display for Invalid {
                     "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
                 ),
             },
+            Invalid::LegacyEnumValue(v) => write!(f, "invalid parameter value: {v}"),
+            Invalid::CompatLevel(v) => write!(f, "Invalid compatibility level: '{v}'"),
+            Invalid::NeedsV3Compat(feature) => {
+                let v = Invalid::NeedsV3(*feature).to_string();
+                write!(f, "{}", v.replace("use version=v3", "use compat=1.1"))
+            }
             Invalid::ExtendedL2ClusterSize => write!(
                 f,
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"

@@ -18,7 +18,7 @@
 //! - `snapshot`: the snapshot table (decode, encode). `snapshot_ops`: create, apply
 //!   and delete internal snapshots.
 //! - `check`: consistency check, repair and refcount rebuild.
-//! - `create`: image creation.
+//! - `create`: image creation. `measure`: sizes for `measure`.
 //!
 //! Concurrency: all metadata lives in one `Meta` behind a mutex that is held only for
 //! metadata work; guest data I/O (reads, writes to allocated clusters, copy-on-write of
@@ -49,6 +49,7 @@ pub mod header;
 mod l2entry;
 mod l2update;
 mod mapping;
+pub(crate) mod measure;
 pub mod options;
 mod refcount;
 mod resize;
