@@ -36,6 +36,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change the backing file of an image.
     Rebase(cmd::rebase::Args),
+    /// Copy an image (or part of it) into a new image, dd style.
+    Dd(cmd::dd::Args),
     /// Compute the size a new image needs.
     Measure(cmd::measure::Args),
     /// Commit the changes of an image into its backing file.
@@ -79,6 +81,7 @@ fn main() {
         Command::Snapshot(a) => cmd::snapshot::run(a),
         Command::Commit(a) => cmd::commit::run(a),
         Command::Measure(a) => cmd::measure::run(a),
+        Command::Dd(a) => cmd::dd::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),
