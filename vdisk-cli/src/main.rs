@@ -36,6 +36,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change the backing file of an image.
     Rebase(cmd::rebase::Args),
+    /// Change options of an existing image.
+    Amend(cmd::amend::Args),
     /// Copy an image (or part of it) into a new image, dd style.
     Dd(cmd::dd::Args),
     /// Compute the size a new image needs.
@@ -82,6 +84,7 @@ fn main() {
         Command::Commit(a) => cmd::commit::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Dd(a) => cmd::dd::run(a),
+        Command::Amend(a) => cmd::amend::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),

@@ -451,6 +451,31 @@ impl Image {
     // `0..size` (dirty bitmaps mark everything, notifiers tell their clients); amend
     // changing the size goes through `resize` above.
 
+    /// Changes creation options of the image (`amend -o`): parsed against the format's
+    /// declared options; options only creation takes are refused by name. A size
+    /// change reaches the hooks as a resize.
+    pub fn amend(&self, options: &[(String, String)]) -> Result<()> {
+        let f = self.format();
+        if f.amend_options().is_none() {
+            return Err(Unsupported::NoAmend(f.name()).into());
+        }
+        let o = format::options::OptionValues::parse(&[f.create_options()], options)?;
+        if let Some(k) = o.not_amendable() {
+            return Err(Invalid::NotAmendable(k).into());
+        }
+        let old_size = self.size();
+        let r = self.driver.amend(&o);
+        if !self.hooks.is_empty() && self.size() != old_size {
+            let change = crate::hook::Change::Resize {
+                old_size,
+                new_size: self.size(),
+            };
+            for h in &self.hooks {
+                h.after(&change, r.is_ok());
+            }
+        }
+        r
+    }
     /// Deallocates the whole active disk so it reads as the backing file (`commit`
     /// emptying its top image); formats that cannot refuse with `Unsupported`.
     pub fn make_empty(&self) -> Result<()> {

@@ -198,6 +198,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn snapshot_delete(&self, _id: Option<&str>, _name: Option<&str>) -> Result<SnapshotInfo> {
         Err(crate::error::SnapshotError::NotSupported.into())
     }
+    /// Changes creation options of the open image (`amend`); only options the format
+    /// declares amendable reach it.
+    fn amend(&self, _opts: &super::options::OptionValues) -> Result<()> {
+        Err(Unsupported::NoAmend(self.format().name()).into())
+    }
     /// Deallocates every cluster of the active disk, so that it reads as its backing
     /// file (`commit` emptying the top image, QEMU's `bdrv_make_empty`).
     fn make_empty(&self) -> Result<()> {

@@ -18,6 +18,8 @@
 //! - `snapshot`: the snapshot table (decode, encode). `snapshot_ops`: create, apply
 //!   and delete internal snapshots.
 //! - `check`: consistency check, repair and refcount rebuild.
+//! - `amend`: option changes of an existing image (compat, refcount width, lazy
+//!   refcounts, size).
 //! - `create`: image creation. `measure`: sizes for `measure`.
 //!
 //! Concurrency: all metadata lives in one `Meta` behind a mutex that is held only for
@@ -39,6 +41,7 @@
 
 mod alloc;
 mod allocate;
+mod amend;
 mod cache;
 mod check;
 mod compress;
@@ -697,6 +700,9 @@ impl Driver for Qcow2 {
             .iter()
             .map(|s| s.info.clone())
             .collect()
+    }
+    fn amend(&self, opts: &super::options::OptionValues) -> Result<()> {
+        self.do_amend(opts)
     }
     fn make_empty(&self) -> Result<()> {
         self.writable()?;

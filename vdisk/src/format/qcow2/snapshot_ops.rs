@@ -319,7 +319,7 @@ impl Meta {
 
     /// Writes the table for `snaps` to new clusters, makes it (and everything before)
     /// durable, switches the header to it and releases the old table.
-    fn replace_snapshot_table(&mut self, snaps: Vec<Snapshot>) -> Result<()> {
+    pub(crate) fn replace_snapshot_table(&mut self, snaps: Vec<Snapshot>) -> Result<()> {
         let old_off = self.hdr.snapshots_offset;
         let old_len = if self.hdr.nb_snapshots > 0 {
             snapshot::table_len(&*self.st, &self.hdr)?
