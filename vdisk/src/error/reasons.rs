@@ -65,8 +65,6 @@ pub enum Unsupported {
     NoCompressedClusters,
     /// A driver whose disk size is fixed (its name).
     NoResize(&'static str),
-    /// `amend` to compat=0.10 of an image whose snapshots hold zero clusters.
-    DowngradeSnapshotZeroes,
     /// The format has no `measure` (QEMU's QED has none either).
     NoMeasure(&'static str),
     /// The format cannot be emptied in place (`commit`'s last step).
@@ -167,10 +165,6 @@ impl fmt::Display for Unsupported {
             Unsupported::NoResize(name) => {
                 write!(f, "Format driver '{name}' does not support resize")
             }
-            Unsupported::DowngradeSnapshotZeroes => write!(
-                f,
-                "Downgrading an image whose internal snapshots hold zero clusters is not supported yet"
-            ),
             Unsupported::NoMeasure(name) => {
                 write!(f, "Block driver '{name}' does not support size measurement")
             }

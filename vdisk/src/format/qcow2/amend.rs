@@ -139,7 +139,6 @@ impl Meta {
         if incompat != 0 {
             return Err(Invalid::DowngradeFeatures(incompat).into());
         }
-        self.snapshot_zero_check()?;
         self.expand_zero_clusters()?;
         self.writeback()?;
         self.unflushed = true;
@@ -184,77 +183,77 @@ impl Meta {
         Ok(false)
     }
 
-    /// Zero clusters inside snapshots are not expanded yet: refuse before anything
-    /// changes.
-    fn snapshot_zero_check(&mut self) -> Result<()> {
-        for sn in self.snapshots.clone() {
-            let mut raw = vec![0u8; sn.l1_size as usize * 8];
-            self.st.read_at(&mut raw, sn.l1_offset)?;
-            for i in 0..sn.l1_size as usize {
-                let off = super::tables::entry(&raw, i) & OFFSET_MASK;
-                if off == 0 {
-                    continue;
-                }
-                let s = self.l2_slot(off, i)?;
-                let d = &self.l2.slot(s).data;
-                let zero = (0..self.g.l2_entries as usize).any(|j| {
-                    let e = super::tables::entry(d, j);
-                    e & COMPRESSED == 0 && e & ZERO != 0
-                });
-                if zero {
-                    return Err(Unsupported::DowngradeSnapshotZeroes.into());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Every zero-flagged entry of the active L2 tables becomes a v2 entry: nothing
-    /// (no backing file) or a cluster holding zeroes (its own preallocated one when it
-    /// is not shared, else a new one). Data is written before the mapping (the usual
-    /// write-back barrier), freed clusters are released after it.
+    /// Every zero-flagged entry of every L2 table (of the active disk and of the
+    /// snapshots) becomes a v2 entry: nothing (no backing file), or a cluster holding
+    /// zeroes: its own preallocated one, or a new one counted once per L1 table that
+    /// reaches the L2 table (its refcount). Tables are changed in place (each entry
+    /// reads zeroes before and after, so a torn write is harmless); data and refcounts
+    /// are durable before any table write (the usual write-back barrier).
     fn expand_zero_clusters(&mut self) -> Result<()> {
         let cs = self.cs();
         let zeroes = vec![0u8; cs as usize];
-        for l1i in 0..self.l1.len() {
-            let off = self.l1_offset(l1i)?;
-            if off == 0 {
-                continue;
-            }
-            let s = self.l2_slot(off, l1i)?;
-            let has_zero = (0..self.g.l2_entries as usize).any(|j| {
-                let e = super::tables::entry(&self.l2.slot(s).data, j);
-                e & COMPRESSED == 0 && e & ZERO != 0
-            });
-            if !has_zero {
-                continue;
-            }
-            let slot = self.l2_for_write(l1i)?;
-            for j in 0..self.g.l2_entries as usize {
-                let e = super::tables::entry(&self.l2.slot(slot).data, j);
-                if e & COMPRESSED != 0 || e & ZERO == 0 {
-                    continue;
+        let mut tables: Vec<(u64, usize)> = Vec::new();
+        let mut l1s = vec![self.l1.clone()];
+        for sn in self.snapshots.clone() {
+            let mut raw = vec![0u8; sn.l1_size as usize * 8];
+            self.st.read_at(&mut raw, sn.l1_offset)?;
+            l1s.push(
+                (0..sn.l1_size as usize)
+                    .map(|i| super::tables::entry(&raw, i))
+                    .collect(),
+            );
+        }
+        for l1 in &l1s {
+            for (i, e) in l1.iter().enumerate() {
+                let off = e & OFFSET_MASK;
+                if off != 0 && !tables.iter().any(|t| t.0 == off) {
+                    tables.push((off, i));
                 }
+            }
+        }
+        for (off, l1i) in tables {
+            let l2_rc = self.rc_get(off / cs)?;
+            let s = self.l2_slot(off, l1i)?;
+            let zero: Vec<usize> = (0..self.g.l2_entries as usize)
+                .filter(|&j| {
+                    let e = super::tables::entry(&self.l2.slot(s).data, j);
+                    e & COMPRESSED == 0 && e & ZERO != 0
+                })
+                .collect();
+            for j in zero {
+                let s = self.l2_slot(off, l1i)?;
+                let e = super::tables::entry(&self.l2.slot(s).data, j);
                 let host = e & OFFSET_MASK;
-                let new = if host != 0 && self.rc_get(host / cs)? == 1 {
+                // A preallocated zero cluster is zeroed in place only when every
+                // reference to it comes through this table; one also referenced
+                // elsewhere (a snapshot's copy of the table) keeps its data there.
+                let own = host != 0 && self.rc_get(host / cs)? <= l2_rc;
+                let new = if own {
                     self.data.write_at(&zeroes, host)?;
                     self.unflushed = true;
-                    host | COPIED
+                    host | (e & COPIED)
                 } else if host == 0 && !self.has_backing {
                     0
                 } else {
-                    if host != 0 {
+                    for _ in 0..if host != 0 { l2_rc } else { 0 } {
                         self.defer_free(host);
                     }
                     let n = self.alloc(1)?;
+                    if l2_rc > 1 {
+                        self.rc_add(n / cs, l2_rc as i64 - 1)?;
+                    }
                     self.data.write_at(&zeroes, n)?;
                     self.unflushed = true;
-                    n | COPIED
+                    if l2_rc == 1 {
+                        n | COPIED
+                    } else {
+                        n
+                    }
                 };
                 // The cache slot may have moved while allocating.
-                let slot = self.l2_slot(self.l1[l1i] & OFFSET_MASK, l1i)?;
-                super::tables::set(&mut self.l2.slot_mut(slot).data, j, new);
-                self.l2_dirty(slot);
+                let s = self.l2_slot(off, l1i)?;
+                super::tables::set(&mut self.l2.slot_mut(s).data, j, new);
+                self.l2_dirty(s);
             }
             self.maybe_writeback()?;
         }
