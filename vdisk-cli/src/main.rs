@@ -3,6 +3,7 @@
 
 mod cmd;
 mod common;
+mod multicall;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -57,16 +58,19 @@ enum Command {
 fn main() {
     // Usage errors exit with 1 like qemu-img (clap's default is 2, which `compare`
     // and `check` use for other meanings); --help and --version still exit 0.
-    let cli = Cli::try_parse().unwrap_or_else(|e| {
+    let cli = Cli::try_parse_from(multicall::args()).unwrap_or_else(|e| {
         let code = if e.use_stderr() { 1 } else { 0 };
         let _ = e.print();
-        std::process::exit(code);
+        multicall::exit(code);
     });
-    if !matches!(cli.command, Command::Serve(_)) {
+    if !matches!(cli.command, Command::Serve(_) | Command::Io(_)) {
         // Like qemu-img, die quietly when the reader of our output goes away
         // (`vdisk info | head`) instead of failing on EPIPE. The NBD server keeps Rust's
-        // ignored SIGPIPE: a vanishing client must only end its own connection.
-        // SAFETY: setting a signal disposition before any thread is started.
+        // ignored SIGPIPE: a vanishing client must only end its own connection. `io`
+        // keeps it ignored too, like qemu-io: `vdisk io -c write -c 'read -v' | head`
+        // must still close the image (write its metadata back) instead of dying.
+        // SAFETY: setting a signal disposition; only the stderr filter thread of the
+        // multi-call binary may run yet, and it does not touch signals.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
@@ -89,5 +93,5 @@ fn main() {
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),
     };
-    std::process::exit(code);
+    multicall::exit(code);
 }

@@ -1,0 +1,66 @@
+//! The multi-call binary: a shell script written for qemu-img and qemu-io, run with
+//! `vdisk` linked as `qemu-img`/`qemu-io`/`qemu-nbd` first in `PATH`, prints exactly
+//! what it prints with QEMU's tools (messages carry the tool's name, `--version`
+//! starts like QEMU's).
+
+mod cli_support;
+use cli_support::*;
+use std::path::Path;
+use std::process::Command;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/qemu_tools.sh");
+
+fn run_script(dir: &Path, path_prefix: Option<&Path>) -> String {
+    let mut path = std::env::var("PATH").unwrap_or_default();
+    if let Some(p) = path_prefix {
+        path = format!("{}:{path}", p.display());
+    }
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("sh {SCRIPT} 2>&1"))
+        .current_dir(dir)
+        .env("PATH", path)
+        .output()
+        .expect("sh");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn qemu_script_through_the_links_prints_qemus_output() {
+    let d = tmp();
+    let links = d.path().join("bin");
+    let (mine, theirs) = (d.path().join("v"), d.path().join("q"));
+    for p in [&links, &mine, &theirs] {
+        std::fs::create_dir(p).unwrap();
+    }
+    for t in ["qemu-img", "qemu-io", "qemu-nbd"] {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vdisk"), links.join(t)).unwrap();
+    }
+    let v = run_script(&mine, Some(&links));
+    let q = run_script(&theirs, None);
+    assert!(q.contains("Image committed."), "the script ran: {q}");
+    assert_eq!(v, q);
+}
+
+#[test]
+fn versions_name_the_tool_and_vdisk() {
+    let d = tmp();
+    for (t, first) in [
+        ("qemu-img", "qemu-img version 10.0.2 (vdisk "),
+        ("qemu-io", "qemu-io version 10.0.2 (vdisk "),
+        ("qemu-nbd", "qemu-nbd 10.0.2 (vdisk "),
+    ] {
+        let l = d.path().join(t);
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vdisk"), &l).unwrap();
+        let o = Command::new(&l).arg("--version").output().unwrap();
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(s.starts_with(first), "{t}: {s}");
+        assert!(
+            s.lines().nth(1).is_some_and(|l| l.starts_with("vdisk ")),
+            "{t}: {s}"
+        );
+    }
+    // As vdisk, the version line stays vdisk's own.
+    let v = vdisk(d.path(), &["--version"]);
+    assert!(v.out.starts_with("vdisk "), "{}", v.out);
+}
