@@ -230,3 +230,93 @@ fn create_apply_delete_match_qemu_results() {
     clean(dir, "a.qcow2");
     assert!(list(dir, "qemu-img", "a.qcow2").contains(" quiet "));
 }
+
+#[test]
+fn snapshots_read_by_convert_measure_and_serve() {
+    let d = tmp();
+    let dir = d.path();
+    image(dir);
+    // qemu-img's reference contents of snapshot 2 ("second").
+    ok(
+        qemu_img(
+            dir,
+            &["convert", "-l", "snapshot.id=2", "-O", "raw", "a.qcow2", "ref.raw"],
+        ),
+        "convert",
+    );
+    for (i, l) in [
+        "snapshot.id=2",
+        "snapshot.name=second",
+        "snapshot.id=2,snapshot.name=second",
+        "second",
+        "2",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = format!("v{i}.raw");
+        ok(
+            vdisk(dir, &["convert", "-l", l, "-O", "raw", "a.qcow2", &out]),
+            l,
+        );
+        ok(
+            qemu_img(dir, &["compare", "-f", "raw", "-F", "raw", &out, "ref.raw"]),
+            l,
+        );
+    }
+    // Refusals.
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "r.raw", "1M"]),
+        "create",
+    );
+    for (file, l) in [
+        ("a.qcow2", "nosuch"),
+        ("a.qcow2", "snapshot.id=9"),
+        ("a.qcow2", "snapshot.id=1,snapshot.name=second"),
+        ("a.qcow2", "snapshot.bogus=1"),
+        ("r.raw", "x"),
+    ] {
+        let args = ["convert", "-l", l, "-O", "raw", file, "x.raw"];
+        let v = vdisk(dir, &args);
+        let q = qemu_img(dir, &args);
+        assert_eq!((v.code, as_qemu(&v.err)), (q.code, q.err), "{l}");
+    }
+    // measure -l.
+    for l in ["first", "snapshot.name=second"] {
+        let args = ["measure", "-l", l, "-O", "qcow2", "a.qcow2"];
+        let v = vdisk(dir, &args);
+        let q = qemu_img(dir, &args);
+        assert_eq!((v.code, v.out), (q.code, q.out), "measure -l {l}");
+    }
+    // serve -l: a read-only export of the snapshot.
+    let sock = dir.join("s.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .args(["serve", "-l", "second", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg("a.qcow2")
+        .current_dir(dir)
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let got = qemu_img(dir, &["convert", "-f", "raw", "-O", "raw", &uri, "served.raw"]);
+    let w = qemu_io_run(dir, &["-f", "raw", "-c", "write 0 512", &uri]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got.code, 0, "{}", got.err);
+    ok(
+        qemu_img(dir, &["compare", "-f", "raw", "-F", "raw", "served.raw", "ref.raw"]),
+        "served snapshot",
+    );
+    assert!(
+        w.out.contains("failed") || w.err.contains("failed") || w.code != 0,
+        "the export is read-only: {} {}",
+        w.out,
+        w.err
+    );
+}

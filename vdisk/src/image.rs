@@ -511,6 +511,28 @@ impl Image {
         }
         r
     }
+    /// Reads a snapshot instead of the active disk from now on (`convert -l`,
+    /// exports of a snapshot): the first with this ID and/or name. The image must be
+    /// open read-only; its size stays the active disk's, as in QEMU.
+    pub fn snapshot_load(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.driver.snapshot_load(id, name)
+    }
+    /// Loads the snapshot a qemu `-l` parameter names (see [`SnapshotParam`]).
+    pub fn snapshot_load_param(&self, p: &SnapshotParam) -> Result<SnapshotInfo> {
+        match p {
+            SnapshotParam::IdOrName(s) => self.snapshot_load_by_id_or_name(s),
+            SnapshotParam::Exact { id, name } => self.snapshot_load(id.as_deref(), name.as_deref()),
+        }
+    }
+    /// [`Image::snapshot_load`] by ID first, then by name (`convert -l NAME`).
+    pub fn snapshot_load_by_id_or_name(&self, s: &str) -> Result<SnapshotInfo> {
+        match self.driver.snapshot_load(Some(s), None) {
+            Err(Error::Snapshot(crate::error::SnapshotError::NotFoundForLoad)) => {
+                self.driver.snapshot_load(None, Some(s))
+            }
+            r => r,
+        }
+    }
     /// Deletes the first snapshot with this ID and/or name (both given: both must
     /// match).
     pub fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
@@ -556,6 +578,40 @@ impl Image {
         let hooks = self.hooks.iter().try_for_each(|h| h.close());
         let driver = self.driver.close();
         hooks.and(driver)
+    }
+}
+
+/// A snapshot as qemu's `-l` parameter names it: `snapshot.id=ID,snapshot.name=NAME`
+/// (either or both; both must match), or a bare ID or name (the ID first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotParam {
+    /// A bare ID or name.
+    IdOrName(String),
+    /// `snapshot.id` and/or `snapshot.name`.
+    Exact {
+        /// The ID to match.
+        id: Option<String>,
+        /// The name to match.
+        name: Option<String>,
+    },
+}
+
+impl SnapshotParam {
+    /// Parses a `-l` parameter; `Err(key)` names a key that is neither `snapshot.id`
+    /// nor `snapshot.name`.
+    pub fn parse(param: &str) -> std::result::Result<SnapshotParam, String> {
+        if !param.starts_with("snapshot.") {
+            return Ok(SnapshotParam::IdOrName(param.to_string()));
+        }
+        let (mut id, mut name) = (None, None);
+        for item in spec::split_items(param) {
+            match item.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v.to_string()),
+                Some(("snapshot.name", v)) => name = Some(v.to_string()),
+                _ => return Err(item.split('=').next().unwrap_or("").to_string()),
+            }
+        }
+        Ok(SnapshotParam::Exact { id, name })
     }
 }
 

@@ -74,20 +74,20 @@ fn run_inner(a: Args) -> Result<(), String> {
         return Err(usage("Expecting one image file name"));
     }
     let filename = a.filenames.first();
+    if filename.is_none() && (a.image_opts || !a.format.is_empty() || !a.snapshot.is_empty()) {
+        return Err("--image-opts, -f, and -l require a filename argument.".into());
+    }
     if filename.is_some() && size.is_some() {
         return Err("--size N cannot be used together with a filename.".into());
     }
     if filename.is_none() && size.is_none() {
         return Err("Either --size N or one filename must be specified.".into());
     }
-    if !a.snapshot.is_empty() {
-        return Err("vdisk measure: -l (measuring a snapshot) is not supported yet".into());
-    }
     let input = match filename {
         Some(f) => {
             let format = common::parse_format(a.format.last().map(String::as_str))
                 .map_err(|e| format!("Could not open '{f}': {e}"))?;
-            Some(common::open_image_with(
+            let img = common::open_image_with(
                 f,
                 &OpenOptions {
                     format,
@@ -96,7 +96,11 @@ fn run_inner(a: Args) -> Result<(), String> {
                     image_opts: a.image_opts,
                     ..OpenOptions::default()
                 },
-            )?)
+            )?;
+            if let Some(l) = a.snapshot.last() {
+                crate::cmd::snapshot::load(&img, l)?;
+            }
+            Some(img)
         }
         None => None,
     };

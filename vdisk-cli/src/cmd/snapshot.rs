@@ -166,3 +166,20 @@ fn run_inner(a: Args) -> Result<(), String> {
     let closed = img.close().map_err(|e| e.to_string());
     r.and(closed)
 }
+
+/// Loads the snapshot a `-l` parameter names into a read-only image (`convert -l`,
+/// `measure -l`): `snapshot.id=…,snapshot.name=…`, else an ID or name. Errors read
+/// like qemu-img's.
+pub fn load(img: &vdisk::Image, param: &str) -> Result<(), String> {
+    let p = vdisk::SnapshotParam::parse(param).map_err(|key| {
+        common::error(format!("Invalid parameter '{key}'"));
+        format!("Failed in parsing snapshot param '{param}'")
+    })?;
+    img.snapshot_load_param(&p).map(|_| ()).map_err(|e| match e {
+        Error::Snapshot(SnapshotError::NotSupported) => format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            img.format().name()
+        ),
+        e => format!("Failed to load snapshot: {e}"),
+    })
+}

@@ -23,6 +23,10 @@ pub enum SnapshotError {
     },
     /// An ID or name longer than the table can hold (65535 bytes).
     TooLong(usize),
+    /// Loading a snapshot for reading (`convert -l`): none matches.
+    NotFoundForLoad,
+    /// Loading a snapshot for reading needs an image opened read-only.
+    NotReadOnly,
 }
 
 impl SnapshotError {
@@ -35,6 +39,8 @@ impl SnapshotError {
             SnapshotError::TooMany(_) => libc::EFBIG,
             SnapshotError::RefcountOverflow { .. } => libc::EINVAL,
             SnapshotError::TooLong(_) => libc::EINVAL,
+            SnapshotError::NotFoundForLoad => libc::ENOENT,
+            SnapshotError::NotReadOnly => libc::EINVAL,
         }
     }
 }
@@ -50,6 +56,8 @@ impl fmt::Display for SnapshotError {
                 f,
                 "Refcount of cluster {cluster} would exceed the maximum of {max}"
             ),
+            SnapshotError::NotFoundForLoad => write!(f, "Can't find snapshot"),
+            SnapshotError::NotReadOnly => write!(f, "Device is not readonly"),
             SnapshotError::TooLong(n) => {
                 write!(f, "Snapshot ID or name too long ({n} bytes, at most 65535)")
             }

@@ -194,6 +194,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn snapshot_apply(&self, _id_or_name: &str) -> Result<SnapshotInfo> {
         Err(crate::error::SnapshotError::NotSupported.into())
     }
+    /// Reads the first snapshot matching this ID and/or name instead of the active
+    /// disk from now on (read-only images only; QEMU's `bdrv_snapshot_load_tmp`).
+    fn snapshot_load(&self, _id: Option<&str>, _name: Option<&str>) -> Result<SnapshotInfo> {
+        Err(crate::error::SnapshotError::NotSupported.into())
+    }
     /// Deletes the first snapshot matching this ID and/or name.
     fn snapshot_delete(&self, _id: Option<&str>, _name: Option<&str>) -> Result<SnapshotInfo> {
         Err(crate::error::SnapshotError::NotSupported.into())

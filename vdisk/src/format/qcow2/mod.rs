@@ -710,6 +710,9 @@ impl Driver for Qcow2 {
         self.set_clusters(0, last, zero::Mode::Dealloc)?;
         self.flush()
     }
+    fn snapshot_load(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.do_snapshot_load(id, name)
+    }
     fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
         self.do_snapshot_create(sn)
     }

@@ -516,6 +516,38 @@ impl Qcow2 {
     }
 }
 
+impl Qcow2 {
+    /// Reads the snapshot instead of the active disk from now on (QEMU's
+    /// `bdrv_snapshot_load_tmp`, for `convert -l` and exports): the snapshot's L1
+    /// table becomes the one lookups use; the guest size stays the image's. Only for
+    /// images opened read-only; nothing is written.
+    pub(crate) fn do_snapshot_load(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<SnapshotInfo> {
+        if !self.read_only {
+            return Err(SnapshotError::NotReadOnly.into());
+        }
+        let mut m = self.lock();
+        let Some(idx) = find(&m.snapshots, id, name) else {
+            return Err(SnapshotError::NotFoundForLoad.into());
+        };
+        let sn = m.snapshots[idx].clone();
+        let mut l1 = vec![0u64; sn.l1_size as usize];
+        if sn.l1_size > 0 {
+            let mut raw = vec![0u8; sn.l1_size as usize * 8];
+            m.st.read_at(&mut raw, sn.l1_offset)?;
+            for (i, e) in l1.iter_mut().enumerate() {
+                *e = entry(&raw, i);
+            }
+        }
+        m.l2_offsets(&l1, Some(idx))?;
+        m.l1 = l1;
+        Ok(sn.info)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
