@@ -6,7 +6,7 @@ mod common;
 mod multicall;
 mod output;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -58,11 +58,24 @@ enum Command {
 fn main() {
     // Usage errors exit with 1 like qemu-img (clap's default is 2, which `compare`
     // and `check` use for other meanings); --help and --version still exit 0.
-    let cli = Cli::try_parse_from(multicall::args()).unwrap_or_else(|e| {
-        let code = if e.use_stderr() { 1 } else { 0 };
-        let _ = e.print();
-        multicall::exit(code);
-    });
+    // An option given twice is no error: the last one wins, as with QEMU's getopt
+    // (scripts build command lines in layers), in every subcommand.
+    let mut command = Cli::command().args_override_self(true);
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for n in names {
+        command = command.mut_subcommand(n, |s| s.args_override_self(true));
+    }
+    let cli = command
+        .try_get_matches_from(multicall::args())
+        .and_then(|m| Cli::from_arg_matches(&m))
+        .unwrap_or_else(|e| {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            multicall::exit(code);
+        });
     if !matches!(cli.command, Command::Serve(_) | Command::Io(_)) {
         // Like qemu-img, die quietly when the reader of our output goes away
         // (`vdisk info | head`) instead of failing on EPIPE. The NBD server keeps Rust's

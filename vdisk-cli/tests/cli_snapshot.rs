@@ -240,7 +240,15 @@ fn snapshots_read_by_convert_measure_and_serve() {
     ok(
         qemu_img(
             dir,
-            &["convert", "-l", "snapshot.id=2", "-O", "raw", "a.qcow2", "ref.raw"],
+            &[
+                "convert",
+                "-l",
+                "snapshot.id=2",
+                "-O",
+                "raw",
+                "a.qcow2",
+                "ref.raw",
+            ],
         ),
         "convert",
     );
@@ -304,13 +312,19 @@ fn snapshots_read_by_convert_measure_and_serve() {
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let got = qemu_img(dir, &["convert", "-f", "raw", "-O", "raw", &uri, "served.raw"]);
+    let got = qemu_img(
+        dir,
+        &["convert", "-f", "raw", "-O", "raw", &uri, "served.raw"],
+    );
     let w = qemu_io_run(dir, &["-f", "raw", "-c", "write 0 512", &uri]);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(got.code, 0, "{}", got.err);
     ok(
-        qemu_img(dir, &["compare", "-f", "raw", "-F", "raw", "served.raw", "ref.raw"]),
+        qemu_img(
+            dir,
+            &["compare", "-f", "raw", "-F", "raw", "served.raw", "ref.raw"],
+        ),
         "served snapshot",
     );
     assert!(

@@ -64,3 +64,59 @@ fn versions_name_the_tool_and_vdisk() {
     let v = vdisk(d.path(), &["--version"]);
     assert!(v.out.starts_with("vdisk "), "{}", v.out);
 }
+
+#[test]
+fn an_option_given_twice_is_no_error_the_last_wins() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]),
+        "create",
+    );
+    for args in [
+        &[
+            "io",
+            "-f",
+            "qed",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -q 0 512",
+            "a.qcow2",
+        ][..],
+        &[
+            "io",
+            "-t",
+            "none",
+            "-t",
+            "writeback",
+            "-c",
+            "read -q 0 512",
+            "a.qcow2",
+        ][..],
+        &["info", "-f", "raw", "-f", "qcow2", "a.qcow2"][..],
+        &["check", "--output=json", "--output=human", "a.qcow2"][..],
+        &[
+            "map",
+            "-f",
+            "raw",
+            "-f",
+            "qcow2",
+            "--output=json",
+            "a.qcow2",
+        ][..],
+    ] {
+        let v = vdisk(dir, args);
+        let (prog, rest) = if args[0] == "io" {
+            ("qemu-io", &args[1..])
+        } else {
+            ("qemu-img", args)
+        };
+        let q = if prog == "qemu-io" {
+            qemu_io_run(dir, rest)
+        } else {
+            qemu_img(dir, rest)
+        };
+        assert_eq!((v.code, v.out), (q.code, q.out), "{args:?}: {}", v.err);
+    }
+}
