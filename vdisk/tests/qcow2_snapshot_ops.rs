@@ -279,3 +279,47 @@ fn many_snapshots_grow_the_table_and_refcounts() {
         );
     }
 }
+
+#[test]
+fn shrink_with_snapshots_like_qemu_10() {
+    let d = tmp();
+    let f = path(&d, "s.qcow2");
+    qemu_create(&f, "cluster_size=4096", "2M");
+    qemu_io(&f, &["write -P 1 0 1536k", "write -c -P 2 1536k 64k"]);
+    run("qemu-img", &["snapshot", "-c", "s", p(&f)]);
+    let snap = snapshot_raw(&f, "s");
+    // The same shrink by qemu-img on a copy.
+    let g = path(&d, "ref.qcow2");
+    std::fs::copy(&f, &g).unwrap();
+    run("qemu-img", &["resize", "--shrink", "-q", p(&g), "1M"]);
+    {
+        let img = open(&f, true);
+        img.resize(1 << 20, true).unwrap();
+        assert_eq!(img.size(), 1 << 20);
+        let r = img.check(Default::default()).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.findings);
+    }
+    assert_clean(&f);
+    run("qemu-img", &["compare", "-U", p(&f), p(&g)]);
+    // qemu-img reads a snapshot at the active disk's size (as `bdrv_snapshot_load_tmp`).
+    assert_same(
+        &snapshot_raw(&f, "s"),
+        &snap[..1 << 20],
+        "snapshot after shrink",
+    );
+    // Applying the snapshot brings its size and data back.
+    {
+        let img = open(&f, true);
+        img.snapshot_apply("s").unwrap();
+        assert_eq!(img.size(), 2 << 20);
+        assert_same(&read_all(&img), &snap, "applied after shrink");
+    }
+    assert_clean(&f);
+    // v2 images with snapshots still refuse any resize, as QEMU does.
+    let v2 = path(&d, "v2.qcow2");
+    qemu_create(&v2, "compat=0.10", "1M");
+    run("qemu-img", &["snapshot", "-c", "s", p(&v2)]);
+    let img = open(&v2, true);
+    assert!(img.resize(2 << 20, false).is_err());
+    assert!(img.resize(512 << 10, true).is_err());
+}
