@@ -120,3 +120,28 @@ fn an_option_given_twice_is_no_error_the_last_wins() {
         assert_eq!((v.code, v.out), (q.code, q.out), "{args:?}: {}", v.err);
     }
 }
+
+#[test]
+fn hex_sizes_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (i, size) in ["0x100000", "0x1B", "0X1b", "0x2M", "0x1Bk"]
+        .iter()
+        .enumerate()
+    {
+        let (v, q) = (format!("v{i}.qcow2"), format!("q{i}.qcow2"));
+        let rv = vdisk(dir, &["create", "-f", "qcow2", &v, size]);
+        let rq = qemu_img(dir, &["create", "-f", "qcow2", &q, size]);
+        assert_eq!(
+            (rv.code, rv.out.replace(&v, &q)),
+            (rq.code, rq.out),
+            "{size}: {}",
+            rv.err
+        );
+        let rv = vdisk(dir, &["resize", &v, "0x300000"]);
+        let rq = qemu_img(dir, &["resize", &q, "0x300000"]);
+        assert_eq!((rv.code, rv.out), (rq.code, rq.out), "{size}: {}", rv.err);
+        let m = ["measure", "-O", "qcow2", "--size", size];
+        assert_eq!(vdisk(dir, &m).out, qemu_img(dir, &m).out, "{size}");
+    }
+}
