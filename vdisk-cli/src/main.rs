@@ -3,9 +3,10 @@
 
 mod cmd;
 mod common;
+mod multicall;
 mod output;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +42,16 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change the backing file of an image.
     Rebase(cmd::rebase::Args),
+    /// Change options of an existing image.
+    Amend(cmd::amend::Args),
+    /// Copy an image (or part of it) into a new image, dd style.
+    Dd(cmd::dd::Args),
+    /// Compute the size a new image needs.
+    Measure(cmd::measure::Args),
+    /// Commit the changes of an image into its backing file.
+    Commit(cmd::commit::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(cmd::snapshot::Args),
     /// Run a simple I/O benchmark on an image.
     Bench(cmd::bench::Args),
     /// Run qemu-io style commands on an image.
@@ -52,16 +63,32 @@ enum Command {
 fn main() {
     // Usage errors exit with 1 like qemu-img (clap's default is 2, which `compare`
     // and `check` use for other meanings); --help and --version still exit 0.
-    let cli = Cli::try_parse().unwrap_or_else(|e| {
-        let code = if e.use_stderr() { 1 } else { 0 };
-        let _ = e.print();
-        std::process::exit(code);
-    });
-    if !matches!(cli.command, Command::Serve(_)) {
+    // An option given twice is no error: the last one wins, as with QEMU's getopt
+    // (scripts build command lines in layers), in every subcommand.
+    let mut command = Cli::command().args_override_self(true);
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for n in names {
+        command = command.mut_subcommand(n, |s| s.args_override_self(true));
+    }
+    let cli = command
+        .try_get_matches_from(multicall::args())
+        .and_then(|m| Cli::from_arg_matches(&m))
+        .unwrap_or_else(|e| {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            multicall::exit(code);
+        });
+    if !matches!(cli.command, Command::Serve(_) | Command::Io(_)) {
         // Like qemu-img, die quietly when the reader of our output goes away
         // (`vdisk info | head`) instead of failing on EPIPE. The NBD server keeps Rust's
-        // ignored SIGPIPE: a vanishing client must only end its own connection.
-        // SAFETY: setting a signal disposition before any thread is started.
+        // ignored SIGPIPE: a vanishing client must only end its own connection. `io`
+        // keeps it ignored too, like qemu-io: `vdisk io -c write -c 'read -v' | head`
+        // must still close the image (write its metadata back) instead of dying.
+        // SAFETY: setting a signal disposition; only the stderr filter thread of the
+        // multi-call binary may run yet, and it does not touch signals.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
@@ -81,9 +108,14 @@ fn main() {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Resize(a) => cmd::resize::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Snapshot(a) => cmd::snapshot::run(a),
+        Command::Commit(a) => cmd::commit::run(a),
+        Command::Measure(a) => cmd::measure::run(a),
+        Command::Dd(a) => cmd::dd::run(a),
+        Command::Amend(a) => cmd::amend::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),
     };
-    std::process::exit(code);
+    multicall::exit(code);
 }

@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Export the image read-only.
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
+    /// Export an internal snapshot (read-only): `snapshot.id=…,snapshot.name=…` or an
+    /// ID or name.
+    #[arg(short = 'l', long = "load-snapshot")]
+    pub load_snapshot: Option<String>,
     /// Serve a temporary qcow2 overlay on FILE: writes never reach FILE and are
     /// thrown away when the server exits.
     #[arg(short = 's', long = "snapshot")]
@@ -149,10 +153,12 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
     {
         return Err("export description too long".into());
     }
+    // -l implies a read-only export, as with qemu-nbd.
+    let read_only = a.read_only || a.load_snapshot.is_some();
     Ok(Plan {
         open: OpenOptions {
             format,
-            read_only: a.read_only,
+            read_only,
             cache,
             image_opts: a.image_opts,
             discard: match discard {
@@ -168,7 +174,7 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
         export: ExportConfig {
             name: a.export_name.clone(),
             description: a.description.clone(),
-            read_only: a.read_only,
+            read_only,
             multi_conn: a.shared != 1,
             allocation_depth: a.allocation_depth,
             discard,
@@ -202,6 +208,16 @@ pub fn run(a: ServeArgs) -> i32 {
         Image::open(&a.filename, &plan.open)
             .map_err(|e| format!("Failed to blk_new_open '{}': {e}", a.filename.display()))
     };
+    let opened = opened.and_then(|i| match &a.load_snapshot {
+        None => Ok(i),
+        Some(l) => {
+            let p = vdisk::SnapshotParam::parse(l)
+                .map_err(|_| format!("Failed in parsing snapshot param `{l}'"))?;
+            i.snapshot_load_param(&p)
+                .map_err(|e| format!("Failed to load snapshot: {e}"))?;
+            Ok(i)
+        }
+    });
     let image = match opened {
         Ok(i) => Arc::new(i),
         Err(e) => return err(e),

@@ -617,11 +617,98 @@ impl Image {
 
     // ---- Snapshots and amend (issue 8) ----
     //
-    // Internal snapshot operations (create, apply, delete, list by name) and `amend`
-    // belong here, as methods that call the driver, so that they pass the same door as
-    // guest writes: applying a snapshot replaces the whole guest disk, so it must reach
-    // the hooks as a change of `0..size` (dirty bitmaps mark everything, notifiers
-    // tell their clients); amend changing the size goes through `resize` above.
+    // Internal snapshot operations pass the same door as guest writes: applying a
+    // snapshot replaces the whole guest disk, so it reaches the hooks as a write of
+    // `0..size` (dirty bitmaps mark everything, notifiers tell their clients); amend
+    // changing the size goes through `resize` above.
+
+    /// Changes creation options of the image (`amend -o`): parsed against the format's
+    /// declared options; options only creation takes are refused by name. A size
+    /// change reaches the hooks as a resize.
+    pub fn amend(&self, options: &[(String, String)]) -> Result<()> {
+        let f = self.format();
+        if f.amend_options().is_none() {
+            return Err(Unsupported::NoAmend(f.name()).into());
+        }
+        let o = format::options::OptionValues::parse(&[f.create_options()], options)?;
+        if let Some(k) = o.not_amendable() {
+            return Err(Invalid::NotAmendable(k).into());
+        }
+        let old_size = self.size();
+        let r = self.driver.amend(&o);
+        if !self.hooks.is_empty() && self.size() != old_size {
+            let change = crate::hook::Change::Resize {
+                old_size,
+                new_size: self.size(),
+            };
+            for h in &self.hooks {
+                h.after(&change, r.is_ok());
+            }
+        }
+        r
+    }
+    /// Deallocates the whole active disk so it reads as the backing file (`commit`
+    /// emptying its top image); formats that cannot refuse with `Unsupported`.
+    pub fn make_empty(&self) -> Result<()> {
+        let r = self.driver.make_empty();
+        if !self.hooks.is_empty() {
+            let change = crate::hook::Change::Discard {
+                offset: 0,
+                len: self.size(),
+            };
+            for h in &self.hooks {
+                h.after(&change, r.is_ok());
+            }
+        }
+        r
+    }
+    /// Creates an internal snapshot of the active disk (`sn.id` empty: the next free
+    /// ID, as QEMU numbers them) and returns the entry as stored.
+    pub fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
+        self.driver.snapshot_create(sn)
+    }
+    /// Reverts the active disk (contents and size) to a snapshot, found by ID first,
+    /// then by name (QEMU's `snapshot -a` lookup).
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<SnapshotInfo> {
+        let r = self.driver.snapshot_apply(id_or_name);
+        if !self.hooks.is_empty() {
+            let change = crate::hook::Change::Write {
+                offset: 0,
+                len: self.size(),
+            };
+            for h in &self.hooks {
+                h.after(&change, r.is_ok());
+            }
+        }
+        r
+    }
+    /// Reads a snapshot instead of the active disk from now on (`convert -l`,
+    /// exports of a snapshot): the first with this ID and/or name. The image must be
+    /// open read-only; its size stays the active disk's, as in QEMU.
+    pub fn snapshot_load(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.driver.snapshot_load(id, name)
+    }
+    /// Loads the snapshot a qemu `-l` parameter names (see [`SnapshotParam`]).
+    pub fn snapshot_load_param(&self, p: &SnapshotParam) -> Result<SnapshotInfo> {
+        match p {
+            SnapshotParam::IdOrName(s) => self.snapshot_load_by_id_or_name(s),
+            SnapshotParam::Exact { id, name } => self.snapshot_load(id.as_deref(), name.as_deref()),
+        }
+    }
+    /// [`Image::snapshot_load`] by ID first, then by name (`convert -l NAME`).
+    pub fn snapshot_load_by_id_or_name(&self, s: &str) -> Result<SnapshotInfo> {
+        match self.driver.snapshot_load(Some(s), None) {
+            Err(Error::Snapshot(crate::error::SnapshotError::NotFoundForLoad)) => {
+                self.driver.snapshot_load(None, Some(s))
+            }
+            r => r,
+        }
+    }
+    /// Deletes the first snapshot with this ID and/or name (both given: both must
+    /// match).
+    pub fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.driver.snapshot_delete(id, name)
+    }
 
     // ---- Status and chain ----
 
@@ -662,6 +749,40 @@ impl Image {
         let hooks = self.hooks.iter().try_for_each(|h| h.close());
         let driver = self.driver.close();
         hooks.and(driver)
+    }
+}
+
+/// A snapshot as qemu's `-l` parameter names it: `snapshot.id=ID,snapshot.name=NAME`
+/// (either or both; both must match), or a bare ID or name (the ID first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotParam {
+    /// A bare ID or name.
+    IdOrName(String),
+    /// `snapshot.id` and/or `snapshot.name`.
+    Exact {
+        /// The ID to match.
+        id: Option<String>,
+        /// The name to match.
+        name: Option<String>,
+    },
+}
+
+impl SnapshotParam {
+    /// Parses a `-l` parameter; `Err(key)` names a key that is neither `snapshot.id`
+    /// nor `snapshot.name`.
+    pub fn parse(param: &str) -> std::result::Result<SnapshotParam, String> {
+        if !param.starts_with("snapshot.") {
+            return Ok(SnapshotParam::IdOrName(param.to_string()));
+        }
+        let (mut id, mut name) = (None, None);
+        for item in spec::split_items(param) {
+            match item.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v.to_string()),
+                Some(("snapshot.name", v)) => name = Some(v.to_string()),
+                _ => return Err(item.split('=').next().unwrap_or("").to_string()),
+            }
+        }
+        Ok(SnapshotParam::Exact { id, name })
     }
 }
 

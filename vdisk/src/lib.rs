@@ -20,9 +20,9 @@ pub mod layer;
 pub mod policy;
 pub mod storage;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, SnapshotError};
 pub use format::{CheckReport, Extent, ExtentKind, Format, Repair, ZeroFlags};
 pub use hook::{Change, Request, WriteHook};
-pub use image::{CreateOptions, Image, OpenOptions};
+pub use image::{CreateOptions, Image, OpenOptions, SnapshotParam};
 pub use layer::ImageLayer;
 pub use storage::CacheMode;

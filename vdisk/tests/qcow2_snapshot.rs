@@ -81,7 +81,6 @@ fn grow_with_snapshots() {
     run("qemu-img", &["snapshot", "-c", "s", p(&f)]);
     {
         let img = open(&f, true);
-        assert!(img.resize(32 << 10, true).is_err());
         img.resize(1 << 20, false).unwrap();
         img.write_at(&[2u8; 1000], (1 << 20) - 1000).unwrap();
     }

@@ -88,6 +88,10 @@ pub struct Args {
     /// Treat the target name as a key=value option list (needs `-n`).
     #[arg(long = "target-image-opts")]
     pub target_image_opts: bool,
+    /// Convert a snapshot of the source: `snapshot.id=ID,snapshot.name=NAME` (either
+    /// or both), or an ID or name.
+    #[arg(short = 'l', action = clap::ArgAction::Append)]
+    pub snapshot: Vec<String>,
     /// Source images followed by the target.
     pub files: Vec<String>,
 }
@@ -721,6 +725,9 @@ fn run_inner(a: Args) -> Result<(), String> {
                 ..OpenOptions::default()
             },
         )?;
+        if let Some(l) = a.snapshot.last() {
+            crate::cmd::snapshot::load(&img, l)?;
+        }
         let size = common::sector_size_of(&img);
         sources.push(Source {
             size,

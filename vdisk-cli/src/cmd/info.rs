@@ -359,6 +359,18 @@ fn local_date(secs: u64) -> String {
     )
 }
 
+/// qemu's snapshot table: "Snapshot list:", the heading and one row per snapshot.
+pub(crate) fn snapshot_list(snaps: &[SnapshotInfo]) -> String {
+    let mut s = String::from("Snapshot list:\n");
+    s.push_str(&snapshot_row(None));
+    s.push('\n');
+    for sn in snaps {
+        s.push_str(&snapshot_row(Some(sn)));
+        s.push('\n');
+    }
+    s
+}
+
 /// One row of qemu's snapshot table (`None`: the heading), without the newline.
 fn snapshot_row(sn: Option<&SnapshotInfo>) -> String {
     let cols: [String; 6] = match sn {
@@ -526,13 +538,7 @@ fn human(i: &ImageInfo) -> String {
         s.push_str(&format!("backing file format: {f}\n"));
     }
     if !i.snapshots.is_empty() {
-        s.push_str("Snapshot list:\n");
-        s.push_str(&snapshot_row(None));
-        s.push('\n');
-        for sn in &i.snapshots {
-            s.push_str(&snapshot_row(Some(sn)));
-            s.push('\n');
-        }
+        s.push_str(&snapshot_list(&i.snapshots));
     }
     s.push_str(&specific_human_enc(&i.specific, i.encryption.as_ref()));
     if i.protocol_root.is_some() {

@@ -12,11 +12,13 @@
 
 mod corruption;
 mod reasons;
+mod snapshot;
 mod vhdx;
 mod vmdk;
 
 pub use corruption::{Corruption, Field, Problem, Structure};
 pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature, ZeroLimit};
+pub use snapshot::SnapshotError;
 pub use vhdx::VhdxProblem;
 pub use vmdk::VmdkProblem;
 
@@ -62,6 +64,9 @@ pub enum Error {
     /// Encryption: a missing or wrong key, a bad or hostile LUKS header.
     #[error(transparent)]
     Crypto(#[from] crate::crypto::CryptoError),
+    /// An internal snapshot operation was refused.
+    #[error("{0}")]
+    Snapshot(SnapshotError),
     /// The compression library failed to compress a cluster.
     #[error("{}: {source}", compress_verb(.zstd))]
     Compress {
@@ -149,6 +154,7 @@ impl Error {
             Error::Backing { source, .. } => source.errno(),
             Error::Compress { .. } => libc::EINVAL,
             Error::Crypto(e) => e.errno(),
+            Error::Snapshot(s) => s.errno(),
         }
     }
 }
@@ -168,6 +174,12 @@ impl From<Invalid> for Error {
 impl From<Unsupported> for Error {
     fn from(u: Unsupported) -> Self {
         Error::Unsupported(u)
+    }
+}
+
+impl From<SnapshotError> for Error {
+    fn from(s: SnapshotError) -> Self {
+        Error::Snapshot(s)
     }
 }
 

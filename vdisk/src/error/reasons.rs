@@ -65,6 +65,10 @@ pub enum Unsupported {
     NoCompressedClusters,
     /// A driver whose disk size is fixed (its name).
     NoResize(&'static str),
+    /// The format has no `measure` (QEMU's QED has none either).
+    NoMeasure(&'static str),
+    /// The format cannot be emptied in place (`commit`'s last step).
+    NoMakeEmpty(&'static str),
     /// Resizing a qcow2 v2 image that has snapshots.
     ResizeV2WithSnapshots,
     /// Shrinking a qcow2 image that has snapshots.
@@ -169,6 +173,12 @@ impl fmt::Display for Unsupported {
             Unsupported::NoResize(_) => {
                 // qemu's `bdrv_co_truncate` wording (it does not name the format).
                 write!(f, "Image format driver does not support resize")
+            }
+            Unsupported::NoMeasure(name) => {
+                write!(f, "Block driver '{name}' does not support size measurement")
+            }
+            Unsupported::NoMakeEmpty(name) => {
+                write!(f, "Image format '{name}' cannot be emptied")
             }
             Unsupported::ResizeV2WithSnapshots => {
                 write!(f, "Can't resize a v2 image which has snapshots")
@@ -339,6 +349,40 @@ pub enum Invalid {
     BackingWithPreallocation,
     /// A qcow2 feature asked for with `compat=0.10`.
     NeedsV3(V3Feature),
+    /// `amend` narrowing refcounts below a refcount the image holds.
+    RefcountNarrowing {
+        /// The new width.
+        bits: u32,
+        /// Host offset of the cluster.
+        offset: u64,
+        /// Its refcount.
+        refcount: u64,
+    },
+    /// `amend` with a refcount width other than 16 and compat=0.10.
+    AmendRefcountNeedsV3,
+    /// `amend` downgrading an image whose refcounts are not 16 bits wide.
+    DowngradeRefcountWidth,
+    /// `amend` downgrading with incompatible features set (their bits).
+    DowngradeFeatures(u64),
+    /// `amend` downgrading with snapshots of another size or a VM state above 4 GiB.
+    DowngradeSnapshots,
+    /// `amend` changing the backing file (QEMU 10 sends users to `rebase`).
+    AmendBacking,
+    /// `amend` downgrading a zstd image that has compressed clusters.
+    DowngradeZstd,
+    /// `amend` with a `compat` value it does not know.
+    UnknownCompat(String),
+    /// `amend` of an option only creation takes.
+    NotAmendable(&'static str),
+    /// `amend` of encryption options on an image without encryption.
+    AmendEncryption,
+    /// An enum option value the legacy option path refuses (`measure`).
+    LegacyEnumValue(String),
+    /// A `compat` value the legacy option path refuses (`measure`).
+    CompatLevel(String),
+    /// A v3 feature asked with compat=0.10, in the wording of the legacy option path
+    /// (`measure`, `amend`): "use compat=1.1 or greater".
+    NeedsV3Compat(V3Feature),
     /// Extended L2 entries with clusters below 16 KiB.
     ExtendedL2ClusterSize,
     /// A backing file given to a format without backing files.
@@ -577,6 +621,45 @@ impl fmt::Display for Invalid {
                     "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
                 ),
             },
+            Invalid::RefcountNarrowing {
+                bits,
+                offset,
+                refcount,
+            } => write!(
+                f,
+                "Cannot decrease refcount entry width to {bits} bits: Cluster at offset {offset:#x} has a refcount of {refcount}"
+            ),
+            Invalid::AmendRefcountNeedsV3 => write!(
+                f,
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
+            ),
+            Invalid::DowngradeRefcountWidth => {
+                write!(f, "compat=0.10 requires refcount_bits=16")
+            }
+            Invalid::DowngradeFeatures(bits) => write!(
+                f,
+                "Cannot downgrade an image with incompatible features {bits:#x} set"
+            ),
+            Invalid::DowngradeSnapshots => {
+                write!(f, "Internal snapshots prevent downgrade of image")
+            }
+            Invalid::AmendBacking => write!(f, "Cannot amend the backing file"),
+            Invalid::NotAmendable(k) => write!(f, "Invalid parameter '{k}'"),
+            Invalid::DowngradeZstd => write!(
+                f,
+                "Cannot downgrade an image with zstd compression type and existing compressed clusters"
+            ),
+            Invalid::UnknownCompat(v) => write!(f, "Unknown compatibility level {v}"),
+            Invalid::AmendEncryption => write!(
+                f,
+                "Can't amend encryption options - encryption not present"
+            ),
+            Invalid::LegacyEnumValue(v) => write!(f, "invalid parameter value: {v}"),
+            Invalid::CompatLevel(v) => write!(f, "Invalid compatibility level: '{v}'"),
+            Invalid::NeedsV3Compat(feature) => {
+                let v = Invalid::NeedsV3(*feature).to_string();
+                write!(f, "{}", v.replace("use version=v3", "use compat=1.1"))
+            }
             Invalid::ExtendedL2ClusterSize => write!(
                 f,
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"

@@ -253,6 +253,35 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn snapshots(&self) -> Vec<SnapshotInfo> {
         Vec::new()
     }
+    /// Creates an internal snapshot of the active state (`sn.id` empty: the next free
+    /// ID) and returns it as stored.
+    fn snapshot_create(&self, _sn: &SnapshotInfo) -> Result<SnapshotInfo> {
+        Err(crate::error::SnapshotError::NotSupported.into())
+    }
+    /// Reverts the active state (contents and size) to the snapshot with this ID or,
+    /// when no ID matches, this name.
+    fn snapshot_apply(&self, _id_or_name: &str) -> Result<SnapshotInfo> {
+        Err(crate::error::SnapshotError::NotSupported.into())
+    }
+    /// Reads the first snapshot matching this ID and/or name instead of the active
+    /// disk from now on (read-only images only; QEMU's `bdrv_snapshot_load_tmp`).
+    fn snapshot_load(&self, _id: Option<&str>, _name: Option<&str>) -> Result<SnapshotInfo> {
+        Err(crate::error::SnapshotError::NotSupported.into())
+    }
+    /// Deletes the first snapshot matching this ID and/or name.
+    fn snapshot_delete(&self, _id: Option<&str>, _name: Option<&str>) -> Result<SnapshotInfo> {
+        Err(crate::error::SnapshotError::NotSupported.into())
+    }
+    /// Changes creation options of the open image (`amend`); only options the format
+    /// declares amendable reach it.
+    fn amend(&self, _opts: &super::options::OptionValues) -> Result<()> {
+        Err(Unsupported::NoAmend(self.format().name()).into())
+    }
+    /// Deallocates every cluster of the active disk, so that it reads as its backing
+    /// file (`commit` emptying the top image, QEMU's `bdrv_make_empty`).
+    fn make_empty(&self) -> Result<()> {
+        Err(Unsupported::NoMakeEmpty(self.format().name()).into())
+    }
     /// Checks (and optionally repairs) metadata consistency.
     fn check(&self, _repair: Repair) -> Result<CheckReport> {
         Err(Unsupported::NoCheck(self.format().name()).into())

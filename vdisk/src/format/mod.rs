@@ -10,6 +10,7 @@
 //! - [`datapath`]: the generic vectored read/write path, in-flight ordering, chain
 //!   status and zero detection, written once above the drivers.
 //! - [`registry`]: the list of formats, probing, dispatch of create/open.
+//! - [`measure`]: `measure`'s required and fully allocated sizes.
 //! - [`options`]: declared creation/amend options, their parsing and `-o help`.
 //! - [`foreign`]: formats recognised by their probes but not supported yet.
 //! - [`report`]: check results.
@@ -21,6 +22,7 @@ pub mod driver;
 pub mod foreign;
 pub mod luks;
 pub mod mapping;
+pub mod measure;
 pub mod options;
 pub mod qcow2;
 pub mod qed;

@@ -34,20 +34,29 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
 pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let bad = || Error::from(Invalid::BadSize(s.to_string()));
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'B' => 1,
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'P' => 1 << 50,
-                'E' => 1 << 60,
-                _ => return Err(bad()),
-            };
-            (&s[..i], m)
+    let suffix = |c: char| -> Option<u64> {
+        Some(match c.to_ascii_uppercase() {
+            'B' => 1,
+            'K' => 1 << 10,
+            'M' => 1 << 20,
+            'G' => 1 << 30,
+            'T' => 1 << 40,
+            'P' => 1 << 50,
+            'E' => 1 << 60,
+            _ => return None,
+        })
+    };
+    // Hexadecimal, as qemu-img reads it: "0x" (any case) and hex digits only — no
+    // suffix, no fraction ("0x1B" is 27 bytes, "0x2M" is refused).
+    if s.len() > 2 && s[..2].eq_ignore_ascii_case("0x") {
+        let hex = &s[2..];
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
         }
+        return u64::from_str_radix(hex, 16).map_err(|_| bad());
+    }
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], suffix(c).ok_or_else(bad)?),
         _ => (s, 1),
     };
     if num.is_empty() {
@@ -73,5 +82,23 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
         _ => Err(Invalid::BadBool(key.to_string()).into()),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_as_qemu_reads_them() {
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert_eq!(parse_size("0x100000").unwrap(), 1 << 20);
+        assert_eq!(parse_size("0X10").unwrap(), 16);
+        // Hex digits only: B is a digit here, not the byte suffix; no suffixes.
+        assert_eq!(parse_size("0x1B").unwrap(), 27);
+        for bad in ["0x", "0xg", "0x1.5", "0x2M", "0x1Bk", "1x", "", "k"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -659,6 +659,68 @@ pub(crate) fn rebuild_refcounts(m: &mut Meta) -> Result<()> {
 /// to it. The old structure is not referenced anymore and becomes free space; its
 /// clusters are returned (once per reference dropped, with the structure they held).
 fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<Vec<(u64, Structure)>> {
+    rebuild_into(m, cnt, None)
+}
+
+/// Rebuilds the refcount structure at a new width (`amend -o refcount_bits=N`): the
+/// references are counted, a new structure of the new width is written after the end
+/// of the file and flushed, then the whole header (table offset, table size and
+/// refcount order, all in its first sector) is switched in one write. Refused, with
+/// nothing changed, when a cluster's refcount does not fit the new width.
+pub(crate) fn change_refcount_order(m: &mut Meta, order: u32) -> Result<()> {
+    let cs = m.g.cs;
+    let file_len = m.st.len()?;
+    let nb = file_len.div_ceil(cs);
+    if nb > MAX_CHECK_CLUSTERS {
+        return Err(Unsupported::TooLargeToCheck {
+            file_len,
+            repair: true,
+        }
+        .into());
+    }
+    let mut rep = CheckReport::default();
+    let (mut cnt, _) = calculate(m, &mut rep, nb, false)?;
+    if rep.corruptions > 0 {
+        let first = rep.findings.first();
+        return Err(Corruption {
+            structure: first.map_or(Structure::Image, |f| f.structure),
+            entry: first.and_then(|f| f.entry),
+            offset: first.and_then(|f| f.host_offset),
+            problem: Problem::DirtyTablesCorrupt {
+                corruptions: rep.corruptions,
+            },
+        }
+        .into());
+    }
+    let new_g = super::Geom::new(m.g.cluster_bits, order, m.g.version, m.g.ext_l2);
+    let max = new_g.rc_max();
+    if let Some((c, &r)) = cnt
+        .refs
+        .iter()
+        .enumerate()
+        .find(|(_, &r)| u64::from(r) > max)
+    {
+        return Err(crate::error::Invalid::RefcountNarrowing {
+            bits: 1 << order,
+            offset: c as u64 * cs,
+            refcount: r.into(),
+        }
+        .into());
+    }
+    let old_g = m.g;
+    m.g = new_g;
+    let r = rebuild_into(m, &mut cnt, Some(order));
+    if r.is_err() {
+        m.g = old_g;
+    }
+    r.map(|_| ())
+}
+
+fn rebuild_into(
+    m: &mut Meta,
+    cnt: &mut Counter,
+    new_order: Option<u32>,
+) -> Result<Vec<(u64, Structure)>> {
     let cs = m.g.cs;
     let per = m.g.rc_per_block;
     let max = m.g.rc_max();
@@ -750,11 +812,19 @@ fn rebuild_from(m: &mut Meta, cnt: &mut Counter) -> Result<Vec<(u64, Structure)>
     raw.resize((tclusters * cs) as usize, 0);
     m.st.write_at(&raw, toff)?;
     m.st.flush()?;
-    let mut h = [0u8; 12];
-    h[..8].copy_from_slice(&toff.to_be_bytes());
-    h[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
-    m.st.write_at(&h, 48)?;
-    m.st.flush()?;
+    if let Some(order) = new_order {
+        // Offset, size and width change together: one write of the header.
+        m.hdr.refcount_table_offset = toff;
+        m.hdr.refcount_table_clusters = tclusters as u32;
+        m.hdr.refcount_order = order;
+        m.write_header()?;
+    } else {
+        let mut h = [0u8; 12];
+        h[..8].copy_from_slice(&toff.to_be_bytes());
+        h[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
+        m.st.write_at(&h, 48)?;
+        m.st.flush()?;
+    }
     m.unflushed = false;
     m.hdr.refcount_table_offset = toff;
     m.hdr.refcount_table_clusters = tclusters as u32;

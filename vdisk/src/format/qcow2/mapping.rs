@@ -141,10 +141,19 @@ impl Meta {
             while pos < table_end && examined < max_entries {
                 let gc = pos >> g.cluster_bits;
                 let (word, bitmap) = self.words(slot, gc);
-                let e = self.decode(word, bitmap, gc)?;
                 examined += 1;
                 let in_off = pos & (cs - 1);
                 let n = (cs - in_off).min(table_end - pos);
+                if word == 0 && bitmap == 0 {
+                    // Unallocated (the most common entry of a sparse image): no
+                    // decoding needed.
+                    if !extend(&mut run, Mapping::Unallocated, n) {
+                        break 'tables;
+                    }
+                    pos += n;
+                    continue;
+                }
+                let e = self.decode(word, bitmap, gc)?;
                 let (host, copied, sub) = match e {
                     L2Entry::Compressed { .. } => {
                         // Never part of a longer run.

@@ -15,9 +15,12 @@
 //! - `zero`: zero writes and discards. `status`: block status from the mapping runs.
 //! - `resize`: guest size changes. `compressed`: compressed cluster writes.
 //! - `compress`: deflate/zstd clusters.
-//! - `snapshot`: the snapshot table (read only).
+//! - `snapshot`: the snapshot table (decode, encode). `snapshot_ops`: create, apply
+//!   and delete internal snapshots.
 //! - `check`: consistency check, repair and refcount rebuild.
-//! - `create`: image creation.
+//! - `amend`: option changes of an existing image (compat, refcount width, lazy
+//!   refcounts, size).
+//! - `create`: image creation. `measure`: sizes for `measure`.
 //! - `crypto`: encryption (the LUKS header extension, legacy AES); the data path applies
 //!   the cipher.
 //!
@@ -41,6 +44,7 @@
 
 mod alloc;
 mod allocate;
+mod amend;
 mod cache;
 mod check;
 mod compress;
@@ -52,11 +56,13 @@ pub mod header;
 mod l2entry;
 mod l2update;
 mod mapping;
+pub(crate) mod measure;
 pub mod options;
 mod prealloc;
 mod refcount;
 mod resize;
 mod snapshot;
+mod snapshot_ops;
 mod status;
 mod tables;
 mod zero;
@@ -724,6 +730,27 @@ impl Driver for Qcow2 {
             .iter()
             .map(|s| s.info.clone())
             .collect()
+    }
+    fn amend(&self, opts: &super::options::OptionValues) -> Result<()> {
+        self.do_amend(opts)
+    }
+    fn make_empty(&self) -> Result<()> {
+        self.writable()?;
+        let last = self.size().div_ceil(self.g.cs);
+        self.set_clusters(0, last, zero::Mode::Dealloc)?;
+        self.flush()
+    }
+    fn snapshot_load(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.do_snapshot_load(id, name)
+    }
+    fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
+        self.do_snapshot_create(sn)
+    }
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<SnapshotInfo> {
+        self.do_snapshot_apply(id_or_name)
+    }
+    fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.do_snapshot_delete(id, name)
     }
     fn check(&self, repair: Repair) -> Result<CheckReport> {
         if (repair.leaks || repair.errors) && self.read_only {

@@ -22,15 +22,11 @@ impl Qcow2 {
         }
         let mut m = self.lock();
         m.check_writable()?;
-        // Snapshots record their own disk size (v3), so growing is safe; shrinking
-        // would drop clusters they still need.
-        if !m.snapshots.is_empty() && (m.g.version < 3 || new_size < cur) {
-            return Err(if m.g.version < 3 {
-                Unsupported::ResizeV2WithSnapshots
-            } else {
-                Unsupported::ShrinkWithSnapshots
-            }
-            .into());
+        // Snapshots record their own disk size (v3), so growing and shrinking are safe
+        // (QEMU 10 allows both): a shrink drops the active disk's references past the
+        // new end, and clusters a snapshot shares only lose that reference.
+        if !m.snapshots.is_empty() && m.g.version < 3 {
+            return Err(Unsupported::ResizeV2WithSnapshots.into());
         }
         if new_size < cur {
             if !shrink {

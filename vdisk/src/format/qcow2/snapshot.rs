@@ -1,5 +1,7 @@
-//! The snapshot table (read only: snapshots are not created here, but their L1 tables
-//! count in refcounts and their clusters must be copied before writing).
+//! The snapshot table: decoding every field of every entry, and encoding a table back
+//! (entries read from the image are written back byte for byte, unknown extra data
+//! included; new entries are encoded as QEMU 10 writes them). Creating, applying and
+//! deleting snapshots is in `snapshot_ops`.
 
 use super::header::{Header, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::{validate_table, Geom};
@@ -26,6 +28,80 @@ pub(crate) struct Snapshot {
     pub l1_size: u32,
     /// ID, name, dates and sizes.
     pub info: SnapshotInfo,
+    /// Guest size when the snapshot was taken (extra data; `None` when the entry is
+    /// too short to hold it, as in old v2 images).
+    pub disk_size: Option<u64>,
+    /// The entry exactly as stored (fixed part, extra data, ID, name; no padding):
+    /// written back unchanged when the table is rewritten.
+    pub raw: Vec<u8>,
+}
+
+/// Bytes of the fixed part of a table entry.
+pub(crate) const ENTRY_HEADER: usize = 40;
+/// Extra data QEMU 10 writes: 64-bit VM state size, disk size, instruction count.
+pub(crate) const EXTRA_V3: usize = 24;
+
+/// A new snapshot entry, as QEMU 10 encodes it: 24 bytes of extra data (VM state
+/// size, disk size, instruction count; `None` is stored as all ones), ID and name not
+/// NUL-terminated. Lengths must already be bounded (the ID and name by the caller).
+pub(crate) fn encode_entry(
+    l1_offset: u64,
+    l1_size: u32,
+    info: &SnapshotInfo,
+    id: &[u8],
+    name: &[u8],
+    disk_size: u64,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ENTRY_HEADER + EXTRA_V3 + id.len() + name.len());
+    b.extend_from_slice(&l1_offset.to_be_bytes());
+    b.extend_from_slice(&l1_size.to_be_bytes());
+    b.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    b.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    b.extend_from_slice(&(info.date_sec as u32).to_be_bytes());
+    b.extend_from_slice(&info.date_nsec.to_be_bytes());
+    b.extend_from_slice(&info.vm_clock_nsec.to_be_bytes());
+    // The 32-bit field holds the size when it fits, else 0 (the 64-bit one is used).
+    let small = u32::try_from(info.vm_state_size).unwrap_or(0);
+    b.extend_from_slice(&small.to_be_bytes());
+    b.extend_from_slice(&(EXTRA_V3 as u32).to_be_bytes());
+    b.extend_from_slice(&info.vm_state_size.to_be_bytes());
+    b.extend_from_slice(&disk_size.to_be_bytes());
+    b.extend_from_slice(&info.icount.unwrap_or(u64::MAX).to_be_bytes());
+    b.extend_from_slice(id);
+    b.extend_from_slice(name);
+    b
+}
+
+/// Decodes one entry produced by [`encode_entry`] (or read from a file) into a
+/// [`Snapshot`]: the same decoder `read_table` uses.
+pub(crate) fn decode_entry(raw: Vec<u8>) -> Option<Snapshot> {
+    let h: [u8; ENTRY_HEADER] = raw.get(..ENTRY_HEADER)?.try_into().ok()?;
+    let id_len = u16::from_be_bytes([h[12], h[13]]) as usize;
+    let name_len = u16::from_be_bytes([h[14], h[15]]) as usize;
+    let extra = u32::from_be_bytes([h[36], h[37], h[38], h[39]]) as usize;
+    let var = raw.get(ENTRY_HEADER..)?;
+    if var.len() != extra + id_len + name_len {
+        return None;
+    }
+    let info = decode_info(&h, var, extra, id_len);
+    Some(Snapshot {
+        l1_offset: u64::from_be_bytes(h[0..8].try_into().ok()?),
+        l1_size: u32::from_be_bytes(h[8..12].try_into().ok()?),
+        info,
+        disk_size: be64_at(&var[..extra], 8),
+        raw,
+    })
+}
+
+/// The whole table: every entry (as stored), each padded to 8 bytes. The table's
+/// length is the unpadded end of the last entry, as QEMU counts it.
+pub(crate) fn encode_table(snaps: &[Snapshot]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for s in snaps {
+        b.resize(b.len().div_ceil(8) * 8, 0);
+        b.extend_from_slice(&s.raw);
+    }
+    b
 }
 
 /// A snapshot's ID or name as QEMU shows it: cut at the first NUL and to QEMU's
@@ -159,10 +235,15 @@ pub(crate) fn read_table(
         st.read_at(&mut var, pos + 40)?;
         let info = decode_info(&h, &var, extra as usize, id_len as usize);
         pos = (pos + 40 + var_len).div_ceil(8) * 8;
+        let disk_size = be64_at(&var[..extra as usize], 8);
+        let mut raw = h.to_vec();
+        raw.extend_from_slice(&var);
         v.push(Snapshot {
             l1_offset,
             l1_size,
             info,
+            disk_size,
+            raw,
         });
     }
     if pos - hdr.snapshots_offset > MAX_SNAPSHOT_TABLE {
@@ -196,9 +277,9 @@ pub(crate) fn table_len(st: &dyn Storage, hdr: &Header) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    //! Snapshot table decoding (there is no encoder: snapshots are not created here)
-    //! on hand-built tables laid out from the qcow2 specification, and every reject
-    //! case of `read_table`.
+    //! Snapshot table decoding on hand-built tables laid out from the qcow2
+    //! specification, every reject case of `read_table`, and the encoder (new
+    //! entries, and existing ones written back byte for byte).
 
     use super::*;
     use crate::storage::MemStorage;
@@ -544,5 +625,72 @@ mod tests {
                 let _ = table_len(&st, &header(2, TABLE));
             }
         }
+    }
+
+    #[test]
+    fn encodes_a_new_entry_as_the_spec_lays_it_out() {
+        let info = SnapshotInfo {
+            id: "3".into(),
+            name: "before".into(),
+            vm_state_size: 0,
+            date_sec: 1_796_303_804,
+            date_nsec: 754_739_000,
+            vm_clock_nsec: 0,
+            icount: Some(0),
+        };
+        let b = encode_entry(0x15000, 1, &info, b"3", b"before", 1 << 20);
+        let mut e = Entry::new();
+        e.l1_offset = 0x15000;
+        e.l1_size = 1;
+        e.id = b"3";
+        e.name = b"before";
+        e.date_sec = 1_796_303_804;
+        e.date_nsec = 754_739_000;
+        e.vm_clock_nsec = 0;
+        e.extra = extra(0, 1 << 20, 0);
+        let want = e.bytes();
+        assert_eq!(b[..], want[..b.len()]);
+        assert_eq!(b.len(), 40 + 24 + 1 + 6);
+        let s = decode_entry(b.clone()).unwrap();
+        assert_eq!(s.info, info);
+        assert_eq!(s.disk_size, Some(1 << 20));
+        assert_eq!((s.l1_offset, s.l1_size), (0x15000, 1));
+        // A large VM state: the 32-bit field is 0, the 64-bit one holds it; no
+        // instruction count is stored as all ones.
+        let big = SnapshotInfo {
+            vm_state_size: 5 << 32,
+            icount: None,
+            ..info
+        };
+        let b = encode_entry(0x15000, 1, &big, b"3", b"before", 0);
+        assert_eq!(b[32..36], [0; 4]);
+        assert_eq!(b[40..48], (5u64 << 32).to_be_bytes());
+        assert_eq!(b[56..64], [0xff; 8]);
+        assert_eq!(decode_entry(b).unwrap().info, big);
+        assert!(decode_entry(vec![0; 39]).is_none());
+    }
+
+    #[test]
+    fn rewritten_tables_keep_every_byte_of_existing_entries() {
+        // Unknown extra data past the 24 bytes QEMU knows, a name with a NUL and
+        // bytes that are not UTF-8, a short v2-style entry without extra data.
+        let mut a = Entry::new();
+        a.extra = extra(1, 2 << 20, 3);
+        a.extra.extend_from_slice(b"future-field-xyz");
+        a.name = b"n\0\xff";
+        let mut b = Entry::new();
+        b.id = b"2";
+        b.extra = Vec::new();
+        let mut table = a.bytes();
+        table.extend_from_slice(&b.bytes());
+        let v = read(&table, 2, 0).unwrap();
+        assert_eq!(v[0].disk_size, Some(2 << 20));
+        assert_eq!(v[1].disk_size, None);
+        let out = encode_table(&v);
+        // The table ends at the unpadded end of the last entry.
+        assert_eq!(out[..], table[..out.len()]);
+        assert_eq!(out.len(), table.len() - (table.len() - out.len()));
+        assert!(table[out.len()..].iter().all(|&x| x == 0));
+        assert!(encode_table(&[]).is_empty());
     }
 }
