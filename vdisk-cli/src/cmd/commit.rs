@@ -42,9 +42,6 @@ pub struct Args {
     /// Treat the image name as a key=value option list.
     #[arg(long = "image-opts")]
     pub image_opts: bool,
-    /// QEMU object definitions (`secret,id=…`); accepted for compatibility.
-    #[arg(long = "object", action = clap::ArgAction::Append)]
-    pub object: Vec<String>,
     /// Image file.
     pub filename: String,
 }

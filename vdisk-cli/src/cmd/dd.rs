@@ -19,9 +19,6 @@ pub struct Args {
     /// Treat the input name as a key=value option list.
     #[arg(long = "image-opts")]
     pub image_opts: bool,
-    /// QEMU object definitions (`secret,id=…`); accepted for compatibility.
-    #[arg(long = "object", action = clap::ArgAction::Append)]
-    pub object: Vec<String>,
     /// Operands: if=INPUT of=OUTPUT [bs=SIZE] [count=BLOCKS] [skip=BLOCKS].
     pub operands: Vec<String>,
 }

@@ -32,9 +32,6 @@ pub struct Args {
     /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
     #[arg(long = "image-opts")]
     pub image_opts: bool,
-    /// QEMU object definitions (`secret,id=…`); accepted for compatibility.
-    #[arg(long = "object", action = clap::ArgAction::Append)]
-    pub object: Vec<String>,
     /// Image file.
     pub filenames: Vec<String>,
 }
