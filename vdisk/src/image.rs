@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod bitmaps;
+pub use bitmaps::default_granularity;
+
 /// How to open an image.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -168,22 +171,36 @@ impl Image {
             }
             chain::open_backing_with(&path, spec, &choice, &copts, &mut seen)
         })?;
-        Ok(Image {
+        let mut img = Image {
             driver,
             path,
             closed: AtomicBool::new(false),
             hooks: opts.hooks.clone(),
-        })
+        };
+        if !read_only {
+            img.attach_bitmaps();
+        }
+        Ok(img)
+    }
+
+    /// Registers the dirty-bitmap hook (last, so it sees requests in their final
+    /// form) when the format stores persistent bitmaps.
+    fn attach_bitmaps(&mut self) {
+        if let Some(h) = crate::hook::DirtyBitmapHook::for_driver(&self.driver) {
+            self.hooks.push(Arc::new(h));
+        }
     }
 
     /// Wraps an already-open driver (e.g. on a [`crate::storage::MemStorage`] in tests).
     pub fn from_driver(driver: Arc<dyn Driver>, path: impl Into<PathBuf>) -> Image {
-        Image {
+        let mut img = Image {
             driver,
             path: path.into(),
             closed: AtomicBool::new(false),
             hooks: Vec::new(),
-        }
+        };
+        img.attach_bitmaps();
+        img
     }
 
     /// Opens an image of `format` on any storage, without a backing file.

@@ -10,9 +10,11 @@
 //! that adds context to another ([`Error::Backing`]) holds the inner error and the
 //! context as fields.
 
+mod bitmap;
 mod corruption;
 mod reasons;
 
+pub use bitmap::BitmapError;
 pub use corruption::{Corruption, Field, Problem, Structure};
 pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature, ZeroLimit};
 
@@ -55,6 +57,9 @@ pub enum Error {
         /// What went wrong.
         source: Box<Error>,
     },
+    /// A persistent dirty bitmap operation was refused.
+    #[error("{0}")]
+    Bitmap(BitmapError),
     /// The compression library failed to compress a cluster.
     #[error("{}: {source}", compress_verb(.zstd))]
     Compress {
@@ -141,6 +146,7 @@ impl Error {
             Error::NoSpace(_) => libc::ENOSPC,
             Error::Backing { source, .. } => source.errno(),
             Error::Compress { .. } => libc::EINVAL,
+            Error::Bitmap(b) => b.errno(),
         }
     }
 }
@@ -148,6 +154,12 @@ impl Error {
 impl From<Corruption> for Error {
     fn from(c: Corruption) -> Self {
         Error::Corrupt(c)
+    }
+}
+
+impl From<BitmapError> for Error {
+    fn from(b: BitmapError) -> Self {
+        Error::Bitmap(b)
     }
 }
 

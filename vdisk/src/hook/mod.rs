@@ -26,8 +26,10 @@
 //! the way front-ends register theirs.
 
 mod detect_zeroes;
+mod dirty_bitmap;
 
 pub use detect_zeroes::{DetectZeroes, DetectZeroesMode};
+pub use dirty_bitmap::DirtyBitmapHook;
 
 use crate::error::Result;
 use crate::format::ZeroFlags;

@@ -16,6 +16,7 @@
 //! - `resize`: guest size changes. `compressed`: compressed cluster writes.
 //! - `compress`: deflate/zstd clusters.
 //! - `snapshot`: the snapshot table (read only).
+//! - `bitmap`: persistent dirty bitmaps (extension, directory, tables, write-back).
 //! - `check`: consistency check, repair and refcount rebuild.
 //! - `create`: image creation.
 //!
@@ -38,6 +39,7 @@
 
 mod alloc;
 mod allocate;
+mod bitmap;
 mod cache;
 mod check;
 mod compress;
@@ -206,6 +208,8 @@ pub(crate) struct Meta {
     pub snapshots: Vec<Snapshot>,
     /// We set the dirty bit (lazy refcounts) and must clear it on close.
     pub set_dirty: bool,
+    /// Persistent dirty bitmaps.
+    pub bm: bitmap::State,
 }
 
 impl Meta {
@@ -280,6 +284,8 @@ pub struct Qcow2 {
     /// Signalled whenever an in-flight allocation finishes.
     alloc_done: Condvar,
     closed: AtomicBool,
+    /// The bitmaps guest changes are recorded in (read without the metadata lock).
+    bm: bitmap::Tracking,
 }
 
 fn default_l2_tables(g: &Geom, size: u64, opt: Option<u64>) -> usize {
@@ -520,9 +526,11 @@ impl Qcow2 {
             has_backing,
             snapshots,
             set_dirty: false,
+            bm: bitmap::State::default(),
         };
+        let bm_rewrite = bitmap::open(&mut meta)?;
         if !opts.read_only {
-            let mut rewrite = false;
+            let mut rewrite = bm_rewrite;
             if meta.hdr.autoclear & !AUTOCLEAR_KNOWN != 0 {
                 meta.hdr.autoclear &= AUTOCLEAR_KNOWN;
                 rewrite = true;
@@ -536,7 +544,7 @@ impl Qcow2 {
                 meta.write_header()?;
             }
         }
-        Ok(Qcow2 {
+        let q = Qcow2 {
             data: meta.data.clone(),
             storage,
             backing,
@@ -548,7 +556,10 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             closed: AtomicBool::new(false),
-        })
+            bm: bitmap::Tracking::default(),
+        };
+        q.bm_refresh_active(&q.lock());
+        Ok(q)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
@@ -730,12 +741,17 @@ impl Driver for Qcow2 {
         *self.backing_spec.lock().unwrap_or_else(|p| p.into_inner()) = spec.cloned();
         Ok(())
     }
+    fn bitmaps(&self) -> Option<&dyn super::bitmap::PersistentBitmaps> {
+        Some(self)
+    }
     fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         self.closed.store(true, Ordering::Release);
         let mut m = self.lock();
+        // Bitmaps first: they allocate, and their write-back ends with a flush.
+        let stored = m.bm_store();
         m.writeback()?;
         m.flush_storages()?;
         m.unflushed = false;
@@ -744,7 +760,7 @@ impl Driver for Qcow2 {
             m.write_header()?;
             m.set_dirty = false;
         }
-        Ok(())
+        stored.map(|_| ())
     }
 }
 

@@ -32,10 +32,12 @@ impl Qcow2 {
             }
             .into());
         }
+        if new_size < cur && !shrink {
+            return Err(Invalid::ShrinkNeedsFlag.into());
+        }
+        // Bitmaps follow the disk: loaded, marked in use and resized before the size changes.
+        self.bm_resize(&mut m, new_size)?;
         if new_size < cur {
-            if !shrink {
-                return Err(Invalid::ShrinkNeedsFlag.into());
-            }
             drop(m);
             let first = new_size.div_ceil(cs);
             let last = cur.div_ceil(cs);
