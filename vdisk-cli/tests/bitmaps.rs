@@ -1,0 +1,369 @@
+//! Persistent dirty bitmaps against QEMU: bitmaps qemu-img made survive every vdisk
+//! read-write session exactly (names, flags, granularity; `qemu-img check` clean; the
+//! dirty extents qemu-nbd exports are the ranges written), `vdisk bitmap` gives the
+//! same `info` as `qemu-img bitmap`, and `vdisk serve -B` exports the bitmap as
+//! qemu-nbd does.
+
+mod cli_support;
+use cli_support::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Dirty runs `(offset, length, dirty)` as `nbdinfo --map` prints them.
+type Runs = Vec<(u64, u64, bool)>;
+
+/// A running NBD server (qemu-nbd or vdisk serve), stopped with SIGTERM on drop.
+struct Srv {
+    child: Child,
+    sock: std::path::PathBuf,
+}
+
+impl Srv {
+    fn start(dir: &Path, vdisk_serve: bool, args: &[&str], file: &str) -> Srv {
+        let sock = dir.join(format!("s-{}.sock", rand::random::<u32>()));
+        let pid = dir.join(format!("s-{}.pid", rand::random::<u32>()));
+        let mut c = if vdisk_serve {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_vdisk"));
+            c.arg("serve");
+            c
+        } else {
+            Command::new("qemu-nbd")
+        };
+        c.args(args)
+            .arg("-k")
+            .arg(&sock)
+            .arg("--pid-file")
+            .arg(&pid)
+            .arg(file)
+            .current_dir(dir)
+            .stdin(Stdio::null());
+        let mut child = c.spawn().expect("spawn NBD server");
+        let until = Instant::now() + Duration::from_secs(20);
+        while !pid.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("server {args:?} exited early: {st}");
+            }
+            assert!(Instant::now() < until, "server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Srv { child, sock }
+    }
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+    /// SIGTERM and wait (a clean shutdown: the image is closed).
+    fn stop(mut self) {
+        self.term();
+    }
+    fn term(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("server did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.term();
+        }
+    }
+}
+
+fn parse_map(out: &str) -> Runs {
+    let mut v: Runs = Vec::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let (o, n, t): (u64, u64, u64) = (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        );
+        let d = t & 1 != 0;
+        match v.last_mut() {
+            Some(l) if l.2 == d && l.0 + l.1 == o => l.1 += n,
+            _ => v.push((o, n, d)),
+        }
+    }
+    v
+}
+
+fn nbdinfo_map(uri: &str, bitmap: &str) -> Runs {
+    let o = Command::new("timeout")
+        .args(["60", "nbdinfo", &format!("--map=qemu:dirty-bitmap:{bitmap}"), uri])
+        .output()
+        .expect("nbdinfo (libnbd-bin) must be installed");
+    assert!(
+        o.status.success(),
+        "nbdinfo: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    parse_map(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// The dirty runs qemu-nbd exports for `bitmap` of `file`.
+fn qemu_map(dir: &Path, file: &str, bitmap: &str) -> Runs {
+    let s = Srv::start(dir, false, &["-r", "-t", "-f", "qcow2", "-B", bitmap], file);
+    let m = nbdinfo_map(&s.uri(), bitmap);
+    s.stop();
+    m
+}
+
+/// What the bitmaps must hold: one set of dirty bits per bitmap.
+struct Model {
+    size: u64,
+    maps: Vec<(String, u64, bool, std::collections::BTreeSet<u64>)>,
+}
+
+impl Model {
+    fn new(size: u64) -> Model {
+        Model {
+            size,
+            maps: Vec::new(),
+        }
+    }
+    fn add(&mut self, name: &str, gran: u64, enabled: bool) {
+        self.maps
+            .push((name.into(), gran, enabled, Default::default()));
+    }
+    fn write(&mut self, off: u64, len: u64) {
+        for (_, g, en, bits) in &mut self.maps {
+            if *en && len > 0 {
+                for b in off / *g..=(off + len - 1) / *g {
+                    bits.insert(b);
+                }
+            }
+        }
+    }
+    fn runs(&self, name: &str) -> Runs {
+        let (_, g, _, bits) = self.maps.iter().find(|m| m.0 == name).unwrap();
+        let mut v: Runs = Vec::new();
+        let nb = self.size.div_ceil(*g);
+        for b in 0..nb {
+            let o = b * g;
+            let n = (*g).min(self.size - o);
+            let d = bits.contains(&b);
+            match v.last_mut() {
+                Some(l) if l.2 == d => l.1 += n,
+                _ => v.push((o, n, d)),
+            }
+        }
+        v
+    }
+    fn check(&self, dir: &Path, file: &str, what: &str) {
+        for (name, ..) in &self.maps {
+            assert_eq!(
+                qemu_map(dir, file, name),
+                self.runs(name),
+                "{what}: dirty extents of bitmap {name} as qemu-nbd exports them"
+            );
+        }
+    }
+}
+
+/// `qemu-img info`'s bitmaps block (name, flags, granularity).
+fn bitmaps_info(dir: &Path, file: &str) -> serde_json::Value {
+    let j = json(&ok(
+        qemu_img(dir, &["info", "-U", "--output=json", file]),
+        "qemu-img info",
+    ));
+    j["format-specific"]["data"]["bitmaps"].clone()
+}
+
+fn qemu_check_clean(dir: &Path, file: &str, what: &str) {
+    let r = qemu_img(dir, &["check", file]);
+    assert_eq!(r.code, 0, "{what}: qemu-img check: {}{}", r.out, r.err);
+    assert!(
+        !r.out.contains("eak") && !r.err.contains("nconsistent"),
+        "{what}: {}{}",
+        r.out,
+        r.err
+    );
+}
+
+fn io(dir: &Path, file: &str, cmds: &[&str]) {
+    let mut a = vec!["io", "-f", "qcow2"];
+    for c in cmds {
+        a.push("-c");
+        a.push(c);
+    }
+    a.push(file);
+    let r = vdisk(dir, &a);
+    assert_eq!(r.code, 0, "vdisk io {cmds:?}: {}{}", r.out, r.err);
+    assert!(!r.out.contains("failed"), "vdisk io {cmds:?}: {}", r.out);
+}
+
+/// An image with four qemu-made bitmaps: default, 4 KiB, 1 MiB disabled, 512 bytes.
+fn qemu_image(dir: &Path, file: &str, size: u64) -> Model {
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", file, &size.to_string()]),
+        "create",
+    );
+    let mut m = Model::new(size);
+    for (name, g, en) in [
+        ("b1", 65536u64, true),
+        ("b4k", 4096, true),
+        ("off", 1 << 20, false),
+        ("fine", 512, true),
+    ] {
+        let gs = g.to_string();
+        let mut a = vec!["bitmap", "--add", "-g", &gs];
+        if !en {
+            a.push("--disable");
+        }
+        a.extend([file, name]);
+        ok(qemu_img(dir, &a), "qemu-img bitmap --add");
+        m.add(name, g, en);
+    }
+    m
+}
+
+#[test]
+fn qemu_bitmaps_survive_every_vdisk_read_write_session_exactly() {
+    let d = tmp();
+    let dir = d.path();
+    let size = (64 << 20) + 3 * 512;
+    let mut m = qemu_image(dir, "a.qcow2", size);
+    qemu_io(dir, "qcow2", "a.qcow2", &["write -P 1 0 64k"]);
+    m.write(0, 65536);
+    let before = bitmaps_info(dir, "a.qcow2");
+    assert_eq!(before.as_array().unwrap().len(), 4);
+
+    // Writes, zero writes (allocated and unmapping), discards, unaligned writes.
+    io(
+        dir,
+        "a.qcow2",
+        &[
+            "write -P 2 1M 4k",
+            "write -z 8M 128k",
+            "write -z -u 9M 64k",
+            "discard 16M 64k",
+            "write -P 3 20971521 3",
+            "write -P 4 33554000 1000",
+            &format!("write -P 5 {} 512", size - 512),
+        ],
+    );
+    for (o, n) in [
+        (1 << 20, 4096),
+        (8 << 20, 128 << 10),
+        (9 << 20, 64 << 10),
+        (16 << 20, 64 << 10),
+        (20971521, 3),
+        (33554000, 1000),
+        (size - 512, 512),
+    ] {
+        m.write(o, n);
+    }
+    assert_eq!(bitmaps_info(dir, "a.qcow2"), before, "after vdisk io");
+    qemu_check_clean(dir, "a.qcow2", "after vdisk io");
+    m.check(dir, "a.qcow2", "after vdisk io");
+
+    // A read-write open that writes nothing changes nothing; check -r all frees nothing.
+    io(dir, "a.qcow2", &["read 0 4k"]);
+    let r = vdisk(dir, &["check", "-r", "all", "a.qcow2"]);
+    assert_eq!(r.code, 0, "vdisk check -r all: {}{}", r.out, r.err);
+    assert!(!r.out.contains("eak"), "{}", r.out);
+    let r = vdisk(dir, &["check", "a.qcow2"]);
+    assert_eq!(r.code, 0, "vdisk check: {}{}", r.out, r.err);
+    assert_eq!(bitmaps_info(dir, "a.qcow2"), before, "after check -r all");
+    qemu_check_clean(dir, "a.qcow2", "after check -r all");
+    m.check(dir, "a.qcow2", "after check -r all");
+
+    // Writes through vdisk serve (qemu-io as the NBD client), clean shutdown.
+    let s = Srv::start(dir, true, &["-f", "qcow2", "-t"], "a.qcow2");
+    let uri = s.uri();
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 6 40M 8k", "-c", "write -z 44M 1M", &uri])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    s.stop();
+    m.write(40 << 20, 8192);
+    m.write(44 << 20, 1 << 20);
+    assert_eq!(bitmaps_info(dir, "a.qcow2"), before, "after vdisk serve");
+    qemu_check_clean(dir, "a.qcow2", "after vdisk serve");
+    m.check(dir, "a.qcow2", "after vdisk serve");
+
+    // QEMU goes on recording where vdisk left off.
+    qemu_io(dir, "qcow2", "a.qcow2", &["write -P 7 50M 64k"]);
+    m.write(50 << 20, 65536);
+    qemu_check_clean(dir, "a.qcow2", "after qemu-io");
+    m.check(dir, "a.qcow2", "after qemu-io");
+}
+
+#[test]
+fn resize_grows_and_shrinks_every_bitmap_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    let mut m = qemu_image(dir, "a.qcow2", 8 << 20);
+    io(dir, "a.qcow2", &["write 1M 4k", "write 8388000 192"]);
+    m.write(1 << 20, 4096);
+    m.write(8388000, 192);
+    let before = bitmaps_info(dir, "a.qcow2");
+    for (sz, shrink) in [(100 << 20, false), (4 << 20, true)] {
+        let s = sz.to_string();
+        let mut a = vec!["resize", "-f", "qcow2"];
+        if shrink {
+            a.push("--shrink");
+        }
+        a.extend(["a.qcow2", &s]);
+        ok(vdisk(dir, &a), "vdisk resize");
+        m.size = sz;
+        if shrink {
+            for (_, g, _, bits) in &mut m.maps {
+                let nb = sz.div_ceil(*g);
+                bits.retain(|&b| b < nb);
+            }
+        }
+        assert_eq!(bitmaps_info(dir, "a.qcow2"), before, "after resize to {sz}");
+        qemu_check_clean(dir, "a.qcow2", "after resize");
+        m.check(dir, "a.qcow2", "after resize");
+    }
+    // The same on a copy resized by qemu-img: same bitmaps, same extents.
+    io(dir, "a.qcow2", &["write 3M 64k"]);
+    m.write(3 << 20, 65536);
+    m.check(dir, "a.qcow2", "after a write past the old end");
+}
+
+#[test]
+fn vdisk_check_counts_bitmap_clusters_and_in_use_bitmaps_are_kept() {
+    let d = tmp();
+    let dir = d.path();
+    qemu_image(dir, "a.qcow2", 16 << 20);
+    io(dir, "a.qcow2", &["write 0 1M"]);
+    // A writer killed mid-session (qemu-io raising SIGKILL) leaves its bitmaps in use.
+    let _ = qemu_io_run(dir, &["-c", "write 2M 64k", "-c", "sigraise 9", "a.qcow2"]);
+    let flags: Vec<String> = bitmaps_info(dir, "a.qcow2")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["flags"].to_string())
+        .collect();
+    assert!(flags[0].contains("in-use"), "{flags:?}");
+    let before = bitmaps_info(dir, "a.qcow2");
+    // vdisk keeps inconsistent bitmaps as they are, in check and in read-write sessions.
+    let r = vdisk(dir, &["check", "-r", "all", "a.qcow2"]);
+    assert_eq!(r.code, 0, "{}{}", r.out, r.err);
+    io(dir, "a.qcow2", &["write 4M 64k"]);
+    assert_eq!(bitmaps_info(dir, "a.qcow2"), before);
+    qemu_check_clean(dir, "a.qcow2", "in-use bitmaps after vdisk");
+    let r = vdisk(dir, &["check", "a.qcow2"]);
+    assert_eq!(r.code, 0, "{}{}", r.out, r.err);
+}
