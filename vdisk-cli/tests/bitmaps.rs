@@ -107,7 +107,12 @@ fn parse_map(out: &str) -> Runs {
 
 fn nbdinfo_map(uri: &str, bitmap: &str) -> Runs {
     let o = Command::new("timeout")
-        .args(["60", "nbdinfo", &format!("--map=qemu:dirty-bitmap:{bitmap}"), uri])
+        .args([
+            "60",
+            "nbdinfo",
+            &format!("--map=qemu:dirty-bitmap:{bitmap}"),
+            uri,
+        ])
         .output()
         .expect("nbdinfo (libnbd-bin) must be installed");
     assert!(
@@ -213,7 +218,10 @@ fn io(dir: &Path, file: &str, cmds: &[&str]) {
 /// An image with four qemu-made bitmaps: default, 4 KiB, 1 MiB disabled, 512 bytes.
 fn qemu_image(dir: &Path, file: &str, size: u64) -> Model {
     ok(
-        qemu_img(dir, &["create", "-q", "-f", "qcow2", file, &size.to_string()]),
+        qemu_img(
+            dir,
+            &["create", "-q", "-f", "qcow2", file, &size.to_string()],
+        ),
         "create",
     );
     let mut m = Model::new(size);
@@ -290,7 +298,15 @@ fn qemu_bitmaps_survive_every_vdisk_read_write_session_exactly() {
     let s = Srv::start(dir, true, &["-f", "qcow2", "-t"], "a.qcow2");
     let uri = s.uri();
     let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 6 40M 8k", "-c", "write -z 44M 1M", &uri])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 6 40M 8k",
+            "-c",
+            "write -z 44M 1M",
+            &uri,
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
