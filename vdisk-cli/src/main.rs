@@ -36,6 +36,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change the backing file of an image.
     Rebase(cmd::rebase::Args),
+    /// Change the persistent dirty bitmaps of an image.
+    Bitmap(cmd::bitmap::Args),
     /// Run a simple I/O benchmark on an image.
     Bench(cmd::bench::Args),
     /// Run qemu-io style commands on an image.
@@ -71,6 +73,7 @@ fn main() {
         Command::Resize(a) => cmd::resize::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),
     };

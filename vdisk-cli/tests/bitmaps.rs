@@ -383,3 +383,154 @@ fn vdisk_check_counts_bitmap_clusters_and_in_use_bitmaps_are_kept() {
     let r = vdisk(dir, &["check", "a.qcow2"]);
     assert_eq!(r.code, 0, "{}{}", r.out, r.err);
 }
+
+/// Runs the same `bitmap` command with qemu-img on `q.qcow2` and vdisk on `v.qcow2`:
+/// same exit code, same message.
+fn both(dir: &Path, args: &[&str]) {
+    let mut qa = vec!["bitmap"];
+    qa.extend(args.iter().map(|a| if *a == "IMG" { "q.qcow2" } else { a }));
+    let mut va = vec!["bitmap"];
+    va.extend(args.iter().map(|a| if *a == "IMG" { "v.qcow2" } else { a }));
+    let q = qemu_img(dir, &qa);
+    let v = vdisk(dir, &va);
+    assert_eq!(
+        v.code, q.code,
+        "{args:?}: vdisk {} / qemu-img {}",
+        v.err, q.err
+    );
+    assert_eq!(
+        v.err
+            .replace("vdisk:", "qemu-img:")
+            .replace("v.qcow2", "q.qcow2"),
+        q.err,
+        "{args:?}"
+    );
+}
+
+fn same_info(dir: &Path, what: &str) {
+    let mut i = Vec::new();
+    for f in ["q.qcow2", "v.qcow2"] {
+        let mut j = json(&ok(
+            qemu_img(dir, &["info", "-U", "--output=json", f]),
+            "qemu-img info",
+        ));
+        strip_keys(&mut j, &["children", "actual-size", "filename"]);
+        i.push(j);
+    }
+    assert_eq!(i[1], i[0], "{what}: qemu-img info of the vdisk-made image");
+    // vdisk's own info prints the same JSON and the same human block.
+    let mut vj = json(&ok(
+        vdisk(dir, &["info", "--output=json", "v.qcow2"]),
+        "info",
+    ));
+    strip_keys(&mut vj, &["children", "actual-size", "filename"]);
+    assert_eq!(vj, i[0], "{what}: vdisk info --output=json");
+    let human = |r: Run| -> String {
+        r.out
+            .lines()
+            .skip_while(|l| !l.starts_with("Format specific"))
+            .take_while(|l| !l.starts_with("Child node"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        human(vdisk(dir, &["info", "v.qcow2"])),
+        human(qemu_img(dir, &["info", "q.qcow2"])),
+        "{what}: human info"
+    );
+    qemu_check_clean(dir, "v.qcow2", what);
+}
+
+#[test]
+fn vdisk_bitmap_sequences_give_the_same_info_as_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    for f in ["q.qcow2", "v.qcow2"] {
+        ok(
+            qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]),
+            "create",
+        );
+    }
+    let seqs: &[&[&str]] = &[
+        &["--add", "IMG", "b1"],
+        &["--add", "-g", "128k", "--disable", "IMG", "b2"],
+        &["--add", "--remove", "IMG", "b3"],
+        &["--add", "IMG", "b1"],
+        &["--remove", "IMG", "nope"],
+        &["--clear", "IMG", "nope"],
+        &["--add", "-g", "3000", "IMG", "g"],
+        &["--add", "-g", "256", "IMG", "g"],
+        &["--add", "IMG", ""],
+        &["--add", "-g", "1k", "IMG", "fine"],
+        &["--disable", "--enable", "IMG", "fine"],
+        &["-g", "64k", "--remove", "IMG", "b1"],
+        &["-F", "qcow2", "--merge", "b1", "IMG", "b2"],
+        &["IMG", "b1"],
+        &["--add", "IMG"],
+    ];
+    for s in seqs {
+        both(dir, s);
+    }
+    same_info(dir, "after the command sequences");
+    // Contents: writes recorded by enabled bitmaps, then merged, cleared, re-enabled.
+    for f in ["q.qcow2", "v.qcow2"] {
+        qemu_io(dir, "qcow2", f, &["write 1M 64k", "write 5M 1k"]);
+    }
+    for s in [
+        &["--merge", "b1", "IMG", "b2"][..],
+        &["--clear", "--disable", "IMG", "fine"],
+        &["--enable", "IMG", "b2"],
+    ] {
+        both(dir, s);
+    }
+    for f in ["q.qcow2", "v.qcow2"] {
+        qemu_io(dir, "qcow2", f, &["write 9M 4k"]);
+    }
+    same_info(dir, "after writes and merges");
+    for b in ["b1", "b2", "fine"] {
+        assert_eq!(
+            qemu_map(dir, "v.qcow2", b),
+            qemu_map(dir, "q.qcow2", b),
+            "bitmap {b}: dirty extents of the vdisk-changed image"
+        );
+    }
+    // Merge from another file (-b, -F) into a bitmap of v.qcow2.
+    let v = vdisk(dir, &["bitmap", "--add", "v.qcow2", "m"]);
+    assert_eq!(v.code, 0, "{}", v.err);
+    let v = vdisk(
+        dir,
+        &[
+            "bitmap", "--merge", "b2", "-b", "q.qcow2", "-F", "qcow2", "v.qcow2", "m",
+        ],
+    );
+    assert_eq!(v.code, 0, "{}", v.err);
+    assert_eq!(
+        qemu_map(dir, "v.qcow2", "m"),
+        qemu_map(dir, "q.qcow2", "b2")
+    );
+    // v2 images and raw files cannot hold bitmaps.
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "old.qcow2",
+                "1M",
+            ],
+        ),
+        "create v2",
+    );
+    let v = vdisk(dir, &["bitmap", "--add", "old.qcow2", "b"]);
+    assert_eq!(v.code, 1);
+    assert!(
+        v.err
+            .contains("Cannot store dirty bitmaps in qcow2 v2 files"),
+        "{}",
+        v.err
+    );
+}

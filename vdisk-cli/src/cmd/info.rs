@@ -3,6 +3,7 @@
 use crate::common::{self, allocated_size};
 use crate::output::{size_to_str, to_json_pretty, QDict, QValue};
 use std::path::{Path, PathBuf};
+use vdisk::format::bitmap::BitmapInfo;
 use vdisk::format::{FormatSpecific, SnapshotInfo};
 use vdisk::{Format, Image, OpenOptions};
 
@@ -41,6 +42,7 @@ struct ImageInfo {
     backing_format: Option<Format>,
     specific: FormatSpecific,
     snapshots: Vec<SnapshotInfo>,
+    bitmaps: Vec<BitmapInfo>,
     file_length: u64,
 }
 
@@ -74,6 +76,7 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         backing_format: spec.as_ref().and_then(|s| s.format),
         specific: d.format_specific(),
         snapshots: d.snapshots(),
+        bitmaps: d.bitmaps(),
         file_length,
     })
 }
@@ -130,7 +133,31 @@ fn collect_all(a: &Args, format: Option<Format>) -> Result<Vec<ImageInfo>, Strin
     Ok(out)
 }
 
-fn specific_json(s: &FormatSpecific) -> Option<QDict> {
+/// The `bitmaps` list of qcow2's format-specific data (QEMU's `Qcow2BitmapInfo`).
+fn bitmaps_json(bitmaps: &[BitmapInfo]) -> QValue {
+    QValue::List(
+        bitmaps
+            .iter()
+            .map(|b| {
+                let mut d = QDict::new();
+                d.str("name", b.name.clone());
+                d.int("granularity", b.granularity);
+                d.put(
+                    "flags",
+                    QValue::List(
+                        b.flags()
+                            .iter()
+                            .map(|f| QValue::Str(f.to_string()))
+                            .collect(),
+                    ),
+                );
+                QValue::Dict(d)
+            })
+            .collect(),
+    )
+}
+
+fn specific_json(s: &FormatSpecific, bitmaps: &[BitmapInfo]) -> Option<QDict> {
     let FormatSpecific::Qcow2 {
         compat,
         compression_type,
@@ -147,6 +174,9 @@ fn specific_json(s: &FormatSpecific) -> Option<QDict> {
     let v3 = compat != "0.10";
     if v3 {
         data.bool("lazy-refcounts", *lazy_refcounts);
+        if !bitmaps.is_empty() {
+            data.put("bitmaps", bitmaps_json(bitmaps));
+        }
     }
     data.int("refcount-bits", *refcount_bits);
     if v3 {
@@ -288,7 +318,7 @@ fn to_qdict(i: &ImageInfo) -> QDict {
             QValue::List(i.snapshots.iter().map(snapshot_json).collect()),
         );
     }
-    if let Some(fs) = specific_json(&i.specific) {
+    if let Some(fs) = specific_json(&i.specific, &i.bitmaps) {
         d.put("format-specific", QValue::Dict(fs));
     }
     d.put("children", QValue::List(vec![QValue::Dict(child)]));
@@ -331,7 +361,7 @@ fn human(i: &ImageInfo) -> String {
             s.push('\n');
         }
     }
-    s.push_str(&specific_human(&i.specific));
+    s.push_str(&specific_human_with(&i.specific, &i.bitmaps));
     s.push_str("Child node '/file':\n");
     s.push_str(&format!("    filename: {}\n", i.filename));
     s.push_str("    protocol type: file\n");
@@ -347,6 +377,12 @@ fn human(i: &ImageInfo) -> String {
 /// The "Format specific information" block of the human output (empty when the format
 /// has none); `vdisk io`'s `info` prints the same block.
 pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
+    specific_human_with(spec, &[])
+}
+
+/// [`specific_human`] with the image's persistent bitmaps (listed after lazy refcounts,
+/// as qemu-img does).
+pub(crate) fn specific_human_with(spec: &FormatSpecific, bitmaps: &[BitmapInfo]) -> String {
     let mut s = String::new();
     if let FormatSpecific::Qcow2 {
         compat,
@@ -363,6 +399,19 @@ pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
         let v3 = compat != "0.10";
         if v3 {
             s.push_str(&format!("    lazy refcounts: {lazy_refcounts}\n"));
+            if !bitmaps.is_empty() {
+                s.push_str("    bitmaps:\n");
+                for (i, b) in bitmaps.iter().enumerate() {
+                    s.push_str(&format!("        [{i}]:\n            flags:\n"));
+                    for (k, f) in b.flags().iter().enumerate() {
+                        s.push_str(&format!("                [{k}]: {f}\n"));
+                    }
+                    s.push_str(&format!(
+                        "            name: {}\n            granularity: {}\n",
+                        b.name, b.granularity
+                    ));
+                }
+            }
         }
         s.push_str(&format!("    refcount bits: {refcount_bits}\n"));
         if v3 {

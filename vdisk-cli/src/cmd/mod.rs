@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod compare;
 pub mod convert;
