@@ -534,3 +534,202 @@ fn vdisk_bitmap_sequences_give_the_same_info_as_qemu_img() {
         v.err
     );
 }
+
+fn nbdinfo_contexts(uri: &str) -> Vec<String> {
+    let o = Command::new("timeout")
+        .args(["60", "nbdinfo", "--list", uri])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| l.starts_with("base:") || l.starts_with("qemu:"))
+        .collect()
+}
+
+#[test]
+fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
+    let d = tmp();
+    let dir = d.path();
+    qemu_image(dir, "a.qcow2", (32 << 20) + 512);
+    qemu_io(
+        dir,
+        "qcow2",
+        "a.qcow2",
+        &["write 0 64k", "write 3M 1k", "write 30M 2M"],
+    );
+    let bms = ["-B", "b1", "-B", "b4k", "-B", "off", "-B", "fine"];
+    // Read-only: the same contexts and the same maps as qemu-nbd.
+    for ro in [true, false] {
+        let mut args = vec!["-f", "qcow2", "-t"];
+        if ro {
+            args.push("-r");
+        }
+        args.extend(bms);
+        std::fs::copy(dir.join("a.qcow2"), dir.join("q.qcow2")).unwrap();
+        let v = Srv::start(dir, true, &args, "a.qcow2");
+        let q = Srv::start(dir, false, &args, "q.qcow2");
+        assert_eq!(
+            nbdinfo_contexts(&v.uri()),
+            nbdinfo_contexts(&q.uri()),
+            "ro={ro}"
+        );
+        if !ro {
+            // Writes through each export are recorded live, as qemu-nbd does.
+            for s in [&v, &q] {
+                let o = Command::new("qemu-io")
+                    .args([
+                        "-f",
+                        "raw",
+                        "-c",
+                        "write 5M 4k",
+                        "-c",
+                        "write -z 7M 1M",
+                        "-c",
+                        "discard 20M 64k",
+                        &s.uri(),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(o.status.success());
+            }
+        }
+        for b in ["b1", "b4k", "off", "fine"] {
+            assert_eq!(
+                nbdinfo_map(&v.uri(), b),
+                nbdinfo_map(&q.uri(), b),
+                "ro={ro}: qemu:dirty-bitmap:{b}"
+            );
+        }
+        v.stop();
+        q.stop();
+        qemu_check_clean(dir, "a.qcow2", "after serve -B");
+    }
+    // A missing bitmap fails like qemu-nbd.
+    let r = vdisk(
+        dir,
+        &[
+            "serve", "-r", "-f", "qcow2", "-B", "nope", "-k", "x.sock", "a.qcow2",
+        ],
+    );
+    assert_eq!(r.code, 1);
+    assert_eq!(r.err, "vdisk: Bitmap 'nope' is not found\n");
+}
+
+#[test]
+fn incremental_backup_over_nbd_restores_the_live_image() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "live.qcow2", "16M"]),
+        "create",
+    );
+    qemu_io(
+        dir,
+        "qcow2",
+        "live.qcow2",
+        &["write -P 1 0 4M", "write -P 2 10M 1M"],
+    );
+    // Full backup, and a bitmap recording every later change.
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "live.qcow2",
+                "full.qcow2",
+            ],
+        ),
+        "full backup",
+    );
+    ok(
+        vdisk(dir, &["bitmap", "--add", "-g", "64k", "live.qcow2", "inc"]),
+        "add",
+    );
+    // The guest writes through vdisk serve.
+    let s = Srv::start(dir, true, &["-f", "qcow2", "-t"], "live.qcow2");
+    let o = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 3 1M 4k",
+            "-c",
+            "write -P 4 6M 100k",
+            "-c",
+            "write -z 10M 64k",
+            "-c",
+            "write -P 5 16773120 4096",
+            &s.uri(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    s.stop();
+    // Incremental: only the dirty extents, read over NBD.
+    let s = Srv::start(
+        dir,
+        true,
+        &["-r", "-f", "qcow2", "-t", "-B", "inc"],
+        "live.qcow2",
+    );
+    let map = nbdinfo_map(&s.uri(), "inc");
+    let dirty: Vec<(u64, u64)> = map.iter().filter(|r| r.2).map(|r| (r.0, r.1)).collect();
+    assert_eq!(dirty.len(), 4, "{map:?}");
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "full.qcow2",
+                "-F",
+                "qcow2",
+                "inc.qcow2",
+            ],
+        ),
+        "increment",
+    );
+    let sock = s.sock.display().to_string();
+    for (off, len) in &dirty {
+        let src = format!(
+            "json:{{\"driver\":\"raw\",\"offset\":{off},\"size\":{len},\"file\":{{\"driver\":\"nbd\",\"server\":{{\"type\":\"unix\",\"path\":\"{sock}\"}}}}}}"
+        );
+        ok(
+            qemu_img(dir, &["convert", "-O", "raw", &src, "chunk.bin"]),
+            "read extent",
+        );
+        qemu_io(
+            dir,
+            "qcow2",
+            "inc.qcow2",
+            &[&format!("write -s chunk.bin {off} {len}")],
+        );
+    }
+    s.stop();
+    let r = qemu_img(
+        dir,
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "inc.qcow2",
+            "live.qcow2",
+        ],
+    );
+    assert_eq!(r.code, 0, "restore = full + increment: {}{}", r.out, r.err);
+    // Only the dirty extents were copied into the increment.
+    let copied: u64 = dirty.iter().map(|d| d.1).sum();
+    assert!(copied <= 4 * 65536 + 2 * 65536, "copied {copied} bytes");
+    qemu_check_clean(dir, "live.qcow2", "live after backup");
+}

@@ -206,6 +206,11 @@ impl DirtyBitmap {
     /// The runs of `[offset, offset + len)` (clipped to the disk size): `(offset, length,
     /// dirty)`, consecutive, alternating. Bounded by the bitmap's size.
     pub fn extents(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        self.extents_max(offset, len, usize::MAX)
+    }
+    /// [`DirtyBitmap::extents`], stopping after `max` runs (the last run then ends where
+    /// the bits change).
+    pub fn extents_max(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u64, bool)> {
         let b = self.read();
         let end = offset.saturating_add(len).min(b.size);
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
@@ -229,8 +234,10 @@ impl DirtyBitmap {
                 nb += 1;
             }
             let run_end = (nb << self.shift).min(end);
+            let n = out.len();
             match out.last_mut() {
                 Some(l) if l.2 == dirty => l.1 += run_end - pos,
+                _ if n >= max => break,
                 _ => out.push((pos, run_end - pos, dirty)),
             }
             pos = run_end;
@@ -332,6 +339,10 @@ pub trait PersistentBitmaps: Send + Sync + std::fmt::Debug {
     fn get(&self, name: &str) -> Result<DirtyBitmap>;
     /// Writes every changed bitmap back and clears their in-use flags (close).
     fn store(&self) -> Result<()>;
+    /// The bitmap `name` itself, shared: an enabled bitmap of a read-write image keeps
+    /// recording writes in it (NBD exports read it live). A bitmap not loaded is read
+    /// from disk.
+    fn view(&self, name: &str) -> Result<std::sync::Arc<DirtyBitmap>>;
 }
 
 #[cfg(test)]

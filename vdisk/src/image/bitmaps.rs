@@ -53,6 +53,11 @@ impl Image {
     pub fn bitmap(&self, name: &str) -> Result<DirtyBitmap> {
         self.pb()?.get(name)
     }
+    /// The bitmap `name` itself, shared and live (an enabled bitmap of a read-write
+    /// image records later writes in it): what an export reads.
+    pub fn bitmap_view(&self, name: &str) -> Result<std::sync::Arc<DirtyBitmap>> {
+        self.pb()?.view(name)
+    }
     /// The runs of `[offset, offset + len)` as bitmap `name` sees them: `(offset,
     /// length, dirty)`, consecutive.
     pub fn dirty_extents(

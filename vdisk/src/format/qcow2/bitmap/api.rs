@@ -304,6 +304,21 @@ impl PersistentBitmaps for Qcow2 {
         load(&m, i)
     }
 
+    fn view(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        let mut m = self.lock();
+        let i = find(&m, name)?;
+        if let Some(b) = &m.bm.entries[i].mem {
+            return Ok(b.clone());
+        }
+        if m.bm.entries[i].dir.in_use() {
+            return Err(BitmapError::Inconsistent(m.bm.entries[i].dir.name()).into());
+        }
+        let b = Arc::new(load(&m, i)?);
+        // Kept, so that later views (and a later enable) share it.
+        m.bm.entries[i].mem = Some(b.clone());
+        Ok(b)
+    }
+
     fn store(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
