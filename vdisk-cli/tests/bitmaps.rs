@@ -733,3 +733,65 @@ fn incremental_backup_over_nbd_restores_the_live_image() {
     assert!(copied <= 4 * 65536 + 2 * 65536, "copied {copied} bytes");
     qemu_check_clean(dir, "live.qcow2", "live after backup");
 }
+
+#[test]
+fn convert_bitmaps_like_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    let m = qemu_image(dir, "s.qcow2", 16 << 20);
+    qemu_io(dir, "qcow2", "s.qcow2", &["write 1M 64k", "write 9M 3k"]);
+    for (tool, out) in [("q", "q.qcow2"), ("v", "v.qcow2")] {
+        let args = ["convert", "--bitmaps", "-O", "qcow2", "s.qcow2", out];
+        let r = if tool == "q" {
+            qemu_img(dir, &args)
+        } else {
+            vdisk(dir, &args)
+        };
+        assert_eq!(r.code, 0, "{tool}: {}", r.err);
+    }
+    same_info(dir, "convert --bitmaps");
+    for (name, ..) in &m.maps {
+        assert_eq!(
+            qemu_map(dir, "v.qcow2", name),
+            qemu_map(dir, "s.qcow2", name),
+            "bitmap {name} copied by vdisk convert --bitmaps"
+        );
+    }
+    // Refusals and inconsistent bitmaps, with qemu-img's messages and exit codes.
+    let _ = qemu_io_run(dir, &["-c", "write 0 4k", "-c", "sigraise 9", "s.qcow2"]);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "two.qcow2", "1M"]),
+        "create",
+    );
+    for args in [
+        &["--bitmaps", "-O", "raw", "s.qcow2", "OUT.raw"][..],
+        &[
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "s.qcow2",
+            "two.qcow2",
+            "OUT.qcow2",
+        ],
+        &["--bitmaps", "-O", "qcow2", "s.qcow2", "OUT.qcow2"],
+        &[
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "s.qcow2",
+            "OUT.qcow2",
+        ],
+    ] {
+        let qa: Vec<String> = std::iter::once("convert".to_string())
+            .chain(args.iter().map(|a| a.replace("OUT", "q")))
+            .collect();
+        let va: Vec<String> = std::iter::once("convert".to_string())
+            .chain(args.iter().map(|a| a.replace("OUT", "q")))
+            .collect();
+        let q = qemu_img(dir, &qa.iter().map(String::as_str).collect::<Vec<_>>());
+        let v = vdisk(dir, &va.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(v.code, q.code, "{args:?}: {} / {}", v.err, q.err);
+        assert_eq!(v.err.replace("vdisk:", "qemu-img:"), q.err, "{args:?}");
+    }
+}

@@ -21,6 +21,10 @@ impl Image {
             .bitmaps()
             .ok_or_else(|| BitmapError::NotSupported(self.format().name()).into())
     }
+    /// Whether the format stores persistent bitmaps.
+    pub fn supports_bitmaps(&self) -> bool {
+        self.driver.bitmaps().is_some()
+    }
     /// The image's persistent bitmaps, in directory order (none for formats without).
     pub fn bitmaps(&self) -> Vec<BitmapInfo> {
         self.driver.bitmaps().map(|b| b.list()).unwrap_or_default()
