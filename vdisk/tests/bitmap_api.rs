@@ -129,7 +129,8 @@ fn hostile_bitmap_metadata_is_refused_by_name() {
     let e = ext_at(&good);
     let dir = u64::from_be_bytes(good[e + 16..e + 24].try_into().unwrap()) as usize;
     let table = u64::from_be_bytes(good[dir..dir + 8].try_into().unwrap()) as usize;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Patch)> = vec![
         (
             "zero bitmaps",
             Box::new(move |b| b[e..e + 4].copy_from_slice(&0u32.to_be_bytes())),
