@@ -323,14 +323,14 @@ impl Image {
         self.after_read(bufs, offset)
     }
     /// Writes consecutive guest bytes from several buffers, as one request (gathered
-    /// into one buffer only when hooks are registered).
+    /// into one buffer only when a hook looks at or changes the bytes).
     pub fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         if self.hooks.is_empty() {
             return self.driver.write_vectored(bufs, offset);
         }
         self.hooked(Request::Write {
             offset,
-            data: Payload::gather(bufs),
+            data: Payload::vectored(bufs),
         })
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
@@ -405,7 +405,10 @@ impl Image {
     /// Hands a request, in its final form, to the driver.
     fn submit(&self, req: &Request<'_>) -> Result<()> {
         match req {
-            Request::Write { offset, data } => self.driver.write_at(data.bytes(), *offset),
+            Request::Write { offset, data } => match data.slices() {
+                Some(s) => self.driver.write_vectored(s, *offset),
+                None => self.driver.write_at(data.bytes(), *offset),
+            },
             Request::Zeroes { offset, len, flags } => {
                 self.driver.write_zeroes(*offset, *len, *flags)
             }
