@@ -3,7 +3,8 @@
 # qcow2 image without bitmaps and with two enabled persistent bitmaps (64 KiB and
 # 4 KiB granularity), in interleaved rounds (the order rotates every round); prints
 # the medians of IOPS and of the server's CPU microseconds per write.
-# VDISK_BASE=/path/to/vdisk adds an older build (no bitmaps) as a baseline.
+# VDISK_BASE=/path/to/vdisk adds an older build (no bitmaps) as a baseline; SKIP_FIO=1
+# runs only the second part (bench -w, CPU per process).
 #
 # Usage: bench/bitmaps.sh        SIZE_MB=512 RUNTIME=10 REPS=5 by default
 set -euo pipefail
@@ -85,6 +86,7 @@ print(j["iops"], float(sys.argv[2]) * 1e6 / max(j["total_ios"], 1))
 PY
 }
 
+if [ -z "${SKIP_FIO:-}" ]; then
 KINDS=(vdisk-none vdisk-bm qemu-none qemu-bm)
 [ -n "${VDISK_BASE:-}" ] && KINDS+=(base-none)
 declare -A vals=()
@@ -119,3 +121,27 @@ print(f"vdisk two bitmaps / qemu-nbd two bitmaps: {ratio('vdisk-bm', 'qemu-bm'):
 if "base-none" in rows:
     print(f"vdisk none / base none (hook cost without bitmaps): {ratio('vdisk-none', 'base-none'):.3f}")
 PY
+fi
+
+# Part 2: the same write path without NBD, CPU time per process (robust on a busy
+# machine): `bench -w` 4 KiB writes at depth 32 over the allocated image, vdisk and
+# qemu-img, with and without the two bitmaps (qemu-img records them too).
+B=$tmp/b
+mkdir -p "$B"
+COUNT=${COUNT:-200000}
+python3 - "$B" "$VDISK" "$tmp" "$COUNT" >"$B/cases.json" <<'PY'
+import json, sys
+b, vdisk, tmp, count = sys.argv[1:5]
+prep = f"cp {tmp}/none.qcow2 {b}/none.qcow2 && cp {tmp}/bm.qcow2 {b}/bm.qcow2"
+def cmd(tool, img):
+    return f"{tool} bench -w -f qcow2 -c {count} -d 32 -s 4k -t none {b}/{img}.qcow2"
+print(json.dumps([{
+    "name": "bench -w 4k depth 32",
+    "prepare": prep,
+    "cmds": [["vdisk two bitmaps", cmd(vdisk, "bm")], ["vdisk none", cmd(vdisk, "none")],
+             ["qemu-img two bitmaps", cmd("qemu-img", "bm")], ["qemu-img none", cmd("qemu-img", "none")]],
+}]))
+PY
+echo
+echo "bench -w 4k x $COUNT, depth 32, cache=none (abrun.py, RUNS=${RUNS:-$REPS})"
+RUNS=${RUNS:-$REPS} python3 bench/abrun.py <"$B/cases.json"
