@@ -375,13 +375,8 @@ fn human(i: &ImageInfo) -> String {
 }
 
 /// The "Format specific information" block of the human output (empty when the format
-/// has none); `vdisk io`'s `info` prints the same block.
-pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
-    specific_human_with(spec, &[])
-}
-
-/// [`specific_human`] with the image's persistent bitmaps (listed after lazy refcounts,
-/// as qemu-img does).
+/// has none), with the image's persistent bitmaps after lazy refcounts as qemu-img
+/// lists them; `vdisk io`'s `info` prints the same block.
 pub(crate) fn specific_human_with(spec: &FormatSpecific, bitmaps: &[BitmapInfo]) -> String {
     let mut s = String::new();
     if let FormatSpecific::Qcow2 {
