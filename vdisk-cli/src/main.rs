@@ -52,6 +52,8 @@ enum Command {
     Commit(cmd::commit::Args),
     /// List, create, apply or delete internal snapshots.
     Snapshot(cmd::snapshot::Args),
+    /// Change the persistent dirty bitmaps of an image.
+    Bitmap(cmd::bitmap::Args),
     /// Run a simple I/O benchmark on an image.
     Bench(cmd::bench::Args),
     /// Run qemu-io style commands on an image.
@@ -114,6 +116,7 @@ fn main() {
         Command::Dd(a) => cmd::dd::run(a),
         Command::Amend(a) => cmd::amend::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),
     };

@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Number of clients served at once (0: unlimited).
     #[arg(short = 'e', long = "shared", default_value_t = 1)]
     pub shared: usize,
+    /// Export the persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME metadata
+    /// context (repeatable).
+    #[arg(short = 'B', long = "bitmap")]
+    pub bitmaps: Vec<String>,
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     pub allocation_depth: bool,
@@ -222,6 +226,10 @@ pub fn run(a: ServeArgs) -> i32 {
         Ok(i) => Arc::new(i),
         Err(e) => return err(e),
     };
+    let export = match Export::new(image.clone(), plan.export).with_bitmaps(&a.bitmaps) {
+        Ok(e) => Arc::new(e),
+        Err(e) => return err(e),
+    };
     let listener = match &a.socket {
         Some(p) => Listener::unix(p).map_err(|e| format!("cannot listen on {}: {e}", p.display())),
         None => Listener::tcp(&a.bind, a.port)
@@ -245,7 +253,6 @@ pub fn run(a: ServeArgs) -> i32 {
             return err(format!("cannot install signal handler: {e}"));
         }
     }
-    let export = Arc::new(Export::new(image.clone(), plan.export));
     let server = match Server::new(listener, export.clone(), plan.server) {
         Ok(s) => s,
         Err(e) => return err(e),

@@ -4,6 +4,7 @@
 use crate::proto;
 use std::sync::Arc;
 use vdisk::chain::ChainExtent;
+use vdisk::format::bitmap::DirtyBitmap;
 use vdisk::{ExtentKind, Image};
 
 /// What TRIM and unmapping zero writes do (`--discard`).
@@ -40,14 +41,22 @@ pub enum MetaContext {
     BaseAllocation,
     /// `qemu:allocation-depth`: 0 unallocated, 1 top image, 2 its backing file...
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME` (`-B NAME`): 1 = dirty; the index of the export's
+    /// bitmap.
+    DirtyBitmap(u32),
 }
 
+/// Context ids of dirty bitmaps start here.
+const BITMAP_ID_BASE: u32 = 3;
+
 impl MetaContext {
-    /// The context's name on the wire.
+    /// The context's name on the wire (a dirty bitmap's name is the export's:
+    /// [`Export::context_name`]).
     pub fn name(self) -> &'static str {
         match self {
             MetaContext::BaseAllocation => "base:allocation",
             MetaContext::AllocationDepth => "qemu:allocation-depth",
+            MetaContext::DirtyBitmap(_) => "qemu:dirty-bitmap:",
         }
     }
     /// Context id used in SET_META_CONTEXT replies and status chunks (fixed: the
@@ -56,6 +65,7 @@ impl MetaContext {
         match self {
             MetaContext::BaseAllocation => 1,
             MetaContext::AllocationDepth => 2,
+            MetaContext::DirtyBitmap(i) => BITMAP_ID_BASE.saturating_add(i),
         }
     }
     /// Looks a context up by id.
@@ -63,6 +73,7 @@ impl MetaContext {
         match id {
             1 => Some(MetaContext::BaseAllocation),
             2 => Some(MetaContext::AllocationDepth),
+            i if i >= BITMAP_ID_BASE => Some(MetaContext::DirtyBitmap(i - BITMAP_ID_BASE)),
             _ => None,
         }
     }
@@ -79,6 +90,8 @@ impl MetaContext {
                 ExtentKind::Unallocated => 0,
                 _ => e.depth.saturating_add(1),
             },
+            // Dirty bitmaps are answered from the bitmap, not the chain.
+            MetaContext::DirtyBitmap(_) => 0,
         }
     }
 }
@@ -90,12 +103,66 @@ pub struct Export {
     pub image: Arc<Image>,
     /// Policy.
     pub cfg: ExportConfig,
+    /// Dirty bitmaps exported as `qemu:dirty-bitmap:NAME` contexts (`-B`), in the
+    /// order qemu-nbd lists them. Live: an enabled bitmap of a writable export goes on
+    /// recording writes, as in qemu-nbd.
+    pub bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
 }
 
 impl Export {
     /// Wraps an open image.
     pub fn new(image: Arc<Image>, cfg: ExportConfig) -> Export {
-        Export { image, cfg }
+        Export {
+            image,
+            cfg,
+            bitmaps: Vec::new(),
+        }
+    }
+
+    /// Exports the image's persistent bitmaps `names` (`-B`, in command-line order;
+    /// qemu-nbd lists them last first). Fails naming a missing or inconsistent bitmap.
+    pub fn with_bitmaps(mut self, names: &[String]) -> Result<Export, String> {
+        for n in names.iter().rev() {
+            if self.bitmaps.iter().any(|(x, _)| x == n) {
+                continue;
+            }
+            let b = self.image.bitmap_view(n).map_err(|e| match e {
+                vdisk::Error::Bitmap(vdisk::error::BitmapError::NotFound(_)) => {
+                    format!("Bitmap '{n}' is not found")
+                }
+                e => e.to_string(),
+            })?;
+            self.bitmaps.push((n.clone(), b));
+        }
+        Ok(self)
+    }
+
+    /// A context's name on the wire.
+    pub fn context_name(&self, c: MetaContext) -> String {
+        match c {
+            MetaContext::DirtyBitmap(i) => format!(
+                "qemu:dirty-bitmap:{}",
+                self.bitmaps.get(i as usize).map_or("", |b| b.0.as_str())
+            ),
+            c => c.name().to_string(),
+        }
+    }
+
+    /// Descriptors `(length, status)` of exported bitmap `i` over `[offset, offset+len)`
+    /// (status 1 = dirty), at most `max` of them.
+    pub fn bitmap_descriptors(&self, i: u32, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)> {
+        let Some((_, b)) = self.bitmaps.get(i as usize) else {
+            return vec![(len, 0)];
+        };
+        let mut d: Vec<(u64, u32)> = b
+            .extents_max(offset, len, max)
+            .into_iter()
+            .map(|(_, l, dirty)| (l, u32::from(dirty)))
+            .collect();
+        if d.is_empty() {
+            d.push((len, 0));
+        }
+        d
     }
 
     /// Guest size.
@@ -148,12 +215,17 @@ impl Export {
         if self.cfg.allocation_depth {
             v.push(MetaContext::AllocationDepth);
         }
+        for i in 0..self.bitmaps.len() {
+            v.push(MetaContext::DirtyBitmap(i as u32));
+        }
         v
     }
 
     /// Resolves one SET_META_CONTEXT query to a context (unknown queries select nothing).
     pub fn select_context(&self, query: &str) -> Option<MetaContext> {
-        self.contexts().into_iter().find(|c| c.name() == query)
+        self.contexts()
+            .into_iter()
+            .find(|c| self.context_name(*c) == query)
     }
 
     /// Contexts matching a LIST_META_CONTEXT query: exact names, or a namespace
@@ -162,7 +234,8 @@ impl Export {
         self.contexts()
             .into_iter()
             .filter(|c| {
-                let name = c.name();
+                let name = self.context_name(*c);
+                let name = name.as_str();
                 name == query
                     || (query.ends_with(':') && name.starts_with(query) && !query.is_empty())
             })

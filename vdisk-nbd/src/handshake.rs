@@ -351,7 +351,7 @@ pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result
                 for c in &chosen {
                     let mut b = Buf::default();
                     b.u32(if set { c.id() } else { 0 })
-                        .bytes(c.name().as_bytes());
+                        .bytes(export.context_name(*c).as_bytes());
                     opt_reply(s, opt, proto::REP_META_CONTEXT, &b.0)?;
                 }
                 opt_reply(s, opt, proto::REP_ACK, &[])?;

@@ -434,12 +434,24 @@ impl Conn<'_> {
             return Err(fail(proto::EINVAL, "BLOCK_STATUS of length 0"));
         }
         let req_one = r.flags & proto::CMD_FLAG_REQ_ONE != 0;
-        let runs: Vec<ChainExtent> =
-            self.export
-                .status_runs(r.offset, len, if req_one { 1 } else { MAX_RUNS })?;
+        let max = if req_one { 1 } else { MAX_RUNS };
+        // The chain is only walked for the contexts that describe it.
+        let runs: Vec<ChainExtent> = if contexts
+            .iter()
+            .any(|c| !matches!(c, MetaContext::DirtyBitmap(_)))
+        {
+            self.export.status_runs(r.offset, len, max)?
+        } else {
+            Vec::new()
+        };
         let last = contexts.len() - 1;
         for (i, ctx) in contexts.iter().enumerate() {
-            let mut d = descriptors(*ctx, &runs);
+            let mut d = match ctx {
+                MetaContext::DirtyBitmap(b) => {
+                    self.export.bitmap_descriptors(*b, r.offset, len, max)
+                }
+                c => descriptors(*c, &runs),
+            };
             if req_one {
                 d.truncate(1);
             }

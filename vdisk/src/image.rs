@@ -24,6 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod bitmaps;
+pub use bitmaps::default_granularity;
+
 /// How to open an image.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -207,7 +210,7 @@ impl Image {
             }
             chain::open_backing_with(&path, spec, &choice, &copts, &mut seen)
         })?;
-        Ok(Image {
+        let mut img = Image {
             driver,
             path,
             closed: AtomicBool::new(false),
@@ -216,12 +219,24 @@ impl Image {
             protocol_root,
             probed,
             discard,
-        })
+        };
+        if !read_only {
+            img.attach_bitmaps();
+        }
+        Ok(img)
+    }
+
+    /// Registers the dirty-bitmap hook (last, so it sees requests in their final
+    /// form) when the format stores persistent bitmaps.
+    fn attach_bitmaps(&mut self) {
+        if let Some(h) = crate::hook::DirtyBitmapHook::for_driver(&self.driver) {
+            self.hooks.push(Arc::new(h));
+        }
     }
 
     /// Wraps an already-open driver (e.g. on a [`crate::storage::MemStorage`] in tests).
     pub fn from_driver(driver: Arc<dyn Driver>, path: impl Into<PathBuf>) -> Image {
-        Image {
+        let mut img = Image {
             driver,
             path: path.into(),
             closed: AtomicBool::new(false),
@@ -230,7 +245,9 @@ impl Image {
             protocol_root: false,
             probed: false,
             discard: DiscardMode::Unmap,
-        }
+        };
+        img.attach_bitmaps();
+        img
     }
 
     /// Opens an image of `format` on any storage, without a backing file.
@@ -398,14 +415,14 @@ impl Image {
         self.after_read(bufs, offset)
     }
     /// Writes consecutive guest bytes from several buffers, as one request (gathered
-    /// into one buffer only when hooks are registered).
+    /// into one buffer only when a hook looks at or changes the bytes).
     pub fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         if self.hooks.is_empty() {
             return self.driver.write_vectored(bufs, offset);
         }
         self.hooked(Request::Write {
             offset,
-            data: Payload::gather(bufs),
+            data: Payload::vectored(bufs),
         })
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
@@ -486,7 +503,10 @@ impl Image {
     /// Hands a request, in its final form, to the driver.
     fn submit(&self, req: &Request<'_>) -> Result<()> {
         match req {
-            Request::Write { offset, data } => self.driver.write_at(data.bytes(), *offset),
+            Request::Write { offset, data } => match data.slices() {
+                Some(s) => self.driver.write_vectored(s, *offset),
+                None => self.driver.write_at(data.bytes(), *offset),
+            },
             Request::Zeroes { offset, len, flags } => {
                 // A hook may have turned a data write into a zero write.
                 let flags = ZeroFlags {

@@ -243,11 +243,27 @@ fn persistent_bitmaps_counted_like_qemu() {
         let img = open(&f, false);
         assert_eq!(img.check(Repair::default()).unwrap().leaks, 0);
     }
-    // A writer without bitmap support clears the autoclear bit: QEMU then considers
-    // the bitmaps stale and their clusters leaked; so do we.
+    // A vdisk read-write session keeps them consistent (it records its writes).
     {
         let img = open(&f, true);
         img.write_at(&[1u8; 10], 3 << 20).unwrap();
+    }
+    same_as_qemu(&f);
+    let (code, _, err) = run_status("qemu-img", &["check", p(&f)]);
+    assert_eq!(code, 0, "{err}");
+    // A writer without bitmap support clears the autoclear bit: QEMU then considers
+    // the bitmaps stale and their clusters leaked; so do we.
+    let mut b = std::fs::read(&f).unwrap();
+    b[95] &= !1;
+    std::fs::write(&f, &b).unwrap();
+    same_as_qemu(&f);
+    let (code, _, err) = run_status("qemu-img", &["check", p(&f)]);
+    assert_eq!(code, 3, "{err}");
+    // A read-write open drops the stale extension (as QEMU does); the leaks remain.
+    {
+        let img = open(&f, true);
+        img.write_at(&[2u8; 10], 4 << 20).unwrap();
+        assert!(img.bitmaps().is_empty());
     }
     same_as_qemu(&f);
     let (code, _, err) = run_status("qemu-img", &["check", p(&f)]);

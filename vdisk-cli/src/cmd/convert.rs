@@ -92,6 +92,12 @@ pub struct Args {
     /// or both), or an ID or name.
     #[arg(short = 'l', action = clap::ArgAction::Append)]
     pub snapshot: Vec<String>,
+    /// Copy the source's persistent dirty bitmaps to the target.
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// With --bitmaps, skip inconsistent bitmaps (with a warning) instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
     /// Source images followed by the target.
     pub files: Vec<String>,
 }
@@ -616,7 +622,9 @@ pub fn run(a: Args) -> i32 {
     match run_inner(a) {
         Ok(()) => 0,
         Err(e) => {
-            common::error(e);
+            if !e.is_empty() {
+                common::error(e);
+            }
             1
         }
     }
@@ -632,6 +640,45 @@ fn parse_sparse(s: Option<&str>) -> Result<u64, String> {
             "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
         )),
     }
+}
+
+/// `--bitmaps`: the source must store bitmaps, and (without `--skip-broken-bitmaps`)
+/// none may be inconsistent. Bitmaps are looked at last first, as qemu-img does.
+fn check_bitmaps(src: &Image, skip_broken: bool) -> Result<(), String> {
+    if !src.supports_bitmaps() {
+        return Err("Source lacks bitmap support".into());
+    }
+    if !skip_broken {
+        if let Some(b) = src.bitmaps().iter().rev().find(|b| b.in_use) {
+            common::error(format!("Cannot copy inconsistent bitmap '{}'", b.name));
+            eprintln!("Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it");
+            return Err(String::new());
+        }
+    }
+    Ok(())
+}
+
+/// Adds every consistent bitmap of `src` to `dst` (same name, granularity, enabled
+/// state) with the same bits.
+fn copy_bitmaps(src: &Image, dst: &Image, skip_broken: bool) -> Result<(), String> {
+    let all = src.bitmaps();
+    // qemu-img warns about the inconsistent ones last first, and the target lists the
+    // copies in the source's order.
+    for b in all.iter().rev().filter(|b| b.in_use) {
+        if !skip_broken {
+            return Err(format!("Cannot copy inconsistent bitmap '{}'", b.name));
+        }
+        common::error(format!(
+            "warning: Skipping inconsistent bitmap '{}'",
+            b.name
+        ));
+    }
+    for b in all.iter().filter(|b| !b.in_use) {
+        dst.add_bitmap(&b.name, Some(b.granularity), b.enabled)
+            .and_then(|_| dst.merge_bitmap(&b.name, src, &b.name))
+            .map_err(|e| format!("Failed to populate bitmap {}: {e}", b.name))?;
+    }
+    Ok(())
 }
 
 fn run_inner(a: Args) -> Result<(), String> {
@@ -707,6 +754,9 @@ fn run_inner(a: Args) -> Result<(), String> {
         None => None,
     };
 
+    if a.bitmaps && src_names.len() > 1 {
+        return Err("Copying bitmaps only possible with single source".into());
+    }
     // Sources, concatenated.
     let mut sources = Vec::new();
     let mut total = 0u64;
@@ -741,6 +791,9 @@ fn run_inner(a: Args) -> Result<(), String> {
             .ok_or("the sources together are too large")?;
     }
 
+    if a.bitmaps {
+        check_bitmaps(&sources[0].img, a.skip_broken_bitmaps)?;
+    }
     if !a.no_create {
         let typed = crate::cmd::create::check_options(out_fmt, &opts)?;
         let mut backing = a.backing.clone();
@@ -802,6 +855,11 @@ fn run_inner(a: Args) -> Result<(), String> {
     )?;
     if a.compress && !target.format().caps().compression {
         return Err("Compression not supported for this file format".into());
+    }
+    if a.bitmaps && !target.supports_bitmaps() {
+        return Err(format!(
+            "Format driver '{out_fmt}' does not support bitmaps"
+        ));
     }
     if a.no_create && target.size() < total {
         return Err("output file is smaller than input file".into());
@@ -880,6 +938,10 @@ fn run_inner(a: Args) -> Result<(), String> {
     }
     if let Some(e) = job.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
+    }
+    if a.bitmaps {
+        // After the data, so the copy itself is not recorded in the new bitmaps.
+        copy_bitmaps(&sources[0].img, &target, a.skip_broken_bitmaps)?;
     }
     target
         .close()

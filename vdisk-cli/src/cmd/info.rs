@@ -3,6 +3,7 @@
 use crate::common::{self, allocated_size};
 use crate::output::{dump_human, size_to_str, to_json_pretty, QDict, QValue};
 use std::path::{Path, PathBuf};
+use vdisk::format::bitmap::BitmapInfo;
 use vdisk::format::{DriverOptions, EncryptionInfo, FormatSpecific, SnapshotInfo};
 use vdisk::{Format, Image, OpenOptions};
 
@@ -41,6 +42,7 @@ struct ImageInfo {
     backing_format: Option<Format>,
     specific: FormatSpecific,
     snapshots: Vec<SnapshotInfo>,
+    bitmaps: Vec<BitmapInfo>,
     file_length: u64,
     /// Opened as a bare protocol node: qemu shows the protocol as the format.
     protocol_root: Option<&'static str>,
@@ -114,6 +116,7 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         backing_format: spec.as_ref().and_then(|s| s.format),
         specific,
         snapshots: d.snapshots(),
+        bitmaps: d.bitmaps(),
         file_length,
         protocol_root: d.protocol_root(),
         protocol: d.protocol(),
@@ -272,7 +275,35 @@ fn encrypt_dict(e: &EncryptionInfo) -> QDict {
     }
 }
 
-fn specific_json(s: &FormatSpecific, enc: Option<&EncryptionInfo>) -> Option<QDict> {
+/// The `bitmaps` list of qcow2's format-specific data (QEMU's `Qcow2BitmapInfo`).
+fn bitmaps_json(bitmaps: &[BitmapInfo]) -> QValue {
+    QValue::List(
+        bitmaps
+            .iter()
+            .map(|b| {
+                let mut d = QDict::new();
+                d.str("name", b.name.clone());
+                d.int("granularity", b.granularity);
+                d.put(
+                    "flags",
+                    QValue::List(
+                        b.flags()
+                            .iter()
+                            .map(|f| QValue::Str(f.to_string()))
+                            .collect(),
+                    ),
+                );
+                QValue::Dict(d)
+            })
+            .collect(),
+    )
+}
+
+fn specific_json(
+    s: &FormatSpecific,
+    enc: Option<&EncryptionInfo>,
+    bitmaps: &[BitmapInfo],
+) -> Option<QDict> {
     if let (FormatSpecific::None, Some(EncryptionInfo::Luks(l))) = (s, enc) {
         let mut d = QDict::new();
         d.str("type", "luks");
@@ -295,6 +326,9 @@ fn specific_json(s: &FormatSpecific, enc: Option<&EncryptionInfo>) -> Option<QDi
     let v3 = compat != "0.10";
     if v3 {
         data.bool("lazy-refcounts", *lazy_refcounts);
+        if !bitmaps.is_empty() {
+            data.put("bitmaps", bitmaps_json(bitmaps));
+        }
     }
     data.int("refcount-bits", *refcount_bits);
     if let Some(e) = enc {
@@ -482,7 +516,7 @@ fn to_qdict(i: &ImageInfo) -> QDict {
     if i.encryption.is_some() {
         d.bool("encrypted", true);
     }
-    if let Some(fs) = specific_json(&i.specific, i.encryption.as_ref())
+    if let Some(fs) = specific_json(&i.specific, i.encryption.as_ref(), &i.bitmaps)
         .or_else(|| vmdk_json(&i.specific, &i.filename))
     {
         d.put("format-specific", QValue::Dict(fs));
@@ -540,7 +574,7 @@ fn human(i: &ImageInfo) -> String {
     if !i.snapshots.is_empty() {
         s.push_str(&snapshot_list(&i.snapshots));
     }
-    s.push_str(&specific_human_enc(&i.specific, i.encryption.as_ref()));
+    s.push_str(&specific_human_full(&i.specific, i.encryption.as_ref(), &i.bitmaps));
     if i.protocol_root.is_some() {
         return s;
     }
@@ -573,13 +607,17 @@ fn human(i: &ImageInfo) -> String {
 
 /// The "Format specific information" block of the human output (empty when the format
 /// has none); `vdisk io`'s `info` prints the same block.
-pub(crate) fn specific_human(spec: &FormatSpecific) -> String {
-    specific_human_enc(spec, None)
+pub(crate) fn specific_human_with(spec: &FormatSpecific, bitmaps: &[BitmapInfo]) -> String {
+    specific_human_full(spec, None, bitmaps)
 }
 
-/// [`specific_human`] with the image's encryption (qcow2's `encrypt:` block, a LUKS
-/// volume's header).
-pub(crate) fn specific_human_enc(spec: &FormatSpecific, enc: Option<&EncryptionInfo>) -> String {
+/// The block with the image's encryption (qcow2's `encrypt:` block, a LUKS volume's
+/// header) and persistent bitmaps (after lazy refcounts, as qemu-img lists them).
+pub(crate) fn specific_human_full(
+    spec: &FormatSpecific,
+    enc: Option<&EncryptionInfo>,
+    bitmaps: &[BitmapInfo],
+) -> String {
     let mut s = String::new();
     if let (FormatSpecific::None, Some(EncryptionInfo::Luks(l))) = (spec, enc) {
         s.push_str("Format specific information:\n");
@@ -601,6 +639,19 @@ pub(crate) fn specific_human_enc(spec: &FormatSpecific, enc: Option<&EncryptionI
         let v3 = compat != "0.10";
         if v3 {
             s.push_str(&format!("    lazy refcounts: {lazy_refcounts}\n"));
+            if !bitmaps.is_empty() {
+                s.push_str("    bitmaps:\n");
+                for (i, b) in bitmaps.iter().enumerate() {
+                    s.push_str(&format!("        [{i}]:\n            flags:\n"));
+                    for (k, f) in b.flags().iter().enumerate() {
+                        s.push_str(&format!("                [{k}]: {f}\n"));
+                    }
+                    s.push_str(&format!(
+                        "            name: {}\n            granularity: {}\n",
+                        b.name, b.granularity
+                    ));
+                }
+            }
         }
         s.push_str(&format!("    refcount bits: {refcount_bits}\n"));
         if let Some(e) = enc {

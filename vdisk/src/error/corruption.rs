@@ -473,6 +473,11 @@ impl fmt::Display for Corruption {
             (S::L1Table, P::ReservedBits { raw, .. }) => {
                 write!(f, "L1 entry {entry} ({raw:#x}) has reserved bits set")
             }
+            (S::BitmapTable, P::ReservedBits { raw, guest_cluster }) => write!(
+                f,
+                "bitmap {entry}: bitmap table entry {} ({raw:#x}) has reserved bits set",
+                guest_cluster.unwrap_or(0)
+            ),
             (_, P::ReservedBits { raw, guest_cluster }) => write!(
                 f,
                 "L2 entry {raw:#x} of guest cluster {} has reserved bits set",

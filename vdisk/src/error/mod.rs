@@ -10,12 +10,14 @@
 //! that adds context to another ([`Error::Backing`]) holds the inner error and the
 //! context as fields.
 
+mod bitmap;
 mod corruption;
 mod reasons;
 mod snapshot;
 mod vhdx;
 mod vmdk;
 
+pub use bitmap::BitmapError;
 pub use corruption::{Corruption, Field, Problem, Structure};
 pub use reasons::{Invalid, NoSpace, Unsupported, V3Feature, ZeroLimit};
 pub use snapshot::SnapshotError;
@@ -67,6 +69,9 @@ pub enum Error {
     /// An internal snapshot operation was refused.
     #[error("{0}")]
     Snapshot(SnapshotError),
+    /// A persistent dirty bitmap operation was refused.
+    #[error("{0}")]
+    Bitmap(BitmapError),
     /// The compression library failed to compress a cluster.
     #[error("{}: {source}", compress_verb(.zstd))]
     Compress {
@@ -155,6 +160,7 @@ impl Error {
             Error::Compress { .. } => libc::EINVAL,
             Error::Crypto(e) => e.errno(),
             Error::Snapshot(s) => s.errno(),
+            Error::Bitmap(b) => b.errno(),
         }
     }
 }
@@ -162,6 +168,12 @@ impl Error {
 impl From<Corruption> for Error {
     fn from(c: Corruption) -> Self {
         Error::Corrupt(c)
+    }
+}
+
+impl From<BitmapError> for Error {
+    fn from(b: BitmapError) -> Self {
+        Error::Bitmap(b)
     }
 }
 

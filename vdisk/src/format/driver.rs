@@ -309,6 +309,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn set_backing_spec(&self, _spec: Option<&BackingSpec>) -> Result<()> {
         Err(Unsupported::NoBackingFile(self.format().name()).into())
     }
+    /// The format's persistent dirty bitmaps, if it stores them (qcow2).
+    fn bitmaps(&self) -> Option<&dyn super::bitmap::PersistentBitmaps> {
+        None
+    }
     /// Flushes and marks the image clean. Called once when the last user lets go.
     fn close(&self) -> Result<()> {
         self.flush()

@@ -5,6 +5,7 @@
 //! the chain layer passes to `open`, so a format knows nothing of paths, probing or
 //! front-ends.
 //!
+//! - [`bitmap`]: persistent dirty bitmaps (in memory, and what a format offers).
 //! - [`driver`]: the contract ([`Driver`] and the types it speaks).
 //! - [`mapping`]: the typed mapping contract a driver implements for the data path.
 //! - [`datapath`]: the generic vectored read/write path, in-flight ordering, chain
@@ -17,6 +18,7 @@
 //! - [`util`]: helpers shared by the formats.
 //! - `raw`, `qcow2`, `qed`, `vmdk`, `vhdx`, `vpc` (VHD), `vdi`, `luks`: the formats.
 
+pub mod bitmap;
 pub mod datapath;
 pub mod driver;
 pub mod foreign;

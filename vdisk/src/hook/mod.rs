@@ -26,8 +26,10 @@
 //! the way front-ends register theirs.
 
 mod detect_zeroes;
+mod dirty_bitmap;
 
 pub use detect_zeroes::{DetectZeroes, DetectZeroesMode};
+pub use dirty_bitmap::DirtyBitmapHook;
 
 use crate::error::Result;
 use crate::format::ZeroFlags;
@@ -36,46 +38,97 @@ use std::borrow::Cow;
 /// The bytes of a data write as hooks see them: the caller's buffer until a hook
 /// replaces it (an encrypting hook hands on its ciphertext without touching the
 /// caller's memory). Hooks use its methods, not its representation, so a vectored
-/// write (a list of `IoSlice`s) can be carried without gathering it first.
+/// write (a list of `IoSlice`s) is carried without gathering it: the slices are only
+/// copied into one buffer if a hook asks for [`Payload::bytes`] or changes them, and
+/// otherwise reach the driver as they came (hooks that only look at the range, like
+/// dirty bitmaps, cost no copy).
 #[derive(Debug)]
-pub struct Payload<'a>(Cow<'a, [u8]>);
+pub struct Payload<'a> {
+    repr: Repr<'a>,
+    /// The slices gathered, once a hook asked for the bytes.
+    gathered: std::cell::OnceCell<Vec<u8>>,
+}
+
+#[derive(Debug)]
+enum Repr<'a> {
+    Bytes(Cow<'a, [u8]>),
+    Slices(&'a [std::io::IoSlice<'a>], usize),
+}
+
+fn gather_slices(bufs: &[std::io::IoSlice<'_>]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+    bufs.iter().for_each(|b| v.extend_from_slice(b));
+    v
+}
 
 impl<'a> Payload<'a> {
+    fn of(repr: Repr<'a>) -> Payload<'a> {
+        Payload {
+            repr,
+            gathered: std::cell::OnceCell::new(),
+        }
+    }
     /// Wraps the caller's buffer.
     pub fn borrowed(buf: &'a [u8]) -> Payload<'a> {
-        Payload(Cow::Borrowed(buf))
+        Payload::of(Repr::Bytes(Cow::Borrowed(buf)))
     }
-    /// Gathers a vectored write into one buffer (done only when hooks are registered;
-    /// the hook-free path hands the slices to the driver as they are).
+    /// Wraps the caller's slices of a vectored write, without copying them.
+    pub fn vectored(bufs: &'a [std::io::IoSlice<'a>]) -> Payload<'a> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        Payload::of(Repr::Slices(bufs, len))
+    }
+    /// Gathers a vectored write into one owned buffer.
     pub fn gather(bufs: &[std::io::IoSlice<'_>]) -> Payload<'static> {
-        let mut v = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
-        bufs.iter().for_each(|b| v.extend_from_slice(b));
-        Payload(Cow::Owned(v))
+        Payload::of(Repr::Bytes(Cow::Owned(gather_slices(bufs))))
     }
-    /// The bytes that will be written.
+    /// The bytes that will be written (a vectored write is gathered the first time).
     pub fn bytes(&self) -> &[u8] {
-        &self.0
+        match &self.repr {
+            Repr::Bytes(c) => c,
+            Repr::Slices(s, _) => self.gathered.get_or_init(|| gather_slices(s)),
+        }
+    }
+    /// The caller's slices, when the payload is still the vectored write it came as.
+    pub fn slices(&self) -> Option<&[std::io::IoSlice<'a>]> {
+        match &self.repr {
+            Repr::Slices(s, _) => Some(s),
+            Repr::Bytes(_) => None,
+        }
     }
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        match &self.repr {
+            Repr::Bytes(c) => c.len(),
+            Repr::Slices(_, n) => *n,
+        }
     }
     /// Whether there are no bytes.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
     /// Whether every byte is zero.
     pub fn is_zero(&self) -> bool {
-        is_zero(&self.0)
+        match &self.repr {
+            Repr::Bytes(c) => is_zero(c),
+            Repr::Slices(s, _) => s.iter().all(|b| is_zero(b)),
+        }
     }
     /// Replaces the bytes (same length expected by the driver: the request's range is
     /// `offset..offset+len` of the new bytes).
     pub fn replace(&mut self, bytes: Vec<u8>) {
-        self.0 = Cow::Owned(bytes);
+        self.repr = Repr::Bytes(Cow::Owned(bytes));
+        self.gathered = std::cell::OnceCell::new();
     }
     /// The bytes for modification in place (copies the caller's buffer the first time).
     pub fn to_mut(&mut self) -> &mut Vec<u8> {
-        self.0.to_mut()
+        if let Repr::Slices(s, _) = &self.repr {
+            let v = self.gathered.take().unwrap_or_else(|| gather_slices(s));
+            self.repr = Repr::Bytes(Cow::Owned(v));
+        }
+        match &mut self.repr {
+            Repr::Bytes(c) => c.to_mut(),
+            Repr::Slices(..) => unreachable!("converted above"),
+        }
     }
 }
 
@@ -293,6 +346,14 @@ mod tests {
         let (a, b) = ([1u8, 2], [3u8]);
         let g = Payload::gather(&[std::io::IoSlice::new(&a), std::io::IoSlice::new(&b)]);
         assert_eq!(g.bytes(), &[1, 2, 3]);
+        let sl = [std::io::IoSlice::new(&a), std::io::IoSlice::new(&b)];
+        let mut v = Payload::vectored(&sl);
+        assert_eq!((v.len(), v.is_zero()), (3, false));
+        assert!(v.slices().is_some());
+        assert_eq!(v.bytes(), &[1, 2, 3]);
+        v.to_mut()[2] = 0;
+        assert!(v.slices().is_none());
+        assert_eq!(v.bytes(), &[1, 2, 0]);
     }
 
     #[test]

@@ -1110,7 +1110,8 @@ fn info_f(s: &mut OpenFile, _args: &[String]) -> bool {
         cvtstr(vm_state_offset(d.size(), cluster, &spec) as f64)
     );
     // Like out!: a closed stdout is not an error here.
-    let _ = std::io::stdout().write_all(crate::cmd::info::specific_human(&spec).as_bytes());
+    let _ = std::io::stdout()
+        .write_all(crate::cmd::info::specific_human_with(&spec, &d.bitmaps()).as_bytes());
     true
 }
 

@@ -29,10 +29,9 @@ pub const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Compatible feature: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
-/// Autoclear bits this driver keeps (it never modifies bitmaps or an external data file,
-/// so the bits QEMU defines stay true... except bitmaps: writes here would make them
-/// stale, so only "raw external data" is kept; bitmaps are cleared like unknown bits).
-pub const AUTOCLEAR_KNOWN: u64 = 1 << 1;
+/// Autoclear bits this driver keeps: bitmaps (bit 0, kept exact by the `bitmap` module,
+/// which drops the extension itself when the bit was found clear) and raw external data.
+pub const AUTOCLEAR_KNOWN: u64 = (1 << 0) | (1 << 1);
 
 /// Header extension: backing file format name.
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;

@@ -17,6 +17,7 @@
 //! - `compress`: deflate/zstd clusters.
 //! - `snapshot`: the snapshot table (decode, encode). `snapshot_ops`: create, apply
 //!   and delete internal snapshots.
+//! - `bitmap`: persistent dirty bitmaps (extension, directory, tables, write-back).
 //! - `check`: consistency check, repair and refcount rebuild.
 //! - `amend`: option changes of an existing image (compat, refcount width, lazy
 //!   refcounts, size).
@@ -45,6 +46,7 @@
 mod alloc;
 mod allocate;
 mod amend;
+mod bitmap;
 mod cache;
 mod check;
 mod compress;
@@ -217,6 +219,8 @@ pub(crate) struct Meta {
     pub snapshots: Vec<Snapshot>,
     /// We set the dirty bit (lazy refcounts) and must clear it on close.
     pub set_dirty: bool,
+    /// Persistent dirty bitmaps.
+    pub bm: bitmap::State,
 }
 
 impl Meta {
@@ -293,6 +297,8 @@ pub struct Qcow2 {
     closed: AtomicBool,
     /// The image's encryption, if any.
     crypto: Option<crypto::Encryption>,
+    /// The bitmaps guest changes are recorded in (read without the metadata lock).
+    bm: bitmap::Tracking,
 }
 
 fn default_l2_tables(g: &Geom, size: u64, opt: Option<u64>) -> usize {
@@ -531,9 +537,11 @@ impl Qcow2 {
             has_backing,
             snapshots,
             set_dirty: false,
+            bm: bitmap::State::default(),
         };
+        let bm_rewrite = bitmap::open(&mut meta)?;
         if !opts.read_only {
-            let mut rewrite = false;
+            let mut rewrite = bm_rewrite;
             if meta.hdr.autoclear & !AUTOCLEAR_KNOWN != 0 {
                 meta.hdr.autoclear &= AUTOCLEAR_KNOWN;
                 rewrite = true;
@@ -547,7 +555,7 @@ impl Qcow2 {
                 meta.write_header()?;
             }
         }
-        Ok(Qcow2 {
+        let q = Qcow2 {
             data: meta.data.clone(),
             storage,
             backing,
@@ -560,7 +568,10 @@ impl Qcow2 {
             alloc_done: Condvar::new(),
             closed: AtomicBool::new(false),
             crypto,
-        })
+            bm: bitmap::Tracking::default(),
+        };
+        q.bm_refresh_active(&q.lock());
+        Ok(q)
     }
 
     /// The data cipher of an encrypted image.
@@ -803,12 +814,17 @@ impl Driver for Qcow2 {
         *self.backing_spec.lock().unwrap_or_else(|p| p.into_inner()) = spec.cloned();
         Ok(())
     }
+    fn bitmaps(&self) -> Option<&dyn super::bitmap::PersistentBitmaps> {
+        Some(self)
+    }
     fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         self.closed.store(true, Ordering::Release);
         let mut m = self.lock();
+        // Bitmaps first: they allocate, and their write-back ends with a flush.
+        let stored = m.bm_store();
         m.writeback()?;
         m.flush_storages()?;
         m.unflushed = false;
@@ -817,7 +833,7 @@ impl Driver for Qcow2 {
             m.write_header()?;
             m.set_dirty = false;
         }
-        Ok(())
+        stored.map(|_| ())
     }
 }
 

@@ -28,10 +28,12 @@ impl Qcow2 {
         if !m.snapshots.is_empty() && m.g.version < 3 {
             return Err(Unsupported::ResizeV2WithSnapshots.into());
         }
+        if new_size < cur && !shrink {
+            return Err(Invalid::ShrinkNeedsFlag.into());
+        }
+        // Bitmaps follow the disk: loaded, marked in use and resized before the size changes.
+        self.bm_resize(&mut m, new_size)?;
         if new_size < cur {
-            if !shrink {
-                return Err(Invalid::ShrinkNeedsFlag.into());
-            }
             drop(m);
             let first = new_size.div_ceil(cs);
             let last = cur.div_ceil(cs);
