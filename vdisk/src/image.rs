@@ -443,6 +443,15 @@ impl Image {
     pub fn file_length(&self) -> Result<u64> {
         Ok(self.driver.storage().len()?)
     }
+    /// The protocol the image's file is reached by (`file`, `nbd`).
+    pub fn file_protocol(&self) -> &'static str {
+        self.driver.storage().protocol_name()
+    }
+    /// The canonical name of the image's file when it is not a host file (an NBD
+    /// export's `nbd+unix:///e?socket=s`), as QEMU shows it.
+    pub fn exact_filename(&self) -> Option<String> {
+        self.driver.storage().exact_filename()
+    }
 
     // ---- Snapshots and amend (issue 8) ----
     //

@@ -31,6 +31,8 @@ pub struct Args {
 /// What `info` reports about one image (qemu's `ImageInfo`).
 struct ImageInfo {
     filename: String,
+    /// The protocol of the image's file (`file`, `nbd`).
+    protocol: &'static str,
     format: Format,
     dirty: bool,
     actual_size: Option<u64>,
@@ -58,11 +60,13 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
     } else {
         d.size()
     };
+    let local = d.file_protocol() == "file";
     Ok(ImageInfo {
-        filename: filename.to_string(),
+        filename: d.exact_filename().unwrap_or_else(|| filename.to_string()),
+        protocol: d.file_protocol(),
         format: d.format(),
         dirty: d.is_dirty(),
-        actual_size: allocated_size(Path::new(filename)),
+        actual_size: local.then(|| allocated_size(Path::new(filename))).flatten(),
         virtual_size,
         cluster_size: d.cluster_size(),
         full_backing_filename: spec.as_ref().map(|s| {
@@ -245,18 +249,25 @@ fn snapshot_row(sn: Option<&SnapshotInfo>) -> String {
 }
 
 fn to_qdict(i: &ImageInfo) -> QDict {
+    // A network protocol (nbd) has no image info of its own: no dirty flag, no
+    // format-specific block, as qemu-img shows it.
+    let local = i.protocol == "file";
     let mut file = QDict::new();
     file.str("filename", i.filename.clone());
-    file.str("format", "file");
-    file.bool("dirty-flag", false);
+    file.str("format", i.protocol);
+    if local {
+        file.bool("dirty-flag", false);
+    }
     if let Some(a) = i.actual_size {
         file.int("actual-size", a);
     }
     file.int("virtual-size", i.file_length);
-    let mut fs = QDict::new();
-    fs.str("type", "file");
-    fs.put("data", QValue::Dict(QDict::new()));
-    file.put("format-specific", QValue::Dict(fs));
+    if local {
+        let mut fs = QDict::new();
+        fs.str("type", "file");
+        fs.put("data", QValue::Dict(QDict::new()));
+        file.put("format-specific", QValue::Dict(fs));
+    }
     file.put("children", QValue::List(Vec::new()));
     let mut child = QDict::new();
     child.str("name", "file");
@@ -265,7 +276,9 @@ fn to_qdict(i: &ImageInfo) -> QDict {
     let mut d = QDict::new();
     d.str("filename", i.filename.clone());
     d.str("format", i.format.name());
-    d.bool("dirty-flag", i.dirty);
+    if local {
+        d.bool("dirty-flag", i.dirty);
+    }
     if let Some(a) = i.actual_size {
         d.int("actual-size", a);
     }
@@ -334,7 +347,7 @@ fn human(i: &ImageInfo) -> String {
     s.push_str(&specific_human(&i.specific));
     s.push_str("Child node '/file':\n");
     s.push_str(&format!("    filename: {}\n", i.filename));
-    s.push_str("    protocol type: file\n");
+    s.push_str(&format!("    protocol type: {}\n", i.protocol));
     s.push_str(&format!(
         "    file length: {} ({} bytes)\n",
         size_to_str(i.file_length),

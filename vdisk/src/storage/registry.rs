@@ -169,21 +169,20 @@ mod tests {
     #[test]
     fn unbuilt_protocols_parse_then_fail_by_name() {
         let mut n = Node::new();
-        n.insert_str("driver", "nbd").unwrap();
-        n.insert_str("server.type", "inet").unwrap();
-        n.insert_str("server.host", "localhost").unwrap();
+        n.insert_str("driver", "http").unwrap();
+        n.insert_str("url", "http://localhost/x").unwrap();
         let ctx = ProtocolOpen {
             read_only: true,
             cache: CacheMode::Writeback,
             lock: LockMode::Off,
         };
         let e = open(n.clone(), &ctx).unwrap_err();
-        assert_eq!(e.to_string(), "Unknown protocol 'nbd'");
+        assert_eq!(e.to_string(), "Unknown protocol 'http'");
         n.insert_str("bogus", "1").unwrap();
         let e = open(n, &ctx).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "Block protocol 'nbd' doesn't support the option 'bogus'"
+            "Block protocol 'http' doesn't support the option 'bogus'"
         );
     }
 
