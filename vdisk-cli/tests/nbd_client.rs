@@ -37,6 +37,19 @@ fn vdisk(dir: &Path, args: &[&str]) -> Run {
     run(dir, VDISK, args)
 }
 
+/// `vdisk io -f raw -c CMD… URL`, which must succeed with no command failing.
+fn vdisk_io(dir: &Path, url: &str, cmds: &[&str]) -> String {
+    let mut a = vec!["io", "-f", "raw"];
+    for c in cmds {
+        a.push("-c");
+        a.push(c);
+    }
+    a.push(url);
+    let out = ok(vdisk(dir, &a), "vdisk io");
+    assert!(!out.contains("failed"), "{cmds:?}: {out}");
+    out
+}
+
 /// A server process on a Unix socket, killed on drop.
 struct Server {
     child: Child,
@@ -133,6 +146,12 @@ fn golden_raw(dir: &Path) -> PathBuf {
     f
 }
 
+/// [`golden_raw`] served read-only by qemu-nbd as export `name`.
+fn golden_export(dir: &Path, name: &str) -> Server {
+    let g = golden_raw(dir);
+    Server::qemu_nbd(dir, "raw", name, &["-r"], &g)
+}
+
 /// Asserts vdisk and qemu-img print the same for `args` (stdout, and exit code).
 fn same(dir: &Path, args: &[&str]) -> String {
     let v = vdisk(dir, args);
@@ -150,8 +169,7 @@ fn same(dir: &Path, args: &[&str]) -> String {
 fn qemu_nbd_export_info_map_compare_convert_match_qemu_img() {
     let d = tmp();
     let dir = d.path();
-    let g = golden_raw(dir);
-    let s = Server::qemu_nbd(dir, "raw", "golden", &["-r"], &g);
+    let s = golden_export(dir, "golden");
     let u = s.uri("golden");
     same(dir, &["info", &u]);
     same(dir, &["info", "--output=json", &u]);
@@ -193,8 +211,7 @@ fn qemu_nbd_export_info_map_compare_convert_match_qemu_img() {
 fn json_and_image_opts_name_an_export() {
     let d = tmp();
     let dir = d.path();
-    let g = golden_raw(dir);
-    let s = Server::qemu_nbd(dir, "raw", "e", &["-r"], &g);
+    let s = golden_export(dir, "e");
     let sock = s.sock.display().to_string();
     let j = format!(
         r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{sock}"}},"export":"e"}}}}"#
@@ -232,8 +249,7 @@ fn json_and_image_opts_name_an_export() {
 fn open_errors_are_qemus() {
     let d = tmp();
     let dir = d.path();
-    let g = golden_raw(dir);
-    let s = Server::qemu_nbd(dir, "raw", "e", &["-r"], &g);
+    let s = golden_export(dir, "e");
     for name in [
         s.uri("nope"),
         format!("nbd+unix:///e?socket={}", dir.join("no.sock").display()),
@@ -254,7 +270,7 @@ fn open_errors_are_qemus() {
 fn convert_into_nbdkit_memory_and_write_commands() {
     let d = tmp();
     let dir = d.path();
-    let g = golden_raw(dir);
+    golden_raw(dir);
     let s = Server::nbdkit(dir, &["memory", "16M"]);
     let u = s.uri("");
     // convert -n into the export; holes are written as zeroes (write-zeroes).
@@ -271,29 +287,17 @@ fn convert_into_nbdkit_memory_and_write_commands() {
     );
     same(dir, &["map", "--output=json", &u]);
     // io: write, FUA write, zero, discard, flush; read back through qemu-io.
-    let out = ok(
-        vdisk(
-            dir,
-            &[
-                "io",
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x44 100 1000",
-                "-c",
-                "write -f -P 0x45 2M 4k",
-                "-c",
-                "write -z 1M 64k",
-                "-c",
-                "discard 5M 64k",
-                "-c",
-                "flush",
-                &u,
-            ],
-        ),
-        "io",
+    vdisk_io(
+        dir,
+        &u,
+        &[
+            "write -P 0x44 100 1000",
+            "write -f -P 0x45 2M 4k",
+            "write -z 1M 64k",
+            "discard 5M 64k",
+            "flush",
+        ],
     );
-    assert!(!out.contains("failed"), "{out}");
     cli_support::qemu_io(
         dir,
         "raw",
@@ -368,23 +372,7 @@ fn qcow2_overlay_over_an_nbd_golden_image() {
     same(dir, &["map", "top.qcow2"]);
     same(dir, &["map", "--output=json", "top.qcow2"]);
     // Bit-exact against the same writes on a local copy.
-    ok(
-        qemu_img(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "golden.qcow2",
-                "-F",
-                "qcow2",
-                "ref.qcow2",
-            ],
-        ),
-        "ref",
-    );
+    cli_support::qemu_overlay(dir, "qcow2", "golden.qcow2", "qcow2", "ref.qcow2");
     cli_support::qemu_io(
         dir,
         "qcow2",
@@ -536,22 +524,7 @@ fn nbdkit_file_plugin_and_a_minimum_block_size() {
         ],
     );
     let u = s.uri("");
-    ok(
-        vdisk(
-            dir,
-            &[
-                "io",
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x44 100 1000",
-                "-c",
-                "write -P 0x45 8191 2",
-                &u,
-            ],
-        ),
-        "unaligned writes",
-    );
+    vdisk_io(dir, &u, &["write -P 0x44 100 1000", "write -P 0x45 8191 2"]);
     cli_support::qemu_io(
         dir,
         "raw",
@@ -564,9 +537,5 @@ fn nbdkit_file_plugin_and_a_minimum_block_size() {
             "read -P 0 8193 4095",
         ],
     );
-    let r = ok(
-        vdisk(dir, &["io", "-f", "raw", "-c", "read -P 0x44 100 1000", &u]),
-        "unaligned read",
-    );
-    assert!(!r.contains("failed"), "{r}");
+    vdisk_io(dir, &u, &["read -P 0x44 100 1000"]);
 }
