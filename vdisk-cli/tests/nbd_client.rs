@@ -337,48 +337,16 @@ fn qcow2_overlay_over_an_nbd_golden_image() {
     let u = s.uri("g");
     let chk = ok(vdisk(dir, &["check", "-f", "qcow2", &u]), "check over nbd");
     assert!(chk.contains("No errors were found"), "{chk}");
-    ok(
-        vdisk(
-            dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &u,
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-        ),
-        "create",
-    );
-    ok(
-        vdisk(
-            dir,
-            &[
-                "io",
-                "-c",
-                "write -P 0x55 1088k 64k",
-                "-c",
-                "write -P 0x66 10M 4k",
-                "top.qcow2",
-            ],
-        ),
-        "write overlay",
+    cli_support::remote_overlay(
+        dir,
+        &u,
+        "golden.qcow2",
+        &["write -P 0x55 1088k 64k", "write -P 0x66 10M 4k"],
     );
     ok(qemu_img(dir, &["check", "top.qcow2"]), "qemu-img check");
     same(dir, &["map", "top.qcow2"]);
     same(dir, &["map", "--output=json", "top.qcow2"]);
     // Bit-exact against the same writes on a local copy.
-    cli_support::qemu_overlay(dir, "qcow2", "golden.qcow2", "qcow2", "ref.qcow2");
-    cli_support::qemu_io(
-        dir,
-        "qcow2",
-        "ref.qcow2",
-        &["write -P 0x55 1088k 64k", "write -P 0x66 10M 4k"],
-    );
     ok(
         vdisk(dir, &["compare", "top.qcow2", "ref.qcow2"]),
         "compare with ref",
@@ -489,7 +457,14 @@ fn server_killed_mid_copy_is_an_error_not_a_hang() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Kill once the copy is under way (data has reached its output).
+    use std::os::unix::fs::MetadataExt;
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::fs::metadata(p(dir, "o.raw")).map_or(0, |m| m.blocks()) == 0 {
+        assert!(Instant::now() < until, "the copy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     s.kill();
     let t = Instant::now();
     let o = child.wait_with_output().unwrap();

@@ -672,7 +672,7 @@ impl Connection {
                     self.timeout.as_secs_f64()
                 )
             } else {
-                format!("sending to the NBD server failed: {e}")
+                format!("NBD connection failed while sending: {e}")
             };
             self.inner.kill(why);
         }
