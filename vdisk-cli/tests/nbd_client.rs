@@ -185,6 +185,29 @@ fn qemu_nbd_export_info_map_compare_convert_match_qemu_img() {
     let legacy = format!("nbd:unix:{}:exportname=golden", s.sock.display());
     same(dir, &["info", &legacy]);
 
+    // vdisk serve re-exports the export; bench reads it.
+    let re = Server::vdisk_serve(dir, "re", &["-f", "raw", "-r"], Path::new(&u));
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &re.uri("re"),
+                "golden.raw",
+            ],
+        ),
+        "compare the re-export",
+    );
+    drop(re);
+    let b = ok(
+        vdisk(dir, &["bench", "-f", "raw", "-c", "256", "-s", "64k", &u]),
+        "bench",
+    );
+    assert!(b.contains("Run completed"), "{b}");
     // convert from the export: holes stay holes in the qcow2.
     ok(
         vdisk(dir, &["convert", "-O", "qcow2", &u, "out.qcow2"]),
@@ -443,38 +466,48 @@ fn slow_server_times_out_with_a_clear_error() {
 fn server_killed_mid_copy_is_an_error_not_a_hang() {
     let d = tmp();
     let dir = d.path();
-    // Slow enough (50 ms a read) that the copy is still running when the server dies.
-    let mut s = Server::nbdkit(
-        dir,
-        &["--filter=delay", "pattern", "256M", "delay-read=50ms"],
-    );
-    let u = s.uri("");
-    let child = Command::new("timeout")
-        .args(["60", VDISK, "convert", "-O", "raw", &u, "o.raw"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Kill once the copy is under way (data has reached its output).
-    use std::os::unix::fs::MetadataExt;
-    let until = Instant::now() + Duration::from_secs(20);
-    while std::fs::metadata(p(dir, "o.raw")).map_or(0, |m| m.blocks()) == 0 {
-        assert!(Instant::now() < until, "the copy did not start");
-        std::thread::sleep(Duration::from_millis(20));
+    // Killed at several points of the copy (replies in flight, half read, between
+    // requests): every time a clear error, never a hang.
+    for after_ms in [0, 150, 400] {
+        // Slow enough (50 ms a read) that the copy is still running when the server dies.
+        let mut s = Server::nbdkit(
+            dir,
+            &["--filter=delay", "pattern", "256M", "delay-read=50ms"],
+        );
+        let u = s.uri("");
+        let _ = std::fs::remove_file(p(dir, "o.raw"));
+        let child = Command::new("timeout")
+            .args(["60", VDISK, "convert", "-O", "raw", &u, "o.raw"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill once the copy is under way (data has reached its output).
+        use std::os::unix::fs::MetadataExt;
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(p(dir, "o.raw")).map_or(0, |m| m.blocks()) == 0 {
+            assert!(Instant::now() < until, "the copy did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(after_ms));
+        s.kill();
+        let t = Instant::now();
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "killed after {after_ms} ms: {err}"
+        );
+        assert!(
+            err.contains("NBD server closed the connection")
+                || err.contains("NBD connection failed"),
+            "{err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(30));
     }
-    std::thread::sleep(Duration::from_millis(200));
-    s.kill();
-    let t = Instant::now();
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("NBD server closed the connection") || err.contains("NBD connection failed"),
-        "{err}"
-    );
-    assert!(t.elapsed() < Duration::from_secs(30));
 }
 
 #[test]

@@ -13,7 +13,7 @@ use super::cache::BlockCache;
 use crate::storage::options::{Node, SpecError};
 use crate::storage::registry::ProtocolOpen;
 use crate::storage::{Storage, StorageError, StorageOp, StorageResult};
-use std::io;
+use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ pub const DEFAULT_TIMEOUT: u64 = 5;
 const CACHE_BYTES: u64 = 64 << 20;
 /// Longest run of blocks fetched by one GET.
 const MAX_FETCH: u64 = 8 << 20;
+/// Reads of at least this many bytes bypass the cache.
+const BYPASS: u64 = 1 << 20;
 /// Tries per request (the first and the retries).
 const TRIES: u32 = 4;
 /// The first retry's delay; each later one doubles it.
@@ -101,8 +103,9 @@ impl HttpStorage {
             .ok_or_else(|| Failure::Fatal("Server didn't report the file size".into()))
     }
 
-    /// One ranged GET of `offset..offset+len` (inside the file).
-    fn get(&self, offset: u64, len: u64) -> Result<Vec<u8>, Failure> {
+    /// One ranged GET of `dst.len()` bytes at `offset` (inside the file) into `dst`.
+    fn get(&self, offset: u64, dst: &mut [u8]) -> Result<(), Failure> {
+        let len = dst.len() as u64;
         let last = offset + len - 1;
         let mut req = self
             .agent
@@ -134,19 +137,23 @@ impl HttpStorage {
                 )))
             }
         }
-        let body = resp
-            .into_body()
-            .with_config()
-            .limit(len + 1)
-            .read_to_vec()
-            .map_err(|e| Failure::Transient(format!("reading the body failed: {e}")))?;
-        if body.len() as u64 != len {
+        let mut body = resp.into_body();
+        let mut r = body.with_config().limit(len + 1).reader();
+        let mut got = 0;
+        while got < dst.len() {
+            match r.read(&mut dst[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Failure::Transient(format!("reading the body failed: {e}"))),
+            }
+        }
+        if got != dst.len() || r.read(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
             return Err(Failure::Transient(format!(
-                "short body: {} of {len} bytes",
-                body.len()
+                "body of the wrong length: {got} bytes read of {len}"
             )));
         }
-        Ok(body)
+        Ok(())
     }
 
     /// Runs `f` up to [`TRIES`] times while it fails transiently.
@@ -189,7 +196,8 @@ impl HttpStorage {
             }
             let off = i * bs;
             let len = ((end + 1) * bs).min(self.size) - off;
-            let data = self.retry(|| self.get(off, len))?;
+            let mut data = vec![0; len as usize];
+            self.retry(|| self.get(off, &mut data))?;
             for (k, chunk) in data.chunks(bs as usize).enumerate() {
                 let b = Arc::new(chunk.to_vec());
                 self.cache.put(i + k as u64, Arc::clone(&b));
@@ -272,6 +280,13 @@ impl Storage for HttpStorage {
             return Ok(());
         }
         let bs = self.cache.block();
+        // Large reads (convert's windows) go straight into the caller's buffer: they are
+        // rarely read again, and caching them would only evict the small ones.
+        if inside as u64 >= BYPASS {
+            return self
+                .retry(|| self.get(offset, &mut buf[..inside]))
+                .map_err(|e| StorageError::op(StorageOp::Read, &self.url, Some(offset), e));
+        }
         let first = offset / bs;
         let last = (offset + inside as u64 - 1) / bs;
         let blocks = self

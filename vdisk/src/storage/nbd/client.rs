@@ -798,17 +798,21 @@ fn reader_loop(inner: Arc<Inner>, sock: Sock, info: ExportInfo) {
     inner.kill(why);
 }
 
-fn find(inner: &Inner, cookie: u64, remove: bool) -> io::Result<Arc<Slot>> {
-    let mut sh = lock(&inner.shared);
-    let s = if remove {
-        sh.pending.remove(&cookie)
-    } else {
-        sh.pending.get(&cookie).cloned()
-    };
-    if remove {
-        inner.room.notify_all();
-    }
-    s.ok_or_else(|| proto_err(format!("reply for unknown cookie {cookie}")))
+/// The pending request `cookie` names. It stays pending until [`retire`]: should the
+/// connection die while its reply is being read, the kill still fails it.
+fn find(inner: &Inner, cookie: u64) -> io::Result<Arc<Slot>> {
+    lock(&inner.shared)
+        .pending
+        .get(&cookie)
+        .cloned()
+        .ok_or_else(|| proto_err(format!("reply for unknown cookie {cookie}")))
+}
+
+/// Ends a request whose reply has been read whole: no longer pending, then finished.
+fn retire(inner: &Inner, cookie: u64, slot: &Slot, error: Option<io::Error>) {
+    lock(&inner.shared).pending.remove(&cookie);
+    inner.room.notify_all();
+    slot.finish(error);
 }
 
 fn errno_error(e: u32) -> io::Error {
@@ -825,9 +829,10 @@ fn read_reply(inner: &Inner, r: &mut impl Read, info: &ExportInfo) -> io::Result
         proto::SIMPLE_REPLY_MAGIC => {
             let error = proto::read_u32(r)?;
             let cookie = proto::read_u64(r)?;
-            let slot = find(inner, cookie, true)?;
+            let slot = find(inner, cookie)?;
             if error != 0 {
-                slot.finish(Some(io::Error::from_raw_os_error(proto::host_errno(error))));
+                let e = io::Error::from_raw_os_error(proto::host_errno(error));
+                retire(inner, cookie, &slot, Some(e));
                 return Ok(());
             }
             match slot.kind {
@@ -836,15 +841,14 @@ fn read_reply(inner: &Inner, r: &mut impl Read, info: &ExportInfo) -> io::Result
                 }
                 Kind::Read => {
                     let mut st = lock(&slot.state);
-                    st.reply.data = vec![0; slot.len as usize];
-                    r.read_exact(&mut st.reply.data)?;
+                    read_fresh(r, &mut st.reply.data, slot.len)?;
                 }
                 Kind::BlockStatus => {
                     return Err(proto_err("simple reply to BLOCK_STATUS"));
                 }
                 Kind::Other => {}
             }
-            slot.finish(None);
+            retire(inner, cookie, &slot, None);
             Ok(())
         }
         proto::STRUCTURED_REPLY_MAGIC if info.structured => {
@@ -853,7 +857,7 @@ fn read_reply(inner: &Inner, r: &mut impl Read, info: &ExportInfo) -> io::Result
             let cookie = proto::read_u64(r)?;
             let len = proto::read_u32(r)?;
             let done = flags & proto::REPLY_FLAG_DONE != 0;
-            let slot = find(inner, cookie, done)?;
+            let slot = find(inner, cookie)?;
             chunk(&slot, typ, len, r, info)?;
             if done {
                 let err = {
@@ -864,12 +868,25 @@ fn read_reply(inner: &Inner, r: &mut impl Read, info: &ExportInfo) -> io::Result
                         None
                     }
                 };
-                slot.finish(err);
+                retire(inner, cookie, &slot, err);
             }
             Ok(())
         }
         m => Err(proto_err(format!("bad reply magic {m:#x}"))),
     }
+}
+
+/// Reads exactly `n` bytes into the empty `buf` (its spare capacity: no zeroing).
+fn read_fresh(r: &mut impl Read, buf: &mut Vec<u8>, n: u64) -> io::Result<()> {
+    buf.reserve_exact(n as usize);
+    let got = r.take(n).read_to_end(buf)?;
+    if got as u64 != n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("connection closed {got} bytes into a {n}-byte READ payload"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a successful request's chunks add up: a READ covered exactly once.
@@ -931,14 +948,20 @@ fn chunk(slot: &Slot, typ: u16, len: u32, r: &mut impl Read, info: &ExportInfo) 
             if st.covered.len() >= MAX_READ_CHUNKS {
                 return Err(proto_err("READ reply in too many chunks"));
             }
-            if st.reply.data.is_empty() {
-                st.reply.data = vec![0; slot.len as usize];
-            }
-            let dst = &mut st.reply.data[rel as usize..(rel + n) as usize];
-            if data {
-                r.read_exact(dst)?;
+            if data && rel == 0 && n == slot.len && st.reply.data.is_empty() {
+                // The common case, one chunk for the whole request: read straight into
+                // fresh capacity (no zeroing pass over the buffer first).
+                read_fresh(r, &mut st.reply.data, n)?;
             } else {
-                dst.fill(0);
+                if st.reply.data.is_empty() {
+                    st.reply.data = vec![0; slot.len as usize];
+                }
+                let dst = &mut st.reply.data[rel as usize..(rel + n) as usize];
+                if data {
+                    r.read_exact(dst)?;
+                } else {
+                    dst.fill(0);
+                }
             }
             st.covered.push((rel, n));
         }
