@@ -2,7 +2,7 @@
 //! `url` option (QEMU's curl driver keys).
 //!
 //! - `cache`: the bounded block cache.
-//! - [`storage`]: the remote file as a read-only [`Storage`](super::Storage).
+//! - [`storage`]: the remote file as a read-only [`Storage`].
 
 mod cache;
 pub mod storage;
