@@ -14,8 +14,10 @@ pub mod export;
 pub mod handshake;
 pub mod limiter;
 pub mod log;
-pub mod proto;
 pub mod queue;
 pub mod server;
 pub mod stream;
 pub mod transmission;
+
+/// The NBD wire format, shared with the NBD client storage of the library.
+pub use vdisk::storage::nbd::proto;

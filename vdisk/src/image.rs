@@ -371,9 +371,14 @@ impl Image {
     pub fn format_probed(&self) -> bool {
         self.probed
     }
-    /// The protocol of the image's own storage (`file`, `host_device`…).
+    /// The protocol of the image's own storage (`file`, `host_device`, `nbd`…): the
+    /// storage's own name when it is not a host file, else the node's (`file` or
+    /// `host_device`, both host files).
     pub fn protocol(&self) -> &'static str {
-        self.protocol
+        match self.file_protocol() {
+            "file" => self.protocol,
+            p => p,
+        }
     }
     /// When the image was opened from a bare protocol node (`--image-opts
     /// driver=file,filename=x`): that protocol's name. Its data is read as raw, and
@@ -633,6 +638,15 @@ impl Image {
     /// Length of the image's host file.
     pub fn file_length(&self) -> Result<u64> {
         Ok(self.driver.storage().len()?)
+    }
+    /// The protocol the image's file is reached by (`file`, `nbd`).
+    pub fn file_protocol(&self) -> &'static str {
+        self.driver.storage().protocol_name()
+    }
+    /// The canonical name of the image's file when it is not a host file (an NBD
+    /// export's `nbd+unix:///e?socket=s`), as QEMU shows it.
+    pub fn exact_filename(&self) -> Option<String> {
+        self.driver.storage().exact_filename()
     }
 
     // ---- Snapshots and amend (issue 8) ----

@@ -113,6 +113,14 @@ impl ImageLayer {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         crate::format::read_backing(Some(&self.driver), buf, offset)
     }
+    /// The name a tool shows for this layer's file: QEMU's canonical name of a network
+    /// storage (`nbd+unix:///e?socket=s`), else [`ImageLayer::path`].
+    pub fn display_name(&self) -> String {
+        self.driver
+            .storage()
+            .exact_filename()
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
     /// Length of the layer's host file.
     pub fn file_length(&self) -> Result<u64> {
         Ok(self.driver.storage().len()?)

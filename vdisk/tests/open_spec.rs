@@ -166,7 +166,10 @@ fn bad_trees_are_refused_with_the_key_named() {
         )
         .unwrap_err(),
     );
-    assert_eq!(missing, SpecError::UnknownProtocol("nbd".into()));
+    assert_eq!(
+        missing,
+        SpecError::Missing("Parameter 'server.type' is missing".into())
+    );
 }
 
 #[test]

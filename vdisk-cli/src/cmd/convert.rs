@@ -895,8 +895,12 @@ fn run_inner(a: Args) -> Result<(), String> {
     // convert on 2 CPUs took ~20% more CPU and more wall time with 8 threads than
     // with 2). Direct I/O waits for the device, so there each of the `-m` requests
     // gets its own thread to keep them in flight.
+    // Network storage (NBD, HTTP) waits for its server the way direct I/O waits for
+    // the device: it gets the `-m` threads too.
+    let remote =
+        target.file_protocol() != "file" || sources.iter().any(|s| s.img.file_protocol() != "file");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = if src_cache.direct() || dst_cache.direct() {
+    let threads = if src_cache.direct() || dst_cache.direct() || remote {
         workers
     } else {
         workers.min(cpus.max(2))

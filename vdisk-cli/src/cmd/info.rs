@@ -32,6 +32,8 @@ pub struct Args {
 /// What `info` reports about one image (qemu's `ImageInfo`).
 struct ImageInfo {
     filename: String,
+    /// The protocol of the image's file (`file`, `nbd`).
+    protocol: &'static str,
     format: Format,
     dirty: bool,
     actual_size: Option<u64>,
@@ -46,8 +48,6 @@ struct ImageInfo {
     file_length: u64,
     /// Opened as a bare protocol node: qemu shows the protocol as the format.
     protocol_root: Option<&'static str>,
-    /// The protocol of the image's file.
-    protocol: &'static str,
     /// Files of the image besides its own (VMDK extents): `extents.N` child nodes.
     children: Vec<ChildFile>,
     encryption: Option<EncryptionInfo>,
@@ -100,11 +100,14 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
     let children = extent_children(&specific);
     let actual_size = allocated_size(Path::new(filename))
         .map(|a| a + children.iter().filter_map(|c| c.actual_size).sum::<u64>());
+    // A network protocol (nbd, http) has no file info of its own: no disk size.
+    let local = matches!(d.protocol(), "file" | "host_device");
     Ok(ImageInfo {
-        filename: filename.to_string(),
+        filename: d.exact_filename().unwrap_or_else(|| filename.to_string()),
+        protocol: d.protocol(),
         format: d.format(),
         dirty: d.format().caps().dirty_flag && d.is_dirty(),
-        actual_size,
+        actual_size: if local { actual_size } else { None },
         virtual_size,
         cluster_size: d.cluster_size(),
         full_backing_filename: spec.as_ref().map(|s| {
@@ -119,7 +122,6 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         bitmaps: d.bitmaps(),
         file_length,
         protocol_root: d.protocol_root(),
-        protocol: d.protocol(),
         children,
         encryption: d.encryption(),
     })
@@ -463,21 +465,28 @@ fn file_child(name: &str, filename: &str, actual: Option<u64>, length: u64) -> Q
 }
 
 fn to_qdict(i: &ImageInfo) -> QDict {
+    // A network protocol (nbd) has no image info of its own: no dirty flag, no
+    // format-specific block, as qemu-img shows it.
+    let local = matches!(i.protocol, "file" | "host_device");
     let own_actual = i
         .actual_size
         .map(|a| a - i.children.iter().filter_map(|c| c.actual_size).sum::<u64>());
     let mut file = QDict::new();
     file.str("filename", i.filename.clone());
     file.str("format", i.protocol);
-    file.bool("dirty-flag", false);
+    if local {
+        file.bool("dirty-flag", false);
+    }
     if let Some(a) = own_actual {
         file.int("actual-size", a);
     }
     file.int("virtual-size", i.file_length);
-    let mut fs = QDict::new();
-    fs.str("type", "file");
-    fs.put("data", QValue::Dict(QDict::new()));
-    file.put("format-specific", QValue::Dict(fs));
+    if local {
+        let mut fs = QDict::new();
+        fs.str("type", "file");
+        fs.put("data", QValue::Dict(QDict::new()));
+        file.put("format-specific", QValue::Dict(fs));
+    }
     file.put("children", QValue::List(Vec::new()));
     if i.protocol_root.is_some() {
         // The protocol node is the image: qemu shows its own info, nothing above it.
@@ -490,7 +499,9 @@ fn to_qdict(i: &ImageInfo) -> QDict {
     let mut d = QDict::new();
     d.str("filename", i.filename.clone());
     d.str("format", i.format.name());
-    d.bool("dirty-flag", i.dirty);
+    if local {
+        d.bool("dirty-flag", i.dirty);
+    }
     if let Some(a) = i.actual_size {
         d.int("actual-size", a);
     }

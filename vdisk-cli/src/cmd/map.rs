@@ -142,7 +142,7 @@ fn entry(
             offset: Some(offset),
             depth: 0,
             present: true,
-            filename: Some(top.path().display().to_string()),
+            filename: Some(top.display_name()),
         });
     }
     let mut s = chain_status(layers, offset, len, false)?;
@@ -162,7 +162,7 @@ fn entry(
         }
     }
     let filename = match s.offset {
-        Some(_) => layers.get(s.depth).map(|l| l.path().display().to_string()),
+        Some(_) => layers.get(s.depth).map(|l| l.display_name()),
         None => None,
     };
     Ok(MapEntry {

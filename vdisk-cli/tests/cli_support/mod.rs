@@ -133,3 +133,36 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| ((i as u32).wrapping_mul(2654435761).rotate_left(7) as u8) ^ seed)
         .collect()
 }
+
+/// `top.qcow2` over the (remote) `backing` created and written (`writes`, qemu-io
+/// commands) by vdisk, and `ref.qcow2` over `local_backing`, the same image as a local
+/// file, given the same writes by qemu-io: the two must then read the same.
+pub fn remote_overlay(dir: &Path, backing: &str, local_backing: &str, writes: &[&str]) {
+    ok(
+        vdisk(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                backing,
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        ),
+        "create overlay over a remote backing",
+    );
+    let mut a = vec!["io"];
+    for w in writes {
+        a.push("-c");
+        a.push(w);
+    }
+    a.push("top.qcow2");
+    let out = ok(vdisk(dir, &a), "write the overlay");
+    assert!(!out.contains("failed"), "{out}");
+    qemu_overlay(dir, "qcow2", local_backing, "qcow2", "ref.qcow2");
+    qemu_io(dir, "qcow2", "ref.qcow2", writes);
+}

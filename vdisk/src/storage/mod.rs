@@ -155,4 +155,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn host_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// The protocol's name as `info` shows it (`file`, `nbd`).
+    fn protocol_name(&self) -> &'static str {
+        "file"
+    }
+    /// QEMU's canonical name of a storage that is not a host file
+    /// (`nbd+unix:///e?socket=s`); `None` for files, which keep the name they were
+    /// opened by.
+    fn exact_filename(&self) -> Option<String> {
+        None
+    }
 }

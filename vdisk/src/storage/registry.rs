@@ -185,23 +185,23 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_protocols_parse_then_fail_by_name() {
+    fn unknown_protocols_and_options_fail_by_name() {
         let mut n = Node::new();
-        n.insert_str("driver", "nbd").unwrap();
-        n.insert_str("server.type", "inet").unwrap();
-        n.insert_str("server.host", "localhost").unwrap();
+        n.insert_str("driver", "http").unwrap();
         let ctx = ProtocolOpen {
             read_only: true,
             cache: CacheMode::Writeback,
             lock: LockMode::Off,
         };
-        let e = open(n.clone(), &ctx).unwrap_err();
-        assert_eq!(e.to_string(), "Unknown protocol 'nbd'");
+        let mut u = Node::new();
+        u.insert_str("driver", "gluster").unwrap();
+        let e = open(u, &ctx).unwrap_err();
+        assert_eq!(e.to_string(), "Unknown protocol 'gluster'");
         n.insert_str("bogus", "1").unwrap();
         let e = open(n, &ctx).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "Block protocol 'nbd' doesn't support the option 'bogus'"
+            "Block protocol 'http' doesn't support the option 'bogus'"
         );
     }
 

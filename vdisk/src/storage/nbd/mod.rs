@@ -3,8 +3,19 @@
 //! / `nbd:unix:PATH[:exportname=E]`, turned into QEMU's keys (`server.type`,
 //! `server.host`, `server.port`, `server.path`, `export`).
 //!
-//! The client is not built yet (`open: None` in [`PROTOCOL`]): names parse fully, and
-//! opening one fails naming the protocol. The NBD client plugs in as `open`.
+//! - [`proto`]: the wire format (shared with the `vdisk serve` server).
+//! - [`Stream`]: a TCP or Unix socket.
+//! - `client`: one connection: negotiation and pipelined transmission.
+//! - [`storage`]: the export as a [`Storage`](super::Storage), and the protocol's open.
+
+mod client;
+pub mod proto;
+pub mod storage;
+mod stream;
+
+pub use client::{Address, ExportInfo};
+pub use storage::NbdStorage;
+pub use stream::Stream;
 
 use super::options::{Node, SpecError};
 use super::registry::Protocol;
@@ -27,9 +38,10 @@ pub static PROTOCOL: Protocol = Protocol {
         "tls-hostname",
         "reconnect-delay",
         "open-timeout",
+        "timeout",
     ],
     parse_filename,
-    open: None,
+    open: Some(storage::open),
 };
 
 /// QEMU's `nbd_parse_filename` / `nbd_parse_uri`.

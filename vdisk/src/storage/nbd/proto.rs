@@ -1,6 +1,7 @@
 //! NBD wire format: every constant and every header layout of the protocol lives here
 //! (NetworkBlockDevice `doc/proto.md`, including the extended-headers extension).
-//! All integers on the wire are big-endian.
+//! All integers on the wire are big-endian. The server (`vdisk-nbd`) and the client
+//! storage ([`super`]) both encode and decode through this module.
 
 use std::io::{self, Read};
 
@@ -8,6 +9,8 @@ use std::io::{self, Read};
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: second word of the greeting, and prefix of every client option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// Oldstyle negotiation's second word (servers that predate options; not spoken).
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of every option reply.
 pub const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
 
@@ -47,7 +50,8 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 /// Option reply: one metadata context.
 pub const REP_META_CONTEXT: u32 = 4;
-const REP_ERR: u32 = 1 << 31;
+/// Option reply types with this bit set are errors.
+pub const REP_ERR: u32 = 1 << 31;
 /// Option error: unknown option.
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 /// Option error: refused by policy.
@@ -150,8 +154,12 @@ pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Chunk: 64-bit block status descriptors (extended headers).
 pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+/// Chunk types with this bit set are errors.
+pub const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 /// Chunk: error.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+/// Chunk: error at an offset.
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
 /// Errors in replies.
 pub const EPERM: u32 = 1;
@@ -193,6 +201,20 @@ pub fn nbd_errno(errno: i32) -> u32 {
         libc::ENOTSUP => ENOTSUP,
         libc::ESHUTDOWN => ESHUTDOWN,
         _ => EIO,
+    }
+}
+
+/// Maps an NBD error value to the host errno it stands for (unknown values are EIO).
+pub fn host_errno(error: u32) -> i32 {
+    match error {
+        EPERM => libc::EPERM,
+        ENOMEM => libc::ENOMEM,
+        EINVAL => libc::EINVAL,
+        ENOSPC => libc::ENOSPC,
+        EOVERFLOW => libc::EOVERFLOW,
+        ENOTSUP => libc::ENOTSUP,
+        ESHUTDOWN => libc::ESHUTDOWN,
+        _ => libc::EIO,
     }
 }
 

@@ -1,12 +1,18 @@
 //! The `http` and `https` protocols' names: a URL with a host, kept whole as the
 //! `url` option (QEMU's curl driver keys).
 //!
-//! The client is not built yet (`open: None`): URLs are checked, and opening one fails
-//! naming the protocol. The HTTP client plugs in as `open`.
+//! - `cache`: the bounded block cache.
+//! - [`storage`]: the remote file as a read-only [`Storage`].
+
+mod cache;
+pub mod storage;
+
+pub use storage::HttpStorage;
 
 use super::options::{Node, SpecError};
-use super::registry::Protocol;
-use super::uri;
+use super::registry::{Protocol, ProtocolOpen};
+use super::{uri, Storage, StorageResult};
+use std::sync::Arc;
 
 /// Option keys of QEMU's curl driver.
 const OPTIONS: &[&str] = &[
@@ -28,7 +34,7 @@ pub static HTTP: Protocol = Protocol {
     schemes: &["http"],
     options: OPTIONS,
     parse_filename,
-    open: None,
+    open: Some(open_http),
 };
 
 /// HTTP over TLS, read-only.
@@ -37,8 +43,16 @@ pub static HTTPS: Protocol = Protocol {
     schemes: &["https"],
     options: OPTIONS,
     parse_filename,
-    open: None,
+    open: Some(open_https),
 };
+
+fn open_http(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    storage::open(node, ctx, HTTP.name)
+}
+
+fn open_https(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    storage::open(node, ctx, HTTPS.name)
+}
 
 fn parse_filename(name: &str, node: &mut Node) -> Result<(), SpecError> {
     let u = uri::parse(name).map_err(|e| SpecError::BadUrl(format!("{e} in '{name}'")))?;

@@ -1,0 +1,549 @@
+//! The NBD client storage against real servers (qemu-nbd, nbdkit with its memory,
+//! file, error and delay pieces, `vdisk serve`): `info`, `map`, `convert` in and out,
+//! `compare`, `check`, `io` and backing files over exports, each compared with what
+//! qemu-img says of the same export, and faults (errors, a slow server, a server
+//! killed mid-copy) that must end in a clear error within a bounded time.
+//!
+//! Every server is started by the test on a Unix socket in its tempdir (or on
+//! 127.0.0.1), and killed by a guard on drop; every command runs under `timeout`.
+
+mod cli_support;
+
+use cli_support::{json, ok, p, pattern, qemu_img, tmp, Run};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
+
+/// Runs `prog args` in `dir` under `timeout 60` (a hang fails the test, exit 124).
+fn run(dir: &Path, prog: &str, args: &[&str]) -> Run {
+    let o = Command::new("timeout")
+        .arg("60")
+        .arg(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn vdisk(dir: &Path, args: &[&str]) -> Run {
+    run(dir, VDISK, args)
+}
+
+/// `vdisk io -f raw -c CMD… URL`, which must succeed with no command failing.
+fn vdisk_io(dir: &Path, url: &str, cmds: &[&str]) -> String {
+    let mut a = vec!["io", "-f", "raw"];
+    for c in cmds {
+        a.push("-c");
+        a.push(c);
+    }
+    a.push(url);
+    let out = ok(vdisk(dir, &a), "vdisk io");
+    assert!(!out.contains("failed"), "{cmds:?}: {out}");
+    out
+}
+
+/// A server process on a Unix socket, killed on drop.
+struct Server {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Server {
+    /// Starts `prog args…`, whose arguments name `sock`, and waits until it accepts.
+    fn start(prog: &str, args: &[String], sock: PathBuf) -> Server {
+        let child = Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{prog} must be installed (scripts/test installs it): {e}"));
+        let mut s = Server { child, sock };
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&s.sock).is_err() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("{prog} exited early: {st}");
+            }
+            assert!(Instant::now() < until, "{prog} did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// `qemu-nbd -t -f FMT -x NAME [extra] FILE`.
+    fn qemu_nbd(dir: &Path, fmt: &str, name: &str, extra: &[&str], file: &Path) -> Server {
+        let sock = dir.join(format!("q-{}.sock", rand::random::<u32>()));
+        let mut a: Vec<String> = ["-t", "-f", fmt, "-x", name, "-k"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(sock.display().to_string());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(file.display().to_string());
+        Server::start("qemu-nbd", &a, sock)
+    }
+
+    /// `nbdkit -f -U SOCK [filters] PLUGIN ARGS…`.
+    fn nbdkit(dir: &Path, args: &[&str]) -> Server {
+        let sock = dir.join(format!("k-{}.sock", rand::random::<u32>()));
+        let mut a: Vec<String> = vec!["-f".into(), "-U".into(), sock.display().to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        Server::start("nbdkit", &a, sock)
+    }
+
+    /// `vdisk serve -x NAME -k SOCK [extra] FILE`.
+    fn vdisk_serve(dir: &Path, name: &str, extra: &[&str], file: &Path) -> Server {
+        let sock = dir.join(format!("v-{}.sock", rand::random::<u32>()));
+        let mut a: Vec<String> = vec!["serve".into(), "-t".into(), "-x".into(), name.into()];
+        a.push("-k".into());
+        a.push(sock.display().to_string());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(file.display().to_string());
+        Server::start(VDISK, &a, sock)
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A 16 MiB raw image with data, a written zero range and holes.
+fn golden_raw(dir: &Path) -> PathBuf {
+    let f = p(dir, "golden.raw");
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "golden.raw", "16M"]),
+        "create",
+    );
+    cli_support::qemu_io(
+        dir,
+        "raw",
+        "golden.raw",
+        &[
+            "write -P 0x11 1M 1M",
+            "write -P 0x22 5M 64k",
+            "write -z 8M 1M",
+            "write -P 0x33 15M 1M",
+        ],
+    );
+    f
+}
+
+/// [`golden_raw`] served read-only by qemu-nbd as export `name`.
+fn golden_export(dir: &Path, name: &str) -> Server {
+    let g = golden_raw(dir);
+    Server::qemu_nbd(dir, "raw", name, &["-r"], &g)
+}
+
+/// Asserts vdisk and qemu-img print the same for `args` (stdout, and exit code).
+fn same(dir: &Path, args: &[&str]) -> String {
+    let v = vdisk(dir, args);
+    let q = qemu_img(dir, args);
+    assert_eq!(
+        v.code, q.code,
+        "{args:?}: vdisk {} / qemu-img {}",
+        v.err, q.err
+    );
+    assert_eq!(v.out, q.out, "{args:?}");
+    v.out
+}
+
+#[test]
+fn qemu_nbd_export_info_map_compare_convert_match_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    let s = golden_export(dir, "golden");
+    let u = s.uri("golden");
+    same(dir, &["info", &u]);
+    same(dir, &["info", "--output=json", &u]);
+    let m = same(dir, &["map", &u]);
+    assert!(m.contains("0x100000        0x100000"), "{m}");
+    same(dir, &["map", "--output=json", &u]);
+    same(dir, &["compare", &u, "golden.raw"]);
+    same(
+        dir,
+        &["compare", "-f", "raw", "-F", "raw", &u, "golden.raw"],
+    );
+    // The legacy syntax names the same export.
+    let legacy = format!("nbd:unix:{}:exportname=golden", s.sock.display());
+    same(dir, &["info", &legacy]);
+
+    // vdisk serve re-exports the export; bench reads it.
+    let re = Server::vdisk_serve(dir, "re", &["-f", "raw", "-r"], Path::new(&u));
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &re.uri("re"),
+                "golden.raw",
+            ],
+        ),
+        "compare the re-export",
+    );
+    drop(re);
+    let b = ok(
+        vdisk(dir, &["bench", "-f", "raw", "-c", "256", "-s", "64k", &u]),
+        "bench",
+    );
+    assert!(b.contains("Run completed"), "{b}");
+    // convert from the export: holes stay holes in the qcow2.
+    ok(
+        vdisk(dir, &["convert", "-O", "qcow2", &u, "out.qcow2"]),
+        "convert",
+    );
+    ok(
+        qemu_img(dir, &["compare", "out.qcow2", "golden.raw"]),
+        "compare",
+    );
+    ok(qemu_img(dir, &["check", "out.qcow2"]), "check");
+    let vm = ok(qemu_img(dir, &["map", "--output=json", "out.qcow2"]), "map");
+    let data: u64 = json(&vm)
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    // 1 MiB + 64 KiB + 1 MiB of data (the first 4 KiB qemu-img allocates too).
+    assert!(data <= (2 << 20) + (64 << 10) + (64 << 10), "{vm}");
+}
+
+#[test]
+fn json_and_image_opts_name_an_export() {
+    let d = tmp();
+    let dir = d.path();
+    let s = golden_export(dir, "e");
+    let sock = s.sock.display().to_string();
+    let j = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{sock}"}},"export":"e"}}}}"#
+    );
+    let a = same(dir, &["info", "--output=json", &j]);
+    assert!(a.contains("\"format\": \"nbd\""), "{a}");
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export=e"
+    );
+    same(dir, &["map", "--image-opts", &opts]);
+    ok(
+        vdisk(
+            dir,
+            &["convert", "--image-opts", &opts, "-O", "raw", "c.raw"],
+        ),
+        "convert image-opts",
+    );
+    ok(
+        qemu_img(dir, &["compare", "-f", "raw", "c.raw", "golden.raw"]),
+        "compare",
+    );
+    let r = vdisk(
+        dir,
+        &["info", "--image-opts", &format!("{opts},file.bogus=1")],
+    );
+    assert_ne!(r.code, 0);
+    assert!(
+        r.err.contains("doesn't support the option 'bogus'"),
+        "{}",
+        r.err
+    );
+}
+
+#[test]
+fn open_errors_are_qemus() {
+    let d = tmp();
+    let dir = d.path();
+    let s = golden_export(dir, "e");
+    for name in [
+        s.uri("nope"),
+        format!("nbd+unix:///e?socket={}", dir.join("no.sock").display()),
+        "nbd://127.0.0.1:1/x".to_string(),
+    ] {
+        let v = vdisk(dir, &["info", &name]);
+        let q = qemu_img(dir, &["info", &name]);
+        assert_eq!(v.code, 1, "{}", v.err);
+        assert_eq!(q.code, 1);
+        assert_eq!(v.err.replacen("vdisk:", "qemu-img:", 1), q.err, "{name}");
+    }
+    // Writing to a read-only export is refused at open.
+    let r = vdisk(dir, &["io", "-f", "raw", "-c", "write 0 512", &s.uri("e")]);
+    assert!(r.err.contains("read-only"), "{}{}", r.out, r.err);
+}
+
+#[test]
+fn convert_into_nbdkit_memory_and_write_commands() {
+    let d = tmp();
+    let dir = d.path();
+    golden_raw(dir);
+    let s = Server::nbdkit(dir, &["memory", "16M"]);
+    let u = s.uri("");
+    // convert -n into the export; holes are written as zeroes (write-zeroes).
+    ok(
+        vdisk(dir, &["convert", "-n", "-O", "raw", "golden.raw", &u]),
+        "convert -n",
+    );
+    ok(
+        qemu_img(
+            dir,
+            &["compare", "-f", "raw", "-F", "raw", &u, "golden.raw"],
+        ),
+        "compare",
+    );
+    same(dir, &["map", "--output=json", &u]);
+    // io: write, FUA write, zero, discard, flush; read back through qemu-io.
+    vdisk_io(
+        dir,
+        &u,
+        &[
+            "write -P 0x44 100 1000",
+            "write -f -P 0x45 2M 4k",
+            "write -z 1M 64k",
+            "discard 5M 64k",
+            "flush",
+        ],
+    );
+    cli_support::qemu_io(
+        dir,
+        "raw",
+        &u,
+        &[
+            "read -P 0x44 100 1000",
+            "read -P 0x45 2M 4k",
+            "read -P 0 1M 64k",
+            "read -P 0 5M 64k",
+            "read -P 0x11 1088k 960k",
+        ],
+    );
+    // Past the end of the export: an error, not a grown file.
+    let r = vdisk(dir, &["io", "-f", "raw", "-c", "write 16M 512", &u]);
+    assert!(
+        r.out.contains("failed") || r.err.contains("failed") || r.code != 0,
+        "{}{}",
+        r.out,
+        r.err
+    );
+}
+
+#[test]
+fn qcow2_overlay_over_an_nbd_golden_image() {
+    let d = tmp();
+    let dir = d.path();
+    golden_raw(dir);
+    ok(
+        qemu_img(
+            dir,
+            &["convert", "-O", "qcow2", "golden.raw", "golden.qcow2"],
+        ),
+        "to qcow2",
+    );
+    // The qcow2 file is served raw; the qcow2 format runs on top of the NBD storage.
+    let s = Server::qemu_nbd(dir, "raw", "g", &["-r"], &p(dir, "golden.qcow2"));
+    let u = s.uri("g");
+    let chk = ok(vdisk(dir, &["check", "-f", "qcow2", &u]), "check over nbd");
+    assert!(chk.contains("No errors were found"), "{chk}");
+    cli_support::remote_overlay(
+        dir,
+        &u,
+        "golden.qcow2",
+        &["write -P 0x55 1088k 64k", "write -P 0x66 10M 4k"],
+    );
+    ok(qemu_img(dir, &["check", "top.qcow2"]), "qemu-img check");
+    same(dir, &["map", "top.qcow2"]);
+    same(dir, &["map", "--output=json", "top.qcow2"]);
+    // Bit-exact against the same writes on a local copy.
+    ok(
+        vdisk(dir, &["compare", "top.qcow2", "ref.qcow2"]),
+        "compare with ref",
+    );
+    ok(
+        qemu_img(dir, &["compare", "top.qcow2", "ref.qcow2"]),
+        "qemu compare with ref",
+    );
+    // convert of the whole chain.
+    ok(
+        vdisk(dir, &["convert", "-O", "raw", "top.qcow2", "flat.raw"]),
+        "convert chain",
+    );
+    ok(
+        qemu_img(dir, &["compare", "-f", "raw", "flat.raw", "ref.qcow2"]),
+        "flat",
+    );
+}
+
+#[test]
+fn vdisk_serve_export_round_trip() {
+    let d = tmp();
+    let dir = d.path();
+    golden_raw(dir);
+    ok(
+        qemu_img(dir, &["convert", "-O", "qcow2", "golden.raw", "g.qcow2"]),
+        "to qcow2",
+    );
+    let s = Server::vdisk_serve(dir, "x", &["-f", "qcow2", "-r"], &p(dir, "g.qcow2"));
+    let u = s.uri("x");
+    same(dir, &["info", &u]);
+    same(dir, &["map", "--output=json", &u]);
+    ok(
+        vdisk(dir, &["convert", "-O", "qcow2", &u, "back.qcow2"]),
+        "convert",
+    );
+    ok(
+        qemu_img(dir, &["compare", "back.qcow2", "golden.raw"]),
+        "compare",
+    );
+    // Large reads cross the server's maximum request size (32 MiB) in pieces.
+    let big = p(dir, "big.raw");
+    let data = pattern(40 << 20, 3);
+    std::fs::write(&big, &data).unwrap();
+    let s2 = Server::vdisk_serve(dir, "b", &["-f", "raw", "-r"], &big);
+    ok(
+        vdisk(dir, &["convert", "-O", "raw", &s2.uri("b"), "big.out"]),
+        "big convert",
+    );
+    assert!(std::fs::read(p(dir, "big.out")).unwrap() == data);
+}
+
+#[test]
+fn server_errors_are_reported_not_hidden() {
+    let d = tmp();
+    let dir = d.path();
+    // Every read fails with EIO.
+    let s = Server::nbdkit(
+        dir,
+        &[
+            "--filter=error",
+            "memory",
+            "4M",
+            "error=EIO",
+            "error-pread-rate=100%",
+        ],
+    );
+    let r = vdisk(dir, &["convert", "-O", "raw", &s.uri(""), "o.raw"]);
+    assert_eq!(r.code, 1, "{}{}", r.out, r.err);
+    assert!(r.err.contains("Input/output error"), "{}", r.err);
+}
+
+#[test]
+fn slow_server_times_out_with_a_clear_error() {
+    let d = tmp();
+    let dir = d.path();
+    // The pattern plugin has data everywhere, so the copy must read.
+    let s = Server::nbdkit(dir, &["--filter=delay", "pattern", "4M", "delay-read=30"]);
+    let sock = s.sock.display().to_string();
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.timeout=1"
+    );
+    let t = Instant::now();
+    let r = vdisk(
+        dir,
+        &["convert", "--image-opts", &opts, "-O", "raw", "o.raw"],
+    );
+    assert_eq!(r.code, 1, "{}{}", r.out, r.err);
+    assert!(r.err.contains("did not reply within 1 s"), "{}", r.err);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
+#[test]
+fn server_killed_mid_copy_is_an_error_not_a_hang() {
+    let d = tmp();
+    let dir = d.path();
+    // Killed at several points of the copy (replies in flight, half read, between
+    // requests): every time a clear error, never a hang.
+    for after_ms in [0, 150, 400] {
+        // Slow enough (50 ms a read) that the copy is still running when the server dies.
+        let mut s = Server::nbdkit(
+            dir,
+            &["--filter=delay", "pattern", "256M", "delay-read=50ms"],
+        );
+        let u = s.uri("");
+        let _ = std::fs::remove_file(p(dir, "o.raw"));
+        let child = Command::new("timeout")
+            .args(["60", VDISK, "convert", "-O", "raw", &u, "o.raw"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill once the copy is under way (data has reached its output).
+        use std::os::unix::fs::MetadataExt;
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(p(dir, "o.raw")).map_or(0, |m| m.blocks()) == 0 {
+            assert!(Instant::now() < until, "the copy did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(after_ms));
+        s.kill();
+        let t = Instant::now();
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "killed after {after_ms} ms: {err}"
+        );
+        assert!(
+            err.contains("NBD server closed the connection")
+                || err.contains("NBD connection failed"),
+            "{err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(30));
+    }
+}
+
+#[test]
+fn nbdkit_file_plugin_and_a_minimum_block_size() {
+    let d = tmp();
+    let dir = d.path();
+    let g = golden_raw(dir);
+    let s = Server::nbdkit(dir, &["file", &g.display().to_string()]);
+    same(dir, &["map", "--output=json", &s.uri("")]);
+    same(dir, &["compare", &s.uri(""), "golden.raw"]);
+    drop(s);
+    // A server that refuses requests not aligned to 4 KiB: unaligned guest I/O is
+    // widened (reads) or read-modify-written (writes) by the client.
+    let s = Server::nbdkit(
+        dir,
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "8M",
+            "blocksize-minimum=4096",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let u = s.uri("");
+    vdisk_io(dir, &u, &["write -P 0x44 100 1000", "write -P 0x45 8191 2"]);
+    cli_support::qemu_io(
+        dir,
+        "raw",
+        &u,
+        &[
+            "read -P 0 0 100",
+            "read -P 0x44 100 1000",
+            "read -P 0 1100 7091",
+            "read -P 0x45 8191 2",
+            "read -P 0 8193 4095",
+        ],
+    );
+    vdisk_io(dir, &u, &["read -P 0x44 100 1000"]);
+}
