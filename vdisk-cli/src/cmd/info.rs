@@ -585,7 +585,11 @@ fn human(i: &ImageInfo) -> String {
     if !i.snapshots.is_empty() {
         s.push_str(&snapshot_list(&i.snapshots));
     }
-    s.push_str(&specific_human_full(&i.specific, i.encryption.as_ref(), &i.bitmaps));
+    s.push_str(&specific_human_full(
+        &i.specific,
+        i.encryption.as_ref(),
+        &i.bitmaps,
+    ));
     if i.protocol_root.is_some() {
         return s;
     }

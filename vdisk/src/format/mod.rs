@@ -32,9 +32,9 @@ pub mod raw;
 pub mod registry;
 pub mod report;
 pub mod util;
+pub mod vdi;
 pub mod vhdx;
 pub mod vmdk;
-pub mod vdi;
 pub mod vpc;
 
 pub use driver::*;

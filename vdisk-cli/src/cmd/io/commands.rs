@@ -29,6 +29,9 @@ pub struct OpenFile {
     pub progress: bool,
     /// Opened with `-r`: commands that modify the image are refused up front.
     pub read_only: bool,
+    /// Opened with `-o detect-zeroes=on|unmap`: all-zero writes become zero writes
+    /// before the format sees them (so a compressed write of zeroes never fails).
+    pub detect_zeroes: bool,
 }
 
 /// The state commands work on: at most one open image, as in qemu-io.
@@ -571,8 +574,9 @@ fn write_range(
                 // qemu-io's compressed writes fail with EIO on a cluster that already
                 // has host space (QEMU's qcow2 never overwrites with a compressed
                 // cluster; vdisk's library can, but qemu-io scripts expect the error).
+                let zeroes_detected = s.detect_zeroes && p == 0;
                 let st = s.img.layer_block_status(offset + pos, n)?;
-                if st.offset.is_some() || st.compressed {
+                if !zeroes_detected && (st.offset.is_some() || st.compressed) {
                     return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
                 }
                 s.img.write_compressed(&buf[..n as usize], offset + pos)

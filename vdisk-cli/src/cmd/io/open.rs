@@ -82,8 +82,10 @@ pub fn open_file(s: &mut Session, path: &str, opts: &OpenOptions, extra: &OpenEx
         ),
         other => other.clone(),
     };
+    let zero_detection;
     match detect {
         Ok(mode) => {
+            zero_detection = mode != DetectZeroesMode::Off;
             if let Some(hook) = DetectZeroes::for_mode(mode, extra.discard_unmap) {
                 img.add_hook(hook);
             }
@@ -107,6 +109,7 @@ pub fn open_file(s: &mut Session, path: &str, opts: &OpenOptions, extra: &OpenEx
         name: path.to_string(),
         progress: s.progress,
         read_only: opts.read_only,
+        detect_zeroes: zero_detection,
     });
     true
 }
