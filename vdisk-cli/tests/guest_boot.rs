@@ -68,6 +68,33 @@ impl Serve {
             &sock,
         )
     }
+    /// vhost-user-blk on a Unix socket, qcow2, discard passed through.
+    fn vhost(dir: &Path, name: &str, image: &Path, queues: u16) -> Serve {
+        let sock = dir.join(format!("{name}.vhost"));
+        let q = queues.to_string();
+        Serve::start(
+            &[
+                "--vhost-user-blk",
+                s(&sock),
+                "--num-queues",
+                &q,
+                "-f",
+                "qcow2",
+                "--cache=none",
+                "--discard=unmap",
+                s(image),
+            ],
+            &sock,
+        )
+    }
+    /// SIGTERM, then the exit status.
+    fn terminate(self) -> ExitStatus {
+        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.wait(Duration::from_secs(30))
+    }
     fn wait(mut self, limit: Duration) -> ExitStatus {
         let until = Instant::now() + limit;
         loop {
@@ -115,24 +142,96 @@ fn assert_clean(dir: &Path, img: &Path) {
     assert!(r.out.contains("No errors were found"), "{}", r.out);
 }
 
-/// mkfs + files + fsck on vda and a deterministic raw workload on vdb, once with both
-/// disks served by `vdisk serve` over NBD and once on QEMU's own qcow2 driver: the
-/// files read back with their known checksums, fsck is clean, fstrim reaches the
-/// image, both images pass `qemu-img check`, and the raw disks are identical.
-#[test]
-fn ext4_and_raw_workload_over_nbd_match_qemu_qcow2() {
-    let kit = kit();
-    let d = tempfile::tempdir().expect("tempdir");
-    let dir = d.path();
-    let body = format!(
+/// The guest workload every export runs: ext4 on vda, the raw workload on vdb.
+fn workload_body() -> String {
+    format!(
         "{}\n{}",
         ext4_workload("/dev/vda"),
         raw_workload("/dev/vdb")
-    );
-    let initrd = initramfs(&kit, &body, &[]);
-    let want = expected_sums();
+    )
+}
 
-    // vdisk, over NBD.
+/// The workload once on QEMU's own qcow2 driver (shared by the tests of this file).
+struct Baseline {
+    /// Keeps the images.
+    _dir: tempfile::TempDir,
+    /// vda (ext4) and vdb (raw workload).
+    qa: PathBuf,
+    qb: PathBuf,
+    /// What the guest printed as the raw disk's checksum.
+    raw: String,
+}
+
+fn baseline() -> &'static Baseline {
+    static B: std::sync::OnceLock<Baseline> = std::sync::OnceLock::new();
+    B.get_or_init(|| {
+        let kit = kit();
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path();
+        let initrd = initramfs(&kit, &workload_body(), &[]);
+        let qa = create_qcow2(dir, "qa.qcow2", "256M");
+        let qb = create_qcow2(dir, "qb.qcow2", "64M");
+        let spec = VmSpec {
+            disks: vec![
+                Disk::Image {
+                    path: qa.clone(),
+                    fmt: "qcow2",
+                },
+                Disk::Image {
+                    path: qb.clone(),
+                    fmt: "qcow2",
+                },
+            ],
+            ..VmSpec::default()
+        };
+        let q = Vm::start(dir, "qemu", &initrd, &spec).finish(BOOT_LIMIT);
+        q.assert_ok();
+        assert_eq!(q.sums(), expected_sums());
+        let raw = q.value("RAW");
+        Baseline {
+            _dir: d,
+            qa,
+            qb,
+            raw,
+        }
+    })
+}
+
+/// Checks a guest that ran [`workload_body`] on vdisk images `va`, `vb`: known
+/// checksums, clean fsck, fstrim reached the image, `qemu-img check` clean, the raw
+/// disk identical to the run on QEMU's qcow2 driver, and no more space used after
+/// fstrim than QEMU's image.
+fn assert_workload(dir: &Path, g: &guest_support::Guest, va: &Path, vb: &Path) {
+    g.assert_ok();
+    assert_eq!(g.sums(), expected_sums(), "files read back\n{}", g.console);
+    assert_eq!(g.value("FSCK"), "0", "{}", g.console);
+    assert!(g.value("FSTRIM").contains("trimmed"), "{}", g.console);
+    assert_clean(dir, va);
+    assert_clean(dir, vb);
+    let b = baseline();
+    assert_eq!(g.value("RAW"), b.raw, "raw disk as the guest saw it");
+    let r = qemu_img(
+        dir,
+        &["compare", "-f", "qcow2", "-F", "qcow2", s(vb), s(&b.qb)],
+    );
+    assert_eq!(r.code, 0, "qemu-img compare: {}{}", r.out, r.err);
+    assert!(r.out.contains("Images are identical"), "{}", r.out);
+    let used = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (v, q) = (used(va), used(&b.qa));
+    assert!(
+        v <= q + q / 4 + (4 << 20),
+        "after fstrim vdisk's image is {v} bytes, qemu's {q}"
+    );
+}
+
+/// mkfs + files + fsck on vda and a deterministic raw workload on vdb, both disks
+/// served by `vdisk serve` over NBD (QEMU's NBD client, `nbd+unix://`).
+#[test]
+fn guest_workload_over_nbd_matches_qemu_qcow2() {
+    let kit = kit();
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    let initrd = initramfs(&kit, &workload_body(), &[]);
     let va = create_qcow2(dir, "va.qcow2", "256M");
     let vb = create_qcow2(dir, "vb.qcow2", "64M");
     let sa = Serve::nbd(dir, "va", &va);
@@ -142,59 +241,50 @@ fn ext4_and_raw_workload_over_nbd_match_qemu_qcow2() {
         ..VmSpec::default()
     };
     let g = Vm::start(dir, "vdisk", &initrd, &spec).finish(BOOT_LIMIT);
-    g.assert_ok();
-    assert_eq!(
-        g.sums(),
-        want,
-        "files read back through vdisk\n{}",
-        g.console
-    );
-    assert_eq!(g.value("FSCK"), "0", "{}", g.console);
-    assert!(g.value("FSTRIM").contains("trimmed"), "{}", g.console);
     // The client left: each server flushes, closes and exits 0.
     assert!(sa.wait(Duration::from_secs(30)).success());
     assert!(sb.wait(Duration::from_secs(30)).success());
-    assert_clean(dir, &va);
-    assert_clean(dir, &vb);
+    assert_workload(dir, &g, &va, &vb);
+}
 
-    // The same on QEMU's qcow2 driver.
-    let qa = create_qcow2(dir, "qa.qcow2", "256M");
-    let qb = create_qcow2(dir, "qb.qcow2", "64M");
+/// The same workload with both disks on `vdisk serve --vhost-user-blk` (guest memory
+/// in a shared memfd), two vCPUs and two queues per disk; SIGTERM stops the servers
+/// cleanly afterwards.
+#[test]
+fn guest_workload_over_vhost_user_blk_matches_qemu_qcow2() {
+    let kit = kit();
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    // The guest sees both queues and the device id (GET_ID).
+    let body = format!(
+        "{}\necho \"VDISK-QUEUES $(ls /sys/block/vda/mq | wc -l)\"\necho \"VDISK-SERIAL $(cat /sys/block/vda/serial)\"",
+        workload_body()
+    );
+    let initrd = initramfs(&kit, &body, &[]);
+    let va = create_qcow2(dir, "va.qcow2", "256M");
+    let vb = create_qcow2(dir, "vb.qcow2", "64M");
+    let sa = Serve::vhost(dir, "va", &va, 2);
+    let sb = Serve::vhost(dir, "vb", &vb, 2);
     let spec = VmSpec {
         disks: vec![
-            Disk::Image {
-                path: qa.clone(),
-                fmt: "qcow2",
+            Disk::VhostUser {
+                sock: sa.sock.clone(),
+                queues: 2,
             },
-            Disk::Image {
-                path: qb.clone(),
-                fmt: "qcow2",
+            Disk::VhostUser {
+                sock: sb.sock.clone(),
+                queues: 2,
             },
         ],
+        cpus: 2,
         ..VmSpec::default()
     };
-    let q = Vm::start(dir, "qemu", &initrd, &spec).finish(BOOT_LIMIT);
-    q.assert_ok();
-    assert_eq!(q.sums(), want);
-    assert_eq!(
-        q.value("RAW"),
-        g.value("RAW"),
-        "raw disk as the guest saw it"
-    );
-    let r = qemu_img(
-        dir,
-        &["compare", "-f", "qcow2", "-F", "qcow2", s(&vb), s(&qb)],
-    );
-    assert_eq!(r.code, 0, "qemu-img compare: {}{}", r.out, r.err);
-    assert!(r.out.contains("Images are identical"), "{}", r.out);
-
-    // fstrim gave the space back: vdisk's image holds no more than qemu's does.
-    let used = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let (v, q) = (used(&va), used(&qa));
-    assert!(
-        v <= q + q / 4 + (4 << 20),
-        "after fstrim vdisk's image is {v} bytes, qemu's {q}"
-    );
+    let g = Vm::start(dir, "vhost", &initrd, &spec).finish(BOOT_LIMIT);
+    assert!(sa.terminate().success());
+    assert!(sb.terminate().success());
+    assert_workload(dir, &g, &va, &vb);
+    assert_eq!(g.value("QUEUES"), "2", "{}", g.console);
+    assert_eq!(g.value("SERIAL"), "vdisk", "{}", g.console);
 }
 
 /// A VM killed (SIGKILL) while writing and syncing files, its server killed with it:

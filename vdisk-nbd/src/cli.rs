@@ -82,11 +82,18 @@ pub struct ServeArgs {
     /// Log connection events to stderr.
     #[arg(short = 'v', long = "verbose")]
     pub verbose: bool,
+    /// Serve the image as a vhost-user-blk device on this Unix socket instead of NBD
+    /// (one VMM at a time, which may reconnect, until SIGTERM).
+    #[arg(long = "vhost-user-blk", value_name = "SOCKET")]
+    pub vhost_user_blk: Option<PathBuf>,
+    /// Request queues of the vhost-user-blk device (1-64).
+    #[arg(long = "num-queues", default_value_t = 1)]
+    pub num_queues: u16,
     /// Image file to export.
     pub filename: PathBuf,
 }
 
-fn err(msg: impl std::fmt::Display) -> i32 {
+pub(crate) fn err(msg: impl std::fmt::Display) -> i32 {
     eprintln!("vdisk: {msg}");
     1
 }
@@ -194,6 +201,9 @@ pub fn run(a: ServeArgs) -> i32 {
         Ok(i) => Arc::new(i),
         Err(e) => return err(e),
     };
+    if a.vhost_user_blk.is_some() {
+        return crate::exports::run(&a, image, plan.export.discard);
+    }
     let listener = match &a.socket {
         Some(p) => Listener::unix(p).map_err(|e| format!("cannot listen on {}: {e}", p.display())),
         None => Listener::tcp(&a.bind, a.port)
@@ -309,7 +319,7 @@ fn open_snapshot(file: &std::path::Path, opts: &OpenOptions) -> Result<Image, St
 
 /// In a `--fork` child: tell the waiting parent the server is listening, and stop
 /// writing to the terminal the parent had.
-fn report_ready() {
+pub(crate) fn report_ready() {
     let Some(v) = std::env::var_os(READY_FD_ENV) else {
         return;
     };

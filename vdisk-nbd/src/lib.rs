@@ -7,10 +7,12 @@
 //! - [`server`]: accept loop, client limits, orderly shutdown.
 //! - [`export`]: the served image and its policy; block status translation.
 //! - [`cli`]: `vdisk serve` (qemu-nbd's options).
+//! - [`exports`]: the other exports `vdisk serve` runs (vhost-user-blk).
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod export;
+pub mod exports;
 pub mod handshake;
 pub mod limiter;
 pub mod log;
