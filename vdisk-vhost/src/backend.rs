@@ -137,10 +137,9 @@ impl BlkBackend {
                 })
                 .collect();
             let used = self.serve(&mem, &descs);
-            if st.add_used(head, used).is_err() {
-                // Only possible with a bad used ring address: stop serving this queue.
-                break;
-            }
+            // Fails only for a head index past the table (nothing to return) or a
+            // used ring outside guest memory: the guest broke its own queue.
+            let _ = st.add_used(head, used);
         }
         signal(&mut st)
     }
@@ -226,7 +225,7 @@ impl BlkBackend {
     fn segments(&self, mem: &GuestMemoryMmap<()>, l: &Layout, zeroes: bool) -> (u32, u32) {
         let len = l.readable_len();
         if len == 0
-            || len % SEGMENT_LEN as u64 != 0
+            || !len.is_multiple_of(SEGMENT_LEN as u64)
             || len / SEGMENT_LEN as u64 > u64::from(MAX_SEGMENTS)
         {
             return (VIRTIO_BLK_S_UNSUPP, 0);
