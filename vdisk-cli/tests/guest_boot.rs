@@ -87,6 +87,38 @@ impl Serve {
             &sock,
         )
     }
+    /// The FUSE export over the (created) regular file `dir/name.raw`.
+    fn fuse(dir: &Path, name: &str, image: &Path) -> Serve {
+        let mp = dir.join(format!("{name}.raw"));
+        std::fs::write(&mp, b"").expect("create the mount point");
+        let child = Command::new(env!("CARGO_BIN_EXE_vdisk"))
+            .args([
+                "serve",
+                "--fuse",
+                s(&mp),
+                "-f",
+                "qcow2",
+                "--discard=unmap",
+                s(image),
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start vdisk serve --fuse");
+        let mut sv = Serve {
+            child,
+            sock: mp.clone(),
+        };
+        // Mounted when the file shows the image's size.
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&mp).map(|m| m.len()).unwrap_or(0) == 0 {
+            if let Ok(Some(st)) = sv.child.try_wait() {
+                panic!("vdisk serve --fuse exited ({st}) before mounting");
+            }
+            assert!(Instant::now() < until, "vdisk serve --fuse never mounted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sv
+    }
     /// SIGTERM, then the exit status.
     fn terminate(self) -> ExitStatus {
         // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped.
@@ -285,6 +317,42 @@ fn guest_workload_over_vhost_user_blk_matches_qemu_qcow2() {
     assert_workload(dir, &g, &va, &vb);
     assert_eq!(g.value("QUEUES"), "2", "{}", g.console);
     assert_eq!(g.value("SERIAL"), "vdisk", "{}", g.console);
+}
+
+/// The same workload on the raw view of the qcow2 images through `vdisk serve --fuse`
+/// (QEMU opens the mounted file as a raw image; its discards arrive as fallocate
+/// punch-hole); SIGTERM unmounts.
+#[test]
+fn guest_workload_on_fuse_raw_view_matches_qemu_qcow2() {
+    let kit = kit();
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    let initrd = initramfs(&kit, &workload_body(), &[]);
+    let va = create_qcow2(dir, "va.qcow2", "256M");
+    let vb = create_qcow2(dir, "vb.qcow2", "64M");
+    let sa = Serve::fuse(dir, "va", &va);
+    let sb = Serve::fuse(dir, "vb", &vb);
+    let spec = VmSpec {
+        disks: vec![
+            Disk::Image {
+                path: sa.sock.clone(),
+                fmt: "raw",
+            },
+            Disk::Image {
+                path: sb.sock.clone(),
+                fmt: "raw",
+            },
+        ],
+        ..VmSpec::default()
+    };
+    let g = Vm::start(dir, "fuse", &initrd, &spec).finish(BOOT_LIMIT);
+    let (ma, mb) = (sa.sock.clone(), sb.sock.clone());
+    assert!(sa.terminate().success());
+    assert!(sb.terminate().success());
+    // Unmounted: the mount points are the empty files again.
+    assert_eq!(std::fs::metadata(&ma).expect("mount point").len(), 0);
+    assert_eq!(std::fs::metadata(&mb).expect("mount point").len(), 0);
+    assert_workload(dir, &g, &va, &vb);
 }
 
 /// A VM killed (SIGKILL) while writing and syncing files, its server killed with it:

@@ -89,6 +89,13 @@ pub struct ServeArgs {
     /// Request queues of the vhost-user-blk device (1-64).
     #[arg(long = "num-queues", default_value_t = 1)]
     pub num_queues: u16,
+    /// Export the image through FUSE as one regular file mounted over MOUNTPOINT (an
+    /// existing regular file) instead of NBD; with --vhost-user-blk, both at once.
+    #[arg(long = "fuse", value_name = "MOUNTPOINT")]
+    pub fuse: Option<PathBuf>,
+    /// FUSE export: writes past the end grow the image.
+    #[arg(long = "growable")]
+    pub growable: bool,
     /// Image file to export.
     pub filename: PathBuf,
 }
@@ -201,7 +208,7 @@ pub fn run(a: ServeArgs) -> i32 {
         Ok(i) => Arc::new(i),
         Err(e) => return err(e),
     };
-    if a.vhost_user_blk.is_some() {
+    if a.vhost_user_blk.is_some() || a.fuse.is_some() {
         return crate::exports::run(&a, image, plan.export.discard);
     }
     let listener = match &a.socket {

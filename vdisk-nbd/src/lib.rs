@@ -7,7 +7,7 @@
 //! - [`server`]: accept loop, client limits, orderly shutdown.
 //! - [`export`]: the served image and its policy; block status translation.
 //! - [`cli`]: `vdisk serve` (qemu-nbd's options).
-//! - [`exports`]: the other exports `vdisk serve` runs (vhost-user-blk).
+//! - [`exports`]: the other exports `vdisk serve` runs (vhost-user-blk, FUSE).
 #![warn(missing_docs)]
 
 pub mod cli;
