@@ -439,3 +439,167 @@ echo "VDISK-FSCK $rc"
     assert!(sv.wait(Duration::from_secs(30)).success());
     assert_clean(dir, &img);
 }
+
+/// fio inside the guest on one disk, per export; prints a table (BENCHMARKS.md). Not
+/// part of the suite (timing belongs in benchmarks):
+/// `cargo test --release -p vdisk-cli --test guest_boot -- --ignored --nocapture bench`.
+/// `VDISK_GUEST_FIO_RUNTIME` sets the seconds per job (default 8).
+#[test]
+#[ignore]
+fn bench_fio_in_guest() {
+    let kit = kit();
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path();
+    let runtime: u32 = std::env::var("VDISK_GUEST_FIO_RUNTIME")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let jobs = [
+        ("seq-write-1M", "write", "1M", 4),
+        ("rand-write-4k", "randwrite", "4k", 32),
+        ("rand-read-4k", "randread", "4k", 32),
+        ("seq-read-1M", "read", "1M", 4),
+    ];
+    let mut body = String::new();
+    for (name, rw, bs, qd) in jobs {
+        body.push_str(&format!(
+            "echo \"VDISK-FIO {name} $(/xbin/fio --name={name} --filename=/dev/vda --rw={rw} --bs={bs} --iodepth={qd} --ioengine=libaio --direct=1 --size=192M --runtime={runtime} --time_based --output-format=terse --terse-version=3)\"\n"
+        ));
+    }
+    let initrd = initramfs(&kit, &body, &["fio"]);
+    let mem = 768;
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let parse = |g: &guest_support::Guest| -> Vec<f64> {
+        jobs.iter()
+            .map(|(name, rw, _, _)| {
+                let line = g
+                    .lines("FIO")
+                    .into_iter()
+                    .find(|l| l.starts_with(name))
+                    .unwrap_or_else(|| panic!("no fio result for {name}\n{}", g.console));
+                let f: Vec<&str> = line.split(';').collect();
+                // terse v3: read iops is field 8, write iops field 49 (1-based).
+                let i = if rw.contains("write") { 48 } else { 7 };
+                f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            })
+            .collect()
+    };
+    let boot = |tag: &str, spec: &VmSpec| -> Vec<f64> {
+        let g = Vm::start(dir, tag, &initrd, spec).finish(Duration::from_secs(900));
+        g.assert_ok();
+        parse(&g)
+    };
+    let fresh = |name: &str| {
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        create_qcow2(dir, name, "256M")
+    };
+    // vdisk vhost-user-blk, qcow2.
+    let img = fresh("v.qcow2");
+    let sv = Serve::vhost(dir, "bench", &img, 2);
+    let spec = VmSpec {
+        disks: vec![Disk::VhostUser {
+            sock: sv.sock.clone(),
+            queues: 2,
+        }],
+        mem_mib: mem,
+        cpus: 2,
+    };
+    rows.push(("vdisk vhost-user-blk (qcow2)".into(), boot("b-vhost", &spec)));
+    assert!(sv.terminate().success());
+    // qemu-storage-daemon vhost-user-blk, qcow2 (the emulator's own QEMU version).
+    let img = fresh("q.qcow2");
+    let qsd_sock = dir.join("qsd.sock");
+    let mut qsd = Command::new(kit.storage_daemon())
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=file,node-name=file0,filename={},cache.direct=on",
+                s(&img)
+            ),
+            "--blockdev",
+            "driver=qcow2,node-name=fmt0,file=file0",
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,addr.path={},writable=on,num-queues=2",
+                s(&qsd_sock)
+            ),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start qemu-storage-daemon");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !qsd_sock.exists() {
+        assert!(Instant::now() < until, "qemu-storage-daemon never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spec = VmSpec {
+        disks: vec![Disk::VhostUser {
+            sock: qsd_sock.clone(),
+            queues: 2,
+        }],
+        mem_mib: mem,
+        cpus: 2,
+    };
+    rows.push((
+        "qemu-storage-daemon vhost-user-blk (qcow2)".into(),
+        boot("b-qsd", &spec),
+    ));
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    // vdisk NBD, qcow2.
+    let img = fresh("n.qcow2");
+    let sv = Serve::nbd(dir, "bench-nbd", &img);
+    let spec = VmSpec {
+        disks: vec![Disk::Nbd(sv.sock.clone())],
+        mem_mib: mem,
+        cpus: 2,
+    };
+    rows.push(("vdisk serve NBD (qcow2)".into(), boot("b-nbd", &spec)));
+    drop(sv);
+    // QEMU's in-process qcow2 driver, and a raw file.
+    let img = fresh("i.qcow2");
+    let spec = VmSpec {
+        disks: vec![Disk::Image {
+            path: img,
+            fmt: "qcow2",
+        }],
+        mem_mib: mem,
+        cpus: 2,
+    };
+    rows.push(("QEMU in-process qcow2 driver".into(), boot("b-qemu", &spec)));
+    let raw = dir.join("r.raw");
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", s(&raw), "256M"]),
+        "create raw",
+    );
+    let spec = VmSpec {
+        disks: vec![Disk::Image {
+            path: raw,
+            fmt: "raw",
+        }],
+        mem_mib: mem,
+        cpus: 2,
+    };
+    rows.push(("QEMU in-process raw file".into(), boot("b-raw", &spec)));
+
+    let base = rows
+        .iter()
+        .find(|(n, _)| n.starts_with("QEMU in-process qcow2"))
+        .map(|(_, v)| v.clone())
+        .expect("baseline row");
+    println!("\nfio in the guest (TCG, 2 vCPUs), IOPS; runtime {runtime} s per job; ratio to QEMU's qcow2 driver");
+    print!("| export |");
+    for (n, _, _, _) in jobs {
+        print!(" {n} |");
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(jobs.len()));
+    for (name, v) in &rows {
+        print!("| {name} |");
+        for (x, b) in v.iter().zip(&base) {
+            print!(" {x:.0} ({:.2}x) |", if *b > 0.0 { x / b } else { 0.0 });
+        }
+        println!();
+    }
+}

@@ -13,7 +13,7 @@ use crate::request::{
     Span, HEADER_LEN, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SEGMENT_LEN, SEGMENT_UNMAP,
 };
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use vdisk::{Image, ZeroFlags};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -34,6 +34,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+/// Requests of one queue served at once.
+const PARALLEL: usize = 8;
 
 /// Guest memory as the daemon shares it with the vrings.
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -127,21 +130,57 @@ impl BlkBackend {
         if chains.is_empty() {
             return Ok(());
         }
-        for chain in chains {
-            let head = chain.head_index();
-            let descs: Vec<Desc> = chain
-                .map(|d| Desc {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    write: d.is_write_only(),
-                })
-                .collect();
-            let used = self.serve(&mem, &descs);
+        let reqs: Vec<(u16, Vec<Desc>)> = chains
+            .into_iter()
+            .map(|chain| {
+                let head = chain.head_index();
+                let descs = chain
+                    .map(|d| Desc {
+                        addr: d.addr().0,
+                        len: d.len(),
+                        write: d.is_write_only(),
+                    })
+                    .collect();
+                (head, descs)
+            })
+            .collect();
+        let used = self.serve_batch(&mem, &reqs);
+        for ((head, _), used) in reqs.iter().zip(used) {
             // Fails only for a head index past the table (nothing to return) or a
             // used ring outside guest memory: the guest broke its own queue.
-            let _ = st.add_used(head, used);
+            let _ = st.add_used(*head, used);
         }
         signal(&mut st)
+    }
+
+    /// Serves the requests of one batch, several at once (up to `PARALLEL` threads of
+    /// this queue's worker): the guest's queue depth reaches the engine. Returns each
+    /// request's used length, in order.
+    fn serve_batch(
+        &self,
+        mem: &GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
+        reqs: &[(u16, Vec<Desc>)],
+    ) -> Vec<u32> {
+        if reqs.len() == 1 {
+            return vec![self.serve(mem, &reqs[0].1)];
+        }
+        let next = AtomicUsize::new(0);
+        let out: Vec<AtomicU32> = reqs.iter().map(|_| AtomicU32::new(0)).collect();
+        let work = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some((_, descs)) = reqs.get(i) else {
+                return;
+            };
+            out[i].store(self.serve(mem, descs), Ordering::Relaxed);
+        };
+        std::thread::scope(|sc| {
+            for _ in 1..reqs.len().min(PARALLEL) {
+                // A thread that cannot start leaves its share to the others.
+                let _ = std::thread::Builder::new().spawn_scoped(sc, work);
+            }
+            work();
+        });
+        out.into_iter().map(AtomicU32::into_inner).collect()
     }
 
     /// Serves one request; returns the bytes written into guest memory (the used
