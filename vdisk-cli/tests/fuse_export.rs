@@ -52,7 +52,11 @@ impl Mounted {
         }
         let st = self.child.wait().unwrap();
         assert!(st.success(), "vdisk serve --fuse: {st}");
-        assert_eq!(std::fs::metadata(&self.mp).unwrap().len(), 0, "still mounted");
+        assert_eq!(
+            std::fs::metadata(&self.mp).unwrap().len(),
+            0,
+            "still mounted"
+        );
     }
 }
 
@@ -139,7 +143,10 @@ fn fuse_file_reads_writes_punches_zeroes_and_seeks() {
     full[1 << 20..4 << 20].copy_from_slice(&want);
     full[(16 << 20) - 10..].fill(7);
     std::fs::write(&raw, &full).unwrap();
-    let r = qemu_img(dir, &["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&raw)]);
+    let r = qemu_img(
+        dir,
+        &["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&raw)],
+    );
     assert_eq!(r.code, 0, "{}{}", r.out, r.err);
     // The punched MiB is deallocated in the qcow2 file.
     let map = ok(qemu_img(dir, &["map", "--output=json", s(&img)]), "map");

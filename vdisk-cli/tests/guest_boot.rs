@@ -468,6 +468,9 @@ fn bench_fio_in_guest() {
     }
     let initrd = initramfs(&kit, &body, &["fio"]);
     let mem = 768;
+    // `VDISK_GUEST_BENCH=vdisk-vhost,qsd,vdisk-nbd,qemu-qcow2,qemu-raw` picks rows.
+    let only = std::env::var("VDISK_GUEST_BENCH").unwrap_or_default();
+    let want = |row: &str| only.is_empty() || only.split(',').any(|w| w == row);
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     let parse = |g: &guest_support::Guest| -> Vec<f64> {
         jobs.iter()
@@ -495,22 +498,28 @@ fn bench_fio_in_guest() {
         create_qcow2(dir, name, "256M")
     };
     // vdisk vhost-user-blk, qcow2.
-    let img = fresh("v.qcow2");
-    let sv = Serve::vhost(dir, "bench", &img, 2);
-    let spec = VmSpec {
-        disks: vec![Disk::VhostUser {
-            sock: sv.sock.clone(),
-            queues: 2,
-        }],
-        mem_mib: mem,
-        cpus: 2,
-    };
-    rows.push(("vdisk vhost-user-blk (qcow2)".into(), boot("b-vhost", &spec)));
-    assert!(sv.terminate().success());
+    if want("vdisk-vhost") {
+        let img = fresh("v.qcow2");
+        let sv = Serve::vhost(dir, "bench", &img, 2);
+        let spec = VmSpec {
+            disks: vec![Disk::VhostUser {
+                sock: sv.sock.clone(),
+                queues: 2,
+            }],
+            mem_mib: mem,
+            cpus: 2,
+        };
+        rows.push((
+            "vdisk vhost-user-blk (qcow2)".into(),
+            boot("b-vhost", &spec),
+        ));
+        assert!(sv.terminate().success());
+    }
     // qemu-storage-daemon vhost-user-blk, qcow2 (the emulator's own QEMU version).
-    let img = fresh("q.qcow2");
-    let qsd_sock = dir.join("qsd.sock");
-    let mut qsd = Command::new(kit.storage_daemon())
+    if want("qsd") {
+        let img = fresh("q.qcow2");
+        let qsd_sock = dir.join("qsd.sock");
+        let mut qsd = Command::new(kit.storage_daemon())
         .args([
             "--blockdev",
             &format!(
@@ -528,66 +537,73 @@ fn bench_fio_in_guest() {
         .stdin(Stdio::null())
         .spawn()
         .expect("start qemu-storage-daemon");
-    let until = Instant::now() + Duration::from_secs(20);
-    while !qsd_sock.exists() {
-        assert!(Instant::now() < until, "qemu-storage-daemon never listened");
-        std::thread::sleep(Duration::from_millis(20));
+        let until = Instant::now() + Duration::from_secs(20);
+        while !qsd_sock.exists() {
+            assert!(Instant::now() < until, "qemu-storage-daemon never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let spec = VmSpec {
+            disks: vec![Disk::VhostUser {
+                sock: qsd_sock.clone(),
+                queues: 2,
+            }],
+            mem_mib: mem,
+            cpus: 2,
+        };
+        rows.push((
+            "qemu-storage-daemon vhost-user-blk (qcow2)".into(),
+            boot("b-qsd", &spec),
+        ));
+        let _ = qsd.kill();
+        let _ = qsd.wait();
     }
-    let spec = VmSpec {
-        disks: vec![Disk::VhostUser {
-            sock: qsd_sock.clone(),
-            queues: 2,
-        }],
-        mem_mib: mem,
-        cpus: 2,
-    };
-    rows.push((
-        "qemu-storage-daemon vhost-user-blk (qcow2)".into(),
-        boot("b-qsd", &spec),
-    ));
-    let _ = qsd.kill();
-    let _ = qsd.wait();
     // vdisk NBD, qcow2.
-    let img = fresh("n.qcow2");
-    let sv = Serve::nbd(dir, "bench-nbd", &img);
-    let spec = VmSpec {
-        disks: vec![Disk::Nbd(sv.sock.clone())],
-        mem_mib: mem,
-        cpus: 2,
-    };
-    rows.push(("vdisk serve NBD (qcow2)".into(), boot("b-nbd", &spec)));
-    drop(sv);
+    if want("vdisk-nbd") {
+        let img = fresh("n.qcow2");
+        let sv = Serve::nbd(dir, "bench-nbd", &img);
+        let spec = VmSpec {
+            disks: vec![Disk::Nbd(sv.sock.clone())],
+            mem_mib: mem,
+            cpus: 2,
+        };
+        rows.push(("vdisk serve NBD (qcow2)".into(), boot("b-nbd", &spec)));
+        drop(sv);
+    }
     // QEMU's in-process qcow2 driver, and a raw file.
-    let img = fresh("i.qcow2");
-    let spec = VmSpec {
-        disks: vec![Disk::Image {
-            path: img,
-            fmt: "qcow2",
-        }],
-        mem_mib: mem,
-        cpus: 2,
-    };
-    rows.push(("QEMU in-process qcow2 driver".into(), boot("b-qemu", &spec)));
-    let raw = dir.join("r.raw");
-    ok(
-        qemu_img(dir, &["create", "-q", "-f", "raw", s(&raw), "256M"]),
-        "create raw",
-    );
-    let spec = VmSpec {
-        disks: vec![Disk::Image {
-            path: raw,
-            fmt: "raw",
-        }],
-        mem_mib: mem,
-        cpus: 2,
-    };
-    rows.push(("QEMU in-process raw file".into(), boot("b-raw", &spec)));
+    if want("qemu-qcow2") {
+        let img = fresh("i.qcow2");
+        let spec = VmSpec {
+            disks: vec![Disk::Image {
+                path: img,
+                fmt: "qcow2",
+            }],
+            mem_mib: mem,
+            cpus: 2,
+        };
+        rows.push(("QEMU in-process qcow2 driver".into(), boot("b-qemu", &spec)));
+    }
+    if want("qemu-raw") {
+        let raw = dir.join("r.raw");
+        ok(
+            qemu_img(dir, &["create", "-q", "-f", "raw", s(&raw), "256M"]),
+            "create raw",
+        );
+        let spec = VmSpec {
+            disks: vec![Disk::Image {
+                path: raw,
+                fmt: "raw",
+            }],
+            mem_mib: mem,
+            cpus: 2,
+        };
+        rows.push(("QEMU in-process raw file".into(), boot("b-raw", &spec)));
+    }
 
     let base = rows
         .iter()
         .find(|(n, _)| n.starts_with("QEMU in-process qcow2"))
         .map(|(_, v)| v.clone())
-        .expect("baseline row");
+        .unwrap_or_else(|| vec![0.0; jobs.len()]);
     println!("\nfio in the guest (TCG, 2 vCPUs), IOPS; runtime {runtime} s per job; ratio to QEMU's qcow2 driver");
     print!("| export |");
     for (n, _, _, _) in jobs {

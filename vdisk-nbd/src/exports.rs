@@ -15,7 +15,7 @@ use vdisk_vhost::{BlkConfig, VhostExport};
 
 /// Signals (SIGTERM, SIGINT) make the returned socket readable (and it stays so: every
 /// export polls it without reading).
-fn stop_on_signals() -> Result<UnixStream, String> {
+pub(crate) fn stop_on_signals() -> Result<UnixStream, String> {
     let (stop_rx, stop_tx) = UnixStream::pair().map_err(|e| e.to_string())?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         let tx = stop_tx.try_clone().map_err(|e| e.to_string())?;

@@ -14,7 +14,8 @@ use crate::request::{
 };
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use vdisk::{Image, ZeroFlags};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -84,6 +85,60 @@ struct Inner {
     cfg: BlkConfig,
     mem: Memory,
     event_idx: AtomicBool,
+    /// Hands batches to the helper threads (which end when this is dropped).
+    helpers: Option<Sender<Arc<Batch>>>,
+}
+
+/// One batch of requests being served by a queue worker and its helpers.
+struct Batch {
+    reqs: Vec<(u16, Vec<Desc>)>,
+    out: Vec<AtomicU32>,
+    next: AtomicUsize,
+    done: Mutex<usize>,
+    all_done: Condvar,
+    mem: GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
+    backend: BlkBackend,
+}
+
+impl Batch {
+    /// Takes and serves requests until none is left.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            let Some((_, descs)) = self.reqs.get(i) else {
+                return;
+            };
+            self.out[i].store(self.backend.serve(&self.mem, descs), Ordering::Release);
+            let mut d = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+            *d += 1;
+            if *d == self.reqs.len() {
+                self.all_done.notify_all();
+            }
+        }
+    }
+}
+
+/// Helper threads shared by the queues of one device.
+fn start_helpers(n: usize) -> Option<Sender<Arc<Batch>>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<Batch>>();
+    let rx = Arc::new(Mutex::new(rx));
+    let mut started = 0;
+    for i in 0..n {
+        let rx = rx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vhost-blk-io-{i}"))
+            .spawn(move || loop {
+                let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                match next {
+                    Ok(batch) => batch.work(),
+                    Err(_) => return,
+                }
+            });
+        if t.is_ok() {
+            started += 1;
+        }
+    }
+    (started > 0).then_some(tx)
 }
 
 impl BlkBackend {
@@ -96,6 +151,7 @@ impl BlkBackend {
                 cfg,
                 mem,
                 event_idx: AtomicBool::new(false),
+                helpers: start_helpers(PARALLEL - 1),
             }),
         }
     }
@@ -144,43 +200,58 @@ impl BlkBackend {
                 (head, descs)
             })
             .collect();
-        let used = self.serve_batch(&mem, &reqs);
-        for ((head, _), used) in reqs.iter().zip(used) {
+        for (head, used) in self.serve_batch(&mem, reqs) {
             // Fails only for a head index past the table (nothing to return) or a
             // used ring outside guest memory: the guest broke its own queue.
-            let _ = st.add_used(*head, used);
+            let _ = st.add_used(head, used);
         }
         signal(&mut st)
     }
 
-    /// Serves the requests of one batch, several at once (up to `PARALLEL` threads of
-    /// this queue's worker): the guest's queue depth reaches the engine. Returns each
-    /// request's used length, in order.
+    /// Serves the requests of one batch, several at once: the queue's worker and up
+    /// to `PARALLEL - 1` helper threads take requests from the batch in turn, so the
+    /// guest's queue depth reaches the engine. The worker never waits for a helper to
+    /// start: it works through the batch itself and only waits for requests a helper
+    /// has already taken. Returns each request's used length, in order.
     fn serve_batch(
         &self,
         mem: &GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
-        reqs: &[(u16, Vec<Desc>)],
-    ) -> Vec<u32> {
+        reqs: Vec<(u16, Vec<Desc>)>,
+    ) -> Vec<(u16, u32)> {
         if reqs.len() == 1 {
-            return vec![self.serve(mem, &reqs[0].1)];
+            let used = self.serve(mem, &reqs[0].1);
+            return vec![(reqs[0].0, used)];
         }
-        let next = AtomicUsize::new(0);
-        let out: Vec<AtomicU32> = reqs.iter().map(|_| AtomicU32::new(0)).collect();
-        let work = || loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some((_, descs)) = reqs.get(i) else {
-                return;
-            };
-            out[i].store(self.serve(mem, descs), Ordering::Relaxed);
-        };
-        std::thread::scope(|sc| {
-            for _ in 1..reqs.len().min(PARALLEL) {
-                // A thread that cannot start leaves its share to the others.
-                let _ = std::thread::Builder::new().spawn_scoped(sc, work);
-            }
-            work();
+        let n = reqs.len();
+        let batch = Arc::new(Batch {
+            out: reqs.iter().map(|_| AtomicU32::new(0)).collect(),
+            reqs,
+            next: AtomicUsize::new(0),
+            done: Mutex::new(0),
+            all_done: Condvar::new(),
+            mem: mem.clone(),
+            backend: self.clone(),
         });
-        out.into_iter().map(AtomicU32::into_inner).collect()
+        if let Some(tx) = &self.inner.helpers {
+            for _ in 1..n.min(PARALLEL) {
+                let _ = tx.send(batch.clone());
+            }
+        }
+        batch.work();
+        let mut done = batch.done.lock().unwrap_or_else(PoisonError::into_inner);
+        while *done < n {
+            done = batch
+                .all_done
+                .wait(done)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(done);
+        batch
+            .reqs
+            .iter()
+            .zip(&batch.out)
+            .map(|((h, _), u)| (*h, u.load(Ordering::Acquire)))
+            .collect()
     }
 
     /// Serves one request; returns the bytes written into guest memory (the used
