@@ -36,8 +36,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Requests of one queue served at once.
-const PARALLEL: usize = 8;
+/// Requests of one queue served at once (the worker and two helpers: on this 2-core
+/// machine more threads only added context switches; measured in BENCHMARKS.md).
+const PARALLEL: usize = 3;
 
 /// Guest memory as the daemon shares it with the vrings.
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
