@@ -60,6 +60,9 @@ enum Command {
     Io(cmd::io::Args),
     /// Serve an image over NBD (like qemu-nbd).
     Serve(vdisk_nbd::cli::ServeArgs),
+    /// Serve several exports (NBD, vhost-user-blk, FUSE) in one process (like
+    /// qemu-storage-daemon).
+    StorageDaemon(vdisk_nbd::daemon::DaemonArgs),
 }
 
 fn main() {
@@ -83,7 +86,10 @@ fn main() {
             let _ = e.print();
             multicall::exit(code);
         });
-    if !matches!(cli.command, Command::Serve(_) | Command::Io(_)) {
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Io(_) | Command::StorageDaemon(_)
+    ) {
         // Like qemu-img, die quietly when the reader of our output goes away
         // (`vdisk info | head`) instead of failing on EPIPE. The NBD server keeps Rust's
         // ignored SIGPIPE: a vanishing client must only end its own connection. `io`
@@ -119,6 +125,7 @@ fn main() {
         Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Serve(a) => vdisk_nbd::cli::run(a),
+        Command::StorageDaemon(a) => vdisk_nbd::daemon::run(a),
     };
     multicall::exit(code);
 }

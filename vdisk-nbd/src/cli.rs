@@ -94,11 +94,25 @@ pub struct ServeArgs {
     /// encrypt.key-secret=ID`), as qemu-nbd's --image-opts.
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Serve the image as a vhost-user-blk device on this Unix socket instead of NBD
+    /// (one VMM at a time, which may reconnect, until SIGTERM).
+    #[arg(long = "vhost-user-blk", value_name = "SOCKET")]
+    pub vhost_user_blk: Option<PathBuf>,
+    /// Request queues of the vhost-user-blk device (1-64).
+    #[arg(long = "num-queues", default_value_t = 1)]
+    pub num_queues: u16,
+    /// Export the image through FUSE as one regular file mounted over MOUNTPOINT (an
+    /// existing regular file) instead of NBD; with --vhost-user-blk, both at once.
+    #[arg(long = "fuse", value_name = "MOUNTPOINT")]
+    pub fuse: Option<PathBuf>,
+    /// FUSE export: writes past the end grow the image.
+    #[arg(long = "growable")]
+    pub growable: bool,
     /// Image file to export.
     pub filename: PathBuf,
 }
 
-fn err(msg: impl std::fmt::Display) -> i32 {
+pub(crate) fn err(msg: impl std::fmt::Display) -> i32 {
     eprintln!("vdisk: {}", vdisk::error::strip_os_error(&msg.to_string()));
     1
 }
@@ -226,6 +240,9 @@ pub fn run(a: ServeArgs) -> i32 {
         Ok(i) => Arc::new(i),
         Err(e) => return err(e),
     };
+    if a.vhost_user_blk.is_some() || a.fuse.is_some() {
+        return crate::exports::run(&a, image, plan.export.discard);
+    }
     let export = match Export::new(image.clone(), plan.export).with_bitmaps(&a.bitmaps) {
         Ok(e) => Arc::new(e),
         Err(e) => return err(e),
@@ -366,7 +383,7 @@ fn open_snapshot(file: &std::path::Path, opts: &OpenOptions) -> Result<Image, St
 
 /// In a `--fork` child: tell the waiting parent the server is listening, and stop
 /// writing to the terminal the parent had.
-fn report_ready() {
+pub(crate) fn report_ready() {
     let Some(v) = std::env::var_os(READY_FD_ENV) else {
         return;
     };

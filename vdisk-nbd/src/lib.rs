@@ -7,10 +7,14 @@
 //! - [`server`]: accept loop, client limits, orderly shutdown.
 //! - [`export`]: the served image and its policy; block status translation.
 //! - [`cli`]: `vdisk serve` (qemu-nbd's options).
+//! - [`exports`]: the other exports `vdisk serve` runs (vhost-user-blk, FUSE).
+//! - [`daemon`]: `vdisk storage-daemon`, several exports in one process.
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod daemon;
 pub mod export;
+pub mod exports;
 pub mod handshake;
 pub mod limiter;
 pub mod log;
