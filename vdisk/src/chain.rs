@@ -131,8 +131,6 @@ pub struct OpenedNode {
     pub local_path: Option<PathBuf>,
     /// Its canonical path (loop detection).
     pub canonical: Option<PathBuf>,
-    /// The protocol of the `file` child (`file`, `host_device`, `nbd`…).
-    pub protocol: &'static str,
     /// The format was probed (neither the tree nor the caller named it).
     pub probed: bool,
     /// The node was a bare protocol node (`driver=file,filename=x`), opened as raw
@@ -277,7 +275,6 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
                 "A block device must be specified for \"file\"".into()
             })
         })?;
-    let protocol = registry::protocol_name(&file_node);
     let OpenedStorage {
         storage: metadata,
         local: local_path,
@@ -336,7 +333,6 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         backing,
         local_path,
         canonical,
-        protocol,
         probed: named.is_none(),
         protocol_root: false,
         files,

@@ -103,8 +103,6 @@ pub struct Image {
     /// Fixed once the image is shared (`add_hook` takes `&mut self`): the hot path
     /// reads it without a lock and skips the hook machinery when it is empty.
     hooks: Vec<Arc<dyn WriteHook>>,
-    /// See [`Image::protocol`].
-    protocol: &'static str,
     /// See [`Image::protocol_root`].
     protocol_root: bool,
     /// See [`Image::format_probed`].
@@ -193,7 +191,7 @@ impl Image {
             },
         )?;
         node.driver.no_backing |= opts.no_backing;
-        let (protocol, protocol_root, probed) = (node.protocol, node.protocol_root, node.probed);
+        let (protocol_root, probed) = (node.protocol_root, node.probed);
         if node.driver.key_secret.is_none() {
             node.driver.key_secret = opts.driver.key_secret.clone();
         }
@@ -215,7 +213,6 @@ impl Image {
             path,
             closed: AtomicBool::new(false),
             hooks,
-            protocol,
             protocol_root,
             probed,
             discard,
@@ -241,7 +238,6 @@ impl Image {
             path: path.into(),
             closed: AtomicBool::new(false),
             hooks: Vec::new(),
-            protocol: "file",
             protocol_root: false,
             probed: false,
             discard: DiscardMode::Unmap,
@@ -371,20 +367,15 @@ impl Image {
     pub fn format_probed(&self) -> bool {
         self.probed
     }
-    /// The protocol of the image's own storage (`file`, `host_device`, `nbd`…): the
-    /// storage's own name when it is not a host file, else the node's (`file` or
-    /// `host_device`, both host files).
+    /// The protocol of the image's own storage (`file`, `host_device`, `nbd`, `https`…).
     pub fn protocol(&self) -> &'static str {
-        match self.file_protocol() {
-            "file" => self.protocol,
-            p => p,
-        }
+        self.driver.storage().protocol_name()
     }
     /// When the image was opened from a bare protocol node (`--image-opts
     /// driver=file,filename=x`): that protocol's name. Its data is read as raw, and
     /// QEMU's tools report the protocol as the format (`file format: file`).
     pub fn protocol_root(&self) -> Option<&'static str> {
-        self.protocol_root.then_some(self.protocol)
+        self.protocol_root.then(|| self.protocol())
     }
     /// Guest size in bytes.
     pub fn size(&self) -> u64 {
@@ -638,10 +629,6 @@ impl Image {
     /// Length of the image's host file.
     pub fn file_length(&self) -> Result<u64> {
         Ok(self.driver.storage().len()?)
-    }
-    /// The protocol the image's file is reached by (`file`, `nbd`).
-    pub fn file_protocol(&self) -> &'static str {
-        self.driver.storage().protocol_name()
     }
     /// The canonical name of the image's file when it is not a host file (an NBD
     /// export's `nbd+unix:///e?socket=s`), as QEMU shows it.

@@ -897,8 +897,8 @@ fn run_inner(a: Args) -> Result<(), String> {
     // gets its own thread to keep them in flight.
     // Network storage (NBD, HTTP) waits for its server the way direct I/O waits for
     // the device: it gets the `-m` threads too.
-    let remote =
-        target.file_protocol() != "file" || sources.iter().any(|s| s.img.file_protocol() != "file");
+    let networked = |i: &Image| !matches!(i.protocol(), "file" | "host_device");
+    let remote = networked(&target) || sources.iter().any(|s| networked(&s.img));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if src_cache.direct() || dst_cache.direct() || remote {
         workers

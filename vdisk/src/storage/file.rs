@@ -54,6 +54,8 @@ pub struct FileStorage {
     extend: RwLock<()>,
     /// Opened with `locking=off`: later [`Storage::relock`] requests take no locks.
     unlocked: bool,
+    /// The protocol it was opened as (`file`, or `host_device` for a device).
+    protocol: &'static str,
 }
 
 /// Holds [`FileStorage::extend`] for the length of one direct write.
@@ -143,6 +145,7 @@ impl FileStorage {
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
             extend: RwLock::new(()),
             unlocked: false,
+            protocol: PROTOCOL.name,
         })
     }
 
@@ -622,6 +625,10 @@ impl Storage for FileStorage {
         Some(self.file.as_raw_fd())
     }
 
+    fn protocol_name(&self) -> &'static str {
+        self.protocol
+    }
+
     fn copy_range_to(
         &self,
         offset: u64,
@@ -795,6 +802,7 @@ fn open_with(
         lock: if locking { ctx.lock } else { LockMode::Off },
         create: false,
     };
-    let f = FileStorage::open(Path::new(&filename), &fo)?;
+    let mut f = FileStorage::open(Path::new(&filename), &fo)?;
+    f.protocol = name;
     Ok(Arc::new(if locking { f } else { f.without_locking() }))
 }

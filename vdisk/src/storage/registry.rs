@@ -131,16 +131,6 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
     open(node, &ProtocolOpen { cache, ..*ctx })
 }
 
-/// The name of the protocol a node will be opened with (`file` for a node with only
-/// a `filename`, as [`open`] decides); `"unknown"` when its `driver` names none.
-pub fn protocol_name(node: &Node) -> &'static str {
-    match node.get("driver") {
-        None => file::PROTOCOL.name,
-        Some(super::options::Value::Str(d)) => by_name(d).map_or("unknown", |p| p.name),
-        Some(_) => "unknown",
-    }
-}
-
 /// The host file a protocol node names, when it is the `file` protocol: the chain
 /// uses it to detect loops and to resolve nothing else.
 pub fn local_file(node: &Node) -> Option<&str> {
