@@ -39,21 +39,25 @@ pub fn args() -> Vec<OsString> {
     let (sub, filter): (Option<&str>, bool) = match name.as_str() {
         "qemu-img" => {
             if version {
-                println!("qemu-img version {QEMU_VERSION} ({vdisk})\n{vdisk}");
+                print_version(&format!(
+                    "qemu-img version {QEMU_VERSION} ({vdisk})\n{vdisk}"
+                ));
                 std::process::exit(0);
             }
             (None, true)
         }
         "qemu-io" => {
             if version {
-                println!("qemu-io version {QEMU_VERSION} ({vdisk})\n{vdisk}");
+                print_version(&format!(
+                    "qemu-io version {QEMU_VERSION} ({vdisk})\n{vdisk}"
+                ));
                 std::process::exit(0);
             }
             (Some("io"), true)
         }
         "qemu-nbd" => {
             if version {
-                println!("qemu-nbd {QEMU_VERSION} ({vdisk})\n{vdisk}");
+                print_version(&format!("qemu-nbd {QEMU_VERSION} ({vdisk})\n{vdisk}"));
                 std::process::exit(0);
             }
             (Some("serve"), false)
@@ -151,6 +155,13 @@ pub fn exit(code: i32) -> ! {
         let _ = h.join();
     }
     std::process::exit(code)
+}
+
+/// Prints the version lines; a reader that closed early (`--version | head -1`) is no
+/// error, as for qemu's tools, which die of SIGPIPE without a word.
+fn print_version(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 #[cfg(test)]
