@@ -10,6 +10,43 @@ pub fn error(msg: impl std::fmt::Display) {
     eprintln!("vdisk: {}", strip_os_error(&msg.to_string()));
 }
 
+/// Takes QEMU's `-T`/`--trace` options (`[enable=]PATTERN`, `events=FILE`,
+/// `file=FILE`) as qemu's tools do, with no event to trace: an exact event name is
+/// warned about as not existing, an events file must be readable, a log file is
+/// created. `Err` is qemu's message for an option it refuses.
+pub fn accept_trace(opts: &[String]) -> Result<(), String> {
+    let warn = |p: &str| {
+        if !p.is_empty() && !p.contains(['*', '?']) {
+            eprintln!("vdisk: warning: trace event '{p}' does not exist");
+        }
+    };
+    for o in opts {
+        for item in o.split(',').filter(|i| !i.is_empty()) {
+            match item.split_once('=') {
+                None => warn(item),
+                Some(("enable", p)) => warn(p),
+                Some(("events", f)) => {
+                    let text = std::fs::read_to_string(f)
+                        .map_err(|e| format!("{f}: {}", strip_os_error(&e.to_string())))?;
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.starts_with('#'))
+                        .for_each(warn);
+                }
+                Some(("file", f)) => {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(f)
+                        .map_err(|e| format!("{f}: {}", strip_os_error(&e.to_string())))?;
+                }
+                Some((k, _)) => return Err(format!("Invalid parameter '{k}'")),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The exit code of a subcommand that failed with a message (printed unless empty,
 /// when it was printed already) or succeeded.
 pub fn exit_code(r: Result<(), String>) -> i32 {

@@ -22,6 +22,10 @@ struct Cli {
     /// (`encrypt.key-secret=ID`, `key-secret=ID`). Accepted by every subcommand.
     #[arg(long = "object", global = true, value_name = "OBJECTDEF")]
     object: Vec<String>,
+    /// Trace options, as qemu-img's standard option `-T` before the subcommand
+    /// (accepted so scripts run unchanged; vdisk has no trace events).
+    #[arg(short = 'T', long = "trace", value_name = "TRACE")]
+    trace: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +104,15 @@ fn main() {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
+    }
+    let trace = match &cli.command {
+        Command::Io(a) => &a.trace,
+        Command::Serve(a) => &a.trace,
+        _ => &cli.trace,
+    };
+    if let Err(e) = common::accept_trace(trace) {
+        common::error(e);
+        multicall::exit(1);
     }
     for o in &cli.object {
         if let Err(e) = vdisk::crypto::secret::define_object(o) {

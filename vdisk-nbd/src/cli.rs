@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use vdisk::hook::{DetectZeroes, DetectZeroesMode};
-use vdisk::{CacheMode, CreateOptions, Format, Image, OpenOptions};
+use vdisk::{CacheMode, Format, Image, OpenOptions};
 
 /// Environment variable through which a `--fork` parent hands its child the pipe to
 /// report readiness on.
@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// thrown away when the server exits.
     #[arg(short = 's', long = "snapshot")]
     pub snapshot: bool,
+    /// Trace options, as qemu-nbd's `-T` (accepted; vdisk has no trace events).
+    #[arg(short = 'T', long = "trace", value_name = "TRACE")]
+    pub trace: Vec<String>,
     /// Export name (default: the empty name).
     #[arg(short = 'x', long = "export-name", default_value = "")]
     pub export_name: String,
@@ -297,87 +300,18 @@ pub fn run(a: ServeArgs) -> i32 {
     code
 }
 
-/// `-s`: creates a qcow2 overlay backed by `file` in the temporary directory, opens it,
-/// and removes its name at once (the open descriptor keeps it alive until exit), as
-/// qemu-nbd does.
+/// `-s`: opens `file` under a temporary qcow2 overlay (see
+/// [`Image::open_temp_overlay`]), with qemu-nbd's wording for each failure.
 fn open_snapshot(file: &std::path::Path, opts: &OpenOptions) -> Result<Image, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let failed =
-        |e: &dyn std::fmt::Display| format!("Failed to blk_new_open '{}': {e}", file.display());
-    let backing = if opts.image_opts {
-        // The overlay names its backing file by the same options, as a json: name, with
-        // relative file names made absolute (the overlay lives elsewhere).
-        let name = file
-            .to_str()
-            .ok_or_else(|| failed(&"options are not valid UTF-8"))?;
-        // Open errors read as for the image itself, not as a backing file's.
-        Image::open(
-            file,
-            &OpenOptions {
-                read_only: true,
-                force_share: true,
-                ..opts.clone()
-            },
-        )
-        .map_err(|e| failed(&e))?;
-        let mut tree = vdisk::storage::spec::parse_image_opts(name).map_err(|e| failed(&e))?;
-        let cwd = std::env::current_dir().map_err(|e| failed(&e))?;
-        tree.absolutize_filenames(&cwd);
-        tree.to_json_filename()
-    } else {
-        let abs = std::fs::canonicalize(file)
-            .map_err(|e| failed(&format!("Could not open '{}': {e}", file.display())))?;
-        abs.to_str()
-            .ok_or_else(|| format!("'{}': path is not valid UTF-8", abs.display()))?
-            .to_string()
-    };
-    let dir = std::env::var_os("TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = dir.join(format!("vdisk-serve-{}-{stamp}.qcow2", std::process::id()));
-    // Claim the name exclusively first: never follow something planted there.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| {
-            format!(
-                "Could not create temporary overlay '{}': {e}",
-                tmp.display()
-            )
-        })?;
-    let result = Image::create(
-        &tmp,
-        &CreateOptions {
-            format: Format::Qcow2,
-            size: None,
-            options: Vec::new(),
-            backing_file: Some(backing),
-            backing_format: opts.format,
-            unsafe_backing: false,
-        },
-    )
-    .and_then(|()| {
-        Image::open(
-            &tmp,
-            &OpenOptions {
-                format: Some(Format::Qcow2),
-                image_opts: false,
-                ..opts.clone()
-            },
-        )
-    });
-    let _ = std::fs::remove_file(&tmp);
-    result.map_err(|e| {
-        format!(
+    use vdisk::image::OverlayError;
+    Image::open_temp_overlay(file, opts).map_err(|e| match e {
+        OverlayError::Base(e) => format!("Failed to blk_new_open '{}': {e}", file.display()),
+        OverlayError::Name(m) => format!("Failed to blk_new_open '{}': {m}", file.display()),
+        e @ OverlayError::Create { .. } => e.to_string(),
+        OverlayError::Overlay(e) => format!(
             "Failed to open '{}' with a snapshot overlay: {e}",
             file.display()
-        )
+        ),
     })
 }
 

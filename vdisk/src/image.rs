@@ -25,7 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod bitmaps;
+mod copy_on_read;
+mod overlay;
 pub use bitmaps::default_granularity;
+pub use overlay::OverlayError;
 
 /// How to open an image.
 #[derive(Clone, Debug)]
@@ -57,6 +60,10 @@ pub struct OpenOptions {
     /// BDRV_O_UNMAP: qemu-io and convert targets have it, other qemu-img commands and
     /// qemu-nbd by default do not).
     pub discard: DiscardMode,
+    /// Copy data read from backing files into the image (QEMU's `copy-on-read=on`,
+    /// qemu-io `-C`); needs a read/write open. The options tree's `copy-on-read` key
+    /// overrides it.
+    pub copy_on_read: bool,
 }
 
 impl Default for OpenOptions {
@@ -73,6 +80,7 @@ impl Default for OpenOptions {
             image_opts: false,
             hooks: Vec::new(),
             discard: DiscardMode::Unmap,
+            copy_on_read: false,
         }
     }
 }
@@ -109,6 +117,8 @@ pub struct Image {
     probed: bool,
     /// Whether discards are done (see [`crate::policy`]).
     discard: DiscardMode,
+    /// Copy-on-read is on: reads copy backing data up, writes pass its gate.
+    cor: Option<copy_on_read::Gate>,
 }
 
 impl Image {
@@ -151,6 +161,10 @@ impl Image {
         };
         if detect == DetectZeroesMode::Unmap && discard != DiscardMode::Unmap {
             return Err(Invalid::DetectZeroesUnmapWithoutDiscard.into());
+        }
+        let cor = tree.take_bool("copy-on-read")?.unwrap_or(opts.copy_on_read);
+        if cor && opts.read_only {
+            return Err(Invalid::CopyOnReadReadOnly.into());
         }
         let mut hooks = opts.hooks.clone();
         hooks.extend(DetectZeroes::for_mode(
@@ -216,6 +230,7 @@ impl Image {
             protocol_root,
             probed,
             discard,
+            cor: cor.then(copy_on_read::Gate::default),
         };
         if !read_only {
             img.attach_bitmaps();
@@ -241,6 +256,7 @@ impl Image {
             protocol_root: false,
             probed: false,
             discard: DiscardMode::Unmap,
+            cor: None,
         };
         img.attach_bitmaps();
         img
@@ -386,6 +402,9 @@ impl Image {
 
     /// Reads guest bytes.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(g) = &self.cor {
+            self.copy_up(g, offset, buf.len() as u64)?;
+        }
         if self.hooks.is_empty() {
             return self.driver.read_at(buf, offset);
         }
@@ -394,6 +413,7 @@ impl Image {
     }
     /// Writes guest bytes.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _gate = self.write_gate();
         if self.hooks.is_empty() {
             return self.driver.write_at(buf, offset);
         }
@@ -404,6 +424,10 @@ impl Image {
     }
     /// Reads consecutive guest bytes into several buffers, as one request.
     pub fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        if let Some(g) = &self.cor {
+            let len = bufs.iter().map(|b| b.len() as u64).sum();
+            self.copy_up(g, offset, len)?;
+        }
         if self.hooks.is_empty() {
             return self.driver.read_vectored(bufs, offset);
         }
@@ -413,6 +437,7 @@ impl Image {
     /// Writes consecutive guest bytes from several buffers, as one request (gathered
     /// into one buffer only when a hook looks at or changes the bytes).
     pub fn write_vectored(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let _gate = self.write_gate();
         if self.hooks.is_empty() {
             return self.driver.write_vectored(bufs, offset);
         }
@@ -423,6 +448,7 @@ impl Image {
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).
     pub fn write_zeroes(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
+        let _gate = self.write_gate();
         if self.discard == DiscardMode::Ignore {
             flags.may_unmap = false;
         }
@@ -433,6 +459,7 @@ impl Image {
     }
     /// Discards a range (succeeds and changes nothing with `discard=ignore`).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _gate = self.write_gate();
         if self.discard == DiscardMode::Ignore {
             return crate::format::check_range(offset, len, self.size());
         }
@@ -444,6 +471,7 @@ impl Image {
     /// Writes one cluster-aligned block compressed (a short block only at the end of
     /// the disk); formats without compression refuse.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _gate = self.write_gate();
         if self.hooks.is_empty() {
             return self.driver.write_compressed(buf, offset);
         }
@@ -454,6 +482,7 @@ impl Image {
     }
     /// Changes the guest size; shrinking needs `shrink`.
     pub fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        let _gate = self.write_gate();
         let req = Request::Resize {
             old_size: self.size(),
             new_size,

@@ -15,11 +15,15 @@ macro_rules! out {
 
 pub(crate) mod buffer;
 mod commands;
+mod help;
+mod misc;
 mod open;
 pub(crate) mod parse;
 mod report;
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use vdisk::{CacheMode, OpenOptions};
 
 /// Arguments of `vdisk io`.
@@ -61,6 +65,15 @@ pub struct Args {
     /// Treat the image name as a key=value option list (`driver=qcow2,file.filename=X`).
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Open the image through a temporary overlay: writes are dropped at exit.
+    #[arg(short = 's', long = "snapshot")]
+    pub snapshot: bool,
+    /// Copy data read from backing files into the image.
+    #[arg(short = 'C', long = "copy-on-read")]
+    pub copy_on_read: bool,
+    /// Trace options, as QEMU's `-T` (accepted; vdisk has no trace events).
+    #[arg(short = 'T', long = "trace", value_name = "TRACE")]
+    pub trace: Vec<String>,
     /// The image file (without it, start with none open: see the `open` command).
     pub filename: Option<String>,
 }
@@ -91,6 +104,7 @@ pub fn run(a: Args) -> i32 {
         force_share: a.force_share,
         cache,
         image_opts: a.image_opts,
+        copy_on_read: a.copy_on_read,
         ..OpenOptions::default()
     };
     let mut s = commands::Session {
@@ -105,9 +119,19 @@ pub fn run(a: Args) -> i32 {
             &opts,
             &open::OpenExtra {
                 native_aio: a.native_aio,
+                snapshot: a.snapshot,
                 ..open::OpenExtra::default()
             },
         ) {
+            return 1;
+        }
+    }
+    // SIGTERM, SIGINT and SIGHUP end the session as qemu-io's do: no more commands, the
+    // image closed (its metadata written back), then death by that signal.
+    let term = Arc::new(AtomicUsize::new(0));
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        if let Err(e) = signal_hook::flag::register_usize(sig, Arc::clone(&term), sig as usize) {
+            crate::common::error(format!("installing a signal handler: {e}"));
             return 1;
         }
     }
@@ -115,43 +139,71 @@ pub fn run(a: Args) -> i32 {
     if !a.cmds.is_empty() {
         for c in &a.cmds {
             failed |= !commands::run_line(&mut s, c);
-            if s.quit {
+            if s.quit || term.load(Ordering::SeqCst) != 0 {
                 break;
             }
         }
     } else {
-        failed |= !command_loop(&mut s);
+        failed |= !command_loop(&mut s, &term);
     }
+    commands::print_deferred();
     let _ = std::io::stdout().flush();
     if let Some(f) = s.file.take() {
         failed |= !open::close_file(f);
     }
+    let sig = term.load(Ordering::SeqCst);
+    if sig != 0 {
+        let _ = std::io::stdout().flush();
+        let _ = signal_hook::low_level::emulate_default_handler(sig as libc::c_int);
+    }
     i32::from(failed)
 }
 
-/// Runs commands from stdin until EOF or `quit`; returns false if any failed.
-fn command_loop(s: &mut commands::Session) -> bool {
-    let stdin = std::io::stdin();
-    let prompt = stdin.is_terminal();
+/// Runs commands from stdin until EOF, `quit` or a terminating signal; returns false if
+/// any failed. A thread reads the lines, so a signal ends the session even while the
+/// user has not finished typing one.
+fn command_loop(s: &mut commands::Session, term: &AtomicUsize) -> bool {
+    let prompt = std::io::stdin().is_terminal();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(1);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        let mut lines = stdin.lock();
+        loop {
+            let mut line = String::new();
+            let r = lines.read_line(&mut line).map(|_| line);
+            let end = !matches!(&r, Ok(l) if !l.is_empty());
+            if tx.send(r).is_err() || end {
+                return;
+            }
+        }
+    });
     let mut ok = true;
-    let mut lines = stdin.lock();
-    let mut line = String::new();
     loop {
         if prompt {
-            print!("vdisk-io> ");
+            print!("qemu-io> ");
             let _ = std::io::stdout().flush();
         }
-        line.clear();
-        match lines.read_line(&mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
+        let line = loop {
+            if term.load(Ordering::SeqCst) != 0 {
+                return ok;
+            }
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return ok,
+            }
+        };
+        match line {
+            Ok(l) if l.is_empty() => break,
+            Ok(l) => {
+                ok &= commands::run_line(s, &l);
+            }
             Err(e) => {
                 crate::common::error(format!("reading commands: {e}"));
                 return false;
             }
         }
-        ok &= commands::run_line(s, &line);
-        if s.quit {
+        if s.quit || term.load(Ordering::SeqCst) != 0 {
             break;
         }
     }

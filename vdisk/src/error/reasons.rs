@@ -420,6 +420,8 @@ pub enum Invalid {
     DetectZeroesUnmapWithoutDiscard,
     /// `force-share=on` on an image opened read/write.
     ForceShareReadWrite,
+    /// `copy-on-read=on` on an image opened read-only.
+    CopyOnReadReadOnly,
     /// A backing file reached on an open that disabled backing files.
     BackingDisabled,
     /// A backing file reached while an image is being created.
@@ -697,6 +699,9 @@ impl fmt::Display for Invalid {
                 f,
                 "force-share=on can only be used with read-only images"
             ),
+            Invalid::CopyOnReadReadOnly => {
+                write!(f, "Can't use copy-on-read on read-only device")
+            }
             Invalid::BackingDisabled => write!(f, "backing files are disabled for this open"),
             Invalid::BackingWhileCreating => {
                 write!(f, "backing files are not opened while creating")

@@ -3,7 +3,8 @@
 //! qemu-io's, so scripts comparing output work on both tools.
 
 use super::buffer::IoBuf;
-use super::open::{close_f, open_f, OPEN_ARGS, OPEN_HELP};
+use super::misc::{abort_f, break_f, remove_break_f, resume_f, sigraise_f, wait_break_f, zone_f};
+use super::open::{close_f, open_f, reopen_f, OpenExtra, TempFile, OPEN_ARGS};
 use super::parse::{
     breakline, cvtnum, cvtnum_error, parse_pattern, strerror, Getopt, REQUEST_MAX_BYTES,
 };
@@ -32,6 +33,12 @@ pub struct OpenFile {
     /// Opened with `-o detect-zeroes=on|unmap`: all-zero writes become zero writes
     /// before the format sees them (so a compressed write of zeroes never fails).
     pub detect_zeroes: bool,
+    /// How it was opened (what `reopen` changes).
+    pub opts: vdisk::OpenOptions,
+    /// The open's other settings (what `reopen` changes).
+    pub extra: OpenExtra,
+    /// The temporary overlay of `-s`, removed at close.
+    pub temp: Option<TempFile>,
 }
 
 /// The state commands work on: at most one open image, as in qemu-io.
@@ -73,6 +80,16 @@ struct CmdInfo {
 
 const COMMANDS: &[CmdInfo] = &[
     CmdInfo {
+        name: "abort",
+        alt: None,
+        argmin: 0,
+        argmax: Some(0),
+        args: None,
+        oneline: "simulate a program crash using abort(3)",
+        writes: false,
+        func: CmdFn::File(abort_f),
+    },
+    CmdInfo {
         name: "aio_flush",
         alt: None,
         argmin: 0,
@@ -111,6 +128,16 @@ const COMMANDS: &[CmdInfo] = &[
         oneline: "checks if offset is allocated in the file",
         writes: false,
         func: CmdFn::File(alloc_f),
+    },
+    CmdInfo {
+        name: "break",
+        alt: None,
+        argmin: 2,
+        argmax: Some(2),
+        args: Some("event tag"),
+        oneline: "sets a breakpoint on event and tags the stopped request as tag",
+        writes: false,
+        func: CmdFn::File(break_f),
     },
     CmdInfo {
         name: "close",
@@ -235,6 +262,49 @@ const COMMANDS: &[CmdInfo] = &[
         func: CmdFn::File(readv_f),
     },
     CmdInfo {
+        name: "remove_break",
+        alt: None,
+        argmin: 1,
+        argmax: Some(1),
+        args: Some("tag"),
+        oneline: "remove a breakpoint by tag",
+        writes: false,
+        func: CmdFn::File(remove_break_f),
+    },
+    CmdInfo {
+        name: "reopen",
+        alt: None,
+        argmin: 0,
+        argmax: None,
+        args: Some("[(-r|-w)] [-c cache] [-o options]"),
+        oneline: "reopens an image with new options",
+        writes: false,
+        func: CmdFn::Session {
+            f: reopen_f,
+            needs_file: true,
+        },
+    },
+    CmdInfo {
+        name: "resume",
+        alt: None,
+        argmin: 1,
+        argmax: Some(1),
+        args: Some("tag"),
+        oneline: "resumes the request tagged as tag",
+        writes: false,
+        func: CmdFn::File(resume_f),
+    },
+    CmdInfo {
+        name: "sigraise",
+        alt: None,
+        argmin: 1,
+        argmax: Some(1),
+        args: Some("signal"),
+        oneline: "raises a signal",
+        writes: false,
+        func: CmdFn::File(sigraise_f),
+    },
+    CmdInfo {
         name: "sleep",
         alt: None,
         argmin: 1,
@@ -258,6 +328,16 @@ const COMMANDS: &[CmdInfo] = &[
         func: CmdFn::File(truncate_f),
     },
     CmdInfo {
+        name: "wait_break",
+        alt: None,
+        argmin: 1,
+        argmax: Some(1),
+        args: Some("tag"),
+        oneline: "waits for the suspension of a request",
+        writes: false,
+        func: CmdFn::File(wait_break_f),
+    },
+    CmdInfo {
         name: "write",
         alt: Some("w"),
         argmin: 2,
@@ -276,6 +356,66 @@ const COMMANDS: &[CmdInfo] = &[
         oneline: "writes a number of bytes at a specified offset",
         writes: true,
         func: CmdFn::File(writev_f),
+    },
+    CmdInfo {
+        name: "zone_append",
+        alt: Some("zap"),
+        argmin: 3,
+        argmax: Some(4),
+        args: Some("offset len [len..]"),
+        oneline: "append write a number of bytes at a specified offset",
+        writes: false,
+        func: CmdFn::File(zone_f),
+    },
+    CmdInfo {
+        name: "zone_close",
+        alt: Some("zc"),
+        argmin: 2,
+        argmax: Some(2),
+        args: Some("offset len"),
+        oneline: "close a range of zones in zone block device",
+        writes: false,
+        func: CmdFn::File(zone_f),
+    },
+    CmdInfo {
+        name: "zone_finish",
+        alt: Some("zf"),
+        argmin: 2,
+        argmax: Some(2),
+        args: Some("offset len"),
+        oneline: "finish a range of zones in zone block device",
+        writes: false,
+        func: CmdFn::File(zone_f),
+    },
+    CmdInfo {
+        name: "zone_open",
+        alt: Some("zo"),
+        argmin: 2,
+        argmax: Some(2),
+        args: Some("offset len"),
+        oneline: "explicit open a range of zones in zone block device",
+        writes: false,
+        func: CmdFn::File(zone_f),
+    },
+    CmdInfo {
+        name: "zone_report",
+        alt: Some("zrp"),
+        argmin: 2,
+        argmax: Some(2),
+        args: Some("offset number"),
+        oneline: "report zone information",
+        writes: false,
+        func: CmdFn::File(zone_f),
+    },
+    CmdInfo {
+        name: "zone_reset",
+        alt: Some("zrs"),
+        argmin: 2,
+        argmax: Some(2),
+        args: Some("offset len"),
+        oneline: "reset a zone write pointer in zone block device",
+        writes: false,
+        func: CmdFn::File(zone_f),
     },
 ];
 
@@ -300,12 +440,28 @@ pub(super) fn usage(name: &str) {
     }
 }
 
+/// Messages of `aio_read` requests that failed, printed when qemu-io would see the
+/// completion: when the next command that waits for I/O runs (or at exit).
+static DEFERRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Prints the messages of failed asynchronous reads (see [`DEFERRED`]).
+pub fn print_deferred() {
+    let msgs = std::mem::take(&mut *DEFERRED.lock().unwrap_or_else(|p| p.into_inner()));
+    for m in msgs {
+        out!("{m}");
+    }
+}
+
 /// Runs one command line; an empty line succeeds and does nothing.
 pub fn run_line(s: &mut Session, line: &str) -> bool {
     let words = breakline(line);
     let Some(name) = words.first() else {
         return true;
     };
+    // Submitting more asynchronous requests does not wait for earlier ones.
+    if !matches!(name.as_str(), "aio_read" | "aio_write") {
+        print_deferred();
+    }
     let Some(ct) = find_command(name) else {
         eprintln!("command \"{name}\" not found");
         return false;
@@ -659,12 +815,13 @@ fn read_f(s: &mut OpenFile, args: &[String]) -> bool {
     let t0 = Instant::now();
     let r = read_range(s, offset, count, verify, dump && !quiet);
     let t = t0.elapsed();
-    finish_read(r, offset, count, start, len, quiet, machine, t)
+    finish_read("read", r, offset, count, start, len, quiet, machine, t)
 }
 
 /// Prints a read's outcome (verification, dump, report); returns success.
 #[allow(clippy::too_many_arguments)]
 fn finish_read(
+    op: &str,
     r: vdisk::Result<(bool, Option<IoBuf>)>,
     offset: u64,
     count: u64,
@@ -677,7 +834,7 @@ fn finish_read(
     let (ok, data) = match r {
         Ok(v) => v,
         Err(e) => {
-            report_error("read", &e);
+            report_error(op, &e);
             return false;
         }
     };
@@ -796,7 +953,7 @@ fn write_f(s: &mut OpenFile, args: &[String]) -> bool {
     } else {
         Fill::Pattern(p)
     };
-    do_write(s, offset, count, fill, fua, quiet, machine)
+    do_write("write", s, offset, count, fill, fua, quiet, machine)
 }
 
 /// VM state and compressed requests must be whole 512-byte sectors, as in qemu-io.
@@ -833,7 +990,9 @@ fn read_source(path: &str, count: u64) -> Option<Vec<u8>> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn do_write(
+    op: &str,
     s: &OpenFile,
     offset: u64,
     count: u64,
@@ -842,14 +1001,14 @@ fn do_write(
     quiet: bool,
     machine: bool,
 ) -> bool {
-    if !in_range(&s.img, offset, count, "write") {
+    if !in_range(&s.img, offset, count, op) {
         return false;
     }
     let t0 = Instant::now();
     let r = write_range(s, offset, count, fill, fua);
     let t = t0.elapsed();
     if let Err(e) = r {
-        report_error("write", &e);
+        report_error(op, &e);
         return false;
     }
     if !quiet {
@@ -861,6 +1020,12 @@ fn do_write(
 /// `readv`/`writev`/`aio_read`/`aio_write`: one offset, several lengths. The buffers
 /// are contiguous in the guest, so they run as one request of the summed length.
 fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) -> bool {
+    // The word qemu-io's failure messages use (its aio_read completes as a readv).
+    let op = match (args[0].as_str(), write) {
+        ("aio_write", _) => "aio_write",
+        (_, true) => "writev",
+        (_, false) => "readv",
+    };
     let (mut machine, mut quiet, mut dump, mut fua, mut zero, mut unmap) =
         (false, false, false, false, false, false);
     let mut pattern: Option<u8> = None;
@@ -932,9 +1097,17 @@ fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) 
         } else {
             Fill::Pattern(pattern.unwrap_or(0xcd))
         };
-        return do_write(s, offset, total, fill, fua, quiet, machine);
+        return do_write(op, s, offset, total, fill, fua, quiet, machine);
     }
-    if !in_range(&s.img, offset, total, "read") {
+    if args[0] == "aio_read" && offset.checked_add(total).is_none_or(|e| e > s.img.size()) {
+        // qemu-io sees this failure when the request completes, not when it is made.
+        DEFERRED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{op} failed: {}", strerror(libc::EIO)));
+        return false;
+    }
+    if !in_range(&s.img, offset, total, op) {
         return false;
     }
     let verify = pattern.map(|p| Verify {
@@ -945,7 +1118,7 @@ fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) 
     let t0 = Instant::now();
     let r = read_range(s, offset, total, verify, dump && !quiet);
     let t = t0.elapsed();
-    finish_read(r, offset, total, 0, total, quiet, machine, t)
+    finish_read(op, r, offset, total, 0, total, quiet, machine, t)
 }
 
 fn readv_f(s: &mut OpenFile, args: &[String]) -> bool {
@@ -1197,8 +1370,8 @@ fn help_f(_s: &mut Session, args: &[String]) -> bool {
         Some(name) => match find_command(name) {
             Some(c) => {
                 out!("{}", oneline(c));
-                if c.name == "open" {
-                    out!("{OPEN_HELP}");
+                if let Some((_, text)) = super::help::EXTENDED.iter().find(|(n, _)| *n == c.name) {
+                    print!("{text}");
                 }
                 true
             }

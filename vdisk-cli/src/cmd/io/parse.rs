@@ -27,6 +27,12 @@ pub fn breakline(line: &str) -> Vec<String> {
 /// Parses a size or offset: decimal with an optional fraction and a binary suffix
 /// (`4k`, `1.5M`), or hexadecimal (`0x10000`, optionally with a suffix).
 pub fn cvtnum(s: &str) -> Result<u64, NumError> {
+    // A negative plain number parses, then is out of range (qemu_strtosz's ERANGE).
+    if s.strip_prefix('-')
+        .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(NumError::Range);
+    }
     let (body, suffix) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() && !is_hex_body(&s[..i], c) => (&s[..i], &s[i..]),
         _ => (s, ""),
