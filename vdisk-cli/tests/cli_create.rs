@@ -237,3 +237,74 @@ fn create_over_an_image_in_use_fails_and_keeps_it() {
         "image destroyed"
     );
 }
+
+/// New files take the space qemu-img's take (`info`'s "disk size", `actual-size`): the
+/// same blocks are written, not only the same bytes.
+#[test]
+fn created_files_use_the_space_qemu_img_uses() {
+    let d = tmp();
+    let specs: &[(&str, &str)] = &[
+        ("qcow2", ""),
+        ("qcow2", "cluster_size=4k"),
+        ("qcow2", "cluster_size=2M"),
+        ("qcow2", "preallocation=metadata"),
+        ("qcow2", "compat=0.10"),
+        ("qed", ""),
+        ("qed", "cluster_size=16k,table_size=2"),
+        ("raw", ""),
+        ("raw", "preallocation=falloc"),
+        ("vmdk", ""),
+        ("vmdk", "subformat=streamOptimized"),
+        ("vpc", ""),
+        ("vpc", "subformat=fixed"),
+        ("vdi", ""),
+        ("vdi", "static=on"),
+        ("vhdx", ""),
+        ("vhdx", "subformat=fixed"),
+        ("vhdx", "block_state_zero=on"),
+        ("luks", "key-secret=s0,iter-time=10"),
+    ];
+    let actual = |name: &str| {
+        let info = ok(
+            qemu_img(
+                d.path(),
+                &[
+                    "info",
+                    "--output=json",
+                    "--object",
+                    "secret,id=s0,data=x",
+                    name,
+                ],
+            ),
+            "info",
+        );
+        json(&info)["actual-size"].as_u64().expect("actual-size")
+    };
+    for (i, (fmt, opts)) in specs.iter().enumerate() {
+        let (v, q) = (format!("v{i}.img"), format!("q{i}.img"));
+        let mut args = vec!["create", "-q", "--object", "secret,id=s0,data=x", "-f", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        ok(
+            vdisk(d.path(), &[&args[..], &[&v, "64M"]].concat()),
+            "vdisk create",
+        );
+        ok(
+            qemu_img(d.path(), &[&args[..], &[&q, "64M"]].concat()),
+            "qemu-img create",
+        );
+        assert_eq!(actual(&v), actual(&q), "-f {fmt} -o {opts:?}");
+    }
+    // A raw file grown from nothing gets its first block, whoever grows it.
+    for (tool, name) in [("vdisk", "v.raw"), ("qemu-img", "q.raw")] {
+        std::fs::write(d.path().join(name), b"").unwrap();
+        let r = if tool == "vdisk" {
+            vdisk(d.path(), &["resize", "-f", "raw", name, "1M"])
+        } else {
+            qemu_img(d.path(), &["resize", "-f", "raw", name, "1M"])
+        };
+        ok(r, "resize");
+    }
+    assert_eq!(actual("v.raw"), actual("q.raw"), "raw grown from empty");
+}

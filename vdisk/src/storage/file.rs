@@ -508,9 +508,18 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> StorageResult<()> {
+        let was_empty = len > 0 && self.len()? == 0;
         self.file
             .set_len(len)
-            .map_err(|e| self.err(StorageOp::Truncate, len, e))
+            .map_err(|e| self.err(StorageOp::Truncate, len, e))?;
+        if was_empty {
+            // Growing an empty file writes its first block, as QEMU's file driver
+            // does (so O_DIRECT alignment probing finds data): the file takes the
+            // same space as qemu-img's (`info`'s "disk size").
+            let first = vec![0u8; len.min(4096) as usize];
+            self.write_at(&first, 0)?;
+        }
+        Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> StorageResult<()> {

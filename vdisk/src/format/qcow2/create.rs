@@ -175,7 +175,11 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
         other_exts: Vec::new(),
         backing_file: o.backing.as_ref().map(|b| b.name.clone()),
     };
-    let head = h.serialize()?;
+    let mut head = h.serialize()?;
+    // The whole header cluster is written, as qemu-img writes it (same disk usage).
+    if (head.len() as u64) < cs {
+        head.resize(cs as usize, 0);
+    }
     storage.set_len(0)?;
     storage.write_at(&head, 0)?;
     let mut rt = vec![0u8; cs as usize];

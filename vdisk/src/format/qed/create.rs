@@ -79,9 +79,18 @@ pub fn create_typed(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()>
     let mut bytes = bytes;
     bytes[..header::HEADER_LEN].copy_from_slice(&h.to_bytes());
     storage.set_len(0)?;
-    // An all-zero L1 table: the file simply ends after it.
-    storage.set_len(h.l1_table_offset + h.table_bytes())?;
     storage.write_at(&bytes, 0)?;
+    // The all-zero L1 table is written, not left as a hole, as qemu-img writes it: the
+    // new file takes the same space on disk (`info`'s "disk size").
+    let zeroes = vec![0u8; h.table_bytes().min(1 << 20) as usize];
+    let mut at = h.l1_table_offset;
+    let end = h.l1_table_offset + h.table_bytes();
+    while at < end {
+        let n = (end - at).min(zeroes.len() as u64) as usize;
+        storage.write_at(&zeroes[..n], at)?;
+        at += n as u64;
+    }
+    storage.set_len(end)?;
     storage.flush()?;
     Ok(())
 }

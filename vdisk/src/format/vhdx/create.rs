@@ -98,6 +98,15 @@ pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
     ];
     let data_off = bat_off + bat_len + 5 * MIB;
     storage.set_len(if fixed { data_off + size } else { data_off })?;
+    // The BAT region is written (zeroes where no entry is set), as qemu-img writes it:
+    // the new file takes the same space on disk.
+    let zeroes = vec![0u8; bat_len.min(MIB) as usize];
+    let mut at = bat_off;
+    while at < bat_off + bat_len {
+        let n = (bat_off + bat_len - at).min(MIB) as usize;
+        storage.write_at(&zeroes[..n], at)?;
+        at += n as u64;
+    }
     if fixed || zero_blocks {
         // As qemu: `block_state_zero` wins over `fixed` (ZERO entries carry no offset).
         let state = if zero_blocks {
