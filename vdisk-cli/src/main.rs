@@ -5,6 +5,7 @@ mod cmd;
 mod common;
 mod multicall;
 mod output;
+mod progress;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 

@@ -365,3 +365,40 @@ fn convert_copy_offload_like_qemu_img() {
     assert_eq!(&out[..src.len()], &src[..]);
     assert!(out[src.len()..].iter().all(|&b| b == 0));
 }
+
+/// `-p` prints qemu-img's `    (NN.NN/100%)\r` lines on stdout (not a terminal here),
+/// byte for byte, for convert, rebase (safe and unsafe) and compare (equal and not).
+#[test]
+fn progress_lines_like_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "big.qcow2", "64M"]),
+        "create",
+    );
+    qemu_io(dir, "qcow2", "big.qcow2", &["write -P 3 0 64M"]);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "small.qcow2", "64M"]),
+        "create",
+    );
+    let overlay = || {
+        let _ = std::fs::remove_file(dir.join("o.qcow2"));
+        qemu_overlay(dir, "qcow2", "big.qcow2", "qcow2", "o.qcow2");
+    };
+    let cases: &[&[&str]] = &[
+        &["convert", "-p", "-O", "raw", "big.qcow2", "out.raw"],
+        &["convert", "-p", "-O", "qcow2", "big.qcow2", "out.qcow2"],
+        &["rebase", "-p", "-u", "-b", "", "o.qcow2"],
+        &["rebase", "-p", "-b", "", "o.qcow2"],
+        &["compare", "-p", "big.qcow2", "big.qcow2"],
+        &["compare", "-p", "big.qcow2", "small.qcow2"],
+    ];
+    for args in cases {
+        overlay();
+        let v = vdisk(dir, args);
+        overlay();
+        let q = qemu_img(dir, args);
+        assert_eq!(v.out, q.out, "stdout of {args:?}");
+        assert_eq!(v.code, q.code, "status of {args:?}");
+    }
+}

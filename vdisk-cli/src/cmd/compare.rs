@@ -4,7 +4,6 @@
 //! images (by block status) are skipped without reading.
 
 use crate::common::{self, chain_status, layers, Layer};
-use indicatif::{ProgressBar, ProgressStyle};
 use vdisk::{Image, OpenOptions};
 
 /// Largest read per image per step.
@@ -117,7 +116,12 @@ fn status(side: &Side, offset: u64, len: u64) -> Result<common::Status, Stop> {
     })
 }
 
-fn compare(a: &Args, s1: &Side, s2: &Side, bar: &Option<ProgressBar>) -> Result<(), Stop> {
+fn compare(
+    a: &Args,
+    s1: &Side,
+    s2: &Side,
+    progress: &crate::progress::Progress,
+) -> Result<(), Stop> {
     let size1 = common::sector_size_of(s1.img);
     let size2 = common::sector_size_of(s2.img);
     if a.strict && size1 != size2 {
@@ -165,9 +169,7 @@ fn compare(a: &Args, s1: &Side, s2: &Side, bar: &Option<ProgressBar>) -> Result<
             check_empty(side.img, offset, chunk, side.name, &mut buf1, a.quiet)?;
         }
         offset += chunk;
-        if let Some(b) = bar {
-            b.set_position(offset);
-        }
+        progress.set(offset);
     }
     if size1 != size2 {
         crate::qprintln!(a.quiet, "Warning: Image size mismatch!");
@@ -181,9 +183,7 @@ fn compare(a: &Args, s1: &Side, s2: &Side, bar: &Option<ProgressBar>) -> Result<
                 check_empty(over.img, offset, chunk, over.name, &mut buf1, a.quiet)?;
             }
             offset += chunk;
-            if let Some(b) = bar {
-                b.set_position(offset.min(common_size.max(1)));
-            }
+            progress.set(offset.min(common_size.max(1)));
         }
     }
     crate::qprintln!(a.quiet, "Images are identical.");
@@ -234,18 +234,12 @@ pub fn run(a: Args) -> i32 {
         img: &img2,
         name: &a.filename2,
     };
-    let bar = (a.progress && !a.quiet).then(|| {
-        let b = ProgressBar::new(img1.size().min(img2.size()).max(1));
-        b.set_style(
-            ProgressStyle::with_template("    ({percent}/100%) {bar:40} {bytes}/{total_bytes}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let r = compare(&a, &s1, &s2, &bar);
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let progress = crate::progress::Progress::start(
+        a.progress && !a.quiet,
+        img1.size().min(img2.size()).max(1),
+    );
+    let r = compare(&a, &s1, &s2, &progress);
+    progress.end();
     match r {
         Ok(()) => 0,
         Err(Stop::Differ) => 1,

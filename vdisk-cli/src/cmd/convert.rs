@@ -14,7 +14,6 @@
 mod sequencer;
 
 use crate::common::{self, chain_status, layers, Layer};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use vdisk::{CacheMode, CreateOptions, Error, Format, Image, OpenOptions, ZeroFlags};
@@ -186,7 +185,7 @@ struct Job<'a> {
     stop: AtomicBool,
     error: Mutex<Option<String>>,
     done_bytes: AtomicU64,
-    bar: Option<ProgressBar>,
+    progress: crate::progress::Progress,
 }
 
 impl Job<'_> {
@@ -455,9 +454,7 @@ impl Job<'_> {
             }
         }
         let done = self.done_bytes.fetch_add(item.len, Ordering::Relaxed) + item.len;
-        if let Some(b) = &self.bar {
-            b.set_position(done);
-        }
+        self.progress.set(done);
         Ok(())
     }
 
@@ -881,14 +878,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         ));
     }
 
-    let bar = (a.progress && !a.quiet).then(|| {
-        let b = ProgressBar::new(total.max(1));
-        b.set_style(
-            ProgressStyle::with_template("    ({percent}/100%) {bar:40} {bytes}/{total_bytes}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    });
+    let progress = crate::progress::Progress::start(a.progress && !a.quiet, total);
     // Buffered I/O is a memory copy in the caller's thread (page-cache reads, and
     // writes that the host file system serialises per file): threads beyond the CPUs
     // only add lock hand-offs and context switches (measured: a 512 MiB raw→qcow2
@@ -930,16 +920,14 @@ fn run_inner(a: Args) -> Result<(), String> {
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
         done_bytes: AtomicU64::new(0),
-        bar,
+        progress,
     };
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| job.worker());
         }
     });
-    if let Some(b) = &job.bar {
-        b.finish_and_clear();
-    }
+    job.progress.finish();
     if let Some(e) = job.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
     }

@@ -6,7 +6,6 @@
 //! `-u` only rewrites the header.
 
 use crate::common;
-use indicatif::{ProgressBar, ProgressStyle};
 use vdisk::format::BackingSpec;
 use vdisk::{CacheMode, ExtentKind, Format, Image, ImageLayer, OpenOptions};
 
@@ -95,6 +94,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         name: backing.clone(),
         format: new_fmt,
     });
+    let progress = crate::progress::Progress::start(a.progress && !a.quiet, img.size());
     if !a.unsafe_mode {
         let new_backing = match &spec {
             Some(s) => {
@@ -115,27 +115,25 @@ fn run_inner(a: Args) -> Result<(), String> {
             }
             None => None,
         };
-        copy_differences(&a, &img, new_backing.as_ref())?;
+        copy_differences(&a, &img, new_backing.as_ref(), &progress)?;
     }
     img.set_backing(spec)
         .map_err(|e| format!("Could not change the backing file to '{backing}': {e}"))?;
+    progress.finish();
     img.close().map_err(|e| e.to_string())
 }
 
 /// Copies into `img` the clusters it leaves to its backing file whose old contents differ
 /// from what the new backing file (or zeroes) would give.
-fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), String> {
+fn copy_differences(
+    a: &Args,
+    img: &Image,
+    new: Option<&Image>,
+    progress: &crate::progress::Progress,
+) -> Result<(), String> {
     let old: Option<ImageLayer> = img.backing();
     let size = img.size();
     let cluster = img.cluster_size().unwrap_or(65536).clamp(512, CHUNK);
-    let bar = (a.progress && !a.quiet).then(|| {
-        let b = ProgressBar::new(size.max(1));
-        b.set_style(
-            ProgressStyle::with_template("    ({percent}/100%) {bar:40}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    });
     let mut old_buf = vec![0u8; CHUNK as usize];
     let mut new_buf = vec![0u8; CHUNK as usize];
     let mut off = 0u64;
@@ -188,12 +186,7 @@ fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), St
             }
         }
         off += len;
-        if let Some(b) = &bar {
-            b.set_position(off);
-        }
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
+        progress.set(off);
     }
     img.flush()
         .map_err(|e| format!("error while flushing: {e}"))
