@@ -8,6 +8,10 @@ use crate::format::{CreateSpec, Format};
 use crate::storage::Storage;
 use std::sync::Arc;
 
+/// Largest L1 table create writes out as zeroes (qemu-img writes any size; 32 MiB is
+/// a table of 16 clusters of 2 MiB).
+const WRITTEN_L1_MAX: u64 = 32 << 20;
+
 /// Creates a QED image on `storage` from untyped `-o` pairs (checked against
 /// [`super::options::CREATE_OPTIONS`] and the file protocol's).
 pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
@@ -81,10 +85,15 @@ pub fn create_typed(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()>
     storage.set_len(0)?;
     storage.write_at(&bytes, 0)?;
     // The all-zero L1 table is written, not left as a hole, as qemu-img writes it: the
-    // new file takes the same space on disk (`info`'s "disk size").
+    // new file takes the same space on disk (`info`'s "disk size"). Tables beyond
+    // `WRITTEN_L1_MAX` (only with huge clusters and tables) stay sparse rather than
+    // cost that much disk for zeroes.
     let zeroes = vec![0u8; h.table_bytes().min(1 << 20) as usize];
     let mut at = h.l1_table_offset;
     let end = h.l1_table_offset + h.table_bytes();
+    if h.table_bytes() > WRITTEN_L1_MAX {
+        at = end;
+    }
     while at < end {
         let n = (end - at).min(zeroes.len() as u64) as usize;
         storage.write_at(&zeroes[..n], at)?;
