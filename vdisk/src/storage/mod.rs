@@ -14,6 +14,7 @@ pub mod lock;
 mod mem;
 pub mod nbd;
 pub mod options;
+pub mod pool;
 pub mod registry;
 pub mod spec;
 pub mod trace;
@@ -23,6 +24,7 @@ pub use error::{LockConflict, StorageError, StorageOp};
 pub use file::{FileStorage, OpenFileOptions};
 pub use lock::{LockMode, Perm};
 pub use mem::MemStorage;
+pub use pool::AlignedBuf;
 
 use std::fmt;
 
@@ -118,6 +120,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
             done += n as u64;
         }
         Ok(())
+    }
+    /// Makes a freshly allocated range read as zeroes without writing zero bytes, when
+    /// this storage can do that cheaply: nothing at all for a range past the end of a
+    /// file nobody else writes, else a zero-range fallocate. Returns false when it
+    /// cannot (the caller writes the zeroes); the default always returns false.
+    /// Allocating writes use it for copy-on-write regions that read as zeroes, as
+    /// QEMU's qcow2 does with a zero write of the cluster.
+    fn zero_fresh(&self, _offset: u64, _len: u64) -> StorageResult<bool> {
+        Ok(false)
     }
     /// Reserves space for a range (fallocate); it reads as zeroes if it was a hole.
     fn allocate(&self, offset: u64, len: u64) -> StorageResult<()>;
