@@ -224,17 +224,24 @@ fn run_inner(a: &DaemonArgs) -> Result<i32, String> {
             Kind::Nbd { socket, name } => {
                 let listener = Listener::unix(&socket)
                     .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-                let export = Arc::new(Export::new(
-                    img,
-                    ExportConfig {
-                        name,
-                        description: None,
-                        read_only: ro,
-                        multi_conn: true,
-                        allocation_depth: false,
-                        discard,
-                    },
-                ));
+                let export = Arc::new(
+                    Export::new(
+                        img,
+                        ExportConfig {
+                            name,
+                            description: None,
+                            read_only: ro,
+                            multi_conn: true,
+                            allocation_depth: false,
+                            discard,
+                        },
+                    )
+                    .with_inline_max(if cache.direct() {
+                        0
+                    } else {
+                        crate::export::INLINE_MAX
+                    }),
+                );
                 let server = Server::new(
                     listener,
                     export,

@@ -107,7 +107,15 @@ pub struct Export {
     /// order qemu-nbd lists them. Live: an enabled bitmap of a writable export goes on
     /// recording writes, as in qemu-nbd.
     pub bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
+    /// Reads and writes of at most this many bytes are served by the connection's
+    /// reader thread itself, their replies batched into one `writev` (0: never). Set
+    /// to 0 for O_DIRECT images, where a request waits for the device and the worker
+    /// pool keeps several in flight.
+    pub inline_max: u64,
 }
+
+/// The default [`Export::inline_max`]: small requests served by the reader.
+pub const INLINE_MAX: u64 = 32 << 10;
 
 impl Export {
     /// Wraps an open image.
@@ -116,7 +124,14 @@ impl Export {
             image,
             cfg,
             bitmaps: Vec::new(),
+            inline_max: INLINE_MAX,
         }
+    }
+
+    /// Sets [`Export::inline_max`].
+    pub fn with_inline_max(mut self, n: u64) -> Export {
+        self.inline_max = n;
+        self
     }
 
     /// Exports the image's persistent bitmaps `names` (`-B`, in command-line order;
