@@ -243,12 +243,7 @@ pub fn run(a: ServeArgs) -> i32 {
     if a.vhost_user_blk.is_some() || a.fuse.is_some() {
         return crate::exports::run(&a, image, plan.export.discard);
     }
-    // O_DIRECT requests wait for the device: the worker pool keeps them in parallel.
-    let inline = if plan.open.cache.direct() {
-        0
-    } else {
-        crate::export::INLINE_MAX
-    };
+    let inline = crate::export::inline_max_for(&image, plan.open.cache.direct());
     let export = match Export::new(image.clone(), plan.export)
         .with_inline_max(inline)
         .with_bitmaps(&a.bitmaps)

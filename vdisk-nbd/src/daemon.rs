@@ -224,6 +224,7 @@ fn run_inner(a: &DaemonArgs) -> Result<i32, String> {
             Kind::Nbd { socket, name } => {
                 let listener = Listener::unix(&socket)
                     .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+                let inline = crate::export::inline_max_for(&img, cache.direct());
                 let export = Arc::new(
                     Export::new(
                         img,
@@ -236,11 +237,7 @@ fn run_inner(a: &DaemonArgs) -> Result<i32, String> {
                             discard,
                         },
                     )
-                    .with_inline_max(if cache.direct() {
-                        0
-                    } else {
-                        crate::export::INLINE_MAX
-                    }),
+                    .with_inline_max(inline),
                 );
                 let server = Server::new(
                     listener,

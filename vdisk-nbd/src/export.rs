@@ -108,14 +108,31 @@ pub struct Export {
     /// recording writes, as in qemu-nbd.
     pub bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
     /// Reads and writes of at most this many bytes are served by the connection's
-    /// reader thread itself, their replies batched into one `writev` (0: never). Set
-    /// to 0 for O_DIRECT images, where a request waits for the device and the worker
-    /// pool keeps several in flight.
+    /// reader thread itself, their replies batched into one `writev` (0, the default of
+    /// [`Export::new`]: never). Only for images whose every layer is a local file in
+    /// the page cache (`vdisk serve` decides, see [`inline_max_for`]): a request that
+    /// can wait long in the driver (O_DIRECT, a network backing file) would hold up
+    /// every request behind it, so those go to the worker pool.
     pub inline_max: u64,
 }
 
-/// The default [`Export::inline_max`]: small requests served by the reader.
+/// The [`Export::inline_max`] of a buffered image on local files.
 pub const INLINE_MAX: u64 = 32 << 10;
+
+/// The [`Export::inline_max`] for `image`: [`INLINE_MAX`] when it is buffered
+/// (`direct` false) and every layer of its chain is a local file, else 0.
+pub fn inline_max_for(image: &Image, direct: bool) -> u64 {
+    let local = matches!(image.protocol(), "file" | "host_device")
+        && image
+            .layers()
+            .iter()
+            .all(|l| std::fs::metadata(l.path()).is_ok());
+    if local && !direct {
+        INLINE_MAX
+    } else {
+        0
+    }
+}
 
 impl Export {
     /// Wraps an open image.
@@ -124,7 +141,7 @@ impl Export {
             image,
             cfg,
             bitmaps: Vec::new(),
-            inline_max: INLINE_MAX,
+            inline_max: 0,
         }
     }
 

@@ -38,6 +38,9 @@ const MAX_RUNS: usize = 16384;
 /// Largest BLOCK_STATUS payload (effect length plus a few context ids).
 const MAX_STATUS_PAYLOAD: u64 = 8 + 4 * 16;
 
+/// Structured reads up to this length are answered with one data chunk, without
+/// looking for holes.
+const DENSE_READ_MAX: u64 = 4096;
 /// Replies the reader batches before writing them out anyway.
 const BATCH_MAX_BYTES: usize = 256 << 10;
 
@@ -410,6 +413,22 @@ impl Conn<'_> {
         }
         if len == 0 {
             self.chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, &[]);
+            return Ok(());
+        }
+        if r.length <= DENSE_READ_MAX {
+            // One page or less: a hole chunk would save the client almost nothing, and
+            // looking for holes costs a block-status walk per request. The spec lets
+            // the server send holes as data.
+            let mut b = self.pool.get(len);
+            img.read_at(&mut b, r.offset)?;
+            let mut p = Buf::with_capacity(8);
+            p.u64(r.offset);
+            self.chunk(
+                r,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                &[&p.0, &b],
+            );
             return Ok(());
         }
         // Segments of the request: (offset, length, reads as zeroes).

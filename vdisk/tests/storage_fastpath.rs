@@ -1,6 +1,6 @@
 //! The storage fast paths (issue 16): allocating writes whose copy-on-write regions read
-//! as zeroes write only the guest's bytes (nothing for fresh space past the end of the
-//! file, a zero-range fallocate elsewhere), O_DIRECT requests of whole blocks go down in
+//! as zeroes write only the guest's bytes (fresh space past the end of the file is
+//! reserved, space inside it zeroed by a zero-range fallocate), O_DIRECT requests of whole blocks go down in
 //! one call whatever their pieces' alignment, and the length is not re-read per request.
 //! Every case is checked against qemu: `qemu-img check` and `qemu-img compare` with the
 //! same writes made by qemu-io.
@@ -80,6 +80,8 @@ fn fresh_allocations_match_qemu_in_every_cache_mode() {
             qemu_create(&img, "", "64M");
             vdisk_writes(&img, cache, locking);
             assert_clean(&img);
+            let len = std::fs::metadata(&img).unwrap().len();
+            assert_eq!(len % 65536, 0, "the file ends on a cluster boundary");
             compare(&want, &img);
             // Bit-exact through vdisk's own reader as well.
             assert_same(
@@ -162,6 +164,9 @@ fn zero_fresh_never_leaves_stale_bytes() {
             // Past the end: reads as zeroes with or without a call.
             let end = st.len().unwrap();
             assert!(st.zero_fresh(end + 65536, 65536).unwrap());
+            // The storage covers the whole range (formats allocating at the end of the
+            // file count on whole clusters).
+            assert_eq!(st.len().unwrap(), end + 131072);
             let mut tail = vec![1u8; 65536];
             st.read_at(&mut tail, end + 65536).unwrap();
             assert!(tail.iter().all(|&b| b == 0));

@@ -616,16 +616,20 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(true);
         }
-        if self.len_trusted.load(Ordering::Acquire)
-            && offset >= self.known_len.load(Ordering::Acquire)
-        {
-            // Past the end of a file nobody else writes: it already reads as zeroes
-            // (a later write beyond it leaves a hole here), so no system call at all.
-            return Ok(true);
-        }
-        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+        // Past the end of a file nobody else writes, the range already reads as
+        // zeroes: reserving it (which also extends the file to whole clusters, as
+        // formats that allocate at the end of the file expect) is all it needs. Inside
+        // the file, stale bytes are zeroed by the file system without writing any.
+        let past_end = self.len_trusted.load(Ordering::Acquire)
+            && offset >= self.known_len.load(Ordering::Acquire);
+        let mode = if past_end {
+            0
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE
+        };
+        match self.fallocate(mode, offset, len) {
             Ok(()) => Ok(true),
-            // No zero range here (or not for this file type): the caller writes zeroes.
+            // Not on this file system (or file type): the caller writes zeroes.
             Err(e)
                 if matches!(
                     e.raw_os_error(),

@@ -121,9 +121,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
-    /// Makes a freshly allocated range read as zeroes without writing zero bytes, when
-    /// this storage can do that cheaply: nothing at all for a range past the end of a
-    /// file nobody else writes, else a zero-range fallocate. Returns false when it
+    /// Makes a freshly allocated range read as zeroes without writing zero bytes, in
+    /// one cheap call where this storage can: reserving it when it lies past the end
+    /// of a file nobody else writes (it reads as zeroes already), else a zero-range
+    /// fallocate. The storage covers the whole range afterwards. Returns false when it
     /// cannot (the caller writes the zeroes); the default always returns false.
     /// Allocating writes use it for copy-on-write regions that read as zeroes, as
     /// QEMU's qcow2 does with a zero write of the cluster.

@@ -170,8 +170,8 @@ fn write_allocation<M: Mapper + ?Sized>(
         && st.zero_fresh(a.host.get(), a.head.len + n + a.tail.len)?
     {
         // The COW regions read as zeroes and the storage made the new run read as
-        // zeroes without writing any (fresh space past the end of the file, or a
-        // zero-range fallocate): only the guest's bytes go down.
+        // zeroes without writing any (fresh space past the end of the file reserved,
+        // or a zero-range fallocate): only the guest's bytes go down.
         with_pieces(bufs, pos, n, &[], &[], |p| {
             st.write_vectored_at(p, a.host.get() + a.head.len)
         })?;
