@@ -184,25 +184,32 @@ impl Pool {
 /// unspecified (zeroes or a previous user's bytes): callers overwrite it. Sizes above
 /// the largest class are allocated fresh and freed on drop.
 pub fn get(len: usize) -> AlignedBuf {
-    let cap = len.max(1).next_power_of_two().max(BUF_ALIGN);
+    match try_get(len) {
+        Some(b) => b,
+        None => AlignedBuf::zeroed(len),
+    }
+}
+
+/// [`get`] that reports a failed allocation (`None`) instead of aborting: for sizes
+/// an untrusted user chose (a qemu-io request length).
+pub fn try_get(len: usize) -> Option<AlignedBuf> {
+    let cap = len.checked_next_power_of_two()?.max(BUF_ALIGN);
     if let Some(class) = class_of(cap) {
         let idle = pool().classes[class]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
         if let Some(Idle(ptr)) = idle {
-            return AlignedBuf {
+            return Some(AlignedBuf {
                 ptr,
                 len,
                 cap,
                 pooled: true,
-            };
+            });
         }
-        if let Some(b) = AlignedBuf::alloc(len, cap, true) {
-            return b;
-        }
+        return AlignedBuf::alloc(len, cap, true);
     }
-    AlignedBuf::zeroed(len)
+    AlignedBuf::try_zeroed(len)
 }
 
 /// A pooled buffer of `len` zero bytes.
@@ -255,5 +262,7 @@ mod tests {
         assert!(b.iter().all(|&x| x == 0));
         assert!(is_aligned(b.as_ptr(), b.len()));
         assert!(AlignedBuf::try_zeroed(usize::MAX).is_none());
+        assert!(try_get(usize::MAX).is_none());
+        assert!(try_get(1 << 50).is_none());
     }
 }
