@@ -3,73 +3,19 @@
 //! still go to the workers) answers every request once with the right data, a lone
 //! request is answered without waiting for more, and the image is consistent after.
 
+mod wire;
+
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
 use vdisk::{CreateOptions, Format, Image, OpenOptions};
 use vdisk_nbd::export::{DiscardMode, Export, ExportConfig, INLINE_MAX};
 use vdisk_nbd::server::{Exit, Server, ServerConfig};
 use vdisk_nbd::stream::Listener;
+use wire::{connect, reply, request};
 
 const SIZE: u64 = 16 << 20;
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn request(m: &mut Vec<u8>, typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
-    m.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    m.extend_from_slice(&0u16.to_be_bytes());
-    m.extend_from_slice(&typ.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m.extend_from_slice(payload);
-}
-
-/// One simple reply: (error, cookie, data read for it).
-fn reply(s: &mut UnixStream, data_len_of: &impl Fn(u64) -> usize) -> (u32, u64, Vec<u8>) {
-    let mut h = [0u8; 16];
-    s.read_exact(&mut h).expect("reply within the read timeout");
-    assert_eq!(be32(&h), 0x6744_6698);
-    let mut c = [0u8; 8];
-    c.copy_from_slice(&h[8..]);
-    let cookie = u64::from_be_bytes(c);
-    let err = be32(&h[4..]);
-    let mut d = Vec::new();
-    if err == 0 {
-        d = vec![0u8; data_len_of(cookie)];
-        s.read_exact(&mut d).unwrap();
-    }
-    (err, cookie, d)
-}
-
-fn connect(sock: &std::path::Path) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut greet = [0u8; 18];
-    s.read_exact(&mut greet).unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut go = Vec::new();
-    go.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
-    go.extend_from_slice(&7u32.to_be_bytes());
-    go.extend_from_slice(&6u32.to_be_bytes());
-    go.extend_from_slice(&0u32.to_be_bytes());
-    go.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&go).unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        let mut d = vec![0u8; be32(&h[16..]) as usize];
-        s.read_exact(&mut d).unwrap();
-        if be32(&h[12..]) == 1 {
-            break;
-        }
-    }
-    s
-}
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len)
