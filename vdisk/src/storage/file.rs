@@ -69,6 +69,9 @@ pub struct FileStorage {
     /// A regular file opened writable: the length bound can be trusted once the locks
     /// exclude other writers.
     may_trust: bool,
+    /// The io_uring engine (`aio=io_uring` where the kernel allows it); `None`: plain
+    /// system calls on the caller's thread (the threaded engine).
+    uring: Option<super::uring::Uring>,
 }
 
 /// Holds [`FileStorage::extend`] for the length of one direct write.
@@ -132,6 +135,7 @@ impl FileStorage {
             known_len: AtomicU64::new(len),
             len_trusted: AtomicBool::new(regular && !opts.read_only && excludes_writers(opts.lock)),
             may_trust: regular && !opts.read_only,
+            uring: None,
         })
     }
 
@@ -184,6 +188,55 @@ impl FileStorage {
         self
     }
 
+    /// Runs data transfers and flushes on io_uring (QEMU's `aio=io_uring`) when the
+    /// kernel allows it; keeps the threaded engine (plain system calls) when it refuses.
+    /// Returns the storage and whether io_uring is in use.
+    pub fn with_io_uring(mut self) -> (FileStorage, bool) {
+        match super::uring::Uring::new(self.file.as_raw_fd()) {
+            Ok(u) => {
+                self.uring = Some(u);
+                (self, true)
+            }
+            Err(e) => {
+                tracing::debug!("io_uring refused ({e}): using the threaded engine");
+                (self, false)
+            }
+        }
+    }
+
+    /// Whether requests go through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.uring.is_some()
+    }
+
+    /// One `pread` (or its io_uring entry).
+    fn read_some(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        match &self.uring {
+            None => self.file.read_at(buf, offset),
+            Some(u) => {
+                let iov = [libc::iovec {
+                    iov_base: buf.as_mut_ptr() as *mut _,
+                    iov_len: buf.len(),
+                }];
+                u.rw(false, &iov, offset)
+            }
+        }
+    }
+
+    /// One `pwrite` (or its io_uring entry).
+    fn write_some(&self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+        match &self.uring {
+            None => self.file.write_at(buf, offset),
+            Some(u) => {
+                let iov = [libc::iovec {
+                    iov_base: buf.as_ptr() as *mut _,
+                    iov_len: buf.len(),
+                }];
+                u.rw(true, &iov, offset)
+            }
+        }
+    }
+
     /// The path the storage was opened with.
     pub fn path(&self) -> &Path {
         &self.path
@@ -197,7 +250,7 @@ impl FileStorage {
     fn pread_full(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.read_some(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -217,9 +270,19 @@ impl FileStorage {
 
     fn pwrite_full(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
         self.note_end(offset + buf.len() as u64);
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.err(StorageOp::Write, offset, e))
+        let mut done = 0;
+        while done < buf.len() {
+            match self.write_some(&buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                    return Err(self.err(StorageOp::Write, offset + done as u64, e));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err(StorageOp::Write, offset + done as u64, e)),
+            }
+        }
+        Ok(())
     }
 
     /// Raises the known length bound before a write or allocation reaching `end`
@@ -283,15 +346,31 @@ impl FileStorage {
         let mut first = 0usize;
         while done < total {
             let cnt = (iov.len() - first).min(1024);
-            // SAFETY: the entries point into live slices (see above); `cnt` of them
-            // from `first` are in bounds.
-            let r = unsafe {
-                op(
-                    self.file.as_raw_fd(),
-                    iov[first..].as_ptr(),
-                    cnt as i32,
-                    (offset + done as u64) as libc::off_t,
-                )
+            let at = offset + done as u64;
+            let r = match &self.uring {
+                Some(u) => match u.rw(
+                    matches!(what, StorageOp::Write),
+                    &iov[first..first + cnt],
+                    at,
+                ) {
+                    Ok(n) => n as libc::ssize_t,
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(self.err(what, at, e));
+                    }
+                },
+                // SAFETY: the entries point into live slices (see above); `cnt` of
+                // them from `first` are in bounds.
+                None => unsafe {
+                    op(
+                        self.file.as_raw_fd(),
+                        iov[first..].as_ptr(),
+                        cnt as i32,
+                        at as libc::off_t,
+                    )
+                },
             };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
@@ -551,9 +630,11 @@ impl Storage for FileStorage {
         if self.cache.ignore_flush() {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| {
-            StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e)
-        })
+        match &self.uring {
+            Some(u) => u.fdatasync(),
+            None => self.file.sync_data(),
+        }
+        .map_err(|e| StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e))
     }
 
     fn len(&self) -> StorageResult<u64> {
@@ -847,13 +928,15 @@ fn open_protocol(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storag
     open_with(node, ctx, PROTOCOL.name)
 }
 
-/// QEMU's `aio` modes. Every mode runs requests on the caller's threads (QEMU's
-/// `threads`): `native` and `io_uring` choose a kernel interface, not what a request
-/// does, and are accepted where QEMU accepts them.
-fn check_aio(node: &mut Node, ctx: &ProtocolOpen) -> Result<(), SpecError> {
+/// QEMU's `aio` modes; returns whether io_uring was asked for. `threads` (the default)
+/// and `native` run requests as plain system calls on the caller's threads (`native`
+/// is accepted where QEMU accepts it); `io_uring` submits them to io_uring, falling
+/// back to `threads` where the kernel refuses it.
+fn check_aio(node: &mut Node, ctx: &ProtocolOpen) -> Result<bool, SpecError> {
     match node.take_str("aio")?.as_deref() {
-        None | Some("threads") | Some("io_uring") => Ok(()),
-        Some("native") if ctx.cache.direct() => Ok(()),
+        None | Some("threads") => Ok(false),
+        Some("io_uring") => Ok(true),
+        Some("native") if ctx.cache.direct() => Ok(false),
         Some("native") => Err(SpecError::AioNativeNeedsDirect),
         Some(other) => Err(SpecError::BadValue(other.to_string())),
     }
@@ -887,7 +970,7 @@ fn open_with(
             .into())
         }
     };
-    check_aio(&mut node, ctx)?;
+    let uring = check_aio(&mut node, ctx)?;
     node.finish(|key| SpecError::ProtocolOption {
         protocol: name.into(),
         key,
@@ -900,5 +983,8 @@ fn open_with(
     };
     let mut f = FileStorage::open(Path::new(&filename), &fo)?;
     f.protocol = name;
+    if uring {
+        f = f.with_io_uring().0;
+    }
     Ok(Arc::new(if locking { f } else { f.without_locking() }))
 }

@@ -19,12 +19,15 @@ pub mod registry;
 pub mod spec;
 pub mod trace;
 pub mod uri;
+mod uring;
 
 pub use error::{LockConflict, StorageError, StorageOp};
 pub use file::{FileStorage, OpenFileOptions};
 pub use lock::{LockMode, Perm};
 pub use mem::MemStorage;
 pub use pool::AlignedBuf;
+/// Set in the environment, makes io_uring setup fail (tests of the threaded fallback).
+pub use uring::REFUSE_ENV as IO_URING_REFUSE_ENV;
 
 use std::fmt;
 
