@@ -147,7 +147,7 @@ mod tests {
         for len in [0usize, 100, 4096, 8192, 2 << 20] {
             let mut b = p.get(len);
             assert_eq!(b.len(), len);
-            assert!(b.as_ptr() as usize % pool::BUF_ALIGN == 0 || len == 0);
+            assert!((b.as_ptr() as usize).is_multiple_of(pool::BUF_ALIGN) || len == 0);
             b.fill(7);
             p.put(b);
         }

@@ -96,7 +96,7 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         neg,
         out: Mutex::new(out),
         dead: AtomicBool::new(false),
-        pool: BufPool::default(),
+        pool: BufPool,
     };
     let limiter = Limiter::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES);
     let queue: WorkQueue<Job> = WorkQueue::default();
