@@ -15,7 +15,7 @@ use std::time::Duration;
 use vdisk::format::{Driver, Extent, ExtentKind, Format, ZeroFlags};
 use vdisk::storage::{MemStorage, Storage};
 use vdisk::Image;
-use vdisk_nbd::export::{DiscardMode, Export, ExportConfig};
+use vdisk_nbd::export::Export;
 use vdisk_nbd::server::{Server, ServerConfig};
 use vdisk_nbd::stream::Listener;
 use wire::{connect, reply, request};
@@ -90,17 +90,7 @@ fn blocked_request_does_not_hold_up_later_ones() {
         cv: Condvar::new(),
     });
     let image = Arc::new(Image::from_driver(driver, "<gated>"));
-    let export = Arc::new(Export::new(
-        image,
-        ExportConfig {
-            name: String::new(),
-            description: None,
-            read_only: false,
-            multi_conn: false,
-            allocation_depth: false,
-            discard: DiscardMode::Ignore,
-        },
-    ));
+    let export = Arc::new(Export::new(image, wire::writable_config()));
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s");
     let listener = Listener::unix(&sock).unwrap();

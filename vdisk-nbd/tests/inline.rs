@@ -10,7 +10,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use vdisk::{CreateOptions, Format, Image, OpenOptions};
-use vdisk_nbd::export::{DiscardMode, Export, ExportConfig, INLINE_MAX};
+use vdisk_nbd::export::{Export, INLINE_MAX};
 use vdisk_nbd::server::{Exit, Server, ServerConfig};
 use vdisk_nbd::stream::Listener;
 use wire::{connect, reply, request};
@@ -45,20 +45,8 @@ fn pipelined_small_requests_served_inline_match_the_image() {
         inline, INLINE_MAX,
         "a local buffered qcow2 is served inline"
     );
-    let export = Arc::new(
-        Export::new(
-            image.clone(),
-            ExportConfig {
-                name: String::new(),
-                description: None,
-                read_only: false,
-                multi_conn: false,
-                allocation_depth: false,
-                discard: DiscardMode::Ignore,
-            },
-        )
-        .with_inline_max(inline),
-    );
+    let export =
+        Arc::new(Export::new(image.clone(), wire::writable_config()).with_inline_max(inline));
     let sock = dir.path().join("s");
     let listener = Listener::unix(&sock).unwrap();
     let server = Server::new(listener, export, ServerConfig::default()).unwrap();

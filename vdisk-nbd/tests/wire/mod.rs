@@ -5,6 +5,19 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+use vdisk_nbd::export::{DiscardMode, ExportConfig};
+
+/// The default export, writable, one connection, discards ignored.
+pub fn writable_config() -> ExportConfig {
+    ExportConfig {
+        name: String::new(),
+        description: None,
+        read_only: false,
+        multi_conn: false,
+        allocation_depth: false,
+        discard: DiscardMode::Ignore,
+    }
+}
 
 /// A big-endian u32.
 pub fn be32(b: &[u8]) -> u32 {
