@@ -12,7 +12,9 @@ default 5). Wall time is measured around the process; CPU (user + system) and pe
 come from the kernel's rusage of the finished child (os.wait4), so they cover exactly
 that command. Prints a markdown table of medians (peak RSS: the largest seen) and, for
 every label other than the first, the ratio label-time / first-label-time: above 1
-means the first label (the tool under test) is faster.
+means the first label (the tool under test) is faster. The last column is the 1-minute
+load average when the case started and when it ended: wall-clock ratios taken on a
+loaded machine are not to be trusted, CPU time much less so.
 
 Output goes to stdout; progress to stderr.
 """
@@ -52,6 +54,11 @@ def run_shell(cmd):
     return wall, ru.ru_utime + ru.ru_stime, rss_kib / 1024.0, p.returncode, err
 
 
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
 def sh(cmd):
     if cmd:
         subprocess.run(["sh", "-c", cmd], check=True, stdout=subprocess.DEVNULL)
@@ -69,6 +76,7 @@ def main():
         head += [f"{l} wall s", f"{l} CPU s", f"{l} RSS MiB"]
     for l in labels[1:]:
         head += [f"{labels[0]} vs {l} wall", f"{labels[0]} vs {l} CPU"]
+    head += ["load"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for c in cases:
@@ -77,6 +85,7 @@ def main():
         res = {l: {"wall": [], "cpu": [], "rss": []} for l, _ in cmds}
         failed = {}
         checked = set()
+        load0 = loadavg()
         for r in range(RUNS):
             k = r % len(cmds)
             for label, cmd in cmds[k:] + cmds[:k]:
@@ -116,6 +125,7 @@ def main():
                 row += [f"{med[l][0] / base[0]:.2f}", f"{med[l][1] / max(base[1], 1e-9):.2f}"]
             else:
                 row += ["", ""]
+        row += [f"{load0}→{loadavg()}"]
         print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -8,9 +8,14 @@
 # is faster), and the CPU each server used for the same work (robust when the machine
 # is busy; ratio qemu/vdisk, >1 means vdisk used less CPU). VDISK_BASE=/path/to/vdisk
 # adds an older vdisk build as a third server, for before/after comparisons.
+# CACHE=none serves with O_DIRECT (both servers). Every row also gives each server's
+# peak RSS (VmHWM, the largest over the rounds), and the fio rows are followed by fio
+# run directly on the raw data file (io_uring engine, QD32, O_DIRECT with CACHE=none),
+# the physical limit the servers are measured against. The load average is printed
+# before and after.
 #
 # Usage: bench/nbd.sh            (FMT=qcow2 by default; FMT=raw also works)
-#        FMT=raw RUNTIME=10 REPS=5 VDISK_BASE=/tmp/old/vdisk bench/nbd.sh
+#        FMT=raw RUNTIME=10 REPS=5 CACHE=none VDISK_BASE=/tmp/old/vdisk bench/nbd.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +23,7 @@ FMT=${FMT:-qcow2}
 SIZE_MB=${SIZE_MB:-512}
 RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-5}
+CACHE=${CACHE:-writeback}
 
 for t in qemu-nbd qemu-img nbdcopy fio python3; do
   command -v "$t" >/dev/null || { echo "bench/nbd.sh: $t is required" >&2; exit 1; }
@@ -47,9 +53,9 @@ start_server() {
   shift 2
   rm -f "$tmp/pid" "$SOCK"
   case $kind in
-    vdisk) "$VDISK" serve -f "$FMT" -k "$SOCK" -t -e 4 --pid-file "$tmp/pid" "$@" "$file" & ;;
-    base) "$VDISK_BASE" serve -f "$FMT" -k "$SOCK" -t -e 4 --pid-file "$tmp/pid" "$@" "$file" & ;;
-    qemu)  qemu-nbd -f "$FMT" -k "$SOCK" -t -e 4 --cache=writeback --pid-file "$tmp/pid" "$@" "$file" & ;;
+    vdisk) "$VDISK" serve -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
+    base) "$VDISK_BASE" serve -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
+    qemu)  qemu-nbd -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
   esac
   SRV_PID=$!
   for _ in $(seq 1 500); do
@@ -62,6 +68,8 @@ start_server() {
 
 # CPU seconds (user+system) the running server has used so far.
 server_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14+$15)/hz}' "/proc/$SRV_PID/stat"; }
+# Peak resident memory (MiB) of the running server so far.
+server_rss() { awk '/^VmHWM:/ {print $2/1024}' "/proc/$SRV_PID/status"; }
 
 stop_server() {
   kill -TERM "$SRV_PID" 2>/dev/null || true
@@ -76,9 +84,9 @@ bench_read() {
   local kind=$1 t0 t1 cpu
   start_server "$kind" "$tmp/src.$FMT" -r
   t0=$(now); nbdcopy "$URI" null:; t1=$(now)
-  cpu=$(server_cpu)
+  cpu=$(server_cpu) rss=$(server_rss)
   stop_server
-  python3 -c "print($SIZE_MB/($t1-$t0), $cpu)"
+  python3 -c "print($SIZE_MB/($t1-$t0), $cpu, $rss)"
 }
 
 # One run of: nbdcopy the data into a fresh image (MiB/s), flush included; server CPU s.
@@ -88,9 +96,11 @@ bench_write() {
   qemu-img create -q -f "$FMT" "$tmp/dst.$FMT" "${SIZE_MB}M"
   start_server "$kind" "$tmp/dst.$FMT"
   t0=$(now); nbdcopy --flush "$tmp/data.raw" "$URI"; t1=$(now)
-  cpu=$(server_cpu)
+  cpu=$(server_cpu) rss=$(server_rss)
   stop_server
-  python3 -c "print($SIZE_MB/($t1-$t0), $cpu)"
+  qemu-img compare -q -f raw -F "$FMT" "$tmp/data.raw" "$tmp/dst.$FMT" ||
+    { echo "bench/nbd.sh: $kind wrote something else" >&2; exit 1; }
+  python3 -c "print($SIZE_MB/($t1-$t0), $cpu, $rss)"
 }
 
 # fio 4 KiB random I/O at QD 32 on a private copy of the source (IOPS).
@@ -101,18 +111,49 @@ bench_fio() {
   fio --name=nbd --ioengine=nbd --uri="$URI" --rw="$rw" --bs=4k --iodepth=32 \
       --size="${SIZE_MB}m" --time_based --runtime="$RUNTIME" \
       --output-format=json >"$tmp/fio.json"
-  local cpu
-  cpu=$(server_cpu)
+  local cpu rss
+  cpu=$(server_cpu) rss=$(server_rss)
   stop_server
-  python3 - "$tmp/fio.json" "$rw" "$cpu" <<'PY'
+  [ "$rw" = randwrite ] && { qemu-img check -q "$tmp/fio.$FMT" >/dev/null 2>&1 || [ "$FMT" = raw ] ||
+    { echo "bench/nbd.sh: $kind left an image that fails qemu-img check" >&2; exit 1; }; }
+  python3 - "$tmp/fio.json" "$rw" "$cpu" "$rss" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
 # fio's nbd engine prints a line before the JSON document.
 j = json.loads(text[text.index("{"):])["jobs"][0]
 side = "read" if "read" in sys.argv[2] else "write"
 ops = max(j[side]["total_ios"], 1)
-# IOPS, and the server's CPU microseconds per operation.
-print(j[side]["iops"], float(sys.argv[3]) * 1e6 / ops)
+# IOPS, the server's CPU microseconds per operation, its peak RSS.
+print(j[side]["iops"], float(sys.argv[3]) * 1e6 / ops, sys.argv[4])
+PY
+}
+
+# fio straight on the raw data file, the same pattern and depth (IOPS; fio's own CPU
+# microseconds per operation, and its RSS: there is no server).
+bench_rawfio() {
+  local rw=$1 direct=0
+  [ "$CACHE" = none ] && direct=1
+  cp "$tmp/data.raw" "$tmp/fio.raw"
+  fio --name=raw --ioengine=io_uring --filename="$tmp/fio.raw" --direct=$direct --rw="$rw" \
+      --bs=4k --iodepth=32 --size="${SIZE_MB}m" --time_based --runtime="$RUNTIME" \
+      --output-format=json >"$tmp/fio.json"
+  python3 - "$tmp/fio.json" "$rw" <<'PY'
+import json, sys
+j = json.loads(open(sys.argv[1]).read())["jobs"][0]
+side = "read" if "read" in sys.argv[2] else "write"
+cpu_us = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] * 1e3 / max(j[side]["total_ios"], 1)
+print(j[side]["iops"], cpu_us)
+PY
+}
+
+# rawfio NAME RW: REPS runs of fio on the raw file; prints its median IOPS.
+rawfio() {
+  local name=$1 rw=$2 r vals=""
+  for ((r = 0; r < REPS; r++)); do vals+="$(bench_rawfio "$rw");"; done
+  python3 - "$name" "$vals" <<'PY'
+import statistics, sys
+pts = [tuple(map(float, x.split())) for x in sys.argv[2].split(";") if x.strip()]
+print(f"{sys.argv[1]:<42} {statistics.median(p[0] for p in pts):10.1f} (fio cpu us/op {statistics.median(p[1] for p in pts):.2f})")
 PY
 }
 
@@ -142,22 +183,26 @@ def med(s):
     pts = [tuple(map(float, x.split())) for x in s.split(";") if x.strip()]
     if not pts:
         return None
-    return statistics.median(p[0] for p in pts), statistics.median(p[1] for p in pts)
+    return (statistics.median(p[0] for p in pts), statistics.median(p[1] for p in pts),
+            max(p[2] for p in pts))
 v, b, q = med(v), med(b), med(q)
 def r(a, c):
     return f"{a / c:.2f}" if c else "n/a"
-line = f"{name:<42} {v[0]:10.1f} {q[0]:10.1f} {r(v[0], q[0]):>6} | {v[1]:9.2f} {q[1]:9.2f} {r(q[1], v[1]):>6}"
+line = f"{name:<42} {v[0]:10.1f} {q[0]:10.1f} {r(v[0], q[0]):>6} | {v[1]:9.2f} {q[1]:9.2f} {r(q[1], v[1]):>6} | rss {v[2]:6.1f} {q[2]:6.1f}"
 if b:
     line += f" | base {b[0]:10.1f} {r(v[0], b[0]):>6} cpu {b[1]:9.2f} {r(b[1], v[1]):>6}"
 print(line)
 PY
 }
 
-echo "format=$FMT size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s rounds=$REPS (medians) cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"
-hdr=$(printf '%-42s %10s %10s %6s | %9s %9s %6s' test vdisk qemu-nbd ratio "vdisk-cpu" "qemu-cpu" ratio)
+echo "format=$FMT cache=$CACHE size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s rounds=$REPS (medians) cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"
+hdr=$(printf '%-42s %10s %10s %6s | %9s %9s %6s | %s' test vdisk qemu-nbd ratio "vdisk-cpu" "qemu-cpu" ratio "peak RSS MiB vdisk qemu")
 [ -n "${VDISK_BASE:-}" ] && hdr+=" | base value, vdisk/base ratio; base cpu, base/vdisk ratio"
 echo "$hdr"
 measure "nbdcopy read -> null: (MiB/s; cpu s/run)" bench_read
 measure "nbdcopy write fresh (MiB/s; cpu s/run)" bench_write
 measure "fio 4k randread QD32 (IOPS; cpu us/op)" bench_fio randread
 measure "fio 4k randwrite QD32 (IOPS; cpu us/op)" bench_fio randwrite
+rawfio "fio 4k randread QD32 on the raw file" randread
+rawfio "fio 4k randwrite QD32 on the raw file" randwrite
+echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -246,7 +246,11 @@ pub fn run(a: ServeArgs) -> i32 {
     if a.vhost_user_blk.is_some() || a.fuse.is_some() {
         return crate::exports::run(&a, image, plan.export.discard);
     }
-    let export = match Export::new(image.clone(), plan.export).with_bitmaps(&a.bitmaps) {
+    let inline = crate::export::inline_max_for(&image, plan.open.cache.direct());
+    let export = match Export::new(image.clone(), plan.export)
+        .with_inline_max(inline)
+        .with_bitmaps(&a.bitmaps)
+    {
         Ok(e) => Arc::new(e),
         Err(e) => return err(e),
     };

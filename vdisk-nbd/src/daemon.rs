@@ -224,17 +224,21 @@ fn run_inner(a: &DaemonArgs) -> Result<i32, String> {
             Kind::Nbd { socket, name } => {
                 let listener = Listener::unix(&socket)
                     .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-                let export = Arc::new(Export::new(
-                    img,
-                    ExportConfig {
-                        name,
-                        description: None,
-                        read_only: ro,
-                        multi_conn: true,
-                        allocation_depth: false,
-                        discard,
-                    },
-                ));
+                let inline = crate::export::inline_max_for(&img, cache.direct());
+                let export = Arc::new(
+                    Export::new(
+                        img,
+                        ExportConfig {
+                            name,
+                            description: None,
+                            read_only: ro,
+                            multi_conn: true,
+                            allocation_depth: false,
+                            discard,
+                        },
+                    )
+                    .with_inline_max(inline),
+                );
                 let server = Server::new(
                     listener,
                     export,

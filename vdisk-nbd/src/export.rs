@@ -107,6 +107,31 @@ pub struct Export {
     /// order qemu-nbd lists them. Live: an enabled bitmap of a writable export goes on
     /// recording writes, as in qemu-nbd.
     pub bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
+    /// Reads and writes of at most this many bytes are served by the connection's
+    /// reader thread itself, their replies batched into one `writev` (0, the default of
+    /// [`Export::new`]: never). Only for images whose every layer is a local file in
+    /// the page cache (`vdisk serve` decides, see [`inline_max_for`]): a request that
+    /// can wait long in the driver (O_DIRECT, a network backing file) would hold up
+    /// every request behind it, so those go to the worker pool.
+    pub inline_max: u64,
+}
+
+/// The [`Export::inline_max`] of a buffered image on local files.
+pub const INLINE_MAX: u64 = 32 << 10;
+
+/// The [`Export::inline_max`] for `image`: [`INLINE_MAX`] when it is buffered
+/// (`direct` false) and every layer of its chain is a local file, else 0.
+pub fn inline_max_for(image: &Image, direct: bool) -> u64 {
+    let local = matches!(image.protocol(), "file" | "host_device")
+        && image
+            .layers()
+            .iter()
+            .all(|l| std::fs::metadata(l.path()).is_ok());
+    if local && !direct {
+        INLINE_MAX
+    } else {
+        0
+    }
 }
 
 impl Export {
@@ -116,7 +141,14 @@ impl Export {
             image,
             cfg,
             bitmaps: Vec::new(),
+            inline_max: 0,
         }
+    }
+
+    /// Sets [`Export::inline_max`].
+    pub fn with_inline_max(mut self, n: u64) -> Export {
+        self.inline_max = n;
+        self
     }
 
     /// Exports the image's persistent bitmaps `names` (`-B`, in command-line order;

@@ -9,7 +9,9 @@ use std::sync::{Condvar, Mutex, PoisonError};
 pub struct Limiter {
     max_count: usize,
     max_bytes: u64,
-    state: Mutex<(usize, u64)>,
+    /// Requests and bytes in flight, and how many callers wait in `acquire` (a release
+    /// pays for a wake-up only when someone waits).
+    state: Mutex<(usize, u64, usize)>,
     cv: Condvar,
 }
 
@@ -19,7 +21,7 @@ impl Limiter {
         Limiter {
             max_count: max_count.max(1),
             max_bytes,
-            state: Mutex::new((0, 0)),
+            state: Mutex::new((0, 0, 0)),
             cv: Condvar::new(),
         }
     }
@@ -28,7 +30,9 @@ impl Limiter {
     pub fn acquire(&self, bytes: u64) {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while st.0 > 0 && (st.0 >= self.max_count || st.1.saturating_add(bytes) > self.max_bytes) {
+            st.2 += 1;
             st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.2 -= 1;
         }
         st.0 += 1;
         st.1 = st.1.saturating_add(bytes);
@@ -39,8 +43,11 @@ impl Limiter {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         st.0 = st.0.saturating_sub(1);
         st.1 = st.1.saturating_sub(bytes);
+        let waiting = st.2 > 0;
         drop(st);
-        self.cv.notify_all();
+        if waiting {
+            self.cv.notify_all();
+        }
     }
 
     /// Requests in flight.

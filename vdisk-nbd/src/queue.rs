@@ -6,11 +6,12 @@
 //! need. Its length is bounded by the connection's [`crate::limiter::Limiter`].
 //!
 //! The pool recycles payload and read buffers so the hot path doesn't zero and
-//! page-fault fresh memory for every request; it keeps only a bounded number of
-//! modest buffers, so idle connections hold little memory.
+//! page-fault fresh memory for every request; it is the storage layer's aligned pool,
+//! bounded per size class, so idle connections hold little memory.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, PoisonError};
+use vdisk::storage::pool::{self, AlignedBuf};
 
 #[derive(Debug)]
 struct QueueState<T> {
@@ -78,69 +79,42 @@ impl<T> WorkQueue<T> {
     }
 }
 
-/// Buffers at most this large are kept for reuse.
-const POOL_MAX_BUF: usize = 1 << 20;
-/// Buffers kept.
-const POOL_MAX_COUNT: usize = 16;
-
-/// A buffer from a [`BufPool`]: `len` bytes of a possibly larger allocation.
+/// A request buffer: `len` bytes, 4 KiB aligned, from the storage layer's shared pool
+/// ([`vdisk::storage::pool`]), so a read or write payload reaches an O_DIRECT image
+/// without a bounce copy. Dropping it returns it to that pool.
 #[derive(Debug, Default)]
-pub struct PoolBuf {
-    v: Vec<u8>,
-    len: usize,
-}
+pub struct PoolBuf(Option<AlignedBuf>);
 
 impl std::ops::Deref for PoolBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.v[..self.len]
+        self.0.as_deref().unwrap_or(&[])
     }
 }
 
 impl std::ops::DerefMut for PoolBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.v[..self.len]
+        self.0.as_deref_mut().unwrap_or(&mut [])
     }
 }
 
-/// Recycled byte buffers.
+/// Hands out request buffers from the process-wide aligned pool (bounded per size
+/// class there, so idle connections hold little memory).
 #[derive(Debug, Default)]
-pub struct BufPool {
-    free: Mutex<Vec<Vec<u8>>>,
-}
+pub struct BufPool;
 
 impl BufPool {
     /// A buffer of exactly `len` bytes (contents unspecified: callers overwrite it).
     pub fn get(&self, len: usize) -> PoolBuf {
-        if len <= POOL_MAX_BUF {
-            let popped = self
-                .free
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            if let Some(mut v) = popped {
-                if v.len() < len {
-                    // Only growth is zero-filled; reused bytes are overwritten by callers.
-                    v.resize(len, 0);
-                }
-                return PoolBuf { v, len };
-            }
+        if len == 0 {
+            return PoolBuf(None);
         }
-        PoolBuf {
-            v: vec![0u8; len],
-            len,
-        }
+        PoolBuf(Some(pool::get(len)))
     }
 
     /// Returns a buffer for reuse.
     pub fn put(&self, b: PoolBuf) {
-        if b.v.len() > POOL_MAX_BUF || b.v.is_empty() {
-            return;
-        }
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        if free.len() < POOL_MAX_COUNT {
-            free.push(b.v);
-        }
+        drop(b);
     }
 }
 
@@ -169,15 +143,13 @@ mod tests {
 
     #[test]
     fn pool_returns_requested_length() {
-        let p = BufPool::default();
-        let mut b = p.get(4096);
-        b.fill(7);
-        p.put(b);
-        let b = p.get(100);
-        assert_eq!(b.len(), 100);
-        assert!(b.iter().all(|&x| x == 7), "reused, not re-zeroed");
-        let b2 = p.get(8192);
-        assert_eq!(b2.len(), 8192);
-        assert_eq!(p.get(2 << 20).len(), 2 << 20);
+        let p = BufPool;
+        for len in [0usize, 100, 4096, 8192, 2 << 20] {
+            let mut b = p.get(len);
+            assert_eq!(b.len(), len);
+            assert!((b.as_ptr() as usize).is_multiple_of(pool::BUF_ALIGN) || len == 0);
+            b.fill(7);
+            p.put(b);
+        }
     }
 }

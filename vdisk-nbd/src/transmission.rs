@@ -5,6 +5,13 @@
 //! is done, so replies go out in completion order. Replies are written under a
 //! per-connection lock so chunks of different replies never interleave mid-message.
 //! A [`Limiter`] bounds the requests and bytes in flight, which bounds memory.
+//!
+//! Small reads and writes (up to [`Export::inline_max`], buffered images) skip the
+//! hand-off: the reader executes them itself and collects their replies in a batch
+//! that goes out in one `writev` before the reader could block on the socket (nothing
+//! it owes the client waits behind a read that needs the client's next bytes). That
+//! saves the queue's wake-ups and a reply write per request; bigger requests, flushes,
+//! FUA writes and O_DIRECT images still go to the workers.
 
 use crate::export::{descriptors, Export, MetaContext};
 use crate::handshake::Negotiated;
@@ -12,6 +19,7 @@ use crate::limiter::Limiter;
 use crate::proto::{self, Buf, HeaderError, Request};
 use crate::queue::{BufPool, PoolBuf, WorkQueue};
 use crate::stream::Stream;
+use std::cell::{Cell, RefCell};
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +37,20 @@ pub const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
 const MAX_RUNS: usize = 16384;
 /// Largest BLOCK_STATUS payload (effect length plus a few context ids).
 const MAX_STATUS_PAYLOAD: u64 = 8 + 4 * 16;
+
+/// Structured reads up to this length are answered with one data chunk, without
+/// looking for holes.
+const DENSE_READ_MAX: u64 = 4096;
+/// Replies the reader batches before writing them out anyway.
+const BATCH_MAX_BYTES: usize = 256 << 10;
+
+thread_local! {
+    /// Set while a connection's reader executes a request itself: its replies go to
+    /// that thread's batch instead of the socket.
+    static INLINE: Cell<bool> = const { Cell::new(false) };
+    /// The reader's reply batch (one reader per thread, so per connection).
+    static BATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// A request that failed: NBD error value and a message for structured replies.
 struct Fail {
@@ -74,7 +96,7 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         neg,
         out: Mutex::new(out),
         dead: AtomicBool::new(false),
-        pool: BufPool::default(),
+        pool: BufPool,
     };
     let limiter = Limiter::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES);
     let queue: WorkQueue<Job> = WorkQueue::default();
@@ -92,7 +114,10 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         let r = match stream.try_clone() {
             Ok(s) => {
                 let mut rd = BufReader::with_capacity(64 * 1024, s);
-                conn.read_loop(&mut rd, &limiter, &queue)
+                let r = conn.read_loop(&mut rd, &limiter, &queue);
+                // Whatever was served inline is answered before the connection ends.
+                conn.flush_batch();
+                r
             }
             Err(e) => Err(e),
         };
@@ -106,16 +131,21 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
 }
 
 impl Conn<'_> {
-    fn read_loop(
+    fn read_loop<R: Read>(
         &self,
-        rd: &mut impl Read,
+        rd: &mut BufReader<R>,
         limiter: &Limiter,
         queue: &WorkQueue<Job>,
     ) -> io::Result<()> {
         let ext = self.neg.extended;
+        let header_len = if ext { 32 } else { 28 };
         loop {
             if self.dead.load(Ordering::Acquire) {
                 return Ok(());
+            }
+            if rd.buffer().len() < header_len {
+                // The next header may need the socket: answer what was served first.
+                self.flush_batch();
             }
             let req = match proto::read_request(rd, ext) {
                 Ok(r) => r,
@@ -170,6 +200,24 @@ impl Conn<'_> {
                 proto::CMD_READ => req.length.min(proto::MAX_PAYLOAD as u64),
                 _ => payload_len,
             };
+            if self.inline_ok(&req) {
+                if rd.buffer().len() < payload_len as usize {
+                    self.flush_batch();
+                }
+                let mut payload = self.pool.get(payload_len as usize);
+                rd.read_exact(&mut payload)?;
+                INLINE.with(|f| f.set(true));
+                self.execute(Job {
+                    req,
+                    payload,
+                    cost: 0,
+                });
+                INLINE.with(|f| f.set(false));
+                continue;
+            }
+            if rd.buffer().len() < payload_len as usize {
+                self.flush_batch();
+            }
             limiter.acquire(cost);
             let mut payload = self.pool.get(payload_len as usize);
             if let Err(e) = rd.read_exact(&mut payload) {
@@ -179,6 +227,32 @@ impl Conn<'_> {
             }
             queue.push(Job { req, payload, cost });
         }
+    }
+
+    /// Whether the reader serves this request itself: a small read, or a small write
+    /// without FUA, on an export that allows it.
+    fn inline_ok(&self, r: &Request) -> bool {
+        let max = self.export.inline_max;
+        r.length <= max
+            && match r.typ {
+                proto::CMD_READ => true,
+                proto::CMD_WRITE => r.flags & proto::CMD_FLAG_FUA == 0,
+                _ => false,
+            }
+    }
+
+    /// Writes out the replies the reader collected (one `writev`).
+    fn flush_batch(&self) {
+        BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            if !b.is_empty() {
+                self.write_out(&[&b[..]]);
+                b.clear();
+                if b.capacity() > 2 * BATCH_MAX_BYTES {
+                    b.shrink_to(BATCH_MAX_BYTES);
+                }
+            }
+        });
     }
 
     /// Validates and runs one request, then answers it.
@@ -339,6 +413,22 @@ impl Conn<'_> {
         }
         if len == 0 {
             self.chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, &[]);
+            return Ok(());
+        }
+        if r.length <= DENSE_READ_MAX {
+            // One page or less: a hole chunk would save the client almost nothing, and
+            // looking for holes costs a block-status walk per request. The spec lets
+            // the server send holes as data.
+            let mut b = self.pool.get(len);
+            img.read_at(&mut b, r.offset)?;
+            let mut p = Buf::with_capacity(8);
+            p.u64(r.offset);
+            self.chunk(
+                r,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                &[&p.0, &b],
+            );
             return Ok(());
         }
         // Segments of the request: (offset, length, reads as zeroes).
@@ -534,8 +624,27 @@ impl Conn<'_> {
         self.send(&all);
     }
 
-    /// Writes one whole message; on failure the connection is finished.
+    /// Sends one whole message: into the reader's batch when the reader is executing
+    /// the request itself, else straight to the socket.
     fn send(&self, parts: &[&[u8]]) {
+        if INLINE.with(|f| f.get()) {
+            let full = BATCH.with(|b| {
+                let mut b = b.borrow_mut();
+                for p in parts {
+                    b.extend_from_slice(p);
+                }
+                b.len() >= BATCH_MAX_BYTES
+            });
+            if full {
+                self.flush_batch();
+            }
+            return;
+        }
+        self.write_out(parts);
+    }
+
+    /// Writes one whole message; on failure the connection is finished.
+    fn write_out(&self, parts: &[&[u8]]) {
         if self.dead.load(Ordering::Acquire) {
             return;
         }

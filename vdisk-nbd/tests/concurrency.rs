@@ -6,16 +6,19 @@
 //! READ. A server that serialised requests would never answer that later READ (the
 //! client's bounded read fails the test instead of hanging).
 
-use std::io::{Read, Write};
+mod wire;
+
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use vdisk::format::{Driver, Extent, ExtentKind, Format, ZeroFlags};
 use vdisk::storage::{MemStorage, Storage};
 use vdisk::Image;
-use vdisk_nbd::export::{DiscardMode, Export, ExportConfig};
+use vdisk_nbd::export::Export;
 use vdisk_nbd::server::{Server, ServerConfig};
 use vdisk_nbd::stream::Listener;
+use wire::{connect, reply, request};
 
 const SIZE: u64 = 1 << 20;
 
@@ -77,38 +80,6 @@ impl Driver for Gated {
     }
 }
 
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn request(s: &mut UnixStream, typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
-    let mut m = Vec::new();
-    m.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    m.extend_from_slice(&0u16.to_be_bytes());
-    m.extend_from_slice(&typ.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m.extend_from_slice(payload);
-    s.write_all(&m).unwrap();
-}
-
-/// Reads one simple reply; returns (error, cookie) and consumes `data` bytes on success.
-fn reply(s: &mut UnixStream, data_len_of: impl Fn(u64) -> usize) -> (u32, u64) {
-    let mut h = [0u8; 16];
-    s.read_exact(&mut h).expect("reply within the read timeout");
-    assert_eq!(be32(&h), 0x6744_6698);
-    let mut c = [0u8; 8];
-    c.copy_from_slice(&h[8..]);
-    let cookie = u64::from_be_bytes(c);
-    let err = be32(&h[4..]);
-    if err == 0 {
-        let mut d = vec![0u8; data_len_of(cookie)];
-        s.read_exact(&mut d).unwrap();
-    }
-    (err, cookie)
-}
-
 #[test]
 fn blocked_request_does_not_hold_up_later_ones() {
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
@@ -119,17 +90,7 @@ fn blocked_request_does_not_hold_up_later_ones() {
         cv: Condvar::new(),
     });
     let image = Arc::new(Image::from_driver(driver, "<gated>"));
-    let export = Arc::new(Export::new(
-        image,
-        ExportConfig {
-            name: String::new(),
-            description: None,
-            read_only: false,
-            multi_conn: false,
-            allocation_depth: false,
-            discard: DiscardMode::Ignore,
-        },
-    ));
+    let export = Arc::new(Export::new(image, wire::writable_config()));
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s");
     let listener = Listener::unix(&sock).unwrap();
@@ -137,37 +98,26 @@ fn blocked_request_does_not_hold_up_later_ones() {
     let (stop_rx, mut stop_tx) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || server.run(&stop_rx));
 
-    let mut s = UnixStream::connect(&sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut greet = [0u8; 18];
-    s.read_exact(&mut greet).unwrap();
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    let mut go = Vec::new();
-    go.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
-    go.extend_from_slice(&7u32.to_be_bytes());
-    go.extend_from_slice(&6u32.to_be_bytes());
-    go.extend_from_slice(&0u32.to_be_bytes());
-    go.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&go).unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        let mut d = vec![0u8; be32(&h[16..]) as usize];
-        s.read_exact(&mut d).unwrap();
-        if be32(&h[12..]) == 1 {
-            break;
-        }
-    }
+    let mut s = connect(&sock);
 
-    request(&mut s, 0, 1, 0, 4096, &[]); // parks in the driver
-    request(&mut s, 1, 2, 8192, 4096, &[7u8; 4096]);
-    request(&mut s, 0, 3, 8192, 4096, &[]);
+    let send = |s: &mut UnixStream, typ, cookie, offset, len, payload: &[u8]| {
+        let mut m = Vec::new();
+        request(&mut m, typ, cookie, offset, len, payload);
+        s.write_all(&m).unwrap();
+    };
+    send(&mut s, 0, 1, 0, 4096, &[]); // parks in the driver
+    send(&mut s, 1, 2, 8192, 4096, &[7u8; 4096]);
+    send(&mut s, 0, 3, 8192, 4096, &[]);
     let len = |c: u64| if c == 1 || c == 3 { 4096 } else { 0 };
-    let mut early = vec![reply(&mut s, len), reply(&mut s, len)];
+    let ans = |s: &mut UnixStream| {
+        let (e, c, _) = reply(s, &len);
+        (e, c)
+    };
+    let mut early = vec![ans(&mut s), ans(&mut s)];
     early.sort();
     assert_eq!(early, vec![(0, 2), (0, 3)], "later requests answered first");
-    request(&mut s, 3, 4, 0, 0, &[]); // opens the gate
-    let mut late = vec![reply(&mut s, len), reply(&mut s, len)];
+    send(&mut s, 3, 4, 0, 0, &[]); // opens the gate
+    let mut late = vec![ans(&mut s), ans(&mut s)];
     late.sort();
     assert_eq!(late, vec![(0, 1), (0, 4)]);
 

@@ -568,7 +568,7 @@ impl Job<'_> {
 
     /// Reads items and hands them to the sequencer, which writes them in order.
     fn worker_in_order(&self, q: &sequencer::Sequencer<Item>) -> Result<(), String> {
-        let mut spare: Option<Vec<u8>> = None;
+        let mut spare: Option<sequencer::Buf> = None;
         loop {
             // The buffer is taken before the item (see the sequencer's deadlock note).
             let mut buf = match spare.take() {

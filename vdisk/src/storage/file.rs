@@ -2,13 +2,14 @@
 
 use super::lock::{self, LockMode};
 use super::options::{Node, SpecError, Value};
+use super::pool;
 use super::registry::{Protocol, ProtocolOpen};
 use super::{CacheMode, Storage, StorageError, StorageOp, StorageResult};
-use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// How to open a [`FileStorage`].
@@ -36,7 +37,7 @@ impl Default for OpenFileOptions {
 }
 
 /// O_DIRECT needs buffers, offsets and lengths aligned; 4 KiB covers every device here.
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = pool::BUF_ALIGN;
 /// Read-modify-write of unaligned O_DIRECT writes is serialised per stripe.
 const RMW_STRIPES: usize = 64;
 
@@ -56,48 +57,27 @@ pub struct FileStorage {
     unlocked: bool,
     /// The protocol it was opened as (`file`, or `host_device` for a device).
     protocol: &'static str,
+    /// An upper bound of the file's length: set from fstat at open and by our own
+    /// truncates, raised before every write or fallocate that may extend the file. The
+    /// hot paths decide on it instead of an fstat per request (an O_DIRECT padded
+    /// write, a fresh allocation past the end that needs no zeroing).
+    known_len: AtomicU64,
+    /// Whether nobody else can grow the file: opened writable with locks that refuse
+    /// other writers and resizers. Only then does [`Self::known_len`] bound the length
+    /// from above, which [`Storage::zero_fresh`] relies on.
+    len_trusted: AtomicBool,
+    /// A regular file opened writable: the length bound can be trusted once the locks
+    /// exclude other writers.
+    may_trust: bool,
+    /// The io_uring engine (`aio=io_uring` where the kernel allows it); `None`: plain
+    /// system calls on the caller's thread (the threaded engine).
+    uring: Option<super::uring::Uring>,
 }
 
 /// Holds [`FileStorage::extend`] for the length of one direct write.
 enum ExtendGuard<'a> {
     Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>),
     Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>),
-}
-
-/// A heap buffer aligned for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout =
-            Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN).expect("aligned layout");
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len }
-    }
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes, initialised by alloc_zeroed.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("aligned layout");
-        // SAFETY: allocated with the same layout in new().
-        unsafe { std::alloc::dealloc(self.ptr, layout) }
-    }
 }
 
 /// Whether O_DIRECT can take these buffers in one vectored call: the offset, every
@@ -138,6 +118,12 @@ impl FileStorage {
             file.set_len(0)
                 .map_err(|e| StorageError::op(StorageOp::Truncate, &name, None, e))?;
         }
+        let meta = file
+            .metadata()
+            .map_err(|e| StorageError::op(StorageOp::Stat, &name, None, e))?;
+        let len = meta.len();
+        // A device's st_size is 0: its length bound means nothing.
+        let regular = meta.file_type().is_file();
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -146,6 +132,10 @@ impl FileStorage {
             extend: RwLock::new(()),
             unlocked: false,
             protocol: PROTOCOL.name,
+            known_len: AtomicU64::new(len),
+            len_trusted: AtomicBool::new(regular && !opts.read_only && excludes_writers(opts.lock)),
+            may_trust: regular && !opts.read_only,
+            uring: None,
         })
     }
 
@@ -194,7 +184,57 @@ impl FileStorage {
     /// locks and stays so when the opener later adjusts the locks it wants.
     pub fn without_locking(mut self) -> FileStorage {
         self.unlocked = true;
+        self.len_trusted.store(false, Ordering::Release);
         self
+    }
+
+    /// Runs data transfers and flushes on io_uring (QEMU's `aio=io_uring`) when the
+    /// kernel allows it; keeps the threaded engine (plain system calls) when it refuses.
+    /// Returns the storage and whether io_uring is in use.
+    pub fn with_io_uring(mut self) -> (FileStorage, bool) {
+        match super::uring::Uring::new(self.file.as_raw_fd()) {
+            Ok(u) => {
+                self.uring = Some(u);
+                (self, true)
+            }
+            Err(e) => {
+                tracing::debug!("io_uring refused ({e}): using the threaded engine");
+                (self, false)
+            }
+        }
+    }
+
+    /// Whether requests go through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.uring.is_some()
+    }
+
+    /// One `pread` (or its io_uring entry).
+    fn read_some(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        match &self.uring {
+            None => self.file.read_at(buf, offset),
+            Some(u) => {
+                let iov = [libc::iovec {
+                    iov_base: buf.as_mut_ptr() as *mut _,
+                    iov_len: buf.len(),
+                }];
+                u.rw(false, &iov, offset)
+            }
+        }
+    }
+
+    /// One `pwrite` (or its io_uring entry).
+    fn write_some(&self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+        match &self.uring {
+            None => self.file.write_at(buf, offset),
+            Some(u) => {
+                let iov = [libc::iovec {
+                    iov_base: buf.as_ptr() as *mut _,
+                    iov_len: buf.len(),
+                }];
+                u.rw(true, &iov, offset)
+            }
+        }
     }
 
     /// The path the storage was opened with.
@@ -210,7 +250,7 @@ impl FileStorage {
     fn pread_full(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.read_some(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -229,14 +269,43 @@ impl FileStorage {
     }
 
     fn pwrite_full(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.err(StorageOp::Write, offset, e))
+        self.note_end(offset + buf.len() as u64);
+        let mut done = 0;
+        while done < buf.len() {
+            match self.write_some(&buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                    return Err(self.err(StorageOp::Write, offset + done as u64, e));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err(StorageOp::Write, offset + done as u64, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises the known length bound before a write or allocation reaching `end`
+    /// (before, so a concurrent reader of the bound never sees it below the file).
+    fn note_end(&self, end: u64) {
+        self.known_len.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// The exact length (an fstat), which also refreshes the known bound.
+    fn stat_len(&self) -> StorageResult<u64> {
+        let len = self.file.metadata().map(|m| m.len()).map_err(|e| {
+            StorageError::op(StorageOp::Stat, self.path.display().to_string(), None, e)
+        })?;
+        self.note_end(len);
+        Ok(len)
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
         if len == 0 {
             return Ok(());
+        }
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            self.note_end(offset + len);
         }
         // SAFETY: plain syscall on an owned descriptor.
         let r = unsafe {
@@ -270,19 +339,38 @@ impl FileStorage {
             libc::off_t,
         ) -> libc::ssize_t,
     ) -> StorageResult<usize> {
+        if matches!(what, StorageOp::Write) {
+            self.note_end(offset + total as u64);
+        }
         let mut done = 0usize;
         let mut first = 0usize;
         while done < total {
             let cnt = (iov.len() - first).min(1024);
-            // SAFETY: the entries point into live slices (see above); `cnt` of them
-            // from `first` are in bounds.
-            let r = unsafe {
-                op(
-                    self.file.as_raw_fd(),
-                    iov[first..].as_ptr(),
-                    cnt as i32,
-                    (offset + done as u64) as libc::off_t,
-                )
+            let at = offset + done as u64;
+            let r = match &self.uring {
+                Some(u) => match u.rw(
+                    matches!(what, StorageOp::Write),
+                    &iov[first..first + cnt],
+                    at,
+                ) {
+                    Ok(n) => n as libc::ssize_t,
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(self.err(what, at, e));
+                    }
+                },
+                // SAFETY: the entries point into live slices (see above); `cnt` of
+                // them from `first` are in bounds.
+                None => unsafe {
+                    op(
+                        self.file.as_raw_fd(),
+                        iov[first..].as_ptr(),
+                        cnt as i32,
+                        at as libc::off_t,
+                    )
+                },
             };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
@@ -312,20 +400,27 @@ impl FileStorage {
         Ok(done)
     }
 
+    /// Whether the pieces together cover whole O_DIRECT blocks from an aligned offset
+    /// and are small enough (4 MiB) to gather into one buffer.
+    fn whole_blocks<B: std::ops::Deref<Target = [u8]>>(&self, bufs: &[B], offset: u64) -> bool {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        aligned(offset) && aligned(total) && total <= 4 << 20
+    }
+
     fn direct_read(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + buf.len() as u64).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
-        let mut bounce = AlignedBuf::new((end - start) as usize);
-        self.pread_full(bounce.as_mut_slice(), start)?;
+        let mut bounce = pool::get((end - start) as usize);
+        self.pread_full(&mut bounce, start)?;
         let skip = (offset - start) as usize;
-        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
+        buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
         Ok(())
     }
 
     fn direct_write(&self, buf: &[u8], offset: u64) -> StorageResult<()> {
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + buf.len() as u64).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
-        let mut bounce = AlignedBuf::new((end - start) as usize);
+        let mut bounce = pool::get((end - start) as usize);
         let partial = start != offset || end != offset + buf.len() as u64;
         // Unaligned edges need read-modify-write; serialise it so two writers sharing an
         // edge block cannot lose each other's bytes. Both edge blocks count: one
@@ -337,7 +432,7 @@ impl FileStorage {
         let _first = partial.then(|| lock(head.min(tail)));
         let _second = (partial && head != tail).then(|| lock(head.max(tail)));
         if partial {
-            let b = bounce.as_mut_slice();
+            let b = &mut bounce[..];
             self.pread_full(&mut b[..DIRECT_ALIGN], start)?;
             let tail = b.len() - DIRECT_ALIGN;
             if tail > 0 {
@@ -345,25 +440,40 @@ impl FileStorage {
             }
         }
         let skip = (offset - start) as usize;
-        bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        bounce[skip..skip + buf.len()].copy_from_slice(buf);
         let new_end = offset + buf.len() as u64;
         // Files only grow under concurrent writers, so a padded end already inside the
         // file stays inside it; only a write padding past EOF needs the exclusive lock.
-        let may_trim = end > new_end && end > self.len()?;
+        // The known length is an upper bound of the file's (when others may grow the
+        // file it can be low, which only sends us to the exact check below), so no
+        // fstat is needed unless the padded end may lie past the end of the file.
+        let may_trim = end > new_end && end > self.known_len.load(Ordering::Acquire);
         let _extend = if may_trim {
             ExtendGuard::Exclusive(self.extend.write().unwrap_or_else(|p| p.into_inner()))
         } else {
             ExtendGuard::Shared(self.extend.read().unwrap_or_else(|p| p.into_inner()))
         };
-        let file_len = self.len()?;
-        self.pwrite_full(bounce.as_slice(), start)?;
+        let file_len = if may_trim { self.stat_len()? } else { 0 };
+        self.pwrite_full(&bounce, start)?;
         if may_trim && end > file_len.max(new_end) {
             // The aligned write padded past the intended end of file: trim it back.
             self.file
                 .set_len(file_len.max(new_end))
                 .map_err(|e| self.err(StorageOp::Truncate, new_end, e))?;
+            // Exclusive: nobody else is writing, so this is the length now.
+            self.known_len
+                .store(file_len.max(new_end), Ordering::Release);
         }
         Ok(())
+    }
+}
+
+/// Whether these locks keep every other opener from writing or resizing the file.
+fn excludes_writers(mode: LockMode) -> bool {
+    use super::lock::Perm;
+    match mode {
+        LockMode::Off => false,
+        LockMode::On { shared, .. } => shared.0 & (Perm::WRITE.0 | Perm::RESIZE.0) == 0,
     }
 }
 
@@ -415,6 +525,17 @@ impl Storage for FileStorage {
             if matches!(r, Ok(done) if done == total) {
                 return Ok(());
             }
+        } else if self.cache.direct() && bufs.len() > 1 && self.whole_blocks(bufs, offset) {
+            // Whole blocks into unaligned pieces: one aligned read, then scatter.
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let mut one = pool::get(total);
+            self.pread_full(&mut one, offset)?;
+            let mut at = 0;
+            for b in bufs.iter_mut() {
+                b.copy_from_slice(&one[at..at + b.len()]);
+                at += b.len();
+            }
+            return Ok(());
         }
         if self.cache.direct() || bufs.len() == 1 {
             let mut off = offset;
@@ -467,6 +588,19 @@ impl Storage for FileStorage {
             if matches!(r, Ok(done) if done == total) {
                 return Ok(());
             }
+        } else if self.cache.direct() && bufs.len() > 1 && self.whole_blocks(bufs, offset) {
+            // The request covers whole blocks but its pieces are not aligned (a COW
+            // head or tail beside the guest's bytes): gather them into one aligned
+            // buffer and write it in one call, with no read-modify-write.
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let mut one = pool::get(total);
+            let mut at = 0;
+            for b in bufs {
+                one[at..at + b.len()].copy_from_slice(b);
+                at += b.len();
+            }
+            let _extend = self.extend.read().unwrap_or_else(|p| p.into_inner());
+            return self.pwrite_full(&one, offset);
         }
         if self.cache.direct() || bufs.len() == 1 {
             let mut off = offset;
@@ -496,22 +630,26 @@ impl Storage for FileStorage {
         if self.cache.ignore_flush() {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| {
-            StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e)
-        })
+        match &self.uring {
+            Some(u) => u.fdatasync(),
+            None => self.file.sync_data(),
+        }
+        .map_err(|e| StorageError::op(StorageOp::Flush, self.path.display().to_string(), None, e))
     }
 
     fn len(&self) -> StorageResult<u64> {
-        self.file.metadata().map(|m| m.len()).map_err(|e| {
-            StorageError::op(StorageOp::Stat, self.path.display().to_string(), None, e)
-        })
+        self.stat_len()
     }
 
     fn set_len(&self, len: u64) -> StorageResult<()> {
         let was_empty = len > 0 && self.len()? == 0;
+        // Raised first (a grow), lowered only once the shrink is done: the bound never
+        // drops below the file.
+        self.note_end(len);
         self.file
             .set_len(len)
             .map_err(|e| self.err(StorageOp::Truncate, len, e))?;
+        self.known_len.store(len, Ordering::Release);
         if was_empty {
             // Growing an empty file writes its first block, as QEMU's file driver
             // does (so O_DIRECT alignment probing finds data): the file takes the
@@ -550,14 +688,44 @@ impl Storage for FileStorage {
                     Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
                 ) =>
             {
-                let chunk = AlignedBuf::new(len.min(1 << 20) as usize);
+                let chunk = pool::get_zeroed(len.min(1 << 20) as usize);
                 let mut done = 0;
                 while done < len {
-                    let n = (len - done).min(chunk.len as u64) as usize;
-                    self.write_at(&chunk.as_slice()[..n], offset + done)?;
+                    let n = (len - done).min(chunk.len() as u64) as usize;
+                    self.write_at(&chunk[..n], offset + done)?;
                     done += n as u64;
                 }
                 Ok(())
+            }
+            Err(e) => Err(self.err(StorageOp::WriteZeroes, offset, e)),
+        }
+    }
+
+    fn zero_fresh(&self, offset: u64, len: u64) -> StorageResult<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        // Past the end of a file nobody else writes, the range already reads as
+        // zeroes: reserving it (which also extends the file to whole clusters, as
+        // formats that allocate at the end of the file expect) is all it needs. Inside
+        // the file, stale bytes are zeroed by the file system without writing any.
+        let past_end = self.len_trusted.load(Ordering::Acquire)
+            && offset >= self.known_len.load(Ordering::Acquire);
+        let mode = if past_end {
+            0
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE
+        };
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => Ok(true),
+            // Not on this file system (or file type): the caller writes zeroes.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+                ) =>
+            {
+                Ok(false)
             }
             Err(e) => Err(self.err(StorageOp::WriteZeroes, offset, e)),
         }
@@ -614,12 +782,20 @@ impl Storage for FileStorage {
         if self.unlocked {
             return Ok(());
         }
+        self.len_trusted.store(false, Ordering::Release);
         lock::release(self.file.as_raw_fd())?;
         lock::apply(
             self.file.as_raw_fd(),
             mode,
             &self.path.display().to_string(),
-        )
+        )?;
+        if self.may_trust && excludes_writers(mode) {
+            // Nobody else can grow the file from now on: one fstat makes the bound
+            // cover whatever they did before.
+            self.stat_len()?;
+            self.len_trusted.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn alignment(&self) -> usize {
@@ -760,13 +936,15 @@ fn open_protocol(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storag
     open_with(node, ctx, PROTOCOL.name)
 }
 
-/// QEMU's `aio` modes. Every mode runs requests on the caller's threads (QEMU's
-/// `threads`): `native` and `io_uring` choose a kernel interface, not what a request
-/// does, and are accepted where QEMU accepts them.
-fn check_aio(node: &mut Node, ctx: &ProtocolOpen) -> Result<(), SpecError> {
+/// QEMU's `aio` modes; returns whether io_uring was asked for. `threads` (the default)
+/// and `native` run requests as plain system calls on the caller's threads (`native`
+/// is accepted where QEMU accepts it); `io_uring` submits them to io_uring, falling
+/// back to `threads` where the kernel refuses it.
+fn check_aio(node: &mut Node, ctx: &ProtocolOpen) -> Result<bool, SpecError> {
     match node.take_str("aio")?.as_deref() {
-        None | Some("threads") | Some("io_uring") => Ok(()),
-        Some("native") if ctx.cache.direct() => Ok(()),
+        None | Some("threads") => Ok(false),
+        Some("io_uring") => Ok(true),
+        Some("native") if ctx.cache.direct() => Ok(false),
         Some("native") => Err(SpecError::AioNativeNeedsDirect),
         Some(other) => Err(SpecError::BadValue(other.to_string())),
     }
@@ -800,7 +978,7 @@ fn open_with(
             .into())
         }
     };
-    check_aio(&mut node, ctx)?;
+    let uring = check_aio(&mut node, ctx)?;
     node.finish(|key| SpecError::ProtocolOption {
         protocol: name.into(),
         key,
@@ -813,5 +991,8 @@ fn open_with(
     };
     let mut f = FileStorage::open(Path::new(&filename), &fo)?;
     f.protocol = name;
+    if uring {
+        f = f.with_io_uring().0;
+    }
     Ok(Arc::new(if locking { f } else { f.without_locking() }))
 }

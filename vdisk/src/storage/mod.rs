@@ -14,15 +14,20 @@ pub mod lock;
 mod mem;
 pub mod nbd;
 pub mod options;
+pub mod pool;
 pub mod registry;
 pub mod spec;
 pub mod trace;
 pub mod uri;
+mod uring;
 
 pub use error::{LockConflict, StorageError, StorageOp};
 pub use file::{FileStorage, OpenFileOptions};
 pub use lock::{LockMode, Perm};
 pub use mem::MemStorage;
+pub use pool::AlignedBuf;
+/// Set in the environment, makes io_uring setup fail (tests of the threaded fallback).
+pub use uring::REFUSE_ENV as IO_URING_REFUSE_ENV;
 
 use std::fmt;
 
@@ -118,6 +123,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
             done += n as u64;
         }
         Ok(())
+    }
+    /// Makes a freshly allocated range read as zeroes without writing zero bytes, in
+    /// one cheap call where this storage can: reserving it when it lies past the end
+    /// of a file nobody else writes (it reads as zeroes already), else a zero-range
+    /// fallocate. The storage covers the whole range afterwards. Returns false when it
+    /// cannot (the caller writes the zeroes); the default always returns false.
+    /// Allocating writes use it for copy-on-write regions that read as zeroes, as
+    /// QEMU's qcow2 does with a zero write of the cluster.
+    fn zero_fresh(&self, _offset: u64, _len: u64) -> StorageResult<bool> {
+        Ok(false)
     }
     /// Reserves space for a range (fallocate); it reads as zeroes if it was a hole.
     fn allocate(&self, offset: u64, len: u64) -> StorageResult<()>;

@@ -12,9 +12,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use vdisk::storage::AlignedBuf;
+
+/// A data buffer: 4 KiB aligned, so reads and writes of whole blocks reach an O_DIRECT
+/// source or target (`-T none`, `-t none`) without a bounce copy.
+pub(super) type Buf = AlignedBuf;
 
 /// An item read and waiting to be written, with its data (None: nothing to read).
-type Ready<T> = (T, Option<Vec<u8>>);
+type Ready<T> = (T, Option<Buf>);
 
 struct State<T> {
     /// Index of the next item to write.
@@ -23,7 +28,7 @@ struct State<T> {
     pending: BTreeMap<u64, Ready<T>>,
     /// Some worker is writing: others only queue their items.
     writing: bool,
-    free: Vec<Vec<u8>>,
+    free: Vec<Buf>,
     /// Buffers in existence (free, held by workers or queued).
     allocated: usize,
     /// Workers sleeping in `take_buffer`.
@@ -67,7 +72,7 @@ impl<T> Sequencer<T> {
 
     /// A buffer of `buf_len` bytes (contents unspecified); None once stopped or once
     /// the planner has run out of items.
-    pub(super) fn take_buffer(&self) -> Option<Vec<u8>> {
+    pub(super) fn take_buffer(&self) -> Option<Buf> {
         let mut st = self.lock();
         loop {
             if st.stopped || st.exhausted {
@@ -80,7 +85,7 @@ impl<T> Sequencer<T> {
                 st.allocated += 1;
                 drop(st);
                 // Zeroed allocation comes from fresh mmap'd pages: no memset.
-                return Some(vec![0u8; self.buf_len]);
+                return Some(AlignedBuf::zeroed(self.buf_len));
             }
             st.waiters += 1;
             st = self
@@ -98,7 +103,7 @@ impl<T> Sequencer<T> {
         &self,
         index: u64,
         item: T,
-        buf: Option<Vec<u8>>,
+        buf: Option<Buf>,
         mut write: F,
     ) -> Result<(), String>
     where
@@ -154,7 +159,7 @@ impl<T> Sequencer<T> {
 
     /// Notes that the planner has run out of items and takes back a worker's buffer;
     /// wakes the workers waiting for buffers, which then have nothing left to do.
-    pub(super) fn exhausted(&self, buf: Vec<u8>) {
+    pub(super) fn exhausted(&self, buf: Buf) {
         let mut st = self.lock();
         st.exhausted = true;
         st.free.push(buf);

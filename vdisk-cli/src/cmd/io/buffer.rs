@@ -1,28 +1,25 @@
 //! I/O buffers aligned for O_DIRECT, so requests through `-t none` reach the file
-//! without the storage layer's bounce buffer (an extra allocation and copy each).
+//! without the storage layer's bounce buffer (an extra allocation and copy each). They
+//! come from the storage layer's shared aligned pool (`vdisk::storage::pool`), so a
+//! long qemu-io script or a bench run does not allocate per request.
 
 use std::ops::{Deref, DerefMut};
+use vdisk::storage::pool::{self, AlignedBuf};
 
 /// Alignment that satisfies O_DIRECT on every device the storage layer supports.
-const ALIGN: usize = 4096;
+#[cfg(test)]
+const ALIGN: usize = pool::BUF_ALIGN;
 
 /// A zeroed byte buffer whose first byte is 4 KiB aligned.
-pub struct IoBuf {
-    raw: Vec<u8>,
-    off: usize,
-    len: usize,
-}
+pub struct IoBuf(AlignedBuf);
 
 impl IoBuf {
     /// Allocates `len` zero bytes; fails with ENOMEM instead of aborting.
     pub fn new(len: u64) -> vdisk::Result<IoBuf> {
         let len = usize::try_from(len).map_err(|_| no_memory())?;
-        let total = len.checked_add(ALIGN).ok_or_else(no_memory)?;
-        let mut raw = Vec::new();
-        raw.try_reserve_exact(total).map_err(|_| no_memory())?;
-        raw.resize(total, 0);
-        let off = raw.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Ok(IoBuf { raw, off, len })
+        let mut b = pool::try_get(len).ok_or_else(no_memory)?;
+        b.fill(0);
+        Ok(IoBuf(b))
     }
 
     /// A buffer of `len` bytes all equal to `byte`.
@@ -40,13 +37,13 @@ fn no_memory() -> vdisk::Error {
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.raw[self.off..self.off + self.len]
+        &self.0
     }
 }
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.off..self.off + self.len]
+        &mut self.0
     }
 }
 

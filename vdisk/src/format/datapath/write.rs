@@ -164,6 +164,19 @@ fn write_allocation<M: Mapper + ?Sized>(
             a.host.get(),
         );
     }
+    if (a.head.len > 0 || a.tail.len > 0)
+        && cow_is_zero(m, &a.head)
+        && cow_is_zero(m, &a.tail)
+        && st.zero_fresh(a.host.get(), a.head.len + n + a.tail.len)?
+    {
+        // The COW regions read as zeroes and the storage made the new run read as
+        // zeroes without writing any (fresh space past the end of the file reserved,
+        // or a zero-range fallocate): only the guest's bytes go down.
+        with_pieces(bufs, pos, n, &[], &[], |p| {
+            st.write_vectored_at(p, a.host.get() + a.head.len)
+        })?;
+        return Ok(());
+    }
     if a.head.len + a.tail.len <= m.cow_buffer_limit() {
         let head = cow_bytes(m, &a.head)?;
         let tail = cow_bytes(m, &a.tail)?;
@@ -205,6 +218,17 @@ fn write_encrypted<M: Mapper + ?Sized>(
     c.cipher.encrypt(c.sector(guest.get(), host), &mut buf)?;
     m.store(store).write_at(&buf, host)?;
     Ok(())
+}
+
+/// Whether a COW region reads as zeroes without looking at data: an empty region, a
+/// zero mapping, or an unallocated one with no backing bytes behind it.
+fn cow_is_zero<M: Mapper + ?Sized>(m: &M, c: &Cow) -> bool {
+    c.len == 0
+        || match c.source {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => m.backing_image().is_none_or(|b| c.guest.get() >= b.size()),
+            _ => false,
+        }
 }
 
 /// The bytes of a COW region, in memory.
