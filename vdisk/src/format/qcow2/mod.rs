@@ -750,7 +750,8 @@ impl Driver for Qcow2 {
     }
     fn make_empty(&self) -> Result<()> {
         self.writable()?;
-        self.storage.event(crate::storage::BlkEvent::EmptyImagePrepare);
+        self.storage
+            .event(crate::storage::BlkEvent::EmptyImagePrepare);
         let last = self.size().div_ceil(self.g.cs);
         self.set_clusters(0, last, zero::Mode::Dealloc)?;
         self.flush()

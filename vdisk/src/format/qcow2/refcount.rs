@@ -186,6 +186,18 @@ impl Meta {
         Ok(())
     }
 
+    /// Points refcount table entry `bi` at the new block at `off`, in memory only once
+    /// the entry is written: a failed write must not leave the table in memory pointing
+    /// where the disk does not (refcount updates would go to an unreachable block).
+    fn hook_rc_block(&mut self, bi: u64, off: u64) -> Result<()> {
+        self.rc_table[bi as usize] = off;
+        let r = self.write_rc_table_entry(bi);
+        if r.is_err() {
+            self.rc_table[bi as usize] = 0;
+        }
+        r
+    }
+
     fn write_rc_table_entry(&mut self, bi: u64) -> Result<()> {
         let v = self.rc_table[bi as usize];
         self.st.event(BlkEvent::RefblockAllocHookup);
@@ -228,19 +240,25 @@ impl Meta {
                 self.st.event(BlkEvent::RefblockAllocWrite);
                 self.st.write_at(&data, c * cs)?;
                 self.st.flush()?;
-                self.rc_table[cbi as usize] = c * cs;
-                self.write_rc_table_entry(cbi)?;
+                self.hook_rc_block(cbi, c * cs)?;
                 self.rc.forget(c * cs);
                 self.file_end = self.file_end.max((c + 1) * cs);
                 continue;
             }
             self.rc_add(c, 1)?;
-            self.write_rc_blocks()?;
-            self.st.event(BlkEvent::RefblockAllocWrite);
-            self.st.write_at(&data, c * cs)?;
-            self.st.flush()?;
-            self.rc_table[bi as usize] = c * cs;
-            self.write_rc_table_entry(bi)?;
+            let written = self.write_rc_blocks().and_then(|()| {
+                self.st.event(BlkEvent::RefblockAllocWrite);
+                self.st.write_at(&data, c * cs)?;
+                Ok(self.st.flush()?)
+            });
+            if let Err(e) = written {
+                // Nothing on disk points at the new block yet: give its cluster back.
+                let _ = self.rc_add(c, -1);
+                return Err(e);
+            }
+            // A failed hookup keeps the cluster counted (a leak at worst): the entry
+            // may have reached the disk after all.
+            self.hook_rc_block(bi, c * cs)?;
             self.rc.forget(c * cs);
             self.file_end = self.file_end.max((c + 1) * cs);
         }
