@@ -361,6 +361,9 @@ fn leak_divergence(f: Fmt, event: &str, once: bool) -> Option<&'static str> {
         // Discarded clusters are released after the L2 update is durable; when every
         // later write fails, the decrements never reach the disk.
         (Fmt::Qcow2, "cluster_free", false) => Some("deferred frees"),
+        // A new refcount block whose write fails gives its counted cluster back in
+        // the cache, after the count reached the disk; every later write fails.
+        (Fmt::Qcow2, "refblock_alloc_write", false) => Some("undone in cache only"),
         // The refcount table entry may have reached the disk although its write
         // failed: the new block's cluster stays counted rather than risk being reused
         // while the entry points at it.

@@ -147,7 +147,15 @@ impl Meta {
             vec![0u8; cs as usize]
         };
         let new = self.alloc(1)?;
+        // Written now, though the cache writes it again with its entries: the space is
+        // taken here, so a full disk fails this request rather than a later flush
+        // (which could then never write the table back). Nothing points at it yet.
         self.st.event(BlkEvent::L2AllocWrite);
+        if let Err(e) = self.st.write_at(&data, new) {
+            let _ = self.unalloc(new, 1);
+            return Err(e.into());
+        }
+        self.unflushed = true;
         self.make_room_l2()?;
         let slot = self.l2.insert(new, data, true);
         self.l1[l1i] = new | COPIED;
