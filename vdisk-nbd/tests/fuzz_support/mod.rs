@@ -67,5 +67,8 @@ pub fn nbd_server(data: &[u8]) {
     let _ = drain.join();
 }
 
+/// A target's body.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, for the replay test.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("nbd_server", nbd_server)];
+pub const TARGETS: &[(&str, Target)] = &[("nbd_server", nbd_server)];

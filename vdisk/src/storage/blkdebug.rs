@@ -283,10 +283,7 @@ impl Storage for BlkdebugStorage {
         PROTOCOL.name
     }
     fn exact_filename(&self) -> Option<String> {
-        let inner = match self.inner.exact_filename() {
-            Some(n) => n,
-            None => return None,
-        };
+        let inner = self.inner.exact_filename()?;
         self.prefix.as_ref().map(|p| format!("{p}{inner}"))
     }
     fn event(&self, event: BlkEvent) {

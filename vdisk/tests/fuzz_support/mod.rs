@@ -109,5 +109,8 @@ pub fn qed(data: &[u8]) {
     image(Format::Qed, data);
 }
 
+/// A target's body.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, for the replay test.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("qcow2", qcow2), ("qed", qed)];
+pub const TARGETS: &[(&str, Target)] = &[("qcow2", qcow2), ("qed", qed)];
