@@ -135,6 +135,8 @@ impl Driver for Raw {
         if self.read_only {
             return Ok(());
         }
+        self.storage.event(crate::storage::BlkEvent::FlushToOs);
+        self.storage.event(crate::storage::BlkEvent::FlushToDisk);
         Ok(self.storage.flush()?)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

@@ -7,7 +7,9 @@
 //! path, `file:`, protocol URL, `json:{…}`, key=value) into one [`options::Node`]
 //! tree, and [`registry`] opens a protocol node with the protocol its `driver` names.
 
+pub mod blkdebug;
 mod error;
+mod event;
 mod file;
 pub mod http;
 pub mod lock;
@@ -22,6 +24,7 @@ pub mod uri;
 mod uring;
 
 pub use error::{LockConflict, StorageError, StorageOp};
+pub use event::BlkEvent;
 pub use file::{FileStorage, OpenFileOptions};
 pub use lock::{LockMode, Perm};
 pub use mem::MemStorage;
@@ -180,4 +183,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn exact_filename(&self) -> Option<String> {
         None
     }
+    /// A format announces the step whose I/O comes next ([`BlkEvent`]); only the
+    /// fault-injecting `blkdebug` storage acts on it.
+    fn event(&self, _event: BlkEvent) {}
 }

@@ -13,7 +13,7 @@
 //! when a protocol module is missing.
 
 use super::options::{Node, SpecError};
-use super::{file, http, nbd, CacheMode, LockMode, Storage, StorageResult};
+use super::{blkdebug, file, http, nbd, CacheMode, LockMode, Storage, StorageResult};
 use std::sync::Arc;
 
 /// What a protocol's open function is given besides its node.
@@ -43,7 +43,8 @@ pub struct Protocol {
     /// Filename prefixes (before the first `:`) this protocol claims.
     pub schemes: &'static [&'static str],
     /// Option keys (dotted, relative to the node) the node accepts besides `driver`
-    /// and the generic `cache.direct` / `cache.no-flush`.
+    /// and the generic `cache.direct` / `cache.no-flush`; `child.*` accepts every key
+    /// below `child` (a child node or rule list the protocol checks itself).
     pub options: &'static [&'static str],
     /// Filename → options.
     pub parse_filename: ParseFn,
@@ -58,6 +59,7 @@ pub static PROTOCOLS: &[&Protocol] = &[
     &nbd::PROTOCOL,
     &http::HTTP,
     &http::HTTPS,
+    &blkdebug::PROTOCOL,
 ];
 
 /// Options every node takes (QEMU's generic block options vdisk implements).
@@ -81,6 +83,14 @@ pub fn by_scheme(scheme: &str) -> Option<&'static Protocol> {
 pub fn protocol_prefix(filename: &str) -> Option<&str> {
     let i = filename.find([':', '/'])?;
     (filename.as_bytes()[i] == b':').then(|| &filename[..i])
+}
+
+/// Whether `proto` declares `key` (exactly, or below a `child.*` entry).
+fn declared(proto: &Protocol, key: &str) -> bool {
+    proto.options.iter().any(|o| match o.strip_suffix('*') {
+        Some(prefix) => key.starts_with(prefix),
+        None => *o == key,
+    })
 }
 
 /// Applies a node's `cache.direct` / `cache.no-flush` to the mode it inherits.
@@ -118,7 +128,7 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
     };
     let proto = by_name(&driver).ok_or_else(|| SpecError::UnknownProtocol(driver.clone()))?;
     node.check_keys(
-        |k| proto.options.contains(&k) || COMMON_OPTIONS.contains(&k),
+        |k| declared(proto, k) || COMMON_OPTIONS.contains(&k),
         |key| SpecError::ProtocolOption {
             protocol: proto.name.into(),
             key,
@@ -135,6 +145,13 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
 /// uses it to detect loops and to resolve nothing else.
 pub fn local_file(node: &Node) -> Option<&str> {
     let is_file = match node.get("driver") {
+        // A filter (blkdebug) stands for the file of its `image` child.
+        Some(super::options::Value::Str(d)) if d == blkdebug::PROTOCOL.name => {
+            return match node.get("image") {
+                Some(super::options::Value::Node(n)) => local_file(n),
+                _ => None,
+            };
+        }
         None => true,
         Some(super::options::Value::Str(d)) => {
             d == file::PROTOCOL.name || d == file::HOST_DEVICE.name

@@ -10,6 +10,7 @@ use crate::crypto::{DataCipher, SECTOR_SIZE};
 use crate::error::{Corruption, Invalid, Problem, Result, Structure};
 use crate::format::mapping::{GuestOffset, Mapper, Mapping, Store};
 use crate::format::read_backing;
+use crate::storage::BlkEvent;
 use std::io::IoSliceMut;
 
 /// Reads `bufs` (consecutive guest bytes) from guest `offset`. The range must lie inside
@@ -51,7 +52,10 @@ fn read_run<M: Mapper + ?Sized>(
     with_pieces_mut(bufs, pos, len, |pieces| -> Result<()> {
         match mapping {
             Mapping::Data { store, host, .. } => match m.data_cipher() {
-                None => m.store(store).read_vectored_at(pieces, host.get())?,
+                None => {
+                    m.store(store).event(BlkEvent::ReadAio);
+                    m.store(store).read_vectored_at(pieces, host.get())?
+                }
                 Some(c) => {
                     let mut g = guest.get();
                     let mut h = host.get();
@@ -64,6 +68,9 @@ fn read_run<M: Mapper + ?Sized>(
             },
             Mapping::Zero { .. } => pieces.iter_mut().for_each(|p| p.fill(0)),
             Mapping::Unallocated => {
+                if m.backing_image().is_some() {
+                    m.store(Store::Metadata).event(BlkEvent::ReadBackingAio);
+                }
                 let mut g = guest.get();
                 for p in pieces.iter_mut() {
                     read_backing(m.backing_image(), p, g)?;

@@ -11,7 +11,7 @@ use super::read::read_source;
 use crate::crypto::{DataCipher, SECTOR_SIZE};
 use crate::error::{Error, Invalid, Result};
 use crate::format::mapping::{Allocation, Cow, GuestOffset, Mapper, Mapping, Store, WriteTarget};
-use crate::storage::Storage;
+use crate::storage::{BlkEvent, Storage};
 use std::io::{IoSlice, IoSliceMut};
 
 /// Copy-on-write regions up to this size (head and tail together) are built in memory
@@ -76,6 +76,7 @@ fn write_plain<M: Mapper + ?Sized>(m: &M, bufs: &[IoSlice<'_>], offset: u64) -> 
                 if len == 0 || len > want {
                     return Err(bad_target(guest, len, want));
                 }
+                m.store(store).event(BlkEvent::WriteAio);
                 let r = match m.data_cipher() {
                     None => with_pieces(bufs, pos, len, &[], &[], |p| {
                         m.store(store).write_vectored_at(p, host.get())
@@ -146,6 +147,10 @@ fn write_allocation<M: Mapper + ?Sized>(
 ) -> Result<()> {
     let st = m.store(a.store);
     let n = a.data_len();
+    let cow = a.head.len + a.tail.len > 0;
+    if cow {
+        st.event(BlkEvent::CowRead);
+    }
     if let Some(c) = m.data_cipher() {
         // Encrypted: head, data and tail are encrypted together in one buffer (COW
         // sources were read as plaintext), whatever their size.
@@ -180,12 +185,20 @@ fn write_allocation<M: Mapper + ?Sized>(
     if a.head.len + a.tail.len <= m.cow_buffer_limit() {
         let head = cow_bytes(m, &a.head)?;
         let tail = cow_bytes(m, &a.tail)?;
+        // Merged with its COW the data goes out as QEMU's merged COW write.
+        st.event(if cow {
+            BlkEvent::CowWrite
+        } else {
+            BlkEvent::WriteAio
+        });
         with_pieces(bufs, pos, n, &head, &tail, |p| {
             st.write_vectored_at(p, a.host.get())
         })?;
         return Ok(());
     }
+    st.event(BlkEvent::CowWrite);
     fill(m, &**st, a.head, a.host.get())?;
+    st.event(BlkEvent::WriteAio);
     with_pieces(bufs, pos, n, &[], &[], |p| {
         st.write_vectored_at(p, a.host.get() + a.head.len)
     })?;

@@ -113,6 +113,7 @@ impl Meta {
     /// Allocates `n` contiguous clusters (refcount 1 each, in cache) and returns the host
     /// offset of the first.
     pub(crate) fn alloc(&mut self, n: u64) -> Result<u64> {
+        self.st.event(crate::storage::BlkEvent::ClusterAlloc);
         let per = self.g.rc_per_block;
         // Each retry creates a refcount block; bounded by the table size.
         for _ in 0..(1u64 << 20) {
@@ -160,6 +161,7 @@ impl Meta {
     /// Applies the queued decrements (the caller made the mappings durable) and punches
     /// holes into clusters that became free.
     pub(crate) fn apply_frees(&mut self) -> Result<()> {
+        self.st.event(crate::storage::BlkEvent::ClusterFree);
         let mut frees = std::mem::take(&mut self.pending_frees);
         frees.sort_unstable();
         let cs = self.cs();

@@ -83,6 +83,7 @@ impl Qcow2 {
         let host = m.alloc_compressed(comp.len() as u64)?;
         m.inflight.insert(gc, gc + 1);
         drop(m);
+        self.data.event(crate::storage::BlkEvent::WriteCompressed);
         let res = self.data.write_at(&comp, host);
         let mut m = self.lock();
         m.inflight.remove(gc, gc + 1);

@@ -472,6 +472,7 @@ impl Qcow2 {
             Vec::new()
         } else {
             let mut raw = vec![0u8; rt_bytes as usize];
+            storage.event(crate::storage::BlkEvent::ReftableLoad);
             storage.read_at(&mut raw, hdr.refcount_table_offset)?;
             raw.chunks_exact(8)
                 .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
@@ -698,9 +699,11 @@ impl Driver for Qcow2 {
             return Ok(());
         }
         let mut m = self.lock();
+        m.st.event(crate::storage::BlkEvent::FlushToOs);
         m.writeback()?;
         // Under the lock: `unflushed` may only be cleared once the flush has happened,
         // or a concurrent barrier could skip a flush it needs.
+        m.st.event(crate::storage::BlkEvent::FlushToDisk);
         m.flush_storages()?;
         m.unflushed = false;
         Ok(())
@@ -747,6 +750,8 @@ impl Driver for Qcow2 {
     }
     fn make_empty(&self) -> Result<()> {
         self.writable()?;
+        self.storage
+            .event(crate::storage::BlkEvent::EmptyImagePrepare);
         let last = self.size().div_ceil(self.g.cs);
         self.set_clusters(0, last, zero::Mode::Dealloc)?;
         self.flush()

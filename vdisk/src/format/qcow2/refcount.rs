@@ -9,6 +9,7 @@
 use super::{Meta, MAX_HOST_OFFSET, REFT_OFFSET_MASK};
 use crate::error::{Corruption, Error, NoSpace, Problem, Result, Structure};
 use crate::format::qcow2::header::MAX_REFTABLE_BYTES;
+use crate::storage::BlkEvent;
 
 /// Reads entry `i` of a refcount block of width `1 << order` bits.
 pub(crate) fn get_entry(block: &[u8], i: usize, order: u32) -> u64 {
@@ -81,6 +82,7 @@ impl Meta {
             if let Some(v) = self.rc.victim() {
                 if self.rc.slot(v).dirty {
                     let s = self.rc.slot(v);
+                    self.st.event(BlkEvent::RefblockUpdatePart);
                     self.st.write_at(&s.data, s.offset)?;
                     self.unflushed = true;
                 }
@@ -88,6 +90,7 @@ impl Meta {
             }
         }
         let mut data = vec![0u8; self.cs() as usize];
+        self.st.event(BlkEvent::RefblockLoad);
         self.st.read_at(&mut data, off)?;
         Ok(self.rc.insert(off, data, false))
     }
@@ -175,6 +178,7 @@ impl Meta {
     pub(crate) fn write_rc_blocks(&mut self) -> Result<()> {
         for i in self.rc.dirty() {
             let s = self.rc.slot(i);
+            self.st.event(BlkEvent::RefblockUpdatePart);
             self.st.write_at(&s.data, s.offset)?;
             self.rc.slot_mut(i).dirty = false;
             self.unflushed = true;
@@ -182,8 +186,21 @@ impl Meta {
         Ok(())
     }
 
+    /// Points refcount table entry `bi` at the new block at `off`, in memory only once
+    /// the entry is written: a failed write must not leave the table in memory pointing
+    /// where the disk does not (refcount updates would go to an unreachable block).
+    fn hook_rc_block(&mut self, bi: u64, off: u64) -> Result<()> {
+        self.rc_table[bi as usize] = off;
+        let r = self.write_rc_table_entry(bi);
+        if r.is_err() {
+            self.rc_table[bi as usize] = 0;
+        }
+        r
+    }
+
     fn write_rc_table_entry(&mut self, bi: u64) -> Result<()> {
         let v = self.rc_table[bi as usize];
+        self.st.event(BlkEvent::RefblockAllocHookup);
         self.st
             .write_at(&v.to_be_bytes(), self.hdr.refcount_table_offset + bi * 8)?;
         self.unflushed = true;
@@ -203,6 +220,7 @@ impl Meta {
             if self.rc_block_offset(bi) != 0 {
                 return Ok(());
             }
+            self.st.event(BlkEvent::RefblockAlloc);
             let c = self.find_free(1)?;
             let cbi = c >> self.g.rc_block_bits;
             if cbi >= self.rc_table.len() as u64 {
@@ -219,20 +237,28 @@ impl Meta {
                     self.g.rc_order,
                     1,
                 );
+                self.st.event(BlkEvent::RefblockAllocWrite);
                 self.st.write_at(&data, c * cs)?;
                 self.st.flush()?;
-                self.rc_table[cbi as usize] = c * cs;
-                self.write_rc_table_entry(cbi)?;
+                self.hook_rc_block(cbi, c * cs)?;
                 self.rc.forget(c * cs);
                 self.file_end = self.file_end.max((c + 1) * cs);
                 continue;
             }
             self.rc_add(c, 1)?;
-            self.write_rc_blocks()?;
-            self.st.write_at(&data, c * cs)?;
-            self.st.flush()?;
-            self.rc_table[bi as usize] = c * cs;
-            self.write_rc_table_entry(bi)?;
+            let written = self.write_rc_blocks().and_then(|()| {
+                self.st.event(BlkEvent::RefblockAllocWrite);
+                self.st.write_at(&data, c * cs)?;
+                Ok(self.st.flush()?)
+            });
+            if let Err(e) = written {
+                // Nothing on disk points at the new block yet: give its cluster back.
+                let _ = self.rc_add(c, -1);
+                return Err(e);
+            }
+            // A failed hookup keeps the cluster counted (a leak at worst): the entry
+            // may have reached the disk after all.
+            self.hook_rc_block(bi, c * cs)?;
             self.rc.forget(c * cs);
             self.file_end = self.file_end.max((c + 1) * cs);
         }
@@ -243,6 +269,7 @@ impl Meta {
     /// `need_bi`, placed with its own new refcount blocks after everything the old
     /// table covers.
     pub(crate) fn grow_rc_table(&mut self, need_bi: u64) -> Result<()> {
+        self.st.event(BlkEvent::ReftableGrow);
         let cs = self.cs();
         let per = self.g.rc_per_block;
         let old_len = self.rc_table.len() as u64;
@@ -277,6 +304,7 @@ impl Meta {
         // Blocks first, each counting the new clusters it covers.
         let mut new_table = self.rc_table.clone();
         new_table.resize(new_len as usize, 0);
+        self.st.event(BlkEvent::RefblockAllocWriteBlocks);
         for k in 0..nblocks {
             let bi = first_bi + k;
             let mut data = vec![0u8; cs as usize];
@@ -295,6 +323,7 @@ impl Meta {
         }
         raw.resize((tclusters * cs) as usize, 0);
         let table_off = (start + nblocks) * cs;
+        self.st.event(BlkEvent::RefblockAllocWriteTable);
         self.st.write_at(&raw, table_off)?;
         // Existing dirty blocks are still valid where they are; write them too so the
         // new structure is complete on disk before the header points to it.
@@ -303,6 +332,7 @@ impl Meta {
         let mut h = [0u8; 12];
         h[..8].copy_from_slice(&table_off.to_be_bytes());
         h[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
+        self.st.event(BlkEvent::RefblockAllocSwitchTable);
         self.st.write_at(&h, 48)?;
         self.st.flush()?;
         self.unflushed = false;

@@ -50,6 +50,7 @@ impl Qcow2 {
                 m.writeback()?;
                 let bytes = need * 8;
                 let clusters = bytes.div_ceil(cs);
+                m.st.event(crate::storage::BlkEvent::L1GrowAllocTable);
                 let new_off = m.alloc(clusters)?;
                 let mut l1 = m.l1.clone();
                 l1.resize(need as usize, 0);
@@ -59,6 +60,7 @@ impl Qcow2 {
                 }
                 // Like QEMU, only the entries are written: the file may end inside
                 // the table's last cluster.
+                m.st.event(crate::storage::BlkEvent::L1GrowWriteTable);
                 m.st.write_at(&raw, new_off)?;
                 m.unflushed = true;
                 m.barrier()?;
@@ -68,6 +70,7 @@ impl Qcow2 {
                 m.hdr.l1_size = need as u32;
                 m.hdr.size = new_size;
                 m.l1 = l1;
+                m.st.event(crate::storage::BlkEvent::L1GrowActivateTable);
                 m.write_header()?;
                 for i in 0..old_clusters {
                     m.rc_add(old_off / cs + i, -1)?;

@@ -7,6 +7,7 @@
 
 use super::{alloc::MAX_PENDING_FREES, Meta, COPIED, L1E_RESERVED, OFFSET_MASK};
 use crate::error::{Corruption, Problem, Result, Structure};
+use crate::storage::BlkEvent;
 
 /// Reads big-endian entry `i` of a table held as bytes.
 pub(crate) fn entry(data: &[u8], i: usize) -> u64 {
@@ -55,6 +56,7 @@ impl Meta {
         }
         self.make_room_l2()?;
         let mut data = vec![0u8; cs as usize];
+        self.st.event(BlkEvent::L2Load);
         self.st.read_at(&mut data, off)?;
         Ok(self.l2.insert(off, data, false))
     }
@@ -65,6 +67,7 @@ impl Meta {
                 if self.l2.slot(v).dirty {
                     self.barrier()?;
                     let s = self.l2.slot(v);
+                    self.st.event(BlkEvent::L2Update);
                     self.st.write_at(&s.data, s.offset)?;
                     self.unflushed = true;
                 }
@@ -135,6 +138,7 @@ impl Meta {
             }
         }
         let data = if off != 0 {
+            self.st.event(BlkEvent::L2AllocCowRead);
             let s = self.l2_slot(off, l1i)?;
             let d = self.l2.slot(s).data.clone();
             self.defer_free(off);
@@ -143,6 +147,15 @@ impl Meta {
             vec![0u8; cs as usize]
         };
         let new = self.alloc(1)?;
+        // Written now, though the cache writes it again with its entries: the space is
+        // taken here, so a full disk fails this request rather than a later flush
+        // (which could then never write the table back). Nothing points at it yet.
+        self.st.event(BlkEvent::L2AllocWrite);
+        if let Err(e) = self.st.write_at(&data, new) {
+            let _ = self.unalloc(new, 1);
+            return Err(e.into());
+        }
+        self.unflushed = true;
         self.make_room_l2()?;
         let slot = self.l2.insert(new, data, true);
         self.l1[l1i] = new | COPIED;
@@ -166,6 +179,7 @@ impl Meta {
             self.barrier()?;
             for i in dirty {
                 let s = self.l2.slot(i);
+                self.st.event(BlkEvent::L2Update);
                 self.st.write_at(&s.data, s.offset)?;
                 self.l2.slot_mut(i).dirty = false;
                 self.unflushed = true;
@@ -176,6 +190,7 @@ impl Meta {
                 for e in &self.l1[lo..hi] {
                     raw.extend_from_slice(&e.to_be_bytes());
                 }
+                self.st.event(BlkEvent::L1Update);
                 self.st
                     .write_at(&raw, self.hdr.l1_table_offset + lo as u64 * 8)?;
                 self.l1_dirty = None;

@@ -364,6 +364,12 @@ impl Driver for Qed {
         if self.inner.read_only {
             return Ok(());
         }
+        self.inner
+            .storage
+            .event(crate::storage::BlkEvent::FlushToOs);
+        self.inner
+            .storage
+            .event(crate::storage::BlkEvent::FlushToDisk);
         self.inner.flush_all()
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

@@ -7,6 +7,7 @@ use super::header::table_offset_valid;
 use super::table::{self, SharedPage};
 use super::Inner;
 use crate::error::{Corruption, Error, Problem, Result, Structure};
+use crate::storage::BlkEvent;
 
 /// Pages of L1 read at a read-write open to learn where the L2 tables are.
 const OPEN_SCAN_PAGES: u64 = 64;
@@ -82,6 +83,7 @@ impl Inner {
             let (s, e) = table::write_unit_range(&*self.storage, g.len(), i, 1);
             (s, table::encode(&g[s..e]))
         };
+        self.storage.event(BlkEvent::L1Update);
         self.storage.write_at(&bytes, page_off + start as u64 * 8)?;
         Ok(())
     }
@@ -143,7 +145,10 @@ impl Inner {
         let (off, i) = self.page_of(table, l2i);
         let pe = self.page_entries;
         let storage = &*self.storage;
-        let page = self.l2.get(off, || table::read_entries(storage, off, pe))?;
+        let page = self.l2.get(off, || {
+            storage.event(BlkEvent::L2Load);
+            table::read_entries(storage, off, pe)
+        })?;
         Ok((page, i))
     }
 
@@ -174,6 +179,7 @@ impl Inner {
                     let (s, e) = table::write_unit_range(&*self.storage, g.len(), i, n as usize);
                     (s, table::encode(&g[s..e]))
                 };
+                self.storage.event(BlkEvent::L2Update);
                 self.storage.write_at(&bytes, page_off + start as u64 * 8)?;
                 k += n;
             }
@@ -225,6 +231,7 @@ impl Inner {
                 if at + bytes.len() as u64 == off + tb {
                     wrote_last = true;
                 }
+                self.storage.event(BlkEvent::L2Update);
                 self.storage.write_at(&bytes, at)?;
                 k += n;
             }

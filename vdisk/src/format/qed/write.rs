@@ -278,8 +278,16 @@ impl Mapper for Arc<Inner> {
         r
     }
 
-    /// Unregisters the allocation; its clusters stay unreferenced (a leak).
+    /// Unregisters the allocation; its clusters stay unreferenced (a leak) unless they
+    /// are still the last ones allocated, which are given back.
     fn abort(&self, a: Allocation) {
+        let end = a.host.get() + a.len;
+        let _ = self.file_size.compare_exchange(
+            end,
+            a.host.get(),
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
         let cs = self.cluster_size;
         let (first, end) = (a.guest.get() / cs, (a.guest.get() + a.len) / cs);
         let (l1i, _) = self.split(a.guest.get());
