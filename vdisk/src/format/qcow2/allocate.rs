@@ -17,8 +17,9 @@
 
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::l2entry::L2Entry;
+use super::subcluster::KEEP_HOST;
 use super::{Meta, Qcow2};
-use crate::error::{Corruption, Problem, Result, Structure, Unsupported};
+use crate::error::{Corruption, Problem, Result, Structure};
 use crate::format::datapath::Waiters;
 use crate::format::mapping::{
     Allocation, Cow, GuestOffset, HostOffset, InPlaceGuard, ReleaseInPlace, Store, WriteTarget,
@@ -78,11 +79,11 @@ impl Qcow2 {
         let in_off = cur % cs;
         let mut m = self.lock();
         m.check_writable()?;
-        if self.g.ext_l2 {
-            return Err(Unsupported::ExtendedL2Write.into());
-        }
         while m.inflight.contains(gc) {
             m = self.wait_alloc_done(m);
+        }
+        if self.g.ext_l2 {
+            return self.prepare_ext(m, guest, len);
         }
         let e = m.entry_of(gc)?;
         if let Some(host) = e.in_place() {
@@ -154,7 +155,7 @@ impl Qcow2 {
 
     /// In-place target from guest cluster `gc` (host cluster `host`), extended over the
     /// following clusters contiguous on the host.
-    fn in_place<'a>(
+    pub(super) fn in_place<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
         gc: u64,
@@ -208,6 +209,19 @@ impl Qcow2 {
 
     /// Links a written allocation into the L2 table and ends its in-flight entry.
     pub(crate) fn commit_alloc(&self, a: Allocation) -> Result<()> {
+        if self.g.ext_l2 {
+            let (gc, end) = self.ext_clusters(&a);
+            let mut m = self.lock();
+            m.inflight.remove(gc, end);
+            let r = self.commit_ext(&mut m, &a);
+            if r.is_err() && a.token & KEEP_HOST == 0 {
+                let base = a.host.get() - a.guest.get() % self.g.cs;
+                let _ = m.unalloc(base, end - gc);
+            }
+            self.wake_alloc_waiters(&m);
+            r?;
+            return m.maybe_writeback();
+        }
         let cs = self.g.cs;
         let gc = a.guest.get() / cs;
         let k = a.len / cs;
@@ -225,6 +239,19 @@ impl Qcow2 {
 
     /// Gives back an allocation whose data write failed (nothing points at it).
     pub(crate) fn abort_alloc(&self, a: Allocation) {
+        if self.g.ext_l2 {
+            let (gc, end) = self.ext_clusters(&a);
+            let mut m = self.lock();
+            m.inflight.remove(gc, end);
+            if a.token & KEEP_HOST == 0 {
+                let base = a.host.get() - a.guest.get() % self.g.cs;
+                if let Err(e) = m.unalloc(base, end - gc) {
+                    tracing::warn!("qcow2: giving back clusters of a failed write: {e}");
+                }
+            }
+            self.wake_alloc_waiters(&m);
+            return;
+        }
         let cs = self.g.cs;
         let gc = a.guest.get() / cs;
         let k = a.len / cs;

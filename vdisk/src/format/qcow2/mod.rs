@@ -35,8 +35,8 @@
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
 //! are deferred until the mapping that dropped them is durable (`pending_frees`).
 //!
-//! Extended L2 entries (subclusters) are supported read-only; external data files are
-//! refused with a clear error. Encrypted images (LUKS, legacy AES) are read and
+//! Extended L2 entries (subclusters) are read and written (`subcluster`); external
+//! data files are refused with a clear error. Encrypted images (LUKS, legacy AES) are read and
 //! written through the data path's cipher (see `crypto`).
 //!
 //! Default caches: the L2 cache covers the whole disk up to 32 MiB of tables (QEMU's
@@ -66,6 +66,7 @@ mod resize;
 mod snapshot;
 mod snapshot_ops;
 mod status;
+mod subcluster;
 mod tables;
 mod zero;
 
@@ -350,9 +351,6 @@ impl Qcow2 {
         }
         if hdr.incompatible & INCOMPAT_DATA_FILE != 0 || hdr.has_data_file_ext {
             return Err(Unsupported::ExternalDataFile.into());
-        }
-        if ext_l2 && !opts.read_only {
-            return Err(Unsupported::ExtendedL2Write.into());
         }
         if ext_l2 && hdr.cluster_bits < 14 {
             return Err(Corruption::new(
