@@ -69,6 +69,7 @@ mod status;
 mod subcluster;
 mod tables;
 mod zero;
+mod zero_ext;
 
 pub use create::create;
 
