@@ -252,3 +252,38 @@ fn crash_points_lazy_refcounts() {
         3 * 4096 + 100,
     );
 }
+
+#[test]
+fn crash_points_subclusters() {
+    // Extended L2 entries at the smallest cluster size they allow: small unaligned
+    // writes allocate single subclusters (partial-subcluster COW), later writes set
+    // more bits in clusters that already have a host cluster.
+    run(
+        &[("cluster_size", "16384"), ("extended_l2", "on")],
+        1 << 20,
+        16384,
+        4,
+        40,
+        0,
+        3000,
+    );
+}
+
+#[test]
+fn crash_points_subclusters_multi_cluster_lazy() {
+    // Writes spanning clusters (one host run, bits of the first and last cluster
+    // partial), with lazy refcounts.
+    run(
+        &[
+            ("cluster_size", "16384"),
+            ("extended_l2", "on"),
+            ("lazy_refcounts", "on"),
+        ],
+        1 << 20,
+        16384,
+        5,
+        30,
+        0,
+        3 * 16384 + 700,
+    );
+}
