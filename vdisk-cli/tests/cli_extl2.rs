@@ -509,3 +509,124 @@ fn invalid_bitmaps_checked_as_qemu() {
         }
     }
 }
+
+/// Extended L2 images in chains with other layouts: over raw, QED and standard qcow2,
+/// and a standard qcow2 over an extended one; the same script on both tools.
+#[test]
+fn chains_mixing_layouts() {
+    let d = tmp();
+    let dir = d.path();
+    let cmds: Vec<String> = [
+        "write -P 2 4k 1k",
+        "write -P 3 70k 10k",
+        "write -z 200k 6k",
+        "write -P 4 300k 100",
+        "write -P 5 800k 200k",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (bfmt, bopts, topts) in [
+        ("raw", "", "extended_l2=on"),
+        ("qed", "", "extended_l2=on"),
+        (
+            "qcow2",
+            "cluster_size=4k",
+            "extended_l2=on,cluster_size=128k",
+        ),
+        (
+            "qcow2",
+            "extended_l2=on,cluster_size=16k",
+            "extended_l2=off",
+        ),
+        ("qcow2", "extended_l2=on,cluster_size=32k", "extended_l2=on"),
+    ] {
+        let what = format!("{bfmt} {bopts} under {topts}");
+        let _ = std::fs::remove_file(dir.join("b"));
+        let mut a = vec!["create", "-q", "-f", bfmt];
+        if !bopts.is_empty() {
+            a.extend(["-o", bopts]);
+        }
+        a.extend(["b", "1M"]);
+        ok(qemu_img(dir, &a), &what);
+        qemu_io(
+            dir,
+            bfmt,
+            "b",
+            &["write -P 7 0 1M", "write -z 256k 128k", "write -P 6 3k 3k"],
+        );
+        for f in ["q.qcow2", "v.qcow2"] {
+            let _ = std::fs::remove_file(dir.join(f));
+            ok(
+                qemu_img(
+                    dir,
+                    &[
+                        "create", "-q", "-f", "qcow2", "-o", topts, "-b", "b", "-F", bfmt, f,
+                    ],
+                ),
+                &what,
+            );
+        }
+        let q = io(dir, "qemu-io", "q.qcow2", &cmds);
+        assert_eq!(q.code, 0, "{what}: {}{}", q.out, q.err);
+        let v = io(dir, "vdisk", "v.qcow2", &cmds);
+        assert_eq!(v.code, 0, "{what}: {}{}", v.out, v.err);
+        ok(qemu_img(dir, &["check", "v.qcow2"]), &what);
+        ok(qemu_img(dir, &["compare", "q.qcow2", "v.qcow2"]), &what);
+        assert_eq!(
+            map(dir, "q.qcow2", true),
+            map(dir, "v.qcow2", true),
+            "{what}"
+        );
+        let qm = ok(qemu_img(dir, &["map", "--output=json", "q.qcow2"]), &what);
+        let vm = ok(vdisk(dir, &["map", "--output=json", "q.qcow2"]), &what);
+        assert_eq!(json(&qm), json(&vm), "{what}: vdisk map");
+    }
+}
+
+/// `vdisk serve` exports an extended L2 image read-write: qemu-io's writes over NBD
+/// leave the image qemu-io makes locally.
+#[test]
+fn serve_read_write() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir);
+    create(dir, "s.qcow2", 64 << 10, true);
+    create(dir, "q.qcow2", 64 << 10, true);
+    let sock = dir.join("s.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        .current_dir(dir)
+        .args(["serve", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg("s.qcow2")
+        .spawn()
+        .expect("spawn vdisk serve");
+    let mut waited = 0;
+    while !sock.exists() {
+        assert!(waited < 200, "vdisk serve did not create its socket");
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        waited += 1;
+    }
+    let cmds = [
+        "write -P 2 4k 1k",
+        "write -P 3 70k 10k",
+        "write -z 200k 6k",
+        "write -P 4 300k 100",
+        "flush",
+    ];
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let mut args = vec!["-f", "raw"];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(&uri);
+    let r = qemu_io_run(dir, &args);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.code, 0, "qemu-io over NBD: {}{}", r.out, r.err);
+    assert!(!r.out.contains("failed"), "{}", r.out);
+    qemu_io(dir, "qcow2", "q.qcow2", &cmds);
+    ok(qemu_img(dir, &["check", "s.qcow2"]), "check served image");
+    ok(qemu_img(dir, &["compare", "q.qcow2", "s.qcow2"]), "compare");
+    assert_eq!(map(dir, "q.qcow2", true), map(dir, "s.qcow2", true));
+}
