@@ -27,7 +27,7 @@ use crate::format::mapping::{
 use std::sync::MutexGuard;
 
 /// Most bytes one allocating request reserves at once.
-const MAX_ALLOC_BYTES: u64 = 32 << 20;
+pub(super) const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
 /// `Allocation::token` bit: the host cluster is the entry's own preallocated zero
 /// cluster, written in place (nothing to give back on abort).

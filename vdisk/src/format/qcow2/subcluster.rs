@@ -23,6 +23,7 @@
 //! the metadata as needing a barrier, so the subclusters' data (and a new host
 //! cluster's refcount) are durable before the L2 table that marks them allocated.
 
+use super::allocate::MAX_ALLOC_BYTES;
 use super::l2entry::{L2Entry, SubState, Subclusters};
 use super::{Meta, Qcow2};
 use crate::error::{Corruption, Problem, Result, Structure, Unsupported};
@@ -34,9 +35,6 @@ use std::sync::MutexGuard;
 /// `Allocation::token` bit: the host cluster is the entry's own (COPIED) cluster; only
 /// bits change, nothing to give back on abort.
 pub(super) const KEEP_HOST: u64 = 1;
-
-/// Most clusters one allocating request takes at once.
-const MAX_CLUSTERS: u64 = 512;
 
 /// Subclusters per cluster.
 const SC: u32 = 32;
@@ -167,7 +165,8 @@ impl Qcow2 {
                 let last = (cur + len - 1) / cs;
                 let mut last_e = e;
                 let mut g2 = gc + 1;
-                while g2 <= last && g2 < table_end && g2 - gc < MAX_CLUSTERS {
+                let max_k = (MAX_ALLOC_BYTES / cs).max(1);
+                while g2 <= last && g2 < table_end && g2 - gc < max_k {
                     if m.inflight.contains(g2) {
                         break;
                     }
@@ -258,7 +257,7 @@ impl Qcow2 {
         sub: Subclusters,
     ) -> Result<WriteTarget<'a>> {
         if self.crypto.is_some() {
-            return Err(Unsupported::ExtendedL2Write.into());
+            return Err(Unsupported::ExtendedL2SharedEncrypted.into());
         }
         let cs = self.g.cs;
         let scs = self.g.subcluster();
