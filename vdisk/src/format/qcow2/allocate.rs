@@ -59,6 +59,22 @@ fn reusable_zero(e: &L2Entry) -> Option<HostOffset> {
     }
 }
 
+/// The L1 index of guest cluster `gc`, refused past the end of the L1 table.
+pub(super) fn l1_index(m: &Meta, gc: u64) -> Result<usize> {
+    let l1i = (gc >> m.g.l2_bits) as usize;
+    if l1i >= m.l1.len() {
+        return Err(Corruption::new(
+            Structure::L1Table,
+            Problem::BeyondL1 {
+                guest_cluster: gc,
+                entries: Some(m.l1.len() as u64),
+            },
+        )
+        .into());
+    }
+    Ok(l1i)
+}
+
 impl Qcow2 {
     /// Blocks until an allocation or in-place write finishes (see [`Waiters`]).
     pub(crate) fn wait_alloc_done<'a>(&'a self, m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
@@ -90,17 +106,7 @@ impl Qcow2 {
             return self.in_place(m, gc, in_off, len, host);
         }
         // Allocating run: clusters needing a new host cluster, inside one L2 table.
-        let l1i = (gc >> self.g.l2_bits) as usize;
-        if l1i >= m.l1.len() {
-            return Err(Corruption::new(
-                Structure::L1Table,
-                Problem::BeyondL1 {
-                    guest_cluster: gc,
-                    entries: Some(m.l1.len() as u64),
-                },
-            )
-            .into());
-        }
+        let l1i = l1_index(&m, gc)?;
         let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
         let last = (cur + len - 1) / cs;
         let max_k = (MAX_ALLOC_BYTES / cs).max(1);

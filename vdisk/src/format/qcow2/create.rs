@@ -75,10 +75,8 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
             return Err(Invalid::NeedsV3(V3Feature::ExtendedL2).into());
         }
     }
-    if extended_l2 {
-        if cluster_size < 16384 {
-            return Err(Invalid::ExtendedL2ClusterSize.into());
-        }
+    if extended_l2 && cluster_size < 16384 {
+        return Err(Invalid::ExtendedL2ClusterSize.into());
     }
     let backing = match (&args.backing, backing_file) {
         (Some(b), _) => Some(b.clone()),

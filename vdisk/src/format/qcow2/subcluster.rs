@@ -23,7 +23,7 @@
 //! the metadata as needing a barrier, so the subclusters' data (and a new host
 //! cluster's refcount) are durable before the L2 table that marks them allocated.
 
-use super::allocate::MAX_ALLOC_BYTES;
+use super::allocate::{l1_index, MAX_ALLOC_BYTES};
 use super::l2entry::{L2Entry, SubState, Subclusters};
 use super::{Meta, Qcow2};
 use crate::error::{Corruption, Problem, Result, Structure, Unsupported};
@@ -80,17 +80,7 @@ impl Qcow2 {
         let end_in = (in_off + len).min(cs);
         let first = (in_off / scs) as u32;
         let last_end = end_in.div_ceil(scs) as u32;
-        let l1i = (gc >> self.g.l2_bits) as usize;
-        if l1i >= m.l1.len() {
-            return Err(Corruption::new(
-                Structure::L1Table,
-                Problem::BeyondL1 {
-                    guest_cluster: gc,
-                    entries: Some(m.l1.len() as u64),
-                },
-            )
-            .into());
-        }
+        let l1i = l1_index(&m, gc)?;
         let e = m.entry_of(gc)?;
         match e {
             L2Entry::Normal {

@@ -96,15 +96,13 @@ impl Qcow2 {
             mid = head_end;
         }
         let tail_start = if b >= size { b } else { mid.max(b / cs * cs) };
-        if mid < tail_start {
-            if !dry {
-                let mode = if flags.may_unmap {
-                    Mode::ZeroUnmap
-                } else {
-                    Mode::ZeroKeep
-                };
-                self.set_clusters(mid / cs, tail_start.div_ceil(cs), mode)?;
-            }
+        if mid < tail_start && !dry {
+            let mode = if flags.may_unmap {
+                Mode::ZeroUnmap
+            } else {
+                Mode::ZeroKeep
+            };
+            self.set_clusters(mid / cs, tail_start.div_ceil(cs), mode)?;
         }
         if tail_start < b && !self.zero_subclusters(tail_start, b, false, dry)? {
             return Ok(false);
