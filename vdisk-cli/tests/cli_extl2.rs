@@ -630,3 +630,33 @@ fn serve_read_write() {
     ok(qemu_img(dir, &["compare", "q.qcow2", "s.qcow2"]), "compare");
     assert_eq!(map(dir, "q.qcow2", true), map(dir, "s.qcow2", true));
 }
+
+/// `rebase` onto no backing file copies the old backing data per subcluster, as
+/// qemu-img does (not whole clusters).
+#[test]
+fn rebase_per_subcluster() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir);
+    for f in ["v.qcow2", "q.qcow2"] {
+        create(dir, f, 64 << 10, true);
+        qemu_io(
+            dir,
+            "qcow2",
+            f,
+            &[
+                "write -P 9 10k 5k",
+                "write -z 100k 4k",
+                "write -P 8 500k 1k",
+            ],
+        );
+    }
+    ok(vdisk(dir, &["rebase", "-b", "", "v.qcow2"]), "vdisk rebase");
+    ok(
+        qemu_img(dir, &["rebase", "-b", "", "q.qcow2"]),
+        "qemu rebase",
+    );
+    ok(qemu_img(dir, &["check", "v.qcow2"]), "check rebased");
+    ok(qemu_img(dir, &["compare", "q.qcow2", "v.qcow2"]), "compare");
+    assert_eq!(map(dir, "q.qcow2", true), map(dir, "v.qcow2", true));
+}

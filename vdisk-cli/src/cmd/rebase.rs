@@ -7,7 +7,7 @@
 
 use crate::common;
 use indicatif::{ProgressBar, ProgressStyle};
-use vdisk::format::BackingSpec;
+use vdisk::format::{BackingSpec, FormatSpecific};
 use vdisk::{CacheMode, ExtentKind, Format, Image, ImageLayer, OpenOptions};
 
 /// Largest comparison step.
@@ -127,7 +127,20 @@ fn run_inner(a: Args) -> Result<(), String> {
 fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<(), String> {
     let old: Option<ImageLayer> = img.backing();
     let size = img.size();
-    let cluster = img.cluster_size().unwrap_or(65536).clamp(512, CHUNK);
+    let mut cluster = img.cluster_size().unwrap_or(65536).clamp(512, CHUNK);
+    // As qemu-img: differences are written in the image's allocation unit, the
+    // subcluster when the image has them (compressed writes need whole clusters).
+    if !a.compress
+        && matches!(
+            img.format_specific(),
+            FormatSpecific::Qcow2 {
+                extended_l2: true,
+                ..
+            }
+        )
+    {
+        cluster = (cluster / 32).max(512);
+    }
     let bar = (a.progress && !a.quiet).then(|| {
         let b = ProgressBar::new(size.max(1));
         b.set_style(

@@ -12,7 +12,10 @@
 //! - `allocate`: write targets: in place, or new clusters with their COW regions;
 //!   commit/abort (guest data itself goes through [`crate::format::datapath`]).
 //! - `l2update`: L2 entry updates and the release of what they referenced.
-//! - `zero`: zero writes and discards. `status`: block status from the mapping runs.
+//! - `subcluster`: writes to images with extended L2 entries (which subclusters a
+//!   write allocates, its COW regions, the bitmap update at commit).
+//! - `zero`: zero writes and discards. `zero_ext`: zero writes per subcluster.
+//!   `status`: block status from the mapping runs.
 //! - `resize`: guest size changes. `compressed`: compressed cluster writes.
 //! - `compress`: deflate/zstd clusters.
 //! - `snapshot`: the snapshot table (decode, encode). `snapshot_ops`: create, apply
