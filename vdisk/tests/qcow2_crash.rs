@@ -90,8 +90,7 @@ fn run(
         };
         let len = rng.gen_range(1..=(size - off).min(max_len));
         let start_point = ts.point();
-        let value;
-        match rng.gen_range(0..11) {
+        let value = match rng.gen_range(0..11) {
             10 => {
                 let c = off / cs * cs;
                 let n = cs.min(size - c);
@@ -107,7 +106,7 @@ fn run(
                 let v = (i as u8).wrapping_mul(37) | 1;
                 img.write_at(&vec![v; len as usize], off).unwrap();
                 model[off as usize..(off + len) as usize].fill(v);
-                value = v;
+                v
             }
             6 => {
                 img.write_zeroes(
@@ -120,7 +119,7 @@ fn run(
                 )
                 .unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
-                value = 0;
+                0
             }
             7 => {
                 img.discard(off, len).unwrap();
@@ -134,7 +133,7 @@ fn run(
                     let e = ((c + 1) * cs).min(size);
                     model[(c * cs) as usize..e as usize].fill(0);
                 }
-                value = 0;
+                0
             }
             _ => {
                 img.flush().unwrap();
@@ -145,7 +144,7 @@ fn run(
                 });
                 continue;
             }
-        }
+        };
         if let Some(f) = flushes.last_mut() {
             f.later.push((start_point, off, len, value));
         }
