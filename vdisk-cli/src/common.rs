@@ -293,7 +293,9 @@ pub fn chain_status(
                         zero: !top_only || past_backing || depth + 1 == layers.len(),
                         data: false,
                         compressed: false,
-                        offset: None,
+                        // Host space a layer keeps for unallocated data (qcow2
+                        // subclusters of an allocated cluster), as qemu prints it.
+                        offset: e.offset,
                     });
                 }
             }

@@ -156,6 +156,15 @@ fn render(f: &Finding) -> Option<String> {
         K::CompressedCopied => format!(
             "ERROR: cluster {cluster}: copied flag must never be set for compressed clusters"
         ),
+        K::SubclusterBitmap => match f.structure {
+            Structure::CompressedCluster => format!(
+                "ERROR compressed cluster {entry} with non-zero subcluster allocation bitmap, entry={value:#x}"
+            ),
+            Structure::DataCluster => format!(
+                "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+            ),
+            _ => "ERROR: Unallocated cluster has non-zero subcluster allocation map".to_string(),
+        },
         K::BitmapExtensionTooShort => "ERROR bitmaps extension is too short".to_string(),
         K::BitmapExtensionInvalid { bitmaps } => format!(
             "ERROR bitmaps extension is invalid ({bitmaps} bitmaps, directory {} bytes)",

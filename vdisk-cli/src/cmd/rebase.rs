@@ -6,7 +6,7 @@
 //! `-u` only rewrites the header.
 
 use crate::common;
-use vdisk::format::BackingSpec;
+use vdisk::format::{BackingSpec, FormatSpecific};
 use vdisk::{CacheMode, ExtentKind, Format, Image, ImageLayer, OpenOptions};
 
 /// Largest comparison step.
@@ -133,7 +133,20 @@ fn copy_differences(
 ) -> Result<(), String> {
     let old: Option<ImageLayer> = img.backing();
     let size = img.size();
-    let cluster = img.cluster_size().unwrap_or(65536).clamp(512, CHUNK);
+    let mut cluster = img.cluster_size().unwrap_or(65536).clamp(512, CHUNK);
+    // As qemu-img: differences are written in the image's allocation unit, the
+    // subcluster when the image has them (compressed writes need whole clusters).
+    if !a.compress
+        && matches!(
+            img.format_specific(),
+            FormatSpecific::Qcow2 {
+                extended_l2: true,
+                ..
+            }
+        )
+    {
+        cluster = (cluster / 32).max(512);
+    }
     let mut old_buf = vec![0u8; CHUNK as usize];
     let mut new_buf = vec![0u8; CHUNK as usize];
     let mut off = 0u64;

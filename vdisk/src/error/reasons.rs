@@ -18,10 +18,9 @@ pub enum Unsupported {
     QedFeatures(u64),
     /// A qcow2 external data file.
     ExternalDataFile,
-    /// Writing an image with extended L2 entries.
-    ExtendedL2Write,
-    /// Creating an image with extended L2 entries.
-    ExtendedL2Create,
+    /// A write into a cluster shared with a snapshot, in an encrypted image with
+    /// extended L2 entries (the copy of its mixed subclusters is not encrypted here).
+    ExtendedL2SharedEncrypted,
     /// A create option naming a feature this driver lacks (encryption, data files).
     CreateOption(String),
     /// A format vdisk recognises but cannot read (its name: `vmdk`, `vhdx`...).
@@ -116,13 +115,9 @@ impl fmt::Display for Unsupported {
                 f,
                 "qcow2 images with an external data file are not supported"
             ),
-            Unsupported::ExtendedL2Write => write!(
+            Unsupported::ExtendedL2SharedEncrypted => write!(
                 f,
-                "qcow2 images with extended L2 entries (subclusters) can only be opened read-only"
-            ),
-            Unsupported::ExtendedL2Create => write!(
-                f,
-                "Extended L2 entries (subclusters) are not supported by this qcow2 driver"
+                "writing into a cluster shared with a snapshot is not supported in encrypted qcow2 images with extended L2 entries"
             ),
             Unsupported::CreateOption(k) => write!(
                 f,

@@ -27,6 +27,13 @@ pub enum FindingKind {
     Unaligned,
     /// A compressed cluster's L2 entry has the COPIED flag (`cluster` is its host cluster).
     CompressedCopied,
+    /// An extended L2 entry's subcluster bitmap is invalid (`entry_value` the entry
+    /// word, `entry` its index in the table): a compressed cluster with a nonzero bitmap
+    /// (`structure` compressed cluster), subclusters both allocated and zero in an
+    /// allocated cluster (`structure` data cluster, at `host_offset`), or allocated
+    /// subclusters without a host cluster (`structure` L2 table). Counted as a
+    /// corruption; not repaired (as qemu-img).
+    SubclusterBitmap,
     /// The bitmaps extension is shorter than its fixed fields (`length` bytes).
     BitmapExtensionTooShort,
     /// The bitmaps extension names an impossible directory (`length` bytes).

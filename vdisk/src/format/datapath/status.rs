@@ -53,12 +53,14 @@ pub fn chain_status(top: &dyn Driver, offset: u64, len: u64) -> Result<ChainExte
                     compressed: false,
                 });
             }
+            // A layer may name host space it keeps for unallocated data (qcow2
+            // subclusters of an allocated cluster): reported, as QEMU does.
             None => {
                 return Ok(ChainExtent {
                     len,
                     kind: ExtentKind::Unallocated,
                     depth,
-                    offset: None,
+                    offset: e.offset,
                     compressed: false,
                 });
             }

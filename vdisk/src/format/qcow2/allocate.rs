@@ -17,8 +17,9 @@
 
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::l2entry::L2Entry;
+use super::subcluster::KEEP_HOST;
 use super::{Meta, Qcow2};
-use crate::error::{Corruption, Problem, Result, Structure, Unsupported};
+use crate::error::{Corruption, Problem, Result, Structure};
 use crate::format::datapath::Waiters;
 use crate::format::mapping::{
     Allocation, Cow, GuestOffset, HostOffset, InPlaceGuard, ReleaseInPlace, Store, WriteTarget,
@@ -26,7 +27,7 @@ use crate::format::mapping::{
 use std::sync::MutexGuard;
 
 /// Most bytes one allocating request reserves at once.
-const MAX_ALLOC_BYTES: u64 = 32 << 20;
+pub(super) const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
 /// `Allocation::token` bit: the host cluster is the entry's own preallocated zero
 /// cluster, written in place (nothing to give back on abort).
@@ -58,6 +59,22 @@ fn reusable_zero(e: &L2Entry) -> Option<HostOffset> {
     }
 }
 
+/// The L1 index of guest cluster `gc`, refused past the end of the L1 table.
+pub(super) fn l1_index(m: &Meta, gc: u64) -> Result<usize> {
+    let l1i = (gc >> m.g.l2_bits) as usize;
+    if l1i >= m.l1.len() {
+        return Err(Corruption::new(
+            Structure::L1Table,
+            Problem::BeyondL1 {
+                guest_cluster: gc,
+                entries: Some(m.l1.len() as u64),
+            },
+        )
+        .into());
+    }
+    Ok(l1i)
+}
+
 impl Qcow2 {
     /// Blocks until an allocation or in-place write finishes (see [`Waiters`]).
     pub(crate) fn wait_alloc_done<'a>(&'a self, m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
@@ -78,28 +95,18 @@ impl Qcow2 {
         let in_off = cur % cs;
         let mut m = self.lock();
         m.check_writable()?;
-        if self.g.ext_l2 {
-            return Err(Unsupported::ExtendedL2Write.into());
-        }
         while m.inflight.contains(gc) {
             m = self.wait_alloc_done(m);
+        }
+        if self.g.ext_l2 {
+            return self.prepare_ext(m, guest, len);
         }
         let e = m.entry_of(gc)?;
         if let Some(host) = e.in_place() {
             return self.in_place(m, gc, in_off, len, host);
         }
         // Allocating run: clusters needing a new host cluster, inside one L2 table.
-        let l1i = (gc >> self.g.l2_bits) as usize;
-        if l1i >= m.l1.len() {
-            return Err(Corruption::new(
-                Structure::L1Table,
-                Problem::BeyondL1 {
-                    guest_cluster: gc,
-                    entries: Some(m.l1.len() as u64),
-                },
-            )
-            .into());
-        }
+        let l1i = l1_index(&m, gc)?;
         let table_end = ((l1i as u64) + 1) << self.g.l2_bits;
         let last = (cur + len - 1) / cs;
         let max_k = (MAX_ALLOC_BYTES / cs).max(1);
@@ -154,7 +161,7 @@ impl Qcow2 {
 
     /// In-place target from guest cluster `gc` (host cluster `host`), extended over the
     /// following clusters contiguous on the host.
-    fn in_place<'a>(
+    pub(super) fn in_place<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
         gc: u64,
@@ -208,6 +215,19 @@ impl Qcow2 {
 
     /// Links a written allocation into the L2 table and ends its in-flight entry.
     pub(crate) fn commit_alloc(&self, a: Allocation) -> Result<()> {
+        if self.g.ext_l2 {
+            let (gc, end) = self.ext_clusters(&a);
+            let mut m = self.lock();
+            m.inflight.remove(gc, end);
+            let r = self.commit_ext(&mut m, &a);
+            if r.is_err() && a.token & KEEP_HOST == 0 {
+                let base = a.host.get() - a.guest.get() % self.g.cs;
+                let _ = m.unalloc(base, end - gc);
+            }
+            self.wake_alloc_waiters(&m);
+            r?;
+            return m.maybe_writeback();
+        }
         let cs = self.g.cs;
         let gc = a.guest.get() / cs;
         let k = a.len / cs;
@@ -225,6 +245,19 @@ impl Qcow2 {
 
     /// Gives back an allocation whose data write failed (nothing points at it).
     pub(crate) fn abort_alloc(&self, a: Allocation) {
+        if self.g.ext_l2 {
+            let (gc, end) = self.ext_clusters(&a);
+            let mut m = self.lock();
+            m.inflight.remove(gc, end);
+            if a.token & KEEP_HOST == 0 {
+                let base = a.host.get() - a.guest.get() % self.g.cs;
+                if let Err(e) = m.unalloc(base, end - gc) {
+                    tracing::warn!("qcow2: giving back clusters of a failed write: {e}");
+                }
+            }
+            self.wake_alloc_waiters(&m);
+            return;
+        }
         let cs = self.g.cs;
         let gc = a.guest.get() / cs;
         let k = a.len / cs;

@@ -18,6 +18,7 @@ struct Opts {
     zstd: bool,
     lazy: bool,
     prealloc: Prealloc,
+    extended_l2: bool,
     backing: Option<BackingSpec>,
     encrypt: Option<super::crypto::Wanted>,
 }
@@ -74,11 +75,8 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
             return Err(Invalid::NeedsV3(V3Feature::ExtendedL2).into());
         }
     }
-    if extended_l2 {
-        if cluster_size < 16384 {
-            return Err(Invalid::ExtendedL2ClusterSize.into());
-        }
-        return Err(Unsupported::ExtendedL2Create.into());
+    if extended_l2 && cluster_size < 16384 {
+        return Err(Invalid::ExtendedL2ClusterSize.into());
     }
     let backing = match (&args.backing, backing_file) {
         (Some(b), _) => Some(b.clone()),
@@ -113,6 +111,7 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
         zstd,
         lazy,
         prealloc,
+        extended_l2,
         backing,
         encrypt,
     })
@@ -128,7 +127,7 @@ pub fn create(storage: &Arc<dyn Storage>, spec: &CreateSpec) -> Result<()> {
 pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()> {
     let o = parse_opts(spec)?;
     let cs = 1u64 << o.cluster_bits;
-    let g = Geom::new(o.cluster_bits, o.refcount_order, o.version, false);
+    let g = Geom::new(o.cluster_bits, o.refcount_order, o.version, o.extended_l2);
     let l1 = g.l1_entries_for(spec.size);
     if l1 * 8 > MAX_L1_BYTES || spec.size > (1u64 << 62) {
         // qemu-img's wording for every "too large" (EFBIG) failure of qcow2 creation
@@ -148,7 +147,8 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
         refcount_table_clusters: 1,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible: if o.zstd { INCOMPAT_COMPRESSION } else { 0 },
+        incompatible: if o.zstd { INCOMPAT_COMPRESSION } else { 0 }
+            | if o.extended_l2 { INCOMPAT_EXTL2 } else { 0 },
         compatible: if o.lazy { COMPAT_LAZY_REFCOUNTS } else { 0 },
         autoclear: 0,
         refcount_order: o.refcount_order,

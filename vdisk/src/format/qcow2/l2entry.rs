@@ -103,6 +103,25 @@ impl Subclusters {
         }
     }
 
+    /// States from the allocation and zero masks (a subcluster in both reads as
+    /// allocated: callers keep them disjoint).
+    pub fn from_masks(alloc: u32, zero: u32) -> Subclusters {
+        Subclusters {
+            alloc,
+            zero: zero & !alloc,
+        }
+    }
+
+    /// The allocation mask (bit `k`: subcluster `k` allocated).
+    pub fn alloc_mask(&self) -> u32 {
+        self.alloc
+    }
+
+    /// The zero mask (bit `k`: subcluster `k` reads as zeroes).
+    pub fn zero_mask(&self) -> u32 {
+        self.zero
+    }
+
     /// The on-disk bitmap word (bits 0-31 allocated, 32-63 zero).
     pub fn bitmap(&self) -> u64 {
         u64::from(self.alloc) | u64::from(self.zero) << 32

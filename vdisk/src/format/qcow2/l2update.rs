@@ -48,12 +48,12 @@ impl Meta {
         Ok(())
     }
 
-    /// Sets one L2 entry to `e` (encoded for this image), releasing the old one's
-    /// clusters. A standard-width image only: the subcluster bitmap is not written.
+    /// Sets one L2 entry to `e` (encoded for this image, with its subcluster bitmap
+    /// when the image has extended L2 entries), releasing the old one's clusters.
     pub(crate) fn set_l2(&mut self, l1i: usize, gc: u64, e: &L2Entry) -> Result<()> {
-        let word = match e.encode(&self.entry_format()) {
-            Ok((word, _)) if !self.g.ext_l2 => word,
-            Ok(_) | Err(_) => {
+        let (word, bitmap) = match e.encode(&self.entry_format()) {
+            Ok(pair) => pair,
+            Err(_) => {
                 return Err(Invalid::UnencodableL2Entry {
                     guest_cluster: gc,
                     entry: format!("{e:?}"),
@@ -61,11 +61,24 @@ impl Meta {
                 .into())
             }
         };
-        self.set_entry(l1i, gc, word)
+        self.set_words(l1i, gc, word, self.g.ext_l2.then_some(bitmap))
     }
 
-    /// Sets one L2 entry, releasing the old one's clusters.
+    /// Sets one L2 entry word (an extended entry keeps its bitmap), releasing the old
+    /// one's clusters.
     pub(crate) fn set_entry(&mut self, l1i: usize, gc: u64, new: u64) -> Result<()> {
+        self.set_words(l1i, gc, new, None)
+    }
+
+    /// Sets one L2 entry word and, if given, its subcluster bitmap, releasing the old
+    /// entry's clusters.
+    pub(crate) fn set_words(
+        &mut self,
+        l1i: usize,
+        gc: u64,
+        new: u64,
+        bitmap: Option<u64>,
+    ) -> Result<()> {
         let s = self.l2_for_write(l1i)?;
         let idx = self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize);
         let old = entry(&self.l2.slot(s).data, idx);
@@ -75,6 +88,9 @@ impl Meta {
             0
         };
         set(&mut self.l2.slot_mut(s).data, idx, new);
+        if let (true, Some(b)) = (self.g.ext_l2, bitmap) {
+            set(&mut self.l2.slot_mut(s).data, idx + 1, b);
+        }
         self.l2_dirty(s);
         // New data (or refcounts) must be durable before this table is written.
         self.unflushed = true;

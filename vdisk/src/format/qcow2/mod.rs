@@ -12,7 +12,10 @@
 //! - `allocate`: write targets: in place, or new clusters with their COW regions;
 //!   commit/abort (guest data itself goes through [`crate::format::datapath`]).
 //! - `l2update`: L2 entry updates and the release of what they referenced.
-//! - `zero`: zero writes and discards. `status`: block status from the mapping runs.
+//! - `subcluster`: writes to images with extended L2 entries (which subclusters a
+//!   write allocates, its COW regions, the bitmap update at commit).
+//! - `zero`: zero writes and discards. `zero_ext`: zero writes per subcluster.
+//!   `status`: block status from the mapping runs.
 //! - `resize`: guest size changes. `compressed`: compressed cluster writes.
 //! - `compress`: deflate/zstd clusters.
 //! - `snapshot`: the snapshot table (decode, encode). `snapshot_ops`: create, apply
@@ -35,8 +38,8 @@
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
 //! are deferred until the mapping that dropped them is durable (`pending_frees`).
 //!
-//! Extended L2 entries (subclusters) are supported read-only; external data files are
-//! refused with a clear error. Encrypted images (LUKS, legacy AES) are read and
+//! Extended L2 entries (subclusters) are read and written (`subcluster`); external
+//! data files are refused with a clear error. Encrypted images (LUKS, legacy AES) are read and
 //! written through the data path's cipher (see `crypto`).
 //!
 //! Default caches: the L2 cache covers the whole disk up to 32 MiB of tables (QEMU's
@@ -66,8 +69,10 @@ mod resize;
 mod snapshot;
 mod snapshot_ops;
 mod status;
+mod subcluster;
 mod tables;
 mod zero;
+mod zero_ext;
 
 pub use create::create;
 
@@ -350,9 +355,6 @@ impl Qcow2 {
         }
         if hdr.incompatible & INCOMPAT_DATA_FILE != 0 || hdr.has_data_file_ext {
             return Err(Unsupported::ExternalDataFile.into());
-        }
-        if ext_l2 && !opts.read_only {
-            return Err(Unsupported::ExtendedL2Write.into());
         }
         if ext_l2 && hdr.cluster_bits < 14 {
             return Err(Corruption::new(

@@ -33,9 +33,7 @@ use super::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::snapshot::{self, encode_entry, encode_table, Snapshot};
 use super::tables::{entry, set};
 use super::{Meta, Qcow2, COMPRESSED, COPIED, L1E_RESERVED, MAX_HOST_OFFSET, OFFSET_MASK};
-use crate::error::{
-    Corruption, Error, NoSpace, Problem, Result, SnapshotError, Structure, Unsupported,
-};
+use crate::error::{Corruption, Error, NoSpace, Problem, Result, SnapshotError, Structure};
 use crate::format::{Driver, SnapshotInfo};
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
@@ -342,9 +340,6 @@ impl Qcow2 {
         self.writable()?;
         let mut m = self.lock();
         m.check_writable()?;
-        if self.g.ext_l2 {
-            return Err(Unsupported::ExtendedL2Write.into());
-        }
         // Bounded by the requests in flight, each of which finishes.
         while !m.inflight.is_empty() || !m.direct.is_empty() {
             m = self.wait_alloc_done(m);

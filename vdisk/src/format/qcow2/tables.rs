@@ -112,6 +112,21 @@ impl Meta {
         ))
     }
 
+    /// The subcluster bitmap of guest cluster `gc` (0 without extended L2 entries or
+    /// when its L2 table is unallocated).
+    pub(crate) fn l2_bitmap(&mut self, gc: u64) -> Result<u64> {
+        let l1i = (gc >> self.g.l2_bits) as usize;
+        let off = self.l1_offset(l1i)?;
+        if off == 0 || !self.g.ext_l2 {
+            return Ok(0);
+        }
+        let s = self.l2_slot(off, l1i)?;
+        Ok(entry(
+            &self.l2.slot(s).data,
+            self.g.l2_word((gc & (self.g.l2_entries - 1)) as usize) + 1,
+        ))
+    }
+
     fn mark_l1_dirty(&mut self, i: usize) {
         self.l1_dirty = Some(match self.l1_dirty {
             None => (i, i + 1),

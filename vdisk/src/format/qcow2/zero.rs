@@ -12,7 +12,7 @@
 //! deferred frees (`pending_frees`), i.e. only once the updated L2 tables are durable;
 //! the mapping is removed before the refcount drops.
 
-use super::l2entry::L2Entry;
+use super::l2entry::{L2Entry, Subclusters};
 use super::tables::set;
 use super::{Qcow2, OFFSET_MASK, ZERO};
 use crate::error::{Corruption, Problem, Result, Structure, Unsupported, ZeroLimit};
@@ -23,6 +23,9 @@ impl Qcow2 {
     pub(crate) fn do_write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         if len == 0 {
             return Ok(());
+        }
+        if self.g.ext_l2 {
+            return self.zero_ext(offset, len, flags);
         }
         let cs = self.g.cs;
         let end = offset + len;
@@ -76,7 +79,7 @@ impl Qcow2 {
         )
     }
 
-    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<()> {
+    pub(super) fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<()> {
         let end = offset + len;
         let chunk = vec![0u8; len.min(1 << 20) as usize];
         while offset < end {
@@ -239,17 +242,13 @@ impl Qcow2 {
                 // set the zero flag everywhere, dropping the host cluster only when it
                 // is compressed or unmapping is allowed; a discard makes allocated
                 // clusters (and, over a backing file, every cluster) read as zeroes.
-                let allocated = cl.is_allocated();
-                let standard_host = cl.host().is_some();
-                let new = match mode {
-                    Mode::Dealloc => 0,
-                    Mode::Discard if backing_visible || allocated => ZERO,
-                    Mode::Discard => e,
-                    Mode::ZeroKeep if standard_host => e | ZERO,
-                    Mode::ZeroKeep | Mode::ZeroUnmap if cl.is_zero() && !standard_host => e,
-                    _ => ZERO,
+                let old_bitmap = m.l2_bitmap(g)?;
+                let (new, new_bitmap) = if m.g.ext_l2 {
+                    ext_clusters_rule(mode, e, old_bitmap, &cl, backing_visible)
+                } else {
+                    (std_clusters_rule(mode, e, &cl, backing_visible), old_bitmap)
                 };
-                if new == e {
+                if new == e && new_bitmap == old_bitmap {
                     continue;
                 }
                 if !prepared {
@@ -259,6 +258,9 @@ impl Qcow2 {
                 let s = m.l2_for_write(l1i)?;
                 let w = m.g.l2_word((g & mask) as usize);
                 set(&mut m.l2.slot_mut(s).data, w, new);
+                if m.g.ext_l2 {
+                    set(&mut m.l2.slot_mut(s).data, w + 1, new_bitmap);
+                }
                 m.l2_dirty(s);
                 let kept = new & OFFSET_MASK;
                 if cl.host().is_none_or(|h| h.get() != kept) {
@@ -270,6 +272,46 @@ impl Qcow2 {
             gc = table_end;
         }
         Ok(true)
+    }
+}
+
+/// QEMU's rules for one standard entry (`zero_in_l2_slice` / `discard_in_l2_slice`):
+/// zero writes set the zero flag everywhere, dropping the host cluster only when it is
+/// compressed or unmapping is allowed; a discard makes allocated clusters (and, over a
+/// backing file, every cluster) read as zeroes.
+fn std_clusters_rule(mode: Mode, e: u64, cl: &L2Entry, backing_visible: bool) -> u64 {
+    let allocated = cl.is_allocated();
+    let standard_host = cl.host().is_some();
+    match mode {
+        Mode::Dealloc => 0,
+        Mode::Discard if backing_visible || allocated => ZERO,
+        Mode::Discard => e,
+        Mode::ZeroKeep if standard_host => e | ZERO,
+        Mode::ZeroKeep | Mode::ZeroUnmap if cl.is_zero() && !standard_host => e,
+        _ => ZERO,
+    }
+}
+
+/// The same rules for an extended entry (word, bitmap): a zeroed cluster gets an
+/// all-zero bitmap and keeps its host cluster unless it is compressed or unmapping is
+/// allowed; a discarded one loses its host cluster and reads as zeroes.
+fn ext_clusters_rule(
+    mode: Mode,
+    e: u64,
+    bitmap: u64,
+    cl: &L2Entry,
+    backing_visible: bool,
+) -> (u64, u64) {
+    let all_zero = Subclusters::ZERO.bitmap();
+    let allocated = cl.is_allocated();
+    let compressed = matches!(cl, L2Entry::Compressed { .. });
+    match mode {
+        Mode::Dealloc => (0, 0),
+        Mode::Discard if backing_visible || allocated => (0, all_zero),
+        Mode::Discard => (e, bitmap),
+        Mode::ZeroUnmap if allocated => (0, all_zero),
+        Mode::ZeroKeep if compressed => (0, all_zero),
+        Mode::ZeroKeep | Mode::ZeroUnmap => (e, all_zero),
     }
 }
 
