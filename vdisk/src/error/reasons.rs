@@ -16,7 +16,8 @@ pub enum Unsupported {
     Qcow2Features(Vec<String>),
     /// Incompatible QED features (the unknown bits).
     QedFeatures(u64),
-    /// A qcow2 external data file.
+    /// What a qcow2 image with an external data file cannot do (compressed clusters,
+    /// internal snapshots): QEMU answers ENOTSUP, "Operation not supported".
     ExternalDataFile,
     /// Writing an image with extended L2 entries.
     ExtendedL2Write,
@@ -112,10 +113,7 @@ impl fmt::Display for Unsupported {
                 f,
                 "Unsupported QED features: {bits:#x} (image needs a newer driver)"
             ),
-            Unsupported::ExternalDataFile => write!(
-                f,
-                "qcow2 images with an external data file are not supported"
-            ),
+            Unsupported::ExternalDataFile => write!(f, "Operation not supported"),
             Unsupported::ExtendedL2Write => write!(
                 f,
                 "qcow2 images with extended L2 entries (subclusters) can only be opened read-only"
@@ -237,6 +235,8 @@ pub enum Invalid {
     VmdkBackingFormat,
     /// A VHDX creation parameter out of range (qemu-img's sentence).
     VhdxCreate(&'static str),
+    /// A rule of qcow2's external data files (qemu-img's sentence).
+    DataFile(&'static str),
     /// VMDK `compat6` together with `hwversion`.
     VmdkCompat6WithHwversion,
     /// A flat VMDK with a backing file.
@@ -521,6 +521,7 @@ impl fmt::Display for Invalid {
             Invalid::BadNumber(option) => write!(f, "Parameter '{option}' expects a number"),
             Invalid::VmdkBackingFormat => write!(f, "backing_file must be a vmdk image"),
             Invalid::VhdxCreate(why) => write!(f, "{why}"),
+            Invalid::DataFile(why) => write!(f, "{why}"),
             Invalid::VmdkCompat6WithHwversion => {
                 write!(f, "compat6 cannot be enabled with hwversion set")
             }

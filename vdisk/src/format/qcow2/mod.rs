@@ -35,8 +35,10 @@
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
 //! are deferred until the mapping that dropped them is durable (`pending_frees`).
 //!
-//! Extended L2 entries (subclusters) are supported read-only; external data files are
-//! refused with a clear error. Encrypted images (LUKS, legacy AES) are read and
+//! Extended L2 entries (subclusters) are supported read-only. External data files
+//! (`data_file`): guest data goes to the data storage at the guest offset (QEMU's
+//! rule), data clusters take no refcounts, and zero writes and discards release them
+//! in the data file itself (zeroing them with `data_file_raw`). Encrypted images (LUKS, legacy AES) are read and
 //! written through the data path's cipher (see `crypto`).
 //!
 //! Default caches: the L2 cache covers the whole disk up to 32 MiB of tables (QEMU's
@@ -78,7 +80,7 @@ use super::{
     BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
     FormatSpecific, PreallocMode, Repair, SnapshotInfo, ZeroFlags,
 };
-use crate::error::{Corruption, Error, Field, Problem, Result, Structure, Unsupported};
+use crate::error::{Corruption, Error, Field, Invalid, Problem, Result, Structure, Unsupported};
 use crate::format::datapath::{self, InFlight, Waiters};
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
@@ -108,6 +110,15 @@ pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// and written over.
 pub fn probe(head: &[u8]) -> bool {
     head.len() >= 4 && head[..4] == MAGIC
+}
+
+/// Where an image's external data file comes from, if the header says it has one.
+#[derive(Default)]
+pub(crate) struct DataSource<'a, 'b> {
+    /// The node's `data-file` child, opened by the chain.
+    pub child: Option<Arc<dyn Storage>>,
+    /// Opens the name the header records (with the image's access and locks).
+    pub files: Option<&'a mut super::FileResolver<'b>>,
 }
 
 /// Fixed geometry of an open image.
@@ -182,6 +193,13 @@ pub(crate) struct Meta {
     /// Guest data storage (the same `Arc` as `st` unless an external data file is
     /// configured).
     pub data: Arc<dyn Storage>,
+    /// Guest data lives in an external data file (incompatible bit 2): host offsets
+    /// are data file offsets equal to the guest offsets, and data clusters are not
+    /// refcounted.
+    pub ext_data: bool,
+    /// The data file is kept a valid raw image (autoclear bit 1): zeroed and discarded
+    /// clusters are zeroed in the data file too.
+    pub data_raw: bool,
     pub g: Geom,
     pub hdr: Header,
     pub l1: Vec<u64>,
@@ -283,8 +301,10 @@ impl Meta {
 pub struct Qcow2 {
     /// Metadata storage (the image file).
     storage: Arc<dyn Storage>,
-    /// Guest data storage: the same file (external data files are refused at open).
+    /// Guest data storage: the same file, or the external data file.
     data: Arc<dyn Storage>,
+    /// The external data file's name as opened (`None`: no data file).
+    data_name: Option<String>,
     backing: Option<Arc<dyn Driver>>,
     backing_spec: Mutex<Option<BackingSpec>>,
     g: Geom,
@@ -314,6 +334,16 @@ impl Qcow2 {
     /// is opened through `resolver`.
     pub fn open(
         storage: Arc<dyn Storage>,
+        opts: &DriverOptions,
+        resolver: &mut BackingResolver<'_>,
+    ) -> Result<Qcow2> {
+        Self::open_with(storage, DataSource::default(), opts, resolver)
+    }
+
+    /// [`Qcow2::open`] with where an external data file comes from.
+    pub(crate) fn open_with(
+        storage: Arc<dyn Storage>,
+        data: DataSource<'_, '_>,
         opts: &DriverOptions,
         resolver: &mut BackingResolver<'_>,
     ) -> Result<Qcow2> {
@@ -348,9 +378,32 @@ impl Qcow2 {
                 .collect();
             return Err(Unsupported::Qcow2Features(names).into());
         }
-        if hdr.incompatible & INCOMPAT_DATA_FILE != 0 || hdr.has_data_file_ext {
-            return Err(Unsupported::ExternalDataFile.into());
-        }
+        let ext_data = hdr.incompatible & INCOMPAT_DATA_FILE != 0;
+        let data_raw = ext_data && hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0;
+        let mut data_name = None;
+        let data: Arc<dyn Storage> = match (ext_data, data.child) {
+            (false, Some(_)) => {
+                return Err(Invalid::DataFile(
+                    "'data-file' can only be set for images with an external data file",
+                )
+                .into())
+            }
+            (false, None) => storage.clone(),
+            (true, Some(d)) => {
+                data_name = d.exact_filename().or_else(|| hdr.data_file_name());
+                d
+            }
+            // As QEMU: the header's name is opened as given (relative names from the
+            // working directory, not from the image's directory).
+            (true, None) => match (hdr.data_file_name(), data.files) {
+                (Some(name), Some(open)) => {
+                    let (st, opened) = open(&name)?;
+                    data_name = Some(opened);
+                    st
+                }
+                _ => return Err(Invalid::DataFile("'data-file' is required for this image").into()),
+            },
+        };
         if ext_l2 && !opts.read_only {
             return Err(Unsupported::ExtendedL2Write.into());
         }
@@ -515,7 +568,9 @@ impl Qcow2 {
         let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
         let mut meta = Meta {
             st: storage.clone(),
-            data: storage.clone(),
+            data,
+            ext_data,
+            data_raw,
             g,
             corrupt: hdr.incompatible & INCOMPAT_CORRUPT != 0,
             rc_broken,
@@ -557,6 +612,7 @@ impl Qcow2 {
         }
         let q = Qcow2 {
             data: meta.data.clone(),
+            data_name,
             storage,
             backing,
             backing_spec: Mutex::new(spec),
@@ -727,7 +783,18 @@ impl Driver for Qcow2 {
             refcount_bits: 1 << m.g.rc_order,
             corrupt: m.hdr.incompatible & INCOMPAT_CORRUPT != 0,
             extended_l2: m.hdr.incompatible & INCOMPAT_EXTL2 != 0,
+            // QEMU shows the header's name (a `data-file` child given instead with no
+            // name in the header shows none).
+            data_file: if m.ext_data {
+                m.hdr.data_file_name()
+            } else {
+                None
+            },
+            data_file_raw: m.data_raw,
         }
+    }
+    fn external_data(&self) -> Option<String> {
+        self.data_name.clone()
     }
     fn encryption(&self) -> Option<super::EncryptionInfo> {
         self.crypto.as_ref().map(|c| c.info.clone())
@@ -755,6 +822,10 @@ impl Driver for Qcow2 {
         self.do_snapshot_load(id, name)
     }
     fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
+        if self.lock().ext_data {
+            // The spec: no internal snapshots with an external data file.
+            return Err(Unsupported::ExternalDataFile.into());
+        }
         self.do_snapshot_create(sn)
     }
     fn snapshot_apply(&self, id_or_name: &str) -> Result<SnapshotInfo> {
@@ -775,6 +846,10 @@ impl Driver for Qcow2 {
     }
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
+        if self.lock().ext_data {
+            // The spec: no compressed clusters with an external data file.
+            return Err(Unsupported::ExternalDataFile.into());
+        }
         if self.crypto.is_some() {
             return Err(Unsupported::CompressedEncrypted.into());
         }
