@@ -214,7 +214,10 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
         }
         None => None,
     };
-    let head = h.serialize()?;
+    let mut head = h.serialize()?;
+    // The whole header cluster, as QEMU writes it: its host allocation is what QEMU's
+    // metadata-preallocation guess (block status of `map`) looks at.
+    head.resize(cs as usize, 0);
     storage.set_len(0)?;
     storage.write_at(&head, 0)?;
     let mut rt = vec![0u8; cs as usize];

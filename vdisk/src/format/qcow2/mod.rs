@@ -393,6 +393,10 @@ impl Qcow2 {
                 data_name = d.exact_filename().or_else(|| hdr.data_file_name());
                 d
             }
+            // As QEMU (since its CVE-2024-4467 fix): an open without I/O (`info`)
+            // does not open the file the header names; an empty stand-in takes its
+            // place.
+            (true, None) if opts.no_io => Arc::new(crate::storage::MemStorage::new()),
             // As QEMU: the header's name is opened as given (relative names from the
             // working directory, not from the image's directory).
             (true, None) => match (hdr.data_file_name(), data.files) {
