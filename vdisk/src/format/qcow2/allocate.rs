@@ -40,7 +40,12 @@ impl Meta {
             && self.hdr.incompatible & INCOMPAT_DIRTY == 0
         {
             self.hdr.incompatible |= INCOMPAT_DIRTY;
-            self.write_header()?;
+            // Durable (the header write flushes) before anything is counted lazily;
+            // if it fails, nothing may be.
+            if let Err(e) = self.write_header() {
+                self.hdr.incompatible &= !INCOMPAT_DIRTY;
+                return Err(e);
+            }
             self.set_dirty = true;
         }
         Ok(())

@@ -758,7 +758,7 @@ impl Driver for Qcow2 {
             return Ok(());
         }
         let mut m = self.lock();
-        m.writeback()?;
+        m.writeback_for_flush()?;
         // Under the lock: `unflushed` may only be cleared once the flush has happened,
         // or a concurrent barrier could skip a flush it needs.
         m.flush_storages()?;
