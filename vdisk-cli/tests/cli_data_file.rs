@@ -101,15 +101,11 @@ fn both_ways(opts: &str, seed: u64) {
         map(&v, "img.qcow2"),
         "{opts} seed {seed}"
     );
-    for f in ["d.raw"] {
-        assert_eq!(
-            std::fs::read(q.join(f)).unwrap(),
-            std::fs::read(v.join(f)).unwrap(),
-            "{opts} seed {seed}: data files differ"
-        );
-    }
-    let vimg = v.join("img.qcow2");
-    let vimg = vimg.to_str().unwrap();
+    assert_eq!(
+        std::fs::read(q.join("d.raw")).unwrap(),
+        std::fs::read(v.join("d.raw")).unwrap(),
+        "{opts} seed {seed}: data files differ"
+    );
     // Run from q/: each image's data file name resolves in its own directory only
     // when run from there, so compare through json: names with explicit data files.
     let node = |dir: &Path| {
@@ -128,7 +124,6 @@ fn both_ways(opts: &str, seed: u64) {
         "vdisk compare (qemu's image): {}{}",
         r.out, r.err
     );
-    let _ = vimg;
     // vdisk's check agrees with qemu-img's on both images.
     for dir in [&q, &v] {
         let a = qemu_img(dir, &["check", "--output=json", "img.qcow2"]);
@@ -471,4 +466,147 @@ fn resize_convert_amend() {
         assert_eq!(q.code, v.code, "{o}: {} / {}", q.err, v.err);
         assert_eq!(q.err, v.err.replace("vdisk:", "qemu-img:"), "{o}");
     }
+}
+
+/// `vdisk io` holding an image read-write (until dropped): its data file is locked too.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn new(dir: &Path, file: &str) -> Holder {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vdisk"))
+            .current_dir(dir)
+            .args(["io", "-f", "qcow2", file])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn vdisk io");
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"length\n").unwrap();
+        stdin.flush().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("MiB") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "vdisk io exited");
+        }
+        std::thread::spawn(move || for _ in out.lines() {});
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn data_file_is_locked_like_the_image() {
+    let d = tmp();
+    let dir = d.path();
+    ok(create(dir, "vdisk", "data_file=d.raw"), "create");
+    let h = Holder::new(dir, "img.qcow2");
+    // qemu refuses to open the data file for writing while vdisk writes through it.
+    let q = qemu_io_run(dir, &["-f", "raw", "-c", "read 0 4k", "d.raw"]);
+    assert_ne!(
+        q.code, 0,
+        "qemu-io opened a data file vdisk holds: {}",
+        q.out
+    );
+    assert!(q.err.contains("lock"), "{}", q.err);
+    drop(h);
+    qemu_io(dir, "raw", "d.raw", &["read 0 4k"]);
+}
+
+/// commit and rebase across data-file images, checked by qemu.
+#[test]
+fn commit_and_rebase_with_data_files() {
+    let d = tmp();
+    let dir = d.path();
+    let o = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=b.raw",
+        "b.qcow2",
+        "4M",
+    ];
+    ok(vdisk(dir, &o), "base");
+    run_io(dir, "vdisk", "b.qcow2", &["write -P 1 0 4M".to_string()]);
+    qemu_overlay(dir, "qcow2", "b.qcow2", "qcow2", "t.qcow2");
+    let w: Vec<String> = ["write -P 2 64k 128k", "write -z 1M 64k"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    run_io(dir, "vdisk", "t.qcow2", &w);
+    ok(
+        vdisk(dir, &["commit", "t.qcow2"]),
+        "commit into a data-file base",
+    );
+    check_clean(dir, "b.qcow2");
+    qemu_io(
+        dir,
+        "qcow2",
+        "b.qcow2",
+        &["read -P 2 64k 128k", "read -P 0 1M 64k", "read -P 1 2M 64k"],
+    );
+    // A data-file overlay committed into its standard backing file.
+    let o = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=o.raw",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        "o.qcow2",
+    ];
+    ok(vdisk(dir, &o), "overlay");
+    run_io(dir, "vdisk", "o.qcow2", &["write -P 7 0 4k".to_string()]);
+    ok(
+        vdisk(dir, &["commit", "o.qcow2"]),
+        "commit a data-file overlay",
+    );
+    check_clean(dir, "o.qcow2");
+    qemu_io(
+        dir,
+        "qcow2",
+        "b.qcow2",
+        &["read -P 7 0 4k", "read -P 2 64k 128k"],
+    );
+    qemu_io(dir, "qcow2", "o.qcow2", &["read -P 7 0 4k"]);
+    // rebase the overlay onto another data-file image: the guest view is kept.
+    let o = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=c.raw",
+        "c.qcow2",
+        "4M",
+    ];
+    ok(qemu_img(dir, &o), "other base");
+    qemu_io(dir, "qcow2", "c.qcow2", &["write -P 3 0 64k"]);
+    ok(
+        vdisk(dir, &["rebase", "-b", "c.qcow2", "-F", "qcow2", "o.qcow2"]),
+        "rebase",
+    );
+    check_clean(dir, "o.qcow2");
+    qemu_io(
+        dir,
+        "qcow2",
+        "o.qcow2",
+        &["read -P 7 0 4k", "read -P 2 64k 128k", "read -P 1 2M 64k"],
+    );
 }
