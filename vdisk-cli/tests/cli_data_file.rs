@@ -444,11 +444,9 @@ fn resize_convert_amend() {
     // amend: a new name (not opened), data_file_raw only off; neither on an image
     // without a data file.
     std::fs::rename(dir.join("c.raw"), dir.join("c2.raw")).unwrap();
-    let spec = format!(
-        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"c.qcow2"}},"data-file":{{"driver":"file","filename":"c2.raw"}}}}"#
-    );
+    let spec = r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"c.qcow2"},"data-file":{"driver":"file","filename":"c2.raw"}}"#;
     ok(
-        vdisk(dir, &["amend", "-o", "data_file=c2.raw", &spec]),
+        vdisk(dir, &["amend", "-o", "data_file=c2.raw", spec]),
         "amend rename",
     );
     qemu_io(dir, "qcow2", "c.qcow2", &["read -P 4 0 64k"]);
@@ -468,49 +466,13 @@ fn resize_convert_amend() {
     }
 }
 
-/// `vdisk io` holding an image read-write (until dropped): its data file is locked too.
-struct Holder(std::process::Child);
-
-impl Holder {
-    fn new(dir: &Path, file: &str) -> Holder {
-        use std::io::{BufRead, BufReader, Write};
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vdisk"))
-            .current_dir(dir)
-            .args(["io", "-f", "qcow2", file])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn vdisk io");
-        let stdin = child.stdin.as_mut().unwrap();
-        stdin.write_all(b"length\n").unwrap();
-        stdin.flush().unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("MiB") {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "vdisk io exited");
-        }
-        std::thread::spawn(move || for _ in out.lines() {});
-        Holder(child)
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn data_file_is_locked_like_the_image() {
     let d = tmp();
     let dir = d.path();
     ok(create(dir, "vdisk", "data_file=d.raw"), "create");
-    let h = Holder::new(dir, "img.qcow2");
+    // `vdisk io` holding the image read-write: its data file is locked too.
+    let h = Holder::vdisk(dir, "qcow2", "img.qcow2", false);
     // qemu refuses to open the data file for writing while vdisk writes through it.
     let q = qemu_io_run(dir, &["-f", "raw", "-c", "read 0 4k", "d.raw"]);
     assert_ne!(

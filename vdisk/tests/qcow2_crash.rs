@@ -9,12 +9,8 @@ use vdisk::storage::trace::TraceStorage;
 use vdisk::storage::{MemStorage, Storage};
 use vdisk::{Format, Image, Repair, ZeroFlags};
 
-struct Flushed {
-    point: usize,
-    data: Vec<u8>,
-    /// Bytes written after this flush, by the time of each later point: (point, range).
-    later: Vec<(usize, u64, u64)>,
-}
+mod crash_util;
+use crash_util::{assert_intact, discard_model, Flushed};
 
 fn created(size: u64, opts: &[(&str, &str)]) -> Vec<u8> {
     let mem: Arc<dyn Storage> = Arc::new(MemStorage::new());
@@ -120,16 +116,7 @@ fn run(
             }
             7 => {
                 img.discard(off, len).unwrap();
-                let first = off.div_ceil(cs);
-                let last = if off + len == size {
-                    size.div_ceil(cs)
-                } else {
-                    (off + len) / cs
-                };
-                for c in first..last {
-                    let e = ((c + 1) * cs).min(size);
-                    model[(c * cs) as usize..e as usize].fill(0);
-                }
+                discard_model(&mut model, off, len, cs);
             }
             _ => {
                 img.flush().unwrap();
@@ -173,26 +160,8 @@ fn run(
                  the image is not marked dirty: {:?}",
                 rep.findings
             );
-            let intact = |img: &Image, what: &str| {
-                let mut got = vec![0u8; size as usize];
-                img.read_at(&mut got, 0).unwrap();
-                // Bytes not written since the last completed flush must be intact.
-                let mut want = f.data.clone();
-                for &(p, off, len) in &f.later {
-                    if p < k {
-                        let r = off as usize..(off + len) as usize;
-                        want[r.clone()].fill(0);
-                        got[r].fill(0);
-                    }
-                }
-                if got != want {
-                    let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-                    panic!(
-                        "crash point {k} variant {variant} ({what}): byte {i} is {} but {} was flushed",
-                        got[i], want[i]
-                    );
-                }
-            };
+            let intact =
+                |img: &Image, what: &str| assert_intact(img, f, k, &format!("{variant}, {what}"));
             intact(&img, "read-only");
             drop(img);
             if variant == 2 || dirty {

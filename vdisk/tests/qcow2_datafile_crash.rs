@@ -13,6 +13,9 @@ use vdisk::storage::trace::TraceStorage;
 use vdisk::storage::{MemStorage, Storage, StorageResult};
 use vdisk::{Format, Image, Repair, ZeroFlags};
 
+mod crash_util;
+use crash_util::{assert_intact, discard_model, Flushed};
+
 /// One of the two traced files, logging its id into the shared global order for each
 /// operation its trace records.
 #[derive(Debug)]
@@ -84,12 +87,6 @@ fn open(meta: Arc<dyn Storage>, data: Arc<dyn Storage>, rw: bool) -> vdisk::Resu
         },
     )?;
     Ok(Image::from_driver(d, "<crash>"))
-}
-
-struct Flushed {
-    point: usize,
-    data: Vec<u8>,
-    later: Vec<(usize, u64, u64)>,
 }
 
 fn run(opts: &[(&str, &str)], seed: u64, nops: usize) {
@@ -165,14 +162,7 @@ fn run(opts: &[(&str, &str)], seed: u64, nops: usize) {
             }
             7 => {
                 img.discard(off, len).unwrap();
-                let last = if off + len == size {
-                    size.div_ceil(cs)
-                } else {
-                    (off + len) / cs
-                };
-                for c in off.div_ceil(cs)..last {
-                    model[(c * cs) as usize..((c + 1) * cs).min(size) as usize].fill(0);
-                }
+                discard_model(&mut model, off, len, cs);
             }
             _ => {
                 img.flush().unwrap();
@@ -226,23 +216,7 @@ fn run(opts: &[(&str, &str)], seed: u64, nops: usize) {
                 rep.findings
             );
             assert_eq!(rep.leaks, 0, "crash point {k}/{variant}: leaks left");
-            let mut got = vec![0u8; size as usize];
-            img.read_at(&mut got, 0).unwrap();
-            let mut want = f.data.clone();
-            for &(p, off, len) in &f.later {
-                if p < k {
-                    let r = off as usize..(off + len) as usize;
-                    want[r.clone()].fill(0);
-                    got[r].fill(0);
-                }
-            }
-            if got != want {
-                let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-                panic!(
-                    "crash point {k} variant {variant}: byte {i} is {} but {} was flushed",
-                    got[i], want[i]
-                );
-            }
+            assert_intact(&img, f, k, &format!("variant {variant}"));
             checked += 1;
         }
     }
