@@ -23,7 +23,7 @@ pub enum Unsupported {
     ExtendedL2Write,
     /// Creating an image with extended L2 entries.
     ExtendedL2Create,
-    /// A create option naming a feature this driver lacks (encryption, data files).
+    /// A create or amend option naming a feature this driver lacks.
     CreateOption(String),
     /// A format vdisk recognises but cannot read (its name: `vmdk`, `vhdx`...).
     Format(&'static str),
@@ -124,7 +124,7 @@ impl fmt::Display for Unsupported {
             ),
             Unsupported::CreateOption(k) => write!(
                 f,
-                "qcow2 option '{k}' (encryption / external data files) is not supported"
+                "qcow2 option '{k}' is not supported"
             ),
             Unsupported::Format(name) => {
                 write!(f, "the {name} format is not supported by vdisk")
