@@ -122,10 +122,7 @@ impl fmt::Display for Unsupported {
                 f,
                 "Extended L2 entries (subclusters) are not supported by this qcow2 driver"
             ),
-            Unsupported::CreateOption(k) => write!(
-                f,
-                "qcow2 option '{k}' is not supported"
-            ),
+            Unsupported::CreateOption(k) => write!(f, "qcow2 option '{k}' is not supported"),
             Unsupported::Format(name) => {
                 write!(f, "the {name} format is not supported by vdisk")
             }

@@ -34,6 +34,14 @@
 //! Crash ordering (see the reference): refcount increases and new clusters' data are
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
 //! are deferred until the mapping that dropped them is durable (`pending_frees`).
+//! With lazy refcounts the dirty bit is made durable before the first change
+//! (`Meta::before_alloc`); from then on refcount blocks take no part in that order
+//! (`Meta::lazy_counting`: a guest flush leaves them in cache), and close writes them
+//! back and flushes before it clears the bit. New data is still durable before the
+//! mapping naming it. With an external data file the data storage is flushed before
+//! the image file (`Meta::flush_storages`), and data clusters released by zero writes
+//! and discards are punched (zeroed, with `data_file_raw`) under the metadata lock, so
+//! no new allocation of the same guest cluster can race with the release.
 //!
 //! Extended L2 entries (subclusters) are supported read-only. External data files
 //! (`data_file`): guest data goes to the data storage at the guest offset (QEMU's
