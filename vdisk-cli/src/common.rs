@@ -327,7 +327,9 @@ pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
     if d.file_status_refines() {
         return Ok(true);
     }
-    if !d.format().caps().metadata_prealloc {
+    // QEMU looks at the image file only: data in an external data file is never
+    // refined by it.
+    if !d.format().caps().metadata_prealloc || d.external_data().is_some() {
         return Ok(false);
     }
     let Some(cs) = d.cluster_size().filter(|&c| c > 0) else {

@@ -3,61 +3,6 @@
 
 mod cli_support;
 use cli_support::*;
-use std::process::{Child, Command, Stdio};
-
-/// `qemu-io` holding `file` open (read-write unless `ro`) until dropped.
-struct Holder(Child);
-
-impl Holder {
-    fn new(dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
-        Holder::spawn("qemu-io", dir, fmt, file, ro)
-    }
-
-    /// `vdisk io` holding the image, for the other direction.
-    fn vdisk(dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
-        Holder::spawn(env!("CARGO_BIN_EXE_vdisk"), dir, fmt, file, ro)
-    }
-
-    fn spawn(prog: &str, dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
-        let mut c = Command::new(prog);
-        if prog != "qemu-io" {
-            c.arg("io");
-        }
-        c.current_dir(dir).args(["-f", fmt]);
-        if ro {
-            c.arg("-r");
-        }
-        let mut child = c
-            .arg(file)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        // A command round trip proves the image is open (and locked).
-        use std::io::{BufRead, BufReader, Write};
-        let stdin = child.stdin.as_mut().unwrap();
-        stdin.write_all(b"length\n").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        while !line.contains("MiB") && !line.contains("KiB") && !line.contains("bytes") {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io exited");
-        }
-        // Keep stdout drained in the background.
-        std::thread::spawn(move || for _ in out.lines() {});
-        Holder(child)
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn qemu_io_writer_blocks_like_qemu_img() {

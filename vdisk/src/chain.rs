@@ -379,14 +379,13 @@ fn open_protocol_node(
 
 /// Opens a format driver on an opened node, handing it the metadata storage and,
 /// separately, the data storage (the same one unless the node has a `data-file`).
-///
-/// No format reads an external data file yet (issue 10): qcow2 would ignore it, so a
-/// `data-file` child is refused here, naming the option, rather than dropped.
+/// A format without external data files refuses a `data-file` child by name rather
+/// than ignore it.
 pub fn open_format(
     node: OpenedNode,
     backing: &mut format::BackingResolver<'_>,
 ) -> Result<Arc<dyn Driver>> {
-    if node.data.is_some() {
+    if node.data.is_some() && !node.format.caps().data_file {
         return Err(SpecError::FormatOption {
             format: node.format.name().into(),
             key: "data-file".into(),
@@ -400,7 +399,14 @@ pub fn open_format(
     let data = node.data.unwrap_or_else(|| node.metadata.clone());
     let files = node.files;
     let named = files.image.is_some();
+    // A data file name from a header is opened as QEMU opens it: as given (relative to
+    // the working directory), with the image's access, cache mode and locks.
+    let data_open = FileOpen {
+        image: None,
+        ..files.clone()
+    };
     let mut open_file = move |name: &str| files.open(name);
+    let mut open_data = move |name: &str| data_open.open(name);
     format::registry::open_with(
         node.format,
         format::registry::OpenArgs {
@@ -409,6 +415,7 @@ pub fn open_format(
             opts: &dopts,
             backing,
             files: if named { Some(&mut open_file) } else { None },
+            data_files: Some(&mut open_data),
         },
     )
 }

@@ -346,7 +346,39 @@ impl Image {
             }
         }
         let storage: Arc<dyn Storage> = Arc::new(file);
-        let r = format::registry::create_named(
+        // An external data file (qcow2 `data_file`) is created first, as QEMU does: by
+        // its name as given (relative to the working directory), emptied.
+        let data_name = opt("data_file")
+            .filter(|n| !n.is_empty() && opts.format.caps().data_file)
+            .cloned();
+        let mut data_created = None;
+        let data = match &data_name {
+            Some(name) => {
+                let dpath = PathBuf::from(name);
+                let existed = dpath.exists();
+                let opened = FileStorage::open(&dpath, &fo).and_then(|d| {
+                    d.set_len(0)?;
+                    Ok(d)
+                });
+                match opened {
+                    Ok(d) => {
+                        if !existed {
+                            data_created = Some(dpath);
+                        }
+                        Some(Arc::new(d) as Arc<dyn Storage>)
+                    }
+                    Err(e) => {
+                        drop(storage);
+                        if !existed {
+                            let _ = std::fs::remove_file(path);
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
+        let r = format::registry::create_with_data(
             opts.format,
             &storage,
             &CreateSpec {
@@ -355,11 +387,15 @@ impl Image {
                 options: opts.options.clone(),
             },
             path.file_name().and_then(|n| n.to_str()),
+            data,
         );
         if r.is_err() && !existed {
             // Bad options are found while formatting: leave no half-made file behind.
             drop(storage);
             let _ = std::fs::remove_file(path);
+            if let Some(d) = data_created {
+                let _ = std::fs::remove_file(d);
+            }
         }
         r
     }

@@ -83,6 +83,11 @@ impl ImageLayer {
     pub fn file_status_refines(&self) -> bool {
         self.driver.file_status_refines()
     }
+    /// The external data file holding this layer's guest data (host offsets of its
+    /// block status are in that file), if it has one.
+    pub fn external_data(&self) -> Option<String> {
+        self.driver.external_data()
+    }
     /// How the image is encrypted (`None`: it is not).
     pub fn encryption(&self) -> Option<crate::format::EncryptionInfo> {
         self.driver.encryption()

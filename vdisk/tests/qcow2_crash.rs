@@ -166,39 +166,48 @@ fn run(
             let img = open_bytes(bytes.clone(), false)
                 .unwrap_or_else(|e| panic!("crash point {k} variant {variant}: open failed: {e}"));
             let rep = img.check(Repair::default()).unwrap();
-            assert_eq!(
-                rep.corruptions, 0,
-                "crash point {k} variant {variant}: {:?}",
+            // With lazy refcounts the refcounts on disk may lag behind the tables, and
+            // a read-only check reports that (as qemu-img's does) -- but only on an
+            // image marked dirty: the dirty bit must be durable before the first
+            // lazily counted mapping, so that a read-write open rebuilds them.
+            let dirty = img.is_dirty();
+            assert!(
+                rep.corruptions == 0 || dirty,
+                "crash point {k} variant {variant}: refcounts lag behind the tables but \
+                 the image is not marked dirty: {:?}",
                 rep.findings
             );
-            let mut got = vec![0u8; size as usize];
-            img.read_at(&mut got, 0).unwrap();
             // Bytes not written since the last completed flush must be intact; a byte
             // written since may hold its flushed value or what one of those writes
             // put there, never anything else (stale host data under a new mapping).
-            let want = &f.data;
-            for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-                if g == w {
-                    continue;
-                }
-                let i64 = i as u64;
-                let later = f
-                    .later
-                    .iter()
-                    .filter(|&&(p, off, len, _)| p < k && off <= i64 && i64 < off + len)
-                    .collect::<Vec<_>>();
-                if later.is_empty() {
-                    panic!(
-                        "crash point {k} variant {variant}: byte {i} is {g} but {w} was flushed"
+            let intact = |img: &Image, what: &str| {
+                let mut got = vec![0u8; size as usize];
+                img.read_at(&mut got, 0).unwrap();
+                let want = &f.data;
+                for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+                    if g == w {
+                        continue;
+                    }
+                    let i64 = i as u64;
+                    let later = f
+                        .later
+                        .iter()
+                        .filter(|&&(p, off, len, _)| p < k && off <= i64 && i64 < off + len)
+                        .collect::<Vec<_>>();
+                    if later.is_empty() {
+                        panic!(
+                            "crash point {k} variant {variant} ({what}): byte {i} is {g} but {w} was flushed"
+                        );
+                    }
+                    assert!(
+                        later.iter().any(|&&(_, _, _, v)| v == g),
+                        "crash point {k} variant {variant} ({what}): byte {i} is {g}: neither the flushed {w} nor written since"
                     );
                 }
-                assert!(
-                    later.iter().any(|&&(_, _, _, v)| v == g),
-                    "crash point {k} variant {variant}: byte {i} is {g}: neither the flushed {w} nor written since"
-                );
-            }
+            };
+            intact(&img, "read-only");
             drop(img);
-            if variant == 2 {
+            if variant == 2 || dirty {
                 // Read-write open (repairs dirty images), then a clean check.
                 let img = open_bytes(bytes, true)
                     .unwrap_or_else(|e| panic!("crash point {k}: rw open failed: {e}"));
@@ -210,6 +219,8 @@ fn run(
                     .unwrap();
                 assert_eq!(rep.corruptions, 0, "crash point {k} rw: {:?}", rep.findings);
                 assert_eq!(rep.leaks, 0, "crash point {k} rw: leaks not repaired");
+                assert!(!img.is_dirty(), "crash point {k} rw: still dirty");
+                intact(&img, "rebuilt");
             }
             checked += 1;
         }

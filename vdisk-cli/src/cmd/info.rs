@@ -319,6 +319,8 @@ fn specific_json(
         refcount_bits,
         corrupt,
         extended_l2,
+        data_file,
+        data_file_raw,
     } = s
     else {
         return None;
@@ -333,6 +335,10 @@ fn specific_json(
         }
     }
     data.int("refcount-bits", *refcount_bits);
+    if let Some(f) = data_file {
+        data.str("data-file", f.clone());
+        data.bool("data-file-raw", *data_file_raw);
+    }
     if let Some(e) = enc {
         data.put("encrypt", QValue::Dict(encrypt_dict(e)));
     }
@@ -646,6 +652,8 @@ pub(crate) fn specific_human_full(
         refcount_bits,
         corrupt,
         extended_l2,
+        data_file,
+        data_file_raw,
     } = spec
     {
         s.push_str("Format specific information:\n");
@@ -669,6 +677,10 @@ pub(crate) fn specific_human_full(
             }
         }
         s.push_str(&format!("    refcount bits: {refcount_bits}\n"));
+        if let Some(f) = data_file {
+            s.push_str(&format!("    data file: {f}\n"));
+            s.push_str(&format!("    data file raw: {data_file_raw}\n"));
+        }
         if let Some(e) = enc {
             s.push_str("    encrypt:\n");
             s.push_str(&dump_human(&encrypt_dict(e), 2));

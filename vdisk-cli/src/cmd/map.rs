@@ -162,7 +162,9 @@ fn entry(
         }
     }
     let filename = match s.offset {
-        Some(_) => layers.get(s.depth).map(|l| l.display_name()),
+        Some(_) => layers
+            .get(s.depth)
+            .map(|l| l.external_data().unwrap_or_else(|| l.display_name())),
         None => None,
     };
     Ok(MapEntry {

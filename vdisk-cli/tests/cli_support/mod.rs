@@ -166,3 +166,57 @@ pub fn remote_overlay(dir: &Path, backing: &str, local_backing: &str, writes: &[
     qemu_overlay(dir, "qcow2", local_backing, "qcow2", "ref.qcow2");
     qemu_io(dir, "qcow2", "ref.qcow2", writes);
 }
+
+/// `qemu-io` holding `file` open (read-write unless `ro`) until dropped.
+pub struct Holder(std::process::Child);
+
+impl Holder {
+    pub fn new(dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
+        Holder::spawn("qemu-io", dir, fmt, file, ro)
+    }
+
+    /// `vdisk io` holding the image, for the other direction.
+    pub fn vdisk(dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
+        Holder::spawn(env!("CARGO_BIN_EXE_vdisk"), dir, fmt, file, ro)
+    }
+
+    fn spawn(prog: &str, dir: &std::path::Path, fmt: &str, file: &str, ro: bool) -> Holder {
+        let mut c = std::process::Command::new(prog);
+        if prog != "qemu-io" {
+            c.arg("io");
+        }
+        c.current_dir(dir).args(["-f", fmt]);
+        if ro {
+            c.arg("-r");
+        }
+        let mut child = c
+            .arg(file)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn qemu-io");
+        // A command round trip proves the image is open (and locked).
+        use std::io::{BufRead, BufReader, Write};
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"length\n").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        while !line.contains("MiB") && !line.contains("KiB") && !line.contains("bytes") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "qemu-io exited");
+        }
+        // Keep stdout drained in the background.
+        std::thread::spawn(move || for _ in out.lines() {});
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

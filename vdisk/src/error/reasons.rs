@@ -16,12 +16,13 @@ pub enum Unsupported {
     Qcow2Features(Vec<String>),
     /// Incompatible QED features (the unknown bits).
     QedFeatures(u64),
-    /// A qcow2 external data file.
+    /// What a qcow2 image with an external data file cannot do (compressed clusters,
+    /// internal snapshots): QEMU answers ENOTSUP, "Operation not supported".
     ExternalDataFile,
     /// A write into a cluster shared with a snapshot, in an encrypted image with
     /// extended L2 entries (the copy of its mixed subclusters is not encrypted here).
     ExtendedL2SharedEncrypted,
-    /// A create option naming a feature this driver lacks (encryption, data files).
+    /// A create or amend option naming a feature this driver lacks.
     CreateOption(String),
     /// A format vdisk recognises but cannot read (its name: `vmdk`, `vhdx`...).
     Format(&'static str),
@@ -111,18 +112,12 @@ impl fmt::Display for Unsupported {
                 f,
                 "Unsupported QED features: {bits:#x} (image needs a newer driver)"
             ),
-            Unsupported::ExternalDataFile => write!(
-                f,
-                "qcow2 images with an external data file are not supported"
-            ),
+            Unsupported::ExternalDataFile => write!(f, "Operation not supported"),
             Unsupported::ExtendedL2SharedEncrypted => write!(
                 f,
                 "writing into a cluster shared with a snapshot is not supported in encrypted qcow2 images with extended L2 entries"
             ),
-            Unsupported::CreateOption(k) => write!(
-                f,
-                "qcow2 option '{k}' (encryption / external data files) is not supported"
-            ),
+            Unsupported::CreateOption(k) => write!(f, "qcow2 option '{k}' is not supported"),
             Unsupported::Format(name) => {
                 write!(f, "the {name} format is not supported by vdisk")
             }
@@ -232,6 +227,8 @@ pub enum Invalid {
     VmdkBackingFormat,
     /// A VHDX creation parameter out of range (qemu-img's sentence).
     VhdxCreate(&'static str),
+    /// A rule of qcow2's external data files (qemu-img's sentence).
+    DataFile(&'static str),
     /// VMDK `compat6` together with `hwversion`.
     VmdkCompat6WithHwversion,
     /// A flat VMDK with a backing file.
@@ -518,6 +515,7 @@ impl fmt::Display for Invalid {
             Invalid::BadNumber(option) => write!(f, "Parameter '{option}' expects a number"),
             Invalid::VmdkBackingFormat => write!(f, "backing_file must be a vmdk image"),
             Invalid::VhdxCreate(why) => write!(f, "{why}"),
+            Invalid::DataFile(why) => write!(f, "{why}"),
             Invalid::VmdkCompat6WithHwversion => {
                 write!(f, "compat6 cannot be enabled with hwversion set")
             }

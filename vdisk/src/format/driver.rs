@@ -113,6 +113,10 @@ pub enum FormatSpecific {
         corrupt: bool,
         /// Extended L2 entries.
         extended_l2: bool,
+        /// The external data file name the header records (or the node's `data-file`).
+        data_file: Option<String>,
+        /// The data file is kept a raw image (`data_file_raw`).
+        data_file_raw: bool,
     },
     /// QED has no specific information in qemu-img.
     Qed,
@@ -240,6 +244,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// fixed VHDs and static VDIs.
     fn file_status_refines(&self) -> bool {
         false
+    }
+    /// The name of the external data file guest data lives in (qcow2 `data_file`), as
+    /// it was opened; `None` when the data is in [`Driver::storage`].
+    fn external_data(&self) -> Option<String> {
+        None
     }
     /// How the image is encrypted (`None`: it is not).
     fn encryption(&self) -> Option<EncryptionInfo> {

@@ -60,6 +60,9 @@ pub struct Capabilities {
     /// Some valid images score 0 in the probe (a fixed VHD keeps its footer at the end,
     /// where QEMU's probe does not look): a zero score does not mean "not this format".
     pub probe_misses: bool,
+    /// Guest data can live in an external data file (qcow2 `data_file`): the node
+    /// takes a `data-file` child.
+    pub data_file: bool,
 }
 
 impl Capabilities {
@@ -74,6 +77,7 @@ impl Capabilities {
         qemu_shrinks: false,
         sector_aligned: false,
         probe_misses: false,
+        data_file: false,
     };
     /// These, plus backing files.
     pub const fn with_backing(self) -> Capabilities {
@@ -119,6 +123,10 @@ pub struct OpenArgs<'a, 'b> {
     /// Opens other files the image names (VMDK extents); `None`: the image is not a
     /// named file, so it can name none.
     pub files: Option<&'a mut super::FileResolver<'b>>,
+    /// Opens the external data file a header names (qcow2 `data_file`), by the name
+    /// as recorded (QEMU opens it as given: relative to the working directory), with
+    /// the image's access and locks.
+    pub data_files: Option<&'a mut super::FileResolver<'b>>,
 }
 
 /// Everything a format's `create` receives, options already type-checked against its
@@ -135,6 +143,9 @@ pub struct CreateArgs {
     /// The name of the file being created (its last component), when it is a named
     /// file: formats that record their own file name (VMDK's extent line) use it.
     pub filename: Option<String>,
+    /// The external data file the caller created for a `data_file` option (formats
+    /// with [`Capabilities::data_file`]).
+    pub data: Option<Arc<dyn Storage>>,
 }
 
 /// A format's `open`.
@@ -343,12 +354,25 @@ pub fn create_named(
     spec: &CreateSpec,
     filename: Option<&str>,
 ) -> Result<()> {
+    create_with_data(format, storage, spec, filename, None)
+}
+
+/// [`create_named`] with the external data file the caller created for the format's
+/// `data_file` option.
+pub fn create_with_data(
+    format: Format,
+    storage: &Arc<dyn Storage>,
+    spec: &CreateSpec,
+    filename: Option<&str>,
+    data: Option<Arc<dyn Storage>>,
+) -> Result<()> {
     let create = format.0.create.ok_or_else(|| format.no_create_error())?;
     let args = CreateArgs {
         size: spec.size,
         backing: spec.backing.clone(),
         options: parse_create_options(format, &spec.options)?,
         filename: filename.map(str::to_string),
+        data,
     };
     create(storage, &args)
 }
@@ -369,6 +393,7 @@ pub fn open(
             opts,
             backing,
             files: None,
+            data_files: None,
         },
     )
 }

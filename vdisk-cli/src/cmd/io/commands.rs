@@ -1408,6 +1408,8 @@ mod tests {
             refcount_bits: 16,
             corrupt: false,
             extended_l2: ext,
+            data_file: None,
+            data_file_raw: false,
         };
         assert_eq!(vm_state_offset(1 << 20, 65536, &q(false)), 512 << 20);
         assert_eq!(vm_state_offset(5 << 30, 65536, &q(true)), 5 << 30);

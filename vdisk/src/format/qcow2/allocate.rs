@@ -30,7 +30,8 @@ use std::sync::MutexGuard;
 pub(super) const MAX_ALLOC_BYTES: u64 = 32 << 20;
 
 /// `Allocation::token` bit: the host cluster is the entry's own preallocated zero
-/// cluster, written in place (nothing to give back on abort).
+/// cluster, written in place, or an external data file's cluster (nothing to give
+/// back on abort).
 const REUSED: u64 = 1;
 
 impl Meta {
@@ -40,11 +41,21 @@ impl Meta {
             && self.hdr.incompatible & INCOMPAT_DIRTY == 0
         {
             self.hdr.incompatible |= INCOMPAT_DIRTY;
-            self.write_header()?;
+            // Durable (the header write flushes) before anything is counted lazily;
+            // if it fails, nothing may be.
+            if let Err(e) = self.write_header() {
+                self.hdr.incompatible &= !INCOMPAT_DIRTY;
+                return Err(e);
+            }
             self.set_dirty = true;
         }
         Ok(())
     }
+}
+
+/// Host offset of guest cluster `gc` (clusters of `cs` bytes).
+fn start_of(gc: u64, cs: u64) -> u64 {
+    gc * cs
 }
 
 /// A preallocated zero cluster with refcount one: QEMU writes it in place.
@@ -112,8 +123,10 @@ impl Qcow2 {
         let max_k = (MAX_ALLOC_BYTES / cs).max(1);
         // A zero cluster that keeps its own host cluster (refcount 1) is written in
         // place, like QEMU does; it gets a run of its own.
-        let reuse = reusable_zero(&e)
-            .filter(|h| h.get() < m.file_end && m.overlaps_metadata(h.get() / cs, 1).is_none());
+        // (In an external data file no image metadata can be in the way.)
+        let reuse = reusable_zero(&e).filter(|h| {
+            m.ext_data || (h.get() < m.file_end && m.overlaps_metadata(h.get() / cs, 1).is_none())
+        });
         let mut last_e = e;
         let mut g2 = gc + 1;
         while reuse.is_none() && g2 <= last && g2 < table_end && g2 - gc < max_k {
@@ -132,6 +145,9 @@ impl Qcow2 {
         m.l2_for_write(l1i)?;
         let host = match reuse {
             Some(h) => h,
+            // An external data file holds each guest cluster at its own offset (the
+            // spec's rule) and takes no refcounts.
+            None if m.ext_data => HostOffset(start_of(gc, cs)),
             None => HostOffset(m.alloc(k)?),
         };
         m.inflight.insert(gc, gc + k);
@@ -154,7 +170,11 @@ impl Qcow2 {
                 len: tail,
                 source: m.source_at(&last_e, cs - tail),
             },
-            token: if reuse.is_some() { REUSED } else { 0 },
+            token: if reuse.is_some() || m.ext_data {
+                REUSED
+            } else {
+                0
+            },
         };
         Ok(WriteTarget::Allocate(a))
     }
@@ -171,6 +191,19 @@ impl Qcow2 {
     ) -> Result<WriteTarget<'a>> {
         let cs = self.g.cs;
         let h = host.get();
+        if m.ext_data {
+            // Data file clusters: no image metadata there, and no end to check (a
+            // shorter data file reads as zeroes and grows as it is written).
+            let n = self.in_place_run(&mut m, gc, in_off, len, h)?;
+            m.direct.insert(gc, n.1);
+            drop(m);
+            return Ok(WriteTarget::InPlace {
+                store: Store::Data,
+                host: host.add(in_off),
+                len: n.0,
+                guard: InPlaceGuard::new(self, (gc, n.1)),
+            });
+        }
         if h >= m.file_end {
             return Err(m.mark_corrupt(Corruption::new(
                 Structure::L2Table,
@@ -180,19 +213,7 @@ impl Qcow2 {
                 },
             )));
         }
-        let mut n = (cs - in_off).min(len);
-        let mut next = h + cs;
-        let mut g2 = gc + 1;
-        while n < len {
-            match m.entry_of(g2)?.in_place() {
-                Some(h2) if h2.get() == next && next < m.file_end => {
-                    n += cs.min(len - n);
-                    next += cs;
-                    g2 += 1;
-                }
-                _ => break,
-            }
-        }
+        let (n, g2) = self.in_place_run(&mut m, gc, in_off, len, h)?;
         if let Some(with) = m.overlaps_metadata(h / cs, (in_off + n).div_ceil(cs)) {
             return Err(m.mark_corrupt(Corruption::new(
                 Structure::DataCluster,
@@ -211,6 +232,33 @@ impl Qcow2 {
             len: n,
             guard: InPlaceGuard::new(self, (gc, g2)),
         })
+    }
+
+    /// The bytes (from `in_off` in guest cluster `gc`, at most `len`) and the end
+    /// cluster of the run of in-place clusters contiguous on the host from `h`.
+    fn in_place_run(
+        &self,
+        m: &mut Meta,
+        gc: u64,
+        in_off: u64,
+        len: u64,
+        h: u64,
+    ) -> Result<(u64, u64)> {
+        let cs = self.g.cs;
+        let mut n = (cs - in_off).min(len);
+        let mut next = h + cs;
+        let mut g2 = gc + 1;
+        while n < len {
+            match m.entry_of(g2)?.in_place() {
+                Some(h2) if h2.get() == next && (m.ext_data || next < m.file_end) => {
+                    n += cs.min(len - n);
+                    next += cs;
+                    g2 += 1;
+                }
+                _ => break,
+            }
+        }
+        Ok((n, g2))
     }
 
     /// Links a written allocation into the L2 table and ends its in-flight entry.

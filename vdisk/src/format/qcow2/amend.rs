@@ -1,4 +1,5 @@
-//! `amend`: changing the options of an existing image, in QEMU 10's order: upgrade
+//! `amend`: changing the options of an existing image, in QEMU 10's order: the data
+//! file's name and raw mode (checked first, written at once), upgrade
 //! (compat=1.1) first, then the refcount width, the backing file check, lazy
 //! refcounts, the size, and downgrade (compat=0.10) last.
 //!
@@ -10,7 +11,8 @@
 //! version or width, the open image refuses further writes: it must be reopened.
 
 use super::header::{
-    Header, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY, V3_HEADER_LEN,
+    Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_COMPRESSION,
+    INCOMPAT_DIRTY, V3_HEADER_LEN,
 };
 use super::snapshot::{self, encode_entry};
 use super::{check, Meta, Qcow2, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
@@ -26,6 +28,10 @@ struct Request {
     backing_fmt: Option<String>,
     lazy: Option<bool>,
     refcount_bits: Option<u64>,
+    /// A new external data file name (`data_file`).
+    data_file: Option<String>,
+    /// `data_file_raw`.
+    data_raw: Option<bool>,
 }
 
 fn request(o: &OptionValues) -> Result<Request> {
@@ -36,6 +42,8 @@ fn request(o: &OptionValues) -> Result<Request> {
         backing_fmt: None,
         lazy: None,
         refcount_bits: None,
+        data_file: None,
+        data_raw: None,
     };
     for g in o.given() {
         match g.desc.name {
@@ -58,7 +66,8 @@ fn request(o: &OptionValues) -> Result<Request> {
                 r.refcount_bits = Some(n);
             }
             k if k.starts_with("encrypt.") => return Err(Invalid::AmendEncryption.into()),
-            k if k.starts_with("data_file") => return Err(Unsupported::ExternalDataFile.into()),
+            "data_file" => r.data_file = Some(g.raw.clone()),
+            "data_file_raw" => r.data_raw = o.bool("data_file_raw"),
             k => return Err(Unsupported::CreateOption(k.to_string()).into()),
         }
     }
@@ -273,7 +282,35 @@ impl Qcow2 {
         }
         let old_version = m.g.version;
         let new_version = r.version.unwrap_or(old_version);
+        // QEMU's rules, checked before anything changes: a data file can be renamed
+        // (the new name is not opened), raw mode only dropped.
+        if r.data_file.is_some() && !m.ext_data {
+            return Err(Invalid::DataFile(
+                "data-file can only be set for images that use an external data file",
+            )
+            .into());
+        }
+        if r.data_raw == Some(true) && !m.data_raw {
+            return Err(Invalid::DataFile("data-file-raw cannot be set on existing images").into());
+        }
+        if new_version < old_version && m.ext_data {
+            return Err(Invalid::DataFile("Cannot downgrade an image with a data file").into());
+        }
         let mut reopen = false;
+        if r.data_file.is_some() || r.data_raw == Some(false) {
+            let mut h = m.hdr.clone();
+            if let Some(name) = &r.data_file {
+                h.set_data_file_name(Some(name).filter(|n| !n.is_empty()).map(String::as_str));
+            }
+            if r.data_raw == Some(false) {
+                h.autoclear &= !AUTOCLEAR_DATA_FILE_RAW;
+            }
+            // Fails (changing nothing) if the name does not fit in the header cluster.
+            h.serialize()?;
+            m.hdr = h;
+            m.write_header()?;
+            m.data_raw = m.hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0;
+        }
         if new_version > old_version {
             m.mark_clean()?;
             m.upgrade(self.size())?;

@@ -168,7 +168,10 @@ fn count_l1(
             } else {
                 0
             };
-            if off == 0 {
+            // With an external data file, offset 0 with COPIED (and no zero flag) is
+            // guest cluster 0's data at data file offset 0.
+            let at_zero = m.ext_data && e & COPIED != 0 && e & super::ZERO == 0;
+            if off == 0 && !at_zero {
                 if bitmap & 0xffff_ffff != 0 {
                     rep.push(
                         Finding::new(K::SubclusterBitmap, Structure::L2Table)
@@ -196,6 +199,10 @@ fn count_l1(
                     rep.fragmented_clusters = Some(rep.fragmented_clusters.unwrap_or(0) + 1);
                 }
                 next_contiguous = off + cs;
+            }
+            if m.ext_data {
+                // Clusters of an external data file are not refcounted (the spec).
+                continue;
             }
             cnt.inc(rep, Structure::DataCluster, off, cs);
             if !off.is_multiple_of(cs) {
@@ -615,7 +622,8 @@ fn check_copied(m: &mut Meta, rep: &mut CheckReport, fix: bool) -> Result<()> {
                 continue;
             }
             let off = e & OFFSET_MASK;
-            if off == 0 {
+            if off == 0 || m.ext_data {
+                // (External data file clusters have no refcounts to compare with.)
                 continue;
             }
             let Some(rc) = disk_rc(m, off / cs) else {

@@ -21,6 +21,8 @@ struct Opts {
     extended_l2: bool,
     backing: Option<BackingSpec>,
     encrypt: Option<super::crypto::Wanted>,
+    /// The external data file name to record, and whether it is kept raw.
+    data_file: Option<(String, bool)>,
 }
 
 fn parse_opts(args: &CreateArgs) -> Result<Opts> {
@@ -47,12 +49,13 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
     if encrypt.is_some() {
         super::crypto::check_secret(o)?;
     }
-    if let Some(g) = o
-        .given()
-        .iter()
-        .find(|g| g.desc.name.starts_with("data_file"))
-    {
-        return Err(Unsupported::CreateOption(g.desc.name.to_string()).into());
+    let data_file = o
+        .str("data_file")
+        .filter(|n| !n.is_empty())
+        .map(str::to_string);
+    let data_raw = o.bool("data_file_raw").unwrap_or(false);
+    if data_raw && data_file.is_none() {
+        return Err(Invalid::DataFile("data-file-raw requires data-file").into());
     }
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
         return Err(Invalid::Qcow2ClusterSize.into());
@@ -73,6 +76,12 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
         }
         if extended_l2 {
             return Err(Invalid::NeedsV3(V3Feature::ExtendedL2).into());
+        }
+        if data_file.is_some() {
+            return Err(Invalid::DataFile(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            )
+            .into());
         }
     }
     if extended_l2 && cluster_size < 16384 {
@@ -100,10 +109,23 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
             }
             .into());
         }
+        if data_raw {
+            return Err(Invalid::DataFile(
+                "Backing file and data-file-raw cannot be used at the same time",
+            )
+            .into());
+        }
         if prealloc != Prealloc::Off {
             return Err(Invalid::BackingWithPreallocation.into());
         }
     }
+    // A raw data file is mapped whole from the start (QEMU: at least metadata
+    // preallocation), so that every guest offset is its data file offset.
+    let prealloc = if data_raw && prealloc == Prealloc::Off {
+        Prealloc::Metadata
+    } else {
+        prealloc
+    };
     Ok(Opts {
         cluster_bits: cluster_size.trailing_zeros(),
         version,
@@ -114,6 +136,7 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
         extended_l2,
         backing,
         encrypt,
+        data_file: data_file.map(|n| (n, data_raw)),
     })
 }
 
@@ -175,11 +198,26 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
         other_exts: Vec::new(),
         backing_file: o.backing.as_ref().map(|b| b.name.clone()),
     };
+    let data = match &o.data_file {
+        Some((name, raw)) => {
+            h.incompatible |= INCOMPAT_DATA_FILE;
+            if *raw {
+                h.autoclear |= AUTOCLEAR_DATA_FILE_RAW;
+            }
+            h.set_data_file_name(Some(name));
+            // The caller creates the data file (it knows where names resolve).
+            let d = spec.data.clone().ok_or(Invalid::DataFile(
+                "An external data file needs a file to be created in",
+            ))?;
+            d.set_len(0)?;
+            Some(d)
+        }
+        None => None,
+    };
     let mut head = h.serialize()?;
-    // The whole header cluster is written, as qemu-img writes it (same disk usage).
-    if (head.len() as u64) < cs {
-        head.resize(cs as usize, 0);
-    }
+    // The whole header cluster, as QEMU writes it: its host allocation is what QEMU's
+    // metadata-preallocation guess (block status of `map`) looks at.
+    head.resize(cs as usize, 0);
     storage.set_len(0)?;
     storage.write_at(&head, 0)?;
     let mut rt = vec![0u8; cs as usize];
@@ -192,8 +230,12 @@ pub fn create_typed(storage: &Arc<dyn Storage>, spec: &CreateArgs) -> Result<()>
     storage.write_at(&rb, 2 * cs)?;
     storage.flush()?;
 
-    let img = Qcow2::open(
+    let img = Qcow2::open_with(
         storage.clone(),
+        super::DataSource {
+            child: data,
+            files: None,
+        },
         &DriverOptions {
             no_backing: true,
             ..DriverOptions::default()

@@ -17,10 +17,14 @@ fn probe(p: &ProbeInput<'_>) -> u32 {
 }
 
 fn open(args: OpenArgs<'_, '_>) -> Result<Arc<dyn Driver>> {
-    // The driver keeps metadata and data on one storage until external data files
-    // arrive; `args.data` is then the data file.
-    Ok(Arc::new(super::Qcow2::open(
+    // A `data` storage other than `meta` is the node's `data-file` child.
+    let child = (!Arc::ptr_eq(&args.meta, &args.data)).then_some(args.data);
+    Ok(Arc::new(super::Qcow2::open_with(
         args.meta,
+        super::DataSource {
+            child,
+            files: args.data_files,
+        },
         args.opts,
         args.backing,
     )?))
@@ -39,6 +43,7 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
         metadata_prealloc: true,
         dirty_flag: true,
         qemu_shrinks: true,
+        data_file: true,
         ..Capabilities::NONE
             .with_clusters()
             .with_backing()

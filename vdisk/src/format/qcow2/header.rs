@@ -31,7 +31,10 @@ pub const INCOMPAT_KNOWN: u64 =
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear bits this driver keeps: bitmaps (bit 0, kept exact by the `bitmap` module,
 /// which drops the extension itself when the bit was found clear) and raw external data.
-pub const AUTOCLEAR_KNOWN: u64 = (1 << 0) | (1 << 1);
+pub const AUTOCLEAR_KNOWN: u64 = (1 << 0) | AUTOCLEAR_DATA_FILE_RAW;
+/// Autoclear feature: the external data file is a valid raw image (guest offset ==
+/// data file offset, every byte the guest reads is the data file's).
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 /// Header extension: backing file format name.
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -461,6 +464,30 @@ impl Header {
             .into());
         }
         Ok(b)
+    }
+
+    /// The external data file name the header extension records (QEMU writes it
+    /// without a terminating NUL; one is tolerated).
+    pub fn data_file_name(&self) -> Option<String> {
+        self.other_exts
+            .iter()
+            .find(|(t, _)| *t == EXT_DATA_FILE)
+            .map(|(_, d)| {
+                String::from_utf8_lossy(d)
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+    }
+
+    /// Records (or, with `None`, drops) the external data file name extension.
+    pub fn set_data_file_name(&mut self, name: Option<&str>) {
+        self.other_exts.retain(|(t, _)| *t != EXT_DATA_FILE);
+        if let Some(n) = name {
+            // QEMU's position: the data file extension comes first among the others.
+            self.other_exts
+                .insert(0, (EXT_DATA_FILE, n.as_bytes().to_vec()));
+        }
+        self.has_data_file_ext = name.is_some();
     }
 
     /// The feature table QEMU writes for version 3 images.

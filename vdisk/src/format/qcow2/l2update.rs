@@ -16,6 +16,10 @@ use crate::format::mapping::HostOffset;
 impl Meta {
     /// Queues the release of whatever host clusters an old entry referenced.
     pub(crate) fn free_entry(&mut self, e: &L2Entry) {
+        if self.ext_data {
+            // Data clusters in an external data file have no refcounts.
+            return;
+        }
         match *e {
             L2Entry::Normal { host: Some(h), .. } => self.defer_free(h.get()),
             L2Entry::Normal { host: None, .. } => {}

@@ -7,7 +7,7 @@
 //! one comparison each). Nothing here writes metadata, so there are no crash rules to
 //! keep; an invalid entry marks the image corrupt (see `Meta::mark_corrupt`).
 
-use super::l2entry::{EntryFormat, EntryProblem, L2Entry, SubState};
+use super::l2entry::{EntryFormat, EntryProblem, L2Entry, SubState, Subclusters};
 use super::tables::entry;
 use super::{compress, Meta, Qcow2};
 use crate::error::{Corruption, Problem, Result, Structure};
@@ -32,7 +32,7 @@ impl Meta {
     /// `gc`; an invalid one marks the image corrupt.
     pub(crate) fn decode(&mut self, word: u64, bitmap: u64, gc: u64) -> Result<L2Entry> {
         match L2Entry::decode(word, bitmap, &self.entry_format()) {
-            Ok(e) => Ok(e),
+            Ok(e) => Ok(self.data_file_entry(word, e)),
             Err(p) => {
                 let problem = match p {
                     EntryProblem::Reserved => Problem::ReservedBits {
@@ -56,6 +56,30 @@ impl Meta {
                 };
                 Err(self.mark_corrupt(Corruption::new(Structure::L2Table, problem)))
             }
+        }
+    }
+
+    /// With an external data file, offset 0 with COPIED set (and no zero flag: that
+    /// is a plain zero cluster) is guest cluster 0's data at data file offset 0
+    /// (QEMU's rule; without a data file, offset 0 means "no host cluster").
+    fn data_file_entry(&self, word: u64, e: L2Entry) -> L2Entry {
+        match e {
+            L2Entry::Normal {
+                host: None,
+                copied: true,
+                sub,
+            } if self.ext_data
+                && !self.g.ext_l2
+                && sub == Subclusters::UNALLOCATED
+                && word & super::COMPRESSED == 0 =>
+            {
+                L2Entry::Normal {
+                    host: Some(HostOffset(0)),
+                    copied: true,
+                    sub: Subclusters::ALLOCATED,
+                }
+            }
+            e => e,
         }
     }
 

@@ -37,9 +37,20 @@
 //! Crash ordering (see the reference): refcount increases and new clusters' data are
 //! flushed once before any batch of L2/L1 updates is written (`Meta::barrier`); frees
 //! are deferred until the mapping that dropped them is durable (`pending_frees`).
+//! With lazy refcounts the dirty bit is made durable before the first change
+//! (`Meta::before_alloc`); from then on refcount blocks take no part in that order
+//! (`Meta::lazy_counting`: a guest flush leaves them in cache), and close writes them
+//! back and flushes before it clears the bit. New data is still durable before the
+//! mapping naming it. With an external data file the data storage is flushed before
+//! the image file (`Meta::flush_storages`), and data clusters released by zero writes
+//! and discards are punched (zeroed, with `data_file_raw`) under the metadata lock, so
+//! no new allocation of the same guest cluster can race with the release.
 //!
-//! Extended L2 entries (subclusters) are read and written (`subcluster`); external
-//! data files are refused with a clear error. Encrypted images (LUKS, legacy AES) are read and
+//! Extended L2 entries (subclusters) are read and written (`subcluster`). External
+//! data files (`data_file`): guest data goes to the data storage at the guest offset
+//! (QEMU's rule), data clusters take no refcounts, and zero writes and discards release
+//! them in the data file itself (zeroing them with `data_file_raw`). Encrypted images
+//! (LUKS, legacy AES) are read and
 //! written through the data path's cipher (see `crypto`).
 //!
 //! Default caches: the L2 cache covers the whole disk up to 32 MiB of tables (QEMU's
@@ -83,7 +94,7 @@ use super::{
     BackingResolver, BackingSpec, CheckReport, Driver, DriverOptions, Extent, Format,
     FormatSpecific, PreallocMode, Repair, SnapshotInfo, ZeroFlags,
 };
-use crate::error::{Corruption, Error, Field, Problem, Result, Structure, Unsupported};
+use crate::error::{Corruption, Error, Field, Invalid, Problem, Result, Structure, Unsupported};
 use crate::format::datapath::{self, InFlight, Waiters};
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
@@ -113,6 +124,15 @@ pub(crate) const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// and written over.
 pub fn probe(head: &[u8]) -> bool {
     head.len() >= 4 && head[..4] == MAGIC
+}
+
+/// Where an image's external data file comes from, if the header says it has one.
+#[derive(Default)]
+pub(crate) struct DataSource<'a, 'b> {
+    /// The node's `data-file` child, opened by the chain.
+    pub child: Option<Arc<dyn Storage>>,
+    /// Opens the name the header records (with the image's access and locks).
+    pub files: Option<&'a mut super::FileResolver<'b>>,
 }
 
 /// Fixed geometry of an open image.
@@ -187,6 +207,13 @@ pub(crate) struct Meta {
     /// Guest data storage (the same `Arc` as `st` unless an external data file is
     /// configured).
     pub data: Arc<dyn Storage>,
+    /// Guest data lives in an external data file (incompatible bit 2): host offsets
+    /// are data file offsets equal to the guest offsets, and data clusters are not
+    /// refcounted.
+    pub ext_data: bool,
+    /// The data file is kept a valid raw image (autoclear bit 1): zeroed and discarded
+    /// clusters are zeroed in the data file too.
+    pub data_raw: bool,
     pub g: Geom,
     pub hdr: Header,
     pub l1: Vec<u64>,
@@ -288,8 +315,10 @@ impl Meta {
 pub struct Qcow2 {
     /// Metadata storage (the image file).
     storage: Arc<dyn Storage>,
-    /// Guest data storage: the same file (external data files are refused at open).
+    /// Guest data storage: the same file, or the external data file.
     data: Arc<dyn Storage>,
+    /// The external data file's name as opened (`None`: no data file).
+    data_name: Option<String>,
     backing: Option<Arc<dyn Driver>>,
     backing_spec: Mutex<Option<BackingSpec>>,
     g: Geom,
@@ -319,6 +348,16 @@ impl Qcow2 {
     /// is opened through `resolver`.
     pub fn open(
         storage: Arc<dyn Storage>,
+        opts: &DriverOptions,
+        resolver: &mut BackingResolver<'_>,
+    ) -> Result<Qcow2> {
+        Self::open_with(storage, DataSource::default(), opts, resolver)
+    }
+
+    /// [`Qcow2::open`] with where an external data file comes from.
+    pub(crate) fn open_with(
+        storage: Arc<dyn Storage>,
+        data: DataSource<'_, '_>,
         opts: &DriverOptions,
         resolver: &mut BackingResolver<'_>,
     ) -> Result<Qcow2> {
@@ -353,9 +392,36 @@ impl Qcow2 {
                 .collect();
             return Err(Unsupported::Qcow2Features(names).into());
         }
-        if hdr.incompatible & INCOMPAT_DATA_FILE != 0 || hdr.has_data_file_ext {
-            return Err(Unsupported::ExternalDataFile.into());
-        }
+        let ext_data = hdr.incompatible & INCOMPAT_DATA_FILE != 0;
+        let data_raw = ext_data && hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0;
+        let mut data_name = None;
+        let data: Arc<dyn Storage> = match (ext_data, data.child) {
+            (false, Some(_)) => {
+                return Err(Invalid::DataFile(
+                    "'data-file' can only be set for images with an external data file",
+                )
+                .into())
+            }
+            (false, None) => storage.clone(),
+            (true, Some(d)) => {
+                data_name = d.exact_filename().or_else(|| hdr.data_file_name());
+                d
+            }
+            // As QEMU (since its CVE-2024-4467 fix): an open without I/O (`info`)
+            // does not open the file the header names; an empty stand-in takes its
+            // place.
+            (true, None) if opts.no_io => Arc::new(crate::storage::MemStorage::new()),
+            // As QEMU: the header's name is opened as given (relative names from the
+            // working directory, not from the image's directory).
+            (true, None) => match (hdr.data_file_name(), data.files) {
+                (Some(name), Some(open)) => {
+                    let (st, opened) = open(&name)?;
+                    data_name = Some(opened);
+                    st
+                }
+                _ => return Err(Invalid::DataFile("'data-file' is required for this image").into()),
+            },
+        };
         if ext_l2 && hdr.cluster_bits < 14 {
             return Err(Corruption::new(
                 Structure::Qcow2Header,
@@ -518,7 +584,9 @@ impl Qcow2 {
         let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
         let mut meta = Meta {
             st: storage.clone(),
-            data: storage.clone(),
+            data,
+            ext_data,
+            data_raw,
             g,
             corrupt: hdr.incompatible & INCOMPAT_CORRUPT != 0,
             rc_broken,
@@ -560,6 +628,7 @@ impl Qcow2 {
         }
         let q = Qcow2 {
             data: meta.data.clone(),
+            data_name,
             storage,
             backing,
             backing_spec: Mutex::new(spec),
@@ -702,7 +771,7 @@ impl Driver for Qcow2 {
         }
         let mut m = self.lock();
         m.st.event(crate::storage::BlkEvent::FlushToOs);
-        m.writeback()?;
+        m.writeback_for_flush()?;
         // Under the lock: `unflushed` may only be cleared once the flush has happened,
         // or a concurrent barrier could skip a flush it needs.
         m.st.event(crate::storage::BlkEvent::FlushToDisk);
@@ -732,7 +801,18 @@ impl Driver for Qcow2 {
             refcount_bits: 1 << m.g.rc_order,
             corrupt: m.hdr.incompatible & INCOMPAT_CORRUPT != 0,
             extended_l2: m.hdr.incompatible & INCOMPAT_EXTL2 != 0,
+            // QEMU shows the header's name (a `data-file` child given instead with no
+            // name in the header shows none).
+            data_file: if m.ext_data {
+                m.hdr.data_file_name()
+            } else {
+                None
+            },
+            data_file_raw: m.data_raw,
         }
+    }
+    fn external_data(&self) -> Option<String> {
+        self.data_name.clone()
     }
     fn encryption(&self) -> Option<super::EncryptionInfo> {
         self.crypto.as_ref().map(|c| c.info.clone())
@@ -762,6 +842,10 @@ impl Driver for Qcow2 {
         self.do_snapshot_load(id, name)
     }
     fn snapshot_create(&self, sn: &SnapshotInfo) -> Result<SnapshotInfo> {
+        if self.lock().ext_data {
+            // The spec: no internal snapshots with an external data file.
+            return Err(Unsupported::ExternalDataFile.into());
+        }
         self.do_snapshot_create(sn)
     }
     fn snapshot_apply(&self, id_or_name: &str) -> Result<SnapshotInfo> {
@@ -782,6 +866,10 @@ impl Driver for Qcow2 {
     }
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.writable()?;
+        if self.lock().ext_data {
+            // The spec: no compressed clusters with an external data file.
+            return Err(Unsupported::ExternalDataFile.into());
+        }
         if self.crypto.is_some() {
             return Err(Unsupported::CompressedEncrypted.into());
         }

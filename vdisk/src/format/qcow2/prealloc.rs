@@ -5,7 +5,8 @@
 //! `metadata` writes no data: the new clusters must read as zeroes, which clusters past
 //! the end of the file do (the file is extended, sparse). A cluster the allocator takes
 //! from a free hole inside the file may hold old bytes, so it is zeroed first; every
-//! mode maps a cluster only after its data area is in its final state.
+//! mode maps a cluster only after its data area is in its final state. With an
+//! external data file the data area is the data file's range at the guest offset.
 
 use super::{Qcow2, COPIED};
 use crate::error::Result;
@@ -46,13 +47,21 @@ pub(crate) fn preallocate(img: &Qcow2, first: u64, end: u64, mode: Prealloc) -> 
         while gc + k < end.min(table_end) && m.l2_entry(gc + k)? == 0 {
             k += 1;
         }
-        let host = m.alloc(k)?;
+        // An external data file holds each guest cluster at its own offset, without
+        // refcounts; its data area ends with the guest disk.
+        let ext = m.ext_data;
+        let host = if ext { gc * cs } else { m.alloc(k)? };
         drop(m);
         let len = k * cs;
+        let data_len = if ext {
+            len.min(crate::format::Driver::size(img).saturating_sub(host))
+        } else {
+            len
+        };
         match mode {
-            Prealloc::Falloc => img.storage.allocate(host, len)?,
-            Prealloc::Full => img.storage.write_zeroes(host, len)?,
-            Prealloc::Metadata | Prealloc::Off if host < old_len => {
+            Prealloc::Falloc => img.data.allocate(host, data_len)?,
+            Prealloc::Full => img.data.write_zeroes(host, data_len)?,
+            Prealloc::Metadata | Prealloc::Off if !ext && host < old_len => {
                 // Reused space inside the file: make it read zeroes.
                 img.storage.write_zeroes(host, (old_len - host).min(len))?;
             }
@@ -63,7 +72,9 @@ pub(crate) fn preallocate(img: &Qcow2, first: u64, end: u64, mode: Prealloc) -> 
             m.set_entry(l1i, gc + i, (host + i * cs) | COPIED)?;
         }
         m.maybe_writeback()?;
-        file_end = file_end.max(host + len);
+        if !ext {
+            file_end = file_end.max(host + len);
+        }
         gc += k;
     }
     let mut m = img.lock();

@@ -79,10 +79,19 @@ impl Qcow2 {
         }
         m.writeback()?;
         m.barrier()?;
+        if m.ext_data && new_size > cur {
+            // As QEMU, the data file follows the disk's size (grown before the header
+            // says so: a longer data file is harmless).
+            m.data.set_len(new_size)?;
+        }
         m.hdr.size = new_size;
         m.write_header()?;
         self.size
             .store(new_size, std::sync::atomic::Ordering::Release);
+        if m.ext_data && new_size < cur {
+            // Clusters past the new end are unmapped and durable: cut the data file.
+            m.data.set_len(new_size)?;
+        }
         if new_size < cur {
             // As QEMU: the file ends after its last cluster in use (the freed clusters
             // past it were only punched). The refcounts are durable; failing to

@@ -3,8 +3,11 @@
 //! Write-back order (crash rules): dirty refcount blocks and new clusters' data are
 //! made durable by one flush (`barrier`) before any L2 table is written; L2 tables are
 //! flushed before the L1 entries pointing at new ones; deferred frees are applied only
-//! after all of that is durable.
+//! after all of that is durable. With lazy refcounts (dirty bit durable) refcount
+//! blocks are not part of that order: a guest flush leaves them in cache, and a crash
+//! rebuilds them from the tables on the next read-write open.
 
+use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::{alloc::MAX_PENDING_FREES, Meta, COPIED, L1E_RESERVED, OFFSET_MASK};
 use crate::error::{Corruption, Problem, Result, Structure};
 use crate::storage::BlkEvent;
@@ -25,7 +28,11 @@ impl Meta {
     /// Flushes if anything was written since the last flush, so what follows cannot
     /// reach the disk before it.
     pub(crate) fn barrier(&mut self) -> Result<()> {
-        self.write_rc_blocks()?;
+        // Lazy refcounts (dirty bit durable): refcounts need not reach the disk
+        // before the mappings; they stay in cache until a full write-back.
+        if !self.lazy_counting() {
+            self.write_rc_blocks()?;
+        }
         if self.unflushed {
             self.flush_storages()?;
             self.unflushed = false;
@@ -183,12 +190,36 @@ impl Meta {
         self.l2.slot_mut(slot).dirty = true;
     }
 
-    /// Writes every pending metadata change in crash-safe order (no final flush).
+    /// Whether refcount updates are counted lazily right now: lazy refcounts are on
+    /// and the dirty bit is set on disk (`before_alloc` sets it durably before the
+    /// first change), so a crash rebuilds the refcounts from the tables.
+    pub(crate) fn lazy_counting(&self) -> bool {
+        self.hdr.compatible & COMPAT_LAZY_REFCOUNTS != 0
+            && self.hdr.incompatible & INCOMPAT_DIRTY != 0
+            && !self.read_only
+    }
+
+    /// Writes every pending metadata change in crash-safe order (no final flush),
+    /// refcount blocks included.
     pub(crate) fn writeback(&mut self) -> Result<()> {
+        self.writeback_with(true)
+    }
+
+    /// The write-back of a guest flush: with lazy refcounts, dirty refcount blocks
+    /// stay in cache (written on eviction, on close before the dirty bit is cleared,
+    /// and by every other write-back).
+    pub(crate) fn writeback_for_flush(&mut self) -> Result<()> {
+        let rc = !self.lazy_counting();
+        self.writeback_with(rc)
+    }
+
+    fn writeback_with(&mut self, refcounts: bool) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        self.write_rc_blocks()?;
+        if refcounts {
+            self.write_rc_blocks()?;
+        }
         let dirty = self.l2.dirty();
         if !dirty.is_empty() || self.l1_dirty.is_some() || !self.pending_frees.is_empty() {
             self.barrier()?;
@@ -214,7 +245,9 @@ impl Meta {
             if !self.pending_frees.is_empty() {
                 self.barrier()?;
                 self.apply_frees()?;
-                self.write_rc_blocks()?;
+                if refcounts {
+                    self.write_rc_blocks()?;
+                }
             }
         }
         Ok(())

@@ -199,6 +199,7 @@ impl Qcow2 {
         only: Option<&dyn Fn(&L2Entry) -> bool>,
     ) -> Result<bool> {
         let mut gc = first;
+        let mut data_ops: Vec<(u64, u64, bool)> = Vec::new();
         while gc < last {
             let l1i = (gc >> self.g.l2_bits) as usize;
             let table_end = (((l1i as u64) + 1) << self.g.l2_bits).min(last);
@@ -263,8 +264,42 @@ impl Qcow2 {
                 }
                 m.l2_dirty(s);
                 let kept = new & OFFSET_MASK;
-                if cl.host().is_none_or(|h| h.get() != kept) {
+                if m.ext_data {
+                    // (Offset 0 with COPIED is data file offset 0, see `decode`.)
+                    let keeps_host = kept != 0 || new & super::COPIED != 0;
+                    // Data file clusters have no refcounts: what the entry gives up is
+                    // released in the data file itself (QEMU: discarded; zeroed when
+                    // the data file is raw, which must keep reading as the guest does).
+                    if let Some(h) = cl.host() {
+                        let len = self.g.cs.min(self.size().saturating_sub(g * self.g.cs));
+                        if !keeps_host {
+                            data_ops.push((h.get(), len, true));
+                        } else if m.data_raw {
+                            data_ops.push((h.get(), len, false));
+                        }
+                    }
+                } else if cl.host().is_none_or(|h| h.get() != kept) {
                     m.free_entry(&cl);
+                }
+            }
+            // Under the lock, so that no write can allocate these guest clusters again
+            // (at the same data file offsets) before they are released. Releasing them
+            // before the new entries are durable is harmless: the guest asked for
+            // zeroes (or no data) there.
+            for (h, len, unmap) in data_ops.drain(..) {
+                if len == 0 {
+                    continue;
+                }
+                let r = if unmap {
+                    m.data.punch_hole(h, len)
+                } else {
+                    m.data.write_zeroes(h, len)
+                };
+                match r {
+                    Ok(()) => m.unflushed = true,
+                    // Best effort, like a discard, unless the raw file must read zeroes.
+                    Err(e) if !m.data_raw => tracing::debug!("qcow2: releasing data: {e}"),
+                    Err(e) => return Err(e.into()),
                 }
             }
             m.maybe_writeback()?;

@@ -1,0 +1,53 @@
+//! Shared pieces of the crash simulations: the model of what each flush made durable,
+//! and the check that a crash image still holds it.
+#![allow(dead_code)]
+
+use vdisk::Image;
+
+/// The guest contents at one completed flush.
+pub struct Flushed {
+    /// Crash point of the flush (ops recorded before it).
+    pub point: usize,
+    /// Guest bytes as of the flush.
+    pub data: Vec<u8>,
+    /// Bytes written after this flush, with the crash point each started at:
+    /// (point, offset, length); a crash after that point may have changed them.
+    pub later: Vec<(usize, u64, u64)>,
+}
+
+/// What a v3 qcow2 discard of `[off, off+len)` leaves in `model`: whole clusters read
+/// as zeroes (the image's partial last cluster counts as whole).
+pub fn discard_model(model: &mut [u8], off: u64, len: u64, cs: u64) {
+    let size = model.len() as u64;
+    let last = if off + len == size {
+        size.div_ceil(cs)
+    } else {
+        (off + len) / cs
+    };
+    for c in off.div_ceil(cs)..last {
+        model[(c * cs) as usize..((c + 1) * cs).min(size) as usize].fill(0);
+    }
+}
+
+/// Panics unless `img` reads as `f` says, apart from the bytes written after it that
+/// had started before crash point `k`.
+pub fn assert_intact(img: &Image, f: &Flushed, k: usize, what: &str) {
+    let size = f.data.len();
+    let mut got = vec![0u8; size];
+    img.read_at(&mut got, 0).unwrap();
+    let mut want = f.data.clone();
+    for &(p, off, len) in &f.later {
+        if p < k {
+            let r = off as usize..(off + len) as usize;
+            want[r.clone()].fill(0);
+            got[r].fill(0);
+        }
+    }
+    if got != want {
+        let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "crash point {k} ({what}): byte {i} is {} but {} was flushed",
+            got[i], want[i]
+        );
+    }
+}
