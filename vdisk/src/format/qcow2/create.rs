@@ -5,7 +5,7 @@
 use super::header::*;
 use super::prealloc::{preallocate, Prealloc};
 use super::{Geom, Qcow2};
-use crate::error::{Invalid, Result, Unsupported, V3Feature};
+use crate::error::{Invalid, Result, V3Feature};
 use crate::format::registry::CreateArgs;
 use crate::format::{BackingSpec, CreateSpec, Driver, DriverOptions, Format};
 use crate::storage::Storage;
