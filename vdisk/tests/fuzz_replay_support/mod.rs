@@ -4,8 +4,11 @@
 
 use std::path::Path;
 
+/// A fuzz target: its name (the corpus directory) and its body.
+pub type Target<'a> = (&'a str, fn(&[u8]));
+
 /// Runs every seed and artifact of each `(name, body)`; a panic fails, naming the file.
-pub fn replay(fuzz_dir: &Path, targets: &[(&str, fn(&[u8]))]) {
+pub fn replay(fuzz_dir: &Path, targets: &[Target<'_>]) {
     for (name, target) in targets {
         let mut seeds = 0;
         for sub in ["corpus", "artifacts"] {
