@@ -572,3 +572,63 @@ fn commit_and_rebase_with_data_files() {
         &["read -P 7 0 4k", "read -P 2 64k 128k", "read -P 1 2M 64k"],
     );
 }
+
+/// Extended L2 entries together with an external data file are refused by name, never
+/// misread (offset 0 is data there) or written with host clusters away from the guest
+/// offset: on create (no file left behind) and on opening qemu-img's image.
+#[test]
+fn extended_l2_with_a_data_file_is_refused() {
+    let d = tmp();
+    let dir = d.path();
+    let r = vdisk(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,data_file=v.data",
+            "v.qcow2",
+            "4M",
+        ],
+    );
+    assert_eq!(r.code, 1, "{}{}", r.out, r.err);
+    assert!(
+        r.err
+            .contains("both extended L2 entries and an external data file"),
+        "{}",
+        r.err
+    );
+    assert!(!dir.join("v.qcow2").exists() && !dir.join("v.data").exists());
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "extended_l2=on,data_file=q.data",
+                "q.qcow2",
+                "4M",
+            ],
+        ),
+        "qemu-img create",
+    );
+    qemu_io(dir, "qcow2", "q.qcow2", &["write -P 1 0 3k"]);
+    for args in [
+        &["io", "-c", "read -P 1 0 3k", "q.qcow2"][..],
+        &["convert", "-O", "raw", "q.qcow2", "out.raw"],
+    ] {
+        let r = vdisk(dir, args);
+        assert_eq!(r.code, 1, "{args:?}: {}{}", r.out, r.err);
+        assert!(
+            r.err
+                .contains("both extended L2 entries and an external data file"),
+            "{args:?}: {}",
+            r.err
+        );
+    }
+}
