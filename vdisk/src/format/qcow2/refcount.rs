@@ -165,11 +165,19 @@ impl Meta {
 
     /// Sets the refcount of `c` (repair). The block must exist.
     pub(crate) fn rc_set(&mut self, c: u64, v: u64) -> Result<()> {
-        let cur = self.rc_get(c)?;
-        if v >= cur {
-            self.rc_add(c, (v - cur) as i64)?;
-        } else {
-            self.rc_add(c, -((cur - v) as i64))?;
+        let mut cur = self.rc_get(c)?;
+        // 64-bit refcounts can differ by more than an i64 holds: step (at most twice).
+        while cur != v {
+            let step = if v > cur {
+                (v - cur).min(i64::MAX as u64) as i64
+            } else {
+                -((cur - v).min(i64::MAX as u64) as i64)
+            };
+            let next = self.rc_add(c, step)?;
+            if next == cur {
+                break;
+            }
+            cur = next;
         }
         Ok(())
     }
