@@ -113,6 +113,16 @@ pub fn parse_cache(s: Option<&str>, default: CacheMode) -> Result<CacheMode, Str
     }
 }
 
+/// Parses `-i MODE` (`-k`/`-n` ask for `native` when no mode is named), with
+/// qemu-io's and qemu-img bench's message for a mode it lacks.
+pub fn parse_aio(s: Option<&str>, native: bool) -> Result<vdisk::AioMode, String> {
+    match s {
+        None if native => Ok(vdisk::AioMode::Native),
+        None => Ok(vdisk::AioMode::Threads),
+        Some(m) => vdisk::AioMode::parse(m).ok_or_else(|| format!("Invalid aio option: {m}")),
+    }
+}
+
 /// Parses a size argument the way qemu-img's `cvtnum` does (`k`, `M`, `G`, `T`, `P`,
 /// `E` suffixes, 1024-based; a bare number is bytes). `None` when invalid.
 pub fn parse_size_arg(s: &str) -> Option<u64> {

@@ -72,7 +72,7 @@ pub struct ServeArgs {
     /// Same as --cache=none.
     #[arg(short = 'n', long = "nocache")]
     pub nocache: bool,
-    /// AIO mode (accepted for compatibility; I/O is always thread based).
+    /// AIO mode of the image's files: threads, native (with --cache=none) or io_uring.
     #[arg(long = "aio")]
     pub aio: Option<String>,
     /// What TRIM does: ignore (default) or unmap.
@@ -143,11 +143,10 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
     if a.nocache {
         cache = CacheMode::None;
     }
-    if let Some(m) = a.aio.as_deref() {
-        if !matches!(m, "threads" | "native" | "io_uring") {
-            return Err(format!("invalid aio mode '{m}'"));
-        }
-    }
+    let aio = match a.aio.as_deref() {
+        None => vdisk::AioMode::Threads,
+        Some(m) => vdisk::AioMode::parse(m).ok_or_else(|| format!("invalid aio mode '{m}'"))?,
+    };
     let discard = match a.discard.as_str() {
         "ignore" | "off" => DiscardMode::Ignore,
         "unmap" | "on" => DiscardMode::Unmap,
@@ -181,6 +180,7 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
             format,
             read_only,
             cache,
+            aio,
             image_opts: a.image_opts,
             discard: match discard {
                 DiscardMode::Ignore => vdisk::policy::DiscardMode::Ignore,

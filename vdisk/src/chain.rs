@@ -7,7 +7,7 @@ use crate::format::{self, BackingSpec, Driver, DriverOptions, Format};
 use crate::storage::options::{Node, SpecError, Value};
 use crate::storage::registry::{self, ProtocolOpen};
 use crate::storage::{
-    spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Storage, StorageError,
+    spec, AioMode, CacheMode, FileStorage, LockMode, OpenFileOptions, Storage, StorageError,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pub struct ChainOptions {
     pub locking: bool,
     /// Options for the format drivers of backing files (always read-only).
     pub driver: DriverOptions,
+    /// AIO mode of every host file of the chain (a node's `aio` key wins).
+    pub aio: AioMode,
 }
 
 /// Resolves a backing file name against the directory of the image naming it, as QEMU
@@ -92,7 +94,7 @@ pub fn open_file(path: &Path, read_only: bool, opts: &ChainOptions) -> Result<Ar
         lock,
         create: false,
     };
-    Ok(Arc::new(FileStorage::open(path, &fo)?))
+    Ok(Arc::new(with_aio(FileStorage::open(path, &fo)?, opts.aio)))
 }
 
 impl From<SpecError> for Error {
@@ -152,6 +154,16 @@ pub struct FileOpen {
     pub cache: CacheMode,
     /// Locks to take.
     pub lock: LockMode,
+    /// AIO mode (inherited from the image's file, as QEMU's children inherit it).
+    pub aio: AioMode,
+}
+
+/// A host file set up for `aio` (io_uring where asked and the kernel allows it).
+fn with_aio(f: FileStorage, aio: AioMode) -> FileStorage {
+    match aio {
+        AioMode::IoUring => f.with_io_uring().0,
+        AioMode::Threads | AioMode::Native => f,
+    }
 }
 
 impl FileOpen {
@@ -166,7 +178,7 @@ impl FileOpen {
             lock: self.lock,
             create: false,
         };
-        let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, &fo)?);
+        let st: Arc<dyn Storage> = Arc::new(with_aio(FileStorage::open(&path, &fo)?, self.aio));
         Ok((st, path.display().to_string()))
     }
 }
@@ -324,6 +336,7 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         read_only: how.read_only,
         cache,
         lock,
+        aio: how.chain.aio,
     };
     Ok(OpenedNode {
         format: fmt,
@@ -362,6 +375,7 @@ fn open_protocol_node(
             read_only: how.read_only,
             cache,
             lock: LockMode::Off,
+            aio: how.chain.aio,
         },
     )?;
     // The file opened, so it exists; a path that still cannot be canonicalised just

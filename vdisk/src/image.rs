@@ -18,7 +18,9 @@ use crate::hook::{DetectZeroes, DetectZeroesMode, Payload, Request, WriteHook};
 use crate::layer::ImageLayer;
 use crate::policy::DiscardMode;
 use crate::storage::options::{Node, SpecError, Value};
-use crate::storage::{spec, CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage};
+use crate::storage::{
+    spec, AioMode, CacheMode, FileStorage, LockMode, OpenFileOptions, Perm, Storage,
+};
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +66,9 @@ pub struct OpenOptions {
     /// qemu-io `-C`); needs a read/write open. The options tree's `copy-on-read` key
     /// overrides it.
     pub copy_on_read: bool,
+    /// AIO mode of the chain's host files (qemu-io/qemu-img bench `-i`, qemu-nbd
+    /// `--aio`); a node's own `aio` key overrides it.
+    pub aio: AioMode,
 }
 
 impl Default for OpenOptions {
@@ -81,6 +86,7 @@ impl Default for OpenOptions {
             hooks: Vec::new(),
             discard: DiscardMode::Unmap,
             copy_on_read: false,
+            aio: AioMode::Threads,
         }
     }
 }
@@ -175,6 +181,7 @@ impl Image {
             cache: opts.cache,
             force_share: opts.force_share,
             locking: opts.locking,
+            aio: opts.aio,
             // Each layer names its own key secret.
             driver: DriverOptions {
                 key_secret: None,

@@ -25,4 +25,4 @@ pub use format::{CheckReport, Extent, ExtentKind, Format, Repair, ZeroFlags};
 pub use hook::{Change, Request, WriteHook};
 pub use image::{CreateOptions, Image, OpenOptions, SnapshotParam};
 pub use layer::ImageLayer;
-pub use storage::CacheMode;
+pub use storage::{AioMode, CacheMode};

@@ -43,10 +43,10 @@ pub struct Args {
     /// Do not wait for in-flight requests before a flush.
     #[arg(long = "no-drain")]
     pub no_drain: bool,
-    /// AIO engine (accepted for compatibility, ignored).
+    /// AIO mode of the image's files: threads, native or io_uring.
     #[arg(short = 'i', long = "aio")]
     pub aio: Option<String>,
-    /// Native AIO (accepted for compatibility, ignored).
+    /// Native AIO (`-i native`: needs a direct cache mode, as in qemu-img).
     #[arg(short = 'n', long = "native")]
     pub native: bool,
     /// Offset of the first request (default 0).
@@ -244,6 +244,14 @@ impl Runner<'_> {
 
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
+    // qemu-img refuses an unknown mode while it reads its options, before anything else.
+    let aio = match crate::common::parse_aio(a.aio.as_deref(), a.native) {
+        Ok(m) => m,
+        Err(e) => {
+            crate::common::error(e);
+            return 1;
+        }
+    };
     let plan = match plan(&a) {
         Ok(p) => p,
         Err(e) => {
@@ -272,6 +280,7 @@ pub fn run(a: Args) -> i32 {
         read_only: !plan.write,
         force_share: a.force_share,
         cache,
+        aio,
         image_opts: a.image_opts,
         ..OpenOptions::default()
     };

@@ -50,10 +50,10 @@ pub struct Args {
     /// Show a progress bar on long requests.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
-    /// Native AIO (accepted for compatibility; requests are synchronous here).
+    /// Native AIO (`-i native`: needs a direct cache mode, as in qemu-io).
     #[arg(short = 'k', long = "native-aio")]
     pub native_aio: bool,
-    /// AIO engine (accepted for compatibility, ignored).
+    /// AIO mode of the image's files: threads, native or io_uring.
     #[arg(short = 'i', long = "aio")]
     pub aio: Option<String>,
     /// Discard mode (accepted for compatibility; discards always reach the format).
@@ -98,8 +98,16 @@ pub fn run(a: Args) -> i32 {
             }
         }
     };
+    let aio = match crate::common::parse_aio(a.aio.as_deref(), a.native_aio) {
+        Ok(m) => m,
+        Err(e) => {
+            crate::common::error(e);
+            return 1;
+        }
+    };
     let opts = OpenOptions {
         format,
+        aio,
         read_only: a.read_only,
         force_share: a.force_share,
         cache,
@@ -118,7 +126,6 @@ pub fn run(a: Args) -> i32 {
             name,
             &opts,
             &open::OpenExtra {
-                native_aio: a.native_aio,
                 snapshot: a.snapshot,
                 ..open::OpenExtra::default()
             },

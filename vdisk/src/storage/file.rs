@@ -4,7 +4,7 @@ use super::lock::{self, LockMode};
 use super::options::{Node, SpecError, Value};
 use super::pool;
 use super::registry::{Protocol, ProtocolOpen};
-use super::{CacheMode, Storage, StorageError, StorageOp, StorageResult};
+use super::{AioMode, CacheMode, Storage, StorageError, StorageOp, StorageResult};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -940,13 +940,17 @@ fn open_protocol(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storag
 /// and `native` run requests as plain system calls on the caller's threads (`native`
 /// is accepted where QEMU accepts it); `io_uring` submits them to io_uring, falling
 /// back to `threads` where the kernel refuses it.
+/// The node's own `aio` key wins over the mode the whole open asked for (`-i`).
 fn check_aio(node: &mut Node, ctx: &ProtocolOpen) -> Result<bool, SpecError> {
-    match node.take_str("aio")?.as_deref() {
-        None | Some("threads") => Ok(false),
-        Some("io_uring") => Ok(true),
-        Some("native") if ctx.cache.direct() => Ok(false),
-        Some("native") => Err(SpecError::AioNativeNeedsDirect),
-        Some(other) => Err(SpecError::BadValue(other.to_string())),
+    let mode = match node.take_str("aio")? {
+        None => ctx.aio,
+        Some(s) => AioMode::parse(&s).ok_or(SpecError::BadValue(s))?,
+    };
+    match mode {
+        AioMode::Threads => Ok(false),
+        AioMode::IoUring => Ok(true),
+        AioMode::Native if ctx.cache.direct() => Ok(false),
+        AioMode::Native => Err(SpecError::AioNativeNeedsDirect),
     }
 }
 

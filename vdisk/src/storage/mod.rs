@@ -53,6 +53,31 @@ pub enum CacheMode {
     Unsafe,
 }
 
+/// QEMU's `aio` modes: how a host file runs its requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AioMode {
+    /// Plain system calls on the caller's threads (QEMU's thread pool; the default).
+    #[default]
+    Threads,
+    /// Linux native AIO in QEMU; here the same system calls as `threads`. Accepted
+    /// only with O_DIRECT, as QEMU accepts it.
+    Native,
+    /// io_uring, falling back to `threads` where the kernel refuses it.
+    IoUring,
+}
+
+impl AioMode {
+    /// Parses qemu's spelling (`threads`, `native`, `io_uring`).
+    pub fn parse(s: &str) -> Option<AioMode> {
+        Some(match s {
+            "threads" => AioMode::Threads,
+            "native" => AioMode::Native,
+            "io_uring" => AioMode::IoUring,
+            _ => return None,
+        })
+    }
+}
+
 impl CacheMode {
     /// Parses qemu's spelling (`none`, `off`, `writeback`, `writethrough`, `directsync`, `unsafe`).
     pub fn parse(s: &str) -> Option<CacheMode> {

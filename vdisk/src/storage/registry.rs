@@ -13,7 +13,7 @@
 //! when a protocol module is missing.
 
 use super::options::{Node, SpecError};
-use super::{blkdebug, file, http, nbd, CacheMode, LockMode, Storage, StorageResult};
+use super::{blkdebug, file, http, nbd, AioMode, CacheMode, LockMode, Storage, StorageResult};
 use std::sync::Arc;
 
 /// What a protocol's open function is given besides its node.
@@ -25,6 +25,8 @@ pub struct ProtocolOpen {
     pub cache: CacheMode,
     /// Image locks to take now (protocols without locks ignore it).
     pub lock: LockMode,
+    /// AIO mode of host files, unless the node's own `aio` key names one.
+    pub aio: AioMode,
 }
 
 /// Turns a filename that starts with one of a protocol's schemes into the options of
@@ -199,6 +201,7 @@ mod tests {
             read_only: true,
             cache: CacheMode::Writeback,
             lock: LockMode::Off,
+            aio: AioMode::Threads,
         };
         let mut u = Node::new();
         u.insert_str("driver", "gluster").unwrap();

@@ -5,7 +5,7 @@ use super::commands::{OpenFile, Session};
 use super::parse::Getopt;
 use vdisk::hook::{DetectZeroes, DetectZeroesMode};
 use vdisk::image::OverlayError;
-use vdisk::{CacheMode, Format, Image, OpenOptions};
+use vdisk::{AioMode, CacheMode, Format, Image, OpenOptions};
 
 /// The option words `open` takes (its usage line).
 pub const OPEN_ARGS: &str = "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]";
@@ -18,8 +18,6 @@ pub struct OpenExtra {
     pub keys: Vec<(String, String)>,
     /// `-s`: open through a temporary overlay; writes are dropped at close.
     pub snapshot: bool,
-    /// `-k`: native AIO, which qemu allows only with a direct (uncached) mode.
-    pub native_aio: bool,
     /// `-o detect-zeroes=`: the mode, or the value qemu would refuse.
     pub detect_zeroes: Result<DetectZeroesMode, String>,
     /// `-d`: whether discards (and zero detection's unmapping) may deallocate; qemu-io
@@ -32,7 +30,6 @@ impl Default for OpenExtra {
         OpenExtra {
             keys: Vec::new(),
             snapshot: false,
-            native_aio: false,
             detect_zeroes: Ok(DetectZeroesMode::Off),
             discard_unmap: true,
         }
@@ -67,7 +64,7 @@ fn open_image(
     if opts.force_share && !opts.read_only {
         return Err("force-share=on can only be used with read-only images".into());
     }
-    if extra.native_aio && !opts.cache.direct() {
+    if opts.aio == AioMode::Native && !opts.cache.direct() {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not specified."
                 .into(),
@@ -357,10 +354,14 @@ pub fn open_f(s: &mut Session, args: &[String]) -> bool {
             Ok(('C', _)) => opts.copy_on_read = true,
             Ok(('n', _)) => opts.cache = CacheMode::None,
             Ok(('U', _)) => opts.force_share = true,
-            // Native AIO / the AIO engine: accepted like on the command line; requests
-            // are synchronous here.
-            Ok(('k', _)) => extra.native_aio = true,
-            Ok(('i', _)) => {}
+            Ok(('k', _)) => opts.aio = AioMode::Native,
+            Ok(('i', v)) => match crate::common::parse_aio(v.as_deref(), false) {
+                Ok(m) => opts.aio = m,
+                Err(e) => {
+                    crate::common::error(e);
+                    return false;
+                }
+            },
             Ok(('t', v)) => {
                 let v = v.unwrap_or_default();
                 match CacheMode::parse(&v) {
