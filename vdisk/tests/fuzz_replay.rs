@@ -9,3 +9,22 @@ fn fuzz_corpora_and_crashes_replay_cleanly() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     fuzz_replay_support::replay(&root, fuzz_support::TARGETS);
 }
+
+/// The table and LUKS seeds reach what they are for (else the fuzzer starts blind).
+#[test]
+fn table_and_luks_seeds_reach_their_parsers() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let read = |p: &str| std::fs::read(root.join(p)).unwrap();
+    let snap = fuzz_support::snapshot_table_counts;
+    assert_eq!(snap(&read("qcow2_snapshot_table/two")), (2, 0));
+    assert_eq!(snap(&read("qcow2_snapshot_table/one")), (1, 0));
+    assert_eq!(snap(&read("qcow2_snapshot_table/none")), (0, 0));
+    let bm = fuzz_support::bitmap_directory_counts;
+    assert_eq!(bm(&read("qcow2_bitmap_directory/two")), (0, 2));
+    assert_eq!(bm(&read("qcow2_bitmap_directory/one")), (0, 1));
+    assert!(fuzz_support::luks_unlocks(&read("luks_header/xts_slot0")));
+    assert!(fuzz_support::luks_unlocks(&read(
+        "luks_header/cbc_essiv_slot0"
+    )));
+    assert!(!fuzz_support::luks_unlocks(&read("luks_header/xts_header")));
+}

@@ -109,8 +109,167 @@ pub fn qed(data: &[u8]) {
     image(Format::Qed, data);
 }
 
+/// qemu-img-made qcow2 images (512-byte clusters) whose snapshot table / bitmap
+/// directory is the last thing in the file; the two table targets splice the fuzz
+/// input in its place (`fuzz/seed.sh` makes them).
+const SNAPSHOT_TEMPLATE: &[u8] = include_bytes!("../../../fuzz/templates/snapshots.qcow2");
+const BITMAP_TEMPLATE: &[u8] = include_bytes!("../../../fuzz/templates/bitmaps.qcow2");
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn get32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn get64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Where the bitmaps extension's data sits in a (trusted) template.
+fn bitmaps_ext(t: &[u8]) -> usize {
+    let mut at = get32(t, 100) as usize;
+    loop {
+        let (magic, len) = (get32(t, at), get32(t, at + 4) as usize);
+        assert_ne!(magic, 0, "template has no bitmaps extension");
+        if magic == 0x2385_2875 {
+            return at + 8;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+/// Open, I/O, check, repair and the snapshot/bitmap operations on a spliced image;
+/// returns how many snapshots and bitmaps it opened with (the seeds' test).
+fn table_image(file: Vec<u8>) -> (usize, usize) {
+    let st: Arc<dyn Storage> = Arc::new(Capped(MemStorage::from_vec(file)));
+    let Ok(img) = Image::open_storage(st, Format::Qcow2, &DriverOptions::default()) else {
+        return (0, 0);
+    };
+    let snaps = img.snapshots();
+    let bitmaps = img.bitmaps();
+    let mut buf = vec![0u8; 8192];
+    let _ = img.read_at(&mut buf, 0);
+    let _ = img.check(Repair::default());
+    let _ = img.write_at(&buf[..1024], 2048);
+    for b in bitmaps.iter().take(4) {
+        let _ = img.bitmap(&b.name);
+    }
+    if let Some(b) = bitmaps.first() {
+        let _ = img.set_bitmap_enabled(&b.name, !b.enabled);
+        let _ = img.remove_bitmap(&b.name);
+    }
+    let _ = img.add_bitmap("fuzz", None, true);
+    if let Some(s) = snaps.first() {
+        let _ = img.snapshot_apply(&s.id);
+        let _ = img.snapshot_delete(Some(&s.id), None);
+    }
+    if let Some(s) = snaps.last() {
+        let _ = img.snapshot_create(&vdisk::format::SnapshotInfo {
+            id: String::new(),
+            name: format!("{}x", s.name),
+            ..s.clone()
+        });
+    }
+    let _ = img.flush();
+    let _ = img.check(Repair {
+        leaks: true,
+        errors: true,
+    });
+    let _ = img.close();
+    (snaps.len(), bitmaps.len())
+}
+
+/// qcow2 snapshot table: input = nb_snapshots (u16 BE) + the table, put where the
+/// template's table is; then open, list, apply, delete, create, check.
+pub fn qcow2_snapshot_table(data: &[u8]) {
+    snapshot_table_counts(data);
+}
+
+/// [`qcow2_snapshot_table`], returning what [`table_image`] returns.
+pub fn snapshot_table_counts(data: &[u8]) -> (usize, usize) {
+    if data.len() < 2 {
+        return (0, 0);
+    }
+    let t = SNAPSHOT_TEMPLATE;
+    let off = get64(t, 64) as usize;
+    let mut file = t[..off].to_vec();
+    file[60..64].copy_from_slice(&u32::from(be16(data)).to_be_bytes());
+    file.extend_from_slice(&data[2..]);
+    table_image(file)
+}
+
+/// qcow2 bitmap directory: input = nb_bitmaps (u16 BE) + the directory, put where the
+/// template's directory is (the extension's size follows the input's length).
+pub fn qcow2_bitmap_directory(data: &[u8]) {
+    bitmap_directory_counts(data);
+}
+
+/// [`qcow2_bitmap_directory`], returning what [`table_image`] returns.
+pub fn bitmap_directory_counts(data: &[u8]) -> (usize, usize) {
+    if data.len() < 2 {
+        return (0, 0);
+    }
+    let t = BITMAP_TEMPLATE;
+    let ext = bitmaps_ext(t);
+    let off = get64(t, ext + 16) as usize;
+    let mut file = t[..off].to_vec();
+    file[ext..ext + 4].copy_from_slice(&u32::from(be16(data)).to_be_bytes());
+    file[ext + 8..ext + 16].copy_from_slice(&((data.len() - 2) as u64).to_be_bytes());
+    file.extend_from_slice(&data[2..]);
+    table_image(file)
+}
+
+/// Most PBKDF2 iterations (slots + master-key digest) the LUKS target runs an unlock
+/// for: a hostile header may ask for 2^32, which is slow by design, not a bug.
+const LUKS_ITERATIONS: u64 = 20_000;
+
+/// LUKS1 header: decode + validate (as a raw volume and as a qcow2 header area), and
+/// unlock with passphrase "pw" (the seeds' secret) reading key material from the input.
+pub fn luks_header(data: &[u8]) {
+    luks_unlocks(data);
+}
+
+/// [`luks_header`], returning whether "pw" unlocked a slot.
+pub fn luks_unlocks(data: &[u8]) -> bool {
+    use vdisk::crypto::luks::Luks;
+    let _ = Luks::parse(data, Some(data.len() as u64));
+    let Ok(l) = Luks::parse(data, None) else {
+        return false;
+    };
+    let _ = l.info();
+    let _ = l.payload_offset();
+    let h = &l.header;
+    let slots: u64 = h
+        .slots
+        .iter()
+        .filter(|s| s.active)
+        .map(|s| u64::from(s.iterations) + u64::from(h.mk_iterations))
+        .sum();
+    if slots > LUKS_ITERATIONS {
+        return false;
+    }
+    let mut read = |off: u64, buf: &mut [u8]| -> vdisk::Result<()> {
+        buf.fill(0);
+        let start = (off.min(data.len() as u64)) as usize;
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(())
+    };
+    let Ok(c) = l.unlock(b"pw", &mut read) else {
+        return false;
+    };
+    let mut sector = vec![0u8; 512];
+    c.decrypt(0, &mut sector).is_ok()
+}
+
 /// A target's body.
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the replay test.
-pub const TARGETS: &[(&str, Target)] = &[("qcow2", qcow2), ("qed", qed)];
+pub const TARGETS: &[(&str, Target)] = &[
+    ("qcow2", qcow2),
+    ("qed", qed),
+    ("qcow2_snapshot_table", qcow2_snapshot_table),
+    ("qcow2_bitmap_directory", qcow2_bitmap_directory),
+    ("luks_header", luks_header),
+];
