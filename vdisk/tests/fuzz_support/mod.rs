@@ -262,6 +262,209 @@ pub fn luks_unlocks(data: &[u8]) -> bool {
     c.decrypt(0, &mut sector).is_ok()
 }
 
+/// What the NBD client does once connected (the same in the target and in the seed
+/// recorder, so recorded replies answer exactly these requests): open raw over NBD,
+/// read, write, block status, zero, trim, flush, read, close.
+fn nbd_session(socket: &std::path::Path) -> bool {
+    let name = format!(
+        "json:{{\"driver\":\"raw\",\"file\":{{\"driver\":\"nbd\",\"timeout\":2,\
+         \"server\":{{\"type\":\"unix\",\"path\":\"{}\"}}}}}}",
+        socket.display()
+    );
+    let opts = vdisk::OpenOptions {
+        format: Some(Format::Raw),
+        ..Default::default()
+    };
+    let Ok(img) = Image::open(&name, &opts) else {
+        return false;
+    };
+    let size = img.size();
+    // Small payloads keep the recorded seeds small.
+    let mut buf = vec![0u8; 1024];
+    let n = (buf.len() as u64).min(size) as usize;
+    let _ = img.read_at(&mut buf[..n], 0);
+    let w = vec![0x5au8; 1024];
+    let n = (w.len() as u64).min(size) as usize;
+    let _ = img.write_at(&w[..n], 0);
+    let _ = img.block_status(0, size.min(1 << 20));
+    let _ = img.write_zeroes(0, size.min(8192), ZeroFlags::default());
+    let _ = img.discard(4096, size.saturating_sub(4096).min(4096));
+    let _ = img.flush();
+    let n = (buf.len() as u64).min(size) as usize;
+    let ok = img.read_at(&mut buf[..n], 0).is_ok();
+    img.close().is_ok() && ok
+}
+
+/// A fresh socket path in this process's private directory.
+fn socket_path() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("vdisk-fuzz-nbd-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("socket directory");
+        d
+    });
+    dir.join(format!("s{}", N.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Bytes the client sent so far, and whether it has closed.
+#[derive(Default)]
+struct Heard {
+    bytes: std::sync::Mutex<(u64, bool)>,
+    more: std::sync::Condvar,
+}
+
+/// Reads until EOF or an error, counting into `heard`.
+fn listen(mut r: &std::os::unix::net::UnixStream, heard: &Heard) {
+    use std::io::Read;
+    let mut sink = vec![0u8; 64 << 10];
+    loop {
+        let n = match r.read(&mut sink) {
+            Ok(n) if n > 0 => n as u64,
+            _ => break,
+        };
+        heard.bytes.lock().unwrap().0 += n;
+        heard.more.notify_all();
+    }
+    heard.bytes.lock().unwrap().1 = true;
+    heard.more.notify_all();
+}
+
+/// The server's script: chunks `(need, bytes)`, each sent once the client has sent
+/// `need` bytes in all (a real server answers only what it was asked). Encoded as
+/// `need: u16 BE, len: u16 BE, bytes` repeated; a short tail is one last chunk.
+fn script(mut data: &[u8]) -> Vec<(u64, &[u8])> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        if data.len() < 4 {
+            out.push((0, data));
+            break;
+        }
+        let need = u64::from(be16(data));
+        let len = (be16(&data[2..]) as usize).min(data.len() - 4);
+        out.push((need, &data[4..4 + len]));
+        data = &data[4 + len..];
+    }
+    out
+}
+
+fn encode_chunk(out: &mut Vec<u8>, need: u64, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let n = bytes.len().min(u16::MAX as usize);
+        out.extend_from_slice(&(need.min(u16::MAX.into()) as u16).to_be_bytes());
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.extend_from_slice(&bytes[..n]);
+        bytes = &bytes[n..];
+    }
+}
+
+/// How long the scripted server waits for the client's bytes before it sends the next
+/// chunk anyway (a mutated `need` must not stall the run until the client's timeout).
+const PACE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// NBD client against a hostile server: the input is a paced script (see [`script`])
+/// of everything the "server" sends (handshake, option replies, transmission
+/// replies), then EOF; what the client sends is counted and dropped. A Unix socket in
+/// a private directory: no network.
+pub fn nbd_client(data: &[u8]) {
+    nbd_client_session_ok(data);
+}
+
+/// [`nbd_client`], returning whether the session opened and its last read and close
+/// succeeded.
+pub fn nbd_client_session_ok(data: &[u8]) -> bool {
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let path = socket_path();
+    let Ok(l) = UnixListener::bind(&path) else {
+        return false;
+    };
+    let data = data.to_vec();
+    let server = std::thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else {
+            return;
+        };
+        let Ok(mut w) = s.try_clone() else {
+            return;
+        };
+        let heard = Arc::new(Heard::default());
+        let h = heard.clone();
+        let writer = std::thread::spawn(move || {
+            for (need, bytes) in script(&data) {
+                let mut g = h.bytes.lock().unwrap();
+                while g.0 < need && !g.1 {
+                    let (g2, t) = h.more.wait_timeout(g, PACE).unwrap();
+                    g = g2;
+                    if t.timed_out() {
+                        break;
+                    }
+                }
+                let closed = g.1;
+                drop(g);
+                if closed || w.write_all(bytes).is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        });
+        listen(&s, &heard);
+        let _ = writer.join();
+    });
+    let ok = nbd_session(&path);
+    // Wake the server if the client never connected.
+    let _ = UnixStream::connect(&path);
+    let _ = server.join();
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
+/// Runs [`nbd_session`] through a proxy to the real server at `upstream` and returns
+/// the server's bytes as a paced script (each chunk needing the client bytes that
+/// preceded it): a seed for [`nbd_client`].
+pub fn nbd_client_record(upstream: &std::path::Path) -> Vec<u8> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let path = socket_path();
+    let l = UnixListener::bind(&path).expect("bind the recording proxy");
+    let up = upstream.to_path_buf();
+    let proxy = std::thread::spawn(move || {
+        let (c, _) = l.accept().expect("accept");
+        let s = UnixStream::connect(&up).expect("connect to the real server");
+        let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent2 = sent.clone();
+        let up = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = c2.read(&mut buf) {
+                // Count before forwarding: the server's answer comes after.
+                sent2.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                if n == 0 || s2.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = s2.shutdown(std::net::Shutdown::Write);
+        });
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let (mut s, mut c) = (s, c);
+        while let Ok(n) = s.read(&mut buf) {
+            let need = sent.load(std::sync::atomic::Ordering::SeqCst);
+            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            encode_chunk(&mut got, need, &buf[..n]);
+        }
+        let _ = c.shutdown(std::net::Shutdown::Both);
+        let _ = up.join();
+        got
+    });
+    nbd_session(&path);
+    let got = proxy.join().expect("proxy");
+    let _ = std::fs::remove_file(&path);
+    got
+}
+
 /// A target's body.
 pub type Target = fn(&[u8]);
 
@@ -272,4 +475,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_snapshot_table", qcow2_snapshot_table),
     ("qcow2_bitmap_directory", qcow2_bitmap_directory),
     ("luks_header", luks_header),
+    ("nbd_client", nbd_client),
 ];
