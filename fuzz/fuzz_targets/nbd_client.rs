@@ -4,4 +4,7 @@
 #[path = "../../vdisk/tests/fuzz_support/mod.rs"]
 mod fuzz_support;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_support::nbd_client(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    fuzz_support::set_nbd_pace_ms(100);
+    fuzz_support::nbd_client(data)
+});

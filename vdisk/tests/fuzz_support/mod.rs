@@ -359,9 +359,16 @@ fn encode_chunk(out: &mut Vec<u8>, need: u64, mut bytes: &[u8]) {
     }
 }
 
-/// How long the scripted server waits for the client's bytes before it sends the next
-/// chunk anyway (a mutated `need` must not stall the run until the client's timeout).
-const PACE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long (ms) the scripted server waits for the client's bytes before it sends the
+/// next chunk anyway. Replays wait long (past the client's 2 s timeout, so a slow
+/// machine never sends a reply early); the fuzz binary sets 100 ms with
+/// [`set_nbd_pace_ms`], so a mutated `need` does not stall every run for seconds.
+static PACE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(3000);
+
+/// Sets the scripted NBD server's pace (see [`PACE_MS`]).
+pub fn set_nbd_pace_ms(ms: u64) {
+    PACE_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// NBD client against a hostile server: the input is a paced script (see [`script`])
 /// of everything the "server" sends (handshake, option replies, transmission
@@ -390,11 +397,13 @@ pub fn nbd_client_session_ok(data: &[u8]) -> bool {
         };
         let heard = Arc::new(Heard::default());
         let h = heard.clone();
+        let pace =
+            std::time::Duration::from_millis(PACE_MS.load(std::sync::atomic::Ordering::Relaxed));
         let writer = std::thread::spawn(move || {
             for (need, bytes) in script(&data) {
                 let mut g = h.bytes.lock().unwrap();
                 while g.0 < need && !g.1 {
-                    let (g2, t) = h.more.wait_timeout(g, PACE).unwrap();
+                    let (g2, t) = h.more.wait_timeout(g, pace).unwrap();
                     g = g2;
                     if t.timed_out() {
                         break;
