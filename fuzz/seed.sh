@@ -29,3 +29,37 @@ io -f qed -c "write -P 1 0 1k" -c "write -P 2 33k 3k" -c "write -z 8k 4k" "$t/qe
 q create -q -f qed -o cluster_size=4096,table_size=2,backing_file=base.qed,backing_fmt=qed -u "$t/qedb" 64K
 cp "$t/qedb" "$d/backing"
 ls -l "$c" "$d"
+
+# The table targets (issue 14): templates whose snapshot table / bitmap directory is
+# the file's tail, and seeds = a u16 BE count + that tail.
+q create -q -f qcow2 -o cluster_size=512 "$t/snaps" 64K
+io -f qcow2 -c "write -P 1 0 2k" "$t/snaps"; q snapshot -c s1 "$t/snaps"
+io -f qcow2 -c "write -P 9 0 1k" "$t/snaps"; q snapshot -c s2 "$t/snaps"
+q create -q -f qcow2 -o cluster_size=512 "$t/bms" 64K
+q bitmap --add "$t/bms" b0; q bitmap --add -g 4096 "$t/bms" b1
+io -f qcow2 -c "write -P 3 4k 1k" "$t/bms"
+mkdir -p templates corpus/qcow2_snapshot_table corpus/qcow2_bitmap_directory corpus/luks_header
+cp "$t/snaps" templates/snapshots.qcow2; cp "$t/bms" templates/bitmaps.qcow2
+be64() { od -A n -t u1 -j "$2" -N 8 "$1" | awk '{v=0; for(i=1;i<=NF;i++) v=v*256+$i; print v}'; }
+tail_seed() { # template offset count out
+  { printf "\\000\\$(printf %03o "$3")"; tail -c +$(($2 + 1)) "$1"; } > "$4"
+}
+so=$(be64 templates/snapshots.qcow2 64)
+tail_seed templates/snapshots.qcow2 "$so" 2 corpus/qcow2_snapshot_table/two
+tail_seed templates/snapshots.qcow2 "$so" 1 corpus/qcow2_snapshot_table/one
+tail_seed templates/snapshots.qcow2 "$so" 0 corpus/qcow2_snapshot_table/none
+# The bitmaps extension is the first one qemu-img writes here (data at 112 + 8).
+bo=$(be64 templates/bitmaps.qcow2 136)
+tail_seed templates/bitmaps.qcow2 "$bo" 2 corpus/qcow2_bitmap_directory/two
+# The directory's size must match its entries: keep b0's 32-byte entry alone.
+tail_seed templates/bitmaps.qcow2 "$bo" 1 "$t/one"; head -c 34 "$t/one" > corpus/qcow2_bitmap_directory/one
+# LUKS1 volumes made with a 1 ms iteration time (the target unlocks with "pw"): the
+# header alone, and the header with slot 0's key material.
+sec="--object secret,id=s,data=pw"
+q create -q -f luks $sec -o key-secret=s,iter-time=1,cipher-alg=aes-128 "$t/l1" 64K
+q create -q -f luks $sec -o key-secret=s,iter-time=1,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1 "$t/l2" 64K
+head -c 592 "$t/l1" > corpus/luks_header/xts_header
+head -c 592 "$t/l2" > corpus/luks_header/cbc_essiv_header
+head -c $((4096 + 32 * 4000)) "$t/l1" > corpus/luks_header/xts_slot0
+head -c $((4096 + 16 * 4000)) "$t/l2" > corpus/luks_header/cbc_essiv_slot0
+ls -l corpus/qcow2_snapshot_table corpus/qcow2_bitmap_directory corpus/luks_header

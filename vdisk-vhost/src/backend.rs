@@ -157,6 +157,14 @@ impl BlkBackend {
         }
     }
 
+    /// Serves one descriptor chain as a queue would hand it over (the used length is
+    /// returned; the status byte is written into guest memory): the request path
+    /// without a virtqueue, for tests and the `vhost_user` fuzz target.
+    pub fn serve_chain(&self, descs: &[Desc]) -> u32 {
+        let mem = self.inner.mem.memory();
+        self.serve(&mem, descs)
+    }
+
     fn size(&self) -> u64 {
         self.inner.image.size()
     }

@@ -25,7 +25,8 @@
 use super::options::{Node, SpecError, Value};
 use super::registry::{self, Protocol, ProtocolOpen};
 use super::{BlkEvent, LockMode, Storage, StorageError, StorageOp, StorageResult};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// The `blkdebug` protocol.
 pub static PROTOCOL: Protocol = Protocol {
@@ -123,19 +124,171 @@ struct Rules {
     active: Vec<usize>,
 }
 
+/// QEMU's suspend rules (`break EVENT TAG`) and the requests stopped at them.
+#[derive(Debug, Default)]
+struct Breaks {
+    /// `(event, tag)`, oldest first; a point fires once (QEMU removes the rule).
+    points: Vec<(BlkEvent, String)>,
+    /// One `(tag, ticket)` per request stopped now.
+    suspended: Vec<(String, u64)>,
+    next_ticket: u64,
+    /// Set by [`BlkdebugStorage::release_all`]: nothing stops any more.
+    released: bool,
+}
+
+/// Longest a request stays suspended at a breakpoint when nobody resumes it (QEMU
+/// waits forever; a storage call here holds a thread, so it is bounded).
+pub const MAX_SUSPEND: Duration = Duration::from_secs(60);
+
 /// A storage failing requests as its rules say; everything else goes to `inner`.
 #[derive(Debug)]
 pub struct BlkdebugStorage {
     inner: Arc<dyn Storage>,
     rules: Mutex<Rules>,
+    breaks: Mutex<Breaks>,
+    /// Signalled when a request stops or is resumed.
+    moved: Condvar,
     /// `blkdebug:CONFIG:` as QEMU names the node (empty CONFIG when none), when the
     /// rules all came from the file.
     prefix: Option<String>,
 }
 
 impl BlkdebugStorage {
+    /// A blkdebug over `inner` with no rules (breakpoints are added by the methods
+    /// below); the base of tests that hold a request at an event.
+    pub fn new(inner: Arc<dyn Storage>) -> BlkdebugStorage {
+        let s = BlkdebugStorage::with_rules(inner, Vec::new(), None);
+        s.announce(BlkEvent::None);
+        s
+    }
+
+    fn with_rules(inner: Arc<dyn Storage>, rules: Vec<Rule>, prefix: Option<String>) -> Self {
+        BlkdebugStorage {
+            inner,
+            rules: Mutex::new(Rules {
+                state: 1,
+                rules: rules.into_iter().map(Some).collect(),
+                active: Vec::new(),
+            }),
+            breaks: Mutex::default(),
+            moved: Condvar::new(),
+            prefix,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Rules> {
         self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_breaks(&self) -> MutexGuard<'_, Breaks> {
+        self.breaks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// QEMU's `break EVENT TAG`: the next request announcing `event` stops there
+    /// until [`resume`](Self::resume)d. `Err(ENOENT)` for an unknown event name.
+    pub fn add_breakpoint(&self, event: &str, tag: &str) -> Result<(), i32> {
+        let e = BlkEvent::parse(event).ok_or(libc::ENOENT)?;
+        self.lock_breaks().points.push((e, tag.to_string()));
+        Ok(())
+    }
+
+    /// QEMU's `remove_break TAG`: drops the breakpoints named `tag` and resumes every
+    /// request stopped at one; `Err(ENOENT)` when there was neither.
+    pub fn remove_breakpoint(&self, tag: &str) -> Result<(), i32> {
+        let mut b = self.lock_breaks();
+        let before = (b.points.len(), b.suspended.len());
+        b.points.retain(|(_, t)| t != tag);
+        b.suspended.retain(|(t, _)| t != tag);
+        let changed = before != (b.points.len(), b.suspended.len());
+        drop(b);
+        self.moved.notify_all();
+        if changed {
+            Ok(())
+        } else {
+            Err(libc::ENOENT)
+        }
+    }
+
+    /// QEMU's `resume TAG`: lets the oldest request stopped at `tag` go on;
+    /// `Err(ENOENT)` when none is stopped there.
+    pub fn resume(&self, tag: &str) -> Result<(), i32> {
+        let mut b = self.lock_breaks();
+        let pos = b
+            .suspended
+            .iter()
+            .position(|(t, _)| t == tag)
+            .ok_or(libc::ENOENT)?;
+        b.suspended.remove(pos);
+        drop(b);
+        self.moved.notify_all();
+        Ok(())
+    }
+
+    /// Whether a request is stopped at `tag` now.
+    pub fn is_suspended(&self, tag: &str) -> bool {
+        self.lock_breaks().suspended.iter().any(|(t, _)| t == tag)
+    }
+
+    /// QEMU's `wait_break TAG`, bounded: waits until a request is stopped at `tag`
+    /// (true) or `timeout` passes (false).
+    pub fn wait_suspended(&self, tag: &str, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let mut b = self.lock_breaks();
+        loop {
+            if b.suspended.iter().any(|(t, _)| t == tag) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            b = self
+                .moved
+                .wait_timeout(b, end - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Resumes every stopped request and stops no more (what closing the image does in
+    /// QEMU: no request stays held).
+    pub fn release_all(&self) {
+        let mut b = self.lock_breaks();
+        b.released = true;
+        b.points.clear();
+        b.suspended.clear();
+        drop(b);
+        self.moved.notify_all();
+    }
+
+    /// Stops the calling request if a breakpoint is set on `event` (QEMU's
+    /// `suspend_request`), until resumed, released or [`MAX_SUSPEND`] passes.
+    fn maybe_suspend(&self, event: BlkEvent) {
+        let mut b = self.lock_breaks();
+        if b.released || b.points.is_empty() {
+            return;
+        }
+        let Some(pos) = b.points.iter().position(|(e, _)| *e == event) else {
+            return;
+        };
+        let (_, tag) = b.points.remove(pos);
+        let ticket = b.next_ticket;
+        b.next_ticket += 1;
+        b.suspended.push((tag, ticket));
+        self.moved.notify_all();
+        let end = Instant::now() + MAX_SUSPEND;
+        while b.suspended.iter().any(|(_, k)| *k == ticket) {
+            let now = Instant::now();
+            if now >= end {
+                b.suspended.retain(|(_, k)| *k != ticket);
+                break;
+            }
+            b = self
+                .moved
+                .wait_timeout(b, end - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// QEMU's `rule_check`: the error of the first active rule matching the request.
@@ -212,6 +365,8 @@ impl BlkdebugStorage {
             }
         }
         r.state = new_state;
+        drop(guard);
+        self.maybe_suspend(event);
     }
 }
 
@@ -528,15 +683,8 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         key,
     })?;
     let inner = registry::open(image, ctx)?;
-    let s = BlkdebugStorage {
-        inner,
-        rules: Mutex::new(Rules {
-            state: 1,
-            rules: rules.into_iter().map(Some).collect(),
-            active: Vec::new(),
-        }),
-        prefix: from_file_only.then(|| format!("blkdebug:{}:", config.unwrap_or_default())),
-    };
+    let prefix = from_file_only.then(|| format!("blkdebug:{}:", config.unwrap_or_default()));
+    let s = BlkdebugStorage::with_rules(inner, rules, prefix);
     s.announce(BlkEvent::None);
     Ok(Arc::new(s))
 }
@@ -563,15 +711,51 @@ mod tests {
     use crate::storage::MemStorage;
 
     fn storage(rules: Vec<Rule>) -> BlkdebugStorage {
-        BlkdebugStorage {
-            inner: Arc::new(MemStorage::new()),
-            rules: Mutex::new(Rules {
-                state: 1,
-                rules: rules.into_iter().map(Some).collect(),
-                active: Vec::new(),
-            }),
-            prefix: None,
-        }
+        BlkdebugStorage::with_rules(Arc::new(MemStorage::new()), rules, None)
+    }
+
+    #[test]
+    fn a_breakpoint_holds_one_request_until_resumed() {
+        let s = Arc::new(storage(Vec::new()));
+        assert_eq!(s.add_breakpoint("no_such_event", "A"), Err(libc::ENOENT));
+        assert_eq!(s.resume("A"), Err(libc::ENOENT));
+        assert_eq!(s.remove_breakpoint("A"), Err(libc::ENOENT));
+        s.add_breakpoint("pwritev", "A").unwrap();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.write_at(b"held", 0));
+        assert!(s.wait_suspended("A", Duration::from_secs(30)));
+        // Held: nothing written yet; another tag is not stopped.
+        let mut b = [0u8; 4];
+        assert!(s.read_at(&mut b, 0).is_err() || b == [0; 4]);
+        assert!(!s.is_suspended("B"));
+        s.resume("A").unwrap();
+        t.join().unwrap().unwrap();
+        s.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"held");
+        // The point fired once: the next write passes.
+        s.write_at(b"free", 0).unwrap();
+        assert!(!s.is_suspended("A"));
+    }
+
+    #[test]
+    fn remove_break_and_release_let_held_requests_go() {
+        let s = Arc::new(storage(Vec::new()));
+        s.add_breakpoint("pwritev", "A").unwrap();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.write_at(b"x", 0));
+        assert!(s.wait_suspended("A", Duration::from_secs(30)));
+        s.remove_breakpoint("A").unwrap();
+        t.join().unwrap().unwrap();
+        s.add_breakpoint("pwritev", "B").unwrap();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.write_at(b"y", 0));
+        assert!(s.wait_suspended("B", Duration::from_secs(30)));
+        s.release_all();
+        t.join().unwrap().unwrap();
+        // Released: later breakpoints no longer stop anything.
+        s.add_breakpoint("pwritev", "C").unwrap();
+        s.write_at(b"z", 0).unwrap();
+        assert!(!s.wait_suspended("C", Duration::from_millis(10)));
     }
 
     fn parse(text: &str) -> Result<Vec<Rule>, SpecError> {

@@ -176,7 +176,9 @@ fn write_allocation<M: Mapper + ?Sized>(
     {
         // The COW regions read as zeroes and the storage made the new run read as
         // zeroes without writing any (fresh space past the end of the file reserved,
-        // or a zero-range fallocate): only the guest's bytes go down.
+        // or a zero-range fallocate): only the guest's bytes go down, announced as
+        // QEMU announces every guest data write (blkdebug breaks and rules on it).
+        st.event(BlkEvent::WriteAio);
         with_pieces(bufs, pos, n, &[], &[], |p| {
             st.write_vectored_at(p, a.host.get() + a.head.len)
         })?;

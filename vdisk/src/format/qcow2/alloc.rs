@@ -115,18 +115,20 @@ impl Meta {
     pub(crate) fn alloc(&mut self, n: u64) -> Result<u64> {
         self.st.event(crate::storage::BlkEvent::ClusterAlloc);
         let per = self.g.rc_per_block;
-        // Each retry creates a refcount block; bounded by the table size.
+        // Each retry creates the refcount blocks the candidate run lacks (all of them:
+        // one per retry made a long run over fresh space quadratic, each rescan walking
+        // the whole run; the fuzzer's 32 MiB snapshot L1 took seconds); the run may then
+        // move past the new blocks. Bounded by the table size.
         for _ in 0..(1u64 << 20) {
             let c = self.find_free(n)?;
-            let mut missing = None;
+            let mut created = false;
             for bi in c / per..=(c + n - 1) / per {
                 if self.rc_block_offset(bi) == 0 {
-                    missing = Some(bi);
-                    break;
+                    self.ensure_rc_block(bi)?;
+                    created = true;
                 }
             }
-            if let Some(bi) = missing {
-                self.ensure_rc_block(bi)?;
+            if created {
                 continue;
             }
             for k in 0..n {

@@ -1,0 +1,7 @@
+//! libFuzzer target: see `fuzz_support::luks_header` (issue 14, part 2).
+#![no_main]
+
+#[path = "../../vdisk/tests/fuzz_support/mod.rs"]
+mod fuzz_support;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_support::luks_header(data));
