@@ -378,7 +378,8 @@ impl Image {
             }
             None => None,
         };
-        let r = format::registry::create_with_data(
+        let siblings = Arc::new(crate::siblings::FileSiblings::new(path, fo));
+        let r = format::registry::create_with_files(
             opts.format,
             &storage,
             &CreateSpec {
@@ -388,7 +389,13 @@ impl Image {
             },
             path.file_name().and_then(|n| n.to_str()),
             data,
+            Some(siblings.clone()),
         );
+        if r.is_err() {
+            // Files made for a create that failed midway are removed (QEMU leaves
+            // them; a half-made extent set is useless).
+            siblings.remove_created();
+        }
         if r.is_err() && !existed {
             // Bad options are found while formatting: leave no half-made file behind.
             drop(storage);

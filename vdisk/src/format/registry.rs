@@ -146,6 +146,9 @@ pub struct CreateArgs {
     /// The external data file the caller created for a `data_file` option (formats
     /// with [`Capabilities::data_file`]).
     pub data: Option<Arc<dyn Storage>>,
+    /// Creates further files next to the image (VMDK extents); `None` when the image
+    /// is not a named file (formats needing siblings then refuse).
+    pub siblings: Option<Arc<dyn super::SiblingFiles>>,
 }
 
 /// A format's `open`.
@@ -366,6 +369,18 @@ pub fn create_with_data(
     filename: Option<&str>,
     data: Option<Arc<dyn Storage>>,
 ) -> Result<()> {
+    create_with_files(format, storage, spec, filename, data, None)
+}
+
+/// [`create_with_data`], and a creator of sibling files (VMDK extents).
+pub fn create_with_files(
+    format: Format,
+    storage: &Arc<dyn Storage>,
+    spec: &CreateSpec,
+    filename: Option<&str>,
+    data: Option<Arc<dyn Storage>>,
+    siblings: Option<Arc<dyn super::SiblingFiles>>,
+) -> Result<()> {
     let create = format.0.create.ok_or_else(|| format.no_create_error())?;
     let args = CreateArgs {
         size: spec.size,
@@ -373,6 +388,7 @@ pub fn create_with_data(
         options: parse_create_options(format, &spec.options)?,
         filename: filename.map(str::to_string),
         data,
+        siblings,
     };
     create(storage, &args)
 }
