@@ -281,6 +281,7 @@ impl Image {
         let target = create_target(path.as_ref())?;
         let path = target.as_path();
         let mut backing = None;
+        let mut parent = None;
         let mut size = opts.size;
         if let Some(name) = &opts.backing_file {
             let mut fmt = opts.backing_format;
@@ -305,6 +306,7 @@ impl Image {
                     Error::backing(BackingContext::OpenFile(bpath.display().to_string()), e)
                 })?;
                 fmt = Some(bimg.format());
+                parent = Some(bimg.format_specific());
                 // qemu-img takes the backing size rounded up to whole sectors.
                 size = size.or(Some(bimg.size().div_ceil(512) * 512));
             } else if size.is_none() {
@@ -390,6 +392,7 @@ impl Image {
             path.file_name().and_then(|n| n.to_str()),
             data,
             Some(siblings.clone()),
+            parent,
         );
         if r.is_err() {
             // Files made for a create that failed midway are removed (QEMU leaves

@@ -149,6 +149,9 @@ pub struct CreateArgs {
     /// Creates further files next to the image (VMDK extents); `None` when the image
     /// is not a named file (formats needing siblings then refuse).
     pub siblings: Option<Arc<dyn super::SiblingFiles>>,
+    /// What the backing image's format reports about it (`info`'s format-specific
+    /// block), when the caller opened it: VMDK records its parent's CID.
+    pub parent: Option<super::FormatSpecific>,
 }
 
 /// A format's `open`.
@@ -369,10 +372,11 @@ pub fn create_with_data(
     filename: Option<&str>,
     data: Option<Arc<dyn Storage>>,
 ) -> Result<()> {
-    create_with_files(format, storage, spec, filename, data, None)
+    create_with_files(format, storage, spec, filename, data, None, None)
 }
 
-/// [`create_with_data`], and a creator of sibling files (VMDK extents).
+/// [`create_with_data`], a creator of sibling files (VMDK extents) and what the opened
+/// backing image reports about itself.
 pub fn create_with_files(
     format: Format,
     storage: &Arc<dyn Storage>,
@@ -380,6 +384,7 @@ pub fn create_with_files(
     filename: Option<&str>,
     data: Option<Arc<dyn Storage>>,
     siblings: Option<Arc<dyn super::SiblingFiles>>,
+    parent: Option<super::FormatSpecific>,
 ) -> Result<()> {
     let create = format.0.create.ok_or_else(|| format.no_create_error())?;
     let args = CreateArgs {
@@ -389,6 +394,7 @@ pub fn create_with_files(
         filename: filename.map(str::to_string),
         data,
         siblings,
+        parent,
     };
     create(storage, &args)
 }

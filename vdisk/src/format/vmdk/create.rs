@@ -7,7 +7,8 @@
 //! `NAME-s001.vmdk`, … of 2 GiB each, the last one shorter; a split sparse extent's
 //! header reserves the descriptor area, which stays empty).
 //!
-//! Backing files (whose CID the descriptor records) are not created by vdisk yet.
+//! A backing (parent) link is the descriptor's `parentCID` (the parent's CID, from
+//! [`CreateArgs::parent`]) and `parentFileNameHint` (its name as given).
 
 use super::header::{new_geometry, Header, SECTOR};
 use super::text::NewDescriptor;
@@ -58,9 +59,12 @@ pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
     if flat && zeroed_grain {
         return Err(Invalid::VmdkFlatZeroedGrain.into());
     }
-    if backing.is_some() {
-        return Err(refuse("backing_file"));
-    }
+    let parent_cid = match (&backing, &args.parent) {
+        (None, _) => 0xffff_ffff,
+        (Some(_), Some(crate::format::FormatSpecific::Vmdk { cid, .. })) => *cid,
+        // Not opened (`-u`) or not a VMDK: qemu-img reads the parent's CID.
+        (Some(_), _) => return Err(refuse("backing_file that cannot be opened as vmdk")),
+    };
     let sectors = size / SECTOR;
     if sectors > u32::MAX as u64 * 128 {
         return Err(Invalid::VmdkTooLarge { size }.into());
@@ -69,9 +73,9 @@ pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
     let desc = |extent_lines: String| {
         NewDescriptor {
             cid: super::random_u32(),
-            parent_cid: 0xffff_ffff,
+            parent_cid,
             create_type: subformat,
-            parent_hint: None,
+            parent_hint: backing.as_deref(),
             extent_lines,
             hw_version: hw,
             size,
