@@ -312,6 +312,25 @@ impl Image {
             } else if size.is_none() {
                 return Err(Invalid::NeedsSize.into());
             }
+            if parent.is_none() {
+                // Unchecked (`-u`, or the caller checked it): a format that records
+                // facts about its parent (VMDK's parentCID) still gets them when the
+                // file opens, as QEMU's vmdk create opens it; if it does not, the
+                // format decides.
+                let bpath = chain::resolve_backing_path(path, name);
+                let o = OpenOptions {
+                    format: fmt,
+                    read_only: true,
+                    force_share: true,
+                    driver: DriverOptions {
+                        no_io: true,
+                        no_backing: true,
+                        ..DriverOptions::default()
+                    },
+                    ..OpenOptions::default()
+                };
+                parent = Image::open(&bpath, &o).ok().map(|b| b.format_specific());
+            }
             backing = Some(BackingSpec {
                 name: name.clone(),
                 format: fmt,
