@@ -27,7 +27,7 @@ pub(super) fn check(v: &Vmdk, repair: Repair) -> Result<CheckReport> {
         let mut seen = std::collections::HashSet::new();
         let mut rel = 0u64;
         while rel < e.len {
-            if rel % span == 0 {
+            if rel.is_multiple_of(span) {
                 let gt = s.gd.get((rel / span) as usize).copied();
                 if gt.is_some_and(|gt| gt == 0 || !seen.insert(gt)) {
                     rel = rel.saturating_add(span);
