@@ -63,3 +63,43 @@ head -c 592 "$t/l2" > corpus/luks_header/cbc_essiv_header
 head -c $((4096 + 32 * 4000)) "$t/l1" > corpus/luks_header/xts_slot0
 head -c $((4096 + 16 * 4000)) "$t/l2" > corpus/luks_header/cbc_essiv_slot0
 ls -l corpus/qcow2_snapshot_table corpus/qcow2_bitmap_directory corpus/luks_header
+# VMDK, VHD, VHDX, VDI: every subformat qemu-img makes, empty and with data (a descriptor
+# file stands alone: its extents cannot be opened from memory).
+# These formats' files are mostly zeros (VHDX: MiBs): the targets read a sparse
+# encoding of the file (fuzz_support::sparse_file), made here.
+sparse() { python3 - "$1" "$2" <<'PY'
+import struct, sys
+d = open(sys.argv[1], 'rb').read()
+out = [struct.pack('<I', (len(d) + 511) // 512)]
+for i in range(0, len(d), 4096):
+    b = d[i:i + 4096].rstrip(b'\0')
+    if b:
+        out.append(struct.pack('<IH', i, len(b)) + b)
+open(sys.argv[2], 'wb').write(b''.join(out))
+PY
+}
+m=corpus/vmdk; p=corpus/vpc; x=corpus/vhdx; v=corpus/vdi; mkdir -p "$m" "$p" "$x" "$v"
+data() { io -f "$1" -c "write -P 1 0 1k" -c "write -P 2 33k 3k" -c "write -z 8k 4k" "$2"; }
+for s in monolithicSparse streamOptimized; do
+  q create -q -f vmdk -o subformat=$s "$t/$s.vmdk" 64K; sparse "$t/$s.vmdk" "$m/$s-empty"
+done
+data vmdk "$t/monolithicSparse.vmdk"; sparse "$t/monolithicSparse.vmdk" "$m/monolithicSparse-data"
+q convert -O vmdk -o subformat=streamOptimized "$t/src.raw" "$t/so.vmdk"; sparse "$t/so.vmdk" "$m/streamOptimized-data"
+q create -q -f vmdk -o zeroed_grain=on "$t/zg.vmdk" 64K; data vmdk "$t/zg.vmdk"; sparse "$t/zg.vmdk" "$m/zeroed-grain"
+q create -q -f vmdk -o adapter_type=lsilogic,hwversion=6 -b "$t/zg.vmdk" -F vmdk "$t/child.vmdk"
+sparse "$t/child.vmdk" "$m/child"
+for s in monolithicFlat twoGbMaxExtentSparse twoGbMaxExtentFlat; do
+  q create -q -f vmdk -o subformat=$s "$t/$s.vmdk" 64K; sparse "$t/$s.vmdk" "$m/$s-descriptor"
+done
+for s in dynamic fixed; do
+  q create -q -f vpc -o subformat=$s "$t/$s.vhd" 64K; sparse "$t/$s.vhd" "$p/$s-empty"
+  data vpc "$t/$s.vhd"; sparse "$t/$s.vhd" "$p/$s-data"
+done
+q create -q -f vpc -o subformat=dynamic,force_size=on "$t/fs.vhd" 64K; sparse "$t/fs.vhd" "$p/force-size"
+q create -q -f vdi "$t/d.vdi" 64K; sparse "$t/d.vdi" "$v/dynamic-empty"
+data vdi "$t/d.vdi"; sparse "$t/d.vdi" "$v/dynamic-data"
+for s in dynamic fixed; do
+  q create -q -f vhdx -o subformat=$s,log_size=1M,block_size=1M "$t/$s.vhdx" 64K; sparse "$t/$s.vhdx" "$x/$s-empty"
+  data vhdx "$t/$s.vhdx"; sparse "$t/$s.vhdx" "$x/$s-data"
+done
+ls -l "$c" "$d" "$m" "$p" "$x" "$v"

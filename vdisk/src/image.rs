@@ -288,6 +288,7 @@ impl Image {
         let target = create_target(path.as_ref())?;
         let path = target.as_path();
         let mut backing = None;
+        let mut parent = None;
         let mut size = opts.size;
         if let Some(name) = &opts.backing_file {
             let mut fmt = opts.backing_format;
@@ -312,10 +313,30 @@ impl Image {
                     Error::backing(BackingContext::OpenFile(bpath.display().to_string()), e)
                 })?;
                 fmt = Some(bimg.format());
+                parent = Some(bimg.format_specific());
                 // qemu-img takes the backing size rounded up to whole sectors.
                 size = size.or(Some(bimg.size().div_ceil(512) * 512));
             } else if size.is_none() {
                 return Err(Invalid::NeedsSize.into());
+            }
+            if parent.is_none() {
+                // Unchecked (`-u`, or the caller checked it): a format that records
+                // facts about its parent (VMDK's parentCID) still gets them when the
+                // file opens, as QEMU's vmdk create opens it; if it does not, the
+                // format decides.
+                let bpath = chain::resolve_backing_path(path, name);
+                let o = OpenOptions {
+                    format: fmt,
+                    read_only: true,
+                    force_share: true,
+                    driver: DriverOptions {
+                        no_io: true,
+                        no_backing: true,
+                        ..DriverOptions::default()
+                    },
+                    ..OpenOptions::default()
+                };
+                parent = Image::open(&bpath, &o).ok().map(|b| b.format_specific());
             }
             backing = Some(BackingSpec {
                 name: name.clone(),
@@ -385,7 +406,8 @@ impl Image {
             }
             None => None,
         };
-        let r = format::registry::create_with_data(
+        let siblings = Arc::new(crate::siblings::FileSiblings::new(path, fo));
+        let r = format::registry::create_with_files(
             opts.format,
             &storage,
             &CreateSpec {
@@ -395,7 +417,14 @@ impl Image {
             },
             path.file_name().and_then(|n| n.to_str()),
             data,
+            Some(siblings.clone()),
+            parent,
         );
+        if r.is_err() {
+            // Files made for a create that failed midway are removed (QEMU leaves
+            // them; a half-made extent set is useless).
+            siblings.remove_created();
+        }
         if r.is_err() && !existed {
             // Bad options are found while formatting: leave no half-made file behind.
             drop(storage);

@@ -18,6 +18,7 @@ pub mod hook;
 pub mod image;
 pub mod layer;
 pub mod policy;
+mod siblings;
 pub mod storage;
 
 pub use error::{Error, Result, SnapshotError};

@@ -61,7 +61,9 @@ struct ChildFile {
     actual_size: Option<u64>,
 }
 
-/// The VMDK extents in files of their own, as `extents.N` children (qemu's names).
+/// The VMDK extents in files of their own, as `extents.N` children (qemu's names), last
+/// extent first: QEMU lists a node's children newest first (each is inserted at the head
+/// of its list as it is attached, extent by extent).
 fn extent_children(spec: &FormatSpecific) -> Vec<ChildFile> {
     let FormatSpecific::Vmdk { extents, .. } = spec else {
         return Vec::new();
@@ -79,6 +81,9 @@ fn extent_children(spec: &FormatSpecific) -> Vec<ChildFile> {
                 file_length: len.div_ceil(512) * 512,
             })
         })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
         .collect()
 }
 

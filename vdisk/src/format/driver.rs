@@ -25,6 +25,16 @@ pub type BackingResolver<'a> = dyn FnMut(&BackingSpec) -> Result<Arc<dyn Driver>
 /// locks) and the name it was opened by, for display. Supplied by the chain layer.
 pub type FileResolver<'a> = dyn FnMut(&str) -> Result<(Arc<dyn Storage>, String)> + 'a;
 
+/// Creates the files an image consists of besides the one being created (VMDK's
+/// flat and split extents), by names relative to that file, as QEMU creates extents
+/// next to the descriptor. Each call creates (or empties) one file. Supplied by the
+/// layer that created the image's own file, which removes every file it made if the
+/// format's create fails.
+pub trait SiblingFiles: Send + Sync + std::fmt::Debug {
+    /// Creates (or truncates) the sibling file `name` and opens it read-write.
+    fn create(&self, name: &str) -> Result<Arc<dyn Storage>>;
+}
+
 /// Options every format understands at open time.
 #[derive(Clone, Debug, Default)]
 pub struct DriverOptions {

@@ -146,6 +146,12 @@ pub struct CreateArgs {
     /// The external data file the caller created for a `data_file` option (formats
     /// with [`Capabilities::data_file`]).
     pub data: Option<Arc<dyn Storage>>,
+    /// Creates further files next to the image (VMDK extents); `None` when the image
+    /// is not a named file (formats needing siblings then refuse).
+    pub siblings: Option<Arc<dyn super::SiblingFiles>>,
+    /// What the backing image's format reports about it (`info`'s format-specific
+    /// block), when the caller opened it: VMDK records its parent's CID.
+    pub parent: Option<super::FormatSpecific>,
 }
 
 /// A format's `open`.
@@ -366,6 +372,20 @@ pub fn create_with_data(
     filename: Option<&str>,
     data: Option<Arc<dyn Storage>>,
 ) -> Result<()> {
+    create_with_files(format, storage, spec, filename, data, None, None)
+}
+
+/// [`create_with_data`], a creator of sibling files (VMDK extents) and what the opened
+/// backing image reports about itself.
+pub fn create_with_files(
+    format: Format,
+    storage: &Arc<dyn Storage>,
+    spec: &CreateSpec,
+    filename: Option<&str>,
+    data: Option<Arc<dyn Storage>>,
+    siblings: Option<Arc<dyn super::SiblingFiles>>,
+    parent: Option<super::FormatSpecific>,
+) -> Result<()> {
     let create = format.0.create.ok_or_else(|| format.no_create_error())?;
     let args = CreateArgs {
         size: spec.size,
@@ -373,6 +393,8 @@ pub fn create_with_data(
         options: parse_create_options(format, &spec.options)?,
         filename: filename.map(str::to_string),
         data,
+        siblings,
+        parent,
     };
     create(storage, &args)
 }

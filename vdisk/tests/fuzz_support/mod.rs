@@ -474,6 +474,80 @@ pub fn nbd_client_record(upstream: &std::path::Path) -> Vec<u8> {
     got
 }
 
+/// VMDK: sparse header, grain directory and tables, streamOptimized markers and
+/// deflate grains, the embedded or stand-alone descriptor (a descriptor's extent
+/// files cannot be opened from memory, so its parser is what gets fuzzed there).
+pub fn vmdk(data: &[u8]) {
+    if let Some(file) = sparse_file(data) {
+        image(Format::Vmdk, &file);
+    }
+}
+
+/// VHD (vpc): footer, dynamic header, BAT, sector bitmaps.
+pub fn vpc(data: &[u8]) {
+    if let Some(file) = sparse_file(data) {
+        image(Format::Vpc, &file);
+    }
+}
+
+/// VDI: header, block map.
+pub fn vdi(data: &[u8]) {
+    if let Some(file) = sparse_file(data) {
+        image(Format::Vdi, &file);
+    }
+}
+
+/// VHDX: headers, region tables, log (replay on open), metadata region, BAT.
+///
+/// The files of these four formats are mostly zeros (a VHDX is several MiB), so
+/// their targets' input is a sparse file, see [`sparse_file`].
+pub fn vhdx(data: &[u8]) {
+    if let Some(file) = sparse_file(data) {
+        image(Format::Vhdx, &file);
+    }
+}
+
+/// Expands a sparse-file encoding: a `u32` LE file length in 512-byte sectors (at most
+/// [`CAP`]), then segments of `u32` LE byte offset, `u16` LE length and that many
+/// bytes, written in order (clipped to the file). `fuzz/seed.sh` encodes the seeds.
+pub fn sparse_file(data: &[u8]) -> Option<Vec<u8>> {
+    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let sectors = le32(data.get(..4)?) as u64;
+    let len = sectors.checked_mul(512)?;
+    if len > CAP {
+        return None;
+    }
+    let mut file = vec![0u8; len as usize];
+    let mut rest = &data[4..];
+    while rest.len() >= 6 {
+        let off = le32(rest) as usize;
+        let n = u16::from_le_bytes([rest[4], rest[5]]) as usize;
+        let bytes = &rest[6..(6 + n).min(rest.len())];
+        rest = &rest[6 + bytes.len()..];
+        if off < file.len() {
+            let end = (off + bytes.len()).min(file.len());
+            file[off..end].copy_from_slice(&bytes[..end - off]);
+        }
+    }
+    Some(file)
+}
+
+/// The format of each sparse-encoded target, for the seed test.
+pub const SPARSE_TARGETS: &[(&str, Format)] = &[
+    ("vmdk", Format::Vmdk),
+    ("vpc", Format::Vpc),
+    ("vhdx", Format::Vhdx),
+    ("vdi", Format::Vdi),
+];
+
+/// Opens a sparse-encoded seed as `format` (the seed test: seeds must be images).
+pub fn open_sparse(format: Format, data: &[u8]) -> vdisk::Result<Image> {
+    let file = sparse_file(data)
+        .ok_or_else(|| vdisk::Error::from(std::io::Error::other("bad sparse-file encoding")))?;
+    let st: Arc<dyn Storage> = Arc::new(Capped(MemStorage::from_vec(file)));
+    Image::open_storage(st, format, &DriverOptions::default())
+}
+
 /// A target's body.
 pub type Target = fn(&[u8]);
 
@@ -485,4 +559,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_bitmap_directory", qcow2_bitmap_directory),
     ("luks_header", luks_header),
     ("nbd_client", nbd_client),
+    ("vmdk", vmdk),
+    ("vpc", vpc),
+    ("vhdx", vhdx),
+    ("vdi", vdi),
 ];

@@ -1,11 +1,14 @@
 //! Creating VMDK images as `qemu-img create -f vmdk` lays them out: a monolithic
 //! sparse extent (header, descriptor in sectors 1..21, redundant and primary grain
 //! directories with all their grain tables, the first grain on a 64 KiB boundary),
-//! plain or stream-optimized (compressed grains appended as they are written).
+//! plain or stream-optimized (compressed grains appended as they are written); or a
+//! descriptor file and its extents, created through [`CreateArgs::siblings`]:
+//! monolithicFlat (`NAME-flat.vmdk`), twoGbMaxExtentFlat/Sparse (`NAME-f001.vmdk`,
+//! `NAME-s001.vmdk`, … of 2 GiB each, the last one shorter; a split sparse extent's
+//! header reserves the descriptor area, which stays empty).
 //!
-//! Subformats that need more files than the one being created (monolithicFlat,
-//! twoGbMaxExtent*) and backing files (whose CID the descriptor records) are not
-//! created by vdisk yet.
+//! A backing (parent) link is the descriptor's `parentCID` (the parent's CID, from
+//! [`CreateArgs::parent`]) and `parentFileNameHint` (its name as given).
 
 use super::header::{new_geometry, Header, SECTOR};
 use super::text::NewDescriptor;
@@ -56,17 +59,94 @@ pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
     if flat && zeroed_grain {
         return Err(Invalid::VmdkFlatZeroedGrain.into());
     }
-    if !matches!(subformat, "monolithicSparse" | "streamOptimized") {
-        return Err(refuse(&format!("subformat={subformat}")));
-    }
-    if backing.is_some() {
-        return Err(refuse("backing_file"));
-    }
+    let parent_cid = match (&backing, &args.parent) {
+        (None, _) => 0xffff_ffff,
+        (Some(_), Some(crate::format::FormatSpecific::Vmdk { cid, .. })) => *cid,
+        // Not opened (`-u`) or not a VMDK: qemu-img reads the parent's CID.
+        (Some(_), _) => return Err(refuse("backing_file that cannot be opened as vmdk")),
+    };
     let sectors = size / SECTOR;
     if sectors > u32::MAX as u64 * 128 {
         return Err(Invalid::VmdkTooLarge { size }.into());
     }
-    let compress = subformat == "streamOptimized";
+    let name = args.filename.as_deref().unwrap_or("image.vmdk");
+    let desc = |extent_lines: String| {
+        NewDescriptor {
+            cid: super::random_u32(),
+            parent_cid,
+            create_type: subformat,
+            parent_hint: backing.as_deref(),
+            extent_lines,
+            hw_version: hw,
+            size,
+            adapter_type: adapter,
+            tools_version: tools,
+        }
+        .render()
+    };
+    if matches!(subformat, "monolithicSparse" | "streamOptimized") {
+        write_sparse(
+            storage,
+            sectors,
+            subformat == "streamOptimized",
+            zeroed_grain,
+        )?;
+        let text = desc(format!("RW {sectors} SPARSE \"{name}\"\n"));
+        storage.write_at(text.as_bytes(), SECTOR)?;
+        storage.flush()?;
+        return Ok(());
+    }
+    let siblings = args
+        .siblings
+        .as_ref()
+        .ok_or_else(|| refuse(&format!("subformat={subformat} without a file name")))?;
+    // QEMU's names: the image name split before its last '.', the extension kept.
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) => name.split_at(i),
+        None => (name, ""),
+    };
+    let split = subformat.starts_with("twoGb");
+    let per = if split { SPLIT_SECTORS } else { sectors.max(1) };
+    let mut lines = String::new();
+    let mut at = 0u64;
+    let mut n = 0u32;
+    // A zero-sized image still gets one (empty) extent, as qemu-img makes.
+    while at < sectors || n == 0 {
+        n += 1;
+        let len = per.min(sectors - at);
+        let file = match (split, flat) {
+            (false, _) => format!("{stem}-flat{ext}"),
+            (true, true) => format!("{stem}-f{n:03}{ext}"),
+            (true, false) => format!("{stem}-s{n:03}{ext}"),
+        };
+        let st = siblings.create(&file)?;
+        if flat {
+            st.set_len(len * SECTOR)?;
+            lines.push_str(&format!("RW {len} FLAT \"{file}\" 0\n"));
+        } else {
+            write_sparse(&st, len, false, zeroed_grain)?;
+            lines.push_str(&format!("RW {len} SPARSE \"{file}\"\n"));
+        }
+        st.flush()?;
+        at += len;
+    }
+    storage.set_len(0)?;
+    storage.write_at(desc(lines).as_bytes(), 0)?;
+    storage.flush()?;
+    Ok(())
+}
+
+/// Sectors of each extent of a twoGbMaxExtent* image (2 GiB, as qemu-img).
+const SPLIT_SECTORS: u64 = (2 << 30) / SECTOR;
+
+/// Writes a sparse extent of `sectors`: header, both grain directories with all their
+/// (empty) grain tables; its descriptor area is left for the caller.
+fn write_sparse(
+    storage: &Arc<dyn Storage>,
+    sectors: u64,
+    compress: bool,
+    zeroed_grain: bool,
+) -> Result<()> {
     let h = Header::new_sparse(sectors, compress, zeroed_grain);
     let g = new_geometry(sectors);
     storage.write_at(&h.to_bytes(), 0)?;
@@ -80,20 +160,5 @@ pub fn create(storage: &Arc<dyn Storage>, args: &CreateArgs) -> Result<()> {
         b.resize((g.gd_sectors * SECTOR) as usize, 0);
         storage.write_at(&b, dir * SECTOR)?;
     }
-    let name = args.filename.as_deref().unwrap_or("image.vmdk");
-    let desc = NewDescriptor {
-        cid: super::random_u32(),
-        parent_cid: 0xffff_ffff,
-        create_type: subformat,
-        parent_hint: None,
-        extent_lines: format!("RW {sectors} SPARSE \"{name}\"\n"),
-        hw_version: hw,
-        size,
-        adapter_type: adapter,
-        tools_version: tools,
-    }
-    .render();
-    storage.write_at(desc.as_bytes(), SECTOR)?;
-    storage.flush()?;
     Ok(())
 }
