@@ -12,6 +12,7 @@
 //! the disk intact (the top still holds every byte, or the base does).
 
 use crate::common;
+use crate::progress::Progress;
 use std::time::{Duration, Instant};
 use vdisk::{CacheMode, ExtentKind, Image, OpenOptions, ZeroFlags};
 
@@ -54,23 +55,6 @@ pub fn run(a: Args) -> i32 {
     common::exit_code(run_inner(a))
 }
 
-/// qemu-img's progress line.
-struct Progress {
-    on: bool,
-    last: f64,
-}
-
-impl Progress {
-    fn show(&mut self, pct: f64, force: bool) {
-        if self.on && (force || pct - self.last >= 1.0) {
-            use std::io::Write;
-            print!("    ({pct:.2}/100%)\r");
-            let _ = std::io::stdout().flush();
-            self.last = pct;
-        }
-    }
-}
-
 /// The status of `[off, off + len)` above the base: the index of the first layer
 /// (top first) that decides it and how, and the length of the run.
 fn status_above(
@@ -110,10 +94,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     };
     // -b implies -d: the images between base and top would read wrong afterwards.
     let keep_top = a.drop || !a.base.is_empty();
-    let mut progress = Progress {
-        on: a.progress && !a.quiet,
-        last: 0.0,
-    };
+    let progress_on = a.progress && !a.quiet;
     // The chain, read-only, to find the layers.
     let chain = common::open_image_with(
         filename,
@@ -174,7 +155,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     if base.size() < size {
         base.resize(size, false).map_err(|e| e.to_string())?;
     }
-    progress.show(0.0, true);
+    let progress = Progress::start(progress_on, size);
     let start = Instant::now();
     let mut done = 0u64;
     let mut buf = vec![0u8; CHUNK as usize];
@@ -207,11 +188,11 @@ fn run_inner(a: Args) -> Result<(), String> {
                 std::thread::sleep(wait);
             }
         }
-        progress.show(off as f64 * 100.0 / size as f64, false);
+        progress.set(off);
     }
     base.flush().map_err(|e| e.to_string())?;
     drop_image(base)?;
-    progress.show(100.0, true);
+    progress.hundred();
     std::mem::drop(above);
     if !keep_top {
         let top = open_layer(&(top_path, paths[0].1), false, cache)?;
@@ -223,9 +204,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         }
         drop_image(top)?;
     }
-    if progress.on {
-        println!();
-    }
+    progress.end();
     crate::qprintln!(a.quiet, "Image committed.");
     Ok(())
 }
