@@ -796,6 +796,16 @@ fn convert_bitmaps_like_qemu_img() {
     }
 }
 
+/// `qemu-img bitmap ACTION… FILE NAME`, `args` ending with the bitmap's name.
+fn qemu_bitmap(dir: &Path, file: &str, args: &[&str]) {
+    let (name, acts) = args.split_last().unwrap();
+    let c: Vec<&str> = std::iter::once("bitmap")
+        .chain(acts.iter().copied())
+        .chain([file, name])
+        .collect();
+    ok(qemu_img(dir, &c), "bitmap");
+}
+
 /// `commit` and bitmaps as qemu-img 10 (block/commit.c writes into the base through
 /// the block layer; qcow2's make_empty works below it): the base's enabled bitmaps
 /// mark every range the commit writes (data and zeroes, from every layer above),
@@ -830,13 +840,7 @@ fn commit_keeps_and_marks_bitmaps_like_qemu_img() {
             (&b, &["--add", "-g", "512k", "bonly"]),
             (&b, &["--add", "--disable", "off"]),
         ] {
-            // qemu-img bitmap [ACTION…] FILE NAME
-            let (name, acts) = args.split_last().unwrap();
-            let c: Vec<&str> = std::iter::once("bitmap")
-                .chain(acts.iter().copied())
-                .chain([f.as_str(), name])
-                .collect();
-            ok(qemu_img(dir, &c), "bitmap");
+            qemu_bitmap(dir, f, args);
         }
         qemu_io(
             dir,
@@ -885,13 +889,7 @@ fn commit_keeps_and_marks_bitmaps_like_qemu_img() {
             (&b, &["--add", "-g", "128k", "bb"]),
             (&m, &["--add", "mb"]),
         ] {
-            // qemu-img bitmap [ACTION…] FILE NAME
-            let (name, acts) = args.split_last().unwrap();
-            let c: Vec<&str> = std::iter::once("bitmap")
-                .chain(acts.iter().copied())
-                .chain([f.as_str(), name])
-                .collect();
-            ok(qemu_img(dir, &c), "bitmap");
+            qemu_bitmap(dir, f, args);
         }
         qemu_io(dir, "qcow2", &o, &["write -P 3 0 1M", "write -z 30M 64k"]);
         qemu_io(

@@ -8,6 +8,8 @@
 //! its committed value, and once the commit's flush is done the base holds every
 //! committed byte. `check -r all` then leaves each image clean.
 
+mod crash_util;
+use crash_util::{open_qcow2_bytes as open_bytes, read_all};
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use vdisk::format::report::FindingKind;
@@ -17,24 +19,6 @@ use vdisk::storage::{MemStorage, Storage};
 use vdisk::{ExtentKind, Format, Image, Repair, ZeroFlags};
 
 const SIZE: u64 = 256 << 10;
-
-fn open_bytes(bytes: Vec<u8>, rw: bool) -> Image {
-    Image::open_storage(
-        Arc::new(MemStorage::from_vec(bytes)),
-        Format::Qcow2,
-        &DriverOptions {
-            read_only: !rw,
-            ..DriverOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("open failed: {e}"))
-}
-
-fn read_all(img: &Image) -> Vec<u8> {
-    let mut v = vec![0u8; img.size() as usize];
-    img.read_at(&mut v, 0).unwrap();
-    v
-}
 
 fn new_image(cs: &str, fill: impl Fn(&Image)) -> Vec<u8> {
     let mem: Arc<dyn Storage> = Arc::new(MemStorage::new());
@@ -172,10 +156,7 @@ fn run(cs: &str, seed: u64) {
                 &format!("{what}: the chain"),
             );
             if k >= flushed {
-                assert_eq!(
-                    got, before,
-                    "{what}: a committed byte is lost after the flush"
-                );
+                same(&got, &before, &format!("{what}: the base after the flush"));
             } else if let Some(i) =
                 (0..got.len()).find(|&i| got[i] != old_base[i] && got[i] != before[i])
             {
@@ -202,10 +183,10 @@ fn run(cs: &str, seed: u64) {
             let what = format!("cs {cs} top crash point {k} variant {v}");
             assert_sound(&bytes, &what);
             let top = open_bytes(bytes, false);
-            assert_eq!(
-                chain_view(&top, &base_data),
-                before,
-                "{what}: the chain changed"
+            same(
+                &chain_view(&top, &base_data),
+                &before,
+                &format!("{what}: the chain"),
             );
             checked += 1;
         }
