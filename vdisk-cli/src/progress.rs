@@ -50,8 +50,46 @@ impl Progress {
 
     /// The work is done: prints 100.00 and ends the line.
     pub fn finish(&self) {
-        self.print(100.0);
+        self.hundred();
         self.end();
+    }
+
+    /// Prints 100.00 without ending the line (`commit` ends it only after emptying
+    /// the top image, as qemu-img does).
+    pub fn hundred(&self) {
+        self.print(100.0);
+    }
+
+    /// qemu's `qemu_progress_print(current, 0)`: an absolute percentage computed in
+    /// single precision, printed when it moves more than one percent away from the
+    /// last one printed, and always when it is exactly 0 or 100 (so those repeat, as
+    /// in qemu-img's `amend -p`).
+    pub fn absolute(&self, current: f32) {
+        if !self.on {
+            return;
+        }
+        let current = current.min(100.0);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // The comparisons are qemu's, in f32: the last value printed is kept at the
+        // precision it was computed in.
+        let prev = *last as f32;
+        if current > prev + MIN_STEP as f32
+            || current < prev - MIN_STEP as f32
+            || current == 0.0
+            || current == 100.0
+        {
+            *last = f64::from(current);
+            drop(last);
+            self.print(f64::from(current));
+        }
+    }
+
+    /// qemu-img's `amend` status callback: `offset` of `total` units done, as the
+    /// percentage `100.f * offset / total` in single precision.
+    pub fn amend_status(&self, offset: u64, total: u64) {
+        if total > 0 {
+            self.absolute(100.0f32 * offset as f32 / total as f32);
+        }
     }
 
     /// Ends the line without a last report (qemu-img's `compare`, and any command

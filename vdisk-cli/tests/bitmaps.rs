@@ -795,3 +795,158 @@ fn convert_bitmaps_like_qemu_img() {
         assert_eq!(v.err.replace("vdisk:", "qemu-img:"), q.err, "{args:?}");
     }
 }
+
+/// `qemu-img bitmap ACTION… FILE NAME`, `args` ending with the bitmap's name.
+fn qemu_bitmap(dir: &Path, file: &str, args: &[&str]) {
+    let (name, acts) = args.split_last().unwrap();
+    let c: Vec<&str> = std::iter::once("bitmap")
+        .chain(acts.iter().copied())
+        .chain([file, name])
+        .collect();
+    ok(qemu_img(dir, &c), "bitmap");
+}
+
+/// `commit` and bitmaps as qemu-img 10 (block/commit.c writes into the base through
+/// the block layer; qcow2's make_empty works below it): the base's enabled bitmaps
+/// mark every range the commit writes (data and zeroes, from every layer above),
+/// disabled ones stay as they were; no bitmap is copied or merged from the top into
+/// the base (same-named or not); the top's bitmaps are not marked by its emptying,
+/// and the layers between stay untouched. Side by side with qemu-img on the same
+/// chains: `info` bitmaps block, qemu-nbd's dirty extents of every bitmap of every
+/// layer, `check` clean and `compare` equal.
+#[test]
+fn commit_keeps_and_marks_bitmaps_like_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    type Mk = fn(&Path, &str) -> (Vec<String>, Vec<(usize, &'static str)>);
+    // Each chain: its files (top first), the commit arguments, and the bitmaps.
+    let two: Mk = |dir, p| {
+        let (b, o) = (format!("{p}-b.qcow2"), format!("{p}-o.qcow2"));
+        ok(
+            qemu_img(dir, &["create", "-q", "-f", "qcow2", &b, "64M"]),
+            "create",
+        );
+        ok(
+            qemu_img(
+                dir,
+                &["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &o],
+            ),
+            "create",
+        );
+        for (f, args) in [
+            (&o, &["--add", "tb"][..]),
+            (&b, &["--add", "both"]),
+            (&o, &["--add", "both"]),
+            (&b, &["--add", "-g", "512k", "bonly"]),
+            (&b, &["--add", "--disable", "off"]),
+        ] {
+            qemu_bitmap(dir, f, args);
+        }
+        qemu_io(
+            dir,
+            "qcow2",
+            &o,
+            &[
+                "write -P 3 0 1M",
+                "write -P 3 20M 64k",
+                "write -z 30M 64k",
+                "write -P 7 50M 4k",
+            ],
+        );
+        qemu_io(dir, "qcow2", &b, &["write -P 5 40M 64k"]);
+        (
+            vec![o, b],
+            vec![
+                (0, "tb"),
+                (0, "both"),
+                (1, "both"),
+                (1, "bonly"),
+                (1, "off"),
+            ],
+        )
+    };
+    let three: Mk = |dir, p| {
+        let (b, m, o) = (
+            format!("{p}-b3.qcow2"),
+            format!("{p}-m3.qcow2"),
+            format!("{p}-o3.qcow2"),
+        );
+        ok(
+            qemu_img(dir, &["create", "-q", "-f", "qcow2", &b, "64M"]),
+            "create",
+        );
+        for (f, back) in [(&m, &b), (&o, &m)] {
+            ok(
+                qemu_img(
+                    dir,
+                    &["create", "-q", "-f", "qcow2", "-b", back, "-F", "qcow2", f],
+                ),
+                "create",
+            );
+        }
+        for (f, args) in [
+            (&o, &["--add", "tb"][..]),
+            (&b, &["--add", "-g", "128k", "bb"]),
+            (&m, &["--add", "mb"]),
+        ] {
+            qemu_bitmap(dir, f, args);
+        }
+        qemu_io(dir, "qcow2", &o, &["write -P 3 0 1M", "write -z 30M 64k"]);
+        qemu_io(
+            dir,
+            "qcow2",
+            &m,
+            &["write -P 5 40M 64k", "write -P 6 1M 4k", "discard 0 64k"],
+        );
+        (vec![o, m, b], vec![(0, "tb"), (1, "mb"), (2, "bb")])
+    };
+    let cases: &[(Mk, &[&str])] = &[(two, &[]), (two, &["-d"]), (three, &["-b", "BASE"])];
+    for (n, (mk, extra)) in cases.iter().enumerate() {
+        let (qf, maps) = mk(dir, &format!("q{n}"));
+        let (vf, _) = mk(dir, &format!("v{n}"));
+        let run = |files: &[String]| {
+            let mut a: Vec<String> = vec!["commit".into()];
+            for e in *extra {
+                a.push(if *e == "BASE" {
+                    files.last().unwrap().clone()
+                } else {
+                    e.to_string()
+                });
+            }
+            a.push(files[0].clone());
+            a
+        };
+        let qa = run(&qf);
+        let va = run(&vf);
+        let q = qemu_img(dir, &qa.iter().map(String::as_str).collect::<Vec<_>>());
+        let v = vdisk(dir, &va.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            (v.code, &v.out),
+            (q.code, &q.out),
+            "{va:?}: {} / {}",
+            v.err,
+            q.err
+        );
+        for (i, (qn, vn)) in qf.iter().zip(&vf).enumerate() {
+            let what = format!("case {n} ({extra:?}) layer {i}");
+            assert_eq!(
+                bitmaps_info(dir, vn),
+                bitmaps_info(dir, qn),
+                "{what}: bitmaps"
+            );
+            qemu_check_clean(dir, vn, &what);
+            for (_, name) in maps.iter().filter(|m| m.0 == i) {
+                assert_eq!(
+                    qemu_map(dir, vn, name),
+                    qemu_map(dir, qn, name),
+                    "{what}: dirty extents of {name}"
+                );
+            }
+        }
+        let base = (qf.last().unwrap(), vf.last().unwrap());
+        ok(
+            qemu_img(dir, &["compare", "-q", base.0, base.1]),
+            "compare bases",
+        );
+    }
+}

@@ -402,3 +402,118 @@ fn progress_lines_like_qemu_img() {
         assert_eq!(v.code, q.code, "status of {args:?}");
     }
 }
+
+/// `amend -p` prints qemu-img 10's steps byte for byte: a version change in two or
+/// three steps, a downgrade one step per L1 entry (active and snapshots), a
+/// refcount-width change three walks over the refcount table, their mix projected
+/// as QEMU's driver projects it, and only the final newline when an option is
+/// refused while parsing.
+#[test]
+fn amend_progress_like_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    let cases: &[(&str, &str, bool, &str)] = &[
+        ("compat=1.1", "64M", false, "compat=0.10"),
+        ("compat=0.10", "64M", false, "compat=1.1"),
+        ("compat=1.1", "64M", false, "lazy_refcounts=on"),
+        ("compat=1.1", "64M", false, "refcount_bits=64"),
+        ("compat=1.1,cluster_size=4k", "1G", true, "compat=0.10"),
+        ("compat=1.1,cluster_size=4k", "1G", true, "refcount_bits=2"),
+        ("compat=1.1,cluster_size=4k", "1G", true, "refcount_bits=1"),
+        ("compat=0.10", "1G", true, "compat=1.1,refcount_bits=2"),
+        (
+            "compat=1.1,refcount_bits=4",
+            "1G",
+            true,
+            "refcount_bits=16,compat=0.10",
+        ),
+        (
+            "compat=1.1,cluster_size=512",
+            "1G",
+            false,
+            "refcount_bits=32",
+        ),
+        ("compat=1.1", "64M", false, "refcount_bits=3"),
+        ("compat=1.1", "64M", false, "cluster_size=4k"),
+        ("compat=1.1", "64M", false, "foo=1"),
+    ];
+    for (i, &(create, size, snaps, amend)) in cases.iter().enumerate() {
+        let name = format!("a{i}.qcow2");
+        let make = |n: &str| {
+            ok(
+                qemu_img(dir, &["create", "-q", "-f", "qcow2", "-o", create, n, size]),
+                "create",
+            );
+            qemu_io(
+                dir,
+                "qcow2",
+                n,
+                &["write -P 1 0 1M", "write -z 2M 1M", "write -P 3 10M 5M"],
+            );
+            if snaps {
+                for s in ["s1", "s2"] {
+                    ok(qemu_img(dir, &["snapshot", "-c", s, n]), "snapshot");
+                }
+                qemu_io(dir, "qcow2", n, &["write -z 0 64k", "write -z 600M 64k"]);
+            }
+        };
+        let (v, q) = run_both(dir, &name, make, |f| strs(&["amend", "-p", "-o", amend, f]));
+        assert!(
+            q.out.starts_with("    (0.00/100%)\r") || q.out == "\n",
+            "{amend}: {:?}",
+            q.out
+        );
+        if v.code == 0 {
+            let (qf, vf) = (format!("q-{name}"), format!("v-{name}"));
+            ok(qemu_img(dir, &["check", "-q", &vf]), "check");
+            ok(qemu_img(dir, &["compare", "-q", &qf, &vf]), "compare");
+        }
+    }
+}
+
+/// `commit -p` goes through the shared progress printer: 0.00 first, one line per
+/// further percent, 100.00 once the base is written, and the newline only after the
+/// top is emptied, before "Image committed." — the frame qemu-img prints (its middle
+/// lines depend on its job's timing, so only the frame is compared).
+#[test]
+fn commit_progress_frame_like_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    let mut outs = Vec::new();
+    for (tool, p) in [("qemu", "q"), ("vdisk", "v")] {
+        let (b, o) = (format!("{p}-b.qcow2"), format!("{p}-o.qcow2"));
+        ok(
+            qemu_img(dir, &["create", "-q", "-f", "qcow2", &b, "64M"]),
+            "create",
+        );
+        qemu_overlay(dir, "qcow2", &b, "qcow2", &o);
+        qemu_io(dir, "qcow2", &o, &["write -P 3 0 1M", "write -P 4 20M 1M"]);
+        let args = ["commit", "-p", &o];
+        let r = if tool == "qemu" {
+            qemu_img(dir, &args)
+        } else {
+            vdisk(dir, &args)
+        };
+        assert_eq!(r.code, 0, "{tool}: {}", r.err);
+        outs.push(r.out);
+    }
+    let frame = |s: &str| {
+        let body = s
+            .strip_suffix("    (100.00/100%)\r\nImage committed.\n")
+            .unwrap_or_else(|| panic!("ending of {s:?}"));
+        assert!(body.starts_with("    (0.00/100%)\r"), "start of {s:?}");
+        let pcts: Vec<f64> = body
+            .split_terminator('\r')
+            .map(|l| {
+                l.trim()
+                    .strip_prefix('(')
+                    .and_then(|l| l.strip_suffix("/100%)"))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("line {l:?} of {s:?}"))
+            })
+            .collect();
+        assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "{s:?}");
+    };
+    frame(&outs[0]);
+    frame(&outs[1]);
+}

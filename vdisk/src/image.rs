@@ -748,6 +748,19 @@ impl Image {
     /// declared options; options only creation takes are refused by name. A size
     /// change reaches the hooks as a resize.
     pub fn amend(&self, options: &[(String, String)]) -> Result<()> {
+        self.amend_with_progress(options, &|_, _| {})
+    }
+
+    /// [`Image::amend`], reporting progress: `status(done, total)` is called with
+    /// the work done so far out of the (projected) total, in the steps QEMU's driver
+    /// reports them, so `100 * done / total` is what `qemu-img amend -p` prints. An
+    /// amend that changes nothing long-running (e.g. `lazy_refcounts` alone) does not
+    /// call it.
+    pub fn amend_with_progress(
+        &self,
+        options: &[(String, String)],
+        status: &dyn Fn(u64, u64),
+    ) -> Result<()> {
         let f = self.format();
         if f.amend_options().is_none() {
             return Err(Unsupported::NoAmend(f.name()).into());
@@ -757,7 +770,7 @@ impl Image {
             return Err(Invalid::NotAmendable(k).into());
         }
         let old_size = self.size();
-        let r = self.driver.amend(&o);
+        let r = self.driver.amend(&o, status);
         if !self.hooks.is_empty() && self.size() != old_size {
             let change = crate::hook::Change::Resize {
                 old_size,

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod commit;
 pub mod crypto;
 pub mod error;
 pub mod format;

@@ -2,6 +2,7 @@
 //! lazy_refcounts, size), as `qemu-img amend`.
 
 use crate::common;
+use crate::progress::Progress;
 use vdisk::error::Invalid;
 use vdisk::{Error, Format, OpenOptions};
 
@@ -98,12 +99,29 @@ fn run_inner(a: Args) -> Result<(), String> {
         return help(img.format());
     }
     let options = common::parse_options(&pairs)?;
-    let progress = a.progress && !a.quiet;
-    if progress {
-        print!("    (0.00/100%)\r");
-    }
-    let r = img.amend(&options);
+    // qemu-img starts its progress only once the options parsed (an option only
+    // creation takes is refused before), then prints 0.00, the driver's steps, and
+    // 100.00 with the newline whether the amend worked or not.
+    let on = a.progress && !a.quiet;
+    let progress: std::sync::OnceLock<Progress> = std::sync::OnceLock::new();
+    let start = || progress.get_or_init(|| Progress::start(on, 1));
+    let r = img.amend_with_progress(&options, &|done, total| start().amend_status(done, total));
     let closed = img.close();
+    if matches!(
+        r,
+        Err(Error::InvalidArgument(
+            Invalid::NotAmendable(_) | Invalid::UnknownOption(_)
+        ))
+    ) {
+        // Refused while parsing: qemu-img's progress never started, only its end.
+        if on {
+            println!();
+        }
+    } else {
+        let p = start();
+        p.absolute(100.0);
+        p.end();
+    }
     match r {
         Ok(()) => {}
         Err(Error::InvalidArgument(Invalid::NotAmendable(k))) => {
@@ -119,8 +137,5 @@ fn run_inner(a: Args) -> Result<(), String> {
         Err(e) => return Err(e.to_string()),
     }
     closed.map_err(|e| e.to_string())?;
-    if progress {
-        println!("    (100.00/100%)\r");
-    }
     Ok(())
 }

@@ -12,8 +12,9 @@
 //! the disk intact (the top still holds every byte, or the base does).
 
 use crate::common;
+use crate::progress::Progress;
 use std::time::{Duration, Instant};
-use vdisk::{CacheMode, ExtentKind, Image, OpenOptions, ZeroFlags};
+use vdisk::{CacheMode, Image, OpenOptions};
 
 /// Arguments of `vdisk commit`.
 #[derive(clap::Args)]
@@ -46,53 +47,9 @@ pub struct Args {
     pub filename: String,
 }
 
-/// Bytes copied per step.
-const CHUNK: u64 = 2 << 20;
-
 /// Runs the subcommand; returns the exit code.
 pub fn run(a: Args) -> i32 {
     common::exit_code(run_inner(a))
-}
-
-/// qemu-img's progress line.
-struct Progress {
-    on: bool,
-    last: f64,
-}
-
-impl Progress {
-    fn show(&mut self, pct: f64, force: bool) {
-        if self.on && (force || pct - self.last >= 1.0) {
-            use std::io::Write;
-            print!("    ({pct:.2}/100%)\r");
-            let _ = std::io::stdout().flush();
-            self.last = pct;
-        }
-    }
-}
-
-/// The status of `[off, off + len)` above the base: the index of the first layer
-/// (top first) that decides it and how, and the length of the run.
-fn status_above(
-    layers: &[Image],
-    off: u64,
-    len: u64,
-) -> Result<(Option<(usize, ExtentKind)>, u64), String> {
-    let mut len = len;
-    for (i, l) in layers.iter().enumerate() {
-        if off >= l.size() {
-            // Past the end of a layer the disk reads as zeroes.
-            return Ok((Some((i, ExtentKind::Zero)), len));
-        }
-        let n = len.min(l.size() - off);
-        let e = l.layer_block_status(off, n).map_err(|e| e.to_string())?;
-        let n = e.len.min(n).max(1);
-        match e.kind {
-            ExtentKind::Unallocated => len = n,
-            k => return Ok((Some((i, k)), n)),
-        }
-    }
-    Ok((None, len))
 }
 
 fn run_inner(a: Args) -> Result<(), String> {
@@ -110,10 +67,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     };
     // -b implies -d: the images between base and top would read wrong afterwards.
     let keep_top = a.drop || !a.base.is_empty();
-    let mut progress = Progress {
-        on: a.progress && !a.quiet,
-        last: 0.0,
-    };
+    let progress_on = a.progress && !a.quiet;
     // The chain, read-only, to find the layers.
     let chain = common::open_image_with(
         filename,
@@ -174,44 +128,20 @@ fn run_inner(a: Args) -> Result<(), String> {
     if base.size() < size {
         base.resize(size, false).map_err(|e| e.to_string())?;
     }
-    progress.show(0.0, true);
+    let progress = Progress::start(progress_on, size);
     let start = Instant::now();
-    let mut done = 0u64;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut off = 0u64;
-    while off < size {
-        let (st, n) = status_above(&above, off, (size - off).min(CHUNK))?;
-        match st {
-            Some((_, ExtentKind::Zero)) => base
-                .write_zeroes(
-                    off,
-                    n,
-                    ZeroFlags {
-                        may_unmap: true,
-                        fast: false,
-                    },
-                )
-                .map_err(|e| e.to_string())?,
-            Some((i, _)) => {
-                let b = &mut buf[..n as usize];
-                above[i].read_at(b, off).map_err(|e| e.to_string())?;
-                base.write_at(b, off).map_err(|e| e.to_string())?;
-                done += n;
-            }
-            None => {}
-        }
-        off += n;
+    vdisk::commit::commit_into(&above, &base, size, &mut |off, copied| {
         if let Some(r) = rate {
-            let due = Duration::from_secs_f64(done as f64 / r as f64);
+            let due = Duration::from_secs_f64(copied as f64 / r as f64);
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
-        progress.show(off as f64 * 100.0 / size as f64, false);
-    }
-    base.flush().map_err(|e| e.to_string())?;
+        progress.set(off);
+    })
+    .map_err(|e| e.to_string())?;
     drop_image(base)?;
-    progress.show(100.0, true);
+    progress.hundred();
     std::mem::drop(above);
     if !keep_top {
         let top = open_layer(&(top_path, paths[0].1), false, cache)?;
@@ -223,9 +153,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         }
         drop_image(top)?;
     }
-    if progress.on {
-        println!();
-    }
+    progress.end();
     crate::qprintln!(a.quiet, "Image committed.");
     Ok(())
 }

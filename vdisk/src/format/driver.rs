@@ -292,8 +292,13 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
         Err(crate::error::SnapshotError::NotSupported.into())
     }
     /// Changes creation options of the open image (`amend`); only options the format
-    /// declares amendable reach it.
-    fn amend(&self, _opts: &super::options::OptionValues) -> Result<()> {
+    /// declares amendable reach it. `status(done, total)` reports progress in the
+    /// units and steps QEMU's driver reports them (qemu-img `amend -p` prints them).
+    fn amend(
+        &self,
+        _opts: &super::options::OptionValues,
+        _status: &dyn Fn(u64, u64),
+    ) -> Result<()> {
         Err(Unsupported::NoAmend(self.format().name()).into())
     }
     /// Deallocates every cluster of the active disk, so that it reads as its backing

@@ -2,7 +2,30 @@
 //! and the check that a crash image still holds it.
 #![allow(dead_code)]
 
-use vdisk::Image;
+use std::sync::Arc;
+use vdisk::format::DriverOptions;
+use vdisk::storage::MemStorage;
+use vdisk::{Format, Image};
+
+/// Opens qcow2 image bytes (a crash image) in memory.
+pub fn open_qcow2_bytes(bytes: Vec<u8>, rw: bool) -> Image {
+    Image::open_storage(
+        Arc::new(MemStorage::from_vec(bytes)),
+        Format::Qcow2,
+        &DriverOptions {
+            read_only: !rw,
+            ..DriverOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("open failed: {e}"))
+}
+
+/// The whole guest disk.
+pub fn read_all(img: &Image) -> Vec<u8> {
+    let mut v = vec![0u8; img.size() as usize];
+    img.read_at(&mut v, 0).unwrap();
+    v
+}
 
 /// The guest contents at one completed flush.
 pub struct Flushed {

@@ -74,6 +74,77 @@ fn request(o: &OptionValues) -> Result<Request> {
     Ok(r)
 }
 
+/// The operations of one `amend` that report progress, as QEMU's qcow2 driver counts
+/// them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Upgrade,
+    RefcountOrder,
+    Downgrade,
+}
+
+/// Folds the progress of each operation into one report over the whole amend, the
+/// way QEMU's qcow2 driver does (so `amend -p` prints the same lines): the work of
+/// the operations done so far, plus this one's, plus a projection for those still to
+/// come (each assumed as long as the average so far).
+struct Status<'a> {
+    cb: &'a dyn Fn(u64, u64),
+    total_ops: u64,
+    current: Option<Op>,
+    last: Option<Op>,
+    ops_done: u64,
+    offset_done: u64,
+    last_work: u64,
+}
+
+impl<'a> Status<'a> {
+    fn new(cb: &'a dyn Fn(u64, u64), total_ops: u64) -> Status<'a> {
+        Status {
+            cb,
+            total_ops,
+            current: None,
+            last: None,
+            ops_done: 0,
+            offset_done: 0,
+            last_work: 0,
+        }
+    }
+
+    /// Operation `current` has done `off` of its `work` units.
+    fn report(&mut self, off: u64, work: u64) {
+        if self.current != self.last {
+            if self.last.is_some() {
+                self.offset_done = self.offset_done.saturating_add(self.last_work);
+                self.ops_done += 1;
+            }
+            self.last = self.current;
+        }
+        // QEMU asserts these; an operation it does not count reports nothing here.
+        if self.total_ops == 0 || self.ops_done >= self.total_ops {
+            return;
+        }
+        self.last_work = work;
+        let cur = self.offset_done.saturating_add(work);
+        let projected =
+            cur.saturating_mul(self.total_ops - self.ops_done - 1) / (self.ops_done + 1);
+        (self.cb)(
+            self.offset_done.saturating_add(off),
+            cur.saturating_add(projected),
+        );
+    }
+
+    /// QEMU's refcount-width change walks the old refcount table three times (two
+    /// allocating walks and the writing one), reporting each entry of each walk;
+    /// vdisk rebuilds from one count, so it reports walk `walk` of the three at once.
+    fn reftable_walk(&mut self, walk: u64, entries: u64) {
+        let total = 3 * entries;
+        for i in 0..entries {
+            self.report(walk * entries + i, total);
+        }
+        self.report((walk + 1) * entries, total);
+    }
+}
+
 impl Meta {
     /// Marks a lazy-refcounts image clean: everything written back and durable, then
     /// the dirty bit cleared.
@@ -91,7 +162,8 @@ impl Meta {
 
     /// compat=1.1: the v3 header fields, and snapshot entries given the extra data
     /// v3 requires (their disk size).
-    fn upgrade(&mut self, size: u64) -> Result<()> {
+    fn upgrade(&mut self, size: u64, st: &mut Status) -> Result<()> {
+        st.report(0, 2);
         let short: Vec<usize> = (0..self.snapshots.len())
             .filter(|&i| self.snapshots[i].disk_size.is_none())
             .collect();
@@ -111,6 +183,7 @@ impl Meta {
             }
             self.replace_snapshot_table(snaps)?;
         }
+        st.report(1, 2);
         self.hdr.version = 3;
         self.hdr.header_length = V3_HEADER_LEN;
         self.hdr.tail = vec![0u8; (V3_HEADER_LEN - 105) as usize];
@@ -119,12 +192,14 @@ impl Meta {
             self.hdr.features = Header::default_features();
         }
         self.g.version = 3;
-        self.write_header()
+        self.write_header()?;
+        st.report(2, 2);
+        Ok(())
     }
 
     /// compat=0.10: refused for what v2 cannot hold; zero clusters of the active disk
     /// become unallocated (no backing file) or allocated zeroes, then the v2 header.
-    fn downgrade(&mut self, size: u64) -> Result<()> {
+    fn downgrade(&mut self, size: u64, st: &mut Status) -> Result<()> {
         if self.g.rc_order != 4 {
             return Err(Invalid::DowngradeRefcountWidth.into());
         }
@@ -148,7 +223,7 @@ impl Meta {
         if incompat != 0 {
             return Err(Invalid::DowngradeFeatures(incompat).into());
         }
-        self.expand_zero_clusters()?;
+        self.expand_zero_clusters(st)?;
         self.writeback()?;
         self.unflushed = true;
         self.barrier()?;
@@ -198,10 +273,14 @@ impl Meta {
     /// reaches the L2 table (its refcount). Tables are changed in place (each entry
     /// reads zeroes before and after, so a torn write is harmless); data and refcounts
     /// are durable before any table write (the usual write-back barrier).
-    fn expand_zero_clusters(&mut self) -> Result<()> {
+    ///
+    /// Progress is QEMU's: one step per L1 entry visited (the active table's, then
+    /// each snapshot's), an entry counting as visited once its L2 table is done.
+    fn expand_zero_clusters(&mut self, st: &mut Status) -> Result<()> {
         let cs = self.cs();
         let zeroes = vec![0u8; cs as usize];
-        let mut tables: Vec<(u64, usize)> = Vec::new();
+        // (L2 offset, L1 index, number of L1 entries visited once it is done).
+        let mut tables: Vec<(u64, usize, u64)> = Vec::new();
         let mut l1s = vec![self.l1.clone()];
         for sn in self.snapshots.clone() {
             let mut raw = vec![0u8; sn.l1_size as usize * 8];
@@ -212,15 +291,24 @@ impl Meta {
                     .collect(),
             );
         }
+        let l1_entries: u64 = l1s.iter().map(|l| l.len() as u64).sum();
+        let mut visited = 0u64;
         for l1 in &l1s {
             for (i, e) in l1.iter().enumerate() {
+                visited += 1;
                 let off = e & OFFSET_MASK;
                 if off != 0 && !tables.iter().any(|t| t.0 == off) {
-                    tables.push((off, i));
+                    tables.push((off, i, visited));
                 }
             }
         }
-        for (off, l1i) in tables {
+        let mut reported = 0u64;
+        for (off, l1i, upto) in tables {
+            // Entries before this table's (empty or already seen) are visited.
+            while reported + 1 < upto {
+                reported += 1;
+                st.report(reported, l1_entries);
+            }
             let l2_rc = self.rc_get(off / cs)?;
             let s = self.l2_slot(off, l1i)?;
             let zero: Vec<usize> = (0..self.g.l2_entries as usize)
@@ -265,6 +353,12 @@ impl Meta {
                 self.l2_dirty(s);
             }
             self.maybe_writeback()?;
+            reported += 1;
+            st.report(reported, l1_entries);
+        }
+        while reported < l1_entries {
+            reported += 1;
+            st.report(reported, l1_entries);
         }
         Ok(())
     }
@@ -272,7 +366,7 @@ impl Meta {
 
 impl Qcow2 {
     /// `amend -o …` on an open image (opened read-write).
-    pub(crate) fn do_amend(&self, o: &OptionValues) -> Result<()> {
+    pub(crate) fn do_amend(&self, o: &OptionValues, status: &dyn Fn(u64, u64)) -> Result<()> {
         self.writable()?;
         let r = request(o)?;
         let mut m = self.lock();
@@ -282,6 +376,13 @@ impl Qcow2 {
         }
         let old_version = m.g.version;
         let new_version = r.version.unwrap_or(old_version);
+        // QEMU counts the operations that report progress up front: a version change
+        // and a width change.
+        let width_change = r.refcount_bits.is_some_and(|b| b != 1 << m.g.rc_order);
+        let mut st = Status::new(
+            status,
+            u64::from(new_version != old_version) + u64::from(width_change),
+        );
         // QEMU's rules, checked before anything changes: a data file can be renamed
         // (the new name is not opened), raw mode only dropped.
         if r.data_file.is_some() && !m.ext_data {
@@ -313,7 +414,8 @@ impl Qcow2 {
         }
         if new_version > old_version {
             m.mark_clean()?;
-            m.upgrade(self.size())?;
+            st.current = Some(Op::Upgrade);
+            m.upgrade(self.size(), &mut st)?;
             reopen = true;
         }
         if let Some(bits) = r.refcount_bits {
@@ -322,7 +424,26 @@ impl Qcow2 {
                     return Err(Invalid::AmendRefcountNeedsV3.into());
                 }
                 m.mark_clean()?;
-                check::change_refcount_order(&mut m, bits.trailing_zeros())?;
+                st.current = Some(Op::RefcountOrder);
+                let entries = u64::from(m.hdr.refcount_table_clusters) * m.g.cs / 8;
+                let covered = m.g.cs * m.g.rc_per_block;
+                match check::change_refcount_order(&mut m, bits.trailing_zeros()) {
+                    Ok(()) => (0..3).for_each(|w| st.reftable_walk(w, entries)),
+                    Err(e) => {
+                        // QEMU finds a refcount too wide for the new width in its
+                        // first walk, at the table entry covering that cluster.
+                        if let crate::Error::InvalidArgument(Invalid::RefcountNarrowing {
+                            offset,
+                            ..
+                        }) = &e
+                        {
+                            for i in 0..=(offset / covered).min(entries.saturating_sub(1)) {
+                                st.report(i, 3 * entries);
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
                 reopen = true;
             }
         }
@@ -355,7 +476,8 @@ impl Qcow2 {
         }
         let mut m = self.lock();
         if new_version < old_version {
-            m.downgrade(self.size())?;
+            st.current = Some(Op::Downgrade);
+            m.downgrade(self.size(), &mut st)?;
             reopen = true;
         }
         m.writeback()?;

@@ -832,8 +832,8 @@ impl Driver for Qcow2 {
             .map(|s| s.info.clone())
             .collect()
     }
-    fn amend(&self, opts: &super::options::OptionValues) -> Result<()> {
-        self.do_amend(opts)
+    fn amend(&self, opts: &super::options::OptionValues, status: &dyn Fn(u64, u64)) -> Result<()> {
+        self.do_amend(opts, status)
     }
     fn make_empty(&self) -> Result<()> {
         self.writable()?;
