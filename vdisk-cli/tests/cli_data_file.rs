@@ -623,3 +623,81 @@ fn extended_l2_data_file_scripts_match_qemu() {
         }
     }
 }
+
+/// Extended L2 with a data file through the other commands, each tool on its own
+/// copy: `convert` to such a target (equal guest contents, maps and data files; clean
+/// check), `resize` growing and shrinking both files, `amend` refusing what qemu-img
+/// refuses with its words, and `info` equal but for the file names.
+#[test]
+fn extended_l2_data_file_convert_resize_amend() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "src.raw", "3M"]),
+        "qemu-img create",
+    );
+    qemu_io(
+        dir,
+        "raw",
+        "src.raw",
+        &["write -P 7 0 1M", "write -P 9 2M 100k"],
+    );
+    let run = |t: &str, args: &[&str]| {
+        if t == "q" {
+            qemu_img(dir, args)
+        } else {
+            vdisk(dir, args)
+        }
+    };
+    for t in ["q", "v"] {
+        let (img, dat) = (format!("{t}.qcow2"), format!("{t}.dat"));
+        let o = format!("extended_l2=on,cluster_size=16k,data_file={dat}");
+        ok(
+            run(t, &["convert", "-O", "qcow2", "-o", &o, "src.raw", &img]),
+            "convert",
+        );
+    }
+    let same = |what: &str| {
+        let r = qemu_img(dir, &["compare", "q.qcow2", "v.qcow2"]);
+        assert_eq!(r.code, 0, "{what}: compare: {}{}", r.out, r.err);
+        assert_eq!(map(dir, "q.qcow2"), map(dir, "v.qcow2"), "{what}: map");
+        assert_eq!(
+            std::fs::read(dir.join("q.dat")).unwrap(),
+            std::fs::read(dir.join("v.dat")).unwrap(),
+            "{what}: data files"
+        );
+        check_clean(dir, "v.qcow2");
+        let info = |t: &str| {
+            ok(run(t, &["info", &format!("{t}.qcow2")]), "info")
+                .replace(&format!("{t}.qcow2"), "X")
+                .replace(&format!("{t}.dat"), "D")
+        };
+        assert_eq!(info("q"), info("v"), "{what}: info");
+    };
+    same("convert");
+    for (args, what) in [
+        (&["resize", "IMG", "5M"][..], "grow"),
+        (&["resize", "--shrink", "IMG", "2M"], "shrink"),
+    ] {
+        for t in ["q", "v"] {
+            let img = format!("{t}.qcow2");
+            let a: Vec<&str> = args
+                .iter()
+                .map(|&x| if x == "IMG" { img.as_str() } else { x })
+                .collect();
+            ok(run(t, &a), what);
+        }
+        same(what);
+    }
+    for o in ["extended_l2=off", "data_file_raw=on", "compat=0.10"] {
+        let q = run("q", &["amend", "-o", o, "q.qcow2"]);
+        let v = run("v", &["amend", "-o", o, "v.qcow2"]);
+        assert_eq!(q.code, 1, "{o}: {}", q.err);
+        assert_eq!(
+            (v.code, v.err.replacen("vdisk:", "qemu-img:", 1)),
+            (q.code, q.err.clone()),
+            "amend -o {o}"
+        );
+    }
+    same("amend refusals");
+}
