@@ -12,7 +12,10 @@
 //!   same partial-subcluster COW) into the existing host cluster, then sets their bits;
 //! - a compressed cluster is copied whole into a new cluster (all subclusters
 //!   allocated); a shared cluster (snapshot, COPIED clear) is copied from its first to
-//!   its last allocated subcluster (or the written ones, whichever reach further).
+//!   its last allocated subcluster (or the written ones, whichever reach further);
+//! - with an external data file, the host cluster of a cluster without one is the
+//!   data file's at the guest offset (no refcount, no image cluster), and its bits are
+//!   set as above; compressed and shared clusters do not exist there.
 //!
 //! Concurrency: under the metadata mutex, like `allocate`: an allocation registers its
 //! guest clusters in `Meta::inflight` (whole clusters, as QEMU's dependency check), so a
