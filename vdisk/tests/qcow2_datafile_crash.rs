@@ -14,7 +14,7 @@ use vdisk::storage::{MemStorage, Storage, StorageResult};
 use vdisk::{Format, Image, Repair, ZeroFlags};
 
 mod crash_util;
-use crash_util::{assert_intact, discard_model, Flushed};
+use crash_util::{assert_intact, assert_zero_or_new, discard_model, old_then_zeroed, Flushed};
 
 /// One of the two traced files, logging its id into the shared global order for each
 /// operation its trace records.
@@ -26,6 +26,19 @@ struct Seq {
 }
 
 impl Seq {
+    /// File `id` of `traces`, logging into `log`.
+    fn of(
+        traces: &[Arc<TraceStorage>; 2],
+        id: usize,
+        log: &Arc<Mutex<Vec<usize>>>,
+    ) -> Arc<dyn Storage> {
+        Arc::new(Seq {
+            inner: traces[id].clone(),
+            id,
+            log: log.clone(),
+        })
+    }
+
     fn op<T>(&self, f: impl FnOnce(&TraceStorage) -> StorageResult<T>) -> StorageResult<T> {
         let mut log = self.log.lock().unwrap();
         let before = self.inner.point();
@@ -62,6 +75,33 @@ impl Storage for Seq {
     fn allocate(&self, offset: u64, len: u64) -> StorageResult<()> {
         self.op(|s| s.allocate(offset, len))
     }
+}
+
+/// How many operations of each file come before global point `k` of `order`.
+fn per_file(order: &[usize], k: usize) -> [usize; 2] {
+    let mut kf = [0usize; 2];
+    for &id in &order[..k] {
+        kf[id] += 1;
+    }
+    kf
+}
+
+/// Both files crashed after their first `kf` operations, keeping none (variant 0),
+/// all (1) or a random subset (others) of what their flushes had not made durable.
+fn crash_pair(
+    tr: &[vdisk::storage::trace::Trace; 2],
+    kf: [usize; 2],
+    variant: u64,
+    r: &mut rand::rngs::StdRng,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut crash = |t: &vdisk::storage::trace::Trace, n: usize| {
+        t.crash_image(n, |_| match variant {
+            0 => false,
+            1 => true,
+            _ => r.gen_bool(0.5),
+        })
+    };
+    (crash(&tr[0], kf[0]), crash(&tr[1], kf[1]))
 }
 
 fn bytes_of(st: &dyn Storage) -> Vec<u8> {
@@ -127,13 +167,7 @@ fn run_cs(opts: &[(&str, &str)], cs: u64, seed: u64, nops: usize) {
         Arc::new(TraceStorage::new(meta0)),
         Arc::new(TraceStorage::new(data0)),
     ];
-    let seq = |id: usize| -> Arc<dyn Storage> {
-        Arc::new(Seq {
-            inner: traces[id].clone(),
-            id,
-            log: log.clone(),
-        })
-    };
+    let seq = |id: usize| Seq::of(&traces, id, &log);
     let img = open(seq(0), seq(1), true).unwrap();
     let point = || log.lock().unwrap().len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -196,20 +230,10 @@ fn run_cs(opts: &[(&str, &str)], cs: u64, seed: u64, nops: usize) {
     for k in 0..=order.len() {
         let f = flushes.iter().rev().find(|f| f.point <= k).unwrap();
         // Ops of each file issued before global point k.
-        let mut kf = [0usize; 2];
-        for &id in &order[..k] {
-            kf[id] += 1;
-        }
+        let kf = per_file(&order, k);
         for variant in 0..3u64 {
             let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ (k as u64) << 8 ^ variant);
-            let mut crash = |t: &vdisk::storage::trace::Trace, n: usize| {
-                t.crash_image(n, |_| match variant {
-                    0 => false,
-                    1 => true,
-                    _ => r.gen_bool(0.5),
-                })
-            };
-            let (mb, db) = (crash(&tr[0], kf[0]), crash(&tr[1], kf[1]));
+            let (mb, db) = crash_pair(&tr, kf, variant, &mut r);
             let mem =
                 |b: &Vec<u8>| -> Arc<dyn Storage> { Arc::new(MemStorage::from_vec(b.clone())) };
             let img = open(mem(&mb), mem(&db), true)
@@ -293,18 +317,7 @@ fn crash_points_data_file_subcluster_bits_after_data() {
         Arc::new(MemStorage::from_vec(data0)),
     );
     let img = open(meta.clone(), data.clone(), true).unwrap();
-    img.write_at(&vec![0x11; 2 * cs as usize], 0).unwrap();
-    img.write_zeroes(
-        0,
-        2 * cs,
-        ZeroFlags {
-            may_unmap: false,
-            fast: false,
-        },
-    )
-    .unwrap();
-    img.close().unwrap();
-    drop(img);
+    old_then_zeroed(img, cs);
     let log = Arc::new(Mutex::new(Vec::new()));
     let traces = [
         Arc::new(TraceStorage::new(bytes_of(&*meta))),
@@ -312,13 +325,7 @@ fn crash_points_data_file_subcluster_bits_after_data() {
     ];
     // The old bytes are still in the data file: the test is meaningful.
     assert_eq!(bytes_of(&*data)[6144], 0x11);
-    let seq = |id: usize| -> Arc<dyn Storage> {
-        Arc::new(Seq {
-            inner: traces[id].clone(),
-            id,
-            log: log.clone(),
-        })
-    };
+    let seq = |id: usize| Seq::of(&traces, id, &log);
     let img = open(seq(0), seq(1), true).unwrap();
     // Whole subclusters and partial ones (COW of zeroes inside the subcluster).
     img.write_at(&[0x22; 4096], 3 * 2048).unwrap();
@@ -329,44 +336,17 @@ fn crash_points_data_file_subcluster_bits_after_data() {
     let order = log.lock().unwrap().clone();
     let tr = [traces[0].trace(), traces[1].trace()];
     for k in 0..=order.len() {
-        let mut kf = [0usize; 2];
-        for &id in &order[..k] {
-            kf[id] += 1;
-        }
+        let kf = per_file(&order, k);
         for variant in 0..6u64 {
             let mut r = rand::rngs::StdRng::seed_from_u64((k as u64) << 8 ^ variant);
-            let mut crash = |t: &vdisk::storage::trace::Trace, n: usize| {
-                t.crash_image(n, |_| match variant {
-                    0 => false,
-                    1 => true,
-                    _ => r.gen_bool(0.5),
-                })
-            };
-            let (mb, db) = (crash(&tr[0], kf[0]), crash(&tr[1], kf[1]));
+            let (mb, db) = crash_pair(&tr, kf, variant, &mut r);
             let img = open(
                 Arc::new(MemStorage::from_vec(mb)),
                 Arc::new(MemStorage::from_vec(db)),
                 false,
             )
             .unwrap_or_else(|e| panic!("crash point {k} variant {variant}: open: {e}"));
-            let rep = img.check(Repair::default()).unwrap();
-            assert_eq!(rep.corruptions, 0, "crash point {k}: {:?}", rep.findings);
-            let mut got = vec![0u8; 2 * cs as usize];
-            img.read_at(&mut got, 0).unwrap();
-            for (i, &b) in got.iter().enumerate() {
-                let i = i as u64;
-                let new = if (6144..6144 + 4096).contains(&i) {
-                    0x22
-                } else if (cs + 5000..cs + 5100).contains(&i) {
-                    0x33
-                } else {
-                    0
-                };
-                assert!(
-                    b == 0 || b == new,
-                    "crash point {k} variant {variant}: byte {i} is {b:#x} (old data)"
-                );
-            }
+            assert_zero_or_new(&img, cs, k, variant);
         }
     }
 }
