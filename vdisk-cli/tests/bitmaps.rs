@@ -617,6 +617,60 @@ fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
     assert_eq!(r.err, "vdisk: Bitmap 'nope' is not found\n");
 }
 
+/// `serve -s -B NAME` as `qemu-nbd -s -B NAME`: the bitmap exported is the one of the
+/// image under the temporary overlay, as it was at open; writes through the export
+/// land in the overlay and mark nothing (qemu-nbd 10's behaviour), and the image file
+/// is left as it was.
+#[test]
+fn serve_snapshot_exports_the_bitmaps_of_the_image_below() {
+    let d = tmp();
+    let dir = d.path();
+    qemu_image(dir, "a.qcow2", (32 << 20) + 512);
+    qemu_io(
+        dir,
+        "qcow2",
+        "a.qcow2",
+        &["write 0 64k", "write 3M 1k", "write 30M 2M"],
+    );
+    std::fs::copy(dir.join("a.qcow2"), dir.join("q.qcow2")).unwrap();
+    let before = std::fs::read(dir.join("a.qcow2")).unwrap();
+    let args = ["-f", "qcow2", "-t", "-s", "-B", "b1", "-B", "b4k"];
+    let v = Srv::start(dir, true, &args, "a.qcow2");
+    let q = Srv::start(dir, false, &args, "q.qcow2");
+    assert_eq!(nbdinfo_contexts(&v.uri()), nbdinfo_contexts(&q.uri()));
+    for s in [&v, &q] {
+        let o = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write 5M 4k",
+                "-c",
+                "write -z 7M 1M",
+                &s.uri(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    }
+    for b in ["b1", "b4k"] {
+        let m = nbdinfo_map(&v.uri(), b);
+        assert_eq!(m, nbdinfo_map(&q.uri(), b), "qemu:dirty-bitmap:{b}");
+        assert!(
+            m.iter().any(|r| r.2),
+            "{b}: the base's dirty runs are exported"
+        );
+        assert!(
+            !m.iter()
+                .any(|r| r.2 && r.0 <= 5 << 20 && 5 << 20 < r.0 + r.1),
+            "{b}: a write into the overlay marked the bitmap: {m:?}"
+        );
+    }
+    v.stop();
+    q.stop();
+    assert_eq!(std::fs::read(dir.join("a.qcow2")).unwrap(), before);
+}
+
 #[test]
 fn incremental_backup_over_nbd_restores_the_live_image() {
     let d = tmp();
