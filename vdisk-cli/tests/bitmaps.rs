@@ -548,10 +548,9 @@ fn nbdinfo_contexts(uri: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
-    let d = tmp();
-    let dir = d.path();
+/// `a.qcow2` for the serve tests: qemu-img's bitmaps, then writes qemu-io records in
+/// them.
+fn served_image(dir: &Path) {
     qemu_image(dir, "a.qcow2", (32 << 20) + 512);
     qemu_io(
         dir,
@@ -559,6 +558,13 @@ fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
         "a.qcow2",
         &["write 0 64k", "write 3M 1k", "write 30M 2M"],
     );
+}
+
+#[test]
+fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
+    let d = tmp();
+    let dir = d.path();
+    served_image(dir);
     let bms = ["-B", "b1", "-B", "b4k", "-B", "off", "-B", "fine"];
     // Read-only: the same contexts and the same maps as qemu-nbd.
     for ro in [true, false] {
@@ -625,13 +631,7 @@ fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
 fn serve_snapshot_exports_the_bitmaps_of_the_image_below() {
     let d = tmp();
     let dir = d.path();
-    qemu_image(dir, "a.qcow2", (32 << 20) + 512);
-    qemu_io(
-        dir,
-        "qcow2",
-        "a.qcow2",
-        &["write 0 64k", "write 3M 1k", "write 30M 2M"],
-    );
+    served_image(dir);
     std::fs::copy(dir.join("a.qcow2"), dir.join("q.qcow2")).unwrap();
     let before = std::fs::read(dir.join("a.qcow2")).unwrap();
     let args = ["-f", "qcow2", "-t", "-s", "-B", "b1", "-B", "b4k"];
