@@ -548,6 +548,17 @@ fn nbdinfo_contexts(uri: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs qemu-io commands `cmds` on the NBD export at `uri`; they must succeed.
+fn qemu_io_uri(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(uri).output().unwrap();
+    assert!(o.status.success(), "qemu-io {cmds:?} on {uri}");
+}
+
 /// `a.qcow2` for the serve tests: qemu-img's bitmaps, then writes qemu-io records in
 /// them.
 fn served_image(dir: &Path) {
@@ -584,21 +595,10 @@ fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
         if !ro {
             // Writes through each export are recorded live, as qemu-nbd does.
             for s in [&v, &q] {
-                let o = Command::new("qemu-io")
-                    .args([
-                        "-f",
-                        "raw",
-                        "-c",
-                        "write 5M 4k",
-                        "-c",
-                        "write -z 7M 1M",
-                        "-c",
-                        "discard 20M 64k",
-                        &s.uri(),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(o.status.success());
+                qemu_io_uri(
+                    &s.uri(),
+                    &["write 5M 4k", "write -z 7M 1M", "discard 20M 64k"],
+                );
             }
         }
         for b in ["b1", "b4k", "off", "fine"] {
@@ -639,19 +639,7 @@ fn serve_snapshot_exports_the_bitmaps_of_the_image_below() {
     let q = Srv::start(dir, false, &args, "q.qcow2");
     assert_eq!(nbdinfo_contexts(&v.uri()), nbdinfo_contexts(&q.uri()));
     for s in [&v, &q] {
-        let o = Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "write 5M 4k",
-                "-c",
-                "write -z 7M 1M",
-                &s.uri(),
-            ])
-            .output()
-            .unwrap();
-        assert!(o.status.success());
+        qemu_io_uri(&s.uri(), &["write 5M 4k", "write -z 7M 1M"]);
     }
     for b in ["b1", "b4k"] {
         let m = nbdinfo_map(&v.uri(), b);
