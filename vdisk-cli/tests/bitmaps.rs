@@ -548,10 +548,20 @@ fn nbdinfo_contexts(uri: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
-    let d = tmp();
-    let dir = d.path();
+/// Runs qemu-io commands `cmds` on the NBD export at `uri`; they must succeed.
+fn qemu_io_uri(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(uri).output().unwrap();
+    assert!(o.status.success(), "qemu-io {cmds:?} on {uri}");
+}
+
+/// `a.qcow2` for the serve tests: qemu-img's bitmaps, then writes qemu-io records in
+/// them.
+fn served_image(dir: &Path) {
     qemu_image(dir, "a.qcow2", (32 << 20) + 512);
     qemu_io(
         dir,
@@ -559,6 +569,13 @@ fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
         "a.qcow2",
         &["write 0 64k", "write 3M 1k", "write 30M 2M"],
     );
+}
+
+#[test]
+fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
+    let d = tmp();
+    let dir = d.path();
+    served_image(dir);
     let bms = ["-B", "b1", "-B", "b4k", "-B", "off", "-B", "fine"];
     // Read-only: the same contexts and the same maps as qemu-nbd.
     for ro in [true, false] {
@@ -578,21 +595,10 @@ fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
         if !ro {
             // Writes through each export are recorded live, as qemu-nbd does.
             for s in [&v, &q] {
-                let o = Command::new("qemu-io")
-                    .args([
-                        "-f",
-                        "raw",
-                        "-c",
-                        "write 5M 4k",
-                        "-c",
-                        "write -z 7M 1M",
-                        "-c",
-                        "discard 20M 64k",
-                        &s.uri(),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(o.status.success());
+                qemu_io_uri(
+                    &s.uri(),
+                    &["write 5M 4k", "write -z 7M 1M", "discard 20M 64k"],
+                );
             }
         }
         for b in ["b1", "b4k", "off", "fine"] {
@@ -615,6 +621,42 @@ fn serve_b_exports_dirty_bitmaps_as_qemu_nbd() {
     );
     assert_eq!(r.code, 1);
     assert_eq!(r.err, "vdisk: Bitmap 'nope' is not found\n");
+}
+
+/// `serve -s -B NAME` as `qemu-nbd -s -B NAME`: the bitmap exported is the one of the
+/// image under the temporary overlay, as it was at open; writes through the export
+/// land in the overlay and mark nothing (qemu-nbd 10's behaviour), and the image file
+/// is left as it was.
+#[test]
+fn serve_snapshot_exports_the_bitmaps_of_the_image_below() {
+    let d = tmp();
+    let dir = d.path();
+    served_image(dir);
+    std::fs::copy(dir.join("a.qcow2"), dir.join("q.qcow2")).unwrap();
+    let before = std::fs::read(dir.join("a.qcow2")).unwrap();
+    let args = ["-f", "qcow2", "-t", "-s", "-B", "b1", "-B", "b4k"];
+    let v = Srv::start(dir, true, &args, "a.qcow2");
+    let q = Srv::start(dir, false, &args, "q.qcow2");
+    assert_eq!(nbdinfo_contexts(&v.uri()), nbdinfo_contexts(&q.uri()));
+    for s in [&v, &q] {
+        qemu_io_uri(&s.uri(), &["write 5M 4k", "write -z 7M 1M"]);
+    }
+    for b in ["b1", "b4k"] {
+        let m = nbdinfo_map(&v.uri(), b);
+        assert_eq!(m, nbdinfo_map(&q.uri(), b), "qemu:dirty-bitmap:{b}");
+        assert!(
+            m.iter().any(|r| r.2),
+            "{b}: the base's dirty runs are exported"
+        );
+        assert!(
+            !m.iter()
+                .any(|r| r.2 && r.0 <= 5 << 20 && 5 << 20 < r.0 + r.1),
+            "{b}: a write into the overlay marked the bitmap: {m:?}"
+        );
+    }
+    v.stop();
+    q.stop();
+    assert_eq!(std::fs::read(dir.join("a.qcow2")).unwrap(), before);
 }
 
 #[test]

@@ -247,10 +247,18 @@ pub fn run(a: ServeArgs) -> i32 {
         return crate::exports::run(&a, image, plan.export.discard);
     }
     let inline = crate::export::inline_max_for(&image, plan.open.cache.direct());
-    let export = match Export::new(image.clone(), plan.export)
-        .with_inline_max(inline)
-        .with_bitmaps(&a.bitmaps)
-    {
+    let export = Export::new(image.clone(), plan.export).with_inline_max(inline);
+    let export = if a.snapshot && !a.bitmaps.is_empty() {
+        // `-s -B`: the bitmaps of FILE itself (the overlay has none), read once now.
+        let mut o = plan.open.clone();
+        o.read_only = true;
+        Image::open(&a.filename, &o)
+            .map_err(|e| format!("Failed to blk_new_open '{}': {e}", a.filename.display()))
+            .and_then(|base| export.with_bitmaps_of(&base, &a.bitmaps))
+    } else {
+        export.with_bitmaps(&a.bitmaps)
+    };
+    let export = match export {
         Ok(e) => Arc::new(e),
         Err(e) => return err(e),
     };

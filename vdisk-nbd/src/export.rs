@@ -153,12 +153,21 @@ impl Export {
 
     /// Exports the image's persistent bitmaps `names` (`-B`, in command-line order;
     /// qemu-nbd lists them last first). Fails naming a missing or inconsistent bitmap.
-    pub fn with_bitmaps(mut self, names: &[String]) -> Result<Export, String> {
+    pub fn with_bitmaps(self, names: &[String]) -> Result<Export, String> {
+        let image = self.image.clone();
+        self.with_bitmaps_of(&image, names)
+    }
+
+    /// [`Export::with_bitmaps`], the bitmaps taken from `source` rather than from the
+    /// exported image: with `-s`, qemu-nbd exports the bitmaps of the image under the
+    /// temporary overlay, as they were when it opened (writes land in the overlay and
+    /// mark nothing; checked against qemu-nbd 10).
+    pub fn with_bitmaps_of(mut self, source: &Image, names: &[String]) -> Result<Export, String> {
         for n in names.iter().rev() {
             if self.bitmaps.iter().any(|(x, _)| x == n) {
                 continue;
             }
-            let b = self.image.bitmap_view(n).map_err(|e| match e {
+            let b = source.bitmap_view(n).map_err(|e| match e {
                 vdisk::Error::Bitmap(vdisk::error::BitmapError::NotFound(_)) => {
                     format!("Bitmap '{n}' is not found")
                 }

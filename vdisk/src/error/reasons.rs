@@ -22,9 +22,6 @@ pub enum Unsupported {
     /// A write into a cluster shared with a snapshot, in an encrypted image with
     /// extended L2 entries (the copy of its mixed subclusters is not encrypted here).
     ExtendedL2SharedEncrypted,
-    /// An image with both extended L2 entries and an external data file (the
-    /// subcluster paths do not place data at the guest offset yet).
-    ExtendedL2DataFile,
     /// A create or amend option naming a feature this driver lacks.
     CreateOption(String),
     /// A format vdisk recognises but cannot read (its name: `vmdk`, `vhdx`...).
@@ -116,10 +113,6 @@ impl fmt::Display for Unsupported {
                 "Unsupported QED features: {bits:#x} (image needs a newer driver)"
             ),
             Unsupported::ExternalDataFile => write!(f, "Operation not supported"),
-            Unsupported::ExtendedL2DataFile => write!(
-                f,
-                "qcow2 images with both extended L2 entries and an external data file are not supported"
-            ),
             Unsupported::ExtendedL2SharedEncrypted => write!(
                 f,
                 "writing into a cluster shared with a snapshot is not supported in encrypted qcow2 images with extended L2 entries"

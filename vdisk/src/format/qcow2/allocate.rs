@@ -17,7 +17,7 @@
 
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::l2entry::L2Entry;
-use super::subcluster::KEEP_HOST;
+use super::subcluster::owns_clusters;
 use super::{Meta, Qcow2};
 use crate::error::{Corruption, Problem, Result, Structure};
 use crate::format::datapath::Waiters;
@@ -268,7 +268,7 @@ impl Qcow2 {
             let mut m = self.lock();
             m.inflight.remove(gc, end);
             let r = self.commit_ext(&mut m, &a);
-            if r.is_err() && a.token & KEEP_HOST == 0 {
+            if r.is_err() && owns_clusters(a.token) {
                 let base = a.host.get() - a.guest.get() % self.g.cs;
                 let _ = m.unalloc(base, end - gc);
             }
@@ -297,7 +297,7 @@ impl Qcow2 {
             let (gc, end) = self.ext_clusters(&a);
             let mut m = self.lock();
             m.inflight.remove(gc, end);
-            if a.token & KEEP_HOST == 0 {
+            if owns_clusters(a.token) {
                 let base = a.host.get() - a.guest.get() % self.g.cs;
                 if let Err(e) = m.unalloc(base, end - gc) {
                     tracing::warn!("qcow2: giving back clusters of a failed write: {e}");

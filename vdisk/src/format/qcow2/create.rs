@@ -5,7 +5,7 @@
 use super::header::*;
 use super::prealloc::{preallocate, Prealloc};
 use super::{Geom, Qcow2};
-use crate::error::{Invalid, Result, Unsupported, V3Feature};
+use crate::error::{Invalid, Result, V3Feature};
 use crate::format::registry::CreateArgs;
 use crate::format::{BackingSpec, CreateSpec, Driver, DriverOptions, Format};
 use crate::storage::Storage;
@@ -86,9 +86,6 @@ fn parse_opts(args: &CreateArgs) -> Result<Opts> {
     }
     if extended_l2 && cluster_size < 16384 {
         return Err(Invalid::ExtendedL2ClusterSize.into());
-    }
-    if extended_l2 && data_file.is_some() {
-        return Err(Unsupported::ExtendedL2DataFile.into());
     }
     let backing = match (&args.backing, backing_file) {
         (Some(b), _) => Some(b.clone()),

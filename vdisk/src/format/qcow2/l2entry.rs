@@ -28,6 +28,12 @@ pub(crate) struct EntryFormat {
     pub extended: bool,
     /// Bit 0 is the zero flag (v3 standard entries); otherwise it is ignored.
     pub zero_flag: bool,
+    /// Extended entries of an image with an external data file: offset 0 with
+    /// COPIED is a host cluster (data file offset 0, guest cluster 0), as QEMU's
+    /// `qcow2_get_cluster_type` reads it (every data file cluster has COPIED).
+    /// (Standard entries get the same rule in `Meta::decode`, which also weighs the
+    /// zero flag.)
+    pub data_file: bool,
 }
 
 impl EntryFormat {
@@ -208,8 +214,8 @@ impl L2Entry {
         if off & ((1u64 << f.cluster_bits) - 1) != 0 {
             return Err(EntryProblem::Unaligned(off));
         }
-        let host = (off != 0).then_some(HostOffset(off));
         let copied = word & COPIED != 0;
+        let host = (off != 0 || (f.extended && f.data_file && copied)).then_some(HostOffset(off));
         let sub = if f.extended {
             let s = Subclusters {
                 alloc: bitmap as u32,
@@ -323,16 +329,19 @@ mod tests {
         cluster_bits: 16,
         extended: false,
         zero_flag: true,
+        data_file: false,
     };
     const STD2: EntryFormat = EntryFormat {
         cluster_bits: 16,
         extended: false,
         zero_flag: false,
+        data_file: false,
     };
     const EXT: EntryFormat = EntryFormat {
         cluster_bits: 16,
         extended: true,
         zero_flag: false,
+        data_file: false,
     };
 
     fn round_trip(e: L2Entry, f: &EntryFormat) {
@@ -414,6 +423,7 @@ mod tests {
                     cluster_bits: bits,
                     extended,
                     zero_flag: !extended,
+                    data_file: false,
                 };
                 let shift = 62 - (bits - 8);
                 let max_host = (1u64 << shift) - 1;

@@ -25,6 +25,7 @@ impl Meta {
             cluster_bits: self.g.cluster_bits,
             extended: self.g.ext_l2,
             zero_flag: self.g.version >= 3 && !self.g.ext_l2,
+            data_file: self.ext_data,
         }
     }
 

@@ -393,11 +393,6 @@ impl Qcow2 {
             return Err(Unsupported::Qcow2Features(names).into());
         }
         let ext_data = hdr.incompatible & INCOMPAT_DATA_FILE != 0;
-        // Refused rather than misread: the subcluster paths would take offset 0 for
-        // "unallocated" and allocate host clusters away from the guest offset.
-        if ext_data && ext_l2 {
-            return Err(Unsupported::ExtendedL2DataFile.into());
-        }
         let data_raw = ext_data && hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0;
         let mut data_name = None;
         let data: Arc<dyn Storage> = match (ext_data, data.child) {

@@ -12,7 +12,10 @@
 //!   same partial-subcluster COW) into the existing host cluster, then sets their bits;
 //! - a compressed cluster is copied whole into a new cluster (all subclusters
 //!   allocated); a shared cluster (snapshot, COPIED clear) is copied from its first to
-//!   its last allocated subcluster (or the written ones, whichever reach further).
+//!   its last allocated subcluster (or the written ones, whichever reach further);
+//! - with an external data file, the host cluster of a cluster without one is the
+//!   data file's at the guest offset (no refcount, no image cluster), and its bits are
+//!   set as above; compressed and shared clusters do not exist there.
 //!
 //! Concurrency: under the metadata mutex, like `allocate`: an allocation registers its
 //! guest clusters in `Meta::inflight` (whole clusters, as QEMU's dependency check), so a
@@ -35,6 +38,16 @@ use std::sync::MutexGuard;
 /// `Allocation::token` bit: the host cluster is the entry's own (COPIED) cluster; only
 /// bits change, nothing to give back on abort.
 pub(super) const KEEP_HOST: u64 = 1;
+
+/// `Allocation::token` bit: the host clusters are an external data file's, at the
+/// guest offsets (the spec's rule); they take no refcounts, so nothing is given back
+/// on abort.
+pub(super) const DATA_FILE: u64 = 2;
+
+/// Whether an allocation with `token` holds image clusters to give back when it fails.
+pub(super) fn owns_clusters(token: u64) -> bool {
+    token & (KEEP_HOST | DATA_FILE) == 0
+}
 
 /// Subclusters per cluster.
 const SC: u32 = 32;
@@ -88,7 +101,8 @@ impl Qcow2 {
                 copied: true,
                 sub,
             } => {
-                if h.get() >= m.file_end {
+                // (Data file clusters: no image end or metadata to check against.)
+                if !m.ext_data && h.get() >= m.file_end {
                     return Err(m.mark_corrupt(Corruption::new(
                         Structure::L2Table,
                         Problem::HostPastEnd {
@@ -114,7 +128,7 @@ impl Qcow2 {
                 while stop < last_end && sub.state(stop) != SubState::Allocated {
                     stop += 1;
                 }
-                if let Some(with) = m.overlaps_metadata(h.get() / cs, 1) {
+                if let Some(with) = m.overlaps_metadata(h.get() / cs, 1).filter(|_| !m.ext_data) {
                     return Err(m.mark_corrupt(Corruption::new(
                         Structure::DataCluster,
                         Problem::WriteOverlapsMetadata {
@@ -170,7 +184,9 @@ impl Qcow2 {
                 let k = g2 - gc;
                 m.before_alloc()?;
                 m.l2_for_write(l1i)?;
-                let base = m.alloc(k)?;
+                // An external data file holds each guest cluster at its own offset
+                // and takes no refcounts (as the standard path in `allocate`).
+                let base = if m.ext_data { gc * cs } else { m.alloc(k)? };
                 m.inflight.insert(gc, gc + k);
                 let from = u64::from(first) * scs;
                 let run_start = gc * cs + from;
@@ -193,8 +209,13 @@ impl Qcow2 {
                         len: to - req_end,
                         source: m.cow_source(&last_e, q, to - req_end),
                     },
-                    token: 0,
+                    token: if m.ext_data { DATA_FILE } else { 0 },
                 }))
+            }
+            // Neither compressed nor shared clusters exist with an external data file
+            // (QEMU refuses compressed writes and snapshots there): not written.
+            L2Entry::Compressed { .. } | L2Entry::Normal { copied: false, .. } if m.ext_data => {
+                Err(Unsupported::ExternalDataFile.into())
             }
             L2Entry::Compressed { .. } => {
                 // Copied whole, as QEMU does: every subcluster allocated.

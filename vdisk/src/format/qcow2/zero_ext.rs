@@ -150,6 +150,17 @@ impl Qcow2 {
                 sub: new,
             },
         )?;
+        if let (true, Some(h)) = (m.data_raw, host) {
+            // A raw data file must read as the guest does: its bytes under the
+            // subclusters now reading as zeroes are zeroed too (QEMU zeroes the data
+            // file first). Under the lock, so no write lands there meanwhile.
+            let from = u64::from(sa) * scs;
+            let to = (u64::from(sb) * scs).min(self.size().saturating_sub(c0));
+            if to > from {
+                m.data.write_zeroes(h.get() + from, to - from)?;
+                m.unflushed = true;
+            }
+        }
         m.maybe_writeback()?;
         Ok(true)
     }
