@@ -399,15 +399,34 @@ pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
 /// Refines a data extent of a metadata-preallocated layer with the host file's own
 /// status, as qemu does: holes in the file read as zeroes (past the end of the file
 /// the whole extent does), and the extent is cut where the file's status changes.
-pub fn refine_with_file(layer: &Layer, s: &mut Status) -> vdisk::Result<()> {
+/// `guest` is the extent's first guest byte.
+pub fn refine_with_file(layer: &Layer, guest: u64, s: &mut Status) -> vdisk::Result<()> {
+    // A flat extent of a multi-file image (VMDK) is refined by its own file.
+    if let Some(f) = layer.data_file_at(guest).filter(|f| f.raw) {
+        return refine(s, || Ok(f.storage.len()?), |h| Ok(f.storage.extent_at(h)?));
+    }
+    refine(s, || layer.file_length(), |h| layer.file_extent_at(h))
+}
+
+/// Whether a data run of `layer` at guest offset `guest` is refined by its file's
+/// status: formats that say so, and flat extents of multi-file images.
+pub fn file_refines(layer: &Layer, guest: u64) -> bool {
+    layer.file_status_refines() || layer.data_file_at(guest).is_some_and(|f| f.raw)
+}
+
+fn refine(
+    s: &mut Status,
+    file_len: impl FnOnce() -> vdisk::Result<u64>,
+    extent_at: impl FnOnce(u64) -> vdisk::Result<(bool, u64)>,
+) -> vdisk::Result<()> {
     let Some(host) = s.offset else {
         return Ok(());
     };
     if !s.data || s.zero {
         return Ok(());
     }
-    let file_len = layer.file_length()?;
-    let (data, n) = layer.file_extent_at(host)?;
+    let file_len = file_len()?;
+    let (data, n) = extent_at(host)?;
     let at_eof = host.saturating_add(n) >= file_len;
     if at_eof && (n == 0 || !data) {
         s.zero = true;

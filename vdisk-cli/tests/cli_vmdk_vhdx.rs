@@ -975,3 +975,67 @@ fn vmdk_create_with_backing_like_qemu() {
         }
     }
 }
+
+/// `map` of VMDK images with extent files, beside qemu-img's: each run names the extent
+/// file its data is in, and a flat extent's holes are the file's own (zero, still
+/// "data" at their offset, as QEMU's recursion into raw extents reports them), for
+/// relative and absolute names; `convert` then skips those holes.
+#[test]
+fn vmdk_extent_files_map_like_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    let cases = [
+        ("monolithicFlat", "4M", "f.vmdk"),
+        ("twoGbMaxExtentFlat", "4300M", "tf.vmdk"),
+        ("twoGbMaxExtentSparse", "4300M", "ts.vmdk"),
+    ];
+    for (sub, size, name) in cases {
+        ok(
+            qemu_img(
+                dir,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "vmdk",
+                    "-o",
+                    &format!("subformat={sub}"),
+                    name,
+                    size,
+                ],
+            ),
+            "create",
+        );
+        let mut cmds = vec!["-c", "write -P 1 0 64k", "-c", "write -P 2 1M 64k"];
+        if size != "4M" {
+            cmds.extend(["-c", "write -P 3 2047M 2M", "-c", "write -P 4 4200M 64k"]);
+        }
+        let mut args = vec!["-f", "vmdk"];
+        args.extend(&cmds);
+        args.push(name);
+        ok(qemu_io_run(dir, &args), "qemu-io");
+        let abs = dir.join(name).display().to_string();
+        for file in [name, abs.as_str()] {
+            for out in ["--output=human", "--output=json"] {
+                let want = ok(qemu_img(dir, &["map", out, file]), "qemu-img map");
+                let got = ok(vdisk(dir, &["map", out, file]), "vdisk map");
+                assert_eq!(got, want, "map {out} of {sub} as {file}");
+            }
+        }
+        let target = format!("{name}.qcow2");
+        ok(
+            vdisk(dir, &["convert", "-O", "qcow2", name, &target]),
+            "convert",
+        );
+        ok(qemu_img(dir, &["compare", name, &target]), "compare");
+        let info = json(&ok(
+            qemu_img(dir, &["info", "--output=json", &target]),
+            "info",
+        ));
+        let used = info["actual-size"].as_u64().unwrap();
+        assert!(
+            used < 8 << 20,
+            "{sub}: holes were copied ({used} bytes on disk)"
+        );
+    }
+}

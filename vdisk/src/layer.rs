@@ -88,6 +88,11 @@ impl ImageLayer {
     pub fn external_data(&self) -> Option<String> {
         self.driver.external_data()
     }
+    /// The file holding the data at guest `offset` when the image names several (VMDK
+    /// extent files; see [`crate::format::Driver::data_file_at`]).
+    pub fn data_file_at(&self, offset: u64) -> Option<crate::format::DataFileAt> {
+        self.driver.data_file_at(offset)
+    }
     /// How the image is encrypted (`None`: it is not).
     pub fn encryption(&self) -> Option<crate::format::EncryptionInfo> {
         self.driver.encryption()

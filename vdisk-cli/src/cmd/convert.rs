@@ -241,8 +241,12 @@ impl Job<'_> {
         // Formats whose data runs the host file refines (fixed VHD, static VDI: QEMU's
         // BDRV_BLOCK_RECURSE): holes in the file read as zeroes and need no copy.
         if st.data && !st.compressed {
-            if let Some(layer) = s.layers.get(st.depth).filter(|l| l.file_status_refines()) {
-                common::refine_with_file(layer, &mut st).map_err(status_err)?;
+            if let Some(layer) = s
+                .layers
+                .get(st.depth)
+                .filter(|l| common::file_refines(l, local))
+            {
+                common::refine_with_file(layer, local, &mut st).map_err(status_err)?;
             }
         }
         let len = st.len.clamp(1, len);

@@ -156,15 +156,18 @@ fn entry(
                     f
                 }
             };
-            if flag {
-                common::refine_with_file(layer, &mut s)?;
+            if flag || layer.data_file_at(offset).is_some_and(|f| f.raw) {
+                common::refine_with_file(layer, offset, &mut s)?;
             }
         }
     }
+    // The file the data is in: a VMDK extent file, the external data file, or the
+    // layer's own file.
     let filename = match s.offset {
-        Some(_) => layers
-            .get(s.depth)
-            .map(|l| l.external_data().unwrap_or_else(|| l.display_name())),
+        Some(_) => layers.get(s.depth).map(|l| match l.data_file_at(offset) {
+            Some(f) => f.name,
+            None => l.external_data().unwrap_or_else(|| l.display_name()),
+        }),
         None => None,
     };
     Ok(MapEntry {

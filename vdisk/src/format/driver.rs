@@ -84,6 +84,18 @@ pub struct Extent {
     pub compressed: bool,
 }
 
+/// The file a guest offset's data lives in ([`Driver::data_file_at`]).
+#[derive(Clone, Debug)]
+pub struct DataFileAt {
+    /// The file (block status host offsets at that guest offset are in it).
+    pub storage: Arc<dyn Storage>,
+    /// Its name as opened.
+    pub name: String,
+    /// A raw (flat) extent: its unwritten areas are whatever the file has there, so
+    /// the file's holes read as zeroes (QEMU recurses into such files for block status).
+    pub raw: bool,
+}
+
 /// How grown space is preallocated ([`Driver::preallocate_grown`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreallocMode {
@@ -258,6 +270,13 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// The name of the external data file guest data lives in (qcow2 `data_file`), as
     /// it was opened; `None` when the data is in [`Driver::storage`].
     fn external_data(&self) -> Option<String> {
+        None
+    }
+    /// The file holding the data at guest `offset` when it is one of several files
+    /// the image names (a VMDK extent file); `None` when it is [`Driver::storage`] or
+    /// the external data file.
+    fn data_file_at(&self, offset: u64) -> Option<DataFileAt> {
+        let _ = offset;
         None
     }
     /// How the image is encrypted (`None`: it is not).

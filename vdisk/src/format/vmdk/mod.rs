@@ -397,6 +397,14 @@ impl Driver for Vmdk {
         self.meta.flush()?;
         Ok(())
     }
+    fn data_file_at(&self, offset: u64) -> Option<crate::format::DataFileAt> {
+        let e = &self.extents[self.extent_at(offset).ok()?];
+        Some(crate::format::DataFileAt {
+            storage: Arc::clone(&e.storage),
+            name: e.filename.clone()?,
+            raw: matches!(e.layout, Layout::Flat(_)),
+        })
+    }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockExtent> {
         crate::format::check_range(offset, len, self.size)?;
         if len == 0 {
