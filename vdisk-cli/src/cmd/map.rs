@@ -156,7 +156,7 @@ fn entry(
                     f
                 }
             };
-            if flag || layer.data_file_at(offset).is_some_and(|f| f.raw) {
+            if flag || common::file_refines(layer, offset) {
                 common::refine_with_file(layer, offset, &mut s)?;
             }
         }
