@@ -565,6 +565,18 @@ impl Image {
         }
         self.hooked(req)
     }
+    /// Writes VM state (QEMU's `savevm` data; qemu-io `write -b`) at byte `pos` of the
+    /// image's VM state area. Not guest data: the write hooks (bitmaps, zero
+    /// detection) do not see it. Only qcow2 keeps VM state; other formats answer
+    /// ENOTSUP, as in QEMU.
+    pub fn save_vmstate(&self, buf: &[u8], pos: u64) -> Result<()> {
+        self.driver.save_vmstate(buf, pos)
+    }
+    /// Reads VM state at byte `pos` (qemu-io `read -b`); never-written bytes read as
+    /// zeroes.
+    pub fn load_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        self.driver.load_vmstate(buf, pos)
+    }
     /// Makes completed writes durable (the hooks write back their state first).
     pub fn flush(&self) -> Result<()> {
         self.hooks.iter().try_for_each(|h| h.flush())?;

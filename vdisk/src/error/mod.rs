@@ -152,6 +152,7 @@ impl Error {
             Error::Storage(e) => e.errno(),
             Error::Corrupt(_) => libc::EIO,
             Error::Unsupported(_) => libc::ENOTSUP,
+            Error::InvalidArgument(Invalid::VmStateTooLarge { .. }) => libc::EFBIG,
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly => libc::EPERM,
             Error::BackingLoop(_) => libc::ELOOP,

@@ -19,6 +19,9 @@ pub enum Unsupported {
     /// What a qcow2 image with an external data file cannot do (compressed clusters,
     /// internal snapshots): QEMU answers ENOTSUP, "Operation not supported".
     ExternalDataFile,
+    /// VM state (`savevm` data, qemu-io `read -b`/`write -b`) in a format that keeps
+    /// none (the format's name): QEMU answers ENOTSUP.
+    VmState(&'static str),
     /// A write into a cluster shared with a snapshot, in an encrypted image with
     /// extended L2 entries (the copy of its mixed subclusters is not encrypted here).
     ExtendedL2SharedEncrypted,
@@ -112,7 +115,9 @@ impl fmt::Display for Unsupported {
                 f,
                 "Unsupported QED features: {bits:#x} (image needs a newer driver)"
             ),
-            Unsupported::ExternalDataFile => write!(f, "Operation not supported"),
+            Unsupported::ExternalDataFile | Unsupported::VmState(_) => {
+                write!(f, "Operation not supported")
+            }
             Unsupported::ExtendedL2SharedEncrypted => write!(
                 f,
                 "writing into a cluster shared with a snapshot is not supported in encrypted qcow2 images with extended L2 entries"
@@ -432,6 +437,12 @@ pub enum Invalid {
         /// The size asked for.
         size: u64,
     },
+    /// VM state at `offset` (an image offset past the guest disk) that the L1 table
+    /// cannot reach within its size limit: QEMU answers EFBIG, "File too large".
+    VmStateTooLarge {
+        /// The image offset of the VM state byte past the limit.
+        offset: u64,
+    },
     /// A compressed write not at a cluster boundary inside the disk.
     CompressedWriteUnaligned {
         /// Its offset.
@@ -705,6 +716,7 @@ impl fmt::Display for Invalid {
                 f,
                 "qcow2 image size {size} needs an L1 table larger than 32 MiB"
             ),
+            Invalid::VmStateTooLarge { .. } => write!(f, "File too large"),
             Invalid::CompressedWriteUnaligned { offset } => write!(
                 f,
                 "compressed write at offset {offset} is not cluster aligned or past the end"

@@ -341,6 +341,16 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     }
     /// Changes the guest size. Shrinking needs `shrink`.
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()>;
+    /// Writes VM state (the `savevm` data QEMU keeps beside the guest disk; qemu-io's
+    /// `write -b`) at byte `pos` of the VM state area. Guest reads never see it and
+    /// bitmaps do not track it. Formats without a VM state area refuse (ENOTSUP).
+    fn save_vmstate(&self, _buf: &[u8], _pos: u64) -> Result<()> {
+        Err(Unsupported::VmState(self.format().name()).into())
+    }
+    /// Reads VM state at byte `pos` of the VM state area (never written: zeroes).
+    fn load_vmstate(&self, _buf: &mut [u8], _pos: u64) -> Result<()> {
+        Err(Unsupported::VmState(self.format().name()).into())
+    }
     /// Maps the unallocated clusters of grown space `[offset, offset+len)` to host
     /// clusters ahead of any write (`resize --preallocation=metadata|falloc|full`:
     /// `falloc` also reserves, `full` also writes the data area). Formats with

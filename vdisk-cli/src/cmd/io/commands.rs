@@ -639,8 +639,32 @@ struct Verify {
 
 /// Reads `count` bytes at `offset`. Returns whether the pattern matched, and the data
 /// when `keep` (for `-v`).
+/// Which address space a `read`/`write` addresses: the guest disk, or (`-b`) the
+/// image's VM state area.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Area {
+    Guest,
+    VmState,
+}
+
+impl Area {
+    fn read(self, s: &OpenFile, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        match self {
+            Area::Guest => s.img.read_at(buf, offset),
+            Area::VmState => s.img.load_vmstate(buf, offset),
+        }
+    }
+    fn write(self, s: &OpenFile, buf: &[u8], offset: u64) -> vdisk::Result<()> {
+        match self {
+            Area::Guest => s.img.write_at(buf, offset),
+            Area::VmState => s.img.save_vmstate(buf, offset),
+        }
+    }
+}
+
 fn read_range(
     s: &OpenFile,
+    area: Area,
     offset: u64,
     count: u64,
     verify: Option<Verify>,
@@ -664,7 +688,7 @@ fn read_range(
         let mut all = alloc_buffer(count)?;
         chunked(s, count, CHUNK, |pos, n| {
             let piece = &mut all[pos as usize..(pos + n) as usize];
-            s.img.read_at(piece, offset + pos)
+            area.read(s, piece, offset + pos)
         })?;
         check(0, &all);
         return Ok((ok, Some(all)));
@@ -672,7 +696,7 @@ fn read_range(
     let mut buf = alloc_buffer(count.min(CHUNK))?;
     chunked(s, count, CHUNK, |pos, n| {
         let piece = &mut buf[..n as usize];
-        s.img.read_at(piece, offset + pos)?;
+        area.read(s, piece, offset + pos)?;
         check(pos, piece);
         Ok(())
     })?;
@@ -699,6 +723,7 @@ enum Fill<'a> {
 
 fn write_range(
     s: &OpenFile,
+    area: Area,
     offset: u64,
     count: u64,
     fill: Fill<'_>,
@@ -712,14 +737,14 @@ fn write_range(
                 for (i, b) in piece.iter_mut().enumerate() {
                     *b = data[((pos + i as u64) % data.len() as u64) as usize];
                 }
-                s.img.write_at(piece, offset + pos)
+                area.write(s, piece, offset + pos)
             })?;
         }
         Fill::Pattern(p) => {
             let mut buf = alloc_buffer(count.min(CHUNK))?;
             buf.fill(p);
             chunked(s, count, CHUNK, |pos, n| {
-                s.img.write_at(&buf[..n as usize], offset + pos)
+                area.write(s, &buf[..n as usize], offset + pos)
             })?;
         }
         Fill::Compressed(p) => {
@@ -800,11 +825,8 @@ fn read_f(s: &mut OpenFile, args: &[String]) -> bool {
     if vmstate && !sector_aligned(offset, count) {
         return false;
     }
-    if vmstate {
-        out!("read failed: {}", strerror(libc::ENOTSUP));
-        return false;
-    }
-    if !in_range(&s.img, offset, count, "read") {
+    let area = if vmstate { Area::VmState } else { Area::Guest };
+    if area == Area::Guest && !in_range(&s.img, offset, count, "read") {
         return false;
     }
     let verify = pattern.map(|p| Verify {
@@ -813,7 +835,7 @@ fn read_f(s: &mut OpenFile, args: &[String]) -> bool {
         len,
     });
     let t0 = Instant::now();
-    let r = read_range(s, offset, count, verify, dump && !quiet);
+    let r = read_range(s, area, offset, count, verify, dump && !quiet);
     let t = t0.elapsed();
     finish_read("read", r, offset, count, start, len, quiet, machine, t)
 }
@@ -929,10 +951,6 @@ fn write_f(s: &mut OpenFile, args: &[String]) -> bool {
     if (vmstate || compressed) && !sector_aligned(offset, count) {
         return false;
     }
-    if vmstate {
-        out!("write failed: {}", strerror(libc::ENOTSUP));
-        return false;
-    }
     let p = pattern.unwrap_or(0xcd);
     let data = match &source {
         Some(path) => match read_source(path, count) {
@@ -943,6 +961,9 @@ fn write_f(s: &mut OpenFile, args: &[String]) -> bool {
     };
     let fill = if !data.is_empty() {
         Fill::Source(&data)
+    } else if vmstate {
+        // qemu-io saves VM state with the pattern whatever -c says.
+        Fill::Pattern(p)
     } else if zero {
         Fill::Zeroes(ZeroFlags {
             may_unmap: unmap,
@@ -953,7 +974,8 @@ fn write_f(s: &mut OpenFile, args: &[String]) -> bool {
     } else {
         Fill::Pattern(p)
     };
-    do_write("write", s, offset, count, fill, fua, quiet, machine)
+    let area = if vmstate { Area::VmState } else { Area::Guest };
+    do_write("write", s, area, offset, count, fill, fua, quiet, machine)
 }
 
 /// VM state and compressed requests must be whole 512-byte sectors, as in qemu-io.
@@ -994,6 +1016,7 @@ fn read_source(path: &str, count: u64) -> Option<Vec<u8>> {
 fn do_write(
     op: &str,
     s: &OpenFile,
+    area: Area,
     offset: u64,
     count: u64,
     fill: Fill<'_>,
@@ -1001,11 +1024,11 @@ fn do_write(
     quiet: bool,
     machine: bool,
 ) -> bool {
-    if !in_range(&s.img, offset, count, op) {
+    if area == Area::Guest && !in_range(&s.img, offset, count, op) {
         return false;
     }
     let t0 = Instant::now();
-    let r = write_range(s, offset, count, fill, fua);
+    let r = write_range(s, area, offset, count, fill, fua);
     let t = t0.elapsed();
     if let Err(e) = r {
         report_error(op, &e);
@@ -1097,7 +1120,7 @@ fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) 
         } else {
             Fill::Pattern(pattern.unwrap_or(0xcd))
         };
-        return do_write(op, s, offset, total, fill, fua, quiet, machine);
+        return do_write(op, s, Area::Guest, offset, total, fill, fua, quiet, machine);
     }
     if args[0] == "aio_read" && offset.checked_add(total).is_none_or(|e| e > s.img.size()) {
         // qemu-io sees this failure when the request completes, not when it is made.
@@ -1116,7 +1139,7 @@ fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) 
         len: total,
     });
     let t0 = Instant::now();
-    let r = read_range(s, offset, total, verify, dump && !quiet);
+    let r = read_range(s, Area::Guest, offset, total, verify, dump && !quiet);
     let t = t0.elapsed();
     finish_read(op, r, offset, total, 0, total, quiet, machine, t)
 }

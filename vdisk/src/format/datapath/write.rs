@@ -32,14 +32,13 @@ pub fn write_vectored<M: Mapper + ?Sized>(m: &M, bufs: &[IoSlice<'_>], offset: u
         return write_plain(m, bufs, offset);
     }
     // Partial sectors: read the whole sectors (decrypted), patch, write them back.
-    // A sector reaching past the guest size (an unaligned size) is cut there.
+    // A sector reaching past the guest size (an unaligned size) is cut there; past
+    // the disk (VM state) nothing is cut.
     let _alone = c.rmw.write().unwrap_or_else(|p| p.into_inner());
     let size = m.guest_size();
     let a = offset / SECTOR_SIZE * SECTOR_SIZE;
-    let e = end
-        .div_ceil(SECTOR_SIZE)
-        .saturating_mul(SECTOR_SIZE)
-        .min(size);
+    let e = end.div_ceil(SECTOR_SIZE).saturating_mul(SECTOR_SIZE);
+    let e = if end <= size { e.min(size) } else { e };
     let mut buf = vec![0u8; (e - a) as usize];
     let first_end = (a + SECTOR_SIZE).min(e);
     if offset > a || end < first_end {

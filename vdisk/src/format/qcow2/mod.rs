@@ -82,6 +82,7 @@ mod snapshot_ops;
 mod status;
 mod subcluster;
 mod tables;
+mod vmstate;
 mod zero;
 mod zero_ext;
 
@@ -782,6 +783,15 @@ impl Driver for Qcow2 {
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         super::check_range(offset, len, self.size())?;
         self.do_block_status(offset, len)
+    }
+    fn save_vmstate(&self, buf: &[u8], pos: u64) -> Result<()> {
+        self.writable()?;
+        self.data_io()?;
+        self.do_save_vmstate(buf, pos)
+    }
+    fn load_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        self.data_io()?;
+        self.do_load_vmstate(buf, pos)
     }
     fn backing_spec(&self) -> Option<BackingSpec> {
         self.backing_spec

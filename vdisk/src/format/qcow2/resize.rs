@@ -9,7 +9,7 @@
 //! size in the header changes after every metadata change it depends on is durable.
 
 use super::zero::Mode;
-use super::Qcow2;
+use super::{Meta, Qcow2};
 use crate::error::{Invalid, Result, Unsupported};
 use crate::format::{Driver, ZeroFlags};
 
@@ -47,34 +47,7 @@ impl Qcow2 {
                 return Err(Invalid::L1TooLarge { size: new_size }.into());
             }
             if need > m.l1.len() as u64 {
-                m.writeback()?;
-                let bytes = need * 8;
-                let clusters = bytes.div_ceil(cs);
-                m.st.event(crate::storage::BlkEvent::L1GrowAllocTable);
-                let new_off = m.alloc(clusters)?;
-                let mut l1 = m.l1.clone();
-                l1.resize(need as usize, 0);
-                let mut raw = Vec::with_capacity((clusters * cs) as usize);
-                for e in &l1 {
-                    raw.extend_from_slice(&e.to_be_bytes());
-                }
-                // Like QEMU, only the entries are written: the file may end inside
-                // the table's last cluster.
-                m.st.event(crate::storage::BlkEvent::L1GrowWriteTable);
-                m.st.write_at(&raw, new_off)?;
-                m.unflushed = true;
-                m.barrier()?;
-                let old_off = m.hdr.l1_table_offset;
-                let old_clusters = (u64::from(m.hdr.l1_size) * 8).div_ceil(cs);
-                m.hdr.l1_table_offset = new_off;
-                m.hdr.l1_size = need as u32;
-                m.hdr.size = new_size;
-                m.l1 = l1;
-                m.st.event(crate::storage::BlkEvent::L1GrowActivateTable);
-                m.write_header()?;
-                for i in 0..old_clusters {
-                    m.rc_add(old_off / cs + i, -1)?;
-                }
+                m.grow_l1(need, Some(new_size))?;
             }
         }
         m.writeback()?;
@@ -113,6 +86,47 @@ impl Qcow2 {
         if new_size > cur && !cur.is_multiple_of(cs) {
             let tail_end = cur.div_ceil(cs) * cs;
             self.do_write_zeroes(cur, tail_end.min(new_size) - cur, ZeroFlags::default())?;
+        }
+        Ok(())
+    }
+}
+
+impl Meta {
+    /// Replaces the L1 table by one of `entries` entries (more than it has): written
+    /// complete to new clusters and made durable before the header names it, the old
+    /// table's clusters released after. `size`, if given, goes into the same header
+    /// write (a resize's new guest size).
+    pub(crate) fn grow_l1(&mut self, entries: u64, size: Option<u64>) -> Result<()> {
+        let cs = self.g.cs;
+        self.writeback()?;
+        let bytes = entries * 8;
+        let clusters = bytes.div_ceil(cs);
+        self.st.event(crate::storage::BlkEvent::L1GrowAllocTable);
+        let new_off = self.alloc(clusters)?;
+        let mut l1 = self.l1.clone();
+        l1.resize(entries as usize, 0);
+        let mut raw = Vec::with_capacity(bytes as usize);
+        for e in &l1 {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        // Like QEMU, only the entries are written: the file may end inside the
+        // table's last cluster.
+        self.st.event(crate::storage::BlkEvent::L1GrowWriteTable);
+        self.st.write_at(&raw, new_off)?;
+        self.unflushed = true;
+        self.barrier()?;
+        let old_off = self.hdr.l1_table_offset;
+        let old_clusters = (u64::from(self.hdr.l1_size) * 8).div_ceil(cs);
+        self.hdr.l1_table_offset = new_off;
+        self.hdr.l1_size = entries as u32;
+        if let Some(size) = size {
+            self.hdr.size = size;
+        }
+        self.l1 = l1;
+        self.st.event(crate::storage::BlkEvent::L1GrowActivateTable);
+        self.write_header()?;
+        for i in 0..old_clusters {
+            self.rc_add(old_off / cs + i, -1)?;
         }
         Ok(())
     }
