@@ -577,6 +577,12 @@ impl Image {
     pub fn load_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<()> {
         self.driver.load_vmstate(buf, pos)
     }
+    /// The `blkdebug` filter under the top image, if it was opened over one
+    /// (`blkdebug::file`, `driver=blkdebug`): where qemu-io's `break`/`resume`
+    /// family sets and lifts its breakpoints.
+    pub fn blkdebug(&self) -> Option<&crate::storage::blkdebug::BlkdebugStorage> {
+        self.driver.storage().blkdebug()
+    }
     /// Makes completed writes durable (the hooks write back their state first).
     pub fn flush(&self) -> Result<()> {
         self.hooks.iter().try_for_each(|h| h.flush())?;
@@ -887,10 +893,15 @@ impl Image {
         v
     }
     /// Flushes and marks the image clean; later I/O is still possible but the image
-    /// will be marked dirty again by the format if needed.
+    /// will be marked dirty again by the format if needed. Requests held at `blkdebug`
+    /// breakpoints are let go first, and no breakpoint holds one afterwards.
     pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        // No request stays held at a breakpoint past the close (QEMU drains them).
+        if let Some(b) = self.blkdebug() {
+            b.release_all();
         }
         // The driver closes even if a hook failed; the first error is reported.
         let hooks = self.hooks.iter().try_for_each(|h| h.close());

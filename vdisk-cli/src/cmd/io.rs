@@ -13,6 +13,7 @@ macro_rules! out {
     }};
 }
 
+mod aio;
 pub(crate) mod buffer;
 mod commands;
 mod help;

@@ -192,21 +192,29 @@ impl BlkdebugStorage {
         Ok(())
     }
 
-    /// QEMU's `remove_break TAG`: drops the breakpoints named `tag` and resumes every
-    /// request stopped at one; `Err(ENOENT)` when there was neither.
+    /// QEMU's `remove_break TAG`: resumes every request stopped at `tag` and drops
+    /// the breakpoints named `tag` not yet reached. As in QEMU, `Err(ENOENT)` when no
+    /// breakpoint was dropped (a breakpoint is used up by the request it stops), even
+    /// if requests were resumed.
     pub fn remove_breakpoint(&self, tag: &str) -> Result<(), i32> {
         let mut b = self.lock_breaks();
-        let before = (b.points.len(), b.suspended.len());
+        let before = b.points.len();
         b.points.retain(|(_, t)| t != tag);
         b.suspended.retain(|(t, _)| t != tag);
-        let changed = before != (b.points.len(), b.suspended.len());
+        let dropped = before != b.points.len();
         drop(b);
         self.moved.notify_all();
-        if changed {
+        if dropped {
             Ok(())
         } else {
             Err(libc::ENOENT)
         }
+    }
+
+    /// The requests stopped now: their tag and a number unique to each stop (so a
+    /// front-end can announce every stop once, as QEMU's blkdebug prints it).
+    pub fn suspended(&self) -> Vec<(String, u64)> {
+        self.lock_breaks().suspended.clone()
     }
 
     /// QEMU's `resume TAG`: lets the oldest request stopped at `tag` go on;
@@ -222,6 +230,13 @@ impl BlkdebugStorage {
         drop(b);
         self.moved.notify_all();
         Ok(())
+    }
+
+    /// Whether any breakpoint is set or any request stopped (front-ends then run
+    /// asynchronous requests on their own threads, so one can wait at a breakpoint).
+    pub fn has_breakpoints(&self) -> bool {
+        let b = self.lock_breaks();
+        !b.points.is_empty() || !b.suspended.is_empty()
     }
 
     /// Whether a request is stopped at `tag` now.
@@ -371,6 +386,9 @@ impl BlkdebugStorage {
 }
 
 impl Storage for BlkdebugStorage {
+    fn blkdebug(&self) -> Option<&BlkdebugStorage> {
+        Some(self)
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
         self.check(IoType::Read, offset, buf.len() as u64)?;
         self.inner.read_at(buf, offset)
@@ -419,6 +437,12 @@ impl Storage for BlkdebugStorage {
             .and_then(|()| self.inner.write_zeroes(offset, len));
         self.announce(BlkEvent::PwritevDone);
         r
+    }
+    fn zero_fresh(&self, offset: u64, len: u64) -> StorageResult<bool> {
+        // QEMU's qcow2 zeroes a new cluster's COW area with a no-fallback zero write
+        // through blkdebug to the file; the rules see it as a zero write.
+        self.check(IoType::WriteZeroes, offset, len)?;
+        self.inner.zero_fresh(offset, len)
     }
     fn allocate(&self, offset: u64, len: u64) -> StorageResult<()> {
         self.check(IoType::WriteZeroes, offset, len)?;
@@ -744,8 +768,15 @@ mod tests {
         let s2 = s.clone();
         let t = std::thread::spawn(move || s2.write_at(b"x", 0));
         assert!(s.wait_suspended("A", Duration::from_secs(30)));
-        s.remove_breakpoint("A").unwrap();
+        assert_eq!(s.suspended().len(), 1);
+        // As QEMU: the stop used the breakpoint up, so removing it resumes the request
+        // and still reports ENOENT; a breakpoint not reached yet is removed.
+        assert_eq!(s.remove_breakpoint("A"), Err(libc::ENOENT));
         t.join().unwrap().unwrap();
+        assert!(s.suspended().is_empty());
+        s.add_breakpoint("pwritev", "A").unwrap();
+        s.remove_breakpoint("A").unwrap();
+        s.write_at(b"x", 0).unwrap();
         s.add_breakpoint("pwritev", "B").unwrap();
         let s2 = s.clone();
         let t = std::thread::spawn(move || s2.write_at(b"y", 0));

@@ -211,4 +211,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// A format announces the step whose I/O comes next ([`BlkEvent`]); only the
     /// fault-injecting `blkdebug` storage acts on it.
     fn event(&self, _event: BlkEvent) {}
+    /// The `blkdebug` filter this storage is, whose breakpoints qemu-io's `break`
+    /// family sets (QEMU looks for one down the node's file children).
+    fn blkdebug(&self) -> Option<&blkdebug::BlkdebugStorage> {
+        None
+    }
 }

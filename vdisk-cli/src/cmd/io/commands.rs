@@ -2,6 +2,7 @@
 //! command name) and returns whether it succeeded. Messages and report lines are
 //! qemu-io's, so scripts comparing output work on both tools.
 
+use super::aio::{self, Done, Job, Report};
 use super::buffer::IoBuf;
 use super::misc::{abort_f, break_f, remove_break_f, resume_f, sigraise_f, wait_break_f, zone_f};
 use super::open::{close_f, open_f, reopen_f, OpenExtra, TempFile, OPEN_ARGS};
@@ -10,6 +11,7 @@ use super::parse::{
 };
 use super::report::{cvtstr, dump_buffer, print_report};
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vdisk::format::FormatSpecific;
 use vdisk::{ExtentKind, Image, ZeroFlags};
@@ -22,8 +24,8 @@ const PROGRESS_MIN: u64 = 64 << 20;
 
 /// The open image and what was asked when opening it.
 pub struct OpenFile {
-    /// The open image.
-    pub img: Image,
+    /// The open image (shared with the threads of asynchronous requests).
+    pub img: Arc<Image>,
     /// The name it was opened by (for messages).
     pub name: String,
     /// Show a progress bar on long requests (`-p`).
@@ -39,6 +41,40 @@ pub struct OpenFile {
     pub extra: OpenExtra,
     /// The temporary overlay of `-s`, removed at close.
     pub temp: Option<TempFile>,
+    /// Asynchronous requests still running (only while breakpoints are set).
+    pub aio: aio::Queue,
+}
+
+impl OpenFile {
+    /// Reports the asynchronous requests finished so far.
+    pub fn poll_aio(&mut self) {
+        self.aio.poll(&self.img, &mut print_done);
+    }
+    /// Waits for every asynchronous request and reports it.
+    pub fn drain_aio(&mut self) {
+        self.aio.drain(&self.img, &mut print_done);
+    }
+}
+
+/// Reports a finished asynchronous request as qemu-io's completion callbacks do.
+pub(super) fn print_done(d: Done) {
+    let r = d.report;
+    if d.write {
+        match d.result {
+            Err(e) => report_error(r.op, &e),
+            Ok(_) if r.quiet => {}
+            Ok(_) => print_report("wrote", d.elapsed, r.offset, r.len, r.len, r.machine),
+        }
+        return;
+    }
+    let result = d.result.map(|buf| {
+        let buf = buf.unwrap_or_else(|| IoBuf::new(0).expect("an empty buffer"));
+        let ok = r.pattern.is_none_or(|p| buf.iter().all(|&b| b == p));
+        (ok, r.dump.then_some(buf))
+    });
+    finish_read(
+        r.op, result, r.offset, r.len, 0, r.len, r.quiet, r.machine, d.elapsed,
+    );
 }
 
 /// The state commands work on: at most one open image, as in qemu-io.
@@ -461,6 +497,9 @@ pub fn run_line(s: &mut Session, line: &str) -> bool {
     // Submitting more asynchronous requests does not wait for earlier ones.
     if !matches!(name.as_str(), "aio_read" | "aio_write") {
         print_deferred();
+        if let Some(f) = &mut s.file {
+            f.poll_aio();
+        }
     }
     let Some(ct) = find_command(name) else {
         eprintln!("command \"{name}\" not found");
@@ -1111,6 +1150,37 @@ fn vectored(s: &mut OpenFile, args: &[String], write: bool, spec: &'static str) 
         out!("length cannot exceed {REQUEST_MAX_BYTES}, given {total}");
         return false;
     }
+    if args[0].starts_with("aio_") && aio::wanted(&s.img) && in_range(&s.img, offset, total, op) {
+        // A breakpoint may hold this request: it runs on its own thread.
+        let job = match (write, zero) {
+            (false, _) => Job::Read { len: total },
+            (true, true) => Job::Zeroes {
+                len: total,
+                flags: ZeroFlags {
+                    may_unmap: unmap,
+                    fast: false,
+                },
+                fua,
+            },
+            (true, false) => Job::Write {
+                len: total,
+                pattern: pattern.unwrap_or(0xcd),
+                fua,
+            },
+        };
+        let report = Report {
+            op,
+            offset,
+            len: total,
+            pattern: if write { None } else { pattern },
+            dump: dump && !quiet,
+            quiet,
+            machine,
+        };
+        let img = s.img.clone();
+        s.aio.submit(&img, job, report);
+        return true;
+    }
     if write {
         let fill = if zero {
             Fill::Zeroes(ZeroFlags {
@@ -1160,8 +1230,10 @@ fn aio_write_f(s: &mut OpenFile, args: &[String]) -> bool {
     vectored(s, args, true, "CfiP:qruz")
 }
 
-/// Requests complete before their command returns, so there is nothing to wait for.
-fn aio_flush_f(_s: &mut OpenFile, _args: &[String]) -> bool {
+/// Waits for the asynchronous requests still running (without breakpoints they
+/// complete before their command returns).
+fn aio_flush_f(s: &mut OpenFile, _args: &[String]) -> bool {
+    s.drain_aio();
     true
 }
 

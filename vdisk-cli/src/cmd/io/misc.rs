@@ -65,35 +65,80 @@ pub(super) fn zone_f(_s: &mut OpenFile, args: &[String]) -> bool {
     false
 }
 
-/// `break EVENT TAG`: breakpoints need a blkdebug node, which this image is not.
-pub(super) fn break_f(_s: &mut OpenFile, _args: &[String]) -> bool {
-    out!("Could not set breakpoint: {}", strerror(libc::ENOTSUP));
-    false
+/// `break EVENT TAG`: the next request reaching EVENT stops there (a blkdebug node
+/// is needed, as in QEMU).
+pub(super) fn break_f(s: &mut OpenFile, args: &[String]) -> bool {
+    let r = match s.img.blkdebug() {
+        Some(bd) => bd.add_breakpoint(&args[1], &args[2]),
+        None => Err(libc::ENOTSUP),
+    };
+    if let Err(e) = r {
+        out!("Could not set breakpoint: {}", strerror(e));
+        return false;
+    }
+    true
 }
 
-/// `remove_break TAG`.
-pub(super) fn remove_break_f(_s: &mut OpenFile, args: &[String]) -> bool {
-    out!(
-        "Could not remove breakpoint {}: {}",
-        args[1],
-        strerror(libc::ENOTSUP)
-    );
-    false
+/// `remove_break TAG`: resumes the requests stopped at TAG, drops TAG's breakpoints.
+pub(super) fn remove_break_f(s: &mut OpenFile, args: &[String]) -> bool {
+    let tag = &args[1];
+    let r = match s.img.blkdebug() {
+        Some(bd) => {
+            s.aio.announce(&s.img);
+            let held = bd.suspended().iter().filter(|(t, _)| t == tag).count();
+            let r = bd.remove_breakpoint(tag);
+            for _ in 0..held {
+                out!("blkdebug: Resuming request '{tag}'");
+            }
+            r
+        }
+        None => Err(libc::ENOTSUP),
+    };
+    if let Err(e) = r {
+        out!("Could not remove breakpoint {tag}: {}", strerror(e));
+        return false;
+    }
+    true
 }
 
-/// `resume TAG`.
-pub(super) fn resume_f(_s: &mut OpenFile, _args: &[String]) -> bool {
-    out!("Could not resume request: {}", strerror(libc::ENOTSUP));
-    false
+/// `resume TAG`: lets the oldest request stopped at TAG go on.
+pub(super) fn resume_f(s: &mut OpenFile, args: &[String]) -> bool {
+    let tag = &args[1];
+    let r = match s.img.blkdebug() {
+        Some(bd) => {
+            s.aio.announce(&s.img);
+            bd.resume(tag)
+        }
+        None => Err(libc::ENOTSUP),
+    };
+    match r {
+        Ok(()) => {
+            out!("blkdebug: Resuming request '{tag}'");
+            true
+        }
+        Err(e) => {
+            out!("Could not resume request: {}", strerror(e));
+            false
+        }
+    }
 }
 
-/// `wait_break TAG`: qemu-io waits forever for a request that can never stop on an
-/// image without breakpoints; vdisk says so instead of hanging.
-pub(super) fn wait_break_f(_s: &mut OpenFile, args: &[String]) -> bool {
-    out!(
-        "Could not wait for breakpoint {}: {}",
-        args[1],
-        strerror(libc::ENOTSUP)
-    );
+/// `wait_break TAG`: waits until a request stops at TAG. qemu-io waits forever (also
+/// on an image without breakpoints); vdisk gives up after blkdebug's bound on a stop.
+pub(super) fn wait_break_f(s: &mut OpenFile, args: &[String]) -> bool {
+    let tag = &args[1];
+    let img = s.img.clone();
+    if img.blkdebug().is_some()
+        && s.aio
+            .wait_break(&img, tag, &mut super::commands::print_done)
+    {
+        return true;
+    }
+    let e = if img.blkdebug().is_some() {
+        libc::ETIMEDOUT
+    } else {
+        libc::ENOTSUP
+    };
+    out!("Could not wait for breakpoint {tag}: {}", strerror(e));
     false
 }

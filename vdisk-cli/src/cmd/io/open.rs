@@ -112,7 +112,8 @@ fn open_image(
     }
     crate::common::warn_if_probed_raw(path, opts, &img);
     Ok(OpenFile {
-        img,
+        img: std::sync::Arc::new(img),
+        aio: Default::default(),
         name: path.to_string(),
         progress,
         read_only: opts.read_only,
@@ -204,6 +205,8 @@ pub fn reopen_f(s: &mut Session, args: &[String]) -> bool {
     };
     let name = old.name.clone();
     let (old_opts, old_extra) = (old.opts.clone(), old.extra.clone());
+    let mut old = old;
+    release_and_drain(&mut old);
     let OpenFile { img, temp, .. } = old;
     if let Err(e) = img.close() {
         crate::common::error(format!("closing {name}: {e}"));
@@ -451,8 +454,18 @@ pub fn close_f(s: &mut Session, _args: &[String]) -> bool {
     }
 }
 
+/// Lets requests held at breakpoints go (qemu-io would wait for them forever) and
+/// reports every asynchronous request still running.
+fn release_and_drain(f: &mut OpenFile) {
+    if let Some(bd) = f.img.blkdebug() {
+        bd.release_all();
+    }
+    f.drain_aio();
+}
+
 /// Closes an open image; prints the error when writing back fails.
-pub fn close_file(f: OpenFile) -> bool {
+pub fn close_file(mut f: OpenFile) -> bool {
+    release_and_drain(&mut f);
     match f.img.close() {
         Ok(()) => true,
         Err(e) => {
