@@ -736,6 +736,11 @@ impl Image {
     pub fn is_dirty(&self) -> bool {
         self.driver.is_dirty()
     }
+    /// Whether QEMU's `bdrv_get_info` would succeed on this image (`qemu-img info`'s
+    /// JSON then carries the dirty flag); false for a VMDK whose extents disagree.
+    pub fn info_available(&self) -> bool {
+        self.driver.info_available()
+    }
     /// The backing file the header names.
     pub fn backing_spec(&self) -> Option<BackingSpec> {
         self.driver.backing_spec()

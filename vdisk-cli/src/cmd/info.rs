@@ -36,6 +36,8 @@ struct ImageInfo {
     protocol: &'static str,
     format: Format,
     dirty: bool,
+    /// QEMU's `bdrv_get_info` succeeds: the JSON has a dirty flag.
+    info_available: bool,
     actual_size: Option<u64>,
     virtual_size: u64,
     cluster_size: Option<u64>,
@@ -112,6 +114,7 @@ fn collect(img: &Image, filename: &str) -> Result<ImageInfo, String> {
         protocol: d.protocol(),
         format: d.format(),
         dirty: d.format().caps().dirty_flag && d.is_dirty(),
+        info_available: d.info_available(),
         actual_size: if local { actual_size } else { None },
         virtual_size,
         cluster_size: d.cluster_size(),
@@ -510,7 +513,7 @@ fn to_qdict(i: &ImageInfo) -> QDict {
     let mut d = QDict::new();
     d.str("filename", i.filename.clone());
     d.str("format", i.format.name());
-    if local {
+    if local && i.info_available {
         d.bool("dirty-flag", i.dirty);
     }
     if let Some(a) = i.actual_size {

@@ -339,6 +339,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn write_compressed(&self, _buf: &[u8], _offset: u64) -> Result<()> {
         Err(Unsupported::NoCompression(self.format().name()).into())
     }
+    /// Whether QEMU's `bdrv_get_info` succeeds on this image (qemu-img info then shows
+    /// its dirty flag); a VMDK whose extents disagree is the case where it fails.
+    fn info_available(&self) -> bool {
+        true
+    }
     /// Changes the guest size. Shrinking needs `shrink`.
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()>;
     /// Writes VM state (the `savevm` data QEMU keeps beside the guest disk; qemu-io's

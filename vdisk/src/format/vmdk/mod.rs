@@ -108,6 +108,24 @@ fn read_head(st: &dyn Storage, off: u64, max: usize) -> Result<Vec<u8>> {
 }
 
 impl Vmdk {
+    /// Whether the extents agree as QEMU's `vmdk_co_get_info` requires (all flat, or
+    /// all sparse with one grain size and compression); it fails otherwise, and
+    /// qemu-img then shows no cluster size and no dirty flag.
+    fn extents_agree(&self) -> bool {
+        let Some(first) = self.extents.first() else {
+            return false;
+        };
+        self.extents
+            .iter()
+            .all(|e| match (&e.layout, &first.layout) {
+                (Layout::Flat(_), Layout::Flat(_)) => true,
+                (Layout::Sparse(a), Layout::Sparse(b)) => {
+                    a.compressed == b.compressed && a.grain == b.grain
+                }
+                _ => false,
+            })
+    }
+
     /// Opens a VMDK image: a sparse extent (monolithic, stream-optimized) or a text
     /// descriptor naming its extents.
     pub fn open(args: OpenArgs<'_, '_>) -> Result<Vmdk> {
@@ -339,21 +357,13 @@ impl Driver for Vmdk {
     }
     fn cluster_size(&self) -> Option<u64> {
         // QEMU's `vmdk_co_get_info`: the first extent's grain when all extents agree.
-        let first = self.extents.first()?;
-        let same = self
-            .extents
-            .iter()
-            .all(|e| match (&e.layout, &first.layout) {
-                (Layout::Flat(_), Layout::Flat(_)) => true,
-                (Layout::Sparse(a), Layout::Sparse(b)) => {
-                    a.compressed == b.compressed && a.grain == b.grain
-                }
-                _ => false,
-            });
-        match &first.layout {
-            Layout::Sparse(s) if same => Some(s.grain),
+        match &self.extents.first()?.layout {
+            Layout::Sparse(s) if self.extents_agree() => Some(s.grain),
             _ => None,
         }
+    }
+    fn info_available(&self) -> bool {
+        self.extents_agree()
     }
     fn storage(&self) -> &Arc<dyn Storage> {
         &self.meta
