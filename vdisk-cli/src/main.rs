@@ -116,7 +116,13 @@ fn main() {
         multicall::exit(1);
     }
     for o in &cli.object {
-        if let Err(e) = vdisk::crypto::secret::define_object(o) {
+        // TLS credentials and authz objects (NBD), else secrets.
+        if let Some(r) = vdisk::storage::nbd::tls::define_object(o) {
+            if let Err(e) = r {
+                common::error(e);
+                std::process::exit(1);
+            }
+        } else if let Err(e) = vdisk::crypto::secret::define_object(o) {
             common::error(e);
             std::process::exit(1);
         }
