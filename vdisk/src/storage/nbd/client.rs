@@ -205,6 +205,9 @@ fn opt_error(opt: u32, typ: u32, data: &[u8]) -> io::Error {
     } else {
         format!("{what} {opt} ({})", opt_name(opt))
     };
+    if typ == proto::REP_ERR_TLS_REQD {
+        s.push_str("\nDid you forget a valid tls-creds?");
+    }
     if !msg.is_empty() {
         s.push_str("\nserver reported: ");
         s.push_str(&msg);
@@ -262,8 +265,6 @@ fn negotiate(s: &mut Sock, cfg: &Config) -> io::Result<ExportInfo> {
     let (typ, data) = read_opt_reply(s, proto::OPT_STRUCTURED_REPLY)?;
     let structured = match typ {
         proto::REP_ACK => true,
-        // A TLS-only server refuses everything before STARTTLS: say so now.
-        proto::REP_ERR_TLS_REQD => return Err(opt_error(proto::OPT_STRUCTURED_REPLY, typ, &data)),
         t if t & proto::REP_ERR != 0 => false,
         t => return Err(opt_error(proto::OPT_STRUCTURED_REPLY, t, &data)),
     };
