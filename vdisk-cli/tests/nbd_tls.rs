@@ -200,10 +200,20 @@ struct Server {
 
 impl Server {
     fn start(prog: &str, args: Vec<String>, port: u16) -> Server {
+        Server::start_logged(prog, args, port, None)
+    }
+
+    /// [`Server::start`] with the server's stderr in `log`.
+    fn start_logged(prog: &str, args: Vec<String>, port: u16, log: Option<&Path>) -> Server {
+        let err = match log {
+            Some(l) => Stdio::from(std::fs::File::create(l).unwrap()),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(prog)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
         let mut s = Server { child, port };
@@ -476,11 +486,18 @@ fn vdisk_serve_x509_and_psk_serve_qemu_and_libnbd() {
     assert!(q.contains("identical"), "{q}");
     drop(s);
 
-    let s = Server::vdisk(
-        Some(&psk("tls0", &k.psk, "server")),
-        &["-f", "qcow2", "-r"],
-        &g,
-    );
+    // PSK, logged (-v) to see what TLS the GnuTLS clients agreed on.
+    let port = free_port();
+    let mut a: Vec<String> = ["serve", "-v", "-t", "-e", "0", "-b", "127.0.0.1", "-p"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(port.to_string());
+    a.extend(["--object".into(), psk("tls0", &k.psk, "server")]);
+    a.extend(["--tls-creds", "tls0", "-f", "qcow2", "-r"].map(String::from));
+    a.push(g.display().to_string());
+    let log = dir.join("serve.log");
+    let s = Server::start_logged(VDISK, a, port, Some(&log));
     let obj = psk("c0", &k.psk, "client");
     let j = s.json("c0", "127.0.0.1");
     ok(
@@ -497,6 +514,9 @@ fn vdisk_serve_x509_and_psk_serve_qemu_and_libnbd() {
     );
     let info = ok(run(dir, "nbdinfo", &[&url]), "nbdinfo psk");
     assert!(info.contains("with TLS"), "{info}");
+    // TLS 1.3 with an external PSK: OpenSSL and GnuTLS agree on it.
+    let l = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(l.matches(": TLS TLSv1.3 ").count(), 2, "{l}");
     // A wrong key: qemu-img fails the handshake too.
     let bad = psk("c0", &k.wrongpsk, "client");
     let r = qemu_img(dir, &["info", "--object", &bad, &j]);

@@ -200,7 +200,12 @@ pub fn negotiate(
                     }
                     s.set_read_timeout(Some(left))?;
                     match tls::accept(s.try_clone()?, &t.creds, t.authz.as_deref()) {
-                        Ok(t) => *s = t,
+                        Ok(t) => {
+                            if let Stream::Tls(t) = &t {
+                                crate::vlog!("{}: TLS {}", t.raw().peer(), t.describe());
+                            }
+                            *s = t
+                        }
                         Err(e) => return Ok(Outcome::Closed(e.to_string())),
                     }
                     secure = true;

@@ -579,7 +579,9 @@ pub fn connect(raw: Stream, creds: &TlsCreds, hostname: Option<&str>) -> io::Res
         }
         .map_err(io::Error::other)?;
     }
-    Ok(Stream::Tls(handshake(raw, ssl, false, hostname)?))
+    let s = handshake(raw, ssl, false, hostname)?;
+    tracing::debug!("NBD TLS: {}", s.describe());
+    Ok(Stream::Tls(s))
 }
 
 /// The server's side of `NBD_OPT_STARTTLS` (after its ACK). With `authz`, the
@@ -654,6 +656,14 @@ impl TlsStream {
             rbuf: vec![0u8; 64 << 10],
             wbuf: Vec::new(),
         })
+    }
+
+    /// The protocol version and cipher agreed (`TLSv1.3 TLS_AES_256_GCM_SHA384`), for
+    /// logs.
+    pub fn describe(&self) -> String {
+        let st = lock(&self.shared.ssl);
+        let cipher = st.ssl().current_cipher().map(|c| c.name()).unwrap_or("-");
+        format!("{} {cipher}", st.ssl().version_str())
     }
 
     /// The socket under the session.
