@@ -715,3 +715,75 @@ fn wire_checks(port: u16, cli: &Path) {
     assert_eq!(option(&mut s, OPT_STARTTLS), REP_ERR_INVALID);
     assert_eq!(option(&mut s, OPT_STRUCTURED_REPLY), REP_ACK);
 }
+
+/// `vdisk storage-daemon --export type=nbd,…,tls-creds=ID` demands TLS like `serve`.
+#[test]
+fn storage_daemon_nbd_export_over_tls() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, _) = golden(dir);
+    let sock = dir.join("d.sock");
+    let export = format!(
+        "type=nbd,image={},format=qcow2,addr.path={},name=g,tls-creds=tls0",
+        g.display(),
+        sock.display()
+    );
+    let mut child = Command::new(VDISK)
+        .args([
+            "storage-daemon",
+            "--object",
+            &x509("tls0", &k.srv, "server"),
+        ])
+        .args(["--export", &export])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "storage-daemon exited");
+        assert!(Instant::now() < until, "storage-daemon did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cli = x509("c0", &k.cli, "client");
+    let j = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{}"}},"export":"g","tls-creds":"c0","tls-hostname":"localhost"}}}}"#,
+        sock.display()
+    );
+    let r = qemu_img(
+        dir,
+        &["compare", "--object", &cli, "-F", "qcow2", &j, "g.qcow2"],
+    );
+    let plain = qemu_img(
+        dir,
+        &["info", &format!("nbd+unix:///g?socket={}", sock.display())],
+    );
+    let url = format!(
+        "nbds+unix:///g?socket={}&tls-creds=c0&tls-hostname=localhost",
+        sock.display()
+    );
+    let v = run(
+        dir,
+        VDISK,
+        &[
+            "--object", &cli, "compare", "-U", "-F", "qcow2", &url, "g.qcow2",
+        ],
+    );
+    // x509 over a Unix socket needs a host name to check, in QEMU and here.
+    let no_host = format!("nbds+unix:///g?socket={}&tls-creds=c0", sock.display());
+    let nh = run(dir, VDISK, &["--object", &cli, "info", &no_host]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        message(&nh, "vdisk").ends_with("No hostname for certificate validation"),
+        "{}",
+        nh.err
+    );
+    ok(r, "qemu-img compare over the daemon's TLS export");
+    ok(v, "vdisk compare over nbds+unix");
+    assert!(
+        message(&plain, "qemu-img").contains("TLS negotiation required"),
+        "{}",
+        plain.err
+    );
+}

@@ -36,7 +36,8 @@ pub enum Endpoint {
 /// What a credentials object holds.
 #[derive(Clone, Debug)]
 enum Kind {
-    X509,
+    /// x509; `verify` is verify-peer (a client then needs a host name, as QEMU).
+    X509 { verify: bool },
     /// PSK (the key or table of keys lives in the context's callback).
     Psk,
 }
@@ -68,7 +69,7 @@ impl TlsCreds {
     }
     /// Whether these are x509 credentials (a client then checks a host name).
     pub fn is_x509(&self) -> bool {
-        matches!(self.kind, Kind::X509)
+        matches!(self.kind, Kind::X509 { .. })
     }
 }
 
@@ -286,7 +287,9 @@ fn load_x509(
     Ok(TlsCreds {
         id,
         endpoint,
-        kind: Kind::X509,
+        kind: Kind::X509 {
+            verify: verify_peer,
+        },
         ctx: b.build(),
     })
 }
@@ -569,7 +572,13 @@ fn handshake(mut raw: Stream, ssl: Ssl, server: bool, host: Option<&str>) -> io:
 /// TCP address unless `tls-hostname` replaces it) or proves the PSK.
 pub fn connect(raw: Stream, creds: &TlsCreds, hostname: Option<&str>) -> io::Result<Stream> {
     let mut ssl = Ssl::new(&creds.ctx).map_err(io::Error::other)?;
-    if let (Kind::X509, Some(h)) = (&creds.kind, hostname) {
+    if let (Kind::X509 { verify: true }, None) = (&creds.kind, hostname) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "No hostname for certificate validation",
+        ));
+    }
+    if let (Kind::X509 { .. }, Some(h)) = (&creds.kind, hostname) {
         match h.parse::<std::net::IpAddr>() {
             Ok(ip) => ssl.param_mut().set_ip(ip),
             Err(_) => {
@@ -598,7 +607,7 @@ pub fn accept(raw: Stream, creds: &TlsCreds, authz: Option<&str>) -> io::Result<
                     .ssl()
                     .psk_identity()
                     .map(|i| String::from_utf8_lossy(i).into_owned()),
-                Kind::X509 => st.ssl().peer_certificate().map(|c| dn(c.subject_name())),
+                Kind::X509 { .. } => st.ssl().peer_certificate().map(|c| dn(c.subject_name())),
             }
         };
         if who.as_deref() != Some(allowed) {
