@@ -230,15 +230,22 @@ impl Server {
 
     /// `qemu-nbd -t -b 127.0.0.1 -p PORT --object OBJ --tls-creds tls0 [extra] FILE`.
     fn qemu_nbd(object: &str, extra: &[&str], file: &Path) -> Server {
+        Server::qemu_nbd_with(Some(object), extra, file)
+    }
+
+    /// [`Server::qemu_nbd`], without TLS when `object` is `None`.
+    fn qemu_nbd_with(object: Option<&str>, extra: &[&str], file: &Path) -> Server {
         let port = free_port();
         let mut a: Vec<String> = vec!["-t".into(), "-b".into(), "127.0.0.1".into()];
-        a.extend([
-            "-p".into(),
-            port.to_string(),
-            "--object".into(),
-            object.into(),
-        ]);
-        a.extend(["--tls-creds".into(), "tls0".into()]);
+        a.extend(["-p".into(), port.to_string()]);
+        if let Some(o) = object {
+            a.extend([
+                "--object".into(),
+                o.into(),
+                "--tls-creds".into(),
+                "tls0".into(),
+            ]);
+        }
         a.extend(extra.iter().map(|s| s.to_string()));
         a.push(file.display().to_string());
         Server::start("qemu-nbd", a, port)
@@ -618,6 +625,23 @@ fn tls_refusals_are_clear_errors() {
             "{prog} {url}"
         );
     }
+    // A TLS client to servers without TLS: the same words as qemu-img's.
+    let cli = x509("c0", &k.cli, "client");
+    let plain = [
+        Server::vdisk(None, &["-f", "qcow2", "-r"], &g),
+        Server::qemu_nbd_with(None, &["-f", "qcow2", "-r"], &g),
+    ];
+    for s in &plain {
+        let j = s.json("c0", "localhost");
+        let want = message(&qemu_img(dir, &["info", "--object", &cli, &j]), "qemu-img");
+        assert!(
+            want.contains("Denied by server for option 5 (starttls)"),
+            "{want}"
+        );
+        let got = message(&run(dir, VDISK, &["--object", &cli, "info", &j]), "vdisk");
+        assert_eq!(got, want);
+    }
+    drop(plain);
     // A CA that did not sign the server's certificate.
     let other = x509("c0", &k.other, "client");
     for port in [q.port, v.port] {
