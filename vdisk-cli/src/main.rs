@@ -29,6 +29,8 @@ struct Cli {
     trace: Vec<String>,
 }
 
+// Parsed once per process: the size of the largest arguments (serve's) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create a new image.

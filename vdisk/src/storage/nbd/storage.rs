@@ -437,7 +437,7 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         None => None,
         Some(id) => {
             let creds = super::tls::lookup(&id, super::tls::Endpoint::Client)
-                .map_err(|e| SpecError::Missing(e))?;
+                .map_err(SpecError::Missing)?;
             // QEMU checks the TCP host unless tls-hostname names another.
             let hostname = tls_hostname.or_else(|| match (&address, creds.is_x509()) {
                 (Address::Tcp(h, _), true) => Some(h.clone()),
