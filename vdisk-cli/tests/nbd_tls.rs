@@ -9,7 +9,7 @@
 
 mod cli_support;
 
-use cli_support::{ok, p, qemu_img, tmp, Run};
+use cli_support::{ok, p, qemu_img, run_limited as run, tmp, Run};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -17,23 +17,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
-
-/// Runs `prog args` in `dir` under `timeout 60` (a hang fails the test, exit 124).
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Run {
-    let o = Command::new("timeout")
-        .arg("60")
-        .arg(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
 
 fn openssl(dir: &Path, args: &[&str]) {
     let r = run(dir, "openssl", args);
@@ -63,23 +46,18 @@ fn pki(dir: &Path) -> Pki {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
     let days = ["-days", "30"];
-    openssl(
-        dir,
-        &[
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca/key.pem",
-            ][..],
-            &["-out", "ca/ca-cert.pem", "-subj", "/CN=vdisk test CA"],
-            &days,
-        ]
-        .concat(),
-    );
+    // A self-signed CA in `d/` (key.pem, ca-cert.pem).
+    let ca = |d: &str, subj: &str| {
+        let (key, cert) = (format!("{d}/key.pem"), format!("{d}/ca-cert.pem"));
+        let req = [
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key,
+        ];
+        openssl(
+            dir,
+            &[&req[..], &["-out", &cert, "-subj", subj], &days].concat(),
+        );
+    };
+    ca("ca", "/CN=vdisk test CA");
     let sign = |who: &str, subj: &str, ext: &str| {
         std::fs::write(dir.join(format!("{who}.ext")), ext).unwrap();
         openssl(
@@ -136,23 +114,7 @@ fn pki(dir: &Path) -> Pki {
     for d in ["server", "client"] {
         std::fs::copy(dir.join("ca/ca-cert.pem"), dir.join(d).join("ca-cert.pem")).unwrap();
     }
-    openssl(
-        dir,
-        &[
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "other/key.pem",
-            ][..],
-            &["-out", "other/ca-cert.pem", "-subj", "/CN=another CA"],
-            &days,
-        ]
-        .concat(),
-    );
+    ca("other", "/CN=another CA");
     let key = |seed: u8| {
         (0..32)
             .map(|i| format!("{:02x}", i * 7 + seed))
@@ -235,43 +197,42 @@ impl Server {
 
     /// [`Server::qemu_nbd`], without TLS when `object` is `None`.
     fn qemu_nbd_with(object: Option<&str>, extra: &[&str], file: &Path) -> Server {
-        let port = free_port();
-        let mut a: Vec<String> = vec!["-t".into(), "-b".into(), "127.0.0.1".into()];
-        a.extend(["-p".into(), port.to_string()]);
-        if let Some(o) = object {
-            a.extend([
-                "--object".into(),
-                o.into(),
-                "--tls-creds".into(),
-                "tls0".into(),
-            ]);
-        }
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a.push(file.display().to_string());
-        Server::start("qemu-nbd", a, port)
+        Server::launch("qemu-nbd", &["-t"], object, extra, file, None)
     }
 
-    /// `vdisk serve -t -b 127.0.0.1 -p PORT [--object OBJ --tls-creds tls0] [extra] FILE`.
+    /// `vdisk serve -t -e 0 -b 127.0.0.1 -p PORT [--object OBJ --tls-creds tls0] [extra] FILE`.
     fn vdisk(object: Option<&str>, extra: &[&str], file: &Path) -> Server {
+        Server::launch(
+            VDISK,
+            &["serve", "-t", "-e", "0"],
+            object,
+            extra,
+            file,
+            None,
+        )
+    }
+
+    /// `prog pre… -b 127.0.0.1 -p PORT [--object OBJ --tls-creds tls0] extra… FILE`, its
+    /// stderr in `log` when given.
+    fn launch(
+        prog: &str,
+        pre: &[&str],
+        object: Option<&str>,
+        extra: &[&str],
+        file: &Path,
+        log: Option<&Path>,
+    ) -> Server {
         let port = free_port();
-        let mut a: Vec<String> = vec!["serve".into(), "-t".into(), "-e".into(), "0".into()];
-        a.extend([
-            "-b".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-        ]);
+        let port_s = port.to_string();
+        let mut a: Vec<&str> = pre.to_vec();
+        a.extend(["-b", "127.0.0.1", "-p", &port_s]);
         if let Some(o) = object {
-            a.extend([
-                "--object".into(),
-                o.into(),
-                "--tls-creds".into(),
-                "tls0".into(),
-            ]);
+            a.extend(["--object", o, "--tls-creds", "tls0"]);
         }
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a.push(file.display().to_string());
-        Server::start(VDISK, a, port)
+        a.extend(extra);
+        let f = file.display().to_string();
+        a.push(&f);
+        Server::start_logged(prog, a.iter().map(|s| s.to_string()).collect(), port, log)
     }
 
     /// QEMU's JSON filename for the export over TLS with client credentials `id`.
@@ -494,17 +455,17 @@ fn vdisk_serve_x509_and_psk_serve_qemu_and_libnbd() {
     drop(s);
 
     // PSK, logged (-v) to see what TLS the GnuTLS clients agreed on.
-    let port = free_port();
-    let mut a: Vec<String> = ["serve", "-v", "-t", "-e", "0", "-b", "127.0.0.1", "-p"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    a.push(port.to_string());
-    a.extend(["--object".into(), psk("tls0", &k.psk, "server")]);
-    a.extend(["--tls-creds", "tls0", "-f", "qcow2", "-r"].map(String::from));
-    a.push(g.display().to_string());
     let log = dir.join("serve.log");
-    let s = Server::start_logged(VDISK, a, port, Some(&log));
+    let pre = ["serve", "-v", "-t", "-e", "0"];
+    let obj = psk("tls0", &k.psk, "server");
+    let s = Server::launch(
+        VDISK,
+        &pre,
+        Some(&obj),
+        &["-f", "qcow2", "-r"],
+        &g,
+        Some(&log),
+    );
     let obj = psk("c0", &k.psk, "client");
     let j = s.json("c0", "127.0.0.1");
     ok(
@@ -657,31 +618,22 @@ fn tls_refusals_are_clear_errors() {
     let cli = x509("c0", &k.cli, "client");
     // authz: only the named client identity gets in.
     for (identity, allowed) in [(CLIENT_DN, true), ("CN=someone else", false)] {
-        let port = free_port();
-        let a = vec![
-            "serve".to_string(),
-            "-t".into(),
-            "-b".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "--object".into(),
-            srv.clone(),
-            "--object".into(),
-            format!(
-                "authz-simple,id=auth0,identity={}",
-                identity.replace(',', ",,")
-            ),
-            "--tls-creds".into(),
-            "tls0".into(),
-            "--tls-authz".into(),
-            "auth0".into(),
-            "-f".into(),
-            "qcow2".into(),
-            "-r".into(),
-            g.display().to_string(),
+        // `,,` is a comma in an --object value.
+        let authz = format!(
+            "authz-simple,id=auth0,identity={}",
+            identity.replace(',', ",,")
+        );
+        let extra = [
+            "--object",
+            &authz,
+            "--tls-authz",
+            "auth0",
+            "-f",
+            "qcow2",
+            "-r",
         ];
-        let s = Server::start(VDISK, a, port);
+        let s = Server::launch(VDISK, &["serve", "-t"], Some(&srv), &extra, &g, None);
+        let port = s.port;
         let j = s.json("c0", "localhost");
         let r = qemu_img(dir, &["info", "--object", &cli, &j]);
         assert_eq!(r.code == 0, allowed, "{identity}: {}", r.err);
