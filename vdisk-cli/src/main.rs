@@ -29,6 +29,8 @@ struct Cli {
     trace: Vec<String>,
 }
 
+// Parsed once per process: the size of the largest arguments (serve's) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create a new image.
@@ -116,7 +118,13 @@ fn main() {
         multicall::exit(1);
     }
     for o in &cli.object {
-        if let Err(e) = vdisk::crypto::secret::define_object(o) {
+        // TLS credentials and authz objects (NBD), else secrets.
+        if let Some(r) = vdisk::storage::nbd::tls::define_object(o) {
+            if let Err(e) = r {
+                common::error(e);
+                std::process::exit(1);
+            }
+        } else if let Err(e) = vdisk::crypto::secret::define_object(o) {
             common::error(e);
             std::process::exit(1);
         }

@@ -9,29 +9,12 @@
 
 mod cli_support;
 
-use cli_support::{json, ok, p, pattern, qemu_img, tmp, Run};
+use cli_support::{json, ok, p, pattern, qemu_img, run_limited as run, tmp, Run};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
-
-/// Runs `prog args` in `dir` under `timeout 60` (a hang fails the test, exit 124).
-fn run(dir: &Path, prog: &str, args: &[&str]) -> Run {
-    let o = Command::new("timeout")
-        .arg("60")
-        .arg(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
 
 fn vdisk(dir: &Path, args: &[&str]) -> Run {
     run(dir, VDISK, args)

@@ -111,6 +111,19 @@ pub struct ServeArgs {
     /// FUSE export: writes past the end grow the image.
     #[arg(long = "growable")]
     pub growable: bool,
+    /// Require TLS with the credentials object ID (`--object tls-creds-x509,id=ID,
+    /// dir=DIR,endpoint=server` or `tls-creds-psk,…`): clients must send
+    /// NBD_OPT_STARTTLS first.
+    #[arg(long = "tls-creds", value_name = "ID")]
+    pub tls_creds: Option<String>,
+    /// Allow only the client identity of the `authz-simple` object ID (the client
+    /// certificate's distinguished name, or the PSK username).
+    #[arg(long = "tls-authz", value_name = "ID")]
+    pub tls_authz: Option<String>,
+    /// Host name to check a server certificate against (qemu-nbd's client side;
+    /// accepted with --tls-creds, unused by a server).
+    #[arg(long = "tls-hostname", value_name = "HOSTNAME")]
+    pub tls_hostname: Option<String>,
     /// Image file to export.
     pub filename: PathBuf,
 }
@@ -173,6 +186,7 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
     {
         return Err("export description too long".into());
     }
+    let tls = server_tls(a)?;
     // -l implies a read-only export, as with qemu-nbd.
     let read_only = a.read_only || a.load_snapshot.is_some();
     Ok(Plan {
@@ -208,9 +222,31 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
             } else {
                 Duration::from_secs(a.handshake_limit)
             },
+            tls,
             ..ServerConfig::default()
         },
     })
+}
+
+/// `--tls-creds`/`--tls-authz`/`--tls-hostname`, checked with qemu-nbd's words.
+fn server_tls(a: &ServeArgs) -> Result<Option<vdisk::storage::nbd::tls::ServerTls>, String> {
+    use vdisk::storage::nbd::tls;
+    let Some(id) = &a.tls_creds else {
+        if a.tls_authz.is_some() {
+            return Err("--tls-authz is not permitted without --tls-creds".into());
+        }
+        if a.tls_hostname.is_some() {
+            return Err("--tls-hostname is not permitted without --tls-creds".into());
+        }
+        return Ok(None);
+    };
+    if a.vhost_user_blk.is_some() || a.fuse.is_some() {
+        return Err("--tls-creds is only for NBD exports".into());
+    }
+    let creds = tls::lookup(id, tls::Endpoint::Server)
+        .map_err(|e| format!("Failed to get TLS creds: {e}"))?;
+    let authz = a.tls_authz.as_deref().map(tls::lookup_authz).transpose()?;
+    Ok(Some(tls::ServerTls { creds, authz }))
 }
 
 /// Runs the server; returns the exit code (0 after a clean shutdown).

@@ -29,7 +29,7 @@ use vdisk_vhost::{BlkConfig, VhostExport};
 #[derive(clap::Args, Debug, Clone)]
 pub struct DaemonArgs {
     /// An export (repeat for more):
-    /// `type=nbd,image=FILE,addr.path=SOCKET[,name=NAME]`,
+    /// `type=nbd,image=FILE,addr.path=SOCKET[,name=NAME][,tls-creds=ID[,tls-authz=ID]]`,
     /// `type=vhost-user-blk,image=FILE,addr.path=SOCKET[,num-queues=N]`,
     /// `type=fuse,image=FILE,mountpoint=FILE[,growable=on]`;
     /// each also takes `format=FMT`, `writable=on|off` (default off) and `id=NAME`.
@@ -48,9 +48,20 @@ pub struct DaemonArgs {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Kind {
-    Nbd { socket: PathBuf, name: String },
-    Vhost { socket: PathBuf, queues: u16 },
-    Fuse { mountpoint: PathBuf, growable: bool },
+    Nbd {
+        socket: PathBuf,
+        name: String,
+        /// `tls-creds=ID` / `tls-authz=ID` (as qemu-storage-daemon's `--nbd-server`).
+        tls: Option<(String, Option<String>)>,
+    },
+    Vhost {
+        socket: PathBuf,
+        queues: u16,
+    },
+    Fuse {
+        mountpoint: PathBuf,
+        growable: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,9 +116,17 @@ fn parse_export(s: &str, n: usize) -> Result<Spec, String> {
                 if name.len() > crate::proto::MAX_STRING {
                     return Err("export name too long".into());
                 }
+                let tls = match (take("tls-creds"), take("tls-authz")) {
+                    (Some(c), a) => Some((c, a)),
+                    (None, Some(_)) => {
+                        return Err(format!("--export '{s}': tls-authz needs tls-creds"))
+                    }
+                    (None, None) => None,
+                };
                 Kind::Nbd {
                     socket: socket.into(),
                     name,
+                    tls,
                 }
             } else {
                 let queues = match take("num-queues") {
@@ -221,7 +240,17 @@ fn run_inner(a: &DaemonArgs) -> Result<i32, String> {
         let ro = !s.writable;
         let what = format!("export '{}'", s.id);
         let job: Job = match s.kind {
-            Kind::Nbd { socket, name } => {
+            Kind::Nbd { socket, name, tls } => {
+                let tls = match tls {
+                    None => None,
+                    Some((creds, authz)) => {
+                        use vdisk::storage::nbd::tls;
+                        let creds = tls::lookup(&creds, tls::Endpoint::Server)
+                            .map_err(|e| format!("{what}: Failed to get TLS creds: {e}"))?;
+                        let authz = authz.as_deref().map(tls::lookup_authz).transpose()?;
+                        Some(tls::ServerTls { creds, authz })
+                    }
+                };
                 let listener = Listener::unix(&socket)
                     .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
                 let inline = crate::export::inline_max_for(&img, cache.direct());
@@ -245,6 +274,7 @@ fn run_inner(a: &DaemonArgs) -> Result<i32, String> {
                     ServerConfig {
                         persistent: true,
                         max_clients: 0,
+                        tls,
                         ..ServerConfig::default()
                     },
                 )
@@ -360,7 +390,8 @@ mod tests {
             s.kind,
             Kind::Nbd {
                 socket: "/n".into(),
-                name: "x".into()
+                name: "x".into(),
+                tls: None
             }
         );
         assert!(!s.writable);

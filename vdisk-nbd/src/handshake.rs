@@ -10,6 +10,7 @@ use crate::proto::{self, Buf};
 use crate::stream::Stream;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
+use vdisk::storage::nbd::tls::{self, ServerTls};
 
 /// Largest option payload we read into memory; larger ones are skipped and refused
 /// (the biggest legitimate one is a meta-context request with a few queries).
@@ -134,8 +135,16 @@ fn parse_meta(data: &[u8]) -> Option<(&str, Vec<&str>)> {
     Some((name, qs))
 }
 
-/// Runs the handshake on a fresh connection.
-pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result<Outcome> {
+/// Runs the handshake on a fresh connection. With `tls`, the client must upgrade with
+/// `NBD_OPT_STARTTLS` first, as qemu-nbd demands: every other option before it gets
+/// `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME`, which has no error reply, a hang-up),
+/// and `s` is the TLS session from then on.
+pub fn negotiate(
+    s: &mut Stream,
+    export: &Export,
+    limit: Duration,
+    tls: Option<&ServerTls>,
+) -> io::Result<Outcome> {
     let until = Instant::now() + limit;
     s.set_write_timeout(Some(limit))?;
     let mut greet = Buf::with_capacity(18);
@@ -150,6 +159,7 @@ pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result
     }
     let no_zeroes = cflags & proto::FLAG_NO_ZEROES as u32 != 0;
     let mut neg = Negotiated::default();
+    let mut secure = false;
     loop {
         let (magic, opt, len) = {
             let mut r = Deadline { s, until };
@@ -172,6 +182,50 @@ pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result
         }
         let mut data = vec![0u8; len as usize];
         Deadline { s, until }.read_exact(&mut data)?;
+        if let (Some(t), false) = (tls, secure) {
+            match opt {
+                proto::OPT_STARTTLS if !data.is_empty() => {
+                    opt_error(
+                        s,
+                        opt,
+                        proto::REP_ERR_INVALID,
+                        "OPT_STARTTLS should not have length",
+                    )?;
+                }
+                proto::OPT_STARTTLS => {
+                    opt_reply(s, opt, proto::REP_ACK, &[])?;
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(Outcome::Closed("handshake time limit reached".into()));
+                    }
+                    s.set_read_timeout(Some(left))?;
+                    match tls::accept(s.try_clone()?, &t.creds, t.authz.as_deref()) {
+                        Ok(t) => {
+                            if let Stream::Tls(t) = &t {
+                                crate::vlog!("{}: TLS {}", t.raw().peer(), t.describe());
+                            }
+                            *s = t
+                        }
+                        Err(e) => return Ok(Outcome::Closed(e.to_string())),
+                    }
+                    secure = true;
+                }
+                proto::OPT_EXPORT_NAME => {
+                    return Ok(Outcome::Closed(
+                        "Option 0x1 not permitted before TLS".into(),
+                    ))
+                }
+                proto::OPT_ABORT => {
+                    let _ = opt_reply(s, opt, proto::REP_ACK, &[]);
+                    return Ok(Outcome::Closed("client aborted negotiation".into()));
+                }
+                other => {
+                    let msg = format!("Option {other:#x} not permitted before TLS");
+                    opt_error(s, opt, proto::REP_ERR_TLS_REQD, &msg)?;
+                }
+            }
+            continue;
+        }
         match opt {
             proto::OPT_EXPORT_NAME => {
                 let ok = std::str::from_utf8(&data).ok() == Some(export.cfg.name.as_str());
@@ -211,6 +265,9 @@ pub fn negotiate(s: &mut Stream, export: &Export, limit: Duration) -> io::Result
                 }
                 opt_reply(s, opt, proto::REP_SERVER, &b.0)?;
                 opt_reply(s, opt, proto::REP_ACK, &[])?;
+            }
+            proto::OPT_STARTTLS if secure => {
+                opt_error(s, opt, proto::REP_ERR_INVALID, "TLS already enabled")?;
             }
             proto::OPT_STARTTLS => {
                 opt_error(s, opt, proto::REP_ERR_POLICY, "TLS not configured")?;

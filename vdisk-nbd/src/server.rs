@@ -27,6 +27,8 @@ pub struct ServerConfig {
     /// On shutdown, how long connections get to finish their requests before their
     /// sockets are closed under them.
     pub shutdown_grace: Duration,
+    /// TLS (`--tls-creds`): clients must start with `NBD_OPT_STARTTLS`.
+    pub tls: Option<vdisk::storage::nbd::tls::ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -36,6 +38,7 @@ impl Default for ServerConfig {
             max_clients: 1,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -165,13 +168,14 @@ impl Server {
             let reg = registry.clone();
             let served = served_any.clone();
             let limit = self.cfg.handshake_timeout;
+            let tls = self.cfg.tls.clone();
             let h = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
                     // Leaves the registry even if the connection code panics, so a
                     // client slot is never lost.
                     let _leave = Leave { reg, id, ev };
-                    connection(stream, &export, limit, &served);
+                    connection(stream, &export, limit, tls.as_ref(), &served);
                 });
             match h {
                 Ok(h) => handles.push(h),
@@ -243,10 +247,16 @@ impl Drop for Leave {
 }
 
 /// One client from handshake to hang-up. Errors only end this connection.
-fn connection(mut stream: Stream, export: &Export, limit: Duration, served: &AtomicBool) {
+fn connection(
+    mut stream: Stream,
+    export: &Export,
+    limit: Duration,
+    tls: Option<&vdisk::storage::nbd::tls::ServerTls>,
+    served: &AtomicBool,
+) {
     let peer = stream.peer();
     let _ = stream.set_nodelay();
-    match handshake::negotiate(&mut stream, export, limit) {
+    match handshake::negotiate(&mut stream, export, limit, tls) {
         Ok(Outcome::Transmission(neg)) => {
             served.store(true, Ordering::Release);
             crate::vlog!(

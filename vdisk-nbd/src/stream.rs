@@ -68,6 +68,7 @@ impl Listener {
         match &s {
             Stream::Tcp(t) => t.set_nonblocking(false)?,
             Stream::Unix(u) => u.set_nonblocking(false)?,
+            Stream::Tls(_) => {}
         }
         Ok(s)
     }

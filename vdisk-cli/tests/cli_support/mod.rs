@@ -32,6 +32,20 @@ pub fn vdisk(dir: &Path, args: &[&str]) -> Run {
     collect(o)
 }
 
+/// Runs `prog args` in `dir` under `timeout 60` with no input (a hang fails the
+/// test, exit 124).
+pub fn run_limited(dir: &Path, prog: &str, args: &[&str]) -> Run {
+    let o = Command::new("timeout")
+        .arg("60")
+        .arg(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
+    collect(o)
+}
+
 /// Runs `qemu-img args...` in `dir`.
 pub fn qemu_img(dir: &Path, args: &[&str]) -> Run {
     let o = Command::new("qemu-img")

@@ -53,7 +53,7 @@ pub fn nbd_server(data: &[u8]) {
     });
     let mut s = Stream::Unix(server);
     if let Ok(Outcome::Transmission(neg)) =
-        handshake::negotiate(&mut s, &export, Duration::from_secs(2))
+        handshake::negotiate(&mut s, &export, Duration::from_secs(2), None)
     {
         if let Ok(s2) = s.try_clone() {
             let _ = transmission::serve(s2, &export, &neg);

@@ -154,7 +154,7 @@ pub fn define_object(spec: &str) -> Result<(), CryptoError> {
 
 /// QEMU's option-string splitting: `key=value` pairs at `,`, `,,` escaping a comma.
 /// A bare word has no value.
-fn split_opts(s: &str) -> Vec<(String, Option<String>)> {
+pub(crate) fn split_opts(s: &str) -> Vec<(String, Option<String>)> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();

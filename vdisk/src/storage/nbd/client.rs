@@ -44,6 +44,8 @@ pub struct Config {
     pub open_timeout: Duration,
     /// Requests in flight at once.
     pub max_in_flight: usize,
+    /// TLS (`tls-creds`): `NBD_OPT_STARTTLS` comes first, the rest goes over TLS.
+    pub tls: Option<super::tls::ClientTls>,
 }
 
 /// What negotiation learned about the export.
@@ -174,6 +176,7 @@ fn opt_name(opt: u32) -> &'static str {
         proto::OPT_INFO => "info",
         proto::OPT_STRUCTURED_REPLY => "structured reply",
         proto::OPT_SET_META_CONTEXT => "set meta context",
+        proto::OPT_STARTTLS => "starttls",
         _ => "unknown",
     }
 }
@@ -202,6 +205,9 @@ fn opt_error(opt: u32, typ: u32, data: &[u8]) -> io::Error {
     } else {
         format!("{what} {opt} ({})", opt_name(opt))
     };
+    if typ == proto::REP_ERR_TLS_REQD {
+        s.push_str("\nDid you forget a valid tls-creds?");
+    }
     if !msg.is_empty() {
         s.push_str("\nserver reported: ");
         s.push_str(&msg);
@@ -244,6 +250,9 @@ fn negotiate(s: &mut Sock, cfg: &Config) -> io::Result<ExportInfo> {
         cflags |= proto::FLAG_NO_ZEROES as u32;
     }
     s.write_all(&cflags.to_be_bytes())?;
+    if let Some(tls) = &cfg.tls {
+        starttls(s, tls)?;
+    }
     let export = cfg.export.as_bytes();
     if export.len() > proto::MAX_STRING {
         return Err(io::Error::new(
@@ -344,6 +353,37 @@ fn negotiate(s: &mut Sock, cfg: &Config) -> io::Result<ExportInfo> {
         }
     }
     Err(proto_err("NBD server sent too many replies to NBD_OPT_GO"))
+}
+
+/// `NBD_OPT_STARTTLS`, then the TLS handshake: `s` becomes the TLS session.
+fn starttls(s: &mut Sock, tls: &super::tls::ClientTls) -> io::Result<()> {
+    send_opt(s, proto::OPT_STARTTLS, &[])?;
+    let (typ, data) = read_opt_reply(s, proto::OPT_STARTTLS)?;
+    match typ {
+        proto::REP_ACK if data.is_empty() => {}
+        proto::REP_ACK => {
+            return Err(proto_err(format!(
+                "Option {} ('starttls') response length is {} (it should be zero)",
+                proto::OPT_STARTTLS,
+                data.len()
+            )))
+        }
+        proto::REP_ERR_UNSUP => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Server don't support STARTTLS option",
+            ))
+        }
+        t if t & proto::REP_ERR != 0 => return Err(opt_error(proto::OPT_STARTTLS, t, &data)),
+        t => {
+            return Err(proto_err(format!(
+                "Server answered option {} (starttls) with unexpected reply {t}",
+                proto::OPT_STARTTLS
+            )))
+        }
+    }
+    *s = super::tls::connect(s.try_clone()?, &tls.creds, tls.hostname.as_deref())?;
+    Ok(())
 }
 
 /// `NBD_OPT_EXPORT_NAME`, for servers without `NBD_OPT_GO`.

@@ -4,7 +4,8 @@
 //! `server.host`, `server.port`, `server.path`, `export`).
 //!
 //! - [`proto`]: the wire format (shared with the `vdisk serve` server).
-//! - [`Stream`]: a TCP or Unix socket.
+//! - [`Stream`]: a TCP or Unix socket, or TLS over one ([`tls`]: QEMU's credential
+//!   objects and the session).
 //! - `client`: one connection: negotiation and pipelined transmission.
 //! - [`storage`]: the export as a [`Storage`](super::Storage), and the protocol's open.
 
@@ -12,6 +13,7 @@ mod client;
 pub mod proto;
 pub mod storage;
 mod stream;
+pub mod tls;
 
 pub use client::{Address, ExportInfo};
 pub use storage::NbdStorage;
@@ -24,10 +26,18 @@ use super::uri;
 /// The port an `nbd://` URL without one means.
 pub const DEFAULT_PORT: u16 = 10809;
 
-/// The `nbd` protocol (QEMU registers `nbd`, `nbd+tcp` and `nbd+unix` for it).
+/// The `nbd` protocol (QEMU registers `nbd`, `nbd+tcp` and `nbd+unix` for it; the
+/// TLS schemes `nbds`, `nbds+tcp`, `nbds+unix` are libnbd's, which QEMU lacks).
 pub static PROTOCOL: Protocol = Protocol {
     name: "nbd",
-    schemes: &["nbd", "nbd+tcp", "nbd+unix"],
+    schemes: &[
+        "nbd",
+        "nbd+tcp",
+        "nbd+unix",
+        "nbds",
+        "nbds+tcp",
+        "nbds+unix",
+    ],
     options: &[
         "server.type",
         "server.host",
@@ -92,30 +102,49 @@ fn parse_filename(name: &str, node: &mut Node) -> Result<(), SpecError> {
 fn parse_uri(name: &str, node: &mut Node) -> Result<(), SpecError> {
     let bad = |why: String| SpecError::BadUrl(format!("{why} in '{name}'"));
     let u = uri::parse(name).map_err(bad)?;
-    let unix = match u.scheme.as_str() {
-        "nbd" | "nbd+tcp" => false,
-        "nbd+unix" => true,
+    let (unix, tls) = match u.scheme.as_str() {
+        "nbd" | "nbd+tcp" => (false, false),
+        "nbd+unix" => (true, false),
+        "nbds" | "nbds+tcp" => (false, true),
+        "nbds+unix" => (true, true),
         s => return Err(bad(format!("scheme '{s}' is not nbd"))),
     };
     let export = u.path.strip_prefix('/').unwrap_or(&u.path);
     if !export.is_empty() {
         node.insert_str("export", export)?;
     }
+    // Query keys: QEMU's nbd+unix takes exactly `socket`; the TLS schemes also take
+    // the JSON keys `tls-creds` (required) and `tls-hostname`.
+    let mut socket = None;
+    for (k, v) in &u.query {
+        let v = v.as_deref().filter(|v| !v.is_empty());
+        match (k.as_str(), v) {
+            ("socket", Some(p)) if unix && socket.is_none() => socket = Some(p),
+            ("tls-creds" | "tls-hostname", Some(v)) if tls && !node.contains(k) => {
+                node.insert_str(k, v)?
+            }
+            _ if !unix && !tls => return Err(bad("nbd:// takes no query parameters".into())),
+            _ if !tls => return Err(bad("nbd+unix:// needs exactly ?socket=PATH".into())),
+            _ => return Err(bad(format!("unexpected query parameter '{k}'"))),
+        }
+    }
+    if tls && !node.contains("tls-creds") {
+        return Err(bad(format!(
+            "{}:// needs ?tls-creds=ID (an --object tls-creds-x509 or tls-creds-psk)",
+            u.scheme
+        )));
+    }
     if unix {
         if u.host.is_some() || u.port.is_some() {
-            return Err(bad("nbd+unix:// takes no host or port".into()));
+            return Err(bad(format!("{}:// takes no host or port", u.scheme)));
         }
-        let path = match u.query.as_slice() {
-            [(k, Some(p))] if k == "socket" && !p.is_empty() => p,
-            _ => return Err(bad("nbd+unix:// needs exactly ?socket=PATH".into())),
-        };
+        let path = socket.ok_or_else(|| bad(format!("{}:// needs ?socket=PATH", u.scheme)))?;
         node.insert_str("server.type", "unix")?;
-        node.insert_str("server.path", path.as_str())?;
+        node.insert_str("server.path", path)?;
     } else {
-        if !u.query.is_empty() {
-            return Err(bad("nbd:// takes no query parameters".into()));
-        }
-        let host = u.host.ok_or_else(|| bad("nbd:// needs a host".into()))?;
+        let host = u
+            .host
+            .ok_or_else(|| bad(format!("{}:// needs a host", u.scheme)))?;
         node.insert_str("server.type", "inet")?;
         node.insert_str("server.host", host)?;
         node.insert_str("server.port", u.port.unwrap_or(DEFAULT_PORT).to_string())?;
@@ -162,6 +191,40 @@ mod tests {
                 ("server.path", "/run/a b.sock")
             ])
         );
+    }
+
+    #[test]
+    fn tls_forms() {
+        assert_eq!(
+            parse("nbds://localhost:1234/x?tls-creds=t0").unwrap(),
+            kv(&[
+                ("export", "x"),
+                ("tls-creds", "t0"),
+                ("server.type", "inet"),
+                ("server.host", "localhost"),
+                ("server.port", "1234")
+            ])
+        );
+        assert_eq!(
+            parse("nbds+unix:///e?socket=/s&tls-creds=t&tls-hostname=h").unwrap(),
+            kv(&[
+                ("export", "e"),
+                ("tls-creds", "t"),
+                ("tls-hostname", "h"),
+                ("server.type", "unix"),
+                ("server.path", "/s")
+            ])
+        );
+        for bad in [
+            "nbds://localhost/x",
+            "nbds+unix:///x?tls-creds=t",
+            "nbds://localhost/x?tls-creds=t&socket=/s",
+            "nbds://localhost/x?tls-creds=t&tls-creds=u",
+            "nbd://localhost/x?tls-creds=t",
+            "nbd+unix:///x?socket=/s&tls-creds=t",
+        ] {
+            assert!(matches!(parse(bad), Err(SpecError::BadUrl(_))), "{bad}");
+        }
     }
 
     #[test]

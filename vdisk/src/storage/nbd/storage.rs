@@ -432,14 +432,20 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         None => return Err(SpecError::Missing("Parameter 'server.type' is missing".into()).into()),
     };
     let export = node.take_str("export")?.unwrap_or_default();
-    if let Some(t) = node.take_str("tls-creds")? {
-        return Err(SpecError::Value {
-            key: node.key_path("tls-creds"),
-            expected: format!("no TLS credentials ('{t}'): the NBD client has no TLS yet"),
+    let tls_hostname = node.take_str("tls-hostname")?;
+    let tls = match node.take_str("tls-creds")? {
+        None => None,
+        Some(id) => {
+            let creds = super::tls::lookup(&id, super::tls::Endpoint::Client)
+                .map_err(SpecError::Missing)?;
+            // QEMU checks the TCP host unless tls-hostname names another.
+            let hostname = tls_hostname.or_else(|| match (&address, creds.is_x509()) {
+                (Address::Tcp(h, _), true) => Some(h.clone()),
+                _ => None,
+            });
+            Some(super::tls::ClientTls { creds, hostname })
         }
-        .into());
-    }
-    let _ = node.take_str("tls-hostname")?;
+    };
     // vdisk does not reconnect: a lost connection fails its requests at once.
     let _ = seconds(&mut node, "reconnect-delay")?;
     let open_timeout = seconds(&mut node, "open-timeout")?.unwrap_or_default();
@@ -457,6 +463,7 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         timeout,
         open_timeout,
         max_in_flight: IN_FLIGHT,
+        tls,
     };
     Ok(Arc::new(NbdStorage::connect(&cfg, name, ctx)?))
 }

@@ -1,5 +1,7 @@
-//! A connected NBD socket over TCP or a Unix-domain socket: what the client storage
-//! speaks on and what the `vdisk serve` server accepts.
+//! A connected NBD socket over TCP or a Unix-domain socket, or a TLS session over one
+//! (after `NBD_OPT_STARTTLS`): what the client storage speaks on and what the
+//! `vdisk serve` server accepts. Everything above speaks through this type and never
+//! sees the TLS stack.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -13,6 +15,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix-domain socket.
     Unix(UnixStream),
+    /// TLS over one of the above.
+    Tls(super::tls::TlsStream),
 }
 
 impl Stream {
@@ -21,6 +25,7 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
     }
     /// Shuts down one or both directions (wakes a thread blocked reading).
@@ -28,6 +33,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(s) => s.shutdown(how),
         }
     }
     /// Bounds blocking reads (`None`: wait forever).
@@ -35,6 +41,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.raw().set_read_timeout(t),
         }
     }
     /// Bounds blocking writes (`None`: wait forever).
@@ -42,6 +49,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.raw().set_write_timeout(t),
         }
     }
     /// Small replies matter for latency: turn off Nagle on TCP.
@@ -49,6 +57,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nodelay(true),
             Stream::Unix(_) => Ok(()),
+            Stream::Tls(s) => s.raw().set_nodelay(),
         }
     }
     /// Peer description for log messages.
@@ -59,6 +68,7 @@ impl Stream {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp client".into()),
             Stream::Unix(_) => "unix client".into(),
+            Stream::Tls(s) => s.raw().peer(),
         }
     }
 }
@@ -68,6 +78,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -77,12 +88,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -1,0 +1,765 @@
+//! NBD over TLS against real peers, on loopback only: qemu-nbd (GnuTLS) serving x509
+//! and PSK to the vdisk client; `vdisk serve --tls-creds` to qemu-img, qemu-io,
+//! nbdinfo and nbdcopy (GnuTLS clients through QEMU and libnbd); vdisk to vdisk; a
+//! backing file over TLS; and the refusals (a plain client, a wrong CA, a wrong PSK,
+//! a hostname or authz mismatch, STARTTLS twice) that must be clear errors.
+//!
+//! The test makes its own CA, server and client certificates with the `openssl` tool
+//! and its own `keys.psk`; every server and command runs under a time limit.
+
+mod cli_support;
+
+use cli_support::{ok, p, qemu_img, run_limited as run, tmp, Run};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VDISK: &str = env!("CARGO_BIN_EXE_vdisk");
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let r = run(dir, "openssl", args);
+    assert_eq!(
+        r.code, 0,
+        "openssl {args:?} (scripts/test installs openssl): {}",
+        r.err
+    );
+}
+
+/// A test PKI in `dir`: `ca/` (the CA's key), `server/` (ca-cert, server-cert,
+/// server-key for localhost and 127.0.0.1), `client/` (ca-cert, client-cert, client-key, subject
+/// `/C=GB/O=vdisk/CN=client`), `other/` (a CA that signed nothing here), and `psk/`,
+/// `wrongpsk/` (keys.psk for user `qemu`).
+struct Pki {
+    srv: PathBuf,
+    cli: PathBuf,
+    other: PathBuf,
+    psk: PathBuf,
+    wrongpsk: PathBuf,
+}
+
+const CLIENT_DN: &str = "CN=client,O=vdisk,C=GB";
+
+fn pki(dir: &Path) -> Pki {
+    for d in ["ca", "server", "client", "other", "psk", "wrongpsk"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let days = ["-days", "30"];
+    // A self-signed CA in `d/` (key.pem, ca-cert.pem).
+    let ca = |d: &str, subj: &str| {
+        let (key, cert) = (format!("{d}/key.pem"), format!("{d}/ca-cert.pem"));
+        let req = [
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key,
+        ];
+        openssl(
+            dir,
+            &[&req[..], &["-out", &cert, "-subj", subj], &days].concat(),
+        );
+    };
+    ca("ca", "/CN=vdisk test CA");
+    let sign = |who: &str, subj: &str, ext: &str| {
+        std::fs::write(dir.join(format!("{who}.ext")), ext).unwrap();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{who}/{who}-key.pem"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                subj,
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{who}.csr"),
+                    "-CA",
+                    "ca/ca-cert.pem",
+                ][..],
+                &["-CAkey", "ca/key.pem", "-CAcreateserial"],
+                &[
+                    "-out",
+                    &format!("{who}/{who}-cert.pem"),
+                    "-extfile",
+                    &format!("{who}.ext"),
+                ],
+                &days,
+            ]
+            .concat(),
+        );
+    };
+    // The file names are QEMU's (server/server-*.pem, client/client-*.pem).
+    sign(
+        "server",
+        "/O=vdisk/CN=localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    );
+    sign(
+        "client",
+        "/C=GB/O=vdisk/CN=client",
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=clientAuth\n",
+    );
+    for d in ["server", "client"] {
+        std::fs::copy(dir.join("ca/ca-cert.pem"), dir.join(d).join("ca-cert.pem")).unwrap();
+    }
+    ca("other", "/CN=another CA");
+    let key = |seed: u8| {
+        (0..32)
+            .map(|i| format!("{:02x}", i * 7 + seed))
+            .collect::<String>()
+    };
+    std::fs::write(dir.join("psk/keys.psk"), format!("qemu:{}\n", key(1))).unwrap();
+    std::fs::write(dir.join("wrongpsk/keys.psk"), format!("qemu:{}\n", key(2))).unwrap();
+    Pki {
+        srv: dir.join("server"),
+        cli: dir.join("client"),
+        other: dir.join("other"),
+        psk: dir.join("psk"),
+        wrongpsk: dir.join("wrongpsk"),
+    }
+}
+
+fn x509(id: &str, dir: &Path, endpoint: &str) -> String {
+    format!(
+        "tls-creds-x509,id={id},dir={},endpoint={endpoint}",
+        dir.display()
+    )
+}
+
+fn psk(id: &str, dir: &Path, endpoint: &str) -> String {
+    format!(
+        "tls-creds-psk,id={id},dir={},endpoint={endpoint}",
+        dir.display()
+    )
+}
+
+/// A free TCP port on 127.0.0.1 (the server binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server process on 127.0.0.1:port, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(prog: &str, args: Vec<String>, port: u16) -> Server {
+        Server::start_logged(prog, args, port, None)
+    }
+
+    /// [`Server::start`] with the server's stderr in `log`.
+    fn start_logged(prog: &str, args: Vec<String>, port: u16, log: Option<&Path>) -> Server {
+        let err = match log {
+            Some(l) => Stdio::from(std::fs::File::create(l).unwrap()),
+            None => Stdio::inherit(),
+        };
+        let child = Command::new(prog)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
+        let mut s = Server { child, port };
+        let until = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("{prog} {args:?} exited early: {st}");
+            }
+            assert!(Instant::now() < until, "{prog} did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// `qemu-nbd -t -b 127.0.0.1 -p PORT --object OBJ --tls-creds tls0 [extra] FILE`.
+    fn qemu_nbd(object: &str, extra: &[&str], file: &Path) -> Server {
+        Server::qemu_nbd_with(Some(object), extra, file)
+    }
+
+    /// [`Server::qemu_nbd`], without TLS when `object` is `None`.
+    fn qemu_nbd_with(object: Option<&str>, extra: &[&str], file: &Path) -> Server {
+        Server::launch("qemu-nbd", &["-t"], object, extra, file, None)
+    }
+
+    /// `vdisk serve -t -e 0 -b 127.0.0.1 -p PORT [--object OBJ --tls-creds tls0] [extra] FILE`.
+    fn vdisk(object: Option<&str>, extra: &[&str], file: &Path) -> Server {
+        Server::launch(
+            VDISK,
+            &["serve", "-t", "-e", "0"],
+            object,
+            extra,
+            file,
+            None,
+        )
+    }
+
+    /// `prog pre… -b 127.0.0.1 -p PORT [--object OBJ --tls-creds tls0] extra… FILE`, its
+    /// stderr in `log` when given.
+    fn launch(
+        prog: &str,
+        pre: &[&str],
+        object: Option<&str>,
+        extra: &[&str],
+        file: &Path,
+        log: Option<&Path>,
+    ) -> Server {
+        let port = free_port();
+        let port_s = port.to_string();
+        let mut a: Vec<&str> = pre.to_vec();
+        a.extend(["-b", "127.0.0.1", "-p", &port_s]);
+        if let Some(o) = object {
+            a.extend(["--object", o, "--tls-creds", "tls0"]);
+        }
+        a.extend(extra);
+        let f = file.display().to_string();
+        a.push(&f);
+        Server::start_logged(prog, a.iter().map(|s| s.to_string()).collect(), port, log)
+    }
+
+    /// QEMU's JSON filename for the export over TLS with client credentials `id`.
+    fn json(&self, id: &str, host: &str) -> String {
+        format!(
+            r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"inet","host":"{host}","port":"{}"}},"tls-creds":"{id}"}}}}"#,
+            self.port
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A 16 MiB qcow2 with data at a few places, and the same bytes as raw.
+fn golden(dir: &Path) -> (PathBuf, PathBuf) {
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "g.qcow2", "16M"]),
+        "create",
+    );
+    cli_support::qemu_io(
+        dir,
+        "qcow2",
+        "g.qcow2",
+        &[
+            "write -P 0x11 1M 1M",
+            "write -P 0x22 5M 64k",
+            "write -P 0x33 15M 1M",
+        ],
+    );
+    ok(
+        qemu_img(
+            dir,
+            &["convert", "-f", "qcow2", "-O", "raw", "g.qcow2", "g.raw"],
+        ),
+        "convert",
+    );
+    (p(dir, "g.qcow2"), p(dir, "g.raw"))
+}
+
+fn vdisk_ok(dir: &Path, args: &[&str]) -> String {
+    ok(run(dir, VDISK, args), &format!("vdisk {args:?}"))
+}
+
+/// The message of a failed open, without the program's name.
+fn message(r: &Run, prog: &str) -> String {
+    assert_ne!(r.code, 0, "{prog} must fail");
+    r.err
+        .trim_end()
+        .strip_prefix(&format!("{prog}: "))
+        .unwrap_or(&r.err)
+        .to_string()
+}
+
+#[test]
+fn qemu_nbd_x509_and_psk_serve_the_vdisk_client() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, raw) = golden(dir);
+    let s = Server::qemu_nbd(&x509("tls0", &k.srv, "server"), &["-f", "qcow2", "-r"], &g);
+    let obj = x509("c0", &k.cli, "client");
+    let j = s.json("c0", "localhost");
+    // info and map print what qemu-img prints for the same export.
+    for args in [&["info"][..], &["map"], &["map", "--output=json"]] {
+        let a = [&[args[0], "--object", &obj][..], &args[1..], &[&j]].concat();
+        let v = vdisk_ok(dir, &a);
+        assert_eq!(v, ok(qemu_img(dir, &a), "qemu-img"), "{args:?}");
+    }
+    // nbds:// (libnbd's URL) and --image-opts name the same export.
+    let url = format!("nbds://localhost:{}?tls-creds=c0", s.port);
+    vdisk_ok(
+        dir,
+        &[
+            "--object", &obj, "compare", "-f", "raw", "-F", "raw", &url, "g.raw",
+        ],
+    );
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,\
+         file.server.port={},file.tls-creds=c0",
+        s.port
+    );
+    vdisk_ok(
+        dir,
+        &[
+            "--object",
+            &obj,
+            "compare",
+            "--image-opts",
+            &opts,
+            "driver=raw,file.filename=g.raw",
+        ],
+    );
+    vdisk_ok(
+        dir,
+        &[
+            "--object",
+            &obj,
+            "convert",
+            "-O",
+            "qcow2",
+            &url,
+            "out.qcow2",
+        ],
+    );
+    ok(qemu_img(dir, &["check", "out.qcow2"]), "check");
+    ok(
+        qemu_img(dir, &["compare", "-F", "raw", "out.qcow2", "g.raw"]),
+        "compare",
+    );
+    vdisk_ok(
+        dir,
+        &["--object", &obj, "convert", "-O", "raw", &url, "out.raw"],
+    );
+    assert!(std::fs::read(dir.join("out.raw")).unwrap() == std::fs::read(&raw).unwrap());
+    drop(s);
+
+    // PSK: qemu-nbd's default username is qemu, as vdisk's.
+    let s = Server::qemu_nbd(&psk("tls0", &k.psk, "server"), &["-f", "qcow2", "-r"], &g);
+    let obj = psk("c0", &k.psk, "client") + ",username=qemu";
+    let url = format!("nbds://127.0.0.1:{}?tls-creds=c0", s.port);
+    vdisk_ok(
+        dir,
+        &[
+            "--object", &obj, "compare", "-f", "raw", "-F", "raw", &url, "g.raw",
+        ],
+    );
+    // The wrong key is a handshake failure, not a hang.
+    let bad = psk("c0", &k.wrongpsk, "client");
+    let r = run(dir, VDISK, &["--object", &bad, "info", &url]);
+    assert!(
+        message(&r, "vdisk").contains("TLS handshake failed"),
+        "{}",
+        r.err
+    );
+}
+
+#[test]
+fn vdisk_serve_x509_and_psk_serve_qemu_and_libnbd() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, raw) = golden(dir);
+    let s = Server::vdisk(Some(&x509("tls0", &k.srv, "server")), &["-f", "qcow2"], &g);
+    let obj = x509("c0", &k.cli, "client");
+    let j = s.json("c0", "localhost");
+    ok(
+        qemu_img(dir, &["info", "--object", &obj, &j]),
+        "qemu-img info",
+    );
+    ok(
+        qemu_img(
+            dir,
+            &["compare", "--object", &obj, "-F", "raw", &j, "g.raw"],
+        ),
+        "qemu-img compare",
+    );
+    ok(
+        qemu_img(
+            dir,
+            &["convert", "--object", &obj, "-O", "raw", &j, "q.raw"],
+        ),
+        "qemu-img convert",
+    );
+    assert!(std::fs::read(dir.join("q.raw")).unwrap() == std::fs::read(&raw).unwrap());
+    // qemu-io writes through --image-opts and reads back.
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=localhost,\
+         file.server.port={},file.tls-creds=c0",
+        s.port
+    );
+    let r = run(
+        dir,
+        "qemu-io",
+        &[
+            "--object",
+            &obj,
+            "--image-opts",
+            &opts,
+            "-c",
+            "write -P 0x44 2M 64k",
+            "-c",
+            "read -P 0x44 2M 64k",
+            "-c",
+            "read -P 0x11 1M 1M",
+        ],
+    );
+    assert!(
+        r.code == 0 && !r.out.contains("fail") && !r.out.contains("Pattern"),
+        "{}{}",
+        r.out,
+        r.err
+    );
+    // libnbd (GnuTLS): nbdinfo and nbdcopy with its own URL keys.
+    let url = format!(
+        "nbds://localhost:{}/?tls-certificates={}",
+        s.port,
+        k.cli.display()
+    );
+    let info = ok(run(dir, "nbdinfo", &[&url]), "nbdinfo");
+    assert!(
+        info.contains("with TLS") && info.contains("16777216"),
+        "{info}"
+    );
+    ok(run(dir, "nbdcopy", &[&url, "n.raw"]), "nbdcopy");
+    let q = ok(
+        qemu_img(
+            dir,
+            &[
+                "compare", "-U", "-f", "raw", "-F", "qcow2", "n.raw", "g.qcow2",
+            ],
+        ),
+        "cmp",
+    );
+    assert!(q.contains("identical"), "{q}");
+    drop(s);
+
+    // PSK, logged (-v) to see what TLS the GnuTLS clients agreed on.
+    let log = dir.join("serve.log");
+    let pre = ["serve", "-v", "-t", "-e", "0"];
+    let obj = psk("tls0", &k.psk, "server");
+    let s = Server::launch(
+        VDISK,
+        &pre,
+        Some(&obj),
+        &["-f", "qcow2", "-r"],
+        &g,
+        Some(&log),
+    );
+    let obj = psk("c0", &k.psk, "client");
+    let j = s.json("c0", "127.0.0.1");
+    ok(
+        qemu_img(
+            dir,
+            &["compare", "--object", &obj, "-F", "qcow2", &j, "g.qcow2"],
+        ),
+        "psk",
+    );
+    let url = format!(
+        "nbds://qemu@127.0.0.1:{}/?tls-psk-file={}",
+        s.port,
+        k.psk.join("keys.psk").display()
+    );
+    let info = ok(run(dir, "nbdinfo", &[&url]), "nbdinfo psk");
+    assert!(info.contains("with TLS"), "{info}");
+    // TLS 1.3 with an external PSK: OpenSSL and GnuTLS agree on it.
+    let l = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(l.matches(": TLS TLSv1.3 ").count(), 2, "{l}");
+    // A wrong key: qemu-img fails the handshake too.
+    let bad = psk("c0", &k.wrongpsk, "client");
+    let r = qemu_img(dir, &["info", "--object", &bad, &j]);
+    assert!(message(&r, "qemu-img").contains("TLS"), "{}", r.err);
+}
+
+#[test]
+fn vdisk_to_vdisk_over_tls_and_a_backing_file_over_nbds() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, raw) = golden(dir);
+    let s = Server::vdisk(
+        Some(&x509("tls0", &k.srv, "server")),
+        &["-f", "qcow2", "-r"],
+        &g,
+    );
+    let obj = x509("c0", &k.cli, "client");
+    let url = format!("nbds://localhost:{}?tls-creds=c0", s.port);
+    vdisk_ok(
+        dir,
+        &["--object", &obj, "convert", "-O", "raw", &url, "v.raw"],
+    );
+    assert!(std::fs::read(dir.join("v.raw")).unwrap() == std::fs::read(&raw).unwrap());
+    let m = vdisk_ok(dir, &["--object", &obj, "map", "--output=json", &url]);
+    assert!(
+        m.contains("\"data\": false"),
+        "holes come over TLS too: {m}"
+    );
+    // A local overlay over the TLS export, created with QEMU's JSON backing name.
+    let j = s.json("c0", "localhost");
+    vdisk_ok(
+        dir,
+        &[
+            "--object",
+            &obj,
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            &j,
+            "-F",
+            "raw",
+            "top.qcow2",
+        ],
+    );
+    vdisk_ok(
+        dir,
+        &[
+            "--object",
+            &obj,
+            "io",
+            "-c",
+            "write -P 0x55 3M 64k",
+            "top.qcow2",
+        ],
+    );
+    ok(
+        qemu_img(dir, &["check", "--object", &obj, "top.qcow2"]),
+        "check",
+    );
+    cli_support::qemu_io(dir, "raw", "g.raw", &["write -P 0x55 3M 64k"]);
+    vdisk_ok(dir, &["--object", &obj, "compare", "top.qcow2", "g.raw"]);
+    ok(
+        qemu_img(dir, &["compare", "--object", &obj, "top.qcow2", "g.raw"]),
+        "qemu compare",
+    );
+}
+
+/// The refusals: a plain client to a TLS server reads as qemu-img's message for
+/// qemu-nbd; a wrong CA, a host name mismatch and an authz mismatch are refused.
+#[test]
+fn tls_refusals_are_clear_errors() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, _) = golden(dir);
+    let srv = x509("tls0", &k.srv, "server");
+    let q = Server::qemu_nbd(&srv, &["-f", "qcow2", "-r"], &g);
+    let v = Server::vdisk(Some(&srv), &["-f", "qcow2", "-r"], &g);
+    let plain_q = format!("nbd://127.0.0.1:{}", q.port);
+    let plain_v = format!("nbd://127.0.0.1:{}", v.port);
+    let want = message(&qemu_img(dir, &["info", &plain_q]), "qemu-img");
+    assert!(want.contains("TLS negotiation required"), "{want}");
+    let norm = |m: String, url: &str| m.replace(url, "URL");
+    for (prog, url) in [
+        ("qemu-img", &plain_v),
+        ("vdisk", &plain_q),
+        ("vdisk", &plain_v),
+    ] {
+        let r = run(
+            dir,
+            if prog == "vdisk" { VDISK } else { "qemu-img" },
+            &["info", url],
+        );
+        assert_eq!(
+            norm(message(&r, prog), url),
+            norm(want.clone(), &plain_q),
+            "{prog} {url}"
+        );
+    }
+    // A TLS client to servers without TLS: the same words as qemu-img's.
+    let cli = x509("c0", &k.cli, "client");
+    let plain = [
+        Server::vdisk(None, &["-f", "qcow2", "-r"], &g),
+        Server::qemu_nbd_with(None, &["-f", "qcow2", "-r"], &g),
+    ];
+    for s in &plain {
+        let j = s.json("c0", "localhost");
+        let want = message(&qemu_img(dir, &["info", "--object", &cli, &j]), "qemu-img");
+        assert!(
+            want.contains("Denied by server for option 5 (starttls)"),
+            "{want}"
+        );
+        let got = message(&run(dir, VDISK, &["--object", &cli, "info", &j]), "vdisk");
+        assert_eq!(got, want);
+    }
+    drop(plain);
+    // A CA that did not sign the server's certificate.
+    let other = x509("c0", &k.other, "client");
+    for port in [q.port, v.port] {
+        let url = format!("nbds://localhost:{port}?tls-creds=c0");
+        let r = run(dir, VDISK, &["--object", &other, "info", &url]);
+        assert!(message(&r, "vdisk").contains("not trusted"), "{}", r.err);
+        // The certificate names localhost and 127.0.0.1, not this name.
+        let cli = x509("c0", &k.cli, "client");
+        let url = format!("nbds://localhost:{port}?tls-creds=c0&tls-hostname=elsewhere");
+        let r = run(dir, VDISK, &["--object", &cli, "info", &url]);
+        assert_eq!(message(&r, "vdisk"), "Could not open 'nbds://localhost:".to_string() + &format!("{port}?tls-creds=c0&tls-hostname=elsewhere': Certificate does not match the hostname elsewhere"));
+    }
+    let cli = x509("c0", &k.cli, "client");
+    // authz: only the named client identity gets in.
+    for (identity, allowed) in [(CLIENT_DN, true), ("CN=someone else", false)] {
+        // `,,` is a comma in an --object value.
+        let authz = format!(
+            "authz-simple,id=auth0,identity={}",
+            identity.replace(',', ",,")
+        );
+        let extra = [
+            "--object",
+            &authz,
+            "--tls-authz",
+            "auth0",
+            "-f",
+            "qcow2",
+            "-r",
+        ];
+        let s = Server::launch(VDISK, &["serve", "-t"], Some(&srv), &extra, &g, None);
+        let port = s.port;
+        let j = s.json("c0", "localhost");
+        let r = qemu_img(dir, &["info", "--object", &cli, &j]);
+        assert_eq!(r.code == 0, allowed, "{identity}: {}", r.err);
+        let url = format!("nbds://localhost:{port}?tls-creds=c0");
+        let r = run(dir, VDISK, &["--object", &cli, "info", &url]);
+        assert_eq!(r.code == 0, allowed, "{identity}: {}", r.err);
+    }
+    // Options a TLS server refuses, on the wire.
+    wire_checks(v.port, &k.cli);
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Sends option `opt` (no data) and returns the reply type.
+fn option(s: &mut vdisk::storage::nbd::Stream, opt: u32) -> u32 {
+    let mut m = Vec::new();
+    m.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&m).unwrap();
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(be32(&h[8..12]), opt);
+    let mut data = vec![0u8; be32(&h[16..20]) as usize];
+    s.read_exact(&mut data).unwrap();
+    be32(&h[12..16])
+}
+
+/// Before STARTTLS every option gets `NBD_REP_ERR_TLS_REQD`; after it, a second
+/// STARTTLS is `NBD_REP_ERR_INVALID`; the options then work over TLS.
+fn wire_checks(port: u16, cli: &Path) {
+    use vdisk::storage::nbd::{tls, Stream};
+    const OPT_LIST: u32 = 3;
+    const OPT_STARTTLS: u32 = 5;
+    const OPT_STRUCTURED_REPLY: u32 = 8;
+    const REP_ACK: u32 = 1;
+    const REP_ERR_INVALID: u32 = (1 << 31) | 3;
+    const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
+    tls::define_object(&x509("wire", cli, "client"))
+        .unwrap()
+        .unwrap();
+    let creds = tls::lookup("wire", tls::Endpoint::Client).unwrap();
+    let t = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut s = Stream::Tcp(t);
+    let mut greet = [0u8; 18];
+    s.read_exact(&mut greet).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    assert_eq!(option(&mut s, OPT_LIST), REP_ERR_TLS_REQD);
+    assert_eq!(option(&mut s, OPT_STRUCTURED_REPLY), REP_ERR_TLS_REQD);
+    assert_eq!(option(&mut s, OPT_STARTTLS), REP_ACK);
+    let mut s = tls::connect(s, &creds, Some("localhost")).unwrap();
+    assert_eq!(option(&mut s, OPT_STARTTLS), REP_ERR_INVALID);
+    assert_eq!(option(&mut s, OPT_STRUCTURED_REPLY), REP_ACK);
+}
+
+/// `vdisk storage-daemon --export type=nbd,…,tls-creds=ID` demands TLS like `serve`.
+#[test]
+fn storage_daemon_nbd_export_over_tls() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, _) = golden(dir);
+    let sock = dir.join("d.sock");
+    let export = format!(
+        "type=nbd,image={},format=qcow2,addr.path={},name=g,tls-creds=tls0",
+        g.display(),
+        sock.display()
+    );
+    let mut child = Command::new(VDISK)
+        .args([
+            "storage-daemon",
+            "--object",
+            &x509("tls0", &k.srv, "server"),
+        ])
+        .args(["--export", &export])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "storage-daemon exited");
+        assert!(Instant::now() < until, "storage-daemon did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cli = x509("c0", &k.cli, "client");
+    let j = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{}"}},"export":"g","tls-creds":"c0","tls-hostname":"localhost"}}}}"#,
+        sock.display()
+    );
+    let r = qemu_img(
+        dir,
+        &["compare", "--object", &cli, "-F", "qcow2", &j, "g.qcow2"],
+    );
+    let plain = qemu_img(
+        dir,
+        &["info", &format!("nbd+unix:///g?socket={}", sock.display())],
+    );
+    let url = format!(
+        "nbds+unix:///g?socket={}&tls-creds=c0&tls-hostname=localhost",
+        sock.display()
+    );
+    let v = run(
+        dir,
+        VDISK,
+        &[
+            "--object", &cli, "compare", "-U", "-F", "qcow2", &url, "g.qcow2",
+        ],
+    );
+    // x509 over a Unix socket needs a host name to check, in QEMU and here.
+    let no_host = format!("nbds+unix:///g?socket={}&tls-creds=c0", sock.display());
+    let nh = run(dir, VDISK, &["--object", &cli, "info", &no_host]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        message(&nh, "vdisk").ends_with("No hostname for certificate validation"),
+        "{}",
+        nh.err
+    );
+    ok(r, "qemu-img compare over the daemon's TLS export");
+    ok(v, "vdisk compare over nbds+unix");
+    assert!(
+        message(&plain, "qemu-img").contains("TLS negotiation required"),
+        "{}",
+        plain.err
+    );
+}
