@@ -269,6 +269,82 @@ fn qcow2_overlay_over_an_http_golden_image() {
     );
 }
 
+/// Copy-on-read (issue 12 part 4): a full read through `vdisk io -C` stores every
+/// block of an HTTP golden image in the local overlay, so a second full read asks the
+/// server for nothing beyond what opening the chain costs (the backing file's header
+/// and tables), counted in nginx's access log. The overlay is then complete on its own:
+/// qemu-img checks it and compares it bit-exact with the golden image with no backing.
+#[test]
+fn copy_on_read_fetches_each_block_once() {
+    let d = tmp();
+    let dir = d.path();
+    let www = golden(dir);
+    let n = Nginx::start(dir, &www, None);
+    let u = n.url("http", "g.qcow2");
+    for (top, cor) in [("plain.qcow2", None), ("cor.qcow2", Some("-C"))] {
+        ok(
+            vdisk(
+                dir,
+                &["create", "-q", "-f", "qcow2", "-b", &u, "-F", "qcow2", top],
+            ),
+            "create overlay",
+        );
+        // What opening the chain costs: a read the overlay answers alone (after the
+        // first copy-on-read pass) or that is all holes in the golden image.
+        let open_only = |top: &str| {
+            let before = n.requests();
+            ok(
+                vdisk(dir, &["io", "-c", "read -P 0 0 4k", top]),
+                "open only",
+            );
+            n.requests() - before
+        };
+        let full_read = |top: &str, flag: Option<&str>| {
+            let before = n.requests();
+            let mut a = vec!["io"];
+            a.extend(flag);
+            a.extend(["-c", "read 0 16M", top]);
+            let out = ok(vdisk(dir, &a), "full read");
+            assert!(!out.contains("failed"), "{out}");
+            n.requests() - before
+        };
+        let first = full_read(top, cor);
+        let base = open_only(top);
+        let second = full_read(top, None);
+        assert!(first > base, "{top}: first read {first}, open {base}");
+        match cor {
+            // Every block is local now: the second read costs only the open.
+            Some(_) => assert_eq!(second, base, "{top}: second full read asked again"),
+            // Without copy-on-read the second read fetches the data again.
+            None => assert!(second > base, "{top}: {second} vs open {base}"),
+        }
+    }
+    let alone = |f: &str| {
+        format!(
+            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{f}"}}}}"#
+        )
+    };
+    let c = ok(
+        qemu_img(dir, &["check", &alone("cor.qcow2")]),
+        "qemu-img check",
+    );
+    assert!(c.contains("No errors were found"), "{c}");
+    ok(
+        qemu_img(dir, &["compare", &alone("cor.qcow2"), "www/g.raw"]),
+        "the overlay alone holds the whole golden image",
+    );
+    ok(
+        vdisk(dir, &["compare", "cor.qcow2", "www/g.raw"]),
+        "compare through the chain",
+    );
+    // The plain overlay stayed empty.
+    let m = ok(
+        qemu_img(dir, &["map", "--output=json", &alone("plain.qcow2")]),
+        "map",
+    );
+    assert!(!m.contains(r#""data": true"#), "{m}");
+}
+
 /// Makes a test CA and a certificate for `localhost` signed by it, with openssl.
 fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let sh = |cmd: &str| {

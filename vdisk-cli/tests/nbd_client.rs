@@ -547,3 +547,129 @@ fn nbdkit_file_plugin_and_a_minimum_block_size() {
     );
     vdisk_io(dir, &u, &["read -P 0x44 100 1000"]);
 }
+
+/// How many NBD_CMD_READ requests nbdkit's log filter recorded in `log`.
+fn logged_reads(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" Read id="))
+        .count()
+}
+
+/// Copy-on-read over an NBD golden image (issue 12 part 4): `vdisk io -C` leaves the
+/// same allocation in the overlay as `qemu-io -C` for the same reads (whole clusters,
+/// only what the overlay lacks), a second full read after a copy-on-read pass sends
+/// the server no read beyond what opening the chain costs (nbdkit's log filter counts
+/// them), and the overlay passes `qemu-img check` and reads bit-exact.
+#[test]
+fn copy_on_read_over_nbd_matches_qemu_io_and_fetches_once() {
+    let d = tmp();
+    let dir = d.path();
+    golden_raw(dir);
+    ok(
+        qemu_img(
+            dir,
+            &["convert", "-O", "qcow2", "golden.raw", "golden.qcow2"],
+        ),
+        "to qcow2",
+    );
+    let log = p(dir, "nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let golden = p(dir, "golden.qcow2").display().to_string();
+    let s = Server::nbdkit(dir, &["--filter=log", "file", &golden, &logfile]);
+    let u = s.uri("");
+    for t in ["q.qcow2", "v.qcow2"] {
+        ok(
+            qemu_img(
+                dir,
+                &["create", "-q", "-f", "qcow2", "-b", &u, "-F", "qcow2", t],
+            ),
+            "overlay",
+        );
+    }
+    // Unaligned reads across data, zeroes and holes of the golden image, and a write
+    // before a read of the same cluster (the copy must keep the written bytes).
+    let cmds = [
+        "read 1000000 100000",
+        "write -P 0x77 5M 512",
+        "read 5M 64k",
+        "read 8300000 4096",
+        "read 15300000 1000000",
+    ];
+    let mut qa = vec!["-C"];
+    let mut va = vec!["io", "-C"];
+    for c in &cmds {
+        qa.extend(["-c", c]);
+        va.extend(["-c", c]);
+    }
+    qa.push("q.qcow2");
+    va.push("v.qcow2");
+    let q = run(dir, "qemu-io", &qa);
+    assert_eq!(q.code, 0, "{}{}", q.out, q.err);
+    let v = ok(vdisk(dir, &va), "vdisk io -C");
+    assert!(!v.contains("failed"), "{v}");
+    let qm = ok(
+        qemu_img(dir, &["map", "--output=json", "q.qcow2"]),
+        "map after qemu-io -C",
+    );
+    let vm = ok(
+        qemu_img(dir, &["map", "--output=json", "v.qcow2"]),
+        "map after vdisk io -C",
+    );
+    assert_eq!(vm, qm, "allocation after copy-on-read");
+    ok(
+        qemu_img(dir, &["compare", "v.qcow2", "q.qcow2"]),
+        "same data",
+    );
+    // The filter node spelling does the same.
+    let before = std::fs::read(p(dir, "v.qcow2")).unwrap();
+    let j = r#"json:{"driver":"copy-on-read","file":{"driver":"qcow2","file":{"driver":"file","filename":"v.qcow2"}}}"#;
+    ok(
+        vdisk(dir, &["io", "-c", "read 1000000 100000", j]),
+        "filter",
+    );
+    assert_eq!(
+        std::fs::read(p(dir, "v.qcow2")).unwrap(),
+        before,
+        "a read of copied clusters changes nothing"
+    );
+    // A full copy-on-read pass, then a second full read: only the open reads remotely.
+    ok(
+        vdisk(dir, &["io", "-C", "-c", "read 0 16M", "v.qcow2"]),
+        "full -C",
+    );
+    let n0 = logged_reads(&log);
+    ok(
+        vdisk(dir, &["io", "-c", "read 0 512", "v.qcow2"]),
+        "open only",
+    );
+    let n1 = logged_reads(&log);
+    ok(
+        vdisk(dir, &["io", "-c", "read 0 16M", "v.qcow2"]),
+        "second read",
+    );
+    let n2 = logged_reads(&log);
+    assert!(n1 > n0, "opening reads the golden header over NBD");
+    assert_eq!(
+        n2 - n1,
+        n1 - n0,
+        "the second full read sent reads to the server"
+    );
+    // Without copy-on-read, a full read of q.qcow2 asks for much more.
+    ok(
+        vdisk(dir, &["io", "-c", "read 0 16M", "q.qcow2"]),
+        "plain read",
+    );
+    assert!(logged_reads(&log) - n2 > n1 - n0);
+    let c = ok(qemu_img(dir, &["check", "v.qcow2"]), "qemu-img check");
+    assert!(c.contains("No errors were found"), "{c}");
+    let alone =
+        r#"json:{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":"v.qcow2"}}"#;
+    // Bit-exact: the golden image with the one write, and complete without its backing.
+    cli_support::qemu_io(dir, "raw", "golden.raw", &["write -P 0x77 5M 512"]);
+    ok(
+        qemu_img(dir, &["compare", "-F", "raw", alone, "golden.raw"]),
+        "overlay alone vs golden",
+    );
+}
