@@ -673,3 +673,58 @@ fn copy_on_read_over_nbd_matches_qemu_io_and_fetches_once() {
         "overlay alone vs golden",
     );
 }
+
+/// Extended headers (NBD_OPT_EXTENDED_HEADERS: 32-byte requests, 32-byte reply chunks,
+/// NBD_REPLY_TYPE_BLOCK_STATUS_EXT): qemu-nbd 10 offers them and the client uses them
+/// (qemu-nbd's negotiation trace shows option 11 and no structured-reply option 8);
+/// nbdkit 1.32 refuses option 11 and the client falls back to structured replies.
+/// Either way reads, writes, zero writes, flushes and `map` give what qemu-img gives.
+#[test]
+fn extended_headers_when_offered_structured_replies_otherwise() {
+    let d = tmp();
+    let dir = d.path();
+    let g = golden_raw(dir);
+    let trace = p(dir, "qemu-nbd.trace");
+    let t = format!(
+        "enable=nbd_negotiate_options_check_option,file={}",
+        trace.display()
+    );
+    let q = Server::qemu_nbd(dir, "raw", "e", &["--trace", &t], &g);
+    let log = p(dir, "nbdkit.log");
+    let k = Server::nbdkit(
+        dir,
+        &[
+            "--filter=log",
+            "memory",
+            "16M",
+            &format!("logfile={}", log.display()),
+        ],
+    );
+    for (name, u) in [("qemu-nbd", q.uri("e")), ("nbdkit", k.uri(""))] {
+        vdisk_io(
+            dir,
+            &u,
+            &[
+                "write -P 0x44 3M 192k",
+                "write -z 9M 1M",
+                "write -P 0x45 12M 4k",
+                "flush",
+                "read -P 0x44 3M 192k",
+                "read -P 0 9M 1M",
+                "read -P 0x45 12M 4k",
+            ],
+        );
+        let v = ok(vdisk(dir, &["map", "--output=json", &u]), name);
+        let qm = ok(qemu_img(dir, &["map", "--output=json", &u]), name);
+        assert_eq!(v, qm, "map over {name}");
+    }
+    let tr = std::fs::read_to_string(&trace).unwrap();
+    assert!(tr.contains("Checking option 11 (extended headers)"), "{tr}");
+    assert!(
+        !tr.contains("Checking option 8 "),
+        "structured replies asked for although extended headers were on: {tr}"
+    );
+    // nbdkit served the requests (in compact headers, the only ones it knows).
+    let l = std::fs::read_to_string(&log).unwrap();
+    assert!(l.contains("Write id="), "{l}");
+}
