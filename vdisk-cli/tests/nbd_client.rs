@@ -728,3 +728,125 @@ fn extended_headers_when_offered_structured_replies_otherwise() {
     let l = std::fs::read_to_string(&log).unwrap();
     assert!(l.contains("Write id="), "{l}");
 }
+
+/// How many NBD_OPT_GO qemu-nbd's negotiation trace recorded (one per connection).
+fn traced_gos(trace: &Path) -> usize {
+    std::fs::read_to_string(trace)
+        .unwrap_or_default()
+        .matches("Checking option 7 (go)")
+        .count()
+}
+
+/// Several connections (vdisk's `connections` key) when the server advertises
+/// CAN_MULTI_CONN: qemu-nbd -e 4 gets four (its trace counts the NBD_OPT_GOs), nbdkit
+/// sees requests on several (its log filter names the connection of each), and the
+/// data written over them and flushed reads back bit-exact through qemu-img. Servers
+/// without the flag (qemu-nbd -e 1, nbdkit's multi-conn filter in disable mode) get
+/// one connection, and nothing waits for a connection the server would not accept.
+#[test]
+fn multi_conn_when_the_server_allows_it() {
+    let d = tmp();
+    let dir = d.path();
+    golden_raw(dir);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "out.raw", "16M"]),
+        "create",
+    );
+    let node = |sock: &Path, n: u32| {
+        format!(
+            r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{}"}},"connections":{n}}}}}"#,
+            sock.display()
+        )
+    };
+    for (e, want) in [("4", 4usize), ("1", 1)] {
+        let trace = p(dir, &format!("q{e}.trace"));
+        let t = format!(
+            "enable=nbd_negotiate_options_check_option,file={}",
+            trace.display()
+        );
+        let out = p(dir, "out.raw");
+        let mut s = Server::qemu_nbd(dir, "raw", "", &["-e", e, "--trace", &t], &out);
+        let j = node(&s.sock, 4);
+        ok(
+            vdisk(
+                dir,
+                &["convert", "-n", "-f", "raw", "-O", "raw", "golden.raw", &j],
+            ),
+            "convert into the export",
+        );
+        assert_eq!(traced_gos(&trace), want, "connections with qemu-nbd -e {e}");
+        vdisk_io(
+            dir,
+            &j,
+            &["write -P 0x5a 7M 3M", "flush", "read -P 0x5a 7M 3M"],
+        );
+        s.kill();
+        cli_support::qemu_io(dir, "raw", "golden.raw", &["write -P 0x5a 7M 3M"]);
+        ok(
+            qemu_img(
+                dir,
+                &["compare", "-f", "raw", "-F", "raw", "out.raw", "golden.raw"],
+            ),
+            "what went over the connections",
+        );
+        // Back to the plain golden image for the next round.
+        golden_raw(dir);
+    }
+    for (filter, several) in [(None, true), (Some("multi-conn-mode=disable"), false)] {
+        let log = p(dir, "k.log");
+        let _ = std::fs::remove_file(&log);
+        let lf = format!("logfile={}", log.display());
+        let mut a = vec!["--filter=log"];
+        if filter.is_some() {
+            a.push("--filter=multi-conn");
+        }
+        a.extend(["memory", "16M", &lf]);
+        a.extend(filter);
+        let k = Server::nbdkit(dir, &a);
+        ok(
+            vdisk(
+                dir,
+                &[
+                    "convert",
+                    "-n",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    "golden.raw",
+                    &node(&k.sock, 3),
+                ],
+            ),
+            "convert into nbdkit",
+        );
+        ok(
+            vdisk(
+                dir,
+                &[
+                    "compare",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "raw",
+                    "golden.raw",
+                    &node(&k.sock, 3),
+                ],
+            ),
+            "compare over the connections",
+        );
+        let l = std::fs::read_to_string(&log).unwrap();
+        let mut conns: Vec<&str> = l
+            .lines()
+            .filter(|x| x.contains(" Write id=") || x.contains(" Read id="))
+            .filter_map(|x| x.split_whitespace().find(|w| w.starts_with("connection=")))
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        // Two processes (convert, compare): one connection each without the flag.
+        if several {
+            assert!(conns.len() > 2, "requests on {conns:?}");
+        } else {
+            assert_eq!(conns.len(), 2, "requests on {conns:?}");
+        }
+    }
+}

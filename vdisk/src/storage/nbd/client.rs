@@ -18,7 +18,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,8 +43,10 @@ pub struct Config {
     pub timeout: Duration,
     /// How long to keep retrying a refused connection (zero: try once).
     pub open_timeout: Duration,
-    /// Requests in flight at once.
+    /// Requests in flight at once (per connection).
     pub max_in_flight: usize,
+    /// Connections to open when the server advertises CAN_MULTI_CONN (1: one).
+    pub connections: usize,
 }
 
 /// What negotiation learned about the export.
@@ -728,48 +730,137 @@ impl Connection {
         let s = self.submit(req)?;
         self.wait(&s)
     }
+}
 
-    /// Several requests in flight at once, each waited for in order; the first error
-    /// is returned after all have finished (so no reply lands in a buffer later).
-    pub fn call_many<'a>(
-        &self,
-        reqs: impl Iterator<Item = Request<'a>>,
-        mut each: impl FnMut(usize, Reply),
-    ) -> io::Result<()> {
-        let mut slots: std::collections::VecDeque<(usize, Arc<Slot>)> = Default::default();
-        let mut first_err = None;
-        for (i, req) in reqs.enumerate() {
-            // Keep the window full but never ask for more room than it has.
-            if slots.len() >= self.inner.max_in_flight {
-                if let Some((j, s)) = slots.pop_front() {
-                    match self.wait(&s) {
-                        Ok(r) => each(j, r),
-                        Err(e) => {
-                            first_err.get_or_insert(e);
-                        }
+/// Sends `reqs` over `conns` in turn from `start` (request `i` on connection
+/// `(start + i) % n`), keeping every connection's window full, and hands each reply to
+/// `each` in request order; the first error is returned after every request sent has
+/// finished (so no reply lands in a buffer later).
+fn pipelined<'a>(
+    conns: &[Connection],
+    start: usize,
+    reqs: impl Iterator<Item = Request<'a>>,
+    mut each: impl FnMut(usize, Reply),
+) -> io::Result<()> {
+    let n = conns.len().max(1);
+    let window: usize = conns.iter().map(|c| c.inner.max_in_flight).sum();
+    let mut slots: std::collections::VecDeque<(usize, &Connection, Arc<Slot>)> = Default::default();
+    let mut first_err = None;
+    for (i, req) in reqs.enumerate() {
+        // Keep the windows full but never ask for more room than they have.
+        if slots.len() >= window {
+            if let Some((j, c, s)) = slots.pop_front() {
+                match c.wait(&s) {
+                    Ok(r) => each(j, r),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
                     }
                 }
             }
-            if first_err.is_some() {
+        }
+        if first_err.is_some() {
+            break;
+        }
+        let Some(c) = conns.get((start + i) % n) else {
+            break;
+        };
+        match c.submit(req) {
+            Ok(s) => slots.push_back((i, c, s)),
+            Err(e) => {
+                first_err = Some(e);
                 break;
             }
-            match self.submit(req) {
-                Ok(s) => slots.push_back((i, s)),
-                Err(e) => {
-                    first_err = Some(e);
-                    break;
+        }
+    }
+    for (i, c, s) in slots {
+        match c.wait(&s) {
+            Ok(r) => each(i, r),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Most connections one export is opened with.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// The connections to one export: one, or several when the server advertises
+/// `NBD_FLAG_CAN_MULTI_CONN` and the caller asked for more ([`Config::connections`]).
+/// Requests go round-robin over them; a pipelined batch is spread over all. A flush on
+/// any connection makes the writes completed on every connection durable: that is what
+/// CAN_MULTI_CONN promises (proto.md), and without it only one connection is opened.
+#[derive(Debug)]
+pub struct Pool {
+    conns: Vec<Connection>,
+    next: AtomicUsize,
+    /// What negotiation found (the same on every connection).
+    pub info: ExportInfo,
+}
+
+impl Pool {
+    /// Connects (the first connection's failure is the error); further connections
+    /// that fail or negotiate something else are dropped with a warning.
+    pub fn open(cfg: &Config) -> io::Result<Pool> {
+        let first = Connection::open(cfg)?;
+        let info = first.info;
+        let mut conns = vec![first];
+        let want = cfg.connections.clamp(1, MAX_CONNECTIONS);
+        if want > 1 && info.has(proto::TFLAG_CAN_MULTI_CONN) {
+            while conns.len() < want {
+                match Connection::open(cfg) {
+                    Ok(c) if c.info == info => conns.push(c),
+                    Ok(c) => {
+                        tracing::warn!(
+                            "NBD connection {} negotiated {:?}, not {:?}: not used",
+                            conns.len() + 1,
+                            c.info,
+                            info
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("NBD connection {}: {e}: not used", conns.len() + 1);
+                        break;
+                    }
                 }
             }
         }
-        for (i, s) in slots {
-            match self.wait(&s) {
-                Ok(r) => each(i, r),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
+        tracing::debug!("NBD export open with {} connection(s)", conns.len());
+        Ok(Pool {
+            conns,
+            next: AtomicUsize::new(0),
+            info,
+        })
+    }
+
+    /// How many connections are open.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn turn(&self, n: usize) -> usize {
+        self.next.fetch_add(n.max(1), Ordering::Relaxed) % self.conns.len().max(1)
+    }
+
+    /// Sends a request on the next connection and waits for its reply.
+    pub fn call(&self, req: Request<'_>) -> io::Result<Reply> {
+        match self.conns.get(self.turn(1)) {
+            Some(c) => c.call(req),
+            None => Err(io::Error::other("no NBD connection")),
         }
-        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Several requests in flight at once, spread over every connection, each waited
+    /// for in order (see [`pipelined`]).
+    pub fn call_many<'a>(
+        &self,
+        reqs: impl Iterator<Item = Request<'a>>,
+        each: impl FnMut(usize, Reply),
+    ) -> io::Result<()> {
+        let start = self.turn(1);
+        pipelined(&self.conns, start, reqs, each)
     }
 }
 
