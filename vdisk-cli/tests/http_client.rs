@@ -55,6 +55,11 @@ struct Nginx {
 impl Nginx {
     /// `tls`: (certificate, key) for an https server.
     fn start(dir: &Path, root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
+        Nginx::start_with(dir, root, tls, "")
+    }
+
+    /// [`Nginx::start`] with more directives in the `server` block (`locations`).
+    fn start_with(dir: &Path, root: &Path, tls: Option<(&Path, &Path)>, more: &str) -> Nginx {
         let port = free_port();
         let nd = dir.join(format!("nginx-{port}"));
         std::fs::create_dir_all(nd.join("tmp")).unwrap();
@@ -74,7 +79,7 @@ impl Nginx {
              http {{ access_log {d}/access.log;\n\
                client_body_temp_path {t}; proxy_temp_path {t}; fastcgi_temp_path {t};\n\
                uwsgi_temp_path {t}; scgi_temp_path {t};\n\
-               server {{ {listen} root {root}; }} }}\n",
+               server {{ {listen} root {root}; {more} }} }}\n",
             d = nd.display(),
             root = root.display(),
         );
@@ -267,6 +272,82 @@ fn qcow2_overlay_over_an_http_golden_image() {
         vdisk(dir, &["compare", "top.qcow2", "ref.qcow2"]),
         "compare",
     );
+}
+
+/// Copy-on-read (issue 12 part 4): a full read through `vdisk io -C` stores every
+/// block of an HTTP golden image in the local overlay, so a second full read asks the
+/// server for nothing beyond what opening the chain costs (the backing file's header
+/// and tables), counted in nginx's access log. The overlay is then complete on its own:
+/// qemu-img checks it and compares it bit-exact with the golden image with no backing.
+#[test]
+fn copy_on_read_fetches_each_block_once() {
+    let d = tmp();
+    let dir = d.path();
+    let www = golden(dir);
+    let n = Nginx::start(dir, &www, None);
+    let u = n.url("http", "g.qcow2");
+    for (top, cor) in [("plain.qcow2", None), ("cor.qcow2", Some("-C"))] {
+        ok(
+            vdisk(
+                dir,
+                &["create", "-q", "-f", "qcow2", "-b", &u, "-F", "qcow2", top],
+            ),
+            "create overlay",
+        );
+        // What opening the chain costs: a read the overlay answers alone (after the
+        // first copy-on-read pass) or that is all holes in the golden image.
+        let open_only = |top: &str| {
+            let before = n.requests();
+            ok(
+                vdisk(dir, &["io", "-c", "read -P 0 0 4k", top]),
+                "open only",
+            );
+            n.requests() - before
+        };
+        let full_read = |top: &str, flag: Option<&str>| {
+            let before = n.requests();
+            let mut a = vec!["io"];
+            a.extend(flag);
+            a.extend(["-c", "read 0 16M", top]);
+            let out = ok(vdisk(dir, &a), "full read");
+            assert!(!out.contains("failed"), "{out}");
+            n.requests() - before
+        };
+        let first = full_read(top, cor);
+        let base = open_only(top);
+        let second = full_read(top, None);
+        assert!(first > base, "{top}: first read {first}, open {base}");
+        match cor {
+            // Every block is local now: the second read costs only the open.
+            Some(_) => assert_eq!(second, base, "{top}: second full read asked again"),
+            // Without copy-on-read the second read fetches the data again.
+            None => assert!(second > base, "{top}: {second} vs open {base}"),
+        }
+    }
+    let alone = |f: &str| {
+        format!(
+            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{f}"}}}}"#
+        )
+    };
+    let c = ok(
+        qemu_img(dir, &["check", &alone("cor.qcow2")]),
+        "qemu-img check",
+    );
+    assert!(c.contains("No errors were found"), "{c}");
+    ok(
+        qemu_img(dir, &["compare", &alone("cor.qcow2"), "www/g.raw"]),
+        "the overlay alone holds the whole golden image",
+    );
+    ok(
+        vdisk(dir, &["compare", "cor.qcow2", "www/g.raw"]),
+        "compare through the chain",
+    );
+    // The plain overlay stayed empty.
+    let m = ok(
+        qemu_img(dir, &["map", "--output=json", &alone("plain.qcow2")]),
+        "map",
+    );
+    assert!(!m.contains(r#""data": true"#), "{m}");
 }
 
 /// Makes a test CA and a certificate for `localhost` signed by it, with openssl.
@@ -491,4 +572,250 @@ fn lasting_faults_are_clear_errors() {
     assert_eq!(r.code, 1, "{}", r.err);
     assert!(r.err.contains("after 4 tries"), "{}", r.err);
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}
+
+/// Basic authentication (`username` + `password-secret`), cookies from a secret
+/// (`cookie-secret`) against nginx's `auth_basic` (an `openssl passwd -apr1`
+/// htpasswd) and a cookie check: the right password reads bit-exact, a wrong or a
+/// missing one is a clear 401 error at once (no retries).
+#[test]
+fn http_basic_auth_and_cookie_secret() {
+    let d = tmp();
+    let dir = d.path();
+    let www = golden(dir);
+    let hash = Command::new("openssl")
+        .args(["passwd", "-apr1", "s3cret pw"])
+        .output()
+        .expect("openssl must be installed");
+    assert!(hash.status.success());
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("alice:{}", String::from_utf8_lossy(&hash.stdout)),
+    )
+    .unwrap();
+    let more = format!(
+        r#"location /a/ {{ alias {root}/; auth_basic "vdisk"; auth_basic_user_file {h}; }}
+           location /c/ {{ alias {root}/; if ($cookie_session != "abc123") {{ return 403; }} }}"#,
+        root = www.display(),
+        h = htpasswd.display()
+    );
+    let n = Nginx::start_with(dir, &www, None, &more);
+    let node = |url: &str, extra: &str| {
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"http","url":"{url}"{extra}}}}}"#)
+    };
+    let a = n.url("http", "a/g.qcow2");
+    let pw = "secret,id=pw,data=s3cret pw";
+    let bad = "secret,id=bad,data=wrong";
+    let good = node(&a, r#","username":"alice","password-secret":"pw""#);
+    ok(
+        vdisk(dir, &["--object", pw, "compare", &good, "www/g.raw"]),
+        "right password",
+    );
+    let before = n.requests();
+    let r = vdisk(
+        dir,
+        &[
+            "--object",
+            bad,
+            "info",
+            &node(&a, r#","username":"alice","password-secret":"bad""#),
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(
+        r.err
+            .contains("HTTP 401 Unauthorized: the server refused the username and password"),
+        "{}",
+        r.err
+    );
+    assert_eq!(n.requests() - before, 1, "a 401 is not retried");
+    let r = vdisk(dir, &["info", &a]);
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(
+        r.err
+            .contains("HTTP 401 Unauthorized: the server wants a username and password"),
+        "{}",
+        r.err
+    );
+    let r = vdisk(
+        dir,
+        &[
+            "info",
+            &node(&a, r#","username":"alice","password-secret":"nosuch""#),
+        ],
+    );
+    assert!(r.err.contains("No secret with id 'nosuch'"), "{}", r.err);
+    // A local overlay over the protected image: the backing node keeps its keys.
+    ok(
+        vdisk(
+            dir,
+            &[
+                "--object",
+                pw,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                &good,
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+        ),
+        "overlay over a protected image",
+    );
+    ok(
+        vdisk(dir, &["--object", pw, "compare", "top.qcow2", "www/g.raw"]),
+        "overlay reads through the credentials",
+    );
+    // Cookies: the plain key and the secret one; both at once is QEMU's error.
+    let c = n.url("http", "c/g.qcow2");
+    let r = vdisk(dir, &["info", &c]);
+    assert!(r.err.contains("HTTP 403"), "{}", r.err);
+    ok(
+        vdisk(
+            dir,
+            &[
+                "compare",
+                &node(&c, r#","cookie":"session=abc123""#),
+                "www/g.raw",
+            ],
+        ),
+        "cookie",
+    );
+    let cs = "secret,id=ck,data=session=abc123";
+    ok(
+        vdisk(
+            dir,
+            &[
+                "--object",
+                cs,
+                "compare",
+                &node(&c, r#","cookie-secret":"ck""#),
+                "www/g.raw",
+            ],
+        ),
+        "cookie-secret",
+    );
+    let r = vdisk(
+        dir,
+        &[
+            "--object",
+            cs,
+            "info",
+            &node(&c, r#","cookie-secret":"ck","cookie":"x=y""#),
+        ],
+    );
+    assert!(
+        r.err
+            .contains("curl driver cannot handle both cookie and cookie secret"),
+        "{}",
+        r.err
+    );
+}
+
+/// A CONNECT proxy on loopback that wants `want` in `Proxy-Authorization` (answering
+/// 407 otherwise) and tunnels to `target`; counts the tunnels it opened.
+fn connect_proxy(want: String, target: u16) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let tunnels = Arc::new(AtomicUsize::new(0));
+    let t = Arc::clone(&tunnels);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let want = want.clone();
+            let t = Arc::clone(&t);
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push(line.trim_end().to_string());
+                }
+                let authorized = head.iter().any(|h| {
+                    h.to_ascii_lowercase().starts_with("proxy-authorization:")
+                        && h.split_once(':').map(|(_, v)| v.trim()) == Some(want.as_str())
+                });
+                if !head.first().is_some_and(|l| l.starts_with("CONNECT ")) || !authorized {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 407 Proxy Authentication Required\r\n\
+                          Proxy-Authenticate: Basic realm=\"p\"\r\nContent-Length: 0\r\n\r\n",
+                    );
+                    return;
+                }
+                let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
+                    return;
+                };
+                t.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let (mut a, mut b) = (up.try_clone().unwrap(), s.try_clone().unwrap());
+                // What the reader buffered past the head is the client's first bytes.
+                let pending = r.buffer().to_vec();
+                let mut up_w = up;
+                let _ = up_w.write_all(&pending);
+                let down = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                });
+                let _ = std::io::copy(&mut r, &mut up_w);
+                let _ = up_w.shutdown(std::net::Shutdown::Both);
+                let _ = down.join();
+            });
+        }
+    });
+    (port, tunnels)
+}
+
+/// `proxy-username` + `proxy-password-secret` with the proxy from `HTTP_PROXY`, as
+/// libcurl reads it for QEMU: the right credentials tunnel through, none is a clear
+/// 407 error.
+#[test]
+fn http_proxy_credentials() {
+    let d = tmp();
+    let dir = d.path();
+    let www = golden(dir);
+    let n = Nginx::start(dir, &www, None);
+    // base64("bob:pr0xy").
+    let want = "Basic Ym9iOnByMHh5".to_string();
+    let (pport, tunnels) = connect_proxy(want, n.port);
+    let proxy = format!("http://127.0.0.1:{pport}");
+    let env = [("HTTP_PROXY", proxy.as_str()), ("NO_PROXY", "")];
+    let u = n.url("http", "g.qcow2");
+    let j = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"http","url":"{u}","proxy-username":"bob","proxy-password-secret":"pp"}}}}"#
+    );
+    ok(
+        vdisk_env(
+            dir,
+            &env,
+            &[
+                "--object",
+                "secret,id=pp,data=pr0xy",
+                "compare",
+                &j,
+                "www/g.raw",
+            ],
+        ),
+        "through the proxy",
+    );
+    assert!(
+        tunnels.load(Ordering::SeqCst) >= 1,
+        "the proxy was not used"
+    );
+    let r = vdisk_env(dir, &env, &["info", &u]);
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(
+        r.err.contains("HTTP 407 Proxy Authentication Required"),
+        "{}",
+        r.err
+    );
 }

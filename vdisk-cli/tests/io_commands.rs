@@ -145,6 +145,51 @@ fn copy_on_read_refuses_read_only_like_qemu_io() {
     side_by_side(&["-C", "-r", "-c", "read 0 4k", "top.qcow2"]);
 }
 
+/// QEMU's `copy-on-read` filter node over the overlay (json: and --image-opts), with
+/// and without `bottom` (a backing node named by `node-name`: ranges no layer down to
+/// it allocates are not copied), and its errors, beside qemu-io.
+#[test]
+fn copy_on_read_filter_node_like_qemu_io() {
+    let top = r#"{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"}}"#;
+    let named = r#"{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"},"backing":{"node-name":"b","driver":"qcow2","file":{"driver":"file","filename":"base.qcow2"}}}"#;
+    let reads = [
+        "-c",
+        "read 100k 4k",
+        "-c",
+        "read 2M 4k",
+        "-c",
+        "read 3500k 600k",
+    ];
+    for j in [
+        format!(r#"json:{{"driver":"copy-on-read","file":{top}}}"#),
+        format!(r#"json:{{"driver":"copy-on-read","bottom":"b","file":{named}}}"#),
+    ] {
+        let mut a = reads.to_vec();
+        a.push(&j);
+        side_by_side(&a);
+    }
+    let mut a = reads.to_vec();
+    a.extend([
+        "--image-opts",
+        "driver=copy-on-read,file.driver=qcow2,file.file.filename=top.qcow2",
+    ]);
+    side_by_side(&a);
+    for bad in [
+        r#"json:{"driver":"copy-on-read"}"#.to_string(),
+        format!(r#"json:{{"driver":"copy-on-read","bottom":"nope","file":{named}}}"#),
+        format!(r#"json:{{"driver":"copy-on-read","bogus":1,"file":{top}}}"#),
+        r#"json:{"driver":"copy-on-read","file":"top.qcow2"}"#.to_string(),
+    ] {
+        side_by_side(&["-c", "read 0 4k", &bad]);
+    }
+    side_by_side(&[
+        "-r",
+        "-c",
+        "read 0 4k",
+        &format!(r#"json:{{"driver":"copy-on-read","file":{top}}}"#),
+    ]);
+}
+
 #[test]
 fn snapshot_mode_drops_writes_like_qemu_io() {
     side_by_side(&[

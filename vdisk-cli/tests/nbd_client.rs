@@ -530,3 +530,306 @@ fn nbdkit_file_plugin_and_a_minimum_block_size() {
     );
     vdisk_io(dir, &u, &["read -P 0x44 100 1000"]);
 }
+
+/// How many NBD_CMD_READ requests nbdkit's log filter recorded in `log`.
+fn logged_reads(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" Read id="))
+        .count()
+}
+
+/// Copy-on-read over an NBD golden image (issue 12 part 4): `vdisk io -C` leaves the
+/// same allocation in the overlay as `qemu-io -C` for the same reads (whole clusters,
+/// only what the overlay lacks), a second full read after a copy-on-read pass sends
+/// the server no read beyond what opening the chain costs (nbdkit's log filter counts
+/// them), and the overlay passes `qemu-img check` and reads bit-exact.
+#[test]
+fn copy_on_read_over_nbd_matches_qemu_io_and_fetches_once() {
+    let d = tmp();
+    let dir = d.path();
+    golden_raw(dir);
+    ok(
+        qemu_img(
+            dir,
+            &["convert", "-O", "qcow2", "golden.raw", "golden.qcow2"],
+        ),
+        "to qcow2",
+    );
+    let log = p(dir, "nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let golden = p(dir, "golden.qcow2").display().to_string();
+    let s = Server::nbdkit(dir, &["--filter=log", "file", &golden, &logfile]);
+    let u = s.uri("");
+    for t in ["q.qcow2", "v.qcow2"] {
+        ok(
+            qemu_img(
+                dir,
+                &["create", "-q", "-f", "qcow2", "-b", &u, "-F", "qcow2", t],
+            ),
+            "overlay",
+        );
+    }
+    // Unaligned reads across data, zeroes and holes of the golden image, and a write
+    // before a read of the same cluster (the copy must keep the written bytes).
+    let cmds = [
+        "read 1000000 100000",
+        "write -P 0x77 5M 512",
+        "read 5M 64k",
+        "read 8300000 4096",
+        "read 15300000 1000000",
+    ];
+    let mut qa = vec!["-C"];
+    let mut va = vec!["io", "-C"];
+    for c in &cmds {
+        qa.extend(["-c", c]);
+        va.extend(["-c", c]);
+    }
+    qa.push("q.qcow2");
+    va.push("v.qcow2");
+    let q = run(dir, "qemu-io", &qa);
+    assert_eq!(q.code, 0, "{}{}", q.out, q.err);
+    let v = ok(vdisk(dir, &va), "vdisk io -C");
+    assert!(!v.contains("failed"), "{v}");
+    let qm = ok(
+        qemu_img(dir, &["map", "--output=json", "q.qcow2"]),
+        "map after qemu-io -C",
+    );
+    let vm = ok(
+        qemu_img(dir, &["map", "--output=json", "v.qcow2"]),
+        "map after vdisk io -C",
+    );
+    assert_eq!(vm, qm, "allocation after copy-on-read");
+    ok(
+        qemu_img(dir, &["compare", "v.qcow2", "q.qcow2"]),
+        "same data",
+    );
+    // The filter node spelling does the same.
+    let before = std::fs::read(p(dir, "v.qcow2")).unwrap();
+    let j = r#"json:{"driver":"copy-on-read","file":{"driver":"qcow2","file":{"driver":"file","filename":"v.qcow2"}}}"#;
+    ok(
+        vdisk(dir, &["io", "-c", "read 1000000 100000", j]),
+        "filter",
+    );
+    assert_eq!(
+        std::fs::read(p(dir, "v.qcow2")).unwrap(),
+        before,
+        "a read of copied clusters changes nothing"
+    );
+    // A full copy-on-read pass, then a second full read: only the open reads remotely.
+    ok(
+        vdisk(dir, &["io", "-C", "-c", "read 0 16M", "v.qcow2"]),
+        "full -C",
+    );
+    let n0 = logged_reads(&log);
+    ok(
+        vdisk(dir, &["io", "-c", "read 0 512", "v.qcow2"]),
+        "open only",
+    );
+    let n1 = logged_reads(&log);
+    ok(
+        vdisk(dir, &["io", "-c", "read 0 16M", "v.qcow2"]),
+        "second read",
+    );
+    let n2 = logged_reads(&log);
+    assert!(n1 > n0, "opening reads the golden header over NBD");
+    assert_eq!(
+        n2 - n1,
+        n1 - n0,
+        "the second full read sent reads to the server"
+    );
+    // Without copy-on-read, a full read of q.qcow2 asks for much more.
+    ok(
+        vdisk(dir, &["io", "-c", "read 0 16M", "q.qcow2"]),
+        "plain read",
+    );
+    assert!(logged_reads(&log) - n2 > n1 - n0);
+    let c = ok(qemu_img(dir, &["check", "v.qcow2"]), "qemu-img check");
+    assert!(c.contains("No errors were found"), "{c}");
+    let alone =
+        r#"json:{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":"v.qcow2"}}"#;
+    // Bit-exact: the golden image with the one write, and complete without its backing.
+    cli_support::qemu_io(dir, "raw", "golden.raw", &["write -P 0x77 5M 512"]);
+    ok(
+        qemu_img(dir, &["compare", "-F", "raw", alone, "golden.raw"]),
+        "overlay alone vs golden",
+    );
+}
+
+/// Extended headers (NBD_OPT_EXTENDED_HEADERS: 32-byte requests, 32-byte reply chunks,
+/// NBD_REPLY_TYPE_BLOCK_STATUS_EXT): qemu-nbd 10 offers them and the client uses them
+/// (qemu-nbd's negotiation trace shows option 11 and no structured-reply option 8);
+/// nbdkit 1.32 refuses option 11 and the client falls back to structured replies.
+/// Either way reads, writes, zero writes, flushes and `map` give what qemu-img gives.
+#[test]
+fn extended_headers_when_offered_structured_replies_otherwise() {
+    let d = tmp();
+    let dir = d.path();
+    let g = golden_raw(dir);
+    let trace = p(dir, "qemu-nbd.trace");
+    let t = format!(
+        "enable=nbd_negotiate_options_check_option,file={}",
+        trace.display()
+    );
+    let q = Server::qemu_nbd(dir, "raw", "e", &["--trace", &t], &g);
+    let log = p(dir, "nbdkit.log");
+    let k = Server::nbdkit(
+        dir,
+        &[
+            "--filter=log",
+            "memory",
+            "16M",
+            &format!("logfile={}", log.display()),
+        ],
+    );
+    for (name, u) in [("qemu-nbd", q.uri("e")), ("nbdkit", k.uri(""))] {
+        vdisk_io(
+            dir,
+            &u,
+            &[
+                "write -P 0x44 3M 192k",
+                "write -z 9M 1M",
+                "write -P 0x45 12M 4k",
+                "flush",
+                "read -P 0x44 3M 192k",
+                "read -P 0 9M 1M",
+                "read -P 0x45 12M 4k",
+            ],
+        );
+        let v = ok(vdisk(dir, &["map", "--output=json", &u]), name);
+        let qm = ok(qemu_img(dir, &["map", "--output=json", &u]), name);
+        assert_eq!(v, qm, "map over {name}");
+    }
+    let tr = std::fs::read_to_string(&trace).unwrap();
+    assert!(tr.contains("Checking option 11 (extended headers)"), "{tr}");
+    assert!(
+        !tr.contains("Checking option 8 "),
+        "structured replies asked for although extended headers were on: {tr}"
+    );
+    // nbdkit served the requests (in compact headers, the only ones it knows).
+    let l = std::fs::read_to_string(&log).unwrap();
+    assert!(l.contains("Write id="), "{l}");
+}
+
+/// How many NBD_OPT_GO qemu-nbd's negotiation trace recorded (one per connection).
+fn traced_gos(trace: &Path) -> usize {
+    std::fs::read_to_string(trace)
+        .unwrap_or_default()
+        .matches("Checking option 7 (go)")
+        .count()
+}
+
+/// Several connections (vdisk's `connections` key) when the server advertises
+/// CAN_MULTI_CONN: qemu-nbd -e 4 gets four (its trace counts the NBD_OPT_GOs), nbdkit
+/// sees requests on several (its log filter names the connection of each), and the
+/// data written over them and flushed reads back bit-exact through qemu-img. Servers
+/// without the flag (qemu-nbd -e 1, nbdkit's multi-conn filter in disable mode) get
+/// one connection, and nothing waits for a connection the server would not accept.
+#[test]
+fn multi_conn_when_the_server_allows_it() {
+    let d = tmp();
+    let dir = d.path();
+    golden_raw(dir);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "out.raw", "16M"]),
+        "create",
+    );
+    let node = |sock: &Path, n: u32| {
+        format!(
+            r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{}"}},"connections":{n}}}}}"#,
+            sock.display()
+        )
+    };
+    for (e, want) in [("4", 4usize), ("1", 1)] {
+        let trace = p(dir, &format!("q{e}.trace"));
+        let t = format!(
+            "enable=nbd_negotiate_options_check_option,file={}",
+            trace.display()
+        );
+        let out = p(dir, "out.raw");
+        let mut s = Server::qemu_nbd(dir, "raw", "", &["-e", e, "--trace", &t], &out);
+        let j = node(&s.sock, 4);
+        ok(
+            vdisk(
+                dir,
+                &["convert", "-n", "-f", "raw", "-O", "raw", "golden.raw", &j],
+            ),
+            "convert into the export",
+        );
+        assert_eq!(traced_gos(&trace), want, "connections with qemu-nbd -e {e}");
+        vdisk_io(
+            dir,
+            &j,
+            &["write -P 0x5a 7M 3M", "flush", "read -P 0x5a 7M 3M"],
+        );
+        s.kill();
+        cli_support::qemu_io(dir, "raw", "golden.raw", &["write -P 0x5a 7M 3M"]);
+        ok(
+            qemu_img(
+                dir,
+                &["compare", "-f", "raw", "-F", "raw", "out.raw", "golden.raw"],
+            ),
+            "what went over the connections",
+        );
+        // Back to the plain golden image for the next round.
+        golden_raw(dir);
+    }
+    for (filter, several) in [(None, true), (Some("multi-conn-mode=disable"), false)] {
+        let log = p(dir, "k.log");
+        let _ = std::fs::remove_file(&log);
+        let lf = format!("logfile={}", log.display());
+        let mut a = vec!["--filter=log"];
+        if filter.is_some() {
+            a.push("--filter=multi-conn");
+        }
+        a.extend(["memory", "16M", &lf]);
+        a.extend(filter);
+        let k = Server::nbdkit(dir, &a);
+        ok(
+            vdisk(
+                dir,
+                &[
+                    "convert",
+                    "-n",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    "golden.raw",
+                    &node(&k.sock, 3),
+                ],
+            ),
+            "convert into nbdkit",
+        );
+        ok(
+            vdisk(
+                dir,
+                &[
+                    "compare",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "raw",
+                    "golden.raw",
+                    &node(&k.sock, 3),
+                ],
+            ),
+            "compare over the connections",
+        );
+        let l = std::fs::read_to_string(&log).unwrap();
+        let mut conns: Vec<&str> = l
+            .lines()
+            .filter(|x| x.contains(" Write id=") || x.contains(" Read id="))
+            .filter_map(|x| x.split_whitespace().find(|w| w.starts_with("connection=")))
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        // Two processes (convert, compare): one connection each without the flag.
+        if several {
+            assert!(conns.len() > 2, "requests on {conns:?}");
+        } else {
+            assert_eq!(conns.len(), 2, "requests on {conns:?}");
+        }
+    }
+}

@@ -152,10 +152,12 @@ impl Image {
 
     /// Opens the image an options tree describes (`name` is what it was parsed from,
     /// shown when the tree names no host file).
-    pub fn open_tree(mut tree: Node, name: &str, opts: &OpenOptions) -> Result<Image> {
+    pub fn open_tree(tree: Node, name: &str, opts: &OpenOptions) -> Result<Image> {
         if opts.force_share && !opts.read_only {
             return Err(Invalid::ForceShareReadWrite.into());
         }
+        // QEMU's `copy-on-read` filter node above the image.
+        let (mut tree, filter) = copy_on_read::unwrap_filter(tree, opts.read_only)?;
         // QEMU's generic options of the top node that vdisk implements as hooks.
         let discard = match tree.take_str("discard")? {
             Some(v) => DiscardMode::parse(&v)?,
@@ -169,6 +171,10 @@ impl Image {
             return Err(Invalid::DetectZeroesUnmapWithoutDiscard.into());
         }
         let cor = tree.take_bool("copy-on-read")?.unwrap_or(opts.copy_on_read);
+        let gate = match filter {
+            Some(f) => Some(f.gate()),
+            None => cor.then(copy_on_read::Gate::default),
+        };
         if cor && opts.read_only {
             return Err(Invalid::CopyOnReadReadOnly.into());
         }
@@ -237,7 +243,7 @@ impl Image {
             protocol_root,
             probed,
             discard,
-            cor: cor.then(copy_on_read::Gate::default),
+            cor: gate,
         };
         if !read_only {
             img.attach_bitmaps();

@@ -419,6 +419,10 @@ pub enum Invalid {
     ForceShareReadWrite,
     /// `copy-on-read=on` on an image opened read-only.
     CopyOnReadReadOnly,
+    /// The `copy-on-read` filter node (`driver=copy-on-read`) on a read-only open.
+    CopyOnReadFilterReadOnly,
+    /// The `copy-on-read` filter's `bottom` names no node of its chain.
+    CopyOnReadBottomNotFound(String),
     /// A backing file reached on an open that disabled backing files.
     BackingDisabled,
     /// A backing file reached while an image is being created.
@@ -706,6 +710,8 @@ impl fmt::Display for Invalid {
             Invalid::CopyOnReadReadOnly => {
                 write!(f, "Can't use copy-on-read on read-only device")
             }
+            Invalid::CopyOnReadFilterReadOnly => write!(f, "Block node is read-only"),
+            Invalid::CopyOnReadBottomNotFound(n) => write!(f, "Bottom node '{n}' not found"),
             Invalid::BackingDisabled => write!(f, "backing files are disabled for this open"),
             Invalid::BackingWhileCreating => {
                 write!(f, "backing files are not opened while creating")

@@ -10,11 +10,19 @@
 //! backing data and writing it up. [`Gate`] keeps copies exclusive against writes (and
 //! other copies); writers only pass a counter while no copy runs or waits, so with
 //! copy-on-read off nothing is locked at all.
+//!
+//! The same behaviour is reachable as QEMU's filter node: `driver=copy-on-read` with
+//! the image as its `file` child ([`unwrap_filter`]). Its `bottom` option names a
+//! backing node (by `node-name`): only data that a layer between the top image's
+//! backing file and that node (inclusive) provides is copied, as QEMU's
+//! `cor_co_preadv_part` asks `bdrv_is_allocated_above(backing, bottom, include_base)`;
+//! ranges no such layer allocates are read without a copy.
 
 use super::Image;
-use crate::error::Result;
+use crate::error::{Invalid, Result};
 use crate::format::{ExtentKind, ZeroFlags};
 use crate::hook::{Payload, Request};
+use crate::storage::options::{Node, SpecError, Value};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Largest piece copied with one read and one write (bounds the buffer).
@@ -37,6 +45,76 @@ struct GateState {
 pub(super) struct Gate {
     state: Mutex<GateState>,
     cv: Condvar,
+    /// The filter's `bottom` as a chain depth (1 = the top image's backing file):
+    /// only data from layers `1..=bottom` is copied. `None`: everything is.
+    bottom: Option<u32>,
+}
+
+/// What a `driver=copy-on-read` filter node asked for (see [`unwrap_filter`]).
+#[derive(Debug)]
+pub(super) struct Filter {
+    /// `bottom`, resolved to a chain depth.
+    bottom: Option<u32>,
+}
+
+impl Filter {
+    /// The gate the image runs its copies through.
+    pub(super) fn gate(&self) -> Gate {
+        Gate {
+            bottom: self.bottom,
+            ..Gate::default()
+        }
+    }
+}
+
+/// When `tree` is QEMU's `copy-on-read` filter node, returns its `file` child as the
+/// image's tree and the filter's settings; otherwise the tree unchanged. `read_only`:
+/// the filter needs write access to its child, so a read-only open fails as QEMU's
+/// does ("Block node is read-only").
+pub(super) fn unwrap_filter(mut tree: Node, read_only: bool) -> Result<(Node, Option<Filter>)> {
+    if !matches!(tree.get("driver"), Some(Value::Str(d)) if d == "copy-on-read") {
+        return Ok((tree, None));
+    }
+    tree.take("driver");
+    let _ = tree.take_str("node-name")?;
+    let bottom = tree.take_str("bottom")?;
+    let mut file = tree.take_node("file")?.ok_or_else(|| {
+        SpecError::Missing("A block device must be specified for \"file\"".into())
+    })?;
+    tree.finish(|key| SpecError::FormatOption {
+        format: "copy-on-read".into(),
+        key,
+    })?;
+    if read_only {
+        return Err(Invalid::CopyOnReadFilterReadOnly.into());
+    }
+    file.rebase(String::new());
+    let depth = strip_node_names(&mut file, bottom.as_deref(), 0)?;
+    let bottom = match (bottom, depth) {
+        (None, _) => None,
+        (Some(_), Some(d)) => Some(d),
+        (Some(b), None) => return Err(Invalid::CopyOnReadBottomNotFound(b).into()),
+    };
+    Ok((file, Some(Filter { bottom })))
+}
+
+/// Removes `node-name` from `node` and the backing nodes below it (names only matter
+/// to the filter's `bottom`; the chain layer has no named nodes), returning the depth
+/// of the first node named `bottom`.
+fn strip_node_names(node: &mut Node, bottom: Option<&str>, depth: u32) -> Result<Option<u32>> {
+    let mine = node.take_str("node-name")?;
+    let mut found = match (mine, bottom) {
+        (Some(m), Some(b)) if m == b => Some(depth),
+        _ => None,
+    };
+    if matches!(node.get("backing"), Some(Value::Node(_))) {
+        if let Some(mut b) = node.take_node("backing")? {
+            let below = strip_node_names(&mut b, bottom, depth + 1)?;
+            found = found.or(below);
+            node.insert("backing", Value::Node(b))?;
+        }
+    }
+    Ok(found)
 }
 
 /// A guest write in progress (see [`Gate::writer`]).
@@ -126,8 +204,15 @@ impl Image {
             // What the top image does not allocate is copied, even where no layer has
             // data (it is then recorded as zeroes), as QEMU does.
             let e = self.driver.block_status(pos, end - pos)?;
-            let run = e.len.clamp(1, end - pos);
-            if e.kind == ExtentKind::Unallocated {
+            let mut run = e.len.clamp(1, end - pos);
+            let mut copy = e.kind == ExtentKind::Unallocated;
+            if let (true, Some(bottom)) = (copy, gate.bottom) {
+                // Only what the layers down to `bottom` provide (QEMU's filter).
+                let c = self.block_status(pos, run)?;
+                run = c.len.clamp(1, run);
+                copy = c.kind != ExtentKind::Unallocated && c.depth <= bottom;
+            }
+            if copy {
                 let mut p = pos;
                 while p < pos + run {
                     let n = (pos + run - p).min(PIECE);

@@ -1,9 +1,11 @@
 //! The `http` and `https` protocols' names: a URL with a host, kept whole as the
 //! `url` option (QEMU's curl driver keys).
 //!
+//! - `auth`: the credential keys (Basic authentication, cookies, proxy credentials).
 //! - `cache`: the bounded block cache.
 //! - [`storage`]: the remote file as a read-only [`Storage`].
 
+mod auth;
 mod cache;
 pub mod storage;
 

@@ -9,6 +9,7 @@
 //! with exponential backoff; every answer is checked (status, `Content-Range`, body
 //! length) before its bytes are used.
 
+use super::auth::{self, Credentials};
 use super::cache::BlockCache;
 use crate::storage::options::{Node, SpecError};
 use crate::storage::registry::ProtocolOpen;
@@ -38,7 +39,7 @@ pub struct HttpStorage {
     agent: ureq::Agent,
     url: String,
     protocol: &'static str,
-    cookie: Option<String>,
+    creds: Credentials,
     size: u64,
     cache: BlockCache,
 }
@@ -53,13 +54,13 @@ enum Failure {
 
 impl HttpStorage {
     /// Opens `url` (its size by `HEAD`).
-    pub fn open(
+    pub(super) fn open(
         url: String,
         protocol: &'static str,
         readahead: u64,
         timeout: Duration,
         sslverify: bool,
-        cookie: Option<String>,
+        creds: Credentials,
     ) -> StorageResult<HttpStorage> {
         let mut tls = ureq::tls::TlsConfig::builder().disable_verification(!sslverify);
         if let Some(roots) = custom_roots()? {
@@ -69,6 +70,7 @@ impl HttpStorage {
             .http_status_as_error(false)
             .timeout_global(Some(timeout))
             .tls_config(tls.build())
+            .proxy(creds.proxy.clone())
             .build()
             .new_agent();
         let block = readahead.max(4096);
@@ -76,7 +78,7 @@ impl HttpStorage {
             agent,
             url,
             protocol,
-            cookie,
+            creds,
             size: 0,
             cache: BlockCache::new(block, (CACHE_BYTES / block).max(1) as usize),
         };
@@ -86,12 +88,15 @@ impl HttpStorage {
 
     fn head(&self) -> Result<u64, Failure> {
         let mut req = self.agent.head(&self.url);
-        if let Some(c) = &self.cookie {
-            req = req.header("Cookie", c);
+        if let Some(c) = &self.creds.cookie {
+            req = req.header("Cookie", c.as_str());
+        }
+        if let Some(a) = &self.creds.authorization {
+            req = req.header("Authorization", a.as_str());
         }
         let resp = req.call().map_err(transport)?;
         let status = resp.status().as_u16();
-        check_status(status)?;
+        self.check_status(status)?;
         let h = |k: &str| resp.headers().get(k).and_then(|v| v.to_str().ok());
         if !h("accept-ranges").is_some_and(|v| v.split(',').any(|t| t.trim() == "bytes")) {
             return Err(Failure::Fatal(
@@ -111,12 +116,15 @@ impl HttpStorage {
             .agent
             .get(&self.url)
             .header("Range", format!("bytes={offset}-{last}"));
-        if let Some(c) = &self.cookie {
-            req = req.header("Cookie", c);
+        if let Some(c) = &self.creds.cookie {
+            req = req.header("Cookie", c.as_str());
+        }
+        if let Some(a) = &self.creds.authorization {
+            req = req.header("Authorization", a.as_str());
         }
         let resp = req.call().map_err(transport)?;
         let status = resp.status().as_u16();
-        check_status(status)?;
+        self.check_status(status)?;
         match status {
             206 => {
                 let cr = resp
@@ -208,6 +216,21 @@ impl HttpStorage {
         Ok(out)
     }
 
+    /// The retry loop's view of an answer's status; 401 names what was (not) sent.
+    fn check_status(&self, status: u16) -> Result<(), Failure> {
+        match status {
+            401 if self.creds.has_authorization() => Err(Failure::Fatal(
+                "HTTP 401 Unauthorized: the server refused the username and password".into(),
+            )),
+            401 => Err(Failure::Fatal(
+                "HTTP 401 Unauthorized: the server wants a username and password \
+                 (username, password-secret)"
+                    .into(),
+            )),
+            s => check_status(s),
+        }
+    }
+
     fn read_only(&self, op: StorageOp, offset: Option<u64>) -> StorageError {
         StorageError::op(
             op,
@@ -231,6 +254,11 @@ fn transport(e: ureq::Error) -> Failure {
         ureq::Error::BadUri(_) | ureq::Error::HostNotFound | ureq::Error::InvalidProxyUrl => {
             Failure::Fatal(e.to_string())
         }
+        // A proxy that wants (other) credentials will not change its mind.
+        ureq::Error::ConnectProxyFailed(r) if r.contains("407") => Failure::Fatal(format!(
+            "HTTP 407 Proxy Authentication Required: the proxy refused the request \
+             (proxy-username, proxy-password-secret; {r})"
+        )),
         e => Failure::Transient(e.to_string()),
     }
 }
@@ -402,22 +430,7 @@ pub fn open(
             })?,
     };
     let sslverify = node.take_bool("sslverify")?.unwrap_or(true);
-    let cookie = node.take_str("cookie")?;
-    for key in [
-        "cookie-secret",
-        "username",
-        "password-secret",
-        "proxy-username",
-        "proxy-password-secret",
-    ] {
-        if node.take(key).is_some() {
-            return Err(SpecError::Value {
-                key: node.key_path(key),
-                expected: "nothing: vdisk's HTTP client has no authentication yet".into(),
-            }
-            .into());
-        }
-    }
+    let creds = auth::take(&mut node)?;
     node.finish(|key| SpecError::ProtocolOption {
         protocol: protocol.into(),
         key,
@@ -434,7 +447,7 @@ pub fn open(
         readahead,
         Duration::from_secs(timeout),
         sslverify,
-        cookie,
+        creds,
     )?))
 }
 

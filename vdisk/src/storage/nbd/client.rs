@@ -1,4 +1,5 @@
-//! One NBD connection: fixed-newstyle negotiation (`NBD_OPT_STRUCTURED_REPLY`,
+//! One NBD connection: fixed-newstyle negotiation (`NBD_OPT_EXTENDED_HEADERS` when the
+//! server has them, else `NBD_OPT_STRUCTURED_REPLY`;
 //! `NBD_OPT_SET_META_CONTEXT base:allocation`, `NBD_OPT_GO` with block-size
 //! constraints, `NBD_OPT_EXPORT_NAME` for servers without GO) and pipelined
 //! transmission: callers write requests under a lock, one reader thread matches replies
@@ -17,7 +18,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,10 +43,12 @@ pub struct Config {
     pub timeout: Duration,
     /// How long to keep retrying a refused connection (zero: try once).
     pub open_timeout: Duration,
-    /// Requests in flight at once.
+    /// Requests in flight at once (per connection).
     pub max_in_flight: usize,
     /// TLS (`tls-creds`): `NBD_OPT_STARTTLS` comes first, the rest goes over TLS.
     pub tls: Option<super::tls::ClientTls>,
+    /// Connections to open when the server advertises CAN_MULTI_CONN (1: one).
+    pub connections: usize,
 }
 
 /// What negotiation learned about the export.
@@ -63,6 +66,9 @@ pub struct ExportInfo {
     pub max_block: u32,
     /// Structured replies are on.
     pub structured: bool,
+    /// Extended headers are on (64-bit request and reply headers; every reply is
+    /// structured; block status comes as `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`).
+    pub extended: bool,
     /// The id of `base:allocation`, when the server has it.
     pub alloc_context: Option<u32>,
 }
@@ -175,6 +181,7 @@ fn opt_name(opt: u32) -> &'static str {
         proto::OPT_GO => "go",
         proto::OPT_INFO => "info",
         proto::OPT_STRUCTURED_REPLY => "structured reply",
+        proto::OPT_EXTENDED_HEADERS => "extended headers",
         proto::OPT_SET_META_CONTEXT => "set meta context",
         proto::OPT_STARTTLS => "starttls",
         _ => "unknown",
@@ -261,13 +268,27 @@ fn negotiate(s: &mut Sock, cfg: &Config) -> io::Result<ExportInfo> {
         ));
     }
 
-    send_opt(s, proto::OPT_STRUCTURED_REPLY, &[])?;
-    let (typ, data) = read_opt_reply(s, proto::OPT_STRUCTURED_REPLY)?;
-    let structured = match typ {
+    // Extended headers first (they imply structured replies); a server without them
+    // answers with an error (ERR_UNSUP) and negotiation goes on.
+    send_opt(s, proto::OPT_EXTENDED_HEADERS, &[])?;
+    let (typ, data) = read_opt_reply(s, proto::OPT_EXTENDED_HEADERS)?;
+    let extended = match typ {
         proto::REP_ACK => true,
         t if t & proto::REP_ERR != 0 => false,
-        t => return Err(opt_error(proto::OPT_STRUCTURED_REPLY, t, &data)),
+        t => return Err(opt_error(proto::OPT_EXTENDED_HEADERS, t, &data)),
     };
+    let structured = extended || {
+        send_opt(s, proto::OPT_STRUCTURED_REPLY, &[])?;
+        let (typ, data) = read_opt_reply(s, proto::OPT_STRUCTURED_REPLY)?;
+        match typ {
+            proto::REP_ACK => true,
+            t if t & proto::REP_ERR != 0 => false,
+            t => return Err(opt_error(proto::OPT_STRUCTURED_REPLY, t, &data)),
+        }
+    };
+    tracing::debug!(
+        "NBD negotiation: extended headers {extended}, structured replies {structured}"
+    );
 
     let mut alloc_context = None;
     if structured {
@@ -312,6 +333,7 @@ fn negotiate(s: &mut Sock, cfg: &Config) -> io::Result<ExportInfo> {
         pref_block: 4096,
         max_block: proto::MAX_PAYLOAD,
         structured,
+        extended,
         alloc_context,
     };
     let mut have_export = false;
@@ -689,13 +711,16 @@ impl Connection {
             }
             sh.pending.insert(cookie, Arc::clone(&slot));
         }
-        let mut h = Buf::with_capacity(28);
-        h.u32(proto::REQUEST_MAGIC)
-            .u16(flags)
-            .u16(typ)
-            .u64(cookie)
-            .u64(offset)
-            .u32(len);
+        let mut h = Buf::with_capacity(32);
+        proto::request_header(
+            &mut h,
+            self.info.extended,
+            flags,
+            typ,
+            cookie,
+            offset,
+            len as u64,
+        );
         let mut w = lock(&self.writer);
         let r = w.write_all(&h.0).and_then(|_| match payload {
             Some(p) => w.write_all(p),
@@ -745,48 +770,137 @@ impl Connection {
         let s = self.submit(req)?;
         self.wait(&s)
     }
+}
 
-    /// Several requests in flight at once, each waited for in order; the first error
-    /// is returned after all have finished (so no reply lands in a buffer later).
-    pub fn call_many<'a>(
-        &self,
-        reqs: impl Iterator<Item = Request<'a>>,
-        mut each: impl FnMut(usize, Reply),
-    ) -> io::Result<()> {
-        let mut slots: std::collections::VecDeque<(usize, Arc<Slot>)> = Default::default();
-        let mut first_err = None;
-        for (i, req) in reqs.enumerate() {
-            // Keep the window full but never ask for more room than it has.
-            if slots.len() >= self.inner.max_in_flight {
-                if let Some((j, s)) = slots.pop_front() {
-                    match self.wait(&s) {
-                        Ok(r) => each(j, r),
-                        Err(e) => {
-                            first_err.get_or_insert(e);
-                        }
+/// Sends `reqs` over `conns` in turn from `start` (request `i` on connection
+/// `(start + i) % n`), keeping every connection's window full, and hands each reply to
+/// `each` in request order; the first error is returned after every request sent has
+/// finished (so no reply lands in a buffer later).
+fn pipelined<'a>(
+    conns: &[Connection],
+    start: usize,
+    reqs: impl Iterator<Item = Request<'a>>,
+    mut each: impl FnMut(usize, Reply),
+) -> io::Result<()> {
+    let n = conns.len().max(1);
+    let window: usize = conns.iter().map(|c| c.inner.max_in_flight).sum();
+    let mut slots: std::collections::VecDeque<(usize, &Connection, Arc<Slot>)> = Default::default();
+    let mut first_err = None;
+    for (i, req) in reqs.enumerate() {
+        // Keep the windows full but never ask for more room than they have.
+        if slots.len() >= window {
+            if let Some((j, c, s)) = slots.pop_front() {
+                match c.wait(&s) {
+                    Ok(r) => each(j, r),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
                     }
                 }
             }
-            if first_err.is_some() {
+        }
+        if first_err.is_some() {
+            break;
+        }
+        let Some(c) = conns.get((start + i) % n) else {
+            break;
+        };
+        match c.submit(req) {
+            Ok(s) => slots.push_back((i, c, s)),
+            Err(e) => {
+                first_err = Some(e);
                 break;
             }
-            match self.submit(req) {
-                Ok(s) => slots.push_back((i, s)),
-                Err(e) => {
-                    first_err = Some(e);
-                    break;
+        }
+    }
+    for (i, c, s) in slots {
+        match c.wait(&s) {
+            Ok(r) => each(i, r),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Most connections one export is opened with.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// The connections to one export: one, or several when the server advertises
+/// `NBD_FLAG_CAN_MULTI_CONN` and the caller asked for more ([`Config::connections`]).
+/// Requests go round-robin over them; a pipelined batch is spread over all. A flush on
+/// any connection makes the writes completed on every connection durable: that is what
+/// CAN_MULTI_CONN promises (proto.md), and without it only one connection is opened.
+#[derive(Debug)]
+pub struct Pool {
+    conns: Vec<Connection>,
+    next: AtomicUsize,
+    /// What negotiation found (the same on every connection).
+    pub info: ExportInfo,
+}
+
+impl Pool {
+    /// Connects (the first connection's failure is the error); further connections
+    /// that fail or negotiate something else are dropped with a warning.
+    pub fn open(cfg: &Config) -> io::Result<Pool> {
+        let first = Connection::open(cfg)?;
+        let info = first.info;
+        let mut conns = vec![first];
+        let want = cfg.connections.clamp(1, MAX_CONNECTIONS);
+        if want > 1 && info.has(proto::TFLAG_CAN_MULTI_CONN) {
+            while conns.len() < want {
+                match Connection::open(cfg) {
+                    Ok(c) if c.info == info => conns.push(c),
+                    Ok(c) => {
+                        tracing::warn!(
+                            "NBD connection {} negotiated {:?}, not {:?}: not used",
+                            conns.len() + 1,
+                            c.info,
+                            info
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("NBD connection {}: {e}: not used", conns.len() + 1);
+                        break;
+                    }
                 }
             }
         }
-        for (i, s) in slots {
-            match self.wait(&s) {
-                Ok(r) => each(i, r),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
+        tracing::debug!("NBD export open with {} connection(s)", conns.len());
+        Ok(Pool {
+            conns,
+            next: AtomicUsize::new(0),
+            info,
+        })
+    }
+
+    /// How many connections are open.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn turn(&self, n: usize) -> usize {
+        self.next.fetch_add(n.max(1), Ordering::Relaxed) % self.conns.len().max(1)
+    }
+
+    /// Sends a request on the next connection and waits for its reply.
+    pub fn call(&self, req: Request<'_>) -> io::Result<Reply> {
+        match self.conns.get(self.turn(1)) {
+            Some(c) => c.call(req),
+            None => Err(io::Error::other("no NBD connection")),
         }
-        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Several requests in flight at once, spread over every connection, each waited
+    /// for in order (see [`pipelined`]).
+    pub fn call_many<'a>(
+        &self,
+        reqs: impl Iterator<Item = Request<'a>>,
+        each: impl FnMut(usize, Reply),
+    ) -> io::Result<()> {
+        let start = self.turn(1);
+        pipelined(&self.conns, start, reqs, each)
     }
 }
 
@@ -794,13 +908,8 @@ impl Drop for Connection {
     fn drop(&mut self) {
         let alive = lock(&self.inner.shared).dead.is_none();
         if alive {
-            let mut h = Buf::with_capacity(28);
-            h.u32(proto::REQUEST_MAGIC)
-                .u16(0)
-                .u16(proto::CMD_DISC)
-                .u64(0)
-                .u64(0)
-                .u32(0);
+            let mut h = Buf::with_capacity(32);
+            proto::request_header(&mut h, self.info.extended, 0, proto::CMD_DISC, 0, 0, 0);
             let _ = lock(&self.writer).write_all(&h.0);
         }
         self.inner.kill("the NBD connection was closed".into());
@@ -817,7 +926,7 @@ impl Drop for Connection {
 /// dropped: the first ones answer the query).
 const MAX_EXTENTS: usize = 4096;
 /// Largest non-data chunk payload accepted.
-const MAX_CHUNK: u32 = 1 << 20;
+const MAX_CHUNK: u64 = 1 << 20;
 /// Most chunks one READ may arrive in.
 const MAX_READ_CHUNKS: usize = 1 << 16;
 
@@ -866,7 +975,8 @@ fn errno_error(e: u32) -> io::Error {
 fn read_reply(inner: &Inner, r: &mut impl Read, info: &ExportInfo) -> io::Result<()> {
     let magic = proto::read_u32(r)?;
     match magic {
-        proto::SIMPLE_REPLY_MAGIC => {
+        // With extended headers every reply is an extended chunk.
+        proto::SIMPLE_REPLY_MAGIC if !info.extended => {
             let error = proto::read_u32(r)?;
             let cookie = proto::read_u64(r)?;
             let slot = find(inner, cookie)?;
@@ -891,11 +1001,19 @@ fn read_reply(inner: &Inner, r: &mut impl Read, info: &ExportInfo) -> io::Result
             retire(inner, cookie, &slot, None);
             Ok(())
         }
-        proto::STRUCTURED_REPLY_MAGIC if info.structured => {
+        proto::STRUCTURED_REPLY_MAGIC | proto::EXTENDED_REPLY_MAGIC
+            if info.structured && (magic == proto::EXTENDED_REPLY_MAGIC) == info.extended =>
+        {
             let flags = proto::read_u16(r)?;
             let typ = proto::read_u16(r)?;
             let cookie = proto::read_u64(r)?;
-            let len = proto::read_u32(r)?;
+            let len = if info.extended {
+                // The request's offset (or 0) comes first; the chunk says its own.
+                let _offset = proto::read_u64(r)?;
+                proto::read_u64(r)?
+            } else {
+                proto::read_u32(r)? as u64
+            };
             let done = flags & proto::REPLY_FLAG_DONE != 0;
             let slot = find(inner, cookie)?;
             chunk(&slot, typ, len, r, info)?;
@@ -953,7 +1071,7 @@ fn complete(slot: &Slot, st: &mut SlotState) -> Option<io::Error> {
     }
 }
 
-fn chunk(slot: &Slot, typ: u16, len: u32, r: &mut impl Read, info: &ExportInfo) -> io::Result<()> {
+fn chunk(slot: &Slot, typ: u16, len: u64, r: &mut impl Read, info: &ExportInfo) -> io::Result<()> {
     let cmd = proto::cmd_name(slot.typ);
     match typ {
         proto::REPLY_TYPE_NONE => {
@@ -971,7 +1089,7 @@ fn chunk(slot: &Slot, typ: u16, len: u32, r: &mut impl Read, info: &ExportInfo) 
             }
             let off = proto::read_u64(r)?;
             let n = if data {
-                (len - 8) as u64
+                len - 8
             } else {
                 proto::read_u32(r)? as u64
             };
@@ -1005,6 +1123,48 @@ fn chunk(slot: &Slot, typ: u16, len: u32, r: &mut impl Read, info: &ExportInfo) 
             }
             st.covered.push((rel, n));
         }
+        proto::REPLY_TYPE_BLOCK_STATUS | proto::REPLY_TYPE_BLOCK_STATUS_EXT
+            if (typ == proto::REPLY_TYPE_BLOCK_STATUS_EXT) != info.extended =>
+        {
+            return Err(proto_err(format!(
+                "block status chunk type {typ} with extended headers {}",
+                if info.extended { "on" } else { "off" }
+            )))
+        }
+        proto::REPLY_TYPE_BLOCK_STATUS_EXT => {
+            if !matches!(slot.kind, Kind::BlockStatus) {
+                return Err(proto_err(format!(
+                    "block status chunk in the reply to {cmd}"
+                )));
+            }
+            if len < 24 || !(len - 8).is_multiple_of(16) || len > 64 << 20 {
+                return Err(proto_err(format!("block status chunk of {len} bytes")));
+            }
+            let ctx = proto::read_u32(r)?;
+            let count = proto::read_u32(r)? as u64;
+            if count != (len - 8) / 16 {
+                return Err(proto_err(format!(
+                    "block status chunk of {len} bytes says {count} descriptors"
+                )));
+            }
+            let mut st = lock(&slot.state);
+            let keep = Some(ctx) == info.alloc_context;
+            for _ in 0..count {
+                let l = proto::read_u64(r)?;
+                let f = proto::read_u64(r)?;
+                if l == 0 {
+                    return Err(proto_err("block status descriptor of length 0"));
+                }
+                if keep && st.reply.extents.len() < MAX_EXTENTS {
+                    // Our requests are at most 4 GiB, so a longer extent only says
+                    // the status goes on past the request; base:allocation's flags
+                    // are the low bits.
+                    st.reply
+                        .extents
+                        .push((l.min(u32::MAX as u64) as u32, f as u32));
+                }
+            }
+        }
         proto::REPLY_TYPE_BLOCK_STATUS => {
             if !matches!(slot.kind, Kind::BlockStatus) {
                 return Err(proto_err(format!(
@@ -1031,13 +1191,13 @@ fn chunk(slot: &Slot, typ: u16, len: u32, r: &mut impl Read, info: &ExportInfo) 
                 return Err(proto_err(format!("error chunk of {len} bytes")));
             }
             let e = proto::read_u32(r)?;
-            let mlen = proto::read_u16(r)? as u32;
+            let mlen = proto::read_u16(r)? as u64;
             if mlen + 6 > len {
                 return Err(proto_err("error chunk message longer than the chunk"));
             }
             let mut msg = vec![0; mlen as usize];
             r.read_exact(&mut msg)?;
-            proto::skip(r, (len - 6 - mlen) as u64)?;
+            proto::skip(r, len - 6 - mlen)?;
             let err = errno_error(e);
             if err.kind() == io::ErrorKind::InvalidData {
                 return Err(err);
@@ -1072,6 +1232,7 @@ mod tests {
             pref_block: 4096,
             max_block: 1 << 25,
             structured: true,
+            extended: false,
             alloc_context: None,
         };
         assert_eq!(check_info(ok).unwrap().max_block, proto::MAX_PAYLOAD);
@@ -1122,12 +1283,13 @@ mod tests {
             pref_block: 4096,
             max_block: 1 << 20,
             structured: true,
+            extended: false,
             alloc_context: Some(7),
         }
     }
 
     /// Hands the reader's chunk parser one chunk of type `typ` and length `len`.
-    fn feed(s: &Slot, typ: u16, len: u32, b: &Buf) -> io::Result<()> {
+    fn feed(s: &Slot, typ: u16, len: u64, b: &Buf) -> io::Result<()> {
         chunk(s, typ, len, &mut &b.0[..], &info())
     }
 
@@ -1178,5 +1340,56 @@ mod tests {
         b.u32(proto::EIO).u16(20);
         assert!(feed(&s, proto::REPLY_TYPE_ERROR, 6, &b).is_err());
         assert!(chunk(&s, 77, 0, &mut &[][..], &info()).is_err());
+    }
+
+    #[test]
+    fn block_status_ext_only_with_extended_headers() {
+        let ext = ExportInfo {
+            extended: true,
+            ..info()
+        };
+        let s = slot(Kind::BlockStatus, 0, 8192);
+        let mut b = Buf::default();
+        b.u32(7).u32(2).u64(4096).u64(3).u64(1 << 40).u64(0);
+        chunk(
+            &s,
+            proto::REPLY_TYPE_BLOCK_STATUS_EXT,
+            40,
+            &mut &b.0[..],
+            &ext,
+        )
+        .unwrap();
+        assert_eq!(
+            s.state.lock().unwrap().reply.extents,
+            [(4096, 3), (u32::MAX, 0)]
+        );
+        // A count that disagrees with the length, a zero-length descriptor.
+        let mut b = Buf::default();
+        b.u32(7).u32(3).u64(4096).u64(3);
+        let e = chunk(
+            &s,
+            proto::REPLY_TYPE_BLOCK_STATUS_EXT,
+            24,
+            &mut &b.0[..],
+            &ext,
+        );
+        assert!(e.unwrap_err().to_string().contains("says 3 descriptors"));
+        let mut b = Buf::default();
+        b.u32(7).u32(1).u64(0).u64(3);
+        assert!(chunk(
+            &s,
+            proto::REPLY_TYPE_BLOCK_STATUS_EXT,
+            24,
+            &mut &b.0[..],
+            &ext
+        )
+        .is_err());
+        // The compact form with extended headers on, and the extended one without.
+        let mut b = Buf::default();
+        b.u32(7).u32(4096).u32(3);
+        assert!(chunk(&s, proto::REPLY_TYPE_BLOCK_STATUS, 12, &mut &b.0[..], &ext).is_err());
+        let mut b = Buf::default();
+        b.u32(7).u32(1).u64(4096).u64(3);
+        assert!(feed(&s, proto::REPLY_TYPE_BLOCK_STATUS_EXT, 24, &b).is_err());
     }
 }

@@ -49,6 +49,7 @@ pub static PROTOCOL: Protocol = Protocol {
         "reconnect-delay",
         "open-timeout",
         "timeout",
+        "connections",
     ],
     parse_filename,
     open: Some(storage::open),

@@ -371,6 +371,30 @@ pub fn chunk_header(
     }
 }
 
+/// Encodes a request header: 28 bytes compact (`length` must then fit 32 bits), 32
+/// bytes extended (64-bit length).
+pub fn request_header(
+    out: &mut Buf,
+    extended: bool,
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+) {
+    let magic = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    out.u32(magic).u16(flags).u16(typ).u64(cookie).u64(offset);
+    if extended {
+        out.u64(length);
+    } else {
+        out.u32(length as u32);
+    }
+}
+
 /// Encodes a simple reply header.
 pub fn simple_header(out: &mut Buf, error: u32, cookie: u64) {
     out.u32(SIMPLE_REPLY_MAGIC).u32(error).u64(cookie);
@@ -442,6 +466,26 @@ mod tests {
             .u64(1 << 40);
         let r = read_request(&mut &b.0[..], true).unwrap();
         assert_eq!(r.length, 1 << 40);
+    }
+
+    #[test]
+    fn request_headers_round_trip_both_sizes() {
+        for ext in [false, true] {
+            let mut b = Buf::default();
+            request_header(&mut b, ext, CMD_FLAG_FUA, CMD_WRITE, 9, 1 << 33, 4096);
+            assert_eq!(b.0.len(), if ext { 32 } else { 28 });
+            let r = read_request(&mut &b.0[..], ext).unwrap();
+            assert_eq!(
+                r,
+                Request {
+                    flags: CMD_FLAG_FUA,
+                    typ: CMD_WRITE,
+                    cookie: 9,
+                    offset: 1 << 33,
+                    length: 4096
+                }
+            );
+        }
     }
 
     #[test]

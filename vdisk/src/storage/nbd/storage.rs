@@ -1,13 +1,13 @@
 //! [`NbdStorage`]: an NBD export as a [`Storage`], and the protocol's `open`.
 //!
-//! Reads and writes are split at the server's maximum block size and pipelined on one
-//! connection; reads past the end of the export read as zeroes (as a file's do),
+//! Reads and writes are split at the server's maximum block size and pipelined (over
+//! several connections with the `connections` key and a CAN_MULTI_CONN server); reads past the end of the export read as zeroes (as a file's do),
 //! writes past it fail (an export cannot grow). `punch_hole` is `WRITE_ZEROES` that
 //! may unmap (never `TRIM`: a trimmed range need not read as zeroes); write-through
 //! cache modes send writes with FUA. Block status comes from `base:allocation`; the
 //! last reply is kept so a walk over an image asks once per reply, not per extent.
 
-use super::client::{Address, Config, Connection, ExportInfo, Request};
+use super::client::{Address, Config, ExportInfo, Pool, Request};
 use super::proto;
 use crate::storage::options::{Node, SpecError};
 use crate::storage::registry::ProtocolOpen;
@@ -28,7 +28,7 @@ type Runs = (u64, Vec<(u64, bool)>);
 /// An NBD export.
 #[derive(Debug)]
 pub struct NbdStorage {
-    conn: Connection,
+    conn: Pool,
     name: String,
     read_only: bool,
     fua: bool,
@@ -46,7 +46,7 @@ impl NbdStorage {
     /// Connects to the export `cfg` names; `name` is how messages name it.
     pub fn connect(cfg: &Config, name: String, ctx: &ProtocolOpen) -> StorageResult<NbdStorage> {
         // The caller names the image ("Could not open 'NAME': …"); the reason follows.
-        let conn = Connection::open(cfg).map_err(StorageError::from)?;
+        let conn = Pool::open(cfg).map_err(StorageError::from)?;
         let info = conn.info;
         if !ctx.read_only && info.has(proto::TFLAG_READ_ONLY) {
             return Err(StorageError::from(io::Error::new(
@@ -69,6 +69,11 @@ impl NbdStorage {
     /// What negotiation found.
     pub fn info(&self) -> ExportInfo {
         self.conn.info
+    }
+
+    /// How many connections to the export are open.
+    pub fn connections(&self) -> usize {
+        self.conn.connections()
     }
 
     fn err(&self, op: StorageOp, offset: u64, e: io::Error) -> StorageError {
@@ -397,6 +402,25 @@ fn seconds(node: &mut Node, key: &str) -> Result<Option<Duration>, SpecError> {
     Ok(Some(Duration::from_secs_f64(s)))
 }
 
+/// vdisk's own `connections` key (QEMU's nbd client has none; nbdcopy's
+/// `--connections`): how many connections to open when the server advertises
+/// CAN_MULTI_CONN. Default 1, as QEMU.
+fn connections(node: &mut Node) -> Result<usize, SpecError> {
+    let Some(v) = node.take_scalar("connections")? else {
+        return Ok(1);
+    };
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=super::client::MAX_CONNECTIONS).contains(n))
+        .ok_or_else(|| SpecError::Value {
+            key: node.key_path("connections"),
+            expected: format!(
+                "a number of connections from 1 to {}",
+                super::client::MAX_CONNECTIONS
+            ),
+        })
+}
+
 /// The protocol's open: QEMU's keys → a connected [`NbdStorage`].
 pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
     let typ = node.take_str("server.type")?;
@@ -452,6 +476,7 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
     let timeout = seconds(&mut node, "timeout")?
         .filter(|t| !t.is_zero())
         .unwrap_or(DEFAULT_TIMEOUT);
+    let connections = connections(&mut node)?;
     node.finish(|key| SpecError::ProtocolOption {
         protocol: super::PROTOCOL.name.into(),
         key,
@@ -464,6 +489,7 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         open_timeout,
         max_in_flight: IN_FLIGHT,
         tls,
+        connections,
     };
     Ok(Arc::new(NbdStorage::connect(&cfg, name, ctx)?))
 }
