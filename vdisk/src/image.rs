@@ -285,7 +285,11 @@ impl Image {
 
     /// Creates an image file at `path` (truncating an existing file).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
-        let target = create_target(path.as_ref())?;
+        let remote = remote_target(path.as_ref())?;
+        let target = match remote {
+            Some(_) => path.as_ref().to_path_buf(),
+            None => create_target(path.as_ref())?,
+        };
         let path = target.as_path();
         let mut backing = None;
         let mut parent = None;
@@ -344,6 +348,9 @@ impl Image {
             });
         }
         let size = size.ok_or(Invalid::NeedsSize)?;
+        if let Some(node) = remote {
+            return create_remote(node, opts, size, backing, parent);
+        }
         let fo = OpenFileOptions {
             read_only: false,
             cache: CacheMode::Writeback,
@@ -919,6 +926,60 @@ impl SnapshotParam {
         }
         Ok(SnapshotParam::Exact { id, name })
     }
+}
+
+/// The protocol node of a new image's name when it is storage other than a host file
+/// that can take a new image (an S3 object); `None` for host files and for protocols
+/// that cannot (refused by [`create_target`]).
+fn remote_target(path: &Path) -> Result<Option<Node>> {
+    let Some(name) = path.to_str().filter(|n| !spec::is_plain_path(n)) else {
+        return Ok(None);
+    };
+    let tree = spec::parse_filename(name)?;
+    if chain::tree_local_file(&tree).is_some() {
+        return Ok(None);
+    }
+    let node = match tree.get("file") {
+        Some(Value::Node(f)) => f.clone(),
+        _ => tree,
+    };
+    Ok(match node.get("driver") {
+        Some(Value::Str(d)) if crate::storage::registry::can_create(d) => Some(node),
+        _ => None,
+    })
+}
+
+/// Formats a new image on remote storage (no data file, no sibling files).
+fn create_remote(
+    node: Node,
+    opts: &CreateOptions,
+    size: u64,
+    backing: Option<BackingSpec>,
+    parent: Option<crate::format::FormatSpecific>,
+) -> Result<()> {
+    let storage = crate::storage::registry::open_new(
+        node,
+        &crate::storage::registry::ProtocolOpen {
+            read_only: false,
+            cache: CacheMode::Writeback,
+            lock: LockMode::Off,
+            aio: crate::storage::AioMode::Threads,
+        },
+    )?;
+    format::registry::create_with_files(
+        opts.format,
+        &storage,
+        &CreateSpec {
+            size,
+            backing,
+            options: opts.options.clone(),
+        },
+        None,
+        None,
+        None,
+        parent,
+    )?;
+    Ok(storage.flush()?)
 }
 
 /// The host file a new image goes to: a plain path, `file:NAME`, or a `json:` name

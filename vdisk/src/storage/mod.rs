@@ -8,6 +8,7 @@
 //! tree, and [`registry`] opens a protocol node with the protocol its `driver` names.
 
 pub mod blkdebug;
+mod cache;
 mod error;
 mod event;
 mod file;
@@ -18,6 +19,7 @@ pub mod nbd;
 pub mod options;
 pub mod pool;
 pub mod registry;
+pub mod s3;
 pub mod spec;
 pub mod trace;
 pub mod uri;

@@ -13,7 +13,7 @@
 //! when a protocol module is missing.
 
 use super::options::{Node, SpecError};
-use super::{blkdebug, file, http, nbd, AioMode, CacheMode, LockMode, Storage, StorageResult};
+use super::{blkdebug, file, http, nbd, s3, AioMode, CacheMode, LockMode, Storage, StorageResult};
 use std::sync::Arc;
 
 /// What a protocol's open function is given besides its node.
@@ -62,6 +62,7 @@ pub static PROTOCOLS: &[&Protocol] = &[
     &http::HTTP,
     &http::HTTPS,
     &blkdebug::PROTOCOL,
+    &s3::PROTOCOL,
 ];
 
 /// Options every node takes (QEMU's generic block options vdisk implements).
@@ -141,6 +142,37 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         .open
         .ok_or_else(|| SpecError::UnknownProtocol(proto.name.into()))?;
     open(node, &ProtocolOpen { cache, ..*ctx })
+}
+
+/// Protocols (other than host files) that can hold a new image: each opens a node as
+/// empty, writable storage for `create`/`convert` to format.
+static CREATE: &[(&str, OpenFn)] = &[(s3::PROTOCOL.name, s3::create)];
+
+/// Whether a new image can be created on the protocol named `driver` (host files
+/// are created by the image layer itself).
+pub fn can_create(driver: &str) -> bool {
+    CREATE.iter().any(|(n, _)| *n == driver)
+}
+
+/// Opens a protocol node as empty, writable storage for a new image (a protocol for
+/// which [`can_create`] is true; else [`SpecError::UnknownProtocol`]).
+pub fn open_new(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    let driver = node.take_str("driver")?.unwrap_or_default();
+    let proto = by_name(&driver).ok_or_else(|| SpecError::UnknownProtocol(driver.clone()))?;
+    let create = CREATE
+        .iter()
+        .find(|(n, _)| *n == driver)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| SpecError::UnknownProtocol(driver.clone()))?;
+    node.check_keys(
+        |k| declared(proto, k) || COMMON_OPTIONS.contains(&k),
+        |key| SpecError::ProtocolOption {
+            protocol: proto.name.into(),
+            key,
+        },
+    )?;
+    let cache = cache_options(&mut node, ctx.cache)?;
+    create(node, &ProtocolOpen { cache, ..*ctx })
 }
 
 /// The host file a protocol node names, when it is the `file` protocol: the chain

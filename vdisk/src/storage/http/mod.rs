@@ -1,10 +1,9 @@
 //! The `http` and `https` protocols' names: a URL with a host, kept whole as the
 //! `url` option (QEMU's curl driver keys).
 //!
-//! - `cache`: the bounded block cache.
+//! - the bounded block cache and its read path are `storage::cache`, shared with S3.
 //! - [`storage`]: the remote file as a read-only [`Storage`].
 
-mod cache;
 pub mod storage;
 
 pub use storage::HttpStorage;
