@@ -422,3 +422,125 @@ fn failures_are_clear_errors_naming_the_url() {
         "s3://golden/g.qcow2",
     );
 }
+
+/// A proxy on loopback in front of Garage: the first `fail` connections are answered
+/// `503 Slow Down` and closed; the others are piped through. Returns the port and the
+/// count of 503s sent.
+fn flaky_proxy(
+    upstream: u16,
+    fail: usize,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let failed = std::sync::Arc::new(AtomicUsize::new(0));
+    let f2 = failed.clone();
+    std::thread::spawn(move || {
+        // Bounded: the test's process ends the thread at the latest.
+        for (n, c) in l.incoming().take(10_000).enumerate() {
+            let Ok(mut c) = c else { continue };
+            if n < fail {
+                // Read the request head, then refuse it.
+                let mut buf = [0u8; 8192];
+                let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let _ = c.read(&mut buf);
+                let body = "<Error><Code>SlowDown</Code></Error>";
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                f2.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut a, mut b) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut a, mut b) = (up, c);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (port, failed)
+}
+
+#[test]
+fn transient_5xx_are_retried_and_a_server_killed_mid_read_is_an_error() {
+    let d = tmp();
+    let dir = d.path();
+    let mut g = Garage::start(dir);
+    golden(dir);
+    upload_bytes(dir, &g, "g.qcow2", "s3://golden/g.qcow2");
+    let (port, failed) = flaky_proxy(g.port, 3);
+    let ep = format!("http://127.0.0.1:{port}");
+    let c = ok(
+        vdisk_env(
+            dir,
+            &g,
+            &[("AWS_ENDPOINT_URL", &ep)],
+            &["compare", "s3://golden/g.qcow2", "g.qcow2"],
+        ),
+        "compare through 503s",
+    );
+    assert!(c.contains("Images are identical"), "{c}");
+    assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // Upload through 503s too.
+    let (port, failed) = flaky_proxy(g.port, 2);
+    let ep = format!("http://127.0.0.1:{port}");
+    ok(
+        vdisk_env(
+            dir,
+            &g,
+            &[("AWS_ENDPOINT_URL", &ep)],
+            &["convert", "-O", "qcow2", "g.qcow2", "s3://golden/up.qcow2"],
+        ),
+        "upload through 503s",
+    );
+    assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 2);
+    ok(
+        vdisk(dir, &g, &["compare", "s3://golden/up.qcow2", "g.qcow2"]),
+        "compare upload",
+    );
+    // A bigger object, and the server killed while it is read: either the copy
+    // finished first (and is right) or it fails naming the object; never a hang.
+    let big: Vec<u8> = pattern(48 << 20, 9);
+    std::fs::write(p(dir, "big.raw"), &big).unwrap();
+    upload_bytes(dir, &g, "big.raw", "s3://golden/big.raw");
+    let child = Command::new("timeout")
+        .arg("120")
+        .arg(VDISK)
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "s3://golden/big.raw",
+            "big.out",
+        ])
+        .envs(g.env())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    g.stop();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    match o.status.code() {
+        Some(0) => assert!(std::fs::read(p(dir, "big.out")).unwrap() == big),
+        Some(1) => assert!(err.contains("s3://golden/big.raw"), "{err}"),
+        c => panic!("exit {c:?} (124 = hung): {err}"),
+    }
+}
