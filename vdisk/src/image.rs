@@ -890,7 +890,12 @@ impl Image {
         // The driver closes even if a hook failed; the first error is reported.
         let hooks = self.hooks.iter().try_for_each(|h| h.close());
         let driver = self.driver.close();
-        hooks.and(driver)
+        // Then the storage (an S3 object uploads its spool), only after a clean close.
+        let storage = match driver {
+            Ok(()) => self.driver.storage().close().map_err(Error::from),
+            Err(_) => Ok(()),
+        };
+        hooks.and(driver).and(storage)
     }
 }
 
@@ -961,7 +966,8 @@ fn create_remote(
         node,
         &crate::storage::registry::ProtocolOpen {
             read_only: false,
-            cache: CacheMode::Writeback,
+            // Uploaded once, at the close below, not at each of create's flushes.
+            cache: CacheMode::Unsafe,
             lock: LockMode::Off,
             aio: crate::storage::AioMode::Threads,
         },
@@ -979,7 +985,7 @@ fn create_remote(
         None,
         parent,
     )?;
-    Ok(storage.flush()?)
+    Ok(storage.close()?)
 }
 
 /// The host file a new image goes to: a plain path, `file:NAME`, or a `json:` name

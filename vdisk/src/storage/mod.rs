@@ -210,6 +210,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn exact_filename(&self) -> Option<String> {
         None
     }
+    /// The image is closed (its format wrote everything back and flushed): storage that
+    /// holds writes elsewhere until the end (an S3 object's local spool) finishes them
+    /// now; an error means they are lost. The default does nothing.
+    fn close(&self) -> StorageResult<()> {
+        Ok(())
+    }
     /// A format announces the step whose I/O comes next ([`BlkEvent`]); only the
     /// fault-injecting `blkdebug` storage acts on it.
     fn event(&self, _event: BlkEvent) {}

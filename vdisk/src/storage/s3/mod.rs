@@ -74,13 +74,13 @@ fn client(mut node: Node) -> StorageResult<client::Client> {
 }
 
 fn open(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
-    storage::open(client(node)?, ctx.read_only, false)
+    storage::open(client(node)?, ctx.read_only, false, ctx.cache)
 }
 
 /// Opens a node's object as a new, empty image (the target of `create`/`convert`);
-/// it is uploaded when flushed.
-pub fn create(node: Node, _ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
-    storage::open(client(node)?, false, true)
+/// it is uploaded when flushed (unless `cache=unsafe`) and when closed.
+pub fn create(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    storage::open(client(node)?, false, true, ctx.cache)
 }
 
 #[cfg(test)]

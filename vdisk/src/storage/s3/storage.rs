@@ -38,6 +38,8 @@ const BYPASS: u64 = 1 << 20;
 pub struct S3Storage {
     client: Client,
     mode: Mode,
+    /// `cache=unsafe`: flushes do not upload (the close does).
+    ignore_flush: bool,
 }
 
 #[derive(Debug)]
@@ -73,12 +75,13 @@ impl S3Storage {
                 size,
                 cache: BlockCache::new(BLOCK, (CACHE_BYTES / BLOCK) as usize),
             },
+            ignore_flush: false,
         })
     }
 
     /// Opens the object for writing: its contents (if `keep` and it exists) in a new
     /// spool file. Without `keep` the image starts empty (a create).
-    pub fn open_write(client: Client, keep: bool) -> StorageResult<S3Storage> {
+    pub fn open_write(client: Client, keep: bool, cache: CacheMode) -> StorageResult<S3Storage> {
         let open_err = StorageError::from;
         // Checks the bucket and the credentials before anything is spooled.
         let existing = client.size().map_err(open_err)?;
@@ -93,6 +96,7 @@ impl S3Storage {
                 dirty: AtomicBool::new(!keep || existing.is_none()),
                 upload: Mutex::new(()),
             }),
+            ignore_flush: cache.ignore_flush(),
         })
     }
 
@@ -153,6 +157,28 @@ fn spool_file() -> StorageResult<FileStorage> {
     ))
 }
 
+impl S3Storage {
+    /// Uploads the spool if it changed since the last upload.
+    fn upload(&self) -> StorageResult<()> {
+        let Mode::Write(s) = &self.mode else {
+            return Ok(());
+        };
+        let _one = s.upload.lock().unwrap_or_else(|p| p.into_inner());
+        if !s.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = s.file.len().and_then(|len| {
+            upload::upload(&self.client, &s.file, len)
+                .map_err(|e| StorageError::op(StorageOp::Flush, self.client.url(), None, e))
+        });
+        if r.is_err() {
+            // Still to be uploaded.
+            s.dirty.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
 impl Storage for S3Storage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
         match &self.mode {
@@ -183,22 +209,17 @@ impl Storage for S3Storage {
     }
 
     fn flush(&self) -> StorageResult<()> {
-        let Mode::Write(s) = &self.mode else {
-            return Ok(());
-        };
-        let _one = s.upload.lock().unwrap_or_else(|p| p.into_inner());
-        if !s.dirty.swap(false, Ordering::AcqRel) {
+        // With `cache=unsafe` (convert's default for its target) flushes are skipped
+        // and the close uploads once; otherwise a flush makes the writes durable,
+        // which here means uploading them.
+        if self.ignore_flush {
             return Ok(());
         }
-        let r = s.file.len().and_then(|len| {
-            upload::upload(&self.client, &s.file, len)
-                .map_err(|e| StorageError::op(StorageOp::Flush, self.client.url(), None, e))
-        });
-        if r.is_err() {
-            // Still to be uploaded.
-            s.dirty.store(true, Ordering::Release);
-        }
-        r
+        self.upload()
+    }
+
+    fn close(&self) -> StorageResult<()> {
+        self.upload()
     }
 
     fn len(&self) -> StorageResult<u64> {
@@ -269,10 +290,15 @@ impl Drop for S3Storage {
 }
 
 /// Opens a node's object (the protocol's open; `create`: a new, empty image).
-pub fn open(client: Client, read_only: bool, create: bool) -> StorageResult<Arc<dyn Storage>> {
+pub fn open(
+    client: Client,
+    read_only: bool,
+    create: bool,
+    cache: CacheMode,
+) -> StorageResult<Arc<dyn Storage>> {
     Ok(Arc::new(if read_only {
         S3Storage::open_read(client)?
     } else {
-        S3Storage::open_write(client, !create)?
+        S3Storage::open_write(client, !create, cache)?
     }))
 }
