@@ -10,7 +10,7 @@
 # Outputs are checked against the source once per tool. Scratch files (and Garage's
 # data) go to BENCH_TMP (default /dev/shm, so the disk does not set the pace).
 #
-# Usage: bench/s3.sh        RUNS=5 SIZE_MB=1024 bench/s3.sh
+# Usage: bench/s3.sh        RUNS=5 SIZE_MB=1024 VDISK=/path/to/vdisk bench/s3.sh
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,8 +21,11 @@ for t in garage qemu-img curl python3 openssl /usr/bin/time; do
   command -v "$t" >/dev/null || { echo "bench/s3.sh: $t is required" >&2; exit 1; }
 done
 
-(cd "$ROOT" && cargo build --release -q -p vdisk-cli)
-VDISK=$ROOT/target/release/vdisk
+# VDISK: a vdisk binary to measure (default: build the tree's).
+if [ -z "${VDISK:-}" ]; then
+  (cd "$ROOT" && cargo build --release -q -p vdisk-cli)
+  VDISK=$ROOT/target/release/vdisk
+fi
 
 W=$(mktemp -d "${BENCH_TMP:-/dev/shm}/bench-s3.XXXXXX")
 GPID=""

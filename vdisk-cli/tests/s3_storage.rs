@@ -123,6 +123,29 @@ fn golden_image_in_a_bucket_reads_like_the_local_file() {
         "vdisk io",
     );
     assert!(!r.contains("failed") && !r.contains("mismatch"), "{r}");
+    // serve, read-only: qemu-img reads the export as the local file.
+    let sock = p(dir, "s.sock");
+    let mut srv = Command::new(VDISK)
+        .args(["serve", "-r", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg(url)
+        .envs(g.env())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !sock.exists() && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let nbd = format!("nbd+unix:///?socket={}", sock.display());
+    let c = qemu_img(dir, &["compare", &nbd, "g.qcow2"]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let c = ok(c, "qemu-img compare with vdisk serve over s3");
+    assert!(c.contains("Images are identical"), "{c}");
     // The same through json: and --image-opts, credentials from a secret.
     let j = format!(
         r#"json:{{"driver":"qcow2","file":{{"driver":"s3","bucket":"golden","key":"images/g.qcow2","endpoint":"{}","region":"garage","access-key-id":"{}","secret-access-key-secret":"sec0"}}}}"#,

@@ -80,6 +80,13 @@ impl Client {
                 max_retries: RETRIES,
                 retry_timeout: RETRY_TIMEOUT,
             });
+        // Over TLS the payload is protected already: skip hashing it for the signature
+        // (as the AWS CLI does over https); over plain http the signature covers it.
+        let tls = cfg
+            .endpoint
+            .as_deref()
+            .is_none_or(|e| e.starts_with("https://"));
+        b = b.with_unsigned_payload(tls);
         if let Some(e) = &cfg.endpoint {
             let e = e.trim_end_matches('/');
             // Virtual-hosted style with an endpoint puts the bucket in the host name.
