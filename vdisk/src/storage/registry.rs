@@ -123,7 +123,17 @@ pub fn cache_options(node: &mut Node, inherited: CacheMode) -> Result<CacheMode,
 
 /// Opens a protocol node: finds the protocol by `driver` (the `file` protocol when a
 /// node has only a `filename`, as QEMU), checks its keys, applies `cache.*`, opens.
-pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+pub fn open(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    open_by(node, ctx, |p| p.open)
+}
+
+/// [`open`] with the open function `pick` chooses for the protocol (`None`: it
+/// cannot, [`SpecError::UnknownProtocol`]).
+fn open_by(
+    mut node: Node,
+    ctx: &ProtocolOpen,
+    pick: impl FnOnce(&Protocol) -> Option<OpenFn>,
+) -> StorageResult<Arc<dyn Storage>> {
     let driver = match node.take_str("driver")? {
         Some(d) => d,
         None if node.contains("filename") => file::PROTOCOL.name.to_string(),
@@ -138,9 +148,7 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         },
     )?;
     let cache = cache_options(&mut node, ctx.cache)?;
-    let open = proto
-        .open
-        .ok_or_else(|| SpecError::UnknownProtocol(proto.name.into()))?;
+    let open = pick(proto).ok_or_else(|| SpecError::UnknownProtocol(proto.name.into()))?;
     open(node, &ProtocolOpen { cache, ..*ctx })
 }
 
@@ -156,23 +164,10 @@ pub fn can_create(driver: &str) -> bool {
 
 /// Opens a protocol node as empty, writable storage for a new image (a protocol for
 /// which [`can_create`] is true; else [`SpecError::UnknownProtocol`]).
-pub fn open_new(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
-    let driver = node.take_str("driver")?.unwrap_or_default();
-    let proto = by_name(&driver).ok_or_else(|| SpecError::UnknownProtocol(driver.clone()))?;
-    let create = CREATE
-        .iter()
-        .find(|(n, _)| *n == driver)
-        .map(|(_, f)| *f)
-        .ok_or_else(|| SpecError::UnknownProtocol(driver.clone()))?;
-    node.check_keys(
-        |k| declared(proto, k) || COMMON_OPTIONS.contains(&k),
-        |key| SpecError::ProtocolOption {
-            protocol: proto.name.into(),
-            key,
-        },
-    )?;
-    let cache = cache_options(&mut node, ctx.cache)?;
-    create(node, &ProtocolOpen { cache, ..*ctx })
+pub fn open_new(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    open_by(node, ctx, |p| {
+        CREATE.iter().find(|(n, _)| *n == p.name).map(|(_, f)| *f)
+    })
 }
 
 /// The host file a protocol node names, when it is the `file` protocol: the chain

@@ -55,7 +55,7 @@ impl Client {
             let pem = std::fs::read(&path).map_err(|e| {
                 StorageError::op(
                     StorageOp::Open,
-                    &std::path::Path::new(&path).display().to_string(),
+                    std::path::Path::new(&path).display().to_string(),
                     None,
                     e,
                 )

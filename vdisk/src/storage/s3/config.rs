@@ -158,7 +158,7 @@ fn from_env(var: &dyn Fn(&str) -> Option<String>) -> StorageResult<Option<Creden
         Err(e) => {
             return Err(crate::storage::StorageError::op(
                 crate::storage::StorageOp::Open,
-                &path.display().to_string(),
+                path.display().to_string(),
                 None,
                 e,
             ))

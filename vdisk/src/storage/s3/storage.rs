@@ -151,7 +151,7 @@ fn spool_file() -> StorageResult<FileStorage> {
     }
     Err(StorageError::op(
         StorageOp::Open,
-        &dir.display().to_string(),
+        dir.display().to_string(),
         None,
         io::Error::new(io::ErrorKind::AlreadyExists, "no free spool file name"),
     ))
