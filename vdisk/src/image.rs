@@ -291,7 +291,11 @@ impl Image {
 
     /// Creates an image file at `path` (truncating an existing file).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
-        let target = create_target(path.as_ref())?;
+        let remote = remote_target(path.as_ref())?;
+        let target = match remote {
+            Some(_) => path.as_ref().to_path_buf(),
+            None => create_target(path.as_ref())?,
+        };
         let path = target.as_path();
         let mut backing = None;
         let mut parent = None;
@@ -350,6 +354,9 @@ impl Image {
             });
         }
         let size = size.ok_or(Invalid::NeedsSize)?;
+        if let Some(node) = remote {
+            return create_remote(node, opts, size, backing, parent);
+        }
         let fo = OpenFileOptions {
             read_only: false,
             cache: CacheMode::Writeback,
@@ -917,7 +924,12 @@ impl Image {
         // The driver closes even if a hook failed; the first error is reported.
         let hooks = self.hooks.iter().try_for_each(|h| h.close());
         let driver = self.driver.close();
-        hooks.and(driver)
+        // Then the storage (an S3 object uploads its spool), only after a clean close.
+        let storage = match driver {
+            Ok(()) => self.driver.storage().close().map_err(Error::from),
+            Err(_) => Ok(()),
+        };
+        hooks.and(driver).and(storage)
     }
 }
 
@@ -953,6 +965,61 @@ impl SnapshotParam {
         }
         Ok(SnapshotParam::Exact { id, name })
     }
+}
+
+/// The protocol node of a new image's name when it is storage other than a host file
+/// that can take a new image (an S3 object); `None` for host files and for protocols
+/// that cannot (refused by [`create_target`]).
+fn remote_target(path: &Path) -> Result<Option<Node>> {
+    let Some(name) = path.to_str().filter(|n| !spec::is_plain_path(n)) else {
+        return Ok(None);
+    };
+    let tree = spec::parse_filename(name)?;
+    if chain::tree_local_file(&tree).is_some() {
+        return Ok(None);
+    }
+    let node = match tree.get("file") {
+        Some(Value::Node(f)) => f.clone(),
+        _ => tree,
+    };
+    Ok(match node.get("driver") {
+        Some(Value::Str(d)) if crate::storage::registry::can_create(d) => Some(node),
+        _ => None,
+    })
+}
+
+/// Formats a new image on remote storage (no data file, no sibling files).
+fn create_remote(
+    node: Node,
+    opts: &CreateOptions,
+    size: u64,
+    backing: Option<BackingSpec>,
+    parent: Option<crate::format::FormatSpecific>,
+) -> Result<()> {
+    let storage = crate::storage::registry::open_new(
+        node,
+        &crate::storage::registry::ProtocolOpen {
+            read_only: false,
+            // Uploaded once, at the close below, not at each of create's flushes.
+            cache: CacheMode::Unsafe,
+            lock: LockMode::Off,
+            aio: crate::storage::AioMode::Threads,
+        },
+    )?;
+    format::registry::create_with_files(
+        opts.format,
+        &storage,
+        &CreateSpec {
+            size,
+            backing,
+            options: opts.options.clone(),
+        },
+        None,
+        None,
+        None,
+        parent,
+    )?;
+    Ok(storage.close()?)
 }
 
 /// The host file a new image goes to: a plain path, `file:NAME`, or a `json:` name

@@ -1,6 +1,8 @@
 //! Helpers for the CLI tests: run `vdisk` and the qemu tools side by side.
 #![allow(dead_code)]
 
+pub mod garage;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -8,6 +8,7 @@
 //! tree, and [`registry`] opens a protocol node with the protocol its `driver` names.
 
 pub mod blkdebug;
+mod cache;
 mod error;
 mod event;
 mod file;
@@ -18,6 +19,7 @@ pub mod nbd;
 pub mod options;
 pub mod pool;
 pub mod registry;
+pub mod s3;
 pub mod spec;
 pub mod trace;
 pub mod uri;
@@ -207,6 +209,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// opened by.
     fn exact_filename(&self) -> Option<String> {
         None
+    }
+    /// The image is closed (its format wrote everything back and flushed): storage that
+    /// holds writes elsewhere until the end (an S3 object's local spool) finishes them
+    /// now; an error means they are lost. The default does nothing.
+    fn close(&self) -> StorageResult<()> {
+        Ok(())
     }
     /// A format announces the step whose I/O comes next ([`BlkEvent`]); only the
     /// fault-injecting `blkdebug` storage acts on it.

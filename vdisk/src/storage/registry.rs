@@ -13,7 +13,7 @@
 //! when a protocol module is missing.
 
 use super::options::{Node, SpecError};
-use super::{blkdebug, file, http, nbd, AioMode, CacheMode, LockMode, Storage, StorageResult};
+use super::{blkdebug, file, http, nbd, s3, AioMode, CacheMode, LockMode, Storage, StorageResult};
 use std::sync::Arc;
 
 /// What a protocol's open function is given besides its node.
@@ -62,6 +62,7 @@ pub static PROTOCOLS: &[&Protocol] = &[
     &http::HTTP,
     &http::HTTPS,
     &blkdebug::PROTOCOL,
+    &s3::PROTOCOL,
 ];
 
 /// Options every node takes (QEMU's generic block options vdisk implements).
@@ -122,7 +123,17 @@ pub fn cache_options(node: &mut Node, inherited: CacheMode) -> Result<CacheMode,
 
 /// Opens a protocol node: finds the protocol by `driver` (the `file` protocol when a
 /// node has only a `filename`, as QEMU), checks its keys, applies `cache.*`, opens.
-pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+pub fn open(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    open_by(node, ctx, |p| p.open)
+}
+
+/// [`open`] with the open function `pick` chooses for the protocol (`None`: it
+/// cannot, [`SpecError::UnknownProtocol`]).
+fn open_by(
+    mut node: Node,
+    ctx: &ProtocolOpen,
+    pick: impl FnOnce(&Protocol) -> Option<OpenFn>,
+) -> StorageResult<Arc<dyn Storage>> {
     let driver = match node.take_str("driver")? {
         Some(d) => d,
         None if node.contains("filename") => file::PROTOCOL.name.to_string(),
@@ -137,10 +148,26 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         },
     )?;
     let cache = cache_options(&mut node, ctx.cache)?;
-    let open = proto
-        .open
-        .ok_or_else(|| SpecError::UnknownProtocol(proto.name.into()))?;
+    let open = pick(proto).ok_or_else(|| SpecError::UnknownProtocol(proto.name.into()))?;
     open(node, &ProtocolOpen { cache, ..*ctx })
+}
+
+/// Protocols (other than host files) that can hold a new image: each opens a node as
+/// empty, writable storage for `create`/`convert` to format.
+static CREATE: &[(&str, OpenFn)] = &[(s3::PROTOCOL.name, s3::create)];
+
+/// Whether a new image can be created on the protocol named `driver` (host files
+/// are created by the image layer itself).
+pub fn can_create(driver: &str) -> bool {
+    CREATE.iter().any(|(n, _)| *n == driver)
+}
+
+/// Opens a protocol node as empty, writable storage for a new image (a protocol for
+/// which [`can_create`] is true; else [`SpecError::UnknownProtocol`]).
+pub fn open_new(node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
+    open_by(node, ctx, |p| {
+        CREATE.iter().find(|(n, _)| *n == p.name).map(|(_, f)| *f)
+    })
 }
 
 /// The host file a protocol node names, when it is the `file` protocol: the chain

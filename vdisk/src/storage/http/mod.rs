@@ -2,11 +2,10 @@
 //! `url` option (QEMU's curl driver keys).
 //!
 //! - `auth`: the credential keys (Basic authentication, cookies, proxy credentials).
-//! - `cache`: the bounded block cache.
+//! - the bounded block cache and its read path are `storage::cache`, shared with S3.
 //! - [`storage`]: the remote file as a read-only [`Storage`].
 
 mod auth;
-mod cache;
 pub mod storage;
 
 pub use storage::HttpStorage;

@@ -10,7 +10,7 @@
 //! length) before its bytes are used.
 
 use super::auth::{self, Credentials};
-use super::cache::BlockCache;
+use crate::storage::cache::{BlockCache, ReadPolicy};
 use crate::storage::options::{Node, SpecError};
 use crate::storage::registry::ProtocolOpen;
 use crate::storage::{Storage, StorageError, StorageOp, StorageResult};
@@ -185,37 +185,6 @@ impl HttpStorage {
         }
     }
 
-    /// Blocks `first..=last`, from the cache or fetched (each run of missing blocks
-    /// in GETs of at most [`MAX_FETCH`] bytes).
-    fn blocks(&self, first: u64, last: u64) -> io::Result<Vec<Arc<Vec<u8>>>> {
-        let bs = self.cache.block();
-        let per_get = (MAX_FETCH / bs).max(1);
-        let mut out = Vec::new();
-        let mut i = first;
-        while i <= last {
-            if let Some(b) = self.cache.get(i) {
-                out.push(b);
-                i += 1;
-                continue;
-            }
-            let mut end = i;
-            while end < last && end + 1 - i < per_get && self.cache.get(end + 1).is_none() {
-                end += 1;
-            }
-            let off = i * bs;
-            let len = ((end + 1) * bs).min(self.size) - off;
-            let mut data = vec![0; len as usize];
-            self.retry(|| self.get(off, &mut data))?;
-            for (k, chunk) in data.chunks(bs as usize).enumerate() {
-                let b = Arc::new(chunk.to_vec());
-                self.cache.put(i + k as u64, Arc::clone(&b));
-                out.push(b);
-            }
-            i = end + 1;
-        }
-        Ok(out)
-    }
-
     /// The retry loop's view of an answer's status; 401 names what was (not) sent.
     fn check_status(&self, status: u16) -> Result<(), Failure> {
         match status {
@@ -302,41 +271,16 @@ fn custom_roots() -> StorageResult<Option<ureq::tls::RootCerts>> {
 
 impl Storage for HttpStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> StorageResult<()> {
-        let inside = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[inside..].fill(0);
-        if inside == 0 {
-            return Ok(());
-        }
-        let bs = self.cache.block();
-        // Large reads (convert's windows) go straight into the caller's buffer: they are
-        // rarely read again, and caching them would only evict the small ones.
-        if inside as u64 >= BYPASS {
-            return self
-                .retry(|| self.get(offset, &mut buf[..inside]))
-                .map_err(|e| StorageError::op(StorageOp::Read, &self.url, Some(offset), e));
-        }
-        let first = offset / bs;
-        let last = (offset + inside as u64 - 1) / bs;
-        let blocks = self
-            .blocks(first, last)
-            .map_err(|e| StorageError::op(StorageOp::Read, &self.url, Some(offset), e))?;
-        let mut done = 0usize;
-        for (k, b) in blocks.iter().enumerate() {
-            let bstart = (first + k as u64) * bs;
-            let from = (offset + done as u64 - bstart) as usize;
-            let n = (b.len() - from.min(b.len())).min(inside - done);
-            buf[done..done + n].copy_from_slice(&b[from..from + n]);
-            done += n;
-        }
-        if done != inside {
-            return Err(StorageError::op(
-                StorageOp::Read,
-                &self.url,
-                Some(offset),
-                io::Error::new(io::ErrorKind::UnexpectedEof, "short read from the server"),
-            ));
-        }
-        Ok(())
+        let policy = ReadPolicy {
+            size: self.size,
+            max_fetch: MAX_FETCH,
+            bypass: BYPASS,
+        };
+        self.cache
+            .read(&policy, buf, offset, |off, dst| {
+                self.retry(|| self.get(off, dst))
+            })
+            .map_err(|e| StorageError::op(StorageOp::Read, &self.url, Some(offset), e))
     }
 
     fn write_at(&self, _buf: &[u8], offset: u64) -> StorageResult<()> {
