@@ -5,7 +5,7 @@
 //! offset).
 //!
 //! Files: `probe.rs` (recognising a header), `options.rs` (declared options),
-//! `create.rs` (new volumes); the header itself, key slots and ciphers are in
+//! `create.rs` (new volumes), `amend.rs` (key-slot management, also qcow2's); the header itself, key slots and ciphers are in
 //! [`crate::crypto::luks`].
 //!
 //! Guest I/O not aligned to 512 bytes is read-modify-written under a lock that aligned
@@ -13,6 +13,8 @@
 //! sector. Opened with [`DriverOptions::no_io`] and no key secret (`info`), the header is
 //! read and guest I/O fails.
 
+mod amend;
+pub(crate) use amend::amend as amend_keys;
 mod create;
 pub(crate) use create::{params as create_params, write_volume};
 pub mod options;
@@ -28,13 +30,17 @@ use crate::crypto::{secret, CryptoError, SectorCipher, SECTOR_SIZE};
 use crate::error::{Error, Invalid, Result, Unsupported, ZeroLimit};
 use crate::storage::Storage;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// An open raw LUKS volume.
 #[derive(Debug)]
 pub struct LuksVolume {
     storage: Arc<dyn Storage>,
-    luks: Luks,
+    /// The header; `amend` changes its key slots.
+    luks: Mutex<Luks>,
+    /// The id of the secret the volume was opened with (`amend` adding a slot
+    /// recovers the master key with it).
+    key_secret: Option<String>,
     payload: u64,
     size: AtomicU64,
     cipher: Option<SectorCipher>,
@@ -104,7 +110,8 @@ impl LuksVolume {
         };
         Ok(LuksVolume {
             storage,
-            luks,
+            luks: Mutex::new(luks),
+            key_secret: opts.key_secret.clone(),
             payload,
             size: AtomicU64::new(len - payload),
             cipher,
@@ -183,8 +190,8 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     open: Some(open),
     create: Some(create::create),
     create_options: CREATE_OPTIONS,
-    amend_only_options: &[],
-    amendable: false,
+    amend_only_options: options::AMEND_ONLY_OPTIONS,
+    amendable: true,
     caps: Capabilities::NONE,
 };
 
@@ -254,7 +261,27 @@ impl Driver for LuksVolume {
         })
     }
     fn encryption(&self) -> Option<EncryptionInfo> {
-        Some(EncryptionInfo::Luks(self.luks.info()))
+        Some(EncryptionInfo::Luks(
+            self.luks.lock().unwrap_or_else(|p| p.into_inner()).info(),
+        ))
+    }
+    fn amend(
+        &self,
+        opts: &super::options::OptionValues,
+        force: bool,
+        _status: &dyn Fn(u64, u64),
+    ) -> Result<()> {
+        self.writable()?;
+        let mut l = self.luks.lock().unwrap_or_else(|p| p.into_inner());
+        amend::amend(
+            &*self.storage,
+            0,
+            &mut l,
+            opts,
+            "",
+            self.key_secret.as_deref(),
+            force,
+        )
     }
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
         self.writable()?;
