@@ -46,8 +46,9 @@ pub struct Luks {
     pub area: u64,
 }
 
-/// Maps a header's cipher name and key size to an algorithm (QEMU's table: `aes` with
-/// 16/24/32-byte keys per cipher; XTS keys are twice that).
+/// Maps a header's cipher name and key size to an algorithm (QEMU's table: `aes`,
+/// `serpent`, `twofish` with 16/24/32-byte keys, `cast5` with 16; XTS keys are twice
+/// that).
 fn cipher_alg(name: &str, mode: CipherMode, key_bytes: u32) -> Result<CipherAlg, CryptoError> {
     let per = if mode == CipherMode::Xts {
         key_bytes / 2
@@ -55,8 +56,8 @@ fn cipher_alg(name: &str, mode: CipherMode, key_bytes: u32) -> Result<CipherAlg,
         key_bytes
     };
     let ok = mode != CipherMode::Xts || key_bytes.is_multiple_of(2);
-    match (name, CipherAlg::aes_with_key_len(per as usize)) {
-        ("aes", Some(a)) if ok => Ok(a),
+    match CipherAlg::from_family(name, per as usize) {
+        Some(a) if ok => Ok(a),
         _ => Err(CryptoError::CipherSize {
             name: name.to_string(),
             key_bytes: per,
@@ -438,6 +439,19 @@ fn uuid() -> Result<String, CryptoError> {
 pub fn create(params: &CreateParams, passphrase: &[u8]) -> Result<NewVolume> {
     let spec = params.spec;
     let n = spec.key_len();
+    // XTS with 8-byte blocks, essiv ciphers: refused before anything is made.
+    SectorCipher::new(spec, &vec![0u8; n])?;
+    if !(n as u64 * STRIPES as u64).is_multiple_of(SECTOR_SIZE) {
+        // 24-byte keys outside XTS: QEMU cannot encrypt (nor read) key material that
+        // is not whole sectors, and aborts; refuse instead.
+        return Err(CryptoError::Option(format!(
+            "{}-{} key material of {} bytes is not whole {SECTOR_SIZE}-byte sectors: QEMU cannot use such a volume",
+            spec.alg.name(),
+            spec.mode.name(),
+            n as u64 * STRIPES as u64
+        ))
+        .into());
+    }
     let mut master = Zeroizing::new(vec![0u8; n]);
     random(&mut master)?;
     let mut mk_salt = [0u8; header::SALT_LEN];
@@ -473,7 +487,7 @@ pub fn create(params: &CreateParams, passphrase: &[u8]) -> Result<NewVolume> {
         .collect();
     let payload = first + NUM_SLOTS as u64 * split_sectors;
     let header = LuksHeader {
-        cipher_name: "aes".into(),
+        cipher_name: spec.alg.family().into(),
         cipher_mode: params.mode_spec(),
         hash_spec: params.hash.name().into(),
         payload_offset: payload as u32,
