@@ -584,3 +584,124 @@ fn hostile_headers_fail_fast() {
     assert_ne!(v.code, 0);
     assert!(v.err.contains("LUKS header"), "{}", v.err);
 }
+
+/// Runs `openssl args` with `input` on stdin; its stdout.
+fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut c = std::process::Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl must be installed for this test");
+    c.stdin.take().unwrap().write_all(input).unwrap();
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success(), "openssl {args:?}");
+    o.stdout
+}
+
+fn b64(b: &[u8]) -> String {
+    openssl(&["base64", "-A"], b)
+        .iter()
+        .map(|&c| c as char)
+        .collect()
+}
+
+/// Secrets encrypted with `keyid`/`iv` (AES-256-CBC under a master secret, the
+/// ciphertext made by openssl): the same objects unlock the same volume in both
+/// tools, and the refusals are qemu's.
+#[test]
+fn encrypted_secrets_as_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    let key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x5c).collect();
+    let iv: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(11) ^ 0xa3).collect();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    std::fs::write(p(dir, "master.b64"), b64(&key)).unwrap();
+    let ct = b64(&openssl(
+        &["enc", "-aes-256-cbc", "-K", &hex(&key), "-iv", &hex(&iv)],
+        b"correct horse",
+    ));
+    let master = "secret,id=master,file=master.b64,format=base64".to_string();
+    let enc = format!(
+        "secret,id=s0,data={},keyid=master,iv={},format=base64",
+        ct.replace(',', ",,"),
+        b64(&iv)
+    );
+    let with = |head: &[&str], tail: &[&str]| {
+        let mut a: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--object".into(),
+            master.clone(),
+            "--object".into(),
+            enc.clone(),
+        ]);
+        a.extend(tail.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |tool: &str, a: &[String]| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        match tool {
+            "qemu-img" => qemu_img(dir, &a),
+            "qemu-io" => qemu_io_run(dir, &a),
+            _ => vdisk(dir, &a),
+        }
+    };
+    let o = opts("");
+    // qemu-img creates with the encrypted secret; the plain passphrase (SECRET) and the
+    // encrypted one open it in vdisk.
+    ok(
+        run(
+            "qemu-img",
+            &with(&["create", "-q", "-f", "luks"], &["-o", &o, "q.luks", "1M"]),
+        ),
+        "qemu-img create",
+    );
+    qio(dir, "q.luks", &["write -P 0x77 0 4k"]);
+    let s = spec("q.luks");
+    ok(
+        run(
+            "vdisk",
+            &with(&["io"], &["--image-opts", &s, "-c", "read -P 0x77 0 4k"]),
+        ),
+        "vdisk io",
+    );
+    // vdisk creates with it; qemu-io opens with the plain passphrase.
+    ok(
+        run(
+            "vdisk",
+            &with(&["create", "-q", "-f", "luks"], &["-o", &o, "v.luks", "1M"]),
+        ),
+        "vdisk create",
+    );
+    vio(dir, "v.luks", &["write -P 0x66 0 4k"]);
+    qio(dir, "v.luks", &["read -P 0x66 0 4k"]);
+    let r = run(
+        "qemu-io",
+        &with(
+            &[],
+            &["--image-opts", &spec("v.luks"), "-c", "read -P 0x66 0 4k"],
+        ),
+    );
+    assert_eq!(r.code, 0, "{}", r.err);
+    // Refusals, each with the master and the good secret defined first.
+    let ivb = b64(&iv);
+    for bad in [
+        format!("secret,id=x,data={ct},keyid=master,format=base64"),
+        format!("secret,id=x,data={ct},keyid=nomaster,iv={ivb},format=base64"),
+        format!("secret,id=x,data={ct},keyid=s0,iv={ivb},format=base64"),
+        format!("secret,id=x,data={ct},keyid=master,iv=AAAA,format=base64"),
+        format!("secret,id=x,data=abcde,keyid=master,iv={ivb}"),
+        format!("secret,id=x,data=abcdefghijklmnop,keyid=master,iv={ivb}"),
+    ] {
+        let a = with(&["info"], &["--object", &bad, "q.luks"]);
+        let q = run("qemu-img", &a);
+        let v = run("vdisk", &a);
+        assert_eq!(q.code, 1, "{bad}");
+        assert_eq!(
+            (v.code, v.err.replace("vdisk", "qemu-img")),
+            (q.code, q.err),
+            "{bad}"
+        );
+    }
+}
