@@ -333,7 +333,8 @@ fn mode_of<C: Cipher + KeyInit>(mode: CipherMode, key: &[u8]) -> Box<dyn SectorM
     }
 }
 
-/// The IV generator, keyed.
+/// The IV generator, keyed (one per image: the size difference does not matter).
+#[allow(clippy::large_enum_variant)]
 enum IvGen {
     Plain,
     Plain64,

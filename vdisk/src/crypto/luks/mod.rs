@@ -268,6 +268,7 @@ impl Luks {
                     key_offset: s.key_offset as u64 * SECTOR_SIZE,
                 })
                 .collect(),
+            detached_header: false,
         }
     }
 }
@@ -306,6 +307,8 @@ pub struct LuksInfo {
     pub master_key_iters: u32,
     /// The eight slots.
     pub slots: Vec<SlotInfo>,
+    /// The header is in a file of its own (the payload from 0 of the data file).
+    pub detached_header: bool,
 }
 
 /// Creation parameters (QEMU's `encrypt.*` / luks options).

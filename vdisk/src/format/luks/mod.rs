@@ -35,7 +35,10 @@ use std::sync::{Arc, Mutex, RwLock};
 /// An open raw LUKS volume.
 #[derive(Debug)]
 pub struct LuksVolume {
+    /// The payload's storage.
     storage: Arc<dyn Storage>,
+    /// The header's: `storage` itself, or a detached header file.
+    header: Arc<dyn Storage>,
     /// The header; `amend` changes its key slots.
     luks: Mutex<Luks>,
     /// The id of the secret the volume was opened with (`amend` adding a slot
@@ -86,15 +89,29 @@ impl LuksVolume {
     /// Opens a volume: parses the header and, unless `opts.no_io` without a key,
     /// unlocks a key slot with the named secret.
     pub fn open(storage: Arc<dyn Storage>, opts: &DriverOptions) -> Result<LuksVolume> {
-        let len = storage.len()?;
-        if len < HEADER_LEN as u64 {
+        LuksVolume::open_detached(storage.clone(), storage, opts)
+    }
+
+    /// Opens a volume whose header is on `header` and payload on `storage` (the same
+    /// storage: an ordinary volume). As QEMU, the payload starts at the header's
+    /// payload offset on `storage` either way (QEMU's detached headers record 0), and
+    /// a detached header's key material may fill the header file.
+    pub fn open_detached(
+        header: Arc<dyn Storage>,
+        storage: Arc<dyn Storage>,
+        opts: &DriverOptions,
+    ) -> Result<LuksVolume> {
+        let detached = !Arc::ptr_eq(&header, &storage);
+        let hlen = header.len()?;
+        if hlen < HEADER_LEN as u64 {
             return Err(CryptoError::Truncated {
-                got: len,
+                got: hlen,
                 need: HEADER_LEN as u64,
             }
             .into());
         }
-        let luks = read_header(&*storage, 0, None)?;
+        let luks = read_header(&*header, 0, detached.then_some(hlen))?;
+        let len = storage.len()?;
         let payload = luks.payload_offset();
         if payload > len {
             return Err(CryptoError::BadHeader {
@@ -106,10 +123,11 @@ impl LuksVolume {
         let cipher = if opts.no_io {
             None
         } else {
-            Some(unlock(&*storage, 0, &luks, opts.key_secret.as_deref(), "")?)
+            Some(unlock(&*header, 0, &luks, opts.key_secret.as_deref(), "")?)
         };
         Ok(LuksVolume {
             storage,
+            header,
             luks: Mutex::new(luks),
             key_secret: opts.key_secret.clone(),
             payload,
@@ -118,6 +136,10 @@ impl LuksVolume {
             read_only: opts.read_only,
             rmw: RwLock::new(()),
         })
+    }
+
+    fn detached(&self) -> bool {
+        !Arc::ptr_eq(&self.header, &self.storage)
     }
 
     fn cipher(&self) -> Result<&SectorCipher> {
@@ -177,7 +199,10 @@ impl LuksVolume {
 }
 
 fn open(args: OpenArgs<'_, '_>) -> Result<Arc<dyn Driver>> {
-    Ok(Arc::new(LuksVolume::open(args.data, args.opts)?))
+    // `meta` is a detached header when the node has a `header` child.
+    Ok(Arc::new(LuksVolume::open_detached(
+        args.meta, args.data, args.opts,
+    )?))
 }
 
 /// Declared options.
@@ -248,6 +273,9 @@ impl Driver for LuksVolume {
         if self.read_only {
             return Ok(());
         }
+        if self.detached() {
+            self.header.flush()?;
+        }
         Ok(self.storage.flush()?)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
@@ -261,9 +289,9 @@ impl Driver for LuksVolume {
         })
     }
     fn encryption(&self) -> Option<EncryptionInfo> {
-        Some(EncryptionInfo::Luks(
-            self.luks.lock().unwrap_or_else(|p| p.into_inner()).info(),
-        ))
+        let mut i = self.luks.lock().unwrap_or_else(|p| p.into_inner()).info();
+        i.detached_header = self.detached();
+        Some(EncryptionInfo::Luks(i))
     }
     fn amend(
         &self,
@@ -274,7 +302,7 @@ impl Driver for LuksVolume {
         self.writable()?;
         let mut l = self.luks.lock().unwrap_or_else(|p| p.into_inner());
         amend::amend(
-            &*self.storage,
+            &*self.header,
             0,
             &mut l,
             opts,

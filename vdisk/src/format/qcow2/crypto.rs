@@ -45,8 +45,9 @@ pub(crate) struct Encryption {
     pub key_secret: Option<String>,
 }
 
-/// An image's encryption scheme.
+/// An image's encryption scheme (one per image: the size difference does not matter).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Kind {
     /// Legacy AES.
     Aes,
