@@ -22,7 +22,7 @@
 use super::{header, KeySlot, Luks, HEADER_LEN, MAX_ITERATIONS, MAX_STRIPES, MIN_ITERATIONS};
 use super::{random, NUM_SLOTS};
 use crate::crypto::error::HeaderField;
-use crate::crypto::{afsplit, secret, CryptoError, SectorCipher, SECTOR_SIZE};
+use crate::crypto::{secret, CryptoError, SECTOR_SIZE};
 use crate::error::Result;
 use zeroize::Zeroizing;
 
@@ -164,23 +164,17 @@ impl Luks {
             .hash
             .iterations_for(n, iter_time.max(1))
             .clamp(MIN_ITERATIONS, MAX_ITERATIONS as u64) as u32;
-        let mut rnd_err = None;
-        let mut split = afsplit::split(self.hash, master, old.stripes as usize, |b| {
-            if let Err(e) = random(b) {
-                rnd_err = Some(e);
-            }
-        });
-        if let Some(e) = rnd_err {
-            return Err(e.into());
-        }
-        // Encrypted in whole sectors; a last partial sector's first bytes are what
-        // QEMU's shorter last chunk gives (CBC and XTS encrypt front to back).
-        let padded = (split.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-        split.resize(padded as usize, 0);
-        let mut slot_key = Zeroizing::new(vec![0u8; n]);
-        self.hash.pbkdf2(pass, &salt, iterations, &mut slot_key);
-        SectorCipher::new(self.spec, &slot_key)?.encrypt(0, &mut split)?;
-        io.write(start, &split[..len as usize])?;
+        let split = super::slot_material(
+            self.spec,
+            self.hash,
+            master,
+            old.stripes,
+            pass,
+            &salt,
+            iterations,
+        )?;
+        debug_assert_eq!(split.len() as u64, len);
+        io.write(start, &split)?;
         io.flush()?;
         let mut h = self.header.clone();
         h.slots[slot] = KeySlot {

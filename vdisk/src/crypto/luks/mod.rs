@@ -415,6 +415,42 @@ impl NewVolume {
     }
 }
 
+/// A key slot's material: `master` split into `stripes` (random ones, the last
+/// making the difference), encrypted like the payload (sectors from 0) under the key
+/// PBKDF2 derives from `pass` with `salt` and `iterations`. Exactly `key_len *
+/// stripes` bytes; a last partial sector is encrypted as the front of a whole one,
+/// which gives the bytes QEMU's shorter last chunk gives (every mode here encrypts a
+/// sector front to back).
+pub(crate) fn slot_material(
+    spec: CipherSpec,
+    hash: HashAlg,
+    master: &[u8],
+    stripes: u32,
+    pass: &[u8],
+    salt: &[u8],
+    iterations: u32,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let mut rnd_err = None;
+    let mut split = afsplit::split(hash, master, stripes as usize, |b| {
+        if let Err(e) = random(b) {
+            rnd_err = Some(e);
+        }
+    });
+    if let Some(e) = rnd_err {
+        return Err(e.into());
+    }
+    let len = split.len();
+    split.resize(
+        (len as u64).div_ceil(SECTOR_SIZE) as usize * SECTOR_SIZE as usize,
+        0,
+    );
+    let mut slot_key = Zeroizing::new(vec![0u8; master.len()]);
+    hash.pbkdf2(pass, salt, iterations, &mut slot_key);
+    SectorCipher::new(spec, &slot_key)?.encrypt(0, &mut split)?;
+    split.truncate(len);
+    Ok(split)
+}
+
 /// Fills `buf` from the system's random source.
 pub fn random(buf: &mut [u8]) -> Result<(), CryptoError> {
     getrandom::getrandom(buf).map_err(|e| CryptoError::Random(e.to_string()))
@@ -504,22 +540,15 @@ pub fn create(params: &CreateParams, passphrase: &[u8]) -> Result<NewVolume> {
             .map_err(|_| Error::Crypto(CryptoError::NotLuks))?,
     };
     // Slot 0: split the master key, encrypt it under the passphrase's key.
-    let mut rnd_err = None;
-    let mut split = afsplit::split(params.hash, &master, STRIPES as usize, |b| {
-        if let Err(e) = random(b) {
-            rnd_err = Some(e);
-        }
-    });
-    if let Some(e) = rnd_err {
-        return Err(e.into());
-    }
-    let padded = (split.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-    split.resize(padded as usize, 0);
-    let mut slot_key = Zeroizing::new(vec![0u8; n]);
-    params
-        .hash
-        .pbkdf2(passphrase, &slot_salt, slot_iters, &mut slot_key);
-    SectorCipher::new(spec, &slot_key)?.encrypt(0, &mut split)?;
+    let split = slot_material(
+        spec,
+        params.hash,
+        &master,
+        STRIPES,
+        passphrase,
+        &slot_salt,
+        slot_iters,
+    )?;
     let encoded = header.encode();
     let luks = Luks {
         area: header.payload_offset as u64 * SECTOR_SIZE,
