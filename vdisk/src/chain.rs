@@ -124,6 +124,9 @@ pub struct OpenedNode {
     /// The storage of guest data when a `data-file` child is given (else the data
     /// lives in [`OpenedNode::metadata`]).
     pub data: Option<Arc<dyn Storage>>,
+    /// A detached LUKS header (the luks driver's `header` child): the format reads its
+    /// header there and its payload from `file`.
+    pub header: Option<Arc<dyn Storage>>,
     /// Format options from the node (`l2-cache-size`…), over the chain's.
     pub driver: DriverOptions,
     /// What to do about the backing file.
@@ -277,6 +280,7 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         }
     };
     let data_node = root.take_node("data-file")?;
+    let header_node = root.take_node("header")?;
     let file_node = root
         .take_node("file")?
         .filter(|n| !n.is_empty())
@@ -296,6 +300,10 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         Some(n) => Some(open_protocol_node(n, cache, &mut how)?.storage),
         None => None,
     };
+    let header = match header_node {
+        Some(n) => Some(open_protocol_node(n, cache, &mut how)?.storage),
+        None => None,
+    };
     let fmt = match named {
         Some(f) => f,
         None => match &local_path {
@@ -303,6 +311,13 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
             None => probe_storage(&*metadata)?,
         },
     };
+    if header.is_some() && fmt.name() != "luks" {
+        return Err(SpecError::FormatOption {
+            format: fmt.name().into(),
+            key: "header".into(),
+        }
+        .into());
+    }
     let allowed = format_options(fmt);
     for (key, given) in [
         ("l2-cache-size", l2_given),
@@ -326,7 +341,7 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
     if how.chain.locking {
         let mode = (how.lock)(fmt);
         metadata.relock(mode)?;
-        if let Some(d) = &data {
+        for d in data.iter().chain(&header) {
             d.relock(mode)?;
         }
         lock = mode;
@@ -342,6 +357,7 @@ pub fn open_node(mut root: Node, mut how: NodeOpen<'_>) -> Result<OpenedNode> {
         format: fmt,
         metadata,
         data,
+        header,
         driver: dopts,
         backing,
         local_path,
@@ -411,6 +427,8 @@ pub fn open_format(
         dopts.no_backing = true;
     }
     let data = node.data.unwrap_or_else(|| node.metadata.clone());
+    // A detached LUKS header: the header is the format's metadata, `file` its data.
+    let meta = node.header.unwrap_or_else(|| node.metadata.clone());
     let files = node.files;
     let named = files.image.is_some();
     // A data file name from a header is opened as QEMU opens it: as given (relative to
@@ -424,7 +442,7 @@ pub fn open_format(
     format::registry::open_with(
         node.format,
         format::registry::OpenArgs {
-            meta: node.metadata,
+            meta,
             data,
             opts: &dopts,
             backing,

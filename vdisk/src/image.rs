@@ -797,16 +797,30 @@ impl Image {
         options: &[(String, String)],
         status: &dyn Fn(u64, u64),
     ) -> Result<()> {
+        self.amend_with(options, false, status)
+    }
+
+    /// [`Image::amend_with_progress`] with qemu-img's `--force`: allows what QEMU only
+    /// does when forced (erasing the last LUKS key slot, overwriting an active one).
+    pub fn amend_with(
+        &self,
+        options: &[(String, String)],
+        force: bool,
+        status: &dyn Fn(u64, u64),
+    ) -> Result<()> {
         let f = self.format();
         if f.amend_options().is_none() {
             return Err(Unsupported::NoAmend(f.name()).into());
         }
-        let o = format::options::OptionValues::parse(&[f.create_options()], options)?;
+        let o = format::options::OptionValues::parse(
+            &[f.create_options(), f.desc().amend_only_options],
+            options,
+        )?;
         if let Some(k) = o.not_amendable() {
             return Err(Invalid::NotAmendable(k).into());
         }
         let old_size = self.size();
-        let r = self.driver.amend(&o, status);
+        let r = self.driver.amend(&o, force, status);
         if !self.hooks.is_empty() && self.size() != old_size {
             let change = crate::hook::Change::Resize {
                 old_size,

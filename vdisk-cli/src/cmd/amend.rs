@@ -24,7 +24,8 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// Allow operations qemu-img only does when forced (accepted).
+    /// Allow operations qemu-img only does when forced (erasing the last LUKS key
+    /// slot, overwriting an active one).
     #[arg(long = "force")]
     pub force: bool,
     /// Treat the image name as a key=value option list.
@@ -105,7 +106,9 @@ fn run_inner(a: Args) -> Result<(), String> {
     let on = a.progress && !a.quiet;
     let progress: std::sync::OnceLock<Progress> = std::sync::OnceLock::new();
     let start = || progress.get_or_init(|| Progress::start(on, 1));
-    let r = img.amend_with_progress(&options, &|done, total| start().amend_status(done, total));
+    let r = img.amend_with(&options, a.force, &|done, total| {
+        start().amend_status(done, total)
+    });
     let closed = img.close();
     if matches!(
         r,

@@ -249,7 +249,7 @@ pub(crate) fn luks_dict(l: &vdisk::crypto::luks::LuksInfo, with_format: bool) ->
         d.str("ivgen-hash-alg", h);
     }
     d.str("hash-alg", l.hash_alg);
-    d.bool("detached-header", false);
+    d.bool("detached-header", l.detached_header);
     d.int("payload-offset", l.payload_offset as i128);
     d.int("master-key-iters", l.master_key_iters);
     d.str("uuid", l.uuid.clone());

@@ -1,16 +1,21 @@
-//! Sector ciphers: AES-128/192/256 in XTS or CBC mode, each 512-byte sector with its
-//! own IV from an IV generator (plain, plain64, essiv), as dm-crypt and QEMU do.
+//! Sector ciphers: the block ciphers QEMU's LUKS driver names (AES-128/192/256,
+//! Serpent-128/192/256, Twofish-128/192/256, CAST5-128) in XTS, CBC, ECB or CTR mode,
+//! each 512-byte sector with its own IV from an IV generator (plain, plain64, essiv),
+//! as dm-crypt and QEMU do.
 //!
 //! Buffers of many sectors are encrypted in parallel across cores (rayon) once they
 //! are large enough for it to pay.
 
 use super::{CryptoError, HashAlg};
 use aes::cipher::{
-    generic_array::GenericArray, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut,
-    InnerIvInit, KeyInit,
+    generic_array::GenericArray, BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt,
+    BlockEncryptMut, BlockSizeUser, InnerIvInit, KeyInit,
 };
 use aes::{Aes128, Aes192, Aes256};
+use cast5::Cast5;
 use rayon::prelude::*;
+use serpent::Serpent;
+use twofish::Twofish;
 use xts_mode::Xts128;
 use zeroize::Zeroizing;
 
@@ -31,52 +36,101 @@ pub enum CipherAlg {
     Aes192,
     /// AES with a 256-bit key (QEMU's default).
     Aes256,
+    /// Serpent with a 128-bit key.
+    Serpent128,
+    /// Serpent with a 192-bit key.
+    Serpent192,
+    /// Serpent with a 256-bit key.
+    Serpent256,
+    /// Twofish with a 128-bit key.
+    Twofish128,
+    /// Twofish with a 192-bit key.
+    Twofish192,
+    /// Twofish with a 256-bit key.
+    Twofish256,
+    /// CAST-128 (CAST5), 128-bit key, 8-byte blocks.
+    Cast5_128,
 }
+
+/// Every algorithm, with QEMU's name.
+const ALGS: &[(CipherAlg, &str)] = &[
+    (CipherAlg::Aes128, "aes-128"),
+    (CipherAlg::Aes192, "aes-192"),
+    (CipherAlg::Aes256, "aes-256"),
+    (CipherAlg::Serpent128, "serpent-128"),
+    (CipherAlg::Serpent192, "serpent-192"),
+    (CipherAlg::Serpent256, "serpent-256"),
+    (CipherAlg::Twofish128, "twofish-128"),
+    (CipherAlg::Twofish192, "twofish-192"),
+    (CipherAlg::Twofish256, "twofish-256"),
+    (CipherAlg::Cast5_128, "cast5-128"),
+];
 
 impl CipherAlg {
     /// Parses QEMU's name (`aes-256`…).
     pub fn parse(name: &str) -> Result<CipherAlg, CryptoError> {
-        Ok(match name {
-            "aes-128" => CipherAlg::Aes128,
-            "aes-192" => CipherAlg::Aes192,
-            "aes-256" => CipherAlg::Aes256,
-            _ => return Err(CryptoError::CipherAlg(name.to_string())),
-        })
+        ALGS.iter()
+            .find(|(_, n)| *n == name)
+            .map(|(a, _)| *a)
+            .ok_or_else(|| CryptoError::CipherAlg(name.to_string()))
     }
     /// QEMU's name.
     pub fn name(self) -> &'static str {
+        ALGS.iter().find(|(a, _)| *a == self).map_or("", |(_, n)| n)
+    }
+    /// The LUKS header's cipher name (`aes`, `serpent`, `twofish`, `cast5`).
+    pub fn family(self) -> &'static str {
         match self {
-            CipherAlg::Aes128 => "aes-128",
-            CipherAlg::Aes192 => "aes-192",
-            CipherAlg::Aes256 => "aes-256",
+            CipherAlg::Aes128 | CipherAlg::Aes192 | CipherAlg::Aes256 => "aes",
+            CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => "serpent",
+            CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => "twofish",
+            CipherAlg::Cast5_128 => "cast5",
         }
     }
     /// Key length of one cipher instance.
     pub fn key_len(self) -> usize {
         match self {
-            CipherAlg::Aes128 => 16,
-            CipherAlg::Aes192 => 24,
-            CipherAlg::Aes256 => 32,
+            CipherAlg::Aes128
+            | CipherAlg::Serpent128
+            | CipherAlg::Twofish128
+            | CipherAlg::Cast5_128 => 16,
+            CipherAlg::Aes192 | CipherAlg::Serpent192 | CipherAlg::Twofish192 => 24,
+            CipherAlg::Aes256 | CipherAlg::Serpent256 | CipherAlg::Twofish256 => 32,
         }
+    }
+    /// Block length in bytes.
+    pub fn block_len(self) -> usize {
+        if self == CipherAlg::Cast5_128 {
+            8
+        } else {
+            16
+        }
+    }
+    /// The algorithm of a LUKS header's cipher name with this per-cipher key length
+    /// (QEMU's table).
+    pub fn from_family(family: &str, key_len: usize) -> Option<CipherAlg> {
+        ALGS.iter()
+            .map(|(a, _)| *a)
+            .find(|a| a.family() == family && a.key_len() == key_len)
     }
     /// The AES variant with this key length.
     pub fn aes_with_key_len(len: usize) -> Option<CipherAlg> {
-        match len {
-            16 => Some(CipherAlg::Aes128),
-            24 => Some(CipherAlg::Aes192),
-            32 => Some(CipherAlg::Aes256),
-            _ => None,
-        }
+        CipherAlg::from_family("aes", len)
     }
 }
 
 /// A block cipher mode (QEMU's `cipher-mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CipherMode {
-    /// XTS (QEMU's default): the key is two cipher keys.
+    /// XTS (QEMU's default): the key is two cipher keys; 16-byte block ciphers only.
     Xts,
     /// CBC.
     Cbc,
+    /// ECB (no IV).
+    Ecb,
+    /// CTR: the IV is the first counter block, incremented big-endian over the whole
+    /// block (as nettle and gcrypt, QEMU's back-ends, count).
+    Ctr,
 }
 
 impl CipherMode {
@@ -85,6 +139,8 @@ impl CipherMode {
         Ok(match name {
             "xts" => CipherMode::Xts,
             "cbc" => CipherMode::Cbc,
+            "ecb" => CipherMode::Ecb,
+            "ctr" => CipherMode::Ctr,
             _ => return Err(CryptoError::CipherMode(name.to_string())),
         })
     }
@@ -93,13 +149,15 @@ impl CipherMode {
         match self {
             CipherMode::Xts => "xts",
             CipherMode::Cbc => "cbc",
+            CipherMode::Ecb => "ecb",
+            CipherMode::Ctr => "ctr",
         }
     }
     /// The master key length for `alg` in this mode.
     pub fn key_len(self, alg: CipherAlg) -> usize {
         match self {
             CipherMode::Xts => 2 * alg.key_len(),
-            CipherMode::Cbc => alg.key_len(),
+            _ => alg.key_len(),
         }
     }
 }
@@ -135,92 +193,176 @@ impl IvGenAlg {
     }
 }
 
-/// One AES instance of any key size.
+/// A keyed block cipher of any algorithm (essiv's IV cipher).
 #[derive(Clone)]
-enum Aes {
+enum Block {
     A128(Aes128),
     A192(Aes192),
     A256(Aes256),
+    Serpent(Serpent),
+    Twofish(Twofish),
+    Cast5(Cast5),
 }
 
-impl Aes {
-    fn new(alg: CipherAlg, key: &[u8]) -> Aes {
+fn keyed<C: KeyInit>(key: &[u8]) -> C {
+    // Callers pass the algorithm's key length; the RustCrypto ciphers take it.
+    C::new_from_slice(key).unwrap_or_else(|_| unreachable!("key length checked by the caller"))
+}
+
+impl Block {
+    fn new(alg: CipherAlg, key: &[u8]) -> Block {
         match alg {
-            CipherAlg::Aes128 => Aes::A128(Aes128::new(GenericArray::from_slice(key))),
-            CipherAlg::Aes192 => Aes::A192(Aes192::new(GenericArray::from_slice(key))),
-            CipherAlg::Aes256 => Aes::A256(Aes256::new(GenericArray::from_slice(key))),
+            CipherAlg::Aes128 => Block::A128(keyed(key)),
+            CipherAlg::Aes192 => Block::A192(keyed(key)),
+            CipherAlg::Aes256 => Block::A256(keyed(key)),
+            CipherAlg::Serpent128 | CipherAlg::Serpent192 | CipherAlg::Serpent256 => {
+                Block::Serpent(keyed(key))
+            }
+            CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => {
+                Block::Twofish(keyed(key))
+            }
+            CipherAlg::Cast5_128 => Block::Cast5(keyed(key)),
         }
     }
-    fn encrypt_block(&self, b: &mut [u8; 16]) {
-        let b = GenericArray::from_mut_slice(b);
+    /// Encrypts one block (`b` is the block length).
+    fn encrypt_block(&self, b: &mut [u8]) {
         match self {
-            Aes::A128(c) => c.encrypt_block(b),
-            Aes::A192(c) => c.encrypt_block(b),
-            Aes::A256(c) => c.encrypt_block(b),
+            Block::A128(c) => c.encrypt_block(GenericArray::from_mut_slice(b)),
+            Block::A192(c) => c.encrypt_block(GenericArray::from_mut_slice(b)),
+            Block::A256(c) => c.encrypt_block(GenericArray::from_mut_slice(b)),
+            Block::Serpent(c) => c.encrypt_block(GenericArray::from_mut_slice(b)),
+            Block::Twofish(c) => c.encrypt_block(GenericArray::from_mut_slice(b)),
+            Block::Cast5(c) => c.encrypt_block(GenericArray::from_mut_slice(b)),
         }
     }
 }
 
-/// The keyed mode (one per image: the size difference does not matter).
-#[allow(clippy::large_enum_variant)]
-enum Mode {
-    Xts128(Xts128<Aes128>),
-    Xts192(Xts128<Aes192>),
-    Xts256(Xts128<Aes256>),
-    Cbc(Aes),
+/// One sector through a keyed mode; `iv` is the mode's IV length.
+trait SectorMode: Send + Sync {
+    fn crypt(&self, sector: &mut [u8], iv: &[u8], enc: bool);
 }
 
-fn xts<C: KeyInit + BlockEncrypt + BlockDecrypt + aes::cipher::BlockCipher>(
+/// A block cipher the modes run on.
+trait Cipher: BlockCipher + BlockEncrypt + BlockDecrypt + Clone + Send + Sync + 'static {}
+impl<T: BlockCipher + BlockEncrypt + BlockDecrypt + Clone + Send + Sync + 'static> Cipher for T {}
+
+struct XtsMode<C: Cipher + BlockSizeUser<BlockSize = aes::cipher::consts::U16>>(Xts128<C>);
+struct CbcMode<C>(C);
+struct EcbMode<C>(C);
+struct CtrMode<C>(C);
+
+impl<C: Cipher + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> SectorMode for XtsMode<C> {
+    fn crypt(&self, s: &mut [u8], iv: &[u8], enc: bool) {
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&iv[..16]);
+        if enc {
+            self.0.encrypt_sector(s, t)
+        } else {
+            self.0.decrypt_sector(s, t)
+        }
+    }
+}
+
+impl<C: Cipher> SectorMode for CbcMode<C> {
+    fn crypt(&self, s: &mut [u8], iv: &[u8], enc: bool) {
+        let iv = GenericArray::from_slice(iv);
+        let n = C::block_size();
+        if enc {
+            let mut e = cbc::Encryptor::<C>::inner_iv_init(self.0.clone(), iv);
+            for b in s.chunks_exact_mut(n) {
+                e.encrypt_block_mut(GenericArray::from_mut_slice(b));
+            }
+        } else {
+            let mut d = cbc::Decryptor::<C>::inner_iv_init(self.0.clone(), iv);
+            for b in s.chunks_exact_mut(n) {
+                d.decrypt_block_mut(GenericArray::from_mut_slice(b));
+            }
+        }
+    }
+}
+
+impl<C: Cipher> SectorMode for EcbMode<C> {
+    fn crypt(&self, s: &mut [u8], _iv: &[u8], enc: bool) {
+        for b in s.chunks_exact_mut(C::block_size()) {
+            let b = GenericArray::from_mut_slice(b);
+            if enc {
+                self.0.encrypt_block(b)
+            } else {
+                self.0.decrypt_block(b)
+            }
+        }
+    }
+}
+
+impl<C: Cipher> SectorMode for CtrMode<C> {
+    fn crypt(&self, s: &mut [u8], iv: &[u8], _enc: bool) {
+        let n = C::block_size();
+        let mut ctr = [0u8; 16];
+        ctr[..n].copy_from_slice(iv);
+        let mut ks = [0u8; 16];
+        for b in s.chunks_exact_mut(n) {
+            ks[..n].copy_from_slice(&ctr[..n]);
+            self.0
+                .encrypt_block(GenericArray::from_mut_slice(&mut ks[..n]));
+            b.iter_mut().zip(&ks[..n]).for_each(|(x, k)| *x ^= k);
+            // Big-endian increment of the whole block.
+            for c in ctr[..n].iter_mut().rev() {
+                *c = c.wrapping_add(1);
+                if *c != 0 {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn xts<C: Cipher + KeyInit + BlockSizeUser<BlockSize = aes::cipher::consts::U16>>(
     key: &[u8],
-) -> Xts128<C> {
+) -> Box<dyn SectorMode> {
     let (a, b) = key.split_at(key.len() / 2);
-    Xts128::new(
-        C::new(GenericArray::from_slice(a)),
-        C::new(GenericArray::from_slice(b)),
-    )
+    Box::new(XtsMode(Xts128::new(keyed::<C>(a), keyed::<C>(b))))
 }
 
-fn cbc_encrypt<C: BlockEncrypt + BlockCipher16 + Clone>(c: &C, iv: [u8; 16], data: &mut [u8]) {
-    let mut e = cbc::Encryptor::<C>::inner_iv_init(c.clone(), GenericArray::from_slice(&iv));
-    for b in data.chunks_exact_mut(16) {
-        e.encrypt_block_mut(GenericArray::from_mut_slice(b));
+fn mode_of<C: Cipher + KeyInit>(mode: CipherMode, key: &[u8]) -> Box<dyn SectorMode> {
+    let c: C = keyed(key);
+    match mode {
+        CipherMode::Cbc => Box::new(CbcMode(c)),
+        CipherMode::Ecb => Box::new(EcbMode(c)),
+        // XTS is keyed by `xts`; CTR is all that is left.
+        _ => Box::new(CtrMode(c)),
     }
 }
 
-fn cbc_decrypt<C: BlockDecrypt + BlockCipher16 + Clone>(c: &C, iv: [u8; 16], data: &mut [u8]) {
-    let mut d = cbc::Decryptor::<C>::inner_iv_init(c.clone(), GenericArray::from_slice(&iv));
-    for b in data.chunks_exact_mut(16) {
-        d.decrypt_block_mut(GenericArray::from_mut_slice(b));
-    }
-}
-
-/// AES block ciphers (16-byte blocks), for the CBC helpers' bounds.
-trait BlockCipher16:
-    aes::cipher::BlockCipher + aes::cipher::BlockSizeUser<BlockSize = aes::cipher::consts::U16>
-{
-}
-impl<T> BlockCipher16 for T where
-    T: aes::cipher::BlockCipher + aes::cipher::BlockSizeUser<BlockSize = aes::cipher::consts::U16>
-{
-}
-
-/// The IV generator, keyed.
+/// The IV generator, keyed (one per image: the size difference does not matter).
 #[allow(clippy::large_enum_variant)]
 enum IvGen {
     Plain,
     Plain64,
-    Essiv(Aes),
+    Essiv(Block, usize),
 }
 
 impl IvGen {
-    fn iv(&self, sector: u64) -> [u8; 16] {
+    /// The IV of `sector`, `len` bytes of the returned array (QEMU's ivgen: the
+    /// little-endian sector number cut or zero-padded to the IV length; essiv encrypts
+    /// it, padded to its cipher's block, first).
+    fn iv(&self, sector: u64, len: usize) -> [u8; 16] {
         let mut iv = [0u8; 16];
         match self {
-            IvGen::Plain => iv[..4].copy_from_slice(&(sector as u32).to_le_bytes()),
-            IvGen::Plain64 => iv[..8].copy_from_slice(&sector.to_le_bytes()),
-            IvGen::Essiv(c) => {
-                iv[..8].copy_from_slice(&sector.to_le_bytes());
-                c.encrypt_block(&mut iv);
+            IvGen::Plain => {
+                let b = (sector as u32).to_le_bytes();
+                let n = len.min(4);
+                iv[..n].copy_from_slice(&b[..n]);
+            }
+            IvGen::Plain64 => {
+                let n = len.min(8);
+                iv[..n].copy_from_slice(&sector.to_le_bytes()[..n]);
+            }
+            IvGen::Essiv(c, block) => {
+                let mut d = [0u8; 16];
+                d[..8].copy_from_slice(&sector.to_le_bytes());
+                c.encrypt_block(&mut d[..*block]);
+                let n = len.min(*block);
+                iv[..n].copy_from_slice(&d[..n]);
             }
         }
         iv
@@ -245,24 +387,41 @@ impl CipherSpec {
     pub fn key_len(&self) -> usize {
         self.mode.key_len(self.alg)
     }
-    /// The AES variant essiv encrypts IVs with: the one whose key is as long as the
-    /// hash's digest (dm-crypt's rule, which QEMU follows).
+    /// The cipher essiv encrypts IVs with: this one when its key is as long as the
+    /// hash's digest, else the same family's with that key length (dm-crypt's rule,
+    /// which QEMU follows; CAST5 has no other).
     pub fn essiv_alg(&self) -> Result<Option<CipherAlg>, CryptoError> {
         if self.ivgen != IvGenAlg::Essiv {
             return Ok(None);
         }
         let hash = self.ivgen_hash.ok_or(CryptoError::EssivNoHash)?;
-        CipherAlg::aes_with_key_len(hash.digest_len())
+        let n = hash.digest_len();
+        if self.alg.key_len() == n {
+            return Ok(Some(self.alg));
+        }
+        if self.alg == CipherAlg::Cast5_128 {
+            return Err(CryptoError::EssivCipher(self.alg.name()));
+        }
+        CipherAlg::from_family(self.alg.family(), n)
             .map(Some)
-            .ok_or(CryptoError::EssivKeySize(hash.digest_len()))
+            .ok_or(CryptoError::EssivKeySize(self.alg.family(), n))
+    }
+    /// The IV length of one sector (QEMU's `qcrypto_cipher_get_iv_len`: none for ECB,
+    /// else the block length).
+    pub fn iv_len(&self) -> usize {
+        match self.mode {
+            CipherMode::Ecb => 0,
+            _ => self.alg.block_len(),
+        }
     }
 }
 
 /// A keyed sector cipher. `Send + Sync`: one instance serves every thread.
 pub struct SectorCipher {
     spec: CipherSpec,
-    mode: Mode,
+    mode: Box<dyn SectorMode>,
     ivgen: IvGen,
+    iv_len: usize,
 }
 
 impl std::fmt::Debug for SectorCipher {
@@ -283,11 +442,20 @@ impl SectorCipher {
                 key_bytes: key.len() as u32,
             });
         }
+        use CipherAlg as A;
         let mode = match (spec.mode, spec.alg) {
-            (CipherMode::Xts, CipherAlg::Aes128) => Mode::Xts128(xts(key)),
-            (CipherMode::Xts, CipherAlg::Aes192) => Mode::Xts192(xts(key)),
-            (CipherMode::Xts, CipherAlg::Aes256) => Mode::Xts256(xts(key)),
-            (CipherMode::Cbc, alg) => Mode::Cbc(Aes::new(alg, key)),
+            (CipherMode::Xts, A::Aes128) => xts::<Aes128>(key),
+            (CipherMode::Xts, A::Aes192) => xts::<Aes192>(key),
+            (CipherMode::Xts, A::Aes256) => xts::<Aes256>(key),
+            (CipherMode::Xts, A::Serpent128 | A::Serpent192 | A::Serpent256) => xts::<Serpent>(key),
+            (CipherMode::Xts, A::Twofish128 | A::Twofish192 | A::Twofish256) => xts::<Twofish>(key),
+            (CipherMode::Xts, A::Cast5_128) => return Err(CryptoError::ModeUnsupported("xts")),
+            (m, A::Aes128) => mode_of::<Aes128>(m, key),
+            (m, A::Aes192) => mode_of::<Aes192>(m, key),
+            (m, A::Aes256) => mode_of::<Aes256>(m, key),
+            (m, A::Serpent128 | A::Serpent192 | A::Serpent256) => mode_of::<Serpent>(m, key),
+            (m, A::Twofish128 | A::Twofish192 | A::Twofish256) => mode_of::<Twofish>(m, key),
+            (m, A::Cast5_128) => mode_of::<Cast5>(m, key),
         };
         let ivgen = match spec.ivgen {
             IvGenAlg::Plain => IvGen::Plain,
@@ -296,10 +464,15 @@ impl SectorCipher {
                 let alg = spec.essiv_alg()?.ok_or(CryptoError::EssivNoHash)?;
                 let hash = spec.ivgen_hash.ok_or(CryptoError::EssivNoHash)?;
                 let digest = Zeroizing::new(hash.digest(&[key]));
-                IvGen::Essiv(Aes::new(alg, &digest[..alg.key_len()]))
+                IvGen::Essiv(Block::new(alg, &digest[..alg.key_len()]), alg.block_len())
             }
         };
-        Ok(SectorCipher { spec, mode, ivgen })
+        Ok(SectorCipher {
+            spec,
+            mode,
+            ivgen,
+            iv_len: spec.iv_len(),
+        })
     }
 
     /// What the cipher is.
@@ -320,21 +493,8 @@ impl SectorCipher {
 
     fn sectors(&self, first: u64, buf: &mut [u8], enc: bool) {
         for (i, s) in buf.chunks_exact_mut(SECTOR_SIZE as usize).enumerate() {
-            let iv = self.ivgen.iv(first.wrapping_add(i as u64));
-            match (&self.mode, enc) {
-                (Mode::Xts128(x), true) => x.encrypt_sector(s, iv),
-                (Mode::Xts128(x), false) => x.decrypt_sector(s, iv),
-                (Mode::Xts192(x), true) => x.encrypt_sector(s, iv),
-                (Mode::Xts192(x), false) => x.decrypt_sector(s, iv),
-                (Mode::Xts256(x), true) => x.encrypt_sector(s, iv),
-                (Mode::Xts256(x), false) => x.decrypt_sector(s, iv),
-                (Mode::Cbc(Aes::A128(c)), true) => cbc_encrypt(c, iv, s),
-                (Mode::Cbc(Aes::A128(c)), false) => cbc_decrypt(c, iv, s),
-                (Mode::Cbc(Aes::A192(c)), true) => cbc_encrypt(c, iv, s),
-                (Mode::Cbc(Aes::A192(c)), false) => cbc_decrypt(c, iv, s),
-                (Mode::Cbc(Aes::A256(c)), true) => cbc_encrypt(c, iv, s),
-                (Mode::Cbc(Aes::A256(c)), false) => cbc_decrypt(c, iv, s),
-            }
+            let iv = self.ivgen.iv(first.wrapping_add(i as u64), self.iv_len);
+            self.mode.crypt(s, &iv[..self.iv_len], enc);
         }
     }
 
@@ -452,7 +612,7 @@ mod tests {
             )
             .unwrap()
             .ivgen
-            .iv(0x3333333333),
+            .iv(0x3333333333, 16),
             tweak
         );
     }
@@ -466,16 +626,31 @@ mod tests {
             .try_into()
             .unwrap();
         let mut b = unhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51");
-        let c = Aes128::new(GenericArray::from_slice(&key));
-        cbc_encrypt(&c, iv, &mut b);
+        let c = CbcMode(Aes128::new(GenericArray::from_slice(&key)));
+        c.crypt(&mut b, &iv, true);
         assert_eq!(
             hex(&b),
             "7649abac8119b246cee98e9b12e9197d5086cb9b507219ee95db113a917678b2"
         );
-        cbc_decrypt(&c, iv, &mut b);
+        c.crypt(&mut b, &iv, false);
         assert_eq!(
             hex(&b),
             "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51"
+        );
+    }
+
+    #[test]
+    fn ctr_aes128_sp800_38a_first_block() {
+        // SP 800-38A F.5.1 CTR-AES128: the counter block is the IV, incremented
+        // big-endian over the whole block.
+        let key = unhex("2b7e151628aed2a6abf7158809cf4f3c");
+        let iv = unhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff");
+        let mut b = unhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51");
+        let c = CtrMode(Aes128::new(GenericArray::from_slice(&key)));
+        c.crypt(&mut b, &iv, true);
+        assert_eq!(
+            hex(&b),
+            "874d6191b620e3261bef6864990db6ce9806f66b7970fdff8617187bb9fffdff"
         );
     }
 
@@ -485,32 +660,62 @@ mod tests {
         let s = |iv| SectorCipher::new(spec(CipherAlg::Aes256, CipherMode::Cbc, iv), &key).unwrap();
         let big = 0x1_0000_0005u64;
         assert_eq!(
-            &s(IvGenAlg::Plain).ivgen.iv(big)[..],
+            &s(IvGenAlg::Plain).ivgen.iv(big, 16)[..],
             &[5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
-        assert_eq!(&s(IvGenAlg::Plain64).ivgen.iv(big)[..8], &big.to_le_bytes());
+        assert_eq!(
+            &s(IvGenAlg::Plain64).ivgen.iv(big, 16)[..8],
+            &big.to_le_bytes()
+        );
         // essiv: the sector encrypted with AES-256 keyed by sha256(key).
         let d = HashAlg::Sha256.digest(&[&key]);
         let mut want = [0u8; 16];
         want[..8].copy_from_slice(&big.to_le_bytes());
         Aes256::new(GenericArray::from_slice(&d))
             .encrypt_block(GenericArray::from_mut_slice(&mut want));
-        assert_eq!(s(IvGenAlg::Essiv).ivgen.iv(big), want);
+        assert_eq!(s(IvGenAlg::Essiv).ivgen.iv(big, 16), want);
+        // 8-byte IVs (CAST5) are cut.
+        assert_eq!(&s(IvGenAlg::Plain64).ivgen.iv(big, 8)[8..], &[0u8; 8]);
         // essiv with sha1 has no AES of 20-byte keys.
         let mut bad = spec(CipherAlg::Aes128, CipherMode::Cbc, IvGenAlg::Essiv);
         bad.ivgen_hash = Some(HashAlg::Sha1);
         assert_eq!(
             SectorCipher::new(bad, &[0; 16]).unwrap_err(),
-            CryptoError::EssivKeySize(20)
+            CryptoError::EssivKeySize("aes", 20)
         );
+        assert_eq!(
+            bad.essiv_alg().unwrap_err().to_string(),
+            "No AES cipher with key size 20 available"
+        );
+        bad.alg = CipherAlg::Cast5_128;
+        assert_eq!(
+            bad.essiv_alg().unwrap_err().to_string(),
+            "Cipher cast5-128 not supported with essiv"
+        );
+        bad.alg = CipherAlg::Serpent128;
+        bad.ivgen_hash = Some(HashAlg::Sha256);
+        assert_eq!(bad.essiv_alg().unwrap(), Some(CipherAlg::Serpent256));
     }
 
     #[test]
     fn round_trips_every_combination_serial_and_parallel() {
-        for alg in [CipherAlg::Aes128, CipherAlg::Aes192, CipherAlg::Aes256] {
-            for mode in [CipherMode::Xts, CipherMode::Cbc] {
+        for &(alg, _) in ALGS {
+            for mode in [
+                CipherMode::Xts,
+                CipherMode::Cbc,
+                CipherMode::Ecb,
+                CipherMode::Ctr,
+            ] {
                 for iv in [IvGenAlg::Plain, IvGenAlg::Plain64, IvGenAlg::Essiv] {
-                    let sp = spec(alg, mode, iv);
+                    let mut sp = spec(alg, mode, iv);
+                    if alg == CipherAlg::Cast5_128 {
+                        sp.ivgen_hash = None;
+                        if mode == CipherMode::Xts || iv == IvGenAlg::Essiv {
+                            let key = vec![0u8; sp.key_len()];
+                            assert!(SectorCipher::new(sp, &key).is_err());
+                            continue;
+                        }
+                    }
                     let key: Vec<u8> = (0..sp.key_len() as u8).collect();
                     let c = SectorCipher::new(sp, &key).unwrap();
                     let plain: Vec<u8> =

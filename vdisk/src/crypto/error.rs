@@ -37,6 +37,15 @@ impl std::fmt::Display for HeaderField {
     }
 }
 
+/// QEMU's spelling of a cipher family in messages.
+fn family_title(f: &str) -> &'static str {
+    match f {
+        "serpent" => "Serpent",
+        "twofish" => "Twofish",
+        _ => "AES",
+    }
+}
+
 /// An encryption failure.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CryptoError {
@@ -91,9 +100,15 @@ pub enum CryptoError {
     /// essiv without a hash.
     #[error("Missing IV generator hash specification")]
     EssivNoHash,
-    /// essiv's hash gives a key size no AES has.
-    #[error("No AES cipher with key size {0} available")]
-    EssivKeySize(usize),
+    /// essiv's hash gives a key size no cipher of the family has.
+    #[error("No {title} cipher with key size {len} available", title = family_title(.0), len = .1)]
+    EssivKeySize(&'static str, usize),
+    /// A cipher essiv cannot use (CAST5 with a hash of another length).
+    #[error("Cipher {0} not supported with essiv")]
+    EssivCipher(&'static str),
+    /// A mode the cipher has not (XTS needs 16-byte blocks).
+    #[error("Unsupported cipher mode {0}")]
+    ModeUnsupported(&'static str),
     /// A header field out of its range (hostile or damaged header).
     #[error("LUKS header {field} is invalid ({value})")]
     BadHeader {
@@ -150,7 +165,9 @@ impl CryptoError {
             | CryptoError::CipherMode(_)
             | CryptoError::Hash(_)
             | CryptoError::IvGen(_)
-            | CryptoError::EssivKeySize(_) => libc::ENOTSUP,
+            | CryptoError::EssivKeySize(..)
+            | CryptoError::EssivCipher(_)
+            | CryptoError::ModeUnsupported(_) => libc::ENOTSUP,
             CryptoError::Random(_) => libc::EIO,
             _ => libc::EINVAL,
         }

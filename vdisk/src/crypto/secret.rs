@@ -1,4 +1,5 @@
-//! Secrets as QEMU takes them: `--object secret,id=ID,data=…|file=…[,format=raw|base64]`.
+//! Secrets as QEMU takes them: `--object secret,id=ID,data=…|file=…[,format=raw|base64]`,
+//! optionally encrypted (`keyid=MASTER,iv=…`: AES-256-CBC under another secret).
 //!
 //! Like QEMU's object tree, the secrets of a process live in one table: a front-end
 //! defines them once (every subcommand parses `--object`), and images name them by id
@@ -101,6 +102,7 @@ pub fn define_object(spec: &str) -> Result<(), CryptoError> {
         )));
     }
     let (mut id, mut data, mut file, mut format) = (None, None, None, None);
+    let (mut keyid, mut iv) = (None, None);
     for (k, v) in it {
         let v = v.ok_or_else(|| CryptoError::BadObject(format!("Invalid parameter '{k}'")))?;
         match k.as_str() {
@@ -108,11 +110,8 @@ pub fn define_object(spec: &str) -> Result<(), CryptoError> {
             "data" => data = Some(v),
             "file" => file = Some(v),
             "format" => format = Some(v),
-            "keyid" | "iv" => {
-                return Err(CryptoError::BadObject(
-                    "encrypted secrets (keyid/iv) are not supported by vdisk".into(),
-                ))
-            }
+            "keyid" => keyid = Some(v),
+            "iv" => iv = Some(v),
             _ => {
                 return Err(CryptoError::BadObject(format!(
                     "Property 'secret.{k}' not found"
@@ -138,18 +137,79 @@ pub fn define_object(spec: &str) -> Result<(), CryptoError> {
             ))
         }
     };
-    let bytes = match format.as_deref() {
-        None | Some("raw") => raw.to_vec(),
-        Some("base64") => base64::engine::general_purpose::STANDARD
-            .decode(&raw[..])
-            .map_err(|_| CryptoError::BadObject("Invalid base64 data".into()))?,
+    let base64 = match format.as_deref() {
+        None | Some("raw") => false,
+        Some("base64") => true,
         Some(other) => {
             return Err(CryptoError::BadObject(format!(
                 "Parameter 'format' does not accept value '{other}'"
             )))
         }
     };
-    define(Secret::new(&id, bytes))
+    let bytes = match keyid {
+        Some(k) => decrypt(&k, iv.as_deref(), &raw, base64)?,
+        None if base64 => Zeroizing::new(b64(&raw)?),
+        None => raw,
+    };
+    define(Secret::new(&id, bytes.to_vec()))
+}
+
+fn b64(data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|_| CryptoError::BadObject("Invalid base64 data".into()))
+}
+
+/// An encrypted secret (`keyid=MASTER,iv=B64`): `data` (base64-decoded first with
+/// `format=base64`) is AES-256-CBC ciphertext under the 32-byte secret `keyid` names,
+/// with PKCS#7 padding, as QEMU's `qcrypto_secret_decrypt` reads it (its checks and
+/// messages, in its order).
+fn decrypt(
+    keyid: &str,
+    iv: Option<&str>,
+    input: &[u8],
+    base64: bool,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    use aes::cipher::{generic_array::GenericArray, BlockDecryptMut, KeyIvInit};
+    let key = lookup(keyid)?;
+    if key.bytes().len() != 32 {
+        return Err(CryptoError::BadObject(
+            "Key should be 32 bytes in length".into(),
+        ));
+    }
+    let iv = iv.ok_or_else(|| CryptoError::BadObject("IV is required to decrypt secret".into()))?;
+    let iv = b64(iv.as_bytes())?;
+    if iv.len() != 16 {
+        return Err(CryptoError::BadObject(format!(
+            "IV should be 16 bytes in length not {}",
+            iv.len()
+        )));
+    }
+    let mut text = Zeroizing::new(if base64 { b64(input)? } else { input.to_vec() });
+    if !text.len().is_multiple_of(16) {
+        return Err(CryptoError::BadObject(format!(
+            "Length {} must be a multiple of block size 16",
+            text.len()
+        )));
+    }
+    let mut d = cbc::Decryptor::<aes::Aes256>::new(
+        GenericArray::from_slice(key.bytes()),
+        GenericArray::from_slice(&iv),
+    );
+    for b in text.chunks_exact_mut(16) {
+        d.decrypt_block_mut(GenericArray::from_mut_slice(b));
+    }
+    // QEMU reads the last byte as the padding length (an empty ciphertext, which it
+    // would read before its buffer, is refused here).
+    let pad = text.last().copied().unwrap_or(0) as usize;
+    if text.is_empty() || pad > 16 || pad > text.len() {
+        return Err(CryptoError::BadObject(format!(
+            "Incorrect number of padding bytes ({pad}) found on decrypted data"
+        )));
+    }
+    let n = text.len() - pad;
+    text.truncate(n);
+    Ok(text)
 }
 
 /// QEMU's option-string splitting: `key=value` pairs at `,`, `,,` escaping a comma.

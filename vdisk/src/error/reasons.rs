@@ -373,6 +373,8 @@ pub enum Invalid {
     NotAmendable(&'static str),
     /// `amend` of encryption options on an image without encryption.
     AmendEncryption,
+    /// `amend` of encryption options on a legacy AES image.
+    AmendOnlyLuks,
     /// An enum option value the legacy option path refuses (`measure`).
     LegacyEnumValue(String),
     /// A `compat` value the legacy option path refuses (`measure`).
@@ -664,6 +666,7 @@ impl fmt::Display for Invalid {
                 f,
                 "Can't amend encryption options - encryption not present"
             ),
+            Invalid::AmendOnlyLuks => write!(f, "Only LUKS encryption options can be amended"),
             Invalid::LegacyEnumValue(v) => write!(f, "invalid parameter value: {v}"),
             Invalid::CompatLevel(v) => write!(f, "Invalid compatibility level: '{v}'"),
             Invalid::NeedsV3Compat(feature) => {

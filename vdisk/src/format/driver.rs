@@ -313,9 +313,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// Changes creation options of the open image (`amend`); only options the format
     /// declares amendable reach it. `status(done, total)` reports progress in the
     /// units and steps QEMU's driver reports them (qemu-img `amend -p` prints them).
+    /// `force` (qemu-img's `--force`) allows what QEMU only does when forced (erasing
+    /// the last LUKS key slot, overwriting an active one).
     fn amend(
         &self,
         _opts: &super::options::OptionValues,
+        _force: bool,
         _status: &dyn Fn(u64, u64),
     ) -> Result<()> {
         Err(Unsupported::NoAmend(self.format().name()).into())

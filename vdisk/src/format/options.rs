@@ -192,12 +192,22 @@ fn parse_value(d: &OptionDesc, v: &str) -> Result<OptValue> {
             OptValue::Size(parse_size(v).map_err(|_| bad_size(d.name))?)
         }
         OptKind::Bool => OptValue::Bool(parse_bool(d.name, v)?),
-        OptKind::Number => OptValue::Number(
-            v.parse()
-                .map_err(|_| Invalid::BadNumber(d.name.to_string()))?,
-        ),
+        OptKind::Number => {
+            OptValue::Number(parse_number(v).ok_or_else(|| Invalid::BadNumber(d.name.to_string()))?)
+        }
         OptKind::Str | OptKind::Enum { .. } => OptValue::Str(v.to_string()),
     })
+}
+
+/// A number as qemu's `qemu_strtou64` reads it: decimal, a leading `-` negating
+/// modulo 2^64 (`keyslot=-1` reaches the driver, which reads it back as signed).
+fn parse_number(v: &str) -> Option<u64> {
+    match v.strip_prefix('-') {
+        Some(rest) if !rest.starts_with(['-', '+']) => {
+            rest.parse::<u64>().ok().map(u64::wrapping_neg)
+        }
+        _ => v.parse().ok(),
+    }
 }
 
 /// Finds a declaration by key: the format's own first (it may redeclare a protocol

@@ -7,6 +7,7 @@
 //! [`MAX_ITERATIONS`] (so a hostile header cannot keep an open busy for hours) and
 //! stripes by [`MAX_STRIPES`] (bounding the memory of the split key).
 
+pub mod amend;
 pub mod header;
 
 use super::afsplit;
@@ -45,8 +46,9 @@ pub struct Luks {
     pub area: u64,
 }
 
-/// Maps a header's cipher name and key size to an algorithm (QEMU's table: `aes` with
-/// 16/24/32-byte keys per cipher; XTS keys are twice that).
+/// Maps a header's cipher name and key size to an algorithm (QEMU's table: `aes`,
+/// `serpent`, `twofish` with 16/24/32-byte keys, `cast5` with 16; XTS keys are twice
+/// that).
 fn cipher_alg(name: &str, mode: CipherMode, key_bytes: u32) -> Result<CipherAlg, CryptoError> {
     let per = if mode == CipherMode::Xts {
         key_bytes / 2
@@ -54,8 +56,8 @@ fn cipher_alg(name: &str, mode: CipherMode, key_bytes: u32) -> Result<CipherAlg,
         key_bytes
     };
     let ok = mode != CipherMode::Xts || key_bytes.is_multiple_of(2);
-    match (name, CipherAlg::aes_with_key_len(per as usize)) {
-        ("aes", Some(a)) if ok => Ok(a),
+    match CipherAlg::from_family(name, per as usize) {
+        Some(a) if ok => Ok(a),
         _ => Err(CryptoError::CipherSize {
             name: name.to_string(),
             key_bytes: per,
@@ -156,7 +158,7 @@ impl Luks {
         Ok(())
     }
 
-    fn split_len(&self, s: &KeySlot) -> usize {
+    pub(crate) fn split_len(&self, s: &KeySlot) -> usize {
         self.header.key_bytes as usize * s.stripes as usize
     }
 
@@ -189,133 +191,54 @@ impl Luks {
         passphrase: &[u8],
         read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
     ) -> Result<(usize, Zeroizing<Vec<u8>>)> {
-        let n = self.header.key_bytes as usize;
-        for (i, s) in self
-            .header
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.active)
-        {
-            let mut slot_key = Zeroizing::new(vec![0u8; n]);
-            self.hash
-                .pbkdf2(passphrase, &s.salt, s.iterations, &mut slot_key);
-            let mut split = Zeroizing::new(vec![0u8; self.split_len(s)]);
-            read(s.key_offset as u64 * SECTOR_SIZE, &mut split)?;
-            // Key material is encrypted like the payload, sector numbers from 0.
-            let c = SectorCipher::new(self.spec, &slot_key)?;
-            let whole = split.len() / SECTOR_SIZE as usize * SECTOR_SIZE as usize;
-            c.decrypt(0, &mut split[..whole])?;
-            if whole < split.len() {
-                // A last partial sector (key sizes here keep it whole; be safe).
-                let mut last = Zeroizing::new(vec![0u8; SECTOR_SIZE as usize]);
-                let tail = split.len() - whole;
-                last[..tail].copy_from_slice(&split[whole..]);
-                c.decrypt((whole as u64) / SECTOR_SIZE, &mut last)?;
-                split[whole..].copy_from_slice(&last[..tail]);
-            }
-            let key = afsplit::merge(self.hash, &split, n, s.stripes as usize);
-            if self.digest_matches(&key) {
+        for i in 0..NUM_SLOTS {
+            if let Some(key) = self.try_slot(i, passphrase, read)? {
                 return Ok((i, key));
             }
         }
         Err(Error::Crypto(CryptoError::BadPassword))
     }
 
-    fn digest_matches(&self, key: &[u8]) -> bool {
+    /// The master key if key slot `i` is active and `passphrase` opens it (QEMU's
+    /// `qcrypto_block_luks_load_key`); `None` for an inactive slot or another
+    /// passphrase. A failing read is an error.
+    pub fn try_slot(
+        &self,
+        i: usize,
+        passphrase: &[u8],
+        read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let n = self.header.key_bytes as usize;
+        let Some(s) = self.header.slots.get(i).filter(|s| s.active) else {
+            return Ok(None);
+        };
+        let mut slot_key = Zeroizing::new(vec![0u8; n]);
+        self.hash
+            .pbkdf2(passphrase, &s.salt, s.iterations, &mut slot_key);
+        let mut split = Zeroizing::new(vec![0u8; self.split_len(s)]);
+        read(s.key_offset as u64 * SECTOR_SIZE, &mut split)?;
+        // Key material is encrypted like the payload, sector numbers from 0.
+        let c = SectorCipher::new(self.spec, &slot_key)?;
+        let whole = split.len() / SECTOR_SIZE as usize * SECTOR_SIZE as usize;
+        c.decrypt(0, &mut split[..whole])?;
+        if whole < split.len() {
+            // A last partial sector (aes-192: 24 * 4000 bytes): as QEMU, the sector's
+            // first bytes (CBC and XTS give them the same way whatever follows).
+            let mut last = Zeroizing::new(vec![0u8; SECTOR_SIZE as usize]);
+            let tail = split.len() - whole;
+            last[..tail].copy_from_slice(&split[whole..]);
+            c.decrypt((whole as u64) / SECTOR_SIZE, &mut last)?;
+            split[whole..].copy_from_slice(&last[..tail]);
+        }
+        let key = afsplit::merge(self.hash, &split, n, s.stripes as usize);
+        Ok(self.digest_matches(&key).then_some(key))
+    }
+
+    pub(crate) fn digest_matches(&self, key: &[u8]) -> bool {
         let mut d = [0u8; header::DIGEST_LEN];
         self.hash
             .pbkdf2(key, &self.header.mk_salt, self.header.mk_iterations, &mut d);
         d.ct_eq(&self.header.mk_digest).into()
-    }
-
-    /// Puts `passphrase` into key slot `slot` (which must be inactive) for
-    /// `master_key` (as [`Luks::unlock_key`] returns it): the header is updated in
-    /// place; returns the offset (from the start of the header area) and bytes of the
-    /// slot's new key material, to be written before the header. The base of `amend`'s
-    /// `encrypt.state=active,encrypt.new-secret=…`.
-    pub fn add_key(
-        &mut self,
-        slot: usize,
-        master_key: &[u8],
-        passphrase: &[u8],
-        iter_time_ms: u64,
-    ) -> Result<(u64, Zeroizing<Vec<u8>>)> {
-        let n = self.header.key_bytes as usize;
-        let s = self.header.slots.get(slot).ok_or_else(|| {
-            CryptoError::Option(format!(
-                "Invalid keyslot {slot} specified, must be between 0 and 7"
-            ))
-        })?;
-        if s.active {
-            return Err(CryptoError::Option(format!(
-                "Refusing to overwrite active keyslot {slot}"
-            ))
-            .into());
-        }
-        if master_key.len() != n || !self.digest_matches(master_key) {
-            return Err(CryptoError::BadPassword.into());
-        }
-        let stripes = STRIPES;
-        let mut salt = [0u8; header::SALT_LEN];
-        random(&mut salt)?;
-        let iters = self
-            .hash
-            .iterations_for(n, iter_time_ms)
-            .clamp(MIN_ITERATIONS, MAX_ITERATIONS as u64) as u32;
-        let mut rnd_err = None;
-        let mut split = afsplit::split(self.hash, master_key, stripes as usize, |b| {
-            if let Err(e) = random(b) {
-                rnd_err = Some(e);
-            }
-        });
-        if let Some(e) = rnd_err {
-            return Err(e.into());
-        }
-        let padded = (split.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-        split.resize(padded as usize, 0);
-        let mut slot_key = Zeroizing::new(vec![0u8; n]);
-        self.hash.pbkdf2(passphrase, &salt, iters, &mut slot_key);
-        SectorCipher::new(self.spec, &slot_key)?.encrypt(0, &mut split)?;
-        let start = s_offset(&self.header.slots[slot]);
-        if start < HEADER_LEN as u64 || start + split.len() as u64 > self.area {
-            return Err(bad(HeaderField::SlotKeyOffset(slot), start).into());
-        }
-        let s = &mut self.header.slots[slot];
-        s.active = true;
-        s.iterations = iters;
-        s.salt = salt;
-        s.stripes = stripes;
-        Ok((s.key_offset as u64 * SECTOR_SIZE, split))
-    }
-
-    /// Disables key slot `slot`: the header is updated in place; returns the offset and
-    /// length of its key material, to be overwritten (with random bytes) after the
-    /// header is written. Refuses to disable the last active slot (that would lose the
-    /// data), as QEMU does without `force`.
-    pub fn erase_key(&mut self, slot: usize) -> Result<(u64, u64)> {
-        let active = self.header.slots.iter().filter(|s| s.active).count();
-        let s = self.header.slots.get(slot).ok_or_else(|| {
-            CryptoError::Option(format!(
-                "Invalid keyslot {slot} specified, must be between 0 and 7"
-            ))
-        })?;
-        if !s.active {
-            return Err(CryptoError::Option(format!("Keyslot {slot} is not active")).into());
-        }
-        if active == 1 {
-            return Err(CryptoError::Option(
-                "Attempt to erase the only active keyslot which will erase all the data in the image irreversibly - refusing operation"
-                    .into(),
-            )
-            .into());
-        }
-        let len = self.split_len(s) as u64;
-        let s = &mut self.header.slots[slot];
-        s.active = false;
-        s.iterations = 0;
-        s.salt = [0; header::SALT_LEN];
-        Ok((s.key_offset as u64 * SECTOR_SIZE, len))
     }
 
     /// The first inactive key slot.
@@ -345,12 +268,9 @@ impl Luks {
                     key_offset: s.key_offset as u64 * SECTOR_SIZE,
                 })
                 .collect(),
+            detached_header: false,
         }
     }
-}
-
-fn s_offset(s: &KeySlot) -> u64 {
-    s.key_offset as u64 * SECTOR_SIZE
 }
 
 /// One key slot as `info` shows it.
@@ -387,6 +307,8 @@ pub struct LuksInfo {
     pub master_key_iters: u32,
     /// The eight slots.
     pub slots: Vec<SlotInfo>,
+    /// The header is in a file of its own (the payload from 0 of the data file).
+    pub detached_header: bool,
 }
 
 /// Creation parameters (QEMU's `encrypt.*` / luks options).
@@ -493,6 +415,42 @@ impl NewVolume {
     }
 }
 
+/// A key slot's material: `master` split into `stripes` (random ones, the last
+/// making the difference), encrypted like the payload (sectors from 0) under the key
+/// PBKDF2 derives from `pass` with `salt` and `iterations`. Exactly `key_len *
+/// stripes` bytes; a last partial sector is encrypted as the front of a whole one,
+/// which gives the bytes QEMU's shorter last chunk gives (every mode here encrypts a
+/// sector front to back).
+pub(crate) fn slot_material(
+    spec: CipherSpec,
+    hash: HashAlg,
+    master: &[u8],
+    stripes: u32,
+    pass: &[u8],
+    salt: &[u8],
+    iterations: u32,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let mut rnd_err = None;
+    let mut split = afsplit::split(hash, master, stripes as usize, |b| {
+        if let Err(e) = random(b) {
+            rnd_err = Some(e);
+        }
+    });
+    if let Some(e) = rnd_err {
+        return Err(e.into());
+    }
+    let len = split.len();
+    split.resize(
+        (len as u64).div_ceil(SECTOR_SIZE) as usize * SECTOR_SIZE as usize,
+        0,
+    );
+    let mut slot_key = Zeroizing::new(vec![0u8; master.len()]);
+    hash.pbkdf2(pass, salt, iterations, &mut slot_key);
+    SectorCipher::new(spec, &slot_key)?.encrypt(0, &mut split)?;
+    split.truncate(len);
+    Ok(split)
+}
+
 /// Fills `buf` from the system's random source.
 pub fn random(buf: &mut [u8]) -> Result<(), CryptoError> {
     getrandom::getrandom(buf).map_err(|e| CryptoError::Random(e.to_string()))
@@ -520,6 +478,19 @@ fn uuid() -> Result<String, CryptoError> {
 pub fn create(params: &CreateParams, passphrase: &[u8]) -> Result<NewVolume> {
     let spec = params.spec;
     let n = spec.key_len();
+    // XTS with 8-byte blocks, essiv ciphers: refused before anything is made.
+    SectorCipher::new(spec, &vec![0u8; n])?;
+    if !(n as u64 * STRIPES as u64).is_multiple_of(SECTOR_SIZE) {
+        // 24-byte keys outside XTS: QEMU cannot encrypt (nor read) key material that
+        // is not whole sectors, and aborts; refuse instead.
+        return Err(CryptoError::Option(format!(
+            "{}-{} key material of {} bytes is not whole {SECTOR_SIZE}-byte sectors: QEMU cannot use such a volume",
+            spec.alg.name(),
+            spec.mode.name(),
+            n as u64 * STRIPES as u64
+        ))
+        .into());
+    }
     let mut master = Zeroizing::new(vec![0u8; n]);
     random(&mut master)?;
     let mut mk_salt = [0u8; header::SALT_LEN];
@@ -555,7 +526,7 @@ pub fn create(params: &CreateParams, passphrase: &[u8]) -> Result<NewVolume> {
         .collect();
     let payload = first + NUM_SLOTS as u64 * split_sectors;
     let header = LuksHeader {
-        cipher_name: "aes".into(),
+        cipher_name: spec.alg.family().into(),
         cipher_mode: params.mode_spec(),
         hash_spec: params.hash.name().into(),
         payload_offset: payload as u32,
@@ -569,22 +540,15 @@ pub fn create(params: &CreateParams, passphrase: &[u8]) -> Result<NewVolume> {
             .map_err(|_| Error::Crypto(CryptoError::NotLuks))?,
     };
     // Slot 0: split the master key, encrypt it under the passphrase's key.
-    let mut rnd_err = None;
-    let mut split = afsplit::split(params.hash, &master, STRIPES as usize, |b| {
-        if let Err(e) = random(b) {
-            rnd_err = Some(e);
-        }
-    });
-    if let Some(e) = rnd_err {
-        return Err(e.into());
-    }
-    let padded = (split.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-    split.resize(padded as usize, 0);
-    let mut slot_key = Zeroizing::new(vec![0u8; n]);
-    params
-        .hash
-        .pbkdf2(passphrase, &slot_salt, slot_iters, &mut slot_key);
-    SectorCipher::new(spec, &slot_key)?.encrypt(0, &mut split)?;
+    let split = slot_material(
+        spec,
+        params.hash,
+        &master,
+        STRIPES,
+        passphrase,
+        &slot_salt,
+        slot_iters,
+    )?;
     let encoded = header.encode();
     let luks = Luks {
         area: header.payload_offset as u64 * SECTOR_SIZE,
@@ -771,37 +735,6 @@ mod tests {
             })
             .unwrap_err();
         assert!(!e.to_string().contains("pw"));
-    }
-
-    #[test]
-    fn keys_are_added_and_erased() {
-        let v = create(&params("xts", "plain64", "sha256"), b"one").unwrap();
-        let mut img = image(&v);
-        let mut l = Luks::parse(&img, None).unwrap();
-        let (_, mk) = l.unlock_key(b"one", &mut reader(&img)).unwrap();
-        assert!(l.add_key(0, &mk, b"two", 1).is_err(), "slot 0 is active");
-        assert!(
-            l.add_key(3, &[0u8; 32], b"two", 1).is_err(),
-            "not the master key"
-        );
-        let slot = l.free_slot().unwrap();
-        assert_eq!(slot, 1);
-        let (off, km) = l.add_key(slot, &mk, b"two", 1).unwrap();
-        img[off as usize..off as usize + km.len()].copy_from_slice(&km);
-        img[..HEADER_LEN].copy_from_slice(&l.header.encode());
-        let l2 = Luks::parse(&img, None).unwrap();
-        assert_eq!(l2.unlock_key(b"two", &mut reader(&img)).unwrap().0, 1);
-        assert_eq!(l2.unlock_key(b"one", &mut reader(&img)).unwrap().0, 0);
-        // Erase slot 0: "one" no longer opens, "two" does; the last slot stays.
-        let mut l3 = l2.clone();
-        let (off, len) = l3.erase_key(0).unwrap();
-        img[off as usize..(off + len) as usize].fill(0x5a);
-        img[..HEADER_LEN].copy_from_slice(&l3.header.encode());
-        let l4 = Luks::parse(&img, None).unwrap();
-        assert!(l4.unlock_key(b"one", &mut reader(&img)).is_err());
-        assert_eq!(l4.unlock_key(b"two", &mut reader(&img)).unwrap().0, 1);
-        assert!(l3.erase_key(1).is_err(), "the only active slot");
-        assert!(l3.erase_key(9).is_err());
     }
 
     #[test]

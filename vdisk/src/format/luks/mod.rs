@@ -5,7 +5,7 @@
 //! offset).
 //!
 //! Files: `probe.rs` (recognising a header), `options.rs` (declared options),
-//! `create.rs` (new volumes); the header itself, key slots and ciphers are in
+//! `create.rs` (new volumes), `amend.rs` (key-slot management, also qcow2's); the header itself, key slots and ciphers are in
 //! [`crate::crypto::luks`].
 //!
 //! Guest I/O not aligned to 512 bytes is read-modify-written under a lock that aligned
@@ -13,6 +13,8 @@
 //! sector. Opened with [`DriverOptions::no_io`] and no key secret (`info`), the header is
 //! read and guest I/O fails.
 
+mod amend;
+pub(crate) use amend::amend as amend_keys;
 mod create;
 pub(crate) use create::{params as create_params, write_volume};
 pub mod options;
@@ -28,13 +30,20 @@ use crate::crypto::{secret, CryptoError, SectorCipher, SECTOR_SIZE};
 use crate::error::{Error, Invalid, Result, Unsupported, ZeroLimit};
 use crate::storage::Storage;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// An open raw LUKS volume.
 #[derive(Debug)]
 pub struct LuksVolume {
+    /// The payload's storage.
     storage: Arc<dyn Storage>,
-    luks: Luks,
+    /// The header's: `storage` itself, or a detached header file.
+    header: Arc<dyn Storage>,
+    /// The header; `amend` changes its key slots.
+    luks: Mutex<Luks>,
+    /// The id of the secret the volume was opened with (`amend` adding a slot
+    /// recovers the master key with it).
+    key_secret: Option<String>,
     payload: u64,
     size: AtomicU64,
     cipher: Option<SectorCipher>,
@@ -80,15 +89,29 @@ impl LuksVolume {
     /// Opens a volume: parses the header and, unless `opts.no_io` without a key,
     /// unlocks a key slot with the named secret.
     pub fn open(storage: Arc<dyn Storage>, opts: &DriverOptions) -> Result<LuksVolume> {
-        let len = storage.len()?;
-        if len < HEADER_LEN as u64 {
+        LuksVolume::open_detached(storage.clone(), storage, opts)
+    }
+
+    /// Opens a volume whose header is on `header` and payload on `storage` (the same
+    /// storage: an ordinary volume). As QEMU, the payload starts at the header's
+    /// payload offset on `storage` either way (QEMU's detached headers record 0), and
+    /// a detached header's key material may fill the header file.
+    pub fn open_detached(
+        header: Arc<dyn Storage>,
+        storage: Arc<dyn Storage>,
+        opts: &DriverOptions,
+    ) -> Result<LuksVolume> {
+        let detached = !Arc::ptr_eq(&header, &storage);
+        let hlen = header.len()?;
+        if hlen < HEADER_LEN as u64 {
             return Err(CryptoError::Truncated {
-                got: len,
+                got: hlen,
                 need: HEADER_LEN as u64,
             }
             .into());
         }
-        let luks = read_header(&*storage, 0, None)?;
+        let luks = read_header(&*header, 0, detached.then_some(hlen))?;
+        let len = storage.len()?;
         let payload = luks.payload_offset();
         if payload > len {
             return Err(CryptoError::BadHeader {
@@ -100,17 +123,23 @@ impl LuksVolume {
         let cipher = if opts.no_io {
             None
         } else {
-            Some(unlock(&*storage, 0, &luks, opts.key_secret.as_deref(), "")?)
+            Some(unlock(&*header, 0, &luks, opts.key_secret.as_deref(), "")?)
         };
         Ok(LuksVolume {
             storage,
-            luks,
+            header,
+            luks: Mutex::new(luks),
+            key_secret: opts.key_secret.clone(),
             payload,
             size: AtomicU64::new(len - payload),
             cipher,
             read_only: opts.read_only,
             rmw: RwLock::new(()),
         })
+    }
+
+    fn detached(&self) -> bool {
+        !Arc::ptr_eq(&self.header, &self.storage)
     }
 
     fn cipher(&self) -> Result<&SectorCipher> {
@@ -170,7 +199,10 @@ impl LuksVolume {
 }
 
 fn open(args: OpenArgs<'_, '_>) -> Result<Arc<dyn Driver>> {
-    Ok(Arc::new(LuksVolume::open(args.data, args.opts)?))
+    // `meta` is a detached header when the node has a `header` child.
+    Ok(Arc::new(LuksVolume::open_detached(
+        args.meta, args.data, args.opts,
+    )?))
 }
 
 /// Declared options.
@@ -183,8 +215,8 @@ pub static DESCRIPTOR: FormatDesc = FormatDesc {
     open: Some(open),
     create: Some(create::create),
     create_options: CREATE_OPTIONS,
-    amend_only_options: &[],
-    amendable: false,
+    amend_only_options: options::AMEND_ONLY_OPTIONS,
+    amendable: true,
     caps: Capabilities::NONE,
 };
 
@@ -241,6 +273,9 @@ impl Driver for LuksVolume {
         if self.read_only {
             return Ok(());
         }
+        if self.detached() {
+            self.header.flush()?;
+        }
         Ok(self.storage.flush()?)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
@@ -254,7 +289,27 @@ impl Driver for LuksVolume {
         })
     }
     fn encryption(&self) -> Option<EncryptionInfo> {
-        Some(EncryptionInfo::Luks(self.luks.info()))
+        let mut i = self.luks.lock().unwrap_or_else(|p| p.into_inner()).info();
+        i.detached_header = self.detached();
+        Some(EncryptionInfo::Luks(i))
+    }
+    fn amend(
+        &self,
+        opts: &super::options::OptionValues,
+        force: bool,
+        _status: &dyn Fn(u64, u64),
+    ) -> Result<()> {
+        self.writable()?;
+        let mut l = self.luks.lock().unwrap_or_else(|p| p.into_inner());
+        amend::amend(
+            &*self.header,
+            0,
+            &mut l,
+            opts,
+            "",
+            self.key_secret.as_deref(),
+            force,
+        )
     }
     fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
         self.writable()?;

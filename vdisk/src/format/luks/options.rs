@@ -24,11 +24,34 @@ pub const CREATE_OPTIONS: &[OptionDesc] = &[
         OptKind::Number,
         None,
         "Time to spend in PBKDF in milliseconds",
-    ),
+    )
+    .amendable(),
     OptionDesc::new(
         "detached-header",
         OptKind::Bool,
         None,
         "Create a detached LUKS header",
     ),
+];
+
+/// Options only `amend` takes: key-slot management (qemu-img 10's help texts).
+pub const AMEND_ONLY_OPTIONS: &[OptionDesc] = &[
+    OptionDesc::new(
+        "keyslot",
+        OptKind::Number,
+        None,
+        "Select a single keyslot to modify explicitly",
+    )
+    .amendable(),
+    s(
+        "new-secret",
+        "New secret to set in the matching keyslots. Empty string to erase",
+    )
+    .amendable(),
+    s("old-secret", "Select all keyslots that match this password").amendable(),
+    s(
+        "state",
+        "Select new state of affected keyslots (active/inactive)",
+    )
+    .amendable(),
 ];

@@ -32,9 +32,13 @@ struct Request {
     data_file: Option<String>,
     /// `data_file_raw`.
     data_raw: Option<bool>,
+    /// Key-slot options (`encrypt.state`, …) were given.
+    encrypt: bool,
 }
 
-fn request(o: &OptionValues) -> Result<Request> {
+/// Reads the request; `crypt_method` is the image's (QEMU refuses encryption options
+/// on an image without LUKS at the option's turn).
+fn request(o: &OptionValues, crypt_method: u32) -> Result<Request> {
     let mut r = Request {
         version: None,
         size: None,
@@ -44,6 +48,7 @@ fn request(o: &OptionValues) -> Result<Request> {
         refcount_bits: None,
         data_file: None,
         data_raw: None,
+        encrypt: false,
     };
     for g in o.given() {
         match g.desc.name {
@@ -65,7 +70,11 @@ fn request(o: &OptionValues) -> Result<Request> {
                 }
                 r.refcount_bits = Some(n);
             }
-            k if k.starts_with("encrypt.") => return Err(Invalid::AmendEncryption.into()),
+            k if k.starts_with("encrypt.") => match crypt_method {
+                super::crypto::CRYPT_NONE => return Err(Invalid::AmendEncryption.into()),
+                super::crypto::CRYPT_LUKS => r.encrypt = true,
+                _ => return Err(Invalid::AmendOnlyLuks.into()),
+            },
             "data_file" => r.data_file = Some(g.raw.clone()),
             "data_file_raw" => r.data_raw = o.bool("data_file_raw"),
             k => return Err(Unsupported::CreateOption(k.to_string()).into()),
@@ -79,6 +88,8 @@ fn request(o: &OptionValues) -> Result<Request> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {
     Upgrade,
+    /// Key slots (reports no progress of its own, but counts as an operation).
+    Encryption,
     RefcountOrder,
     Downgrade,
 }
@@ -366,22 +377,27 @@ impl Meta {
 
 impl Qcow2 {
     /// `amend -o …` on an open image (opened read-write).
-    pub(crate) fn do_amend(&self, o: &OptionValues, status: &dyn Fn(u64, u64)) -> Result<()> {
+    pub(crate) fn do_amend(
+        &self,
+        o: &OptionValues,
+        force: bool,
+        status: &dyn Fn(u64, u64),
+    ) -> Result<()> {
         self.writable()?;
-        let r = request(o)?;
         let mut m = self.lock();
+        let r = request(o, m.hdr.crypt_method)?;
         m.check_writable()?;
         while !m.inflight.is_empty() || !m.direct.is_empty() {
             m = self.wait_alloc_done(m);
         }
         let old_version = m.g.version;
         let new_version = r.version.unwrap_or(old_version);
-        // QEMU counts the operations that report progress up front: a version change
-        // and a width change.
+        // QEMU counts the operations that report progress up front: a version change,
+        // a width change and a key-slot update.
         let width_change = r.refcount_bits.is_some_and(|b| b != 1 << m.g.rc_order);
         let mut st = Status::new(
             status,
-            u64::from(new_version != old_version) + u64::from(width_change),
+            u64::from(new_version != old_version) + u64::from(width_change) + u64::from(r.encrypt),
         );
         // QEMU's rules, checked before anything changes: a data file can be renamed
         // (the new name is not opened), raw mode only dropped.
@@ -417,6 +433,12 @@ impl Qcow2 {
             st.current = Some(Op::Upgrade);
             m.upgrade(self.size(), &mut st)?;
             reopen = true;
+        }
+        if r.encrypt {
+            // After an upgrade, before a width change (QEMU's order). The key slots
+            // live in the LUKS header area, which no other step moves.
+            st.current = Some(Op::Encryption);
+            self.amend_keys(o, force)?;
         }
         if let Some(bits) = r.refcount_bits {
             if bits != 1 << m.g.rc_order {

@@ -38,8 +38,39 @@ const PREFIX: &str = "encrypt.";
 pub(crate) struct Encryption {
     /// The data cipher (`None`: opened without a key, for metadata only).
     pub data: Option<DataCipher>,
+    /// The scheme.
+    pub kind: Kind,
+    /// The id of the secret the image was opened with (`amend` adding a key slot
+    /// recovers the master key with it).
+    pub key_secret: Option<String>,
+}
+
+/// An image's encryption scheme (one per image: the size difference does not matter).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Kind {
+    /// Legacy AES.
+    Aes,
+    /// LUKS: the header area's offset in the image file and the header (`amend`
+    /// changes its key slots).
+    Luks {
+        /// Offset of the header area.
+        at: u64,
+        /// The header.
+        luks: std::sync::Mutex<Luks>,
+    },
+}
+
+impl Encryption {
     /// What `info` shows.
-    pub info: EncryptionInfo,
+    pub fn info(&self) -> EncryptionInfo {
+        match &self.kind {
+            Kind::Aes => EncryptionInfo::Aes,
+            Kind::Luks { luks, .. } => {
+                EncryptionInfo::Luks(luks.lock().unwrap_or_else(|p| p.into_inner()).info())
+            }
+        }
+    }
 }
 
 /// Decodes the encryption header extension: (offset, length) of the LUKS area.
@@ -110,7 +141,8 @@ pub(crate) fn open(
             };
             Ok(Some(Encryption {
                 data,
-                info: EncryptionInfo::Aes,
+                kind: Kind::Aes,
+                key_secret: opts.key_secret.clone(),
             }))
         }
         CRYPT_LUKS => {
@@ -142,7 +174,11 @@ pub(crate) fn open(
             };
             Ok(Some(Encryption {
                 data,
-                info: EncryptionInfo::Luks(luks.info()),
+                kind: Kind::Luks {
+                    at: off,
+                    luks: std::sync::Mutex::new(luks),
+                },
+                key_secret: opts.key_secret.clone(),
             }))
         }
         m => Err(Unsupported::Encryption(m).into()),
@@ -192,6 +228,29 @@ pub(crate) fn check_secret(o: &OptionValues) -> Result<()> {
 }
 
 impl Qcow2 {
+    /// `amend`'s key-slot options (`encrypt.state`, …) on the LUKS header area.
+    pub(crate) fn amend_keys(&self, o: &OptionValues, force: bool) -> Result<()> {
+        match &self.crypto {
+            Some(Encryption {
+                kind: Kind::Luks { at, luks },
+                key_secret,
+                ..
+            }) => {
+                let mut l = luks.lock().unwrap_or_else(|p| p.into_inner());
+                crate::format::luks::amend_keys(
+                    &*self.storage,
+                    *at,
+                    &mut l,
+                    o,
+                    PREFIX,
+                    key_secret.as_deref(),
+                    force,
+                )
+            }
+            _ => Err(crate::error::Invalid::AmendEncryption.into()),
+        }
+    }
+
     /// Sets up encryption on a freshly created image (no data yet): for LUKS, the
     /// header area in newly allocated clusters and the extension pointing at it.
     pub(crate) fn set_up_encryption(&self, w: Wanted, o: &OptionValues) -> Result<()> {

@@ -825,7 +825,7 @@ impl Driver for Qcow2 {
         self.data_name.clone()
     }
     fn encryption(&self) -> Option<super::EncryptionInfo> {
-        self.crypto.as_ref().map(|c| c.info.clone())
+        self.crypto.as_ref().map(|c| c.info())
     }
     fn is_dirty(&self) -> bool {
         self.lock().hdr.incompatible & INCOMPAT_DIRTY != 0
@@ -837,8 +837,13 @@ impl Driver for Qcow2 {
             .map(|s| s.info.clone())
             .collect()
     }
-    fn amend(&self, opts: &super::options::OptionValues, status: &dyn Fn(u64, u64)) -> Result<()> {
-        self.do_amend(opts, status)
+    fn amend(
+        &self,
+        opts: &super::options::OptionValues,
+        force: bool,
+        status: &dyn Fn(u64, u64),
+    ) -> Result<()> {
+        self.do_amend(opts, force, status)
     }
     fn make_empty(&self) -> Result<()> {
         self.writable()?;
