@@ -79,9 +79,49 @@ pub use vdisk::error::strip_os_error;
 macro_rules! qprintln {
     ($quiet:expr, $($arg:tt)*) => {
         if !$quiet {
-            println!($($arg)*);
+            $crate::outln!($($arg)*);
         }
     };
+}
+
+/// `println!` for the commands that print a result: a reader that went away
+/// (`vdisk info | head`) ends the process as SIGPIPE ends qemu-img ([`stdout_write`]).
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::common::stdout_write(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::common::stdout_write(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` with [`outln!`]'s handling of a closed stdout.
+#[macro_export]
+macro_rules! outp {
+    ($($arg:tt)*) => { $crate::common::stdout_write(format_args!($($arg)*)) };
+}
+
+/// Writes to stdout. When the reader has gone (EPIPE) the process dies of SIGPIPE,
+/// silently, as qemu-img does. SIGPIPE itself stays ignored (Rust's default): left at
+/// its default it would also kill the process when a server closes a socket under a
+/// `writev` (hyper's upload to S3, the NBD client), which has no `MSG_NOSIGNAL`.
+pub fn stdout_write(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+/// What a failed write to stdout does: EPIPE is SIGPIPE's death, anything else an
+/// error message and exit status 1.
+pub fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // SAFETY: restoring the default disposition and raising the signal on this
+        // thread; nothing else runs signal code.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+    error(format_args!("write error: {e}"));
+    std::process::exit(1)
 }
 
 /// Parses `-o a=b,c=d` lists (repeatable) into ordered pairs. `,,` escapes a comma.

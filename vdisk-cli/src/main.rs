@@ -93,21 +93,11 @@ fn main() {
             let _ = e.print();
             multicall::exit(code);
         });
-    if !matches!(
-        cli.command,
-        Command::Serve(_) | Command::Io(_) | Command::StorageDaemon(_)
-    ) {
-        // Like qemu-img, die quietly when the reader of our output goes away
-        // (`vdisk info | head`) instead of failing on EPIPE. The NBD server keeps Rust's
-        // ignored SIGPIPE: a vanishing client must only end its own connection. `io`
-        // keeps it ignored too, like qemu-io: `vdisk io -c write -c 'read -v' | head`
-        // must still close the image (write its metadata back) instead of dying.
-        // SAFETY: setting a signal disposition; only the stderr filter thread of the
-        // multi-call binary may run yet, and it does not touch signals.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+    // SIGPIPE stays ignored (Rust's default) in every command: a server closing a
+    // socket mid-write must give an error, not kill the process. The commands that
+    // print a result die of SIGPIPE only when stdout's reader goes away
+    // (`common::stdout_write`), as qemu-img; `io` and `serve` never do (`io` must still
+    // close its image: `vdisk io -c write -c 'read -v' | head`).
     let trace = match &cli.command {
         Command::Io(a) => &a.trace,
         Command::Serve(a) => &a.trace,

@@ -96,7 +96,7 @@ impl Progress {
     /// that stops early).
     pub fn end(&self) {
         if self.on {
-            println!();
+            crate::outln!();
         }
     }
 

@@ -161,11 +161,8 @@ struct Server {
 }
 
 impl Server {
-    fn start(prog: &str, args: Vec<String>, port: u16) -> Server {
-        Server::start_logged(prog, args, port, None)
-    }
-
-    /// [`Server::start`] with the server's stderr in `log`.
+    /// Starts `prog` and waits until it listens; its stderr goes to `log` (else
+    /// inherited).
     fn start_logged(prog: &str, args: Vec<String>, port: u16, log: Option<&Path>) -> Server {
         let err = match log {
             Some(l) => Stdio::from(std::fs::File::create(l).unwrap()),

@@ -488,8 +488,12 @@ fn failures_are_clear_errors_naming_the_url() {
         ],
     );
     assert_eq!(r.code, 1, "{} {}", r.out, r.err);
+    // Garage answers 403 as soon as it has the headers; whether the client reads that
+    // answer or first finds the socket closed under its body depends on timing.
     assert!(
-        r.err.contains("'s3://golden/old.qcow2'") && r.err.contains("Access denied"),
+        r.err.contains("'s3://golden/old.qcow2'")
+            && (r.err.contains("Access denied")
+                || r.err.contains("closed the connection during the request")),
         "{}",
         r.err
     );

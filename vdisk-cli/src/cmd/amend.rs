@@ -49,7 +49,7 @@ fn usage(msg: &str) -> String {
 fn help(f: Format) -> Result<(), String> {
     match f.amend_options() {
         Some(opts) => {
-            print!(
+            crate::outp!(
                 "{}",
                 vdisk::format::options::render_amend_help(f.name(), opts)
             );
@@ -118,7 +118,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     ) {
         // Refused while parsing: qemu-img's progress never started, only its end.
         if on {
-            println!();
+            crate::outln!();
         }
     } else {
         let p = start();

@@ -96,7 +96,7 @@ fn parse(args: &[String]) -> Result<Option<Parsed>, String> {
         match name.as_str() {
             "--" => only_positional = true,
             "-h" | "--help" => {
-                print!("{USAGE}");
+                crate::outp!("{USAGE}");
                 return Ok(None);
             }
             "--add" => p.actions.push(Action::Add),

@@ -40,7 +40,7 @@ pub fn print_help(f: Format, filename: Option<&str>) -> Result<(), String> {
         return Err(f.no_create_error().to_string());
     }
     let proto = filename.map(|_| f.protocol_options());
-    print!(
+    crate::outp!(
         "{}",
         options::render_help(f.name(), f.create_options(), proto)
     );

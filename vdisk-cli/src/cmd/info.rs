@@ -764,10 +764,10 @@ pub fn run(a: Args) -> i32 {
         } else {
             QValue::Dict(to_qdict(&infos[0]))
         };
-        println!("{}", to_json_pretty(&v));
+        crate::outln!("{}", to_json_pretty(&v));
     } else {
         let parts: Vec<String> = infos.iter().map(human).collect();
-        print!("{}", parts.join("\n"));
+        crate::outp!("{}", parts.join("\n"));
     }
     0
 }

@@ -74,7 +74,7 @@ fn dump(
     e: &MapEntry,
     next: Option<&mut MapEntry>,
 ) -> Result<(), String> {
-    let io = |err: std::io::Error| err.to_string();
+    let io = |err: std::io::Error| -> String { crate::common::stdout_failed(&err) };
     if json {
         write!(
             out,
@@ -220,7 +220,7 @@ fn run_inner(a: Args) -> Result<(), String> {
     let mut recurse = vec![None; chain.len()];
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let io = |err: std::io::Error| err.to_string();
+    let io = |err: std::io::Error| -> String { crate::common::stdout_failed(&err) };
     if json {
         write!(out, "[").map_err(io)?;
     } else {

@@ -148,12 +148,12 @@ fn run_inner(a: Args) -> Result<(), String> {
         }
         d.int("required", info.required);
         d.int("fully-allocated", info.fully_allocated);
-        println!("{}", to_json_pretty(&QValue::Dict(d)));
+        crate::outln!("{}", to_json_pretty(&QValue::Dict(d)));
     } else {
-        println!("required size: {}", info.required);
-        println!("fully allocated size: {}", info.fully_allocated);
+        crate::outln!("required size: {}", info.required);
+        crate::outln!("fully allocated size: {}", info.fully_allocated);
         if let Some(b) = info.bitmaps {
-            println!("bitmaps size: {b}");
+            crate::outln!("bitmaps size: {b}");
         }
     }
     Ok(())

@@ -118,7 +118,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         Action::List => {
             let snaps = img.snapshots();
             if !snaps.is_empty() {
-                print!("{}", crate::cmd::info::snapshot_list(&snaps));
+                crate::outp!("{}", crate::cmd::info::snapshot_list(&snaps));
             }
             Ok(())
         }

@@ -344,7 +344,7 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("foo:bar", "Unknown protocol 'foo'"),
             ("FILE:a", "Unknown protocol 'FILE'"),
-            ("nbds://h/x", "Unknown protocol 'nbds'"),
+            ("nbdx://h/x", "Unknown protocol 'nbdx'"),
             ("nbd+unix:///x", "No valid URL specified"),
             ("json:", "Could not parse the JSON options"),
             (

@@ -223,6 +223,20 @@ pub fn describe(e: object_store::Error) -> io::Error {
         {
             denied()
         }
+        // The server answered before the body was sent (a refused upload: access
+        // denied, quota) and closed the socket under the writer; its answer is lost.
+        _ if ["Broken pipe", "Connection reset"]
+            .iter()
+            .any(|m| cause.contains(m)) =>
+        {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!(
+                    "the S3 server closed the connection during the request ({cause}); \
+                     a refused upload (permissions, quota) ends this way"
+                ),
+            )
+        }
         _ if chain.contains("error sending request") => io::Error::new(
             io::ErrorKind::ConnectionRefused,
             format!("S3 endpoint unreachable ({cause})"),
