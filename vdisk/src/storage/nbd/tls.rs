@@ -225,6 +225,63 @@ fn define(kind: &str, pairs: &[(String, Option<String>)]) -> Result<(), String> 
     Ok(())
 }
 
+/// Client credentials named in a libnbd URL (`nbd_connect_uri`'s query keys), loaded
+/// for one open and not registered as an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UrlCreds {
+    /// `tls-certificates=DIR`: x509 from `DIR/ca-cert.pem` (and `client-cert.pem` +
+    /// `client-key.pem` when present), as libnbd; `verify` is vdisk's
+    /// `tls-verify-peer` (default on).
+    Certificates {
+        /// The directory.
+        dir: PathBuf,
+        /// Whether the server's certificate is checked.
+        verify: bool,
+    },
+    /// `tls-psk-file=FILE` with the URL's user (libnbd's default: `$LOGNAME`, else
+    /// the login name).
+    PskFile {
+        /// The psktool-format file.
+        file: PathBuf,
+        /// The identity to send.
+        username: String,
+    },
+}
+
+/// Loads the credentials a libnbd URL names, with the errors of the QEMU objects
+/// ("Unable to access credentials FILE: …").
+pub fn load_url_creds(c: &UrlCreds) -> Result<Arc<TlsCreds>, String> {
+    let creds = match c {
+        UrlCreds::Certificates { dir, verify } => {
+            load_x509("url".into(), Endpoint::Client, dir, *verify)?
+        }
+        UrlCreds::PskFile { file, username } => {
+            load_psk_file("url".into(), Endpoint::Client, file, username.clone())?
+        }
+    };
+    Ok(Arc::new(creds))
+}
+
+/// libnbd's default TLS username (`nbd_get_tls_username`): `$LOGNAME`, else
+/// `getlogin_r`.
+pub fn local_username() -> Option<String> {
+    if let Some(n) = std::env::var_os("LOGNAME").and_then(|n| n.into_string().ok()) {
+        return Some(n);
+    }
+    // The libc crate lacks getlogin_r (getlogin is not thread-safe).
+    extern "C" {
+        fn getlogin_r(buf: *mut libc::c_char, len: libc::size_t) -> libc::c_int;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer and its length are valid for the call.
+    let r = unsafe { getlogin_r(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let n = buf.iter().position(|&b| b == 0)?;
+    String::from_utf8(buf[..n].to_vec()).ok()
+}
+
 fn access(p: &Path) -> Result<(), String> {
     std::fs::metadata(p).map(|_| ()).map_err(|e| {
         format!(
@@ -328,9 +385,17 @@ fn load_psk(
     dir: &Path,
     username: String,
 ) -> Result<TlsCreds, String> {
-    let file = dir.join("keys.psk");
-    access(&file)?;
-    let text = std::fs::read_to_string(&file)
+    load_psk_file(id, endpoint, &dir.join("keys.psk"), username)
+}
+
+fn load_psk_file(
+    id: String,
+    endpoint: Endpoint,
+    file: &Path,
+    username: String,
+) -> Result<TlsCreds, String> {
+    access(file)?;
+    let text = std::fs::read_to_string(file)
         .map_err(|e| format!("Unable to read {}: {e}", file.display()))?;
     let keys = Arc::new(parse_psk_file(&text)?);
     let mut b = builder()?;
