@@ -760,3 +760,208 @@ fn storage_daemon_nbd_export_over_tls() {
         plain.err
     );
 }
+
+/// Runs `vdisk args` with `LOGNAME=user` (libnbd's default PSK username), limited.
+fn vdisk_as(dir: &Path, user: &str, args: &[&str]) -> Run {
+    let o = Command::new("timeout")
+        .arg("60")
+        .arg(VDISK)
+        .args(args)
+        .env("LOGNAME", user)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// `nbdkit -f -i 127.0.0.1 -p PORT --tls=require TLS… file FILE`.
+fn nbdkit_tls(tls: &[String], file: &Path) -> Server {
+    let port = free_port();
+    let mut a: Vec<String> = ["-f", "-i", "127.0.0.1", "-p", &port.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push("--tls=require".into());
+    a.extend(tls.iter().cloned());
+    a.extend(["file".into(), file.display().to_string()]);
+    Server::start_logged("nbdkit", a, port, None)
+}
+
+/// libnbd's URL keys (`tls-certificates=DIR`; `tls-psk-file=FILE` with the URL's user,
+/// else `$LOGNAME`) work unchanged with vdisk against qemu-nbd and nbdkit: `info`
+/// prints what qemu-img prints for the same export opened with QEMU's objects (the
+/// name being the URL), `map` the same extents, and `convert` the bytes nbdcopy reads
+/// through the same URL.
+#[test]
+fn libnbd_url_keys_against_qemu_nbd_and_nbdkit() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, raw) = golden(dir);
+    let want = std::fs::read(&raw).unwrap();
+    let alice = dir.join("alice");
+    std::fs::create_dir_all(&alice).unwrap();
+    let keys = alice.join("keys.psk");
+    std::fs::write(&keys, format!("alice:{}\n", "5a17".repeat(16))).unwrap();
+    let (cli, keys_s) = (k.cli.display().to_string(), keys.display().to_string());
+    let x509_obj = x509("c0", &k.cli, "client");
+    let psk_obj = psk("c0", &alice, "client") + ",username=alice";
+    let servers = [
+        (
+            "qemu-nbd x509",
+            Server::qemu_nbd(&x509("tls0", &k.srv, "server"), &["-f", "qcow2", "-r"], &g),
+            format!("?tls-certificates={cli}"),
+            &x509_obj,
+        ),
+        (
+            "nbdkit x509",
+            nbdkit_tls(&[format!("--tls-certificates={}", k.srv.display())], &raw),
+            format!("?tls-certificates={cli}"),
+            &x509_obj,
+        ),
+        (
+            "qemu-nbd psk",
+            Server::qemu_nbd(&psk("tls0", &alice, "server"), &["-f", "qcow2", "-r"], &g),
+            format!("?tls-psk-file={keys_s}"),
+            &psk_obj,
+        ),
+        (
+            "nbdkit psk",
+            nbdkit_tls(&[format!("--tls-psk={keys_s}")], &raw),
+            format!("?tls-psk-file={keys_s}"),
+            &psk_obj,
+        ),
+    ];
+    for (what, s, query, obj) in &servers {
+        let psk = query.contains("psk");
+        let user = if psk { "alice@" } else { "" };
+        let url = format!("nbds://{user}localhost:{}/{query}", s.port);
+        let j = s.json("c0", "localhost");
+        // The same open through QEMU's objects, named as qemu-img names it.
+        let qname = format!("nbd://localhost:{}", s.port);
+        for args in [
+            &["info"][..],
+            &["info", "--output=json"],
+            &["map", "--output=json"],
+        ] {
+            let v = vdisk_ok(dir, &[args, &[url.as_str()][..]].concat());
+            let q = ok(
+                qemu_img(dir, &[args, &["--object", obj, &j][..]].concat()),
+                "qemu-img",
+            );
+            assert_eq!(v, q.replace(&qname, &url), "{what} {args:?}");
+        }
+        // The bytes: vdisk convert and nbdcopy through the same URL.
+        let _ = std::fs::remove_file(dir.join("v.raw"));
+        vdisk_ok(dir, &["convert", "-O", "raw", &url, "v.raw"]);
+        assert!(std::fs::read(dir.join("v.raw")).unwrap() == want, "{what}");
+        let _ = std::fs::remove_file(dir.join("n.raw"));
+        ok(run(dir, "nbdcopy", &[&url, "n.raw"]), "nbdcopy");
+        assert!(std::fs::read(dir.join("n.raw")).unwrap() == want, "{what}");
+        let size = ok(run(dir, "nbdinfo", &["--size", &url]), "nbdinfo");
+        assert_eq!(size.trim(), want.len().to_string(), "{what}");
+        if psk {
+            // No user in the URL: libnbd's default, $LOGNAME, for both.
+            let bare = url.replace("alice@", "");
+            let r = vdisk_as(
+                dir,
+                "alice",
+                &["compare", "-f", "raw", "-F", "raw", &bare, "g.raw"],
+            );
+            assert_eq!(r.code, 0, "{what}: {}", r.err);
+            let r = vdisk_as(dir, "mallory", &["info", &bare]);
+            assert!(
+                message(&r, "vdisk")
+                    .ends_with(&format!("Key for username mallory not found in {keys_s}")),
+                "{what}: {}",
+                r.err
+            );
+        } else {
+            // Another CA (with the client's own certificate, which qemu-nbd checks):
+            // refused, unless the peer is not verified (vdisk's key).
+            let od = dir.join("otherca");
+            std::fs::create_dir_all(&od).unwrap();
+            std::fs::copy(k.other.join("ca-cert.pem"), od.join("ca-cert.pem")).unwrap();
+            for f in ["client-cert.pem", "client-key.pem"] {
+                std::fs::copy(k.cli.join(f), od.join(f)).unwrap();
+            }
+            let other = format!(
+                "nbds://localhost:{}/?tls-certificates={}",
+                s.port,
+                od.display()
+            );
+            let r = run(dir, VDISK, &["info", &other]);
+            assert!(
+                message(&r, "vdisk").contains("not trusted"),
+                "{what}: {}",
+                r.err
+            );
+            let unverified = other + "&tls-verify-peer=false";
+            vdisk_ok(
+                dir,
+                &["compare", "-f", "raw", "-F", "raw", &unverified, "g.raw"],
+            );
+        }
+    }
+    // vdisk's JSON takes the same keys.
+    let (_, s, query, _) = &servers[0];
+    let j = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"inet","host":"localhost","port":"{}"}},"tls-certificates":"{}"}}}}"#,
+        s.port,
+        &query["?tls-certificates=".len()..]
+    );
+    vdisk_ok(dir, &["compare", "-F", "raw", &j, "g.raw"]);
+}
+
+/// A credentials file a URL names that is missing is the error the QEMU objects give
+/// for it (qemu-img's words), before any connection is tried.
+#[test]
+fn libnbd_url_keys_name_missing_files() {
+    let d = tmp();
+    let dir = d.path();
+    let gone = dir.join("gone");
+    let g = gone.display().to_string();
+    let cases = [
+        (
+            format!("tls-creds-x509,id=c0,dir={g},endpoint=client"),
+            format!("nbds://localhost:1/?tls-certificates={g}"),
+        ),
+        (
+            format!("tls-creds-psk,id=c0,dir={g},endpoint=client"),
+            format!("nbds://u@localhost:1/?tls-psk-file={g}/keys.psk"),
+        ),
+        (
+            format!("tls-creds-psk,id=c0,dir={g},endpoint=client"),
+            // No user and no $LOGNAME: the missing file still comes first.
+            format!("nbds://localhost:1/?tls-psk-file={g}/keys.psk"),
+        ),
+    ];
+    for (obj, url) in cases {
+        let q = message(
+            &qemu_img(dir, &["info", "--object", &obj, "nbd://localhost:1"]),
+            "qemu-img",
+        );
+        assert!(q.starts_with("Unable to access credentials"), "{q}");
+        let v = message(&vdisk_as(dir, "", &["info", &url]), "vdisk");
+        assert_eq!(v, format!("Could not open '{url}': {q}"));
+    }
+    // A certificate without its key is named too.
+    std::fs::create_dir_all(&gone).unwrap();
+    let k = pki(dir);
+    for f in ["ca-cert.pem", "client-cert.pem"] {
+        std::fs::copy(k.cli.join(f), gone.join(f)).unwrap();
+    }
+    let url = format!("nbds://localhost:1/?tls-certificates={g}");
+    let v = message(&run(dir, VDISK, &["info", &url]), "vdisk");
+    assert!(
+        v.ends_with(&format!(
+            "Unable to access credentials {g}/client-key.pem: No such file or directory"
+        )),
+        "{v}"
+    );
+}

@@ -460,19 +460,9 @@ fn url_creds(node: &mut Node) -> Result<Option<super::tls::UrlCreds>, SpecError>
             if verify.is_some() {
                 return Err(misplaced("tls-verify-peer"));
             }
-            let username = match user.or_else(super::tls::local_username) {
-                Some(u) => u,
-                None => {
-                    return Err(SpecError::Missing(
-                        "tls-psk-file: no username (name one as nbds://USER@host/…; \
-                         the default, $LOGNAME or the login name, is not set)"
-                            .into(),
-                    ))
-                }
-            };
             Some(UrlCreds::PskFile {
                 file: file.into(),
-                username,
+                username: user.or_else(super::tls::local_username),
             })
         }
     })

@@ -243,8 +243,9 @@ pub enum UrlCreds {
     PskFile {
         /// The psktool-format file.
         file: PathBuf,
-        /// The identity to send.
-        username: String,
+        /// The identity to send (`None`: neither the URL nor the environment names
+        /// one, an error once the file is found).
+        username: Option<String>,
     },
 }
 
@@ -256,7 +257,13 @@ pub fn load_url_creds(c: &UrlCreds) -> Result<Arc<TlsCreds>, String> {
             load_x509("url".into(), Endpoint::Client, dir, *verify)?
         }
         UrlCreds::PskFile { file, username } => {
-            load_psk_file("url".into(), Endpoint::Client, file, username.clone())?
+            // A missing file is named first, as the objects name it.
+            access(file)?;
+            let username = username.clone().ok_or(
+                "tls-psk-file: no username (name one as nbds://USER@host/…; \
+                 the default, $LOGNAME or the login name, is not set)",
+            )?;
+            load_psk_file("url".into(), Endpoint::Client, file, username)?
         }
     };
     Ok(Arc::new(creds))
