@@ -965,3 +965,319 @@ fn libnbd_url_keys_name_missing_files() {
         "{v}"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Faults over TLS: each a clear error naming the export, exit status 1, never a hang
+// (every command runs under `timeout 60`, whose 124 fails the test) or a panic.
+
+/// Runs `vdisk convert -O raw SRC o.raw` in the background (under `timeout 60`),
+/// waits until data reached `o.raw`, runs `kill`, and returns the result.
+fn convert_then(dir: &Path, src: &str, kill: impl FnOnce()) -> Run {
+    use std::os::unix::fs::MetadataExt;
+    let out = dir.join("o.raw");
+    let _ = std::fs::remove_file(&out);
+    let child = Command::new("timeout")
+        .args(["60", VDISK, "convert", "-O", "raw", src, "o.raw"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&out).map_or(0, |m| m.blocks()) == 0 {
+        assert!(Instant::now() < until, "the copy from {src} did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill();
+    let o = child.wait_with_output().unwrap();
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// A failed copy: exit status 1 (not 124: no hang; not 101: no panic), one of
+/// `reasons`, and the export's name in the message.
+fn failed_naming(r: &Run, name: &str, reasons: &[&str], what: &str) {
+    eprintln!("{what}: {}", r.err.trim_end());
+    assert_eq!(r.code, 1, "{what}: {}{}", r.out, r.err);
+    assert!(!r.err.contains("panicked"), "{what}: {}", r.err);
+    assert!(r.err.contains(name), "{what} must name {name}: {}", r.err);
+    assert!(
+        reasons.iter().any(|w| r.err.contains(w)),
+        "{what}: {} (expected one of {reasons:?})",
+        r.err
+    );
+}
+
+const CLOSED: &[&str] = &[
+    "NBD server closed the connection",
+    "NBD connection failed",
+    "Connection reset",
+];
+
+impl Server {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server killed during a copy over TLS: nbdkit (delay filter), qemu-nbd (a
+/// throttle group keeps the copy slow) and `vdisk serve` (re-exporting a slow nbdkit
+/// export over TLS).
+#[test]
+fn tls_server_killed_mid_copy_is_an_error() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let big = dir.join("big.raw");
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "big.raw", "64M"]),
+        "create",
+    );
+    cli_support::qemu_io(dir, "raw", "big.raw", &["write -P 0x5a 0 64M"]);
+    let certs = format!("--tls-certificates={}", k.srv.display());
+    let url = |port: u16| {
+        format!(
+            "nbds://localhost:{port}/?tls-certificates={}",
+            k.cli.display()
+        )
+    };
+    // nbdkit: 50 ms a read.
+    let port = free_port();
+    let args: Vec<String> = [
+        "-f",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--tls=require",
+        &certs,
+        "--filter=delay",
+        "pattern",
+        "256M",
+        "delay-read=50ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut s = Server::start_logged("nbdkit", args, port, None);
+    let u = url(port);
+    let r = convert_then(dir, &u, || s.kill());
+    failed_naming(&r, &u, CLOSED, "nbdkit killed");
+
+    // qemu-nbd reading at 4 MiB/s.
+    let image = format!(
+        "driver=throttle,throttle-group=tg0,file.driver=file,file.filename={}",
+        big.display()
+    );
+    let mut s = Server::launch(
+        "qemu-nbd",
+        &["-t"],
+        Some(&x509("tls0", &k.srv, "server")),
+        &[
+            "--object",
+            "throttle-group,id=tg0,x-bps-read=4194304",
+            "-r",
+            "--image-opts",
+        ],
+        Path::new(&image),
+        None,
+    );
+    let u = url(s.port);
+    let r = convert_then(dir, &u, || s.kill());
+    failed_naming(&r, &u, CLOSED, "qemu-nbd killed");
+
+    // vdisk serve over TLS, its image a slow nbdkit export on a Unix socket.
+    let sock = dir.join("slow.sock");
+    let mut slow = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&sock)
+        .args(["--filter=delay", "pattern", "256M", "delay-read=50ms"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("nbdkit must be installed");
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < until, "nbdkit did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let inner = format!("nbd+unix:///?socket={}", sock.display());
+    let mut s = Server::vdisk(
+        Some(&x509("tls0", &k.srv, "server")),
+        &["-f", "raw", "-r"],
+        Path::new(&inner),
+    );
+    let u = url(s.port);
+    let r = convert_then(dir, &u, || s.kill());
+    let _ = slow.kill();
+    let _ = slow.wait();
+    failed_naming(&r, &u, CLOSED, "vdisk serve killed");
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream` that forwards both ways and,
+/// once `cut` bytes of one connection went from the server to the client, ends that
+/// connection in the middle of whatever the server was sending: with a reset
+/// (`reset`, SO_LINGER 0) or a plain FIN (the TLS stream truncated, no close_notify).
+/// Returns its port.
+fn cut_proxy(upstream: u16, cut: usize, reset: bool) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let Ok(s) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                return;
+            };
+            let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            // Client to server; once the server side is gone, what the client still
+            // sends is read and dropped (so a cut stream is only a cut stream).
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n @ 1..) = (&c2).read(&mut buf) {
+                    let _ = (&s2).write_all(&buf[..n]);
+                }
+                let _ = s2.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let mut sent = 0;
+                while sent < cut {
+                    let n = match (&s).read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(cut - sent),
+                    };
+                    if (&c).write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                if reset {
+                    use std::os::fd::AsRawFd;
+                    let lg = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    // SAFETY: a valid socket and a linger struct of the size given.
+                    unsafe {
+                        libc::setsockopt(
+                            c.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&lg as *const libc::linger).cast(),
+                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                        );
+                    }
+                    // Wakes the other direction's reader (sending nothing), so
+                    // both handles close and the last close sends the reset.
+                    let _ = c.shutdown(std::net::Shutdown::Read);
+                } else {
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                }
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                // Dropping `c` and its clone (whose thread ends with the reset, or
+                // when the client closes) closes it.
+            });
+        }
+    });
+    port
+}
+
+/// A connection reset and a TLS stream cut in the middle of a READ reply, in front of
+/// qemu-nbd and `vdisk serve`.
+#[test]
+fn tls_connection_reset_and_truncated_stream() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, _) = golden(dir);
+    let srv = x509("tls0", &k.srv, "server");
+    let servers = [
+        Server::qemu_nbd(&srv, &["-f", "qcow2", "-r"], &g),
+        Server::vdisk(Some(&srv), &["-f", "qcow2", "-r"], &g),
+    ];
+    // 512 KiB + 777: past the handshake and negotiation, inside the 1 MiB of data at
+    // 1 MiB (a TLS record cut in two).
+    let cut = (512 << 10) + 777;
+    for s in &servers {
+        for reset in [true, false] {
+            let port = cut_proxy(s.port, cut, reset);
+            let u = format!(
+                "nbds://localhost:{port}/?tls-certificates={}",
+                k.cli.display()
+            );
+            let _ = std::fs::remove_file(dir.join("o.raw"));
+            let r = run(dir, VDISK, &["convert", "-O", "raw", &u, "o.raw"]);
+            let what = format!("server port {} reset={reset}", s.port);
+            let why: &[&str] = if reset {
+                &["NBD connection failed: Connection reset by peer"]
+            } else {
+                &["NBD connection failed: the TLS stream was cut in the middle of a record"]
+            };
+            failed_naming(&r, &u, why, &what);
+        }
+    }
+}
+
+/// A slow server over TLS (nbdkit's delay filter with --tls=require): the request
+/// timeout ends the copy with a clear error.
+#[test]
+fn tls_slow_server_times_out() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let port = free_port();
+    let args: Vec<String> = [
+        "-f",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--tls=require",
+        &format!("--tls-certificates={}", k.srv.display()),
+        "--filter=delay",
+        "pattern",
+        "4M",
+        "delay-read=30",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _s = Server::start_logged("nbdkit", args, port, None);
+    let obj = x509("c0", &k.cli, "client");
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=localhost,\
+         file.server.port={port},file.tls-creds=c0,file.timeout=1"
+    );
+    let r = run(
+        dir,
+        VDISK,
+        &[
+            "--object",
+            &obj,
+            "convert",
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
+            "o.raw",
+        ],
+    );
+    let name = format!("nbd://localhost:{port}");
+    failed_naming(&r, &name, &["NBD server did not reply within 1 s"], "slow");
+    // The same through libnbd's URL keys in vdisk's JSON.
+    let j = format!(
+        r#"json:{{"file":{{"driver":"nbd","server":{{"type":"inet","host":"localhost","port":"{port}"}},"tls-certificates":"{}","timeout":1}}}}"#,
+        k.cli.display()
+    );
+    let r = run(dir, VDISK, &["convert", "-O", "raw", &j, "o.raw"]);
+    failed_naming(
+        &r,
+        &name,
+        &["NBD server did not reply within 1 s"],
+        "slow json",
+    );
+}

@@ -464,6 +464,44 @@ struct MemIo {
     input: Vec<u8>,
     pos: usize,
     output: Vec<u8>,
+    /// Where the received ciphertext is in its record framing.
+    records: Records,
+}
+
+/// Follows the TLS record framing (a 5-byte header whose last two bytes are the
+/// length of the body) of the bytes received, so an end of the socket inside a
+/// record can be told from an end between records.
+#[derive(Debug, Default)]
+struct Records {
+    header: [u8; 5],
+    have: usize,
+    body_left: usize,
+}
+
+impl Records {
+    fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(data.len());
+                self.body_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.have = 0;
+                self.body_left = u16::from_be_bytes([self.header[3], self.header[4]]) as usize;
+            }
+        }
+    }
+
+    /// Whether the bytes so far end inside a record.
+    fn inside(&self) -> bool {
+        self.have > 0 || self.body_left > 0
+    }
 }
 
 impl Read for MemIo {
@@ -495,6 +533,7 @@ impl Write for MemIo {
 
 impl MemIo {
     fn feed(&mut self, data: &[u8]) {
+        self.records.advance(data);
         if self.pos > 0 {
             self.input.drain(..self.pos);
             self.pos = 0;
@@ -808,6 +847,14 @@ impl Read for TlsStream {
             // The socket is read with no lock held: writers go on meanwhile.
             let n = self.raw.read(&mut self.rbuf)?;
             if n == 0 {
+                // The end of the socket inside a record is a cut stream, not an end.
+                if lock(&self.shared.ssl).get_ref().records.inside() {
+                    // Not UnexpectedEof: callers read that as a clean close.
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the TLS stream was cut in the middle of a record",
+                    ));
+                }
                 return Ok(0);
             }
             lock(&self.shared.ssl).get_mut().feed(&self.rbuf[..n]);
@@ -840,6 +887,21 @@ mod tests {
         assert!(parse_psk_file("u:abc").is_err());
         assert!(parse_psk_file("u:zz").is_err());
         assert!(parse_psk_file(&format!("u:{}", "00".repeat(513))).is_err());
+    }
+
+    #[test]
+    fn record_framing_is_followed_across_chunks() {
+        let mut r = Records::default();
+        // A header split in two, a 3-byte body, then a whole empty record.
+        r.advance(&[23, 3]);
+        assert!(r.inside());
+        r.advance(&[3, 0, 3, 1, 2]);
+        assert!(r.inside());
+        r.advance(&[3, 23, 3, 3, 0, 0]);
+        assert!(!r.inside());
+        r.advance(&[23, 3, 3, 0x40, 0]);
+        r.advance(&[0; 0x4000]);
+        assert!(!r.inside());
     }
 
     #[test]
