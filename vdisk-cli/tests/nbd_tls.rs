@@ -1281,3 +1281,73 @@ fn tls_slow_server_times_out() {
         "slow json",
     );
 }
+
+/// `vdisk serve -e 4` over TLS read by `nbdcopy --connections=4` (libnbd's URL) and by
+/// vdisk's own client with `connections=4`: four TLS sessions each (the server's log
+/// says so), the bytes exact.
+#[test]
+fn vdisk_serve_tls_with_four_connections() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "m.qcow2", "64M"]),
+        "create",
+    );
+    cli_support::qemu_io(
+        dir,
+        "qcow2",
+        "m.qcow2",
+        &["write -P 0x21 0 20M", "write -P 0x42 40M 8M"],
+    );
+    let log = dir.join("serve.log");
+    let s = Server::launch(
+        VDISK,
+        &["serve", "-v", "-t", "-e", "4"],
+        Some(&x509("tls0", &k.srv, "server")),
+        &["-f", "qcow2", "-r"],
+        &dir.join("m.qcow2"),
+        Some(&log),
+    );
+    let sessions = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches(": TLS TLSv1.3 ")
+            .count()
+    };
+    let url = format!(
+        "nbds://localhost:{}/?tls-certificates={}",
+        s.port,
+        k.cli.display()
+    );
+    let info = ok(run(dir, "nbdinfo", &[&url]), "nbdinfo");
+    assert!(info.contains("can_multi_conn: true"), "{info}");
+    let before = sessions();
+    // nbdcopy opens no more connections than threads.
+    ok(
+        run(
+            dir,
+            "nbdcopy",
+            &["--connections=4", "--threads=4", &url, "n.raw"],
+        ),
+        "nbdcopy",
+    );
+    assert_eq!(sessions() - before, 4);
+    let q = ok(
+        qemu_img(
+            dir,
+            &["compare", "-f", "raw", "-F", "qcow2", "n.raw", "m.qcow2"],
+        ),
+        "compare",
+    );
+    assert!(q.contains("identical"), "{q}");
+    let before = sessions();
+    let j = format!(
+        r#"json:{{"file":{{"driver":"nbd","server":{{"type":"inet","host":"localhost","port":"{}"}},"tls-certificates":"{}","connections":4}}}}"#,
+        s.port,
+        k.cli.display()
+    );
+    vdisk_ok(dir, &["convert", "-O", "raw", &j, "v.raw"]);
+    assert_eq!(sessions() - before, 4);
+    assert!(std::fs::read(dir.join("v.raw")).unwrap() == std::fs::read(dir.join("n.raw")).unwrap());
+}
