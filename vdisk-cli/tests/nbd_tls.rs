@@ -772,24 +772,25 @@ fn vdisk_as(dir: &Path, user: &str, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    cli_support::collect(o)
 }
 
-/// `nbdkit -f -i 127.0.0.1 -p PORT --tls=require TLS… file FILE`.
-fn nbdkit_tls(tls: &[String], file: &Path) -> Server {
+/// `nbdkit -f -i 127.0.0.1 -p PORT --tls=require ARGS…` (TLS options, filters, the
+/// plugin and its parameters).
+fn nbdkit_tls(args: &[&str]) -> Server {
     let port = free_port();
-    let mut a: Vec<String> = ["-f", "-i", "127.0.0.1", "-p", &port.to_string()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    a.push("--tls=require".into());
-    a.extend(tls.iter().cloned());
-    a.extend(["file".into(), file.display().to_string()]);
-    Server::start_logged("nbdkit", a, port, None)
+    let port_s = port.to_string();
+    let a = [
+        &["-f", "-i", "127.0.0.1", "-p", &port_s, "--tls=require"][..],
+        args,
+    ]
+    .concat();
+    Server::start_logged(
+        "nbdkit",
+        a.iter().map(|s| s.to_string()).collect(),
+        port,
+        None,
+    )
 }
 
 /// libnbd's URL keys (`tls-certificates=DIR`; `tls-psk-file=FILE` with the URL's user,
@@ -809,6 +810,7 @@ fn libnbd_url_keys_against_qemu_nbd_and_nbdkit() {
     let keys = alice.join("keys.psk");
     std::fs::write(&keys, format!("alice:{}\n", "5a17".repeat(16))).unwrap();
     let (cli, keys_s) = (k.cli.display().to_string(), keys.display().to_string());
+    let raw_s = raw.display().to_string();
     let x509_obj = x509("c0", &k.cli, "client");
     let psk_obj = psk("c0", &alice, "client") + ",username=alice";
     let servers = [
@@ -820,7 +822,11 @@ fn libnbd_url_keys_against_qemu_nbd_and_nbdkit() {
         ),
         (
             "nbdkit x509",
-            nbdkit_tls(&[format!("--tls-certificates={}", k.srv.display())], &raw),
+            nbdkit_tls(&[
+                &format!("--tls-certificates={}", k.srv.display()),
+                "file",
+                &raw_s,
+            ]),
             format!("?tls-certificates={cli}"),
             &x509_obj,
         ),
@@ -832,7 +838,7 @@ fn libnbd_url_keys_against_qemu_nbd_and_nbdkit() {
         ),
         (
             "nbdkit psk",
-            nbdkit_tls(&[format!("--tls-psk={keys_s}")], &raw),
+            nbdkit_tls(&[&format!("--tls-psk={keys_s}"), "file", &raw_s]),
             format!("?tls-psk-file={keys_s}"),
             &psk_obj,
         ),
@@ -990,12 +996,7 @@ fn convert_then(dir: &Path, src: &str, kill: impl FnOnce()) -> Run {
         std::thread::sleep(Duration::from_millis(10));
     }
     kill();
-    let o = child.wait_with_output().unwrap();
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&o.stdout).into_owned(),
-        err: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    cli_support::collect(child.wait_with_output().unwrap())
 }
 
 /// A failed copy: exit status 1 (not 124: no hang; not 101: no panic), one of
@@ -1047,25 +1048,9 @@ fn tls_server_killed_mid_copy_is_an_error() {
         )
     };
     // nbdkit: 50 ms a read.
-    let port = free_port();
-    let args: Vec<String> = [
-        "-f",
-        "-i",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "--tls=require",
-        &certs,
-        "--filter=delay",
-        "pattern",
-        "256M",
-        "delay-read=50ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut s = Server::start_logged("nbdkit", args, port, None);
-    let u = url(port);
+    let delay = ["--filter=delay", "pattern", "256M", "delay-read=50ms"];
+    let mut s = nbdkit_tls(&[&[&certs[..]][..], &delay].concat());
+    let u = url(s.port);
     let r = convert_then(dir, &u, || s.kill());
     failed_naming(&r, &u, CLOSED, "nbdkit killed");
 
@@ -1229,24 +1214,9 @@ fn tls_slow_server_times_out() {
     let d = tmp();
     let dir = d.path();
     let k = pki(dir);
-    let port = free_port();
-    let args: Vec<String> = [
-        "-f",
-        "-i",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "--tls=require",
-        &format!("--tls-certificates={}", k.srv.display()),
-        "--filter=delay",
-        "pattern",
-        "4M",
-        "delay-read=30",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let _s = Server::start_logged("nbdkit", args, port, None);
+    let certs = format!("--tls-certificates={}", k.srv.display());
+    let s = nbdkit_tls(&[&certs, "--filter=delay", "pattern", "4M", "delay-read=30"]);
+    let port = s.port;
     let obj = x509("c0", &k.cli, "client");
     let opts = format!(
         "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=localhost,\
