@@ -297,8 +297,15 @@ fn qemu_nbd_x509_and_psk_serve_the_vdisk_client() {
     let s = Server::qemu_nbd(&x509("tls0", &k.srv, "server"), &["-f", "qcow2", "-r"], &g);
     let obj = x509("c0", &k.cli, "client");
     let j = s.json("c0", "localhost");
-    // info and map print what qemu-img prints for the same export.
-    for args in [&["info"][..], &["map"], &["map", "--output=json"]] {
+    // info and map print what qemu-img prints for the same export (its name being
+    // nbd://localhost:PORT, as qemu-img 10 names a TLS export).
+    let all: [&[&str]; 4] = [
+        &["info"],
+        &["info", "--output=json"],
+        &["map"],
+        &["map", "--output=json"],
+    ];
+    for args in all {
         let a = [&[args[0], "--object", &obj][..], &args[1..], &[&j]].concat();
         let v = vdisk_ok(dir, &a);
         assert_eq!(v, ok(qemu_img(dir, &a), "qemu-img"), "{args:?}");
@@ -853,6 +860,7 @@ fn libnbd_url_keys_against_qemu_nbd_and_nbdkit() {
         for args in [
             &["info"][..],
             &["info", "--output=json"],
+            &["map"],
             &["map", "--output=json"],
         ] {
             let v = vdisk_ok(dir, &[args, &[url.as_str()][..]].concat());
