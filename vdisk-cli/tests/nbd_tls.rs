@@ -29,12 +29,14 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A test PKI in `dir`: `ca/` (the CA's key), `server/` (ca-cert, server-cert,
 /// server-key for localhost and 127.0.0.1), `client/` (ca-cert, client-cert, client-key, subject
-/// `/C=GB/O=vdisk/CN=client`), `other/` (a CA that signed nothing here), and `psk/`,
+/// `/C=GB/O=vdisk/CN=client`), `other/` (a CA that signed nothing here), `othercli/`
+/// (the client's certificate and key with `other/`'s CA), and `psk/`,
 /// `wrongpsk/` (keys.psk for user `qemu`).
 struct Pki {
     srv: PathBuf,
     cli: PathBuf,
     other: PathBuf,
+    other_cli: PathBuf,
     psk: PathBuf,
     wrongpsk: PathBuf,
 }
@@ -115,6 +117,13 @@ fn pki(dir: &Path) -> Pki {
         std::fs::copy(dir.join("ca/ca-cert.pem"), dir.join(d).join("ca-cert.pem")).unwrap();
     }
     ca("other", "/CN=another CA");
+    // The client's own certificate (which a server checks) with the other CA.
+    let oc = dir.join("othercli");
+    std::fs::create_dir_all(&oc).unwrap();
+    std::fs::copy(dir.join("other/ca-cert.pem"), oc.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(dir.join("client").join(f), oc.join(f)).unwrap();
+    }
     let key = |seed: u8| {
         (0..32)
             .map(|i| format!("{:02x}", i * 7 + seed))
@@ -126,6 +135,7 @@ fn pki(dir: &Path) -> Pki {
         srv: dir.join("server"),
         cli: dir.join("client"),
         other: dir.join("other"),
+        other_cli: oc,
         psk: dir.join("psk"),
         wrongpsk: dir.join("wrongpsk"),
     }
@@ -752,6 +762,25 @@ fn storage_daemon_nbd_export_over_tls() {
     // x509 over a Unix socket needs a host name to check, in QEMU and here.
     let no_host = format!("nbds+unix:///g?socket={}&tls-creds=c0", sock.display());
     let nh = run(dir, VDISK, &["--object", &cli, "info", &no_host]);
+    // libnbd's URL over a Unix socket checks no name (libnbd checks nothing there);
+    // vdisk still checks the chain: another CA is refused.
+    let lib = format!(
+        "nbds+unix:///g?socket={}&tls-certificates={}",
+        sock.display(),
+        k.cli.display()
+    );
+    let lv = run(
+        dir,
+        VDISK,
+        &["compare", "-U", "-F", "qcow2", &lib, "g.qcow2"],
+    );
+    let ln = run(dir, "nbdinfo", &["--size", &lib]);
+    let other = format!(
+        "nbds+unix:///g?socket={}&tls-certificates={}",
+        sock.display(),
+        k.other_cli.display()
+    );
+    let lo = run(dir, VDISK, &["info", &other]);
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -759,6 +788,9 @@ fn storage_daemon_nbd_export_over_tls() {
         "{}",
         nh.err
     );
+    ok(lv, "vdisk compare over libnbd's nbds+unix URL");
+    assert_eq!(ok(ln, "nbdinfo").trim(), "16777216");
+    assert!(message(&lo, "vdisk").contains("not trusted"), "{}", lo.err);
     ok(r, "qemu-img compare over the daemon's TLS export");
     ok(v, "vdisk compare over nbds+unix");
     assert!(
@@ -898,16 +930,10 @@ fn libnbd_url_keys_against_qemu_nbd_and_nbdkit() {
         } else {
             // Another CA (with the client's own certificate, which qemu-nbd checks):
             // refused, unless the peer is not verified (vdisk's key).
-            let od = dir.join("otherca");
-            std::fs::create_dir_all(&od).unwrap();
-            std::fs::copy(k.other.join("ca-cert.pem"), od.join("ca-cert.pem")).unwrap();
-            for f in ["client-cert.pem", "client-key.pem"] {
-                std::fs::copy(k.cli.join(f), od.join(f)).unwrap();
-            }
             let other = format!(
                 "nbds://localhost:{}/?tls-certificates={}",
                 s.port,
-                od.display()
+                k.other_cli.display()
             );
             let r = run(dir, VDISK, &["info", &other]);
             assert!(

@@ -50,6 +50,9 @@ pub struct TlsCreds {
     endpoint: Endpoint,
     kind: Kind,
     ctx: SslContext,
+    /// A client without a host name to check still checks the chain (libnbd URL
+    /// credentials over a Unix socket) instead of refusing, as QEMU's objects do.
+    chain_only_without_host: bool,
 }
 
 impl std::fmt::Debug for TlsCreds {
@@ -254,7 +257,11 @@ pub enum UrlCreds {
 pub fn load_url_creds(c: &UrlCreds) -> Result<Arc<TlsCreds>, String> {
     let creds = match c {
         UrlCreds::Certificates { dir, verify } => {
-            load_x509("url".into(), Endpoint::Client, dir, *verify)?
+            // Over a Unix socket libnbd checks no name (nor, with GnuTLS, anything);
+            // vdisk still checks the chain against ca-cert.pem.
+            let mut c = load_x509("url".into(), Endpoint::Client, dir, *verify)?;
+            c.chain_only_without_host = true;
+            c
         }
         UrlCreds::PskFile { file, username } => {
             // A missing file is named first, as the objects name it.
@@ -355,6 +362,7 @@ fn load_x509(
             verify: verify_peer,
         },
         ctx: b.build(),
+        chain_only_without_host: false,
     })
 }
 
@@ -451,6 +459,7 @@ fn load_psk_file(
         endpoint,
         kind: Kind::Psk,
         ctx: b.build(),
+        chain_only_without_host: false,
     })
 }
 
@@ -683,7 +692,9 @@ fn handshake(mut raw: Stream, ssl: Ssl, server: bool, host: Option<&str>) -> io:
 /// TCP address unless `tls-hostname` replaces it) or proves the PSK.
 pub fn connect(raw: Stream, creds: &TlsCreds, hostname: Option<&str>) -> io::Result<Stream> {
     let mut ssl = Ssl::new(&creds.ctx).map_err(io::Error::other)?;
-    if let (Kind::X509 { verify: true }, None) = (&creds.kind, hostname) {
+    if let (Kind::X509 { verify: true }, None, false) =
+        (&creds.kind, hostname, creds.chain_only_without_host)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "No hostname for certificate validation",
