@@ -560,6 +560,20 @@ fn vdisk_to_vdisk_over_tls_and_a_backing_file_over_nbds() {
         qemu_img(dir, &["check", "--object", &obj, "top.qcow2"]),
         "check",
     );
+    // The chain, backing over TLS included, is named as qemu-img names it.
+    for out in ["--output=human", "--output=json"] {
+        let a = [
+            "info",
+            out,
+            "--backing-chain",
+            "--object",
+            &obj,
+            "top.qcow2",
+        ];
+        let q = ok(qemu_img(dir, &a), "qemu-img info");
+        assert!(q.contains(&format!("nbd://localhost:{}", s.port)), "{q}");
+        assert_eq!(vdisk_ok(dir, &a), q, "{out}");
+    }
     cli_support::qemu_io(dir, "raw", "g.raw", &["write -P 0x55 3M 64k"]);
     vdisk_ok(dir, &["--object", &obj, "compare", "top.qcow2", "g.raw"]);
     ok(
