@@ -1373,3 +1373,65 @@ fn vdisk_serve_tls_with_four_connections() {
     assert_eq!(sessions() - before, 4);
     assert!(std::fs::read(dir.join("v.raw")).unwrap() == std::fs::read(dir.join("n.raw")).unwrap());
 }
+
+/// `nbds://host/` naming no credentials: libnbd's default directory (for root
+/// `/etc/pki/libnbd`, else `$HOME/.pki/libnbd` or `$HOME/.config/pki/libnbd`), for
+/// vdisk as for nbdinfo; run as `nobody` with a `$HOME` of the test's.
+#[test]
+fn libnbd_default_certificates_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, _) = golden(dir);
+    let s = Server::qemu_nbd(&x509("tls0", &k.srv, "server"), &["-f", "qcow2", "-r"], &g);
+    let url = format!("nbds://localhost:{}/", s.port);
+    // root: /etc/pki/libnbd, which this machine must not have.
+    assert!(
+        !Path::new("/etc/pki/libnbd/ca-cert.pem").exists(),
+        "this test needs a machine without /etc/pki/libnbd/ca-cert.pem"
+    );
+    let r = run(dir, VDISK, &["info", &url]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            message(&r, "vdisk")
+                .contains("(libnbd's default, /etc/pki/libnbd, has no ca-cert.pem)"),
+            "{}",
+            r.err
+        );
+    }
+    // Another user: $HOME/.config/pki/libnbd (the first, .pki/libnbd, is empty).
+    let home = dir.join("home");
+    let certs = home.join(".config/pki/libnbd");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::create_dir_all(home.join(".pki/libnbd")).unwrap();
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(k.cli.join(f), certs.join(f)).unwrap();
+    }
+    for p in [dir.to_path_buf(), home.clone(), certs.clone()] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::set_permissions(certs.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let home_s = format!("HOME={}", home.display());
+    let as_nobody = |prog: &str, args: &[&str]| {
+        let pre = [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            &home_s,
+            prog,
+        ];
+        run(dir, "setpriv", &[&pre[..], args].concat())
+    };
+    let v = ok(
+        as_nobody(VDISK, &["info", "--output=json", &url]),
+        "vdisk as nobody",
+    );
+    assert!(v.contains("\"virtual-size\": 16777216"), "{v}");
+    let n = ok(as_nobody("nbdinfo", &["--size", &url]), "nbdinfo as nobody");
+    assert_eq!(n.trim(), "16777216");
+}

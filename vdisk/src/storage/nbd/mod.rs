@@ -148,13 +148,18 @@ fn parse_uri(name: &str, node: &mut Node) -> Result<(), SpecError> {
             .filter(|k| node.contains(k))
             .collect();
         match given.as_slice() {
-            [] => {
-                return Err(bad(format!(
-                    "{}:// needs ?tls-creds=ID (an --object tls-creds-x509 or tls-creds-psk), \
-                     ?tls-certificates=DIR or ?tls-psk-file=FILE",
-                    u.scheme
-                )))
-            }
+            // libnbd's default directories, as nbd_connect_uri looks in them.
+            [] => match libnbd_certificates() {
+                Ok(dir) => node.insert_str("tls-certificates", dir)?,
+                Err(looked) => {
+                    return Err(bad(format!(
+                        "{}:// needs ?tls-creds=ID (an --object tls-creds-x509 or \
+                         tls-creds-psk), ?tls-certificates=DIR or ?tls-psk-file=FILE \
+                         (libnbd's default, {looked}, has no ca-cert.pem)",
+                        u.scheme
+                    )))
+                }
+            },
             [_] => {}
             [a, b, ..] => return Err(bad(format!("?{a}= and ?{b}= are exclusive"))),
         }
@@ -184,6 +189,31 @@ fn parse_uri(name: &str, node: &mut Node) -> Result<(), SpecError> {
         node.insert_str("server.port", u.port.unwrap_or(DEFAULT_PORT).to_string())?;
     }
     Ok(())
+}
+
+/// The certificates directory libnbd uses when a URL names none: for root
+/// `/etc/pki/libnbd`, for others `$HOME/.pki/libnbd` then `$HOME/.config/pki/libnbd`,
+/// the first holding `ca-cert.pem`; else the places looked in. (libnbd then falls back
+/// to the system CAs without checking the server; vdisk refuses instead.)
+fn libnbd_certificates() -> Result<String, String> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let home = std::env::var("HOME").ok().filter(|h| !h.is_empty());
+    let dirs: Vec<String> = match (root, home) {
+        (false, Some(h)) => vec![
+            format!("{h}/.pki/libnbd"),
+            format!("{h}/.config/pki/libnbd"),
+        ],
+        (false, None) => Vec::new(),
+        (true, _) => vec!["/etc/pki/libnbd".to_string()],
+    };
+    dirs.iter()
+        .find(|d| std::path::Path::new(d).join("ca-cert.pem").exists())
+        .cloned()
+        .ok_or_else(|| match dirs.as_slice() {
+            [] => "$HOME/.pki/libnbd ($HOME is not set)".to_string(),
+            d => d.join(" or "),
+        })
 }
 
 #[cfg(test)]
@@ -285,8 +315,8 @@ mod tests {
             parse("nbd://h/?tls-certificates=/d").unwrap(),
             parse("nbd://h/").unwrap()
         );
+        // (nbds:// naming no credentials looks in libnbd's directories: nbd_tls tests.)
         for bad in [
-            "nbds://localhost/x",
             "nbds://h/?tls-creds=t&tls-certificates=/d",
             "nbds://h/?tls-certificates=/d&tls-psk-file=/f",
             "nbds://h/?tls-psk-file=/f&tls-verify-peer=false",
