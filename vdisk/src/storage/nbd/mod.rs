@@ -50,6 +50,8 @@ pub static PROTOCOL: Protocol = Protocol {
         "tls-psk-file",
         "tls-username",
         "tls-verify-peer",
+        // The nbds:// URL a node was parsed from: the export's name in `info` and
+        // messages (set by the URL parser, not meant to be given).
         "x-url",
         "reconnect-delay",
         "open-timeout",

@@ -544,7 +544,6 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         protocol: super::PROTOCOL.name.into(),
         key,
     })?;
-
     let cfg = Config {
         address,
         export,
