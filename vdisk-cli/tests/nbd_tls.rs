@@ -29,12 +29,14 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A test PKI in `dir`: `ca/` (the CA's key), `server/` (ca-cert, server-cert,
 /// server-key for localhost and 127.0.0.1), `client/` (ca-cert, client-cert, client-key, subject
-/// `/C=GB/O=vdisk/CN=client`), `other/` (a CA that signed nothing here), and `psk/`,
+/// `/C=GB/O=vdisk/CN=client`), `other/` (a CA that signed nothing here), `othercli/`
+/// (the client's certificate and key with `other/`'s CA), and `psk/`,
 /// `wrongpsk/` (keys.psk for user `qemu`).
 struct Pki {
     srv: PathBuf,
     cli: PathBuf,
     other: PathBuf,
+    other_cli: PathBuf,
     psk: PathBuf,
     wrongpsk: PathBuf,
 }
@@ -115,6 +117,13 @@ fn pki(dir: &Path) -> Pki {
         std::fs::copy(dir.join("ca/ca-cert.pem"), dir.join(d).join("ca-cert.pem")).unwrap();
     }
     ca("other", "/CN=another CA");
+    // The client's own certificate (which a server checks) with the other CA.
+    let oc = dir.join("othercli");
+    std::fs::create_dir_all(&oc).unwrap();
+    std::fs::copy(dir.join("other/ca-cert.pem"), oc.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(dir.join("client").join(f), oc.join(f)).unwrap();
+    }
     let key = |seed: u8| {
         (0..32)
             .map(|i| format!("{:02x}", i * 7 + seed))
@@ -126,6 +135,7 @@ fn pki(dir: &Path) -> Pki {
         srv: dir.join("server"),
         cli: dir.join("client"),
         other: dir.join("other"),
+        other_cli: oc,
         psk: dir.join("psk"),
         wrongpsk: dir.join("wrongpsk"),
     }
@@ -297,8 +307,15 @@ fn qemu_nbd_x509_and_psk_serve_the_vdisk_client() {
     let s = Server::qemu_nbd(&x509("tls0", &k.srv, "server"), &["-f", "qcow2", "-r"], &g);
     let obj = x509("c0", &k.cli, "client");
     let j = s.json("c0", "localhost");
-    // info and map print what qemu-img prints for the same export.
-    for args in [&["info"][..], &["map"], &["map", "--output=json"]] {
+    // info and map print what qemu-img prints for the same export (its name being
+    // nbd://localhost:PORT, as qemu-img 10 names a TLS export).
+    let all: [&[&str]; 4] = [
+        &["info"],
+        &["info", "--output=json"],
+        &["map"],
+        &["map", "--output=json"],
+    ];
+    for args in all {
         let a = [&[args[0], "--object", &obj][..], &args[1..], &[&j]].concat();
         let v = vdisk_ok(dir, &a);
         assert_eq!(v, ok(qemu_img(dir, &a), "qemu-img"), "{args:?}");
@@ -543,6 +560,20 @@ fn vdisk_to_vdisk_over_tls_and_a_backing_file_over_nbds() {
         qemu_img(dir, &["check", "--object", &obj, "top.qcow2"]),
         "check",
     );
+    // The chain, backing over TLS included, is named as qemu-img names it.
+    for out in ["--output=human", "--output=json"] {
+        let a = [
+            "info",
+            out,
+            "--backing-chain",
+            "--object",
+            &obj,
+            "top.qcow2",
+        ];
+        let q = ok(qemu_img(dir, &a), "qemu-img info");
+        assert!(q.contains(&format!("nbd://localhost:{}", s.port)), "{q}");
+        assert_eq!(vdisk_ok(dir, &a), q, "{out}");
+    }
     cli_support::qemu_io(dir, "raw", "g.raw", &["write -P 0x55 3M 64k"]);
     vdisk_ok(dir, &["--object", &obj, "compare", "top.qcow2", "g.raw"]);
     ok(
@@ -745,6 +776,25 @@ fn storage_daemon_nbd_export_over_tls() {
     // x509 over a Unix socket needs a host name to check, in QEMU and here.
     let no_host = format!("nbds+unix:///g?socket={}&tls-creds=c0", sock.display());
     let nh = run(dir, VDISK, &["--object", &cli, "info", &no_host]);
+    // libnbd's URL over a Unix socket checks no name (libnbd checks nothing there);
+    // vdisk still checks the chain: another CA is refused.
+    let lib = format!(
+        "nbds+unix:///g?socket={}&tls-certificates={}",
+        sock.display(),
+        k.cli.display()
+    );
+    let lv = run(
+        dir,
+        VDISK,
+        &["compare", "-U", "-F", "qcow2", &lib, "g.qcow2"],
+    );
+    let ln = run(dir, "nbdinfo", &["--size", &lib]);
+    let other = format!(
+        "nbds+unix:///g?socket={}&tls-certificates={}",
+        sock.display(),
+        k.other_cli.display()
+    );
+    let lo = run(dir, VDISK, &["info", &other]);
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -752,6 +802,9 @@ fn storage_daemon_nbd_export_over_tls() {
         "{}",
         nh.err
     );
+    ok(lv, "vdisk compare over libnbd's nbds+unix URL");
+    assert_eq!(ok(ln, "nbdinfo").trim(), "16777216");
+    assert!(message(&lo, "vdisk").contains("not trusted"), "{}", lo.err);
     ok(r, "qemu-img compare over the daemon's TLS export");
     ok(v, "vdisk compare over nbds+unix");
     assert!(
@@ -759,4 +812,626 @@ fn storage_daemon_nbd_export_over_tls() {
         "{}",
         plain.err
     );
+}
+
+/// Runs `vdisk args` with `LOGNAME=user` (libnbd's default PSK username), limited.
+fn vdisk_as(dir: &Path, user: &str, args: &[&str]) -> Run {
+    let o = Command::new("timeout")
+        .arg("60")
+        .arg(VDISK)
+        .args(args)
+        .env("LOGNAME", user)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    cli_support::collect(o)
+}
+
+/// `nbdkit -f -i 127.0.0.1 -p PORT --tls=require ARGS…` (TLS options, filters, the
+/// plugin and its parameters).
+fn nbdkit_tls(args: &[&str]) -> Server {
+    let port = free_port();
+    let port_s = port.to_string();
+    let a = [
+        &["-f", "-i", "127.0.0.1", "-p", &port_s, "--tls=require"][..],
+        args,
+    ]
+    .concat();
+    Server::start_logged(
+        "nbdkit",
+        a.iter().map(|s| s.to_string()).collect(),
+        port,
+        None,
+    )
+}
+
+/// libnbd's URL keys (`tls-certificates=DIR`; `tls-psk-file=FILE` with the URL's user,
+/// else `$LOGNAME`) work unchanged with vdisk against qemu-nbd and nbdkit: `info`
+/// prints what qemu-img prints for the same export opened with QEMU's objects (the
+/// name being the URL), `map` the same extents, and `convert` the bytes nbdcopy reads
+/// through the same URL.
+#[test]
+fn libnbd_url_keys_against_qemu_nbd_and_nbdkit() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, raw) = golden(dir);
+    let want = std::fs::read(&raw).unwrap();
+    let alice = dir.join("alice");
+    std::fs::create_dir_all(&alice).unwrap();
+    let keys = alice.join("keys.psk");
+    std::fs::write(&keys, format!("alice:{}\n", "5a17".repeat(16))).unwrap();
+    let (cli, keys_s) = (k.cli.display().to_string(), keys.display().to_string());
+    let raw_s = raw.display().to_string();
+    let x509_obj = x509("c0", &k.cli, "client");
+    let psk_obj = psk("c0", &alice, "client") + ",username=alice";
+    let servers = [
+        (
+            "qemu-nbd x509",
+            Server::qemu_nbd(&x509("tls0", &k.srv, "server"), &["-f", "qcow2", "-r"], &g),
+            format!("?tls-certificates={cli}"),
+            &x509_obj,
+        ),
+        (
+            "nbdkit x509",
+            nbdkit_tls(&[
+                &format!("--tls-certificates={}", k.srv.display()),
+                "file",
+                &raw_s,
+            ]),
+            format!("?tls-certificates={cli}"),
+            &x509_obj,
+        ),
+        (
+            "qemu-nbd psk",
+            Server::qemu_nbd(&psk("tls0", &alice, "server"), &["-f", "qcow2", "-r"], &g),
+            format!("?tls-psk-file={keys_s}"),
+            &psk_obj,
+        ),
+        (
+            "nbdkit psk",
+            nbdkit_tls(&[&format!("--tls-psk={keys_s}"), "file", &raw_s]),
+            format!("?tls-psk-file={keys_s}"),
+            &psk_obj,
+        ),
+    ];
+    for (what, s, query, obj) in &servers {
+        let psk = query.contains("psk");
+        let user = if psk { "alice@" } else { "" };
+        let url = format!("nbds://{user}localhost:{}/{query}", s.port);
+        let j = s.json("c0", "localhost");
+        // The same open through QEMU's objects, named as qemu-img names it.
+        let qname = format!("nbd://localhost:{}", s.port);
+        for args in [
+            &["info"][..],
+            &["info", "--output=json"],
+            &["map"],
+            &["map", "--output=json"],
+        ] {
+            let v = vdisk_ok(dir, &[args, &[url.as_str()][..]].concat());
+            let q = ok(
+                qemu_img(dir, &[args, &["--object", obj, &j][..]].concat()),
+                "qemu-img",
+            );
+            assert_eq!(v, q.replace(&qname, &url), "{what} {args:?}");
+        }
+        // The bytes: vdisk convert and nbdcopy through the same URL.
+        let _ = std::fs::remove_file(dir.join("v.raw"));
+        vdisk_ok(dir, &["convert", "-O", "raw", &url, "v.raw"]);
+        assert!(std::fs::read(dir.join("v.raw")).unwrap() == want, "{what}");
+        let _ = std::fs::remove_file(dir.join("n.raw"));
+        ok(run(dir, "nbdcopy", &[&url, "n.raw"]), "nbdcopy");
+        assert!(std::fs::read(dir.join("n.raw")).unwrap() == want, "{what}");
+        let size = ok(run(dir, "nbdinfo", &["--size", &url]), "nbdinfo");
+        assert_eq!(size.trim(), want.len().to_string(), "{what}");
+        if psk {
+            // No user in the URL: libnbd's default, $LOGNAME, for both.
+            let bare = url.replace("alice@", "");
+            let r = vdisk_as(
+                dir,
+                "alice",
+                &["compare", "-f", "raw", "-F", "raw", &bare, "g.raw"],
+            );
+            assert_eq!(r.code, 0, "{what}: {}", r.err);
+            let r = vdisk_as(dir, "mallory", &["info", &bare]);
+            assert!(
+                message(&r, "vdisk")
+                    .ends_with(&format!("Key for username mallory not found in {keys_s}")),
+                "{what}: {}",
+                r.err
+            );
+        } else {
+            // Another CA (with the client's own certificate, which qemu-nbd checks):
+            // refused, unless the peer is not verified (vdisk's key).
+            let other = format!(
+                "nbds://localhost:{}/?tls-certificates={}",
+                s.port,
+                k.other_cli.display()
+            );
+            let r = run(dir, VDISK, &["info", &other]);
+            assert!(
+                message(&r, "vdisk").contains("not trusted"),
+                "{what}: {}",
+                r.err
+            );
+            let unverified = other + "&tls-verify-peer=false";
+            vdisk_ok(
+                dir,
+                &["compare", "-f", "raw", "-F", "raw", &unverified, "g.raw"],
+            );
+        }
+    }
+    // vdisk's JSON takes the same keys.
+    let (_, s, query, _) = &servers[0];
+    let j = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"inet","host":"localhost","port":"{}"}},"tls-certificates":"{}"}}}}"#,
+        s.port,
+        &query["?tls-certificates=".len()..]
+    );
+    vdisk_ok(dir, &["compare", "-F", "raw", &j, "g.raw"]);
+}
+
+/// A credentials file a URL names that is missing is the error the QEMU objects give
+/// for it (qemu-img's words), before any connection is tried.
+#[test]
+fn libnbd_url_keys_name_missing_files() {
+    let d = tmp();
+    let dir = d.path();
+    let gone = dir.join("gone");
+    let g = gone.display().to_string();
+    let cases = [
+        (
+            format!("tls-creds-x509,id=c0,dir={g},endpoint=client"),
+            format!("nbds://localhost:1/?tls-certificates={g}"),
+        ),
+        (
+            format!("tls-creds-psk,id=c0,dir={g},endpoint=client"),
+            format!("nbds://u@localhost:1/?tls-psk-file={g}/keys.psk"),
+        ),
+        (
+            format!("tls-creds-psk,id=c0,dir={g},endpoint=client"),
+            // No user and no $LOGNAME: the missing file still comes first.
+            format!("nbds://localhost:1/?tls-psk-file={g}/keys.psk"),
+        ),
+    ];
+    for (obj, url) in cases {
+        let q = message(
+            &qemu_img(dir, &["info", "--object", &obj, "nbd://localhost:1"]),
+            "qemu-img",
+        );
+        assert!(q.starts_with("Unable to access credentials"), "{q}");
+        let v = message(&vdisk_as(dir, "", &["info", &url]), "vdisk");
+        assert_eq!(v, format!("Could not open '{url}': {q}"));
+    }
+    // A certificate without its key is named too.
+    std::fs::create_dir_all(&gone).unwrap();
+    let k = pki(dir);
+    for f in ["ca-cert.pem", "client-cert.pem"] {
+        std::fs::copy(k.cli.join(f), gone.join(f)).unwrap();
+    }
+    let url = format!("nbds://localhost:1/?tls-certificates={g}");
+    let v = message(&run(dir, VDISK, &["info", &url]), "vdisk");
+    assert!(
+        v.ends_with(&format!(
+            "Unable to access credentials {g}/client-key.pem: No such file or directory"
+        )),
+        "{v}"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Faults over TLS: each a clear error naming the export, exit status 1, never a hang
+// (every command runs under `timeout 60`, whose 124 fails the test) or a panic.
+
+/// Runs `vdisk convert -O raw SRC o.raw` in the background (under `timeout 60`),
+/// waits until data reached `o.raw`, runs `kill`, and returns the result.
+fn convert_then(dir: &Path, src: &str, kill: impl FnOnce()) -> Run {
+    use std::os::unix::fs::MetadataExt;
+    let out = dir.join("o.raw");
+    let _ = std::fs::remove_file(&out);
+    let child = Command::new("timeout")
+        .args(["60", VDISK, "convert", "-O", "raw", src, "o.raw"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&out).map_or(0, |m| m.blocks()) == 0 {
+        assert!(Instant::now() < until, "the copy from {src} did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill();
+    cli_support::collect(child.wait_with_output().unwrap())
+}
+
+/// A failed copy: exit status 1 (not 124: no hang; not 101: no panic), one of
+/// `reasons`, and the export's name in the message.
+fn failed_naming(r: &Run, name: &str, reasons: &[&str], what: &str) {
+    eprintln!("{what}: {}", r.err.trim_end());
+    assert_eq!(r.code, 1, "{what}: {}{}", r.out, r.err);
+    assert!(!r.err.contains("panicked"), "{what}: {}", r.err);
+    assert!(r.err.contains(name), "{what} must name {name}: {}", r.err);
+    assert!(
+        reasons.iter().any(|w| r.err.contains(w)),
+        "{what}: {} (expected one of {reasons:?})",
+        r.err
+    );
+}
+
+const CLOSED: &[&str] = &[
+    "NBD server closed the connection",
+    "NBD connection failed",
+    "Connection reset",
+];
+
+impl Server {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server killed during a copy over TLS: nbdkit (delay filter), qemu-nbd (a
+/// throttle group keeps the copy slow) and `vdisk serve` (re-exporting a slow nbdkit
+/// export over TLS).
+#[test]
+fn tls_server_killed_mid_copy_is_an_error() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let big = dir.join("big.raw");
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "raw", "big.raw", "64M"]),
+        "create",
+    );
+    cli_support::qemu_io(dir, "raw", "big.raw", &["write -P 0x5a 0 64M"]);
+    let certs = format!("--tls-certificates={}", k.srv.display());
+    let url = |port: u16| {
+        format!(
+            "nbds://localhost:{port}/?tls-certificates={}",
+            k.cli.display()
+        )
+    };
+    // nbdkit: 50 ms a read.
+    let delay = ["--filter=delay", "pattern", "256M", "delay-read=50ms"];
+    let mut s = nbdkit_tls(&[&[&certs[..]][..], &delay].concat());
+    let u = url(s.port);
+    let r = convert_then(dir, &u, || s.kill());
+    failed_naming(&r, &u, CLOSED, "nbdkit killed");
+
+    // qemu-nbd reading at 4 MiB/s.
+    let image = format!(
+        "driver=throttle,throttle-group=tg0,file.driver=file,file.filename={}",
+        big.display()
+    );
+    let mut s = Server::launch(
+        "qemu-nbd",
+        &["-t"],
+        Some(&x509("tls0", &k.srv, "server")),
+        &[
+            "--object",
+            "throttle-group,id=tg0,x-bps-read=4194304",
+            "-r",
+            "--image-opts",
+        ],
+        Path::new(&image),
+        None,
+    );
+    let u = url(s.port);
+    let r = convert_then(dir, &u, || s.kill());
+    failed_naming(&r, &u, CLOSED, "qemu-nbd killed");
+
+    // vdisk serve over TLS, its image a slow nbdkit export on a Unix socket.
+    let sock = dir.join("slow.sock");
+    let mut slow = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&sock)
+        .args(["--filter=delay", "pattern", "256M", "delay-read=50ms"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("nbdkit must be installed");
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < until, "nbdkit did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let inner = format!("nbd+unix:///?socket={}", sock.display());
+    let mut s = Server::vdisk(
+        Some(&x509("tls0", &k.srv, "server")),
+        &["-f", "raw", "-r"],
+        Path::new(&inner),
+    );
+    let u = url(s.port);
+    let r = convert_then(dir, &u, || s.kill());
+    let _ = slow.kill();
+    let _ = slow.wait();
+    failed_naming(&r, &u, CLOSED, "vdisk serve killed");
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream` that forwards both ways and,
+/// once `cut` bytes of one connection went from the server to the client, ends that
+/// connection in the middle of whatever the server was sending: with a reset
+/// (`reset`, SO_LINGER 0) or a plain FIN (the TLS stream truncated, no close_notify).
+/// Returns its port.
+fn cut_proxy(upstream: u16, cut: usize, reset: bool) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let Ok(s) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                return;
+            };
+            let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            // Client to server; once the server side is gone, what the client still
+            // sends is read and dropped (so a cut stream is only a cut stream).
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n @ 1..) = (&c2).read(&mut buf) {
+                    let _ = (&s2).write_all(&buf[..n]);
+                }
+                let _ = s2.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let mut sent = 0;
+                while sent < cut {
+                    let n = match (&s).read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(cut - sent),
+                    };
+                    if (&c).write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                if reset {
+                    use std::os::fd::AsRawFd;
+                    let lg = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    // SAFETY: a valid socket and a linger struct of the size given.
+                    unsafe {
+                        libc::setsockopt(
+                            c.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&lg as *const libc::linger).cast(),
+                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                        );
+                    }
+                    // Wakes the other direction's reader (sending nothing), so
+                    // both handles close and the last close sends the reset.
+                    let _ = c.shutdown(std::net::Shutdown::Read);
+                } else {
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                }
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                // Dropping `c` and its clone (whose thread ends with the reset, or
+                // when the client closes) closes it.
+            });
+        }
+    });
+    port
+}
+
+/// A connection reset and a TLS stream cut in the middle of a READ reply, in front of
+/// qemu-nbd and `vdisk serve`.
+#[test]
+fn tls_connection_reset_and_truncated_stream() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, _) = golden(dir);
+    let srv = x509("tls0", &k.srv, "server");
+    let servers = [
+        Server::qemu_nbd(&srv, &["-f", "qcow2", "-r"], &g),
+        Server::vdisk(Some(&srv), &["-f", "qcow2", "-r"], &g),
+    ];
+    // 512 KiB + 777: past the handshake and negotiation, inside the 1 MiB of data at
+    // 1 MiB (a TLS record cut in two).
+    let cut = (512 << 10) + 777;
+    for s in &servers {
+        for reset in [true, false] {
+            let port = cut_proxy(s.port, cut, reset);
+            let u = format!(
+                "nbds://localhost:{port}/?tls-certificates={}",
+                k.cli.display()
+            );
+            let _ = std::fs::remove_file(dir.join("o.raw"));
+            let r = run(dir, VDISK, &["convert", "-O", "raw", &u, "o.raw"]);
+            let what = format!("server port {} reset={reset}", s.port);
+            let why: &[&str] = if reset {
+                // Seen by the reader or by a request being sent.
+                &[
+                    "NBD connection failed: Connection reset by peer",
+                    "NBD connection failed while sending: Connection reset by peer",
+                ]
+            } else {
+                &["NBD connection failed: the TLS stream was cut in the middle of a record"]
+            };
+            failed_naming(&r, &u, why, &what);
+        }
+    }
+}
+
+/// A slow server over TLS (nbdkit's delay filter with --tls=require): the request
+/// timeout ends the copy with a clear error.
+#[test]
+fn tls_slow_server_times_out() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let certs = format!("--tls-certificates={}", k.srv.display());
+    let s = nbdkit_tls(&[&certs, "--filter=delay", "pattern", "4M", "delay-read=30"]);
+    let port = s.port;
+    let obj = x509("c0", &k.cli, "client");
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=localhost,\
+         file.server.port={port},file.tls-creds=c0,file.timeout=1"
+    );
+    let r = run(
+        dir,
+        VDISK,
+        &[
+            "--object",
+            &obj,
+            "convert",
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
+            "o.raw",
+        ],
+    );
+    let name = format!("nbd://localhost:{port}");
+    failed_naming(&r, &name, &["NBD server did not reply within 1 s"], "slow");
+    // The same through libnbd's URL keys in vdisk's JSON.
+    let j = format!(
+        r#"json:{{"file":{{"driver":"nbd","server":{{"type":"inet","host":"localhost","port":"{port}"}},"tls-certificates":"{}","timeout":1}}}}"#,
+        k.cli.display()
+    );
+    let r = run(dir, VDISK, &["convert", "-O", "raw", &j, "o.raw"]);
+    failed_naming(
+        &r,
+        &name,
+        &["NBD server did not reply within 1 s"],
+        "slow json",
+    );
+}
+
+/// `vdisk serve -e 4` over TLS read by `nbdcopy --connections=4` (libnbd's URL) and by
+/// vdisk's own client with `connections=4`: four TLS sessions each (the server's log
+/// says so), the bytes exact.
+#[test]
+fn vdisk_serve_tls_with_four_connections() {
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    ok(
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", "m.qcow2", "64M"]),
+        "create",
+    );
+    cli_support::qemu_io(
+        dir,
+        "qcow2",
+        "m.qcow2",
+        &["write -P 0x21 0 20M", "write -P 0x42 40M 8M"],
+    );
+    let log = dir.join("serve.log");
+    let s = Server::launch(
+        VDISK,
+        &["serve", "-v", "-t", "-e", "4"],
+        Some(&x509("tls0", &k.srv, "server")),
+        &["-f", "qcow2", "-r"],
+        &dir.join("m.qcow2"),
+        Some(&log),
+    );
+    let sessions = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches(": TLS TLSv1.3 ")
+            .count()
+    };
+    let url = format!(
+        "nbds://localhost:{}/?tls-certificates={}",
+        s.port,
+        k.cli.display()
+    );
+    let info = ok(run(dir, "nbdinfo", &[&url]), "nbdinfo");
+    assert!(info.contains("can_multi_conn: true"), "{info}");
+    let before = sessions();
+    // nbdcopy opens no more connections than threads.
+    ok(
+        run(
+            dir,
+            "nbdcopy",
+            &["--connections=4", "--threads=4", &url, "n.raw"],
+        ),
+        "nbdcopy",
+    );
+    assert_eq!(sessions() - before, 4);
+    let q = ok(
+        qemu_img(
+            dir,
+            &["compare", "-f", "raw", "-F", "qcow2", "n.raw", "m.qcow2"],
+        ),
+        "compare",
+    );
+    assert!(q.contains("identical"), "{q}");
+    let before = sessions();
+    let j = format!(
+        r#"json:{{"file":{{"driver":"nbd","server":{{"type":"inet","host":"localhost","port":"{}"}},"tls-certificates":"{}","connections":4}}}}"#,
+        s.port,
+        k.cli.display()
+    );
+    vdisk_ok(dir, &["convert", "-O", "raw", &j, "v.raw"]);
+    assert_eq!(sessions() - before, 4);
+    assert!(std::fs::read(dir.join("v.raw")).unwrap() == std::fs::read(dir.join("n.raw")).unwrap());
+}
+
+/// `nbds://host/` naming no credentials: libnbd's default directory (for root
+/// `/etc/pki/libnbd`, else `$HOME/.pki/libnbd` or `$HOME/.config/pki/libnbd`), for
+/// vdisk as for nbdinfo; run as `nobody` with a `$HOME` of the test's.
+#[test]
+fn libnbd_default_certificates_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmp();
+    let dir = d.path();
+    let k = pki(dir);
+    let (g, _) = golden(dir);
+    let s = Server::qemu_nbd(&x509("tls0", &k.srv, "server"), &["-f", "qcow2", "-r"], &g);
+    let url = format!("nbds://localhost:{}/", s.port);
+    // root: /etc/pki/libnbd, which this machine must not have.
+    assert!(
+        !Path::new("/etc/pki/libnbd/ca-cert.pem").exists(),
+        "this test needs a machine without /etc/pki/libnbd/ca-cert.pem"
+    );
+    let r = run(dir, VDISK, &["info", &url]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            message(&r, "vdisk")
+                .contains("(libnbd's default, /etc/pki/libnbd, has no ca-cert.pem)"),
+            "{}",
+            r.err
+        );
+    }
+    // Another user: $HOME/.config/pki/libnbd (the first, .pki/libnbd, is empty).
+    let home = dir.join("home");
+    let certs = home.join(".config/pki/libnbd");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::create_dir_all(home.join(".pki/libnbd")).unwrap();
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(k.cli.join(f), certs.join(f)).unwrap();
+    }
+    for p in [dir.to_path_buf(), home.clone(), certs.clone()] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::set_permissions(certs.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let home_s = format!("HOME={}", home.display());
+    let as_nobody = |prog: &str, args: &[&str]| {
+        let pre = [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            &home_s,
+            prog,
+        ];
+        run(dir, "setpriv", &[&pre[..], args].concat())
+    };
+    let v = ok(
+        as_nobody(VDISK, &["info", "--output=json", &url]),
+        "vdisk as nobody",
+    );
+    assert!(v.contains("\"virtual-size\": 16777216"), "{v}");
+    let n = ok(as_nobody("nbdinfo", &["--size", &url]), "nbdinfo as nobody");
+    assert_eq!(n.trim(), "16777216");
 }

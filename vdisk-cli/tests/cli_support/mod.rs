@@ -16,7 +16,8 @@ pub struct Run {
     pub err: String,
 }
 
-fn collect(o: Output) -> Run {
+/// A finished process's status and output.
+pub fn collect(o: Output) -> Run {
     Run {
         code: o.status.code().unwrap_or(-1),
         out: String::from_utf8_lossy(&o.stdout).into_owned(),

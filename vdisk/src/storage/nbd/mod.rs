@@ -46,6 +46,13 @@ pub static PROTOCOL: Protocol = Protocol {
         "export",
         "tls-creds",
         "tls-hostname",
+        "tls-certificates",
+        "tls-psk-file",
+        "tls-username",
+        "tls-verify-peer",
+        // The nbds:// URL a node was parsed from: the export's name in `info` and
+        // messages (set by the URL parser, not meant to be given).
+        "x-url",
         "reconnect-delay",
         "open-timeout",
         "timeout",
@@ -114,26 +121,59 @@ fn parse_uri(name: &str, node: &mut Node) -> Result<(), SpecError> {
     if !export.is_empty() {
         node.insert_str("export", export)?;
     }
-    // Query keys: QEMU's nbd+unix takes exactly `socket`; the TLS schemes also take
-    // the JSON keys `tls-creds` (required) and `tls-hostname`.
+    // Query keys: QEMU's nbd+unix takes exactly `socket`. The TLS schemes also take
+    // the JSON keys `tls-creds` and `tls-hostname`, and libnbd's `tls-certificates`
+    // and `tls-psk-file` (the URL's user is then the PSK username); plain schemes
+    // accept libnbd's two and ignore them, as libnbd does without TLS.
     let mut socket = None;
     for (k, v) in &u.query {
         let v = v.as_deref().filter(|v| !v.is_empty());
         match (k.as_str(), v) {
             ("socket", Some(p)) if unix && socket.is_none() => socket = Some(p),
-            ("tls-creds" | "tls-hostname", Some(v)) if tls && !node.contains(k) => {
-                node.insert_str(k, v)?
-            }
-            _ if !unix && !tls => return Err(bad("nbd:// takes no query parameters".into())),
+            ("tls-certificates" | "tls-psk-file", Some(_)) if !tls => {}
+            (
+                "tls-creds" | "tls-hostname" | "tls-certificates" | "tls-psk-file"
+                | "tls-verify-peer",
+                Some(v),
+            ) if tls && !node.contains(k) => node.insert_str(k, v)?,
+            _ if !unix && !tls => return Err(bad(
+                "nbd:// takes no query parameters (but libnbd's tls-certificates and tls-psk-file)"
+                    .into(),
+            )),
             _ if !tls => return Err(bad("nbd+unix:// needs exactly ?socket=PATH".into())),
             _ => return Err(bad(format!("unexpected query parameter '{k}'"))),
         }
     }
-    if tls && !node.contains("tls-creds") {
-        return Err(bad(format!(
-            "{}:// needs ?tls-creds=ID (an --object tls-creds-x509 or tls-creds-psk)",
-            u.scheme
-        )));
+    if tls {
+        let given: Vec<&str> = ["tls-creds", "tls-certificates", "tls-psk-file"]
+            .into_iter()
+            .filter(|k| node.contains(k))
+            .collect();
+        match given.as_slice() {
+            // libnbd's default directories, as nbd_connect_uri looks in them.
+            [] => match libnbd_certificates() {
+                Ok(dir) => node.insert_str("tls-certificates", dir)?,
+                Err(looked) => {
+                    return Err(bad(format!(
+                        "{}:// needs ?tls-creds=ID (an --object tls-creds-x509 or \
+                         tls-creds-psk), ?tls-certificates=DIR or ?tls-psk-file=FILE \
+                         (libnbd's default, {looked}, has no ca-cert.pem)",
+                        u.scheme
+                    )))
+                }
+            },
+            [_] => {}
+            [a, b, ..] => return Err(bad(format!("?{a}= and ?{b}= are exclusive"))),
+        }
+        if node.contains("tls-verify-peer") && !node.contains("tls-certificates") {
+            return Err(bad("tls-verify-peer goes with tls-certificates".into()));
+        }
+        if let (Some(user), true) = (&u.user, node.contains("tls-psk-file")) {
+            node.insert_str("tls-username", user)?;
+        }
+        // `info` and messages name the export by the URL as given (QEMU has no
+        // nbds://, and its JSON opens keep their nbd:// names).
+        node.insert_str("x-url", name)?;
     }
     if unix {
         if u.host.is_some() || u.port.is_some() {
@@ -151,6 +191,31 @@ fn parse_uri(name: &str, node: &mut Node) -> Result<(), SpecError> {
         node.insert_str("server.port", u.port.unwrap_or(DEFAULT_PORT).to_string())?;
     }
     Ok(())
+}
+
+/// The certificates directory libnbd uses when a URL names none: for root
+/// `/etc/pki/libnbd`, for others `$HOME/.pki/libnbd` then `$HOME/.config/pki/libnbd`,
+/// the first holding `ca-cert.pem`; else the places looked in. (libnbd then falls back
+/// to the system CAs without checking the server; vdisk refuses instead.)
+fn libnbd_certificates() -> Result<String, String> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let home = std::env::var("HOME").ok().filter(|h| !h.is_empty());
+    let dirs: Vec<String> = match (root, home) {
+        (false, Some(h)) => vec![
+            format!("{h}/.pki/libnbd"),
+            format!("{h}/.config/pki/libnbd"),
+        ],
+        (false, None) => Vec::new(),
+        (true, _) => vec!["/etc/pki/libnbd".to_string()],
+    };
+    dirs.iter()
+        .find(|d| std::path::Path::new(d).join("ca-cert.pem").exists())
+        .cloned()
+        .ok_or_else(|| match dirs.as_slice() {
+            [] => "$HOME/.pki/libnbd ($HOME is not set)".to_string(),
+            d => d.join(" or "),
+        })
 }
 
 #[cfg(test)]
@@ -201,6 +266,7 @@ mod tests {
             kv(&[
                 ("export", "x"),
                 ("tls-creds", "t0"),
+                ("x-url", "nbds://localhost:1234/x?tls-creds=t0"),
                 ("server.type", "inet"),
                 ("server.host", "localhost"),
                 ("server.port", "1234")
@@ -212,12 +278,52 @@ mod tests {
                 ("export", "e"),
                 ("tls-creds", "t"),
                 ("tls-hostname", "h"),
+                (
+                    "x-url",
+                    "nbds+unix:///e?socket=/s&tls-creds=t&tls-hostname=h"
+                ),
                 ("server.type", "unix"),
                 ("server.path", "/s")
             ])
         );
+        // libnbd's keys; the URL's user is the PSK username.
+        assert_eq!(
+            parse("nbds://alice@h/?tls-psk-file=/k.psk").unwrap(),
+            kv(&[
+                ("tls-psk-file", "/k.psk"),
+                ("tls-username", "alice"),
+                ("x-url", "nbds://alice@h/?tls-psk-file=/k.psk"),
+                ("server.type", "inet"),
+                ("server.host", "h"),
+                ("server.port", "10809")
+            ])
+        );
+        assert_eq!(
+            parse("nbds+unix://u@/e?socket=/s&tls-certificates=/d&tls-verify-peer=false").unwrap(),
+            kv(&[
+                ("export", "e"),
+                ("tls-certificates", "/d"),
+                ("tls-verify-peer", "false"),
+                (
+                    "x-url",
+                    "nbds+unix://u@/e?socket=/s&tls-certificates=/d&tls-verify-peer=false"
+                ),
+                ("server.type", "unix"),
+                ("server.path", "/s")
+            ])
+        );
+        // Without TLS, libnbd ignores its TLS keys.
+        assert_eq!(
+            parse("nbd://h/?tls-certificates=/d").unwrap(),
+            parse("nbd://h/").unwrap()
+        );
+        // (nbds:// naming no credentials looks in libnbd's directories: nbd_tls tests.)
         for bad in [
-            "nbds://localhost/x",
+            "nbds://h/?tls-creds=t&tls-certificates=/d",
+            "nbds://h/?tls-certificates=/d&tls-psk-file=/f",
+            "nbds://h/?tls-psk-file=/f&tls-verify-peer=false",
+            "nbds://h/?tls-creds=t&tls-verify-peer=false",
+            "nbd://h/?tls-verify-peer=false",
             "nbds+unix:///x?tls-creds=t",
             "nbds://localhost/x?tls-creds=t&socket=/s",
             "nbds://localhost/x?tls-creds=t&tls-creds=u",

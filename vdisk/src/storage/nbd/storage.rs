@@ -421,6 +421,53 @@ fn connections(node: &mut Node) -> Result<usize, SpecError> {
         })
 }
 
+/// libnbd's URL credentials (`tls-certificates`, `tls-psk-file` with `tls-username`,
+/// and vdisk's `tls-verify-peer`), if the node names them.
+fn url_creds(node: &mut Node) -> Result<Option<super::tls::UrlCreds>, SpecError> {
+    use super::tls::UrlCreds;
+    let dir = node.take_str("tls-certificates")?;
+    let file = node.take_str("tls-psk-file")?;
+    let user = node.take_str("tls-username")?;
+    let verify = node.take_bool("tls-verify-peer")?;
+    let misplaced = |what: &str| {
+        SpecError::Missing(format!(
+            "{what} goes with {}",
+            match what {
+                "tls-username" => "tls-psk-file",
+                _ => "tls-certificates",
+            }
+        ))
+    };
+    Ok(match (dir, file) {
+        (None, None) if user.is_some() => return Err(misplaced("tls-username")),
+        (None, None) if verify.is_some() => return Err(misplaced("tls-verify-peer")),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err(SpecError::Missing(
+                "tls-certificates and tls-psk-file are exclusive".into(),
+            ))
+        }
+        (Some(dir), None) => {
+            if user.is_some() {
+                return Err(misplaced("tls-username"));
+            }
+            Some(UrlCreds::Certificates {
+                dir: dir.into(),
+                verify: verify.unwrap_or(true),
+            })
+        }
+        (None, Some(file)) => {
+            if verify.is_some() {
+                return Err(misplaced("tls-verify-peer"));
+            }
+            Some(UrlCreds::PskFile {
+                file: file.into(),
+                username: user.or_else(super::tls::local_username),
+            })
+        }
+    })
+}
+
 /// The protocol's open: QEMU's keys → a connected [`NbdStorage`].
 pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage>> {
     let typ = node.take_str("server.type")?;
@@ -457,11 +504,23 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
     };
     let export = node.take_str("export")?.unwrap_or_default();
     let tls_hostname = node.take_str("tls-hostname")?;
-    let tls = match node.take_str("tls-creds")? {
+    let url_creds = url_creds(&mut node)?;
+    let creds = match (node.take_str("tls-creds")?, url_creds) {
+        (None, None) => None,
+        (Some(id), None) => Some(
+            super::tls::lookup(&id, super::tls::Endpoint::Client).map_err(SpecError::Missing)?,
+        ),
+        (None, Some(c)) => Some(super::tls::load_url_creds(&c).map_err(SpecError::Missing)?),
+        (Some(_), Some(_)) => {
+            return Err(SpecError::Missing(
+                "tls-creds and tls-certificates/tls-psk-file are exclusive".into(),
+            )
+            .into())
+        }
+    };
+    let tls = match creds {
         None => None,
-        Some(id) => {
-            let creds = super::tls::lookup(&id, super::tls::Endpoint::Client)
-                .map_err(SpecError::Missing)?;
+        Some(creds) => {
             // QEMU checks the TCP host unless tls-hostname names another.
             let hostname = tls_hostname.or_else(|| match (&address, creds.is_x509()) {
                 (Address::Tcp(h, _), true) => Some(h.clone()),
@@ -477,11 +536,14 @@ pub fn open(mut node: Node, ctx: &ProtocolOpen) -> StorageResult<Arc<dyn Storage
         .filter(|t| !t.is_zero())
         .unwrap_or(DEFAULT_TIMEOUT);
     let connections = connections(&mut node)?;
+    let name = match node.take_str("x-url")? {
+        Some(url) => url,
+        None => display_name(&address, &export),
+    };
     node.finish(|key| SpecError::ProtocolOption {
         protocol: super::PROTOCOL.name.into(),
         key,
     })?;
-    let name = display_name(&address, &export);
     let cfg = Config {
         address,
         export,

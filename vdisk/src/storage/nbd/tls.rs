@@ -50,6 +50,9 @@ pub struct TlsCreds {
     endpoint: Endpoint,
     kind: Kind,
     ctx: SslContext,
+    /// A client without a host name to check still checks the chain (libnbd URL
+    /// credentials over a Unix socket) instead of refusing, as QEMU's objects do.
+    chain_only_without_host: bool,
 }
 
 impl std::fmt::Debug for TlsCreds {
@@ -225,6 +228,74 @@ fn define(kind: &str, pairs: &[(String, Option<String>)]) -> Result<(), String> 
     Ok(())
 }
 
+/// Client credentials named in a libnbd URL (`nbd_connect_uri`'s query keys), loaded
+/// for one open and not registered as an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UrlCreds {
+    /// `tls-certificates=DIR`: x509 from `DIR/ca-cert.pem` (and `client-cert.pem` +
+    /// `client-key.pem` when present), as libnbd; `verify` is vdisk's
+    /// `tls-verify-peer` (default on).
+    Certificates {
+        /// The directory.
+        dir: PathBuf,
+        /// Whether the server's certificate is checked.
+        verify: bool,
+    },
+    /// `tls-psk-file=FILE` with the URL's user (libnbd's default: `$LOGNAME`, else
+    /// the login name).
+    PskFile {
+        /// The psktool-format file.
+        file: PathBuf,
+        /// The identity to send (`None`: neither the URL nor the environment names
+        /// one, an error once the file is found).
+        username: Option<String>,
+    },
+}
+
+/// Loads the credentials a libnbd URL names, with the errors of the QEMU objects
+/// ("Unable to access credentials FILE: …").
+pub fn load_url_creds(c: &UrlCreds) -> Result<Arc<TlsCreds>, String> {
+    let creds = match c {
+        UrlCreds::Certificates { dir, verify } => {
+            // Over a Unix socket libnbd checks no name (nor, with GnuTLS, anything);
+            // vdisk still checks the chain against ca-cert.pem.
+            let mut c = load_x509("url".into(), Endpoint::Client, dir, *verify)?;
+            c.chain_only_without_host = true;
+            c
+        }
+        UrlCreds::PskFile { file, username } => {
+            // A missing file is named first, as the objects name it.
+            access(file)?;
+            let username = username.clone().ok_or(
+                "tls-psk-file: no username (name one as nbds://USER@host/…; \
+                 the default, $LOGNAME or the login name, is not set)",
+            )?;
+            load_psk_file("url".into(), Endpoint::Client, file, username)?
+        }
+    };
+    Ok(Arc::new(creds))
+}
+
+/// libnbd's default TLS username (`nbd_get_tls_username`): `$LOGNAME`, else
+/// `getlogin_r`.
+pub fn local_username() -> Option<String> {
+    if let Some(n) = std::env::var_os("LOGNAME").and_then(|n| n.into_string().ok()) {
+        return Some(n);
+    }
+    // The libc crate lacks getlogin_r (getlogin is not thread-safe).
+    extern "C" {
+        fn getlogin_r(buf: *mut libc::c_char, len: libc::size_t) -> libc::c_int;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer and its length are valid for the call.
+    let r = unsafe { getlogin_r(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let n = buf.iter().position(|&b| b == 0)?;
+    String::from_utf8(buf[..n].to_vec()).ok()
+}
+
 fn access(p: &Path) -> Result<(), String> {
     std::fs::metadata(p).map(|_| ()).map_err(|e| {
         format!(
@@ -291,6 +362,7 @@ fn load_x509(
             verify: verify_peer,
         },
         ctx: b.build(),
+        chain_only_without_host: false,
     })
 }
 
@@ -328,9 +400,17 @@ fn load_psk(
     dir: &Path,
     username: String,
 ) -> Result<TlsCreds, String> {
-    let file = dir.join("keys.psk");
-    access(&file)?;
-    let text = std::fs::read_to_string(&file)
+    load_psk_file(id, endpoint, &dir.join("keys.psk"), username)
+}
+
+fn load_psk_file(
+    id: String,
+    endpoint: Endpoint,
+    file: &Path,
+    username: String,
+) -> Result<TlsCreds, String> {
+    access(file)?;
+    let text = std::fs::read_to_string(file)
         .map_err(|e| format!("Unable to read {}: {e}", file.display()))?;
     let keys = Arc::new(parse_psk_file(&text)?);
     let mut b = builder()?;
@@ -379,6 +459,7 @@ fn load_psk(
         endpoint,
         kind: Kind::Psk,
         ctx: b.build(),
+        chain_only_without_host: false,
     })
 }
 
@@ -392,6 +473,44 @@ struct MemIo {
     input: Vec<u8>,
     pos: usize,
     output: Vec<u8>,
+    /// Where the received ciphertext is in its record framing.
+    records: Records,
+}
+
+/// Follows the TLS record framing (a 5-byte header whose last two bytes are the
+/// length of the body) of the bytes received, so an end of the socket inside a
+/// record can be told from an end between records.
+#[derive(Debug, Default)]
+struct Records {
+    header: [u8; 5],
+    have: usize,
+    body_left: usize,
+}
+
+impl Records {
+    fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(data.len());
+                self.body_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.have = 0;
+                self.body_left = u16::from_be_bytes([self.header[3], self.header[4]]) as usize;
+            }
+        }
+    }
+
+    /// Whether the bytes so far end inside a record.
+    fn inside(&self) -> bool {
+        self.have > 0 || self.body_left > 0
+    }
 }
 
 impl Read for MemIo {
@@ -423,6 +542,7 @@ impl Write for MemIo {
 
 impl MemIo {
     fn feed(&mut self, data: &[u8]) {
+        self.records.advance(data);
         if self.pos > 0 {
             self.input.drain(..self.pos);
             self.pos = 0;
@@ -572,7 +692,9 @@ fn handshake(mut raw: Stream, ssl: Ssl, server: bool, host: Option<&str>) -> io:
 /// TCP address unless `tls-hostname` replaces it) or proves the PSK.
 pub fn connect(raw: Stream, creds: &TlsCreds, hostname: Option<&str>) -> io::Result<Stream> {
     let mut ssl = Ssl::new(&creds.ctx).map_err(io::Error::other)?;
-    if let (Kind::X509 { verify: true }, None) = (&creds.kind, hostname) {
+    if let (Kind::X509 { verify: true }, None, false) =
+        (&creds.kind, hostname, creds.chain_only_without_host)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "No hostname for certificate validation",
@@ -736,6 +858,14 @@ impl Read for TlsStream {
             // The socket is read with no lock held: writers go on meanwhile.
             let n = self.raw.read(&mut self.rbuf)?;
             if n == 0 {
+                // The end of the socket inside a record is a cut stream, not an end.
+                if lock(&self.shared.ssl).get_ref().records.inside() {
+                    // Not UnexpectedEof: callers read that as a clean close.
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the TLS stream was cut in the middle of a record",
+                    ));
+                }
                 return Ok(0);
             }
             lock(&self.shared.ssl).get_mut().feed(&self.rbuf[..n]);
@@ -768,6 +898,21 @@ mod tests {
         assert!(parse_psk_file("u:abc").is_err());
         assert!(parse_psk_file("u:zz").is_err());
         assert!(parse_psk_file(&format!("u:{}", "00".repeat(513))).is_err());
+    }
+
+    #[test]
+    fn record_framing_is_followed_across_chunks() {
+        let mut r = Records::default();
+        // A header split in two, a 3-byte body, then a whole empty record.
+        r.advance(&[23, 3]);
+        assert!(r.inside());
+        r.advance(&[3, 0, 3, 1, 2]);
+        assert!(r.inside());
+        r.advance(&[3, 23, 3, 3, 0, 0]);
+        assert!(!r.inside());
+        r.advance(&[23, 3, 3, 0x40, 0]);
+        r.advance(&[0; 0x4000]);
+        assert!(!r.inside());
     }
 
     #[test]
