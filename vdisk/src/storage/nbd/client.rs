@@ -1025,8 +1025,15 @@ const MAX_CHUNK: u64 = 1 << 20;
 /// Most chunks one READ may arrive in.
 const MAX_READ_CHUNKS: usize = 1 << 16;
 
+/// The reader's receive buffer.
+const READER_BUF: usize = 16 << 10;
+
 fn reader_loop(inner: Arc<Inner>, sock: Sock, info: ExportInfo) {
-    let mut r = BufReader::with_capacity(256 << 10, sock);
+    // Small: it batches the headers of small replies, while a READ payload, which
+    // goes straight into the caller's buffer, passes through it only for what one
+    // fill caught beyond a header (a larger buffer copied ~15% of the payload bytes
+    // of 2 MiB READs a second time).
+    let mut r = BufReader::with_capacity(READER_BUF, sock);
     let why = loop {
         match read_reply(&inner, &mut r, &info) {
             Ok(()) => {}
