@@ -1433,6 +1433,43 @@ mod tests {
     }
 
     #[test]
+    fn read_payloads_land_in_the_lent_buffer_until_it_is_taken_back() {
+        let mut buf = [0xffu8; 10];
+        let s = Arc::new(slot(Kind::Read, 100, 10));
+        lock(&s.state).dest = Some(Dest {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        });
+        let p = Pending {
+            slot: Arc::clone(&s),
+            _buf: std::marker::PhantomData,
+        };
+        let mut b = Buf::default();
+        b.u64(104).bytes(&[1, 2, 3, 4]);
+        feed(&s, proto::REPLY_TYPE_OFFSET_DATA, 12, &b).unwrap();
+        let mut b = Buf::default();
+        b.u64(100).u32(4);
+        feed(&s, proto::REPLY_TYPE_OFFSET_HOLE, 12, &b).unwrap();
+        let mut b = Buf::default();
+        b.u64(108).bytes(&[5, 6]);
+        feed(&s, proto::REPLY_TYPE_OFFSET_DATA, 10, &b).unwrap();
+        {
+            let mut st = lock(&s.state);
+            assert!(complete(&s, &mut st).is_none());
+            assert!(st.reply.data.is_empty(), "no reply buffer when one is lent");
+        }
+        // Taken back (the waiter gave up): a late chunk goes to a reply buffer of
+        // its own, never into the caller's.
+        drop(p);
+        assert!(lock(&s.state).dest.is_none());
+        let mut b = Buf::default();
+        b.u64(100).bytes(&[9, 9]);
+        feed(&s, proto::REPLY_TYPE_OFFSET_DATA, 10, &b).unwrap();
+        assert_eq!(buf, [0, 0, 0, 0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(lock(&s.state).reply.data[..2], [9, 9]);
+    }
+
+    #[test]
     fn chunks_must_fit_their_command() {
         let s = slot(Kind::Other, 0, 0);
         let mut b = Buf::default();
