@@ -534,6 +534,8 @@ struct SlotState {
     /// The first error chunk (errno).
     error: Option<io::Error>,
     done: bool,
+    /// Its waiter sleeps on the slot's condvar (else finishing need not wake it).
+    waiting: bool,
 }
 
 #[derive(Debug)]
@@ -586,7 +588,9 @@ impl Slot {
             st.error.get_or_insert(e);
         }
         st.done = true;
-        self.cv.notify_all();
+        if st.waiting {
+            self.cv.notify_all();
+        }
     }
 }
 
@@ -595,6 +599,9 @@ struct Shared {
     pending: HashMap<u64, Arc<Slot>>,
     /// Why the connection is unusable.
     dead: Option<String>,
+    /// Submitters waiting for room in the window: a completion wakes them (a futex
+    /// call) only when there are some.
+    room_waiters: usize,
 }
 
 #[derive(Debug)]
@@ -771,12 +778,16 @@ impl Connection {
         {
             let deadline = Instant::now() + self.timeout;
             let max = self.inner.max_in_flight;
-            let sh = wait_until(lock(&self.inner.shared), &self.inner.room, deadline, |sh| {
+            let mut sh = lock(&self.inner.shared);
+            sh.room_waiters += 1;
+            let sh = wait_until(sh, &self.inner.room, deadline, |sh| {
                 sh.dead.is_some() || sh.pending.len() < max
             });
             let Some(mut sh) = sh else {
+                lock(&self.inner.shared).room_waiters -= 1;
                 return Err(self.timed_out());
             };
+            sh.room_waiters -= 1;
             if let Some(why) = &sh.dead {
                 return Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone()));
             }
@@ -827,7 +838,9 @@ impl Connection {
     /// Waits for a request's reply.
     fn wait(&self, slot: &Slot) -> io::Result<Reply> {
         let deadline = Instant::now() + self.timeout;
-        let Some(mut st) = wait_until(lock(&slot.state), &slot.cv, deadline, |st| st.done) else {
+        let mut st = lock(&slot.state);
+        st.waiting = true;
+        let Some(mut st) = wait_until(st, &slot.cv, deadline, |st| st.done) else {
             return Err(self.timed_out());
         };
         match st.error.take() {
@@ -1061,8 +1074,14 @@ fn find(inner: &Inner, cookie: u64) -> io::Result<Arc<Slot>> {
 
 /// Ends a request whose reply has been read whole: no longer pending, then finished.
 fn retire(inner: &Inner, cookie: u64, slot: &Slot, error: Option<io::Error>) {
-    lock(&inner.shared).pending.remove(&cookie);
-    inner.room.notify_all();
+    let wake = {
+        let mut sh = lock(&inner.shared);
+        sh.pending.remove(&cookie);
+        sh.room_waiters > 0
+    };
+    if wake {
+        inner.room.notify_all();
+    }
     slot.finish(error);
 }
 
