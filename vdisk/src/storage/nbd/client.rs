@@ -1451,6 +1451,20 @@ mod tests {
         assert!(complete(&s, &mut st).is_some());
     }
 
+    /// An OFFSET_DATA chunk of `bytes` at export offset `off`.
+    fn data_chunk(s: &Slot, off: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut b = Buf::default();
+        b.u64(off).bytes(bytes);
+        feed(s, proto::REPLY_TYPE_OFFSET_DATA, 8 + bytes.len() as u64, &b)
+    }
+
+    /// An OFFSET_HOLE chunk of `len` bytes at export offset `off`.
+    fn hole_chunk(s: &Slot, off: u64, len: u32) -> io::Result<()> {
+        let mut b = Buf::default();
+        b.u64(off).u32(len);
+        feed(s, proto::REPLY_TYPE_OFFSET_HOLE, 12, &b)
+    }
+
     #[test]
     fn read_payloads_land_in_the_lent_buffer_until_it_is_taken_back() {
         let mut buf = [0xffu8; 10];
@@ -1463,15 +1477,9 @@ mod tests {
             slot: Arc::clone(&s),
             _buf: std::marker::PhantomData,
         };
-        let mut b = Buf::default();
-        b.u64(104).bytes(&[1, 2, 3, 4]);
-        feed(&s, proto::REPLY_TYPE_OFFSET_DATA, 12, &b).unwrap();
-        let mut b = Buf::default();
-        b.u64(100).u32(4);
-        feed(&s, proto::REPLY_TYPE_OFFSET_HOLE, 12, &b).unwrap();
-        let mut b = Buf::default();
-        b.u64(108).bytes(&[5, 6]);
-        feed(&s, proto::REPLY_TYPE_OFFSET_DATA, 10, &b).unwrap();
+        data_chunk(&s, 104, &[1, 2, 3, 4]).unwrap();
+        hole_chunk(&s, 100, 4).unwrap();
+        data_chunk(&s, 108, &[5, 6]).unwrap();
         {
             let mut st = lock(&s.state);
             assert!(complete(&s, &mut st).is_none());
@@ -1481,9 +1489,7 @@ mod tests {
         // its own, never into the caller's.
         drop(p);
         assert!(lock(&s.state).dest.is_none());
-        let mut b = Buf::default();
-        b.u64(100).bytes(&[9, 9]);
-        feed(&s, proto::REPLY_TYPE_OFFSET_DATA, 10, &b).unwrap();
+        data_chunk(&s, 100, &[9, 9]).unwrap();
         assert_eq!(buf, [0, 0, 0, 0, 1, 2, 3, 4, 5, 6]);
         assert_eq!(lock(&s.state).reply.data[..2], [9, 9]);
     }
