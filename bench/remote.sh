@@ -9,6 +9,7 @@
 # BENCH_TMP (default /dev/shm, so the disk does not set the pace).
 #
 # Usage: bench/remote.sh        RUNS=5 SIZE_MB=1024 bench/remote.sh
+#        RUNS=5 NBD_ONLY=1 VDISK_BASE=/path/to/old/vdisk bench/remote.sh  (NBD, before/after)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,16 +65,22 @@ OUT=$W/out
 CMP_RAW="cmp -s $SRC $OUT.raw"
 CMP_QCOW="qemu-img compare -q -f raw $SRC $OUT.qcow2"
 CASES=$W/cases.json
+# VDISK_BASE=/path/to/older/vdisk adds that build to the NBD cases (before/after).
+BASE_RAW="" BASE_QCOW=""
+if [ -n "${VDISK_BASE:-}" ]; then
+  BASE_RAW=", [\"vdisk-base\", \"$VDISK_BASE convert -O raw '$NBD' $OUT.raw\"]"
+  BASE_QCOW=", [\"vdisk-base\", \"$VDISK_BASE convert -O qcow2 '$NBD' $OUT.qcow2\"]"
+fi
 cat >"$CASES" <<EOF
 [
  {"name": "convert ${SIZE_MB} MiB NBD -> raw", "prepare": "rm -f $OUT.raw",
   "check": "$CMP_RAW",
   "cmds": [["vdisk", "$VDISK convert -O raw '$NBD' $OUT.raw"],
-           ["qemu-img", "qemu-img convert -O raw '$NBD' $OUT.raw"]]},
+           ["qemu-img", "qemu-img convert -O raw '$NBD' $OUT.raw"]$BASE_RAW]},
  {"name": "convert ${SIZE_MB} MiB NBD -> qcow2", "prepare": "rm -f $OUT.qcow2",
   "check": "$CMP_QCOW",
   "cmds": [["vdisk", "$VDISK convert -O qcow2 '$NBD' $OUT.qcow2"],
-           ["qemu-img", "qemu-img convert -O qcow2 '$NBD' $OUT.qcow2"]]},
+           ["qemu-img", "qemu-img convert -O qcow2 '$NBD' $OUT.qcow2"]$BASE_QCOW]},
  {"name": "${SIZE_MB} MiB from nginx -> raw", "prepare": "rm -f $OUT.raw",
   "check": "$CMP_RAW",
   "cmds": [["vdisk", "$VDISK convert -f raw -O raw $URL $OUT.raw"],
@@ -84,5 +91,9 @@ cat >"$CASES" <<EOF
            ["curl+qemu-img", "sh -c 'curl -sf -o $OUT.dl $URL && qemu-img convert -f raw -O qcow2 $OUT.dl $OUT.qcow2'"]]}
 ]
 EOF
+if [ -n "${NBD_ONLY:-}" ]; then
+  # NBD_ONLY=1: only the two NBD cases.
+  python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); json.dump(c[:2], open(sys.argv[1],"w"))' "$CASES"
+fi
 echo "cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg) runs=$RUNS size=${SIZE_MB}MiB"
 python3 "$ROOT/bench/abrun.py" <"$CASES"

@@ -116,14 +116,9 @@ impl NbdStorage {
 
     /// Reads an aligned range inside the export.
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let step = self.max_request();
-        let len = buf.len() as u64;
-        let reqs = split(proto::CMD_READ, 0, offset, len, step);
-        self.conn.call_many(reqs, |i, r| {
-            let o = (i as u64 * step) as usize;
-            let n = r.data.len().min(buf.len() - o);
-            buf[o..o + n].copy_from_slice(&r.data[..n]);
-        })
+        // Each READ's payload is received straight into its part of `buf`.
+        self.conn
+            .read_into(buf, offset, self.max_request() as usize)
     }
 
     /// Writes an aligned range inside the export.
