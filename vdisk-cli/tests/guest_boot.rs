@@ -408,7 +408,11 @@ done
         // below sees only what the second boot and its clean shutdown leave.
         assert!(r.out.contains("leaked clusters were found"), "{}", r.out);
         let fix = qemu_img(dir, &["check", "-r", "leaks", s(&img)]);
-        assert_eq!(fix.code, 0, "qemu-img check -r leaks: {}{}", fix.out, fix.err);
+        assert_eq!(
+            fix.code, 0,
+            "qemu-img check -r leaks: {}{}",
+            fix.out, fix.err
+        );
     }
 
     // Second boot: mount replays the journal; every synced file must be intact.
