@@ -83,6 +83,11 @@ impl ImageLayer {
     pub fn file_status_refines(&self) -> bool {
         self.driver.file_status_refines()
     }
+    /// Whether holes of the host file under the layer's data runs read as zeroes, so
+    /// a copy may skip them ([`Driver::file_holes_read_zero`]).
+    pub fn file_holes_read_zero(&self) -> bool {
+        self.driver.file_holes_read_zero()
+    }
     /// The external data file holding this layer's guest data (host offsets of its
     /// block status are in that file), if it has one.
     pub fn external_data(&self) -> Option<String> {

@@ -239,12 +239,13 @@ impl Job<'_> {
         };
         let mut st = chain_status(&s.layers, local, len, self.top_only).map_err(status_err)?;
         // Formats whose data runs the host file refines (fixed VHD, static VDI: QEMU's
-        // BDRV_BLOCK_RECURSE): holes in the file read as zeroes and need no copy.
+        // BDRV_BLOCK_RECURSE), or whose file holes read as zeroes (VHDX payload
+        // blocks): holes in the file read as zeroes and need no copy.
         if st.data && !st.compressed {
             if let Some(layer) = s
                 .layers
                 .get(st.depth)
-                .filter(|l| common::file_refines(l, local))
+                .filter(|l| common::file_refines(l, local) || l.file_holes_read_zero())
             {
                 common::refine_with_file(layer, local, &mut st).map_err(status_err)?;
             }

@@ -267,6 +267,14 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn file_status_refines(&self) -> bool {
         false
     }
+    /// Whether a hole of the host file under one of this layer's data runs reads as
+    /// zeroes through the format (the data is stored as is: not encrypted, not
+    /// compressed), so a copy may skip it without reading it. True where
+    /// [`Driver::file_status_refines`] is; a format that stores payload blocks as is
+    /// may say so without changing what `map` shows.
+    fn file_holes_read_zero(&self) -> bool {
+        self.file_status_refines()
+    }
     /// The name of the external data file guest data lives in (qcow2 `data_file`), as
     /// it was opened; `None` when the data is in [`Driver::storage`].
     fn external_data(&self) -> Option<String> {
