@@ -445,6 +445,105 @@ fn slow_server_times_out_with_a_clear_error() {
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
 
+/// A proxy on a fresh socket in `dir` to the NBD server at `upstream`: once the
+/// client has sent an NBD_CMD_READ, only `keep` more bytes of the server's answer
+/// reach the client, then nothing, with both sockets left open (a server that stops
+/// in the middle of a reply). Returns the proxy's socket.
+fn stalling_proxy(dir: &Path, upstream: &Path, keep: usize) -> PathBuf {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let path = dir.join(format!("stall-{}.sock", rand::random::<u32>()));
+    let l = UnixListener::bind(&path).expect("bind the proxy");
+    let up = upstream.to_path_buf();
+    std::thread::spawn(move || {
+        let Ok((client, _)) = l.accept() else { return };
+        let server = UnixStream::connect(&up).expect("connect upstream");
+        let read_sent = Arc::new(AtomicBool::new(false));
+        let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let flag = Arc::clone(&read_sent);
+        // Client to server, watching for a request (compact or extended magic) of
+        // type 0 (READ); the flag is set before the request reaches the server.
+        std::thread::spawn(move || {
+            let mut seen: Vec<u8> = Vec::new();
+            let mut b = [0u8; 4096];
+            while let Ok(n) = c_in.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&b[..n]);
+                let is_read = |w: &[u8]| {
+                    (w[..4] == [0x25, 0x60, 0x95, 0x13] || w[..4] == [0x21, 0xe4, 0x1c, 0x71])
+                        && w[6..8] == [0, 0]
+                };
+                if seen.windows(8).any(is_read) {
+                    flag.store(true, Ordering::SeqCst);
+                }
+                if s_out.write_all(&b[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut s_in, mut c_out) = (server, client);
+        let mut left = keep;
+        let mut b = [0u8; 4096];
+        while let Ok(n) = s_in.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            let n = if read_sent.load(Ordering::SeqCst) {
+                let m = n.min(left);
+                left -= m;
+                m
+            } else {
+                n
+            };
+            if n > 0 && c_out.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+        // Keep the client's socket open until it goes away.
+        let _ = c_out.read(&mut b);
+    });
+    path
+}
+
+/// A server that stops in the middle of a READ reply (header and part of the
+/// payload sent, then nothing, the socket open): the copy fails after the timeout with
+/// a clear error, never hangs (the reader, which holds the request while it receives
+/// its payload, gives the reply up after `timeout` without data).
+#[test]
+fn server_stalled_mid_reply_is_an_error_not_a_hang() {
+    let d = tmp();
+    let dir = d.path();
+    let g = golden_raw(dir);
+    let q = Server::qemu_nbd(dir, "raw", "g", &["-r"], &g);
+    let proxy = stalling_proxy(dir, &q.sock, 100);
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},\
+         file.export=g,file.timeout=1",
+        proxy.display()
+    );
+    let t = Instant::now();
+    // One READ of data and nothing else in flight (convert would overlap block
+    // status).
+    let r = vdisk(
+        dir,
+        &["io", "-r", "--image-opts", "-c", "read 1M 1M", &opts],
+    );
+    let all = format!("{}{}", r.out, r.err);
+    // The request's own deadline and the reader's receive timeout expire together;
+    // either may be the one that names the failure.
+    assert!(
+        all.contains("stopped in the middle of a reply (nothing for 1 s)")
+            || all.contains("NBD server did not reply within 1 s"),
+        "{all}"
+    );
+    assert!(all.contains("read failed: Input/output error"), "{all}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
 #[test]
 fn server_killed_mid_copy_is_an_error_not_a_hang() {
     let d = tmp();

@@ -36,10 +36,11 @@ pub fn vdisk(dir: &Path, args: &[&str]) -> Run {
 }
 
 /// Runs `prog args` in `dir` under `timeout 60` with no input (a hang fails the
-/// test, exit 124).
+/// test: exit 124, or 137 when it had to be killed).
 pub fn run_limited(dir: &Path, prog: &str, args: &[&str]) -> Run {
+    // KILL 10 s after the TERM: a process stuck in a request may not end on TERM.
     let o = Command::new("timeout")
-        .arg("60")
+        .args(["-k", "10", "60"])
         .arg(prog)
         .args(args)
         .current_dir(dir)

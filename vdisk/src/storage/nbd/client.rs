@@ -14,7 +14,7 @@
 use super::proto::{self, Buf};
 use super::Stream as Sock;
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -709,8 +709,10 @@ impl Connection {
                 e
             }
         })?;
+        // The receive timeout holds for the whole socket (the fds share it): it bounds
+        // a reply that stops half way, while the reader waits for the next reply
+        // without a limit (see `reader_loop`).
         let rsock = s.try_clone()?;
-        set_timeouts(&rsock, None, t)?;
         let inner = Arc::new(Inner {
             shared: Mutex::default(),
             room: Condvar::new(),
@@ -718,9 +720,10 @@ impl Connection {
             sock: s.try_clone()?,
         });
         let ri = Arc::clone(&inner);
+        let timeout = cfg.timeout;
         let reader = std::thread::Builder::new()
             .name("nbd-reader".into())
-            .spawn(move || reader_loop(ri, rsock, info))?;
+            .spawn(move || reader_loop(ri, rsock, info, timeout))?;
         Ok(Connection {
             inner,
             writer: Mutex::new(s),
@@ -1041,17 +1044,47 @@ const MAX_READ_CHUNKS: usize = 1 << 16;
 /// The reader's receive buffer.
 const READER_BUF: usize = 16 << 10;
 
-fn reader_loop(inner: Arc<Inner>, sock: Sock, info: ExportInfo) {
+/// Whether `e` is a socket receive timeout (`SO_RCVTIMEO` expired).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Waits, without a limit, until the next reply starts (or the socket ends or fails).
+/// Between replies silence is normal: requests' waiters keep their own deadlines.
+fn await_reply(r: &mut BufReader<Sock>) -> io::Result<()> {
+    loop {
+        match r.fill_buf() {
+            Ok(_) => return Ok(()),
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads replies until the connection ends. The reader holds a request's lock while
+/// it receives that request's payload (into the caller's buffer), so a server that
+/// stops in the middle of a reply must not block it forever: the socket's receive
+/// timeout (the connection's `timeout`) ends such a reply, and the connection.
+fn reader_loop(inner: Arc<Inner>, sock: Sock, info: ExportInfo, timeout: Duration) {
     // Small: it batches the headers of small replies, while a READ payload, which
     // goes straight into the caller's buffer, passes through it only for what one
     // fill caught beyond a header (a larger buffer copied ~15% of the payload bytes
     // of 2 MiB READs a second time).
     let mut r = BufReader::with_capacity(READER_BUF, sock);
     let why = loop {
-        match read_reply(&inner, &mut r, &info) {
+        match await_reply(&mut r).and_then(|()| read_reply(&inner, &mut r, &info)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 break "NBD server closed the connection".to_string()
+            }
+            Err(e) if is_timeout(&e) => {
+                break format!(
+                    "NBD server stopped in the middle of a reply (nothing for {} s)",
+                    timeout.as_secs_f64()
+                )
             }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 break format!("NBD protocol error: {e}")
