@@ -30,8 +30,15 @@ impl Counter {
         if size == 0 {
             return;
         }
+        // A hostile size (a bitmap table's, say) may run past the end of the
+        // offset space: that is a reference past the end of the file too.
+        let Some(end) = off.checked_add(size - 1) else {
+            rep.push(Finding::new(K::ReferencePastEnd, what).at(off).length(size));
+            rep.corruptions += 1;
+            return;
+        };
         let first = off / self.cs;
-        let last = (off + size - 1) / self.cs;
+        let last = end / self.cs;
         for c in first..=last {
             match self.refs.get_mut(c as usize) {
                 Some(r) => *r = r.saturating_add(1),
@@ -878,4 +885,26 @@ fn rebuild_into(
     m.compress_cursor = 0;
     m.file_end = m.file_end.max(region_end * cs);
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_past_the_end_of_the_offset_space_are_found_not_wrapped() {
+        let mut c = Counter {
+            refs: vec![0; 4],
+            cs: 512,
+        };
+        let mut rep = CheckReport::default();
+        // Found by fuzzing (a bitmap table): offset + size overflows u64.
+        c.inc(&mut rep, Structure::Qcow2Header, u64::MAX - 10, 100);
+        assert_eq!(rep.corruptions, 1);
+        assert_eq!(rep.findings[0].kind, K::ReferencePastEnd);
+        // In range: counted, nothing reported.
+        c.inc(&mut rep, Structure::Qcow2Header, 512, 1024);
+        assert_eq!(c.refs, [0, 1, 1, 0]);
+        assert_eq!(rep.corruptions, 1);
+    }
 }
