@@ -481,7 +481,7 @@ fn bench_fio_in_guest() {
     }
     let initrd = initramfs(&kit, &body, &["fio"]);
     let mem = 768;
-    // `VDISK_GUEST_BENCH=vdisk-vhost,qsd,vdisk-nbd,qemu-qcow2,qemu-raw` picks rows.
+    // `VDISK_GUEST_BENCH=vdisk-vhost,qsd,vdisk-nbd,qemu-nbd,qemu-qcow2,qemu-raw` picks rows.
     let only = std::env::var("VDISK_GUEST_BENCH").unwrap_or_default();
     let want = |row: &str| only.is_empty() || only.split(',').any(|w| w == row);
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
@@ -581,6 +581,32 @@ fn bench_fio_in_guest() {
         };
         rows.push(("vdisk serve NBD (qcow2)".into(), boot("b-nbd", &spec)));
         drop(sv);
+    }
+    // qemu-nbd (the host's, QEMU 10) with the same options: the NBD row's like for
+    // like, since both go through the emulator's NBD client.
+    if want("qemu-nbd") {
+        let img = fresh("qn.qcow2");
+        let sock = dir.join("qemu-nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut qn = Command::new("qemu-nbd")
+            .args(["-k", s(&sock), "-f", "qcow2", "--cache=none", "--discard=unmap", "-t"])
+            .arg(&img)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start qemu-nbd");
+        let until = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < until, "qemu-nbd never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let spec = VmSpec {
+            disks: vec![Disk::Nbd(sock.clone())],
+            mem_mib: mem,
+            cpus: 2,
+        };
+        rows.push(("qemu-nbd 10 (qcow2)".into(), boot("b-qnbd", &spec)));
+        let _ = qn.kill();
+        let _ = qn.wait();
     }
     // QEMU's in-process qcow2 driver, and a raw file.
     if want("qemu-qcow2") {
