@@ -1,6 +1,8 @@
 //! The vhost-user-blk device: features, configuration space and the request loop of
-//! each queue. One worker thread per queue (`queues_per_thread`), each taking only its
-//! own vring's lock: data I/O on different queues runs in parallel in the engine.
+//! each queue. One worker thread per queue (`queues_per_thread`) takes chains off its
+//! ring and hands each to the device's I/O threads, which serve it and complete it on
+//! their own: requests of every queue run in parallel in the engine, and each is
+//! answered as soon as it is done.
 //!
 //! Guest memory and descriptor chains are untrusted: every address is resolved through
 //! `vm-memory` (which refuses anything outside the guest's regions), chain length is
@@ -13,7 +15,7 @@ use crate::request::{
     Span, HEADER_LEN, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SEGMENT_LEN, SEGMENT_UNMAP,
 };
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use vdisk::{Image, ZeroFlags};
@@ -36,9 +38,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Requests of one queue served at once (the worker and two helpers: on this 2-core
-/// machine more threads only added context switches; measured in BENCHMARKS.md).
-const PARALLEL: usize = 3;
+/// I/O threads of one device, shared by its queues. Each request is handed to one of
+/// them and completed (used ring, guest signalled) as soon as it is done, so a slow
+/// request holds up nobody and the guest's queue depth reaches the engine and the
+/// disk: with O_DIRECT, in-flight requests, not CPU, bound IOPS. Idle threads sleep.
+const IO_THREADS: usize = 16;
 
 /// Guest memory as the daemon shares it with the vrings.
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -86,42 +90,49 @@ struct Inner {
     cfg: BlkConfig,
     mem: Memory,
     event_idx: AtomicBool,
-    /// Hands batches to the helper threads (which end when this is dropped).
-    helpers: Option<Sender<Arc<Batch>>>,
+    /// Hands requests to the I/O threads (which end when this is dropped).
+    io: Option<Sender<Job>>,
+    /// Requests taken off a ring and not yet completed, and its wake-up for
+    /// [`BlkBackend::wait_idle`].
+    in_flight: Mutex<usize>,
+    idle: Condvar,
 }
 
-/// One batch of requests being served by a queue worker and its helpers.
-struct Batch {
-    reqs: Vec<(u16, Vec<Desc>)>,
-    out: Vec<AtomicU32>,
-    next: AtomicUsize,
-    done: Mutex<usize>,
-    all_done: Condvar,
+/// One request on its way to an I/O thread: everything needed to serve and complete
+/// it without the queue worker.
+struct Job {
+    head: u16,
+    descs: Vec<Desc>,
+    vring: VringRwLock,
     mem: GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
+    /// Keeps the device (image, configuration) alive while the request runs; the
+    /// threads hold no reference of their own, so the last clone's drop stops them.
     backend: BlkBackend,
 }
 
-impl Batch {
-    /// Takes and serves requests until none is left.
-    fn work(&self) {
-        loop {
-            let i = self.next.fetch_add(1, Ordering::AcqRel);
-            let Some((_, descs)) = self.reqs.get(i) else {
-                return;
-            };
-            self.out[i].store(self.backend.serve(&self.mem, descs), Ordering::Release);
-            let mut d = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-            *d += 1;
-            if *d == self.reqs.len() {
-                self.all_done.notify_all();
-            }
+impl Job {
+    /// Serves the request, puts it on the used ring and signals the guest if it asked.
+    fn run(self) {
+        let used = self.backend.serve(&self.mem, &self.descs);
+        let mut st = self.vring.get_mut();
+        // Fails only for a head index past the table (nothing to return) or a used
+        // ring outside guest memory: the guest broke its own queue.
+        let _ = st.add_used(self.head, used);
+        // A failed signal (the VMM went away) ends nothing here: the daemon notices.
+        let _ = signal(&mut st);
+        drop(st);
+        let inner = &self.backend.inner;
+        let mut n = inner.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        *n -= 1;
+        if *n == 0 {
+            inner.idle.notify_all();
         }
     }
 }
 
-/// Helper threads shared by the queues of one device.
-fn start_helpers(n: usize) -> Option<Sender<Arc<Batch>>> {
-    let (tx, rx) = std::sync::mpsc::channel::<Arc<Batch>>();
+/// Starts `n` I/O threads taking jobs from one channel.
+fn start_io_threads(n: usize) -> Option<Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     let mut started = 0;
     for i in 0..n {
@@ -131,7 +142,7 @@ fn start_helpers(n: usize) -> Option<Sender<Arc<Batch>>> {
             .spawn(move || loop {
                 let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
                 match next {
-                    Ok(batch) => batch.work(),
+                    Ok(job) => job.run(),
                     Err(_) => return,
                 }
             });
@@ -152,7 +163,9 @@ impl BlkBackend {
                 cfg,
                 mem,
                 event_idx: AtomicBool::new(false),
-                helpers: start_helpers(PARALLEL - 1),
+                io: start_io_threads(IO_THREADS),
+                in_flight: Mutex::new(0),
+                idle: Condvar::new(),
             }),
         }
     }
@@ -167,6 +180,23 @@ impl BlkBackend {
 
     fn size(&self) -> u64 {
         self.inner.image.size()
+    }
+
+    /// Waits until every request taken off a ring has completed: after the VMM's
+    /// connection ends, nothing may still be writing to the image when it is flushed.
+    pub fn wait_idle(&self) {
+        let mut n = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            n = self
+                .inner
+                .idle
+                .wait(n)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// Serves every available chain of one queue, then signals the guest.
@@ -184,83 +214,50 @@ impl BlkBackend {
         }
     }
 
+    /// Takes every available chain off the ring and hands each to an I/O thread
+    /// (served here only if no thread could be started).
     fn drain(&self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.inner.mem.memory();
-        let mut st = vring.get_mut();
-        let chains: Vec<_> = match st.get_queue_mut().iter(mem.clone()) {
-            Ok(it) => it.collect(),
-            // A broken avail ring (index too far ahead): nothing on it can be trusted.
-            Err(_) => return Ok(()),
+        let chains: Vec<_> = {
+            let mut st = vring.get_mut();
+            match st.get_queue_mut().iter(mem.clone()) {
+                Ok(it) => it.collect(),
+                // A broken avail ring (index too far ahead): nothing on it can be trusted.
+                Err(_) => return Ok(()),
+            }
         };
-        if chains.is_empty() {
-            return Ok(());
-        }
-        let reqs: Vec<(u16, Vec<Desc>)> = chains
-            .into_iter()
-            .map(|chain| {
-                let head = chain.head_index();
-                let descs = chain
-                    .map(|d| Desc {
-                        addr: d.addr().0,
-                        len: d.len(),
-                        write: d.is_write_only(),
-                    })
-                    .collect();
-                (head, descs)
-            })
-            .collect();
-        for (head, used) in self.serve_batch(&mem, reqs) {
-            // Fails only for a head index past the table (nothing to return) or a
-            // used ring outside guest memory: the guest broke its own queue.
-            let _ = st.add_used(head, used);
-        }
-        signal(&mut st)
-    }
-
-    /// Serves the requests of one batch, several at once: the queue's worker and up
-    /// to `PARALLEL - 1` helper threads take requests from the batch in turn, so the
-    /// guest's queue depth reaches the engine. The worker never waits for a helper to
-    /// start: it works through the batch itself and only waits for requests a helper
-    /// has already taken. Returns each request's used length, in order.
-    fn serve_batch(
-        &self,
-        mem: &GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
-        reqs: Vec<(u16, Vec<Desc>)>,
-    ) -> Vec<(u16, u32)> {
-        if reqs.len() == 1 {
-            let used = self.serve(mem, &reqs[0].1);
-            return vec![(reqs[0].0, used)];
-        }
-        let n = reqs.len();
-        let batch = Arc::new(Batch {
-            out: reqs.iter().map(|_| AtomicU32::new(0)).collect(),
-            reqs,
-            next: AtomicUsize::new(0),
-            done: Mutex::new(0),
-            all_done: Condvar::new(),
-            mem: mem.clone(),
-            backend: self.clone(),
-        });
-        if let Some(tx) = &self.inner.helpers {
-            for _ in 1..n.min(PARALLEL) {
-                let _ = tx.send(batch.clone());
+        for chain in chains {
+            let head = chain.head_index();
+            let descs = chain
+                .map(|d| Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write: d.is_write_only(),
+                })
+                .collect();
+            let job = Job {
+                head,
+                descs,
+                vring: vring.clone(),
+                mem: mem.clone(),
+                backend: self.clone(),
+            };
+            *self
+                .inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) += 1;
+            match &self.inner.io {
+                Some(tx) => {
+                    // Only fails if every thread is gone: then serve it here.
+                    if let Err(e) = tx.send(job) {
+                        e.0.run();
+                    }
+                }
+                None => job.run(),
             }
         }
-        batch.work();
-        let mut done = batch.done.lock().unwrap_or_else(PoisonError::into_inner);
-        while *done < n {
-            done = batch
-                .all_done
-                .wait(done)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        drop(done);
-        batch
-            .reqs
-            .iter()
-            .zip(&batch.out)
-            .map(|((h, _), u)| (*h, u.load(Ordering::Acquire)))
-            .collect()
+        Ok(())
     }
 
     /// Serves one request; returns the bytes written into guest memory (the used
