@@ -15,9 +15,9 @@ use crate::request::{
     Span, HEADER_LEN, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SEGMENT_LEN, SEGMENT_UNMAP,
 };
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use vdisk::storage::work::WorkQueue;
 use vdisk::{Image, ZeroFlags};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -90,11 +90,14 @@ struct Inner {
     cfg: BlkConfig,
     mem: Memory,
     event_idx: AtomicBool,
-    /// Hands requests to the I/O threads (which end when this is dropped).
-    io: Option<Sender<Job>>,
-    /// Requests taken off a ring and not yet completed, and its wake-up for
-    /// [`BlkBackend::wait_idle`].
-    in_flight: Mutex<usize>,
+    /// Hands requests to the I/O threads (closed, so they end, when this is dropped);
+    /// `None` if no thread could be started.
+    io: Option<Arc<WorkQueue<Job>>>,
+    /// Requests taken off a ring and not yet completed (atomic, so the hot path takes
+    /// no lock), and the wake-up of [`BlkBackend::wait_idle`] (its mutex taken only
+    /// when the count reaches zero).
+    in_flight: AtomicUsize,
+    idle_lock: Mutex<()>,
     idle: Condvar,
 }
 
@@ -122,35 +125,41 @@ impl Job {
         let _ = signal(&mut st);
         drop(st);
         let inner = &self.backend.inner;
-        let mut n = inner.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-        *n -= 1;
-        if *n == 0 {
+        if inner.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Under the lock, so a waiter between its check and its wait can't miss it.
+            let _g = inner.idle_lock.lock().unwrap_or_else(PoisonError::into_inner);
             inner.idle.notify_all();
         }
     }
 }
 
-/// Starts `n` I/O threads taking jobs from one channel.
-fn start_io_threads(n: usize) -> Option<Sender<Job>> {
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Queued jobs hold the device, so none is left: the threads just stop.
+        if let Some(q) = &self.io {
+            q.close();
+        }
+    }
+}
+
+/// Starts `n` I/O threads taking jobs from one queue.
+fn start_io_threads(n: usize) -> Option<Arc<WorkQueue<Job>>> {
+    let q = Arc::new(WorkQueue::<Job>::default());
     let mut started = 0;
     for i in 0..n {
-        let rx = rx.clone();
+        let q = q.clone();
         let t = std::thread::Builder::new()
             .name(format!("vhost-blk-io-{i}"))
-            .spawn(move || loop {
-                let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                match next {
-                    Ok(job) => job.run(),
-                    Err(_) => return,
+            .spawn(move || {
+                while let Some(job) = q.pop() {
+                    job.run();
                 }
             });
         if t.is_ok() {
             started += 1;
         }
     }
-    (started > 0).then_some(tx)
+    (started > 0).then_some(q)
 }
 
 impl BlkBackend {
@@ -164,7 +173,8 @@ impl BlkBackend {
                 mem,
                 event_idx: AtomicBool::new(false),
                 io: start_io_threads(IO_THREADS),
-                in_flight: Mutex::new(0),
+                in_flight: AtomicUsize::new(0),
+                idle_lock: Mutex::new(()),
                 idle: Condvar::new(),
             }),
         }
@@ -185,17 +195,10 @@ impl BlkBackend {
     /// Waits until every request taken off a ring has completed: after the VMM's
     /// connection ends, nothing may still be writing to the image when it is flushed.
     pub fn wait_idle(&self) {
-        let mut n = self
-            .inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        while *n > 0 {
-            n = self
-                .inner
-                .idle
-                .wait(n)
-                .unwrap_or_else(PoisonError::into_inner);
+        let inner = &self.inner;
+        let mut g = inner.idle_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        while inner.in_flight.load(Ordering::Acquire) > 0 {
+            g = inner.idle.wait(g).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -242,18 +245,9 @@ impl BlkBackend {
                 mem: mem.clone(),
                 backend: self.clone(),
             };
-            *self
-                .inner
-                .in_flight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) += 1;
+            self.inner.in_flight.fetch_add(1, Ordering::AcqRel);
             match &self.inner.io {
-                Some(tx) => {
-                    // Only fails if every thread is gone: then serve it here.
-                    if let Err(e) = tx.send(job) {
-                        e.0.run();
-                    }
-                }
+                Some(q) => q.push(job),
                 None => job.run(),
             }
         }
