@@ -32,7 +32,7 @@ const F_INDIRECT: u16 = 4;
 const EVENT_IDX: u64 = 1 << 29;
 /// Where the per-slot header, status byte and indirect table live.
 const SLOTS: u64 = 0x10000;
-/// Bytes per slot of control data (header, status, table of up to 4094 entries).
+/// Bytes per slot of control data (header, status, table of up to 4092 entries).
 const SLOT_LEN: u64 = 0x10000;
 
 struct Args {
@@ -80,11 +80,15 @@ fn parse() -> Result<Args, String> {
         }
     }
     if a.sock.is_empty() {
-        return Err("usage: vhost_bench SOCKET [--rw R] [--bs B] [--qd N] [--count N] [--seg B] [--span B]".into());
+        return Err(
+            "usage: vhost_bench SOCKET [--rw R] [--bs B] [--qd N] [--count N] [--seg B] [--span B]"
+                .into(),
+        );
     }
     let segs = a.bs.div_ceil(a.seg.max(1));
-    if a.bs == 0 || a.bs % 512 != 0 || a.seg == 0 || segs + 2 > 4094 {
-        return Err("--bs must be a positive multiple of 512 in at most 4092 segments".into());
+    // The slot's table (64 bytes in) must fit its SLOT_LEN: header + segments + status.
+    if a.bs == 0 || !a.bs.is_multiple_of(512) || a.seg == 0 || segs + 2 > 4092 {
+        return Err("--bs must be a positive multiple of 512 in at most 4090 segments".into());
     }
     if a.qd == 0 || a.qd > u64::from(QSIZE) || a.span < a.bs {
         return Err("--qd must be 1..=256 and --span at least --bs".into());
@@ -266,9 +270,7 @@ fn main() {
         unsafe { libc::poll(&mut pfd, 1, 1000) };
         let _ = call.read();
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let idx: u16 = mem
-            .read_obj(GuestAddress(used + 2))
-            .expect("guest read");
+        let idx: u16 = mem.read_obj(GuestAddress(used + 2)).expect("guest read");
         let mut again = false;
         while used_seen != idx {
             let e = used + 4 + u64::from(used_seen % QSIZE) * 8;

@@ -127,7 +127,10 @@ impl Job {
         let inner = &self.backend.inner;
         if inner.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Under the lock, so a waiter between its check and its wait can't miss it.
-            let _g = inner.idle_lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _g = inner
+                .idle_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             inner.idle.notify_all();
         }
     }
@@ -196,7 +199,10 @@ impl BlkBackend {
     /// connection ends, nothing may still be writing to the image when it is flushed.
     pub fn wait_idle(&self) {
         let inner = &self.inner;
-        let mut g = inner.idle_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut g = inner
+            .idle_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         while inner.in_flight.load(Ordering::Acquire) > 0 {
             g = inner.idle.wait(g).unwrap_or_else(PoisonError::into_inner);
         }

@@ -101,8 +101,7 @@ fn connection(
     let mem = Memory::new(GuestMemoryMmap::new());
     let backend = BlkBackend::new(image.clone(), export.blk.clone(), mem.clone());
     let mut daemon =
-        VhostUserDaemon::new("vdisk-vhost-user-blk".into(), backend.clone(), mem)
-            .map_err(verr)?;
+        VhostUserDaemon::new("vdisk-vhost-user-blk".into(), backend.clone(), mem).map_err(verr)?;
     daemon.start(listener).map_err(verr)?;
     // A watcher turns a stop request into a shutdown of this connection.
     let (done_rx, mut done_tx) = UnixStream::pair()?;

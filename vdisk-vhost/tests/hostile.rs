@@ -10,10 +10,10 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use vdisk::hook::Request;
 use vdisk::{Image, OpenOptions, WriteHook};
 use vdisk_vhost::{BlkConfig, VhostExport};
@@ -508,7 +508,11 @@ impl WriteHook for Gate {
     fn before(&self, req: &mut Request<'_>) -> vdisk::Result<()> {
         if matches!(req, Request::Write { .. }) {
             let _ = self.arrived.lock().unwrap().send(());
-            let _ = self.release.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            let _ = self
+                .release
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(20));
         }
         Ok(())
     }
