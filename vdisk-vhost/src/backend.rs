@@ -28,7 +28,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard, GuestMemoryMmap,
@@ -93,10 +93,10 @@ struct Inner {
     /// Hands requests to the I/O threads (closed, so they end, when this is dropped);
     /// `None` if no thread could be started.
     io: Option<Arc<WorkQueue<Job>>>,
-    /// Requests taken off a ring and not yet completed (atomic, so the hot path takes
-    /// no lock), and the wake-up of [`BlkBackend::wait_idle`] (its mutex taken only
-    /// when the count reaches zero).
-    in_flight: AtomicUsize,
+    /// Per queue, requests taken off its ring and not yet completed (atomic, so the
+    /// hot path takes no lock), and the wake-up of those waiting for a count to reach
+    /// zero ([`BlkBackend::wait_idle`], `stop_vring`; the mutex is taken only then).
+    in_flight: Vec<AtomicUsize>,
     idle_lock: Mutex<()>,
     idle: Condvar,
 }
@@ -104,6 +104,7 @@ struct Inner {
 /// One request on its way to an I/O thread: everything needed to serve and complete
 /// it without the queue worker.
 struct Job {
+    queue: usize,
     head: u16,
     descs: Vec<Desc>,
     vring: VringRwLock,
@@ -125,7 +126,7 @@ impl Job {
         let _ = signal(&mut st);
         drop(st);
         let inner = &self.backend.inner;
-        if inner.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if inner.in_flight[self.queue].fetch_sub(1, Ordering::AcqRel) == 1 {
             // Under the lock, so a waiter between its check and its wait can't miss it.
             let _g = inner
                 .idle_lock
@@ -169,6 +170,9 @@ impl BlkBackend {
     /// A device on `image`, reading guest memory through `mem` (the same object given to
     /// the daemon, which updates it on SET_MEM_TABLE).
     pub fn new(image: Arc<Image>, cfg: BlkConfig, mem: Memory) -> BlkBackend {
+        let in_flight = (0..cfg.num_queues.max(1))
+            .map(|_| AtomicUsize::new(0))
+            .collect();
         BlkBackend {
             inner: Arc::new(Inner {
                 image,
@@ -176,7 +180,7 @@ impl BlkBackend {
                 mem,
                 event_idx: AtomicBool::new(false),
                 io: start_io_threads(IO_THREADS),
-                in_flight: AtomicUsize::new(0),
+                in_flight,
                 idle_lock: Mutex::new(()),
                 idle: Condvar::new(),
             }),
@@ -198,24 +202,30 @@ impl BlkBackend {
     /// Waits until every request taken off a ring has completed: after the VMM's
     /// connection ends, nothing may still be writing to the image when it is flushed.
     pub fn wait_idle(&self) {
+        self.wait_until(|n| n.iter().all(|q| q.load(Ordering::Acquire) == 0));
+    }
+
+    /// Sleeps until `done` holds of the in-flight counts (checked again at each
+    /// count's drop to zero).
+    fn wait_until(&self, done: impl Fn(&[AtomicUsize]) -> bool) {
         let inner = &self.inner;
         let mut g = inner
             .idle_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        while inner.in_flight.load(Ordering::Acquire) > 0 {
+        while !done(&inner.in_flight) {
             g = inner.idle.wait(g).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
     /// Serves every available chain of one queue, then signals the guest.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_queue(&self, vring: &VringRwLock, queue: usize) -> io::Result<()> {
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(queue_err)?;
             }
-            self.drain(vring)?;
+            self.drain(vring, queue)?;
             // With EVENT_IDX, re-enabling tells whether the guest added more meanwhile.
             if !event_idx || !vring.enable_notification().map_err(queue_err)? {
                 return Ok(());
@@ -225,15 +235,26 @@ impl BlkBackend {
 
     /// Takes every available chain off the ring and hands each to an I/O thread
     /// (served here only if no thread could be started).
-    fn drain(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn drain(&self, vring: &VringRwLock, queue: usize) -> io::Result<()> {
         let mem = self.inner.mem.memory();
+        let Some(count) = self.inner.in_flight.get(queue) else {
+            return Ok(());
+        };
         let chains: Vec<_> = {
             let mut st = vring.get_mut();
-            match st.get_queue_mut().iter(mem.clone()) {
+            // A stopped ring (GET_VRING_BASE) is not read again: its base is out.
+            if !st.get_queue().ready() {
+                return Ok(());
+            }
+            let chains: Vec<_> = match st.get_queue_mut().iter(mem.clone()) {
                 Ok(it) => it.collect(),
                 // A broken avail ring (index too far ahead): nothing on it can be trusted.
                 Err(_) => return Ok(()),
-            }
+            };
+            // Counted under the ring's lock, so `stop_vring` (which runs after the
+            // ring is marked stopped, under the same lock) sees every chain taken.
+            count.fetch_add(chains.len(), Ordering::AcqRel);
+            chains
         };
         for chain in chains {
             let head = chain.head_index();
@@ -245,13 +266,13 @@ impl BlkBackend {
                 })
                 .collect();
             let job = Job {
+                queue,
                 head,
                 descs,
                 vring: vring.clone(),
                 mem: mem.clone(),
                 backend: self.clone(),
             };
-            self.inner.in_flight.fetch_add(1, Ordering::AcqRel);
             match &self.inner.io {
                 Some(q) => q.push(job),
                 None => job.run(),
@@ -562,8 +583,17 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         for vring in vrings {
-            self.process_queue(vring)?;
+            self.process_queue(vring, q)?;
         }
+        Ok(())
+    }
+
+    /// GET_VRING_BASE: the ring is already marked stopped; its requests in flight
+    /// complete before the base is read, so nothing is added to its used ring after
+    /// the VMM took it back (a reset or restart reuses the ring memory).
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let q = queue_index as usize;
+        self.wait_until(|n| n.get(q).is_none_or(|c| c.load(Ordering::Acquire) == 0));
         Ok(())
     }
 }

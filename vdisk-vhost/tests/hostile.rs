@@ -273,6 +273,27 @@ impl Vmm {
         }
     }
 
+    /// Submits a 4 KiB write at sector 0 on queue 0 (descriptors 0-2) and waits until
+    /// `arrived` says a [`Gate`] holds it; returns the address of its status byte.
+    fn gated_write(&mut self, arrived: &Receiver<()>) -> u64 {
+        let (wh, ws) = (0x70000u64, 0x7F000u64);
+        self.header(wh, T_OUT, 0);
+        self.mem.write_obj(UNTOUCHED, GuestAddress(ws)).unwrap();
+        self.submit_raw(
+            0,
+            &[
+                (0, wh, 16, F_NEXT, 1),
+                (1, BUF, 4096, F_NEXT, 2),
+                (2, ws, 1, F_WRITE, 0),
+            ],
+            0,
+        );
+        arrived
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write never reached the engine");
+        ws
+    }
+
     fn header(&self, at: u64, kind: u32, sector: u64) {
         self.mem.write_obj(kind, GuestAddress(at)).unwrap();
         self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
@@ -529,21 +550,7 @@ fn a_slow_request_holds_up_no_other_request_of_its_queue() {
     let srv = Server::start_with(false, 1, vec![gate]);
     let mut vm = Vmm::connect(&srv.sock, 1);
     // A write (descriptors 0-2) that the gate stops inside the engine...
-    let (wh, ws) = (0x70000u64, 0x7F000u64);
-    vm.header(wh, T_OUT, 0);
-    vm.mem.write_obj(UNTOUCHED, GuestAddress(ws)).unwrap();
-    vm.submit_raw(
-        0,
-        &[
-            (0, wh, 16, F_NEXT, 1),
-            (1, BUF, 4096, F_NEXT, 2),
-            (2, ws, 1, F_WRITE, 0),
-        ],
-        0,
-    );
-    arrived
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the write never reached the engine");
+    let ws = vm.gated_write(&arrived);
     // ...then a read on the same queue (descriptors 3-5), which must complete first.
     let (rh, rs) = (0x71000u64, 0x7E000u64);
     vm.header(rh, T_IN, 64);
@@ -563,6 +570,41 @@ fn a_slow_request_holds_up_no_other_request_of_its_queue() {
     release.send(()).unwrap();
     assert_eq!(vm.complete(0), (0, 1));
     assert_eq!(vm.status(ws), S_OK);
+    drop(vm);
+    srv.stop();
+}
+
+#[test]
+fn stopping_a_ring_waits_for_its_requests_in_flight() {
+    let (arrived_tx, arrived) = channel();
+    let (release, release_rx) = channel();
+    let gate = Arc::new(Gate {
+        arrived: Mutex::new(arrived_tx),
+        release: Mutex::new(release_rx),
+    });
+    let srv = Server::start_with(false, 1, vec![gate]);
+    let mut vm = Vmm::connect(&srv.sock, 1);
+    let ws = vm.gated_write(&arrived);
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        release.send(()).unwrap();
+    });
+    // GET_VRING_BASE (a VMM stopping the device: reset, reboot) answers only once the
+    // write is on the used ring: nothing may land there after the VMM took it back.
+    let t = Instant::now();
+    let base = vm.fe.get_vring_base(0).unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "the ring stopped with a request in flight"
+    );
+    assert_eq!(base, 1);
+    let used_idx: u16 = vm
+        .mem
+        .read_obj(GuestAddress(vm.rings[0].used() + 2))
+        .unwrap();
+    assert_eq!(used_idx, 1, "the write was not completed before the stop");
+    assert_eq!(vm.status(ws), S_OK);
+    opener.join().unwrap();
     drop(vm);
     srv.stop();
 }
