@@ -539,8 +539,9 @@ impl WriteHook for Gate {
     }
 }
 
-#[test]
-fn a_slow_request_holds_up_no_other_request_of_its_queue() {
+/// A one-queue server whose data writes a [`Gate`] holds, a VMM connected to it, the
+/// gate's "arrived" receiver and its "release" sender.
+fn gated() -> (Server, Vmm, Receiver<()>, Sender<()>) {
     let (arrived_tx, arrived) = channel();
     let (release, release_rx) = channel();
     let gate = Arc::new(Gate {
@@ -548,7 +549,13 @@ fn a_slow_request_holds_up_no_other_request_of_its_queue() {
         release: Mutex::new(release_rx),
     });
     let srv = Server::start_with(false, 1, vec![gate]);
-    let mut vm = Vmm::connect(&srv.sock, 1);
+    let vm = Vmm::connect(&srv.sock, 1);
+    (srv, vm, arrived, release)
+}
+
+#[test]
+fn a_slow_request_holds_up_no_other_request_of_its_queue() {
+    let (srv, mut vm, arrived, release) = gated();
     // A write (descriptors 0-2) that the gate stops inside the engine...
     let ws = vm.gated_write(&arrived);
     // ...then a read on the same queue (descriptors 3-5), which must complete first.
@@ -576,14 +583,7 @@ fn a_slow_request_holds_up_no_other_request_of_its_queue() {
 
 #[test]
 fn stopping_a_ring_waits_for_its_requests_in_flight() {
-    let (arrived_tx, arrived) = channel();
-    let (release, release_rx) = channel();
-    let gate = Arc::new(Gate {
-        arrived: Mutex::new(arrived_tx),
-        release: Mutex::new(release_rx),
-    });
-    let srv = Server::start_with(false, 1, vec![gate]);
-    let mut vm = Vmm::connect(&srv.sock, 1);
+    let (srv, mut vm, arrived, release) = gated();
     let ws = vm.gated_write(&arrived);
     let opener = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
