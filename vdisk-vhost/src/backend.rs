@@ -16,7 +16,7 @@ use crate::request::{
 };
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use vdisk::storage::work::WorkQueue;
 use vdisk::{Image, ZeroFlags};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -91,8 +91,10 @@ struct Inner {
     mem: Memory,
     event_idx: AtomicBool,
     /// Hands requests to the I/O threads (closed, so they end, when this is dropped);
-    /// `None` if no thread could be started.
-    io: Option<Arc<WorkQueue<Job>>>,
+    /// `None` if no thread could be started. Started at the first request taken off a
+    /// ring, so a device that never sees one (a fuzz input through `serve_chain`, a
+    /// VMM that only probes) starts no thread.
+    io: OnceLock<Option<Arc<WorkQueue<Job>>>>,
     /// Per queue, requests taken off its ring and not yet completed (atomic, so the
     /// hot path takes no lock), and the wake-up of those waiting for a count to reach
     /// zero ([`BlkBackend::wait_idle`], `stop_vring`; the mutex is taken only then).
@@ -140,7 +142,7 @@ impl Job {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Queued jobs hold the device, so none is left: the threads just stop.
-        if let Some(q) = &self.io {
+        if let Some(Some(q)) = self.io.get() {
             q.close();
         }
     }
@@ -179,7 +181,7 @@ impl BlkBackend {
                 cfg,
                 mem,
                 event_idx: AtomicBool::new(false),
-                io: start_io_threads(IO_THREADS),
+                io: OnceLock::new(),
                 in_flight,
                 idle_lock: Mutex::new(()),
                 idle: Condvar::new(),
@@ -273,7 +275,7 @@ impl BlkBackend {
                 mem: mem.clone(),
                 backend: self.clone(),
             };
-            match &self.inner.io {
+            match self.inner.io.get_or_init(|| start_io_threads(IO_THREADS)) {
                 Some(q) => q.push(job),
                 None => job.run(),
             }
