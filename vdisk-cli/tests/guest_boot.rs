@@ -21,6 +21,20 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// The options of an NBD export on Unix socket `sock` (qcow2, O_DIRECT, discard
+/// passed through), the same for `vdisk serve` and `qemu-nbd`.
+fn nbd_options<'a>(sock: &'a Path, image: &'a Path) -> [&'a str; 7] {
+    [
+        "-k",
+        s(sock),
+        "-f",
+        "qcow2",
+        "--cache=none",
+        "--discard=unmap",
+        s(image),
+    ]
+}
+
 /// A `vdisk serve` process.
 struct Serve {
     child: Child,
@@ -57,18 +71,7 @@ impl Serve {
     /// NBD on a Unix socket, qcow2, discard passed through.
     fn nbd(dir: &Path, name: &str, image: &Path) -> Serve {
         let sock = dir.join(format!("{name}.sock"));
-        Serve::start(
-            &[
-                "-k",
-                s(&sock),
-                "-f",
-                "qcow2",
-                "--cache=none",
-                "--discard=unmap",
-                s(image),
-            ],
-            &sock,
-        )
+        Serve::start(&nbd_options(&sock, image), &sock)
     }
     /// vhost-user-blk on a Unix socket, qcow2, discard passed through.
     fn vhost(dir: &Path, name: &str, image: &Path, queues: u16) -> Serve {
@@ -552,6 +555,20 @@ fn vmm_restart_and_sigterm_under_load_over_vhost_user_blk() {
     assert_clean(dir, &img);
 }
 
+/// Starts `cmd` (stdin closed) and waits for it to create `sock`.
+fn spawn_listening(cmd: &mut Command, sock: &Path, what: &str) -> Child {
+    let child = cmd
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let until = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < until, "{what} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// fio inside the guest on one disk, per export; prints a table (BENCHMARKS.md). Not
 /// part of the suite (timing belongs in benchmarks):
 /// `cargo test --release -p vdisk-cli --test guest_boot -- --ignored --nocapture bench`.
@@ -580,7 +597,7 @@ fn bench_fio_in_guest() {
     }
     let initrd = initramfs(&kit, &body, &["fio"]);
     let mem = 768;
-    // `VDISK_GUEST_BENCH=vdisk-vhost,qsd,vdisk-nbd,qemu-qcow2,qemu-raw` picks rows.
+    // `VDISK_GUEST_BENCH=vdisk-vhost,qsd,vdisk-nbd,qemu-nbd,qemu-qcow2,qemu-raw` picks rows.
     let only = std::env::var("VDISK_GUEST_BENCH").unwrap_or_default();
     let want = |row: &str| only.is_empty() || only.split(',').any(|w| w == row);
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
@@ -631,29 +648,24 @@ fn bench_fio_in_guest() {
     if want("qsd") {
         let img = fresh("q.qcow2");
         let qsd_sock = dir.join("qsd.sock");
-        let mut qsd = Command::new(kit.storage_daemon())
-        .args([
-            "--blockdev",
-            &format!(
-                "driver=file,node-name=file0,filename={},cache.direct=on",
-                s(&img)
-            ),
-            "--blockdev",
-            "driver=qcow2,node-name=fmt0,file=file0",
-            "--export",
-            &format!(
-                "type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,addr.path={},writable=on,num-queues=2",
-                s(&qsd_sock)
-            ),
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start qemu-storage-daemon");
-        let until = Instant::now() + Duration::from_secs(20);
-        while !qsd_sock.exists() {
-            assert!(Instant::now() < until, "qemu-storage-daemon never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut qsd = spawn_listening(
+            Command::new(kit.storage_daemon()).args([
+                "--blockdev",
+                &format!(
+                    "driver=file,node-name=file0,filename={},cache.direct=on",
+                    s(&img)
+                ),
+                "--blockdev",
+                "driver=qcow2,node-name=fmt0,file=file0",
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,addr.path={},writable=on,num-queues=2",
+                    s(&qsd_sock)
+                ),
+            ]),
+            &qsd_sock,
+            "qemu-storage-daemon",
+        );
         let spec = VmSpec {
             disks: vec![Disk::VhostUser {
                 sock: qsd_sock.clone(),
@@ -680,6 +692,28 @@ fn bench_fio_in_guest() {
         };
         rows.push(("vdisk serve NBD (qcow2)".into(), boot("b-nbd", &spec)));
         drop(sv);
+    }
+    // qemu-nbd (the host's, QEMU 10) with the same options: the NBD row's like for
+    // like, since both go through the emulator's NBD client.
+    if want("qemu-nbd") {
+        let img = fresh("qn.qcow2");
+        let sock = dir.join("qemu-nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut qn = spawn_listening(
+            Command::new("qemu-nbd")
+                .arg("-t")
+                .args(nbd_options(&sock, &img)),
+            &sock,
+            "qemu-nbd",
+        );
+        let spec = VmSpec {
+            disks: vec![Disk::Nbd(sock.clone())],
+            mem_mib: mem,
+            cpus: 2,
+        };
+        rows.push(("qemu-nbd 10 (qcow2)".into(), boot("b-qnbd", &spec)));
+        let _ = qn.kill();
+        let _ = qn.wait();
     }
     // QEMU's in-process qcow2 driver, and a raw file.
     if want("qemu-qcow2") {

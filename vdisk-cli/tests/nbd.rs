@@ -698,7 +698,11 @@ fn block_status_maps_and_allocation_depth() {
 fn structured_and_extended_replies() {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), "a.raw", "4M");
-    qemu_io(s(&img), "raw", &["write -P 0x42 0 64k"]);
+    qemu_io(
+        s(&img),
+        "raw",
+        &["write -P 0x42 0 64k", "write -P 0x43 2M 1M"],
+    );
     let srv = Server::unix(dir.path(), &["-f", "raw", "-t", "-A", "-e", "2"], &img);
 
     // Structured: a read over data and a hole comes back as DATA + HOLE chunks.
@@ -755,6 +759,15 @@ fn structured_and_extended_replies() {
         1
     );
     assert_eq!(chunks[0].payload.len(), 8 + (1 << 20));
+    // Without DF, 1 MiB of data is still one chunk (what QEMU's client reads in one
+    // go; the server sends header and data in one writev): the hole search splits
+    // nothing that isn't a hole.
+    c.request(0, 0, 9, 2 << 20, 1 << 20, &[]);
+    let chunks = c.reply();
+    assert_eq!(chunks.len(), 1, "1 MiB of data in {} chunks", chunks.len());
+    assert_eq!((chunks[0].typ, chunks[0].flags & 1), (1, 1));
+    assert_eq!(chunks[0].payload.len(), 8 + (1 << 20));
+    assert!(chunks[0].payload[8..].iter().all(|&b| b == 0x43));
     // Block status: one chunk per context; REQ_ONE gives one descriptor within range.
     c.request(0, 7, 3, 0, 4 << 20, &[]);
     let chunks = c.reply();

@@ -1,6 +1,8 @@
 //! The vhost-user-blk device: features, configuration space and the request loop of
-//! each queue. One worker thread per queue (`queues_per_thread`), each taking only its
-//! own vring's lock: data I/O on different queues runs in parallel in the engine.
+//! each queue. One worker thread per queue (`queues_per_thread`) takes chains off its
+//! ring and hands each to the device's I/O threads, which serve it and complete it on
+//! their own: requests of every queue run in parallel in the engine, and each is
+//! answered as soon as it is done.
 //!
 //! Guest memory and descriptor chains are untrusted: every address is resolved through
 //! `vm-memory` (which refuses anything outside the guest's regions), chain length is
@@ -13,9 +15,9 @@ use crate::request::{
     Span, HEADER_LEN, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SEGMENT_LEN, SEGMENT_UNMAP,
 };
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use vdisk::storage::work::WorkQueue;
 use vdisk::{Image, ZeroFlags};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -26,7 +28,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard, GuestMemoryMmap,
@@ -36,9 +38,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Requests of one queue served at once (the worker and two helpers: on this 2-core
-/// machine more threads only added context switches; measured in BENCHMARKS.md).
-const PARALLEL: usize = 3;
+/// I/O threads of one device, shared by its queues. Each request is handed to one of
+/// them and completed (used ring, guest signalled) as soon as it is done, so a slow
+/// request holds up nobody and the guest's queue depth reaches the engine and the
+/// disk: with O_DIRECT, in-flight requests, not CPU, bound IOPS. Idle threads sleep.
+const IO_THREADS: usize = 16;
 
 /// Guest memory as the daemon shares it with the vrings.
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -86,73 +90,101 @@ struct Inner {
     cfg: BlkConfig,
     mem: Memory,
     event_idx: AtomicBool,
-    /// Hands batches to the helper threads (which end when this is dropped).
-    helpers: Option<Sender<Arc<Batch>>>,
+    /// Hands requests to the I/O threads (closed, so they end, when this is dropped);
+    /// `None` if no thread could be started. Started at the first request taken off a
+    /// ring, so a device that never sees one (a fuzz input through `serve_chain`, a
+    /// VMM that only probes) starts no thread.
+    io: OnceLock<Option<Arc<WorkQueue<Job>>>>,
+    /// Per queue, requests taken off its ring and not yet completed (atomic, so the
+    /// hot path takes no lock), and the wake-up of those waiting for a count to reach
+    /// zero ([`BlkBackend::wait_idle`], `stop_vring`; the mutex is taken only then).
+    in_flight: Vec<AtomicUsize>,
+    idle_lock: Mutex<()>,
+    idle: Condvar,
 }
 
-/// One batch of requests being served by a queue worker and its helpers.
-struct Batch {
-    reqs: Vec<(u16, Vec<Desc>)>,
-    out: Vec<AtomicU32>,
-    next: AtomicUsize,
-    done: Mutex<usize>,
-    all_done: Condvar,
+/// One request on its way to an I/O thread: everything needed to serve and complete
+/// it without the queue worker.
+struct Job {
+    queue: usize,
+    head: u16,
+    descs: Vec<Desc>,
+    vring: VringRwLock,
     mem: GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
+    /// Keeps the device (image, configuration) alive while the request runs; the
+    /// threads hold no reference of their own, so the last clone's drop stops them.
     backend: BlkBackend,
 }
 
-impl Batch {
-    /// Takes and serves requests until none is left.
-    fn work(&self) {
-        loop {
-            let i = self.next.fetch_add(1, Ordering::AcqRel);
-            let Some((_, descs)) = self.reqs.get(i) else {
-                return;
-            };
-            self.out[i].store(self.backend.serve(&self.mem, descs), Ordering::Release);
-            let mut d = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-            *d += 1;
-            if *d == self.reqs.len() {
-                self.all_done.notify_all();
-            }
+impl Job {
+    /// Serves the request, puts it on the used ring and signals the guest if it asked.
+    fn run(self) {
+        let used = self.backend.serve(&self.mem, &self.descs);
+        let mut st = self.vring.get_mut();
+        // Fails only for a head index past the table (nothing to return) or a used
+        // ring outside guest memory: the guest broke its own queue.
+        let _ = st.add_used(self.head, used);
+        // A failed signal (the VMM went away) ends nothing here: the daemon notices.
+        let _ = signal(&mut st);
+        drop(st);
+        let inner = &self.backend.inner;
+        if inner.in_flight[self.queue].fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Under the lock, so a waiter between its check and its wait can't miss it.
+            let _g = inner
+                .idle_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            inner.idle.notify_all();
         }
     }
 }
 
-/// Helper threads shared by the queues of one device.
-fn start_helpers(n: usize) -> Option<Sender<Arc<Batch>>> {
-    let (tx, rx) = std::sync::mpsc::channel::<Arc<Batch>>();
-    let rx = Arc::new(Mutex::new(rx));
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Queued jobs hold the device, so none is left: the threads just stop.
+        if let Some(Some(q)) = self.io.get() {
+            q.close();
+        }
+    }
+}
+
+/// Starts `n` I/O threads taking jobs from one queue.
+fn start_io_threads(n: usize) -> Option<Arc<WorkQueue<Job>>> {
+    let q = Arc::new(WorkQueue::<Job>::default());
     let mut started = 0;
     for i in 0..n {
-        let rx = rx.clone();
+        let q = q.clone();
         let t = std::thread::Builder::new()
             .name(format!("vhost-blk-io-{i}"))
-            .spawn(move || loop {
-                let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                match next {
-                    Ok(batch) => batch.work(),
-                    Err(_) => return,
+            .spawn(move || {
+                while let Some(job) = q.pop() {
+                    job.run();
                 }
             });
         if t.is_ok() {
             started += 1;
         }
     }
-    (started > 0).then_some(tx)
+    (started > 0).then_some(q)
 }
 
 impl BlkBackend {
     /// A device on `image`, reading guest memory through `mem` (the same object given to
     /// the daemon, which updates it on SET_MEM_TABLE).
     pub fn new(image: Arc<Image>, cfg: BlkConfig, mem: Memory) -> BlkBackend {
+        let in_flight = (0..cfg.num_queues.max(1))
+            .map(|_| AtomicUsize::new(0))
+            .collect();
         BlkBackend {
             inner: Arc::new(Inner {
                 image,
                 cfg,
                 mem,
                 event_idx: AtomicBool::new(false),
-                helpers: start_helpers(PARALLEL - 1),
+                io: OnceLock::new(),
+                in_flight,
+                idle_lock: Mutex::new(()),
+                idle: Condvar::new(),
             }),
         }
     }
@@ -169,14 +201,33 @@ impl BlkBackend {
         self.inner.image.size()
     }
 
+    /// Waits until every request taken off a ring has completed: after the VMM's
+    /// connection ends, nothing may still be writing to the image when it is flushed.
+    pub fn wait_idle(&self) {
+        self.wait_until(|n| n.iter().all(|q| q.load(Ordering::Acquire) == 0));
+    }
+
+    /// Sleeps until `done` holds of the in-flight counts (checked again at each
+    /// count's drop to zero).
+    fn wait_until(&self, done: impl Fn(&[AtomicUsize]) -> bool) {
+        let inner = &self.inner;
+        let mut g = inner
+            .idle_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while !done(&inner.in_flight) {
+            g = inner.idle.wait(g).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     /// Serves every available chain of one queue, then signals the guest.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_queue(&self, vring: &VringRwLock, queue: usize) -> io::Result<()> {
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(queue_err)?;
             }
-            self.drain(vring)?;
+            self.drain(vring, queue)?;
             // With EVENT_IDX, re-enabling tells whether the guest added more meanwhile.
             if !event_idx || !vring.enable_notification().map_err(queue_err)? {
                 return Ok(());
@@ -184,83 +235,52 @@ impl BlkBackend {
         }
     }
 
-    fn drain(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// Takes every available chain off the ring and hands each to an I/O thread
+    /// (served here only if no thread could be started).
+    fn drain(&self, vring: &VringRwLock, queue: usize) -> io::Result<()> {
         let mem = self.inner.mem.memory();
-        let mut st = vring.get_mut();
-        let chains: Vec<_> = match st.get_queue_mut().iter(mem.clone()) {
-            Ok(it) => it.collect(),
-            // A broken avail ring (index too far ahead): nothing on it can be trusted.
-            Err(_) => return Ok(()),
-        };
-        if chains.is_empty() {
+        let Some(count) = self.inner.in_flight.get(queue) else {
             return Ok(());
-        }
-        let reqs: Vec<(u16, Vec<Desc>)> = chains
-            .into_iter()
-            .map(|chain| {
-                let head = chain.head_index();
-                let descs = chain
-                    .map(|d| Desc {
-                        addr: d.addr().0,
-                        len: d.len(),
-                        write: d.is_write_only(),
-                    })
-                    .collect();
-                (head, descs)
-            })
-            .collect();
-        for (head, used) in self.serve_batch(&mem, reqs) {
-            // Fails only for a head index past the table (nothing to return) or a
-            // used ring outside guest memory: the guest broke its own queue.
-            let _ = st.add_used(head, used);
-        }
-        signal(&mut st)
-    }
-
-    /// Serves the requests of one batch, several at once: the queue's worker and up
-    /// to `PARALLEL - 1` helper threads take requests from the batch in turn, so the
-    /// guest's queue depth reaches the engine. The worker never waits for a helper to
-    /// start: it works through the batch itself and only waits for requests a helper
-    /// has already taken. Returns each request's used length, in order.
-    fn serve_batch(
-        &self,
-        mem: &GuestMemoryLoadGuard<GuestMemoryMmap<()>>,
-        reqs: Vec<(u16, Vec<Desc>)>,
-    ) -> Vec<(u16, u32)> {
-        if reqs.len() == 1 {
-            let used = self.serve(mem, &reqs[0].1);
-            return vec![(reqs[0].0, used)];
-        }
-        let n = reqs.len();
-        let batch = Arc::new(Batch {
-            out: reqs.iter().map(|_| AtomicU32::new(0)).collect(),
-            reqs,
-            next: AtomicUsize::new(0),
-            done: Mutex::new(0),
-            all_done: Condvar::new(),
-            mem: mem.clone(),
-            backend: self.clone(),
-        });
-        if let Some(tx) = &self.inner.helpers {
-            for _ in 1..n.min(PARALLEL) {
-                let _ = tx.send(batch.clone());
+        };
+        let chains: Vec<_> = {
+            let mut st = vring.get_mut();
+            // A stopped ring (GET_VRING_BASE) is not read again: its base is out.
+            if !st.get_queue().ready() {
+                return Ok(());
+            }
+            let chains: Vec<_> = match st.get_queue_mut().iter(mem.clone()) {
+                Ok(it) => it.collect(),
+                // A broken avail ring (index too far ahead): nothing on it can be trusted.
+                Err(_) => return Ok(()),
+            };
+            // Counted under the ring's lock, so `stop_vring` (which runs after the
+            // ring is marked stopped, under the same lock) sees every chain taken.
+            count.fetch_add(chains.len(), Ordering::AcqRel);
+            chains
+        };
+        for chain in chains {
+            let head = chain.head_index();
+            let descs = chain
+                .map(|d| Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write: d.is_write_only(),
+                })
+                .collect();
+            let job = Job {
+                queue,
+                head,
+                descs,
+                vring: vring.clone(),
+                mem: mem.clone(),
+                backend: self.clone(),
+            };
+            match self.inner.io.get_or_init(|| start_io_threads(IO_THREADS)) {
+                Some(q) => q.push(job),
+                None => job.run(),
             }
         }
-        batch.work();
-        let mut done = batch.done.lock().unwrap_or_else(PoisonError::into_inner);
-        while *done < n {
-            done = batch
-                .all_done
-                .wait(done)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        drop(done);
-        batch
-            .reqs
-            .iter()
-            .zip(&batch.out)
-            .map(|((h, _), u)| (*h, u.load(Ordering::Acquire)))
-            .collect()
+        Ok(())
     }
 
     /// Serves one request; returns the bytes written into guest memory (the used
@@ -565,8 +585,17 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         for vring in vrings {
-            self.process_queue(vring)?;
+            self.process_queue(vring, q)?;
         }
+        Ok(())
+    }
+
+    /// GET_VRING_BASE: the ring is already marked stopped; its requests in flight
+    /// complete before the base is read, so nothing is added to its used ring after
+    /// the VMM took it back (a reset or restart reuses the ring memory).
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let q = queue_index as usize;
+        self.wait_until(|n| n.get(q).is_none_or(|c| c.load(Ordering::Acquire) == 0));
         Ok(())
     }
 }

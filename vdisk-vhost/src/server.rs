@@ -101,7 +101,7 @@ fn connection(
     let mem = Memory::new(GuestMemoryMmap::new());
     let backend = BlkBackend::new(image.clone(), export.blk.clone(), mem.clone());
     let mut daemon =
-        VhostUserDaemon::new("vdisk-vhost-user-blk".into(), backend, mem).map_err(verr)?;
+        VhostUserDaemon::new("vdisk-vhost-user-blk".into(), backend.clone(), mem).map_err(verr)?;
     daemon.start(listener).map_err(verr)?;
     // A watcher turns a stop request into a shutdown of this connection.
     let (done_rx, mut done_tx) = UnixStream::pair()?;
@@ -126,8 +126,10 @@ fn connection(
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
-    // Dropping the daemon joins the queue workers: no request runs after this.
+    // Dropping the daemon joins the queue workers (no request is taken after this);
+    // then the requests they handed to the I/O threads finish.
     drop(daemon);
+    backend.wait_idle();
     if let Err(e) = result {
         // A VMM that misbehaved or vanished ends only its own connection.
         if !stopped {

@@ -10,9 +10,12 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use vdisk::{Image, OpenOptions};
+use vdisk::hook::Request;
+use vdisk::{Image, OpenOptions, WriteHook};
 use vdisk_vhost::{BlkConfig, VhostExport};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -40,6 +43,11 @@ struct Server {
 
 impl Server {
     fn start(read_only: bool, queues: u16) -> Server {
+        Server::start_with(read_only, queues, Vec::new())
+    }
+
+    /// [`Server::start`] with write hooks on the image.
+    fn start_with(read_only: bool, queues: u16, hooks: Vec<Arc<dyn WriteHook>>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.raw");
         std::fs::write(&img, vec![0u8; DISK as usize]).unwrap();
@@ -48,6 +56,7 @@ impl Server {
                 &img,
                 &OpenOptions {
                     read_only,
+                    hooks,
                     ..OpenOptions::default()
                 },
             )
@@ -262,6 +271,27 @@ impl Vmm {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Submits a 4 KiB write at sector 0 on queue 0 (descriptors 0-2) and waits until
+    /// `arrived` says a [`Gate`] holds it; returns the address of its status byte.
+    fn gated_write(&mut self, arrived: &Receiver<()>) -> u64 {
+        let (wh, ws) = (0x70000u64, 0x7F000u64);
+        self.header(wh, T_OUT, 0);
+        self.mem.write_obj(UNTOUCHED, GuestAddress(ws)).unwrap();
+        self.submit_raw(
+            0,
+            &[
+                (0, wh, 16, F_NEXT, 1),
+                (1, BUF, 4096, F_NEXT, 2),
+                (2, ws, 1, F_WRITE, 0),
+            ],
+            0,
+        );
+        arrived
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write never reached the engine");
+        ws
     }
 
     fn header(&self, at: u64, kind: u32, sector: u64) {
@@ -483,6 +513,98 @@ fn read_only_export_refuses_writes() {
     );
     assert_eq!(vm.request(0, T_IN, 0, &[(BUF, 512, true)]).0, S_OK);
     assert_eq!(vm.request(0, T_FLUSH, 0, &[]).0, S_OK);
+    drop(vm);
+    srv.stop();
+}
+
+/// Holds every data write in the driver's way until the test releases it, telling the
+/// test when one has arrived.
+#[derive(Debug)]
+struct Gate {
+    arrived: Mutex<Sender<()>>,
+    release: Mutex<Receiver<()>>,
+}
+
+impl WriteHook for Gate {
+    fn before(&self, req: &mut Request<'_>) -> vdisk::Result<()> {
+        if matches!(req, Request::Write { .. }) {
+            let _ = self.arrived.lock().unwrap().send(());
+            let _ = self
+                .release
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(20));
+        }
+        Ok(())
+    }
+}
+
+/// A one-queue server whose data writes a [`Gate`] holds, a VMM connected to it, the
+/// gate's "arrived" receiver and its "release" sender.
+fn gated() -> (Server, Vmm, Receiver<()>, Sender<()>) {
+    let (arrived_tx, arrived) = channel();
+    let (release, release_rx) = channel();
+    let gate = Arc::new(Gate {
+        arrived: Mutex::new(arrived_tx),
+        release: Mutex::new(release_rx),
+    });
+    let srv = Server::start_with(false, 1, vec![gate]);
+    let vm = Vmm::connect(&srv.sock, 1);
+    (srv, vm, arrived, release)
+}
+
+#[test]
+fn a_slow_request_holds_up_no_other_request_of_its_queue() {
+    let (srv, mut vm, arrived, release) = gated();
+    // A write (descriptors 0-2) that the gate stops inside the engine...
+    let ws = vm.gated_write(&arrived);
+    // ...then a read on the same queue (descriptors 3-5), which must complete first.
+    let (rh, rs) = (0x71000u64, 0x7E000u64);
+    vm.header(rh, T_IN, 64);
+    vm.mem.write_obj(UNTOUCHED, GuestAddress(rs)).unwrap();
+    vm.submit_raw(
+        0,
+        &[
+            (3, rh, 16, F_NEXT, 4),
+            (4, BUF + 0x4000, 4096, F_NEXT | F_WRITE, 5),
+            (5, rs, 1, F_WRITE, 0),
+        ],
+        3,
+    );
+    assert_eq!(vm.complete(0), (3, 4097), "the read waited for the write");
+    assert_eq!(vm.status(rs), S_OK);
+    assert_eq!(vm.status(ws), UNTOUCHED, "the write finished early");
+    release.send(()).unwrap();
+    assert_eq!(vm.complete(0), (0, 1));
+    assert_eq!(vm.status(ws), S_OK);
+    drop(vm);
+    srv.stop();
+}
+
+#[test]
+fn stopping_a_ring_waits_for_its_requests_in_flight() {
+    let (srv, mut vm, arrived, release) = gated();
+    let ws = vm.gated_write(&arrived);
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        release.send(()).unwrap();
+    });
+    // GET_VRING_BASE (a VMM stopping the device: reset, reboot) answers only once the
+    // write is on the used ring: nothing may land there after the VMM took it back.
+    let t = Instant::now();
+    let base = vm.fe.get_vring_base(0).unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "the ring stopped with a request in flight"
+    );
+    assert_eq!(base, 1);
+    let used_idx: u16 = vm
+        .mem
+        .read_obj(GuestAddress(vm.rings[0].used() + 2))
+        .unwrap();
+    assert_eq!(used_idx, 1, "the write was not completed before the stop");
+    assert_eq!(vm.status(ws), S_OK);
+    opener.join().unwrap();
     drop(vm);
     srv.stop();
 }

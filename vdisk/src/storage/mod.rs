@@ -24,6 +24,7 @@ pub mod spec;
 pub mod trace;
 pub mod uri;
 mod uring;
+pub mod work;
 
 pub use error::{LockConflict, StorageError, StorageOp};
 pub use event::BlkEvent;
