@@ -38,6 +38,18 @@ impl Limiter {
         st.1 = st.1.saturating_add(bytes);
     }
 
+    /// Takes a request costing `bytes` from the budget if it fits now; false (nothing
+    /// taken) when [`Limiter::acquire`] would wait.
+    pub fn try_acquire(&self, bytes: u64) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if st.0 > 0 && (st.0 >= self.max_count || st.1.saturating_add(bytes) > self.max_bytes) {
+            return false;
+        }
+        st.0 += 1;
+        st.1 = st.1.saturating_add(bytes);
+        true
+    }
+
     /// Gives back what `acquire(bytes)` took.
     pub fn release(&self, bytes: u64) {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -12,6 +12,13 @@
 //! it owes the client waits behind a read that needs the client's next bytes). That
 //! saves the queue's wake-ups and a reply write per request; bigger requests, flushes,
 //! FUA writes and O_DIRECT images still go to the workers.
+//!
+//! On an O_DIRECT export ([`Export::async_io`]) reads and writes that the image hands
+//! out as direct ranges (allocated data, overwritten in place) go to the connection's
+//! io_uring instead ([`crate::uring`]): the reader queues them, a completion thread
+//! answers each batch of completions in one `writev`. A write is acknowledged only once
+//! its completion arrived; a FLUSH (on the workers) therefore covers every write
+//! acknowledged before it. Where the kernel refuses io_uring, the workers do it all.
 
 use crate::export::{descriptors, Export, MetaContext};
 use crate::handshake::Negotiated;
@@ -19,12 +26,14 @@ use crate::limiter::Limiter;
 use crate::proto::{self, Buf, HeaderError, Request};
 use crate::queue::{BufPool, PoolBuf, WorkQueue};
 use crate::stream::Stream;
+use crate::uring::Ring;
 use std::cell::{Cell, RefCell};
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use vdisk::chain::ChainExtent;
+use vdisk::DirectIo;
 use vdisk::{ExtentKind, ZeroFlags};
 
 /// Requests executing at once per connection.
@@ -78,6 +87,43 @@ struct Job {
     cost: u64,
 }
 
+/// A request on the connection's ring, from queueing to its reply. Its address is the
+/// entry's user data: the reader leaks the box into the ring and the completion thread
+/// takes it back.
+struct RingOp<'a> {
+    req: Request,
+    buf: RingBuf,
+    /// Finished once the transfer completed (a write's in-place guard, its bitmaps).
+    range: DirectIo<'a>,
+    cost: u64,
+}
+
+/// A ring request's buffer: a registered slot, or a pooled aligned buffer.
+enum RingBuf {
+    Slot(usize, usize),
+    Pool(PoolBuf),
+}
+
+impl RingBuf {
+    /// The bytes and the slot.
+    ///
+    /// # Safety
+    /// As [`Ring::slot`]: no I/O in flight on it and no other reference alive.
+    unsafe fn bytes<'r>(&'r mut self, ring: &'r Ring) -> (&'r mut [u8], Option<usize>) {
+        match self {
+            // SAFETY: the caller's contract; the slot is this request's.
+            RingBuf::Slot(i, len) => (unsafe { ring.slot(*i, *len) }, Some(*i)),
+            RingBuf::Pool(b) => (&mut b[..], None),
+        }
+    }
+
+    fn free(self, ring: &Ring) {
+        if let RingBuf::Slot(i, _) = self {
+            ring.put_slot(i);
+        }
+    }
+}
+
 /// Per-connection state shared by the reader and the workers.
 struct Conn<'a> {
     export: &'a Export,
@@ -85,6 +131,8 @@ struct Conn<'a> {
     out: Mutex<Stream>,
     dead: AtomicBool,
     pool: BufPool,
+    /// Requests that went through the ring (logged at the end with `-v`).
+    ring_ops: AtomicU64,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or the socket is
@@ -97,10 +145,26 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         out: Mutex::new(out),
         dead: AtomicBool::new(false),
         pool: BufPool,
+        ring_ops: AtomicU64::new(0),
     };
     let limiter = Limiter::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES);
     let queue: WorkQueue<Job> = WorkQueue::default();
+    let ring = if export.async_io {
+        match Ring::new() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                crate::vlog!("io_uring unavailable ({e}): the worker pool serves every request");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let result = std::thread::scope(|sc| {
+        let completer = ring.as_ref().map(|ring| {
+            let (conn, limiter) = (&conn, &limiter);
+            sc.spawn(move || conn.complete_loop(ring, limiter))
+        });
         for _ in 0..WORKERS {
             let (conn, limiter, queue) = (&conn, &limiter, &queue);
             sc.spawn(move || {
@@ -114,13 +178,22 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         let r = match stream.try_clone() {
             Ok(s) => {
                 let mut rd = BufReader::with_capacity(64 * 1024, s);
-                let r = conn.read_loop(&mut rd, &limiter, &queue);
+                let r = conn.read_loop(&mut rd, &limiter, &queue, ring.as_ref());
                 // Whatever was served inline is answered before the connection ends.
                 conn.flush_batch();
                 r
             }
             Err(e) => Err(e),
         };
+        // What is on the ring completes and is answered; then its thread stops.
+        if let (Some(ring), Some(c)) = (ring.as_ref(), completer) {
+            ring.queue_stop();
+            let _ = c.join();
+            crate::vlog!(
+                "{} requests went through io_uring",
+                conn.ring_ops.load(Ordering::Relaxed)
+            );
+        }
         // Workers finish what was read, then stop.
         queue.close();
         r
@@ -136,6 +209,7 @@ impl Conn<'_> {
         rd: &mut BufReader<R>,
         limiter: &Limiter,
         queue: &WorkQueue<Job>,
+        ring: Option<&Ring>,
     ) -> io::Result<()> {
         let ext = self.neg.extended;
         let header_len = if ext { 32 } else { 28 };
@@ -144,8 +218,12 @@ impl Conn<'_> {
                 return Ok(());
             }
             if rd.buffer().len() < header_len {
-                // The next header may need the socket: answer what was served first.
+                // The next header may need the socket: answer what was served first,
+                // and start what was queued on the ring.
                 self.flush_batch();
+                if let Some(ring) = ring {
+                    ring.submit();
+                }
             }
             let req = match proto::read_request(rd, ext) {
                 Ok(r) => r,
@@ -200,6 +278,11 @@ impl Conn<'_> {
                 proto::CMD_READ => req.length.min(proto::MAX_PAYLOAD as u64),
                 _ => payload_len,
             };
+            if let Some(ring) = ring {
+                if self.try_ring(rd, ring, limiter, &req, cost)? {
+                    continue;
+                }
+            }
             if self.inline_ok(&req) {
                 if rd.buffer().len() < payload_len as usize {
                     self.flush_batch();
@@ -217,8 +300,11 @@ impl Conn<'_> {
             }
             if rd.buffer().len() < payload_len as usize {
                 self.flush_batch();
+                if let Some(ring) = ring {
+                    ring.submit();
+                }
             }
-            limiter.acquire(cost);
+            self.admit(limiter, ring, cost);
             let mut payload = self.pool.get(payload_len as usize);
             if let Err(e) = rd.read_exact(&mut payload) {
                 // The client vanished mid-payload: nothing of it is acknowledged.
@@ -226,6 +312,192 @@ impl Conn<'_> {
                 return Err(e);
             }
             queue.push(Job { req, payload, cost });
+        }
+    }
+
+    /// Queues a READ, or a WRITE without FUA (reading its payload), on the ring when the
+    /// image hands its range out for a direct transfer; false (nothing consumed) when
+    /// the request takes the ordinary path, which also answers every invalid request.
+    fn try_ring<R: Read>(
+        &self,
+        rd: &mut BufReader<R>,
+        ring: &Ring,
+        limiter: &Limiter,
+        req: &Request,
+        cost: u64,
+    ) -> io::Result<bool> {
+        let write = match req.typ {
+            proto::CMD_READ => false,
+            proto::CMD_WRITE if req.flags & proto::CMD_FLAG_FUA == 0 => true,
+            _ => return Ok(false),
+        };
+        if req.length == 0 || req.length > proto::MAX_PAYLOAD as u64 || self.check(req).is_err() {
+            return Ok(false);
+        }
+        let Some(range) = self.export.image.direct(req.offset, req.length, write) else {
+            return Ok(false);
+        };
+        let len = req.length as usize;
+        if write && rd.buffer().len() < len {
+            // The payload needs the socket: start what is queued first.
+            ring.submit();
+        }
+        self.admit(limiter, Some(ring), cost);
+        let mut buf = match ring.take_slot(len) {
+            Some(i) => RingBuf::Slot(i, len),
+            None => RingBuf::Pool(self.pool.get(len)),
+        };
+        // SAFETY: the buffer is this request's and nothing is in flight on it yet.
+        let (bytes, slot) = unsafe { buf.bytes(ring) };
+        let ptr = bytes.as_mut_ptr();
+        if write {
+            if let Err(e) = rd.read_exact(bytes) {
+                // The client vanished mid-payload: nothing of it is acknowledged.
+                buf.free(ring);
+                limiter.release(cost);
+                return Err(e);
+            }
+        }
+        let (fd, host) = (range.fd(), range.host());
+        let op = Box::new(RingOp {
+            req: *req,
+            buf,
+            range,
+            cost,
+        });
+        let user_data = Box::into_raw(op) as u64;
+        // SAFETY: the buffer lives in the boxed op, which the completion thread takes
+        // back only when this entry's completion arrives; `ptr` (a slot, or a pooled
+        // buffer's heap memory) does not move with the box. A box is never at address 0
+        // (STOP).
+        unsafe { ring.queue(write, fd, host, ptr, len as u32, slot, user_data) };
+        self.ring_ops.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Takes `cost` from the budget, waiting if it is spent. Before waiting, whatever
+    /// is queued on the ring is submitted: the budget may be held by those very
+    /// entries, and only their completions give it back.
+    fn admit(&self, limiter: &Limiter, ring: Option<&Ring>, cost: u64) {
+        if limiter.try_acquire(cost) {
+            return;
+        }
+        if let Some(ring) = ring {
+            ring.submit();
+        }
+        limiter.acquire(cost);
+    }
+
+    /// The completion thread: answers ring requests as their completions arrive, each
+    /// batch in one `writev`, until the reader's stop entry and everything queued
+    /// before it have completed.
+    fn complete_loop(&self, ring: &Ring, limiter: &Limiter) {
+        let mut stop = false;
+        let mut done: Vec<(Box<RingOp<'_>>, i32)> = Vec::with_capacity(MAX_IN_FLIGHT);
+        while !(stop && ring.outstanding() == 0) {
+            ring.reap(|ud, res| {
+                if ud == crate::uring::STOP {
+                    stop = true;
+                } else {
+                    // SAFETY: every other entry's user data is a RingOp leaked by
+                    // `try_ring`, completed exactly once.
+                    done.push((unsafe { Box::from_raw(ud as *mut RingOp<'_>) }, res));
+                }
+            });
+            if !done.is_empty() {
+                self.answer_ring(ring, limiter, &mut done);
+            }
+        }
+    }
+
+    /// Answers completed ring requests: one `writev` for all their replies. A failed or
+    /// short transfer is redone through the image (which reports the error, or
+    /// finishes an odd case like a file shorter than its length bound).
+    fn answer_ring(&self, ring: &Ring, limiter: &Limiter, done: &mut Vec<(Box<RingOp<'_>>, i32)>) {
+        let mut hdrs = Buf::with_capacity(done.len() * 40);
+        // Per request: end of its header in `hdrs`, and whether its data follows.
+        let mut parts: Vec<(usize, bool)> = Vec::with_capacity(done.len());
+        let mut kept: Vec<(Request, RingBuf)> = Vec::with_capacity(done.len());
+        for (op, res) in done.drain(..) {
+            let RingOp {
+                req,
+                mut buf,
+                range,
+                cost,
+            } = *op;
+            let full = res >= 0 && res as u64 == range.len();
+            // The transfer is over: release the in-place guard before anything else
+            // (a redo below takes it again).
+            range.finish(full);
+            limiter.release(cost);
+            let write = req.typ == proto::CMD_WRITE;
+            if !full {
+                // SAFETY: the transfer completed; the buffer is ours alone.
+                let (bytes, _) = unsafe { buf.bytes(ring) };
+                let redo = if write {
+                    self.export.image.write_at(bytes, req.offset)
+                } else {
+                    self.export.image.read_at(bytes, req.offset)
+                };
+                if let Err(e) = redo {
+                    self.reply_error(&req, &Fail::from(e));
+                    buf.free(ring);
+                    continue;
+                }
+            }
+            if write {
+                if self.neg.extended {
+                    proto::chunk_header(
+                        &mut hdrs,
+                        true,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_NONE,
+                        req.cookie,
+                        req.offset,
+                        0,
+                    );
+                } else {
+                    proto::simple_header(&mut hdrs, 0, req.cookie);
+                }
+                parts.push((hdrs.0.len(), false));
+            } else {
+                if self.neg.structured {
+                    proto::chunk_header(
+                        &mut hdrs,
+                        self.neg.extended,
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_OFFSET_DATA,
+                        req.cookie,
+                        req.offset,
+                        8 + req.length,
+                    );
+                    hdrs.u64(req.offset);
+                } else {
+                    proto::simple_header(&mut hdrs, 0, req.cookie);
+                }
+                parts.push((hdrs.0.len(), true));
+            }
+            kept.push((req, buf));
+        }
+        {
+            let mut slices: Vec<&[u8]> = Vec::with_capacity(parts.len() * 2);
+            let mut at = 0;
+            for (&(end, data), (_, buf)) in parts.iter().zip(kept.iter_mut()) {
+                slices.push(&hdrs.0[at..end]);
+                at = end;
+                if data {
+                    // SAFETY: the transfer completed; the buffer is ours alone until
+                    // freed below.
+                    let (bytes, _) = unsafe { buf.bytes(ring) };
+                    slices.push(bytes);
+                }
+            }
+            if !slices.is_empty() {
+                self.write_out(&slices);
+            }
+        }
+        for (_, buf) in kept {
+            buf.free(ring);
         }
     }
 

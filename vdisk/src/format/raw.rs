@@ -116,6 +116,25 @@ impl Driver for Raw {
         check_range(offset, buf.len() as u64, self.size())?;
         Ok(self.storage.write_at(buf, offset)?)
     }
+    fn direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Option<super::mapping::DirectRange<'_>> {
+        if write && self.writable().is_err() {
+            return None;
+        }
+        check_range(offset, len, self.size()).ok()?;
+        let fd = self.storage.direct_fd(offset, len, write)?;
+        // Guest bytes are the file's bytes: nothing can move under the transfer.
+        Some(super::mapping::DirectRange::new(
+            fd,
+            offset,
+            len,
+            super::mapping::InPlaceGuard::none(),
+        ))
+    }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size())?;

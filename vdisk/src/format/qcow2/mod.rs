@@ -761,6 +761,19 @@ impl Driver for Qcow2 {
         self.data_io()?;
         self.do_write_zeroes(offset, len, flags)
     }
+    fn direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Option<super::mapping::DirectRange<'_>> {
+        if write && self.writable().is_err() {
+            return None;
+        }
+        super::check_range(offset, len, self.size()).ok()?;
+        self.data_io().ok()?;
+        datapath::direct::direct(self, offset, len, write)
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         super::check_range(offset, len, self.size())?;

@@ -1,0 +1,310 @@
+//! A connection's io_uring: reads and writes that the image hands out as direct ranges
+//! ([`vdisk::Image::direct`], O_DIRECT files) are submitted by the connection's reader
+//! and completed by one completion thread, with no worker-pool hop.
+//!
+//! Why: with O_DIRECT a request waits for the device, so the reader cannot run it
+//! itself (it would serve one request at a time), and handing it to a worker costs
+//! a queue wake-up, a limiter wake-up and a reply `writev` per request. On the ring the
+//! reader only queues an entry (one `io_uring_enter` for all the requests it read in
+//! one go), the kernel keeps them all in flight, and the completion thread wakes once
+//! for every batch of completions and answers the whole batch in one `writev`.
+//!
+//! The submission queue is used by the reader alone and the completion queue by the
+//! completion thread alone (the split io_uring allows). Small requests use slots of one
+//! registered buffer (`READ_FIXED`/`WRITE_FIXED`: no page pinning per request), the
+//! image's files are registered too (fixed files: no descriptor lookup per request).
+//! Everything else (bigger requests, flushes, allocating writes, holes) stays on the
+//! worker pool, which is also the whole path when the kernel refuses io_uring.
+
+use io_uring::{opcode, squeue, types, IoUring};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use vdisk::storage::pool::{self, AlignedBuf};
+
+/// Submission queue entries (the completion queue gets twice as many). More than the
+/// requests a connection admits ([`crate::transmission::MAX_IN_FLIGHT`]) plus the stop
+/// entry, so neither queue can overflow.
+const ENTRIES: u32 = 64;
+/// Slots in the registered buffer: one per request a connection admits.
+pub const SLOTS: usize = 32;
+/// Bytes per slot: requests up to this size use a registered slot (the small random
+/// I/O where per-request page pinning shows); larger ones a pooled aligned buffer.
+pub const SLOT_BYTES: usize = 16 << 10;
+/// Registered files: the image's data file and a few more (an external data file).
+const FILES: u32 = 8;
+/// User data of the entry that tells the completion thread the reader is done (never
+/// the address of an operation).
+pub const STOP: u64 = 0;
+/// How long a submission that the kernel keeps refusing for lack of resources is
+/// retried before the process gives up (entries queued on the ring point at buffers
+/// that cannot be taken back).
+const SUBMIT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The ring of one connection. `Sync`: the reader submits, the completion thread reaps.
+pub struct Ring {
+    ring: IoUring,
+    /// The registered buffer, `SLOTS * SLOT_BYTES` bytes, 4 KiB aligned.
+    _slab: AlignedBuf,
+    /// Its address, taken once: slots are handed out by index and reached through it.
+    base: *mut u8,
+    /// Free slots, one bit each.
+    free: AtomicU64,
+    /// Descriptors registered as fixed files, by index (the reader's).
+    files: Mutex<Vec<RawFd>>,
+    /// Entries queued and not yet completed.
+    outstanding: AtomicUsize,
+}
+
+// SAFETY: `base` points into `slab`, which the ring owns and never moves; each slot is
+// used by one request at a time (the `free` bit is its ownership), and the queues are
+// used one thread each (see the module documentation).
+unsafe impl Send for Ring {}
+// SAFETY: as above.
+unsafe impl Sync for Ring {}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("outstanding", &self.outstanding.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Ring {
+    /// A ring with its buffer and file tables registered; fails where the kernel
+    /// refuses io_uring (or [`vdisk::storage::IO_URING_REFUSE_ENV`] is set, which
+    /// simulates that): the connection then uses its worker pool for everything.
+    pub fn new() -> io::Result<Ring> {
+        if std::env::var_os(vdisk::storage::IO_URING_REFUSE_ENV).is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+        let ring = IoUring::new(ENTRIES)?;
+        let mut slab = pool::get(SLOTS * SLOT_BYTES);
+        let base = slab.as_mut_ptr();
+        let iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: SLOTS * SLOT_BYTES,
+        };
+        // SAFETY: the slab lives as long as the ring (both fields of `Ring`; the
+        // buffers are unregistered in `drop` before the slab is freed).
+        unsafe { ring.submitter().register_buffers(&[iov])? };
+        ring.submitter().register_files_sparse(FILES)?;
+        Ok(Ring {
+            ring,
+            _slab: slab,
+            base,
+            free: AtomicU64::new((1u64 << SLOTS) - 1),
+            files: Mutex::new(Vec::new()),
+            outstanding: AtomicUsize::new(0),
+        })
+    }
+
+    /// A free registered slot for a request of `len` bytes, if it fits one.
+    pub fn take_slot(&self, len: usize) -> Option<usize> {
+        if len > SLOT_BYTES {
+            return None;
+        }
+        let mut cur = self.free.load(Ordering::Acquire);
+        loop {
+            if cur == 0 {
+                return None;
+            }
+            let i = cur.trailing_zeros() as usize;
+            match self.free.compare_exchange_weak(
+                cur,
+                cur & !(1 << i),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(i),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Gives a slot back.
+    pub fn put_slot(&self, i: usize) {
+        self.free.fetch_or(1 << i, Ordering::AcqRel);
+    }
+
+    /// The first `len` bytes of slot `i`.
+    ///
+    /// # Safety
+    /// The caller owns slot `i` (took it and has not put it back) and no other
+    /// reference to it is alive, nor an I/O in flight on it.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot(&self, i: usize, len: usize) -> &mut [u8] {
+        debug_assert!(i < SLOTS && len <= SLOT_BYTES);
+        // SAFETY: inside the slab (i < SLOTS, len <= SLOT_BYTES); exclusive by the
+        // caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(i * SLOT_BYTES), len) }
+    }
+
+    /// The fixed-file index of `fd`, registering it on first use (`None` when the
+    /// table is full: the entry then names the descriptor itself). Reader only.
+    fn file(&self, fd: RawFd) -> Option<u32> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = files.iter().position(|&f| f == fd) {
+            return Some(i as u32);
+        }
+        let i = files.len() as u32;
+        if i >= FILES {
+            return None;
+        }
+        match self.ring.submitter().register_files_update(i, &[fd]) {
+            Ok(1) => {
+                files.push(fd);
+                Some(i)
+            }
+            _ => None,
+        }
+    }
+
+    /// Queues one transfer of `len` bytes at `host` on `fd`, into (`write` false) or
+    /// from `buf`, tagged `user_data`; `slot` is the registered slot `buf` lies in.
+    /// Reader only. It is submitted by [`Ring::submit`] (or when the queue fills).
+    ///
+    /// # Safety
+    /// `buf` (`len` bytes) must stay valid, and not be touched, until the completion
+    /// tagged `user_data` has been reaped; `user_data` must not be [`STOP`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn queue(
+        &self,
+        write: bool,
+        fd: RawFd,
+        host: u64,
+        buf: *mut u8,
+        len: u32,
+        slot: Option<usize>,
+        user_data: u64,
+    ) {
+        let file = self.file(fd);
+        let e = match (file, slot, write) {
+            (Some(f), Some(_), false) => opcode::ReadFixed::new(types::Fixed(f), buf, len, 0)
+                .offset(host)
+                .build(),
+            (Some(f), Some(_), true) => opcode::WriteFixed::new(types::Fixed(f), buf, len, 0)
+                .offset(host)
+                .build(),
+            (Some(f), None, false) => opcode::Read::new(types::Fixed(f), buf, len)
+                .offset(host)
+                .build(),
+            (Some(f), None, true) => opcode::Write::new(types::Fixed(f), buf, len)
+                .offset(host)
+                .build(),
+            (None, Some(_), false) => opcode::ReadFixed::new(types::Fd(fd), buf, len, 0)
+                .offset(host)
+                .build(),
+            (None, Some(_), true) => opcode::WriteFixed::new(types::Fd(fd), buf, len, 0)
+                .offset(host)
+                .build(),
+            (None, None, false) => opcode::Read::new(types::Fd(fd), buf, len)
+                .offset(host)
+                .build(),
+            (None, None, true) => opcode::Write::new(types::Fd(fd), buf, len)
+                .offset(host)
+                .build(),
+        };
+        // SAFETY: the caller keeps the buffer valid until the completion.
+        unsafe { self.push(e.user_data(user_data)) };
+    }
+
+    /// Queues the entry that ends the completion thread once everything before it has
+    /// completed. Reader only, after its last request.
+    pub fn queue_stop(&self) {
+        let e = opcode::Nop::new().build().user_data(STOP);
+        // SAFETY: a no-op points at no memory.
+        unsafe { self.push(e) };
+        self.submit();
+    }
+
+    /// # Safety
+    /// What `e` points at stays valid until its completion is reaped.
+    unsafe fn push(&self, e: squeue::Entry) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        loop {
+            // SAFETY: only the reader thread makes a submission queue.
+            let mut sq = unsafe { self.ring.submission_shared() };
+            // SAFETY: the caller's contract.
+            if unsafe { sq.push(&e) }.is_ok() {
+                return;
+            }
+            drop(sq);
+            // Full (more entries than a connection admits never are, but be safe):
+            // hand them to the kernel and retry.
+            self.submit();
+        }
+    }
+
+    /// Hands the queued entries to the kernel (no wait). Reader only. A kernel short
+    /// of resources is retried; entries that cannot be taken back point at live
+    /// buffers, so a ring that refuses for good ends the process.
+    pub fn submit(&self) {
+        let start = Instant::now();
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    // SAFETY: only the reader thread makes a submission queue.
+                    if unsafe { self.ring.submission_shared() }.is_empty() {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) && start.elapsed() < SUBMIT_PATIENCE =>
+                {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(e) => {
+                    eprintln!("vdisk serve: io_uring refuses queued requests: {e}");
+                    std::process::abort();
+                }
+            }
+        }
+    }
+
+    /// Waits for at least one completion, then hands every available one to `f`
+    /// (user data, result: bytes or -errno). Completion thread only.
+    pub fn reap(&self, mut f: impl FnMut(u64, i32)) {
+        loop {
+            match self.ring.submitter().submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => {
+                    // Completions may still come; do not spin.
+                    crate::vlog!("io_uring wait: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                    break;
+                }
+            }
+        }
+        // SAFETY: only the completion thread makes a completion queue.
+        let cq = unsafe { self.ring.completion_shared() };
+        for c in cq {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            f(c.user_data(), c.result());
+        }
+    }
+
+    /// Entries queued and not yet reaped.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The ring is torn down asynchronously after its descriptor closes; its
+        // registered files (with the image's locks) and pinned buffer would outlive the
+        // connection for a moment. Unregistering drops them now. Nothing is in flight:
+        // the connection reaped every completion before dropping the ring.
+        let _ = self.ring.submitter().unregister_files();
+        let _ = self.ring.submitter().unregister_buffers();
+    }
+}
