@@ -2026,6 +2026,7 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
         "aio_flush",
         "write -P 0x77 6M 4k",
         "flush",
+        "write -P 0x78 6M 4k",
     ];
     let reads = [
         "read -P 0x22 4096 4096",
@@ -2037,7 +2038,7 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
         "read -P 0x67 3M 16k",
         "read -P 0x68 4M 20k",
         "read -P 0x69 5M 256k",
-        "read -P 0x77 6M 4k",
+        "read -P 0x78 6M 4k",
         "read -P 0 32M 4k",
         "aio_read -P 0x11 7M 4k",
         "aio_read -P 0x11 7340032 8k",
@@ -2067,8 +2068,27 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
             env,
             Some(std::fs::File::create(&log).unwrap()),
         );
-        qemu_io(&srv.uri(), "raw", &cmds);
-        qemu_io(&srv.uri(), "raw", &reads);
+        // `-t writeback`: qemu-io's default (writethrough) makes every write FUA,
+        // which stays on the workers.
+        for batch in [&cmds[..], &reads[..]] {
+            let mut args = vec!["-t", "writeback", "-f", "raw"];
+            for c in batch {
+                args.extend(["-c", c]);
+            }
+            let uri = srv.uri();
+            args.push(&uri);
+            let out = ok("qemu-io", &args);
+            assert!(
+                !out.contains("failed") && !out.contains("Pattern verification"),
+                "{out}"
+            );
+        }
+        // And FUA writes (workers) beside ring reads of the same clusters.
+        qemu_io(
+            &srv.uri(),
+            "raw",
+            &["write -P 0x78 6M 4k", "read -P 0x78 6M 4k"],
+        );
         assert!(srv.terminate().success());
         let text = std::fs::read_to_string(&log).unwrap();
         if refuse {
@@ -2082,7 +2102,10 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
                 .collect();
             // The first connection's writes: 4k, 1M, the four aio writes but 5M
             // (256k, under the budget too), 6M; the second's reads of allocated data.
-            assert!(n.len() == 2 && n[0] >= 5 && n[1] >= 8, "{text}");
+            assert!(
+                n.len() == 3 && n[0] >= 5 && n[1] >= 8 && n[2] == 1,
+                "{text}"
+            );
         }
         ok(
             "qemu-img",

@@ -328,6 +328,9 @@ impl Conn<'_> {
     ) -> io::Result<bool> {
         let write = match req.typ {
             proto::CMD_READ => false,
+            // FUA stays on the workers: a durable write of qcow2 data needs its
+            // mapping durable too (the cluster may come from an allocation not yet
+            // flushed), which the image's flush after the write provides.
             proto::CMD_WRITE if req.flags & proto::CMD_FLAG_FUA == 0 => true,
             _ => return Ok(false),
         };

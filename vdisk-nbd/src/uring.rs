@@ -32,7 +32,7 @@ const ENTRIES: u32 = 64;
 pub const SLOTS: usize = 32;
 /// Bytes per slot: requests up to this size use a registered slot (the small random
 /// I/O where per-request page pinning shows); larger ones a pooled aligned buffer.
-pub const SLOT_BYTES: usize = 16 << 10;
+pub const SLOT_BYTES: usize = 8 << 10;
 /// Registered files: the image's data file and a few more (an external data file).
 const FILES: u32 = 8;
 /// User data of the entry that tells the completion thread the reader is done (never
