@@ -42,6 +42,13 @@ pub const WORKERS: usize = 16;
 pub const MAX_IN_FLIGHT: usize = 32;
 /// Payload and read-buffer bytes admitted per connection.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
+/// The same on an O_DIRECT export ([`Export::async_io`]). There every admitted request
+/// is at the device at once (the ring takes them all; no page cache absorbs writes),
+/// so the budget is the server's memory, and a device gains nothing from more than a
+/// few MiB in flight per client: eight 256 KiB requests of nbdcopy per connection made
+/// its writes faster than 32 did, at 14 MiB peak RSS instead of 26 (qemu-nbd: 16.8).
+/// A single larger request is still admitted alone.
+pub const MAX_IN_FLIGHT_BYTES_DIRECT: u64 = 2 << 20;
 /// Status runs gathered for one BLOCK_STATUS or sparse READ.
 const MAX_RUNS: usize = 16384;
 /// Largest BLOCK_STATUS payload (effect length plus a few context ids).
@@ -147,7 +154,12 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         pool: BufPool,
         ring_ops: AtomicU64::new(0),
     };
-    let limiter = Limiter::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES);
+    let bytes = if export.async_io {
+        MAX_IN_FLIGHT_BYTES_DIRECT
+    } else {
+        MAX_IN_FLIGHT_BYTES
+    };
+    let limiter = Limiter::new(MAX_IN_FLIGHT, bytes);
     let queue: WorkQueue<Job> = WorkQueue::default();
     let ring = if export.async_io {
         match Ring::new() {
