@@ -22,7 +22,7 @@
 
 use crate::export::{descriptors, Export, MetaContext};
 use crate::handshake::Negotiated;
-use crate::limiter::Limiter;
+use crate::limiter::{Cost, Limiter};
 use crate::proto::{self, Buf, HeaderError, Request};
 use crate::queue::{BufPool, PoolBuf, WorkQueue};
 use crate::stream::Stream;
@@ -40,15 +40,20 @@ use vdisk::{ExtentKind, ZeroFlags};
 pub const WORKERS: usize = 16;
 /// Requests admitted (executing or queued) per connection.
 pub const MAX_IN_FLIGHT: usize = 32;
-/// Payload and read-buffer bytes admitted per connection.
+/// Read-buffer bytes admitted per connection, and write-payload bytes (on a buffered
+/// export; O_DIRECT: [`MAX_READ_BYTES_DIRECT`], [`MAX_WRITE_BYTES_DIRECT`]).
 pub const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
-/// The same on an O_DIRECT export ([`Export::async_io`]). There every admitted request
-/// is at the device at once (the ring takes them all; no page cache absorbs writes),
-/// so the budget is the server's memory, and a device gains nothing from more than a
-/// few MiB in flight per client: eight 256 KiB requests of nbdcopy per connection made
-/// its writes faster than 32 did, at 14 MiB peak RSS instead of 26 (qemu-nbd: 16.8).
-/// A single larger request is still admitted alone.
-pub const MAX_IN_FLIGHT_BYTES_DIRECT: u64 = 2 << 20;
+/// Write-payload bytes admitted per connection on an O_DIRECT export
+/// ([`Export::async_io`]). No page cache absorbs those writes: every payload admitted
+/// waits for the device, so the budget is the server's memory, and the device gains
+/// nothing from more: with eight 256 KiB writes of nbdcopy per connection instead of 32
+/// its writes got faster and the server's peak RSS fell from 26 MiB to 14 (qemu-nbd:
+/// 16.8). A single larger request is still admitted alone.
+pub const MAX_WRITE_BYTES_DIRECT: u64 = 2 << 20;
+/// Read-buffer bytes admitted per connection on an O_DIRECT export: sixteen 256 KiB
+/// reads, what the sixteen workers held at once before the ring (which takes every
+/// admitted read at once); nbdcopy reads lost a fifth of their speed at 2 MiB.
+pub const MAX_READ_BYTES_DIRECT: u64 = 4 << 20;
 /// Status runs gathered for one BLOCK_STATUS or sparse READ.
 const MAX_RUNS: usize = 16384;
 /// Largest BLOCK_STATUS payload (effect length plus a few context ids).
@@ -91,7 +96,7 @@ impl From<vdisk::Error> for Fail {
 struct Job {
     req: Request,
     payload: PoolBuf,
-    cost: u64,
+    cost: Cost,
 }
 
 /// A request on the connection's ring, from queueing to its reply. Its address is the
@@ -102,7 +107,7 @@ struct RingOp<'a> {
     buf: RingBuf,
     /// Finished once the transfer completed (a write's in-place guard, its bitmaps).
     range: DirectIo<'a>,
-    cost: u64,
+    cost: Cost,
 }
 
 /// A ring request's buffer: a registered slot, or a pooled aligned buffer.
@@ -154,12 +159,12 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         pool: BufPool,
         ring_ops: AtomicU64::new(0),
     };
-    let bytes = if export.async_io {
-        MAX_IN_FLIGHT_BYTES_DIRECT
+    let (read_bytes, write_bytes) = if export.async_io {
+        (MAX_READ_BYTES_DIRECT, MAX_WRITE_BYTES_DIRECT)
     } else {
-        MAX_IN_FLIGHT_BYTES
+        (MAX_IN_FLIGHT_BYTES, MAX_IN_FLIGHT_BYTES)
     };
-    let limiter = Limiter::new(MAX_IN_FLIGHT, bytes);
+    let limiter = Limiter::new(MAX_IN_FLIGHT, read_bytes, write_bytes);
     let queue: WorkQueue<Job> = WorkQueue::default();
     let ring = if export.async_io {
         match Ring::new() {
@@ -287,8 +292,8 @@ impl Conn<'_> {
                 continue;
             }
             let cost = match req.typ {
-                proto::CMD_READ => req.length.min(proto::MAX_PAYLOAD as u64),
-                _ => payload_len,
+                proto::CMD_READ => Cost::read(req.length.min(proto::MAX_PAYLOAD as u64)),
+                _ => Cost::write(payload_len),
             };
             if let Some(ring) = ring {
                 if self.try_ring(rd, ring, limiter, &req, cost)? {
@@ -305,7 +310,7 @@ impl Conn<'_> {
                 self.execute(Job {
                     req,
                     payload,
-                    cost: 0,
+                    cost: Cost::default(),
                 });
                 INLINE.with(|f| f.set(false));
                 continue;
@@ -336,7 +341,7 @@ impl Conn<'_> {
         ring: &Ring,
         limiter: &Limiter,
         req: &Request,
-        cost: u64,
+        cost: Cost,
     ) -> io::Result<bool> {
         let write = match req.typ {
             proto::CMD_READ => false,
@@ -393,7 +398,7 @@ impl Conn<'_> {
     /// Takes `cost` from the budget, waiting if it is spent. Before waiting, whatever
     /// is queued on the ring is submitted: the budget may be held by those very
     /// entries, and only their completions give it back.
-    fn admit(&self, limiter: &Limiter, ring: Option<&Ring>, cost: u64) {
+    fn admit(&self, limiter: &Limiter, ring: Option<&Ring>, cost: Cost) {
         if limiter.try_acquire(cost) {
             return;
         }

@@ -181,32 +181,25 @@ impl Ring {
         slot: Option<usize>,
         user_data: u64,
     ) {
-        let file = self.file(fd);
-        let e = match (file, slot, write) {
-            (Some(f), Some(_), false) => opcode::ReadFixed::new(types::Fixed(f), buf, len, 0)
-                .offset(host)
-                .build(),
-            (Some(f), Some(_), true) => opcode::WriteFixed::new(types::Fixed(f), buf, len, 0)
-                .offset(host)
-                .build(),
-            (Some(f), None, false) => opcode::Read::new(types::Fixed(f), buf, len)
-                .offset(host)
-                .build(),
-            (Some(f), None, true) => opcode::Write::new(types::Fixed(f), buf, len)
-                .offset(host)
-                .build(),
-            (None, Some(_), false) => opcode::ReadFixed::new(types::Fd(fd), buf, len, 0)
-                .offset(host)
-                .build(),
-            (None, Some(_), true) => opcode::WriteFixed::new(types::Fd(fd), buf, len, 0)
-                .offset(host)
-                .build(),
-            (None, None, false) => opcode::Read::new(types::Fd(fd), buf, len)
-                .offset(host)
-                .build(),
-            (None, None, true) => opcode::Write::new(types::Fd(fd), buf, len)
-                .offset(host)
-                .build(),
+        // One opcode per kind of buffer (registered or not) and direction, on the
+        // fixed file where the table has room, else on the descriptor itself.
+        macro_rules! entry {
+            ($fd:expr) => {
+                match (slot.is_some(), write) {
+                    (true, false) => opcode::ReadFixed::new($fd, buf, len, 0)
+                        .offset(host)
+                        .build(),
+                    (true, true) => opcode::WriteFixed::new($fd, buf, len, 0)
+                        .offset(host)
+                        .build(),
+                    (false, false) => opcode::Read::new($fd, buf, len).offset(host).build(),
+                    (false, true) => opcode::Write::new($fd, buf, len).offset(host).build(),
+                }
+            };
+        }
+        let e = match self.file(fd) {
+            Some(f) => entry!(types::Fixed(f)),
+            None => entry!(types::Fd(fd)),
         };
         // SAFETY: the caller keeps the buffer valid until the completion.
         unsafe { self.push(e.user_data(user_data)) };
