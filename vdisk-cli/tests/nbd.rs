@@ -2050,6 +2050,8 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
         let refimg = dir.path().join("ref.qcow2");
         ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
         qemu_io(s(&img), "qcow2", &["write -P 0x11 0 8M"]);
+        // A persistent dirty bitmap: ring writes must mark it as any write does.
+        ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
         std::fs::copy(&img, &refimg).unwrap();
         qemu_io(s(&refimg), "qcow2", &cmds);
         let log = dir.path().join("serve.log");
@@ -2113,5 +2115,13 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
         );
         let c = tool("qemu-img", &["check", "-f", "qcow2", s(&img)]);
         assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
+        // The same dirty clusters as qemu-io's writes marked in the copy.
+        let dirty = |f: &Path| {
+            let q = Server::qemu_nbd(dir.path(), &["-r", "-t", "-f", "qcow2", "-B", "b0"], f);
+            ok("nbdinfo", &["--map=qemu:dirty-bitmap:b0", &q.uri()])
+        };
+        let (a, b) = (dirty(&refimg), dirty(&img));
+        assert!(a.contains("dirty"), "{a}");
+        assert_eq!(a, b, "dirty bitmap after serving (refuse={refuse})");
     }
 }

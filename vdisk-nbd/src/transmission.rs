@@ -15,8 +15,9 @@
 //!
 //! On an O_DIRECT export ([`Export::async_io`]) reads and writes that the image hands
 //! out as direct ranges (allocated data, overwritten in place) go to the connection's
-//! io_uring instead ([`crate::uring`]): the reader queues them, a completion thread
-//! answers each batch of completions in one `writev`. A write is acknowledged only once
+//! io_uring instead ([`crate::uring`]): the reader queues them, and where it would wait
+//! for the client it waits on the ring, answering each batch of completions in one
+//! `writev`. A write is acknowledged only once
 //! its completion arrived; a FLUSH (on the workers) therefore covers every write
 //! acknowledged before it. Where the kernel refuses io_uring, the workers do it all.
 
@@ -30,6 +31,7 @@ use crate::uring::Ring;
 use std::cell::{Cell, RefCell};
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use vdisk::chain::ChainExtent;
@@ -100,8 +102,8 @@ struct Job {
 }
 
 /// A request on the connection's ring, from queueing to its reply. Its address is the
-/// entry's user data: the reader leaks the box into the ring and the completion thread
-/// takes it back.
+/// entry's user data: the reader leaks the box into the ring and takes it back from the
+/// completion.
 struct RingOp<'a> {
     req: Request,
     buf: RingBuf,
@@ -166,7 +168,14 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
     };
     let limiter = Limiter::new(MAX_IN_FLIGHT, read_bytes, write_bytes);
     let queue: WorkQueue<Job> = WorkQueue::default();
-    let ring = if export.async_io {
+    // TLS keeps plaintext the socket's readiness does not show: the ring's wait on the
+    // socket could sleep on buffered requests. TLS connections use the workers.
+    let sock = match &stream {
+        Stream::Tcp(t) => Some(t.as_raw_fd()),
+        Stream::Unix(u) => Some(u.as_raw_fd()),
+        Stream::Tls(_) => None,
+    };
+    let ring = if export.async_io && sock.is_some() {
         match Ring::new() {
             Ok(r) => Some(r),
             Err(e) => {
@@ -178,10 +187,6 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         None
     };
     let result = std::thread::scope(|sc| {
-        let completer = ring.as_ref().map(|ring| {
-            let (conn, limiter) = (&conn, &limiter);
-            sc.spawn(move || conn.complete_loop(ring, limiter))
-        });
         for _ in 0..WORKERS {
             let (conn, limiter, queue) = (&conn, &limiter, &queue);
             sc.spawn(move || {
@@ -195,17 +200,20 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         let r = match stream.try_clone() {
             Ok(s) => {
                 let mut rd = BufReader::with_capacity(64 * 1024, s);
-                let r = conn.read_loop(&mut rd, &limiter, &queue, ring.as_ref());
+                let ring = ring.as_ref().zip(sock);
+                let r = conn.read_loop(&mut rd, &limiter, &queue, ring);
                 // Whatever was served inline is answered before the connection ends.
                 conn.flush_batch();
                 r
             }
             Err(e) => Err(e),
         };
-        // What is on the ring completes and is answered; then its thread stops.
-        if let (Some(ring), Some(c)) = (ring.as_ref(), completer) {
-            ring.queue_stop();
-            let _ = c.join();
+        // What is on the ring completes and is answered.
+        if let Some(ring) = ring.as_ref() {
+            ring.cancel_poll();
+            while ring.outstanding() > 0 {
+                conn.ring_step(ring, &limiter, true);
+            }
             crate::vlog!(
                 "{} requests went through io_uring",
                 conn.ring_ops.load(Ordering::Relaxed)
@@ -226,7 +234,7 @@ impl Conn<'_> {
         rd: &mut BufReader<R>,
         limiter: &Limiter,
         queue: &WorkQueue<Job>,
-        ring: Option<&Ring>,
+        ring: Option<(&Ring, RawFd)>,
     ) -> io::Result<()> {
         let ext = self.neg.extended;
         let header_len = if ext { 32 } else { 28 };
@@ -234,13 +242,17 @@ impl Conn<'_> {
             if self.dead.load(Ordering::Acquire) {
                 return Ok(());
             }
+            if let Some((r, _)) = ring {
+                // Answer what completed meanwhile (no system call when nothing did).
+                if r.transfers() > 0 {
+                    self.ring_step(r, limiter, false);
+                }
+            }
             if rd.buffer().len() < header_len {
                 // The next header may need the socket: answer what was served first,
-                // and start what was queued on the ring.
+                // and wait on the ring while transfers are in flight.
                 self.flush_batch();
-                if let Some(ring) = ring {
-                    ring.submit();
-                }
+                self.await_socket(ring, limiter);
             }
             let req = match proto::read_request(rd, ext) {
                 Ok(r) => r,
@@ -295,8 +307,8 @@ impl Conn<'_> {
                 proto::CMD_READ => Cost::read(req.length.min(proto::MAX_PAYLOAD as u64)),
                 _ => Cost::write(payload_len),
             };
-            if let Some(ring) = ring {
-                if self.try_ring(rd, ring, limiter, &req, cost)? {
+            if let Some(r) = ring {
+                if self.try_ring(rd, r, limiter, &req, cost)? {
                     continue;
                 }
             }
@@ -317,11 +329,9 @@ impl Conn<'_> {
             }
             if rd.buffer().len() < payload_len as usize {
                 self.flush_batch();
-                if let Some(ring) = ring {
-                    ring.submit();
-                }
+                self.await_socket(ring, limiter);
             }
-            self.admit(limiter, ring, cost);
+            self.admit(limiter, ring.map(|r| r.0), cost);
             let mut payload = self.pool.get(payload_len as usize);
             if let Err(e) = rd.read_exact(&mut payload) {
                 // The client vanished mid-payload: nothing of it is acknowledged.
@@ -338,7 +348,7 @@ impl Conn<'_> {
     fn try_ring<R: Read>(
         &self,
         rd: &mut BufReader<R>,
-        ring: &Ring,
+        (ring, sock): (&Ring, RawFd),
         limiter: &Limiter,
         req: &Request,
         cost: Cost,
@@ -358,11 +368,11 @@ impl Conn<'_> {
             return Ok(false);
         };
         let len = req.length as usize;
-        if write && rd.buffer().len() < len {
-            // The payload needs the socket: start what is queued first.
-            ring.submit();
-        }
         self.admit(limiter, Some(ring), cost);
+        if write && rd.buffer().len() < len {
+            // The payload needs the socket: answer and start what is on the ring first.
+            self.await_socket(Some((ring, sock)), limiter);
+        }
         let mut buf = match ring.take_slot(len) {
             Some(i) => RingBuf::Slot(i, len),
             None => RingBuf::Pool(self.pool.get(len)),
@@ -388,46 +398,62 @@ impl Conn<'_> {
         let user_data = Box::into_raw(op) as u64;
         // SAFETY: the buffer lives in the boxed op, which the completion thread takes
         // back only when this entry's completion arrives; `ptr` (a slot, or a pooled
-        // buffer's heap memory) does not move with the box. A box is never at address 0
-        // (STOP).
+        // buffer's heap memory) does not move with the box. A box is never at address 1
+        // or 2 (POLL, CANCEL): it is aligned to 8.
         unsafe { ring.queue(write, fd, host, ptr, len as u32, slot, user_data) };
         self.ring_ops.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
-    /// Takes `cost` from the budget, waiting if it is spent. Before waiting, whatever
-    /// is queued on the ring is submitted: the budget may be held by those very
-    /// entries, and only their completions give it back.
+    /// Takes `cost` from the budget, waiting if it is spent: on the ring while it has
+    /// transfers in flight (only their completions, which this thread reaps, give
+    /// their share back), else for the workers.
     fn admit(&self, limiter: &Limiter, ring: Option<&Ring>, cost: Cost) {
-        if limiter.try_acquire(cost) {
-            return;
-        }
-        if let Some(ring) = ring {
-            ring.submit();
-        }
-        limiter.acquire(cost);
-    }
-
-    /// The completion thread: answers ring requests as their completions arrive, each
-    /// batch in one `writev`, until the reader's stop entry and everything queued
-    /// before it have completed.
-    fn complete_loop(&self, ring: &Ring, limiter: &Limiter) {
-        let mut stop = false;
-        let mut done: Vec<(Box<RingOp<'_>>, i32)> = Vec::with_capacity(MAX_IN_FLIGHT);
-        while !(stop && ring.outstanding() == 0) {
-            ring.reap(|ud, res| {
-                if ud == crate::uring::STOP {
-                    stop = true;
-                } else {
-                    // SAFETY: every other entry's user data is a RingOp leaked by
-                    // `try_ring`, completed exactly once.
-                    done.push((unsafe { Box::from_raw(ud as *mut RingOp<'_>) }, res));
+        while !limiter.try_acquire(cost) {
+            match ring {
+                Some(r) if r.transfers() > 0 => {
+                    self.ring_step(r, limiter, true);
                 }
-            });
-            if !done.is_empty() {
-                self.answer_ring(ring, limiter, &mut done);
+                _ => return limiter.acquire(cost),
             }
         }
+    }
+
+    /// Before a read that may wait for the client: submits what is queued and, while
+    /// transfers are in flight, answers their completions until the socket is
+    /// readable (the read then finds data, or the end of the stream).
+    fn await_socket(&self, ring: Option<(&Ring, RawFd)>, limiter: &Limiter) {
+        let Some((r, sock)) = ring else {
+            return;
+        };
+        r.submit();
+        while r.transfers() > 0 {
+            r.poll_socket(sock);
+            // A poll that completed before the reader last read may be stale: only a
+            // socket readable now ends the wait (else the reader could sleep in its
+            // read with completions unanswered that the client waits for).
+            if self.ring_step(r, limiter, true) && readable_now(sock) {
+                return;
+            }
+        }
+    }
+
+    /// Answers the ring's completions (`wait`: waiting for at least one); true when
+    /// the socket's poll completed among them.
+    fn ring_step(&self, ring: &Ring, limiter: &Limiter, wait: bool) -> bool {
+        let mut readable = false;
+        let mut done: Vec<(Box<RingOp<'_>>, i32)> = Vec::new();
+        ring.reap(wait, |ud, res| match ud {
+            crate::uring::POLL => readable = true,
+            crate::uring::CANCEL => {}
+            // SAFETY: every other entry's user data is a RingOp leaked by `try_ring`,
+            // completed exactly once.
+            _ => done.push((unsafe { Box::from_raw(ud as *mut RingOp<'_>) }, res)),
+        });
+        if !done.is_empty() {
+            self.answer_ring(ring, limiter, &mut done);
+        }
+        readable
     }
 
     /// Answers completed ring requests: one `writev` for all their replies. A failed or
@@ -948,6 +974,18 @@ impl Conn<'_> {
             let _ = out.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Whether `fd` has data (or its end) to read right now.
+fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call; zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r != 0 && (r < 0 || p.revents != 0)
 }
 
 /// `write_all` over several buffers with as few system calls as possible.

@@ -1,25 +1,29 @@
 //! A connection's io_uring: reads and writes that the image hands out as direct ranges
-//! ([`vdisk::Image::direct`], O_DIRECT files) are submitted by the connection's reader
-//! and completed by one completion thread, with no worker-pool hop.
+//! ([`vdisk::Image::direct`], O_DIRECT files) are submitted and completed by the
+//! connection's reader itself, with no worker-pool hop.
 //!
 //! Why: with O_DIRECT a request waits for the device, so the reader cannot run it
-//! itself (it would serve one request at a time), and handing it to a worker costs
-//! a queue wake-up, a limiter wake-up and a reply `writev` per request. On the ring the
-//! reader only queues an entry (one `io_uring_enter` for all the requests it read in
-//! one go), the kernel keeps them all in flight, and the completion thread wakes once
-//! for every batch of completions and answers the whole batch in one `writev`.
+//! synchronously (it would serve one request at a time), and handing it to a worker
+//! costs a queue wake-up, a limiter wake-up and a reply `writev` per request. On the
+//! ring the reader only queues an entry (one `io_uring_enter` for all the requests it
+//! read in one go) and the kernel keeps them all in flight. When the reader would wait
+//! for the client, it waits on the ring instead, for the socket (a poll entry) or a
+//! completion, whichever comes first, and answers every completion it finds in one
+//! `writev`. One thread submits and completes, so a completion wakes one thread (the
+//! kernel runs a completion's work on the submitting thread: with a separate completion
+//! thread every batch woke the reader first, then the completer, which cost most under
+//! CPU contention).
 //!
-//! The submission queue is used by the reader alone and the completion queue by the
-//! completion thread alone (the split io_uring allows). Small requests use slots of one
-//! registered buffer (`READ_FIXED`/`WRITE_FIXED`: no page pinning per request), the
-//! image's files are registered too (fixed files: no descriptor lookup per request).
-//! Everything else (bigger requests, flushes, allocating writes, holes) stays on the
-//! worker pool, which is also the whole path when the kernel refuses io_uring.
+//! Small requests use slots of one registered buffer (`READ_FIXED`/`WRITE_FIXED`: no
+//! page pinning per request), the image's files are registered too (fixed files: no
+//! descriptor lookup per request). Everything else (bigger requests stay on the ring
+//! with pooled buffers; flushes, FUA and allocating writes, holes, TLS connections go
+//! to the worker pool, which is also the whole path when the kernel refuses io_uring).
 
 use io_uring::{opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use vdisk::storage::pool::{self, AlignedBuf};
@@ -35,15 +39,17 @@ pub const SLOTS: usize = 32;
 pub const SLOT_BYTES: usize = 8 << 10;
 /// Registered files: the image's data file and a few more (an external data file).
 const FILES: u32 = 8;
-/// User data of the entry that tells the completion thread the reader is done (never
-/// the address of an operation).
-pub const STOP: u64 = 0;
+/// User data of the poll entry on the client's socket (never the address of an
+/// operation: those are boxes, aligned to 8).
+pub const POLL: u64 = 1;
+/// User data of the entry that cancels the poll when the connection ends.
+pub const CANCEL: u64 = 2;
 /// How long a submission that the kernel keeps refusing for lack of resources is
 /// retried before the process gives up (entries queued on the ring point at buffers
 /// that cannot be taken back).
 const SUBMIT_PATIENCE: Duration = Duration::from_secs(30);
 
-/// The ring of one connection. `Sync`: the reader submits, the completion thread reaps.
+/// The ring of one connection, used by its reader thread.
 pub struct Ring {
     ring: IoUring,
     /// The registered buffer, `SLOTS * SLOT_BYTES` bytes, 4 KiB aligned.
@@ -54,13 +60,15 @@ pub struct Ring {
     free: AtomicU64,
     /// Descriptors registered as fixed files, by index (the reader's).
     files: Mutex<Vec<RawFd>>,
-    /// Entries queued and not yet completed.
+    /// Entries queued and not yet completed (the poll included).
     outstanding: AtomicUsize,
+    /// A poll entry on the socket is queued and not completed.
+    polling: AtomicBool,
 }
 
 // SAFETY: `base` points into `slab`, which the ring owns and never moves; each slot is
 // used by one request at a time (the `free` bit is its ownership), and the queues are
-// used one thread each (see the module documentation).
+// used by the reader thread alone.
 unsafe impl Send for Ring {}
 // SAFETY: as above.
 unsafe impl Sync for Ring {}
@@ -99,6 +107,7 @@ impl Ring {
             free: AtomicU64::new((1u64 << SLOTS) - 1),
             files: Mutex::new(Vec::new()),
             outstanding: AtomicUsize::new(0),
+            polling: AtomicBool::new(false),
         })
     }
 
@@ -169,7 +178,7 @@ impl Ring {
     ///
     /// # Safety
     /// `buf` (`len` bytes) must stay valid, and not be touched, until the completion
-    /// tagged `user_data` has been reaped; `user_data` must not be [`STOP`].
+    /// tagged `user_data` has been reaped; `user_data` must not be [`POLL`] or [`CANCEL`].
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn queue(
         &self,
@@ -205,11 +214,27 @@ impl Ring {
         unsafe { self.push(e.user_data(user_data)) };
     }
 
-    /// Queues the entry that ends the completion thread once everything before it has
-    /// completed. Reader only, after its last request.
-    pub fn queue_stop(&self) {
-        let e = opcode::Nop::new().build().user_data(STOP);
-        // SAFETY: a no-op points at no memory.
+    /// Queues a poll for the client's socket `fd` becoming readable (or hung up),
+    /// unless one is queued already; its completion carries [`POLL`].
+    pub fn poll_socket(&self, fd: RawFd) {
+        if self.polling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(POLL);
+        // SAFETY: a poll points at no memory.
+        unsafe { self.push(e) };
+    }
+
+    /// Cancels a queued poll (the connection ends); its completion and the cancel's
+    /// own ([`CANCEL`]) are reaped like the others.
+    pub fn cancel_poll(&self) {
+        if !self.polling.load(Ordering::Acquire) {
+            return;
+        }
+        let e = opcode::AsyncCancel::new(POLL).build().user_data(CANCEL);
+        // SAFETY: a cancel points at no memory.
         unsafe { self.push(e) };
         self.submit();
     }
@@ -261,10 +286,10 @@ impl Ring {
         }
     }
 
-    /// Waits for at least one completion, then hands every available one to `f`
-    /// (user data, result: bytes or -errno). Completion thread only.
-    pub fn reap(&self, mut f: impl FnMut(u64, i32)) {
-        loop {
+    /// Hands every completion available to `f` (user data, result: bytes or -errno);
+    /// with `wait`, first submits what is queued and waits for at least one.
+    pub fn reap(&self, wait: bool, mut f: impl FnMut(u64, i32)) {
+        while wait {
             match self.ring.submitter().submit_and_wait(1) {
                 Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -277,17 +302,26 @@ impl Ring {
                 }
             }
         }
-        // SAFETY: only the completion thread makes a completion queue.
+        // SAFETY: only the reader thread makes a completion queue.
         let cq = unsafe { self.ring.completion_shared() };
         for c in cq {
             self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            if c.user_data() == POLL {
+                self.polling.store(false, Ordering::Release);
+            }
             f(c.user_data(), c.result());
         }
     }
 
-    /// Entries queued and not yet reaped.
+    /// Entries queued and not yet reaped, the poll included.
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Transfers queued and not yet reaped (the poll and its cancel not counted).
+    pub fn transfers(&self) -> usize {
+        self.outstanding()
+            .saturating_sub(self.polling.load(Ordering::Acquire) as usize)
     }
 }
 
