@@ -24,8 +24,11 @@ cd "$(dirname "$0")/.."
 for t in valgrind qemu-img fio; do
   command -v "$t" >/dev/null || { echo "bench/callgrind.sh: $t is required" >&2; exit 1; }
 done
-cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
-VDISK=$PWD/target/release/vdisk
+# VDISK=/path/to/vdisk measures that build instead of building this tree.
+if [ -z "${VDISK:-}" ]; then
+  cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
+  VDISK=$PWD/target/release/vdisk
+fi
 N1=${N1:-2000}
 N2=${N2:-6000}
 
