@@ -73,14 +73,6 @@ unsafe impl Send for Ring {}
 // SAFETY: as above.
 unsafe impl Sync for Ring {}
 
-impl std::fmt::Debug for Ring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ring")
-            .field("outstanding", &self.outstanding.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
 impl Ring {
     /// A ring with its buffer and file tables registered; fails where the kernel
     /// refuses io_uring (or [`vdisk::storage::IO_URING_REFUSE_ENV`] is set, which
@@ -289,18 +281,8 @@ impl Ring {
     /// Hands every completion available to `f` (user data, result: bytes or -errno);
     /// with `wait`, first submits what is queued and waits for at least one.
     pub fn reap(&self, wait: bool, mut f: impl FnMut(u64, i32)) {
-        while wait {
-            match self.ring.submitter().submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
-                Err(e) => {
-                    // Completions may still come; do not spin.
-                    crate::vlog!("io_uring wait: {e}");
-                    std::thread::sleep(Duration::from_millis(1));
-                    break;
-                }
-            }
+        if wait {
+            self.wait_one();
         }
         // SAFETY: only the reader thread makes a completion queue.
         let cq = unsafe { self.ring.completion_shared() };
@@ -313,6 +295,23 @@ impl Ring {
         }
     }
 
+    /// Submits what is queued and waits for at least one completion.
+    fn wait_one(&self) {
+        loop {
+            match self.ring.submitter().submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => {
+                    // Completions may still come; do not spin.
+                    crate::vlog!("io_uring wait: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                    break;
+                }
+            }
+        }
+    }
+
     /// Entries queued and not yet reaped, the poll included.
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Acquire)
@@ -322,6 +321,14 @@ impl Ring {
     pub fn transfers(&self) -> usize {
         self.outstanding()
             .saturating_sub(self.polling.load(Ordering::Acquire) as usize)
+    }
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("outstanding", &self.outstanding.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
