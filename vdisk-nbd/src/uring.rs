@@ -334,6 +334,14 @@ impl std::fmt::Debug for Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        // Normally the connection reaped everything first. If it did not (it is
+        // unwinding from a panic), transfers may still write into their buffers:
+        // wait for them, leaking their operations (and so the buffers) rather than
+        // freeing memory the kernel still writes to.
+        self.cancel_poll();
+        while self.outstanding() > 0 {
+            self.reap(true, |_, _| {});
+        }
         // The ring is torn down asynchronously after its descriptor closes; its
         // registered files (with the image's locks) and pinned buffer would outlive the
         // connection for a moment. Unregistering drops them now. Nothing is in flight:
