@@ -476,6 +476,12 @@ pub trait Mapper: Send + Sync {
     /// writable: in place, or through a new allocation. The target covers a prefix of
     /// the range (at least one byte); the data path calls again for the rest.
     fn prepare_write(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>>;
+    /// [`Mapper::prepare_write`] for a range whose start is overwritten in place:
+    /// `None` (nothing reserved or changed) where it would allocate. The default asks
+    /// [`Mapper::map`] first; a driver that can tell from one lookup overrides it.
+    fn prepare_in_place(&self, guest: GuestOffset, len: u64) -> Result<Option<WriteTarget<'_>>> {
+        super::datapath::direct::in_place_by_map(self, guest, len)
+    }
     /// Links an allocation into the mapping once its data and COW regions are written,
     /// and removes it from the in-flight list. On error the driver has given its
     /// clusters back (or left them to be found as leaks) and the image stays consistent.

@@ -1,11 +1,13 @@
 //! Direct ranges ([`DirectRange`]) through a [`Mapper`]: a guest range a front-end can
 //! transfer itself, asynchronously, because it is one allocated host run.
 //!
-//! The lookups are the ones the synchronous data path makes (`map`, then for a write
-//! `prepare_write`), so the ordering rules are the same: a write gets the driver's
-//! in-place guard, and an allocating write is never done this way (the driver orders
-//! overlapping allocations in the ordinary path).
+//! The lookups are the ones the synchronous data path makes (`map` for a read,
+//! `prepare_write` restricted to in-place targets for a write), so the ordering rules
+//! are the same: a write gets the driver's in-place guard, and an allocating write is
+//! never done this way (the driver orders overlapping allocations in the ordinary
+//! path).
 
+use crate::error::Result;
 use crate::format::mapping::{
     DirectRange, GuestOffset, InPlaceGuard, Mapper, Mapping, WriteTarget,
 };
@@ -22,42 +24,54 @@ pub fn direct<M: Mapper + ?Sized>(
         return None;
     }
     let guest = GuestOffset(offset);
+    if write {
+        return match m.prepare_in_place(guest, len).ok()?? {
+            WriteTarget::InPlace {
+                store,
+                host,
+                len: n,
+                guard,
+            } if n == len => {
+                let fd = m.store(store).direct_fd(host.get(), len, true)?;
+                Some(DirectRange::new(fd, host.get(), len, guard))
+            }
+            WriteTarget::InPlace { .. } => None,
+            // Not what prepare_in_place returns; nothing is written through it.
+            WriteTarget::Allocate(a) => {
+                m.abort(a);
+                None
+            }
+        };
+    }
     let run = m.map(guest, len).ok()?;
-    let Mapping::Data {
-        store,
-        host,
-        in_place,
-    } = run.mapping
-    else {
-        return None;
-    };
-    if run.len < len {
-        return None;
-    }
-    if !write {
-        let fd = m.store(store).direct_fd(host.get(), len, false)?;
-        return Some(DirectRange::new(fd, host.get(), len, InPlaceGuard::none()));
-    }
-    if !in_place {
-        // Shared with a snapshot: the write allocates.
-        return None;
-    }
-    match m.prepare_write(guest, len).ok()? {
-        WriteTarget::InPlace {
-            store,
-            host,
-            len: n,
-            guard,
-        } if n == len => {
-            let fd = m.store(store).direct_fd(host.get(), len, true)?;
-            Some(DirectRange::new(fd, host.get(), len, guard))
+    match run.mapping {
+        Mapping::Data { store, host, .. } if run.len == len => {
+            let fd = m.store(store).direct_fd(host.get(), len, false)?;
+            Some(DirectRange::new(fd, host.get(), len, InPlaceGuard::none()))
         }
-        WriteTarget::InPlace { .. } => None,
+        _ => None,
+    }
+}
+
+/// The default of [`Mapper::prepare_in_place`]: `map` says whether the start of the
+/// range is data that can be overwritten in place, and only then is `prepare_write`
+/// asked (an allocation it still returns, the mapping having changed meanwhile, is
+/// given back: nothing was written to it).
+pub fn in_place_by_map<M: Mapper + ?Sized>(
+    m: &M,
+    guest: GuestOffset,
+    len: u64,
+) -> Result<Option<WriteTarget<'_>>> {
+    let run = m.map(guest, len)?;
+    if !matches!(run.mapping, Mapping::Data { in_place: true, .. }) {
+        // A hole, zeroes, compressed, or shared with a snapshot: the write allocates.
+        return Ok(None);
+    }
+    match m.prepare_write(guest, len)? {
+        t @ WriteTarget::InPlace { .. } => Ok(Some(t)),
         WriteTarget::Allocate(a) => {
-            // The mapping changed since `map` (a concurrent discard): nothing was
-            // written, give the clusters back and let the ordinary path allocate.
             m.abort(a);
-            None
+            Ok(None)
         }
     }
 }
