@@ -12,6 +12,8 @@
 #   nbd-read4k  `vdisk serve` (qcow2, writeback) answering fio's 4 KiB random reads
 #               (nbd engine, QD32): the server's instructions per request
 #   nbd-read4k-direct  the same with --cache=none
+#   nbd-write4k, nbd-write4k-direct  the same with fio's 4 KiB random writes (in place:
+#               every cluster is allocated)
 #
 # Usage: bench/callgrind.sh                         (the build in target/release)
 #        VDISK_BASE=/tmp/old/vdisk bench/callgrind.sh   (adds a column for an older build)
@@ -22,8 +24,11 @@ cd "$(dirname "$0")/.."
 for t in valgrind qemu-img fio; do
   command -v "$t" >/dev/null || { echo "bench/callgrind.sh: $t is required" >&2; exit 1; }
 done
-cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
-VDISK=$PWD/target/release/vdisk
+# VDISK=/path/to/vdisk measures that build instead of building this tree.
+if [ -z "${VDISK:-}" ]; then
+  cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
+  VDISK=$PWD/target/release/vdisk
+fi
 N1=${N1:-2000}
 N2=${N2:-6000}
 
@@ -66,18 +71,20 @@ per_request() {
         qemu-img create -q -f qcow2 "$tmp/fresh.qcow2" 1G
         v=$(cg "$tmp/cg.$n" "$bin" bench -w -t $t --pattern=7 -s 4k -S 64k -c "$n" -d 1 "$tmp/fresh.qcow2")
         qemu-img check -q "$tmp/fresh.qcow2" || { echo "check failed after $kind" >&2; exit 1; } ;;
-      nbd-read4k | nbd-read4k-direct)
-        local c=writeback
-        [ "$kind" = nbd-read4k-direct ] && c=none
+      nbd-read4k | nbd-read4k-direct | nbd-write4k | nbd-write4k-direct)
+        local c=writeback rw=randread
+        case $kind in *-direct) c=none ;; esac
+        case $kind in nbd-write*) rw=randwrite ;; esac
         rm -f "$tmp/s.sock" "$tmp/pid"
+        cp "$tmp/full.qcow2" "$tmp/served.qcow2"
         valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$n" \
           "$bin" serve -f qcow2 -k "$tmp/s.sock" -t -e 4 --cache=$c --pid-file "$tmp/pid" \
-          "$tmp/full.qcow2" >/dev/null 2>"$tmp/cg.$n.log" &
+          "$tmp/served.qcow2" >/dev/null 2>"$tmp/cg.$n.log" &
         SRV=$!
         for _ in $(seq 1 600); do [ -S "$tmp/s.sock" ] && [ -s "$tmp/pid" ] && break; sleep 0.1; done
         [ -S "$tmp/s.sock" ] || { echo "server did not start" >&2; cat "$tmp/cg.$n.log" >&2; exit 1; }
         fio --output=/dev/null --name=j --ioengine=nbd --uri="nbd+unix:///?socket=$tmp/s.sock" \
-          --rw=randread --bs=4k --iodepth=32 --number_ios="$n" --size=64M
+          --rw=$rw --bs=4k --iodepth=32 --number_ios="$n" --size=64M
         kill -TERM "$(cat "$tmp/pid")"
         wait "$SRV" || true
         SRV=""
@@ -88,7 +95,7 @@ per_request() {
   echo $(((b - a) / (N2 - N1)))
 }
 
-KINDS=${KINDS:-"read4k read4k-direct alloc4k alloc4k-direct nbd-read4k nbd-read4k-direct"}
+KINDS=${KINDS:-"read4k read4k-direct alloc4k alloc4k-direct nbd-read4k nbd-read4k-direct nbd-write4k nbd-write4k-direct"}
 if [ -n "${VDISK_BASE:-}" ]; then
   echo "| path | instructions/request, base ($VDISK_BASE) | instructions/request, this build | ratio |"
   echo "|---|---:|---:|---:|"

@@ -14,8 +14,11 @@ cd "$(dirname "$0")/.."
 for t in strace qemu-img qemu-nbd fio; do
   command -v "$t" >/dev/null || { echo "bench/syscalls.sh: $t is required" >&2; exit 1; }
 done
-cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
-VDISK=$PWD/target/release/vdisk
+# VDISK=/path/to/vdisk measures that build instead of building this tree.
+if [ -z "${VDISK:-}" ]; then
+  cargo build --release -q -p vdisk-cli 2>/dev/null || cargo build --release -p vdisk-cli
+  VDISK=$PWD/target/release/vdisk
+fi
 N=${N:-20000}
 NA=${NA:-2000}
 tmp=$(mktemp -d)

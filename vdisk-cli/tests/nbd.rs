@@ -98,8 +98,25 @@ impl Server {
     }
 
     fn start_prog(prog: &str, dir: &Path, args: &[&str], file: &Path, ep: Endpoint) -> Server {
+        Server::start_with(prog, dir, args, file, ep, &[], None)
+    }
+
+    /// Starts `prog` with extra environment variables, its stderr to `stderr` if given.
+    fn start_with(
+        prog: &str,
+        dir: &Path,
+        args: &[&str],
+        file: &Path,
+        ep: Endpoint,
+        env: &[(&str, &str)],
+        stderr: Option<std::fs::File>,
+    ) -> Server {
         let pid_file = dir.join(format!("serve-{}.pid", rand::random::<u32>()));
         let mut cmd = Command::new(prog);
+        cmd.envs(env.iter().copied());
+        if let Some(f) = stderr {
+            cmd.stderr(f);
+        }
         if prog == VDISK {
             cmd.arg("serve");
         }
@@ -1999,5 +2016,125 @@ fn block_sizes_and_pid_file_like_qemu_nbd() {
         let pid_file = srv.pid_file.clone();
         srv.terminate();
         assert!(pid_file.exists(), "{prog}: pid file left");
+    }
+}
+
+/// With `--cache=none`, reads and writes of allocated clusters go through each
+/// connection's io_uring (registered slots for small requests, pooled buffers for big
+/// ones, several in flight), everything else (unaligned, allocating, flushes) through the
+/// workers; with io_uring refused (simulated by the environment variable the storage
+/// engine's fallback test uses) the workers serve it all. Either way the image ends up
+/// as the same commands run by qemu-io on a copy make it, and passes `qemu-img check`.
+#[test]
+fn odirect_requests_through_io_uring_and_its_fallback() {
+    let cmds = [
+        "write -P 0x22 4096 4096",
+        "write -P 0x33 1M 1M",
+        "write -P 0x44 100 1000",
+        "write -P 0x55 16M 64k",
+        "aio_write -P 0x66 2M 4k",
+        "aio_write -P 0x67 3M 16k",
+        "aio_write -P 0x68 4M 20k",
+        "aio_write -P 0x69 5M 256k",
+        "aio_flush",
+        "write -P 0x77 6M 4k",
+        "flush",
+        "write -P 0x78 6M 4k",
+    ];
+    let reads = [
+        "read -P 0x22 4096 4096",
+        "read -P 0x33 1M 1M",
+        "read -P 0x44 100 1000",
+        "read -P 0x11 8k 4k",
+        "read -P 0x55 16M 64k",
+        "read -P 0x66 2M 4k",
+        "read -P 0x67 3M 16k",
+        "read -P 0x68 4M 20k",
+        "read -P 0x69 5M 256k",
+        "read -P 0x78 6M 4k",
+        "read -P 0 32M 4k",
+        "aio_read -P 0x11 7M 4k",
+        "aio_read -P 0x11 7340032 8k",
+        "aio_flush",
+    ];
+    for refuse in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("o.qcow2");
+        let refimg = dir.path().join("ref.qcow2");
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+        qemu_io(s(&img), "qcow2", &["write -P 0x11 0 8M"]);
+        // A persistent dirty bitmap: ring writes must mark it as any write does.
+        ok("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+        std::fs::copy(&img, &refimg).unwrap();
+        qemu_io(s(&refimg), "qcow2", &cmds);
+        let log = dir.path().join("serve.log");
+        let env: &[(&str, &str)] = if refuse {
+            &[("VDISK_TEST_REFUSE_IO_URING", "1")]
+        } else {
+            &[]
+        };
+        let sock = dir.path().join("o.sock");
+        let mut srv = Server::start_with(
+            VDISK,
+            dir.path(),
+            &["-v", "-t", "-f", "qcow2", "--cache=none"],
+            &img,
+            Endpoint::Unix(sock),
+            env,
+            Some(std::fs::File::create(&log).unwrap()),
+        );
+        // `-t writeback`: qemu-io's default (writethrough) makes every write FUA,
+        // which stays on the workers.
+        for batch in [&cmds[..], &reads[..]] {
+            let mut args = vec!["-t", "writeback", "-f", "raw"];
+            for c in batch {
+                args.extend(["-c", c]);
+            }
+            let uri = srv.uri();
+            args.push(&uri);
+            let out = ok("qemu-io", &args);
+            assert!(
+                !out.contains("failed") && !out.contains("Pattern verification"),
+                "{out}"
+            );
+        }
+        // And FUA writes (workers) beside ring reads of the same clusters.
+        qemu_io(
+            &srv.uri(),
+            "raw",
+            &["write -P 0x78 6M 4k", "read -P 0x78 6M 4k"],
+        );
+        assert!(srv.terminate().success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        if refuse {
+            assert!(text.contains("io_uring unavailable"), "{text}");
+            assert!(!text.contains("went through io_uring"), "{text}");
+        } else {
+            let n: Vec<u64> = text
+                .lines()
+                .filter_map(|l| l.strip_suffix(" requests went through io_uring"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .collect();
+            // The first connection's writes: 4k, 1M, the four aio writes but 5M
+            // (256k, under the budget too), 6M; the second's reads of allocated data.
+            assert!(
+                n.len() == 3 && n[0] >= 5 && n[1] >= 8 && n[2] == 1,
+                "{text}"
+            );
+        }
+        ok(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "qcow2", s(&refimg), s(&img)],
+        );
+        let c = tool("qemu-img", &["check", "-f", "qcow2", s(&img)]);
+        assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
+        // The same dirty clusters as qemu-io's writes marked in the copy.
+        let dirty = |f: &Path| {
+            let q = Server::qemu_nbd(dir.path(), &["-r", "-t", "-f", "qcow2", "-B", "b0"], f);
+            ok("nbdinfo", &["--map=qemu:dirty-bitmap:b0", &q.uri()])
+        };
+        let (a, b) = (dirty(&refimg), dirty(&img));
+        assert!(a.contains("dirty"), "{a}");
+        assert_eq!(a, b, "dirty bitmap after serving (refuse={refuse})");
     }
 }

@@ -283,7 +283,9 @@ pub fn run(a: ServeArgs) -> i32 {
         return crate::exports::run(&a, image, plan.export.discard);
     }
     let inline = crate::export::inline_max_for(&image, plan.open.cache.direct());
-    let export = Export::new(image.clone(), plan.export).with_inline_max(inline);
+    let export = Export::new(image.clone(), plan.export)
+        .with_inline_max(inline)
+        .with_async_io(plan.open.cache.direct());
     let export = if a.snapshot && !a.bitmaps.is_empty() {
         // `-s -B`: the bitmaps of FILE itself (the overlay has none), read once now.
         let mut o = plan.open.clone();

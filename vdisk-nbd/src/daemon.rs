@@ -266,7 +266,8 @@ fn run_inner(a: &DaemonArgs) -> Result<i32, String> {
                             discard,
                         },
                     )
-                    .with_inline_max(inline),
+                    .with_inline_max(inline)
+                    .with_async_io(cache.direct()),
                 );
                 let server = Server::new(
                     listener,

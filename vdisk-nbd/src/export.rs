@@ -114,6 +114,11 @@ pub struct Export {
     /// can wait long in the driver (O_DIRECT, a network backing file) would hold up
     /// every request behind it, so those go to the worker pool.
     pub inline_max: u64,
+    /// Connections try an io_uring of their own for the reads and writes the image
+    /// hands out as direct ranges ([`vdisk::Image::direct`]: O_DIRECT files), see
+    /// [`crate::uring`]; false (the default of [`Export::new`]): the worker pool only.
+    /// `vdisk serve` sets it with `--cache=none` / `directsync`.
+    pub async_io: bool,
 }
 
 /// The [`Export::inline_max`] of a buffered image on local files.
@@ -142,7 +147,14 @@ impl Export {
             cfg,
             bitmaps: Vec::new(),
             inline_max: 0,
+            async_io: false,
         }
+    }
+
+    /// Sets [`Export::async_io`].
+    pub fn with_async_io(mut self, on: bool) -> Export {
+        self.async_io = on;
+        self
     }
 
     /// Sets [`Export::inline_max`].

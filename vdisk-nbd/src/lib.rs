@@ -4,6 +4,7 @@
 //! - [`proto`]: wire constants and header layouts.
 //! - [`handshake`]: fixed-newstyle option negotiation.
 //! - [`transmission`]: request execution with concurrent workers per connection.
+//! - [`uring`]: a connection's io_uring for O_DIRECT reads and writes.
 //! - [`server`]: accept loop, client limits, orderly shutdown.
 //! - [`export`]: the served image and its policy; block status translation.
 //! - [`cli`]: `vdisk serve` (qemu-nbd's options).
@@ -22,6 +23,7 @@ pub mod queue;
 pub mod server;
 pub mod stream;
 pub mod transmission;
+pub mod uring;
 
 /// The NBD wire format, shared with the NBD client storage of the library.
 pub use vdisk::storage::nbd::proto;

@@ -108,6 +108,56 @@ pub struct CreateOptions {
     pub unsafe_backing: bool,
 }
 
+/// A transfer the caller does itself on a host file, handed out by [`Image::direct`]:
+/// where the bytes are, the driver's guard, and for a write the hooks' `after` (a dirty
+/// bitmap marks the range) when it is finished or dropped.
+#[must_use = "finish the transfer once it completed"]
+#[derive(Debug)]
+pub struct DirectIo<'a> {
+    range: crate::format::mapping::DirectRange<'a>,
+    /// A write: the image whose hooks see the change, and its guest offset.
+    write: Option<(&'a Image, u64)>,
+    ok: bool,
+}
+
+impl DirectIo<'_> {
+    /// The host file descriptor to transfer on.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.range.fd
+    }
+    /// Host offset of the first byte.
+    pub fn host(&self) -> u64 {
+        self.range.host
+    }
+    /// Bytes to transfer: the whole guest range asked for.
+    pub fn len(&self) -> u64 {
+        self.range.len
+    }
+    /// Whether the range is empty (never, as handed out).
+    pub fn is_empty(&self) -> bool {
+        self.range.len == 0
+    }
+    /// Ends the transfer (`ok`: every byte was transferred): releases the guard and,
+    /// for a write, tells the hooks. Dropping it unfinished counts as a failure.
+    pub fn finish(mut self, ok: bool) {
+        self.ok = ok;
+    }
+}
+
+impl Drop for DirectIo<'_> {
+    fn drop(&mut self) {
+        if let Some((img, offset)) = self.write {
+            let change = crate::hook::Change::Write {
+                offset,
+                len: self.range.len,
+            };
+            for h in &img.hooks {
+                h.after(&change, self.ok);
+            }
+        }
+    }
+}
+
 /// An open image with its backing chain. `Send + Sync`; every I/O method takes `&self`.
 #[derive(Debug)]
 pub struct Image {
@@ -529,6 +579,30 @@ impl Image {
         self.hooked(Request::Write {
             offset,
             data: Payload::vectored(bufs),
+        })
+    }
+    /// `[offset, offset + len)` as one transfer the caller may do itself on a host
+    /// file, asynchronously ([`crate::format::mapping::DirectRange`]: the NBD server's
+    /// io_uring path), or `None`: use [`Image::read_at`] / [`Image::write_at`]. Only when
+    /// nothing above the driver needs the bytes (no zero detection, no copy-on-read;
+    /// a dirty bitmap only notes the range: [`WriteHook::range_only`]) and the driver
+    /// maps it to one allocated host run on an O_DIRECT file. For a write the range
+    /// holds the driver's in-place guard: call [`DirectIo::finish`] only once the
+    /// transfer completed, and acknowledge the write only then.
+    pub fn direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectIo<'_>> {
+        if self.cor.is_some() || !self.hooks.iter().all(|h| h.range_only()) {
+            return None;
+        }
+        let range = self.driver.direct(offset, len, write)?;
+        if write {
+            for h in &self.hooks {
+                h.before_direct_write(offset, len).ok()?;
+            }
+        }
+        Some(DirectIo {
+            range,
+            write: write.then_some((self, offset)),
+            ok: false,
         })
     }
     /// Makes a range read as zeroes (`may_unmap`: it may be deallocated).

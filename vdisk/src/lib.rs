@@ -25,6 +25,6 @@ pub mod storage;
 pub use error::{Error, Result, SnapshotError};
 pub use format::{CheckReport, Extent, ExtentKind, Format, Repair, ZeroFlags};
 pub use hook::{Change, Request, WriteHook};
-pub use image::{CreateOptions, Image, OpenOptions, SnapshotParam};
+pub use image::{CreateOptions, DirectIo, Image, OpenOptions, SnapshotParam};
 pub use layer::ImageLayer;
 pub use storage::{AioMode, CacheMode};

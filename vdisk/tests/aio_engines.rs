@@ -135,3 +135,69 @@ fn io_uring_is_used_where_the_kernel_allows_it() {
         std::fs::remove_file(&f).unwrap();
     }
 }
+
+/// Direct ranges (`Image::direct`, what the NBD server submits to its own io_uring):
+/// handed out only for allocated data on an O_DIRECT file, aligned, and a write's range
+/// holds the in-place guard, so a discard of those clusters waits until it is dropped.
+#[test]
+fn direct_ranges_only_for_allocated_aligned_odirect_data() {
+    let d = tmp();
+    let f = path(&d, "d.qcow2");
+    qemu_create(&f, "", "16M");
+    qemu_io(&f, &["write -P 0x5a 0 256k"]);
+    let open = |cache| {
+        Image::open(
+            &f,
+            &OpenOptions {
+                cache,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    {
+        let img = open(CacheMode::Writeback);
+        assert!(
+            img.direct(0, 4096, false).is_none(),
+            "page cache: ordinary path"
+        );
+    }
+    let img = std::sync::Arc::new(open(CacheMode::None));
+    let r = img
+        .direct(4096, 8192, false)
+        .expect("allocated, aligned read");
+    assert_eq!(r.len(), 8192);
+    assert!(r.host() >= 65536 && r.host().is_multiple_of(4096), "{r:?}");
+    // The host bytes are the guest's: read them on the descriptor as the server would.
+    let mut b = vdisk::storage::pool::get(8192);
+    // SAFETY: pread into an owned, aligned buffer of the right length.
+    let n = unsafe { libc::pread(r.fd(), b.as_mut_ptr().cast(), 8192, r.host() as i64) };
+    assert_eq!(n, 8192);
+    assert!(b.iter().all(|&x| x == 0x5a));
+    r.finish(true);
+    assert!(img.direct(1 << 20, 4096, false).is_none(), "unallocated");
+    assert!(img.direct(512, 4096, false).is_none(), "unaligned offset");
+    assert!(img.direct(0, 1000, false).is_none(), "unaligned length");
+    assert!(
+        img.direct(192 << 10, 128 << 10, false).is_none(),
+        "partly unallocated"
+    );
+    assert!(img.direct(0, 4096, true).is_some(), "in-place write");
+    assert!(
+        img.direct(1 << 20, 4096, true).is_none(),
+        "allocating write"
+    );
+
+    // A held write range keeps a discard of its cluster waiting.
+    let w = img.direct(65536, 4096, true).expect("in-place write");
+    let img2 = img.clone();
+    let t = std::thread::spawn(move || img2.discard(65536, 65536).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!t.is_finished(), "discard waits for the in-place guard");
+    w.finish(true);
+    t.join().unwrap();
+    assert!(img.direct(65536, 4096, false).is_none(), "discarded");
+    img.close().unwrap();
+    drop(img);
+    assert_clean(&f);
+}

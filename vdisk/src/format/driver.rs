@@ -240,6 +240,20 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+    /// The range `[offset, offset + len)` as one transfer the caller may do itself on
+    /// a host file ([`super::mapping::DirectRange`]), when it maps to one contiguous
+    /// host run that needs nothing else: data already allocated (for a write,
+    /// overwritable in place), no encryption, storage that answers
+    /// [`Storage::direct_fd`]. `None` (the default, and on any error: the ordinary
+    /// path then reports it) means "use read_at / write_at".
+    fn direct(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _write: bool,
+    ) -> Option<super::mapping::DirectRange<'_>> {
+        None
+    }
     /// Makes a range read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
     /// Hints that a range is no longer needed; contents afterwards are unspecified

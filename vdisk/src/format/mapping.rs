@@ -321,6 +321,48 @@ impl fmt::Debug for InPlaceGuard<'_> {
     }
 }
 
+/// A guest range that lies whole in one contiguous run of a host file, which the
+/// holder may read (or, when asked for writing, overwrite) with its own I/O on `fd` at
+/// `host`: the asynchronous path of a front-end (the NBD server submits it to its own
+/// io_uring and answers from the completion). Handed out by [`Driver::direct`] and
+/// [`crate::Image::direct`]. For a write, the driver's in-place guard comes with it
+/// (no concurrent discard or zero write frees or reuses those clusters): the range
+/// must be dropped only once the transfer has completed. A read holds nothing, as a
+/// read through the data path does not (a read racing a write of the same bytes
+/// returns the old or the new data).
+#[must_use = "dropping the range ends the protection of an in-place write"]
+pub struct DirectRange<'a> {
+    /// The host file to transfer on.
+    pub fd: std::os::fd::RawFd,
+    /// Host offset of the range's first byte.
+    pub host: u64,
+    /// Bytes: the whole guest range asked for.
+    pub len: u64,
+    _guard: InPlaceGuard<'a>,
+}
+
+impl<'a> DirectRange<'a> {
+    /// A range on `fd` at `host`, protected by `guard` until dropped.
+    pub fn new(fd: std::os::fd::RawFd, host: u64, len: u64, guard: InPlaceGuard<'a>) -> Self {
+        DirectRange {
+            fd,
+            host,
+            len,
+            _guard: guard,
+        }
+    }
+}
+
+impl fmt::Debug for DirectRange<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectRange")
+            .field("fd", &self.fd)
+            .field("host", &self.host)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 /// A copy-on-write region of an [`Allocation`]: guest bytes of the new clusters that the
 /// request does not write, to be filled with what they read before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -434,6 +476,12 @@ pub trait Mapper: Send + Sync {
     /// writable: in place, or through a new allocation. The target covers a prefix of
     /// the range (at least one byte); the data path calls again for the rest.
     fn prepare_write(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>>;
+    /// [`Mapper::prepare_write`] for a range whose start is overwritten in place:
+    /// `None` (nothing reserved or changed) where it would allocate. The default asks
+    /// [`Mapper::map`] first; a driver that can tell from one lookup overrides it.
+    fn prepare_in_place(&self, guest: GuestOffset, len: u64) -> Result<Option<WriteTarget<'_>>> {
+        super::datapath::direct::in_place_by_map(self, guest, len)
+    }
     /// Links an allocation into the mapping once its data and COW regions are written,
     /// and removes it from the in-flight list. On error the driver has given its
     /// clusters back (or left them to be found as leaks) and the image stays consistent.

@@ -1,5 +1,6 @@
 //! The raw format: guest offset = host offset.
 
+use super::mapping::{DirectRange, InPlaceGuard};
 use super::options::{OptionDesc, SIZE};
 use super::registry::{Capabilities, CreateArgs, FormatDesc, OpenArgs, ProbeInput};
 use super::{check_range, Driver, DriverOptions, Extent, ExtentKind, Format, ZeroFlags};
@@ -115,6 +116,14 @@ impl Driver for Raw {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size())?;
         Ok(self.storage.write_at(buf, offset)?)
+    }
+    fn direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectRange<'_>> {
+        if !super::direct_gate(write, self.writable(), offset, len, self.size()) {
+            return None;
+        }
+        let fd = self.storage.direct_fd(offset, len, write)?;
+        // Guest bytes are the file's bytes: nothing can move under the transfer.
+        Some(DirectRange::new(fd, offset, len, InPlaceGuard::none()))
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;

@@ -29,6 +29,12 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     }
 }
 
+/// The gate every [`Driver::direct`] passes first: a write needs a writable image
+/// (`writable`), and the range must lie inside a guest disk of `size` bytes.
+pub fn direct_gate(write: bool, writable: Result<()>, offset: u64, len: u64, size: u64) -> bool {
+    (!write || writable.is_ok()) && check_range(offset, len, size).is_ok()
+}
+
 /// Parses a size with qemu's suffixes (`k`, `M`, `G`, `T`, `P`, `E`, binary; `b` = 512-byte
 /// sectors are not accepted, as in qemu-img 10; a bare number is bytes).
 pub fn parse_size(s: &str) -> Result<u64> {

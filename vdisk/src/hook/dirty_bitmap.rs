@@ -47,6 +47,15 @@ impl WriteHook for DirtyBitmapHook {
             None => Ok(()),
         }
     }
+    fn range_only(&self) -> bool {
+        true
+    }
+    fn before_direct_write(&self, _offset: u64, _len: u64) -> Result<()> {
+        match self.driver.bitmaps() {
+            Some(b) => b.before_change(),
+            None => Ok(()),
+        }
+    }
     fn after(&self, change: &Change, _ok: bool) {
         if matches!(change, Change::Resize { .. }) {
             return;

@@ -296,6 +296,19 @@ pub trait WriteHook: Send + Sync + std::fmt::Debug {
     fn after_read(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
         Ok(())
     }
+    /// Whether the hook only notes the ranges of changes (a dirty bitmap): it never
+    /// looks at nor changes the bytes of a write or a read, and does nothing in
+    /// `after_read`. Only then may a front-end transfer the bytes itself
+    /// ([`crate::Image::direct`]), with [`WriteHook::before_direct_write`] run before its
+    /// write and `after` once the write completed. The default is false.
+    fn range_only(&self) -> bool {
+        false
+    }
+    /// A range-only hook's `before` for a write of `[offset, offset + len)` whose bytes
+    /// the front-end transfers itself; an error keeps the write on the ordinary path.
+    fn before_direct_write(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     /// Called before the driver flushes (write back what must be durable with it).
     fn flush(&self) -> Result<()> {
         Ok(())

@@ -810,6 +810,26 @@ impl Storage for FileStorage {
         Some(self.file.as_raw_fd())
     }
 
+    fn direct_fd(&self, offset: u64, len: u64, write: bool) -> Option<std::os::fd::RawFd> {
+        // Buffered files keep the page-cache paths (and the NBD server's inline
+        // serving); write-through needs a flush after each write, which a caller's
+        // own write would skip.
+        if !self.cache.direct() || (write && self.cache.write_through()) || len == 0 {
+            return None;
+        }
+        let align = DIRECT_ALIGN as u64;
+        let end = offset.checked_add(len)?;
+        // Inside the file: no extension (so no `extend` lock is needed against a
+        // padded write trimming the file back) and no short read to fill.
+        if !offset.is_multiple_of(align)
+            || !len.is_multiple_of(align)
+            || end > self.known_len.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        Some(self.file.as_raw_fd())
+    }
+
     fn protocol_name(&self) -> &'static str {
         self.protocol
     }

@@ -197,6 +197,17 @@ pub trait Storage: Send + Sync + fmt::Debug {
     ) -> StorageResult<u64> {
         Ok(0)
     }
+    /// The host descriptor on which a caller may transfer `[offset, offset + len)` of
+    /// this storage itself, at the same offsets (`write`: writing it), or `None` (the
+    /// default): use [`Storage::read_at`] and [`Storage::write_at`]. Only a plain host
+    /// file opened with O_DIRECT answers, for a non-empty range that is aligned as
+    /// O_DIRECT needs and lies inside the file (so such a write never extends it and a
+    /// read never needs the zero fill past the end). Front-ends submit these transfers
+    /// asynchronously (the NBD server's io_uring path) while holding the driver's guard
+    /// for the range ([`crate::format::mapping::DirectRange`]).
+    fn direct_fd(&self, _offset: u64, _len: u64, _write: bool) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// The host file descriptor, for storage that is one host file (copy offload).
     fn host_fd(&self) -> Option<std::os::fd::RawFd> {
         None

@@ -7,6 +7,8 @@
 //!   compressed clusters through the driver's decompressor;
 //! - [`write`](mod@write): in-place writes behind the driver's guard, allocating writes with their
 //!   copy-on-write head and tail in one vectored write, commit/abort;
+//! - [`direct`]: a guest range that is one allocated host run, for a front-end's own
+//!   asynchronous transfer;
 //! - [`inflight`]: the list of guest ranges being allocated and the counted condvar
 //!   wait that orders overlapping requests (the lists live in the drivers, under their
 //!   own locks);
@@ -15,6 +17,7 @@
 //! - [`zero`]: QEMU's `is_zero` rule for partial-cluster zero writes;
 //! - `iov`: sub-ranges of `IoSlice` lists without allocating.
 
+pub mod direct;
 pub mod inflight;
 mod iov;
 pub mod read;

@@ -98,6 +98,31 @@ impl Qcow2 {
         m.waiters.wake(&self.alloc_done);
     }
 
+    /// [`Self::prepare`] when the first cluster is overwritten in place: one lock and
+    /// one L2 lookup; `None` (nothing changed) where the write allocates.
+    pub(crate) fn prepare_in_place_only(
+        &self,
+        guest: GuestOffset,
+        len: u64,
+    ) -> Result<Option<WriteTarget<'_>>> {
+        if self.g.ext_l2 {
+            // Subclusters: the general rule (map, then prepare).
+            return crate::format::datapath::direct::in_place_by_map(self, guest, len);
+        }
+        let cs = self.g.cs;
+        let cur = guest.get();
+        let gc = cur / cs;
+        let mut m = self.lock();
+        m.check_writable()?;
+        while m.inflight.contains(gc) {
+            m = self.wait_alloc_done(m);
+        }
+        match m.entry_of(gc)?.in_place() {
+            Some(host) => self.in_place(m, gc, cur % cs, len, host).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The write target for the start of guest `[guest, guest + len)`.
     pub(crate) fn prepare(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>> {
         let cs = self.g.cs;

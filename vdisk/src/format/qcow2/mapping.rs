@@ -283,6 +283,9 @@ impl Mapper for Qcow2 {
     fn prepare_write(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>> {
         self.prepare(guest, len)
     }
+    fn prepare_in_place(&self, guest: GuestOffset, len: u64) -> Result<Option<WriteTarget<'_>>> {
+        self.prepare_in_place_only(guest, len)
+    }
     fn data_cipher(&self) -> Option<&crate::crypto::DataCipher> {
         Qcow2::data_cipher(self)
     }

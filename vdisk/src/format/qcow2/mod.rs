@@ -97,6 +97,7 @@ use super::{
 };
 use crate::error::{Corruption, Error, Field, Invalid, Problem, Result, Structure, Unsupported};
 use crate::format::datapath::{self, InFlight, Waiters};
+use crate::format::mapping::DirectRange;
 use crate::storage::Storage;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -760,6 +761,13 @@ impl Driver for Qcow2 {
         super::check_range(offset, len, self.size())?;
         self.data_io()?;
         self.do_write_zeroes(offset, len, flags)
+    }
+    fn direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectRange<'_>> {
+        if !super::direct_gate(write, self.writable(), offset, len, self.size()) {
+            return None;
+        }
+        self.data_io().ok()?;
+        datapath::direct::direct(self, offset, len, write)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
