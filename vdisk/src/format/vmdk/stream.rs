@@ -4,8 +4,8 @@
 //! that already holds data, and so does this driver.
 //!
 //! Writes that cover part of a grain are gathered in memory (at most [`MAX_PENDING`]
-//! grains) until the grain is whole, or until [`flush_pending`] (a flush, close, or
-//! more pending grains than the bound) stores it with its unwritten parts as they read
+//! grains, and about [`MAX_PENDING_BYTES`]) until the grain is whole, or until
+//! [`flush_pending`] (a flush, close, or more pending grains than the bounds) stores it with its unwritten parts as they read
 //! before (zeroes or the parent). So a converter writing a grain in pieces, or
 //! skipping its zero parts, still produces one compressed grain.
 //!
@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex};
 
 /// Partial grains kept in memory at most.
 pub const MAX_PENDING: usize = 64;
+/// Bytes of partial grains kept in memory beyond the newest one: a header may declare
+/// grains of up to 1 GiB (QEMU's bound), and 64 of those must not be held at once.
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
 
 /// A grain of (extent, grain index).
 type Key = (usize, u64);
@@ -141,6 +144,14 @@ pub(super) fn write(
                 }
                 if piece as u64 == glen {
                     done = Some(data.to_vec());
+                } else if glen > MAX_PENDING_BYTES as u64 {
+                    // A grain this large (a hostile or odd header) is not gathered in
+                    // memory: only whole-grain writes are taken.
+                    return Err(Corruption::new(
+                        Structure::VmdkGrain,
+                        Problem::Vmdk(VmdkProblem::StreamPartialGrain),
+                    )
+                    .into());
                 } else {
                     let mut g = vec![0u8; glen as usize];
                     if old == Grain::Unallocated {
@@ -153,7 +164,9 @@ pub(super) fn write(
                     };
                     p.cover(in_g, in_g + piece as u64);
                     st.pending.insert(key, p);
-                    if st.pending.len() > MAX_PENDING {
+                    let bytes: usize = st.pending.values().map(|p| p.data.len()).sum();
+                    let over_bytes = st.pending.len() > 1 && bytes > MAX_PENDING_BYTES;
+                    if st.pending.len() > MAX_PENDING || over_bytes {
                         if let Some((&k, _)) = st.pending.iter().next() {
                             evict = st.pending.remove(&k).map(|p| (k, p.data));
                         }
