@@ -3,7 +3,8 @@
 # (default 1024) MiB with random data in about half of its 1 MiB chunks, converted to a
 # streamOptimized VMDK (AWS import) and to a dynamic VHDX (Hyper-V/Azure), and each
 # back to qcow2. Interleaved runs (bench/abrun.py), medians; every tool's result is
-# checked against the source (qemu-img compare).
+# checked against the source (qemu-img compare). The prepare step deletes the previous
+# output and syncs, so no run pays for the writeback of the one before it.
 #
 # Knobs: RUNS (rounds, default 3), SIZE_MB, BENCH_TMP (scratch directory's parent).
 set -euo pipefail
@@ -40,7 +41,7 @@ FIRST=1
 case_() { # NAME OUT VDISK_ARGS QEMU_ARGS
     [ $FIRST = 1 ] || echo "," >>"$CASES"
     FIRST=0
-    jq -n --arg n "$1" --arg p "rm -f $WORK/$2" \
+    jq -n --arg n "$1" --arg p "rm -f $WORK/$2 && sync" \
         --arg c "qemu-img compare -q $WORK/src.qcow2 $WORK/$2" \
         --arg v "'$VDISK' convert $3" --arg q "qemu-img convert $4" \
         '{name: $n, prepare: $p, check: $c, cmds: [["vdisk", $v], ["qemu-img", $q]]}' >>"$CASES"
