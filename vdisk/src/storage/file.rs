@@ -72,6 +72,10 @@ pub struct FileStorage {
     /// The io_uring engine (`aio=io_uring` where the kernel allows it); `None`: plain
     /// system calls on the caller's thread (the threaded engine).
     uring: Option<super::uring::Uring>,
+    /// Buffered, writable and flushed: sequential streams get their writeback started
+    /// early, so a flush after a bulk write does not wait for all of it (see
+    /// [`super::writeback`]).
+    ahead: Option<super::writeback::WritebackAhead>,
 }
 
 /// Holds [`FileStorage::extend`] for the length of one direct write.
@@ -136,6 +140,13 @@ impl FileStorage {
             len_trusted: AtomicBool::new(regular && !opts.read_only && excludes_writers(opts.lock)),
             may_trust: regular && !opts.read_only,
             uring: None,
+            // O_DIRECT leaves nothing dirty; O_DSYNC writes through; cache=unsafe
+            // never flushes, so writing back early would only add device writes.
+            ahead: (!opts.read_only
+                && !opts.cache.direct()
+                && !opts.cache.write_through()
+                && !opts.cache.ignore_flush())
+            .then(Default::default),
         })
     }
 
@@ -283,6 +294,25 @@ impl FileStorage {
             }
         }
         Ok(())
+    }
+
+    /// After a buffered write: starts writeback of the settled part of a sequential
+    /// stream. Only a hint to the kernel, so its failure is ignored (the flush that
+    /// follows reports any real I/O error).
+    fn wrote(&self, offset: u64, len: usize) {
+        let Some((start, span)) = self.ahead.as_ref().and_then(|a| a.wrote(offset, len as u64))
+        else {
+            return;
+        };
+        // SAFETY: sync_file_range reads no memory; the descriptor is ours and open.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                start as libc::off64_t,
+                span as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 
     /// Raises the known length bound before a write or allocation reaching `end`
@@ -501,7 +531,9 @@ impl Storage for FileStorage {
             .cache
             .direct()
             .then(|| self.extend.read().unwrap_or_else(|p| p.into_inner()));
-        self.pwrite_full(buf, offset)
+        self.pwrite_full(buf, offset)?;
+        self.wrote(offset, buf.len());
+        Ok(())
     }
 
     fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> StorageResult<()> {
@@ -623,6 +655,7 @@ impl Storage for FileStorage {
             let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
             return Err(self.err(StorageOp::Write, offset + done as u64, e));
         }
+        self.wrote(offset, total);
         Ok(())
     }
 

@@ -25,6 +25,7 @@ pub mod trace;
 pub mod uri;
 mod uring;
 pub mod work;
+mod writeback;
 
 pub use error::{LockConflict, StorageError, StorageOp};
 pub use event::BlkEvent;
