@@ -2,7 +2,8 @@
 # vdisk serve vs qemu-nbd, side by side in one run, same image, same clients:
 #   - nbdcopy reading a fully allocated 512 MiB image to null:
 #   - nbdcopy writing 512 MiB into a fresh image
-#   - fio (nbd engine) 4 KiB random reads and writes at queue depth 32
+#   - fio (nbd engine) 4 KiB random reads and writes at queue depth 32, and 4 KiB
+#     random writes into a fresh image (allocating), each block once, fsync at the end
 # Each test runs REPS interleaved rounds (vdisk, [vdisk-base,] qemu-nbd; the order
 # rotates every round) and prints the medians, the vdisk/qemu-nbd ratio (>1 means vdisk
 # is faster), and the CPU each server used for the same work (robust when the machine
@@ -128,6 +129,36 @@ print(j[side]["iops"], float(sys.argv[3]) * 1e6 / ops, sys.argv[4])
 PY
 }
 
+# fio 4 KiB random writes at QD 32 into a fresh, empty image: every block written once
+# in random order (no time limit), then an fsync, so the first write into each cluster
+# allocates it (IOPS over the whole run, flush included).
+bench_fio_alloc() {
+  local kind=$1
+  rm -f "$tmp/alloc.$FMT"
+  qemu-img create -q -f "$FMT" "$tmp/alloc.$FMT" "${SIZE_MB}M"
+  start_server "$kind" "$tmp/alloc.$FMT"
+  local t0 t1
+  t0=$(now)
+  fio --name=nbd --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 \
+      --size="${SIZE_MB}m" --end_fsync=1 --output-format=json >"$tmp/fio.json"
+  t1=$(now)
+  local cpu rss
+  cpu=$(server_cpu) rss=$(server_rss)
+  stop_server
+  qemu-img check -q "$tmp/alloc.$FMT" >/dev/null 2>&1 || [ "$FMT" = raw ] ||
+    { echo "bench/nbd.sh: $kind left an image that fails qemu-img check" >&2; exit 1; }
+  python3 - "$tmp/fio.json" "$cpu" "$rss" "$((SIZE_MB << 8))" "$t0" "$t1" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]
+ops = j["write"]["total_ios"]
+if ops != int(sys.argv[4]):
+    sys.exit(f"bench/nbd.sh: fio wrote {ops} blocks, not {sys.argv[4]}")
+# Over fio's whole run, connection and final fsync included (wall clock).
+print(ops / (float(sys.argv[6]) - float(sys.argv[5])), float(sys.argv[2]) * 1e6 / ops, sys.argv[3])
+PY
+}
+
 # fio straight on the raw data file, the same pattern and depth (IOPS; fio's own CPU
 # microseconds per operation, and its RSS: there is no server).
 bench_rawfio() {
@@ -203,6 +234,7 @@ measure "nbdcopy read -> null: (MiB/s; cpu s/run)" bench_read
 measure "nbdcopy write fresh (MiB/s; cpu s/run)" bench_write
 measure "fio 4k randread QD32 (IOPS; cpu us/op)" bench_fio randread
 measure "fio 4k randwrite QD32 (IOPS; cpu us/op)" bench_fio randwrite
+measure "fio 4k randwrite QD32, allocating" bench_fio_alloc
 rawfio "fio 4k randread QD32 on the raw file" randread
 rawfio "fio 4k randwrite QD32 on the raw file" randwrite
 echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
