@@ -158,13 +158,16 @@ fi
     echo "$(nproc) CPUs, $(uname -sr). Image size ${SIZE_MB} MiB; $RUNS interleaved rounds,"
     echo "medians (file systems warm: images are in the page cache); peak RSS from the kernel's rusage."
     echo "Ratio = other tool's time / vdisk time (> 1: vdisk is faster). Load average at start"
-    echo "$LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (the host is shared: expect noise)."
+    echo "$LOAD_START (the host is shared: expect noise; each row's last column gives the load"
+    echo "when it started and ended)."
     echo
     echo "Wall time is what a user waits for but swings with the other jobs on the host; CPU"
     echo "time (user + system, median per run) is steadier and shows the work each tool does."
     echo
     echo "]" >>"$CASES"
     python3 "$ROOT/bench/abrun.py" <"$CASES"
+    echo
+    echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
     if [ ${#NOTES[@]} -gt 0 ]; then
         echo
         echo "Notes:"
