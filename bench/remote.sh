@@ -2,7 +2,9 @@
 # Remote sources: `convert` of a fully allocated image (random data, SIZE_MB, default
 # 1024) from an NBD export and from nginx, interleaved rounds (bench/abrun.py):
 #   - NBD (qemu-nbd -r, Unix socket): vdisk convert vs qemu-img convert, same server,
-#     to a raw file and to qcow2;
+#     to a raw file and to qcow2; and the same to raw from nbdkit's file plugin (a
+#     multi-threaded server advertising CAN_MULTI_CONN), where vdisk also runs with its
+#     `connections=4` (QEMU's client has no such option);
 #   - HTTP (nginx on 127.0.0.1): vdisk convert vs curl downloading the file (this
 #     qemu-img has no curl module) and vs curl + qemu-img convert to qcow2.
 # Every tool's output is checked against the source once. Scratch files go to
@@ -16,7 +18,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export RUNS=${RUNS:-3}
 SIZE_MB=${SIZE_MB:-1024}
 
-for t in qemu-nbd qemu-img curl python3 /usr/bin/time; do
+for t in qemu-nbd nbdkit qemu-img curl python3 /usr/bin/time; do
   command -v "$t" >/dev/null || { echo "bench/remote.sh: $t is required" >&2; exit 1; }
 done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -40,6 +42,11 @@ SOCK=$W/nbd.sock
 qemu-nbd -r -t -f raw -k "$SOCK" -x d "$W/www/data.raw" &
 PIDS+=($!)
 NBD="nbd+unix:///d?socket=$SOCK"
+KSOCK=$W/nbdkit.sock
+nbdkit -r -f -U "$KSOCK" -e d file file="$W/www/data.raw" &
+PIDS+=($!)
+KNBD="nbd+unix:///d?socket=$KSOCK"
+KNBD4="json:{\\\"driver\\\":\\\"raw\\\",\\\"file\\\":{\\\"driver\\\":\\\"nbd\\\",\\\"server\\\":{\\\"type\\\":\\\"unix\\\",\\\"path\\\":\\\"$KSOCK\\\"},\\\"export\\\":\\\"d\\\",\\\"connections\\\":4}}"
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat >"$W/ng/nginx.conf" <<EOF
@@ -56,7 +63,7 @@ PIDS+=($!)
 URL="http://127.0.0.1:$PORT/data.raw"
 
 for _ in $(seq 1 250); do
-  [ -S "$SOCK" ] && curl -sfI "$URL" >/dev/null 2>&1 && break
+  [ -S "$SOCK" ] && [ -S "$KSOCK" ] && curl -sfI "$URL" >/dev/null 2>&1 && break
   sleep 0.02
 done
 
@@ -81,6 +88,11 @@ cat >"$CASES" <<EOF
   "check": "$CMP_QCOW",
   "cmds": [["vdisk", "$VDISK convert -O qcow2 '$NBD' $OUT.qcow2"],
            ["qemu-img", "qemu-img convert -O qcow2 '$NBD' $OUT.qcow2"]$BASE_QCOW]},
+ {"name": "convert ${SIZE_MB} MiB NBD (nbdkit) -> raw", "prepare": "rm -f $OUT.raw",
+  "check": "$CMP_RAW",
+  "cmds": [["vdisk", "$VDISK convert -O raw '$KNBD' $OUT.raw"],
+           ["qemu-img", "qemu-img convert -O raw '$KNBD' $OUT.raw"],
+           ["vdisk connections=4", "$VDISK convert -O raw '$KNBD4' $OUT.raw"]]},
  {"name": "${SIZE_MB} MiB from nginx -> raw", "prepare": "rm -f $OUT.raw",
   "check": "$CMP_RAW",
   "cmds": [["vdisk", "$VDISK convert -f raw -O raw $URL $OUT.raw"],
@@ -92,8 +104,8 @@ cat >"$CASES" <<EOF
 ]
 EOF
 if [ -n "${NBD_ONLY:-}" ]; then
-  # NBD_ONLY=1: only the two NBD cases.
-  python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); json.dump(c[:2], open(sys.argv[1],"w"))' "$CASES"
+  # NBD_ONLY=1: only the NBD cases.
+  python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); json.dump(c[:3], open(sys.argv[1],"w"))' "$CASES"
 fi
 echo "cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg) runs=$RUNS size=${SIZE_MB}MiB"
 python3 "$ROOT/bench/abrun.py" <"$CASES"
