@@ -436,6 +436,38 @@ pub fn metadata_preallocated(layer: &Layer) -> vdisk::Result<bool> {
     Ok(count >= threshold)
 }
 
+/// [`chain_status`] as qemu's `bdrv_block_status_above` reports it to `map` and
+/// `measure`: a data run of a layer that qemu would recurse into (metadata
+/// preallocation, [`file_refines`]) is refined with the host file's own status.
+/// `recurse` caches [`metadata_preallocated`] per layer (one entry per layer, `None`
+/// until asked: the answer walks the image once).
+pub fn refined_chain_status(
+    layers: &[Layer],
+    recurse: &mut [Option<bool>],
+    offset: u64,
+    len: u64,
+) -> vdisk::Result<Status> {
+    let mut s = chain_status(layers, offset, len, false)?;
+    if s.data && !s.compressed {
+        if let Some(layer) = layers.get(s.depth) {
+            let flag = match recurse.get(s.depth).copied().flatten() {
+                Some(f) => f,
+                None => {
+                    let f = metadata_preallocated(layer)?;
+                    if let Some(r) = recurse.get_mut(s.depth) {
+                        *r = Some(f);
+                    }
+                    f
+                }
+            };
+            if flag || file_refines(layer, offset) {
+                refine_with_file(layer, offset, &mut s)?;
+            }
+        }
+    }
+    Ok(s)
+}
+
 /// Refines a data extent of a metadata-preallocated layer with the host file's own
 /// status, as qemu does: holes in the file read as zeroes (past the end of the file
 /// the whole extent does), and the extent is cut where the file's status changes.

@@ -1,6 +1,6 @@
 //! `vdisk map`: the allocation map through the backing chain, as `qemu-img map`.
 
-use crate::common::{self, chain_status, layers, Layer};
+use crate::common::{self, layers, Layer};
 use std::io::Write;
 use vdisk::OpenOptions;
 
@@ -145,22 +145,7 @@ fn entry(
             filename: Some(top.display_name()),
         });
     }
-    let mut s = chain_status(layers, offset, len, false)?;
-    if s.data && !s.compressed {
-        if let Some(layer) = layers.get(s.depth) {
-            let flag = match recurse[s.depth] {
-                Some(f) => f,
-                None => {
-                    let f = common::metadata_preallocated(layer)?;
-                    recurse[s.depth] = Some(f);
-                    f
-                }
-            };
-            if flag || common::file_refines(layer, offset) {
-                common::refine_with_file(layer, offset, &mut s)?;
-            }
-        }
-    }
+    let s = common::refined_chain_status(layers, recurse, offset, len)?;
     // The file the data is in: a VMDK extent file, the external data file, or the
     // layer's own file.
     let filename = match s.offset {

@@ -115,9 +115,21 @@ fn run_inner(a: Args) -> Result<(), String> {
     let info = match &input {
         None => measure(out, &options, MeasureSource::Size(size.unwrap_or(0))),
         Some(img) => {
+            // As qemu-img: the chain's status, with data runs of a layer qemu would
+            // recurse into (a qcow2 that looks metadata-preallocated) refined by the
+            // host file's holes, which then count as zeroes.
+            let chain = common::layers(img);
+            let mut recurse = vec![None; chain.len()];
             let mut status = |off: u64, len: u64| {
-                let e = img.block_status(off, len)?;
-                Ok((e.kind, e.len))
+                let s = common::refined_chain_status(&chain, &mut recurse, off, len)?;
+                let kind = if s.zero {
+                    vdisk::ExtentKind::Zero
+                } else if s.data {
+                    vdisk::ExtentKind::Data
+                } else {
+                    vdisk::ExtentKind::Unallocated
+                };
+                Ok((kind, s.len))
             };
             // Persistent bitmaps live in qcow2 inputs (none are measured yet: their
             // size is 0 until vdisk writes bitmaps).

@@ -300,7 +300,10 @@ impl FileStorage {
     /// stream. Only a hint to the kernel, so its failure is ignored (the flush that
     /// follows reports any real I/O error).
     fn wrote(&self, offset: u64, len: usize) {
-        let Some((start, span)) = self.ahead.as_ref().and_then(|a| a.wrote(offset, len as u64))
+        let Some((start, span)) = self
+            .ahead
+            .as_ref()
+            .and_then(|a| a.wrote(offset, len as u64))
         else {
             return;
         };
