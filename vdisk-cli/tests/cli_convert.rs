@@ -398,3 +398,67 @@ fn huge_sparse_source_converts() {
     identical(dir, "big.qcow2", "out.qcow2");
     clean(dir, "out.qcow2");
 }
+
+/// A qcow2 made with `preallocation=metadata` maps every cluster over holes of its
+/// file. qemu-img takes it for metadata-preallocated and skips those holes as zeroes
+/// without reading them; so does vdisk (it used to read the whole image, 4 GiB of
+/// zeroes for a 4 GiB image). A read error injected (blkdebug) at the host offset of
+/// the first cluster, a hole, is never hit, and the output equals the source.
+#[test]
+fn convert_skips_the_file_holes_of_a_metadata_preallocated_qcow2() {
+    let d = tmp();
+    let dir = d.path();
+    ok(
+        qemu_img(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "preallocation=metadata",
+                "pm.qcow2",
+                "64M",
+            ],
+        ),
+        "create",
+    );
+    qemu_io(dir, "qcow2", "pm.qcow2", &["write -P 7 32M 1M"]);
+    let map = json(&qemu_img(dir, &["map", "--output=json", "pm.qcow2"]).out);
+    let first = &map[0];
+    assert_eq!(first["data"], true, "{map}");
+    assert_eq!(first["zero"], true, "qemu-img sees the file hole: {map}");
+    let host = first["offset"].as_u64().expect("offset");
+    std::fs::write(
+        dir.join("bd.cfg"),
+        format!(
+            "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"{}\"\n",
+            host / 512
+        ),
+    )
+    .unwrap();
+    for out in ["raw", "qcow2"] {
+        let name = format!("out.{out}");
+        let r = vdisk(
+            dir,
+            &["convert", "-O", out, "blkdebug:bd.cfg:pm.qcow2", &name],
+        );
+        assert_eq!(
+            r.code, 0,
+            "convert -O {out} read a hole: {}{}",
+            r.out, r.err
+        );
+        let r = qemu_img(dir, &["compare", "-F", out, "pm.qcow2", &name]);
+        assert_eq!(r.code, 0, "{}{}", r.out, r.err);
+    }
+    clean(dir, "out.qcow2");
+    // The error is real: a read of that cluster fails.
+    let r = vdisk(dir, &["io", "-c", "read 0 4k", "blkdebug:bd.cfg:pm.qcow2"]);
+    assert!(
+        r.out.contains("Input/output error") || r.err.contains("Input/output error"),
+        "{}{}",
+        r.out,
+        r.err
+    );
+}

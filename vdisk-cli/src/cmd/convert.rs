@@ -136,6 +136,9 @@ struct Source {
     /// Size in whole sectors, as qemu counts it.
     size: u64,
     layers: Vec<Layer>,
+    /// Per layer: whether qemu would treat it as metadata-preallocated (and so skip
+    /// the host file's holes under its data runs), found out at its first data run.
+    recurse: Mutex<Vec<Option<bool>>>,
     base: u64,
     name: String,
 }
@@ -208,6 +211,23 @@ impl Job<'_> {
             .unwrap_or(0)
     }
 
+    /// Whether layer `depth` of `s` looks metadata-preallocated to qemu
+    /// ([`common::metadata_preallocated`]), asked once per layer.
+    fn recurses(&self, s: &Source, depth: usize) -> vdisk::Result<bool> {
+        let mut r = s.recurse.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Some(f)) = r.get(depth) {
+            return Ok(*f);
+        }
+        let f = match s.layers.get(depth) {
+            Some(layer) => common::metadata_preallocated(layer)?,
+            None => false,
+        };
+        if let Some(slot) = r.get_mut(depth) {
+            *slot = Some(f);
+        }
+        Ok(f)
+    }
+
     /// One status query: the kind of the target range starting at `dst` (at most `max`).
     fn classify(&self, dst: u64, max: u64) -> Result<Segment, String> {
         let si = self.source_at(dst);
@@ -241,13 +261,18 @@ impl Job<'_> {
         // Formats whose data runs the host file refines (fixed VHD, static VDI: QEMU's
         // BDRV_BLOCK_RECURSE), or whose file holes read as zeroes (VHDX payload
         // blocks): holes in the file read as zeroes and need no copy.
+        // So are the data runs of a qcow2 that qemu-img takes for metadata-preallocated
+        // (its clusters mapped over file holes): without this a 4 GiB image made with
+        // preallocation=metadata was read whole, 4 GiB of zeroes, where qemu-img reads
+        // nothing. Encrypted data has no host offset, so it is never refined.
         if st.data && !st.compressed {
-            if let Some(layer) = s
-                .layers
-                .get(st.depth)
-                .filter(|l| common::file_refines(l, local) || l.file_holes_read_zero())
-            {
-                common::refine_with_file(layer, local, &mut st).map_err(status_err)?;
+            if let Some(layer) = s.layers.get(st.depth) {
+                let refines = common::file_refines(layer, local)
+                    || layer.file_holes_read_zero()
+                    || self.recurses(s, st.depth).map_err(status_err)?;
+                if refines {
+                    common::refine_with_file(layer, local, &mut st).map_err(status_err)?;
+                }
             }
         }
         let len = st.len.clamp(1, len);
@@ -783,6 +808,7 @@ fn run_inner(a: Args) -> Result<(), String> {
         let size = common::sector_size_of(&img);
         sources.push(Source {
             size,
+            recurse: Mutex::new(vec![None; layers(&img).len()]),
             layers: layers(&img),
             img,
             base: total,
