@@ -12,6 +12,7 @@
 #
 # Usage: bench/remote.sh        RUNS=5 SIZE_MB=1024 bench/remote.sh
 #        RUNS=5 NBD_ONLY=1 VDISK_BASE=/path/to/old/vdisk bench/remote.sh  (NBD, before/after)
+#        RUNS=5 HTTP_ONLY=1 bench/remote.sh                               (nginx only)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -103,6 +104,10 @@ cat >"$CASES" <<EOF
            ["curl+qemu-img", "sh -c 'curl -sf -o $OUT.dl $URL && qemu-img convert -f raw -O qcow2 $OUT.dl $OUT.qcow2'"]]}
 ]
 EOF
+if [ -n "${HTTP_ONLY:-}" ]; then
+  # HTTP_ONLY=1: only the nginx cases.
+  python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); json.dump(c[3:], open(sys.argv[1],"w"))' "$CASES"
+fi
 if [ -n "${NBD_ONLY:-}" ]; then
   # NBD_ONLY=1: only the NBD cases.
   python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); json.dump(c[:3], open(sys.argv[1],"w"))' "$CASES"
