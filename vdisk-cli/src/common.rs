@@ -449,23 +449,23 @@ pub fn refined_chain_status(
 ) -> vdisk::Result<Status> {
     let mut s = chain_status(layers, offset, len, false)?;
     if s.data && !s.compressed {
-        if let Some(layer) = layers.get(s.depth) {
-            let flag = match recurse.get(s.depth).copied().flatten() {
-                Some(f) => f,
-                None => {
-                    let f = metadata_preallocated(layer)?;
-                    if let Some(r) = recurse.get_mut(s.depth) {
-                        *r = Some(f);
-                    }
-                    f
-                }
-            };
-            if flag || file_refines(layer, offset) {
+        if let (Some(layer), Some(slot)) = (layers.get(s.depth), recurse.get_mut(s.depth)) {
+            if metadata_preallocated_once(layer, slot)? || file_refines(layer, offset) {
                 refine_with_file(layer, offset, &mut s)?;
             }
         }
     }
     Ok(s)
+}
+
+/// [`metadata_preallocated`], answered once and kept in `slot`.
+pub fn metadata_preallocated_once(layer: &Layer, slot: &mut Option<bool>) -> vdisk::Result<bool> {
+    if let Some(f) = *slot {
+        return Ok(f);
+    }
+    let f = metadata_preallocated(layer)?;
+    *slot = Some(f);
+    Ok(f)
 }
 
 /// Refines a data extent of a metadata-preallocated layer with the host file's own

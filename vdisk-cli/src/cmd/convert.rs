@@ -215,17 +215,10 @@ impl Job<'_> {
     /// ([`common::metadata_preallocated`]), asked once per layer.
     fn recurses(&self, s: &Source, depth: usize) -> vdisk::Result<bool> {
         let mut r = s.recurse.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Some(f)) = r.get(depth) {
-            return Ok(*f);
+        match (s.layers.get(depth), r.get_mut(depth)) {
+            (Some(layer), Some(slot)) => common::metadata_preallocated_once(layer, slot),
+            _ => Ok(false),
         }
-        let f = match s.layers.get(depth) {
-            Some(layer) => common::metadata_preallocated(layer)?,
-            None => false,
-        };
-        if let Some(slot) = r.get_mut(depth) {
-            *slot = Some(f);
-        }
-        Ok(f)
     }
 
     /// One status query: the kind of the target range starting at `dst` (at most `max`).

@@ -383,9 +383,11 @@ impl Qcow2 {
         storage.read_at(&mut head, 0)?;
         let cluster_bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
         if (9..=21).contains(&cluster_bits) && (1u64 << cluster_bits) > head_len as u64 {
+            // The rest of cluster 0, after the sector already read.
+            let have = head_len;
             head_len = file_len.min(1 << cluster_bits) as usize;
-            head = vec![0u8; head_len];
-            storage.read_at(&mut head, 0)?;
+            head.resize(head_len, 0);
+            storage.read_at(&mut head[have..], have as u64)?;
         }
         let hdr = Header::parse(&head, file_len)?;
         let ext_l2 = hdr.incompatible & INCOMPAT_EXTL2 != 0;
