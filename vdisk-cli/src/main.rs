@@ -119,6 +119,9 @@ fn main() {
             std::process::exit(1);
         }
     }
+    if matches!(cli.command, Command::Serve(_) | Command::StorageDaemon(_)) {
+        one_malloc_arena();
+    }
     let code = match cli.command {
         Command::Create(a) => cmd::create::run(a),
         Command::Info(a) => cmd::info::run(a),
@@ -140,4 +143,19 @@ fn main() {
         Command::StorageDaemon(a) => vdisk_nbd::daemon::run(a),
     };
     multicall::exit(code);
+}
+
+/// Servers use one malloc arena. glibc gives each new thread its own arena (up to eight
+/// per CPU), and a connection's seventeen threads each touched one: 0.2-0.4 MiB of a
+/// small server's peak RSS. Their allocations are small and rare (payload buffers come
+/// from the aligned pool), so sharing one arena costs no measurable throughput.
+/// `MALLOC_ARENA_MAX` in the environment still wins, as glibc documents.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a parameter; this runs before any thread is spawned.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
 }
