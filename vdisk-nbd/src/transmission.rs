@@ -192,21 +192,30 @@ pub fn serve(stream: Stream, export: &Export, neg: &Negotiated) -> io::Result<()
         None
     };
     let result = std::thread::scope(|sc| {
-        for _ in 0..WORKERS {
-            let (conn, limiter, queue) = (&conn, &limiter, &queue);
-            sc.spawn(move || {
-                while let Some(job) = queue.pop() {
-                    let cost = job.cost;
-                    conn.execute(job);
-                    limiter.release(cost);
-                }
-            });
-        }
+        // The workers start with the first request the reader hands them: a client
+        // served inline or on the ring (random I/O on allocated clusters) never needs
+        // them, and sixteen idle threads are 128 KiB of touched stacks per connection.
+        let started = std::cell::Cell::new(false);
+        let start_workers = || {
+            if started.replace(true) {
+                return;
+            }
+            for _ in 0..WORKERS {
+                let (conn, limiter, queue) = (&conn, &limiter, &queue);
+                sc.spawn(move || {
+                    while let Some(job) = queue.pop() {
+                        let cost = job.cost;
+                        conn.execute(job);
+                        limiter.release(cost);
+                    }
+                });
+            }
+        };
         let r = match stream.try_clone() {
             Ok(s) => {
                 let mut rd = BufReader::with_capacity(64 * 1024, s);
                 let ring = ring.as_ref().zip(sock);
-                let r = conn.read_loop(&mut rd, &limiter, &queue, ring);
+                let r = conn.read_loop(&mut rd, &limiter, &queue, ring, &start_workers);
                 // Whatever was served inline is answered before the connection ends.
                 conn.flush_batch();
                 r
@@ -240,6 +249,7 @@ impl Conn<'_> {
         limiter: &Limiter,
         queue: &WorkQueue<Job>,
         ring: Option<(&Ring, RawFd)>,
+        start_workers: &dyn Fn(),
     ) -> io::Result<()> {
         let ext = self.neg.extended;
         let header_len = if ext { 32 } else { 28 };
@@ -343,6 +353,7 @@ impl Conn<'_> {
                 limiter.release(cost);
                 return Err(e);
             }
+            start_workers();
             queue.push(Job { req, payload, cost });
         }
     }
