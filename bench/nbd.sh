@@ -10,13 +10,21 @@
 # is busy; ratio qemu/vdisk, >1 means vdisk used less CPU). VDISK_BASE=/path/to/vdisk
 # adds an older vdisk build as a third server, for before/after comparisons.
 # CACHE=none serves with O_DIRECT (both servers). Every row also gives each server's
-# peak RSS (VmHWM, the largest over the rounds), and the fio rows are followed by fio
-# run directly on the raw data file (io_uring engine, QD32, O_DIRECT with CACHE=none),
-# the physical limit the servers are measured against. The load average is printed
-# before and after.
+# peak RSS (VmHWM, the largest over the rounds). In the fio rows of an allocated image,
+# fio run directly on the raw data file (io_uring engine, QD32, O_DIRECT with
+# CACHE=none), the physical limit the servers are measured against, takes its turn in
+# the same rotation, and the row gives it and the vdisk/raw ratio. The load average is
+# printed before and after.
+#
+# PIN=1 runs every server on CPU 1 and every client (nbdcopy, fio, fio on the raw file)
+# on CPU 0. Why: some virtual machines' schedulers pack runnable tasks onto as few vCPUs
+# as they can (this project's CI VM boots with `sched_vcpu_pack`), so an unpinned
+# client and server often share one vCPU and run by turns while the other idles; which
+# placement a run gets then decides its result more than the server does.
 #
 # Usage: bench/nbd.sh            (FMT=qcow2 by default; FMT=raw also works)
-#        FMT=raw RUNTIME=10 REPS=5 CACHE=none VDISK_BASE=/tmp/old/vdisk bench/nbd.sh
+#        FMT=raw RUNTIME=10 REPS=5 CACHE=none PIN=1 VDISK_BASE=/tmp/old/vdisk bench/nbd.sh
+#        ROWS=fio CACHE=none PIN=1 bench/nbd.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +33,17 @@ SIZE_MB=${SIZE_MB:-512}
 RUNTIME=${RUNTIME:-10}
 REPS=${REPS:-5}
 CACHE=${CACHE:-writeback}
+PIN=${PIN:-0}
+# ROWS=fio: only the fio rows on the allocated image (with the raw file beside them).
+ROWS=${ROWS:-all}
+SRV_PIN=()
+CLI_PIN=()
+if [ "$PIN" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "bench/nbd.sh: PIN=1 needs 2 CPUs" >&2; exit 1; }
+  command -v taskset >/dev/null || { echo "bench/nbd.sh: PIN=1 needs taskset" >&2; exit 1; }
+  SRV_PIN=(taskset -c 1)
+  CLI_PIN=(taskset -c 0)
+fi
 
 for t in qemu-nbd qemu-img nbdcopy fio python3; do
   command -v "$t" >/dev/null || { echo "bench/nbd.sh: $t is required" >&2; exit 1; }
@@ -54,9 +73,9 @@ start_server() {
   shift 2
   rm -f "$tmp/pid" "$SOCK"
   case $kind in
-    vdisk) "$VDISK" serve -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
-    base) "$VDISK_BASE" serve -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
-    qemu)  qemu-nbd -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
+    vdisk) "${SRV_PIN[@]}" "$VDISK" serve -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
+    base) "${SRV_PIN[@]}" "$VDISK_BASE" serve -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
+    qemu)  "${SRV_PIN[@]}" qemu-nbd -f "$FMT" -k "$SOCK" -t -e 4 --cache="$CACHE" --pid-file "$tmp/pid" "$@" "$file" & ;;
   esac
   SRV_PID=$!
   for _ in $(seq 1 500); do
@@ -84,7 +103,7 @@ now() { date +%s.%N; }
 bench_read() {
   local kind=$1 t0 t1 cpu
   start_server "$kind" "$tmp/src.$FMT" -r
-  t0=$(now); nbdcopy "$URI" null:; t1=$(now)
+  t0=$(now); "${CLI_PIN[@]}" nbdcopy "$URI" null:; t1=$(now)
   cpu=$(server_cpu) rss=$(server_rss)
   stop_server
   python3 -c "print($SIZE_MB/($t1-$t0), $cpu, $rss)"
@@ -96,7 +115,7 @@ bench_write() {
   rm -f "$tmp/dst.$FMT"
   qemu-img create -q -f "$FMT" "$tmp/dst.$FMT" "${SIZE_MB}M"
   start_server "$kind" "$tmp/dst.$FMT"
-  t0=$(now); nbdcopy --flush "$tmp/data.raw" "$URI"; t1=$(now)
+  t0=$(now); "${CLI_PIN[@]}" nbdcopy --flush "$tmp/data.raw" "$URI"; t1=$(now)
   cpu=$(server_cpu) rss=$(server_rss)
   stop_server
   qemu-img compare -q -f raw -F "$FMT" "$tmp/data.raw" "$tmp/dst.$FMT" ||
@@ -104,12 +123,14 @@ bench_write() {
   python3 -c "print($SIZE_MB/($t1-$t0), $cpu, $rss)"
 }
 
-# fio 4 KiB random I/O at QD 32 on a private copy of the source (IOPS).
+# fio 4 KiB random I/O at QD 32 on a private copy of the source (IOPS); kind raw: fio
+# on the raw data file instead.
 bench_fio() {
   local kind=$1 rw=$2
+  [ "$kind" = raw ] && { bench_rawfio "$rw"; return; }
   cp "$tmp/src.$FMT" "$tmp/fio.$FMT"
   start_server "$kind" "$tmp/fio.$FMT"
-  fio --name=nbd --ioengine=nbd --uri="$URI" --rw="$rw" --bs=4k --iodepth=32 \
+  "${CLI_PIN[@]}" fio --name=nbd --ioengine=nbd --uri="$URI" --rw="$rw" --bs=4k --iodepth=32 \
       --size="${SIZE_MB}m" --time_based --runtime="$RUNTIME" \
       --output-format=json >"$tmp/fio.json"
   local cpu rss
@@ -139,7 +160,7 @@ bench_fio_alloc() {
   start_server "$kind" "$tmp/alloc.$FMT"
   local t0 t1
   t0=$(now)
-  fio --name=nbd --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 \
+  "${CLI_PIN[@]}" fio --name=nbd --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 \
       --size="${SIZE_MB}m" --end_fsync=1 --output-format=json >"$tmp/fio.json"
   t1=$(now)
   local cpu rss
@@ -160,12 +181,12 @@ PY
 }
 
 # fio straight on the raw data file, the same pattern and depth (IOPS; fio's own CPU
-# microseconds per operation, and its RSS: there is no server).
+# microseconds per operation; no RSS: there is no server).
 bench_rawfio() {
   local rw=$1 direct=0
   [ "$CACHE" = none ] && direct=1
   cp "$tmp/data.raw" "$tmp/fio.raw"
-  fio --name=raw --ioengine=io_uring --filename="$tmp/fio.raw" --direct=$direct --rw="$rw" \
+  "${CLI_PIN[@]}" fio --name=raw --ioengine=io_uring --filename="$tmp/fio.raw" --direct=$direct --rw="$rw" \
       --bs=4k --iodepth=32 --size="${SIZE_MB}m" --time_based --runtime="$RUNTIME" \
       --output-format=json >"$tmp/fio.json"
   python3 - "$tmp/fio.json" "$rw" <<'PY'
@@ -173,18 +194,7 @@ import json, sys
 j = json.loads(open(sys.argv[1]).read())["jobs"][0]
 side = "read" if "read" in sys.argv[2] else "write"
 cpu_us = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] * 1e3 / max(j[side]["total_ios"], 1)
-print(j[side]["iops"], cpu_us)
-PY
-}
-
-# rawfio NAME RW: REPS runs of fio on the raw file; prints its median IOPS.
-rawfio() {
-  local name=$1 rw=$2 r vals=""
-  for ((r = 0; r < REPS; r++)); do vals+="$(bench_rawfio "$rw");"; done
-  python3 - "$name" "$vals" <<'PY'
-import statistics, sys
-pts = [tuple(map(float, x.split())) for x in sys.argv[2].split(";") if x.strip()]
-print(f"{sys.argv[1]:<42} {statistics.median(p[0] for p in pts):10.1f} (fio cpu us/op {statistics.median(p[1] for p in pts):.2f})")
+print(j[side]["iops"], cpu_us, 0)
 PY
 }
 
@@ -194,47 +204,52 @@ KINDS=(vdisk)
 [ -n "${VDISK_BASE:-}" ] && KINDS+=(base)
 KINDS+=(qemu)
 
-# measure NAME FUNC [ARGS...]: FUNC KIND ARGS... is one run; REPS rounds over every server kind, order rotated per
-# round; prints one row of medians.
+# measure NAME FUNC [ARGS...]: FUNC KIND ARGS... is one run; REPS rounds over every server kind
+# (and fio on the raw file when WITH_RAW=1), order rotated per round; prints one row of
+# medians.
 measure() {
   local name=$1 fn=$2
   shift 2
   declare -A vals=()
-  local r i k n=${#KINDS[@]}
+  local kinds=("${KINDS[@]}")
+  [ "${WITH_RAW:-0}" = 1 ] && kinds+=(raw)
+  local r i k n=${#kinds[@]}
   for ((r = 0; r < REPS; r++)); do
     for ((i = 0; i < n; i++)); do
-      k=${KINDS[$(((r + i) % n))]}
+      k=${kinds[$(((r + i) % n))]}
       vals[$k]+="$("$fn" "$k" "$@");"
     done
   done
-  python3 - "$name" "${vals[vdisk]}" "${vals[base]:-}" "${vals[qemu]}" <<'PY'
+  python3 - "$name" "${vals[vdisk]}" "${vals[base]:-}" "${vals[qemu]}" "${vals[raw]:-}" <<'PY'
 import statistics, sys
-name, v, b, q = sys.argv[1:5]
+name, v, b, q, w = sys.argv[1:6]
 def med(s):
     pts = [tuple(map(float, x.split())) for x in s.split(";") if x.strip()]
     if not pts:
         return None
     return (statistics.median(p[0] for p in pts), statistics.median(p[1] for p in pts),
             max(p[2] for p in pts))
-v, b, q = med(v), med(b), med(q)
+v, b, q, w = med(v), med(b), med(q), med(w)
 def r(a, c):
     return f"{a / c:.2f}" if c else "n/a"
 line = f"{name:<42} {v[0]:10.1f} {q[0]:10.1f} {r(v[0], q[0]):>6} | {v[1]:9.2f} {q[1]:9.2f} {r(q[1], v[1]):>6} | rss {v[2]:6.1f} {q[2]:6.1f}"
 if b:
     line += f" | base {b[0]:10.1f} {r(v[0], b[0]):>6} cpu {b[1]:9.2f} {r(b[1], v[1]):>6}"
+if w:
+    line += f" | raw {w[0]:10.1f} vdisk/raw {r(v[0], w[0])} (fio cpu us/op {w[1]:.2f})"
 print(line)
 PY
 }
 
-echo "format=$FMT cache=$CACHE size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s rounds=$REPS (medians) cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "format=$FMT cache=$CACHE pin=$PIN size=${SIZE_MB}MiB fio_runtime=${RUNTIME}s rounds=$REPS (medians) cpus=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"
 hdr=$(printf '%-42s %10s %10s %6s | %9s %9s %6s | %s' test vdisk qemu-nbd ratio "vdisk-cpu" "qemu-cpu" ratio "peak RSS MiB vdisk qemu")
 [ -n "${VDISK_BASE:-}" ] && hdr+=" | base value, vdisk/base ratio; base cpu, base/vdisk ratio"
 echo "$hdr"
-measure "nbdcopy read -> null: (MiB/s; cpu s/run)" bench_read
-measure "nbdcopy write fresh (MiB/s; cpu s/run)" bench_write
-measure "fio 4k randread QD32 (IOPS; cpu us/op)" bench_fio randread
-measure "fio 4k randwrite QD32 (IOPS; cpu us/op)" bench_fio randwrite
-measure "fio 4k randwrite QD32, allocating" bench_fio_alloc
-rawfio "fio 4k randread QD32 on the raw file" randread
-rawfio "fio 4k randwrite QD32 on the raw file" randwrite
+if [ "$ROWS" = all ]; then
+  measure "nbdcopy read -> null: (MiB/s; cpu s/run)" bench_read
+  measure "nbdcopy write fresh (MiB/s; cpu s/run)" bench_write
+fi
+WITH_RAW=1 measure "fio 4k randread QD32 (IOPS; cpu us/op)" bench_fio randread
+WITH_RAW=1 measure "fio 4k randwrite QD32 (IOPS; cpu us/op)" bench_fio randwrite
+[ "$ROWS" = all ] && measure "fio 4k randwrite QD32, allocating" bench_fio_alloc
 echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
