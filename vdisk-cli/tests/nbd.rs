@@ -2019,6 +2019,31 @@ fn block_sizes_and_pid_file_like_qemu_nbd() {
     }
 }
 
+/// Runs qemu-io commands on an NBD export with `-t writeback` (qemu-io's default,
+/// writethrough, makes every write FUA, which stays on the workers); fails on any
+/// failed command or pattern mismatch.
+fn qemu_io_writeback(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-t", "writeback", "-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = ok("qemu-io", &args);
+    assert!(
+        !out.contains("failed") && !out.contains("Pattern verification"),
+        "{out}"
+    );
+}
+
+/// Per connection, in order: how many requests `vdisk serve -v` says went through
+/// its io_uring.
+fn ring_counts(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_suffix(" requests went through io_uring"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
 /// With `--cache=none`, reads and writes of allocated clusters go through each
 /// connection's io_uring (registered slots for small requests, pooled buffers for big
 /// ones, several in flight), everything else (unaligned, allocating, flushes) through the
@@ -2083,21 +2108,8 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
             env,
             Some(std::fs::File::create(&log).unwrap()),
         );
-        // `-t writeback`: qemu-io's default (writethrough) makes every write FUA,
-        // which stays on the workers.
-        for batch in [&cmds[..], &reads[..]] {
-            let mut args = vec!["-t", "writeback", "-f", "raw"];
-            for c in batch {
-                args.extend(["-c", c]);
-            }
-            let uri = srv.uri();
-            args.push(&uri);
-            let out = ok("qemu-io", &args);
-            assert!(
-                !out.contains("failed") && !out.contains("Pattern verification"),
-                "{out}"
-            );
-        }
+        qemu_io_writeback(&srv.uri(), &cmds);
+        qemu_io_writeback(&srv.uri(), &reads);
         // And FUA writes (workers) beside ring reads of the same clusters.
         qemu_io(
             &srv.uri(),
@@ -2110,11 +2122,7 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
             assert!(text.contains("io_uring unavailable"), "{text}");
             assert!(!text.contains("went through io_uring"), "{text}");
         } else {
-            let n: Vec<u64> = text
-                .lines()
-                .filter_map(|l| l.strip_suffix(" requests went through io_uring"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-                .collect();
+            let n = ring_counts(&text);
             // The first connection's writes: 4k, 1M, the four aio writes but 5M
             // (256k, under the budget too), 6M; the second's reads of allocated data.
             assert!(
@@ -2137,4 +2145,65 @@ fn odirect_requests_through_io_uring_and_its_fallback() {
         assert!(a.contains("dirty"), "{a}");
         assert_eq!(a, b, "dirty bitmap after serving (refuse={refuse})");
     }
+}
+
+/// QED served with `--cache=none`: reads and in-place writes of allocated clusters go
+/// through the connection's io_uring as qcow2's do, allocating and unaligned writes
+/// through the workers; the image ends up as qemu-io's same commands make a copy, and
+/// passes `qemu-img check`.
+#[test]
+fn qed_odirect_requests_through_io_uring() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("o.qed");
+    let refimg = dir.path().join("ref.qed");
+    ok("qemu-img", &["create", "-q", "-f", "qed", s(&img), "64M"]);
+    qemu_io(s(&img), "qed", &["write -P 0x11 0 8M"]);
+    std::fs::copy(&img, &refimg).unwrap();
+    let cmds = [
+        "write -P 0x22 4096 4096",
+        "aio_write -P 0x66 2M 4k",
+        "aio_write -P 0x67 3M 16k",
+        "aio_write -P 0x68 4M 20k",
+        "aio_flush",
+        "write -P 0x44 100 1000",
+        "write -P 0x55 16M 64k",
+        "flush",
+    ];
+    let reads = [
+        "read -P 0x22 4096 4096",
+        "read -P 0x44 100 1000",
+        "read -P 0x11 8k 4k",
+        "read -P 0x55 16M 64k",
+        "aio_read -P 0x66 2M 4k",
+        "aio_read -P 0x67 3M 16k",
+        "aio_read -P 0x68 4M 20k",
+        "aio_read -P 0x11 7M 4k",
+        "aio_flush",
+        "read -P 0 32M 4k",
+    ];
+    qemu_io(s(&refimg), "qed", &cmds);
+    let log = dir.path().join("serve.log");
+    let mut srv = Server::start_with(
+        VDISK,
+        dir.path(),
+        &["-v", "-t", "-f", "qed", "--cache=none"],
+        &img,
+        Endpoint::Unix(dir.path().join("o.sock")),
+        &[],
+        Some(std::fs::File::create(&log).unwrap()),
+    );
+    qemu_io_writeback(&srv.uri(), &cmds);
+    qemu_io_writeback(&srv.uri(), &reads);
+    assert!(srv.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let n = ring_counts(&text);
+    // The writes into the allocated first 8 MiB (4 of them: the unaligned one and the
+    // allocating one at 16M are the workers'); the reads of allocated data (8).
+    assert!(n.len() == 2 && n[0] >= 4 && n[1] >= 7, "{text}");
+    ok(
+        "qemu-img",
+        &["compare", "-f", "qed", "-F", "qed", s(&refimg), s(&img)],
+    );
+    let c = tool("qemu-img", &["check", "-f", "qed", s(&img)]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
 }

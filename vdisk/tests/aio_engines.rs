@@ -136,6 +136,15 @@ fn io_uring_is_used_where_the_kernel_allows_it() {
     }
 }
 
+/// The bytes of a direct range, read on its descriptor as the NBD server would.
+fn read_range(r: &vdisk::image::DirectIo<'_>) -> vdisk::storage::pool::AlignedBuf {
+    let mut b = vdisk::storage::pool::get(r.len() as usize);
+    // SAFETY: pread into an owned, aligned buffer of the right length.
+    let n = unsafe { libc::pread(r.fd(), b.as_mut_ptr().cast(), b.len(), r.host() as i64) };
+    assert_eq!(n as u64, r.len());
+    b
+}
+
 /// Direct ranges (`Image::direct`, what the NBD server submits to its own io_uring):
 /// handed out only for allocated data on an O_DIRECT file, aligned, and a write's range
 /// holds the in-place guard, so a discard of those clusters waits until it is dropped.
@@ -169,11 +178,7 @@ fn direct_ranges_only_for_allocated_aligned_odirect_data() {
     assert_eq!(r.len(), 8192);
     assert!(r.host() >= 65536 && r.host().is_multiple_of(4096), "{r:?}");
     // The host bytes are the guest's: read them on the descriptor as the server would.
-    let mut b = vdisk::storage::pool::get(8192);
-    // SAFETY: pread into an owned, aligned buffer of the right length.
-    let n = unsafe { libc::pread(r.fd(), b.as_mut_ptr().cast(), 8192, r.host() as i64) };
-    assert_eq!(n, 8192);
-    assert!(b.iter().all(|&x| x == 0x5a));
+    assert!(read_range(&r).iter().all(|&x| x == 0x5a));
     r.finish(true);
     assert!(img.direct(1 << 20, 4096, false).is_none(), "unallocated");
     assert!(img.direct(512, 4096, false).is_none(), "unaligned offset");
@@ -200,4 +205,110 @@ fn direct_ranges_only_for_allocated_aligned_odirect_data() {
     img.close().unwrap();
     drop(img);
     assert_clean(&f);
+}
+
+/// QED hands out direct ranges too (allocated data on an O_DIRECT file), and a held
+/// range keeps a shrinking resize, which moves clusters to compact the file, waiting
+/// until it is dropped; while the resize waits, no new range starts (those requests
+/// take the ordinary path). The data written through the ranges and the shrunk image
+/// are what qemu-img sees.
+#[test]
+fn qed_direct_ranges_and_a_shrink_waiting_for_them() {
+    let d = tmp();
+    let f = path(&d, "d.qed");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-o",
+            "cluster_size=65536",
+            p(&f),
+            "16M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qed",
+            "-c",
+            "write -P 0x5a 0 256k",
+            "-c",
+            "write -P 0x6b 8M 64k",
+            p(&f),
+        ],
+    );
+    let img = std::sync::Arc::new(
+        Image::open(
+            &f,
+            &OpenOptions {
+                cache: CacheMode::None,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let r = img
+        .direct(4096, 8192, false)
+        .expect("allocated, aligned read");
+    assert!(read_range(&r).iter().all(|&x| x == 0x5a));
+    r.finish(true);
+    assert!(img.direct(1 << 20, 4096, false).is_none(), "unallocated");
+    assert!(
+        img.direct(1 << 20, 4096, true).is_none(),
+        "allocating write"
+    );
+    assert!(
+        img.direct(192 << 10, 128 << 10, false).is_none(),
+        "partly unallocated"
+    );
+    assert!(img.direct(512, 4096, false).is_none(), "unaligned offset");
+
+    // An in-place write through a range, held while a shrink starts.
+    let w = img.direct(65536, 4096, true).expect("in-place write");
+    let mut data = vdisk::storage::pool::get(4096);
+    data.fill(0x7c);
+    // SAFETY: pwrite from an owned, aligned buffer of the right length.
+    let n = unsafe { libc::pwrite(w.fd(), data.as_ptr().cast(), 4096, w.host() as i64) };
+    assert_eq!(n, 4096);
+    let img2 = img.clone();
+    let t = std::thread::spawn(move || img2.resize(4 << 20, true).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!t.is_finished(), "the shrink waits for the direct range");
+    assert!(
+        img.direct(0, 4096, false).is_none(),
+        "no range starts while it waits"
+    );
+    w.finish(true);
+    t.join().unwrap();
+    assert_eq!(img.size(), 4 << 20);
+    let r = img.direct(0, 4096, false).expect("ranges start again");
+    r.finish(true);
+    img.flush().unwrap();
+    img.close().unwrap();
+    drop(img);
+    run("qemu-img", &["check", "-q", "-f", "qed", p(&f)]);
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "qed",
+            "-c",
+            "read -P 0x5a 0 64k",
+            "-c",
+            "read -P 0x7c 64k 4k",
+            "-c",
+            "read -P 0x5a 68k 188k",
+            "-c",
+            "read -P 0 256k 3840k",
+            p(&f),
+        ],
+    );
+    assert!(
+        !out.contains("verification failed") && !out.contains("failed"),
+        "{out}"
+    );
 }

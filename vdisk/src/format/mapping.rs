@@ -339,6 +339,9 @@ pub struct DirectRange<'a> {
     /// Bytes: the whole guest range asked for.
     pub len: u64,
     _guard: InPlaceGuard<'a>,
+    /// A second guard: what the driver holds for any transfer of its own (QED: that
+    /// no quiescer moves clusters meanwhile). Dropped after `_guard`.
+    _held: InPlaceGuard<'a>,
 }
 
 impl<'a> DirectRange<'a> {
@@ -349,7 +352,13 @@ impl<'a> DirectRange<'a> {
             host,
             len,
             _guard: guard,
+            _held: InPlaceGuard::none(),
         }
+    }
+    /// The same range, also holding `held` until dropped (replacing any earlier one).
+    pub fn holding(mut self, held: InPlaceGuard<'a>) -> Self {
+        self._held = held;
+        self
     }
 }
 

@@ -25,6 +25,7 @@
 mod check;
 mod create;
 pub mod descriptor;
+mod direct;
 mod flush;
 pub mod header;
 mod io;
@@ -114,9 +115,18 @@ pub(crate) struct Inner {
     table_locks: Mutex<HashMap<u64, Arc<write::TableSync>>>,
     /// Shared by requests, exclusive for check/resize/set_backing.
     quiesce: RwLock<()>,
+    /// Direct ranges in flight, which [`Inner::quiesce_exclusive`] waits for.
+    direct: direct::DirectGate,
     dirty: Mutex<DirtyState>,
     /// Wakes the idle timer thread early (stop requests).
     dirty_cv: std::sync::Condvar,
+}
+
+/// [`Inner::quiesce_exclusive`]'s hold. Field order is drop order: the exclusive lock
+/// goes before direct ranges may start again.
+struct Quiesced<'a> {
+    _excl: std::sync::RwLockWriteGuard<'a, ()>,
+    _drained: direct::Drained<'a>,
 }
 
 impl Inner {
@@ -132,8 +142,16 @@ impl Inner {
         self.quiesce.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn quiesce_exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.quiesce.write().unwrap_or_else(|p| p.into_inner())
+    /// The image to oneself: no request runs (shared holders gone, direct ranges ended
+    /// and refused) until the value is dropped.
+    fn quiesce_exclusive(&self) -> Quiesced<'_> {
+        // Direct ranges first, holding nothing: the thread that reaps their completions
+        // may take the shared lock meanwhile (see `direct`).
+        let drained = self.direct.drain();
+        Quiesced {
+            _excl: self.quiesce.write().unwrap_or_else(|p| p.into_inner()),
+            _drained: drained,
+        }
     }
 
     fn writable(&self) -> Result<()> {
@@ -279,6 +297,7 @@ impl Qed {
             known_tables: Mutex::new(std::collections::BTreeSet::new()),
             table_locks: Mutex::new(HashMap::new()),
             quiesce: RwLock::new(()),
+            direct: direct::DirectGate::default(),
             dirty: Mutex::new(DirtyState::new(h.clone(), spec)),
             dirty_cv: std::sync::Condvar::new(),
         });
@@ -356,6 +375,17 @@ impl Driver for Qed {
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         zero::write_zeroes(&self.inner, offset, len, flags)
+    }
+    fn direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Option<super::mapping::DirectRange<'_>> {
+        if !super::direct_gate(write, self.inner.writable(), offset, len, self.size()) {
+            return None;
+        }
+        direct::direct(&self.inner, offset, len, write)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         zero::discard(&self.inner, offset, len)

@@ -185,6 +185,12 @@ impl Mapper for Arc<Inner> {
         COW_BUFFER
     }
 
+    /// In place when the start of the range is allocated data (one lookup; nothing
+    /// reserved otherwise): what a direct range writes to.
+    fn prepare_in_place(&self, guest: GuestOffset, len: u64) -> Result<Option<WriteTarget<'_>>> {
+        in_place(self, &self.map_range(guest.get(), len)?)
+    }
+
     /// In place if the first cluster is allocated; otherwise an allocation of the run
     /// of unallocated/zero clusters from `guest`, inside one L2 table.
     fn prepare_write(&self, guest: GuestOffset, len: u64) -> Result<WriteTarget<'_>> {
