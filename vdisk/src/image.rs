@@ -588,7 +588,9 @@ impl Image {
     /// a dirty bitmap only notes the range: [`WriteHook::range_only`]) and the driver
     /// maps it to one allocated host run on an O_DIRECT file. For a write the range
     /// holds the driver's in-place guard: call [`DirectIo::finish`] only once the
-    /// transfer completed, and acknowledge the write only then.
+    /// transfer completed, and acknowledge the write only then. A QED image's check,
+    /// repair and resize wait for every direct range handed out to be finished (they
+    /// move clusters), so the thread holding one must not call them.
     pub fn direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectIo<'_>> {
         if self.cor.is_some() || !self.hooks.iter().all(|h| h.range_only()) {
             return None;
