@@ -13,10 +13,11 @@
 //! waits, holding no lock, for the ranges in flight to end, then takes the exclusive
 //! lock. The reader keeps reaping meanwhile, so the wait ends.
 //!
-//! What needs no gate: in-place writes change no metadata; discard only punches
-//! clusters that stay mapped; a zero write that unmaps a cluster leaves it leaked,
-//! never reused (QED allocates only at the end of the file), so a direct transfer
-//! racing one of them touches no other guest range's data.
+//! What needs no gate: in-place writes change no metadata, and zero writes and
+//! discard zero or punch allocated clusters in place, never releasing one (QED has no
+//! refcounts, and allocates only at the end of the file), so a direct transfer racing
+//! one of them touches only its own guest range's clusters, as an unordered pair of
+//! requests may.
 
 use super::Inner;
 use crate::format::datapath;
