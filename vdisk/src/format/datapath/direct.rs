@@ -12,6 +12,22 @@ use crate::format::mapping::{
     DirectRange, GuestOffset, InPlaceGuard, Mapper, Mapping, WriteTarget,
 };
 
+/// [`direct`] behind [`crate::format::direct_gate`]: for a driver whose blocks never
+/// move or get freed under a transfer (so the ordinary path's in-place rules hold with
+/// no guard of its own), `writable` being its answer for writes.
+pub fn gated<M: Mapper + ?Sized>(
+    m: &M,
+    writable: Result<()>,
+    offset: u64,
+    len: u64,
+    write: bool,
+) -> Option<DirectRange<'_>> {
+    if !crate::format::direct_gate(write, writable, offset, len, m.guest_size()) {
+        return None;
+    }
+    direct(m, offset, len, write)
+}
+
 /// The direct range for `[offset, offset + len)` (inside the guest size, checked by the
 /// driver), or `None` when any part of it needs the ordinary path.
 pub fn direct<M: Mapper + ?Sized>(

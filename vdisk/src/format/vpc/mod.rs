@@ -216,6 +216,18 @@ impl Driver for Vpc {
         check_range(offset, len, self.size)?;
         io::write_zeroes(self, offset, len)
     }
+    /// Allocated data as one transfer of the caller's own (the NBD server's io_uring
+    /// path). VHD never moves or frees a data block (no resize, discard or repair;
+    /// zero writes zero allocated blocks in place), so the in-place rules of the
+    /// ordinary path hold with no guard.
+    fn direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Option<crate::format::mapping::DirectRange<'_>> {
+        datapath::direct::gated(self, self.writable(), offset, len, write)
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // QEMU's vpc driver has no discard: the request changes nothing.
         self.writable()?;
