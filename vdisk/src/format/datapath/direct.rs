@@ -12,9 +12,9 @@ use crate::format::mapping::{
     DirectRange, GuestOffset, InPlaceGuard, Mapper, Mapping, WriteTarget,
 };
 
-/// [`direct`] behind [`crate::format::direct_gate`]: for a driver whose blocks never
-/// move or get freed under a transfer (so the ordinary path's in-place rules hold with
-/// no guard of its own), `writable` being its answer for writes.
+/// [`direct`] behind [`crate::format::direct_gate`] (inside the guest size; a write
+/// only where `writable`, the driver's answer for writes, is `Ok`). Whatever else a
+/// transfer needs held (QED's quiesce gate) is the driver's to add.
 pub fn gated<M: Mapper + ?Sized>(
     m: &M,
     writable: Result<()>,

@@ -91,10 +91,10 @@ impl ReleaseInPlace for Inner {
     }
 }
 
-/// The direct range for `[offset, offset + len)` (inside the guest size and, for a
-/// write, on a writable image: checked by the caller), or `None` (nothing held) when
-/// any part of it is not allocated data, lies over an L2 table, sits on storage that
-/// is not an O_DIRECT file, or someone is quiescing the image.
+/// The direct range for `[offset, offset + len)`, or `None` (nothing held) when it
+/// lies outside the guest size, is a write to a read-only image, any part of it is not
+/// allocated data, lies over an L2 table, sits on storage that is not an O_DIRECT file,
+/// or someone is quiescing the image.
 pub(super) fn direct(
     inner: &Arc<Inner>,
     offset: u64,
@@ -107,7 +107,7 @@ pub(super) fn direct(
     // From here the count is held by this guard: dropped on any `None` below, or with
     // the range once its transfer completed.
     let held = InPlaceGuard::new(&**inner, (0, 0));
-    let range = datapath::direct::direct(inner, offset, len, write)?;
+    let range = datapath::direct::gated(inner, inner.writable(), offset, len, write)?;
     Some(range.holding(held))
 }
 

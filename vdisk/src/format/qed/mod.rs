@@ -382,9 +382,6 @@ impl Driver for Qed {
         len: u64,
         write: bool,
     ) -> Option<super::mapping::DirectRange<'_>> {
-        if !super::direct_gate(write, self.inner.writable(), offset, len, self.size()) {
-            return None;
-        }
         direct::direct(&self.inner, offset, len, write)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
